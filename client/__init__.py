@@ -1,0 +1,13 @@
+"""The Python SDK and the `idlegrid` command line.
+
+sdk.py          AsyncClient and Client: accounts, submit, stream, download
+cli.py          `idlegrid` and its client subcommands; plugs in the others
+progress.py     live progress line on a terminal
+credentials.py  saved API keys per coordinator
+errors.py       ClientError and its subclasses
+"""
+
+from client.errors import ApiError, ClientError, JobFailed
+from client.sdk import AsyncClient, Client, GenerationResult
+
+__all__ = ["ApiError", "AsyncClient", "Client", "ClientError", "GenerationResult", "JobFailed"]

@@ -1,0 +1,227 @@
+"""The `idlegrid` command. Client subcommands live here; `coordinator`, `worker` and
+`models` plug in through the `idlegrid.commands` entry-point group, so this package never
+imports the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from client.credentials import Credentials
+from client.errors import ApiError, ClientError
+from client.progress import ProgressLine
+from client.sdk import AsyncClient
+from protocol.errors import ValidationFailed
+from protocol.params import ImageParams
+from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS
+from protocol.validation import parse
+
+__all__ = ["main"]
+
+DEFAULT_COORDINATOR = "http://127.0.0.1:8470"
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message names the flag and the fix."""
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--size: {text!r} is not WIDTHxHEIGHT, e.g. 512x512") from None
+    return width, height
+
+
+def _client(args: argparse.Namespace) -> AsyncClient:
+    return AsyncClient(args.coordinator, args.api_key)
+
+
+async def _account_register(args: argparse.Namespace) -> int:
+    async with _client(args) as grid:
+        created = await grid.register(args.name)
+    args.credentials.save(args.coordinator, created.api_key)
+    if args.json:
+        print(created.model_dump_json())
+    else:
+        print(created.api_key)
+        print(
+            f"account {created.name} created with {created.kudos} kudos; "
+            f"key saved to {args.credentials.path}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+async def _account_show(args: argparse.Namespace) -> int:
+    if not args.api_key:
+        raise UsageError(
+            "no API key: pass --api-key, set IDLEGRID_API_KEY or run `idlegrid account register`"
+        )
+    async with _client(args) as grid:
+        info = await grid.me()
+    if args.json:
+        print(info.model_dump_json())
+    else:
+        print(f"name:  {info.name}\nkudos: {info.kudos}")
+    return 0
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    width, height = _parse_size(args.size)
+    fields: dict[str, Any] = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative,
+        "width": width,
+        "height": height,
+        "steps": args.steps,
+        "cfg_scale": args.cfg,
+        "sampler": args.sampler,
+        "n": args.n,
+    }
+    if args.seed is not None:
+        fields["seed"] = args.seed
+    if args.model:
+        fields["model"] = args.model
+    params = parse(ImageParams, fields)
+    progress = ProgressLine(enabled=None if not args.json else False)
+    try:
+        async with _client(args) as grid:
+            result = await grid.generate(params, args.output, on_progress=progress)
+    finally:
+        progress.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "job_id": result.job_id,
+                    "seeds": result.seeds,
+                    "paths": [str(p) for p in result.paths],
+                    "kudos_spent": result.kudos_cost,
+                }
+            )
+        )
+    else:
+        for path in result.paths:
+            print(path)
+    return 0
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--coordinator",
+        help=f"coordinator URL (env IDLEGRID_COORDINATOR; default {DEFAULT_COORDINATOR})",
+    )
+    parser.add_argument(
+        "--api-key",
+        help="API key (env IDLEGRID_API_KEY; default: the one saved by `account register`)",
+    )
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idlegrid",
+        description="idlegrid: generate images and chat on a volunteer compute network.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    account = subparsers.add_parser("account", help="register an account, show its kudos")
+    account_sub = account.add_subparsers(dest="account_command", required=True, metavar="ACTION")
+    register = account_sub.add_parser("register", help="create an account and print its API key")
+    register.add_argument("name", help="account name (2-32 letters, digits, _ . -)")
+    _add_connection_flags(register)
+    register.set_defaults(run_async=_account_register)
+    show = account_sub.add_parser("show", help="print the account's name and kudos balance")
+    _add_connection_flags(show)
+    show.set_defaults(run_async=_account_show)
+
+    generate = subparsers.add_parser("generate", help="generate images on the network")
+    generate.add_argument("prompt", help="what the image should show")
+    generate.add_argument("--negative", default="", help="what it should not show")
+    generate.add_argument(
+        "--seed", type=int, help="seed of the first image (random if absent; image i uses seed+i)"
+    )
+    generate.add_argument(
+        "--steps", type=int, default=20, help="sampling steps (default %(default)s)"
+    )
+    generate.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default %(default)s)")
+    generate.add_argument(
+        "--sampler",
+        default=DEFAULT_SAMPLER,
+        help=f"one of: {', '.join(SAMPLERS)} (default %(default)s)",
+    )
+    generate.add_argument(
+        "--size", default="512x512", help="WIDTHxHEIGHT, multiples of 8 (default %(default)s)"
+    )
+    generate.add_argument("-n", type=int, default=1, help="number of images (default %(default)s)")
+    generate.add_argument("--model", help="model name (default: whatever the workers serve)")
+    generate.add_argument(
+        "-o", "--output", type=Path, default=Path("."), help="directory for the PNGs (default .)"
+    )
+    _add_connection_flags(generate)
+    generate.set_defaults(run_async=_generate)
+
+    for plugin in entry_points(group="idlegrid.commands"):
+        try:
+            register = plugin.load()
+        except ImportError as exc:  # e.g. a client-only install without the worker's torch
+            logging.getLogger(__name__).debug("command %s unavailable: %s", plugin.name, exc)
+            continue
+        register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "run"):  # plugged-in commands configure themselves
+        return int(args.run(args))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    args.credentials = Credentials(
+        Path(
+            os.environ.get("IDLEGRID_CREDENTIALS") or config_home / "idlegrid" / "credentials.json"
+        )
+    )
+    args.coordinator = (
+        args.coordinator or os.environ.get("IDLEGRID_COORDINATOR") or DEFAULT_COORDINATOR
+    ).rstrip("/")
+    args.api_key = (
+        args.api_key
+        or os.environ.get("IDLEGRID_API_KEY")
+        or args.credentials.api_key(args.coordinator)
+    )
+    try:
+        return int(asyncio.run(args.run_async(args)))
+    except (UsageError, ValidationFailed) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ApiError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        for field, message in exc.fields:
+            print(f"  {field}: {message}", file=sys.stderr)
+        return (
+            EXIT_BAD_INPUT
+            if 400 <= exc.status < 500 and exc.status not in (401, 402, 403)
+            else EXIT_FAILED
+        )
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

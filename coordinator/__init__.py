@@ -1,0 +1,23 @@
+"""The coordinator service: accounts, job queue, leases, kudos ledger, results store.
+
+    config.py           CoordinatorConfig, the one configuration object
+    app.py              create_app(config): the aiohttp application and its lifecycle
+    main.py             `idlegrid coordinator` flags -> config -> serve
+    api.py              route table: validation, auth, error mapping, OpenAPI
+    routes_accounts.py  accounts, health, OpenAPI document
+    routes_jobs.py      submit / status / SSE events / images
+    routes_workers.py   worker register / pop / progress / result / fail
+    store.py            every database transaction
+    schema.py           tables and migrations (SQLite and PostgreSQL)
+    ledger.py           double-entry kudos postings
+    results.py          content-addressed result files
+    signals.py          in-process wake-ups for long-polls and streams
+    state.py            typed app state keys
+    errors.py           CoordinatorError and its HTTP statuses
+
+Never imports torch: it only moves parameters, bytes and kudos.
+"""
+
+from coordinator.config import CoordinatorConfig
+
+__all__ = ["CoordinatorConfig"]

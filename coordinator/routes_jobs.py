@@ -1,0 +1,205 @@
+"""Image jobs as the requester sees them: submit, status, live events, images."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from aiohttp import web
+
+from coordinator.api import API, Call
+from coordinator.errors import BadRequest, NotFound
+from coordinator.state import CONFIG, FILES, SIGNALS, STORE
+from coordinator.store import Account, Job, Store
+from protocol.cost import image_cost
+from protocol.messages import ImageInfo, ImageJobCreated, JobStatus
+from protocol.params import MAX_SEED, ImageParams
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_SECONDS = 15.0
+
+
+def _check_anonymous_limits(request: web.Request, params: ImageParams) -> None:
+    config = request.app[CONFIG]
+    problems = []
+    if params.pixels > config.anonymous_max_pixels:
+        problems.append(
+            (
+                "width",
+                f"anonymous requests may have at most {config.anonymous_max_pixels} pixels "
+                "(width x height); make it smaller or send an API key",
+            )
+        )
+    if params.steps > config.anonymous_max_steps:
+        problems.append(
+            (
+                "steps",
+                f"anonymous requests may use at most {config.anonymous_max_steps} steps; "
+                "use fewer or send an API key",
+            )
+        )
+    if params.n > config.anonymous_max_n:
+        problems.append(
+            (
+                "n",
+                f"anonymous requests may ask for at most {config.anonymous_max_n} images; "
+                "ask for fewer or send an API key",
+            )
+        )
+    if problems:
+        raise BadRequest("; ".join(f"{f}: {m}" for f, m in problems), problems)
+
+
+@API.route(
+    "POST",
+    "/api/v1/jobs/image",
+    summary="Queue an image job; its cost is reserved from the caller's kudos",
+    body=ImageParams,
+    response=ImageJobCreated,
+    auth="optional",
+    status=202,
+    errors=(402,),
+)
+async def submit_image(request: web.Request, call: Call) -> ImageJobCreated:
+    store = request.app[STORE]
+    params: ImageParams = call.body
+    account = call.account or await store.anonymous_account()
+    if account.anonymous:
+        _check_anonymous_limits(request, params)
+    if params.seed is None:
+        params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+    assert params.seed is not None
+    job = await store.create_image_job(account, params, image_cost(params))
+    request.app[SIGNALS].queue_changed()
+    return ImageJobCreated(
+        id=job.id,
+        kudos_cost=job.cost,
+        seed=params.seed,
+        queue_position=await store.queue_position(job.id),
+    )
+
+
+async def owned_job(store: Store, job_id: str, account: Account | None) -> Job:
+    """The job, if the caller may see it: the requester's key, or anyone for anonymous jobs."""
+    job = await store.get_job(job_id)
+    anonymous = (await store.anonymous_account()).id
+    if job is None or (
+        job.account_id != anonymous and (account is None or account.id != job.account_id)
+    ):
+        # Same answer whether it does not exist or is someone else's: ids do not leak.
+        raise NotFound(f"no job {job_id} visible to this API key")
+    return job
+
+
+async def job_status(request: web.Request, job: Job) -> JobStatus:
+    store = request.app[STORE]
+    images = []
+    if job.state == "done":
+        for record in await store.results(job.id):
+            url = str(
+                request.url.with_path(f"/api/v1/jobs/{job.id}/images/{record.index}").with_query(
+                    None
+                )
+            )
+            images.append(
+                ImageInfo(index=record.index, seed=record.seed, sha256=record.sha256, url=url)
+            )
+    return JobStatus(
+        id=job.id,
+        state=job.state,
+        queue_position=await store.queue_position(job.id) if job.state == "queued" else None,
+        n=job.params.n,
+        seeds=job.params.seeds(),
+        kudos_cost=job.cost,
+        image=job.image,
+        step=job.step,
+        steps=job.steps_total,
+        attempts=job.attempts,
+        error=job.error if job.state in ("failed", "queued") else None,
+        images=images,
+    )
+
+
+@API.route(
+    "GET",
+    "/api/v1/jobs/{job_id}",
+    summary="A job's state, queue position, progress and images",
+    response=JobStatus,
+    auth="optional",
+    errors=(404,),
+)
+async def get_job(request: web.Request, call: Call) -> JobStatus:
+    job = await owned_job(request.app[STORE], request.match_info["job_id"], call.account)
+    return await job_status(request, job)
+
+
+@API.route(
+    "GET",
+    "/api/v1/jobs/{job_id}/events",
+    summary="Server-sent events: a `status` event (a JobStatus) on every change, until done",
+    auth="optional",
+    produces="text/event-stream",
+    errors=(404,),
+)
+async def job_events(request: web.Request, call: Call) -> web.StreamResponse:
+    job = await owned_job(request.app[STORE], request.match_info["job_id"], call.account)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    try:
+        await _stream_status(request, response, job)
+    except ConnectionResetError:
+        log.debug("event stream of job %s closed by the client", job.id)
+    return response
+
+
+async def _stream_status(request: web.Request, response: web.StreamResponse, job: Job) -> None:
+    store, signals, config = request.app[STORE], request.app[SIGNALS], request.app[CONFIG]
+    job_id = job.id
+    last: JobStatus | None = None
+    quiet = 0.0
+    while True:
+        status = await job_status(request, job)
+        if status != last:
+            await response.write(f"event: status\ndata: {status.model_dump_json()}\n\n".encode())
+            last, quiet = status, 0.0
+        elif quiet >= KEEPALIVE_SECONDS:
+            await response.write(b": keepalive\n\n")
+            quiet = 0.0
+        if status.finished:
+            break
+        # A queued job moves when the queue moves; a running one when it reports progress.
+        signal = signals.queue if job.state == "queued" else signals.job(job_id)
+        await signal.wait(config.poll_fallback)
+        quiet += config.poll_fallback
+        refreshed = await store.get_job(job_id)
+        assert refreshed is not None
+        job = refreshed
+    await response.write_eof()
+
+
+@API.route(
+    "GET",
+    "/api/v1/jobs/{job_id}/images/{index}",
+    summary="One PNG of a finished job",
+    auth="optional",
+    produces="image/png",
+    errors=(404,),
+)
+async def get_image(request: web.Request, call: Call) -> web.StreamResponse:
+    store = request.app[STORE]
+    job = await owned_job(store, request.match_info["job_id"], call.account)
+    index = request.match_info["index"]
+    for record in await store.results(job.id):
+        if str(record.index) == index:
+            return web.Response(
+                body=request.app[FILES].get(record.sha256),
+                content_type="image/png",
+                headers={
+                    "ETag": f'"{record.sha256}"',
+                    "Cache-Control": "private, max-age=31536000",
+                },
+            )
+    raise NotFound(f"job {job.id} has no image {index} (yet); check the job's state first")

@@ -1,0 +1,17 @@
+"""Typed application state shared by the handlers (aiohttp `AppKey`s)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from coordinator.config import CoordinatorConfig
+from coordinator.results import ResultFiles
+from coordinator.signals import Signals
+from coordinator.store import Store
+
+__all__ = ["CONFIG", "FILES", "SIGNALS", "STORE"]
+
+CONFIG = web.AppKey("config", CoordinatorConfig)
+STORE = web.AppKey("store", Store)
+FILES = web.AppKey("files", ResultFiles)
+SIGNALS = web.AppKey("signals", Signals)

@@ -1,0 +1,34 @@
+"""Typed messages, validation, kudos costs and signing shared by every idlegrid part.
+
+Pure: no I/O, no torch; every other package imports it and it imports none of them.
+
+    params.py      ImageParams: what to generate, with its hard limits
+    samplers.py    sampler names as AUTOMATIC1111 users know them, and cost factors
+    messages.py    request/response models of the HTTP API
+    validation.py  pydantic errors -> (field, fix) messages
+    cost.py        kudos cost formulas
+    signing.py     Ed25519 identities, canonical JSON, what gets signed
+    infotext.py    the AUTOMATIC1111 `parameters` text stored in PNGs
+    errors.py      ProtocolError and its subclasses
+"""
+
+from protocol.cost import image_cost
+from protocol.errors import ProtocolError, SignatureInvalid, ValidationFailed
+from protocol.params import ImageParams
+from protocol.samplers import SAMPLERS
+from protocol.signing import Identity, canonical_json, params_hash, verify
+from protocol.validation import parse
+
+__all__ = [
+    "SAMPLERS",
+    "Identity",
+    "ImageParams",
+    "ProtocolError",
+    "SignatureInvalid",
+    "ValidationFailed",
+    "canonical_json",
+    "image_cost",
+    "params_hash",
+    "parse",
+    "verify",
+]

@@ -1,0 +1,26 @@
+"""The AUTOMATIC1111-style `parameters` text stored in every PNG a worker makes."""
+
+from __future__ import annotations
+
+from protocol.params import ImageParams
+
+__all__ = ["PNG_PARAMETERS_KEY", "parameters_text"]
+
+PNG_PARAMETERS_KEY = "parameters"
+
+
+def _fmt_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def parameters_text(params: ImageParams, seed: int, model: str) -> str:
+    """Render the text AUTOMATIC1111 writes, so its tools and users can read our PNGs."""
+    lines = [params.prompt]
+    if params.negative_prompt:
+        lines.append(f"Negative prompt: {params.negative_prompt}")
+    lines.append(
+        f"Steps: {params.steps}, Sampler: {params.sampler}, "
+        f"CFG scale: {_fmt_number(params.cfg_scale)}, Seed: {seed}, "
+        f"Size: {params.width}x{params.height}, Model: {model}"
+    )
+    return "\n".join(lines)

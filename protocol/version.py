@@ -1,0 +1,6 @@
+"""The idlegrid release and the HTTP API version."""
+
+__all__ = ["API_VERSION", "VERSION"]
+
+VERSION = "0.1.0"
+API_VERSION = "v1"

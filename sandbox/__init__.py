@@ -1,0 +1,24 @@
+"""Runs an inference engine in a restricted child process and talks to it over pipes.
+
+    errors.py   the error tree (SandboxError and its subclasses)
+    policy.py   SandboxPolicy: environment, workdir, resource limits, timeouts, wrapper
+    engine.py   Engine (the protocol a hosted engine implements) and EngineResult
+    channel.py  framing of the pipe: typed JSON headers plus binary blobs, no pickle
+    process.py  ChildProcess: one child's lifetime (spawn, handshake, request, kill)
+    sandbox.py  Sandbox: the public object; one call at a time, restarts after crashes
+    child.py    the child's entry point, `python -m sandbox.child`
+
+Usage:
+
+    async with await Sandbox.create("worker.engines.diffusion:DiffusionEngine", options) as sb:
+        result = await sb.call("txt2img", payload, on_progress=report)
+
+Imports only the standard library and pydantic: never torch or the engines themselves,
+which exist only inside the child.
+"""
+
+from sandbox.engine import Engine, EngineResult
+from sandbox.policy import SandboxPolicy
+from sandbox.sandbox import Sandbox
+
+__all__ = ["Engine", "EngineResult", "Sandbox", "SandboxPolicy"]

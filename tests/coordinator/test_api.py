@@ -1,0 +1,233 @@
+"""The HTTP API in process: validation, auth, the worker protocol, OpenAPI, streams."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from client.errors import ApiError, AuthError, NotEnoughKudos
+from client.sdk import AsyncClient
+from protocol.messages import JobStatus
+from protocol.params import ImageParams
+from protocol.signing import result_message, sha256_hex
+from tests.conftest import LiveApp
+from tests.fakes import CAPS, FakeWorker, png
+from worker.errors import CoordinatorRejected, LeaseLost
+
+GOOD = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 11}
+
+
+async def _post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        async with http.post(url, data=data, headers=headers or {}) as resp:
+            return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "fix"),
+    [
+        ({**GOOD, "sampler": "Euler z"}, "sampler", "choose one of"),
+        ({**GOOD, "width": 100}, "width", "multiple of 8; use 96 or 104"),
+        ({**GOOD, "steps": 0}, "steps", "greater than or equal to 1"),
+        ({**GOOD, "steps": 10_000}, "steps", "less than or equal to 150"),
+        ({**GOOD, "prompt": "   "}, "prompt", "must contain some text"),
+        ({**GOOD, "prompt": ""}, "prompt", "at least 1 character"),
+        ({**GOOD, "n": -1}, "n", "greater than or equal to 1"),
+        ({**GOOD, "steps": "20"}, "steps", "valid integer, got str"),
+        ({**GOOD, "cfg_scale": "high"}, "cfg_scale", "got str"),
+        ({**GOOD, "colour": "blue"}, "colour", "unknown field"),
+        ({"width": 64}, "prompt", "is required"),
+        ([1, 2], "body", "JSON object"),
+    ],
+)
+async def test_bad_image_requests_name_the_field_and_store_nothing(
+    live: LiveApp, body: Any, field: str, fix: str
+) -> None:
+    status, answer = await _post(f"{live.url}/api/v1/jobs/image", body)
+    assert status == 400
+    problems = {p["field"]: p["message"] for p in answer["error"]["fields"]}
+    assert field in problems, answer
+    assert fix in problems[field]
+    assert await live.store.queue_position("any") is None
+    assert (await live.store.ledger_audit())["entries"] == 0
+
+
+async def test_malformed_and_oversized_bodies(live: LiveApp) -> None:
+    status, answer = await _post(f"{live.url}/api/v1/jobs/image", b"{not json")
+    assert status == 400 and answer["error"]["fields"][0]["field"] == "body"
+    huge = {**GOOD, "prompt": "x" * 100_000}
+    status, answer = await _post(f"{live.url}/api/v1/jobs/image", huge)
+    assert status == 413 and "limit" in answer["error"]["message"]
+
+
+async def test_anonymous_limits_and_unknown_keys(live: LiveApp) -> None:
+    status, answer = await _post(
+        f"{live.url}/api/v1/jobs/image", {**GOOD, "width": 1024, "height": 1024}
+    )
+    assert status == 400 and answer["error"]["fields"][0]["field"] == "width"
+    status, answer = await _post(f"{live.url}/api/v1/jobs/image", GOOD, {"apikey": "wrong"})
+    assert status == 401
+
+
+async def test_accounts_and_kudos(live: LiveApp) -> None:
+    async with AsyncClient(live.url) as anon:
+        created = await anon.register("alice")
+        with pytest.raises(ApiError) as taken:
+            await anon.register("alice")
+        assert taken.value.status == 409
+        with pytest.raises(ApiError) as bad:
+            await anon.register("a b")
+        assert bad.value.fields[0][0] == "name"
+        with pytest.raises(AuthError):
+            await anon.me()
+    async with AsyncClient(live.url, created.api_key) as alice:
+        assert (await alice.me()).kudos == 100
+        with pytest.raises(NotEnoughKudos):
+            await alice.submit_image(
+                ImageParams(prompt="x", width=1024, height=1024, steps=150, n=10)
+            )
+        assert (await alice.me()).kudos == 100
+
+
+async def _serve_one(worker: FakeWorker) -> str:
+    job = await worker.link.pop(CAPS, wait=10)
+    assert job is not None
+    await worker.link.progress(job.id, 0, 1, job.params.steps)
+    seeds = job.params.seeds()
+    await worker.link.submit(job, seeds, [png(s) for s in seeds])
+    return job.id
+
+
+async def test_generate_through_a_worker_with_live_events(live: LiveApp, tmp_path: Any) -> None:
+    async with AsyncClient(live.url) as grid:
+        account = await grid.register("alice")
+    seen: list[JobStatus] = []
+    async with FakeWorker(live.url) as worker, AsyncClient(live.url, account.api_key) as alice:
+        serving = asyncio.ensure_future(_serve_one(worker))
+        result = await alice.generate(
+            ImageParams(**{**GOOD, "n": 2}), tmp_path, on_progress=seen.append
+        )
+        assert await serving == result.job_id
+        assert result.seeds == [11, 12]
+        assert [p.read_bytes() for p in result.paths] == [png(11), png(12)]
+        assert seen[-1].state == "done" and len(seen[-1].images) == 2
+        assert (await alice.me()).kudos == 100 - result.kudos_cost
+    balances = await live.store.balances()
+    assert balances[f"worker:{worker.identity.public_key[:16]}"] == result.kudos_cost
+
+
+async def test_worker_cannot_submit_for_a_job_not_leased_to_it(live: LiveApp) -> None:
+    async with FakeWorker(live.url, "honest") as honest, FakeWorker(live.url, "thief") as thief:
+        async with AsyncClient(live.url) as anon:
+            created = await anon.submit_image(ImageParams(**GOOD))
+        job = await honest.link.pop(CAPS, wait=5)
+        assert job is not None and job.id == created.id
+        with pytest.raises(LeaseLost):
+            await thief.link.submit(job, [11], [png(11)])
+        with pytest.raises(LeaseLost):
+            await thief.link.progress(job.id, 0, 1, 4)
+        # a signature by another key over the right bytes is refused too
+        digest = sha256_hex(png(11))
+        forged = {
+            "images": [
+                {
+                    "index": 0,
+                    "seed": 11,
+                    "sha256": digest,
+                    "signature": thief.identity.sign(
+                        result_message(job.id, job.params_hash, digest)
+                    ),
+                    "png_base64": base64.b64encode(png(11)).decode(),
+                }
+            ]
+        }
+        token = honest.link._token
+        assert token is not None
+        status, answer = await _post(
+            f"{live.url}/api/v1/jobs/{job.id}/result", forged, {"X-Worker-Token": token}
+        )
+        assert status == 401 and "signature" in answer["error"]["message"]
+        # wrong seed, wrong hash
+        bad_seed = {"images": [{**forged["images"][0], "seed": 12}]}
+        status, answer = await _post(
+            f"{live.url}/api/v1/jobs/{job.id}/result", bad_seed, {"X-Worker-Token": token}
+        )
+        assert status == 400 and answer["error"]["fields"][0]["field"] == "images[0].seed"
+        status, _ = await _post(
+            f"{live.url}/api/v1/workers/pop", {**CAPS.model_dump()}, {"X-Worker-Token": "nope"}
+        )
+        assert status == 401
+        await honest.link.submit(job, [11], [png(11)])
+        with pytest.raises(LeaseLost):
+            await honest.link.submit(job, [11], [png(11)])
+    assert (await live.store.ledger_audit())["unbalanced_entries"] == 0
+
+
+async def test_failed_job_is_requeued_for_another_worker(live: LiveApp) -> None:
+    async with (
+        FakeWorker(live.url, "crashy") as crashy,
+        FakeWorker(live.url, "steady") as steady,
+        AsyncClient(live.url) as anon,
+    ):
+        created = await anon.submit_image(ImageParams(**GOOD))
+        job = await crashy.link.pop(CAPS, wait=5)
+        assert job is not None
+        status = await crashy.link.fail(job.id, "EngineCrashed: killed")
+        assert status.state == "queued" and status.attempts == 1
+        assert await _serve_one(steady) == created.id
+        final = await anon.job(created.id)
+        assert final.state == "done"
+
+
+async def test_registration_needs_a_valid_signature(live: LiveApp) -> None:
+    worker = FakeWorker(live.url)
+    body = {
+        "name": "x1",
+        "public_key": worker.identity.public_key,
+        "timestamp": 0,
+        "signature": "0" * 128,
+    }
+    status, answer = await _post(f"{live.url}/api/v1/workers/register", body)
+    assert status == 400 and answer["error"]["fields"][0]["field"] == "timestamp"
+    import time
+
+    body["timestamp"] = int(time.time())
+    status, _ = await _post(f"{live.url}/api/v1/workers/register", body)
+    assert status == 401
+    await worker.link.aclose()
+    with pytest.raises(CoordinatorRejected):
+        raise CoordinatorRejected(401, "x")
+
+
+async def test_openapi_describes_the_routes_with_the_handlers_models(live: LiveApp) -> None:
+    async with aiohttp.ClientSession() as http, http.get(f"{live.url}/api/v1/openapi.json") as resp:
+        spec = await resp.json()
+    assert spec["openapi"].startswith("3.1")
+    submit = spec["paths"]["/api/v1/jobs/image"]["post"]
+    ref = submit["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    schema = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert schema["properties"]["sampler"]["default"] == "Euler a"
+    assert schema["additionalProperties"] is False
+    assert "/api/v1/workers/pop" in spec["paths"]
+    assert "/api/v1/jobs/{job_id}/events" in spec["paths"]
+
+
+async def test_other_users_cannot_see_a_job(live: LiveApp) -> None:
+    async with AsyncClient(live.url) as anon:
+        alice = await anon.register("alice")
+        bob = await anon.register("bob")
+    async with AsyncClient(live.url, alice.api_key) as a, AsyncClient(live.url, bob.api_key) as b:
+        created = await a.submit_image(ImageParams(**GOOD))
+        assert (await a.job(created.id)).state == "queued"
+        with pytest.raises(ApiError) as hidden:
+            await b.job(created.id)
+        assert hidden.value.status == 404
+    async with AsyncClient(live.url) as anon:
+        with pytest.raises(ApiError):
+            await anon.job(created.id)

@@ -1,0 +1,237 @@
+"""End to end with real processes on loopback: coordinator, image workers, the CLI.
+
+Images must be pixel-identical to a direct diffusers call with the same seed; a killed
+worker's job must finish elsewhere and be paid once; an engine crash must not kill the
+worker.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from client.sdk import Client
+from protocol.messages import JobStatus
+from protocol.params import ImageParams
+from tests.procs import Proc
+
+pytestmark = pytest.mark.slow
+
+
+class Network:
+    def __init__(self, tmp: Path, models: Path, lease_timeout: float) -> None:
+        self.tmp = tmp
+        self.models = models
+        self.procs: list[Proc] = []
+        self.coordinator = self.start(
+            "coordinator",
+            [
+                "coordinator",
+                "--port",
+                "0",
+                "--data-dir",
+                str(tmp / "data"),
+                "--lease-timeout",
+                str(lease_timeout),
+            ],
+        )
+        self.url = self.coordinator.wait_for(r"listening on (http://\S+)", 60).group(1)
+        self.env = {"IDLEGRID_CREDENTIALS": str(tmp / "credentials.json")}
+
+    def start(self, label: str, args: list[str]) -> Proc:
+        proc = Proc(args, self.tmp / f"{label}-{len(self.procs)}.log")
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, name: str, api_key: str | None = None) -> Proc:
+        args = [
+            "worker",
+            "image",
+            "--coordinator",
+            self.url,
+            "--model",
+            str(self.models / "sd"),
+            "--name",
+            name,
+            "--identity",
+            str(self.tmp / f"{name}.key"),
+            "--threads",
+            "1",
+        ]
+        if api_key:
+            args += ["--api-key", api_key]
+        proc = self.start(name, args)
+        proc.wait_for("ready", 180)
+        return proc
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "client.cli", *args, "--coordinator", self.url],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **self.env},
+            timeout=120,
+            check=False,
+        )
+
+    def register(self, name: str) -> str:
+        done = self.cli("account", "register", name, "--json")
+        assert done.returncode == 0, done.stderr
+        return str(json.loads(done.stdout)["api_key"])
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+@pytest.fixture
+def network(tmp_path: Path, tiny_models: Path) -> Iterator[Network]:
+    net = Network(tmp_path, tiny_models, lease_timeout=5)
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+def _direct_diffusers(sd: Path, params: ImageParams, seed: int) -> np.ndarray:
+    """The same image made with plain diffusers, no idlegrid code in the way."""
+    import diffusers
+    import torch
+
+    from worker.samplers import SCHEDULER_SPECS
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        sd, local_files_only=True, use_safetensors=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    class_name, options = SCHEDULER_SPECS[params.sampler]
+    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **options)
+    torch.set_num_threads(1)
+    image = pipe(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt or None,
+        width=params.width,
+        height=params.height,
+        num_inference_steps=params.steps,
+        guidance_scale=params.cfg_scale,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
+    return np.asarray(image)
+
+
+def test_cli_generates_images_identical_to_plain_diffusers(
+    network: Network, tiny_models: Path
+) -> None:
+    network.worker("painter")
+    network.register("alice")
+    out = network.tmp / "out"
+    done = network.cli(
+        "generate",
+        "a lighthouse in a storm",
+        "--negative",
+        "blurry",
+        "--seed",
+        "1234",
+        "-n",
+        "2",
+        "--steps",
+        "4",
+        "--size",
+        "64x64",
+        "--cfg",
+        "6.5",
+        "--sampler",
+        "DPM++ 2M Karras",
+        "-o",
+        str(out),
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["seeds"] == [1234, 1235]
+    assert report["kudos_spent"] == 1
+    assert len(report["paths"]) == 2
+    params = ImageParams(
+        prompt="a lighthouse in a storm",
+        negative_prompt="blurry",
+        width=64,
+        height=64,
+        steps=4,
+        cfg_scale=6.5,
+        sampler="DPM++ 2M Karras",
+    )
+    for index, path in enumerate(report["paths"]):
+        png = Image.open(path)
+        assert png.size == (64, 64)
+        text = png.text["parameters"]
+        assert text.startswith("a lighthouse in a storm\nNegative prompt: blurry\n")
+        assert f"Seed: {1234 + index}" in text and "Sampler: DPM++ 2M Karras" in text
+        expected = _direct_diffusers(tiny_models / "sd", params, 1234 + index)
+        assert np.array_equal(np.asarray(png.convert("RGB")), expected)
+    shown = network.cli("account", "show", "--json")
+    assert json.loads(shown.stdout)["kudos"] == 99
+
+
+def _wait_running(grid: Client, job_id: str, timeout: float = 120) -> JobStatus:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = grid.job(job_id)
+        if status.state == "leased" and status.step >= 1:
+            return status
+        assert not status.finished, status
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never started")
+
+
+LONG = {"prompt": "a very slow painting", "width": 64, "height": 64, "steps": 150, "seed": 9}
+
+
+def test_killed_worker_job_completes_elsewhere_and_is_paid_once(network: Network) -> None:
+    key_a, key_b = network.register("owner-a"), network.register("owner-b")
+    requester = network.register("requester")
+    first = network.worker("doomed", key_a)
+    with Client(network.url, requester) as grid:
+        created = grid.submit_image(ImageParams(**LONG))
+        _wait_running(grid, created.id)
+        first.kill(signal.SIGKILL)
+        network.worker("rescuer", key_b)
+        final = grid.wait(created.id)
+        assert final.state == "done"
+        assert final.attempts == 1  # one lease lost, then done
+        assert grid.me().kudos == 100 - created.kudos_cost
+    with Client(network.url, key_a) as owner_a, Client(network.url, key_b) as owner_b:
+        assert owner_a.me().kudos == 100
+        assert owner_b.me().kudos == 100 + created.kudos_cost
+
+
+def test_engine_crash_requeues_the_job_and_the_worker_keeps_serving(network: Network) -> None:
+    worker = network.worker("sturdy")
+    with Client(network.url, network.register("requester")) as grid:
+        created = grid.submit_image(ImageParams(**{**LONG, "steps": 100}))
+        _wait_running(grid, created.id)
+        engines = [
+            p
+            for p in psutil.Process(worker.pid).children(recursive=True)
+            if "sandbox.child" in " ".join(p.cmdline())
+        ]
+        assert len(engines) == 1
+        engines[0].kill()
+        final = grid.wait(created.id)
+        assert final.state == "done"
+        assert final.attempts == 1
+        assert worker.popen.poll() is None
+        image = Image.open(io.BytesIO(grid.image(created.id, 0)))
+        assert image.size == (64, 64)
+    assert f"engine failed on job {created.id}" in worker.output()

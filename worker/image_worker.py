@@ -1,0 +1,151 @@
+"""The image worker daemon: pop jobs that fit, run them in the sandboxed engine, submit
+signed results. Engine crashes and hangs give the job back and restart the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from protocol.messages import LeasedJob
+from protocol.signing import params_hash
+from sandbox import Sandbox, SandboxPolicy
+from sandbox.errors import EngineCrashed, EngineFailed, EngineTimedOut
+from worker.config import ImageWorkerConfig
+from worker.errors import CoordinatorRejected, CoordinatorUnavailable, LeaseLost
+from worker.link import RETRY_DELAYS, Capabilities, CoordinatorLink
+
+__all__ = ["ENGINE", "ImageWorker"]
+
+log = logging.getLogger(__name__)
+
+ENGINE = "worker.image_engine:ImageEngine"
+
+
+class ImageWorker:
+    """Create with `await ImageWorker.create(config, identity)`; then `run(stop)`; `aclose()`."""
+
+    def __init__(self, config: ImageWorkerConfig, sandbox: Sandbox, link: CoordinatorLink) -> None:
+        self.config = config
+        self.sandbox = sandbox
+        self.link = link
+        self.capabilities = Capabilities(
+            models=[config.model_name], max_pixels=config.max_pixels, max_steps=config.max_steps
+        )
+        self.jobs_done = 0
+
+    @classmethod
+    async def create(cls, config: ImageWorkerConfig, link: CoordinatorLink) -> ImageWorker:
+        options: dict[str, Any] = {
+            "model": config.model,
+            "model_config": str(config.model_config) if config.model_config else None,
+            "model_name": config.model_name,
+            "threads": config.threads,
+        }
+        extra_env = {"HF_HOME": str(config.hf_home)} if config.hf_home else {}
+        policy = SandboxPolicy(
+            start_timeout=config.load_timeout, job_timeout=config.job_timeout, extra_env=extra_env
+        )
+        sandbox = await Sandbox.create(ENGINE, options, policy)
+        return cls(config, sandbox, link)
+
+    async def aclose(self) -> None:
+        await self.sandbox.aclose()
+
+    async def _retrying(self, what: str, make_call: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await make_call()
+            except CoordinatorUnavailable as exc:
+                delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
+                attempt += 1
+                log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def run(self) -> None:
+        """Serve until cancelled."""
+        registered = await self._retrying("register", self.link.register)
+        log.info("registered as worker %s", registered.worker_id)
+        print(
+            f"idlegrid image worker {self.config.name} ready: model {self.config.model_name}, "
+            f"worker id {registered.worker_id}",
+            flush=True,
+        )
+        while True:
+            try:
+                job = await self._retrying(
+                    "pop", lambda: self.link.pop(self.capabilities, self.config.pop_wait)
+                )
+            except CoordinatorRejected as exc:
+                if exc.status != 401:
+                    raise
+                log.warning("coordinator forgot our token; registering again")
+                await self._retrying("register", self.link.register)
+                continue
+            if job is not None:
+                try:
+                    await self.serve(job)
+                except (CoordinatorRejected, CoordinatorUnavailable) as exc:
+                    # One job's trouble must not stop the worker; the lease will expire.
+                    log.error("job %s abandoned: %s", job.id, exc)
+
+    async def serve(self, job: LeasedJob) -> None:
+        if params_hash(job.params) != job.params_hash:
+            await self._give_back(
+                job, "params hash mismatch: coordinator and worker versions differ"
+            )
+            return
+        started = time.monotonic()
+        last_report = 0.0
+
+        async def on_progress(event: dict[str, Any]) -> None:
+            nonlocal last_report
+            now = time.monotonic()
+            final = event.get("step") == event.get("steps")
+            if now - last_report < self.config.progress_interval and not final:
+                return
+            last_report = now
+            try:
+                await self.link.progress(
+                    job.id, int(event["image"]), int(event["step"]), int(event["steps"])
+                )
+            except (CoordinatorUnavailable, LeaseLost) as exc:
+                log.warning("progress report for job %s failed: %s", job.id, exc)
+
+        try:
+            result = await self.sandbox.call(
+                "image", job.params.model_dump(mode="json"), on_progress=on_progress
+            )
+        except (EngineCrashed, EngineTimedOut, EngineFailed) as exc:
+            log.error("engine failed on job %s: %s", job.id, exc)
+            await self._give_back(job, f"{type(exc).__name__}: {exc}")
+            return
+        except asyncio.CancelledError:
+            await asyncio.shield(self._give_back(job, "worker shutting down"))
+            raise
+        seeds = [int(seed) for seed in result.data["seeds"]]
+        try:
+            accepted = await self._retrying(
+                "submit", lambda: self.link.submit(job, seeds, result.blobs)
+            )
+        except LeaseLost as exc:
+            log.warning("job %s was taken back before we finished: %s", job.id, exc)
+            return
+        self.jobs_done += 1
+        log.info(
+            "job %s done in %.2fs, earned %d kudos",
+            job.id,
+            time.monotonic() - started,
+            accepted.kudos_earned,
+        )
+
+    async def _give_back(self, job: LeasedJob, reason: str) -> None:
+        try:
+            async with asyncio.timeout(10):
+                await self.link.fail(job.id, reason)
+        except (CoordinatorUnavailable, LeaseLost, CoordinatorRejected, TimeoutError) as exc:
+            # The lease will expire on its own and the job will be requeued then.
+            log.warning("could not give job %s back: %s", job.id, exc)

@@ -1,0 +1,135 @@
+"""The worker's HTTP link to the coordinator: register, pop, progress, result, fail."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from typing import Any, TypeVar
+
+import aiohttp
+from pydantic import BaseModel
+
+from protocol.messages import (
+    ErrorBody,
+    JobStatus,
+    LeasedJob,
+    LeaseExtended,
+    PopResponse,
+    ResultAccepted,
+    WorkerRegistered,
+)
+from protocol.signing import Identity, registration_message, result_message, sha256_hex
+from worker.errors import CoordinatorRejected, CoordinatorUnavailable, LeaseLost
+
+__all__ = ["Capabilities", "CoordinatorLink"]
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+
+# seconds between attempts while the coordinator is unreachable
+RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class Capabilities(BaseModel):
+    models: list[str]
+    max_pixels: int
+    max_steps: int
+
+
+class CoordinatorLink:
+    def __init__(self, base_url: str, identity: Identity, name: str, api_key: str | None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._identity = identity
+        self._name = name
+        self._api_key = api_key
+        self._token: str | None = None
+        self.worker_id: str | None = None
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
+        )
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+    async def _call(
+        self, path: str, body: Any, model: type[M], *, worker: bool = True, seconds: float = 30.0
+    ) -> M:
+        headers = {}
+        if worker:
+            assert self._token is not None, "register() first"
+            headers["X-Worker-Token"] = self._token
+        elif self._api_key:
+            headers["apikey"] = self._api_key
+        try:
+            async with asyncio.timeout(seconds):
+                async with self._session.post(
+                    self.base_url + path, json=body, headers=headers
+                ) as resp:
+                    text = await resp.text()
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise CoordinatorUnavailable(
+                f"cannot reach the coordinator at {self.base_url}: {exc!r}"
+            ) from exc
+        if resp.status == 409:
+            raise LeaseLost(_message(text))
+        if resp.status >= 500:
+            raise CoordinatorUnavailable(f"coordinator error {resp.status}: {_message(text)}")
+        if resp.status >= 400:
+            raise CoordinatorRejected(resp.status, _message(text))
+        return model.model_validate_json(text)
+
+    async def register(self) -> WorkerRegistered:
+        now = int(time.time())
+        public_key = self._identity.public_key
+        body = {
+            "name": self._name,
+            "public_key": public_key,
+            "timestamp": now,
+            "signature": self._identity.sign(registration_message(self._name, public_key, now)),
+        }
+        registered = await self._call(
+            "/api/v1/workers/register", body, WorkerRegistered, worker=False
+        )
+        self._token = registered.token
+        self.worker_id = registered.worker_id
+        return registered
+
+    async def pop(self, capabilities: Capabilities, wait: float) -> LeasedJob | None:
+        body = {**capabilities.model_dump(), "wait": wait}
+        response = await self._call("/api/v1/workers/pop", body, PopResponse, seconds=wait + 30)
+        return response.job
+
+    async def progress(self, job_id: str, image: int, step: int, steps: int) -> LeaseExtended:
+        body = {"image": image, "step": step, "steps": steps}
+        return await self._call(f"/api/v1/jobs/{job_id}/progress", body, LeaseExtended)
+
+    async def submit(self, job: LeasedJob, seeds: list[int], pngs: list[bytes]) -> ResultAccepted:
+        images = []
+        for index, (seed, png) in enumerate(zip(seeds, pngs, strict=True)):
+            digest = sha256_hex(png)
+            images.append(
+                {
+                    "index": index,
+                    "seed": seed,
+                    "sha256": digest,
+                    "signature": self._identity.sign(
+                        result_message(job.id, job.params_hash, digest)
+                    ),
+                    "png_base64": base64.b64encode(png).decode(),
+                }
+            )
+        return await self._call(
+            f"/api/v1/jobs/{job.id}/result", {"images": images}, ResultAccepted, seconds=300
+        )
+
+    async def fail(self, job_id: str, reason: str) -> JobStatus:
+        return await self._call(f"/api/v1/jobs/{job_id}/fail", {"reason": reason[:500]}, JobStatus)
+
+
+def _message(text: str) -> str:
+    try:
+        return ErrorBody.model_validate_json(text).error.message
+    except ValueError:
+        return text[:300]

@@ -1,0 +1,164 @@
+"""`idlegrid worker image ...` and `idlegrid models tiny DIR`.
+
+Only this module reads flags and the environment. Heavy imports (torch, diffusers)
+happen inside the commands, so `idlegrid --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+
+__all__ = ["register_commands"]
+
+log = logging.getLogger(__name__)
+
+
+def _default_name() -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:32]
+    return name if len(name) >= 2 else "worker"
+
+
+def _data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "idlegrid"
+
+
+def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    worker = subparsers.add_parser("worker", help="donate this machine: serve jobs and earn kudos")
+    kinds = worker.add_subparsers(dest="worker_kind", required=True, metavar="KIND")
+    image = kinds.add_parser(
+        "image",
+        help="serve image generation (Stable Diffusion)",
+        description="Serve Stable Diffusion image jobs from a coordinator.",
+    )
+    image.add_argument("--coordinator", required=True, help="coordinator URL")
+    image.add_argument(
+        "--model", required=True, help="diffusers folder, .safetensors file or Hugging Face id"
+    )
+    image.add_argument(
+        "--model-config",
+        type=Path,
+        help="local diffusers config folder for a single .safetensors file",
+    )
+    image.add_argument(
+        "--model-name", help="name announced to the coordinator (default: from --model)"
+    )
+    image.add_argument("--name", default=_default_name(), help="worker name (default: host name)")
+    image.add_argument(
+        "--api-key", help="owner's API key; earnings go to that account (env IDLEGRID_API_KEY)"
+    )
+    image.add_argument(
+        "--identity",
+        type=Path,
+        help="Ed25519 identity file (default: ~/.local/share/idlegrid/worker-NAME.key)",
+    )
+    image.add_argument(
+        "--max-pixels",
+        type=int,
+        default=1024 * 1024,
+        help="largest width x height accepted (default %(default)s)",
+    )
+    image.add_argument(
+        "--max-steps", type=int, default=150, help="most steps accepted (default %(default)s)"
+    )
+    image.add_argument(
+        "--threads", type=int, help="torch CPU threads in the engine (default: torch's choice)"
+    )
+    image.add_argument(
+        "--job-timeout",
+        type=float,
+        default=900.0,
+        help="seconds before a stuck job is killed (default %(default)s)",
+    )
+    image.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    image.set_defaults(run=_run_image_worker)
+
+    models = subparsers.add_parser("models", help="build or inspect models")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    tiny = models_sub.add_parser(
+        "tiny", help="write deterministic tiny random models (DIR/sd, DIR/llm) for tests and demos"
+    )
+    tiny.add_argument("dir", type=Path, help="output directory")
+    tiny.set_defaults(run=_run_tiny)
+
+
+def _run_tiny(args: argparse.Namespace) -> int:
+    from worker.tiny_models import build_tiny_models
+
+    build_tiny_models(args.dir)
+    print(f"tiny models written to {args.dir / 'sd'} and {args.dir / 'llm'}")
+    return 0
+
+
+def _run_image_worker(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from worker.config import ImageWorkerConfig
+    from worker.errors import ModelError
+    from worker.model_source import resolve_model
+
+    try:
+        source = resolve_model(args.model, args.model_config)
+    except ModelError as exc:
+        print(f"error: --model: {exc}", file=sys.stderr)
+        return 2
+    name = args.name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{1,31}", name):
+        print("error: --name: use 2-32 letters, digits, '_', '.', '-'", file=sys.stderr)
+        return 2
+    config = ImageWorkerConfig(
+        coordinator=args.coordinator,
+        model=args.model,
+        model_config=args.model_config,
+        model_name=args.model_name or source.name,
+        name=name,
+        identity_file=args.identity or _data_home() / f"worker-{name}.key",
+        api_key=args.api_key or os.environ.get("IDLEGRID_API_KEY"),
+        max_pixels=args.max_pixels,
+        max_steps=args.max_steps,
+        threads=args.threads,
+        job_timeout=args.job_timeout,
+        hf_home=Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"),
+    )
+    return asyncio.run(_serve_images(config))
+
+
+async def _serve_images(config: object) -> int:
+    from sandbox.errors import EngineStartFailed
+    from worker.config import ImageWorkerConfig
+    from worker.identity import load_or_create_identity
+    from worker.image_worker import ImageWorker
+    from worker.link import CoordinatorLink
+
+    assert isinstance(config, ImageWorkerConfig)
+    identity = load_or_create_identity(config.identity_file)
+    link = CoordinatorLink(config.coordinator, identity, config.name, config.api_key)
+    try:
+        log.info("loading model %s in the sandboxed engine", config.model_name)
+        try:
+            worker = await ImageWorker.create(config, link)
+        except EngineStartFailed as exc:
+            print(f"error: the engine could not load the model: {exc}", file=sys.stderr)
+            return 1
+        try:
+            task = asyncio.ensure_future(worker.run())
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, task.cancel)
+            try:
+                await task
+            except asyncio.CancelledError:
+                log.info("stopping after %d jobs", worker.jobs_done)
+        finally:
+            await worker.aclose()
+    finally:
+        await link.aclose()
+    return 0
