@@ -137,6 +137,14 @@ class Sandbox:
                 if child.dead:
                     self._child = None
 
+    async def ensure_running(self) -> None:
+        """Restart a crashed or killed engine now rather than at the next call.
+
+        Raises EngineStartFailed if the restart fails, SandboxClosed after aclose().
+        """
+        async with self._lock:
+            await self._current_child()
+
     async def _current_child(self) -> ChildProcess:
         self._raise_if_closed("the sandbox is closed; create a new one")
         if self._child is None:

@@ -39,5 +39,5 @@ class ImageWorkerConfig:
     load_timeout: float = 600.0
     # long-poll length when asking for work
     pop_wait: float = 10.0
-    # at most one progress report per this many seconds (the last step is always sent)
+    # at most one progress report per this many seconds (the last step is never sent)
     progress_interval: float = 0.25

@@ -99,13 +99,14 @@ class ImageWorker:
             )
             return
         started = time.monotonic()
-        last_report = 0.0
+        # Jobs shorter than one interval finish without any progress traffic.
+        last_report = started
 
         async def on_progress(event: dict[str, Any]) -> None:
             nonlocal last_report
             now = time.monotonic()
-            final = event.get("step") == event.get("steps")
-            if now - last_report < self.config.progress_interval and not final:
+            # The result follows the last step at once, so reporting it would only delay it.
+            if now - last_report < self.config.progress_interval or event["step"] == event["steps"]:
                 return
             last_report = now
             try:
@@ -122,6 +123,8 @@ class ImageWorker:
         except (EngineCrashed, EngineTimedOut, EngineFailed) as exc:
             log.error("engine failed on job %s: %s", job.id, exc)
             await self._give_back(job, f"{type(exc).__name__}: {exc}")
+            # Reload before asking for more work, so no lease runs out during the reload.
+            await self.sandbox.ensure_running()
             return
         except asyncio.CancelledError:
             await asyncio.shield(self._give_back(job, "worker shutting down"))

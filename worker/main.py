@@ -114,10 +114,12 @@ def _run_image_worker(args: argparse.Namespace) -> int:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{1,31}", name):
         print("error: --name: use 2-32 letters, digits, '_', '.', '-'", file=sys.stderr)
         return 2
+    # The engine runs in a private working directory: hand it absolute paths.
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     config = ImageWorkerConfig(
         coordinator=args.coordinator,
-        model=args.model,
-        model_config=args.model_config,
+        model=model,
+        model_config=args.model_config.resolve() if args.model_config else None,
         model_name=args.model_name or source.name,
         name=name,
         identity_file=args.identity or _data_home() / f"worker-{name}.key",

@@ -311,3 +311,16 @@ async def test_aclose_during_a_call_ends_it(tmp_path: Path) -> None:
         with pytest.raises(SandboxClosed, match="closed during the call"):
             await call
     assert not exists(sb.workdir)
+
+
+async def test_ensure_running_restarts_a_crashed_engine_eagerly(sb: Sandbox) -> None:
+    first_pid = sb.pid
+    assert first_pid is not None
+    await sb.ensure_running()
+    assert (sb.pid, sb.restarts) == (first_pid, 0)  # a live engine is left alone
+    os.kill(first_pid, signal.SIGKILL)
+    with pytest.raises(EngineCrashed):
+        await sb.call("echo", {})
+    await sb.ensure_running()
+    assert sb.pid not in (None, first_pid)
+    assert sb.restarts == 1
