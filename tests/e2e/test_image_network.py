@@ -26,6 +26,7 @@ from client.sdk import Client
 from protocol.messages import JobStatus
 from protocol.params import ImageParams
 from tests.procs import Proc
+from tests.reference import plain_image, plain_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -106,29 +107,11 @@ def network(tmp_path: Path, tiny_models: Path) -> Iterator[Network]:
 
 
 def _direct_diffusers(sd: Path, params: ImageParams, seed: int) -> np.ndarray:
-    """The same image made with plain diffusers, no idlegrid code in the way."""
-    import diffusers
+    """The same image made with plain diffusers, in this process, on one thread like the worker."""
     import torch
 
-    from worker.samplers import SCHEDULER_SPECS
-
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        sd, local_files_only=True, use_safetensors=True
-    )
-    pipe.set_progress_bar_config(disable=True)
-    class_name, options = SCHEDULER_SPECS[params.sampler]
-    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **options)
     torch.set_num_threads(1)
-    image = pipe(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt or None,
-        width=params.width,
-        height=params.height,
-        num_inference_steps=params.steps,
-        guidance_scale=params.cfg_scale,
-        generator=torch.Generator("cpu").manual_seed(seed),
-    ).images[0]
-    return np.asarray(image)
+    return plain_image(plain_pipeline(sd), params, seed)
 
 
 def test_cli_generates_images_identical_to_plain_diffusers(

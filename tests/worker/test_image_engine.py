@@ -5,16 +5,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import numpy as np
 import pytest
-import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams
 from protocol.samplers import SAMPLERS
+from tests.reference import plain_image, plain_pipeline
 from worker.errors import ModelConfigMissing, ModelError, ModelNotFound, UnsafeWeights
 from worker.image_engine import ImageEngine
 from worker.model_source import resolve_model
@@ -42,32 +41,7 @@ def engine(tiny_sd: Path) -> ImageEngine:
 @pytest.fixture(scope="module")
 def plain_pipe(tiny_sd: Path) -> StableDiffusionPipeline:
     """The same model loaded with plain diffusers, as the reference."""
-    pipe = StableDiffusionPipeline.from_pretrained(
-        tiny_sd, use_safetensors=True, local_files_only=True
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _plain_image(pipe: StableDiffusionPipeline, params: ImageParams, seed: int) -> np.ndarray:
-    class_name, options = SCHEDULER_SPECS[params.sampler]
-    base = pipe.scheduler.config
-    pipe.scheduler = getattr(diffusers, class_name).from_config(base, **options)
-    try:
-        out = pipe(
-            prompt=params.prompt,
-            negative_prompt=params.negative_prompt or None,
-            width=params.width,
-            height=params.height,
-            num_inference_steps=params.steps,
-            guidance_scale=params.cfg_scale,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            num_images_per_prompt=1,
-            output_type="pil",
-        )
-    finally:
-        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(base)
-    return np.asarray(out.images[0])
+    return plain_pipeline(tiny_sd)
 
 
 def _pixels(png: bytes) -> np.ndarray:
@@ -93,7 +67,7 @@ def test_engine_matches_plain_diffusers(
     assert data == {"seeds": [1234, 1235], "model": "sd", "width": 64, "height": 64}
     assert len(blobs) == 2
     for i, png in enumerate(blobs):
-        np.testing.assert_array_equal(_pixels(png), _plain_image(plain_pipe, params, 1234 + i))
+        np.testing.assert_array_equal(_pixels(png), plain_image(plain_pipe, params, 1234 + i))
     assert not np.array_equal(_pixels(blobs[0]), _pixels(blobs[1]))
 
 
@@ -113,7 +87,7 @@ def test_every_sampler_makes_the_plain_diffusers_image(
     assert pixels.shape == (64, 64, 3)
     assert np.isfinite(pixels).all()
     assert pixels.std() > 0
-    expected = _plain_image(plain_pipe, ImageParams.model_validate({**BASE, **fields}), 5)
+    expected = plain_image(plain_pipe, ImageParams.model_validate({**BASE, **fields}), 5)
     np.testing.assert_array_equal(pixels, expected)
     assert [e["step"] for e in events] == [1, 2]
 
