@@ -101,6 +101,7 @@ def _run_image_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from protocol.messages import NAME_PATTERN
     from worker.config import ImageWorkerConfig
     from worker.errors import ModelError
     from worker.model_source import resolve_model
@@ -111,15 +112,13 @@ def _run_image_worker(args: argparse.Namespace) -> int:
         print(f"error: --model: {exc}", file=sys.stderr)
         return 2
     name = args.name
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{1,31}", name):
+    if not re.fullmatch(NAME_PATTERN, name):
         print("error: --name: use 2-32 letters, digits, '_', '.', '-'", file=sys.stderr)
         return 2
-    # The engine runs in a private working directory: hand it absolute paths.
-    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     config = ImageWorkerConfig(
         coordinator=args.coordinator,
-        model=model,
-        model_config=args.model_config.resolve() if args.model_config else None,
+        model=source.location,
+        model_config=source.config_dir,
         model_name=args.model_name or source.name,
         name=name,
         identity_file=args.identity or _data_home() / f"worker-{name}.key",

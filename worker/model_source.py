@@ -45,10 +45,11 @@ def resolve_model(spec: str, config_dir: Path | None = None) -> ModelSource:
     weights, `ModelConfigMissing` for a single file without a config folder, and
     `ModelNotFound` for anything else that is not a usable model.
     """
-    path = Path(spec).expanduser()
+    # Absolute paths: the engine that loads them runs in a private working directory.
+    path = Path(spec).expanduser().resolve()
     if path.is_dir():
         _check_folder(path)
-        return ModelSource("folder", str(path), None, path.resolve().name)
+        return ModelSource("folder", str(path), None, path.name)
     if path.is_file():
         return _single_file(path, config_dir)
     if _HUB_ID.fullmatch(spec) and ".." not in spec:
@@ -77,7 +78,7 @@ def _single_file(path: Path, config_dir: Path | None) -> ModelSource:
             f"model config folder {config_dir} has no model_index.json: pass --model-config "
             "DIR with a local diffusers-format folder of the same architecture"
         )
-    return ModelSource("single_file", str(path), config_dir, path.stem)
+    return ModelSource("single_file", str(path), config_dir.resolve(), path.stem)
 
 
 def _check_folder(path: Path) -> None:

@@ -242,3 +242,13 @@ def test_non_model_paths_are_not_found(tmp_path: Path) -> None:
 def test_model_errors_share_a_base() -> None:
     for error in (UnsafeWeights, ModelNotFound, ModelConfigMissing):
         assert issubclass(error, ModelError)
+
+
+def test_relative_model_paths_become_absolute(
+    tiny_sd: Path, tiny_sd_single_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the engine loads from a private working directory, so relative paths would break
+    monkeypatch.chdir(tiny_sd.parent)
+    assert resolve_model(tiny_sd.name).location == str(tiny_sd.resolve())
+    single = resolve_model(str(tiny_sd_single_file), Path(tiny_sd.name))
+    assert single.config_dir == tiny_sd.resolve()
