@@ -11,10 +11,12 @@ import json
 import logging
 import os
 import sys
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from client.chat_cli import add_text_commands
 from client.credentials import Credentials
 from client.errors import ApiError, ClientError
 from client.progress import ProgressLine
@@ -64,16 +66,100 @@ async def _account_register(args: argparse.Namespace) -> int:
 
 
 async def _account_show(args: argparse.Namespace) -> int:
-    if not args.api_key:
-        raise UsageError(
-            "no API key: pass --api-key, set IDLEGRID_API_KEY or run `idlegrid account register`"
-        )
+    _need_key(args)
     async with _client(args) as grid:
         info = await grid.me()
     if args.json:
         print(info.model_dump_json())
     else:
-        print(f"name:  {info.name}\nkudos: {info.kudos}")
+        print(
+            f"name:      {info.name}\n"
+            f"kudos:     {info.kudos}  (available {info.available})\n"
+            f"reserved:  {info.reserved}  (held for your queued and running jobs)\n"
+            f"earned:    {info.earned}  (+{info.pending} pending verification)\n"
+            f"spent:     {info.spent}\n"
+            f"granted:   {info.granted}\n"
+            f"transfers: +{info.transferred_in} / -{info.transferred_out}"
+        )
+    return 0
+
+
+def _need_key(args: argparse.Namespace) -> None:
+    if not args.api_key:
+        raise UsageError(
+            "no API key: pass --api-key, set IDLEGRID_API_KEY or run `idlegrid account register`"
+        )
+
+
+async def _account_history(args: argparse.Namespace) -> int:
+    _need_key(args)
+    if not 1 <= args.limit <= 500:
+        raise UsageError(f"--limit: {args.limit} is not between 1 and 500")
+    async with _client(args) as grid:
+        page = await grid.history(args.limit)
+    if args.json:
+        print(page.model_dump_json())
+        return 0
+    for entry in page.entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.at))
+        job = f" job {entry.job_id}" if entry.job_id else ""
+        others = ", ".join(entry.counterparties)
+        print(f"{when}  {entry.amount:+8d}  {entry.reason:<9}{job}  ({others})")
+    if page.next_before is not None:
+        print(f"(more: older entries before #{page.next_before})", file=sys.stderr)
+    return 0
+
+
+async def _account_transfer(args: argparse.Namespace) -> int:
+    _need_key(args)
+    if args.amount < 1:
+        raise UsageError(f"AMOUNT: {args.amount} must be a positive whole number of kudos")
+    async with _client(args) as grid:
+        done = await grid.transfer(args.user, args.amount, args.idempotency_key)
+    if args.json:
+        print(done.model_dump_json())
+    else:
+        print(f"sent {done.amount} kudos to {done.to} (ledger entry {done.id})")
+    return 0
+
+
+async def _rate(args: argparse.Namespace) -> int:
+    _need_key(args)
+    if not 1 <= args.score <= 10:
+        raise UsageError(f"SCORE: {args.score} is not between 1 and 10")
+    if args.index < 0:
+        raise UsageError(f"INDEX: {args.index} must be 0 or more (the first image is 0)")
+    async with _client(args) as grid:
+        recorded = await grid.rate(args.job_id, args.index, args.score)
+    if args.json:
+        print(recorded.model_dump_json())
+    else:
+        print(
+            f"rated image {recorded.index} of job {recorded.job_id}: {recorded.score}; "
+            f"earned {recorded.kudos_earned} kudos; "
+            f"image now {recorded.rating:.1f} from {recorded.ratings} rating(s)"
+        )
+    return 0
+
+
+async def _cancel(args: argparse.Namespace) -> int:
+    async with _client(args) as grid:
+        cancelled = await grid.cancel(args.job_id)
+    if args.json:
+        print(cancelled.model_dump_json())
+    else:
+        print(f"job {cancelled.id} cancelled; {cancelled.refunded} kudos refunded")
+    return 0
+
+
+async def _share(args: argparse.Namespace) -> int:
+    _need_key(args)
+    async with _client(args) as grid:
+        state = await grid.share(args.job_id, not args.off)
+    if args.json:
+        print(state.model_dump_json())
+    else:
+        print(f"job {state.id} is {'shared' if state.shared else 'private'}")
     return 0
 
 
@@ -94,6 +180,24 @@ async def _generate(args: argparse.Namespace) -> int:
     if args.model:
         fields["model"] = args.model
     params = parse(ImageParams, fields)
+    if args.dry_run:
+        async with _client(args) as grid:
+            quote = await grid.quote_image(params)
+        if args.json:
+            print(quote.model_dump_json())
+        else:
+            eta = "unknown" if quote.eta_seconds is None else f"about {quote.eta_seconds:.0f} s"
+            who = "anonymous (shared account)" if quote.anonymous else "your account"
+            print(
+                f"cost:     {quote.kudos_cost} kudos\n"
+                f"balance:  {quote.balance} ({who}); available {quote.available}"
+                f"{'' if quote.affordable else '  -- NOT ENOUGH'}\n"
+                f"queue:    {quote.queue_length} waiting; this job would be at position "
+                f"{quote.queue_position}\n"
+                f"eta:      {eta}\n"
+                "(dry run: nothing submitted)"
+            )
+        return 0
     progress = ProgressLine(enabled=None if not args.json else False)
     try:
         async with _client(args) as grid:
@@ -142,9 +246,46 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("name", help="account name (2-32 letters, digits, _ . -)")
     _add_connection_flags(register)
     register.set_defaults(run_async=_account_register)
-    show = account_sub.add_parser("show", help="print the account's name and kudos balance")
+    show = account_sub.add_parser(
+        "show", help="print the balance and where it came from: reserved, earned, spent"
+    )
     _add_connection_flags(show)
     show.set_defaults(run_async=_account_show)
+    history = account_sub.add_parser(
+        "history", help="list the account's ledger entries with reasons and job ids"
+    )
+    history.add_argument(
+        "--limit", type=int, default=50, help="entries, newest first (default %(default)s)"
+    )
+    _add_connection_flags(history)
+    history.set_defaults(run_async=_account_history)
+    transfer = account_sub.add_parser("transfer", help="give kudos to another user")
+    transfer.add_argument("user", help="the receiving account's name")
+    transfer.add_argument("amount", type=int, help="whole kudos")
+    transfer.add_argument(
+        "--idempotency-key",
+        help="retry a transfer with the same key: it never pays twice (default: a new UUID)",
+    )
+    _add_connection_flags(transfer)
+    transfer.set_defaults(run_async=_account_transfer)
+
+    rate = subparsers.add_parser("rate", help="rate an image 1-10 (earns a little kudos)")
+    rate.add_argument("job_id", help="the job's id")
+    rate.add_argument("index", type=int, help="which image, counting from 0")
+    rate.add_argument("score", type=int, help="1 (bad) to 10 (excellent)")
+    _add_connection_flags(rate)
+    rate.set_defaults(run_async=_rate)
+
+    cancel = subparsers.add_parser("cancel", help="cancel a queued or running job (refunds it)")
+    cancel.add_argument("job_id", help="the job's id")
+    _add_connection_flags(cancel)
+    cancel.set_defaults(run_async=_cancel)
+
+    share = subparsers.add_parser("share", help="let other users see and rate a job's images")
+    share.add_argument("job_id", help="the job's id")
+    share.add_argument("--off", action="store_true", help="make it private again")
+    _add_connection_flags(share)
+    share.set_defaults(run_async=_share)
 
     generate = subparsers.add_parser("generate", help="generate images on the network")
     generate.add_argument("prompt", help="what the image should show")
@@ -169,8 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "-o", "--output", type=Path, default=Path("."), help="directory for the PNGs (default .)"
     )
+    generate.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the cost, your balance, the queue and the ETA; submit nothing",
+    )
     _add_connection_flags(generate)
     generate.set_defaults(run_async=_generate)
+
+    add_text_commands(subparsers, _add_connection_flags)
 
     for plugin in entry_points(group="idlegrid.commands"):
         try:
@@ -213,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {field}: {message}", file=sys.stderr)
         return (
             EXIT_BAD_INPUT
-            if 400 <= exc.status < 500 and exc.status not in (401, 402, 403)
+            if 400 <= exc.status < 500 and exc.status not in (401, 402, 403, 429)
             else EXIT_FAILED
         )
     except ClientError as exc:

@@ -3,7 +3,8 @@
 ClientError                  base
 ├── ApiError                 the coordinator answered with an error (status, code, fields)
 │   ├── AuthError            401/403: missing, wrong or unknown API key
-│   └── NotEnoughKudos       402: the request costs more than the balance allows
+│   ├── NotEnoughKudos       402: the request costs more than the balance allows
+│   └── RateLimited          429: too many requests; `retry_after` seconds to wait
 ├── CoordinatorUnreachable   could not connect / the connection broke
 └── JobFailed                the job ended failed or cancelled
 """
@@ -17,6 +18,7 @@ __all__ = [
     "CoordinatorUnreachable",
     "JobFailed",
     "NotEnoughKudos",
+    "RateLimited",
 ]
 
 
@@ -39,6 +41,19 @@ class AuthError(ApiError):
 
 class NotEnoughKudos(ApiError):
     pass
+
+
+class RateLimited(ApiError):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        fields: list[tuple[str, str]],
+        retry_after: float = 1.0,
+    ) -> None:
+        super().__init__(status, code, message, fields)
+        self.retry_after = retry_after
 
 
 class CoordinatorUnreachable(ClientError):

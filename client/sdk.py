@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,27 @@ from client.errors import (
     CoordinatorUnreachable,
     JobFailed,
     NotEnoughKudos,
+    RateLimited,
 )
-from protocol.messages import AccountCreated, AccountInfo, ErrorBody, ImageJobCreated, JobStatus
+from protocol.messages import (
+    AccountCreated,
+    AccountInfo,
+    ErrorBody,
+    HistoryPage,
+    ImageJobCreated,
+    JobCancelled,
+    JobStatus,
+    Quote,
+    RatingRecorded,
+    ShareState,
+    TransferDone,
+    WorkerInfo,
+)
+from protocol.openai import ModelList
 from protocol.params import ImageParams
+from protocol.text import TextJobCreated, TextParams, TextStatus
 
-__all__ = ["AsyncClient", "Client", "GenerationResult"]
+__all__ = ["AsyncClient", "Client", "GenerationResult", "TextEvent"]
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -46,13 +63,19 @@ class GenerationResult:
     images: list[bytes] = field(default_factory=list)
 
 
-def _raise_for(status: int, text: str) -> None:
+def _raise_for(status: int, text: str, retry_after: str | None = None) -> None:
     try:
         detail = ErrorBody.model_validate_json(text).error
         code, message = detail.code, detail.message
         fields = [(f.field, f.message) for f in detail.fields]
     except ValueError:
         code, message, fields = "http_error", text[:500] or f"HTTP {status}", []
+    if status == 429:
+        try:
+            wait = float(retry_after or 1)
+        except ValueError:
+            wait = 1.0
+        raise RateLimited(status, code, message, fields, wait)
     cls = AuthError if status in (401, 403) else NotEnoughKudos if status == 402 else ApiError
     raise cls(status, code, message, fields)
 
@@ -82,13 +105,24 @@ class AsyncClient:
             self._session = aiohttp.ClientSession(headers=headers, timeout=self._timeout)
         return self._session
 
-    async def _request(self, method: str, path: str, model: type[M], body: Any = None) -> M:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        model: type[M],
+        body: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> M:
         try:
             async with asyncio.timeout(self._request_timeout):
-                async with self._http().request(method, self.base_url + path, json=body) as resp:
+                async with self._http().request(
+                    method, self.base_url + path, json=body, headers=headers, params=params
+                ) as resp:
                     text = await resp.text()
                     if resp.status >= 400:
-                        _raise_for(resp.status, text)
+                        _raise_for(resp.status, text, resp.headers.get("Retry-After"))
                     return model.model_validate_json(text)
         except aiohttp.ClientConnectionError as exc:
             raise CoordinatorUnreachable(
@@ -103,7 +137,52 @@ class AsyncClient:
     async def me(self) -> AccountInfo:
         return await self._request("GET", "/api/v1/accounts/me", AccountInfo)
 
+    async def history(self, limit: int = 50, before: int | None = None) -> HistoryPage:
+        """The caller's ledger entries, newest first; pass `next_before` on for older ones."""
+        params = {"limit": str(limit)}
+        if before is not None:
+            params["before"] = str(before)
+        return await self._request("GET", "/api/v1/accounts/me/history", HistoryPage, params=params)
+
+    async def transfer(
+        self, to: str, amount: int, idempotency_key: str | None = None
+    ) -> TransferDone:
+        """Give `amount` kudos to user `to`. Retrying with the same `idempotency_key` (a new
+        UUID if absent; returned in the answer) never pays twice."""
+        key = idempotency_key or str(uuid.uuid4())
+        return await self._request(
+            "POST",
+            "/api/v1/transfers",
+            TransferDone,
+            {"to": to, "amount": amount},
+            headers={"Idempotency-Key": key},
+        )
+
+    async def worker(self, worker_id: str) -> WorkerInfo:
+        return await self._request("GET", f"/api/v1/workers/{worker_id}", WorkerInfo)
+
     # --- image jobs -------------------------------------------------------------------
+
+    async def quote_image(self, params: ImageParams) -> Quote:
+        """Cost, balance, queue and ETA of a job, without submitting it."""
+        body = params.model_dump(mode="json", exclude_none=True)
+        return await self._request("POST", "/api/v1/quotes/image", Quote, body)
+
+    async def cancel(self, job_id: str) -> JobCancelled:
+        return await self._request("POST", f"/api/v1/jobs/{job_id}/cancel", JobCancelled)
+
+    async def share(self, job_id: str, shared: bool = True) -> ShareState:
+        return await self._request(
+            "POST", f"/api/v1/jobs/{job_id}/share", ShareState, {"shared": shared}
+        )
+
+    async def rate(self, job_id: str, index: int, score: int) -> RatingRecorded:
+        return await self._request(
+            "POST",
+            f"/api/v1/jobs/{job_id}/images/{index}/rating",
+            RatingRecorded,
+            {"score": score},
+        )
 
     async def submit_image(self, params: ImageParams) -> ImageJobCreated:
         body = params.model_dump(mode="json", exclude_none=True)
@@ -190,6 +269,97 @@ class AsyncClient:
             images=images,
         )
 
+    # --- text jobs (chat and completion) ----------------------------------------------
+
+    async def models(self) -> list[str]:
+        """Names of the text models gateways serve now."""
+        listing = await self._request("GET", "/v1/models", ModelList)
+        return [model.id for model in listing.data]
+
+    async def submit_text(self, params: TextParams) -> TextJobCreated:
+        body = params.model_dump(mode="json", exclude_none=True)
+        return await self._request("POST", "/api/v1/text/jobs", TextJobCreated, body)
+
+    async def text_job(self, job_id: str) -> TextStatus:
+        return await self._request("GET", f"/api/v1/text/jobs/{job_id}", TextStatus)
+
+    async def text_events(self, job_id: str) -> AsyncIterator[TextEvent]:
+        """A text job's events until it ends: text pieces (with their offset) and statuses."""
+        url = f"{self.base_url}/api/v1/text/jobs/{job_id}/events"
+        try:
+            async with self._http().get(url, headers={"Accept": "text/event-stream"}) as resp:
+                if resp.status >= 400:
+                    _raise_for(resp.status, await resp.text())
+                event, data = "message", []
+                async for raw in resp.content:
+                    line = raw.decode().rstrip("\r\n")
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].strip())
+                    elif not line and data:
+                        payload = json.loads("\n".join(data))
+                        kind, event, data = event, "message", []
+                        if kind == "text":
+                            yield TextEvent(offset=payload["offset"], text=payload["text"])
+                        elif kind == "status":
+                            status = TextStatus.model_validate(payload)
+                            yield TextEvent(status=status)
+                            if status.finished:
+                                return
+        except aiohttp.ClientConnectionError as exc:
+            raise CoordinatorUnreachable(
+                f"lost the event stream of text job {job_id}: {exc}"
+            ) from exc
+
+    async def complete(
+        self, params: TextParams, on_text: Callable[[str], Awaitable[None] | None] | None = None
+    ) -> TextStatus:
+        """Submit a chat or completion job and stream its text to `on_text` as it is made.
+
+        Returns the final status (its `text` is the whole reply); raises JobFailed if the
+        job fails (its kudos are refunded). Survives dropped streams and restarted jobs:
+        only text the caller has not seen yet is passed on.
+        """
+        created = await self.submit_text(params)
+        shown = 0
+        while True:
+            try:
+                async for event in self.text_events(created.id):
+                    if event.status is not None and event.status.finished:
+                        status = event.status
+                        break
+                    if event.text and event.offset + len(event.text) > shown:
+                        fresh = event.text[max(shown - event.offset, 0) :]
+                        shown += len(fresh)
+                        if on_text is not None:
+                            outcome = on_text(fresh)
+                            if outcome is not None:
+                                await outcome
+                else:
+                    status = await self.text_job(created.id)
+            except CoordinatorUnreachable:
+                await asyncio.sleep(0.5)
+                status = await self.text_job(created.id)
+            if status.finished:
+                break
+        if status.state != "done":
+            raise JobFailed(created.id, status.state, status.error)
+        if on_text is not None and len(status.text) > shown:
+            outcome = on_text(status.text[shown:])
+            if outcome is not None:
+                await outcome
+        return status
+
+
+@dataclass(frozen=True)
+class TextEvent:
+    """One event of a text job's stream: new text at `offset`, or a status."""
+
+    offset: int = 0
+    text: str = ""
+    status: TextStatus | None = None
+
 
 def _write_files(directory: Path, named: dict[str, bytes]) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
@@ -238,6 +408,27 @@ class Client:
     def submit_image(self, params: ImageParams) -> ImageJobCreated:
         return self._run(self._async.submit_image(params))
 
+    def quote_image(self, params: ImageParams) -> Quote:
+        return self._run(self._async.quote_image(params))
+
+    def cancel(self, job_id: str) -> JobCancelled:
+        return self._run(self._async.cancel(job_id))
+
+    def share(self, job_id: str, shared: bool = True) -> ShareState:
+        return self._run(self._async.share(job_id, shared))
+
+    def rate(self, job_id: str, index: int, score: int) -> RatingRecorded:
+        return self._run(self._async.rate(job_id, index, score))
+
+    def history(self, limit: int = 50, before: int | None = None) -> HistoryPage:
+        return self._run(self._async.history(limit, before))
+
+    def transfer(self, to: str, amount: int, idempotency_key: str | None = None) -> TransferDone:
+        return self._run(self._async.transfer(to, amount, idempotency_key))
+
+    def worker(self, worker_id: str) -> WorkerInfo:
+        return self._run(self._async.worker(worker_id))
+
     def job(self, job_id: str) -> JobStatus:
         return self._run(self._async.job(job_id))
 
@@ -249,3 +440,18 @@ class Client:
 
     def generate(self, params: ImageParams, out_dir: Path | str | None = None) -> GenerationResult:
         return self._run(self._async.generate(params, out_dir))
+
+    def models(self) -> list[str]:
+        return self._run(self._async.models())
+
+    def submit_text(self, params: TextParams) -> TextJobCreated:
+        return self._run(self._async.submit_text(params))
+
+    def text_job(self, job_id: str) -> TextStatus:
+        return self._run(self._async.text_job(job_id))
+
+    def complete(
+        self, params: TextParams, on_text: Callable[[str], None] | None = None
+    ) -> TextStatus:
+        """Like AsyncClient.complete; `on_text` runs on the client's loop thread."""
+        return self._run(self._async.complete(params, on_text))

@@ -10,6 +10,12 @@
     store.py            every database transaction
     schema.py           tables and migrations (SQLite and PostgreSQL)
     ledger.py           double-entry kudos postings
+    queue.py            queue order (protocol.priority) over the database, positions, ETAs
+    trust.py            paying workers (trust hold), spot checks, suspicion, uptime kudos
+    verification.py     comparing a spot check's images with the original's
+    economy.py          transfers, ratings, account summaries and history
+    ratelimit.py        token buckets per API key / worker and per IP
+    routes_economy.py   quotes, cancel, share, ratings, transfers, history, worker records
     results.py          content-addressed result files
     signals.py          in-process wake-ups for long-polls and streams
     state.py            typed app state keys

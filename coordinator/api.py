@@ -13,9 +13,10 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from coordinator.errors import BadRequest, BodyTooLarge, CoordinatorError, Unauthorized
-from coordinator.state import CONFIG, STORE
+from coordinator.state import CONFIG, LIMITER, STORE
 from coordinator.store import Account, Worker
 from protocol.errors import ValidationFailed
 from protocol.messages import ErrorBody, ErrorDetail, FieldProblem
@@ -54,6 +55,8 @@ class Route:
     produces: str
     upload: bool
     errors: tuple[int, ...] = field(default=())
+    # rate-limit scope (a key of CoordinatorConfig.rate_limits), or None
+    limit: str | None = None
 
 
 def api_key_of(request: web.Request) -> str | None:
@@ -107,6 +110,7 @@ class Api:
         produces: str = "application/json",
         upload: bool = False,
         errors: tuple[int, ...] = (),
+        limit: str | None = None,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.routes.append(
@@ -121,7 +125,8 @@ class Api:
                     status,
                     produces,
                     upload,
-                    errors,
+                    errors + ((429,) if limit else ()),
+                    limit,
                 )
             )
             return handler
@@ -151,6 +156,15 @@ class Api:
                 call.worker = await store.worker_by_token(token) if token else None
                 if call.worker is None:
                     raise Unauthorized("unknown worker token; register the worker again")
+            if route.limit is not None:
+                identity = (
+                    f"account:{call.account.id}"
+                    if call.account is not None
+                    else f"worker:{call.worker.id}"
+                    if call.worker is not None
+                    else None
+                )
+                request.app[LIMITER].check(route.limit, identity, request.remote)
             if route.body is not None:
                 config = request.app[CONFIG]
                 limit = config.max_upload_bytes if route.upload else config.max_body_bytes
@@ -251,7 +265,19 @@ async def error_middleware(
     except CoordinatorError as exc:
         if exc.status >= 500:
             log.exception("request failed: %s %s", request.method, request.path)
-        return _error_response(exc.status, exc.code, exc.message, exc.fields)
+        response = _error_response(exc.status, exc.code, exc.message, exc.fields)
+        response.headers.update(exc.headers)
+        return response
+    except DBAPIError as exc:
+        if isinstance(exc, IntegrityError):
+            raise
+        # deadlock, serialization failure, lost connection: the transaction rolled back
+        log.warning("database error on %s %s: %s", request.method, request.path, exc.orig)
+        response = _error_response(
+            503, "store_unavailable", "the database is busy or unreachable; retry shortly", []
+        )
+        response.headers["Retry-After"] = "1"
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -10,12 +10,20 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 # Importing the route modules registers their handlers on API.
-from coordinator import routes_accounts, routes_jobs, routes_workers  # noqa: F401
+from coordinator import (  # noqa: F401
+    routes_accounts,
+    routes_economy,
+    routes_jobs,
+    routes_openai,
+    routes_text,
+    routes_workers,
+)
 from coordinator.api import API, error_middleware
 from coordinator.config import CoordinatorConfig
+from coordinator.ratelimit import RateLimiter
 from coordinator.results import ResultFiles
 from coordinator.signals import Signals
-from coordinator.state import CONFIG, FILES, SIGNALS, STORE
+from coordinator.state import CONFIG, FILES, LIMITER, SIGNALS, STORE
 from coordinator.store import Store
 
 __all__ = ["create_app"]
@@ -59,6 +67,7 @@ def create_app(config: CoordinatorConfig) -> web.Application:
     # Bodies are read and size-checked by the route table; this only caps aiohttp's own reads.
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_upload_bytes)
     app[CONFIG] = config
+    app[LIMITER] = RateLimiter(config.rate_limits)
     app.cleanup_ctx.append(_lifecycle)
     API.install(app)
     return app

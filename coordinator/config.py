@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["CoordinatorConfig"]
+from protocol.priority import Aging
+
+__all__ = ["DEFAULT_RATE_LIMITS", "CoordinatorConfig", "RateLimit"]
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Token buckets of one kind of request: per API key (or worker) and per IP address."""
+
+    # sustained requests per second and burst size for one API key or worker
+    per_second: float
+    burst: float
+    # the same for one client IP address (shared by everyone behind one NAT)
+    ip_per_second: float
+    ip_burst: float
+
+
+# Generous: a person or a script never meets them; a flood does.
+DEFAULT_RATE_LIMITS: dict[str, RateLimit] = {
+    "submit": RateLimit(10, 100, 50, 500),
+    "pop": RateLimit(50, 500, 200, 2000),
+    "rate": RateLimit(2, 60, 10, 300),
+    "transfer": RateLimit(5, 50, 20, 200),
+}
 
 
 @dataclass(frozen=True)
@@ -37,6 +60,10 @@ class CoordinatorConfig:
     anonymous_max_pixels: int = 512 * 512
     anonymous_max_steps: int = 30
     anonymous_max_n: int = 2
+    # most new tokens an anonymous text request may ask for
+    anonymous_max_tokens: int = 256
+    # a text model counts as served while a gateway offered it within this many seconds
+    text_model_seconds: float = 120.0
     # largest JSON body accepted outside result uploads, and largest result upload
     max_body_bytes: int = 64 * 1024
     max_upload_bytes: int = 128 * 1024 * 1024
@@ -45,11 +72,63 @@ class CoordinatorConfig:
     max_pop_wait: float = 60.0
     poll_fallback: float = 1.0
 
+    # --- priority and ETA ---
+    # one doubling of the requester's kudos is worth this many seconds of waiting
+    priority_seconds_per_doubling: float = 60.0
+    # anonymous jobs start this many seconds behind a registered job with no kudos
+    anonymous_penalty_seconds: float = 600.0
+    # ETAs use the throughput of jobs finished in this many recent seconds
+    eta_window: float = 600.0
+
+    # --- ratings ---
+    # kudos a rating earns the rater (from the network's grants)
+    rating_reward: int = 1
+    # ratings that earn kudos per rater per rolling day; later ratings still count
+    rating_rewards_per_day: int = 50
+
+    # --- uptime ---
+    # a worker polling without a break for a whole period earns `uptime_reward` for it
+    uptime_period: float = 3600.0
+    uptime_reward: int = 10
+    # a pause in polling longer than this breaks the stretch
+    uptime_grace: float = 120.0
+    # ... and only workers that finished a job within this many seconds earn it
+    uptime_serve_window: float = 86400.0
+
+    # --- trust and spot checks (see coordinator.trust) ---
+    # workers with these Ed25519 public keys (hex) are trusted from the start
+    trusted_workers: frozenset[str] = frozenset()
+    # workers registered with the API key of one of these accounts are trusted from the start
+    trusted_accounts: frozenset[str] = frozenset()
+    # fraction of an untrusted worker's earnings held pending until it passes a check
+    trust_hold_fraction: float = 0.5
+    # chance that an untrusted worker's image job is re-run by a trusted worker; halves
+    # with every passed check, down to spot_check_min_rate
+    spot_check_rate: float = 0.25
+    spot_check_min_rate: float = 0.05
+    # chance for trusted workers (keeps them honest too)
+    trusted_spot_check_rate: float = 0.0
+    # passed checks (and no suspicion) after which a worker becomes trusted
+    trust_after_checks: int = 3
+    # suspicions (failed checks, impossible speeds) that pause a worker
+    pause_after_suspicions: int = 3
+    # pixel-steps per second no GPU reaches (about 20x a 2024 datacenter GPU at 512x512)
+    max_pixel_steps_per_second: float = 2e8
+    # mean absolute pixel difference (0-255) accepted between different engine builds
+    verify_tolerance: float = 3.0
+
+    # --- rate limits, per coordinator process ---
+    rate_limits: dict[str, RateLimit] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{self.data_dir / 'idlegrid.db'}"
+
+    @property
+    def aging(self) -> Aging:
+        return Aging(self.priority_seconds_per_doubling, self.anonymous_penalty_seconds)
 
     def lease_seconds(self, pixels: int, steps: int, n: int) -> float:
         if self.lease_timeout is not None:

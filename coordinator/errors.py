@@ -1,14 +1,17 @@
-"""Errors of the coordinator, each with the HTTP status it maps to (in `http.py`).
+"""Errors of the coordinator, each with the HTTP status it maps to (in `api.py`).
 
 CoordinatorError                 base; status 500
 ├── BadRequest                   the caller's input is wrong (400); may list fields
 │   └── BodyTooLarge             body over the configured limit (413)
 ├── Unauthorized                 missing or unknown API key / worker token (401)
-├── Forbidden                    authenticated, but not yours (403)
+├── Forbidden                    authenticated, but not allowed (403)
+│   └── WorkerPaused             the worker failed too many checks; it gets no jobs
 ├── NotFound                     no such job, image or account (404)
 ├── Conflict                     state does not allow it: name taken, job not leased
 │                                to you, already finished (409)
 ├── InsufficientKudos            the request costs more than the balance allows (402)
+├── RateLimited                  too many requests from this key or address (429)
+├── JobFailed                    a job waited on in the request failed (502)
 └── StoreUnavailable             the database failed underneath us (503)
 """
 
@@ -21,9 +24,12 @@ __all__ = [
     "CoordinatorError",
     "Forbidden",
     "InsufficientKudos",
+    "JobFailed",
     "NotFound",
+    "RateLimited",
     "StoreUnavailable",
     "Unauthorized",
+    "WorkerPaused",
 ]
 
 
@@ -35,6 +41,8 @@ class CoordinatorError(Exception):
         super().__init__(message)
         self.message = message
         self.fields = fields or []
+        # extra response headers (e.g. Retry-After)
+        self.headers: dict[str, str] = {}
 
 
 class BadRequest(CoordinatorError):
@@ -57,6 +65,10 @@ class Forbidden(CoordinatorError):
     code = "forbidden"
 
 
+class WorkerPaused(Forbidden):
+    code = "worker_paused"
+
+
 class NotFound(CoordinatorError):
     status = 404
     code = "not_found"
@@ -72,6 +84,23 @@ class InsufficientKudos(CoordinatorError):
     code = "insufficient_kudos"
 
 
+class RateLimited(CoordinatorError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.headers["Retry-After"] = str(max(1, round(retry_after + 0.499)))
+
+
 class StoreUnavailable(CoordinatorError):
     status = 503
     code = "store_unavailable"
+
+
+class JobFailed(CoordinatorError):
+    """A request that waits for its job (OpenAI-style) found the job failed."""
+
+    status = 502
+    code = "job_failed"

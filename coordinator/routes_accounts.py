@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from coordinator import economy
 from coordinator.api import API, Call
 from coordinator.state import STORE
 from protocol.messages import AccountCreate, AccountCreated, AccountInfo, Health
@@ -33,15 +34,13 @@ async def create_account(request: web.Request, call: Call) -> AccountCreated:
 @API.route(
     "GET",
     "/api/v1/accounts/me",
-    summary="The caller's account and kudos balance",
+    summary="The caller's account: balance, available, reserved, earned, pending, spent",
     response=AccountInfo,
     auth="user",
 )
 async def show_account(request: web.Request, call: Call) -> AccountInfo:
     assert call.account is not None
-    return AccountInfo(
-        name=call.account.name, kudos=await request.app[STORE].balance(call.account.id)
-    )
+    return await economy.account_info(request.app[STORE], call.account)
 
 
 @API.route("GET", "/api/v1/openapi.json", summary="This API's OpenAPI 3.1 description")

@@ -7,6 +7,7 @@ import secrets
 
 from aiohttp import web
 
+from coordinator import economy
 from coordinator.api import API, Call
 from coordinator.errors import BadRequest, NotFound
 from coordinator.state import CONFIG, FILES, SIGNALS, STORE
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 15.0
 
 
-def _check_anonymous_limits(request: web.Request, params: ImageParams) -> None:
+def check_anonymous_limits(request: web.Request, params: ImageParams) -> None:
     config = request.app[CONFIG]
     problems = []
     if params.pixels > config.anonymous_max_pixels:
@@ -60,33 +61,37 @@ def _check_anonymous_limits(request: web.Request, params: ImageParams) -> None:
     auth="optional",
     status=202,
     errors=(402,),
+    limit="submit",
 )
 async def submit_image(request: web.Request, call: Call) -> ImageJobCreated:
     store = request.app[STORE]
     params: ImageParams = call.body
     account = call.account or await store.anonymous_account()
     if account.anonymous:
-        _check_anonymous_limits(request, params)
+        check_anonymous_limits(request, params)
     if params.seed is None:
         params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
     assert params.seed is not None
     job = await store.create_image_job(account, params, image_cost(params))
     request.app[SIGNALS].queue_changed()
+    position, eta = await store.queue_info(job.id)
     return ImageJobCreated(
-        id=job.id,
-        kudos_cost=job.cost,
-        seed=params.seed,
-        queue_position=await store.queue_position(job.id),
+        id=job.id, kudos_cost=job.cost, seed=params.seed, queue_position=position, eta_seconds=eta
     )
 
 
-async def owned_job(store: Store, job_id: str, account: Account | None) -> Job:
-    """The job, if the caller may see it: the requester's key, or anyone for anonymous jobs."""
+async def owned_job(
+    store: Store, job_id: str, account: Account | None, *, viewing: bool = True
+) -> Job:
+    """The job, if the caller may see it (`viewing`) or change it: the requester's key, or
+    anyone holding the id of an anonymous job; for viewing also any registered user when
+    the job is shared."""
     job = await store.get_job(job_id)
     anonymous = (await store.anonymous_account()).id
-    if job is None or (
-        job.account_id != anonymous and (account is None or account.id != job.account_id)
-    ):
+    if job is None or job.verify_of is not None:
+        raise NotFound(f"no job {job_id} visible to this API key")
+    mine = job.account_id == anonymous or (account is not None and account.id == job.account_id)
+    if not mine and not (viewing and job.shared and account is not None):
         # Same answer whether it does not exist or is someone else's: ids do not leak.
         raise NotFound(f"no job {job_id} visible to this API key")
     return job
@@ -96,19 +101,31 @@ async def job_status(request: web.Request, job: Job) -> JobStatus:
     store = request.app[STORE]
     images = []
     if job.state == "done":
+        rated = await economy.image_ratings(store, job.id)
         for record in await store.results(job.id):
             url = str(
                 request.url.with_path(f"/api/v1/jobs/{job.id}/images/{record.index}").with_query(
                     None
                 )
             )
+            mean, count = rated.get(record.index, (None, 0))
             images.append(
-                ImageInfo(index=record.index, seed=record.seed, sha256=record.sha256, url=url)
+                ImageInfo(
+                    index=record.index,
+                    seed=record.seed,
+                    sha256=record.sha256,
+                    url=url,
+                    rating=mean,
+                    ratings=count,
+                )
             )
+    position, eta = await store.queue_info(job.id) if not job.finished else (None, None)
+    # whole seconds, so a stream does not send an event for every small drift
+    eta = None if eta is None else float(round(eta))
     return JobStatus(
         id=job.id,
         state=job.state,
-        queue_position=await store.queue_position(job.id) if job.state == "queued" else None,
+        queue_position=position,
         n=job.params.n,
         seeds=job.params.seeds(),
         kudos_cost=job.cost,
@@ -116,8 +133,10 @@ async def job_status(request: web.Request, job: Job) -> JobStatus:
         step=job.step,
         steps=job.steps_total,
         attempts=job.attempts,
-        error=job.error if job.state in ("failed", "queued") else None,
+        error=job.error if job.state in ("failed", "queued", "cancelled") else None,
         images=images,
+        eta_seconds=eta,
+        shared=job.shared,
     )
 
 

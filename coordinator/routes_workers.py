@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import time
@@ -12,7 +13,8 @@ from coordinator.api import API, Call
 from coordinator.errors import BadRequest, Conflict, Unauthorized
 from coordinator.routes_jobs import job_status
 from coordinator.state import CONFIG, FILES, SIGNALS, STORE
-from coordinator.store import ResultRecord, Worker
+from coordinator.store import Job, ResultRecord, Worker
+from coordinator.verification import images_agree, same_build
 from protocol.errors import SignatureInvalid
 from protocol.messages import (
     FailureReport,
@@ -69,12 +71,15 @@ async def register_worker(request: web.Request, call: Call) -> WorkerRegistered:
     body=PopRequest,
     response=PopResponse,
     auth="worker",
+    errors=(403,),
+    limit="pop",
 )
 async def pop(request: web.Request, call: Call) -> PopResponse:
     store, signals, config = request.app[STORE], request.app[SIGNALS], request.app[CONFIG]
     body: PopRequest = call.body
     worker = call.worker
     assert worker is not None
+    await store.record_poll(worker)
     deadline = time.monotonic() + min(body.wait, config.max_pop_wait)
     while True:
         job = await store.pop_job(worker, body.models, body.max_pixels, body.max_steps)
@@ -189,10 +194,40 @@ async def submit_result(request: web.Request, call: Call) -> ResultAccepted:
     # Files first (content-addressed, idempotent), then the transaction that makes them visible.
     for _, data in checked:
         files.put(data)
-    earned = await store.complete_job(worker, job, [record for record, _ in checked])
+    agrees = None
+    if job.verify_of is not None:
+        agrees = await _check_agrees(request, worker, job, [data for _, data in checked])
+    paid, held = await store.finish_job(worker, job, [record for record, _ in checked], agrees)
     request.app[SIGNALS].job_changed(job.id)
+    if job.verify_of is not None:
+        request.app[SIGNALS].job_changed(job.verify_of)
     request.app[SIGNALS].queue_changed()
-    return ResultAccepted(id=job.id, kudos_earned=earned)
+    return ResultAccepted(id=job.id, kudos_earned=paid, kudos_held=held)
+
+
+async def _check_agrees(
+    request: web.Request, verifier: Worker, job: Job, images: list[bytes]
+) -> bool:
+    """Whether a spot check's images match the original job's (see coordinator.verification)."""
+    store, files, config = request.app[STORE], request.app[FILES], request.app[CONFIG]
+    original = await store.original_results(job)
+    if len(original) != len(images):
+        return False
+    assert job.verify_of is not None
+    checked = await store.get_job(job.verify_of)
+    mine = await store.worker_row(verifier.id)
+    theirs = await store.worker_row(checked.worker_id) if checked and checked.worker_id else None
+    identical = same_build(
+        mine.engine if mine is not None else None, theirs.engine if theirs is not None else None
+    )
+    for record, data in zip(original, images, strict=True):
+        before = await asyncio.to_thread(files.get, record.sha256)
+        same = await asyncio.to_thread(
+            images_agree, before, data, identical, config.verify_tolerance
+        )
+        if not same:
+            return False
+    return True
 
 
 @API.route(

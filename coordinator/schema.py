@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy import (
     BigInteger,
     Column,
+    Connection,
     Float,
     ForeignKey,
     Index,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    inspect,
     select,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -80,6 +82,20 @@ workers = Table(
     Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
+    # --- trust (schema version 3; see coordinator.trust) ---
+    # 1 = its results are believed without holding its earnings
+    Column("trusted", Integer, nullable=False, server_default="0"),
+    # failed spot checks and impossible speeds; enough of them pause the worker
+    Column("suspicion", Integer, nullable=False, server_default="0"),
+    Column("paused", Integer, nullable=False, server_default="0"),
+    Column("pause_reason", Text),
+    Column("checks_passed", Integer, nullable=False, server_default="0"),
+    Column("checks_failed", Integer, nullable=False, server_default="0"),
+    Column("jobs_done", Integer, nullable=False, server_default="0"),
+    # JSON EngineInfo the worker reported after registering
+    Column("engine", Text),
+    # start of the current stretch of uninterrupted polling (uptime kudos)
+    Column("online_since", Float),
 )
 
 jobs = Table(
@@ -110,6 +126,13 @@ jobs = Table(
     Column("steps_total", Integer, nullable=False, default=0),
     Column("error", Text),
     Column("finished_at", Float),
+    # --- schema version 3 ---
+    # when the current lease began (speed checks, ETA throughput)
+    Column("leased_at", Float),
+    # a spot check re-runs the job with this id on a trusted worker
+    Column("verify_of", String(36)),
+    # 1 = any registered user may see and rate its images
+    Column("shared", Integer, nullable=False, server_default="0"),
     Index("ix_jobs_state", "state", "created_at"),
     Index("ix_jobs_account", "account_id"),
 )
@@ -127,12 +150,133 @@ results = Table(
 )
 
 
+# --- text (LLM) jobs: schema version 2 --------------------------------------------------
+
+worker_peers = Table(
+    "worker_peers",
+    metadata,
+    # a block server's hivemind peer id, linked (signed) to its worker identity
+    Column("peer_id", String(128), primary_key=True),
+    Column("worker_id", String(36), ForeignKey("workers.id"), nullable=False),
+    Column("linked_at", Float, nullable=False),
+)
+
+text_models = Table(
+    "text_models",
+    metadata,
+    # models that gateways offered when popping; GET /v1/models lists the recent ones
+    Column("name", String(128), primary_key=True),
+    Column("blocks", Integer, nullable=False),
+    Column("parameters", BigInteger, nullable=False),
+    Column("max_context", Integer, nullable=False),
+    Column("last_seen", Float, nullable=False),
+)
+
+text_outputs = Table(
+    "text_outputs",
+    metadata,
+    # one row per text job once a gateway leased it: the text streamed so far, then the result
+    Column("job_id", String(36), ForeignKey("jobs.id"), primary_key=True),
+    Column("model", String(128), nullable=False),
+    Column("text", Text, nullable=False, default=""),
+    Column("finish_reason", String(16)),
+    Column("prompt_tokens", Integer, nullable=False, default=0),
+    Column("completion_tokens", Integer, nullable=False, default=0),
+    # JSON list of {peer_id, start, end, tokens} as signed by the gateway
+    Column("spans", Text),
+    Column("charged", BigInteger),
+    Column("signature", String(128)),
+)
+
+
+# --- the kudos economy: schema version 3 ----------------------------------------------
+
+ratings = Table(
+    "ratings",
+    metadata,
+    # one score per image per rater
+    Column("job_id", String(36), ForeignKey("jobs.id"), primary_key=True),
+    Column("idx", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+    Column("score", Integer, nullable=False),
+    # the worker that made the image, for per-worker aggregates
+    Column("worker_id", String(36), ForeignKey("workers.id")),
+    Column("created_at", Float, nullable=False),
+    Index("ix_ratings_worker", "worker_id"),
+)
+
+request_keys = Table(
+    "request_keys",
+    metadata,
+    # Idempotency-Key of a money-moving request: a replay gets the stored answer
+    Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+    Column("key", String(128), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("response", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+V3_COLUMNS = {
+    "workers": [
+        "trusted",
+        "suspicion",
+        "paused",
+        "pause_reason",
+        "checks_passed",
+        "checks_failed",
+        "jobs_done",
+        "engine",
+        "online_since",
+    ],
+    "jobs": ["leased_at", "verify_of", "shared"],
+}
+
+
 async def _v1(conn: AsyncConnection) -> None:
     await conn.run_sync(metadata.create_all)
 
 
+async def _v2(conn: AsyncConnection) -> None:
+    # A fresh database got these from _v1's create_all; an older one gets them here.
+    await conn.run_sync(
+        lambda sync: metadata.create_all(
+            sync, tables=[worker_peers, text_models, text_outputs], checkfirst=True
+        )
+    )
+
+
+def _add_missing_columns(sync: Connection, table: Table, names: list[str]) -> None:
+    present = {column["name"] for column in inspect(sync).get_columns(table.name)}
+    for name in names:
+        if name in present:
+            continue
+        column = table.c[name]
+        ddl = f"ALTER TABLE {table.name} ADD COLUMN {name} {column.type.compile(sync.dialect)}"
+        if column.server_default is not None:
+            default = column.server_default.arg  # type: ignore[attr-defined]
+            ddl += f" DEFAULT {default}"
+        if not column.nullable:
+            ddl += " NOT NULL"
+        sync.exec_driver_sql(ddl)
+
+
+def _v3_sync(sync: Connection) -> None:
+    # A fresh database got all of this from _v1's create_all; an older one gets it here.
+    for table in (workers, jobs):
+        _add_missing_columns(sync, table, V3_COLUMNS[table.name])
+    metadata.create_all(sync, tables=[ratings, request_keys], checkfirst=True)
+
+
+async def _v3(conn: AsyncConnection) -> None:
+    await conn.run_sync(_v3_sync)
+
+
 # version -> step; append only, never edit a released step
-MIGRATIONS: list[tuple[int, Callable[[AsyncConnection], Awaitable[None]]]] = [(1, _v1)]
+MIGRATIONS: list[tuple[int, Callable[[AsyncConnection], Awaitable[None]]]] = [
+    (1, _v1),
+    (2, _v2),
+    (3, _v3),
+]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from coordinator.config import CoordinatorConfig
+from coordinator.ratelimit import RateLimiter
 from coordinator.results import ResultFiles
 from coordinator.signals import Signals
 from coordinator.store import Store
 
-__all__ = ["CONFIG", "FILES", "SIGNALS", "STORE"]
+__all__ = ["CONFIG", "FILES", "LIMITER", "SIGNALS", "STORE"]
 
 CONFIG = web.AppKey("config", CoordinatorConfig)
 STORE = web.AppKey("store", Store)
 FILES = web.AppKey("files", ResultFiles)
 SIGNALS = web.AppKey("signals", Signals)
+LIMITER = web.AppKey("limiter", RateLimiter)

@@ -21,8 +21,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from coordinator import queue, trust
 from coordinator.config import CoordinatorConfig
-from coordinator.errors import Conflict, InsufficientKudos, NotFound
+from coordinator.errors import Conflict, InsufficientKudos, NotFound, WorkerPaused
 from coordinator.ledger import balance, post_entry
 from coordinator.schema import accounts, jobs, ledger_entries, migrate, postings, results, workers
 from protocol.params import ImageParams
@@ -30,8 +31,9 @@ from protocol.signing import params_hash
 
 __all__ = ["Account", "Job", "ResultRecord", "Store", "Worker", "hash_secret"]
 
-GRANTS = "system:grants"
-ESCROW = "system:escrow"
+GRANTS = trust.GRANTS
+ESCROW = trust.ESCROW
+VERIFICATION = trust.VERIFICATION
 ANONYMOUS = "anonymous"
 UNBOUNDED_FLOOR = -(2**62)
 
@@ -59,6 +61,9 @@ class Worker:
     name: str
     public_key: str
     account_id: int
+    trusted: bool = False
+    paused: bool = False
+    pause_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,10 @@ class Job:
     step: int
     steps_total: int
     error: str | None
+    leased_at: float | None = None
+    # set on verification jobs: the job this one re-runs
+    verify_of: str | None = None
+    shared: bool = False
 
     @property
     def finished(self) -> bool:
@@ -113,6 +122,21 @@ def _job(row: Row[Any]) -> Job:
         step=row.step,
         steps_total=row.steps_total,
         error=row.error,
+        leased_at=row.leased_at,
+        verify_of=row.verify_of,
+        shared=bool(row.shared),
+    )
+
+
+def _worker(row: Row[Any]) -> Worker:
+    return Worker(
+        id=row.id,
+        name=row.name,
+        public_key=row.public_key,
+        account_id=row.account_id,
+        trusted=bool(row.trusted),
+        paused=bool(row.paused),
+        pause_reason=row.pause_reason,
     )
 
 
@@ -169,10 +193,24 @@ class Store:
     def dialect(self) -> str:
         return self._engine.dialect.name
 
+    @property
+    def engine(self) -> AsyncEngine:
+        """For the store's companion modules (e.g. coordinator.text_store)."""
+        return self._engine
+
+    @property
+    def config(self) -> CoordinatorConfig:
+        return self._config
+
+    def system_account(self, name: str) -> int:
+        """Id of a system account: GRANTS, ESCROW or ANONYMOUS."""
+        return self._system[name]
+
     async def _ensure_system_accounts(self) -> None:
         wanted = {
             GRANTS: ("system", UNBOUNDED_FLOOR),
             ESCROW: ("system", 0),
+            VERIFICATION: ("system", 0),
             ANONYMOUS: ("anonymous", self._config.anonymous_floor),
         }
         for name, (kind, floor) in wanted.items():
@@ -288,12 +326,17 @@ class Store:
                         .returning(accounts.c.id)
                     )
                 ).scalar_one()
-            values = {
+            values: dict[str, Any] = {
                 "name": name,
                 "token_hash": hash_secret(token),
                 "account_id": account_id,
                 "last_seen": now,
             }
+            # Seeded trust (see coordinator.trust); re-registering never removes trust.
+            if public_key in self._config.trusted_workers or (
+                owner is not None and owner.name in self._config.trusted_accounts
+            ):
+                values["trusted"] = 1
             if row is None:
                 worker_id = uuid.uuid4().hex
                 await conn.execute(
@@ -301,10 +344,12 @@ class Store:
                         id=worker_id, public_key=public_key, created_at=now, **values
                     )
                 )
+                await trust.pending_account(conn, worker_id)
             else:
                 worker_id = row.id
                 await conn.execute(update(workers).where(workers.c.id == worker_id).values(values))
-        return Worker(worker_id, name, public_key, account_id), token
+            saved = (await conn.execute(select(workers).where(workers.c.id == worker_id))).one()
+        return _worker(saved), token
 
     async def worker_by_token(self, token: str) -> Worker | None:
         async with self._engine.begin() as conn:
@@ -315,7 +360,7 @@ class Store:
             ).first()
         if row is None:
             return None
-        return Worker(row.id, row.name, row.public_key, row.account_id)
+        return _worker(row)
 
     # --- jobs -------------------------------------------------------------------------
 
@@ -327,7 +372,9 @@ class Store:
         async with self._engine.begin() as conn:
             # Serialise spending per account (PostgreSQL; SQLite already serialises writes).
             await conn.execute(
-                select(accounts.c.id).where(accounts.c.id == account.id).with_for_update()
+                select(accounts.c.id)
+                .where(accounts.c.id == account.id)
+                .with_for_update(key_share=True)
             )
             available = await balance(conn, account.id) - account.floor
             if cost > available:
@@ -368,9 +415,22 @@ class Store:
         return _job(row)
 
     async def get_job(self, job_id: str) -> Job | None:
+        """The image job with this id (None for no job, or a job of another kind)."""
+        async with self._engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    select(jobs).where((jobs.c.id == job_id) & (jobs.c.kind == "image"))
+                )
+            ).first()
+        return _job(row) if row else None
+
+    async def queue_info(self, job_id: str) -> tuple[int | None, float | None]:
+        """(queue position, ETA seconds) of any job; see coordinator.queue for the method."""
         async with self._engine.begin() as conn:
             row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
-        return _job(row) if row else None
+            if row is None:
+                return None, None
+            return await queue.queue_info(conn, self._config, row)
 
     @staticmethod
     def _queue_order() -> list[Any]:
@@ -386,30 +446,52 @@ class Store:
             jobs.c.id.asc(),
         ]
 
+    def queue_order(self) -> list[Any]:
+        """Approximate ORDER BY clauses of the queue (no aging). Prefer
+        `coordinator.queue.ranked`, which applies the real order of protocol.priority."""
+        return self._queue_order()
+
     async def queue_position(self, job_id: str) -> int | None:
         """0 = next to be popped; None when the job is not queued."""
-        query = select(jobs.c.id).where(jobs.c.state == "queued").order_by(*self._queue_order())
-        async with self._engine.begin() as conn:
-            ids = (await conn.execute(query)).scalars().all()
-        try:
-            return ids.index(job_id)
-        except ValueError:
-            return None
+        return (await self.queue_info(job_id))[0]
 
     async def pop_job(
         self, worker: Worker, models: Sequence[str], max_pixels: int, max_steps: int
     ) -> Job | None:
-        """Lease the highest-priority queued job that fits the worker, if any."""
+        """Lease the best queued job that fits the worker, if any (WorkerPaused if paused).
+
+        Trusted workers take pending spot checks of other workers first; every worker
+        takes its owner's own jobs before others'; then the order of protocol.priority.
+        """
         fits = (
-            (jobs.c.state == "queued")
-            & (jobs.c.kind == "image")
+            (jobs.c.kind == "image")
             & (jobs.c.pixels <= max_pixels)
             & (jobs.c.steps <= max_steps)
             & (jobs.c.model.is_(None) | jobs.c.model.in_(list(models)))
         )
-        query = select(jobs.c.id, jobs.c.lease_seconds).where(fits).order_by(*self._queue_order())
         async with self._engine.begin() as conn:
-            for job_id, lease_seconds in (await conn.execute(query.limit(8))).all():
+            me = (await conn.execute(select(workers).where(workers.c.id == worker.id))).one()
+            if me.paused:
+                raise WorkerPaused(
+                    f"worker {me.name} is paused: {me.pause_reason}; "
+                    "ask the coordinator's operator to review it"
+                )
+            candidates: list[str] = []
+            if me.trusted:
+                original = jobs.alias("original")
+                checks = (
+                    select(jobs.c.id)
+                    .join(original, original.c.id == jobs.c.verify_of)
+                    .where((jobs.c.state == "queued") & fits & (original.c.worker_id != worker.id))
+                    .order_by(jobs.c.created_at)
+                    .limit(4)
+                )
+                candidates += list((await conn.execute(checks)).scalars().all())
+            best = await queue.ranked(
+                conn, self._config, fits & jobs.c.verify_of.is_(None), owner=worker.account_id
+            )
+            candidates += [row.id for row in best[:8]]
+            for job_id in candidates:
                 now = time.time()
                 taken = await conn.execute(
                     update(jobs)
@@ -417,7 +499,8 @@ class Store:
                     .values(
                         state="leased",
                         worker_id=worker.id,
-                        lease_deadline=now + lease_seconds,
+                        lease_deadline=now + jobs.c.lease_seconds,
+                        leased_at=now,
                         image=0,
                         step=0,
                     )
@@ -429,6 +512,11 @@ class Store:
                     row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
                     return _job(row)
         return None
+
+    async def record_poll(self, worker: Worker) -> int:
+        """A worker asked for work: keep its uptime stretch, pay uptime kudos when due."""
+        async with self._engine.begin() as conn:
+            return await trust.record_poll(conn, self._config, worker.id, time.time())
 
     def _leased_to(self, worker: Worker, job_id: str) -> Any:
         return (jobs.c.id == job_id) & (jobs.c.state == "leased") & (jobs.c.worker_id == worker.id)
@@ -464,12 +552,28 @@ class Store:
         return _job(row)
 
     async def complete_job(self, worker: Worker, job: Job, images: list[ResultRecord]) -> int:
-        """Mark done, store result rows and pay the worker, in one transaction."""
+        """Mark done, store result rows and pay the worker, in one transaction; returns
+        the kudos earned (paid now plus held pending)."""
+        paid, held = await self.finish_job(worker, job, images)
+        return paid + held
+
+    async def finish_job(
+        self,
+        worker: Worker,
+        job: Job,
+        images: list[ResultRecord],
+        check_agrees: bool | None = None,
+    ) -> tuple[int, int]:
+        """Complete a leased job in one transaction: state, results, payment (part held
+        while the worker is untrusted), speed check and maybe a spot check. For a
+        verification job pass `check_agrees`: whether its images match the original's.
+        Returns (kudos paid now, kudos held pending)."""
+        now = time.time()
         async with self._engine.begin() as conn:
             done = await conn.execute(
                 update(jobs)
                 .where(self._leased_to(worker, job.id))
-                .values(state="done", finished_at=time.time(), lease_deadline=None)
+                .values(state="done", finished_at=now, lease_deadline=None)
             )
             if done.rowcount != 1:
                 raise await self._not_leased(conn, worker, job.id)
@@ -487,14 +591,100 @@ class Store:
                     for image in images
                 ],
             )
-            await post_entry(
-                conn,
-                reason="settle",
-                key=f"settle:{job.id}",
-                job_id=job.id,
-                moves=[(self._system[ESCROW], -job.cost), (worker.account_id, job.cost)],
+            await conn.execute(
+                update(workers)
+                .where(workers.c.id == worker.id)
+                .values(jobs_done=workers.c.jobs_done + 1, last_seen=now)
             )
-        return job.cost
+            row = (await conn.execute(select(jobs).where(jobs.c.id == job.id))).one()
+            if row.verify_of is not None:
+                if check_agrees is None:
+                    raise ValueError(f"job {job.id} is a spot check: pass check_agrees")
+                return await trust.record_check(
+                    conn,
+                    self._config,
+                    row,
+                    worker.id,
+                    worker.account_id,
+                    check_agrees,
+                    [(image.index, image.sha256, image.signature) for image in images],
+                )
+            paid, held = await trust.pay_worker(
+                conn,
+                self._config,
+                worker.id,
+                worker.account_id,
+                job.cost,
+                job.id,
+                f"settle:{job.id}",
+            )
+            await trust.after_result(
+                conn, self._config, worker.id, row, now, self._system[VERIFICATION]
+            )
+        return paid, held
+
+    async def original_results(self, job: Job) -> list[ResultRecord]:
+        """For a verification job: the results of the job it re-runs."""
+        if job.verify_of is None:
+            return []
+        return await self.results(job.verify_of)
+
+    async def cancel_job(self, job_id: str) -> int:
+        """Cancel a queued or running job and refund its reserved kudos, in one
+        transaction; returns the kudos refunded. A worker holding the lease gets 409 later."""
+        async with self._engine.begin() as conn:
+            row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
+            if row is None:
+                raise NotFound(f"no job {job_id}")
+            changed = await conn.execute(
+                update(jobs)
+                .where((jobs.c.id == job_id) & jobs.c.state.in_(("queued", "leased")))
+                .values(
+                    state="cancelled",
+                    finished_at=time.time(),
+                    lease_deadline=None,
+                    error="cancelled by the requester",
+                )
+            )
+            if changed.rowcount != 1:
+                raise Conflict(f"job {job_id} is already {row.state}; nothing to cancel")
+            # What is still in escrow for the job (a text job may have settled a part).
+            held = (
+                await conn.execute(
+                    select(func.coalesce(func.sum(postings.c.amount), 0))
+                    .select_from(postings.join(ledger_entries))
+                    .where(
+                        (ledger_entries.c.job_id == job_id)
+                        & (postings.c.account_id == self._system[ESCROW])
+                    )
+                )
+            ).scalar_one()
+            refund = int(held)
+            if refund > 0:
+                await post_entry(
+                    conn,
+                    reason="refund",
+                    key=f"refund:{job_id}",
+                    job_id=job_id,
+                    moves=[(self._system[ESCROW], -refund), (row.account_id, refund)],
+                )
+        return refund
+
+    async def set_shared(self, job_id: str, shared: bool) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(jobs).where(jobs.c.id == job_id).values(shared=1 if shared else 0)
+            )
+
+    async def set_engine(self, worker: Worker, engine_json: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(workers).where(workers.c.id == worker.id).values(engine=engine_json)
+            )
+
+    async def worker_row(self, worker_id: str) -> Row[Any] | None:
+        async with self._engine.begin() as conn:
+            return (await conn.execute(select(workers).where(workers.c.id == worker_id))).first()
 
     async def _requeue_or_fail(self, conn: AsyncConnection, row: Row[Any], reason: str) -> None:
         """Give a leased job back to the queue, or fail and refund it after max attempts."""
@@ -514,7 +704,7 @@ class Store:
                     lease_deadline=None,
                 )
             )
-            if changed.rowcount == 1:
+            if changed.rowcount == 1 and row.cost > 0:
                 await post_entry(
                     conn,
                     reason="refund",

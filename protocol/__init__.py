@@ -7,6 +7,7 @@ Pure: no I/O, no torch; every other package imports it and it imports none of th
     messages.py    request/response models of the HTTP API
     validation.py  pydantic errors -> (field, fix) messages
     cost.py        kudos cost formulas
+    priority.py    queue order: kudos head start, aging, owner first
     signing.py     Ed25519 identities, canonical JSON, what gets signed
     infotext.py    the AUTOMATIC1111 `parameters` text stored in PNGs
     errors.py      ProtocolError and its subclasses

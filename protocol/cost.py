@@ -7,7 +7,15 @@ import math
 from protocol.params import ImageParams
 from protocol.samplers import sampler_factor
 
-__all__ = ["KUDOS_PER_REFERENCE_IMAGE", "REFERENCE_PIXELS", "REFERENCE_STEPS", "image_cost"]
+__all__ = [
+    "BLOCK_TOKENS_PER_KUDO_AT_1B",
+    "KUDOS_PER_REFERENCE_IMAGE",
+    "REFERENCE_PIXELS",
+    "REFERENCE_STEPS",
+    "image_cost",
+    "text_cost",
+    "text_work",
+]
 
 # A 512x512 image with 20 single-evaluation steps costs 10 kudos.
 REFERENCE_PIXELS = 512 * 512
@@ -20,3 +28,21 @@ def image_cost(params: ImageParams) -> int:
     work = params.pixels * params.steps * sampler_factor(params.sampler) * params.n
     reference = REFERENCE_PIXELS * REFERENCE_STEPS
     return max(1, math.ceil(work * KUDOS_PER_REFERENCE_IMAGE / reference))
+
+
+# A block-token is one token through one transformer block. For a model of 1 billion
+# parameters, 4000 block-tokens cost 1 kudo, so a 200-token reply of a 7B model with 32
+# blocks costs about 12 kudos -- close to one 512x512 image.
+BLOCK_TOKENS_PER_KUDO_AT_1B = 4000
+MIN_MODEL_BILLIONS = 0.1
+
+
+def text_work(tokens: int, blocks: int, parameters: int) -> float:
+    """Kudos-weighted work of running `tokens` tokens through `blocks` blocks of a model."""
+    billions = max(parameters / 1e9, MIN_MODEL_BILLIONS)
+    return tokens * blocks * billions / BLOCK_TOKENS_PER_KUDO_AT_1B
+
+
+def text_cost(tokens: int, blocks: int, parameters: int) -> int:
+    """Kudos for a text job: tokens x blocks x model size (billions), at least 1."""
+    return max(1, math.ceil(text_work(tokens, blocks, parameters)))

@@ -16,13 +16,17 @@ __all__ = [
     "AccountCreate",
     "AccountCreated",
     "AccountInfo",
+    "EngineInfo",
     "ErrorBody",
     "ErrorDetail",
     "FailureReport",
     "FieldProblem",
     "Health",
+    "HistoryEntry",
+    "HistoryPage",
     "ImageInfo",
     "ImageJobCreated",
+    "JobCancelled",
     "JobState",
     "JobStatus",
     "LeaseExtended",
@@ -30,9 +34,17 @@ __all__ = [
     "PopRequest",
     "PopResponse",
     "ProgressReport",
+    "Quote",
+    "RatingCreate",
+    "RatingRecorded",
     "ResultAccepted",
     "ResultSubmit",
+    "ShareState",
+    "ShareUpdate",
     "SubmittedImage",
+    "TransferCreate",
+    "TransferDone",
+    "WorkerInfo",
     "WorkerRegister",
     "WorkerRegistered",
 ]
@@ -68,7 +80,48 @@ class AccountCreated(_Response):
 
 class AccountInfo(_Response):
     name: str
-    kudos: int
+    kudos: int = Field(description="balance: the sum of the account's ledger postings")
+    available: int = Field(default=0, description="what can be spent now: kudos - floor")
+    reserved: int = Field(default=0, description="held in escrow for queued and running jobs")
+    earned: int = Field(
+        default=0, description="from serving jobs, uptime, ratings and released trust holds"
+    )
+    pending: int = Field(
+        default=0, description="earnings of the account's untrusted workers held until verified"
+    )
+    spent: int = Field(default=0, description="paid for finished jobs")
+    granted: int = Field(default=0, description="from the network's grants (new account)")
+    transferred_in: int = 0
+    transferred_out: int = 0
+
+
+class HistoryEntry(_Response):
+    id: int = Field(description="ledger entry id; ids increase with time")
+    at: float = Field(description="unix seconds")
+    reason: str = Field(
+        description="grant | reserve | settle | refund | transfer | rating | uptime | "
+        "release | forfeit | verify"
+    )
+    job_id: str | None = None
+    amount: int = Field(description="change of this account's balance (negative = out)")
+    counterparties: list[str] = Field(description="the other accounts of the entry, by name")
+
+
+class HistoryPage(_Response):
+    entries: list[HistoryEntry]
+    next_before: int | None = Field(description="pass as ?before= for older entries; null = end")
+
+
+class TransferCreate(_Request):
+    to: str = Field(pattern=NAME_PATTERN, description="the receiving account's name")
+    amount: int = Field(ge=1, le=10**12, description="whole kudos")
+
+
+class TransferDone(_Response):
+    id: int = Field(description="the ledger entry of the transfer")
+    to: str
+    amount: int
+    idempotency_key: str
 
 
 # --- image jobs -----------------------------------------------------------------------
@@ -81,6 +134,48 @@ class ImageJobCreated(_Response):
     kudos_cost: int
     seed: int
     queue_position: int | None
+    eta_seconds: float | None = Field(default=None, description="null when unknown")
+
+
+class Quote(_Response):
+    kudos_cost: int
+    balance: int = Field(description="the caller's balance (the shared one when anonymous)")
+    available: int = Field(description="what the caller can spend now: balance - floor")
+    affordable: bool
+    anonymous: bool
+    queue_length: int = Field(description="jobs of this kind waiting now")
+    queue_position: int = Field(description="where the job would enter the queue (0 = next)")
+    eta_seconds: float | None = Field(
+        description="estimated seconds until it would finish; null without recent throughput"
+    )
+
+
+class JobCancelled(_Response):
+    id: str
+    state: JobState
+    refunded: int
+
+
+class ShareUpdate(_Request):
+    shared: bool = Field(default=True, description="let any registered user see and rate it")
+
+
+class ShareState(_Response):
+    id: str
+    shared: bool
+
+
+class RatingCreate(_Request):
+    score: int = Field(ge=1, le=10, description="1 (bad) to 10 (excellent)")
+
+
+class RatingRecorded(_Response):
+    job_id: str
+    index: int
+    score: int
+    kudos_earned: int = Field(description="0 once the rater's daily rating rewards are used up")
+    rating: float = Field(description="the image's mean score")
+    ratings: int
 
 
 class ImageInfo(_Response):
@@ -88,6 +183,8 @@ class ImageInfo(_Response):
     seed: int
     sha256: str
     url: str
+    rating: float | None = Field(default=None, description="mean score, null if unrated")
+    ratings: int = 0
 
 
 class JobStatus(_Response):
@@ -104,6 +201,10 @@ class JobStatus(_Response):
     attempts: int = 0
     error: str | None = None
     images: list[ImageInfo] = []
+    eta_seconds: float | None = Field(
+        default=None, description="estimated seconds until done; null when unknown or finished"
+    )
+    shared: bool = False
 
     @property
     def finished(self) -> bool:
@@ -123,6 +224,34 @@ class WorkerRegister(_Request):
 class WorkerRegistered(_Response):
     worker_id: str
     token: str = Field(description="send as X-Worker-Token on worker calls")
+
+
+class EngineInfo(_Request):
+    """The engine build a worker runs: spot checks demand identical pixels only between
+    workers whose builds match."""
+
+    engine: str = Field(min_length=1, max_length=64, description="e.g. 'diffusers'")
+    versions: dict[str, str] = Field(
+        default={}, max_length=16, description="package -> version, e.g. torch, diffusers"
+    )
+    device: str = Field(default="cpu", max_length=64, description="e.g. 'cpu', 'cuda:NVIDIA L4'")
+    dtype: str = Field(default="float32", max_length=32)
+
+
+class WorkerInfo(_Response):
+    id: str
+    name: str
+    trusted: bool
+    paused: bool
+    pause_reason: str | None = None
+    suspicion: int
+    checks_passed: int
+    checks_failed: int
+    jobs_done: int
+    rating: float | None = Field(description="mean score of the images it made")
+    ratings: int
+    engine: EngineInfo | None
+    last_seen: float
 
 
 class PopRequest(_Request):
@@ -164,7 +293,10 @@ class ResultSubmit(_Request):
 
 class ResultAccepted(_Response):
     id: str
-    kudos_earned: int
+    kudos_earned: int = Field(description="paid to the worker's account now")
+    kudos_held: int = Field(
+        default=0, description="held pending until the (untrusted) worker passes a spot check"
+    )
 
 
 class FailureReport(_Request):

@@ -19,14 +19,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from protocol.errors import SignatureInvalid
 from protocol.params import ImageParams
+from protocol.text import TextParams
 
 __all__ = [
     "Identity",
     "canonical_json",
     "params_hash",
+    "peer_link_message",
     "registration_message",
     "result_message",
     "sha256_hex",
+    "text_result_message",
     "verify",
 ]
 
@@ -40,7 +43,7 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def params_hash(params: ImageParams) -> str:
+def params_hash(params: ImageParams | TextParams) -> str:
     """Hash of the exact parameters a worker was given (seed included)."""
     return sha256_hex(canonical_json(params.model_dump(mode="json")))
 
@@ -54,6 +57,28 @@ def result_message(job_id: str, params_digest: str, image_digest: str) -> bytes:
             "params": params_digest,
             "image": image_digest,
         }
+    )
+
+
+def text_result_message(
+    job_id: str, params_digest: str, text: str, spans: list[dict[str, Any]]
+) -> bytes:
+    """What a text gateway signs: the job, its exact parameters, the text and who served it."""
+    return canonical_json(
+        {
+            "domain": "idlegrid/text-result/v1",
+            "job": job_id,
+            "params": params_digest,
+            "text": sha256_hex(text.encode()),
+            "spans": spans,
+        }
+    )
+
+
+def peer_link_message(public_key: str, peer_id: str, timestamp: int) -> bytes:
+    """What a block server signs to link its hivemind peer id to its worker identity."""
+    return canonical_json(
+        {"domain": "idlegrid/peer/v1", "public_key": public_key, "peer": peer_id, "ts": timestamp}
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from protocol.params import MAX_STEPS
 
-__all__ = ["ImageWorkerConfig"]
+__all__ = ["GatewayConfig", "ImageWorkerConfig"]
 
 
 @dataclass(frozen=True)
@@ -41,3 +41,33 @@ class ImageWorkerConfig:
     pop_wait: float = 10.0
     # at most one progress report per this many seconds (the last step is never sent)
     progress_interval: float = 0.25
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The text gateway's one configuration object. Only `worker.gateway_main` builds it."""
+
+    # coordinator base URL
+    coordinator: str
+    # local model folder: config, tokenizer and safetensors (only the head is loaded)
+    model: Path
+    # the model name offered to the coordinator and looked up in the DHT
+    model_name: str
+    # the gateway's display name
+    name: str
+    # the Ed25519 identity file (created on first start)
+    identity_file: Path
+    # multiaddrs of swarm peers to join through
+    initial_peers: tuple[str, ...]
+    # where this gateway's own DHT node listens
+    host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    # the owner's API key: the gateway's share goes to that account
+    api_key: str | None = None
+    # torch threads for the embeddings and LM head (None = torch's default)
+    threads: int | None = None
+    # context length offered to the coordinator (None = the model's max_position_embeddings)
+    max_context: int | None = None
+    # long-poll length when asking for work
+    pop_wait: float = 10.0
+    # at most one post of streamed text per this many seconds
+    stream_interval: float = 0.05

@@ -1,13 +1,19 @@
 """Errors raised by the worker.
 
     WorkerError                 base of every error the worker raises on purpose
-    └── ModelError              the `--model` the operator gave cannot be used
-        ├── UnsafeWeights       pickle-based weights (.ckpt, .bin, .pt, ...): never loaded
-        ├── ModelNotFound       no usable model at that path, or not a model at all
-        └── ModelConfigMissing  a single-file checkpoint without `--model-config DIR`
+    ├── ModelError              the `--model` the operator gave cannot be used
+    │   ├── UnsafeWeights       pickle-based weights (.ckpt, .bin, .pt, ...): never loaded
+    │   ├── ModelNotFound       no usable model at that path, or not a model at all
+    │   ├── ModelConfigMissing  a single-file checkpoint without `--model-config DIR`
+    │   └── UnsupportedArchitecture  an LLM family we do not serve (names the supported)
+    ├── InvalidGenerationInput  bad sampling parameters (names the field)
     ├── CoordinatorUnavailable  the coordinator cannot be reached or failed (retry later)
     ├── CoordinatorRejected     the coordinator refused a request (4xx): fix the request
-    └── LeaseLost               the job is no longer leased to us (409): drop it
+    ├── LeaseLost               the job is no longer leased to us (409): drop it
+    └── SwarmError              the LLM swarm (worker/swarm/)
+        ├── MissingBlocks       no reachable server serves some blocks (retry later)
+        ├── ServerFailed        one server failed or refused; the client routes around it
+        └── SwarmStepFailed     a step still failed after the client's retry budget
 
 The model errors are the operator's to fix; each message names the value and the fix.
 """
@@ -60,3 +66,67 @@ class CoordinatorRejected(WorkerError):
 
 class LeaseLost(WorkerError):
     """The job is no longer leased to this worker (expired and given to another)."""
+
+
+# -- LLM gateway (worker/lm_head.py, worker/generation.py, worker/chat_format.py) ----------
+#
+#     ModelError
+#     └── UnsupportedArchitecture  config.json names a model family the LLM code cannot run
+#     InvalidGenerationInput       the requester's messages, prompt or sampling parameters
+#                                  are invalid (bad input: do not retry unchanged)
+
+
+class UnsupportedArchitecture(ModelError):
+    """The model's `model_type` is not one the LLM gateway and block servers can run."""
+
+
+class InvalidGenerationInput(WorkerError):
+    """A generation request is invalid; `field` names the bad value, e.g. `messages[2].role`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+__all__ += ["InvalidGenerationInput", "UnsupportedArchitecture"]
+
+
+# -- LLM swarm (worker/swarm/) ----------------------------------------------------------
+
+
+class SwarmError(WorkerError):
+    """Base class of the LLM swarm's errors."""
+
+
+class MissingBlocks(SwarmError):
+    """No reachable server serves some blocks of the model; `ranges` lists them."""
+
+    def __init__(self, model: str, ranges: list[tuple[int, int]]) -> None:
+        spans = ", ".join(f"{start}:{end}" for start, end in ranges)
+        what = f"blocks {spans} of model {model}" if ranges else f"any blocks of model {model}"
+        super().__init__(
+            f"no server serves {what}; "
+            "start a block server for them (`idlegrid worker blocks`) or retry later"
+        )
+        self.model = model
+        self.ranges = ranges
+
+
+class ServerFailed(SwarmError):
+    """A block server failed, timed out or refused a request.
+
+    `code` is the server's reason when it answered ("busy": its cache is full, "idle": it
+    closed an idle session, "bad_request": we sent something wrong), else "failed".
+    """
+
+    def __init__(self, peer_id: str, message: str, code: str = "failed") -> None:
+        super().__init__(f"block server {peer_id}: {message}")
+        self.peer_id = peer_id
+        self.code = code
+
+
+class SwarmStepFailed(SwarmError):
+    """A step kept failing on every route the client tried within its retry budget."""
+
+
+__all__ += ["MissingBlocks", "ServerFailed", "SwarmError", "SwarmStepFailed"]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from protocol.messages import LeasedJob
@@ -59,7 +61,9 @@ class ImageWorker:
         while True:
             try:
                 return await make_call()
-            except CoordinatorUnavailable as exc:
+            except (CoordinatorUnavailable, CoordinatorRejected) as exc:
+                if isinstance(exc, CoordinatorRejected) and exc.status != 429:
+                    raise
                 delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
                 attempt += 1
                 log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
@@ -69,6 +73,10 @@ class ImageWorker:
         """Serve until cancelled."""
         registered = await self._retrying("register", self.link.register)
         log.info("registered as worker %s", registered.worker_id)
+        try:
+            await self.link.report_engine(engine_info())
+        except (CoordinatorRejected, CoordinatorUnavailable) as exc:
+            log.warning("could not report the engine build (spot checks will be lenient): %s", exc)
         print(
             f"idlegrid image worker {self.config.name} ready: model {self.config.model_name}, "
             f"worker id {registered.worker_id}",
@@ -80,6 +88,8 @@ class ImageWorker:
                     "pop", lambda: self.link.pop(self.capabilities, self.config.pop_wait)
                 )
             except CoordinatorRejected as exc:
+                if exc.status == 403:
+                    log.error("the coordinator gives this worker no jobs: %s", exc)
                 if exc.status != 401:
                     raise
                 log.warning("coordinator forgot our token; registering again")
@@ -152,3 +162,34 @@ class ImageWorker:
         except (CoordinatorUnavailable, LeaseLost, CoordinatorRejected, TimeoutError) as exc:
             # The lease will expire on its own and the job will be requeued then.
             log.warning("could not give job %s back: %s", job.id, exc)
+
+
+def _nvidia_gpu() -> str | None:
+    """The first NVIDIA GPU's model, from the driver's /proc files (no torch import)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    try:
+        for info in sorted(gpus.glob("*/information")):
+            for line in info.read_text().splitlines():
+                if line.startswith("Model:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def engine_info() -> dict[str, Any]:
+    """The engine build as spot checks compare it: package versions, device, dtype.
+
+    The engine runs on CUDA when torch is a CUDA build and a GPU is present (see
+    worker.image_engine); both are read here without importing torch.
+    """
+    versions = {}
+    for package in ("torch", "diffusers", "transformers", "numpy", "pillow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    gpu = _nvidia_gpu()
+    cuda_build = "+cu" in versions.get("torch", "")
+    device = f"cuda:{gpu}" if gpu and cuda_build else "cpu"
+    return {"engine": "diffusers", "versions": versions, "device": device, "dtype": "float32"}

@@ -20,7 +20,23 @@ from protocol.messages import (
     ResultAccepted,
     WorkerRegistered,
 )
-from protocol.signing import Identity, registration_message, result_message, sha256_hex
+from protocol.signing import (
+    Identity,
+    peer_link_message,
+    registration_message,
+    result_message,
+    sha256_hex,
+    text_result_message,
+)
+from protocol.text import (
+    LeasedTextJob,
+    PeerLinked,
+    TextDeltaAccepted,
+    TextModel,
+    TextPopResponse,
+    TextResultAccepted,
+    TextStatus,
+)
 from worker.errors import CoordinatorRejected, CoordinatorUnavailable, LeaseLost
 
 __all__ = ["Capabilities", "CoordinatorLink"]
@@ -126,6 +142,56 @@ class CoordinatorLink:
 
     async def fail(self, job_id: str, reason: str) -> JobStatus:
         return await self._call(f"/api/v1/jobs/{job_id}/fail", {"reason": reason[:500]}, JobStatus)
+
+    # --- block servers and text gateways ------------------------------------------------
+
+    async def link_peer(self, peer_id: str) -> PeerLinked:
+        """Link this block server's hivemind peer id to the registered worker identity."""
+        now = int(time.time())
+        message = peer_link_message(self._identity.public_key, peer_id, now)
+        body = {"peer_id": peer_id, "timestamp": now, "signature": self._identity.sign(message)}
+        return await self._call("/api/v1/workers/peers", body, PeerLinked)
+
+    async def pop_text(self, models: list[TextModel], wait: float) -> LeasedTextJob | None:
+        body = {"models": [m.model_dump() for m in models], "wait": wait}
+        response = await self._call("/api/v1/text/pop", body, TextPopResponse, seconds=wait + 30)
+        return response.job
+
+    async def text_delta(self, job_id: str, offset: int, text: str) -> TextDeltaAccepted:
+        body = {"offset": offset, "text": text}
+        return await self._call(f"/api/v1/text/jobs/{job_id}/delta", body, TextDeltaAccepted)
+
+    async def submit_text(
+        self,
+        job: LeasedTextJob,
+        text: str,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        spans: list[dict[str, Any]],
+    ) -> TextResultAccepted:
+        message = text_result_message(job.id, job.params_hash, text, spans)
+        body = {
+            "text": text,
+            "finish_reason": finish_reason,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "spans": spans,
+            "signature": self._identity.sign(message),
+        }
+        return await self._call(f"/api/v1/text/jobs/{job.id}/result", body, TextResultAccepted)
+
+    async def fail_text(self, job_id: str, reason: str, retry: bool) -> TextStatus:
+        body = {"reason": reason[:500], "retry": retry}
+        return await self._call(f"/api/v1/text/jobs/{job_id}/fail", body, TextStatus)
+
+    async def report_engine(self, engine: dict[str, Any]) -> None:
+        """Tell the coordinator which engine build this worker runs (for spot checks)."""
+        await self._call("/api/v1/workers/engine", engine, _Ignored)
+
+
+class _Ignored(BaseModel):
+    pass
 
 
 def _message(text: str) -> str:

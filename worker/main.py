@@ -16,6 +16,9 @@ import socket
 import sys
 from pathlib import Path
 
+from worker.blocks_main import add_blocks_command
+from worker.gateway_main import add_gateway_command
+
 __all__ = ["register_commands"]
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,8 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     )
     image.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     image.set_defaults(run=_run_image_worker)
+    add_blocks_command(kinds)
+    add_gateway_command(kinds, _default_name(), _data_home())
 
     models = subparsers.add_parser("models", help="build or inspect models")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +13,10 @@ import pytest
 
 from client.cli import main
 from client.credentials import Credentials
+from client.sdk import AsyncClient
+from protocol.params import ImageParams
+from tests.conftest import LiveApp
+from tests.fakes import CAPS, FakeWorker, png
 
 
 def _idlegrid(*args: str) -> subprocess.CompletedProcess[str]:
@@ -62,3 +69,66 @@ def test_credentials_file_is_private(tmp_path: Path) -> None:
     creds.save("http://x/", "key-1")
     assert creds.api_key("http://x") == "key-1"
     assert (creds.path.stat().st_mode & 0o777) == 0o600
+
+
+async def _cli(url: str, key: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "IDLEGRID_CREDENTIALS": "/nonexistent/credentials.json"}
+    if key:
+        env["IDLEGRID_API_KEY"] = key
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "client.cli", *args, "--coordinator", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+
+
+async def test_dry_run_quotes_and_submits_nothing(live: LiveApp) -> None:
+    async with AsyncClient(live.url) as anon:
+        key = (await anon.register("alice")).api_key
+    done = await _cli(
+        live.url, key, "generate", "a cat", "--size", "256x256", "--dry-run", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    quote = json.loads(done.stdout)
+    assert (quote["kudos_cost"], quote["balance"], quote["queue_position"]) == (3, 100, 0)
+    text = await _cli(live.url, key, "generate", "a cat", "--size", "256x256", "--dry-run")
+    assert "cost:     3 kudos" in text.stdout and "nothing submitted" in text.stdout
+    assert (await live.store.ledger_audit())["entries"] == 1
+
+
+async def test_account_transfer_history_and_rate_commands(live: LiveApp) -> None:
+    async with AsyncClient(live.url) as anon:
+        alice = (await anon.register("alice")).api_key
+        await anon.register("bob")
+    sent = await _cli(
+        live.url, alice, "account", "transfer", "bob", "5", "--idempotency-key", "gift-1"
+    )
+    assert sent.returncode == 0 and "sent 5 kudos to bob" in sent.stdout, sent.stderr
+    again = await _cli(
+        live.url, alice, "account", "transfer", "bob", "5", "--idempotency-key", "gift-1"
+    )
+    assert again.returncode == 0 and again.stdout == sent.stdout
+    shown = await _cli(live.url, alice, "account", "show", "--json")
+    assert json.loads(shown.stdout)["kudos"] == 95
+    history = await _cli(live.url, alice, "account", "history", "--json")
+    entries = json.loads(history.stdout)["entries"]
+    assert [(e["reason"], e["amount"]) for e in entries] == [("transfer", -5), ("grant", 100)]
+    plain = await _cli(live.url, alice, "account", "history")
+    assert "transfer" in plain.stdout and "(bob)" in plain.stdout
+    async with AsyncClient(live.url, alice) as grid, FakeWorker(live.url) as worker:
+        created = await grid.submit_image(ImageParams(prompt="x", width=256, height=256, seed=1))
+        job = await worker.link.pop(CAPS, wait=5)
+        assert job is not None
+        await worker.link.submit(job, [1], [png(1)])
+        bad = await _cli(live.url, alice, "rate", created.id, "0", "11")
+        assert bad.returncode == 2 and "SCORE" in bad.stderr
+        rated = await _cli(live.url, alice, "rate", created.id, "0", "9")
+        assert rated.returncode == 0 and "rated image 0" in rated.stdout, rated.stderr
+        twice = await _cli(live.url, alice, "rate", created.id, "0", "9")
+        assert twice.returncode == 2 and "already rated" in twice.stderr
+        missing = await _cli(live.url, alice, "rate", created.id, "3", "9")
+        assert missing.returncode == 2 and "index" in missing.stderr

@@ -91,25 +91,27 @@ async def test_richer_requester_is_served_first_and_anonymous_last(store: Store)
     poor = await _user(store, "poor")
     rich = await _user(store, "rich")
     worker = await _worker(store)
-    # make `rich` richer by having their worker earn
     anon = await store.anonymous_account()
     anon_job = await _submit(store, anon)
     poor_job = await _submit(store, poor)
     rich_worker, _ = await store.register_worker("rw", "b" * 64, rich)
     rich_first = await _submit(store, rich)
-    # rich earns 20 by serving a big job from poor
-    # (pop order before that: rich == poor in balance; FIFO puts poor first)
+    # equal balances: first come first served; anonymous last despite being first
+    assert await store.queue_position(poor_job) == 0
+    assert await store.queue_position(rich_first) == 1
     assert await store.queue_position(anon_job) == 2
+    # a worker serves its owner's own jobs first, and its owner earns
     first = await store.pop_job(rich_worker, ["m"], 64 * 64, 10)
-    assert first is not None and first.id == poor_job
+    assert first is not None and first.id == rich_first
     await store.complete_job(rich_worker, first, _records(1))
-    # now rich has more kudos than poor, so rich's next job jumps ahead of poor's next job
+    # now rich (99 after reserving) has more kudos than poor (98), so rich's new job jumps
+    # ahead of poor's older ones
     poor_next = await _submit(store, poor)
     rich_next = await _submit(store, rich)
     order = []
     while (job := await store.pop_job(worker, ["m"], 64 * 64, 10)) is not None:
         order.append(job.id)
-    assert order == [rich_first, rich_next, poor_next, anon_job]
+    assert order == [rich_next, poor_job, poor_next, anon_job]
     await _assert_ledger_consistent(store)
 
 
@@ -175,3 +177,38 @@ async def test_concurrent_pops_lease_each_job_once(store: Store) -> None:
     )
     leased = [job.id for job in popped if job is not None]
     assert sorted(leased) == sorted(jobs)
+
+
+async def test_migration_3_upgrades_an_older_database(store: Store) -> None:
+    from sqlalchemy import delete, inspect, text
+
+    from coordinator.schema import V3_COLUMNS, schema_version
+
+    # Turn the fresh database back into a version-2 one.
+    async with store.engine.begin() as conn:
+        for table, columns in V3_COLUMNS.items():
+            for column in columns:
+                await conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        await conn.execute(text("DROP TABLE ratings"))
+        await conn.execute(text("DROP TABLE request_keys"))
+        await conn.execute(delete(schema_version).where(schema_version.c.version == 3))
+    reopened = await Store.open(store.config)
+    try:
+        async with reopened.engine.begin() as conn:
+
+            def columns(sync: object) -> dict[str, set[str]]:
+                found = inspect(sync)
+                return {t: {c["name"] for c in found.get_columns(t)} for t in V3_COLUMNS}
+
+            present = await conn.run_sync(columns)
+            tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+        for table, wanted in V3_COLUMNS.items():
+            assert set(wanted) <= present[table]
+        assert {"ratings", "request_keys"} <= tables
+        alice = await _user(reopened, "alice")
+        worker = await _worker(reopened)
+        job_id = await _submit(reopened, alice)
+        job = await reopened.pop_job(worker, ["m"], 64 * 64, 10)
+        assert job is not None and job.id == job_id
+    finally:
+        await reopened.aclose()

@@ -1,4 +1,5 @@
-"""Tiny models for the worker's tests, built once per session."""
+"""Tiny model paths for the worker's tests (`tiny_models` comes from tests/conftest.py:
+prebuilt by scripts/test, else built once per session)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.tiny_models import build_tiny_models, write_single_file_checkpoint
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding `sd/` (diffusers folder) and `llm/` (Llama LM)."""
-    root = tmp_path_factory.mktemp("tiny-models")
-    build_tiny_models(root)
-    return root
+from worker.tiny_models import write_single_file_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,178 @@
+"""Greedy generation with the tiny LM: locally vs through two block servers on loopback.
+
+Starts a coordinator and two block servers (real processes, blocks 0:2 and 2:4, one torch
+thread each), then times, in one run and interleaved:
+  local  - the full model in this process: HF forward + DynamicCache, one token per step
+  swarm  - embeddings and LM head here, the decoder blocks on the servers (SwarmClient)
+and prints the median first-token latency (prompt in, first token out, session opening
+included) and tokens per second after it, with ratios against the local baseline.
+
+    .venv/bin/python bench/llm_swarm.py [--runs 5] [--tokens 64] [--prompt 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+# Petals 2.2 on this machine, same model and layout (STACK.md): what to beat by 2x
+PETALS_TOKENS_PER_S = (52, 64)
+PETALS_FIRST_TOKEN_MS = (45, 52)
+
+
+def _wait_line(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(pattern, log.read_text(errors="replace"))
+        if match:
+            return match.group(1)
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited early:\n{log.read_text()}")
+        time.sleep(0.1)
+    raise SystemExit(f"timed out waiting for {pattern!r}:\n{log.read_text()}")
+
+
+Run = Callable[[], Awaitable[tuple[float, float]]]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=64, help="tokens generated per run")
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="idlegrid-bench-"))
+    models = Path(os.environ.get("IDLEGRID_TEST_MODELS") or work / "models")
+    if not (models / "llm" / "config.json").exists():
+        from worker.tiny_models import build_tiny_models
+
+        build_tiny_models(models)
+    cli = [sys.executable, "-m", "client.cli"]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(label: str, command: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
+        log = work / f"{label}.log"
+        proc = subprocess.Popen([*cli, *command], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc, log
+
+    try:
+        proc, log = start(
+            "coordinator",
+            [
+                "coordinator",
+                "--port",
+                "0",
+                "--data-dir",
+                str(work / "data"),
+                "--log-level",
+                "WARNING",
+            ],
+        )
+        url = _wait_line(log, r"listening on (http://\S+)", proc, 60)
+        ready = r"serving blocks \d+:\d+ of \S+ at (\S+)"
+        server = ["worker", "blocks", "--model", str(models / "llm"), "--coordinator", url]
+        server += ["--threads", "1", "--log-level", "WARNING"]
+        proc, log = start(
+            "first",
+            [*server, "--blocks", "0:2", "--new-swarm", "--name", "first",
+             "--identity", str(work / "first.key")],
+        )  # fmt: skip
+        maddr = _wait_line(log, ready, proc, 120)
+        proc, log = start(
+            "second",
+            [*server, "--blocks", "2:4", "--initial-peers", maddr, "--name", "second",
+             "--identity", str(work / "second.key")],
+        )  # fmt: skip
+        _wait_line(log, ready, proc, 120)
+        timings = asyncio.run(_measure(models / "llm", maddr, args))
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    local_first, local_rate = (statistics.median(t) for t in zip(*timings["local"], strict=True))
+    print(
+        f"\ntiny Llama (hidden 64, 4 blocks), greedy, prompt {args.prompt} tokens, "
+        f"{args.tokens} new tokens, {args.runs} runs each, medians, 1 torch thread everywhere"
+    )
+    print(f"| {'path':<34} | {'first token ms':>14} | {'tokens/s':>9} | {'vs local':>8} |")
+    print(f"|{'-' * 36}|{'-' * 16}|{'-' * 11}|{'-' * 10}|")
+    labels = {"local": "local model (baseline)", "swarm": "swarm: 2 servers x 2 blocks"}
+    for name, label in labels.items():
+        first, rate = (statistics.median(t) for t in zip(*timings[name], strict=True))
+        print(f"| {label:<34} | {first * 1000:>14.1f} | {rate:>9.1f} | {rate / local_rate:>8.2f} |")
+    print(
+        f"\nPetals 2.2, same setup (STACK.md): first token {PETALS_FIRST_TOKEN_MS[0]}-"
+        f"{PETALS_FIRST_TOKEN_MS[1]} ms, {PETALS_TOKENS_PER_S[0]}-{PETALS_TOKENS_PER_S[1]} "
+        "tokens/s; target: at most 25 ms and at least 110 tokens/s through the swarm"
+    )
+    return 0
+
+
+async def _measure(
+    llm: Path, maddr: str, args: argparse.Namespace
+) -> dict[str, list[tuple[float, float]]]:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from worker.lm_head import LMHead
+    from worker.swarm.client import SwarmClient, SwarmClientConfig
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(llm).eval()
+    head = LMHead.load(llm)
+    prompt = torch.arange(3, 3 + args.prompt)[None]
+
+    async def local() -> tuple[float, float]:
+        began = time.perf_counter()
+        cache = DynamicCache()
+        with torch.inference_mode():
+            token = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+            first = time.perf_counter() - began
+            began = time.perf_counter()
+            for _ in range(args.tokens - 1):
+                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        return first, (args.tokens - 1) / (time.perf_counter() - began)
+
+    client = await SwarmClient.create(SwarmClientConfig(model_name="llm", initial_peers=(maddr,)))
+
+    async def swarm() -> tuple[float, float]:
+        began = time.perf_counter()
+        async with client.session(args.prompt + args.tokens) as session:
+            hidden = await session.step(head.embed(prompt))
+            token = head.logits(hidden[:, -1:]).argmax(-1)
+            first = time.perf_counter() - began
+            began = time.perf_counter()
+            for _ in range(args.tokens - 1):
+                hidden = await session.step(head.embed(token))
+                token = head.logits(hidden).argmax(-1)
+            return first, (args.tokens - 1) / (time.perf_counter() - began)
+
+    runs: dict[str, Run] = {"local": local, "swarm": swarm}
+    timings: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    try:
+        for run in (local, swarm, local, swarm):  # warm-up
+            await run()
+        for _ in range(args.runs):  # interleaved, so drift hits both alike
+            for name, run in runs.items():
+                timings[name].append(await run())
+    finally:
+        await client.aclose()
+    return timings
+
+
+if __name__ == "__main__":
+    sys.exit(main())

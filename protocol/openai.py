@@ -1,0 +1,168 @@
+"""The OpenAI-compatible subset: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+Requests accept what OpenAI clients send for plain text generation and refuse, by name,
+what we do not do (tools, several choices, logprobs...), instead of silently ignoring it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from protocol.params import MAX_SEED
+from protocol.text import MAX_MESSAGES, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, ChatMessage, TextParams
+
+__all__ = [
+    "ChatCompletion",
+    "ChatCompletionRequest",
+    "Completion",
+    "CompletionRequest",
+    "ModelList",
+    "OpenAIModel",
+    "Usage",
+]
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class OpenAIMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(description="text, or a list of text parts")
+    name: str | None = Field(default=None, max_length=64)
+
+    def as_chat(self) -> ChatMessage:
+        content = (
+            self.content
+            if isinstance(self.content, str)
+            else "".join(part.text for part in self.content)
+        )
+        role = "system" if self.role == "developer" else self.role
+        return ChatMessage(role=role, content=content)
+
+
+class _Sampling(_Request):
+    model: str = Field(min_length=1, max_length=128)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = Field(default=None)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    user: str | None = Field(default=None, max_length=256)
+    # extensions (vLLM and others accept the same names)
+    top_k: int | None = Field(default=None, ge=0, le=1000)
+    repetition_penalty: float | None = Field(default=None, ge=0.5, le=2.0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        for stop in stops:
+            if not 1 <= len(stop) <= 64:
+                raise ValueError("each stop sequence must be 1-64 characters")
+        return value
+
+    def _text_params(self, **inputs: Any) -> TextParams:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        values: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": self.max_tokens or DEFAULT_MAX_TOKENS,
+            "stop": stops,
+            "seed": self.seed,
+            **inputs,
+        }
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = float(value) if name != "top_k" else value
+        return TextParams(**values)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+
+    def text_params(self) -> TextParams:
+        params = self._text_params(messages=[m.as_chat() for m in self.messages])
+        if self.max_completion_tokens is not None:
+            params = params.model_copy(update={"max_tokens": self.max_completion_tokens})
+        return params
+
+
+class CompletionRequest(_Sampling):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+    def text_params(self) -> TextParams:
+        return self._text_params(prompt=self.prompt)
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletion(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(_Response):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Completion(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class OpenAIModel(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "idlegrid"
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]

@@ -1,0 +1,125 @@
+"""`idlegrid worker gateway ...`: flags and start-up of the text gateway."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+__all__ = ["add_gateway_command"]
+
+log = logging.getLogger(__name__)
+
+
+def add_gateway_command(
+    kinds: argparse._SubParsersAction[argparse.ArgumentParser], default_name: str, data_home: Path
+) -> None:
+    gateway = kinds.add_parser(
+        "gateway",
+        help="serve chat and completion jobs by driving generation through the swarm",
+        description="Pop text jobs from a coordinator and generate them through block "
+        "servers found in the swarm; holds only the model's embeddings and LM head.",
+    )
+    gateway.add_argument("--coordinator", required=True, help="coordinator URL")
+    gateway.add_argument(
+        "--model", required=True, type=Path, help="local model folder (config, tokenizer, weights)"
+    )
+    gateway.add_argument("--model-name", help="model name in the swarm (default: folder name)")
+    gateway.add_argument(
+        "--initial-peers",
+        nargs="+",
+        required=True,
+        metavar="MADDR",
+        help="multiaddrs of swarm peers, e.g. the ones block servers print",
+    )
+    gateway.add_argument(
+        "--host-maddr",
+        nargs="+",
+        default=["/ip4/127.0.0.1/tcp/0"],
+        metavar="MADDR",
+        help="where this gateway's DHT node listens (default %(default)s)",
+    )
+    gateway.add_argument("--name", default=default_name, help="gateway name (default: host name)")
+    gateway.add_argument(
+        "--api-key", help="owner's API key; earnings go to that account (env IDLEGRID_API_KEY)"
+    )
+    gateway.add_argument(
+        "--identity",
+        type=Path,
+        help="Ed25519 identity file (default: ~/.local/share/idlegrid/worker-NAME.key)",
+    )
+    gateway.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    gateway.add_argument(
+        "--max-context", type=int, help="context length offered (default: the model's)"
+    )
+    gateway.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    gateway.set_defaults(run=lambda args: _run(args, data_home))
+
+
+def _run(args: argparse.Namespace, data_home: Path) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from protocol.messages import NAME_PATTERN
+    from worker.config import GatewayConfig
+
+    model = args.model.resolve()
+    if not (model / "config.json").is_file():
+        print(f"error: --model: {model} has no config.json; give a model folder", file=sys.stderr)
+        return 2
+    if not re.fullmatch(NAME_PATTERN, args.name):
+        print("error: --name: use 2-32 letters, digits, '_', '.', '-'", file=sys.stderr)
+        return 2
+    if args.threads is not None and args.threads < 1:
+        print("error: --threads: use 1 or more", file=sys.stderr)
+        return 2
+    config = GatewayConfig(
+        coordinator=args.coordinator,
+        model=model,
+        model_name=args.model_name or model.name,
+        name=args.name,
+        identity_file=args.identity or data_home / f"worker-{args.name}.key",
+        initial_peers=tuple(args.initial_peers),
+        host_maddrs=tuple(args.host_maddr),
+        api_key=args.api_key or os.environ.get("IDLEGRID_API_KEY"),
+        threads=args.threads,
+        max_context=args.max_context,
+    )
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: object) -> int:
+    from worker.config import GatewayConfig
+    from worker.errors import ModelError, SwarmError
+    from worker.gateway import TextGateway
+    from worker.identity import load_or_create_identity
+    from worker.link import CoordinatorLink
+
+    assert isinstance(config, GatewayConfig)
+    identity = load_or_create_identity(config.identity_file)
+    link = CoordinatorLink(config.coordinator, identity, config.name, config.api_key)
+    try:
+        try:
+            gateway = await TextGateway.create(config, link)
+        except (ModelError, SwarmError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        try:
+            task = asyncio.ensure_future(gateway.run())
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, task.cancel)
+            try:
+                await task
+            except asyncio.CancelledError:
+                log.info("stopping after %d text jobs", gateway.jobs_done)
+        finally:
+            await gateway.aclose()
+    finally:
+        await link.aclose()
+    return 0
