@@ -1,11 +1,14 @@
 """Greedy generation with the tiny LM: locally vs through two block servers on loopback.
 
 Starts a coordinator and two block servers (real processes, blocks 0:2 and 2:4, one torch
-thread each), then times, in one run and interleaved:
-  local  - the full model in this process: HF forward + DynamicCache, one token per step
-  swarm  - embeddings and LM head here, the decoder blocks on the servers (SwarmClient)
+thread each) and a text gateway, then times, in one run and interleaved:
+  local    - the full model in this process: HF forward + DynamicCache, one token per step
+  swarm    - embeddings and LM head here, the decoder blocks on the servers (SwarmClient)
+  network  - what a user sees: submit to the coordinator, a gateway pops the job and runs it
+             through the servers, the text streams back over server-sent events (the SDK)
 and prints the median first-token latency (prompt in, first token out, session opening
-included) and tokens per second after it, with ratios against the local baseline.
+included; for `network`, submit to the first streamed text) and tokens per second after it,
+with ratios against the local baseline.
 
     .venv/bin/python bench/llm_swarm.py [--runs 5] [--tokens 64] [--prompt 16]
 """
@@ -97,7 +100,14 @@ def main() -> int:
              "--identity", str(work / "second.key")],
         )  # fmt: skip
         _wait_line(log, ready, proc, 120)
-        timings = asyncio.run(_measure(models / "llm", maddr, args))
+        proc, log = start(
+            "gateway",
+            ["worker", "gateway", "--model", str(models / "llm"), "--coordinator", url,
+             "--initial-peers", maddr, "--name", "gateway", "--identity", str(work / "gw.key"),
+             "--threads", "1", "--log-level", "WARNING"],
+        )  # fmt: skip
+        _wait_line(log, r"(idlegrid text gateway \S+ ready)", proc, 120)
+        timings = asyncio.run(_measure(models / "llm", maddr, url, args))
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -110,7 +120,11 @@ def main() -> int:
     )
     print(f"| {'path':<34} | {'first token ms':>14} | {'tokens/s':>9} | {'vs local':>8} |")
     print(f"|{'-' * 36}|{'-' * 16}|{'-' * 11}|{'-' * 10}|")
-    labels = {"local": "local model (baseline)", "swarm": "swarm: 2 servers x 2 blocks"}
+    labels = {
+        "local": "local model (baseline)",
+        "swarm": "swarm: 2 servers x 2 blocks",
+        "network": "network: coordinator+gateway+SSE",
+    }
     for name, label in labels.items():
         first, rate = (statistics.median(t) for t in zip(*timings[name], strict=True))
         print(f"| {label:<34} | {first * 1000:>14.1f} | {rate:>9.1f} | {rate / local_rate:>8.2f} |")
@@ -123,11 +137,13 @@ def main() -> int:
 
 
 async def _measure(
-    llm: Path, maddr: str, args: argparse.Namespace
+    llm: Path, maddr: str, url: str, args: argparse.Namespace
 ) -> dict[str, list[tuple[float, float]]]:
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
+    from client.sdk import AsyncClient
+    from protocol.text import TextParams
     from worker.lm_head import LMHead
     from worker.swarm.client import SwarmClient, SwarmClientConfig
 
@@ -161,16 +177,38 @@ async def _measure(
                 token = head.logits(hidden).argmax(-1)
             return first, (args.tokens - 1) / (time.perf_counter() - began)
 
-    runs: dict[str, Run] = {"local": local, "swarm": swarm}
+    async with AsyncClient(url) as anonymous:
+        key = (await anonymous.register("bench")).api_key
+    grid = AsyncClient(url, key)
+    # a prompt of about args.prompt tokens (byte-level BPE: a few characters a token)
+    words = "def read(path): return open(path).read() "
+    params = TextParams(
+        prompt=(words * args.prompt)[: args.prompt * 3], max_tokens=args.tokens, temperature=0.0
+    )
+
+    async def network() -> tuple[float, float]:
+        began = time.perf_counter()
+        first: list[float] = []
+
+        def on_text(_: str) -> None:
+            if not first:
+                first.append(time.perf_counter())
+
+        status = await grid.complete(params, on_text)
+        done = time.perf_counter()
+        return first[0] - began, (status.completion_tokens - 1) / (done - first[0])
+
+    runs: dict[str, Run] = {"local": local, "swarm": swarm, "network": network}
     timings: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     try:
-        for run in (local, swarm, local, swarm):  # warm-up
+        for run in (local, swarm, network, local, swarm, network):  # warm-up
             await run()
         for _ in range(args.runs):  # interleaved, so drift hits both alike
             for name, run in runs.items():
                 timings[name].append(await run())
     finally:
         await client.aclose()
+        await grid.aclose()
     return timings
 
 

@@ -7,6 +7,11 @@
     routes_accounts.py  accounts, health, OpenAPI document
     routes_jobs.py      submit / status / SSE events / images
     routes_workers.py   worker register / pop / progress / result / fail
+    routes_text.py      text jobs: submit / status / SSE text; gateway pop / delta / result;
+                        block servers' peer links
+    routes_openai.py    OpenAI-compatible /v1/models, /v1/chat/completions, /v1/completions
+    text_store.py       text jobs' transactions: models offered, streamed text, settlement
+    polling.py          the workers' long-poll
     store.py            every database transaction
     schema.py           tables and migrations (SQLite and PostgreSQL)
     ledger.py           double-entry kudos postings

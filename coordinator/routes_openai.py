@@ -120,6 +120,7 @@ async def _stream(
     response=ChatCompletion,
     auth="optional",
     errors=(402, 502),
+    limit="submit",
 )
 async def chat_completions(request: web.Request, call: Call) -> web.StreamResponse | ChatCompletion:
     body: ChatCompletionRequest = call.body
@@ -165,6 +166,7 @@ async def chat_completions(request: web.Request, call: Call) -> web.StreamRespon
     response=Completion,
     auth="optional",
     errors=(402, 502),
+    limit="submit",
 )
 async def completions(request: web.Request, call: Call) -> web.StreamResponse | Completion:
     body: CompletionRequest = call.body

@@ -13,6 +13,7 @@ from aiohttp import web
 from coordinator import text_store
 from coordinator.api import API, Call
 from coordinator.errors import BadRequest, Conflict, NotFound, Unauthorized
+from coordinator.polling import long_poll
 from coordinator.state import CONFIG, SIGNALS, STORE
 from coordinator.store import Account, Store
 from coordinator.text_store import TextJob
@@ -142,6 +143,7 @@ async def text_status(store: Store, job: TextJob, *, with_text: bool = True) -> 
     auth="optional",
     status=202,
     errors=(402,),
+    limit="submit",
 )
 async def submit_text(request: web.Request, call: Call) -> TextJobCreated:
     job = await submit(request, call.account, call.body)
@@ -266,35 +268,31 @@ async def link_peer(request: web.Request, call: Call) -> PeerLinked:
     body=TextPopRequest,
     response=TextPopResponse,
     auth="worker",
+    limit="pop",
 )
 async def pop_text(request: web.Request, call: Call) -> TextPopResponse:
-    store, signals, config = request.app[STORE], request.app[SIGNALS], request.app[CONFIG]
+    store, signals = request.app[STORE], request.app[SIGNALS]
     body: TextPopRequest = call.body
     worker = call.worker
     assert worker is not None
     await text_store.offer_models(store, body.models)
     names = [m.name for m in body.models]
-    deadline = time.monotonic() + min(body.wait, config.max_pop_wait)
-    while True:
-        job = await text_store.pop_text_job(store, worker, names)
-        if job is not None:
-            signals.job_changed(job.id)
-            signals.queue_changed()
-            assert job.lease_deadline is not None
-            return TextPopResponse(
-                job=LeasedTextJob(
-                    id=job.id,
-                    model=job.model,
-                    params=job.params,
-                    params_hash=job.params_hash,
-                    lease_seconds=job.lease_seconds,
-                    lease_deadline=job.lease_deadline,
-                )
-            )
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return TextPopResponse(job=None)
-        await signals.queue.wait(min(remaining, config.poll_fallback))
+    job = await long_poll(request, body.wait, lambda: text_store.pop_text_job(store, worker, names))
+    if job is None:
+        return TextPopResponse(job=None)
+    signals.job_changed(job.id)
+    signals.queue_changed()
+    assert job.lease_deadline is not None
+    return TextPopResponse(
+        job=LeasedTextJob(
+            id=job.id,
+            model=job.model,
+            params=job.params,
+            params_hash=job.params_hash,
+            lease_seconds=job.lease_seconds,
+            lease_deadline=job.lease_deadline,
+        )
+    )
 
 
 @API.route(

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from coordinator.api import API, Call
 from coordinator.errors import BadRequest, Conflict, Unauthorized
+from coordinator.polling import long_poll
 from coordinator.routes_jobs import job_status
 from coordinator.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.store import Job, ResultRecord, Worker
@@ -75,31 +76,30 @@ async def register_worker(request: web.Request, call: Call) -> WorkerRegistered:
     limit="pop",
 )
 async def pop(request: web.Request, call: Call) -> PopResponse:
-    store, signals, config = request.app[STORE], request.app[SIGNALS], request.app[CONFIG]
+    store, signals = request.app[STORE], request.app[SIGNALS]
     body: PopRequest = call.body
     worker = call.worker
     assert worker is not None
     await store.record_poll(worker)
-    deadline = time.monotonic() + min(body.wait, config.max_pop_wait)
-    while True:
-        job = await store.pop_job(worker, body.models, body.max_pixels, body.max_steps)
-        if job is not None:
-            signals.job_changed(job.id)
-            signals.queue_changed()
-            assert job.lease_deadline is not None
-            return PopResponse(
-                job=LeasedJob(
-                    id=job.id,
-                    params=job.params,
-                    params_hash=job.params_hash,
-                    lease_seconds=job.lease_seconds,
-                    lease_deadline=job.lease_deadline,
-                )
-            )
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return PopResponse(job=None)
-        await signals.queue.wait(min(remaining, config.poll_fallback))
+    job = await long_poll(
+        request,
+        body.wait,
+        lambda: store.pop_job(worker, body.models, body.max_pixels, body.max_steps),
+    )
+    if job is None:
+        return PopResponse(job=None)
+    signals.job_changed(job.id)
+    signals.queue_changed()
+    assert job.lease_deadline is not None
+    return PopResponse(
+        job=LeasedJob(
+            id=job.id,
+            params=job.params,
+            params_hash=job.params_hash,
+            lease_seconds=job.lease_seconds,
+            lease_deadline=job.lease_deadline,
+        )
+    )
 
 
 @API.route(

@@ -364,11 +364,11 @@ class Store:
 
     # --- jobs -------------------------------------------------------------------------
 
-    async def create_image_job(self, account: Account, params: ImageParams, cost: int) -> Job:
-        """Queue a job and reserve its cost from the requester, in one transaction."""
+    async def queue_job(self, account: Account, cost: int, values: dict[str, Any], fix: str) -> str:
+        """Queue a job and reserve `cost` from the requester, in one transaction; returns
+        its id. `values` are the kind's columns (kind, params, model, ...); `fix` ends the
+        message of the 402 when the requester cannot spend `cost`."""
         job_id = str(uuid.uuid4())
-        now = time.time()
-        lease = self._config.lease_seconds(params.pixels, params.steps, params.n)
         async with self._engine.begin() as conn:
             # Serialise spending per account (PostgreSQL; SQLite already serialises writes).
             await conn.execute(
@@ -379,29 +379,20 @@ class Store:
             available = await balance(conn, account.id) - account.floor
             if cost > available:
                 raise InsufficientKudos(
-                    f"this job costs {cost} kudos but you can spend {max(available, 0)}; "
-                    "make it smaller (size, steps, n) or earn kudos by running a worker"
+                    f"this job costs {cost} kudos but you can spend {max(available, 0)}; {fix}"
                 )
             await conn.execute(
                 jobs.insert().values(
                     id=job_id,
-                    kind="image",
                     account_id=account.id,
                     state="queued",
-                    params=params.model_dump_json(),
-                    params_hash=params_hash(params),
-                    model=params.model,
-                    pixels=params.pixels,
-                    steps=params.steps,
-                    n=params.n,
                     cost=cost,
                     priority_class=0 if account.anonymous else 1,
-                    created_at=now,
-                    lease_seconds=lease,
+                    created_at=time.time(),
                     attempts=0,
                     image=0,
                     step=0,
-                    steps_total=params.steps,
+                    **values,
                 )
             )
             await post_entry(
@@ -411,8 +402,29 @@ class Store:
                 job_id=job_id,
                 moves=[(account.id, -cost), (self._system[ESCROW], cost)],
             )
-            row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
-        return _job(row)
+        return job_id
+
+    async def create_image_job(self, account: Account, params: ImageParams, cost: int) -> Job:
+        """Queue an image job and reserve its cost from the requester."""
+        job_id = await self.queue_job(
+            account,
+            cost,
+            {
+                "kind": "image",
+                "params": params.model_dump_json(),
+                "params_hash": params_hash(params),
+                "model": params.model,
+                "pixels": params.pixels,
+                "steps": params.steps,
+                "n": params.n,
+                "lease_seconds": self._config.lease_seconds(params.pixels, params.steps, params.n),
+                "steps_total": params.steps,
+            },
+            "make it smaller (size, steps, n) or earn kudos by running a worker",
+        )
+        job = await self.get_job(job_id)
+        assert job is not None
+        return job
 
     async def get_job(self, job_id: str) -> Job | None:
         """The image job with this id (None for no job, or a job of another kind)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +20,9 @@ from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator import queue, trust
-from coordinator.errors import BadRequest, Conflict, InsufficientKudos, NotFound
-from coordinator.ledger import balance, post_entry
-from coordinator.schema import accounts, jobs, text_models, text_outputs, worker_peers, workers
+from coordinator.errors import BadRequest, Conflict, NotFound
+from coordinator.ledger import post_entry
+from coordinator.schema import jobs, text_models, text_outputs, worker_peers, workers
 from coordinator.store import ESCROW, Account, Store, Worker
 from protocol.cost import text_cost, text_work
 from protocol.signing import params_hash
@@ -206,51 +205,26 @@ def reserve_cost(params: TextParams, model: TextModel) -> int:
 async def create_text_job(
     store: Store, account: Account, params: TextParams, model: TextModel
 ) -> TextJob:
-    """Queue a text job for `model` and reserve its upper-bound cost, in one transaction."""
-    job_id = str(uuid.uuid4())
-    cost = reserve_cost(params, model)
-    async with store.engine.begin() as conn:
-        # Serialise spending per account (PostgreSQL; SQLite already serialises writes).
-        await conn.execute(
-            select(accounts.c.id).where(accounts.c.id == account.id).with_for_update()
-        )
-        available = await balance(conn, account.id) - account.floor
-        if cost > available:
-            raise InsufficientKudos(
-                f"this job may cost up to {cost} kudos but you can spend {max(available, 0)}; "
-                "lower max_tokens or shorten the prompt, or earn kudos by running a worker"
-            )
-        await conn.execute(
-            jobs.insert().values(
-                id=job_id,
-                kind="text",
-                account_id=account.id,
-                state="queued",
-                params=params.model_dump_json(),
-                params_hash=params_hash(params),
-                model=model.name,
-                pixels=0,
-                steps=params.max_tokens,
-                n=1,
-                cost=cost,
-                priority_class=0 if account.anonymous else 1,
-                created_at=time.time(),
-                lease_seconds=text_lease_seconds(store, params),
-                attempts=0,
-                image=0,
-                step=0,
-                steps_total=params.max_tokens,
-            )
-        )
-        await post_entry(
-            conn,
-            reason="reserve",
-            key=f"reserve:{job_id}",
-            job_id=job_id,
-            moves=[(account.id, -cost), (store.system_account(ESCROW), cost)],
-        )
-        row = (await conn.execute(_text_query().where(jobs.c.id == job_id))).one()
-    return _text_job(row)
+    """Queue a text job for `model` and reserve its upper-bound cost."""
+    job_id = await store.queue_job(
+        account,
+        reserve_cost(params, model),
+        {
+            "kind": "text",
+            "params": params.model_dump_json(),
+            "params_hash": params_hash(params),
+            "model": model.name,
+            "pixels": 0,
+            "steps": params.max_tokens,
+            "n": 1,
+            "lease_seconds": text_lease_seconds(store, params),
+            "steps_total": params.max_tokens,
+        },
+        "lower max_tokens or shorten the prompt, or earn kudos by running a worker",
+    )
+    job = await get_text_job(store, job_id)
+    assert job is not None
+    return job
 
 
 async def get_text_job(store: Store, job_id: str) -> TextJob | None:

@@ -6,7 +6,8 @@
     image_engine.py   the diffusers engine hosted in the sandbox child process
     samplers.py       AUTOMATIC1111 sampler names -> diffusers schedulers
     model_source.py   resolves --model safely (safetensors only, never pickle)
-    link.py           HTTP link to the coordinator
+    link.py           HTTP link to the coordinator (and retrying while it is away)
+    service.py        running a service until SIGINT/SIGTERM
     blocks_main.py    `idlegrid worker blocks ...`: the LLM block server's flags
     gateway_main.py   `idlegrid worker gateway ...`: the text gateway's flags
     gateway.py        pop text job -> generate through the swarm -> stream text, report usage

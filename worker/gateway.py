@@ -11,8 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -28,14 +27,13 @@ from worker.errors import (
     SwarmError,
 )
 from worker.generation import GenerationResult, SamplingParams, generate
-from worker.link import RETRY_DELAYS, CoordinatorLink
+from worker.link import CoordinatorLink, retrying
 from worker.lm_head import LMHead
 from worker.swarm.client import SwarmClient, SwarmClientConfig
 
 __all__ = ["TextGateway"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class _TextSender:
@@ -132,20 +130,9 @@ class TextGateway:
     async def aclose(self) -> None:
         await self.swarm.aclose()
 
-    async def _retrying(self, what: str, make_call: Callable[[], Awaitable[T]]) -> T:
-        attempt = 0
-        while True:
-            try:
-                return await make_call()
-            except CoordinatorUnavailable as exc:
-                delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
-                attempt += 1
-                log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
-                await asyncio.sleep(delay)
-
     async def run(self) -> None:
         """Serve until cancelled."""
-        registered = await self._retrying("register", self.link.register)
+        registered = await retrying("register", self.link.register)
         print(
             f"idlegrid text gateway {self.config.name} ready: model {self.model.name} "
             f"({self.model.blocks} blocks, {self.model.parameters} parameters), "
@@ -154,14 +141,14 @@ class TextGateway:
         )
         while True:
             try:
-                job = await self._retrying(
+                job = await retrying(
                     "pop", lambda: self.link.pop_text([self.model], self.config.pop_wait)
                 )
             except CoordinatorRejected as exc:
                 if exc.status != 401:
                     raise
                 log.warning("coordinator forgot our token; registering again")
-                await self._retrying("register", self.link.register)
+                await retrying("register", self.link.register)
                 continue
             if job is not None:
                 try:
@@ -245,7 +232,7 @@ class TextGateway:
             raise
         await sender.flush()
         try:
-            accepted = await self._retrying(
+            accepted = await retrying(
                 "submit",
                 lambda: self.link.submit_text(
                     job,

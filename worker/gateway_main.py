@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import re
-import signal
 import sys
 from pathlib import Path
 
@@ -99,6 +98,7 @@ async def _serve(config: object) -> int:
     from worker.gateway import TextGateway
     from worker.identity import load_or_create_identity
     from worker.link import CoordinatorLink
+    from worker.service import run_until_signalled
 
     assert isinstance(config, GatewayConfig)
     identity = load_or_create_identity(config.identity_file)
@@ -110,13 +110,7 @@ async def _serve(config: object) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         try:
-            task = asyncio.ensure_future(gateway.run())
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, task.cancel)
-            try:
-                await task
-            except asyncio.CancelledError:
+            if await run_until_signalled(gateway.run()):
                 log.info("stopping after %d text jobs", gateway.jobs_done)
         finally:
             await gateway.aclose()

@@ -17,7 +17,7 @@ from sandbox import Sandbox, SandboxPolicy
 from sandbox.errors import EngineCrashed, EngineFailed, EngineTimedOut
 from worker.config import ImageWorkerConfig
 from worker.errors import CoordinatorRejected, CoordinatorUnavailable, LeaseLost
-from worker.link import RETRY_DELAYS, Capabilities, CoordinatorLink
+from worker.link import Capabilities, CoordinatorLink, retrying
 
 __all__ = ["ENGINE", "ImageWorker"]
 
@@ -56,22 +56,9 @@ class ImageWorker:
     async def aclose(self) -> None:
         await self.sandbox.aclose()
 
-    async def _retrying(self, what: str, make_call: Any) -> Any:
-        attempt = 0
-        while True:
-            try:
-                return await make_call()
-            except (CoordinatorUnavailable, CoordinatorRejected) as exc:
-                if isinstance(exc, CoordinatorRejected) and exc.status != 429:
-                    raise
-                delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
-                attempt += 1
-                log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
-                await asyncio.sleep(delay)
-
     async def run(self) -> None:
         """Serve until cancelled."""
-        registered = await self._retrying("register", self.link.register)
+        registered = await retrying("register", self.link.register)
         log.info("registered as worker %s", registered.worker_id)
         try:
             await self.link.report_engine(engine_info())
@@ -84,7 +71,7 @@ class ImageWorker:
         )
         while True:
             try:
-                job = await self._retrying(
+                job = await retrying(
                     "pop", lambda: self.link.pop(self.capabilities, self.config.pop_wait)
                 )
             except CoordinatorRejected as exc:
@@ -93,7 +80,7 @@ class ImageWorker:
                 if exc.status != 401:
                     raise
                 log.warning("coordinator forgot our token; registering again")
-                await self._retrying("register", self.link.register)
+                await retrying("register", self.link.register)
                 continue
             if job is not None:
                 try:
@@ -141,9 +128,7 @@ class ImageWorker:
             raise
         seeds = [int(seed) for seed in result.data["seeds"]]
         try:
-            accepted = await self._retrying(
-                "submit", lambda: self.link.submit(job, seeds, result.blobs)
-            )
+            accepted = await retrying("submit", lambda: self.link.submit(job, seeds, result.blobs))
         except LeaseLost as exc:
             log.warning("job %s was taken back before we finished: %s", job.id, exc)
             return

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -39,10 +40,11 @@ from protocol.text import (
 )
 from worker.errors import CoordinatorRejected, CoordinatorUnavailable, LeaseLost
 
-__all__ = ["Capabilities", "CoordinatorLink"]
+__all__ = ["Capabilities", "CoordinatorLink", "retrying"]
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 # seconds between attempts while the coordinator is unreachable
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
@@ -192,6 +194,22 @@ class CoordinatorLink:
 
 class _Ignored(BaseModel):
     pass
+
+
+async def retrying(what: str, make_call: Callable[[], Awaitable[T]]) -> T:
+    """Call until the coordinator answers: retries (with growing pauses) while it is
+    unreachable or rate-limits us (429); other refusals are raised."""
+    attempt = 0
+    while True:
+        try:
+            return await make_call()
+        except (CoordinatorUnavailable, CoordinatorRejected) as exc:
+            if isinstance(exc, CoordinatorRejected) and exc.status != 429:
+                raise
+            delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
+            attempt += 1
+            log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
+            await asyncio.sleep(delay)
 
 
 def _message(text: str) -> str:

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import re
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -143,6 +142,7 @@ async def _serve_images(config: object) -> int:
     from worker.identity import load_or_create_identity
     from worker.image_worker import ImageWorker
     from worker.link import CoordinatorLink
+    from worker.service import run_until_signalled
 
     assert isinstance(config, ImageWorkerConfig)
     identity = load_or_create_identity(config.identity_file)
@@ -155,13 +155,7 @@ async def _serve_images(config: object) -> int:
             print(f"error: the engine could not load the model: {exc}", file=sys.stderr)
             return 1
         try:
-            task = asyncio.ensure_future(worker.run())
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, task.cancel)
-            try:
-                await task
-            except asyncio.CancelledError:
+            if await run_until_signalled(worker.run()):
                 log.info("stopping after %d jobs", worker.jobs_done)
         finally:
             await worker.aclose()
