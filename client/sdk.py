@@ -283,6 +283,10 @@ class AsyncClient:
     async def text_job(self, job_id: str) -> TextStatus:
         return await self._request("GET", f"/api/v1/text/jobs/{job_id}", TextStatus)
 
+    async def cancel_text(self, job_id: str) -> JobCancelled:
+        """Cancel a queued or running text job; its reserved kudos are refunded."""
+        return await self._request("POST", f"/api/v1/text/jobs/{job_id}/cancel", JobCancelled)
+
     async def text_events(self, job_id: str) -> AsyncIterator[TextEvent]:
         """A text job's events until it ends: text pieces (with their offset) and statuses."""
         url = f"{self.base_url}/api/v1/text/jobs/{job_id}/events"

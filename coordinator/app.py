@@ -63,11 +63,17 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await app[STORE].aclose()
 
 
+async def _wake_waiters(app: web.Application) -> None:
+    """Shutting down: end long-polls and event streams now instead of at their timeouts."""
+    app[SIGNALS].close()
+
+
 def create_app(config: CoordinatorConfig) -> web.Application:
     # Bodies are read and size-checked by the route table; this only caps aiohttp's own reads.
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_upload_bytes)
     app[CONFIG] = config
     app[LIMITER] = RateLimiter(config.rate_limits)
     app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_wake_waiters)
     API.install(app)
     return app

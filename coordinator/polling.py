@@ -28,6 +28,6 @@ async def long_poll(
         if found is not None:
             return found
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or signals.closing:
             return None
         await signals.queue.wait(min(remaining, config.poll_fallback))

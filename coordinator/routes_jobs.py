@@ -187,7 +187,7 @@ async def _stream_status(request: web.Request, response: web.StreamResponse, job
         elif quiet >= KEEPALIVE_SECONDS:
             await response.write(b": keepalive\n\n")
             quiet = 0.0
-        if status.finished:
+        if status.finished or signals.closing:
             break
         # A queued job moves when the queue moves; a running one when it reports progress.
         signal = signals.queue if job.state == "queued" else signals.job(job_id)

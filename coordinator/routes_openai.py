@@ -16,8 +16,9 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.api import API, Call
-from coordinator.errors import JobFailed
+from coordinator.errors import JobFailed, StoreUnavailable
 from coordinator.routes_text import follow_text, serving_models, submit
+from coordinator.state import SIGNALS
 from coordinator.text_store import TextJob
 from protocol.openai import (
     AssistantMessage,
@@ -61,6 +62,11 @@ def _usage(job: TextJob) -> Usage:
 
 async def _finished(request: web.Request, job: TextJob) -> TextJob:
     while not job.finished:
+        if request.app[SIGNALS].closing:
+            raise StoreUnavailable(
+                f"the coordinator is restarting; text job {job.id} goes on: "
+                f"GET /api/v1/text/jobs/{job.id}"
+            )
         job = await follow_text(request, job)
     if job.state != "done":
         raise JobFailed(f"text job {job.id} {job.state}: {job.error or 'no reason given'}")
@@ -93,14 +99,20 @@ async def _stream(
             elif time.monotonic() - quiet >= KEEPALIVE_SECONDS:
                 await response.write(b": keepalive\n\n")
                 quiet = time.monotonic()
-            if job.finished:
+            if job.finished or request.app[SIGNALS].closing:
                 break
             job = await follow_text(request, job)
         if job.state == "done":
             await response.write(_sse(chunk("", job.finish_reason or "stop")))
         else:
+            message = (
+                f"text job {job.id} {job.state}: {job.error or 'no reason given'}"
+                if job.finished
+                else f"the coordinator is restarting; text job {job.id} goes on: "
+                f"GET /api/v1/text/jobs/{job.id}"
+            )
             error = {
-                "message": f"text job {job.id} {job.state}: {job.error or 'no reason given'}",
+                "message": message,
                 "type": "job_failed",
                 "code": "job_failed",
             }

@@ -10,7 +10,7 @@ import time
 
 from aiohttp import web
 
-from coordinator import text_store
+from coordinator import queue, text_store
 from coordinator.api import API, Call
 from coordinator.errors import BadRequest, Conflict, NotFound, Unauthorized
 from coordinator.polling import long_poll
@@ -18,6 +18,7 @@ from coordinator.state import CONFIG, SIGNALS, STORE
 from coordinator.store import Account, Store
 from coordinator.text_store import TextJob
 from protocol.errors import SignatureInvalid
+from protocol.messages import JobCancelled, Quote
 from protocol.params import MAX_SEED
 from protocol.signing import peer_link_message, text_result_message, verify
 from protocol.text import (
@@ -155,6 +156,40 @@ async def submit_text(request: web.Request, call: Call) -> TextJobCreated:
 
 
 @API.route(
+    "POST",
+    "/api/v1/quotes/text",
+    summary="What a text job would reserve (unused kudos are refunded when it finishes), "
+    "what you can spend, the queue and the ETA; submits nothing",
+    body=TextParams,
+    response=Quote,
+    auth="optional",
+)
+async def quote_text(request: web.Request, call: Call) -> Quote:
+    store = request.app[STORE]
+    params: TextParams = call.body
+    account = call.account or await store.anonymous_account()
+    model = await choose_model(request, params.model, "model")
+    check_text_limits(request, params, model, account)
+    cost = text_store.reserve_cost(params, model)
+    balance = await store.balance(account.id)
+    async with store.engine.begin() as conn:
+        length, place, eta = await queue.quote_place(
+            conn, store.config, "text", account.id, account.anonymous, cost
+        )
+    available = max(balance - account.floor, 0)
+    return Quote(
+        kudos_cost=cost,
+        balance=balance,
+        available=available,
+        affordable=cost <= available,
+        anonymous=account.anonymous,
+        queue_length=length,
+        queue_position=place,
+        eta_seconds=eta,
+    )
+
+
+@API.route(
     "GET",
     "/api/v1/text/jobs/{job_id}",
     summary="A text job's state, queue position and text so far",
@@ -166,6 +201,24 @@ async def get_text(request: web.Request, call: Call) -> TextStatus:
     store = request.app[STORE]
     job = await visible_text_job(store, request.match_info["job_id"], call.account)
     return await text_status(store, job)
+
+
+@API.route(
+    "POST",
+    "/api/v1/text/jobs/{job_id}/cancel",
+    summary="Cancel a queued or running text job and refund its kudos; the gateway running "
+    "it stops at its next piece of text",
+    response=JobCancelled,
+    auth="optional",
+    errors=(404, 409),
+)
+async def cancel_text(request: web.Request, call: Call) -> JobCancelled:
+    store = request.app[STORE]
+    job = await visible_text_job(store, request.match_info["job_id"], call.account)
+    refunded = await store.cancel_job(job.id)
+    request.app[SIGNALS].job_changed(job.id)
+    request.app[SIGNALS].queue_changed()
+    return JobCancelled(id=job.id, state="cancelled", refunded=refunded)
 
 
 async def follow_text(request: web.Request, job: TextJob) -> TextJob:
@@ -217,7 +270,7 @@ async def text_events(request: web.Request, call: Call) -> web.StreamResponse:
             elif time.monotonic() - quiet >= KEEPALIVE_SECONDS:
                 await response.write(b": keepalive\n\n")
                 quiet = time.monotonic()
-            if status.finished:
+            if status.finished or request.app[SIGNALS].closing:
                 break
             job = await follow_text(request, job)
         await response.write_eof()
@@ -268,6 +321,7 @@ async def link_peer(request: web.Request, call: Call) -> PeerLinked:
     body=TextPopRequest,
     response=TextPopResponse,
     auth="worker",
+    errors=(403,),
     limit="pop",
 )
 async def pop_text(request: web.Request, call: Call) -> TextPopResponse:

@@ -41,6 +41,14 @@ class Signals:
     def __init__(self) -> None:
         self.queue = Signal()
         self._jobs: defaultdict[str, Signal] = defaultdict(Signal)
+        # set when the coordinator shuts down: long-polls and streams end at once
+        self.closing = False
+
+    def close(self) -> None:
+        self.closing = True
+        self.queue.fire()
+        for signal in list(self._jobs.values()):
+            signal.fire()
 
     def job(self, job_id: str) -> Signal:
         return self._jobs[job_id]

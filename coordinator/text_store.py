@@ -20,7 +20,7 @@ from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator import queue, trust
-from coordinator.errors import BadRequest, Conflict, NotFound
+from coordinator.errors import BadRequest, Conflict, NotFound, WorkerPaused
 from coordinator.ledger import post_entry
 from coordinator.schema import jobs, text_models, text_outputs, worker_peers, workers
 from coordinator.store import ESCROW, Account, Store, Worker
@@ -244,6 +244,13 @@ async def pop_text_job(store: Store, worker: Worker, models: Sequence[str]) -> T
     the order of protocol.priority), if any."""
     fits = (jobs.c.kind == "text") & jobs.c.model.in_(list(models))
     async with store.engine.begin() as conn:
+        me = (await conn.execute(select(workers).where(workers.c.id == worker.id))).one()
+        if me.paused:
+            # a worker caught cheating at images gets no text jobs either
+            raise WorkerPaused(
+                f"worker {me.name} is paused: {me.pause_reason}; "
+                "ask the coordinator's operator to review it"
+            )
         candidates = await queue.ranked(conn, store.config, fits, owner=worker.account_id)
         for candidate in candidates[:8]:
             now = time.time()

@@ -24,6 +24,7 @@ from client.sdk import AsyncClient
 from coordinator.api import API, Route
 from coordinator.config import CoordinatorConfig
 from protocol.params import ImageParams
+from protocol.text import TextModel, TextParams
 from tests.conftest import LiveApp, start_app
 from tests.fakes import CAPS, FakeWorker, png
 
@@ -32,6 +33,8 @@ from coordinator import app as _app  # noqa: F401  # isort: skip
 
 ROUTES = sorted(API.routes, key=lambda r: (r.path, r.method))
 SMALL = {"prompt": "victim's secret prompt", "width": 64, "height": 64, "steps": 4, "seed": 3}
+MODEL = TextModel(name="tiny-llm", blocks=4, parameters=1000, max_context=512)
+TEXT = TextParams(prompt="victim's secret prompt", max_tokens=4)
 
 # Valid bodies where an empty one would stop at validation before the access check.
 BODIES: dict[tuple[str, str], Any] = {
@@ -44,6 +47,24 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/api/v1/transfers"): {"to": "mallory", "amount": 1},
     ("POST", "/api/v1/workers/pop"): {**CAPS.model_dump(), "wait": 0},
     ("POST", "/api/v1/workers/engine"): {"engine": "diffusers"},
+    ("POST", "/api/v1/text/jobs"): TEXT.model_dump(exclude_none=True),
+    ("POST", "/api/v1/text/pop"): {"models": [MODEL.model_dump()], "wait": 0},
+    ("POST", "/api/v1/text/jobs/{job_id}/delta"): {"offset": 0, "text": "stolen"},
+    ("POST", "/api/v1/text/jobs/{job_id}/fail"): {"reason": "stealing", "retry": False},
+    ("POST", "/api/v1/text/jobs/{job_id}/result"): {
+        "text": "stolen",
+        "finish_reason": "stop",
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "spans": [],
+        "signature": "0" * 128,
+    },
+    # (a model nobody serves: a served one would wait for a gateway that never comes)
+    ("POST", "/v1/chat/completions"): {
+        "model": "not-served",
+        "messages": [{"role": "user", "content": "hi"}],
+    },
+    ("POST", "/v1/completions"): {"model": "not-served", "prompt": "hi"},
     ("POST", "/api/v1/jobs/{job_id}/result"): {
         "images": [
             {
@@ -69,6 +90,8 @@ class World:
     leased_job: str
     victim_worker: str
     victim_png: bytes
+    text_done: str
+    text_leased: str
 
 
 @pytest.fixture
@@ -90,6 +113,15 @@ async def world(sqlite_only_config: CoordinatorConfig) -> AsyncIterator[World]:
             leased = await alice.submit_image(ImageParams(**{**SMALL, "seed": 4}))
             job = await victim.link.pop(CAPS, wait=5)
             assert job is not None and job.id == leased.id
+            # and two text jobs: one finished, one leased to the victim (as a gateway)
+            assert await victim.link.pop_text([MODEL], wait=0) is None
+            text_done = await alice.submit_text(TEXT)
+            text_job = await victim.link.pop_text([MODEL], wait=5)
+            assert text_job is not None and text_job.id == text_done.id
+            await victim.link.submit_text(text_job, "victim's secret reply", "stop", 1, 4, [])
+            text_leased = await alice.submit_text(TEXT)
+            text_job = await victim.link.pop_text([MODEL], wait=5)
+            assert text_job is not None and text_job.id == text_leased.id
         assert victim.link._token and thief.link._token and victim.link.worker_id
         yield World(
             app,
@@ -101,6 +133,8 @@ async def world(sqlite_only_config: CoordinatorConfig) -> AsyncIterator[World]:
             leased.id,
             victim.link.worker_id,
             png(3),
+            text_done.id,
+            text_leased.id,
         )
     finally:
         await victim.link.aclose()
@@ -109,7 +143,10 @@ async def world(sqlite_only_config: CoordinatorConfig) -> AsyncIterator[World]:
 
 
 def _path(route: Route, world: World) -> str:
-    job = world.leased_job if route.auth == "worker" else world.done_job
+    if route.path.startswith("/api/v1/text/jobs/"):
+        job = world.text_leased if route.auth == "worker" else world.text_done
+    else:
+        job = world.leased_job if route.auth == "worker" else world.done_job
     values = {"job_id": job, "index": "0", "worker_id": world.victim_worker}
     path = route.path
     for part in path.split("/"):
@@ -139,9 +176,8 @@ async def test_access_matrix(world: World, route: Route) -> None:
     problems = []
     path = _path(route, world)
     # an error message may repeat the id the caller sent, but nothing else of the victim's
-    secrets = [world.alice_key, world.victim_token] + [
-        job for job in (world.done_job, world.leased_job) if job not in path
-    ]
+    jobs = (world.done_job, world.leased_job, world.text_done, world.text_leased)
+    secrets = [world.alice_key, world.victim_token] + [job for job in jobs if job not in path]
     async with aiohttp.ClientSession() as http:
         for caller in CALLERS:
             body = BODIES.get((route.method, route.path), {})
@@ -172,11 +208,13 @@ async def test_access_matrix(world: World, route: Route) -> None:
             public_record = "{worker_id}" in route.path
             if route.method == "GET" and ok and not public_record and "alice" in text:
                 problems.append(f"{where}: the answer names the victim")
-            if "secret prompt" in text:
-                problems.append(f"{where}: the answer shows the victim's prompt")
+            if "secret prompt" in text or "secret reply" in text:
+                problems.append(f"{where}: the answer shows the victim's prompt or text")
     assert not problems, problems
     # the victim's things are untouched
     async with AsyncClient(world.app.url, world.alice_key) as alice:
         assert (await alice.job(world.done_job)).state == "done"
         assert (await alice.job(world.leased_job)).state == "leased"
         assert await alice.image(world.done_job, 0) == world.victim_png
+        assert (await alice.text_job(world.text_done)).text == "victim's secret reply"
+        assert (await alice.text_job(world.text_leased)).state == "leased"

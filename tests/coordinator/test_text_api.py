@@ -123,6 +123,49 @@ async def test_a_retryable_failure_requeues_and_restarts_the_text(grid: dict[str
     assert (await alice.text_job(created.id)).text == "done"
 
 
+async def test_quote_tells_the_reservation_without_submitting(grid: dict[str, Any]) -> None:
+    live, gateway = grid["live"], grid["gateway"]
+    await offer(gateway)
+    params = TextParams(messages=[{"role": "user", "content": "hi"}], max_tokens=100)
+    headers = {"apikey": grid["keys"]["alice"]}
+    body = params.model_dump(exclude_none=True)
+    async with (
+        aiohttp.ClientSession(headers=headers) as http,
+        http.post(f"{live.url}/api/v1/quotes/text", json=body) as resp,
+    ):
+        quote = await resp.json()
+    # (2 + 32 + 32 + 100 tokens) x (4 + 1 blocks) x 70 (billions) / 4000 = 14.5 -> 15
+    assert quote["kudos_cost"] == 15 and quote["available"] == 100 and quote["affordable"]
+    assert quote["queue_length"] == 0 and quote["queue_position"] == 0
+    assert (await live.store.balances())["alice"] == 100
+    created = await grid["alice"].submit_text(params)
+    assert created.kudos_cost == 15
+
+
+async def test_cancel_refunds_and_stops_the_gateway(grid: dict[str, Any]) -> None:
+    live, alice, gateway = grid["live"], grid["alice"], grid["gateway"]
+    await offer(gateway)
+    created = await alice.submit_text(TextParams(prompt="x", max_tokens=50))
+    assert (await live.store.balances())["alice"] == 100 - created.kudos_cost
+    job = await gateway.pop()
+    await gateway.link.text_delta(job.id, 0, "so far")
+    cancelled = await alice.cancel_text(job.id)
+    assert cancelled.refunded == created.kudos_cost
+    assert (await live.store.balances())["alice"] == 100
+    # the gateway learns at its next piece of text, and cannot finish it
+    with pytest.raises(LeaseLost):
+        await gateway.link.text_delta(job.id, 6, " more")
+    with pytest.raises(LeaseLost):
+        await gateway.link.submit_text(job, "so far", "stop", 1, 2, [])
+    with pytest.raises(ApiError, match="already cancelled"):
+        await alice.cancel_text(job.id)
+    # nobody else can cancel alice's job
+    other = await alice.submit_text(TextParams(prompt="x", max_tokens=5))
+    with pytest.raises(ApiError, match="no text job"):
+        await grid["bob"].cancel_text(other.id)
+    assert (await live.store.ledger_audit())["unbalanced_entries"] == 0
+
+
 async def test_bad_reports_and_signatures_are_refused(grid: dict[str, Any]) -> None:
     alice, gateway, server = grid["alice"], grid["gateway"], grid["server"]
     await offer(gateway)
