@@ -230,6 +230,12 @@ class TextGateway:
             sender.cancel()
             await asyncio.shield(self._give_back(job, "gateway shutting down"))
             raise
+        except Exception as exc:
+            # one job's trouble (a bug, a tokenizer error) must not stop the gateway
+            sender.cancel()
+            log.exception("text job %s failed in the gateway", job.id)
+            await self._give_back(job, f"gateway error: {type(exc).__name__}: {exc}")
+            return
         await sender.flush()
         try:
             accepted = await retrying(

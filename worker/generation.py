@@ -265,9 +265,12 @@ def apply_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 class _StreamingText:
     """Decodes the generated tokens and hands out only the text that is final.
 
-    Each update decodes all generated tokens again (byte-level tokenizers only produce
-    valid text for whole characters) and holds back (1) trailing U+FFFD, an incomplete
-    UTF-8 character, and (2) the longest tail that is the start of a stop string.
+    Decoding is incremental, over a small window of tokens (as vLLM's detokenizer does):
+    the text of `tokens[prefix:]` minus the text of `tokens[prefix:read]` is what the
+    newest tokens add, once it does not end in U+FFFD (an incomplete UTF-8 character of a
+    byte-level tokenizer). Decoding the window with a few earlier tokens keeps tokenizers
+    that treat a sequence's first token specially (SentencePiece's leading space) right.
+    Text that could be the start of a stop string is held back too.
     """
 
     def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
@@ -277,22 +280,41 @@ class _StreamingText:
         self.text = ""
         self.emitted = ""
         self.stopped = False
+        self._tokens: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def _decode(self, tokens: list[int]) -> str:
+        return str(
+            self.tokenizer.decode(
+                tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+        )
+
+    def _advance(self, final: bool) -> None:
+        """Append what the tokens after `read` add to the text (if whole, or `final`)."""
+        before = self._decode(self._tokens[self._prefix : self._read])
+        after = self._decode(self._tokens[self._prefix :])
+        if len(after) > len(before) and (final or not after.endswith(REPLACEMENT_CHAR)):
+            self.text += after[len(before) :]
+            self._prefix, self._read = self._read, len(self._tokens)
 
     def update(self, tokens: list[int]) -> str:
-        self.text = self.tokenizer.decode(
-            tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        self._tokens = tokens
+        self._advance(final=False)
         start = len(self.emitted)
         found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if found:
             self.stopped = True
             return self._emit(min(found))
-        end = len(self.text.rstrip(REPLACEMENT_CHAR))
-        return self._emit(end - self._stop_prefix_length(self.text[start:end]))
+        return self._emit(len(self.text) - self._stop_prefix_length(self.text[start:]))
 
     def finish(self) -> str:
         """Everything not yet handed out (at the end, an incomplete character is final)."""
-        return "" if self.stopped else self._emit(len(self.text))
+        if self.stopped:
+            return ""
+        self._advance(final=True)
+        return self._emit(len(self.text))
 
     def _emit(self, end: int) -> str:
         delta = self.text[len(self.emitted) : end]
