@@ -144,7 +144,13 @@ async def _rate(args: argparse.Namespace) -> int:
 
 async def _cancel(args: argparse.Namespace) -> int:
     async with _client(args) as grid:
-        cancelled = await grid.cancel(args.job_id)
+        try:
+            cancelled = await grid.cancel(args.job_id)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            # not an image job of ours: perhaps a text job
+            cancelled = await grid.cancel_text(args.job_id)
     if args.json:
         print(cancelled.model_dump_json())
     else:
@@ -276,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_flags(rate)
     rate.set_defaults(run_async=_rate)
 
-    cancel = subparsers.add_parser("cancel", help="cancel a queued or running job (refunds it)")
+    cancel = subparsers.add_parser(
+        "cancel", help="cancel a queued or running image or text job (refunds it)"
+    )
     cancel.add_argument("job_id", help="the job's id")
     _add_connection_flags(cancel)
     cancel.set_defaults(run_async=_cancel)

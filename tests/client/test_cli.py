@@ -15,8 +15,11 @@ from client.cli import main
 from client.credentials import Credentials
 from client.sdk import AsyncClient
 from protocol.params import ImageParams
+from protocol.signing import Identity
+from protocol.text import TextModel, TextParams
 from tests.conftest import LiveApp
 from tests.fakes import CAPS, FakeWorker, png
+from worker.link import CoordinatorLink
 
 
 def _idlegrid(*args: str) -> subprocess.CompletedProcess[str]:
@@ -132,3 +135,38 @@ async def test_account_transfer_history_and_rate_commands(live: LiveApp) -> None
         assert twice.returncode == 2 and "already rated" in twice.stderr
         missing = await _cli(live.url, alice, "rate", created.id, "3", "9")
         assert missing.returncode == 2 and "index" in missing.stderr
+
+
+async def test_complete_and_cancel_a_text_job_from_the_cli(live: LiveApp) -> None:
+    model = TextModel(name="tiny-llm", blocks=4, parameters=1000, max_context=512)
+    async with AsyncClient(live.url) as anon:
+        alice = (await anon.register("alice")).api_key
+    gateway = CoordinatorLink(live.url, Identity.generate(), "gateway", None)
+    try:
+        await gateway.register()
+        assert await gateway.pop_text([model], wait=0) is None  # offers the model
+
+        async def serve() -> None:
+            job = await gateway.pop_text([model], wait=10)
+            assert job is not None and job.params.temperature == 0.0
+            await gateway.text_delta(job.id, 0, "Hello")
+            await gateway.submit_text(job, "Hello, world", "length", 2, 3, [])
+
+        serving = asyncio.create_task(serve())
+        done = await _cli(
+            live.url, alice, "complete", "Hi", "--temperature", "0", "--max-tokens", "3", "--json"
+        )
+        await serving
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert result["text"] == "Hello, world" and result["finish_reason"] == "length"
+        assert result["model"] == "tiny-llm" and result["completion_tokens"] == 3
+        bad = await _cli(live.url, alice, "complete", "Hi", "--max-tokens", "0")
+        assert bad.returncode == 2 and "max_tokens" in bad.stderr
+        async with AsyncClient(live.url, alice) as grid:
+            queued = await grid.submit_text(TextParams(prompt="x", max_tokens=5))
+        cancelled = await _cli(live.url, alice, "cancel", queued.id)
+        assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout, cancelled.stderr
+        assert (await live.store.balances())["alice"] == 100 - result["kudos_spent"]
+    finally:
+        await gateway.aclose()
