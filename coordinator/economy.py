@@ -13,6 +13,7 @@ from sqlalchemy import Row, String, case, func, literal, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from coordinator import queue
 from coordinator.errors import BadRequest, Conflict, InsufficientKudos, NotFound
 from coordinator.ledger import balance, post_entry
 from coordinator.schema import (
@@ -32,6 +33,7 @@ from protocol.messages import (
     EngineInfo,
     HistoryEntry,
     HistoryPage,
+    Quote,
     RatingRecorded,
     TransferDone,
     WorkerInfo,
@@ -406,4 +408,25 @@ async def worker_info(store: Store, worker_id: str) -> WorkerInfo:
         ratings=int(count),
         engine=EngineInfo.model_validate_json(row.engine) if row.engine else None,
         last_seen=row.last_seen,
+    )
+
+
+async def quote(store: Store, account: Account, kind: str, cost: int) -> Quote:
+    """What a job of `kind` costing `cost` would mean for `account`: balance, what it can
+    spend, and where the job would enter the queue, with an ETA. Submits nothing."""
+    balance_now = await store.balance(account.id)
+    async with store.engine.begin() as conn:
+        length, place, eta = await queue.quote_place(
+            conn, store.config, kind, account.id, account.anonymous, cost
+        )
+    available = max(balance_now - account.floor, 0)
+    return Quote(
+        kudos_cost=cost,
+        balance=balance_now,
+        available=available,
+        affordable=cost <= available,
+        anonymous=account.anonymous,
+        queue_length=length,
+        queue_position=place,
+        eta_seconds=eta,
     )

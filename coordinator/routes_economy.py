@@ -6,7 +6,7 @@ import re
 
 from aiohttp import web
 
-from coordinator import economy, queue
+from coordinator import economy
 from coordinator.api import API, Call
 from coordinator.errors import BadRequest, NotFound
 from coordinator.routes_jobs import check_anonymous_limits, owned_job
@@ -47,22 +47,7 @@ async def quote_image(request: web.Request, call: Call) -> Quote:
     if account.anonymous:
         check_anonymous_limits(request, params)
     cost = image_cost(params)
-    balance = await store.balance(account.id)
-    async with store.engine.begin() as conn:
-        length, place, eta = await queue.quote_place(
-            conn, store.config, "image", account.id, account.anonymous, cost
-        )
-    available = max(balance - account.floor, 0)
-    return Quote(
-        kudos_cost=cost,
-        balance=balance,
-        available=available,
-        affordable=cost <= available,
-        anonymous=account.anonymous,
-        queue_length=length,
-        queue_position=place,
-        eta_seconds=eta,
-    )
+    return await economy.quote(store, account, "image", cost)
 
 
 @API.route(

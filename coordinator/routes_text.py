@@ -10,7 +10,7 @@ import time
 
 from aiohttp import web
 
-from coordinator import queue, text_store
+from coordinator import economy, text_store
 from coordinator.api import API, Call
 from coordinator.errors import BadRequest, Conflict, NotFound, Unauthorized
 from coordinator.polling import long_poll
@@ -171,22 +171,7 @@ async def quote_text(request: web.Request, call: Call) -> Quote:
     model = await choose_model(request, params.model, "model")
     check_text_limits(request, params, model, account)
     cost = text_store.reserve_cost(params, model)
-    balance = await store.balance(account.id)
-    async with store.engine.begin() as conn:
-        length, place, eta = await queue.quote_place(
-            conn, store.config, "text", account.id, account.anonymous, cost
-        )
-    available = max(balance - account.floor, 0)
-    return Quote(
-        kudos_cost=cost,
-        balance=balance,
-        available=available,
-        affordable=cost <= available,
-        anonymous=account.anonymous,
-        queue_length=length,
-        queue_position=place,
-        eta_seconds=eta,
-    )
+    return await economy.quote(store, account, "text", cost)
 
 
 @API.route(
