@@ -29,6 +29,7 @@ from worker.errors import (
 from worker.generation import GenerationResult, SamplingParams, generate
 from worker.link import CoordinatorLink, retrying
 from worker.lm_head import LMHead
+from worker.service import serve_jobs
 from worker.swarm.client import SwarmClient, SwarmClientConfig
 
 __all__ = ["TextGateway"]
@@ -139,22 +140,9 @@ class TextGateway:
             f"worker id {registered.worker_id}",
             flush=True,
         )
-        while True:
-            try:
-                job = await retrying(
-                    "pop", lambda: self.link.pop_text([self.model], self.config.pop_wait)
-                )
-            except CoordinatorRejected as exc:
-                if exc.status != 401:
-                    raise
-                log.warning("coordinator forgot our token; registering again")
-                await retrying("register", self.link.register)
-                continue
-            if job is not None:
-                try:
-                    await self.serve(job)
-                except (CoordinatorRejected, CoordinatorUnavailable) as exc:
-                    log.error("text job %s abandoned: %s", job.id, exc)
+        await serve_jobs(
+            self.link, lambda: self.link.pop_text([self.model], self.config.pop_wait), self.serve
+        )
 
     def _prompt_ids(self, job: LeasedTextJob) -> list[int]:
         params = job.params

@@ -18,6 +18,7 @@ from sandbox.errors import EngineCrashed, EngineFailed, EngineTimedOut
 from worker.config import ImageWorkerConfig
 from worker.errors import CoordinatorRejected, CoordinatorUnavailable, LeaseLost
 from worker.link import Capabilities, CoordinatorLink, retrying
+from worker.service import serve_jobs
 
 __all__ = ["ENGINE", "ImageWorker"]
 
@@ -69,25 +70,9 @@ class ImageWorker:
             f"worker id {registered.worker_id}",
             flush=True,
         )
-        while True:
-            try:
-                job = await retrying(
-                    "pop", lambda: self.link.pop(self.capabilities, self.config.pop_wait)
-                )
-            except CoordinatorRejected as exc:
-                if exc.status == 403:
-                    log.error("the coordinator gives this worker no jobs: %s", exc)
-                if exc.status != 401:
-                    raise
-                log.warning("coordinator forgot our token; registering again")
-                await retrying("register", self.link.register)
-                continue
-            if job is not None:
-                try:
-                    await self.serve(job)
-                except (CoordinatorRejected, CoordinatorUnavailable) as exc:
-                    # One job's trouble must not stop the worker; the lease will expire.
-                    log.error("job %s abandoned: %s", job.id, exc)
+        await serve_jobs(
+            self.link, lambda: self.link.pop(self.capabilities, self.config.pop_wait), self.serve
+        )
 
     async def serve(self, job: LeasedJob) -> None:
         if params_hash(job.params) != job.params_hash:
