@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -20,17 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _wait_line(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = re.search(pattern, log.read_text(errors="replace"))
-        if match:
-            return match.group(0)
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited early:\n{log.read_text()}")
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {pattern!r}:\n{log.read_text()}")
+from processes import wait_line
 
 
 def main() -> int:
@@ -74,7 +63,7 @@ def main() -> int:
             stderr=subprocess.STDOUT,
         )
         procs.append(coordinator)
-        url = _wait_line(log_c, r"http://[0-9.]+:\d+", coordinator, 60)
+        url = wait_line(log_c, r"http://[0-9.]+:\d+", coordinator, 60)
         log_w = work / "worker.log"
         worker = subprocess.Popen(
             [
@@ -98,7 +87,7 @@ def main() -> int:
             stderr=subprocess.STDOUT,
         )
         procs.append(worker)
-        _wait_line(log_w, "ready", worker, 300)
+        wait_line(log_w, "ready", worker, 300)
 
         params = ImageParams(
             prompt="a lighthouse",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -27,21 +26,11 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from processes import wait_line
+
 # Petals 2.2 on this machine, same model and layout (STACK.md): what to beat by 2x
 PETALS_TOKENS_PER_S = (52, 64)
 PETALS_FIRST_TOKEN_MS = (45, 52)
-
-
-def _wait_line(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = re.search(pattern, log.read_text(errors="replace"))
-        if match:
-            return match.group(1)
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited early:\n{log.read_text()}")
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {pattern!r}:\n{log.read_text()}")
 
 
 Run = Callable[[], Awaitable[tuple[float, float]]]
@@ -84,7 +73,7 @@ def main() -> int:
                 "WARNING",
             ],
         )
-        url = _wait_line(log, r"listening on (http://\S+)", proc, 60)
+        url = wait_line(log, r"listening on (http://\S+)", proc, 60)
         ready = r"serving blocks \d+:\d+ of \S+ at (\S+)"
         server = ["worker", "blocks", "--model", str(models / "llm"), "--coordinator", url]
         server += ["--threads", "1", "--log-level", "WARNING"]
@@ -93,20 +82,20 @@ def main() -> int:
             [*server, "--blocks", "0:2", "--new-swarm", "--name", "first",
              "--identity", str(work / "first.key")],
         )  # fmt: skip
-        maddr = _wait_line(log, ready, proc, 120)
+        maddr = wait_line(log, ready, proc, 120)
         proc, log = start(
             "second",
             [*server, "--blocks", "2:4", "--initial-peers", maddr, "--name", "second",
              "--identity", str(work / "second.key")],
         )  # fmt: skip
-        _wait_line(log, ready, proc, 120)
+        wait_line(log, ready, proc, 120)
         proc, log = start(
             "gateway",
             ["worker", "gateway", "--model", str(models / "llm"), "--coordinator", url,
              "--initial-peers", maddr, "--name", "gateway", "--identity", str(work / "gw.key"),
              "--threads", "1", "--log-level", "WARNING"],
         )  # fmt: skip
-        _wait_line(log, r"(idlegrid text gateway \S+ ready)", proc, 120)
+        wait_line(log, r"(idlegrid text gateway \S+ ready)", proc, 120)
         timings = asyncio.run(_measure(models / "llm", maddr, url, args))
     finally:
         for proc in reversed(procs):

@@ -48,7 +48,11 @@ class Network:
                 str(lease_timeout),
             ],
         )
-        self.url = self.coordinator.wait_for(r"listening on (http://\S+)", 60).group(1)
+        try:
+            self.url = self.coordinator.wait_for(r"listening on (http://\S+)", 60).group(1)
+        except BaseException:
+            self.close()  # no process outlives a failed set-up
+            raise
         self.env = {"IDLEGRID_CREDENTIALS": str(tmp / "credentials.json")}
 
     def start(self, label: str, args: list[str]) -> Proc:

@@ -36,45 +36,49 @@ class Swarm:
         self.models = models
         self.procs: list[Proc] = []
         self.env = {"IDLEGRID_CREDENTIALS": str(tmp / "credentials.json")}
-        self.coordinator = self.start(
-            "coordinator",
-            [
+        try:
+            self.coordinator = self.start(
                 "coordinator",
-                "--port",
-                "0",
-                "--data-dir",
-                str(tmp / "data"),
-                "--lease-timeout",
-                "10",
-            ],
-        )
-        self.url = self.coordinator.wait_for(r"listening on (http://\S+)", 60).group(1)
-        self.donor = self.register("donor")
-        self.alice = self.register("alice")
-        self.first, self.peer = self.server("server-a", "0:2", None)
-        self.second, _ = self.server("server-b", "2:4", self.peer)
-        self.gateway = self.start(
-            "gateway",
-            [
-                "worker",
+                [
+                    "coordinator",
+                    "--port",
+                    "0",
+                    "--data-dir",
+                    str(tmp / "data"),
+                    "--lease-timeout",
+                    "10",
+                ],
+            )
+            self.url = self.coordinator.wait_for(r"listening on (http://\S+)", 60).group(1)
+            self.donor = self.register("donor")
+            self.alice = self.register("alice")
+            self.first, self.peer = self.server("server-a", "0:2", None)
+            self.second, _ = self.server("server-b", "2:4", self.peer)
+            self.gateway = self.start(
                 "gateway",
-                "--coordinator",
-                self.url,
-                "--model",
-                str(models / MODEL),
-                "--initial-peers",
-                self.peer,
-                "--name",
-                "gateway",
-                "--identity",
-                str(tmp / "gateway.key"),
-                "--api-key",
-                self.donor,
-                "--threads",
-                "1",
-            ],
-        )
-        self.gateway.wait_for("idlegrid text gateway gateway ready", 120)
+                [
+                    "worker",
+                    "gateway",
+                    "--coordinator",
+                    self.url,
+                    "--model",
+                    str(models / MODEL),
+                    "--initial-peers",
+                    self.peer,
+                    "--name",
+                    "gateway",
+                    "--identity",
+                    str(tmp / "gateway.key"),
+                    "--api-key",
+                    self.donor,
+                    "--threads",
+                    "1",
+                ],
+            )
+            self.gateway.wait_for("idlegrid text gateway gateway ready", 120)
+        except BaseException:
+            self.close()  # no process outlives a failed set-up
+            raise
 
     def start(self, label: str, args: list[str]) -> Proc:
         proc = Proc(args, self.tmp / f"{label}-{len(self.procs)}.log", self.env)

@@ -54,9 +54,13 @@ class Cluster:
         coordinator = self._start(
             "coordinator", ["coordinator", "--port", "0", "--data-dir", str(tmp / "data")]
         )
-        self.url = coordinator.wait_for(r"listening on (http://\S+)", 60).group(1)
-        with Client(self.url) as grid:
-            self.api_key = grid.register("donor").api_key
+        try:
+            self.url = coordinator.wait_for(r"listening on (http://\S+)", 60).group(1)
+            with Client(self.url) as grid:
+                self.api_key = grid.register("donor").api_key
+        except BaseException:
+            self.close()  # no process outlives a failed set-up
+            raise
 
     def _start(self, label: str, args: list[str]) -> Proc:
         proc = Proc(args, self.tmp / f"{label}-{len(self.procs)}.log")
