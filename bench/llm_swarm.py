@@ -145,11 +145,11 @@ async def _measure(
         began = time.perf_counter()
         cache = DynamicCache()
         with torch.inference_mode():
-            token = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(prompt, cache=cache).logits[:, -1:].argmax(-1)
             first = time.perf_counter() - began
             began = time.perf_counter()
             for _ in range(args.tokens - 1):
-                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+                token = model(token, cache=cache).logits[:, -1:].argmax(-1)
         return first, (args.tokens - 1) / (time.perf_counter() - began)
 
     client = await SwarmClient.create(SwarmClientConfig(model_name="llm", initial_peers=(maddr,)))

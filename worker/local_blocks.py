@@ -100,7 +100,7 @@ class LocalBlocks:
                 hidden,
                 attention_mask=masks[window],
                 position_ids=positions,
-                past_key_values=self.cache,
+                cache=self.cache,
                 use_cache=True,
                 position_embeddings=position_embeddings,
             )

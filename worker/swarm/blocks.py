@@ -205,7 +205,7 @@ class BlockSpan:
                     hidden,
                     attention_mask=mask,
                     position_ids=positions,
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=cache is not None,
                     position_embeddings=position_embeddings,
                 )
