@@ -1,7 +1,10 @@
-"""Greedy generation with the tiny LM: locally vs through two block servers on loopback.
+"""Greedy generation locally vs through two block servers on loopback.
 
-Starts a coordinator and two block servers (real processes, blocks 0:2 and 2:4, one torch
-thread each) and a text gateway, then times, in one run and interleaved:
+The model is the tiny LM (default) or `--model DIR`, e.g. SmolLM2 converted by
+`idlegrid models smollm2 DIR` (then `--model DIR/smollm2`). Starts a coordinator, two block
+servers (real processes, each half of the blocks: 0:2 and 2:4 of the tiny LM, 0:15 and
+15:30 of SmolLM2) and a text gateway, every process and this one with `--threads` torch
+threads, then times, in one run and interleaved:
   local    - the full model in this process: HF forward + DynamicCache, one token per step
   swarm    - embeddings and LM head here, the decoder blocks on the servers (SwarmClient)
   network  - what a user sees: submit to the coordinator, a gateway pops the job and runs it
@@ -10,13 +13,15 @@ and prints the median first-token latency (prompt in, first token out, session o
 included; for `network`, submit to the first streamed text) and tokens per second after it,
 with ratios against the local baseline.
 
-    .venv/bin/python bench/llm_swarm.py [--runs 5] [--tokens 64] [--prompt 16]
+    .venv/bin/python bench/llm_swarm.py [--model DIR] [--threads 1] [--runs 5] [--tokens 64]
+        [--prompt 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -43,14 +48,28 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per run")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
+    parser.add_argument(
+        "--model", type=Path, help="model folder (default: the tiny LM, built if needed)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of every process (default 1)"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="idlegrid-bench-"))
-    models = Path(os.environ.get("IDLEGRID_TEST_MODELS") or work / "models")
-    if not (models / "llm" / "config.json").exists():
-        from worker.tiny_models import build_tiny_models
+    if args.model is not None:
+        llm = args.model.resolve()
+    else:
+        models = Path(os.environ.get("IDLEGRID_TEST_MODELS") or work / "models")
+        if not (models / "llm" / "config.json").exists():
+            from worker.tiny_models import build_tiny_models
 
-        build_tiny_models(models)
+            build_tiny_models(models)
+        llm = models / "llm"
+    config = json.loads((llm / "config.json").read_text())
+    blocks, hidden = config["num_hidden_layers"], config["hidden_size"]
+    half = blocks // 2
+    threads = str(args.threads)
     cli = [sys.executable, "-m", "client.cli"]
     procs: list[subprocess.Popen[bytes]] = []
 
@@ -75,28 +94,28 @@ def main() -> int:
         )
         url = wait_line(log, r"listening on (http://\S+)", proc, 60)
         ready = r"serving blocks \d+:\d+ of \S+ at (\S+)"
-        server = ["worker", "blocks", "--model", str(models / "llm"), "--coordinator", url]
-        server += ["--threads", "1", "--log-level", "WARNING"]
+        server = ["worker", "blocks", "--model", str(llm), "--coordinator", url]
+        server += ["--threads", threads, "--log-level", "WARNING"]
         proc, log = start(
             "first",
-            [*server, "--blocks", "0:2", "--new-swarm", "--name", "first",
+            [*server, "--blocks", f"0:{half}", "--new-swarm", "--name", "first",
              "--identity", str(work / "first.key")],
         )  # fmt: skip
         maddr = wait_line(log, ready, proc, 120)
         proc, log = start(
             "second",
-            [*server, "--blocks", "2:4", "--initial-peers", maddr, "--name", "second",
+            [*server, "--blocks", f"{half}:{blocks}", "--initial-peers", maddr, "--name", "second",
              "--identity", str(work / "second.key")],
         )  # fmt: skip
         wait_line(log, ready, proc, 120)
         proc, log = start(
             "gateway",
-            ["worker", "gateway", "--model", str(models / "llm"), "--coordinator", url,
+            ["worker", "gateway", "--model", str(llm), "--coordinator", url,
              "--initial-peers", maddr, "--name", "gateway", "--identity", str(work / "gw.key"),
-             "--threads", "1", "--log-level", "WARNING"],
+             "--threads", threads, "--log-level", "WARNING"],
         )  # fmt: skip
         wait_line(log, r"(idlegrid text gateway \S+ ready)", proc, 120)
-        timings = asyncio.run(_measure(models / "llm", maddr, url, args))
+        timings = asyncio.run(_measure(llm, maddr, url, args))
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -104,19 +123,28 @@ def main() -> int:
 
     local_first, local_rate = (statistics.median(t) for t in zip(*timings["local"], strict=True))
     print(
-        f"\ntiny Llama (hidden 64, 4 blocks), greedy, prompt {args.prompt} tokens, "
-        f"{args.tokens} new tokens, {args.runs} runs each, medians, 1 torch thread everywhere"
+        f"\n{llm.name} (hidden {hidden}, {blocks} blocks), greedy, prompt {args.prompt} "
+        f"tokens, {args.tokens} new tokens, {args.runs} runs each, medians, "
+        f"{args.threads} torch thread(s) in every process"
     )
     print(f"| {'path':<34} | {'first token ms':>14} | {'tokens/s':>9} | {'vs local':>8} |")
     print(f"|{'-' * 36}|{'-' * 16}|{'-' * 11}|{'-' * 10}|")
     labels = {
         "local": "local model (baseline)",
-        "swarm": "swarm: 2 servers x 2 blocks",
+        "swarm": f"swarm: 2 servers x {half} blocks",
         "network": "network: coordinator+gateway+SSE",
     }
     for name, label in labels.items():
         first, rate = (statistics.median(t) for t in zip(*timings[name], strict=True))
         print(f"| {label:<34} | {first * 1000:>14.1f} | {rate:>9.1f} | {rate / local_rate:>8.2f} |")
+    network_first = statistics.median(t[0] for t in timings["network"])
+    network_rate = statistics.median(t[1] for t in timings["network"])
+    print(
+        f"\nnetwork vs local: {network_rate / local_rate:.2f}x tokens/s (target >= 0.95x), "
+        f"first token +{(network_first - local_first) * 1000:.0f} ms (target <= 30 ms)"
+    )
+    if args.model is not None:
+        return 0
     print(
         f"\nPetals 2.2, same setup (STACK.md): first token {PETALS_FIRST_TOKEN_MS[0]}-"
         f"{PETALS_FIRST_TOKEN_MS[1]} ms, {PETALS_TOKENS_PER_S[0]}-{PETALS_TOKENS_PER_S[1]} "
@@ -136,8 +164,8 @@ async def _measure(
     from worker.lm_head import LMHead
     from worker.swarm.client import SwarmClient, SwarmClientConfig
 
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(llm).eval()
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(llm, use_safetensors=True).eval()
     head = LMHead.load(llm)
     prompt = torch.arange(3, 3 + args.prompt)[None]
 
@@ -152,7 +180,9 @@ async def _measure(
                 token = model(token, cache=cache).logits[:, -1:].argmax(-1)
         return first, (args.tokens - 1) / (time.perf_counter() - began)
 
-    client = await SwarmClient.create(SwarmClientConfig(model_name="llm", initial_peers=(maddr,)))
+    client = await SwarmClient.create(
+        SwarmClientConfig(model_name=llm.name, initial_peers=(maddr,))
+    )
 
     async def swarm() -> tuple[float, float]:
         began = time.perf_counter()

@@ -6,7 +6,8 @@
     api.py              route table: validation, auth, error mapping, OpenAPI
     routes_accounts.py  accounts, health, OpenAPI document
     routes_jobs.py      submit / status / SSE events / images
-    routes_workers.py   worker register / pop / progress / result / fail
+    routes_workers.py   worker register / pop / progress / fail
+    routes_results.py   image uploads (raw PNG) and the result that verifies and pays
     routes_text.py      text jobs: submit / status / SSE text; gateway pop / delta / result;
                         block servers' peer links
     routes_openai.py    OpenAI-compatible /v1/models, /v1/chat/completions, /v1/completions
@@ -22,6 +23,8 @@
     ratelimit.py        token buckets per API key / worker and per IP
     routes_economy.py   quotes, cancel, share, ratings, transfers, history, worker records
     results.py          content-addressed result files
+    uploads.py          streaming uploads to disk; which images of a job are uploaded
+    png_check.py        an upload is a valid PNG of the job's size (bombs refused)
     signals.py          in-process wake-ups for long-polls and streams
     state.py            typed app state keys
     errors.py           CoordinatorError and its HTTP statuses

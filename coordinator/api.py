@@ -53,7 +53,10 @@ class Route:
     auth: Auth
     status: int
     produces: str
-    upload: bool
+    # media type of a raw (binary) body that the handler streams itself, or None
+    raw: str | None = None
+    # request headers the handler reads: (name, description), for the OpenAPI document
+    headers: tuple[tuple[str, str], ...] = ()
     errors: tuple[int, ...] = field(default=())
     # rate-limit scope (a key of CoordinatorConfig.rate_limits), or None
     limit: str | None = None
@@ -76,12 +79,15 @@ async def _read_body(request: web.Request, model: type[BaseModel], limit: int) -
             f"request body is {request.content_length} bytes; the limit here is {limit}",
             [("body", f"must be at most {limit} bytes")],
         )
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise BodyTooLarge(
-            f"request body is over the limit of {limit} bytes",
-            [("body", f"must be at most {limit} bytes")],
-        )
+    # `read(n)` returns what is buffered so far, not n bytes: read until the end.
+    raw = bytearray()
+    while chunk := await request.content.read(limit + 1 - len(raw)):
+        raw += chunk
+        if len(raw) > limit:
+            raise BodyTooLarge(
+                f"request body is over the limit of {limit} bytes",
+                [("body", f"must be at most {limit} bytes")],
+            )
     try:
         data = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -108,10 +114,13 @@ class Api:
         auth: Auth = "none",
         status: int = 200,
         produces: str = "application/json",
-        upload: bool = False,
+        raw: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
         errors: tuple[int, ...] = (),
         limit: str | None = None,
     ) -> Callable[[Handler], Handler]:
+        assert body is None or raw is None, "a route has a JSON body or a raw one, not both"
+
         def register(handler: Handler) -> Handler:
             self.routes.append(
                 Route(
@@ -124,8 +133,9 @@ class Api:
                     auth,
                     status,
                     produces,
-                    upload,
-                    errors + ((429,) if limit else ()),
+                    raw,
+                    headers,
+                    errors + ((429,) if limit else ()) + ((413,) if raw else ()),
                     limit,
                 )
             )
@@ -166,9 +176,9 @@ class Api:
                 )
                 request.app[LIMITER].check(route.limit, identity, request.remote)
             if route.body is not None:
-                config = request.app[CONFIG]
-                limit = config.max_upload_bytes if route.upload else config.max_body_bytes
-                call.body = await _read_body(request, route.body, limit)
+                call.body = await _read_body(
+                    request, route.body, request.app[CONFIG].max_body_bytes
+                )
             result = await route.handler(request, call)
             if isinstance(result, web.StreamResponse):
                 return result
@@ -193,6 +203,11 @@ class Api:
                     "required": True,
                     "content": {"application/json": {"schema": refs[(route.body, "validation")]}},
                 }
+            elif route.raw is not None:
+                op["requestBody"] = {
+                    "required": True,
+                    "content": {route.raw: {"schema": {"type": "string", "format": "binary"}}},
+                }
             ok: dict[str, Any] = {"description": "success"}
             if route.response is not None:
                 ok["content"] = {route.produces: {"schema": refs[(route.response, "validation")]}}
@@ -202,7 +217,9 @@ class Api:
                 "content": {"application/json": {"schema": refs[(ErrorBody, "serialization")]}}
             }
             responses: dict[str, Any] = {str(route.status): ok}
-            codes = set(route.errors) | ({400} if route.body else set())
+            codes = set(route.errors) | (
+                {400} if route.body or route.raw or route.headers else set()
+            )
             if route.auth in ("user", "worker", "optional"):
                 codes.add(401)
             for code in sorted(codes):
@@ -217,6 +234,15 @@ class Api:
             params = [
                 {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                 for name in _path_params(route.path)
+            ] + [
+                {
+                    "name": name,
+                    "in": "header",
+                    "required": True,
+                    "description": description,
+                    "schema": {"type": "string"},
+                }
+                for name, description in route.headers
             ]
             if params:
                 op["parameters"] = params

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -15,6 +16,7 @@ from coordinator import (  # noqa: F401
     routes_economy,
     routes_jobs,
     routes_openai,
+    routes_results,
     routes_text,
     routes_workers,
 )
@@ -23,17 +25,29 @@ from coordinator.config import CoordinatorConfig
 from coordinator.ratelimit import RateLimiter
 from coordinator.results import ResultFiles
 from coordinator.signals import Signals
-from coordinator.state import CONFIG, FILES, LIMITER, SIGNALS, STORE
+from coordinator.state import CONFIG, FILES, LIMITER, SIGNALS, STORE, UPLOADS
 from coordinator.store import Store
+from coordinator.uploads import Uploads
 
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 
 
+# how often staged uploads of abandoned jobs are looked for
+PRUNE_INTERVAL = 3600.0
+
+
 async def _reap_forever(app: web.Application) -> None:
     store, signals, interval = app[STORE], app[SIGNALS], app[CONFIG].reap_interval
+    pruned_at = 0.0
     while True:
+        if time.monotonic() - pruned_at > PRUNE_INTERVAL:
+            pruned_at = time.monotonic()
+            try:
+                await asyncio.to_thread(app[UPLOADS].prune, app[CONFIG].upload_max_age)
+            except OSError:
+                log.exception("pruning old uploads failed; retrying later")
         try:
             expired = await store.reap_expired()
         except Exception:
@@ -51,6 +65,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     config.data_dir.mkdir(parents=True, exist_ok=True)
     app[FILES] = ResultFiles(config.data_dir / "results")
+    # beside results/ on the same file system: verified uploads are renamed into it
+    app[UPLOADS] = Uploads(config.data_dir / "uploads")
     app[STORE] = await Store.open(config)
     app[SIGNALS] = Signals()
     reaper = asyncio.create_task(_reap_forever(app), name="lease-reaper")
@@ -69,8 +85,9 @@ async def _wake_waiters(app: web.Application) -> None:
 
 
 def create_app(config: CoordinatorConfig) -> web.Application:
-    # Bodies are read and size-checked by the route table; this only caps aiohttp's own reads.
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_upload_bytes)
+    # Bodies are read and size-checked by the route table (JSON) or streamed by their
+    # handler (image uploads); this only caps aiohttp's own reads.
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[LIMITER] = RateLimiter(config.rate_limits)
     app.cleanup_ctx.append(_lifecycle)

@@ -64,9 +64,11 @@ class CoordinatorConfig:
     anonymous_max_tokens: int = 256
     # a text model counts as served while a gateway offered it within this many seconds
     text_model_seconds: float = 120.0
-    # largest JSON body accepted outside result uploads, and largest result upload
+    # largest JSON body accepted (image uploads are raw PNGs, limited by the job's size:
+    # see coordinator.png_check.byte_limit)
     max_body_bytes: int = 64 * 1024
-    max_upload_bytes: int = 128 * 1024 * 1024
+    # staged image uploads of a job that was never finished are removed after this long
+    upload_max_age: float = 2 * 86400.0
     # longest long-poll a worker may ask for, and the fallback re-check interval that
     # lets several coordinators on one database see each other's jobs
     max_pop_wait: float = 60.0

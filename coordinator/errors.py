@@ -2,7 +2,8 @@
 
 CoordinatorError                 base; status 500
 ├── BadRequest                   the caller's input is wrong (400); may list fields
-│   └── BodyTooLarge             body over the configured limit (413)
+│   ├── BodyTooLarge             body over the configured limit (413)
+│   └── BadImage                 an uploaded image is not a PNG of the job's size (400)
 ├── Unauthorized                 missing or unknown API key / worker token (401)
 ├── Forbidden                    authenticated, but not allowed (403)
 │   └── WorkerPaused             the worker failed too many checks; it gets no jobs
@@ -18,6 +19,7 @@ CoordinatorError                 base; status 500
 from __future__ import annotations
 
 __all__ = [
+    "BadImage",
     "BadRequest",
     "BodyTooLarge",
     "Conflict",
@@ -53,6 +55,10 @@ class BadRequest(CoordinatorError):
 class BodyTooLarge(BadRequest):
     status = 413
     code = "body_too_large"
+
+
+class BadImage(BadRequest):
+    code = "bad_image"
 
 
 class Unauthorized(CoordinatorError):

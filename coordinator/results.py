@@ -43,5 +43,16 @@ class ResultFiles:
             raise
         return digest
 
+    def put_file(self, source: Path, digest: str) -> None:
+        """Move `source` in as the file of `digest`. The caller has hashed it (it must be
+        `digest`) and synced it to disk, and it lies on the same file system (the data
+        directory), so the move is one atomic rename."""
+        target = self.path(digest)
+        if target.exists():
+            source.unlink(missing_ok=True)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+
     def get(self, digest: str) -> bytes:
         return self.path(digest).read_bytes()

@@ -219,6 +219,8 @@ async def get_image(request: web.Request, call: Call) -> web.StreamResponse:
                 headers={
                     "ETag": f'"{record.sha256}"',
                     "Cache-Control": "private, max-age=31536000",
+                    # the bytes came from a worker: never let a browser guess another type
+                    "X-Content-Type-Options": "nosniff",
                 },
             )
     raise NotFound(f"job {job.id} has no image {index} (yet); check the job's state first")

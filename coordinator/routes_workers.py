@@ -1,21 +1,17 @@
-"""The worker side: register, pop (long-poll), progress, result, failure."""
+"""The worker side: register, pop (long-poll), progress, failure (results: routes_results)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import time
 
 from aiohttp import web
 
 from coordinator.api import API, Call
-from coordinator.errors import BadRequest, Conflict, Unauthorized
+from coordinator.errors import BadRequest, Unauthorized
 from coordinator.polling import long_poll
 from coordinator.routes_jobs import job_status
-from coordinator.state import CONFIG, FILES, SIGNALS, STORE
-from coordinator.store import Job, ResultRecord, Worker
-from coordinator.verification import images_agree, same_build
+from coordinator.state import SIGNALS, STORE, UPLOADS
 from protocol.errors import SignatureInvalid
 from protocol.messages import (
     FailureReport,
@@ -25,14 +21,11 @@ from protocol.messages import (
     PopRequest,
     PopResponse,
     ProgressReport,
-    ResultAccepted,
-    ResultSubmit,
     WorkerRegister,
     WorkerRegistered,
 )
-from protocol.signing import registration_message, result_message, sha256_hex, verify
+from protocol.signing import registration_message, verify
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLOCK_SKEW_SECONDS = 300
 
 
@@ -122,114 +115,6 @@ async def progress(request: web.Request, call: Call) -> LeaseExtended:
     return LeaseExtended(id=job.id, lease_deadline=job.lease_deadline)
 
 
-def _checked_images(
-    job_id: str, params_hash: str, expected_seeds: list[int], worker: Worker, body: ResultSubmit
-) -> list[tuple[ResultRecord, bytes]]:
-    """Decode and verify every submitted image, or raise naming the bad field."""
-    indexes = sorted(image.index for image in body.images)
-    if indexes != list(range(len(expected_seeds))):
-        raise BadRequest(
-            f"submit exactly images 0..{len(expected_seeds) - 1}, once each; got {indexes}",
-            [("images", f"must hold indexes 0..{len(expected_seeds) - 1} once each")],
-        )
-    checked = []
-    for position, image in enumerate(body.images):
-        field = f"images[{position}]"
-        try:
-            data = base64.b64decode(image.png_base64, validate=True)
-        except (binascii.Error, ValueError):
-            raise BadRequest(
-                f"{field}.png_base64 is not base64", [(f"{field}.png_base64", "must be base64")]
-            ) from None
-        if not data.startswith(PNG_MAGIC):
-            raise BadRequest(
-                f"{field} is not a PNG", [(f"{field}.png_base64", "must be a PNG file")]
-            )
-        if sha256_hex(data) != image.sha256:
-            raise BadRequest(
-                f"{field}.sha256 does not match the image bytes",
-                [(f"{field}.sha256", "must be the SHA-256 of the PNG")],
-            )
-        expected = expected_seeds[image.index]
-        if image.seed != expected:
-            raise BadRequest(
-                f"{field}.seed is {image.seed}, but image {image.index} must use seed {expected}",
-                [(f"{field}.seed", f"must be {expected}")],
-            )
-        try:
-            verify(
-                worker.public_key,
-                result_message(job_id, params_hash, image.sha256),
-                image.signature,
-            )
-        except SignatureInvalid:
-            raise Unauthorized(
-                f"{field}.signature does not verify with this worker's key"
-            ) from None
-        checked.append((ResultRecord(image.index, image.seed, image.sha256, image.signature), data))
-    return sorted(checked, key=lambda item: item[0].index)
-
-
-@API.route(
-    "POST",
-    "/api/v1/jobs/{job_id}/result",
-    summary="Submit a leased job's signed images; the coordinator verifies, stores and pays",
-    body=ResultSubmit,
-    response=ResultAccepted,
-    auth="worker",
-    upload=True,
-    errors=(404, 409),
-)
-async def submit_result(request: web.Request, call: Call) -> ResultAccepted:
-    store, files = request.app[STORE], request.app[FILES]
-    worker = call.worker
-    assert worker is not None
-    job_id = request.match_info["job_id"]
-    job = await store.get_job(job_id)
-    if job is None or job.state != "leased" or job.worker_id != worker.id:
-        raise Conflict(
-            f"job {job_id} is not leased to this worker; it may have been given to another"
-        )
-    checked = _checked_images(job.id, job.params_hash, job.params.seeds(), worker, call.body)
-    # Files first (content-addressed, idempotent), then the transaction that makes them visible.
-    for _, data in checked:
-        files.put(data)
-    agrees = None
-    if job.verify_of is not None:
-        agrees = await _check_agrees(request, worker, job, [data for _, data in checked])
-    paid, held = await store.finish_job(worker, job, [record for record, _ in checked], agrees)
-    request.app[SIGNALS].job_changed(job.id)
-    if job.verify_of is not None:
-        request.app[SIGNALS].job_changed(job.verify_of)
-    request.app[SIGNALS].queue_changed()
-    return ResultAccepted(id=job.id, kudos_earned=paid, kudos_held=held)
-
-
-async def _check_agrees(
-    request: web.Request, verifier: Worker, job: Job, images: list[bytes]
-) -> bool:
-    """Whether a spot check's images match the original job's (see coordinator.verification)."""
-    store, files, config = request.app[STORE], request.app[FILES], request.app[CONFIG]
-    original = await store.original_results(job)
-    if len(original) != len(images):
-        return False
-    assert job.verify_of is not None
-    checked = await store.get_job(job.verify_of)
-    mine = await store.worker_row(verifier.id)
-    theirs = await store.worker_row(checked.worker_id) if checked and checked.worker_id else None
-    identical = same_build(
-        mine.engine if mine is not None else None, theirs.engine if theirs is not None else None
-    )
-    for record, data in zip(original, images, strict=True):
-        before = await asyncio.to_thread(files.get, record.sha256)
-        same = await asyncio.to_thread(
-            images_agree, before, data, identical, config.verify_tolerance
-        )
-        if not same:
-            return False
-    return True
-
-
 @API.route(
     "POST",
     "/api/v1/jobs/{job_id}/fail",
@@ -245,6 +130,7 @@ async def fail(request: web.Request, call: Call) -> JobStatus:
     job = await request.app[STORE].fail_job(
         call.worker, request.match_info["job_id"], call.body.reason
     )
+    await asyncio.to_thread(request.app[UPLOADS].discard, job.id)
     request.app[SIGNALS].job_changed(job.id)
     request.app[SIGNALS].queue_changed()
     return await job_status(request, job)

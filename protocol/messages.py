@@ -22,10 +22,14 @@ __all__ = [
     "FailureReport",
     "FieldProblem",
     "Health",
+    "IMAGE_SEED_HEADER",
+    "IMAGE_SHA256_HEADER",
+    "IMAGE_SIGNATURE_HEADER",
     "HistoryEntry",
     "HistoryPage",
     "ImageInfo",
     "ImageJobCreated",
+    "ImageUploaded",
     "JobCancelled",
     "JobState",
     "JobStatus",
@@ -279,15 +283,31 @@ class ProgressReport(_Request):
     steps: int = Field(ge=1, le=MAX_STEPS * 2)
 
 
+# An image is uploaded on its own (`PUT /api/v1/jobs/{job_id}/images/{index}`, body = the
+# raw PNG) with these headers; the result that follows names the uploads and pays.
+IMAGE_SEED_HEADER = "X-Image-Seed"
+IMAGE_SHA256_HEADER = "X-Image-Sha256"
+IMAGE_SIGNATURE_HEADER = "X-Image-Signature"
+
+
+class ImageUploaded(_Response):
+    id: str
+    index: int
+    sha256: str
+
+
 class SubmittedImage(_Request):
+    """One uploaded image of a result: the same seed, hash and signature as its upload."""
+
     index: int = Field(ge=0, lt=MAX_N)
     seed: int = Field(ge=0)
     sha256: str = Field(pattern=HEX_64)
-    signature: str = Field(pattern=HEX_128)
-    png_base64: str = Field(min_length=1)
+    signature: str = Field(pattern=HEX_128, description="over result_message(...)")
 
 
 class ResultSubmit(_Request):
+    """Finishes a job whose images were all uploaded; the PNGs themselves are not sent here."""
+
     images: list[SubmittedImage] = Field(min_length=1, max_length=MAX_N)
 
 

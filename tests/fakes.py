@@ -1,23 +1,42 @@
-"""A worker without an engine: real identity, real HTTP link, PNGs drawn with Pillow."""
+"""A worker without an engine: real identity, real HTTP link, PNGs drawn with Pillow.
+
+`FakeImageEngine` is the other half: an engine for a real sandbox (and a real
+ImageWorker) that draws solid PNGs instead of running a model.
+"""
 
 from __future__ import annotations
 
+import functools
 import io
+from typing import Any
 
 from PIL import Image
 
+from protocol.messages import LeasedJob
 from protocol.signing import Identity
 from worker.link import Capabilities, CoordinatorLink
 
-__all__ = ["FakeWorker", "png"]
+__all__ = ["CAPS", "FakeImageEngine", "FakeWorker", "job_pngs", "png"]
 
 CAPS = Capabilities(models=["tiny"], max_pixels=512 * 512, max_steps=50)
 
 
-def png(seed: int) -> bytes:
+@functools.lru_cache(maxsize=64)
+def png(seed: int, width: int = 64, height: int = 64, compress_level: int = 1) -> bytes:
+    """A solid PNG whose colour depends on `seed` (compress_level 0: as large as a PNG of
+    that size gets; fast at any size)."""
     buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (seed % 256, 0, 0)).save(buffer, format="PNG")
+    colour = (seed % 256, (seed // 256) % 256, 7)
+    Image.new("RGB", (width, height), colour).save(
+        buffer, format="PNG", compress_level=compress_level
+    )
     return buffer.getvalue()
+
+
+def job_pngs(job: LeasedJob, offset: int = 0, compress_level: int = 1) -> list[bytes]:
+    """One PNG per image of the job, at its size (`offset` shifts the colours: a wrong image)."""
+    params = job.params
+    return [png(s + offset, params.width, params.height, compress_level) for s in params.seeds()]
 
 
 class FakeWorker:
@@ -31,3 +50,18 @@ class FakeWorker:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.link.aclose()
+
+
+class FakeImageEngine:
+    """Runs in a sandbox child: answers an "image" call with solid PNGs of the size in its
+    options (`{"size": [w, h]}`; default the job's own size)."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.size = options.get("size")
+
+    def handle(
+        self, kind: str, payload: dict[str, Any], emit: Any
+    ) -> tuple[dict[str, Any], list[bytes]]:
+        width, height = self.size or (payload["width"], payload["height"])
+        seeds = [payload["seed"] + i for i in range(payload["n"])]
+        return {"seeds": seeds}, [png(seed, width, height) for seed in seeds]

@@ -18,6 +18,7 @@
     chat_format.py    chat messages -> prompt (the tokenizer's template, or a default)
     identity.py       the Ed25519 identity file
     tiny_models.py    deterministic tiny random SD and Llama models for tests and demos
+    smollm2.py        `idlegrid models smollm2`: SmolLM2's GGUF -> a safetensors folder
     errors.py         WorkerError and its subclasses
 
 Heavy imports (torch, diffusers) happen only in the engine process and the commands.

@@ -15,6 +15,10 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from protocol.signing import Identity
 
 __all__ = ["add_blocks_command"]
 
@@ -24,7 +28,7 @@ READY_LINE = "idlegrid block server {name} serving blocks {start}:{end} of {mode
 
 
 def add_blocks_command(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from worker.main import _default_name
+    from worker.main import _add_identity_flags
 
     blocks = kinds.add_parser(
         "blocks",
@@ -68,14 +72,9 @@ def add_blocks_command(kinds: argparse._SubParsersAction[argparse.ArgumentParser
         action="store_true",
         help="ask the router for a port mapping (UPnP / NAT-PMP)",
     )
-    blocks.add_argument("--name", default=_default_name(), help="worker name (default: host name)")
+    _add_identity_flags(blocks, "blocks")
     blocks.add_argument(
         "--api-key", help="owner's API key; earnings go to that account (env IDLEGRID_API_KEY)"
-    )
-    blocks.add_argument(
-        "--identity",
-        type=Path,
-        help="Ed25519 identity file (default: ~/.local/share/idlegrid/worker-NAME.key)",
     )
     blocks.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default %(default)s)"
@@ -111,7 +110,7 @@ def add_blocks_command(kinds: argparse._SubParsersAction[argparse.ArgumentParser
 class _Command:
     coordinator: str
     name: str
-    identity_file: Path
+    identity: Identity
     api_key: str | None
 
 
@@ -134,15 +133,12 @@ def _run_blocks(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from protocol.messages import NAME_PATTERN
     from worker.errors import ModelError
-    from worker.main import _data_home
+    from worker.main import _claim_identity
     from worker.swarm.blocks import ModelInfo
     from worker.swarm.server import BlockServerConfig
 
     try:
-        if not re.fullmatch(NAME_PATTERN, args.name):
-            raise _BadFlag("--name", "use 2-32 letters, digits, '_', '.', '-'")
         try:
             model = ModelInfo.read(args.model, args.model_name)
         except ModelError as exc:
@@ -190,18 +186,21 @@ def _run_blocks(args: argparse.Namespace) -> int:
         session_idle_timeout=args.session_idle_timeout,
         cache_tokens=args.cache_tokens,
     )
+    claimed = _claim_identity(args, "blocks")
+    if claimed is None:
+        return 2
     command = _Command(
         coordinator=args.coordinator,
-        name=args.name,
-        identity_file=args.identity or _data_home() / f"worker-{args.name}.key",
+        name=claimed.name,
+        identity=claimed.identity,
         api_key=args.api_key or os.environ.get("IDLEGRID_API_KEY"),
     )
-    return asyncio.run(_serve_blocks(config, command))
+    with claimed:
+        return asyncio.run(_serve_blocks(config, command))
 
 
 async def _serve_blocks(config: object, command: _Command) -> int:
     from worker.errors import CoordinatorRejected, CoordinatorUnavailable, ModelError
-    from worker.identity import load_or_create_identity
     from worker.link import CoordinatorLink
     from worker.swarm.server import BlockServer, BlockServerConfig
 
@@ -211,8 +210,7 @@ async def _serve_blocks(config: object, command: _Command) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, task.cancel)
-    identity = load_or_create_identity(command.identity_file)
-    link = CoordinatorLink(command.coordinator, identity, command.name, command.api_key)
+    link = CoordinatorLink(command.coordinator, command.identity, command.name, command.api_key)
     server: BlockServer | None = None
     try:
         await link.register()

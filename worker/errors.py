@@ -5,7 +5,9 @@
     │   ├── UnsafeWeights       pickle-based weights (.ckpt, .bin, .pt, ...): never loaded
     │   ├── ModelNotFound       no usable model at that path, or not a model at all
     │   ├── ModelConfigMissing  a single-file checkpoint without `--model-config DIR`
-    │   └── UnsupportedArchitecture  an LLM family we do not serve (names the supported)
+    │   ├── UnsupportedArchitecture  an LLM family we do not serve (names the supported)
+    │   └── ConversionFailed    `idlegrid models smollm2` could not fetch, verify or convert
+    ├── MissingExtra            an optional dependency is not installed (names the extra)
     ├── InvalidGenerationInput  bad sampling parameters (names the field)
     ├── CoordinatorUnavailable  the coordinator cannot be reached or failed (retry later)
     ├── CoordinatorRejected     the coordinator refused a request (4xx): fix the request
@@ -101,15 +103,26 @@ class SwarmError(WorkerError):
 class MissingBlocks(SwarmError):
     """No reachable server serves some blocks of the model; `ranges` lists them."""
 
-    def __init__(self, model: str, ranges: list[tuple[int, int]]) -> None:
+    def __init__(
+        self, model: str, ranges: list[tuple[int, int]], others: list[str] | None = None
+    ) -> None:
         spans = ", ".join(f"{start}:{end}" for start, end in ranges)
         what = f"blocks {spans} of model {model}" if ranges else f"any blocks of model {model}"
-        super().__init__(
-            f"no server serves {what}; "
-            "start a block server for them (`idlegrid worker blocks`) or retry later"
-        )
+        if others:
+            # the usual cause: the servers and this client were given different names
+            names = ", ".join(others)
+            fix = (
+                f"the swarm's peers serve model {names} instead: give the block servers and "
+                f"this gateway the same --model-name (e.g. --model-name {others[0]}; the "
+                "default is the model folder's name)"
+            )
+        else:
+            fix = "start a block server for them (`idlegrid worker blocks`) or retry later"
+        super().__init__(f"no server serves {what}; {fix}")
         self.model = model
         self.ranges = ranges
+        # models the swarm's initial peers serve instead (a --model-name mismatch)
+        self.others = others or []
 
 
 class ServerFailed(SwarmError):
@@ -130,3 +143,17 @@ class SwarmStepFailed(SwarmError):
 
 
 __all__ += ["MissingBlocks", "ServerFailed", "SwarmError", "SwarmStepFailed"]
+
+
+# -- model converters (worker/smollm2.py) --------------------------------------------------
+
+
+class ConversionFailed(ModelError):
+    """A model to convert could not be downloaded, verified or converted."""
+
+
+class MissingExtra(WorkerError):
+    """An optional dependency is not installed; the message names the pip extra."""
+
+
+__all__ += ["ConversionFailed", "MissingExtra"]

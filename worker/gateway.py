@@ -126,6 +126,10 @@ class TextGateway:
                 host_maddrs=config.host_maddrs,
             )
         )
+        if not await swarm.records():
+            others = await swarm.other_models()
+            if others:  # servers may still come; a different name is the likelier cause
+                log.warning("%s", MissingBlocks(config.model_name, [(0, head.num_blocks)], others))
         return cls(config, link, head, tokenizer, swarm)
 
     async def aclose(self) -> None:

@@ -6,18 +6,21 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from protocol.signing import Identity
 
 __all__ = ["add_gateway_command"]
 
 log = logging.getLogger(__name__)
 
 
-def add_gateway_command(
-    kinds: argparse._SubParsersAction[argparse.ArgumentParser], default_name: str, data_home: Path
-) -> None:
+def add_gateway_command(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from worker.main import _add_identity_flags
+
     gateway = kinds.add_parser(
         "gateway",
         help="serve chat and completion jobs by driving generation through the swarm",
@@ -43,65 +46,59 @@ def add_gateway_command(
         metavar="MADDR",
         help="where this gateway's DHT node listens (default %(default)s)",
     )
-    gateway.add_argument("--name", default=default_name, help="gateway name (default: host name)")
+    _add_identity_flags(gateway, "gateway")
     gateway.add_argument(
         "--api-key", help="owner's API key; earnings go to that account (env IDLEGRID_API_KEY)"
-    )
-    gateway.add_argument(
-        "--identity",
-        type=Path,
-        help="Ed25519 identity file (default: ~/.local/share/idlegrid/worker-NAME.key)",
     )
     gateway.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     gateway.add_argument(
         "--max-context", type=int, help="context length offered (default: the model's)"
     )
     gateway.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
-    gateway.set_defaults(run=lambda args: _run(args, data_home))
+    gateway.set_defaults(run=_run)
 
 
-def _run(args: argparse.Namespace, data_home: Path) -> int:
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from protocol.messages import NAME_PATTERN
     from worker.config import GatewayConfig
+    from worker.main import _claim_identity
 
     model = args.model.resolve()
     if not (model / "config.json").is_file():
         print(f"error: --model: {model} has no config.json; give a model folder", file=sys.stderr)
         return 2
-    if not re.fullmatch(NAME_PATTERN, args.name):
-        print("error: --name: use 2-32 letters, digits, '_', '.', '-'", file=sys.stderr)
-        return 2
     if args.threads is not None and args.threads < 1:
         print("error: --threads: use 1 or more", file=sys.stderr)
+        return 2
+    claimed = _claim_identity(args, "gateway")
+    if claimed is None:
         return 2
     config = GatewayConfig(
         coordinator=args.coordinator,
         model=model,
         model_name=args.model_name or model.name,
-        name=args.name,
-        identity_file=args.identity or data_home / f"worker-{args.name}.key",
+        name=claimed.name,
+        identity_file=claimed.file,
         initial_peers=tuple(args.initial_peers),
         host_maddrs=tuple(args.host_maddr),
         api_key=args.api_key or os.environ.get("IDLEGRID_API_KEY"),
         threads=args.threads,
         max_context=args.max_context,
     )
-    return asyncio.run(_serve(config))
+    with claimed:
+        return asyncio.run(_serve(config, claimed.identity))
 
 
-async def _serve(config: object) -> int:
+async def _serve(config: object, identity: Identity) -> int:
     from worker.config import GatewayConfig
     from worker.errors import ModelError, SwarmError
     from worker.gateway import TextGateway
-    from worker.identity import load_or_create_identity
     from worker.link import CoordinatorLink
     from worker.service import run_until_signalled
 
     assert isinstance(config, GatewayConfig)
-    identity = load_or_create_identity(config.identity_file)
     link = CoordinatorLink(config.coordinator, identity, config.name, config.api_key)
     try:
         try:

@@ -117,6 +117,12 @@ class ImageWorker:
         except LeaseLost as exc:
             log.warning("job %s was taken back before we finished: %s", job.id, exc)
             return
+        except CoordinatorRejected as exc:
+            # Sending the same result again would be refused again: give the job back now
+            # (requeued for another worker) rather than hold it until the lease runs out.
+            log.error("result of job %s refused, giving the job back: %s", job.id, exc)
+            await self._give_back(job, f"result refused: {exc}")
+            return
         self.jobs_done += 1
         log.info(
             "job %s done in %.2fs, earned %d kudos",

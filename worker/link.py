@@ -1,9 +1,14 @@
-"""The worker's HTTP link to the coordinator: register, pop, progress, result, fail."""
+"""The worker's HTTP link to the coordinator: register, pop, progress, result, fail.
+
+A result goes up as one raw-PNG upload per image (`PUT /api/v1/jobs/{id}/images/{i}`,
+seed, hash and signature in headers), then one small JSON request that names the
+uploads and gets the job paid.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import io
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -13,7 +18,11 @@ import aiohttp
 from pydantic import BaseModel
 
 from protocol.messages import (
+    IMAGE_SEED_HEADER,
+    IMAGE_SHA256_HEADER,
+    IMAGE_SIGNATURE_HEADER,
     ErrorBody,
+    ImageUploaded,
     JobStatus,
     LeasedJob,
     LeaseExtended,
@@ -72,9 +81,19 @@ class CoordinatorLink:
         await self._session.close()
 
     async def _call(
-        self, path: str, body: Any, model: type[M], *, worker: bool = True, seconds: float = 30.0
+        self,
+        path: str,
+        body: Any,
+        model: type[M],
+        *,
+        worker: bool = True,
+        seconds: float = 30.0,
+        method: str = "POST",
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> M:
-        headers = {}
+        """`body` goes as JSON, or `data` as the raw body (with its Content-Type in headers)."""
+        headers = dict(headers or {})
         if worker:
             assert self._token is not None, "register() first"
             headers["X-Worker-Token"] = self._token
@@ -82,8 +101,12 @@ class CoordinatorLink:
             headers["apikey"] = self._api_key
         try:
             async with asyncio.timeout(seconds):
-                async with self._session.post(
-                    self.base_url + path, json=body, headers=headers
+                # (a file-like body is sent in pieces; raw bytes would be written at once)
+                payload: dict[str, Any] = (
+                    {"json": body} if data is None else {"data": io.BytesIO(data)}
+                )
+                async with self._session.request(
+                    method, self.base_url + path, headers=headers, **payload
                 ) as resp:
                     text = await resp.text()
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
@@ -123,24 +146,49 @@ class CoordinatorLink:
         body = {"image": image, "step": step, "steps": steps}
         return await self._call(f"/api/v1/jobs/{job_id}/progress", body, LeaseExtended)
 
+    def signed_image(self, job: LeasedJob, index: int, seed: int, sha256: str) -> dict[str, Any]:
+        """One image's entry of a result: what the upload's headers and the result carry."""
+        signature = self._identity.sign(result_message(job.id, job.params_hash, sha256))
+        return {"index": index, "seed": seed, "sha256": sha256, "signature": signature}
+
+    async def upload_image(
+        self, job: LeasedJob, index: int, seed: int, png: bytes
+    ) -> ImageUploaded:
+        """Upload one image as raw PNG bytes; the coordinator checks it and keeps it for
+        the result that follows."""
+        return await self._upload(job, self.signed_image(job, index, seed, sha256_hex(png)), png)
+
+    async def _upload(self, job: LeasedJob, image: dict[str, Any], png: bytes) -> ImageUploaded:
+        headers = {
+            "Content-Type": "image/png",
+            IMAGE_SEED_HEADER: str(image["seed"]),
+            IMAGE_SHA256_HEADER: image["sha256"],
+            IMAGE_SIGNATURE_HEADER: image["signature"],
+        }
+        return await self._call(
+            f"/api/v1/jobs/{job.id}/images/{image['index']}",
+            None,
+            ImageUploaded,
+            method="PUT",
+            data=png,
+            headers=headers,
+            seconds=300,
+        )
+
+    async def finish(self, job: LeasedJob, images: list[dict[str, Any]]) -> ResultAccepted:
+        """Finish the job whose images (entries of `signed_image`) are uploaded; get paid."""
+        return await self._call(
+            f"/api/v1/jobs/{job.id}/result", {"images": images}, ResultAccepted, seconds=120
+        )
+
     async def submit(self, job: LeasedJob, seeds: list[int], pngs: list[bytes]) -> ResultAccepted:
+        """Upload every image, then finish the job."""
         images = []
         for index, (seed, png) in enumerate(zip(seeds, pngs, strict=True)):
-            digest = sha256_hex(png)
-            images.append(
-                {
-                    "index": index,
-                    "seed": seed,
-                    "sha256": digest,
-                    "signature": self._identity.sign(
-                        result_message(job.id, job.params_hash, digest)
-                    ),
-                    "png_base64": base64.b64encode(png).decode(),
-                }
-            )
-        return await self._call(
-            f"/api/v1/jobs/{job.id}/result", {"images": images}, ResultAccepted, seconds=300
-        )
+            image = self.signed_image(job, index, seed, sha256_hex(png))
+            await self._upload(job, image, png)
+            images.append(image)
+        return await self.finish(job, images)
 
     async def fail(self, job_id: str, reason: str) -> JobStatus:
         return await self._call(f"/api/v1/jobs/{job_id}/fail", {"reason": reason[:500]}, JobStatus)

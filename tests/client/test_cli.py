@@ -18,7 +18,7 @@ from protocol.params import ImageParams
 from protocol.signing import Identity
 from protocol.text import TextModel, TextParams
 from tests.conftest import LiveApp
-from tests.fakes import CAPS, FakeWorker, png
+from tests.fakes import CAPS, FakeWorker, job_pngs
 from worker.link import CoordinatorLink
 
 
@@ -126,7 +126,7 @@ async def test_account_transfer_history_and_rate_commands(live: LiveApp) -> None
         created = await grid.submit_image(ImageParams(prompt="x", width=256, height=256, seed=1))
         job = await worker.link.pop(CAPS, wait=5)
         assert job is not None
-        await worker.link.submit(job, [1], [png(1)])
+        await worker.link.submit(job, [1], job_pngs(job))
         bad = await _cli(live.url, alice, "rate", created.id, "0", "11")
         assert bad.returncode == 2 and "SCORE" in bad.stderr
         rated = await _cli(live.url, alice, "rate", created.id, "0", "9")

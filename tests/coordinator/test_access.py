@@ -11,7 +11,6 @@ Rules checked for every route:
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -72,7 +71,6 @@ BODIES: dict[tuple[str, str], Any] = {
                 "seed": 3,
                 "sha256": "0" * 64,
                 "signature": "0" * 128,
-                "png_base64": base64.b64encode(png(3)).decode(),
             }
         ]
     },

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from typing import Any
 
@@ -12,9 +11,14 @@ import pytest
 
 from client.errors import ApiError, AuthError, NotEnoughKudos
 from client.sdk import AsyncClient
-from protocol.messages import JobStatus
+from protocol.messages import (
+    IMAGE_SEED_HEADER,
+    IMAGE_SHA256_HEADER,
+    IMAGE_SIGNATURE_HEADER,
+    JobStatus,
+)
 from protocol.params import ImageParams
-from protocol.signing import result_message, sha256_hex
+from protocol.signing import sha256_hex
 from tests.conftest import LiveApp
 from tests.fakes import CAPS, FakeWorker, png
 from worker.errors import CoordinatorRejected, LeaseLost
@@ -27,6 +31,11 @@ async def _post(url: str, body: Any, headers: dict[str, str] | None = None) -> t
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         async with http.post(url, data=data, headers=headers or {}) as resp:
             return resp.status, await resp.json()
+
+
+async def _put(url: str, data: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.put(url, data=data, headers=headers) as resp:
+        return resp.status, await resp.json()
 
 
 @pytest.mark.parametrize(
@@ -133,30 +142,26 @@ async def test_worker_cannot_submit_for_a_job_not_leased_to_it(live: LiveApp) ->
         with pytest.raises(LeaseLost):
             await thief.link.progress(job.id, 0, 1, 4)
         # a signature by another key over the right bytes is refused too
-        digest = sha256_hex(png(11))
-        forged = {
-            "images": [
-                {
-                    "index": 0,
-                    "seed": 11,
-                    "sha256": digest,
-                    "signature": thief.identity.sign(
-                        result_message(job.id, job.params_hash, digest)
-                    ),
-                    "png_base64": base64.b64encode(png(11)).decode(),
-                }
-            ]
-        }
+        image = thief.link.signed_image(job, 0, 11, sha256_hex(png(11)))
         token = honest.link._token
         assert token is not None
-        status, answer = await _post(
-            f"{live.url}/api/v1/jobs/{job.id}/result", forged, {"X-Worker-Token": token}
-        )
+        headers = {
+            "X-Worker-Token": token,
+            "Content-Type": "image/png",
+            IMAGE_SEED_HEADER: "11",
+            IMAGE_SHA256_HEADER: image["sha256"],
+            IMAGE_SIGNATURE_HEADER: image["signature"],
+        }
+        upload = f"{live.url}/api/v1/jobs/{job.id}/images/0"
+        status, answer = await _put(upload, png(11), headers)
         assert status == 401 and "signature" in answer["error"]["message"]
-        # wrong seed, wrong hash
-        bad_seed = {"images": [{**forged["images"][0], "seed": 12}]}
+        # ... and so is the wrong seed for the image
+        status, answer = await _put(upload, png(11), {**headers, IMAGE_SEED_HEADER: "12"})
+        assert status == 400 and answer["error"]["fields"][0]["field"] == IMAGE_SEED_HEADER
         status, answer = await _post(
-            f"{live.url}/api/v1/jobs/{job.id}/result", bad_seed, {"X-Worker-Token": token}
+            f"{live.url}/api/v1/jobs/{job.id}/result",
+            {"images": [{**image, "seed": 12}]},
+            {"X-Worker-Token": token},
         )
         assert status == 400 and answer["error"]["fields"][0]["field"] == "images[0].seed"
         status, _ = await _post(
@@ -216,6 +221,17 @@ async def test_openapi_describes_the_routes_with_the_handlers_models(live: LiveA
     assert schema["additionalProperties"] is False
     assert "/api/v1/workers/pop" in spec["paths"]
     assert "/api/v1/jobs/{job_id}/events" in spec["paths"]
+    # an image goes up as raw PNG bytes, its seed, hash and signature in headers
+    upload = spec["paths"]["/api/v1/jobs/{job_id}/images/{index}"]["put"]
+    assert upload["requestBody"]["content"]["image/png"]["schema"]["format"] == "binary"
+    headers = {p["name"] for p in upload["parameters"] if p["in"] == "header"}
+    assert headers == {IMAGE_SEED_HEADER, IMAGE_SHA256_HEADER, IMAGE_SIGNATURE_HEADER}
+    assert {"400", "401", "409", "413"} <= set(upload["responses"])
+    result = spec["paths"]["/api/v1/jobs/{job_id}/result"]["post"]["requestBody"]
+    ref = result["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    item = spec["components"]["schemas"][ref]["properties"]["images"]["items"]["$ref"]
+    submitted = spec["components"]["schemas"][item.rsplit("/", 1)[1]]
+    assert "png_base64" not in submitted["properties"]
 
 
 async def test_other_users_cannot_see_a_job(live: LiveApp) -> None:

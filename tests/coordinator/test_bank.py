@@ -36,7 +36,7 @@ from coordinator.schema import accounts, jobs, ledger_entries, postings, ratings
 from coordinator.store import Store
 from coordinator.trust import GRANT_REASONS
 from protocol.params import ImageParams
-from tests.fakes import CAPS, FakeWorker, png
+from tests.fakes import CAPS, FakeWorker, job_pngs
 from tests.procs import Proc
 from worker.errors import CoordinatorRejected, CoordinatorUnavailable, LeaseLost
 
@@ -201,9 +201,7 @@ async def _worker(
             if roll < 0.1:
                 await asyncio.sleep(LEASE * 1.5)  # abandon: the lease runs out
                 with contextlib.suppress(LeaseLost):
-                    await worker.link.submit(
-                        job, job.params.seeds(), [png(s) for s in job.params.seeds()]
-                    )
+                    await worker.link.submit(job, job.params.seeds(), job_pngs(job))
                     assert worker.link.worker_id is not None
                     history.completed[job.id] = worker.link.worker_id
             elif roll < 0.3:
@@ -211,7 +209,7 @@ async def _worker(
             else:
                 worker.link.base_url = cluster.url(rng)
                 seeds = job.params.seeds()
-                await worker.link.submit(job, seeds, [png(s) for s in seeds])
+                await worker.link.submit(job, seeds, job_pngs(job))
                 assert worker.link.worker_id is not None
                 history.completed[job.id] = worker.link.worker_id
             history.done["work"] += 1
@@ -258,9 +256,7 @@ async def _drain(
             with contextlib.suppress(LeaseLost, CoordinatorUnavailable):
                 job = await worker.link.pop(CAPS, wait=0.2)
                 if job is not None:
-                    await worker.link.submit(
-                        job, job.params.seeds(), [png(s) for s in job.params.seeds()]
-                    )
+                    await worker.link.submit(job, job.params.seeds(), job_pngs(job))
     async with store.engine.begin() as conn:
         stuck = (
             await conn.execute(

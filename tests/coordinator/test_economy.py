@@ -18,7 +18,7 @@ from coordinator.store import Store
 from protocol.cost import image_cost
 from protocol.params import ImageParams
 from tests.conftest import LiveApp, start_app
-from tests.fakes import CAPS, FakeWorker, png
+from tests.fakes import CAPS, FakeWorker, job_pngs, png
 from worker.errors import CoordinatorRejected, LeaseLost
 
 SMALL = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 11}
@@ -52,7 +52,7 @@ async def _serve_one(worker: FakeWorker, wrong: bool = False) -> str:
     job = await worker.link.pop(CAPS, wait=10)
     assert job is not None
     seeds = job.params.seeds()
-    await worker.link.submit(job, seeds, [png(s + (1000 if wrong else 0)) for s in seeds])
+    await worker.link.submit(job, seeds, job_pngs(job, offset=1000 if wrong else 0))
     return job.id
 
 

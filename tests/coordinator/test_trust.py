@@ -12,7 +12,7 @@ from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from protocol.params import ImageParams
 from tests.conftest import LiveApp, start_app
-from tests.fakes import CAPS, FakeWorker, png
+from tests.fakes import CAPS, FakeWorker, job_pngs, png
 from worker.errors import CoordinatorRejected
 
 # 256x256, 20 steps: 3 kudos, of which an untrusted worker gets 2 now and 1 held
@@ -48,7 +48,7 @@ async def _serve(worker: FakeWorker, *, wrong: bool = False, expect_check: bool 
     assert job is not None
     assert expect_check == (job.params.prompt == MEDIUM["prompt"] and expect_check)
     seeds = job.params.seeds()
-    await worker.link.submit(job, seeds, [png(s + 7 if wrong else s) for s in seeds])
+    await worker.link.submit(job, seeds, job_pngs(job, offset=7 if wrong else 0))
     return job.id
 
 
@@ -68,17 +68,17 @@ async def test_a_cheating_worker_is_caught_by_spot_checks_and_paused(checked: Li
             created = await requester.submit_image(ImageParams(**MEDIUM, seed=40 + round_))
             served = await cheater.link.pop(CAPS, wait=5)
             assert served is not None and served.id == created.id
-            accepted = await cheater.link.submit(served, [40 + round_], [png(99)])
+            accepted = await cheater.link.submit(served, [40 + round_], [png(99, 256, 256)])
             assert (accepted.kudos_earned, accepted.kudos_held) == (2, 1)
             assert (await owner.me()).pending == 1
             # the trusted referee re-runs it (same seed and parameters) first
             check = await referee.link.pop(CAPS, wait=5)
             assert check is not None and check.id != created.id
             assert check.params == served.params
-            verdict = await referee.link.submit(check, [40 + round_], [png(40 + round_)])
+            verdict = await referee.link.submit(check, [40 + round_], [png(40 + round_, 256, 256)])
             assert verdict.kudos_earned == 3  # the referee is paid for the re-run
             # the requester now gets the trusted worker's image
-            assert await requester.image(created.id, 0) == png(40 + round_)
+            assert await requester.image(created.id, 0) == png(40 + round_, 256, 256)
             me = await owner.me()
             assert (me.pending, me.earned) == (0, 2 * (round_ + 1))
         record = await requester.worker(cheater.link.worker_id)
@@ -120,7 +120,7 @@ async def test_an_honest_worker_earns_trust_and_its_held_kudos(checked: LiveApp)
         await requester.submit_image(ImageParams(**MEDIUM, seed=3))
         accepted_job = await newbie.link.pop(CAPS, wait=5)
         assert accepted_job is not None
-        accepted = await newbie.link.submit(accepted_job, [3], [png(3)])
+        accepted = await newbie.link.submit(accepted_job, [3], [png(3, 256, 256)])
         assert (accepted.kudos_earned, accepted.kudos_held) == (3, 0)
         assert await referee.link.pop(CAPS, wait=0) is None
 

@@ -76,7 +76,7 @@ class Network:
             "1",
         ]
         if api_key:
-            args += ["--api-key", api_key]
+            args.append(f"--api-key={api_key}")  # (a key may start with "-")
         proc = self.start(name, args)
         proc.wait_for("ready", 180)
         return proc
@@ -225,3 +225,70 @@ def test_engine_crash_requeues_the_job_and_the_worker_keeps_serving(network: Net
         image = Image.open(io.BytesIO(grid.image(created.id, 0)))
         assert image.size == (64, 64)
     assert f"engine failed on job {created.id}" in worker.output()
+
+
+# --- the default size: 512x512 images go up as raw PNG uploads of a few hundred KB -------
+
+
+@pytest.fixture
+def roomy_network(tmp_path: Path, tiny_models: Path) -> Iterator[Network]:
+    """A network whose leases outlast a 512x512 step on a slow CPU (one step sends no
+    progress report, so nothing would extend a short lease)."""
+    net = Network(tmp_path, tiny_models, lease_timeout=600)
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+def test_512_image_is_uploaded_and_identical_to_plain_diffusers(
+    roomy_network: Network, tiny_models: Path
+) -> None:
+    network = roomy_network
+    network.worker("painter")
+    network.register("alice")
+    out = network.tmp / "out"
+    done = network.cli(
+        "generate",
+        "a lighthouse",
+        "--seed",
+        "77",
+        "--steps",
+        "1",
+        "--size",
+        "512x512",
+        "-o",
+        str(out),
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["seeds"] == [77]
+    (path,) = report["paths"]
+    png = Image.open(path)
+    assert png.size == (512, 512)
+    assert "Seed: 77" in png.text["parameters"]
+    params = ImageParams(prompt="a lighthouse", width=512, height=512, steps=1)
+    expected = _direct_diffusers(tiny_models / "sd", params, 77)
+    assert np.array_equal(np.asarray(png.convert("RGB")), expected)
+
+
+def test_two_512_images_are_uploaded_and_paid_once(roomy_network: Network) -> None:
+    network = roomy_network
+    owner = network.register("owner")
+    network.worker("painter", owner)
+    with Client(network.url, network.register("requester")) as grid:
+        created = grid.submit_image(
+            ImageParams(prompt="two boats", width=512, height=512, steps=1, n=2, seed=5)
+        )
+        final = grid.wait(created.id)
+        assert final.state == "done" and final.attempts == 0
+        assert [image.seed for image in final.images] == [5, 6]
+        images = [grid.image(created.id, i) for i in range(2)]
+        assert images[0] != images[1]
+        for data in images:
+            assert Image.open(io.BytesIO(data)).size == (512, 512)
+        assert grid.me().kudos == 100 - created.kudos_cost
+    with Client(network.url, owner) as paid:
+        me = paid.me()
+        assert me.kudos + me.pending == 100 + created.kudos_cost

@@ -88,6 +88,29 @@ class Cluster:
         ]
         return Server(name, self._start(name, args))
 
+    def gateway(self, name: str, peer: Server, *flags: str, model: str = "llm") -> Proc:
+        """Start a text gateway (without waiting: wait for its `ready` line)."""
+        args = [
+            "worker",
+            "gateway",
+            "--model",
+            str(self.models / model),
+            "--coordinator",
+            self.url,
+            "--api-key",
+            self.api_key,
+            "--initial-peers",
+            peer.maddr,
+            "--name",
+            name,
+            "--identity",
+            str(self.tmp / f"{name}.key"),
+            "--threads",
+            "1",
+            *flags,
+        ]
+        return self._start(name, args)
+
     def cli(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
             [sys.executable, "-m", "client.cli", *args],

@@ -195,12 +195,15 @@ class BlockSpan:
             hidden = hidden.to(self.dtype)
             positions = torch.arange(past, past + new)[None]
             position_embeddings = self.rotary(hidden, positions)
-            masks: dict[int | None, torch.Tensor] = {}
+            masks: dict[int | None, torch.Tensor | None] = {}
             for offset in range(start - self.start, end - self.start):
                 window = self.windows[offset]
-                mask = masks.get(window)
-                if mask is None:
-                    mask = masks[window] = causal_mask(past, new, window)
+                if window not in masks:
+                    # One new token that may see every cached key needs no mask (as in
+                    # transformers' own decoding step); saves building one per step.
+                    sees_all = new == 1 and (window is None or past < window)
+                    masks[window] = None if sees_all else causal_mask(past, new, window)
+                mask = masks[window]
                 hidden = self.layers[offset](
                     hidden,
                     attention_mask=mask,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections import Counter
@@ -57,6 +58,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 # seconds a server that said "busy" (no room in its cache) is left out before trying again
 BUSY_BACKOFF = 1.0
@@ -296,15 +299,44 @@ class SwarmClient:
             raise ServerFailed(hop.peer_id, f"forward failed: {exc!r}") from exc
         return _output_of(hop.peer_id, response)
 
+    async def other_models(self) -> list[str]:
+        """The models the initial peers serve, when not this client's (a name mismatch)."""
+        names: set[str] = set()
+        for maddr in self.config.initial_peers:
+            _, found, peer = maddr.rpartition("/p2p/")
+            if not found:
+                continue
+            try:
+                stub = BlockServicer.get_stub(self.p2p, PeerID.from_base58(peer))
+                reply = await stub.rpc_info(
+                    runtime_pb2.ExpertUID(uid=self.config.model_name),
+                    timeout=self.config.ping_timeout,
+                )
+                model = unpack(reply.serialized_info).get("model")
+            except Exception as exc:
+                log.debug("initial peer %s does not say what it serves: %r", peer, exc)
+                continue
+            # a peer's words end up in an error message: only plain names, never raw text
+            plain = isinstance(model, str) and _PLAIN_NAME.fullmatch(model)
+            if plain and model != self.config.model_name:
+                names.add(str(model))
+        return sorted(names)
+
     async def _route_until(self, start: int, end: int | None, deadline: float) -> list[Hop]:
         """A route, waiting (with backoff) for servers to appear until `deadline`."""
         delay = 0.2
         while True:
             try:
                 return await self.route(start, end)
-            except MissingBlocks:
+            except MissingBlocks as missing:
                 if time.monotonic() + delay > deadline:
-                    raise
+                    if self._records or missing.others:
+                        raise
+                    # nobody announces this model at all: say what the swarm serves instead
+                    others = await self.other_models()
+                    if not others:
+                        raise
+                    raise MissingBlocks(missing.model, missing.ranges, others) from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
             await self.records(refresh=True)
