@@ -6,9 +6,7 @@ and a crash between writing the file and committing the job leaves only an orpha
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 __all__ = ["ResultFiles"]
@@ -23,25 +21,6 @@ class ResultFiles:
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
         return self._root / digest[:2] / f"{digest[2:]}.png"
-
-    def put(self, data: bytes) -> str:
-        """Store `data` durably; returns its SHA-256 hex digest."""
-        digest = hashlib.sha256(data).hexdigest()
-        target = self.path(digest)
-        if target.exists():
-            return digest
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return digest
 
     def put_file(self, source: Path, digest: str) -> None:
         """Move `source` in as the file of `digest`. The caller has hashed it (it must be
