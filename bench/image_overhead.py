@@ -37,8 +37,8 @@ def main() -> int:
 
     from client.sdk import Client
     from protocol.params import ImageParams
-    from worker.samplers import SCHEDULER_SPECS
-    from worker.tiny_models import build_tiny_models
+    from worker.image.samplers import SCHEDULER_SPECS
+    from worker.models.tiny_models import build_tiny_models
 
     work = Path(tempfile.mkdtemp(prefix="idlegrid-bench-"))
     models = Path(os.environ.get("IDLEGRID_TEST_MODELS") or work / "models")

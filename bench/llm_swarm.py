@@ -62,7 +62,7 @@ def main() -> int:
     else:
         models = Path(os.environ.get("IDLEGRID_TEST_MODELS") or work / "models")
         if not (models / "llm" / "config.json").exists():
-            from worker.tiny_models import build_tiny_models
+            from worker.models.tiny_models import build_tiny_models
 
             build_tiny_models(models)
         llm = models / "llm"
@@ -161,8 +161,8 @@ async def _measure(
 
     from client.sdk import AsyncClient
     from protocol.text import TextParams
-    from worker.lm_head import LMHead
-    from worker.swarm.client import SwarmClient, SwarmClientConfig
+    from worker.llm.gateway.lm_head import LMHead
+    from worker.llm.swarm.client import SwarmClient, SwarmClientConfig
 
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(llm, use_safetensors=True).eval()

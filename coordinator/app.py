@@ -5,29 +5,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-# Importing the route modules registers their handlers on API.
-from coordinator import (  # noqa: F401
-    routes_accounts,
-    routes_economy,
-    routes_jobs,
-    routes_openai,
-    routes_results,
-    routes_text,
-    routes_workers,
-)
-from coordinator.api import API, error_middleware
 from coordinator.config import CoordinatorConfig
-from coordinator.ratelimit import RateLimiter
-from coordinator.results import ResultFiles
-from coordinator.signals import Signals
-from coordinator.state import CONFIG, FILES, LIMITER, SIGNALS, STORE, UPLOADS
+
+# Importing the route modules registers their handlers on API.
+from coordinator.http import (  # noqa: F401
+    accounts,
+    economy,
+    jobs,
+    openai,
+    results,
+    text,
+    workers,
+)
+from coordinator.http.api import API, error_middleware
+from coordinator.http.ratelimit import PostgresBuckets, RateLimiter
+from coordinator.http.state import CONFIG, FILES, LIMITER, SIGNALS, STORE, UPLOADS
+from coordinator.http.streams import STREAMS, StreamCounts
+from coordinator.jobs.files import ResultFiles
+from coordinator.jobs.notify import NotifyBridge
+from coordinator.jobs.signals import Signals
+from coordinator.jobs.uploads import Uploads
 from coordinator.store import Store
-from coordinator.uploads import Uploads
 
 __all__ = ["create_app"]
 
@@ -53,11 +57,10 @@ async def _reap_forever(app: web.Application) -> None:
         except Exception:
             log.exception("reaping expired leases failed; retrying")
             expired = []
-        for job_id in expired:
+        for job_id, kind, model in expired:
             log.info("lease of job %s expired; job requeued or failed", job_id)
             signals.job_changed(job_id)
-        if expired:
-            signals.queue_changed()
+            signals.job_queued(kind, model)
         await asyncio.sleep(interval)
 
 
@@ -67,8 +70,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[FILES] = ResultFiles(config.data_dir / "results")
     # beside results/ on the same file system: verified uploads are renamed into it
     app[UPLOADS] = Uploads(config.data_dir / "uploads")
-    app[STORE] = await Store.open(config)
-    app[SIGNALS] = Signals()
+    app[STORE] = store = await Store.open(config)
+    app[SIGNALS] = signals = Signals()
+    bridge: NotifyBridge | None = None
+    if store.dialect == "postgresql":
+        # Every coordinator on this database (--processes N, or other hosts) shares the
+        # rate-limit buckets and hears the others' job changes.
+        app[LIMITER] = RateLimiter(config.rate_limits, buckets=PostgresBuckets(store.engine))
+        bridge = NotifyBridge(signals, config.resolved_database_url, config.notify_channel)
+        await bridge.start()
     reaper = asyncio.create_task(_reap_forever(app), name="lease-reaper")
     try:
         yield
@@ -76,7 +86,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         reaper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reaper
-        await app[STORE].aclose()
+        if bridge is not None:
+            await bridge.stop()
+        await store.aclose()
+
+
+async def _name_process(request: web.Request, response: web.StreamResponse) -> None:
+    """With --processes N: which process answered (`<index>:<pid>`), for tests and logs."""
+    response.headers["X-Coordinator-Process"] = f"{request.app[CONFIG].process_index}:{os.getpid()}"
 
 
 async def _wake_waiters(app: web.Application) -> None:
@@ -90,7 +107,10 @@ def create_app(config: CoordinatorConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[LIMITER] = RateLimiter(config.rate_limits)
+    app[STREAMS] = StreamCounts()
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_wake_waiters)
+    if config.processes > 1:
+        app.on_response_prepare.append(_name_process)
     API.install(app)
     return app

@@ -65,7 +65,7 @@ class CoordinatorConfig:
     # a text model counts as served while a gateway offered it within this many seconds
     text_model_seconds: float = 120.0
     # largest JSON body accepted (image uploads are raw PNGs, limited by the job's size:
-    # see coordinator.png_check.byte_limit)
+    # see coordinator.jobs.png_check.byte_limit)
     max_body_bytes: int = 64 * 1024
     # staged image uploads of a job that was never finished are removed after this long
     upload_max_age: float = 2 * 86400.0
@@ -81,6 +81,20 @@ class CoordinatorConfig:
     anonymous_penalty_seconds: float = 600.0
     # ETAs use the throughput of jobs finished in this many recent seconds
     eta_window: float = 600.0
+    # queued jobs keep the rank (effective time) they got; it is recomputed when the
+    # requester's balance moves their head start by at least this many seconds
+    rank_refresh_seconds: float = 2.0
+    # queue positions and ETAs come from a snapshot of the queue shared by all readers,
+    # taken at most this often (and never more often than 10x the time one takes)
+    ranking_interval: float = 1.0
+
+    # --- event streams (SSE) ---
+    # open streams per API key (anonymous: per job owner key = per IP) and per client IP;
+    # one more is refused with 429
+    max_streams_per_key: int = 32
+    max_streams_per_ip: int = 256
+    # a stream of a queued job re-sends its position at most this often
+    stream_refresh_seconds: float = 2.0
 
     # --- ratings ---
     # kudos a rating earns the rater (from the network's grants)
@@ -97,7 +111,7 @@ class CoordinatorConfig:
     # ... and only workers that finished a job within this many seconds earn it
     uptime_serve_window: float = 86400.0
 
-    # --- trust and spot checks (see coordinator.trust) ---
+    # --- trust and spot checks (see coordinator.economy.trust) ---
     # workers with these Ed25519 public keys (hex) are trusted from the start
     trusted_workers: frozenset[str] = frozenset()
     # workers registered with the API key of one of these accounts are trusted from the start
@@ -119,8 +133,15 @@ class CoordinatorConfig:
     # mean absolute pixel difference (0-255) accepted between different engine builds
     verify_tolerance: float = 3.0
 
-    # --- rate limits, per coordinator process ---
+    # --- rate limits: in memory with SQLite, shared by all processes on PostgreSQL ---
     rate_limits: dict[str, RateLimit] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
+
+    # --- processes (coordinator.main: `--processes N` on one port, PostgreSQL only) ---
+    # how many coordinator processes serve this port, and which of them this one is
+    processes: int = 1
+    process_index: int = 0
+    # PostgreSQL LISTEN/NOTIFY channel that carries job changes between processes
+    notify_channel: str = "idlegrid"
 
     @property
     def resolved_database_url(self) -> str:

@@ -10,8 +10,8 @@
 
 Usage:
 
-    async with await Sandbox.create("worker.engines.diffusion:DiffusionEngine", options) as sb:
-        result = await sb.call("txt2img", payload, on_progress=report)
+    async with await Sandbox.create("worker.image.engine:ImageEngine", options) as sb:
+        result = await sb.call("image", payload, on_progress=report)
 
 Imports only the standard library and pydantic: never torch or the engines themselves,
 which exist only inside the child.

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from coordinator.app import create_app
 from coordinator.config import CoordinatorConfig
-from coordinator.state import STORE
+from coordinator.http.state import STORE
 from coordinator.store import Store
 
 POSTGRES_URL = os.environ.get(
@@ -26,7 +26,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prebuilt = os.environ.get("IDLEGRID_TEST_MODELS")
     if prebuilt and (Path(prebuilt) / "sd" / "model_index.json").exists():
         return Path(prebuilt)
-    from worker.tiny_models import build_tiny_models
+    from worker.models.tiny_models import build_tiny_models
 
     out = tmp_path_factory.mktemp("tiny-models")
     build_tiny_models(out)

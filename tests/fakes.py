@@ -14,7 +14,7 @@ from PIL import Image
 
 from protocol.messages import LeasedJob
 from protocol.signing import Identity
-from worker.link import Capabilities, CoordinatorLink
+from worker.common.link import Capabilities, CoordinatorLink
 
 __all__ = ["CAPS", "FakeImageEngine", "FakeWorker", "job_pngs", "png"]
 

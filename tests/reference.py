@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from protocol.params import ImageParams
-from worker.samplers import SCHEDULER_SPECS
+from worker.image.samplers import SCHEDULER_SPECS
 
 __all__ = ["plain_image", "plain_pipeline"]
 

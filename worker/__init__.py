@@ -1,27 +1,15 @@
 """The donor's daemon: serves jobs from a coordinator and earns kudos.
 
-    main.py           `idlegrid worker ...` and `idlegrid models ...` (flags -> config)
-    config.py         ImageWorkerConfig and GatewayConfig, one per service
-    image_worker.py   pop -> sandboxed engine -> signed result; survives engine crashes
-    image_engine.py   the diffusers engine hosted in the sandbox child process
-    samplers.py       AUTOMATIC1111 sampler names -> diffusers schedulers
-    model_source.py   resolves --model safely (safetensors only, never pickle)
-    link.py           HTTP link to the coordinator (and retrying while it is away)
-    service.py        running a service until SIGINT/SIGTERM
-    blocks_main.py    `idlegrid worker blocks ...`: the LLM block server's flags
-    gateway_main.py   `idlegrid worker gateway ...`: the text gateway's flags
-    gateway.py        pop text job -> generate through the swarm -> stream text, report usage
-    swarm/            the block server and swarm client over hivemind (DHT + P2P RPC)
-    lm_head.py        embeddings, final norm and LM head, loaded without the blocks
-    generation.py     the generation loop and sampling (greedy, temperature, top-k/p, ...)
-    local_blocks.py   all decoder blocks run locally: the reference and benchmark baseline
-    chat_format.py    chat messages -> prompt (the tokenizer's template, or a default)
-    identity.py       the Ed25519 identity file
-    tiny_models.py    deterministic tiny random SD and Llama models for tests and demos
-    smollm2.py        `idlegrid models smollm2`: SmolLM2's GGUF -> a safetensors folder
-    errors.py         WorkerError and its subclasses
+    main.py       `idlegrid worker image|blocks|gateway` and `idlegrid models` (registration)
+    errors.py     WorkerError and its subclasses: the worker's one error tree
+    common/       what every service shares: coordinator link, identity, service loop, flags
+    image/        the image worker: diffusers engine in the sandbox, samplers, model source
+    llm/          the LLM swarm (block server, client, DHT records, placement), the text
+                  gateway (LM head, generation, chat format) and the block server's command
+    models/       `idlegrid models` builders and converters; never imported by the runtime
 
-Heavy imports (torch, diffusers) happen only in the engine process and the commands.
+Imports point down: main -> image | llm | models -> common -> errors (import-linter checks
+it). Heavy imports (torch, diffusers) happen only in the engine process and the commands.
 """
 
 __all__: list[str] = []

@@ -7,12 +7,15 @@
     │   ├── ModelConfigMissing  a single-file checkpoint without `--model-config DIR`
     │   ├── UnsupportedArchitecture  an LLM family we do not serve (names the supported)
     │   └── ConversionFailed    `idlegrid models smollm2` could not fetch, verify or convert
+    ├── IdentityError           the identity file cannot be used (names the file and the fix)
+    │   ├── IdentityInUse       another live process holds its lock
+    │   └── IdentityFileInvalid the file does not hold a hex Ed25519 key (also a ValueError)
     ├── MissingExtra            an optional dependency is not installed (names the extra)
     ├── InvalidGenerationInput  bad sampling parameters (names the field)
     ├── CoordinatorUnavailable  the coordinator cannot be reached or failed (retry later)
     ├── CoordinatorRejected     the coordinator refused a request (4xx): fix the request
     ├── LeaseLost               the job is no longer leased to us (409): drop it
-    └── SwarmError              the LLM swarm (worker/swarm/)
+    └── SwarmError              the LLM swarm (worker/llm/swarm/)
         ├── MissingBlocks       no reachable server serves some blocks (retry later)
         ├── ServerFailed        one server failed or refused; the client routes around it
         └── SwarmStepFailed     a step still failed after the client's retry budget
@@ -21,6 +24,8 @@ The model errors are the operator's to fix; each message names the value and the
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 __all__ = [
     "CoordinatorRejected",
@@ -70,7 +75,39 @@ class LeaseLost(WorkerError):
     """The job is no longer leased to this worker (expired and given to another)."""
 
 
-# -- LLM gateway (worker/lm_head.py, worker/generation.py, worker/chat_format.py) ----------
+# -- identity (worker/common/identity.py) ---------------------------------------------------
+
+
+class IdentityError(WorkerError):
+    """The identity file cannot be used; the message names the file and the fix."""
+
+
+class IdentityInUse(IdentityError):
+    """Another live process holds the identity file's lock."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"another idlegrid worker is using identity {path}; "
+            "give this one another --name or --identity"
+        )
+        self.path = path
+
+
+class IdentityFileInvalid(IdentityError, ValueError):
+    """The identity file does not hold a hex Ed25519 private key."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"identity file {path} is not a hex Ed25519 key ({reason}); "
+            "move it away to create a new identity (the worker's reputation starts over)"
+        )
+        self.path = path
+
+
+__all__ += ["IdentityError", "IdentityFileInvalid", "IdentityInUse"]
+
+
+# -- LLM gateway and blocks (worker/llm/) ---------------------------------------------
 #
 #     ModelError
 #     └── UnsupportedArchitecture  config.json names a model family the LLM code cannot run
@@ -93,7 +130,7 @@ class InvalidGenerationInput(WorkerError):
 __all__ += ["InvalidGenerationInput", "UnsupportedArchitecture"]
 
 
-# -- LLM swarm (worker/swarm/) ----------------------------------------------------------
+# -- LLM swarm (worker/llm/swarm/) ------------------------------------------------------
 
 
 class SwarmError(WorkerError):
@@ -145,7 +182,7 @@ class SwarmStepFailed(SwarmError):
 __all__ += ["MissingBlocks", "ServerFailed", "SwarmError", "SwarmStepFailed"]
 
 
-# -- model converters (worker/smollm2.py) --------------------------------------------------
+# -- model converters (worker/models/) -----------------------------------------------------
 
 
 class ConversionFailed(ModelError):

@@ -19,7 +19,7 @@ from protocol.signing import Identity
 from protocol.text import TextModel, TextParams
 from tests.conftest import LiveApp
 from tests.fakes import CAPS, FakeWorker, job_pngs
-from worker.link import CoordinatorLink
+from worker.common.link import CoordinatorLink
 
 
 def _idlegrid(*args: str) -> subprocess.CompletedProcess[str]:

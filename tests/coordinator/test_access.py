@@ -1,5 +1,5 @@
 """The access matrix: no key / wrong key / another user's key (and worker token) x every
-route in `coordinator.api.API`, so a new endpoint is covered the day it is added.
+route in `coordinator.http.api.API`, so a new endpoint is covered the day it is added.
 
 Rules checked for every route:
 - routes that need an API key or a worker token answer 401 without one or with a wrong one;
@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 
 from client.sdk import AsyncClient
-from coordinator.api import API, Route
 from coordinator.config import CoordinatorConfig
+from coordinator.http.api import API, Route
 from protocol.params import ImageParams
 from protocol.text import TextModel, TextParams
 from tests.conftest import LiveApp, start_app

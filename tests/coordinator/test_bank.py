@@ -32,9 +32,9 @@ from sqlalchemy import func, select
 from client.errors import ApiError, ClientError
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
-from coordinator.schema import accounts, jobs, ledger_entries, postings, ratings, results
+from coordinator.db.schema import accounts, jobs, ledger_entries, postings, ratings, results
+from coordinator.economy.trust import GRANT_REASONS
 from coordinator.store import Store
-from coordinator.trust import GRANT_REASONS
 from protocol.params import ImageParams
 from tests.fakes import CAPS, FakeWorker, job_pngs
 from tests.procs import Proc
@@ -66,11 +66,13 @@ class History:
 
 
 class Cluster:
-    """Coordinator processes on one database; the nemesis kills and replaces them."""
+    """Coordinator processes on one database; the nemesis kills and replaces them. With
+    `processes` > 1 each is a `--processes N` parent, killed with its children."""
 
-    def __init__(self, tmp: Path, database_url: str) -> None:
+    def __init__(self, tmp: Path, database_url: str, processes: int = 1) -> None:
         self.tmp = tmp
         self.database_url = database_url
+        self.processes = processes
         self.procs: list[Proc] = []
         self.urls: dict[int, str] = {}
         self.started = 0
@@ -92,6 +94,8 @@ class Cluster:
                 str(GRANT),
                 "--spot-check-rate",
                 "0",
+                "--processes",
+                str(self.processes),
                 *LIMITS,
             ],
             self.tmp / f"coordinator-{self.started}.log",
@@ -271,9 +275,14 @@ async def _drain(
 
 
 @pytest.mark.timeout(240)
-async def test_bank_invariants_hold_under_chaos(tmp_path: Path, database_url: str) -> None:
+@pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-processes"])
+async def test_bank_invariants_hold_under_chaos(
+    tmp_path: Path, database_url: str, processes: int
+) -> None:
+    if processes > 1 and not database_url.startswith("postgresql"):
+        pytest.skip("--processes N needs PostgreSQL")
     rng = random.Random(int(time.time()))
-    cluster = Cluster(tmp_path, database_url)
+    cluster = Cluster(tmp_path, database_url, processes)
     history = History()
     workers: list[FakeWorker] = []
     try:
@@ -323,6 +332,8 @@ async def _check(store: Store, history: History) -> None:
     audit = await store.ledger_audit()
     assert audit["unbalanced_entries"] == 0, audit
     assert audit["sum"] == 0, audit
+    # the balance rows (what spending checks read) agree with the ledger, account by account
+    assert audit["balance_rows_off"] == 0, audit
     async with store.engine.begin() as conn:
         grants_id = store.system_account("system:grants")
         escrow_id = store.system_account("system:escrow")

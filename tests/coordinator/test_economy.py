@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -284,19 +286,20 @@ async def test_rate_limits_per_ip_cover_anonymous_pops_and_ratings(make_app: App
         assert refused.value.status == 429
 
 
-async def test_uptime_kudos_for_workers_that_stay_online_and_serve(
-    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_uptime_kudos_for_workers_that_stay_online_and_serve(make_app: AppFactory) -> None:
     app = await make_app(uptime_period=10.0, uptime_reward=4, uptime_grace=5.0)
-    clock = [1001.0]
-    monkeypatch.setattr("coordinator.store.time.time", lambda: clock[0])
+    # the store's clock, near real time (workers sign registrations with the real time);
+    # t0 + 1000 is a multiple of the 10 s period, so the comments' times are exact
+    t0 = math.floor(time.time() / 100) * 100 - 1000.0
+    clock = [t0 + 1001.0]
+    app.store.clock = lambda: clock[0]
     (owner_key,) = await _register(app.url, "owner")
     async with FakeWorker(app.url, "w1", owner_key) as worker, AsyncClient(app.url) as anon:
         await worker.link.pop(CAPS, wait=0)  # online since t=1001
         await anon.submit_image(ImageParams(**SMALL))
         await _serve_one(worker)
         for t in range(1002, 1026, 3):  # polls every 3 s: never a gap over the grace
-            clock[0] = float(t)
+            clock[0] = t0 + t
             await worker.link.pop(CAPS, wait=0)
         balances = await app.store.balances()
         # online throughout the period [1010, 1020), but not [1000, 1010): 4 kudos, half
@@ -304,9 +307,9 @@ async def test_uptime_kudos_for_workers_that_stay_online_and_serve(
         assert balances["owner"] == 100 + 1 + 4 // 2
         pending = await app.store.balances()
         assert pending[f"pending:{worker.link.worker_id}"] == 2
-        clock[0] = 1040.0  # a long pause breaks the stretch: no kudos for [1030, 1040)
+        clock[0] = t0 + 1040.0  # a long pause breaks the stretch: no kudos for [1030, 1040)
         await worker.link.pop(CAPS, wait=0)
-        clock[0] = 1042.0
+        clock[0] = t0 + 1042.0
         await worker.link.pop(CAPS, wait=0)
         assert (await app.store.balances())["owner"] == 103
     history = [e for e in (await _history(app.url, owner_key)) if e["reason"] == "uptime"]
@@ -323,15 +326,13 @@ async def _history(url: str, key: str) -> list[dict[str, Any]]:
         return entries
 
 
-async def test_aging_lets_an_old_poor_job_beat_newer_rich_ones(
-    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_aging_lets_an_old_poor_job_beat_newer_rich_ones(make_app: AppFactory) -> None:
     app = await make_app(priority_seconds_per_doubling=2.0, new_account_grant=0)
     store: Store = app.store
     poor, _ = await store.create_account("poor")
     rich, _ = await store.create_account("rich")
-    async with store.engine.begin() as conn:
-        from coordinator.ledger import post_entry
+    async with store.begin() as conn:
+        from coordinator.db.ledger import post_entry
 
         await post_entry(
             conn,
@@ -340,7 +341,7 @@ async def test_aging_lets_an_old_poor_job_beat_newer_rich_ones(
             moves=[(store.system_account("system:grants"), -1023), (rich.id, 1023)],
         )
     clock = [5000.0]
-    monkeypatch.setattr("coordinator.store.time.time", lambda: clock[0])
+    store.clock = lambda: clock[0]
     params = ImageParams(**SMALL)
     free = ImageParams(**{**SMALL, "steps": 1, "width": 64})
     assert image_cost(free) == 1

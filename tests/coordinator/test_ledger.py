@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from coordinator.db.ledger import post_entry
 from coordinator.errors import Conflict, InsufficientKudos
-from coordinator.ledger import post_entry
 from coordinator.store import ResultRecord, Store, Worker
 from protocol.cost import image_cost
 from protocol.params import ImageParams

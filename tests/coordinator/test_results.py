@@ -18,7 +18,7 @@ import pytest
 
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
-from coordinator.png_check import byte_limit
+from coordinator.jobs.png_check import byte_limit
 from protocol.messages import (
     IMAGE_SEED_HEADER,
     IMAGE_SHA256_HEADER,
@@ -30,9 +30,9 @@ from protocol.signing import sha256_hex
 from sandbox import Sandbox, SandboxPolicy
 from tests.conftest import LiveApp, start_app
 from tests.fakes import CAPS, FakeWorker, job_pngs, png
-from worker.config import ImageWorkerConfig
-from worker.image_worker import ImageWorker
-from worker.link import Capabilities
+from worker.common.link import Capabilities
+from worker.image.config import ImageWorkerConfig
+from worker.image.worker import ImageWorker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL: dict[str, Any] = {

@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
+from coordinator.db.ledger import post_entry
 from coordinator.errors import Conflict, InsufficientKudos
-from coordinator.store import Account, ResultRecord, Store, Worker
+from coordinator.store import GRANTS, Account, ResultRecord, Store, Worker
 from protocol.cost import image_cost
 from protocol.params import ImageParams
 
@@ -104,8 +105,15 @@ async def test_richer_requester_is_served_first_and_anonymous_last(store: Store)
     first = await store.pop_job(rich_worker, ["m"], 64 * 64, 10)
     assert first is not None and first.id == rich_first
     await store.complete_job(rich_worker, first, _records(1))
-    # now rich (99 after reserving) has more kudos than poor (98), so rich's new job jumps
-    # ahead of poor's older ones
+    # now rich gets richer (ranks follow balance changes worth rank_refresh_seconds of
+    # head start or more), so rich's new job jumps ahead of poor's older ones
+    async with store.begin() as conn:
+        await post_entry(
+            conn,
+            reason="grant",
+            key="grant:test:rich",
+            moves=[(store.system_account(GRANTS), -300), (rich.id, 300)],
+        )
     poor_next = await _submit(store, poor)
     rich_next = await _submit(store, rich)
     order = []
@@ -126,9 +134,7 @@ async def test_pop_respects_capabilities(store: Store) -> None:
     assert job is not None and job.id == job_id
 
 
-async def test_expired_lease_requeues_and_only_the_finisher_is_paid(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_expired_lease_requeues_and_only_the_finisher_is_paid(store: Store) -> None:
     alice = await _user(store, "alice")
     slow = await _worker(store, "slow", "c" * 64)
     fast = await _worker(store, "fast", "d" * 64)
@@ -136,9 +142,10 @@ async def test_expired_lease_requeues_and_only_the_finisher_is_paid(
     lost = await store.pop_job(slow, ["m"], 64 * 64, 10)
     assert lost is not None
     assert await store.reap_expired() == []
-    monkeypatch.setattr("coordinator.store.time.time", lambda: lost.lease_deadline + 1)  # type: ignore[operator]
-    assert await store.reap_expired() == [job_id]
-    monkeypatch.undo()
+    real_clock = store.clock
+    store.clock = lambda: lost.lease_deadline + 1  # type: ignore[operator]
+    assert await store.reap_expired() == [(job_id, "image", None)]
+    store.clock = real_clock
     requeued = await store.get_job(job_id)
     assert requeued is not None and requeued.state == "queued" and requeued.attempts == 1
     with pytest.raises(Conflict, match="not leased"):
@@ -177,38 +184,3 @@ async def test_concurrent_pops_lease_each_job_once(store: Store) -> None:
     )
     leased = [job.id for job in popped if job is not None]
     assert sorted(leased) == sorted(jobs)
-
-
-async def test_migration_3_upgrades_an_older_database(store: Store) -> None:
-    from sqlalchemy import delete, inspect, text
-
-    from coordinator.schema import V3_COLUMNS, schema_version
-
-    # Turn the fresh database back into a version-2 one.
-    async with store.engine.begin() as conn:
-        for table, columns in V3_COLUMNS.items():
-            for column in columns:
-                await conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
-        await conn.execute(text("DROP TABLE ratings"))
-        await conn.execute(text("DROP TABLE request_keys"))
-        await conn.execute(delete(schema_version).where(schema_version.c.version == 3))
-    reopened = await Store.open(store.config)
-    try:
-        async with reopened.engine.begin() as conn:
-
-            def columns(sync: object) -> dict[str, set[str]]:
-                found = inspect(sync)
-                return {t: {c["name"] for c in found.get_columns(t)} for t in V3_COLUMNS}
-
-            present = await conn.run_sync(columns)
-            tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
-        for table, wanted in V3_COLUMNS.items():
-            assert set(wanted) <= present[table]
-        assert {"ratings", "request_keys"} <= tables
-        alice = await _user(reopened, "alice")
-        worker = await _worker(reopened)
-        job_id = await _submit(reopened, alice)
-        job = await reopened.pop_job(worker, ["m"], 64 * 64, 10)
-        assert job is not None and job.id == job_id
-    finally:
-        await reopened.aclose()

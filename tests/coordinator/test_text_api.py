@@ -12,12 +12,12 @@ import pytest
 
 from client.errors import ApiError, JobFailed
 from client.sdk import AsyncClient
-from coordinator.text_store import split_kudos
+from coordinator.jobs.text import split_kudos
 from protocol.signing import Identity
 from protocol.text import LeasedTextJob, TextModel, TextParams
 from tests.conftest import LiveApp
+from worker.common.link import CoordinatorLink
 from worker.errors import CoordinatorRejected, LeaseLost
-from worker.link import CoordinatorLink
 
 # big enough that the split of the charge is visible in whole kudos
 MODEL = TextModel(name="tiny-llm", blocks=4, parameters=70_000_000_000, max_context=2048)

@@ -20,7 +20,7 @@ import pytest
 
 from client.sdk import Client
 from tests.procs import Proc
-from worker.identity import default_name, load_or_create_identity
+from worker.common.identity import default_name, load_or_create_identity
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.tiny_models import write_single_file_checkpoint
+from worker.models.tiny_models import write_single_file_checkpoint
 
 
 @pytest.fixture(scope="session")

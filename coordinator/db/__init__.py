@@ -1,0 +1,1 @@
+"""The database: schema, migrations, the ledger and the store."""

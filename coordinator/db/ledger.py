@@ -1,0 +1,158 @@
+"""Double-entry kudos ledger: every movement is an entry whose postings sum to zero.
+
+Entries are written inside the caller's transaction, together with the state change that
+causes them, and carry an idempotency key so a movement can never happen twice.
+
+Every non-system account has a row in `balances`, updated by `post_entry` in the same
+transaction, so reading a balance never scans the ledger. System accounts (escrow, grants,
+verification) have none: every job moves them, and one hot row would serialise all writers;
+their balance is the sum of their postings. The ledger stays the truth: `audit_balances`
+(and the bank test) check that the rows agree with it.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from coordinator.db.schema import accounts, balances, ledger_entries, postings
+from coordinator.db.tx import SYSTEM, TOUCHED, now
+from coordinator.errors import Conflict
+
+__all__ = [
+    "audit_balances",
+    "balance",
+    "lock_balance",
+    "lock_spender",
+    "open_balance",
+    "post_entry",
+    "total_supply",
+]
+
+
+async def post_entry(
+    conn: AsyncConnection,
+    *,
+    reason: str,
+    key: str,
+    moves: list[tuple[int, int]],
+    job_id: str | None = None,
+) -> int:
+    """Write one entry of (account_id, amount) postings; amounts must sum to zero."""
+    if sum(amount for _, amount in moves) != 0:
+        raise ValueError(f"ledger entry {key!r} does not balance: {moves}")
+    if not moves:
+        raise ValueError(f"ledger entry {key!r} has no postings")
+    seen = select(ledger_entries.c.id).where(ledger_entries.c.idempotency_key == key)
+    if (await conn.execute(seen)).first() is not None:
+        raise Conflict(f"ledger entry {key!r} was already written")
+    # The unique key is the backstop if two transactions race past the check above.
+    entry_id = (
+        await conn.execute(
+            ledger_entries.insert()
+            .values(reason=reason, job_id=job_id, idempotency_key=key, created_at=now(conn))
+            .returning(ledger_entries.c.id)
+        )
+    ).scalar_one()
+    await conn.execute(
+        postings.insert(),
+        [{"entry_id": entry_id, "account_id": acc, "amount": amount} for acc, amount in moves],
+    )
+    per_account: dict[int, int] = {}
+    for account_id, amount in moves:
+        per_account[account_id] = per_account.get(account_id, 0) + amount
+    touched: set[int] = conn.info.setdefault(TOUCHED, set())
+    system: frozenset[int] = conn.info.get(SYSTEM, frozenset())
+    # in account order, so that two entries moving kudos both ways cannot deadlock
+    for account_id in sorted(per_account):
+        if account_id in system:
+            continue
+        changed = await conn.execute(
+            update(balances)
+            .where(balances.c.account_id == account_id)
+            .values(amount=balances.c.amount + per_account[account_id])
+        )
+        if changed.rowcount == 0:
+            if await _is_system(conn, account_id):
+                continue
+            # an account created without a row: start it from the ledger
+            total = await _ledger_sum(conn, account_id)
+            await conn.execute(
+                balances.insert().values(account_id=account_id, amount=total, ranked=total)
+            )
+        touched.add(account_id)
+    return int(entry_id)
+
+
+async def _is_system(conn: AsyncConnection, account_id: int) -> bool:
+    kind = (
+        await conn.execute(select(accounts.c.kind).where(accounts.c.id == account_id))
+    ).scalar_one()
+    return bool(kind == "system")
+
+
+async def _ledger_sum(conn: AsyncConnection, account_id: int) -> int:
+    query = select(func.coalesce(func.sum(postings.c.amount), 0)).where(
+        postings.c.account_id == account_id
+    )
+    return int((await conn.execute(query)).scalar_one())
+
+
+async def open_balance(conn: AsyncConnection, account_id: int) -> None:
+    """Give a new non-system account its balance row (zero)."""
+    await conn.execute(balances.insert().values(account_id=account_id, amount=0, ranked=0))
+
+
+async def balance(conn: AsyncConnection, account_id: int) -> int:
+    """The account's balance: its row, or for a system account the sum of its postings."""
+    row = (
+        await conn.execute(select(balances.c.amount).where(balances.c.account_id == account_id))
+    ).scalar_one_or_none()
+    return int(row) if row is not None else await _ledger_sum(conn, account_id)
+
+
+async def lock_spender(conn: AsyncConnection, account_id: int) -> None:
+    """Serialise spending from one account (PostgreSQL; SQLite serialises all writers):
+    every path that checks a balance before spending (submit, transfer, rating) takes this
+    lock first, so two spends cannot both pass the check. FOR NO KEY UPDATE on the account
+    row: postings' foreign-key checks (FOR KEY SHARE) on it never wait, and the balance rows
+    stay free for post_entry to update in account order (no deadlock between opposite
+    transfers)."""
+    await conn.execute(
+        select(accounts.c.id).where(accounts.c.id == account_id).with_for_update(key_share=True)
+    )
+
+
+async def lock_balance(conn: AsyncConnection, account_id: int) -> int:
+    """The balance, its row locked until the transaction ends: taken before changing an
+    account's queued jobs, in the order the rank refresh takes them (balance, then jobs)."""
+    row = (
+        await conn.execute(
+            select(balances.c.amount).where(balances.c.account_id == account_id).with_for_update()
+        )
+    ).scalar_one_or_none()
+    return int(row) if row is not None else await _ledger_sum(conn, account_id)
+
+
+async def audit_balances(conn: AsyncConnection) -> list[tuple[int, int, int]]:
+    """(account id, row, ledger sum) of every balance row that disagrees with the ledger."""
+    sums = (
+        select(postings.c.account_id, func.sum(postings.c.amount).label("total"))
+        .group_by(postings.c.account_id)
+        .subquery()
+    )
+    query = select(
+        balances.c.account_id, balances.c.amount, func.coalesce(sums.c.total, 0)
+    ).select_from(balances.outerjoin(sums, sums.c.account_id == balances.c.account_id))
+    return [
+        (int(a), int(row), int(total))
+        for a, row, total in (await conn.execute(query)).all()
+        if int(row) != int(total)
+    ]
+
+
+async def total_supply(conn: AsyncConnection) -> int:
+    """Sum of every posting: zero whenever the ledger is consistent."""
+    return int(
+        (await conn.execute(select(func.coalesce(func.sum(postings.c.amount), 0)))).scalar_one()
+    )

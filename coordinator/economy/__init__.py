@@ -1,0 +1,1 @@
+"""Kudos beyond the ledger: quotes, transfers, ratings, trust and verification."""

@@ -1,0 +1,1 @@
+"""The HTTP doors: /api/v1, the OpenAI-compatible API, the route table."""

@@ -1,0 +1,48 @@
+"""Accounts: register, show. Also health and the OpenAPI document."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from coordinator.economy import kudos
+from coordinator.http.api import API, Call
+from coordinator.http.state import STORE
+from protocol.messages import AccountCreate, AccountCreated, AccountInfo, Health
+from protocol.version import VERSION
+
+
+@API.route("GET", "/healthz", summary="200 once the coordinator is ready", response=Health)
+async def healthz(request: web.Request, call: Call) -> Health:
+    return Health(version=VERSION)
+
+
+@API.route(
+    "POST",
+    "/api/v1/accounts",
+    summary="Create an account; the API key is shown once",
+    body=AccountCreate,
+    response=AccountCreated,
+    status=201,
+    errors=(409,),
+)
+async def create_account(request: web.Request, call: Call) -> AccountCreated:
+    store = request.app[STORE]
+    account, api_key = await store.create_account(call.body.name)
+    return AccountCreated(name=account.name, api_key=api_key, kudos=await store.balance(account.id))
+
+
+@API.route(
+    "GET",
+    "/api/v1/accounts/me",
+    summary="The caller's account: balance, available, reserved, earned, pending, spent",
+    response=AccountInfo,
+    auth="user",
+)
+async def show_account(request: web.Request, call: Call) -> AccountInfo:
+    assert call.account is not None
+    return await kudos.account_info(request.app[STORE], call.account)
+
+
+@API.route("GET", "/api/v1/openapi.json", summary="This API's OpenAPI 3.1 description")
+async def openapi(request: web.Request, call: Call) -> web.StreamResponse:
+    return web.json_response(API.openapi())

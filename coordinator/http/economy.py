@@ -1,0 +1,195 @@
+"""The kudos economy over HTTP: quotes, cancel, share, ratings, transfers, history, workers."""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from coordinator.economy import kudos
+from coordinator.errors import BadRequest, NotFound
+from coordinator.http.api import API, Call
+from coordinator.http.jobs import check_anonymous_limits, owned_job
+from coordinator.http.state import SIGNALS, STORE
+from protocol.cost import image_cost
+from protocol.messages import (
+    EngineInfo,
+    HistoryPage,
+    JobCancelled,
+    Quote,
+    RatingCreate,
+    RatingRecorded,
+    ShareState,
+    ShareUpdate,
+    TransferCreate,
+    TransferDone,
+    WorkerInfo,
+)
+from protocol.params import ImageParams
+
+IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+MAX_HISTORY = 500
+
+
+@API.route(
+    "POST",
+    "/api/v1/quotes/image",
+    summary="What an image job would cost, what you can spend, the queue and the ETA; "
+    "submits nothing",
+    body=ImageParams,
+    response=Quote,
+    auth="optional",
+)
+async def quote_image(request: web.Request, call: Call) -> Quote:
+    store = request.app[STORE]
+    params: ImageParams = call.body
+    account = call.account or await store.anonymous_account()
+    if account.anonymous:
+        check_anonymous_limits(request, params)
+    cost = image_cost(params)
+    return await kudos.quote(store, account, cost, await store.quote_place("image", account, cost))
+
+
+@API.route(
+    "POST",
+    "/api/v1/jobs/{job_id}/cancel",
+    summary="Cancel a queued or running job and refund its kudos; a worker still running it "
+    "gets 409 when it submits",
+    response=JobCancelled,
+    auth="optional",
+    errors=(404, 409),
+)
+async def cancel_job(request: web.Request, call: Call) -> JobCancelled:
+    store = request.app[STORE]
+    job = await owned_job(store, request.match_info["job_id"], call.account, viewing=False)
+    refunded = await store.cancel_job(job.id)
+    request.app[SIGNALS].job_changed(job.id)
+    return JobCancelled(id=job.id, state="cancelled", refunded=refunded)
+
+
+@API.route(
+    "POST",
+    "/api/v1/jobs/{job_id}/share",
+    summary="Share (or unshare) a job: any registered user may then see and rate its images",
+    body=ShareUpdate,
+    response=ShareState,
+    auth="user",
+    errors=(404,),
+)
+async def share_job(request: web.Request, call: Call) -> ShareState:
+    store = request.app[STORE]
+    job = await owned_job(store, request.match_info["job_id"], call.account, viewing=False)
+    body: ShareUpdate = call.body
+    await store.set_shared(job.id, body.shared)
+    return ShareState(id=job.id, shared=body.shared)
+
+
+@API.route(
+    "POST",
+    "/api/v1/jobs/{job_id}/images/{index}/rating",
+    summary="Rate one image 1-10 (yours, or a shared job's); earns a small kudos reward, "
+    "once per image",
+    body=RatingCreate,
+    response=RatingRecorded,
+    auth="user",
+    status=201,
+    errors=(404, 409),
+    limit="rate",
+)
+async def rate_image(request: web.Request, call: Call) -> RatingRecorded:
+    assert call.account is not None
+    raw = request.match_info["index"]
+    if not raw.isdigit():
+        raise BadRequest(
+            f"image index {raw!r} is not a number; indexes count from 0",
+            [("index", "must be a whole number from 0")],
+        )
+    body: RatingCreate = call.body
+    return await kudos.rate_image(
+        request.app[STORE], call.account, request.match_info["job_id"], int(raw), body.score
+    )
+
+
+@API.route(
+    "POST",
+    "/api/v1/transfers",
+    summary="Give kudos to another user. Send an Idempotency-Key header: a replay returns the "
+    "first answer and moves nothing; the same key with another body is 409",
+    body=TransferCreate,
+    response=TransferDone,
+    auth="user",
+    status=201,
+    errors=(402, 404, 409),
+    limit="transfer",
+)
+async def create_transfer(request: web.Request, call: Call) -> TransferDone:
+    assert call.account is not None
+    key = request.headers.get("Idempotency-Key", "")
+    if not IDEMPOTENCY_KEY.match(key):
+        raise BadRequest(
+            "send an Idempotency-Key header (1-100 letters, digits, '_', '.', ':', '-'), "
+            "e.g. a fresh UUID per transfer, so a retry cannot pay twice",
+            [("Idempotency-Key", "is required: 1-100 of A-Z a-z 0-9 _ . : -")],
+        )
+    body: TransferCreate = call.body
+    return await kudos.transfer(request.app[STORE], call.account, body.to, body.amount, key)
+
+
+def _int_query(
+    request: web.Request, name: str, default: int | None, low: int, high: int
+) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise BadRequest(
+            f"query parameter {name}={raw!r} must be a whole number from {low} to {high}",
+            [(name, f"must be {low}..{high}")],
+        )
+    return int(raw)
+
+
+@API.route(
+    "GET",
+    "/api/v1/accounts/me/history",
+    summary="The caller's ledger entries, newest first (?limit=1..500, ?before=ENTRY_ID)",
+    response=HistoryPage,
+    auth="user",
+)
+async def account_history(request: web.Request, call: Call) -> HistoryPage:
+    assert call.account is not None
+    limit = _int_query(request, "limit", 50, 1, MAX_HISTORY)
+    assert limit is not None
+    before = _int_query(request, "before", None, 1, 2**62)
+    return await kudos.history(request.app[STORE], call.account, limit, before)
+
+
+@API.route(
+    "GET",
+    "/api/v1/workers/{worker_id}",
+    summary="A worker's public record: trust, spot checks, jobs done, ratings, engine",
+    response=WorkerInfo,
+    errors=(404,),
+)
+async def show_worker(request: web.Request, call: Call) -> WorkerInfo:
+    worker_id = request.match_info["worker_id"]
+    if not re.fullmatch(r"[0-9a-f]{32}", worker_id):
+        raise NotFound(f"no worker {worker_id}")
+    return await kudos.worker_info(request.app[STORE], worker_id)
+
+
+@API.route(
+    "POST",
+    "/api/v1/workers/engine",
+    summary="Report the worker's engine build; spot checks require identical pixels only "
+    "between identical builds",
+    body=EngineInfo,
+    response=WorkerInfo,
+    auth="worker",
+)
+async def report_engine(request: web.Request, call: Call) -> WorkerInfo:
+    assert call.worker is not None
+    store = request.app[STORE]
+    body: EngineInfo = call.body
+    await store.set_engine(call.worker, body.model_dump_json())
+    return await kudos.worker_info(store, call.worker.id)

@@ -1,0 +1,210 @@
+"""Image jobs as the requester sees them: submit, status, live events, images."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from aiohttp import web
+
+from coordinator.economy import kudos
+from coordinator.errors import BadRequest, NotFound
+from coordinator.http.api import API, Call
+from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
+from coordinator.http.streams import follow, open_stream
+from coordinator.store import Account, Job, Store
+from protocol.cost import image_cost
+from protocol.messages import ImageInfo, ImageJobCreated, JobStatus
+from protocol.params import MAX_SEED, ImageParams
+
+log = logging.getLogger(__name__)
+
+
+def check_anonymous_limits(request: web.Request, params: ImageParams) -> None:
+    config = request.app[CONFIG]
+    problems = []
+    if params.pixels > config.anonymous_max_pixels:
+        problems.append(
+            (
+                "width",
+                f"anonymous requests may have at most {config.anonymous_max_pixels} pixels "
+                "(width x height); make it smaller or send an API key",
+            )
+        )
+    if params.steps > config.anonymous_max_steps:
+        problems.append(
+            (
+                "steps",
+                f"anonymous requests may use at most {config.anonymous_max_steps} steps; "
+                "use fewer or send an API key",
+            )
+        )
+    if params.n > config.anonymous_max_n:
+        problems.append(
+            (
+                "n",
+                f"anonymous requests may ask for at most {config.anonymous_max_n} images; "
+                "ask for fewer or send an API key",
+            )
+        )
+    if problems:
+        raise BadRequest("; ".join(f"{f}: {m}" for f, m in problems), problems)
+
+
+@API.route(
+    "POST",
+    "/api/v1/jobs/image",
+    summary="Queue an image job; its cost is reserved from the caller's kudos",
+    body=ImageParams,
+    response=ImageJobCreated,
+    auth="optional",
+    status=202,
+    errors=(402,),
+    limit="submit",
+)
+async def submit_image(request: web.Request, call: Call) -> ImageJobCreated:
+    store = request.app[STORE]
+    params: ImageParams = call.body
+    account = call.account or await store.anonymous_account()
+    if account.anonymous:
+        check_anonymous_limits(request, params)
+    if params.seed is None:
+        params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+    assert params.seed is not None
+    job = await store.create_image_job(account, params, image_cost(params))
+    request.app[SIGNALS].job_queued("image", params.model)
+    position, eta = await store.queue_info(job.id)
+    return ImageJobCreated(
+        id=job.id, kudos_cost=job.cost, seed=params.seed, queue_position=position, eta_seconds=eta
+    )
+
+
+async def owned_job(
+    store: Store, job_id: str, account: Account | None, *, viewing: bool = True
+) -> Job:
+    """The job, if the caller may see it (`viewing`) or change it: the requester's key, or
+    anyone holding the id of an anonymous job; for viewing also any registered user when
+    the job is shared."""
+    job = await store.get_job(job_id)
+    anonymous = (await store.anonymous_account()).id
+    if job is None or job.verify_of is not None:
+        raise NotFound(f"no job {job_id} visible to this API key")
+    mine = job.account_id == anonymous or (account is not None and account.id == job.account_id)
+    if not mine and not (viewing and job.shared and account is not None):
+        # Same answer whether it does not exist or is someone else's: ids do not leak.
+        raise NotFound(f"no job {job_id} visible to this API key")
+    return job
+
+
+async def job_status(request: web.Request, job: Job) -> JobStatus:
+    store = request.app[STORE]
+    images = []
+    if job.state == "done":
+        rated = await kudos.image_ratings(store, job.id)
+        for record in await store.results(job.id):
+            url = str(
+                request.url.with_path(f"/api/v1/jobs/{job.id}/images/{record.index}").with_query(
+                    None
+                )
+            )
+            mean, count = rated.get(record.index, (None, 0))
+            images.append(
+                ImageInfo(
+                    index=record.index,
+                    seed=record.seed,
+                    sha256=record.sha256,
+                    url=url,
+                    rating=mean,
+                    ratings=count,
+                )
+            )
+    position, eta = await store.queue_info(job.id) if not job.finished else (None, None)
+    # whole seconds, so a stream does not send an event for every small drift
+    eta = None if eta is None else float(round(eta))
+    return JobStatus(
+        id=job.id,
+        state=job.state,
+        queue_position=position,
+        n=job.params.n,
+        seeds=job.params.seeds(),
+        kudos_cost=job.cost,
+        image=job.image,
+        step=job.step,
+        steps=job.steps_total,
+        attempts=job.attempts,
+        error=job.error if job.state in ("failed", "queued", "cancelled") else None,
+        images=images,
+        eta_seconds=eta,
+        shared=job.shared,
+    )
+
+
+@API.route(
+    "GET",
+    "/api/v1/jobs/{job_id}",
+    summary="A job's state, queue position, progress and images",
+    response=JobStatus,
+    auth="optional",
+    errors=(404,),
+)
+async def get_job(request: web.Request, call: Call) -> JobStatus:
+    job = await owned_job(request.app[STORE], request.match_info["job_id"], call.account)
+    return await job_status(request, job)
+
+
+@API.route(
+    "GET",
+    "/api/v1/jobs/{job_id}/events",
+    summary="Server-sent events: a `status` event (a JobStatus) on every change, until done",
+    auth="optional",
+    produces="text/event-stream",
+    errors=(404,),
+)
+async def job_events(request: web.Request, call: Call) -> web.StreamResponse:
+    store = request.app[STORE]
+    job = await owned_job(store, request.match_info["job_id"], call.account)
+
+    async def read() -> Job:
+        found = await store.get_job(job.id)
+        assert found is not None
+        return found
+
+    last: JobStatus | None = None
+    async with open_stream(request, call.account, f"event stream of job {job.id}") as stream:
+        async for current in follow(
+            request, job.id, read, lambda j: j.finished, lambda j: j.state == "queued"
+        ):
+            status = await job_status(request, current)
+            if status != last:
+                await stream.send(status.model_dump_json(), "status")
+                last = status
+            else:
+                await stream.keepalive()
+    return stream.response
+
+
+@API.route(
+    "GET",
+    "/api/v1/jobs/{job_id}/images/{index}",
+    summary="One PNG of a finished job",
+    auth="optional",
+    produces="image/png",
+    errors=(404,),
+)
+async def get_image(request: web.Request, call: Call) -> web.StreamResponse:
+    store = request.app[STORE]
+    job = await owned_job(store, request.match_info["job_id"], call.account)
+    index = request.match_info["index"]
+    for record in await store.results(job.id):
+        if str(record.index) == index:
+            return web.Response(
+                body=request.app[FILES].get(record.sha256),
+                content_type="image/png",
+                headers={
+                    "ETag": f'"{record.sha256}"',
+                    "Cache-Control": "private, max-age=31536000",
+                    # the bytes came from a worker: never let a browser guess another type
+                    "X-Content-Type-Options": "nosniff",
+                },
+            )
+    raise NotFound(f"job {job.id} has no image {index} (yet); check the job's state first")

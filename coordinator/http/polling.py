@@ -1,0 +1,38 @@
+"""Long-polling: workers wait in one request until there is work for them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Collection
+from typing import TypeVar
+
+from aiohttp import web
+
+from coordinator.http.state import CONFIG, SIGNALS
+
+__all__ = ["long_poll"]
+
+T = TypeVar("T")
+
+
+async def long_poll(
+    request: web.Request,
+    wait: float,
+    attempt: Callable[[], Awaitable[T | None]],
+    kind: str,
+    models: Collection[str] | None,
+) -> T | None:
+    """Call `attempt` (e.g. a pop) until it gives something or `wait` seconds (capped by the
+    config) pass; tries again when a job of `kind` for one of `models` (None: any) is
+    queued, and every `poll_fallback` seconds so that a change another coordinator made
+    without a notification is still seen."""
+    config, signals = request.app[CONFIG], request.app[SIGNALS]
+    deadline = time.monotonic() + min(wait, config.max_pop_wait)
+    while True:
+        found = await attempt()
+        if found is not None:
+            return found
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or signals.closing:
+            return None
+        await signals.wait_for_work(kind, models, min(remaining, config.poll_fallback))

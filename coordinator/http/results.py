@@ -1,0 +1,238 @@
+"""A worker's result: each image uploaded as a raw PNG, then one request that pays.
+
+    PUT  /api/v1/jobs/{job_id}/images/{index}   body: the PNG (Content-Type: image/png);
+         headers X-Image-Seed, X-Image-Sha256, X-Image-Signature. Streamed to disk while
+         hashed, at most png_check.byte_limit(width, height) bytes (413 past it), checked
+         (seed, signature, hash, a decodable PNG of the job's size) and stored.
+    POST /api/v1/jobs/{job_id}/result            JSON: index, seed, sha256, signature per
+         image; every image must have been uploaded by this worker. Verifies, settles the
+         ledger and makes the images visible.
+
+Nothing is paid for an image that was refused, and a refused upload leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from aiohttp import web
+
+from coordinator.economy.verification import images_agree, same_build
+from coordinator.errors import BadRequest, BodyTooLarge, Conflict, Unauthorized
+from coordinator.http.api import API, Call
+from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE, UPLOADS
+from coordinator.jobs.png_check import MAX_PNG_BYTES, byte_limit, check_png
+from coordinator.store import Job, ResultRecord, Worker
+from protocol.errors import SignatureInvalid
+from protocol.messages import (
+    IMAGE_SEED_HEADER,
+    IMAGE_SHA256_HEADER,
+    IMAGE_SIGNATURE_HEADER,
+    ImageUploaded,
+    ResultAccepted,
+    ResultSubmit,
+)
+from protocol.signing import result_message, verify
+
+__all__ = ["submit_result", "upload_image"]
+
+_DECIMAL = re.compile(r"[0-9]{1,20}")
+_HEX_64 = re.compile(r"[0-9a-f]{64}")
+_HEX_128 = re.compile(r"[0-9a-f]{128}")
+
+
+async def _leased_job(request: web.Request, worker: Worker) -> Job:
+    job_id = request.match_info["job_id"]
+    job = await request.app[STORE].get_job(job_id)
+    if job is None or job.state != "leased" or job.worker_id != worker.id:
+        raise Conflict(
+            f"job {job_id} is not leased to this worker; it may have been given to another"
+        )
+    return job
+
+
+def _check_signature(worker: Worker, job: Job, sha256: str, signature: str, field: str) -> None:
+    try:
+        verify(worker.public_key, result_message(job.id, job.params_hash, sha256), signature)
+    except SignatureInvalid:
+        raise Unauthorized(
+            f"{field}: the signature does not verify with this worker's key",
+            [(field, "must sign result_message(job id, params hash, sha256) with your key")],
+        ) from None
+
+
+def _upload_headers(request: web.Request, job: Job, index: int) -> tuple[int, str, str]:
+    """The upload's seed, SHA-256 and signature headers, checked for form and seed."""
+    values = {}
+    for name, pattern, what in (
+        (IMAGE_SEED_HEADER, _DECIMAL, "the image's seed, a decimal integer"),
+        (IMAGE_SHA256_HEADER, _HEX_64, "the SHA-256 of the PNG, 64 lowercase hex digits"),
+        (IMAGE_SIGNATURE_HEADER, _HEX_128, "the Ed25519 signature, 128 lowercase hex digits"),
+    ):
+        value = request.headers.get(name, "")
+        if not pattern.fullmatch(value):
+            raise BadRequest(f"header {name} is missing or malformed", [(name, f"must be {what}")])
+        values[name] = value
+    seed = int(values[IMAGE_SEED_HEADER])
+    expected = job.params.seeds()[index]
+    if seed != expected:
+        raise BadRequest(
+            f"{IMAGE_SEED_HEADER} is {seed}, but image {index} must use seed {expected}",
+            [(IMAGE_SEED_HEADER, f"must be {expected}")],
+        )
+    return seed, values[IMAGE_SHA256_HEADER], values[IMAGE_SIGNATURE_HEADER]
+
+
+def _image_index(request: web.Request, job: Job) -> int:
+    raw = request.match_info["index"]
+    if not _DECIMAL.fullmatch(raw) or int(raw) >= job.params.n:
+        raise BadRequest(
+            f"job {job.id} has images 0..{job.params.n - 1}; there is no image {raw}",
+            [("index", f"must be 0..{job.params.n - 1}")],
+        )
+    return int(raw)
+
+
+@API.route(
+    "PUT",
+    "/api/v1/jobs/{job_id}/images/{index}",
+    summary="Upload one image of a leased job: the raw PNG, with its seed, SHA-256 and "
+    "signature in headers; the result request then pays for all of them",
+    raw="image/png",
+    headers=(
+        (IMAGE_SEED_HEADER, "the image's seed (the job's seed + index)"),
+        (IMAGE_SHA256_HEADER, "SHA-256 of the body, lowercase hex"),
+        (IMAGE_SIGNATURE_HEADER, "Ed25519 signature over result_message(job, params hash, sha)"),
+    ),
+    response=ImageUploaded,
+    auth="worker",
+    errors=(401, 409),
+)
+async def upload_image(request: web.Request, call: Call) -> ImageUploaded:
+    worker = call.worker
+    assert worker is not None
+    job = await _leased_job(request, worker)
+    index = _image_index(request, job)
+    _, sha256, signature = _upload_headers(request, job, index)
+    _check_signature(worker, job, sha256, signature, IMAGE_SIGNATURE_HEADER)
+    if request.content_type != "image/png":
+        raise BadRequest(
+            f"Content-Type is {request.content_type}; send the PNG's bytes as image/png",
+            [("Content-Type", "must be image/png")],
+        )
+    width, height = job.params.width, job.params.height
+    limit = min(byte_limit(width, height), MAX_PNG_BYTES)
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(
+            f"the image is {request.content_length} bytes; a {width}x{height} PNG may have "
+            f"at most {limit}",
+            [("body", f"must be at most {limit} bytes")],
+        )
+    uploads, files = request.app[UPLOADS], request.app[FILES]
+    async with uploads.spool(request.content, limit) as spooled:
+        if spooled.sha256 != sha256:
+            raise BadRequest(
+                f"{IMAGE_SHA256_HEADER} does not match the body (its SHA-256 is {spooled.sha256})",
+                [(IMAGE_SHA256_HEADER, "must be the SHA-256 of the body")],
+            )
+        await asyncio.to_thread(check_png, spooled.path, width, height)
+        # Content-addressed, so storing it before the job is paid is harmless.
+        await asyncio.to_thread(files.put_file, spooled.path, sha256)
+    await asyncio.to_thread(uploads.mark, job.id, worker.id, index, sha256)
+    return ImageUploaded(id=job.id, index=index, sha256=sha256)
+
+
+async def _checked_records(
+    request: web.Request, job: Job, worker: Worker, body: ResultSubmit
+) -> list[ResultRecord]:
+    """Verify every image of the result against its upload, or raise naming the field."""
+    expected_seeds = job.params.seeds()
+    last = len(expected_seeds) - 1
+    indexes = sorted(image.index for image in body.images)
+    if indexes != list(range(len(expected_seeds))):
+        raise BadRequest(
+            f"submit exactly images 0..{last}, once each; got {indexes}",
+            [("images", f"must hold indexes 0..{last} once each")],
+        )
+    uploads, files = request.app[UPLOADS], request.app[FILES]
+    records = []
+    for position, image in enumerate(body.images):
+        field = f"images[{position}]"
+        expected = expected_seeds[image.index]
+        if image.seed != expected:
+            raise BadRequest(
+                f"{field}.seed is {image.seed}, but image {image.index} must use seed {expected}",
+                [(f"{field}.seed", f"must be {expected}")],
+            )
+        _check_signature(worker, job, image.sha256, image.signature, f"{field}.signature")
+        uploaded = await asyncio.to_thread(uploads.marked, job.id, worker.id, image.index)
+        upload_path = f"/api/v1/jobs/{job.id}/images/{image.index}"
+        if uploaded is None or not files.path(uploaded).exists():
+            raise BadRequest(
+                f"image {image.index} was not uploaded; PUT its PNG to {upload_path} first",
+                [(field, f"upload image {image.index} first")],
+            )
+        if uploaded != image.sha256:
+            raise BadRequest(
+                f"{field}.sha256 is not the hash of the uploaded image {image.index} "
+                f"({uploaded}); upload the image again or send its hash",
+                [(f"{field}.sha256", "must be the SHA-256 of the uploaded image")],
+            )
+        records.append(ResultRecord(image.index, image.seed, image.sha256, image.signature))
+    return sorted(records, key=lambda record: record.index)
+
+
+@API.route(
+    "POST",
+    "/api/v1/jobs/{job_id}/result",
+    summary="Finish a leased job whose images are uploaded: the coordinator verifies the "
+    "signed list and pays",
+    body=ResultSubmit,
+    response=ResultAccepted,
+    auth="worker",
+    errors=(401, 409),
+)
+async def submit_result(request: web.Request, call: Call) -> ResultAccepted:
+    store, signals = request.app[STORE], request.app[SIGNALS]
+    worker = call.worker
+    assert worker is not None
+    job = await _leased_job(request, worker)
+    records = await _checked_records(request, job, worker, call.body)
+    agrees = None
+    if job.verify_of is not None:
+        agrees = await _check_agrees(request, worker, job, [r.sha256 for r in records])
+    paid, held = await store.finish_job(worker, job, records, agrees)
+    await asyncio.to_thread(request.app[UPLOADS].discard, job.id)
+    signals.job_changed(job.id)
+    if job.verify_of is not None:
+        signals.job_changed(job.verify_of)
+    # the result may have scheduled a spot check for a trusted worker
+    signals.job_queued("image", job.params.model)
+    return ResultAccepted(id=job.id, kudos_earned=paid, kudos_held=held)
+
+
+async def _check_agrees(
+    request: web.Request, verifier: Worker, job: Job, digests: list[str]
+) -> bool:
+    """Whether a spot check's images match the original's (coordinator.economy.verification)."""
+    store, files, config = request.app[STORE], request.app[FILES], request.app[CONFIG]
+    original = await store.original_results(job)
+    if len(original) != len(digests):
+        return False
+    assert job.verify_of is not None
+    checked = await store.get_job(job.verify_of)
+    mine = await store.worker_row(verifier.id)
+    theirs = await store.worker_row(checked.worker_id) if checked and checked.worker_id else None
+    identical = same_build(
+        mine.engine if mine is not None else None, theirs.engine if theirs is not None else None
+    )
+    for record, digest in zip(original, digests, strict=True):
+        before = await asyncio.to_thread(files.get, record.sha256)
+        after = await asyncio.to_thread(files.get, digest)
+        same = await asyncio.to_thread(
+            images_agree, before, after, identical, config.verify_tolerance
+        )
+        if not same:
+            return False
+    return True

@@ -1,0 +1,407 @@
+"""Text (LLM) jobs: the requester's side (submit, status, token stream) and the gateway's
+(pop, stream text, submit the signed usage report, fail), plus block servers' peer links."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from coordinator.economy import kudos
+from coordinator.errors import BadRequest, Conflict, NotFound, Unauthorized
+from coordinator.http.api import API, Call
+from coordinator.http.polling import long_poll
+from coordinator.http.state import CONFIG, SIGNALS, STORE
+from coordinator.http.streams import follow, open_stream
+from coordinator.jobs import text as text_jobs
+from coordinator.jobs.text import TextJob
+from coordinator.store import Account, Store
+from protocol.errors import SignatureInvalid
+from protocol.messages import JobCancelled, Quote
+from protocol.params import MAX_SEED
+from protocol.signing import peer_link_message, text_result_message, verify
+from protocol.text import (
+    LeasedTextJob,
+    PeerLink,
+    PeerLinked,
+    TextDelta,
+    TextDeltaAccepted,
+    TextFailure,
+    TextJobCreated,
+    TextModel,
+    TextParams,
+    TextPopRequest,
+    TextPopResponse,
+    TextResultAccepted,
+    TextResultSubmit,
+    TextStatus,
+)
+
+log = logging.getLogger(__name__)
+
+CLOCK_SKEW_SECONDS = 300
+
+
+async def serving_models(request: web.Request) -> list[TextModel]:
+    """Models a gateway offered recently (gateways re-offer on every long-poll)."""
+    return await text_jobs.known_models(request.app[STORE], request.app[CONFIG].text_model_seconds)
+
+
+async def choose_model(request: web.Request, name: str | None, field: str) -> TextModel:
+    models = await serving_models(request)
+    if not models:
+        raise BadRequest(
+            "no gateway is serving any model right now; try again later or start one with "
+            "`idlegrid worker gateway`",
+            [(field, "no model is being served")],
+        )
+    if name is None:
+        return models[0]
+    for model in models:
+        if model.name == name:
+            return model
+    names = ", ".join(m.name for m in models)
+    raise BadRequest(
+        f"model {name!r} is not served here; choose one of: {names}",
+        [(field, f"must be one of: {names}")],
+    )
+
+
+def check_text_limits(
+    request: web.Request, params: TextParams, model: TextModel, account: Account
+) -> None:
+    config = request.app[CONFIG]
+    if params.max_tokens >= model.max_context:
+        raise BadRequest(
+            f"max_tokens {params.max_tokens} does not fit the context of {model.name} "
+            f"({model.max_context} tokens with the prompt); ask for fewer",
+            [("max_tokens", f"must be less than {model.max_context}")],
+        )
+    if account.anonymous and params.max_tokens > config.anonymous_max_tokens:
+        raise BadRequest(
+            f"anonymous requests may ask for at most {config.anonymous_max_tokens} tokens; "
+            "ask for fewer or send an API key",
+            [("max_tokens", f"must be at most {config.anonymous_max_tokens} without an API key")],
+        )
+
+
+async def submit(request: web.Request, account: Account | None, params: TextParams) -> TextJob:
+    """Validate against the served models, fix the seed, queue and reserve."""
+    store = request.app[STORE]
+    account = account or await store.anonymous_account()
+    model = await choose_model(request, params.model, "model")
+    check_text_limits(request, params, model, account)
+    updates: dict[str, object] = {"model": model.name}
+    if params.seed is None:
+        # fixed now so that a retry on another gateway samples the same text
+        updates["seed"] = secrets.randbelow(MAX_SEED + 1)
+    params = params.model_copy(update=updates)
+    job = await text_jobs.create_text_job(store, account, params, model)
+    request.app[SIGNALS].job_queued("text", model.name)
+    return job
+
+
+async def visible_text_job(store: Store, job_id: str, account: Account | None) -> TextJob:
+    """The job, if the caller may see it: the requester's key, or anyone for anonymous jobs."""
+    job = await text_jobs.get_text_job(store, job_id)
+    anonymous = (await store.anonymous_account()).id
+    if job is None or (
+        job.account_id != anonymous and (account is None or account.id != job.account_id)
+    ):
+        raise NotFound(f"no text job {job_id} visible to this API key")
+    return job
+
+
+async def text_status(store: Store, job: TextJob, *, with_text: bool = True) -> TextStatus:
+    position, eta = (
+        await text_jobs.text_queue_position(store, job.id) if not job.finished else (None, None)
+    )
+    return TextStatus(
+        id=job.id,
+        state=job.state,
+        queue_position=position,
+        eta_seconds=None if eta is None else round(eta, 1),
+        model=job.model,
+        text=job.text if with_text else "",
+        finish_reason=job.finish_reason,
+        prompt_tokens=job.prompt_tokens,
+        completion_tokens=job.completion_tokens,
+        kudos_cost=job.charged if job.charged is not None else job.cost,
+        attempts=job.attempts,
+        error=job.error if job.state in ("failed", "queued") else None,
+    )
+
+
+@API.route(
+    "POST",
+    "/api/v1/text/jobs",
+    summary="Queue a chat or completion job; its upper-bound cost is reserved, the rest "
+    "refunded when it finishes",
+    body=TextParams,
+    response=TextJobCreated,
+    auth="optional",
+    status=202,
+    errors=(402,),
+    limit="submit",
+)
+async def submit_text(request: web.Request, call: Call) -> TextJobCreated:
+    job = await submit(request, call.account, call.body)
+    return TextJobCreated(
+        id=job.id,
+        kudos_cost=job.cost,
+        queue_position=(await text_jobs.text_queue_position(request.app[STORE], job.id))[0],
+    )
+
+
+@API.route(
+    "POST",
+    "/api/v1/quotes/text",
+    summary="What a text job would reserve (unused kudos are refunded when it finishes), "
+    "what you can spend, the queue and the ETA; submits nothing",
+    body=TextParams,
+    response=Quote,
+    auth="optional",
+)
+async def quote_text(request: web.Request, call: Call) -> Quote:
+    store = request.app[STORE]
+    params: TextParams = call.body
+    account = call.account or await store.anonymous_account()
+    model = await choose_model(request, params.model, "model")
+    check_text_limits(request, params, model, account)
+    cost = text_jobs.reserve_cost(params, model)
+    return await kudos.quote(store, account, cost, await store.quote_place("text", account, cost))
+
+
+@API.route(
+    "GET",
+    "/api/v1/text/jobs/{job_id}",
+    summary="A text job's state, queue position and text so far",
+    response=TextStatus,
+    auth="optional",
+    errors=(404,),
+)
+async def get_text(request: web.Request, call: Call) -> TextStatus:
+    store = request.app[STORE]
+    job = await visible_text_job(store, request.match_info["job_id"], call.account)
+    return await text_status(store, job)
+
+
+@API.route(
+    "POST",
+    "/api/v1/text/jobs/{job_id}/cancel",
+    summary="Cancel a queued or running text job and refund its kudos; the gateway running "
+    "it stops at its next piece of text",
+    response=JobCancelled,
+    auth="optional",
+    errors=(404, 409),
+)
+async def cancel_text(request: web.Request, call: Call) -> JobCancelled:
+    store = request.app[STORE]
+    job = await visible_text_job(store, request.match_info["job_id"], call.account)
+    refunded = await store.cancel_job(job.id)
+    request.app[SIGNALS].job_changed(job.id)
+    return JobCancelled(id=job.id, state="cancelled", refunded=refunded)
+
+
+def follow_text(request: web.Request, job: TextJob) -> AsyncIterator[TextJob]:
+    """The job now and whenever it may have changed, until finished (see http.streams)."""
+    store = request.app[STORE]
+
+    async def read() -> TextJob:
+        found = await text_jobs.get_text_job(store, job.id)
+        assert found is not None
+        return found
+
+    return follow(request, job.id, read, lambda j: j.finished, lambda j: j.state == "queued")
+
+
+@API.route(
+    "GET",
+    "/api/v1/text/jobs/{job_id}/events",
+    summary="Server-sent events: `text` events ({offset, text}: new text; an offset below "
+    "what you have means the job restarted, drop text past it) and `status` events (a "
+    "TextStatus without text while running, with the full text once finished)",
+    auth="optional",
+    produces="text/event-stream",
+    errors=(404,),
+)
+async def text_events(request: web.Request, call: Call) -> web.StreamResponse:
+    store = request.app[STORE]
+    job = await visible_text_job(store, request.match_info["job_id"], call.account)
+    sent = ""
+    last: TextStatus | None = None
+    async with open_stream(request, call.account, f"event stream of text job {job.id}") as stream:
+        async for current in follow_text(request, job):
+            status = await text_status(store, current, with_text=current.finished)
+            if not current.text.startswith(sent):
+                sent = ""  # requeued and restarted: the text begins again
+            if len(current.text) > len(sent) or (not current.text and sent):
+                delta = {"offset": len(sent), "text": current.text[len(sent) :]}
+                await stream.send(json.dumps(delta, ensure_ascii=False), "text")
+                sent = current.text
+            if status != last:
+                await stream.send(status.model_dump_json(), "status")
+                last = status
+            await stream.keepalive()
+    return stream.response
+
+
+# --- gateways and block servers ---------------------------------------------------------
+
+
+@API.route(
+    "POST",
+    "/api/v1/workers/peers",
+    summary="Link a block server's hivemind peer id to this worker (signed), so the "
+    "coordinator can pay its owner for the blocks it serves",
+    body=PeerLink,
+    response=PeerLinked,
+    auth="worker",
+    errors=(409,),
+)
+async def link_peer(request: web.Request, call: Call) -> PeerLinked:
+    worker = call.worker
+    assert worker is not None
+    body: PeerLink = call.body
+    if abs(request.app[STORE].now() - body.timestamp) > CLOCK_SKEW_SECONDS:
+        raise BadRequest(
+            "timestamp is more than 5 minutes off the coordinator's clock; fix the worker's clock",
+            [("timestamp", "must be within 5 minutes of the coordinator's clock")],
+        )
+    try:
+        verify(
+            worker.public_key,
+            peer_link_message(worker.public_key, body.peer_id, body.timestamp),
+            body.signature,
+        )
+    except SignatureInvalid:
+        raise Unauthorized("peer link signature does not verify with this worker's key") from None
+    await text_jobs.link_peer(request.app[STORE], worker, body.peer_id)
+    return PeerLinked(peer_id=body.peer_id, worker_id=worker.id)
+
+
+@API.route(
+    "POST",
+    "/api/v1/text/pop",
+    summary="A gateway offers its models and leases the best queued text job for one of "
+    "them; waits up to `wait` seconds for one",
+    body=TextPopRequest,
+    response=TextPopResponse,
+    auth="worker",
+    errors=(403,),
+    limit="pop",
+)
+async def pop_text(request: web.Request, call: Call) -> TextPopResponse:
+    store, signals = request.app[STORE], request.app[SIGNALS]
+    body: TextPopRequest = call.body
+    worker = call.worker
+    assert worker is not None
+    await text_jobs.offer_models(store, body.models)
+    names = [m.name for m in body.models]
+    job = await long_poll(
+        request, body.wait, lambda: text_jobs.pop_text_job(store, worker, names), "text", names
+    )
+    if job is None:
+        return TextPopResponse(job=None)
+    signals.job_changed(job.id)
+    assert job.lease_deadline is not None
+    return TextPopResponse(
+        job=LeasedTextJob(
+            id=job.id,
+            model=job.model,
+            params=job.params,
+            params_hash=job.params_hash,
+            lease_seconds=job.lease_seconds,
+            lease_deadline=job.lease_deadline,
+        )
+    )
+
+
+@API.route(
+    "POST",
+    "/api/v1/text/jobs/{job_id}/delta",
+    summary="Stream newly generated text of a leased job; extends the lease",
+    body=TextDelta,
+    response=TextDeltaAccepted,
+    auth="worker",
+    errors=(404, 409),
+)
+async def text_delta(request: web.Request, call: Call) -> TextDeltaAccepted:
+    assert call.worker is not None
+    body: TextDelta = call.body
+    job_id = request.match_info["job_id"]
+    length, deadline = await text_jobs.append_text(
+        request.app[STORE], call.worker, job_id, body.offset, body.text
+    )
+    request.app[SIGNALS].job_changed(job_id)
+    return TextDeltaAccepted(id=job_id, length=length, lease_deadline=deadline)
+
+
+@API.route(
+    "POST",
+    "/api/v1/text/jobs/{job_id}/result",
+    summary="Finish a leased text job with the signed text and usage report; the "
+    "coordinator charges the requester, pays the block servers' owners, refunds the rest",
+    body=TextResultSubmit,
+    response=TextResultAccepted,
+    auth="worker",
+    errors=(404, 409),
+)
+async def text_result(request: web.Request, call: Call) -> TextResultAccepted:
+    store = request.app[STORE]
+    worker = call.worker
+    assert worker is not None
+    body: TextResultSubmit = call.body
+    job = await text_jobs.get_text_job(store, request.match_info["job_id"])
+    if job is None or job.state != "leased" or job.worker_id != worker.id:
+        raise Conflict(
+            f"text job {request.match_info['job_id']} is not leased to this worker; "
+            "it may have been given to another"
+        )
+    spans = [span.model_dump() for span in body.spans]
+    try:
+        verify(
+            worker.public_key,
+            text_result_message(job.id, job.params_hash, body.text, spans),
+            body.signature,
+        )
+    except SignatureInvalid:
+        raise Unauthorized("signature does not verify with this worker's key") from None
+    models = {m.name: m for m in await text_jobs.known_models(store)}
+    model = models.get(job.model)
+    if model is None:
+        raise Conflict(f"model {job.model} was never offered; pop the job again")
+    settled = await text_jobs.complete_text_job(store, worker, job, body, model)
+    request.app[SIGNALS].job_changed(job.id)
+    return TextResultAccepted(
+        id=job.id,
+        kudos_charged=settled.charged,
+        kudos_refunded=settled.refunded,
+        kudos_earned=settled.paid.get(worker.account_id, 0),
+    )
+
+
+@API.route(
+    "POST",
+    "/api/v1/text/jobs/{job_id}/fail",
+    summary="Give a leased text job back: requeued, or (retry false, or too many tries) "
+    "failed and refunded",
+    body=TextFailure,
+    response=TextStatus,
+    auth="worker",
+    errors=(404, 409),
+)
+async def text_fail(request: web.Request, call: Call) -> TextStatus:
+    store = request.app[STORE]
+    assert call.worker is not None
+    body: TextFailure = call.body
+    job = await text_jobs.fail_text_job(
+        store, call.worker, request.match_info["job_id"], body.reason, body.retry
+    )
+    request.app[SIGNALS].job_changed(job.id)
+    if job.state == "queued":
+        request.app[SIGNALS].job_queued("text", job.model)
+    return await text_status(store, job)

@@ -1,0 +1,137 @@
+"""The worker side: register, pop (long-poll), progress, failure (results: routes_results)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from coordinator.errors import BadRequest, Unauthorized
+from coordinator.http.api import API, Call
+from coordinator.http.jobs import job_status
+from coordinator.http.polling import long_poll
+from coordinator.http.state import SIGNALS, STORE, UPLOADS
+from protocol.errors import SignatureInvalid
+from protocol.messages import (
+    FailureReport,
+    JobStatus,
+    LeasedJob,
+    LeaseExtended,
+    PopRequest,
+    PopResponse,
+    ProgressReport,
+    WorkerRegister,
+    WorkerRegistered,
+)
+from protocol.signing import registration_message, verify
+
+CLOCK_SKEW_SECONDS = 300
+
+
+@API.route(
+    "POST",
+    "/api/v1/workers/register",
+    summary="Register a worker identity (Ed25519); with an API key its earnings go to that account",
+    body=WorkerRegister,
+    response=WorkerRegistered,
+    auth="optional",
+)
+async def register_worker(request: web.Request, call: Call) -> WorkerRegistered:
+    body: WorkerRegister = call.body
+    if abs(request.app[STORE].now() - body.timestamp) > CLOCK_SKEW_SECONDS:
+        raise BadRequest(
+            "timestamp is more than 5 minutes off the coordinator's clock; fix the worker's clock",
+            [("timestamp", "must be within 5 minutes of the coordinator's clock")],
+        )
+    try:
+        verify(
+            body.public_key,
+            registration_message(body.name, body.public_key, body.timestamp),
+            body.signature,
+        )
+    except SignatureInvalid:
+        raise Unauthorized("registration signature does not match public_key") from None
+    worker, token = await request.app[STORE].register_worker(
+        body.name, body.public_key, call.account
+    )
+    return WorkerRegistered(worker_id=worker.id, token=token)
+
+
+@API.route(
+    "POST",
+    "/api/v1/workers/pop",
+    summary="Lease the best queued job that fits; waits up to `wait` seconds for one",
+    body=PopRequest,
+    response=PopResponse,
+    auth="worker",
+    errors=(403,),
+    limit="pop",
+)
+async def pop(request: web.Request, call: Call) -> PopResponse:
+    store, signals = request.app[STORE], request.app[SIGNALS]
+    body: PopRequest = call.body
+    worker = call.worker
+    assert worker is not None
+    await store.record_poll(worker)
+    job = await long_poll(
+        request,
+        body.wait,
+        lambda: store.pop_job(worker, body.models, body.max_pixels, body.max_steps),
+        "image",
+        body.models,
+    )
+    if job is None:
+        return PopResponse(job=None)
+    signals.job_changed(job.id)
+    assert job.lease_deadline is not None
+    return PopResponse(
+        job=LeasedJob(
+            id=job.id,
+            params=job.params,
+            params_hash=job.params_hash,
+            lease_seconds=job.lease_seconds,
+            lease_deadline=job.lease_deadline,
+        )
+    )
+
+
+@API.route(
+    "POST",
+    "/api/v1/jobs/{job_id}/progress",
+    summary="Report step progress; extends the lease",
+    body=ProgressReport,
+    response=LeaseExtended,
+    auth="worker",
+    errors=(404, 409),
+)
+async def progress(request: web.Request, call: Call) -> LeaseExtended:
+    assert call.worker is not None
+    body: ProgressReport = call.body
+    job = await request.app[STORE].report_progress(
+        call.worker, request.match_info["job_id"], body.image, body.step, body.steps
+    )
+    request.app[SIGNALS].job_changed(job.id)
+    assert job.lease_deadline is not None
+    return LeaseExtended(id=job.id, lease_deadline=job.lease_deadline)
+
+
+@API.route(
+    "POST",
+    "/api/v1/jobs/{job_id}/fail",
+    summary="Give a leased job back (engine crash, timeout): requeued, or refunded "
+    "after too many tries",
+    body=FailureReport,
+    response=JobStatus,
+    auth="worker",
+    errors=(404, 409),
+)
+async def fail(request: web.Request, call: Call) -> JobStatus:
+    assert call.worker is not None
+    job = await request.app[STORE].fail_image_job(
+        call.worker, request.match_info["job_id"], call.body.reason
+    )
+    await asyncio.to_thread(request.app[UPLOADS].discard, job.id)
+    request.app[SIGNALS].job_changed(job.id)
+    if job.state == "queued":
+        request.app[SIGNALS].job_queued("image", job.params.model)
+    return await job_status(request, job)

@@ -1,0 +1,1 @@
+"""One lifecycle for every job kind, the queue and its wake-ups, result files."""

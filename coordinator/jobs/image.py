@@ -1,0 +1,214 @@
+"""Image jobs on the one lifecycle: what they add is their parameters, step progress, result
+rows (one signed PNG per image) and settlement through coordinator.economy.trust."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, select, update
+
+from coordinator.accounts import Account
+from coordinator.db.database import VERIFICATION
+from coordinator.db.schema import jobs, results
+from coordinator.economy import trust
+from coordinator.jobs.lifecycle import Lifecycle
+from coordinator.workers import Worker
+from protocol.params import ImageParams
+from protocol.signing import params_hash
+
+__all__ = ["ImageJobs", "Job", "ResultRecord"]
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    account_id: int
+    state: str
+    params: ImageParams
+    params_hash: str
+    cost: int
+    created_at: float
+    worker_id: str | None
+    lease_seconds: float
+    lease_deadline: float | None
+    attempts: int
+    image: int
+    step: int
+    steps_total: int
+    error: str | None
+    leased_at: float | None = None
+    # set on verification jobs: the job this one re-runs
+    verify_of: str | None = None
+    shared: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    index: int
+    seed: int
+    sha256: str
+    signature: str
+
+
+def _job(row: Row[Any]) -> Job:
+    return Job(
+        id=row.id,
+        account_id=row.account_id,
+        state=row.state,
+        params=ImageParams.model_validate_json(row.params),
+        params_hash=row.params_hash,
+        cost=row.cost,
+        created_at=row.created_at,
+        worker_id=row.worker_id,
+        lease_seconds=row.lease_seconds,
+        lease_deadline=row.lease_deadline,
+        attempts=row.attempts,
+        image=row.image,
+        step=row.step,
+        steps_total=row.steps_total,
+        error=row.error,
+        leased_at=row.leased_at,
+        verify_of=row.verify_of,
+        shared=bool(row.shared),
+    )
+
+
+class ImageJobs(Lifecycle):
+    async def create_image_job(self, account: Account, params: ImageParams, cost: int) -> Job:
+        """Queue an image job and reserve its cost from the requester."""
+        row = await self.queue_job(
+            account,
+            cost,
+            {
+                "kind": "image",
+                "params": params.model_dump_json(),
+                "params_hash": params_hash(params),
+                "model": params.model,
+                "pixels": params.pixels,
+                "steps": params.steps,
+                "n": params.n,
+                "lease_seconds": self._config.lease_seconds(params.pixels, params.steps, params.n),
+                "steps_total": params.steps,
+            },
+            "make it smaller (size, steps, n) or earn kudos by running a worker",
+        )
+        return _job(row)
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """The image job with this id (None for no job, or a job of another kind)."""
+        async with self.begin() as conn:
+            row = (
+                await conn.execute(
+                    select(jobs).where((jobs.c.id == job_id) & (jobs.c.kind == "image"))
+                )
+            ).first()
+        return _job(row) if row else None
+
+    async def pop_job(
+        self, worker: Worker, models: Sequence[str], max_pixels: int, max_steps: int
+    ) -> Job | None:
+        """Lease the best queued image job that fits the worker, if any (see Lifecycle.pop)."""
+        fits = (
+            (jobs.c.kind == "image")
+            & (jobs.c.pixels <= max_pixels)
+            & (jobs.c.steps <= max_steps)
+            & (jobs.c.model.is_(None) | jobs.c.model.in_(list(models)))
+        )
+        row = await self.pop(worker, fits, take_checks=True)
+        return None if row is None else _job(row)
+
+    async def report_progress(
+        self, worker: Worker, job_id: str, image: int, step: int, steps: int
+    ) -> Job:
+        """Record progress and extend the lease by the job's lease length."""
+        async with self.begin() as conn:
+            row = await self.extend(conn, worker, job_id, image=image, step=step, steps_total=steps)
+        return _job(row)
+
+    async def complete_job(self, worker: Worker, job: Job, images: list[ResultRecord]) -> int:
+        """Mark done, store result rows and pay the worker, in one transaction; returns
+        the kudos earned (paid now plus held pending)."""
+        paid, held = await self.finish_job(worker, job, images)
+        return paid + held
+
+    async def finish_job(
+        self,
+        worker: Worker,
+        job: Job,
+        images: list[ResultRecord],
+        check_agrees: bool | None = None,
+    ) -> tuple[int, int]:
+        """Complete a leased job in one transaction: state, results, payment (part held
+        while the worker is untrusted), speed check and maybe a spot check. For a
+        verification job pass `check_agrees`: whether its images match the original's.
+        Returns (kudos paid now, kudos held pending)."""
+        async with self.begin() as conn:
+            row = await self.finish(conn, worker, job.id)
+            await conn.execute(
+                results.insert(),
+                [
+                    {
+                        "job_id": job.id,
+                        "idx": image.index,
+                        "seed": image.seed,
+                        "sha256": image.sha256,
+                        "signature": image.signature,
+                        "worker_id": worker.id,
+                    }
+                    for image in images
+                ],
+            )
+            if row.verify_of is not None:
+                if check_agrees is None:
+                    raise ValueError(f"job {job.id} is a spot check: pass check_agrees")
+                return await trust.record_check(
+                    conn,
+                    self._config,
+                    row,
+                    worker.id,
+                    worker.account_id,
+                    check_agrees,
+                    [(image.index, image.sha256, image.signature) for image in images],
+                )
+            paid, held = await trust.pay_worker(
+                conn,
+                self._config,
+                worker.id,
+                worker.account_id,
+                job.cost,
+                job.id,
+                f"settle:{job.id}",
+            )
+            await trust.after_result(
+                conn, self._config, worker.id, row, row.finished_at, self._system[VERIFICATION]
+            )
+        # the throughput behind ETAs changed
+        self.ranking.changed("image")
+        return paid, held
+
+    async def fail_image_job(self, worker: Worker, job_id: str, reason: str) -> Job:
+        return _job(await self.fail_job(worker, job_id, reason))
+
+    async def original_results(self, job: Job) -> list[ResultRecord]:
+        """For a verification job: the results of the job it re-runs."""
+        if job.verify_of is None:
+            return []
+        return await self.results(job.verify_of)
+
+    async def results(self, job_id: str) -> list[ResultRecord]:
+        query = select(results).where(results.c.job_id == job_id).order_by(results.c.idx)
+        async with self.begin() as conn:
+            rows = (await conn.execute(query)).all()
+        return [ResultRecord(r.idx, r.seed, r.sha256, r.signature) for r in rows]
+
+    async def set_shared(self, job_id: str, shared: bool) -> None:
+        async with self.begin() as conn:
+            await conn.execute(
+                update(jobs).where(jobs.c.id == job_id).values(shared=1 if shared else 0)
+            )

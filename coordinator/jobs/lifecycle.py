@@ -1,0 +1,362 @@
+"""One lifecycle for every job kind: queue, lease, extend, finish, requeue, fail, refund,
+cancel, reap.
+
+    queued --pop--> leased --finish--> done
+      ^               |  \\--fail (no retry, or out of attempts)--> failed (+ refund)
+      +---requeue-----+   (worker gave it back, or its lease expired)
+    queued/leased --cancel--> cancelled (+ refund)
+
+Image and text jobs differ only in what they store beside the row (result files, streamed
+text) and how they settle; those live in coordinator.jobs.image and coordinator.jobs.text and
+build on this class. Every method is one transaction; every state change is a conditional
+update, so two coordinators (or a worker racing the reaper) cannot both win.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy import ColumnElement, Row, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from coordinator.accounts import Account
+from coordinator.db.database import ESCROW, now
+from coordinator.db.ledger import balance, lock_balance, lock_spender, post_entry
+from coordinator.db.schema import jobs, ledger_entries, postings, workers
+from coordinator.errors import Conflict, InsufficientKudos, NotFound, WorkerPaused
+from coordinator.jobs import queue
+from coordinator.workers import Worker, Workers
+
+__all__ = ["Lifecycle", "OnLease", "Requeued"]
+
+# kind-specific work done in the transaction that leases a job (e.g. reset streamed text)
+OnLease = Callable[[AsyncConnection, Row[Any]], Awaitable[None]]
+# (job id, kind, model) of a job that went back to the queue
+Requeued = tuple[str, str, str | None]
+
+FINISHED = ("done", "failed", "cancelled")
+# queued jobs looked at per pop (another pop may take some of them first)
+POP_CANDIDATES = 4
+
+
+class Lifecycle(Workers):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ranking = queue.Ranking(self)
+        self.add_commit_hook(self._refresh_ranks)
+
+    async def _refresh_ranks(self, conn: AsyncConnection, touched: set[int]) -> None:
+        if touched:
+            await queue.refresh_ranks(conn, self._config, touched)
+
+    async def _started(self) -> None:
+        await super()._started()
+        # one account per transaction: other coordinators may be serving meanwhile
+        async with self.begin() as conn:
+            owners = await queue.queued_owners(conn)
+        for account_id, anonymous in owners:
+            async with self.begin() as conn:
+                await queue.rerank_account(conn, self._config.aging, account_id, anonymous)
+
+    # --- queue ------------------------------------------------------------------------
+
+    async def queue_job(
+        self, account: Account, cost: int, values: dict[str, Any], fix: str
+    ) -> Row[Any]:
+        """Queue a job and reserve `cost` from the requester, in one transaction; returns
+        its row. `values` are the kind's columns (kind, params, model, ...); `fix` ends the
+        message of the 402 when the requester cannot spend `cost`."""
+        job_id = str(uuid.uuid4())
+        async with self.begin() as conn:
+            at = now(conn)
+            await lock_spender(conn, account.id)
+            available = await balance(conn, account.id) - account.floor
+            if cost > available:
+                raise InsufficientKudos(
+                    f"this job costs {cost} kudos but you can spend {max(available, 0)}; {fix}"
+                )
+            kudos = await queue.ranked_kudos(conn, account.id)
+            await conn.execute(
+                jobs.insert().values(
+                    id=job_id,
+                    account_id=account.id,
+                    state="queued",
+                    cost=cost,
+                    priority_class=0 if account.anonymous else 1,
+                    created_at=at,
+                    rank=queue.rank_of(at, kudos, account.anonymous, self._config.aging),
+                    attempts=0,
+                    image=0,
+                    step=0,
+                    **values,
+                )
+            )
+            await post_entry(
+                conn,
+                reason="reserve",
+                key=f"reserve:{job_id}",
+                job_id=job_id,
+                moves=[(account.id, -cost), (self._system[ESCROW], cost)],
+            )
+            row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
+        self.ranking.changed(row.kind)
+        return row
+
+    async def queue_info(self, job_id: str) -> tuple[int | None, float | None]:
+        """(queue position, ETA seconds) of any job, from the shared ranking."""
+        async with self.begin() as conn:
+            row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
+        if row is None:
+            return None, None
+        snapshot = await self.ranking.snapshot(row.kind)
+        at = self.now()
+        if row.state != "queued":
+            return None, queue.eta_of(row, 0, snapshot.rate, at)
+        place = snapshot.place(row.id, float(row.rank))
+        return place, queue.eta_of(row, snapshot.ahead(place), snapshot.rate, at)
+
+    async def queue_position(self, job_id: str) -> int | None:
+        """0 = next to be popped; None when the job is not queued."""
+        return (await self.queue_info(job_id))[0]
+
+    async def quote_place(
+        self, kind: str, account: Account, cost: int
+    ) -> tuple[int, int, float | None]:
+        """For a job not yet submitted: (queue length, position it would get, ETA seconds)."""
+        snapshot = await self.ranking.snapshot(kind)
+        async with self.begin() as conn:
+            kudos = await queue.ranked_kudos(conn, account.id)
+        # the reservation will lower the balance before the job is ranked
+        rank = queue.rank_of(self.now(), kudos - cost, account.anonymous, self._config.aging)
+        place = snapshot.place(None, rank)
+        eta = None if snapshot.rate is None else (snapshot.ahead(place) + cost) / snapshot.rate
+        return snapshot.length, place, eta
+
+    # --- lease ------------------------------------------------------------------------
+
+    async def pop(
+        self,
+        worker: Worker,
+        fits: ColumnElement[bool],
+        *,
+        take_checks: bool = False,
+        on_lease: OnLease | None = None,
+    ) -> Row[Any] | None:
+        """Lease the best queued job matching `fits` to `worker`, if any; its row.
+
+        Raises WorkerPaused for a paused worker. With `take_checks`, a trusted worker takes
+        pending spot checks of other workers' jobs first (coordinator.economy.trust); every
+        worker takes its owner's own jobs before others'; then rank order."""
+        skip_locked = self.dialect == "postgresql"
+        async with self.begin() as conn:
+            me = (await conn.execute(select(workers).where(workers.c.id == worker.id))).one()
+            if me.paused:
+                raise WorkerPaused(
+                    f"worker {me.name} is paused: {me.pause_reason}; "
+                    "ask the coordinator's operator to review it"
+                )
+            found: list[str] = []
+            if take_checks and me.trusted:
+                original = jobs.alias("original")
+                checks = (
+                    select(jobs.c.id)
+                    .join(original, original.c.id == jobs.c.verify_of)
+                    .where(queue.CHECKS & fits & (original.c.worker_id != worker.id))
+                    .order_by(jobs.c.created_at)
+                    .limit(POP_CANDIDATES)
+                )
+                found += list((await conn.execute(checks)).scalars().all())
+            best = await queue.candidates(
+                conn, fits, worker.account_id, 1 if skip_locked else POP_CANDIDATES, skip_locked
+            )
+            found += [row.id for row in best]
+            for job_id in found:
+                at = now(conn)
+                taken = await conn.execute(
+                    update(jobs)
+                    .where((jobs.c.id == job_id) & (jobs.c.state == "queued"))
+                    .values(
+                        state="leased",
+                        worker_id=worker.id,
+                        lease_deadline=at + jobs.c.lease_seconds,
+                        leased_at=at,
+                        image=0,
+                        step=0,
+                    )
+                )
+                if taken.rowcount != 1:
+                    continue
+                await conn.execute(
+                    update(workers).where(workers.c.id == worker.id).values(last_seen=at)
+                )
+                row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
+                if on_lease is not None:
+                    await on_lease(conn, row)
+                self.ranking.changed(row.kind)
+                return row
+        return None
+
+    @staticmethod
+    def leased_to(worker: Worker, job_id: str) -> ColumnElement[bool]:
+        return (jobs.c.id == job_id) & (jobs.c.state == "leased") & (jobs.c.worker_id == worker.id)
+
+    @staticmethod
+    async def not_leased(conn: AsyncConnection, job_id: str) -> Exception:
+        """The error for a worker acting on a job it does not hold (any more)."""
+        row = (await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id))).first()
+        if row is None:
+            return NotFound(f"no job {job_id}")
+        return Conflict(
+            f"job {job_id} is not leased to this worker (it is {row.state}); "
+            "its lease may have expired and been given to another worker"
+        )
+
+    async def extend(
+        self, conn: AsyncConnection, worker: Worker, job_id: str, **values: Any
+    ) -> Row[Any]:
+        """In the caller's transaction: extend `worker`'s lease on the job by its lease
+        length (and set `values`); NotFound/Conflict when it does not hold the lease."""
+        done = await conn.execute(
+            update(jobs)
+            .where(self.leased_to(worker, job_id))
+            .values(lease_deadline=now(conn) + jobs.c.lease_seconds, **values)
+        )
+        if done.rowcount != 1:
+            raise await self.not_leased(conn, job_id)
+        return (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
+
+    async def finish(self, conn: AsyncConnection, worker: Worker, job_id: str) -> Row[Any]:
+        """In the caller's transaction: mark `worker`'s leased job done; its row."""
+        at = now(conn)
+        done = await conn.execute(
+            update(jobs)
+            .where(self.leased_to(worker, job_id))
+            .values(state="done", finished_at=at, lease_deadline=None)
+        )
+        if done.rowcount != 1:
+            raise await self.not_leased(conn, job_id)
+        await conn.execute(
+            update(workers)
+            .where(workers.c.id == worker.id)
+            .values(jobs_done=workers.c.jobs_done + 1, last_seen=at)
+        )
+        return (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
+
+    # --- give back, fail, cancel, reap -----------------------------------------------
+
+    async def refund_held(self, conn: AsyncConnection, job_id: str, account_id: int) -> int:
+        """Return to the requester whatever of the job's reservation is still in escrow
+        (a text job may have settled part of it); the kudos refunded."""
+        held = (
+            await conn.execute(
+                select(func.coalesce(func.sum(postings.c.amount), 0))
+                .select_from(postings.join(ledger_entries))
+                .where(
+                    (ledger_entries.c.job_id == job_id)
+                    & (postings.c.account_id == self._system[ESCROW])
+                )
+            )
+        ).scalar_one()
+        refund = int(held)
+        if refund > 0:
+            await post_entry(
+                conn,
+                reason="refund",
+                key=f"refund:{job_id}",
+                job_id=job_id,
+                moves=[(self._system[ESCROW], -refund), (account_id, refund)],
+            )
+        return refund
+
+    async def requeue_or_fail(
+        self, conn: AsyncConnection, row: Row[Any], reason: str, *, retry: bool = True
+    ) -> bool:
+        """Give a leased job back to the queue or, without `retry` or after `max_attempts`,
+        fail it and refund the requester. True when it went back to the queue."""
+        attempts = row.attempts + 1
+        guard = (
+            (jobs.c.id == row.id) & (jobs.c.state == "leased") & (jobs.c.worker_id == row.worker_id)
+        )
+        if retry and attempts < self._config.max_attempts:
+            await conn.execute(
+                update(jobs)
+                .where(guard)
+                .values(
+                    state="queued",
+                    attempts=attempts,
+                    worker_id=None,
+                    lease_deadline=None,
+                    image=0,
+                    step=0,
+                    error=reason,
+                )
+            )
+            self.ranking.changed(row.kind)
+            return True
+        changed = await conn.execute(
+            update(jobs)
+            .where(guard)
+            .values(
+                state="failed",
+                attempts=attempts,
+                error=f"failed after {attempts} attempts; last: {reason}" if retry else reason,
+                finished_at=now(conn),
+                lease_deadline=None,
+            )
+        )
+        if changed.rowcount == 1:
+            await self.refund_held(conn, row.id, row.account_id)
+        return False
+
+    async def fail_job(
+        self, worker: Worker, job_id: str, reason: str, *, retry: bool = True
+    ) -> Row[Any]:
+        """The worker gives the job back (retry) or reports it cannot be done; its row."""
+        async with self.begin() as conn:
+            row = (await conn.execute(select(jobs).where(self.leased_to(worker, job_id)))).first()
+            if row is None:
+                raise await self.not_leased(conn, job_id)
+            await self.requeue_or_fail(conn, row, f"worker reported: {reason}", retry=retry)
+            return (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
+
+    async def cancel_job(self, job_id: str) -> int:
+        """Cancel a queued or running job and refund its reserved kudos, in one
+        transaction; returns the kudos refunded. A worker holding the lease gets 409 later."""
+        async with self.begin() as conn:
+            row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
+            if row is None:
+                raise NotFound(f"no job {job_id}")
+            # balance row before job row, the order every writer keeps (a submit's rank
+            # refresh updates the requester's queued jobs while holding their balance)
+            await lock_balance(conn, row.account_id)
+            changed = await conn.execute(
+                update(jobs)
+                .where((jobs.c.id == job_id) & jobs.c.state.in_(("queued", "leased")))
+                .values(
+                    state="cancelled",
+                    finished_at=now(conn),
+                    lease_deadline=None,
+                    error="cancelled by the requester",
+                )
+            )
+            if changed.rowcount != 1:
+                raise Conflict(f"job {job_id} is already {row.state}; nothing to cancel")
+            refund = await self.refund_held(conn, job_id, row.account_id)
+        self.ranking.changed(row.kind)
+        return refund
+
+    async def reap_expired(self) -> list[Requeued]:
+        """Requeue (or fail) every leased job whose lease ran out: (id, kind, model) of each."""
+        async with self.begin() as conn:
+            expired = (
+                await conn.execute(
+                    select(jobs).where(
+                        (jobs.c.state == "leased") & (jobs.c.lease_deadline < now(conn))
+                    )
+                )
+            ).all()
+            for row in expired:
+                await self.requeue_or_fail(conn, row, "lease expired: the worker went silent")
+        return [(row.id, row.kind, row.model) for row in expired]

@@ -1,0 +1,120 @@
+"""Workers: registration by public key, tokens, engine info, polling (uptime)."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, select, update
+
+from coordinator.accounts import Account, Accounts, hash_secret
+from coordinator.db.database import now
+from coordinator.db.ledger import open_balance
+from coordinator.db.schema import accounts, workers
+from coordinator.economy import trust
+
+__all__ = ["Worker", "Workers"]
+
+
+@dataclass(frozen=True)
+class Worker:
+    id: str
+    name: str
+    public_key: str
+    account_id: int
+    trusted: bool = False
+    paused: bool = False
+    pause_reason: str | None = None
+
+
+def _worker(row: Row[Any]) -> Worker:
+    return Worker(
+        id=row.id,
+        name=row.name,
+        public_key=row.public_key,
+        account_id=row.account_id,
+        trusted=bool(row.trusted),
+        paused=bool(row.paused),
+        pause_reason=row.pause_reason,
+    )
+
+
+class Workers(Accounts):
+    async def register_worker(
+        self, name: str, public_key: str, owner: Account | None
+    ) -> tuple[Worker, str]:
+        """Register (or re-register) the worker holding `public_key`; returns a new token."""
+        token = secrets.token_urlsafe(32)
+        async with self.begin() as conn:
+            at = now(conn)
+            row = (
+                await conn.execute(select(workers).where(workers.c.public_key == public_key))
+            ).first()
+            if owner is not None:
+                account_id = owner.id
+            elif row is not None:
+                account_id = row.account_id
+            else:
+                account_id = (
+                    await conn.execute(
+                        accounts.insert()
+                        .values(
+                            name=f"worker:{public_key[:16]}",
+                            kind="worker",
+                            floor=0,
+                            created_at=at,
+                        )
+                        .returning(accounts.c.id)
+                    )
+                ).scalar_one()
+                await open_balance(conn, account_id)
+            values: dict[str, Any] = {
+                "name": name,
+                "token_hash": hash_secret(token),
+                "account_id": account_id,
+                "last_seen": at,
+            }
+            # Seeded trust (see coordinator.economy.trust); re-registering never removes it.
+            if public_key in self._config.trusted_workers or (
+                owner is not None and owner.name in self._config.trusted_accounts
+            ):
+                values["trusted"] = 1
+            if row is None:
+                worker_id = uuid.uuid4().hex
+                await conn.execute(
+                    workers.insert().values(
+                        id=worker_id, public_key=public_key, created_at=at, **values
+                    )
+                )
+                await trust.pending_account(conn, worker_id)
+            else:
+                worker_id = row.id
+                await conn.execute(update(workers).where(workers.c.id == worker_id).values(values))
+            saved = (await conn.execute(select(workers).where(workers.c.id == worker_id))).one()
+        return _worker(saved), token
+
+    async def worker_by_token(self, token: str) -> Worker | None:
+        async with self.begin() as conn:
+            row = (
+                await conn.execute(
+                    select(workers).where(workers.c.token_hash == hash_secret(token))
+                )
+            ).first()
+        return None if row is None else _worker(row)
+
+    async def record_poll(self, worker: Worker) -> int:
+        """A worker asked for work: keep its uptime stretch, pay uptime kudos when due."""
+        async with self.begin() as conn:
+            return await trust.record_poll(conn, self._config, worker.id, now(conn))
+
+    async def set_engine(self, worker: Worker, engine_json: str) -> None:
+        async with self.begin() as conn:
+            await conn.execute(
+                update(workers).where(workers.c.id == worker.id).values(engine=engine_json)
+            )
+
+    async def worker_row(self, worker_id: str) -> Row[Any] | None:
+        async with self.begin() as conn:
+            return (await conn.execute(select(workers).where(workers.c.id == worker_id))).first()

@@ -1,0 +1,210 @@
+"""The queue in SQL: the database's order is protocol.priority's, ranks follow balances,
+positions come from one shared snapshot, and only who must wake wakes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+
+import aiohttp
+import pytest
+from sqlalchemy import select
+
+from coordinator.config import CoordinatorConfig
+from coordinator.db.ledger import post_entry
+from coordinator.db.schema import balances, jobs
+from coordinator.http.state import SIGNALS
+from coordinator.jobs.signals import Signals
+from coordinator.store import GRANTS, Account, Store, Worker
+from protocol.params import ImageParams
+from protocol.priority import Waiting, order
+from tests.conftest import LiveApp, start_app
+
+SMALL = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 7}
+
+
+async def _grant(store: Store, account: Account, amount: int, key: str) -> None:
+    async with store.begin() as conn:
+        await post_entry(
+            conn,
+            reason="grant",
+            key=key,
+            moves=[(store.system_account(GRANTS), -amount), (account.id, amount)],
+        )
+
+
+async def _worker(store: Store) -> Worker:
+    worker, _ = await store.register_worker("w", "a" * 64, None)
+    return worker
+
+
+async def _pop_all(store: Store, worker: Worker) -> list[str]:
+    popped = []
+    while (job := await store.pop_job(worker, ["m"], 64 * 64, 10)) is not None:
+        popped.append(job.id)
+    return popped
+
+
+async def test_the_database_pops_in_protocol_priority_order(store: Store) -> None:
+    """Jobs of requesters with different balances (and anonymous ones), submitted over
+    time, come out of the SQL queue in exactly the order protocol.priority defines."""
+    rng = random.Random(11)
+    clock = [10_000.0]
+    store.clock = lambda: clock[0]
+    accounts = [(await store.create_account(f"user{i}"))[0] for i in range(5)]
+    for i, account in enumerate(accounts):
+        await _grant(store, account, rng.choice([0, 3, 40, 900, 70_000]), f"grant:t:{i}")
+    anonymous = await store.anonymous_account()
+    kudos = {a.id: await store.balance(a.id) for a in accounts}
+    expected: list[Waiting] = []
+    for _ in range(40):
+        clock[0] += rng.uniform(0, 90)
+        account = rng.choice([*accounts, anonymous])
+        # cost 0: balances (and so ranks) stay what `kudos` says
+        job = await store.create_image_job(account, ImageParams(**SMALL), 0)
+        expected.append(
+            Waiting(job.id, account.id, kudos.get(account.id, 0), clock[0], account.anonymous)
+        )
+    worker = await _worker(store)
+    assert await _pop_all(store, worker) == [w.job_id for w in order(expected, store.config.aging)]
+
+
+async def test_ranks_follow_a_material_balance_change_only(store: Store) -> None:
+    clock = [50_000.0]
+    store.clock = lambda: clock[0]
+    config = store.config
+    early, _ = await store.create_account("early")
+    late, _ = await store.create_account("late")
+    first = await store.create_image_job(early, ImageParams(**SMALL), 1)
+    clock[0] += 30.0
+    second = await store.create_image_job(late, ImageParams(**SMALL), 1)
+    # a tiny grant moves `late`'s head start by far less than rank_refresh_seconds
+    await _grant(store, late, 1, "grant:t:tiny")
+    async with store.begin() as conn:
+        rank_before = (
+            await conn.execute(select(jobs.c.rank).where(jobs.c.id == second.id))
+        ).scalar_one()
+        ranked = (
+            await conn.execute(select(balances.c.ranked).where(balances.c.account_id == late.id))
+        ).scalar_one()
+    # ranked at the 100 granted: the reservation (-1) and the grant (+1) were too small
+    assert ranked == 100
+    # a big grant (x1000: ~10 doublings = 600 s of head start) re-ranks at once
+    await _grant(store, late, 100_000, "grant:t:big")
+    async with store.begin() as conn:
+        rank_after = (
+            await conn.execute(select(jobs.c.rank).where(jobs.c.id == second.id))
+        ).scalar_one()
+    assert rank_before - rank_after > 9 * config.priority_seconds_per_doubling
+    worker = await _worker(store)
+    assert await _pop_all(store, worker) == [second.id, first.id]
+
+
+async def test_balance_rows_agree_with_the_ledger(store: Store) -> None:
+    alice, _ = await store.create_account("alice")
+    bob, _ = await store.create_account("bob")
+    worker = await _worker(store)
+    job = await store.create_image_job(alice, ImageParams(**SMALL), 7)
+    await _grant(store, bob, 5, "grant:t:bob")
+    leased = await store.pop_job(worker, ["m"], 64 * 64, 10)
+    assert leased is not None
+    await store.fail_image_job(worker, job.id, "engine crashed")
+    cancelled = await store.create_image_job(bob, ImageParams(**SMALL), 3)
+    await store.cancel_job(cancelled.id)
+    audit = await store.ledger_audit()
+    assert audit["balance_rows_off"] == 0 and audit["sum"] == 0
+    ledger = await store.balances()
+    assert await store.balance(alice.id) == ledger["alice"] == 93
+    assert await store.balance(bob.id) == ledger["bob"] == 105
+
+
+async def test_positions_come_from_one_shared_snapshot(store: Store) -> None:
+    alice, _ = await store.create_account("alice")
+    ids = [(await store.create_image_job(alice, ImageParams(**SMALL), 1)).id for _ in range(5)]
+    assert [await store.queue_position(i) for i in ids] == [0, 1, 2, 3, 4]
+    snapshot = await store.ranking.snapshot("image")
+    # readers within the interval share it: no per-request ranking
+    for job_id in ids:
+        await store.queue_info(job_id)
+    assert await store.ranking.snapshot("image") is snapshot
+    # a job queued since the snapshot gets its place from its rank
+    late = await store.create_image_job(alice, ImageParams(**SMALL), 1)
+    assert (await store.queue_info(late.id))[0] == 5
+
+
+async def test_a_pop_waiter_wakes_only_for_work_it_can_take() -> None:
+    signals = Signals()
+    sd = asyncio.create_task(signals.wait_for_work("image", ["sd"], 5.0))
+    text = asyncio.create_task(signals.wait_for_work("text", ["llm"], 5.0))
+    await asyncio.sleep(0)
+    signals.job_queued("image", "other-model")
+    signals.job_queued("text", "other-llm")
+    await asyncio.sleep(0.05)
+    assert not sd.done() and not text.done()
+    signals.job_queued("image", "sd")
+    assert await asyncio.wait_for(sd, 1.0) is True
+    assert not text.done()
+    signals.job_queued("text", None)  # no model: any text gateway may take it
+    assert await asyncio.wait_for(text, 1.0) is True
+    assert signals.waiting_workers == 0
+
+
+async def test_a_watch_sees_a_change_made_between_two_waits() -> None:
+    signals = Signals()
+    with signals.watch("job-1") as watch:
+        signals.job_changed("job-1")  # while the watcher was busy elsewhere
+        assert await watch.wait(0.01) is True
+        assert await watch.wait(0.01) is False
+        assert signals.watched_jobs == 1
+    assert signals.watched_jobs == 0
+
+
+@pytest.fixture
+def capped_config(sqlite_only_config: CoordinatorConfig) -> CoordinatorConfig:
+    return dataclasses.replace(sqlite_only_config, max_streams_per_key=2, max_streams_per_ip=3)
+
+
+async def test_event_streams_are_capped_and_leave_nothing_behind(
+    capped_config: CoordinatorConfig,
+) -> None:
+    runner, app = await start_app(capped_config)
+    try:
+        await _streams_capped(app)
+    finally:
+        await runner.cleanup()
+
+
+async def _streams_capped(app: LiveApp) -> None:
+    store = app.store
+    alice, key = await store.create_account("alice")
+    job = await store.create_image_job(alice, ImageParams(**SMALL), 1)
+    anon = await store.create_image_job(await store.anonymous_account(), ImageParams(**SMALL), 1)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession() as http:
+        url = f"{app.url}/api/v1/jobs/{job.id}/events"
+        first = await http.get(url, headers=headers)
+        second = await http.get(url, headers=headers)
+        assert first.status == second.status == 200
+        third = await http.get(url, headers=headers)
+        assert (
+            third.status == 429 and "event streams open" in (await third.json())["error"]["message"]
+        )
+        assert "Retry-After" in third.headers
+        # the address cap counts anonymous streams too
+        anon_url = f"{app.url}/api/v1/jobs/{anon.id}/events"
+        fourth = await http.get(anon_url)
+        assert fourth.status == 200
+        fifth = await http.get(anon_url)
+        assert fifth.status == 429
+        await store.cancel_job(job.id)
+        app.app[SIGNALS].job_changed(job.id)
+        await store.cancel_job(anon.id)
+        app.app[SIGNALS].job_changed(anon.id)
+        for stream in (first, second, fourth):
+            body = await asyncio.wait_for(stream.text(), 10)
+            assert '"state":"cancelled"' in body
+        for response in (first, second, third, fourth, fifth):
+            response.release()
+    await asyncio.sleep(0.1)
+    assert app.app[SIGNALS].watched_jobs == 0

@@ -1,0 +1,304 @@
+"""The LLM swarm with real processes on loopback: block servers, the swarm client, failover.
+
+Two swarms share one coordinator: "llm" (alpha 0:2 + bravo 2:4, small cache budget and idle
+timeout) for the session tests, and "relay" (papa 0:2, quebec choosing its own blocks,
+romeo 2:4) whose servers the failover tests kill. Embeddings, final norm and LM head run
+here, as the text gateway runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+
+from tests.worker.llm.swarm.conftest import Cluster, Server
+from worker.errors import MissingBlocks, SwarmStepFailed
+from worker.llm.swarm.client import InferenceSession, SpanUsage, SwarmClient, SwarmClientConfig
+from worker.llm.swarm.placement import Hop
+
+pytestmark = pytest.mark.slow
+
+PROMPT = torch.tensor([[1, 17, 42, 256, 7]])
+
+
+@pytest.fixture(scope="module")
+def servers(cluster: Cluster) -> dict[str, Server]:
+    small = ("--cache-tokens", "256", "--session-idle-timeout", "2")
+    alpha = cluster.server("alpha", "--blocks", "0:2", "--new-swarm", *small)
+    # relay records live 3 s unless refreshed every second
+    relay = ("--model-name", "relay", "--announce-interval", "1", "--record-ttl", "3")
+    papa = cluster.server("papa", "--blocks", "0:2", "--new-swarm", *relay)
+    alpha.ready(), papa.ready()
+    bravo = cluster.server("bravo", "--blocks", "2:4", "--initial-peers", alpha.maddr, *small)
+    # no --blocks: must choose 2:4, the range nobody serves yet
+    quebec = cluster.server("quebec", "--num-blocks", "2", "--initial-peers", papa.maddr, *relay)
+    bravo.ready(), quebec.ready()
+    romeo = cluster.server("romeo", "--blocks", "2:4", "--initial-peers", papa.maddr, *relay)
+    romeo.ready()
+    return {s.name: s for s in (alpha, bravo, papa, quebec, romeo)}
+
+
+@contextlib.asynccontextmanager
+async def swarm_client(model: str, peer: Server, **options: Any) -> AsyncIterator[SwarmClient]:
+    config = SwarmClientConfig(model_name=model, initial_peers=(peer.maddr,), **options)
+    client = await SwarmClient.create(config)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def _embed(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.model.embed_tokens(ids)
+
+
+def _last_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.lm_head(model.model.norm(hidden[:, -1]))[0]
+
+
+def local_greedy(model: torch.nn.Module, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and last-position logits of the full model, recomputed from scratch."""
+    ids = PROMPT
+    tokens, logits = [], []
+    for _ in range(steps + 1):
+        with torch.no_grad():
+            last = model(ids).logits[0, -1]
+        logits.append(last)
+        tokens.append(int(last.argmax()))
+        ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], dim=1)
+    return tokens, logits
+
+
+async def swarm_greedy(
+    session: InferenceSession,
+    model: torch.nn.Module,
+    steps: int,
+    before_step: Callable[[int], Awaitable[None]] | None = None,
+) -> tuple[list[int], list[torch.Tensor]]:
+    """The same through the swarm: prefill, then one token per step."""
+    logits = [_last_logits(model, await session.step(_embed(model, PROMPT)))]
+    tokens = [int(logits[-1].argmax())]
+    for step in range(steps):
+        if before_step is not None:
+            await before_step(step)
+        hidden = await session.step(_embed(model, torch.tensor([[tokens[-1]]])))
+        logits.append(_last_logits(model, hidden))
+        tokens.append(int(logits[-1].argmax()))
+    return tokens, logits
+
+
+def assert_same_generation(
+    got: tuple[list[int], list[torch.Tensor]], want: tuple[list[int], list[torch.Tensor]]
+) -> None:
+    assert got[0] == want[0]
+    worst = max(float((a - b).abs().max()) for a, b in zip(got[1], want[1], strict=True))
+    assert worst < 1e-4, f"logits differ by {worst}"
+
+
+async def test_two_servers_give_the_local_models_logits(
+    servers: dict[str, Server], full_model: torch.nn.Module
+) -> None:
+    alpha, bravo = servers["alpha"], servers["bravo"]
+    assert (alpha.start, alpha.end, bravo.start, bravo.end) == (0, 2, 2, 4)
+    steps = 10
+    async with swarm_client("llm", alpha) as client:
+        assert (client.num_blocks, client.hidden_size) == (4, 64)
+        async with client.session(max_length=64) as session:
+            assert session.route == [Hop(alpha.peer_id, 0, 2), Hop(bravo.peer_id, 2, 4)]
+            result = await swarm_greedy(session, full_model, steps)
+            usage = session.usage
+    assert_same_generation(result, local_greedy(full_model, steps))
+    tokens = PROMPT.shape[1] + steps
+    assert sorted(usage, key=lambda u: u.start) == [
+        SpanUsage(alpha.peer_id, 0, 2, tokens),
+        SpanUsage(bravo.peer_id, 2, 4, tokens),
+    ]
+
+
+async def test_stateless_forward_through_the_swarm(
+    servers: dict[str, Server], full_model: torch.nn.Module
+) -> None:
+    async with swarm_client("llm", servers["alpha"]) as client:
+        hidden = await client.forward(_embed(full_model, PROMPT))
+    with torch.no_grad():
+        reference = full_model(PROMPT).logits[0, -1]
+    assert (_last_logits(full_model, hidden) - reference).abs().max() < 1e-4
+
+
+async def _wait_free_cache(client: SwarmClient, server: Server, tokens: int) -> None:
+    """Poll the server until `tokens` of its cache are free (its sessions closed)."""
+    async with asyncio.timeout(10):
+        while True:
+            if (await client.info(server.peer_id))["cache_tokens"] == tokens:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_sessions_beyond_the_cache_budget_are_refused(
+    servers: dict[str, Server], full_model: torch.nn.Module
+) -> None:
+    alpha = servers["alpha"]
+    async with swarm_client("llm", alpha, retry_budget=1.5) as client:
+        async with client.session(max_length=200) as big:
+            await big.step(_embed(full_model, PROMPT))
+            assert (await client.info(alpha.peer_id))["cache_tokens"] == 256 - 200
+            began = time.monotonic()
+            async with client.session(max_length=100) as second:
+                with pytest.raises(SwarmStepFailed, match=r"does not fit .*\(56 of 256 tokens\)"):
+                    await second.step(_embed(full_model, PROMPT))
+            assert time.monotonic() - began < 10
+        # closing the stream frees the session; then the same request fits
+        await _wait_free_cache(client, alpha, 256)
+        async with client.session(max_length=100) as third:
+            await third.step(_embed(full_model, PROMPT))
+
+
+async def test_an_idle_session_is_closed_and_the_client_replays_it(
+    servers: dict[str, Server], full_model: torch.nn.Module
+) -> None:
+    alpha, bravo = servers["alpha"], servers["bravo"]
+    steps = 6
+
+    async def idle_midway(step: int) -> None:
+        if step == 3:  # both servers drop the session after 2 s without requests
+            await _wait_free_cache(client, alpha, 256)
+            await _wait_free_cache(client, bravo, 256)
+
+    async with swarm_client("llm", alpha) as client, client.session(max_length=64) as session:
+        result = await swarm_greedy(session, full_model, steps, idle_midway)
+        usage = {(u.peer_id, u.start): u.tokens for u in session.usage}
+    assert_same_generation(result, local_greedy(full_model, steps))
+    # the same servers took the session back; the replay of 5 + 3 tokens counts too
+    total = PROMPT.shape[1] + steps
+    assert usage == {(alpha.peer_id, 0): total + 8, (bravo.peer_id, 2): total + 8}
+
+
+def test_a_server_without_blocks_takes_the_uncovered_range(servers: dict[str, Server]) -> None:
+    assert (servers["papa"].start, servers["papa"].end) == (0, 2)
+    assert (servers["quebec"].start, servers["quebec"].end) == (2, 4)
+
+
+async def test_a_killed_server_is_replaced_mid_generation(
+    servers: dict[str, Server], full_model: torch.nn.Module
+) -> None:
+    papa = servers["papa"]
+    by_peer = {servers[n].peer_id: servers[n] for n in ("quebec", "romeo")}
+    steps, kill_before = 10, 4
+    recovery: list[float] = []
+    async with (
+        swarm_client("relay", papa, step_timeout=5.0) as client,
+        client.session(max_length=64) as session,
+    ):
+        victim = by_peer[session.route[1].peer_id]
+
+        async def kill_midway(step: int) -> None:
+            if step == kill_before:
+                victim.proc.kill(signal.SIGKILL)
+                recovery.append(time.perf_counter())
+            elif step == kill_before + 1:
+                recovery[0] = time.perf_counter() - recovery[0]
+
+        result = await swarm_greedy(session, full_model, steps, kill_midway)
+        route, usage = session.route, session.usage
+    print(f"\nrecovered from a killed server in {recovery[0] * 1000:.0f} ms")
+    assert_same_generation(result, local_greedy(full_model, steps))
+    (survivor,) = (s for s in by_peer.values() if s is not victim)
+    assert route == [Hop(papa.peer_id, 0, 2), Hop(survivor.peer_id, 2, 4)]
+    # the replacement was paid for the replayed history and everything after it
+    tokens = {u.peer_id: u.tokens for u in usage if u.start == 2}
+    assert tokens == {
+        victim.peer_id: PROMPT.shape[1] + kill_before,
+        survivor.peer_id: PROMPT.shape[1] + steps,
+    }
+
+
+async def test_without_a_replacement_missing_blocks_names_them(
+    servers: dict[str, Server], full_model: torch.nn.Module
+) -> None:
+    papa = servers["papa"]
+    async with swarm_client("relay", papa, retry_budget=2.0, ping_timeout=1.0) as client:
+        async with client.session(max_length=64) as session:
+            await session.step(_embed(full_model, PROMPT))
+            for name in ("quebec", "romeo"):
+                servers[name].proc.kill(signal.SIGKILL)
+            began = time.monotonic()
+            with pytest.raises(MissingBlocks, match="no server serves blocks 2:4 of model relay"):
+                await session.step(_embed(full_model, torch.tensor([[3]])))
+            assert time.monotonic() - began < 10
+            # papa ran that step, the rest did not: the session cannot go on
+            with pytest.raises(SwarmStepFailed, match="this session failed earlier"):
+                await session.step(_embed(full_model, torch.tensor([[3]])))
+        with pytest.raises(MissingBlocks, match="blocks 2:4 of model relay") as caught:
+            async with client.session(max_length=64):
+                pass
+        assert caught.value.ranges == [(2, 4)]
+        # the dead servers' records expire; papa's, older than their lifetime, is refreshed
+        async with asyncio.timeout(10):
+            while True:
+                records = await client.records(refresh=True)
+                if [r.peer_id for r in records] == [papa.peer_id]:
+                    break
+                await asyncio.sleep(0.2)
+
+
+def test_sigterm_stops_a_server_without_orphans(servers: dict[str, Server]) -> None:
+    papa = servers["papa"]
+    children = psutil.Process(papa.proc.pid).children(recursive=True)
+    names = {child.name() for child in children}
+    assert "p2pd" in names, names  # the DHT process and its daemon
+    papa.proc.popen.send_signal(signal.SIGTERM)
+    assert papa.proc.popen.wait(timeout=20) == 0
+    assert "block server stopped" in papa.proc.output()
+    deadline = time.monotonic() + 10
+    while left := [c for c in children if _running(c)]:
+        assert time.monotonic() < deadline, f"orphans left: {left}"
+        time.sleep(0.05)
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_bad_flags_exit_2_naming_the_flag(cluster: Cluster, tmp_path: Path) -> None:
+    gpt = tmp_path / "gpt"
+    shutil.copytree(cluster.models / "llm", gpt)
+    config = json.loads((gpt / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (gpt / "config.json").write_text(json.dumps(config))
+    llm = str(cluster.models / "llm")
+    base = ["worker", "blocks", "--coordinator", cluster.url, "--new-swarm"]
+    cases = {
+        "error: --model: .*'gpt2'; supported model types: llama, mistral, qwen2, qwen3": [
+            "--model",
+            str(gpt),
+        ],
+        r"error: --blocks: START must be less than END, got 3:1": [
+            "--model",
+            llm,
+            "--blocks",
+            "3:1",
+        ],
+        r"error: --blocks: llm has 4 blocks; use END <= 4": ["--model", llm, "--blocks", "0:9"],
+    }
+    procs = {pattern: cluster.cli(*base, *args) for pattern, args in cases.items()}
+    for pattern, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err
+        assert re.search(pattern, err), err

@@ -1,0 +1,13 @@
+"""The image worker: Stable Diffusion jobs run by a diffusers engine inside the sandbox.
+
+    main.py           `idlegrid worker image ...`: flags -> ImageWorkerConfig
+    config.py         ImageWorkerConfig, the service's one configuration object
+    worker.py         ImageWorker: pop -> sandboxed engine -> signed result; survives crashes
+    engine.py         ImageEngine, hosted in the sandbox child process (torch, diffusers)
+    samplers.py       AUTOMATIC1111 sampler names -> diffusers schedulers
+    model_source.py   resolves --model safely (safetensors only, never pickle)
+
+Only the sandbox child imports `engine.py` (by name, `worker.image.worker.ENGINE`).
+"""
+
+__all__: list[str] = []

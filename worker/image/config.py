@@ -1,0 +1,43 @@
+"""The image worker's one configuration object. Only `worker.image.main` builds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.params import MAX_STEPS
+
+__all__ = ["ImageWorkerConfig"]
+
+
+@dataclass(frozen=True)
+class ImageWorkerConfig:
+    # coordinator base URL, e.g. http://127.0.0.1:8470
+    coordinator: str
+    # --model as given: a diffusers folder, a .safetensors file or a Hugging Face id
+    model: str
+    # local diffusers config folder for a single-file checkpoint
+    model_config: Path | None
+    # the model name announced to the coordinator (default: derived from the model)
+    model_name: str
+    # the worker's display name
+    name: str
+    # the Ed25519 identity file (created on first start)
+    identity_file: Path
+    # the owner's API key: earnings go to that account (else to a per-worker account)
+    api_key: str | None = None
+    # largest job accepted, in pixels per image and in steps
+    max_pixels: int = 1024 * 1024
+    max_steps: int = MAX_STEPS
+    # Hugging Face cache for hub ids (the engine's own HOME is a throwaway directory)
+    hf_home: Path | None = None
+    # torch threads in the engine process (None = torch's default)
+    threads: int | None = None
+    # seconds one job may run in the engine before it is killed and the job given back
+    job_timeout: float = 900.0
+    # seconds the engine may take to load the model
+    load_timeout: float = 600.0
+    # long-poll length when asking for work
+    pop_wait: float = 10.0
+    # at most one progress report per this many seconds (the last step is never sent)
+    progress_interval: float = 0.25

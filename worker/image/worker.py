@@ -1,0 +1,172 @@
+"""The image worker daemon: pop jobs that fit, run them in the sandboxed engine, submit
+signed results. Engine crashes and hangs give the job back and restart the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from protocol.messages import LeasedJob
+from protocol.signing import params_hash
+from sandbox import Sandbox, SandboxPolicy
+from sandbox.errors import EngineCrashed, EngineFailed, EngineTimedOut
+from worker.common.link import Capabilities, CoordinatorLink, retrying
+from worker.common.service import serve_jobs
+from worker.errors import CoordinatorRejected, CoordinatorUnavailable, LeaseLost
+from worker.image.config import ImageWorkerConfig
+
+__all__ = ["ENGINE", "ImageWorker"]
+
+log = logging.getLogger(__name__)
+
+# the engine class the sandbox child imports (the parent never imports it)
+ENGINE = "worker.image.engine:ImageEngine"
+
+
+class ImageWorker:
+    """Create with `await ImageWorker.create(config, identity)`; then `run(stop)`; `aclose()`."""
+
+    def __init__(self, config: ImageWorkerConfig, sandbox: Sandbox, link: CoordinatorLink) -> None:
+        self.config = config
+        self.sandbox = sandbox
+        self.link = link
+        self.capabilities = Capabilities(
+            models=[config.model_name], max_pixels=config.max_pixels, max_steps=config.max_steps
+        )
+        self.jobs_done = 0
+
+    @classmethod
+    async def create(cls, config: ImageWorkerConfig, link: CoordinatorLink) -> ImageWorker:
+        options: dict[str, Any] = {
+            "model": config.model,
+            "model_config": str(config.model_config) if config.model_config else None,
+            "model_name": config.model_name,
+            "threads": config.threads,
+        }
+        extra_env = {"HF_HOME": str(config.hf_home)} if config.hf_home else {}
+        policy = SandboxPolicy(
+            start_timeout=config.load_timeout, job_timeout=config.job_timeout, extra_env=extra_env
+        )
+        sandbox = await Sandbox.create(ENGINE, options, policy)
+        return cls(config, sandbox, link)
+
+    async def aclose(self) -> None:
+        await self.sandbox.aclose()
+
+    async def run(self) -> None:
+        """Serve until cancelled."""
+        registered = await retrying("register", self.link.register)
+        log.info("registered as worker %s", registered.worker_id)
+        try:
+            await self.link.report_engine(engine_info())
+        except (CoordinatorRejected, CoordinatorUnavailable) as exc:
+            log.warning("could not report the engine build (spot checks will be lenient): %s", exc)
+        print(
+            f"idlegrid image worker {self.config.name} ready: model {self.config.model_name}, "
+            f"worker id {registered.worker_id}",
+            flush=True,
+        )
+        await serve_jobs(
+            self.link, lambda: self.link.pop(self.capabilities, self.config.pop_wait), self.serve
+        )
+
+    async def serve(self, job: LeasedJob) -> None:
+        if params_hash(job.params) != job.params_hash:
+            await self._give_back(
+                job, "params hash mismatch: coordinator and worker versions differ"
+            )
+            return
+        started = time.monotonic()
+        # Jobs shorter than one interval finish without any progress traffic.
+        last_report = started
+
+        async def on_progress(event: dict[str, Any]) -> None:
+            nonlocal last_report
+            now = time.monotonic()
+            # The result follows the last step at once, so reporting it would only delay it.
+            if now - last_report < self.config.progress_interval or event["step"] == event["steps"]:
+                return
+            last_report = now
+            try:
+                await self.link.progress(
+                    job.id, int(event["image"]), int(event["step"]), int(event["steps"])
+                )
+            except (CoordinatorUnavailable, LeaseLost) as exc:
+                log.warning("progress report for job %s failed: %s", job.id, exc)
+
+        try:
+            result = await self.sandbox.call(
+                "image", job.params.model_dump(mode="json"), on_progress=on_progress
+            )
+        except (EngineCrashed, EngineTimedOut, EngineFailed) as exc:
+            log.error("engine failed on job %s: %s", job.id, exc)
+            await self._give_back(job, f"{type(exc).__name__}: {exc}")
+            # Reload before asking for more work, so no lease runs out during the reload.
+            await self.sandbox.ensure_running()
+            return
+        except asyncio.CancelledError:
+            await asyncio.shield(self._give_back(job, "worker shutting down"))
+            raise
+        seeds = [int(seed) for seed in result.data["seeds"]]
+        try:
+            accepted = await retrying("submit", lambda: self.link.submit(job, seeds, result.blobs))
+        except LeaseLost as exc:
+            log.warning("job %s was taken back before we finished: %s", job.id, exc)
+            return
+        except CoordinatorRejected as exc:
+            # Sending the same result again would be refused again: give the job back now
+            # (requeued for another worker) rather than hold it until the lease runs out.
+            log.error("result of job %s refused, giving the job back: %s", job.id, exc)
+            await self._give_back(job, f"result refused: {exc}")
+            return
+        self.jobs_done += 1
+        log.info(
+            "job %s done in %.2fs, earned %d kudos",
+            job.id,
+            time.monotonic() - started,
+            accepted.kudos_earned,
+        )
+
+    async def _give_back(self, job: LeasedJob, reason: str) -> None:
+        try:
+            async with asyncio.timeout(10):
+                await self.link.fail(job.id, reason)
+        except (CoordinatorUnavailable, LeaseLost, CoordinatorRejected, TimeoutError) as exc:
+            # The lease will expire on its own and the job will be requeued then.
+            log.warning("could not give job %s back: %s", job.id, exc)
+
+
+def _nvidia_gpu() -> str | None:
+    """The first NVIDIA GPU's model, from the driver's /proc files (no torch import)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    try:
+        for info in sorted(gpus.glob("*/information")):
+            for line in info.read_text().splitlines():
+                if line.startswith("Model:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def engine_info() -> dict[str, Any]:
+    """The engine build as spot checks compare it: package versions, device, dtype.
+
+    The engine runs on CUDA when torch is a CUDA build and a GPU is present (see
+    worker.image.engine); both are read here without importing torch.
+    """
+    versions = {}
+    for package in ("torch", "diffusers", "transformers", "numpy", "pillow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    gpu = _nvidia_gpu()
+    cuda_build = "+cu" in versions.get("torch", "")
+    device = f"cuda:{gpu}" if gpu and cuda_build else "cpu"
+    return {"engine": "diffusers", "versions": versions, "device": device, "dtype": "float32"}

@@ -1,0 +1,13 @@
+"""The text gateway: pops text jobs and generates them through the swarm.
+
+    main.py           `idlegrid worker gateway ...`: flags -> GatewayConfig
+    config.py         GatewayConfig, the service's one configuration object
+    gateway.py        TextGateway: pop -> generate through the swarm -> stream text, report usage
+    lm_head.py        embeddings, final norm and LM head, loaded without the blocks
+    generation.py     the generation loop and sampling (greedy, temperature, top-k/p, ...)
+    chat_format.py    chat messages -> prompt (the tokenizer's template, or a default)
+
+The decoder blocks run on block servers, reached through `worker.llm.swarm.client`.
+"""
+
+__all__: list[str] = []

@@ -1,0 +1,38 @@
+"""The text gateway's one configuration object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["GatewayConfig"]
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The text gateway's one configuration object. Only `worker.llm.gateway.main` builds it."""
+
+    # coordinator base URL
+    coordinator: str
+    # local model folder: config, tokenizer and safetensors (only the head is loaded)
+    model: Path
+    # the model name offered to the coordinator and looked up in the DHT
+    model_name: str
+    # the gateway's display name
+    name: str
+    # the Ed25519 identity file (created on first start)
+    identity_file: Path
+    # multiaddrs of swarm peers to join through
+    initial_peers: tuple[str, ...]
+    # where this gateway's own DHT node listens
+    host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    # the owner's API key: the gateway's share goes to that account
+    api_key: str | None = None
+    # torch threads for the embeddings and LM head (None = torch's default)
+    threads: int | None = None
+    # context length offered to the coordinator (None = the model's max_position_embeddings)
+    max_context: int | None = None
+    # long-poll length when asking for work
+    pop_wait: float = 10.0
+    # at most one post of streamed text per this many seconds
+    stream_interval: float = 0.05

@@ -1,0 +1,355 @@
+"""Autoregressive text generation driven by the text gateway.
+
+`generate` embeds the prompt with the gateway's `LMHead`, sends it through the decoder
+blocks in one `step` (a swarm inference session in production, a local reference in tests),
+turns the last block's output into logits, picks a token and repeats one token per step.
+The sampling chain follows transformers' `generate` exactly, in the same order:
+repetition penalty -> temperature -> top-k -> top-p -> multinomial draw from a
+`torch.Generator` seeded with `SamplingParams.seed` (so `torch.manual_seed(seed)` followed
+by transformers' `generate(do_sample=True, ...)` picks the same tokens on CPU).
+
+Text is streamed through an awaitable `on_text(delta)` callback. A delta never ends in an
+incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives) nor in text that
+could be the start of a stop string, so deltas never need to be taken back: their
+concatenation is always `GenerationResult.text`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+from worker.errors import InvalidGenerationInput
+
+__all__ = [
+    "GenerationResult",
+    "OnText",
+    "SamplingParams",
+    "Step",
+    "TokenHead",
+    "apply_repetition_penalty",
+    "apply_top_k",
+    "apply_top_p",
+    "generate",
+    "next_token",
+    "process_scores",
+]
+
+Step = Callable[[torch.Tensor], Awaitable[torch.Tensor]]
+"""Hidden states of the new tokens [1, n, H] -> last decoder block's outputs [1, n, H]."""
+
+OnText = Callable[[str], Awaitable[None]]
+"""Receives each new piece of generated text (never empty)."""
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class TokenHead(Protocol):
+    """What `generate` needs from the model's ends (`worker.llm.gateway.lm_head.LMHead` has it)."""
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. The defaults sample plainly from the model."""
+
+    # most tokens to generate (the end-of-sequence token counts as one)
+    max_new_tokens: int = 128
+    # 0 picks the most likely token (greedy); higher flattens the distribution
+    temperature: float = 1.0
+    # nucleus sampling: keep the fewest tokens whose probability adds up to top_p; 1.0 = off
+    top_p: float = 1.0
+    # keep only the k most likely tokens; 0 = off
+    top_k: int = 0
+    # > 1 discourages tokens already in the prompt or output (as transformers does); 1.0 = off
+    repetition_penalty: float = 1.0
+    # generation ends before the first occurrence of any of these strings
+    stop: Sequence[str] = ()
+    # seeds the sampler; None draws a fresh random seed
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.max_new_tokens) is not int or self.max_new_tokens < 1:
+            raise InvalidGenerationInput(
+                "max_new_tokens", f"is {self.max_new_tokens!r}; use a whole number >= 1"
+            )
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise InvalidGenerationInput(
+                "temperature", f"is {self.temperature!r}; use a number >= 0 (0 = greedy)"
+            )
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidGenerationInput(
+                "top_p", f"is {self.top_p!r}; use a number in (0, 1] (1 = off)"
+            )
+        if type(self.top_k) is not int or self.top_k < 0:
+            raise InvalidGenerationInput(
+                "top_k", f"is {self.top_k!r}; use a whole number >= 0 (0 = off)"
+            )
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidGenerationInput(
+                "repetition_penalty",
+                f"is {self.repetition_penalty!r}; use a number > 0 (1 = off)",
+            )
+        if isinstance(self.stop, str):
+            raise InvalidGenerationInput("stop", "is a string; give a list of strings")
+        for index, stop in enumerate(self.stop):
+            if not isinstance(stop, str) or not stop:
+                raise InvalidGenerationInput(
+                    f"stop[{index}]", f"is {stop!r}; stop strings must be non-empty strings"
+                )
+        if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed < 2**64):
+            raise InvalidGenerationInput(
+                "seed", f"is {self.seed!r}; use a whole number in [0, 2**64) or leave it out"
+            )
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What `generate` made, with token counts and timings."""
+
+    # the generated text, cut before a stop string, without special tokens
+    text: str
+    # the generated token ids, including a final end-of-sequence token if one was drawn
+    token_ids: list[int] = field(repr=False)
+    prompt_tokens: int
+    completion_tokens: int
+    # "stop": end-of-sequence token or stop string; "length": max_new_tokens reached
+    finish_reason: Literal["stop", "length"]
+    # from the call to the first generated token (prefill included)
+    first_token_seconds: float
+    seconds: float
+
+
+async def generate(
+    head: TokenHead,
+    step: Step,
+    prompt_ids: Sequence[int] | torch.Tensor,
+    params: SamplingParams,
+    tokenizer: Any,
+    on_text: OnText | None = None,
+) -> GenerationResult:
+    """Generate a continuation of `prompt_ids` (one sequence, no padding).
+
+    `step` must keep its attention cache between calls: it receives the whole prompt once,
+    then each generated token alone. `tokenizer` is a transformers tokenizer; its decode
+    turns tokens into text and its `eos_token_id` ends generation, as do the head's.
+    Logits and sampling run in a worker thread so that big vocabularies do not stall the
+    event loop.
+    """
+    prompt = _prompt_list(prompt_ids)
+    eos_ids = set(head.eos_token_ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        eos_ids.add(int(tokenizer.eos_token_id))
+    generator = torch.Generator()
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    text = _StreamingText(tokenizer, params.stop)
+
+    started = time.perf_counter()
+    first_token_seconds = 0.0
+    context = torch.tensor([prompt], dtype=torch.long)
+    hidden = await step(head.embed(context))
+    tokens: list[int] = []
+    finish_reason: Literal["stop", "length"] = "length"
+    while True:
+        token = await asyncio.to_thread(next_token, head, hidden, context, params, generator)
+        if not tokens:
+            first_token_seconds = time.perf_counter() - started
+        tokens.append(token)
+        if token in eos_ids:
+            finish_reason = "stop"
+            break
+        delta = text.update(tokens)
+        if delta and on_text is not None:
+            await on_text(delta)
+        if text.stopped:
+            finish_reason = "stop"
+            break
+        if len(tokens) >= params.max_new_tokens:
+            break
+        new = torch.tensor([[token]], dtype=torch.long)
+        context = torch.cat([context, new], dim=1)
+        hidden = await step(head.embed(new))
+    delta = text.finish()
+    if delta and on_text is not None:
+        await on_text(delta)
+    return GenerationResult(
+        text=text.emitted,
+        token_ids=tokens,
+        prompt_tokens=len(prompt),
+        completion_tokens=len(tokens),
+        finish_reason=finish_reason,
+        first_token_seconds=first_token_seconds,
+        seconds=time.perf_counter() - started,
+    )
+
+
+# -- sampling -------------------------------------------------------------------------------
+
+
+def next_token(
+    head: TokenHead,
+    hidden: torch.Tensor,
+    context: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+) -> int:
+    """The token after `context` [1, L], given the last block's outputs `hidden` [1, n, H]."""
+    scores = head.logits(hidden[:, -1:, :])[:, -1, :].float()
+    scores = process_scores(scores, context, params)
+    if params.temperature == 0:
+        return int(scores.argmax(dim=-1).item())
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, num_samples=1, generator=generator).item())
+
+
+def process_scores(
+    scores: torch.Tensor, context: torch.Tensor, params: SamplingParams
+) -> torch.Tensor:
+    """Apply the penalty and warpers to float32 logits [1, V] in transformers' order."""
+    if params.repetition_penalty != 1.0:
+        scores = apply_repetition_penalty(scores, context, params.repetition_penalty)
+    if params.temperature == 0:
+        return scores
+    if params.temperature != 1.0:
+        scores = scores / params.temperature
+    if params.top_k > 0:
+        scores = apply_top_k(scores, params.top_k)
+    if params.top_p < 1.0:
+        scores = apply_top_p(scores, params.top_p)
+    return scores
+
+
+def apply_repetition_penalty(
+    scores: torch.Tensor, context: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """Divide positive (multiply negative) logits of tokens in `context` [1, L] by `penalty`."""
+    seen = torch.gather(scores, 1, context)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return scores.scatter(1, context, seen)
+
+
+def apply_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the `top_k` highest logits (ties with the k-th included), -inf the rest."""
+    k = min(top_k, scores.shape[-1])
+    threshold = torch.topk(scores, k)[0][..., -1, None]
+    return scores.masked_fill(scores < threshold, -float("inf"))
+
+
+def apply_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the most likely tokens whose probabilities add up to `top_p` (at least one)."""
+    sorted_scores, sorted_indices = torch.sort(scores, descending=False)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= 1 - top_p
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
+    return scores.masked_fill(remove, -float("inf"))
+
+
+# -- streaming text -------------------------------------------------------------------------
+
+
+class _StreamingText:
+    """Decodes the generated tokens and hands out only the text that is final.
+
+    Decoding is incremental, over a small window of tokens (as vLLM's detokenizer does):
+    the text of `tokens[prefix:]` minus the text of `tokens[prefix:read]` is what the
+    newest tokens add, once it does not end in U+FFFD (an incomplete UTF-8 character of a
+    byte-level tokenizer). Decoding the window with a few earlier tokens keeps tokenizers
+    that treat a sequence's first token specially (SentencePiece's leading space) right.
+    Text that could be the start of a stop string is held back too.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
+        self.text = ""
+        self.emitted = ""
+        self.stopped = False
+        self._tokens: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def _decode(self, tokens: list[int]) -> str:
+        return str(
+            self.tokenizer.decode(
+                tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+        )
+
+    def _advance(self, final: bool) -> None:
+        """Append what the tokens after `read` add to the text (if whole, or `final`)."""
+        before = self._decode(self._tokens[self._prefix : self._read])
+        after = self._decode(self._tokens[self._prefix :])
+        if len(after) > len(before) and (final or not after.endswith(REPLACEMENT_CHAR)):
+            self.text += after[len(before) :]
+            self._prefix, self._read = self._read, len(self._tokens)
+
+    def update(self, tokens: list[int]) -> str:
+        self._tokens = tokens
+        self._advance(final=False)
+        start = len(self.emitted)
+        found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if found:
+            self.stopped = True
+            return self._emit(min(found))
+        return self._emit(len(self.text) - self._stop_prefix_length(self.text[start:]))
+
+    def finish(self) -> str:
+        """Everything not yet handed out (at the end, an incomplete character is final)."""
+        if self.stopped:
+            return ""
+        self._advance(final=True)
+        return self._emit(len(self.text))
+
+    def _emit(self, end: int) -> str:
+        delta = self.text[len(self.emitted) : end]
+        self.emitted += delta
+        return delta
+
+    def _stop_prefix_length(self, pending: str) -> int:
+        """Length of the longest tail of `pending` that some stop string starts with."""
+        for length in range(min(len(pending), self.longest_stop - 1), 0, -1):
+            tail = pending[-length:]
+            if any(s.startswith(tail) for s in self.stop):
+                return length
+        return 0
+
+
+def _prompt_list(prompt_ids: Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
+            prompt_ids = prompt_ids[0]
+        if prompt_ids.dim() != 1 or prompt_ids.is_floating_point():
+            raise InvalidGenerationInput(
+                "prompt_ids", f"has shape {tuple(prompt_ids.shape)}; give token ids [n] or [1, n]"
+            )
+        prompt = [int(i) for i in prompt_ids.tolist()]
+    else:
+        prompt = list(prompt_ids)
+        for index, token in enumerate(prompt):
+            if type(token) is not int:
+                raise InvalidGenerationInput(
+                    f"prompt_ids[{index}]", f"is {token!r}; not a token id"
+                )
+    if not prompt:
+        raise InvalidGenerationInput("prompt_ids", "is empty; give at least one token")
+    return prompt
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value

@@ -1,0 +1,21 @@
+"""The LLM swarm: block servers and the client that routes through them (hivemind 1.1.12).
+
+    blocks.py     BlockSpan: decoder layers [start, end) loaded from safetensors and run on
+                  their own; ModelInfo from config.json and the safetensors headers
+    records.py    signed DHT announcements (ServerRecord) and their strict parsing
+    wire.py       the RPC interface (BlockServicer) and message framing, shared by both sides
+    placement.py  choose_blocks and coverage (where a server goes), fastest_chain and
+                  uncovered (how a route crosses the servers), shared by both sides
+    dht.py        starting and stopping a DHT process and its p2pd daemon
+    server.py     BlockServer: the handlers (inference, forward, info), bounded sessions,
+                  announcements
+    client.py     SwarmClient: routes, InferenceSession with replay on server failure,
+                  per-server usage
+
+The server and the client never import each other. Errors live in `worker.errors` under
+`SwarmError`. The design follows Petals (servers announce block ranges in a DHT, clients
+chain servers and keep a history to replay to a replacement); the code is our own, on
+hivemind's DHT and P2P only.
+"""
+
+__all__: list[str] = []

@@ -1,0 +1,449 @@
+"""The block server: serves a span of decoder layers to the swarm over hivemind P2P.
+
+The RPC interface and its framing are in `worker.llm.swarm.wire`; this module implements
+the handlers (`_Handlers`). Sessions are bounded: each reserves `max_length` tokens of the
+server's `cache_tokens` budget until it closes, and a session idle for
+`session_idle_timeout` seconds is closed. Layer compute runs on one dedicated thread so the
+event loop keeps serving streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hivemind import DHT
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+
+from worker.errors import ModelError
+from worker.llm.swarm.blocks import BlockSpan, ModelInfo, new_cache
+from worker.llm.swarm.dht import start_dht, stop_dht
+from worker.llm.swarm.placement import choose_blocks, coverage
+from worker.llm.swarm.records import Announcer, ServerRecord, ServerState, read_records
+from worker.llm.swarm.wire import (
+    MAX_UNARY_BYTES,
+    BlockServicer,
+    error_response,
+    pack,
+    unpack,
+)
+
+__all__ = ["BlockServer", "BlockServerConfig"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockServerConfig:
+    # local model folder (config.json + safetensors)
+    model_dir: Path
+    # the model's name in the swarm; clients look it up by this name
+    model_name: str
+    # blocks to serve, [start, end); None = choose where the swarm is weakest
+    blocks: tuple[int, int] | None = None
+    # how many blocks to serve when choosing (None = all of them)
+    span_length: int | None = None
+    # multiaddrs of peers already in the swarm; empty = start a new swarm
+    initial_peers: tuple[str, ...] = ()
+    # where the libp2p daemon listens
+    host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    # addresses to announce instead of the listening ones (e.g. a public IP); empty = those
+    announce_maddrs: tuple[str, ...] = ()
+    # UPnP / NAT-PMP port mapping; off for local setups (it probes the LAN otherwise)
+    nat_port_map: bool = False
+    # torch intra-op threads: tiny per-token ops are latency bound, so 1 is fastest on CPU
+    threads: int = 1
+    # weights dtype, e.g. torch.bfloat16; None keeps the stored dtype
+    dtype: torch.dtype | None = None
+    # seconds between refreshes of the DHT record, and how long a record lives
+    announce_interval: float = 10.0
+    record_ttl: float = 30.0
+    # seconds after which a session with no request is closed
+    session_idle_timeout: float = 60.0
+    # attention-cache budget, in tokens, shared by all open sessions
+    cache_tokens: int = 16384
+    # seconds to wait for the DHT daemon to start
+    startup_timeout: float = 60.0
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Session:
+    id: str
+    start: int
+    end: int
+    max_length: int
+    cache: Any
+    position: int = 0
+
+
+class _Handlers:
+    """The block server's implementation of `BlockServicer`'s handlers."""
+
+    def __init__(self, server: BlockServer) -> None:
+        self._server = server
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        server = self._server
+        session: _Session | None = None
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(server.config.session_idle_timeout):
+                        request = await anext(requests)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    yield error_response(
+                        "idle",
+                        f"session idle for {server.config.session_idle_timeout:g}s; "
+                        "closed (open a new one and replay)",
+                    )
+                    return
+                try:
+                    if session is None:
+                        session = server.open_session(unpack(request.metadata))
+                    if request.tensors:
+                        output = await server.run_step(session, request.tensors[0])
+                        yield runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(output)])
+                    else:
+                        yield runtime_pb2.ExpertResponse()
+                except _Refused as exc:
+                    yield error_response(exc.code, str(exc))
+                    return
+        finally:
+            if session is not None:
+                server.close_session(session)
+
+    async def rpc_forward(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        try:
+            output = await self._server.run_forward(unpack(request.metadata), request.tensors)
+        except _Refused as exc:
+            return error_response(exc.code, str(exc))
+        return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(output)])
+
+    async def rpc_info(
+        self, request: runtime_pb2.ExpertUID, context: P2PContext
+    ) -> runtime_pb2.ExpertInfo:
+        return runtime_pb2.ExpertInfo(serialized_info=pack(self._server.info()))
+
+
+class BlockServer:
+    """Serves blocks [start, end) of one model until `aclose()`.
+
+    Create with `await BlockServer.create(config)`: it joins (or starts) the DHT, picks its
+    blocks, loads them, measures its throughput and starts announcing itself.
+    """
+
+    def __init__(
+        self,
+        config: BlockServerConfig,
+        model: ModelInfo,
+        dht: DHT,
+        announcer: Announcer,
+        span: BlockSpan,
+        throughput: float,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.dht = dht
+        self.span = span
+        self.throughput = throughput
+        self.peer_id = str(dht.peer_id)
+        self._announcer = announcer
+        self._p2p: P2P | None = None
+        self._servicer = BlockServicer()
+        self._handlers = _Handlers(self)
+        self._sessions: dict[str, _Session] = {}
+        self._reserved = 0
+        # one compute thread: steps of all sessions queue here, the event loop stays free
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="blocks")
+        self._announce_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    async def create(cls, config: BlockServerConfig) -> BlockServer:
+        torch.set_num_threads(config.threads)
+        model = ModelInfo.read(config.model_dir, config.model_name)
+        if config.blocks is not None:
+            start, end = config.blocks
+            if not 0 <= start < end <= model.num_blocks:
+                raise ModelError(
+                    f"blocks {start}:{end} are outside {model.name}'s {model.num_blocks} blocks; "
+                    f"use START:END with 0 <= START < END <= {model.num_blocks}"
+                )
+        dht = await start_dht(
+            initial_peers=config.initial_peers,
+            host_maddrs=config.host_maddrs,
+            announce_maddrs=config.announce_maddrs,
+            nat_port_map=config.nat_port_map,
+            client_mode=False,
+            validator=(validator := RSASignatureValidator()),
+            startup_timeout=config.startup_timeout,
+        )
+        server: BlockServer | None = None
+        try:
+            announcer = Announcer(dht, validator, model.name)
+            if config.blocks is None:
+                records = await read_records(dht, model.name, model.num_blocks)
+                length = config.span_length or model.num_blocks
+                if not 1 <= length <= model.num_blocks:
+                    raise ModelError(
+                        f"cannot serve {length} blocks of {model.name}, which has "
+                        f"{model.num_blocks}; use 1..{model.num_blocks}"
+                    )
+                start, end = choose_blocks(
+                    model.num_blocks, length, coverage(records, model.num_blocks)
+                )
+                log.info("the swarm is weakest at blocks %d:%d; serving those", start, end)
+            else:
+                start, end = config.blocks
+            joining = ServerRecord(
+                peer_id=str(dht.peer_id),
+                start=start,
+                end=end,
+                num_blocks=model.num_blocks,
+                hidden_size=model.hidden_size,
+                throughput=0.0,
+                cache_tokens=0,
+                state=ServerState.JOINING,
+            )
+            await announcer.announce(joining, config.record_ttl)
+            span = await asyncio.to_thread(
+                BlockSpan.load, config.model_dir, start, end, config.dtype
+            )
+            throughput = await asyncio.to_thread(span.measure_throughput)
+            log.info("blocks %d:%d run at %.1f tokens/s", start, end, throughput)
+            server = cls(config, model, dht, announcer, span, throughput)
+            await server._start()
+        except BaseException:
+            if server is not None:
+                await server.aclose()
+            else:
+                await stop_dht(dht)
+            raise
+        return server
+
+    async def _start(self) -> None:
+        self._p2p = await self.dht.replicate_p2p()
+        await self._servicer.add_p2p_handlers(self._p2p, wrapper=self._handlers)
+        await self._announce(ServerState.ONLINE)
+        self._announce_task = asyncio.create_task(self._announce_loop(), name="announce")
+
+    @property
+    def start(self) -> int:
+        return self.span.start
+
+    @property
+    def end(self) -> int:
+        return self.span.end
+
+    @property
+    def free_cache_tokens(self) -> int:
+        return self.config.cache_tokens - self._reserved
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    async def visible_maddrs(self) -> list[str]:
+        """Full multiaddrs (with /p2p/PEER_ID) that other peers can use as initial peers."""
+        maddrs = await asyncio.to_thread(self.dht.get_visible_maddrs)
+        return [str(maddr) for maddr in maddrs]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.model.name,
+            "peer_id": self.peer_id,
+            "start": self.start,
+            "end": self.end,
+            "num_blocks": self.model.num_blocks,
+            "throughput": self.throughput,
+            "cache_tokens": self.free_cache_tokens,
+        }
+
+    def _record(self, state: ServerState) -> ServerRecord:
+        return ServerRecord(
+            peer_id=self.peer_id,
+            start=self.start,
+            end=self.end,
+            num_blocks=self.model.num_blocks,
+            hidden_size=self.model.hidden_size,
+            throughput=self.throughput,
+            cache_tokens=max(self.free_cache_tokens, 0),
+            state=state,
+        )
+
+    async def _announce(self, state: ServerState, ttl: float | None = None) -> None:
+        record = self._record(state)
+        if not await self._announcer.announce(record, ttl or self.config.record_ttl):
+            log.warning("no DHT peer accepted our %s record; will retry", state)
+
+    async def _announce_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.announce_interval)
+            try:
+                await self._announce(ServerState.ONLINE)
+            except Exception:
+                log.warning("announcing failed; will retry", exc_info=True)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def open_session(self, metadata: dict[str, Any]) -> _Session:
+        if self._closed:
+            raise _Refused("closing", "this server is shutting down")
+        model = metadata.get("model")
+        session_id = metadata.get("session_id")
+        max_length = metadata.get("max_length")
+        start = metadata.get("start", self.start)
+        end = metadata.get("end", self.end)
+        if model != self.model.name:
+            raise _Refused("bad_request", f"this server serves {self.model.name!r}, not {model!r}")
+        if not isinstance(session_id, str) or not 1 <= len(session_id) <= 128:
+            raise _Refused("bad_request", "session_id must be a string of 1-128 characters")
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise _Refused(
+                "bad_request", f"max_length must be a positive integer, got {max_length!r}"
+            )
+        if not (
+            isinstance(start, int)
+            and isinstance(end, int)
+            and self.start <= start < end <= self.end
+        ):
+            raise _Refused(
+                "bad_request",
+                f"blocks {start}:{end} are not within this server's {self.start}:{self.end}",
+            )
+        if session_id in self._sessions:
+            raise _Refused("bad_request", f"session {session_id} is already open here")
+        if max_length > self.free_cache_tokens:
+            raise _Refused(
+                "busy",
+                f"a session of {max_length} tokens does not fit in the free attention cache "
+                f"({self.free_cache_tokens} of {self.config.cache_tokens} tokens)",
+            )
+        session = _Session(session_id, start, end, max_length, new_cache())
+        self._sessions[session_id] = session
+        self._reserved += max_length
+        log.debug("opened session %s (%d tokens)", session_id, max_length)
+        return session
+
+    def close_session(self, session: _Session) -> None:
+        if self._sessions.pop(session.id, None) is not None:
+            self._reserved -= session.max_length
+            log.debug("closed session %s", session.id)
+
+    def _check_hidden(self, hidden: torch.Tensor, batch_one: bool) -> None:
+        if (
+            hidden.dim() != 3
+            or hidden.shape[-1] != self.model.hidden_size
+            or hidden.shape[1] < 1
+            or (batch_one and hidden.shape[0] != 1)
+        ):
+            wanted = "[1, n, H]" if batch_one else "[B, n, H]"
+            raise _Refused(
+                "bad_request",
+                f"expected hidden states {wanted} with H={self.model.hidden_size}, "
+                f"got {tuple(hidden.shape)}",
+            )
+
+    async def run_step(self, session: _Session, serialized: runtime_pb2.Tensor) -> torch.Tensor:
+        try:
+            hidden = deserialize_torch_tensor(serialized)
+        except Exception as exc:
+            raise _Refused("bad_request", f"cannot read the hidden states: {exc}") from exc
+        self._check_hidden(hidden, batch_one=True)
+        new = hidden.shape[1]
+        if session.position + new > session.max_length:
+            raise _Refused(
+                "bad_request",
+                f"{session.position} + {new} tokens exceed the session's max_length "
+                f"{session.max_length}",
+            )
+        loop = asyncio.get_running_loop()
+        past = session.position
+        output = await loop.run_in_executor(
+            self._compute, self._forward, hidden, session.cache, past, session.start, session.end
+        )
+        session.position += new
+        return output
+
+    def _forward(
+        self, hidden: torch.Tensor, cache: Any, past: int, start: int, end: int
+    ) -> torch.Tensor:
+        return self.span.forward(hidden, cache, past=past, start=start, end=end)
+
+    async def run_forward(
+        self, metadata: dict[str, Any], tensors: list[runtime_pb2.Tensor]
+    ) -> torch.Tensor:
+        if metadata.get("model") != self.model.name:
+            raise _Refused(
+                "bad_request",
+                f"this server serves {self.model.name!r}, not {metadata.get('model')!r}",
+            )
+        start = metadata.get("start", self.start)
+        end = metadata.get("end", self.end)
+        if not (
+            isinstance(start, int)
+            and isinstance(end, int)
+            and self.start <= start < end <= self.end
+        ):
+            raise _Refused(
+                "bad_request",
+                f"blocks {start}:{end} are not within this server's {self.start}:{self.end}",
+            )
+        if len(tensors) != 1:
+            raise _Refused("bad_request", "send exactly one tensor")
+        hidden = deserialize_torch_tensor(tensors[0])
+        self._check_hidden(hidden, batch_one=False)
+        if hidden.numel() * hidden.element_size() > MAX_UNARY_BYTES:
+            raise _Refused(
+                "bad_request", "hidden states too large for rpc_forward; send fewer tokens"
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._compute, self._forward, hidden, None, 0, start, end)
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Announce offline, stop serving, close sessions and stop the DHT (and its daemon)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._announce_task is not None:
+            self._announce_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._announce_task
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(3):
+                await self._announce(ServerState.OFFLINE, ttl=self.config.record_ttl)
+        if self._p2p is not None:
+            # (the daemon may be gone already, e.g. after a Ctrl-C sent to the whole group)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(3):
+                    await self._servicer.remove_p2p_handlers(self._p2p)
+            await self._p2p.shutdown()
+        for session in list(self._sessions.values()):
+            self.close_session(session)
+        self._compute.shutdown(wait=True, cancel_futures=True)
+        await stop_dht(self.dht)
+        log.info("block server stopped")

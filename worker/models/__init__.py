@@ -1,0 +1,11 @@
+"""`idlegrid models ...`: builders and converters of model folders, run offline.
+
+    main.py           `idlegrid models tiny|smollm2 DIR`: flags (registered by worker.main)
+    tiny_models.py    deterministic tiny random SD and Llama models for tests and demos
+    smollm2.py        SmolLM2-135M-Instruct's GGUF -> a safetensors Llama folder
+
+The runtime never imports this package (an import-linter contract checks it); only
+`worker.main` registers its commands.
+"""
+
+__all__: list[str] = []
