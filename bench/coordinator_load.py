@@ -13,9 +13,10 @@ finalize. Every job is 64x64, 1 step, 1 image (1 kudo). Three scenarios:
               submit (at most 4 x N jobs outstanding); counts the jobs settled per second
               over --seconds after a warm-up, and the submit -> settled time of each.
   queue       fills the queue to each of --sizes with concurrent submits from M requesters
-              (--concurrency in flight; "fill/s" is that submit rate), then for --seconds N
-              tasks each loop: pop with wait=0 (timed), complete the job, submit a new one
-              (timed), GET its status (timed) -- so the queue stays at the size.
+              (--concurrency in flight; "fill/s" is that submit rate), then for --seconds
+              --queue-clients tasks (default 1) each loop: pop with wait=0 (timed), complete
+              the job, submit a new one (timed), GET its status (timed) -- so the queue stays
+              at the size.
   streams     queues --streams jobs and opens one server-sent event stream on each
               (GET /api/v1/jobs/{id}/events), then for --seconds submits 20 jobs/s and GETs
               statuses of queued jobs one after another (timed), counting events delivered.
@@ -698,7 +699,11 @@ async def queue_sizes(
 
         warmup = min(1.0, args.seconds / 5)
         _, row.coordinator_cpu, row.bench_cpu = await run_window(
-            grid, [pair(w) for w in grid.workers], samples, warmup, args.seconds
+            grid,
+            [pair(w) for w in grid.workers[: args.queue_clients]],
+            samples,
+            warmup,
+            args.seconds,
         )
         row.rss_mb = grid.coordinator.rss_mb()
         print(
@@ -1172,6 +1177,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--scenarios", default="lifecycles,queue,streams", help="which scenarios (default all)"
+    )
+    parser.add_argument(
+        "--queue-clients",
+        type=int,
+        default=1,
+        help="pop/submit/status loops in the queue scenario (default %(default)s, like the "
+        "issue's baseline of one worker popping: latency without queueing behind others)",
     )
     parser.add_argument(
         "--quick",

@@ -14,6 +14,9 @@ CoordinatorError                 base; status 500
 ├── RateLimited                  too many requests from this key or address (429)
 ├── JobFailed                    a job waited on in the request failed (502)
 └── StoreUnavailable             the database failed underneath us (503)
+
+LegacySchemaError                at start-up: the database predates the release the
+                                 Alembic migrations take over from (no HTTP status)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = [
     "Forbidden",
     "InsufficientKudos",
     "JobFailed",
+    "LegacySchemaError",
     "NotFound",
     "RateLimited",
     "StoreUnavailable",
@@ -110,3 +114,7 @@ class JobFailed(CoordinatorError):
 
     status = 502
     code = "job_failed"
+
+
+class LegacySchemaError(RuntimeError):
+    """The database predates the release that the Alembic migrations take over from."""

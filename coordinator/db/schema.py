@@ -165,6 +165,9 @@ jobs = Table(
     # pending spot checks, oldest first
     Index(
         "ix_jobs_checks",
+        # kind first: with an equality term of its own, SQLite prefers this small index to
+        # ix_jobs_state (which would scan every queued job)
+        "kind",
         "created_at",
         sqlite_where=text("state = 'queued' AND verify_of IS NOT NULL"),
         postgresql_where=text("state = 'queued' AND verify_of IS NOT NULL"),

@@ -352,9 +352,7 @@ class Lifecycle(Workers):
         async with self.begin() as conn:
             expired = (
                 await conn.execute(
-                    select(jobs).where(
-                        (jobs.c.state == "leased") & (jobs.c.lease_deadline < now(conn))
-                    )
+                    select(jobs).where(queue.LEASED & (jobs.c.lease_deadline < now(conn)))
                 )
             ).all()
             for row in expired:

@@ -41,6 +41,7 @@ from protocol.priority import Aging, Waiting, effective_time
 
 __all__ = [
     "CHECKS",
+    "LEASED",
     "QUEUED",
     "Ranking",
     "Snapshot",
@@ -56,9 +57,10 @@ __all__ = [
 # queues up to this long are reloaded after every local change (it takes a millisecond or two)
 EXACT_BELOW = 500
 # Literal (not bound) so that SQLite and PostgreSQL's generic plans can use the partial
-# indexes ix_jobs_queue and ix_jobs_checks.
+# indexes ix_jobs_queue, ix_jobs_checks and ix_jobs_leases.
 QUEUED = text("jobs.state = 'queued' AND jobs.verify_of IS NULL")
 CHECKS = text("jobs.state = 'queued' AND jobs.verify_of IS NOT NULL")
+LEASED = text("jobs.state = 'leased'")
 
 
 def rank_of(created_at: float, kudos: int, anonymous: bool, aging: Aging) -> float:

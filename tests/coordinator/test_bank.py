@@ -275,12 +275,19 @@ async def _drain(
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-processes"])
+@pytest.mark.parametrize(
+    ("database_url", "processes"),
+    [
+        pytest.param("sqlite", 1, id="sqlite-1-process"),
+        pytest.param("postgres", 1, marks=pytest.mark.postgres, id="postgres-1-process"),
+        # --processes N needs PostgreSQL
+        pytest.param("postgres", 2, marks=pytest.mark.postgres, id="postgres-2-processes"),
+    ],
+    indirect=["database_url"],
+)
 async def test_bank_invariants_hold_under_chaos(
     tmp_path: Path, database_url: str, processes: int
 ) -> None:
-    if processes > 1 and not database_url.startswith("postgresql"):
-        pytest.skip("--processes N needs PostgreSQL")
     rng = random.Random(int(time.time()))
     cluster = Cluster(tmp_path, database_url, processes)
     history = History()

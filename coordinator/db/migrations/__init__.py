@@ -18,6 +18,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, UniqueConstraint, inspect, text
 
+from coordinator.errors import LegacySchemaError
+
 __all__ = [
     "RELEASED",
     "LegacySchemaError",
@@ -35,10 +37,6 @@ LEGACY_VERSION = 3
 ADVISORY_LOCK = 0x69646C6567726964
 
 HERE = Path(__file__).resolve().parent
-
-
-class LegacySchemaError(RuntimeError):
-    """The database predates the release that Alembic takes over from."""
 
 
 def config(connection: Connection | None = None) -> Config:
