@@ -10,12 +10,14 @@ tests pass their own clock instead of patching `time.time`.
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import event, make_url, select
+from sqlalchemy import Select, event, make_url, select
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -46,12 +48,14 @@ VERIFICATION = "system:verification"
 ANONYMOUS = "anonymous"
 UNBOUNDED_FLOOR = -(2**62)
 
+T = TypeVar("T")
+
 Clock = Callable[[], float]
 # runs inside a transaction just before it commits, with the accounts whose balance changed
 CommitHook = Callable[[AsyncConnection, set[int]], Awaitable[None]]
 
 
-def _configure_sqlite(engine: AsyncEngine, writer: bool) -> None:
+def _configure_sqlite(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
         # Let us issue BEGIN ourselves (below) instead of the driver's implicit one.
@@ -69,34 +73,39 @@ def _configure_sqlite(engine: AsyncEngine, writer: bool) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
         # Take the write lock up front: a deferred transaction that reads and then writes
-        # can fail with SQLITE_BUSY instead of waiting. (The read engine only reads.)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+        # can fail with SQLITE_BUSY instead of waiting.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _engines(url: str) -> tuple[AsyncEngine, AsyncEngine]:
-    """(the engine, the engine for long reads). SQLite: one inline connection for every
-    transaction and a threaded aiosqlite engine for long reads (see
-    coordinator.db.inline_sqlite); PostgreSQL: one asyncpg engine for both."""
+def _engine(url: str) -> tuple[AsyncEngine, str | None]:
+    """The engine, and for SQLite the database file. SQLite: one inline connection for every
+    transaction (see coordinator.db.inline_sqlite); PostgreSQL: a pool of asyncpg ones."""
     if not url.startswith("sqlite"):
-        engine = create_async_engine(url, pool_pre_ping=True)
-        return engine, engine
+        return create_async_engine(url, pool_pre_ping=True), None
     path = make_url(url).database or ":memory:"
     engine = create_async_engine(
         url, async_creator=inline_sqlite.connect(path), pool_size=1, max_overflow=0
     )
-    reads = create_async_engine(url)
-    _configure_sqlite(engine, writer=True)
-    _configure_sqlite(reads, writer=False)
-    return engine, reads
+    _configure_sqlite(engine)
+    return engine, path
+
+
+def _sqlite_rows(path: str, sql: str, build: Callable[[list[Any]], T]) -> T:
+    """On a helper thread: run a read-only query on its own connection and build the result."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return build(conn.execute(sql).fetchall())
+    finally:
+        conn.close()
 
 
 class Database:
     """Async access to the database. Create a store with `await Store.open(config)`."""
 
     def __init__(
-        self, engines: tuple[AsyncEngine, AsyncEngine], config: CoordinatorConfig, clock: Clock
+        self, engine: tuple[AsyncEngine, str | None], config: CoordinatorConfig, clock: Clock
     ) -> None:
-        self._engine, self._reads = engines
+        self._engine, self._sqlite_path = engine
         self._config = config
         self.clock = clock
         self._system: dict[str, int] = {}
@@ -105,8 +114,7 @@ class Database:
 
     @classmethod
     async def open(cls, config: CoordinatorConfig, clock: Clock = time.time) -> Any:
-        engines = _engines(config.resolved_database_url)
-        db = cls(engines, config, clock)
+        db = cls(_engine(config.resolved_database_url), config, clock)
         try:
             async with db._engine.begin() as conn:
                 await migrate(conn)
@@ -122,15 +130,19 @@ class Database:
 
     async def aclose(self) -> None:
         await self._engine.dispose()
-        if self._reads is not self._engine:
-            await self._reads.dispose()
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A read-only transaction for long reads (the queue ranking): on SQLite it runs on
-        a helper thread, so the event loop serves other requests meanwhile."""
-        async with self._reads.begin() as conn:
-            yield conn
+    async def read_rows(self, query: Select[Any], build: Callable[[list[Any]], T]) -> T:
+        """`build(rows)` of a long read-only query (the queue ranking). On SQLite both run on
+        a helper thread with a connection of their own, so the event loop (and the one inline
+        connection) keep serving meanwhile; on PostgreSQL the rows come from the pool."""
+        if self._sqlite_path is None:
+            async with self._engine.connect() as conn:
+                rows = list((await conn.execute(query)).all())
+            return build(rows)
+        sql = str(
+            query.compile(dialect=self._engine.dialect, compile_kwargs={"literal_binds": True})
+        )
+        return await asyncio.to_thread(_sqlite_rows, self._sqlite_path, sql, build)
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:

@@ -10,9 +10,10 @@ does not wait for the disk), so running them inline costs less than one thread h
 
 Two rules keep the loop from ever blocking on a lock: the engine has one connection (a
 second transaction waits for the pool, which yields, instead of waiting on SQLite's busy
-lock), and long reads (the shared queue ranking) use a separate, threaded aiosqlite engine
-(`Database.read_engine`). Another process on the same file (a second coordinator) can still
-make a write wait up to busy_timeout; SQLite is the embedded single-process default.
+lock), and long reads (the shared queue ranking) run on a helper thread with a sqlite3
+connection of their own (`Database.read_rows`). Another process on the same file (a second
+coordinator) can still make a write wait up to busy_timeout; SQLite is the embedded
+single-process default.
 """
 
 from __future__ import annotations

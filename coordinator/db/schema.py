@@ -162,6 +162,16 @@ jobs = Table(
         sqlite_where=text("state = 'queued' AND verify_of IS NULL"),
         postgresql_where=text("state = 'queued' AND verify_of IS NULL"),
     ),
+    # a worker's owner's own queued jobs, best first (without it SQLite walks ix_jobs_queue
+    # through every queued job looking for the owner's)
+    Index(
+        "ix_jobs_owner",
+        "account_id",
+        "kind",
+        "rank",
+        sqlite_where=text("state = 'queued' AND verify_of IS NULL"),
+        postgresql_where=text("state = 'queued' AND verify_of IS NULL"),
+    ),
     # pending spot checks, oldest first
     Index(
         "ix_jobs_checks",

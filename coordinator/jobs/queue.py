@@ -258,9 +258,9 @@ class Ranking:
             return age < interval
         if current.length <= EXACT_BELOW:
             return False  # a short queue is cheap to reload: exact positions after changes
-        # A long one is reloaded after changes at most once per 10x the time a load takes
-        # (a good fraction of a second at 100 000 queued jobs) and at most once a second.
-        return age < min(10 * self._load_seconds.get(kind, 0.0), interval)
+        # A long one is reloaded after changes once a second, or once per 10x the time a load
+        # takes if that is longer (a good fraction of a second at 100 000 queued jobs).
+        return age < max(10 * self._load_seconds.get(kind, 0.0), interval)
 
     async def snapshot(self, kind: str) -> Snapshot:
         current = self._snapshots.get(kind)
@@ -286,11 +286,14 @@ class Ranking:
             .where(QUEUED & (jobs.c.kind == kind))
             .order_by(jobs.c.rank, jobs.c.id)
         )
-        async with self._db.read() as conn:
-            taken_at = self._db.now()
-            rows = (await conn.execute(query)).all()
+        taken_at = self._db.now()
+        async with self._db.begin() as conn:
             rate = await throughput(conn, kind, self._db.config.eta_window, taken_at)
-        ids = {row.id: place for place, row in enumerate(rows)}
-        ranks = [float(row.rank) for row in rows]
-        work_ahead = list(itertools.accumulate((int(row.cost) for row in rows), initial=0))
-        return Snapshot(taken_at, time.monotonic(), ids, ranks, work_ahead, rate)
+
+        def build(rows: list[Any]) -> Snapshot:
+            ids = {row[0]: place for place, row in enumerate(rows)}
+            ranks = [float(row[1]) for row in rows]
+            work_ahead = list(itertools.accumulate((int(row[2]) for row in rows), initial=0))
+            return Snapshot(taken_at, time.monotonic(), ids, ranks, work_ahead, rate)
+
+        return await self._db.read_rows(query, build)

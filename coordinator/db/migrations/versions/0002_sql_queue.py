@@ -33,6 +33,7 @@ DONE = "state = 'done'"
 # (name, columns, WHERE) of the partial indexes on jobs
 PARTIAL_INDEXES = [
     ("ix_jobs_queue", ["kind", "rank"], QUEUED),
+    ("ix_jobs_owner", ["account_id", "kind", "rank"], QUEUED),
     ("ix_jobs_checks", ["kind", "created_at"], CHECKS),
     ("ix_jobs_leases", ["lease_deadline"], LEASED),
     ("ix_jobs_finished", ["kind", "finished_at"], DONE),
