@@ -97,16 +97,14 @@ async def refresh_ranks(
         ).first()
         if row is None:
             continue
-        head = _head_start(int(row.amount), aging)
-        if abs(head - _head_start(int(row.ranked), aging)) < config.rank_refresh_seconds:
+        moved = _head_start(int(row.amount), aging) - _head_start(int(row.ranked), aging)
+        if abs(moved) < config.rank_refresh_seconds:
             continue
-        await rerank(conn, account_id, head)
-        await conn.execute(
-            update(balances).where(balances.c.account_id == account_id).values(ranked=row.amount)
-        )
+        await rerank(conn, account_id, int(row.amount), aging)
 
 
-async def rerank(conn: AsyncConnection, account_id: int, head: float) -> None:
+async def rerank(conn: AsyncConnection, account_id: int, kudos: int, aging: Aging) -> None:
+    """Rank `account_id`'s queued jobs by `kudos` and remember that balance as `ranked`."""
     # registered requests only: an anonymous job's rank never depends on kudos
     await conn.execute(
         update(jobs)
@@ -115,7 +113,10 @@ async def rerank(conn: AsyncConnection, account_id: int, head: float) -> None:
             & (jobs.c.state == "queued")
             & (jobs.c.priority_class == 1)
         )
-        .values(rank=jobs.c.created_at - head)
+        .values(rank=jobs.c.created_at - _head_start(kudos, aging))
+    )
+    await conn.execute(
+        update(balances).where(balances.c.account_id == account_id).values(ranked=kudos)
     )
 
 
@@ -149,10 +150,7 @@ async def rerank_account(
             select(balances.c.amount).where(balances.c.account_id == account_id).with_for_update()
         )
     ).scalar_one_or_none()
-    await rerank(conn, account_id, _head_start(int(kudos or 0), aging))
-    await conn.execute(
-        update(balances).where(balances.c.account_id == account_id).values(ranked=kudos or 0)
-    )
+    await rerank(conn, account_id, int(kudos or 0), aging)
 
 
 async def candidates(
