@@ -136,6 +136,17 @@ class CoordinatorConfig:
     # --- rate limits: in memory with SQLite, shared by all processes on PostgreSQL ---
     rate_limits: dict[str, RateLimit] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
 
+    # --- an open network (README "Threat model"; flags in coordinator.network_flags) ---
+    # text models and their prices
+
+    # registration and grants
+
+    # verification
+
+    # bounds, rate limits and client addresses
+    # reverse proxies (CIDRs) whose X-Forwarded-For names the client (coordinator.http.addresses)
+    trusted_proxies: tuple[str, ...] = ()
+
     # --- processes (coordinator.main: `--processes N` on one port, PostgreSQL only) ---
     # how many coordinator processes serve this port, and which of them this one is
     processes: int = 1

@@ -32,6 +32,7 @@ from types import FrameType
 from aiohttp import web
 from sqlalchemy.engine import make_url
 
+from coordinator import network_flags
 from coordinator.app import create_app
 from coordinator.config import DEFAULT_RATE_LIMITS, CoordinatorConfig, RateLimit
 from coordinator.store import Store
@@ -160,6 +161,7 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         help="open event streams allowed per client address, per process (default %(default)s)",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    network_flags.add_arguments(parser)
     parser.set_defaults(run=_run)
 
 
@@ -230,6 +232,7 @@ def _run(args: argparse.Namespace) -> int:
         processes=args.processes,
         max_streams_per_key=args.max_streams_per_key,
         max_streams_per_ip=args.max_streams_per_ip,
+        **network_flags.settings(args),
     )
     if config.processes == 1:
         asyncio.run(serve(config))

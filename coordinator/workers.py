@@ -43,7 +43,7 @@ def _worker(row: Row[Any]) -> Worker:
 
 class Workers(Accounts):
     async def register_worker(
-        self, name: str, public_key: str, owner: Account | None
+        self, name: str, public_key: str, owner: Account | None, ip: str | None = None
     ) -> tuple[Worker, str]:
         """Register (or re-register) the worker holding `public_key`; returns a new token."""
         token = secrets.token_urlsafe(32)
@@ -75,6 +75,7 @@ class Workers(Accounts):
                 "token_hash": hash_secret(token),
                 "account_id": account_id,
                 "last_seen": at,
+                "ip": ip,
             }
             # Seeded trust (see coordinator.economy.trust); re-registering never removes it.
             if public_key in self._config.trusted_workers or (
@@ -104,10 +105,11 @@ class Workers(Accounts):
             ).first()
         return None if row is None else _worker(row)
 
-    async def record_poll(self, worker: Worker) -> int:
-        """A worker asked for work: keep its uptime stretch, pay uptime kudos when due."""
+    async def record_poll(self, worker: Worker, ip: str | None = None) -> int:
+        """A worker asked for work (from `ip`): keep its uptime stretch and address, pay
+        uptime kudos when due."""
         async with self.begin() as conn:
-            return await trust.record_poll(conn, self._config, worker.id, now(conn))
+            return await trust.record_poll(conn, self._config, worker.id, now(conn), ip)
 
     async def set_engine(self, worker: Worker, engine_json: str) -> None:
         async with self.begin() as conn:

@@ -84,6 +84,9 @@ balances = Table(
     # the balance the ranks of the account's queued jobs were computed from (see
     # coordinator.jobs.queue: ranks are refreshed when the balance moves materially)
     Column("ranked", BigInteger, nullable=False),
+    # the part of `amount` that is granted kudos not yet spent: spendable on jobs, never
+    # transferable (jobs spend it first; see coordinator.economy.kudos)
+    Column("grants", BigInteger, nullable=False, server_default="0"),
 )
 
 workers = Table(
@@ -111,6 +114,8 @@ workers = Table(
     Column("engine", Text),
     # start of the current stretch of uninterrupted polling (uptime kudos)
     Column("online_since", Float),
+    # the client IP it registered or last polled from (spot checks avoid the same IP)
+    Column("ip", String(64)),
 )
 
 jobs = Table(
@@ -152,6 +157,11 @@ jobs = Table(
     # effective time (protocol.priority): submit time minus the requester's kudos head
     # start, or plus the anonymous handicap; the queue runs in rank order
     Column("rank", Float, nullable=False, server_default="0"),
+    # --- an open network (0003_hostile) ---
+    # granted kudos the reservation used; a refund gives them back as grants first
+    Column("grant_spent", BigInteger, nullable=False, server_default="0"),
+    # a finished spot check's finding about the original: agree | disagree
+    Column("verdict", String(16)),
     Index("ix_jobs_state", "state", "created_at"),
     Index("ix_jobs_account", "account_id", "state"),
     # the queue: the next job of a kind is the first row of this index that fits
@@ -286,6 +296,29 @@ rate_buckets = Table(
     Column("key", String(200), primary_key=True),
     Column("tokens", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+)
+
+nonces = Table(
+    "nonces",
+    metadata,
+    # single-use challenges the coordinator hands out (signed worker registration, block
+    # server peer-id proofs); a used or expired one is refused
+    Column("nonce", String(64), primary_key=True),
+    Column("purpose", String(32), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_nonces_expires", "expires_at"),
+)
+
+invites = Table(
+    "invites",
+    metadata,
+    # `--registration invite`: a code (stored hashed) registers one account
+    Column("code_hash", String(64), primary_key=True),
+    # who made it (None: the operator, from the command line)
+    Column("account_id", Integer, ForeignKey("accounts.id")),
+    Column("created_at", Float, nullable=False),
+    Column("used_by", Integer, ForeignKey("accounts.id")),
+    Column("used_at", Float),
 )
 
 

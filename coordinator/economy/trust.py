@@ -271,19 +271,23 @@ async def record_check(
 
 
 async def record_poll(
-    conn: AsyncConnection, config: CoordinatorConfig, worker_id: str, now: float
+    conn: AsyncConnection,
+    config: CoordinatorConfig,
+    worker_id: str,
+    now: float,
+    ip: str | None = None,
 ) -> int:
-    """Note that the worker is polling; pay uptime kudos for the last full period it was
-    online through, if it served recently. Returns the kudos paid (0 if none)."""
+    """Note that the worker is polling (from `ip`, when known); pay uptime kudos for the
+    last full period it was online through, if it served recently. Returns the kudos paid
+    (0 if none)."""
     row = (await conn.execute(select(workers).where(workers.c.id == worker_id))).one()
     online_since = row.online_since
     if online_since is None or now - row.last_seen > config.uptime_grace:
         online_since = now
-    await conn.execute(
-        update(workers)
-        .where(workers.c.id == worker_id)
-        .values(last_seen=now, online_since=online_since)
-    )
+    values: dict[str, Any] = {"last_seen": now, "online_since": online_since}
+    if ip is not None:
+        values["ip"] = ip
+    await conn.execute(update(workers).where(workers.c.id == worker_id).values(values))
     if config.uptime_reward <= 0 or row.paused:
         return 0
     period = config.uptime_period

@@ -16,6 +16,7 @@ from pydantic.json_schema import models_json_schema
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from coordinator.errors import BadRequest, BodyTooLarge, CoordinatorError, Unauthorized
+from coordinator.http.addresses import client_ip
 from coordinator.http.state import CONFIG, LIMITER, STORE
 from coordinator.store import Account, Worker
 from protocol.errors import ValidationFailed
@@ -174,7 +175,7 @@ class Api:
                     if call.worker is not None
                     else None
                 )
-                await request.app[LIMITER].check(route.limit, identity, request.remote)
+                await request.app[LIMITER].check(route.limit, identity, client_ip(request))
             if route.body is not None:
                 call.body = await _read_body(
                     request, route.body, request.app[CONFIG].max_body_bytes

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from coordinator.accounts import Account
 from coordinator.errors import RateLimited
+from coordinator.http.addresses import client_ip
 from coordinator.http.state import CONFIG, SIGNALS
 
 __all__ = [
@@ -81,7 +82,7 @@ async def open_stream(
     """Admit, prepare and finally end an event stream; `what` names it in the debug log
     when the client goes away."""
     config, counts = request.app[CONFIG], request.app[STREAMS]
-    ip = request.remote or "?"
+    ip = client_ip(request)
     key = account.id if account is not None and not account.anonymous else None
     if key is not None and counts.keys[key] >= config.max_streams_per_key:
         raise RateLimited(

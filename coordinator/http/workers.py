@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from coordinator.errors import BadRequest, Unauthorized
+from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call
 from coordinator.http.jobs import job_status
 from coordinator.http.polling import long_poll
@@ -52,7 +53,7 @@ async def register_worker(request: web.Request, call: Call) -> WorkerRegistered:
     except SignatureInvalid:
         raise Unauthorized("registration signature does not match public_key") from None
     worker, token = await request.app[STORE].register_worker(
-        body.name, body.public_key, call.account
+        body.name, body.public_key, call.account, client_ip(request)
     )
     return WorkerRegistered(worker_id=worker.id, token=token)
 
@@ -72,7 +73,7 @@ async def pop(request: web.Request, call: Call) -> PopResponse:
     body: PopRequest = call.body
     worker = call.worker
     assert worker is not None
-    await store.record_poll(worker)
+    await store.record_poll(worker, client_ip(request))
     job = await long_poll(
         request,
         body.wait,
