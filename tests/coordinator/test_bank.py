@@ -234,7 +234,7 @@ async def _nemesis(cluster: Cluster, rng: random.Random, stop: float) -> int:
     # between kills is short so that several kills fit in the chaos window regardless.
     kills = 0
     while time.monotonic() < stop - 4:
-        await asyncio.sleep(rng.uniform(1.5, 3.5))
+        await asyncio.sleep(rng.uniform(1.0, 3.0))
         await asyncio.to_thread(cluster.kill_one, rng)
         kills += 1
         await asyncio.to_thread(cluster.start)
