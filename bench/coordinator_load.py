@@ -400,16 +400,21 @@ class BenchWorker:
             return text
 
     async def register(self) -> None:
-        from protocol.messages import WorkerRegistered
-        from protocol.signing import registration_message
+        from protocol.messages import Challenge, WorkerRegistered
+        from protocol.signing import account_binding, registration_message
 
-        now = int(time.time())
+        challenge = await self._call(
+            "POST", "/api/v1/workers/challenge", json={"purpose": "register"}
+        )
+        nonce = Challenge.model_validate_json(challenge).nonce
         key = self._identity.public_key
+        account = account_binding(self._owner_key)
         body = {
             "name": self.name,
             "public_key": key,
-            "timestamp": now,
-            "signature": self._identity.sign(registration_message(self.name, key, now)),
+            "account": account,
+            "nonce": nonce,
+            "signature": self._identity.sign(registration_message(self.name, key, account, nonce)),
         }
         text = await self._call(
             "POST", "/api/v1/workers/register", json=body, headers={"apikey": self._owner_key}

@@ -202,7 +202,11 @@ async def _measure(
     # a prompt of about args.prompt tokens (byte-level BPE: a few characters a token)
     words = "def read(path): return open(path).read() "
     params = TextParams(
-        prompt=(words * args.prompt)[: args.prompt * 3], max_tokens=args.tokens, temperature=0.0
+        # the gateway offers the model by its folder's name (a built-in: llm or smollm2)
+        model=llm.name,
+        prompt=(words * args.prompt)[: args.prompt * 3],
+        max_tokens=args.tokens,
+        temperature=0.0,
     )
 
     async def network() -> tuple[float, float]:

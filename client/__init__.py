@@ -1,13 +1,23 @@
 """The Python SDK and the `idlegrid` command line.
 
 sdk.py          AsyncClient and Client: accounts, submit, stream, download
+follow.py       following a job through coordinator restarts: streams, backoff, patience
 cli.py          `idlegrid` and its client subcommands; plugs in the others
+chat_cli.py     `idlegrid chat` and `idlegrid complete`
 progress.py     live progress line on a terminal
 credentials.py  saved API keys per coordinator
 errors.py       ClientError and its subclasses
 """
 
-from client.errors import ApiError, ClientError, JobFailed
+from client.errors import ApiError, ClientError, JobFailed, WaitTimeout
 from client.sdk import AsyncClient, Client, GenerationResult
 
-__all__ = ["ApiError", "AsyncClient", "Client", "ClientError", "GenerationResult", "JobFailed"]
+__all__ = [
+    "ApiError",
+    "AsyncClient",
+    "Client",
+    "ClientError",
+    "GenerationResult",
+    "JobFailed",
+    "WaitTimeout",
+]

@@ -34,6 +34,10 @@ def _sampling_fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
+def _client(args: argparse.Namespace) -> AsyncClient:
+    return AsyncClient(args.coordinator, args.api_key, wait_timeout=args.wait_timeout)
+
+
 def _print_piece(piece: str) -> None:
     sys.stdout.write(piece)
     sys.stdout.flush()
@@ -41,7 +45,7 @@ def _print_piece(piece: str) -> None:
 
 async def _complete(args: argparse.Namespace) -> int:
     params = parse(TextParams, {"prompt": args.prompt, **_sampling_fields(args)})
-    async with AsyncClient(args.coordinator, args.api_key) as grid:
+    async with _client(args) as grid:
         status = await grid.complete(params, None if args.json else _print_piece)
     if args.json:
         print(
@@ -72,7 +76,7 @@ async def _chat(args: argparse.Namespace) -> int:
     spent = 0
     if interactive:
         print(CHAT_HELP, file=sys.stderr)
-    async with AsyncClient(args.coordinator, args.api_key) as grid:
+    async with _client(args) as grid:
         while True:
             try:
                 line = await asyncio.to_thread(input, "you> " if interactive else "")
@@ -128,6 +132,7 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, *, temperature: float) 
 def add_text_commands(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     add_connection_flags: Callable[[argparse.ArgumentParser], None],
+    add_wait_flag: Callable[[argparse.ArgumentParser], None],
 ) -> None:
     chat = subparsers.add_parser(
         "chat",
@@ -137,6 +142,7 @@ def add_text_commands(
     )
     chat.add_argument("--system", help="a system message that starts the conversation")
     _add_sampling_flags(chat, temperature=0.7)
+    add_wait_flag(chat)
     add_connection_flags(chat)
     chat.set_defaults(run_async=_chat)
 
@@ -147,5 +153,6 @@ def add_text_commands(
     )
     complete.add_argument("prompt", help="text to continue")
     _add_sampling_flags(complete, temperature=0.7)
+    add_wait_flag(complete)
     add_connection_flags(complete)
     complete.set_defaults(run_async=_complete)

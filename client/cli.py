@@ -19,6 +19,7 @@ from typing import Any
 from client.chat_cli import add_text_commands
 from client.credentials import Credentials
 from client.errors import ApiError, ClientError
+from client.follow import WAIT_TIMEOUT
 from client.progress import ProgressLine
 from client.sdk import AsyncClient
 from protocol.errors import ValidationFailed
@@ -46,12 +47,35 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def _client(args: argparse.Namespace) -> AsyncClient:
-    return AsyncClient(args.coordinator, args.api_key)
+    wait_timeout = getattr(args, "wait_timeout", None) or WAIT_TIMEOUT
+    return AsyncClient(args.coordinator, args.api_key, wait_timeout=wait_timeout)
+
+
+def _seconds(text: str) -> float:
+    """argparse type of --wait-timeout: positive seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _add_wait_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait-timeout",
+        type=_seconds,
+        default=WAIT_TIMEOUT,
+        metavar="SECONDS",
+        help="keep waiting on the job through a coordinator restart or outage this long, "
+        "then give up naming the job (default %(default)g)",
+    )
 
 
 async def _account_register(args: argparse.Namespace) -> int:
     async with _client(args) as grid:
-        created = await grid.register(args.name)
+        created = await grid.register(args.name, args.invite)
     args.credentials.save(args.coordinator, created.api_key)
     if args.json:
         print(created.model_dump_json())
@@ -78,8 +102,27 @@ async def _account_show(args: argparse.Namespace) -> int:
             f"reserved:  {info.reserved}  (held for your queued and running jobs)\n"
             f"earned:    {info.earned}  (+{info.pending} pending verification)\n"
             f"spent:     {info.spent}\n"
-            f"granted:   {info.granted}\n"
+            f"granted:   {info.granted}  ({info.unspent_grants} unspent: spendable on jobs, "
+            "not transferable)\n"
+            f"transferable: {info.transferable}\n"
             f"transfers: +{info.transferred_in} / -{info.transferred_out}"
+        )
+    return 0
+
+
+async def _account_invite(args: argparse.Namespace) -> int:
+    _need_key(args)
+    if not 1 <= args.count <= 100:
+        raise UsageError(f"--count: {args.count} is not between 1 and 100")
+    async with _client(args) as grid:
+        codes = await grid.invite(args.count)
+    if args.json:
+        print(json.dumps({"codes": codes}))
+    else:
+        print("\n".join(codes))
+        print(
+            "each code registers one account: `idlegrid account register NAME --invite CODE`",
+            file=sys.stderr,
         )
     return 0
 
@@ -250,10 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
     account_sub = account.add_subparsers(dest="account_command", required=True, metavar="ACTION")
     register = account_sub.add_parser("register", help="create an account and print its API key")
     register.add_argument("name", help="account name (2-32 letters, digits, _ . -)")
+    register.add_argument(
+        "--invite", help="an invite code, where registration is invite-only (default none)"
+    )
     _add_connection_flags(register)
     register.set_defaults(run_async=_account_register)
+    invite = account_sub.add_parser(
+        "invite", help="make single-use invite codes for invite-only registration"
+    )
+    invite.add_argument(
+        "--count", type=int, default=1, help="how many codes, 1-100 (default %(default)s)"
+    )
+    _add_connection_flags(invite)
+    invite.set_defaults(run_async=_account_invite)
     show = account_sub.add_parser(
-        "show", help="print the balance and where it came from: reserved, earned, spent"
+        "show",
+        help="print the balance and where it came from: reserved, earned, spent, unspent "
+        "grants, transferable",
     )
     _add_connection_flags(show)
     show.set_defaults(run_async=_account_show)
@@ -323,10 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the cost, your balance, the queue and the ETA; submit nothing",
     )
+    _add_wait_flag(generate)
     _add_connection_flags(generate)
     generate.set_defaults(run_async=_generate)
 
-    add_text_commands(subparsers, _add_connection_flags)
+    add_text_commands(subparsers, _add_connection_flags, _add_wait_flag)
 
     for plugin in entry_points(group="idlegrid.commands"):
         try:

@@ -6,6 +6,8 @@ ClientError                  base
 │   ├── NotEnoughKudos       402: the request costs more than the balance allows
 │   └── RateLimited          429: too many requests; `retry_after` seconds to wait
 ├── CoordinatorUnreachable   could not connect / the connection broke
+├── WaitTimeout              waiting on a job, the coordinator did not answer for the wait
+│                            timeout (restarts shorter than that are ridden out)
 └── JobFailed                the job ended failed or cancelled
 """
 
@@ -19,6 +21,7 @@ __all__ = [
     "JobFailed",
     "NotEnoughKudos",
     "RateLimited",
+    "WaitTimeout",
 ]
 
 
@@ -66,3 +69,14 @@ class JobFailed(ClientError):
         self.job_id = job_id
         self.state = state
         self.reason = reason
+
+
+class WaitTimeout(ClientError):
+    def __init__(self, job_id: str, seconds: float, cause: str) -> None:
+        super().__init__(
+            f"gave up waiting for job {job_id}: the coordinator did not answer for "
+            f"{seconds:g} s (last: {cause}); the job may still run: ask for it again later "
+            "by its id"
+        )
+        self.job_id = job_id
+        self.seconds = seconds

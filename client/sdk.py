@@ -4,16 +4,18 @@
         result = await grid.generate(ImageParams(prompt="a lighthouse", steps=20), out_dir="out")
 
 `generate` submits, follows the job's server-sent event stream (queue position, then step
-progress) and downloads the PNGs.
+progress) and downloads the PNGs. Waits (`wait`, `complete`, `events`, `text_events`) ride
+out coordinator restarts and 503s for up to `wait_timeout` seconds without an answer
+(client.follow), then raise WaitTimeout naming the job.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,17 +26,20 @@ from pydantic import BaseModel
 from client.errors import (
     ApiError,
     AuthError,
+    ClientError,
     CoordinatorUnreachable,
     JobFailed,
     NotEnoughKudos,
     RateLimited,
 )
+from client.follow import READ_TIMEOUT, WAIT_TIMEOUT, Patience, read_events, retryable
 from protocol.messages import (
     AccountCreated,
     AccountInfo,
     ErrorBody,
     HistoryPage,
     ImageJobCreated,
+    InvitesCreated,
     JobCancelled,
     JobStatus,
     Quote,
@@ -81,10 +86,24 @@ def _raise_for(status: int, text: str, retry_after: str | None = None) -> None:
 
 
 class AsyncClient:
-    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 30.0) -> None:
+    """`timeout`: seconds for one request; `wait_timeout`: seconds a wait on a job keeps
+    trying while the coordinator does not answer (restarting, unreachable, 503)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        wait_timeout: float = WAIT_TIMEOUT,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=None)
+        self.wait_timeout = wait_timeout
+        # a stream silent for longer than the coordinator's keep-alive interval is lost
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeout, sock_read=max(READ_TIMEOUT, timeout)
+        )
         self._request_timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 
@@ -124,15 +143,27 @@ class AsyncClient:
                     if resp.status >= 400:
                         _raise_for(resp.status, text, resp.headers.get("Retry-After"))
                     return model.model_validate_json(text)
-        except aiohttp.ClientConnectionError as exc:
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise CoordinatorUnreachable(
                 f"cannot reach the coordinator at {self.base_url}: {exc}"
+            ) from exc
+        except TimeoutError as exc:
+            raise CoordinatorUnreachable(
+                f"the coordinator at {self.base_url} did not answer {method} {path} within "
+                f"{self._request_timeout:g} s"
             ) from exc
 
     # --- accounts ---------------------------------------------------------------------
 
-    async def register(self, name: str) -> AccountCreated:
-        return await self._request("POST", "/api/v1/accounts", AccountCreated, {"name": name})
+    async def register(self, name: str, invite: str | None = None) -> AccountCreated:
+        """Create an account (`invite`: a code, where registration is invite-only)."""
+        body = {"name": name} if invite is None else {"name": name, "invite": invite}
+        return await self._request("POST", "/api/v1/accounts", AccountCreated, body)
+
+    async def invite(self, count: int = 1) -> list[str]:
+        """Make single-use invite codes (as many as the coordinator allows per account)."""
+        made = await self._request("POST", "/api/v1/invites", InvitesCreated, {"count": count})
+        return made.codes
 
     async def me(self) -> AccountInfo:
         return await self._request("GET", "/api/v1/accounts/me", AccountInfo)
@@ -191,43 +222,87 @@ class AsyncClient:
     async def job(self, job_id: str) -> JobStatus:
         return await self._request("GET", f"/api/v1/jobs/{job_id}", JobStatus)
 
-    async def events(self, job_id: str) -> AsyncIterator[JobStatus]:
-        """Every status change of a job, from its server-sent event stream, until it ends."""
-        url = f"{self.base_url}/api/v1/jobs/{job_id}/events"
+    async def _stream(self, path: str, patience: Patience) -> AsyncGenerator[tuple[str, Any], None]:
+        """One event stream: (event, data) until it ends. Waiting for it to open is bounded
+        by `patience`; once open, a silence longer than READ_TIMEOUT breaks it."""
         try:
-            async with self._http().get(url, headers={"Accept": "text/event-stream"}) as resp:
-                if resp.status >= 400:
-                    _raise_for(resp.status, await resp.text())
-                data: list[str] = []
-                async for raw in resp.content:
-                    line = raw.decode().rstrip("\r\n")
-                    if line.startswith("data:"):
-                        data.append(line[5:].strip())
-                    elif not line and data:
-                        status = JobStatus.model_validate(json.loads("\n".join(data)))
-                        data = []
-                        yield status
-                        if status.finished:
-                            return
-        except aiohttp.ClientConnectionError as exc:
-            raise CoordinatorUnreachable(f"lost the event stream of job {job_id}: {exc}") from exc
+            async with asyncio.timeout_at(patience.deadline):
+                response = await self._http().get(
+                    self.base_url + path, headers={"Accept": "text/event-stream"}
+                )
+            try:
+                if response.status >= 400:
+                    _raise_for(
+                        response.status, await response.text(), response.headers.get("Retry-After")
+                    )
+                patience.contact()
+                async for item in read_events(response, patience):
+                    yield item
+            finally:
+                response.close()
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise CoordinatorUnreachable(f"lost the event stream {path}: {exc}") from exc
 
-    async def wait(self, job_id: str, on_progress: ProgressCallback | None = None) -> JobStatus:
-        """Follow a job until it ends; reconnects if the stream drops."""
+    async def _follow(
+        self,
+        path: str,
+        job_id: str,
+        read: Callable[[], Awaitable[BaseModel]],
+        wait_timeout: float | None,
+    ) -> AsyncGenerator[tuple[str, Any], None]:
+        """(event, data) of the job's event stream at `path`/events for as long as the caller
+        reads. A stream that ends is followed by a fresh ("status", data) from `read()` and
+        a new stream; failures that a restart explains are retried with backoff
+        (client.follow), until the coordinator has not answered for `wait_timeout`."""
+        patience = Patience(job_id, self.wait_timeout if wait_timeout is None else wait_timeout)
         while True:
             try:
-                async for status in self.events(job_id):
-                    if on_progress is not None:
-                        outcome = on_progress(status)
-                        if outcome is not None:
-                            await outcome
-                    if status.finished:
-                        return status
-            except CoordinatorUnreachable:
-                await asyncio.sleep(0.5)
-            status = await self.job(job_id)
-            if status.finished:
-                return status
+                async with aclosing(self._stream(f"{path}/events", patience)) as events:
+                    async for item in events:
+                        yield item
+                async with asyncio.timeout_at(patience.deadline):
+                    status = await read()
+                patience.contact()
+                yield "status", status.model_dump(mode="json")
+            except Exception as exc:
+                if not retryable(exc):
+                    raise
+                await patience.pause(exc)
+
+    async def events(
+        self, job_id: str, *, wait_timeout: float | None = None
+    ) -> AsyncGenerator[JobStatus, None]:
+        """Every status change of a job, from its server-sent event stream, until it ends;
+        rides out dropped streams and coordinator restarts (see `wait`)."""
+        follow = self._follow(
+            f"/api/v1/jobs/{job_id}", job_id, lambda: self.job(job_id), wait_timeout
+        )
+        async with aclosing(follow) as items:
+            async for _, data in items:
+                status = JobStatus.model_validate(data)
+                yield status
+                if status.finished:
+                    return
+
+    async def wait(
+        self,
+        job_id: str,
+        on_progress: ProgressCallback | None = None,
+        *,
+        wait_timeout: float | None = None,
+    ) -> JobStatus:
+        """Follow a job until it ends. Reconnects when the stream drops and retries through
+        coordinator restarts and 503s with backoff; raises WaitTimeout (naming the job) when
+        the coordinator has not answered for `wait_timeout` s (default: the client's)."""
+        async with aclosing(self.events(job_id, wait_timeout=wait_timeout)) as statuses:
+            async for status in statuses:
+                if on_progress is not None:
+                    outcome = on_progress(status)
+                    if outcome is not None:
+                        await outcome
+                if status.finished:
+                    return status
+        raise ClientError(f"the events of job {job_id} ended before the job did")
 
     async def image(self, job_id: str, index: int) -> bytes:
         url = f"{self.base_url}/api/v1/jobs/{job_id}/images/{index}"
@@ -287,66 +362,56 @@ class AsyncClient:
         """Cancel a queued or running text job; its reserved kudos are refunded."""
         return await self._request("POST", f"/api/v1/text/jobs/{job_id}/cancel", JobCancelled)
 
-    async def text_events(self, job_id: str) -> AsyncIterator[TextEvent]:
-        """A text job's events until it ends: text pieces (with their offset) and statuses."""
-        url = f"{self.base_url}/api/v1/text/jobs/{job_id}/events"
-        try:
-            async with self._http().get(url, headers={"Accept": "text/event-stream"}) as resp:
-                if resp.status >= 400:
-                    _raise_for(resp.status, await resp.text())
-                event, data = "message", []
-                async for raw in resp.content:
-                    line = raw.decode().rstrip("\r\n")
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data.append(line[5:].strip())
-                    elif not line and data:
-                        payload = json.loads("\n".join(data))
-                        kind, event, data = event, "message", []
-                        if kind == "text":
-                            yield TextEvent(offset=payload["offset"], text=payload["text"])
-                        elif kind == "status":
-                            status = TextStatus.model_validate(payload)
-                            yield TextEvent(status=status)
-                            if status.finished:
-                                return
-        except aiohttp.ClientConnectionError as exc:
-            raise CoordinatorUnreachable(
-                f"lost the event stream of text job {job_id}: {exc}"
-            ) from exc
+    async def text_events(
+        self, job_id: str, *, wait_timeout: float | None = None
+    ) -> AsyncGenerator[TextEvent, None]:
+        """A text job's events until it ends: text pieces (with their offset) and statuses.
+        Rides out dropped streams and coordinator restarts (see `wait`); after a reconnect
+        text may come again from an earlier offset."""
+        path = f"/api/v1/text/jobs/{job_id}"
+        follow = self._follow(path, job_id, lambda: self.text_job(job_id), wait_timeout)
+        async with aclosing(follow) as items:
+            async for kind, data in items:
+                if kind == "text":
+                    yield TextEvent(offset=data["offset"], text=data["text"])
+                elif kind == "status":
+                    status = TextStatus.model_validate(data)
+                    yield TextEvent(status=status)
+                    if status.finished:
+                        return
 
     async def complete(
-        self, params: TextParams, on_text: Callable[[str], Awaitable[None] | None] | None = None
+        self,
+        params: TextParams,
+        on_text: Callable[[str], Awaitable[None] | None] | None = None,
+        *,
+        wait_timeout: float | None = None,
     ) -> TextStatus:
         """Submit a chat or completion job and stream its text to `on_text` as it is made.
 
         Returns the final status (its `text` is the whole reply); raises JobFailed if the
-        job fails (its kudos are refunded). Survives dropped streams and restarted jobs:
-        only text the caller has not seen yet is passed on.
+        job fails (its kudos are refunded). Survives dropped streams, restarted jobs and
+        coordinator restarts (WaitTimeout, naming the job, after `wait_timeout` s without an
+        answer): only text the caller has not seen yet is passed on.
         """
         created = await self.submit_text(params)
         shown = 0
-        while True:
-            try:
-                async for event in self.text_events(created.id):
-                    if event.status is not None and event.status.finished:
+        status: TextStatus | None = None
+        async with aclosing(self.text_events(created.id, wait_timeout=wait_timeout)) as events:
+            async for event in events:
+                if event.status is not None:
+                    if event.status.finished:
                         status = event.status
                         break
-                    if event.text and event.offset + len(event.text) > shown:
-                        fresh = event.text[max(shown - event.offset, 0) :]
-                        shown += len(fresh)
-                        if on_text is not None:
-                            outcome = on_text(fresh)
-                            if outcome is not None:
-                                await outcome
-                else:
-                    status = await self.text_job(created.id)
-            except CoordinatorUnreachable:
-                await asyncio.sleep(0.5)
-                status = await self.text_job(created.id)
-            if status.finished:
-                break
+                elif event.offset + len(event.text) > shown:
+                    fresh = event.text[max(shown - event.offset, 0) :]
+                    shown += len(fresh)
+                    if on_text is not None:
+                        outcome = on_text(fresh)
+                        if outcome is not None:
+                            await outcome
+        if status is None:
+            raise ClientError(f"the events of text job {created.id} ended before the job did")
         if status.state != "done":
             raise JobFailed(created.id, status.state, status.error)
         if on_text is not None and len(status.text) > shown:
@@ -378,13 +443,20 @@ def _write_files(directory: Path, named: dict[str, bytes]) -> list[Path]:
 class Client:
     """The synchronous SDK: the same calls, run on a private event loop thread."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        wait_timeout: float = WAIT_TIMEOUT,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="idlegrid-client", daemon=True
         )
         self._thread.start()
-        self._async = AsyncClient(base_url, api_key, timeout=timeout)
+        self._async = AsyncClient(base_url, api_key, timeout=timeout, wait_timeout=wait_timeout)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -403,8 +475,11 @@ class Client:
         self._thread.join()
         self._loop.close()
 
-    def register(self, name: str) -> AccountCreated:
-        return self._run(self._async.register(name))
+    def register(self, name: str, invite: str | None = None) -> AccountCreated:
+        return self._run(self._async.register(name, invite))
+
+    def invite(self, count: int = 1) -> list[str]:
+        return self._run(self._async.invite(count))
 
     def me(self) -> AccountInfo:
         return self._run(self._async.me())

@@ -1,4 +1,5 @@
-"""Accounts: users, workers' earnings accounts, the anonymous account; API keys; balances."""
+"""Accounts: users, workers' earnings accounts, the anonymous account; API keys; balances;
+registration (`CoordinatorConfig.registration`: open, invite or closed) and invite codes."""
 
 from __future__ import annotations
 
@@ -7,15 +8,25 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, func, select
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.db.database import ANONYMOUS, GRANTS, Database, now
-from coordinator.db.ledger import audit_balances, balance, open_balance, post_entry
-from coordinator.db.schema import accounts, ledger_entries, postings
-from coordinator.errors import Conflict
+from coordinator.db.ledger import (
+    audit_balances,
+    audit_grants,
+    balance,
+    lock_spender,
+    open_balance,
+    post_entry,
+)
+from coordinator.db.schema import accounts, invites, ledger_entries, postings
+from coordinator.errors import Conflict, Forbidden
 
-__all__ = ["Account", "Accounts", "hash_secret"]
+REGISTRATION_MODES = ("open", "invite", "closed")
+
+__all__ = ["REGISTRATION_MODES", "Account", "Accounts", "hash_secret"]
 
 
 def hash_secret(secret: str) -> str:
@@ -29,6 +40,9 @@ class Account:
     name: str
     kind: str
     floor: int
+    # the caller's client IP, on the anonymous account of one request (it bounds what one
+    # address may hold reserved there: CoordinatorConfig.anonymous_reserved_per_ip)
+    requester: str | None = None
 
     @property
     def anonymous(self) -> bool:
@@ -40,8 +54,22 @@ def _account(row: Row[Any]) -> Account:
 
 
 class Accounts(Database):
-    async def create_account(self, name: str) -> tuple[Account, str]:
-        """A new user account with the configured grant; returns it and its API key."""
+    async def create_account(self, name: str, invite: str | None = None) -> tuple[Account, str]:
+        """A new user account with the configured grant; returns it and its API key.
+
+        Forbidden when registration is closed, or invite-only and `invite` is not an unused
+        code (the code is used up in the same transaction)."""
+        mode = self._config.registration
+        if mode == "closed":
+            raise Forbidden(
+                "registration is closed on this coordinator; ask its operator for an account"
+            )
+        if mode == "invite" and not invite:
+            raise Forbidden(
+                "registration on this coordinator needs an invite code: ask its operator or a "
+                "user for one and send it as `invite`",
+                [("invite", "is required here")],
+            )
         api_key = secrets.token_urlsafe(32)
         grant = self._config.new_account_grant
         try:
@@ -60,6 +88,9 @@ class Accounts(Database):
                     )
                 ).scalar_one()
                 await open_balance(conn, account_id)
+                if mode == "invite":
+                    assert invite is not None
+                    await self._use_invite(conn, invite, account_id)
                 if grant:
                     await post_entry(
                         conn,
@@ -73,6 +104,54 @@ class Accounts(Database):
             ) from None
         return Account(account_id, name, "user", self._config.account_floor), api_key
 
+    async def _use_invite(self, conn: AsyncConnection, code: str, account_id: int) -> None:
+        used = await conn.execute(
+            update(invites)
+            .where((invites.c.code_hash == hash_secret(code)) & invites.c.used_by.is_(None))
+            .values(used_by=account_id, used_at=now(conn))
+        )
+        if used.rowcount != 1:
+            raise Forbidden(
+                "this invite code is unknown or already used; each code registers one "
+                "account: ask for a new one",
+                [("invite", "unknown or already used")],
+            )
+
+    async def create_invites(self, count: int, maker: Account | None = None) -> list[str]:
+        """`count` new single-use invite codes (shown once; stored hashed). `maker` None is
+        the operator (no limit); a user may make `invites_per_account` in all."""
+        codes = [secrets.token_urlsafe(16) for _ in range(count)]
+        async with self.begin() as conn:
+            if maker is not None:
+                await lock_spender(conn, maker.id)
+                made = (
+                    await conn.execute(
+                        select(func.count())
+                        .select_from(invites)
+                        .where(invites.c.account_id == maker.id)
+                    )
+                ).scalar_one()
+                cap = self._config.invites_per_account
+                if int(made) + count > cap:
+                    raise Forbidden(
+                        f"each account may make {cap} invite codes and you made {made}; "
+                        "ask the coordinator's operator for more",
+                        [("count", f"must be at most {max(cap - int(made), 0)}")],
+                    )
+            at = now(conn)
+            await conn.execute(
+                invites.insert(),
+                [
+                    {
+                        "code_hash": hash_secret(code),
+                        "account_id": None if maker is None else maker.id,
+                        "created_at": at,
+                    }
+                    for code in codes
+                ],
+            )
+        return codes
+
     async def account_by_key(self, api_key: str) -> Account | None:
         async with self.begin() as conn:
             row = (
@@ -82,9 +161,14 @@ class Accounts(Database):
             ).first()
         return _account(row) if row else None
 
-    async def anonymous_account(self) -> Account:
+    async def anonymous_account(self, requester: str | None = None) -> Account:
+        """The shared anonymous account, as used by the client at IP `requester`."""
         return Account(
-            self._system[ANONYMOUS], ANONYMOUS, "anonymous", self._config.anonymous_floor
+            self._system[ANONYMOUS],
+            ANONYMOUS,
+            "anonymous",
+            self._config.anonymous_floor,
+            requester,
         )
 
     async def balance(self, account_id: int) -> int:
@@ -102,8 +186,9 @@ class Accounts(Database):
             return {name: int(total) for name, total in (await conn.execute(query)).all()}
 
     async def ledger_audit(self) -> dict[str, int]:
-        """Totals used by tests and operators: every entry must sum to zero, and every
-        balance row must equal its account's postings."""
+        """Totals used by tests and operators: every entry must sum to zero, every
+        balance row must equal its account's postings, and its unspent grants must lie
+        between 0 and its balance."""
         per_entry = (
             select(postings.c.entry_id, func.sum(postings.c.amount).label("total"))
             .group_by(postings.c.entry_id)
@@ -122,9 +207,11 @@ class Accounts(Database):
                 await conn.execute(select(func.coalesce(func.sum(postings.c.amount), 0)))
             ).scalar_one()
             drift = await audit_balances(conn)
+            grants_off = await audit_grants(conn)
         return {
             "entries": int(entries),
             "unbalanced_entries": int(unbalanced),
             "sum": int(supply),
             "balance_rows_off": len(drift),
+            "grants_off": len(grants_off),
         }

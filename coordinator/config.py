@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.priority import Aging
+from protocol.text import BUILTIN_DEFAULT_MODEL, BUILTIN_TEXT_MODELS, TextModel
 
 __all__ = ["DEFAULT_RATE_LIMITS", "CoordinatorConfig", "RateLimit"]
 
@@ -22,12 +23,27 @@ class RateLimit:
     ip_burst: float
 
 
-# Generous: a person or a script never meets them; a flood does.
+# Generous: a person or a script never meets them; a flood does. One scope per kind of
+# request (the `limit` of its route in coordinator.http); `--rate-limit SCOPE=...` sets any.
 DEFAULT_RATE_LIMITS: dict[str, RateLimit] = {
-    "submit": RateLimit(10, 100, 50, 500),
-    "pop": RateLimit(50, 500, 200, 2000),
+    "submit": RateLimit(10, 100, 50, 500),  # image, text and OpenAI jobs
+    "pop": RateLimit(50, 500, 200, 2000),  # image and text pops
     "rate": RateLimit(2, 60, 10, 300),
     "transfer": RateLimit(5, 50, 20, 200),
+    # new accounts come with a grant: per client IP only (there is no key yet), 10 at once
+    # and then one every 6 minutes
+    "register": RateLimit(10 / 3600, 10, 10 / 3600, 10),
+    "worker": RateLimit(1, 60, 5, 300),  # worker registration (per account and IP)
+    "challenge": RateLimit(2, 60, 10, 300),  # nonces and invites: rows that others store
+    "quote": RateLimit(10, 100, 50, 500),
+    "stream": RateLimit(10, 100, 50, 500),  # opening an event stream (image and text)
+    "cancel": RateLimit(5, 50, 20, 200),
+    "share": RateLimit(2, 60, 10, 300),
+    "progress": RateLimit(20, 200, 200, 2000),  # image progress reports
+    "delta": RateLimit(20, 200, 200, 2000),  # streamed text
+    "result": RateLimit(20, 200, 100, 1000),  # uploads, results and failures (both kinds)
+    "engine": RateLimit(1, 30, 5, 150),  # engine reports
+    "peer": RateLimit(1, 30, 5, 150),  # block servers' peer links
 }
 
 
@@ -138,12 +154,35 @@ class CoordinatorConfig:
 
     # --- an open network (README "Threat model"; flags in coordinator.network_flags) ---
     # text models and their prices
+    # the models gateways may serve, with the sizes that price them (coordinator.economy
+    # .text_models; `--models FILE`); built in: the tiny `llm` and `smollm2`
+    text_models: tuple[TextModel, ...] = BUILTIN_TEXT_MODELS
+    # the model of requests that name none
+    default_text_model: str = BUILTIN_DEFAULT_MODEL
 
     # registration and grants
+    # who may create an account: "open" (anyone), "invite" (with a single-use invite code),
+    # "closed" (nobody; existing accounts keep working)
+    registration: str = "open"
+    # invite codes each registered user may make (POST /api/v1/invites); the operator's
+    # `idlegrid coordinator --make-invites N` has no limit. 0 = only the operator invites
+    invites_per_account: int = 0
+    # most kudos that one client IP may hold reserved at once, in queued and running jobs,
+    # on the shared anonymous account (about 16 of the largest anonymous image jobs)
+    anonymous_reserved_per_ip: int = 500
 
     # verification
+    # a spot check never goes to a worker at the checked worker's client IP (nor, always,
+    # of its owner); off (`--allow-same-ip-checks`) for a network on one host or LAN
+    verify_distinct_ip: bool = True
 
     # bounds, rate limits and client addresses
+    # a lease is extended (progress, streamed text) at most until this many times the job's
+    # work at the slowest acceptable pace (or its fixed lease, if longer) after the pop;
+    # then the reaper takes the job back (coordinator.jobs.lifecycle.lease_cap)
+    lease_ttl_factor: float = 3.0
+    # the slowest text generation a lease's cap allows for, in new tokens per second
+    text_min_tokens_per_second: float = 1.0
     # reverse proxies (CIDRs) whose X-Forwarded-For names the client (coordinator.http.addresses)
     trusted_proxies: tuple[str, ...] = ()
 

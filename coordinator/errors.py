@@ -3,8 +3,10 @@
 CoordinatorError                 base; status 500
 ├── BadRequest                   the caller's input is wrong (400); may list fields
 │   ├── BodyTooLarge             body over the configured limit (413)
-│   └── BadImage                 an uploaded image is not a PNG of the job's size (400)
+│   ├── BadImage                 an uploaded image is not a PNG of the job's size (400)
+│   └── OutdatedWorker           a worker too old for signed challenges: upgrade it (400)
 ├── Unauthorized                 missing or unknown API key / worker token (401)
+│   └── ChallengeRejected        a challenge nonce unknown, used or expired (401)
 ├── Forbidden                    authenticated, but not allowed (403)
 │   └── WorkerPaused             the worker failed too many checks; it gets no jobs
 ├── NotFound                     no such job, image or account (404)
@@ -21,10 +23,13 @@ LegacySchemaError                at start-up: the database predates the release 
 
 from __future__ import annotations
 
+from protocol.version import VERSION
+
 __all__ = [
     "BadImage",
     "BadRequest",
     "BodyTooLarge",
+    "ChallengeRejected",
     "Conflict",
     "CoordinatorError",
     "Forbidden",
@@ -32,6 +37,7 @@ __all__ = [
     "JobFailed",
     "LegacySchemaError",
     "NotFound",
+    "OutdatedWorker",
     "RateLimited",
     "StoreUnavailable",
     "Unauthorized",
@@ -118,3 +124,22 @@ class JobFailed(CoordinatorError):
 
 class LegacySchemaError(RuntimeError):
     """The database predates the release that the Alembic migrations take over from."""
+
+
+class OutdatedWorker(BadRequest):
+    """A worker that does not sign coordinator challenges (registration, peer-id proof)."""
+
+    code = "outdated_worker"
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"this coordinator (idlegrid {VERSION}) needs a signed challenge with every "
+            f"{what}, and the worker sent none: upgrade idlegrid on the worker to {VERSION}",
+            [("nonce", "is required: get one from POST /api/v1/workers/challenge and sign it")],
+        )
+
+
+class ChallengeRejected(Unauthorized):
+    """A signed challenge nonce is unknown, already used, expired or for another purpose."""
+
+    code = "challenge_rejected"

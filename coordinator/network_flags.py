@@ -7,7 +7,15 @@ adds its flags and turns them into CoordinatorConfig fields; coordinator.main ca
 from __future__ import annotations
 
 import argparse
+import asyncio
+from pathlib import Path
 from typing import Any
+
+from coordinator.accounts import REGISTRATION_MODES
+from coordinator.config import CoordinatorConfig
+from coordinator.economy.text_models import parse_catalog
+from coordinator.http.addresses import parse_networks
+from coordinator.store import Store
 
 __all__ = ["add_arguments", "settings"]
 
@@ -16,44 +24,163 @@ __all__ = ["add_arguments", "settings"]
 
 
 def _add_text_models(group: argparse._ArgumentGroup) -> None:
-    pass
+    defaults = CoordinatorConfig(data_dir=Path("."))
+    built_in = ", ".join(m.name for m in defaults.text_models)
+    group.add_argument(
+        "--models",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of the text models gateways may serve and their sizes, which set "
+        f"their price (README: Text models); default: built-in {built_in}, "
+        f"default model {defaults.default_text_model}",
+    )
 
 
 def _text_models(args: argparse.Namespace) -> dict[str, Any]:
-    return {}
+    if args.models is None:
+        return {}
+    try:
+        text = args.models.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(
+            f"--models {args.models}: cannot read it ({exc}); give a TOML file"
+        ) from None
+    try:
+        models, default = parse_catalog(text)
+    except ValueError as exc:
+        raise SystemExit(f"--models {args.models}: {exc}") from None
+    return {"text_models": models, "default_text_model": default}
 
 
 # --- registration and grants ------------------------------------------------------------
 
 
 def _add_registration(group: argparse._ArgumentGroup) -> None:
-    pass
+    defaults = CoordinatorConfig(data_dir=Path("."))
+    group.add_argument(
+        "--registration",
+        default=defaults.registration,
+        metavar="|".join(REGISTRATION_MODES),
+        help="who may create an account: anyone (open), holders of an invite code (invite), "
+        "nobody (closed) (default %(default)s)",
+    )
+    group.add_argument(
+        "--invites-per-account",
+        type=int,
+        default=defaults.invites_per_account,
+        metavar="N",
+        help="invite codes each user may make with `idlegrid account invite`; 0 = only the "
+        "operator invites (default %(default)s)",
+    )
+    group.add_argument(
+        "--make-invites",
+        type=int,
+        metavar="N",
+        help="print N new single-use invite codes for the database of --data-dir / "
+        "--database-url and exit without serving (default: serve)",
+    )
+    group.add_argument(
+        "--anonymous-reserved-per-ip",
+        type=int,
+        default=defaults.anonymous_reserved_per_ip,
+        metavar="KUDOS",
+        help="most kudos one client address may hold reserved in queued and running "
+        "anonymous jobs (default %(default)s)",
+    )
 
 
 def _registration(args: argparse.Namespace) -> dict[str, Any]:
-    return {}
+    if args.registration not in REGISTRATION_MODES:
+        raise SystemExit(
+            f"--registration {args.registration!r}: use one of {', '.join(REGISTRATION_MODES)}"
+        )
+    if args.invites_per_account < 0:
+        raise SystemExit(
+            f"--invites-per-account {args.invites_per_account}: use 0 (only the operator "
+            "invites) or more"
+        )
+    if args.anonymous_reserved_per_ip < 1:
+        raise SystemExit(
+            f"--anonymous-reserved-per-ip {args.anonymous_reserved_per_ip}: use a positive "
+            "number of kudos"
+        )
+    if args.make_invites is not None:
+        if not 1 <= args.make_invites <= 10_000:
+            raise SystemExit(f"--make-invites {args.make_invites}: use 1 to 10000 codes")
+        config = CoordinatorConfig(data_dir=args.data_dir, database_url=args.database_url)
+        for code in asyncio.run(_make_invites(config, args.make_invites)):
+            print(code)
+        raise SystemExit(0)
+    return {
+        "registration": args.registration,
+        "invites_per_account": args.invites_per_account,
+        "anonymous_reserved_per_ip": args.anonymous_reserved_per_ip,
+    }
+
+
+async def _make_invites(config: CoordinatorConfig, count: int) -> list[str]:
+    store: Store = await Store.open(config)
+    try:
+        return await store.create_invites(count)
+    finally:
+        await store.aclose()
 
 
 # --- verification -----------------------------------------------------------------------
 
 
 def _add_verification(group: argparse._ArgumentGroup) -> None:
-    pass
+    group.add_argument(
+        "--allow-same-ip-checks",
+        action="store_true",
+        help="let a worker spot-check another seen at the same client IP (default: off, "
+        "checks go to another address; turn on for a network on one host or LAN). A check "
+        "never goes to a worker of the same owner either way",
+    )
 
 
 def _verification(args: argparse.Namespace) -> dict[str, Any]:
-    return {}
+    return {"verify_distinct_ip": not args.allow_same_ip_checks}
 
 
 # --- bounds, rate limits and client addresses ---------------------------------------------
 
 
 def _add_bounds(group: argparse._ArgumentGroup) -> None:
-    pass
+    defaults = CoordinatorConfig(data_dir=Path("."))
+    group.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="a reverse proxy (address or network, e.g. 10.0.0.0/8) whose X-Forwarded-For "
+        "names the client, for rate limits and the same-address rules; repeatable "
+        "(default: none, the header is ignored)",
+    )
+    group.add_argument(
+        "--lease-ttl-factor",
+        type=float,
+        default=defaults.lease_ttl_factor,
+        metavar="F",
+        help="a job stays leased at most F times its work at the slowest acceptable pace "
+        "after the pop, however often the worker reports (default %(default)s)",
+    )
 
 
 def _bounds(args: argparse.Namespace) -> dict[str, Any]:
-    return {}
+    try:
+        parse_networks(args.trusted_proxy)
+    except ValueError as exc:
+        raise SystemExit(f"--trusted-proxy: {exc}") from None
+    if not args.lease_ttl_factor >= 1:
+        raise SystemExit(
+            f"--lease-ttl-factor must be at least 1 (a lease cannot end before its first "
+            f"length), got {args.lease_ttl_factor}"
+        )
+    return {
+        "trusted_proxies": tuple(spec.strip() for spec in args.trusted_proxy),
+        "lease_ttl_factor": args.lease_ttl_factor,
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

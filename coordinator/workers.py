@@ -1,4 +1,5 @@
-"""Workers: registration by public key, tokens, engine info, polling (uptime)."""
+"""Workers: registration by public key (signed challenges), tokens, engine info, polling
+(uptime)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from sqlalchemy import Row, select, update
 
 from coordinator.accounts import Account, Accounts, hash_secret
+from coordinator.db import nonces
 from coordinator.db.database import now
 from coordinator.db.ledger import open_balance
 from coordinator.db.schema import accounts, workers
@@ -42,12 +44,27 @@ def _worker(row: Row[Any]) -> Worker:
 
 
 class Workers(Accounts):
+    async def challenge(self, purpose: str) -> tuple[str, float]:
+        """A single-use nonce for a worker to sign (coordinator.db.nonces) and its expiry."""
+        async with self.begin() as conn:
+            return await nonces.issue(conn, purpose)
+
     async def register_worker(
-        self, name: str, public_key: str, owner: Account | None, ip: str | None = None
+        self,
+        name: str,
+        public_key: str,
+        owner: Account | None,
+        ip: str | None = None,
+        *,
+        nonce: str | None = None,
     ) -> tuple[Worker, str]:
-        """Register (or re-register) the worker holding `public_key`; returns a new token."""
+        """Register (or re-register) the worker holding `public_key`, using up the
+        registration `nonce` it signed (the HTTP route always has one; None is for callers
+        inside the coordinator that registered nothing signed); returns a new token."""
         token = secrets.token_urlsafe(32)
         async with self.begin() as conn:
+            if nonce is not None:
+                await nonces.consume(conn, nonce, "register")
             at = now(conn)
             row = (
                 await conn.execute(select(workers).where(workers.c.public_key == public_key))

@@ -9,6 +9,7 @@ Pure: no I/O, no torch; every other package imports it and it imports none of th
     cost.py        kudos cost formulas
     priority.py    queue order: kudos head start, aging, owner first
     signing.py     Ed25519 identities, canonical JSON, what gets signed
+    peer_ids.py    libp2p peer ids: the key behind one, and checking its signature
     infotext.py    the AUTOMATIC1111 `parameters` text stored in PNGs
     errors.py      ProtocolError and its subclasses
 """

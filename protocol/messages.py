@@ -16,6 +16,8 @@ __all__ = [
     "AccountCreate",
     "AccountCreated",
     "AccountInfo",
+    "Challenge",
+    "ChallengeRequest",
     "EngineInfo",
     "ErrorBody",
     "ErrorDetail",
@@ -30,6 +32,8 @@ __all__ = [
     "ImageInfo",
     "ImageJobCreated",
     "ImageUploaded",
+    "InviteCreate",
+    "InvitesCreated",
     "JobCancelled",
     "JobState",
     "JobStatus",
@@ -74,6 +78,20 @@ class AccountCreate(_Request):
         pattern=NAME_PATTERN,
         description="2-32 letters, digits, '_', '.', '-'; starts with a letter or digit",
     )
+    invite: str | None = Field(
+        default=None,
+        max_length=100,
+        description="a single-use invite code; required when the coordinator's registration "
+        "is invite-only",
+    )
+
+
+class InviteCreate(_Request):
+    count: int = Field(default=1, ge=1, le=100, description="how many codes to make")
+
+
+class InvitesCreated(_Response):
+    codes: list[str] = Field(description="single-use invite codes, shown once")
 
 
 class AccountCreated(_Response):
@@ -94,9 +112,20 @@ class AccountInfo(_Response):
         default=0, description="earnings of the account's untrusted workers held until verified"
     )
     spent: int = Field(default=0, description="paid for finished jobs")
-    granted: int = Field(default=0, description="from the network's grants (new account)")
+    granted: int = Field(
+        default=0, description="from the network's grants (new account, rating rewards)"
+    )
     transferred_in: int = 0
     transferred_out: int = 0
+    unspent_grants: int = Field(
+        default=0,
+        description="the part of kudos that was granted and not yet spent: spendable on "
+        "jobs (spent first), never transferable",
+    )
+    transferable: int = Field(
+        default=0,
+        description="what a transfer may move now: kudos - unspent grants, above the floor",
+    )
 
 
 class HistoryEntry(_Response):
@@ -218,10 +247,31 @@ class JobStatus(_Response):
 # --- workers --------------------------------------------------------------------------
 
 
+class ChallengeRequest(_Request):
+    purpose: Literal["register", "peer"] = Field(
+        default="register",
+        description="what the nonce will sign: a worker registration or a peer-id proof",
+    )
+
+
+class Challenge(_Response):
+    nonce: str = Field(description="single use; sign it before `expires_at`")
+    expires_at: float = Field(description="unix seconds")
+
+
 class WorkerRegister(_Request):
     name: str = Field(pattern=NAME_PATTERN)
     public_key: str = Field(pattern=HEX_64, description="Ed25519 public key, hex")
-    timestamp: int = Field(description="unix seconds; must be within 5 minutes of the server")
+    # workers before signed challenges sent a timestamp and no nonce: they are told to upgrade
+    timestamp: int | None = Field(default=None, description="unused (sent by old workers)")
+    nonce: str | None = Field(
+        default=None, max_length=64, description="from POST /api/v1/workers/challenge"
+    )
+    account: str = Field(
+        default="",
+        pattern=r"^([0-9a-f]{64})?$",
+        description="account_binding(API key sent in `apikey`), or empty without a key",
+    )
     signature: str = Field(pattern=HEX_128, description="over registration_message(...)")
 
 

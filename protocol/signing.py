@@ -1,7 +1,8 @@
 """Ed25519 identities and signatures over canonical JSON bytes.
 
 Workers sign what they submit; the coordinator verifies with the public key the worker
-registered. Keys and signatures travel as lowercase hex.
+registered. Keys and signatures travel as lowercase hex. Block servers sign their peer-id
+proof with their libp2p key instead (protocol.peer_ids verifies it).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from protocol.text import TextParams
 
 __all__ = [
     "Identity",
+    "account_binding",
     "canonical_json",
     "params_hash",
-    "peer_link_message",
+    "peer_proof_message",
     "registration_message",
     "result_message",
     "sha256_hex",
@@ -75,17 +77,35 @@ def text_result_message(
     )
 
 
-def peer_link_message(public_key: str, peer_id: str, timestamp: int) -> bytes:
-    """What a block server signs to link its hivemind peer id to its worker identity."""
+def account_binding(api_key: str | None) -> str:
+    """What a worker's registration signs about the account it binds to: a hash of the API
+    key it sends (never the key itself), or "" for no key (its own earnings account).
+    The coordinator computes the same from the key it receives, so a signed registration
+    replayed with another API key does not verify."""
+    if api_key is None:
+        return ""
+    return sha256_hex(b"idlegrid/account-binding/v1\0" + api_key.encode())
+
+
+def registration_message(name: str, public_key: str, account: str, nonce: str) -> bytes:
+    """What a worker signs to register: its name and key, the account its earnings go to
+    (`account_binding`), and a single-use coordinator nonce (so it cannot be replayed)."""
     return canonical_json(
-        {"domain": "idlegrid/peer/v1", "public_key": public_key, "peer": peer_id, "ts": timestamp}
+        {
+            "domain": "idlegrid/register/v2",
+            "name": name,
+            "public_key": public_key,
+            "account": account,
+            "nonce": nonce,
+        }
     )
 
 
-def registration_message(name: str, public_key: str, timestamp: int) -> bytes:
-    """What a worker signs to prove it holds the key it registers with."""
+def peer_proof_message(nonce: str, worker_id: str, peer_id: str) -> bytes:
+    """What a block server signs with its libp2p key to link its peer id to its worker
+    (verified against the peer id: protocol.peer_ids)."""
     return canonical_json(
-        {"domain": "idlegrid/register/v1", "name": name, "public_key": public_key, "ts": timestamp}
+        {"domain": "idlegrid/peer-proof/v1", "nonce": nonce, "worker": worker_id, "peer": peer_id}
     )
 
 

@@ -2,18 +2,26 @@
 
 A text job is a chat (`messages`) or a raw completion (`prompt`). The coordinator never
 tokenizes: it reserves kudos for an upper bound of the tokens (`token_bound`) and the
-gateway's signed report of what each block server processed settles the real cost.
+gateway's signed report of what each block server processed settles the real cost. A job's
+text is at most `text_cap(max_tokens)` characters, streamed or final.
+
+A model's sizes (`TextModel`) price its work, so they come from the coordinator's
+catalog; a gateway offers what it runs and is refused unless that matches the catalog.
+`BUILTIN_TEXT_MODELS` are the models `idlegrid models` builds.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from protocol.params import MAX_SEED
 
 __all__ = [
+    "BUILTIN_DEFAULT_MODEL",
+    "BUILTIN_TEXT_MODELS",
+    "MAX_CHARS_PER_TOKEN",
     "MAX_NEW_TOKENS",
     "ChatMessage",
     "LeasedTextJob",
@@ -31,6 +39,7 @@ __all__ = [
     "TextResultAccepted",
     "TextResultSubmit",
     "TextStatus",
+    "text_cap",
     "token_bound",
 ]
 
@@ -40,6 +49,11 @@ MAX_MESSAGES = 256
 # template tokens a chat format may add around one message (role markers, separators)
 TEMPLATE_TOKENS_PER_MESSAGE = 32
 TEMPLATE_TOKENS_FIXED = 32
+# Characters one generated token may add to a job's text. A token decodes to at most one
+# character per byte of it (UTF-8, or U+FFFD per stray byte), so the bound is the longest
+# token of a vocabulary: 81 characters in SmolLM2's (a run of spaces), 9 in the tiny
+# model's; 128 leaves room for vocabularies with longer whitespace runs.
+MAX_CHARS_PER_TOKEN = 128
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]
@@ -94,13 +108,30 @@ def token_bound(params: TextParams) -> int:
     return prompt + TEMPLATE_TOKENS_FIXED + params.max_tokens
 
 
+def text_cap(max_tokens: int) -> int:
+    """Most characters the text of a job with `max_tokens` may hold (streamed or final)."""
+    return max_tokens * MAX_CHARS_PER_TOKEN
+
+
 class TextModel(_Request):
-    """A model a gateway can run through the swarm."""
+    """A model and its sizes: an entry of the coordinator's catalog, or a gateway's offer."""
 
     name: str = Field(min_length=1, max_length=128)
-    blocks: int = Field(ge=1, le=1024)
+    blocks: int = Field(ge=1, le=1024, description="decoder blocks (num_hidden_layers)")
     parameters: int = Field(ge=1, description="total parameter count")
-    max_context: int = Field(ge=16, le=1_048_576)
+    max_context: int = Field(ge=16, le=1_048_576, description="tokens, prompt included")
+
+    def sizes(self) -> str:
+        return f"blocks {self.blocks}, parameters {self.parameters}, context {self.max_context}"
+
+
+# What `idlegrid models tiny DIR` writes to DIR/llm and `idlegrid models smollm2 DIR` to
+# DIR/smollm2, offered under their folders' names (tests/worker/llm/gateway compare them).
+BUILTIN_TEXT_MODELS = (
+    TextModel(name="llm", blocks=4, parameters=276_032, max_context=512),
+    TextModel(name="smollm2", blocks=30, parameters=134_515_008, max_context=8192),
+)
+BUILTIN_DEFAULT_MODEL = "llm"
 
 
 class TextJobCreated(_Response):
@@ -132,7 +163,12 @@ class TextStatus(_Response):
 
 
 class TextPopRequest(_Request):
-    models: list[TextModel] = Field(min_length=1, max_length=8)
+    models: list[TextModel] = Field(
+        min_length=1,
+        max_length=8,
+        description="what this gateway runs; each must match the coordinator's catalog "
+        "(GET /v1/models) exactly, or the pop is refused with 400",
+    )
     wait: float = Field(default=10.0, ge=0.0, le=60.0, description="long-poll seconds")
 
 
@@ -149,11 +185,24 @@ class TextPopResponse(_Response):
     job: LeasedTextJob | None
 
 
+def _no_nul(text: str) -> str:
+    # PostgreSQL text cannot hold NUL, and no tokenizer decodes to it
+    if "\x00" in text:
+        raise ValueError("must not contain NUL characters")
+    return text
+
+
+ModelText = Annotated[str, AfterValidator(_no_nul)]
+
+
 class TextDelta(_Request):
-    """Newly generated text; `offset` is the length of the text already sent (retry-safe)."""
+    """Newly generated text; `offset` is the length of the text already sent (retry-safe).
+
+    The job's whole text may reach `text_cap(max_tokens)` characters; a delta past it is
+    refused (400)."""
 
     offset: int = Field(ge=0)
-    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    text: ModelText = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
 
 
 class TextDeltaAccepted(_Response):
@@ -178,7 +227,10 @@ class ServedSpan(_Request):
 
 
 class TextResultSubmit(_Request):
-    text: str = Field(max_length=MAX_NEW_TOKENS * 64)
+    text: ModelText = Field(
+        max_length=MAX_NEW_TOKENS * MAX_CHARS_PER_TOKEN,
+        description=f"at most max_tokens x {MAX_CHARS_PER_TOKEN} characters",
+    )
     finish_reason: FinishReason
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0, le=MAX_NEW_TOKENS)
@@ -203,11 +255,26 @@ class TextFailure(_Request):
 
 
 class PeerLink(_Request):
-    """A block server links its hivemind peer id to the worker identity it registered."""
+    """A block server links its hivemind peer id to the worker identity it registered,
+    proving that it holds the peer id's libp2p key: `peer_signature` is that key's
+    signature over protocol.signing.peer_proof_message(nonce, worker id, peer id)."""
 
     peer_id: str = Field(min_length=1, max_length=128, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")
-    timestamp: int = Field(description="unix seconds; must be within 5 minutes of the server")
-    signature: str = Field(pattern=r"^[0-9a-f]{128}$", description="over peer_link_message")
+    nonce: str | None = Field(
+        default=None, max_length=64, description="from POST /api/v1/workers/challenge"
+    )
+    peer_signature: str | None = Field(
+        default=None, max_length=1024, pattern=r"^[0-9a-f]+$", description="libp2p key's, hex"
+    )
+    peer_public_key: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^[0-9a-f]+$",
+        description="libp2p-encoded public key, hex; only for peer ids that hash it (RSA)",
+    )
+    # workers before peer-id proofs sent these and no proof: they are told to upgrade
+    timestamp: int | None = Field(default=None, description="unused (sent by old workers)")
+    signature: str | None = Field(default=None, description="unused (sent by old workers)")
 
 
 class PeerLinked(_Response):

@@ -8,26 +8,43 @@ transaction, so reading a balance never scans the ledger. System accounts (escro
 verification) have none: every job moves them, and one hot row would serialise all writers;
 their balance is the sum of their postings. The ledger stays the truth: `audit_balances`
 (and the bank test) check that the rows agree with it.
+
+Unspent grants. `balances.grants` is the part of a balance that was granted (entries whose
+reason is in GRANTED: the new-account grant, rating rewards) and not yet spent. It is kept
+here, by the reason of each entry, so that no path can forget it:
+- a GRANTED credit adds to it;
+- a "reserve" debit spends it first, and records what it took in `jobs.grant_spent`;
+- a "refund" credit gives it back first, up to what that job still holds in
+  `jobs.grant_spent` (so reserving and cancelling cannot turn a grant into earned kudos);
+- nothing else touches it: transfers may move only what is not grants
+  (coordinator.economy.kudos checks that first), earnings are never grants.
+So 0 <= grants <= max(balance, 0) for every account (`audit_grants`).
 """
 
 from __future__ import annotations
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from coordinator.db.schema import accounts, balances, ledger_entries, postings
+from coordinator.db.schema import accounts, balances, jobs, ledger_entries, postings
 from coordinator.db.tx import SYSTEM, TOUCHED, now
 from coordinator.errors import Conflict
 
 __all__ = [
+    "GRANTED",
     "audit_balances",
+    "audit_grants",
     "balance",
+    "grants",
     "lock_balance",
     "lock_spender",
     "open_balance",
     "post_entry",
     "total_supply",
 ]
+
+# entries whose credits are granted kudos: spendable on jobs, never transferable
+GRANTED = frozenset({"grant", "rating"})
 
 
 async def post_entry(
@@ -67,10 +84,13 @@ async def post_entry(
     for account_id in sorted(per_account):
         if account_id in system:
             continue
+        amount = per_account[account_id]
+        granted = await _grants_moved(conn, reason, job_id, account_id, amount)
+        values = {"amount": balances.c.amount + amount}
+        if granted:
+            values["grants"] = balances.c.grants + granted
         changed = await conn.execute(
-            update(balances)
-            .where(balances.c.account_id == account_id)
-            .values(amount=balances.c.amount + per_account[account_id])
+            update(balances).where(balances.c.account_id == account_id).values(values)
         )
         if changed.rowcount == 0:
             if await _is_system(conn, account_id):
@@ -78,10 +98,58 @@ async def post_entry(
             # an account created without a row: start it from the ledger
             total = await _ledger_sum(conn, account_id)
             await conn.execute(
-                balances.insert().values(account_id=account_id, amount=total, ranked=total)
+                balances.insert().values(
+                    account_id=account_id, amount=total, ranked=total, grants=max(granted, 0)
+                )
             )
         touched.add(account_id)
     return int(entry_id)
+
+
+async def _grants_moved(
+    conn: AsyncConnection, reason: str, job_id: str | None, account_id: int, amount: int
+) -> int:
+    """How much the account's unspent grants change with its `amount` in this entry (see
+    the module docstring); updates `jobs.grant_spent` for reserves and refunds."""
+    if amount > 0 and reason in GRANTED:
+        return amount
+    if job_id is None:
+        return 0
+    if amount < 0 and reason == "reserve":
+        unspent = await grants(conn, account_id, lock=True)
+        used = min(unspent, -amount)
+        if used:
+            await conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(grant_spent=jobs.c.grant_spent + used)
+            )
+        return -used
+    if amount > 0 and reason == "refund":
+        held = (
+            await conn.execute(
+                select(jobs.c.grant_spent)
+                .where((jobs.c.id == job_id) & (jobs.c.account_id == account_id))
+                .with_for_update()
+            )
+        ).scalar_one_or_none()
+        back = min(int(held or 0), amount)
+        if back:
+            await conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(grant_spent=jobs.c.grant_spent - back)
+            )
+        return back
+    return 0
+
+
+async def grants(conn: AsyncConnection, account_id: int, *, lock: bool = False) -> int:
+    """The account's unspent granted kudos (0 for accounts without a balance row)."""
+    query = select(balances.c.grants).where(balances.c.account_id == account_id)
+    if lock:
+        query = query.with_for_update()
+    return int((await conn.execute(query)).scalar_one_or_none() or 0)
 
 
 async def _is_system(conn: AsyncConnection, account_id: int) -> bool:
@@ -149,6 +217,16 @@ async def audit_balances(conn: AsyncConnection) -> list[tuple[int, int, int]]:
         for a, row, total in (await conn.execute(query)).all()
         if int(row) != int(total)
     ]
+
+
+async def audit_grants(conn: AsyncConnection) -> list[tuple[int, int, int]]:
+    """(account id, balance, unspent grants) of every balance row whose grants are not
+    between 0 and its balance (0 when the balance is negative)."""
+    positive = case((balances.c.amount > 0, balances.c.amount), else_=0)
+    query = select(balances.c.account_id, balances.c.amount, balances.c.grants).where(
+        (balances.c.grants < 0) | (balances.c.grants > positive)
+    )
+    return [(int(a), int(amount), int(g)) for a, amount, g in (await conn.execute(query)).all()]
 
 
 async def total_supply(conn: AsyncConnection) -> int:

@@ -162,6 +162,8 @@ jobs = Table(
     Column("grant_spent", BigInteger, nullable=False, server_default="0"),
     # a finished spot check's finding about the original: agree | disagree
     Column("verdict", String(16)),
+    # the requester's client IP, on anonymous jobs (bounds what one address holds reserved)
+    Column("client_ip", String(64)),
     Index("ix_jobs_state", "state", "created_at"),
     Index("ix_jobs_account", "account_id", "state"),
     # the queue: the next job of a kind is the first row of this index that fits
@@ -191,6 +193,13 @@ jobs = Table(
         "created_at",
         sqlite_where=text("state = 'queued' AND verify_of IS NOT NULL"),
         postgresql_where=text("state = 'queued' AND verify_of IS NOT NULL"),
+    ),
+    # the checks of one job (quorum, independence of verifiers; coordinator.economy.trust)
+    Index(
+        "ix_jobs_verify_of",
+        "verify_of",
+        sqlite_where=text("verify_of IS NOT NULL"),
+        postgresql_where=text("verify_of IS NOT NULL"),
     ),
     # the lease reaper
     Index(

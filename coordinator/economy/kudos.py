@@ -2,6 +2,11 @@
 
 Every function is one database transaction; every movement is a ledger entry with an
 idempotency key (see coordinator.db.ledger).
+
+Granted kudos (the new-account grant, rating rewards: both farmable with many accounts) are
+spendable on jobs but never transferable: a transfer may move at most the balance minus the
+account's unspent grants (coordinator.db.ledger keeps them), so a thousand fresh accounts
+cannot pool their grants into one.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.accounts import Account, Accounts
 from coordinator.db.database import GRANTS
-from coordinator.db.ledger import balance, lock_spender, post_entry
+from coordinator.db.ledger import balance, grants, lock_spender, post_entry
 from coordinator.db.schema import (
     accounts,
     jobs,
@@ -46,6 +51,7 @@ __all__ = [
     "image_ratings",
     "rate_image",
     "transfer",
+    "transferable",
     "worker_info",
 ]
 
@@ -54,6 +60,11 @@ DAY = 86400.0
 
 
 # --- transfers ------------------------------------------------------------------------
+
+
+def transferable(kudos: int, unspent_grants: int, floor: int) -> int:
+    """What a transfer may move: the balance less unspent grants, never below the floor."""
+    return max(min(kudos - unspent_grants, kudos - floor), 0)
 
 
 async def transfer(
@@ -98,11 +109,14 @@ async def transfer(
                     raise BadRequest(
                         "cannot transfer to yourself", [("to", "must be another user")]
                     )
-                available = await balance(conn, sender.id) - sender.floor
+                kudos, unspent = await balance(conn, sender.id), await grants(conn, sender.id)
+                available = transferable(kudos, unspent, sender.floor)
                 if amount > available:
                     raise InsufficientKudos(
-                        f"you can transfer at most {max(available, 0)} kudos now",
-                        [("amount", f"must be at most {max(available, 0)}")],
+                        f"you can transfer at most {available} kudos now: your balance is "
+                        f"{kudos}, of which {unspent} are granted kudos (spendable on jobs, "
+                        "not transferable)",
+                        [("amount", f"must be at most {available}")],
                     )
                 entry = await post_entry(
                     conn,
@@ -302,6 +316,7 @@ async def account_info(store: Accounts, account: Account) -> AccountInfo:
         kudos, earned, granted, t_in, t_out, reserves, refunds = (await conn.execute(query)).one()
         reserved = int((await conn.execute(reserved_q)).scalar_one())
         pending = int((await conn.execute(pending_q)).scalar_one())
+        unspent = await grants(conn, account.id)
     spent = -int(reserves) - int(refunds) - reserved
     return AccountInfo(
         name=account.name,
@@ -314,6 +329,8 @@ async def account_info(store: Accounts, account: Account) -> AccountInfo:
         granted=int(granted),
         transferred_in=int(t_in),
         transferred_out=-int(t_out),
+        unspent_grants=unspent,
+        transferable=0 if account.anonymous else transferable(int(kudos), unspent, account.floor),
     )
 
 

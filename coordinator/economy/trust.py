@@ -1,6 +1,6 @@
 """Worker trust: held earnings, spot checks, suspicion, pausing, uptime kudos.
 
-How it works (see README "The kudos economy"):
+How it works (see README "The kudos economy" and "Threat model"):
 - A new worker is untrusted, unless its public key is in `trusted_workers` or it was
   registered with the API key of an account in `trusted_accounts` (the operator's way to
   seed trust: somebody has to be believed first).
@@ -9,11 +9,22 @@ How it works (see README "The kudos economy"):
 - A completed image job of an untrusted worker is re-run by a trusted worker (a
   *verification job*, same seed and parameters) with probability `spot_check_rate`,
   halved for every check it passed (BOINC-style adaptive replication), never below
-  `spot_check_min_rate`. Agreement releases everything held and, after
-  `trust_after_checks` passes without suspicion, makes it trusted. Disagreement forfeits
-  everything held (back to the grants account), adds a suspicion, replaces the requester's
-  images with the trusted worker's, and revokes trust.
-- A result faster than `max_pixel_steps_per_second` adds a suspicion and forces a check.
+  `spot_check_min_rate`.
+- Checks are independent (`checks_for`, `related`): never by a worker of the checked
+  worker's owner, nor (`verify_distinct_ip`) at its client IP, nor by anyone who already
+  checked that job (or their owner or IP).
+- Each finished check records its `verdict`. Agreement releases what is held and, after
+  `trust_after_checks` passes without suspicion, makes the worker trusted. One verifier's
+  disagreement is not final (quorum: two of three): the job goes to a second independent
+  verifier while the pay stays held. If it disagrees too, the worker forfeits everything
+  held (back to the grants account), takes a suspicion, loses trust, and the requester's
+  images are replaced with the verifier's; if it agrees, the worker is released and the
+  first verifier takes the suspicion. An image the coordinator cannot decode (within the
+  job's size) counts against whoever made it: the original's concludes the check against
+  its worker; the verifier's voids the check (suspicion for the verifier, a new check).
+- A result faster than `max_pixel_steps_per_second` adds a suspicion and forces a check,
+  for every job size. The time is counted from the lease, or from the worker's previous
+  result if that came later: leasing many jobs at once buys no time.
 - `pause_after_suspicions` suspicions pause the worker: its pops get 403.
 """
 
@@ -25,28 +36,33 @@ import random
 import uuid
 from typing import Any
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import ColumnElement, Row, Select, exists, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.config import CoordinatorConfig
 from coordinator.db.database import ESCROW, GRANTS, now
 from coordinator.db.ledger import balance, open_balance, post_entry
-from coordinator.db.schema import accounts, jobs, ledger_entries, results, workers
+from coordinator.db.schema import accounts, jobs, ledger_entries, postings, results, workers
+from coordinator.economy.verification import Outcome
 from protocol.params import ImageParams
 from protocol.samplers import sampler_factor
 
 __all__ = [
     "GRANT_REASONS",
+    "after_result",
+    "checks_for",
     "pay_worker",
     "pending_account",
     "record_check",
     "record_poll",
+    "related",
     "spot_check_rate",
 ]
 
 log = logging.getLogger(__name__)
 
 PENDING_PREFIX = "pending:"
+DONE = text("jobs.state = 'done'")
 # spot checks are scheduled only if a trusted worker polled within this many seconds
 REFEREE_SEEN_SECONDS = 600.0
 # Entries with these reasons create or destroy kudos (they move system:grants); every
@@ -111,6 +127,60 @@ async def pay_worker(
     return amount - held, held
 
 
+def _work(params: ImageParams) -> int:
+    return params.pixels * params.steps * sampler_factor(params.sampler) * params.n
+
+
+# --- who may check whom ----------------------------------------------------------------
+
+
+def related(config: CoordinatorConfig, candidate: Any, other: Any) -> ColumnElement[bool]:
+    """SQL: the worker `candidate` (the columns of `workers` or an alias) is not independent
+    of `other` (another alias's columns, or a row): the same worker, the same owner account
+    or, with `verify_distinct_ip`, seen at the same client IP. Never NULL (an unknown IP
+    matches nothing), so its negation is safe in a WHERE."""
+    same: ColumnElement[bool] = (candidate.id == other.id) | (
+        candidate.account_id == other.account_id
+    )
+    if config.verify_distinct_ip:
+        if isinstance(other.ip, ColumnElement):
+            same = same | (
+                candidate.ip.is_not(None) & other.ip.is_not(None) & (candidate.ip == other.ip)
+            )
+        elif other.ip is not None:
+            same = same | (candidate.ip.is_not(None) & (candidate.ip == other.ip))
+    return same
+
+
+def checks_for(
+    config: CoordinatorConfig, me: Row[Any], pending: ColumnElement[bool], limit: int
+) -> Select[Any]:
+    """The ids of queued spot checks (`pending`: a condition on `jobs`) that the worker `me`
+    may run, oldest first: it is independent of the checked worker and of every worker
+    that already checked (or holds a check of) the same job."""
+    original = jobs.alias("original")
+    checked = workers.alias("checked")
+    other_check = jobs.alias("other_check")
+    other_referee = workers.alias("other_referee")
+    conflict = exists().where(
+        (other_check.c.verify_of == jobs.c.verify_of)
+        & (other_check.c.id != jobs.c.id)
+        & (other_referee.c.id == other_check.c.worker_id)
+        & related(config, other_referee.c, me)
+    )
+    return (
+        select(jobs.c.id)
+        .join(original, original.c.id == jobs.c.verify_of)
+        .join(checked, checked.c.id == original.c.worker_id)
+        .where(pending & ~related(config, checked.c, me) & ~conflict)
+        .order_by(jobs.c.created_at)
+        .limit(limit)
+    )
+
+
+# --- scheduling checks -----------------------------------------------------------------
+
+
 def spot_check_rate(config: CoordinatorConfig, worker: Row[Any]) -> float:
     """The chance that one of this worker's results is re-run by a trusted worker."""
     if worker.trusted:
@@ -118,10 +188,6 @@ def spot_check_rate(config: CoordinatorConfig, worker: Row[Any]) -> float:
     passed = int(worker.checks_passed)
     adaptive = max(config.spot_check_min_rate, config.spot_check_rate / float(2**passed))
     return min(config.spot_check_rate, adaptive)
-
-
-def _work(params: ImageParams) -> int:
-    return params.pixels * params.steps * sampler_factor(params.sampler) * params.n
 
 
 async def _suspect(
@@ -139,6 +205,51 @@ async def _suspect(
     await conn.execute(update(workers).where(workers.c.id == worker_id).values(values))
 
 
+async def _queue_check(conn: AsyncConnection, original: Row[Any], account_id: int) -> None:
+    """Queue a verification job re-running `original` (same seed and parameters)."""
+    await conn.execute(
+        jobs.insert().values(
+            id=str(uuid.uuid4()),
+            kind="image",
+            account_id=account_id,
+            state="queued",
+            params=original.params,
+            params_hash=original.params_hash,
+            model=original.model,
+            pixels=original.pixels,
+            steps=original.steps,
+            n=original.n,
+            cost=0,
+            priority_class=2,
+            created_at=now(conn),
+            lease_seconds=original.lease_seconds,
+            attempts=0,
+            image=0,
+            step=0,
+            steps_total=original.steps,
+            verify_of=original.id,
+        )
+    )
+
+
+async def _busy_since(conn: AsyncConnection, worker_id: str, job: Row[Any]) -> float:
+    """When the worker could have started on `job`: its lease, or the worker's last other
+    image result after that (a worker runs one job at a time)."""
+    leased_at = float(job.leased_at if job.leased_at is not None else job.finished_at)
+    previous = (
+        await conn.execute(
+            select(func.max(jobs.c.finished_at)).where(
+                (jobs.c.kind == "image")
+                & DONE  # (literal, so that SQLite uses the partial index ix_jobs_finished)
+                & (jobs.c.finished_at >= leased_at)
+                & (jobs.c.worker_id == worker_id)
+                & (jobs.c.id != job.id)
+            )
+        )
+    ).scalar_one()
+    return leased_at if previous is None else max(leased_at, float(previous))
+
+
 async def after_result(
     conn: AsyncConnection,
     config: CoordinatorConfig,
@@ -149,11 +260,11 @@ async def after_result(
 ) -> None:
     """Speed check and maybe schedule a spot check of a finished ordinary image job."""
     worker = (await conn.execute(select(workers).where(workers.c.id == worker_id))).one()
-    params = ImageParams.model_validate_json(job.params)
-    work = _work(params)
-    elapsed = max(now - (job.leased_at or now), 1e-3)
-    limit = config.max_pixel_steps_per_second
-    too_fast = work >= limit * 0.5 and work / elapsed > limit
+    work = _work(ImageParams.model_validate_json(job.params))
+    # Lease to result is an upper bound of the compute time (it adds the round trips and
+    # the upload), so an honest worker never looks faster than its GPU, at any job size.
+    elapsed = max(now - await _busy_since(conn, worker_id, job), 1e-3)
+    too_fast = work / elapsed > config.max_pixel_steps_per_second
     if too_fast:
         await _suspect(
             conn,
@@ -163,44 +274,105 @@ async def after_result(
         )
     if not too_fast and random.random() >= spot_check_rate(config, worker):
         return
-    # Only when a trusted worker is around to run it; otherwise the held kudos wait.
+    # Only when an independent trusted worker is around to run it; else the held kudos wait.
     referee = (
         await conn.execute(
             select(workers.c.id)
             .where(
                 (workers.c.trusted == 1)
                 & (workers.c.paused == 0)
-                & (workers.c.id != worker_id)
                 & (workers.c.last_seen >= now - REFEREE_SEEN_SECONDS)
+                & ~related(config, workers.c, worker)
             )
             .limit(1)
         )
     ).first()
-    if referee is None:
-        return
-    await conn.execute(
-        jobs.insert().values(
-            id=str(uuid.uuid4()),
-            kind="image",
-            account_id=verification_account,
-            state="queued",
-            params=job.params,
-            params_hash=job.params_hash,
-            model=job.model,
-            pixels=job.pixels,
-            steps=job.steps,
-            n=job.n,
-            cost=0,
-            priority_class=2,
-            created_at=now,
-            lease_seconds=job.lease_seconds,
-            attempts=0,
-            image=0,
-            step=0,
-            steps_total=job.steps,
-            verify_of=job.id,
+    if referee is not None:
+        await _queue_check(conn, job, verification_account)
+
+
+# --- verdicts --------------------------------------------------------------------------
+
+
+async def _disputed_hold(conn: AsyncConnection, pending: int) -> int:
+    """Kudos held on `pending` for jobs whose dispute is open (one check disagreed, the
+    second is not done yet): they stay held until it is decided."""
+    check = jobs.alias("check")
+    second = jobs.alias("second")
+    job_id = ledger_entries.c.job_id
+    disputed = exists().where(
+        (check.c.verify_of == job_id) & (check.c.verdict == "disagree")
+    ) & exists().where((second.c.verify_of == job_id) & second.c.state.in_(("queued", "leased")))
+    held = (
+        await conn.execute(
+            select(func.coalesce(func.sum(postings.c.amount), 0))
+            .select_from(postings.join(ledger_entries))
+            .where((postings.c.account_id == pending) & (postings.c.amount > 0) & disputed)
         )
+    ).scalar_one()
+    return int(held)
+
+
+async def _release(
+    conn: AsyncConnection,
+    config: CoordinatorConfig,
+    suspect: Row[Any],
+    original: Row[Any],
+    check: Row[Any],
+) -> None:
+    """The original was right: count the pass, maybe trust, pay out what is held (except
+    for other jobs still in dispute)."""
+    passed = suspect.checks_passed + 1
+    values: dict[str, Any] = {"checks_passed": passed}
+    if passed >= config.trust_after_checks and suspect.suspicion == 0:
+        values["trusted"] = 1
+    await conn.execute(update(workers).where(workers.c.id == suspect.id).values(values))
+    pending = await pending_account(conn, suspect.id)
+    releasable = await balance(conn, pending) - await _disputed_hold(conn, pending)
+    if releasable > 0:
+        await post_entry(
+            conn,
+            reason="release",
+            key=f"release:{check.id}",
+            job_id=original.id,
+            moves=[(pending, -releasable), (suspect.account_id, releasable)],
+        )
+
+
+async def _penalise(
+    conn: AsyncConnection,
+    config: CoordinatorConfig,
+    suspect: Row[Any],
+    original: Row[Any],
+    check: Row[Any],
+    why: str,
+    verifier_id: str,
+    verified_images: list[tuple[int, str, str]],
+) -> None:
+    """The original was wrong: suspicion, everything held forfeited, the requester gets the
+    verifier's images."""
+    await conn.execute(
+        update(workers)
+        .where(workers.c.id == suspect.id)
+        .values(checks_failed=workers.c.checks_failed + 1)
     )
+    await _suspect(conn, config, suspect.id, why)
+    pending = await pending_account(conn, suspect.id)
+    held = await balance(conn, pending)
+    if held:
+        await post_entry(
+            conn,
+            reason="forfeit",
+            key=f"forfeit:{check.id}",
+            job_id=original.id,
+            moves=[(pending, -held), (await _system_id(conn, GRANTS), held)],
+        )
+    for index, sha256, signature in verified_images:
+        await conn.execute(
+            update(results)
+            .where((results.c.job_id == original.id) & (results.c.idx == index))
+            .values(sha256=sha256, signature=signature, worker_id=verifier_id)
+        )
 
 
 async def record_check(
@@ -209,53 +381,49 @@ async def record_check(
     check: Row[Any],
     verifier_id: str,
     verifier_account: int,
-    agree: bool,
+    outcome: Outcome,
     verified_images: list[tuple[int, str, str]],
 ) -> tuple[int, int]:
-    """Apply the outcome of verification job `check` (its images: index, sha256, signature);
+    """Apply what verification job `check` found (its images: index, sha256, signature);
     returns what the verifier was paid (now, held)."""
     original = (await conn.execute(select(jobs).where(jobs.c.id == check.verify_of))).one()
-    suspect_id = original.worker_id
-    suspect = (await conn.execute(select(workers).where(workers.c.id == suspect_id))).one()
-    pending = await pending_account(conn, suspect_id)
-    held = await balance(conn, pending)
-    grants = await _system_id(conn, GRANTS)
-    if agree:
-        passed = suspect.checks_passed + 1
-        values: dict[str, Any] = {"checks_passed": passed}
-        if passed >= config.trust_after_checks and suspect.suspicion == 0:
-            values["trusted"] = 1
-        await conn.execute(update(workers).where(workers.c.id == suspect_id).values(values))
-        if held:
-            await post_entry(
-                conn,
-                reason="release",
-                key=f"release:{check.id}",
-                job_id=original.id,
-                moves=[(pending, -held), (suspect.account_id, held)],
-            )
-    else:
-        await conn.execute(
-            update(workers)
-            .where(workers.c.id == suspect_id)
-            .values(checks_failed=workers.c.checks_failed + 1)
-        )
-        await _suspect(conn, config, suspect_id, f"spot check of job {original.id} disagreed")
-        if held:
-            await post_entry(
-                conn,
-                reason="forfeit",
-                key=f"forfeit:{check.id}",
-                job_id=original.id,
-                moves=[(pending, -held), (grants, held)],
-            )
-        # The requester gets the images the trusted worker made.
-        for index, sha256, signature in verified_images:
+    suspect = (await conn.execute(select(workers).where(workers.c.id == original.worker_id))).one()
+    if outcome == "check unreadable":
+        # The verifier's own image cannot be decoded: no verdict, no pay; another checks.
+        await _suspect(conn, config, verifier_id, f"its spot check {check.id} sent a broken PNG")
+        await _queue_check(conn, original, check.account_id)
+        return 0, 0
+    verdict = "agree" if outcome == "agree" else "disagree"
+    await conn.execute(update(jobs).where(jobs.c.id == check.id).values(verdict=verdict))
+    dissenters = (
+        (
             await conn.execute(
-                update(results)
-                .where((results.c.job_id == original.id) & (results.c.idx == index))
-                .values(sha256=sha256, signature=signature, worker_id=verifier_id)
+                select(jobs.c.worker_id).where(
+                    (jobs.c.verify_of == original.id)
+                    & (jobs.c.id != check.id)
+                    & (jobs.c.verdict == "disagree")
+                )
             )
+        )
+        .scalars()
+        .all()
+    )
+    if verdict == "agree":
+        await _release(conn, config, suspect, original, check)
+        for dissenter in dissenters:
+            await _suspect(
+                conn, config, dissenter, f"outvoted on its spot check of job {original.id}"
+            )
+    elif outcome == "original unreadable" or dissenters:
+        why = (
+            f"its image of job {original.id} cannot be decoded"
+            if outcome == "original unreadable"
+            else f"two spot checks of job {original.id} disagreed"
+        )
+        await _penalise(conn, config, suspect, original, check, why, verifier_id, verified_images)
+    else:
+        # One verifier's word is not final: a second, independent one decides.
+        await _queue_check(conn, original, check.account_id)
     # The verifier did real work: paid like the original, from the grants account.
     return await pay_worker(
         conn,
@@ -266,7 +434,7 @@ async def record_check(
         check.id,
         f"verify:{check.id}",
         reason="verify",
-        source=grants,
+        source=await _system_id(conn, GRANTS),
     )
 
 

@@ -1,4 +1,4 @@
-"""Accounts: register, show. Also health and the OpenAPI document."""
+"""Accounts: register, show, invite. Also health and the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from aiohttp import web
 from coordinator.economy import kudos
 from coordinator.http.api import API, Call
 from coordinator.http.state import STORE
-from protocol.messages import AccountCreate, AccountCreated, AccountInfo, Health
+from protocol.messages import (
+    AccountCreate,
+    AccountCreated,
+    AccountInfo,
+    Health,
+    InviteCreate,
+    InvitesCreated,
+)
 from protocol.version import VERSION
 
 
@@ -19,15 +26,18 @@ async def healthz(request: web.Request, call: Call) -> Health:
 @API.route(
     "POST",
     "/api/v1/accounts",
-    summary="Create an account; the API key is shown once",
+    summary="Create an account; the API key is shown once. 403 when registration is closed, "
+    "or invite-only and `invite` is not an unused code",
     body=AccountCreate,
     response=AccountCreated,
     status=201,
-    errors=(409,),
+    errors=(403, 409),
+    limit="register",
 )
 async def create_account(request: web.Request, call: Call) -> AccountCreated:
     store = request.app[STORE]
-    account, api_key = await store.create_account(call.body.name)
+    body: AccountCreate = call.body
+    account, api_key = await store.create_account(body.name, body.invite)
     return AccountCreated(name=account.name, api_key=api_key, kudos=await store.balance(account.id))
 
 
@@ -41,6 +51,24 @@ async def create_account(request: web.Request, call: Call) -> AccountCreated:
 async def show_account(request: web.Request, call: Call) -> AccountInfo:
     assert call.account is not None
     return await kudos.account_info(request.app[STORE], call.account)
+
+
+@API.route(
+    "POST",
+    "/api/v1/invites",
+    summary="Make single-use invite codes for invite-only registration (each account may "
+    "make the operator's --invites-per-account in all); the codes are shown once",
+    body=InviteCreate,
+    response=InvitesCreated,
+    auth="user",
+    status=201,
+    errors=(403,),
+    limit="challenge",
+)
+async def create_invites(request: web.Request, call: Call) -> InvitesCreated:
+    assert call.account is not None
+    body: InviteCreate = call.body
+    return InvitesCreated(codes=await request.app[STORE].create_invites(body.count, call.account))
 
 
 @API.route("GET", "/api/v1/openapi.json", summary="This API's OpenAPI 3.1 description")

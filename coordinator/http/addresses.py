@@ -2,23 +2,25 @@
 
 `X-Forwarded-For` is believed only when the connection comes from a proxy the operator
 named (`--trusted-proxy CIDR`, CoordinatorConfig.trusted_proxies); then the client is the
-rightmost address in the header that is not itself a trusted proxy. Anyone else could write
-any address into the header, so from them it is ignored.
+rightmost address in the header that is not itself a trusted proxy (each proxy appends the
+address it saw, so everything left of that is whatever the client claimed). Anyone else
+could write any address into the header, so from them it is ignored.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 from aiohttp import web
 
 from coordinator.http.state import CONFIG
 
-__all__ = ["client_ip", "parse_networks"]
+__all__ = ["client_address", "client_ip", "parse_networks"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def parse_networks(specs: Iterable[str]) -> tuple[Network, ...]:
@@ -39,30 +41,45 @@ def _networks(specs: tuple[str, ...]) -> tuple[Network, ...]:
     return parse_networks(specs)
 
 
-def _trusted(address: str, networks: tuple[Network, ...]) -> bool:
+def _address(text: str) -> Address | None:
+    """An address as proxies write it ("::ffff:10.0.0.1", "[2001:db8::1]:443",
+    "10.0.0.1:5000"), IPv4-mapped IPv6 as IPv4; None for anything else ("unknown")."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
     try:
-        ip = ipaddress.ip_address(address)
+        address = ipaddress.ip_address(text)
     except ValueError:
-        return False
-    return any(ip in network for network in networks)
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def client_address(peer: str, forwarded: Sequence[str], trusted: Sequence[Network]) -> str:
+    """The client's address, from the connection's `peer` address and the
+    `X-Forwarded-For` headers (`forwarded`, in order) when `peer` is a `trusted` proxy."""
+    seen = _address(peer)
+    if seen is None or not any(seen in network for network in trusted):
+        return str(seen) if seen is not None else peer
+    hops = [hop for header in forwarded for hop in header.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        address = _address(hop)
+        if address is None:
+            # a proxy we trust passed on something that is no address: the proxy it is
+            return str(seen)
+        if not any(address in network for network in trusted):
+            return str(address)
+        seen = address
+    return str(seen)  # only trusted proxies: the leftmost one made the request
 
 
 def client_ip(request: web.Request) -> str:
     """The caller's IP address ("?" when the transport has none)."""
-    peer = request.remote or "?"
-    networks = _networks(request.app[CONFIG].trusted_proxies)
-    if not networks or not _trusted(peer, networks):
-        return peer
-    hops = [
-        hop.strip()
-        for header in request.headers.getall("X-Forwarded-For", [])
-        for hop in header.split(",")
-        if hop.strip()
-    ]
-    for hop in reversed(hops):
-        if not _trusted(hop, networks):
-            try:
-                return str(ipaddress.ip_address(hop))
-            except ValueError:
-                return peer  # a proxy we trust passed garbage on: fall back to it
-    return hops[0] if hops else peer
+    return client_address(
+        request.remote or "?",
+        request.headers.getall("X-Forwarded-For", []),
+        _networks(request.app[CONFIG].trusted_proxies),
+    )

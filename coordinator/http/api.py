@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from coordinator.config import DEFAULT_RATE_LIMITS
 from coordinator.errors import BadRequest, BodyTooLarge, CoordinatorError, Unauthorized
 from coordinator.http.addresses import client_ip
 from coordinator.http.state import CONFIG, LIMITER, STORE
@@ -59,7 +60,7 @@ class Route:
     # request headers the handler reads: (name, description), for the OpenAPI document
     headers: tuple[tuple[str, str], ...] = ()
     errors: tuple[int, ...] = field(default=())
-    # rate-limit scope (a key of CoordinatorConfig.rate_limits), or None
+    # rate-limit scope (a key of DEFAULT_RATE_LIMITS), or None
     limit: str | None = None
 
 
@@ -121,6 +122,8 @@ class Api:
         limit: str | None = None,
     ) -> Callable[[Handler], Handler]:
         assert body is None or raw is None, "a route has a JSON body or a raw one, not both"
+        # a scope missing from the defaults would be unlimited and unknown to --rate-limit
+        assert limit is None or limit in DEFAULT_RATE_LIMITS, f"no rate-limit scope {limit!r}"
 
         def register(handler: Handler) -> Handler:
             self.routes.append(

@@ -39,6 +39,7 @@ MAX_HISTORY = 500
     body=ImageParams,
     response=Quote,
     auth="optional",
+    limit="quote",
 )
 async def quote_image(request: web.Request, call: Call) -> Quote:
     store = request.app[STORE]
@@ -58,6 +59,7 @@ async def quote_image(request: web.Request, call: Call) -> Quote:
     response=JobCancelled,
     auth="optional",
     errors=(404, 409),
+    limit="cancel",
 )
 async def cancel_job(request: web.Request, call: Call) -> JobCancelled:
     store = request.app[STORE]
@@ -75,6 +77,7 @@ async def cancel_job(request: web.Request, call: Call) -> JobCancelled:
     response=ShareState,
     auth="user",
     errors=(404,),
+    limit="share",
 )
 async def share_job(request: web.Request, call: Call) -> ShareState:
     store = request.app[STORE]
@@ -186,6 +189,7 @@ async def show_worker(request: web.Request, call: Call) -> WorkerInfo:
     body=EngineInfo,
     response=WorkerInfo,
     auth="worker",
+    limit="engine",
 )
 async def report_engine(request: web.Request, call: Call) -> WorkerInfo:
     assert call.worker is not None

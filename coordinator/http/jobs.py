@@ -9,6 +9,7 @@ from aiohttp import web
 
 from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound
+from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.http.streams import follow, open_stream
@@ -18,6 +19,9 @@ from protocol.messages import ImageInfo, ImageJobCreated, JobStatus
 from protocol.params import MAX_SEED, ImageParams
 
 log = logging.getLogger(__name__)
+
+# served with every result image: nothing loads, nothing runs, no same-origin access
+IMAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sandbox"
 
 
 def check_anonymous_limits(request: web.Request, params: ImageParams) -> None:
@@ -65,7 +69,7 @@ def check_anonymous_limits(request: web.Request, params: ImageParams) -> None:
 async def submit_image(request: web.Request, call: Call) -> ImageJobCreated:
     store = request.app[STORE]
     params: ImageParams = call.body
-    account = call.account or await store.anonymous_account()
+    account = call.account or await store.anonymous_account(client_ip(request))
     if account.anonymous:
         check_anonymous_limits(request, params)
     if params.seed is None:
@@ -159,6 +163,7 @@ async def get_job(request: web.Request, call: Call) -> JobStatus:
     auth="optional",
     produces="text/event-stream",
     errors=(404,),
+    limit="stream",
 )
 async def job_events(request: web.Request, call: Call) -> web.StreamResponse:
     store = request.app[STORE]
@@ -203,8 +208,10 @@ async def get_image(request: web.Request, call: Call) -> web.StreamResponse:
                 headers={
                     "ETag": f'"{record.sha256}"',
                     "Cache-Control": "private, max-age=31536000",
-                    # the bytes came from a worker: never let a browser guess another type
+                    # the bytes came from a worker: never let a browser guess another type,
+                    # nor run anything should it be opened as a document
                     "X-Content-Type-Options": "nosniff",
+                    "Content-Security-Policy": IMAGE_CSP,
                 },
             )
     raise NotFound(f"job {job.id} has no image {index} (yet); check the job's state first")

@@ -16,9 +16,9 @@ from aiohttp import web
 
 from coordinator.errors import JobFailed, StoreUnavailable
 from coordinator.http.api import API, Call
-from coordinator.http.state import STORE
+from coordinator.http.state import CONFIG, STORE
 from coordinator.http.streams import open_stream
-from coordinator.http.text import follow_text, serving_models, submit
+from coordinator.http.text import follow_text, submit
 from coordinator.jobs.text import TextJob
 from protocol.openai import (
     AssistantMessage,
@@ -39,15 +39,15 @@ log = logging.getLogger(__name__)
 @API.route(
     "GET",
     "/v1/models",
-    summary="OpenAI-compatible: the models gateways are serving now",
+    summary="OpenAI-compatible: the coordinator's text models (its catalog), the default "
+    "first; a request for one no gateway serves right now is refused with 400",
     response=ModelList,
     auth="optional",
 )
 async def list_models(request: web.Request, call: Call) -> ModelList:
-    now = int(request.app[STORE].now())
-    return ModelList(
-        data=[OpenAIModel(id=m.name, created=now) for m in await serving_models(request)]
-    )
+    config, now = request.app[CONFIG], int(request.app[STORE].now())
+    models = sorted(config.text_models, key=lambda m: m.name != config.default_text_model)
+    return ModelList(data=[OpenAIModel(id=m.name, created=now) for m in models])
 
 
 def _usage(job: TextJob) -> Usage:

@@ -13,6 +13,7 @@ Where the buckets live is pluggable:
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from coordinator.config import RateLimit
 from coordinator.db.schema import rate_buckets
 from coordinator.errors import RateLimited
 
-__all__ = ["Buckets", "MemoryBuckets", "PostgresBuckets", "RateLimiter", "Take"]
+__all__ = ["Buckets", "MemoryBuckets", "PostgresBuckets", "RateLimiter", "Take", "address_bucket"]
 
 # buckets kept per process; the least recently used are forgotten first (a forgotten
 # bucket is a full one, so forgetting can only be generous)
@@ -160,6 +161,18 @@ class PostgresBuckets:
             )
 
 
+def address_bucket(ip: str) -> str:
+    """Whose bucket a client address draws from: its own for IPv4, its /64 for IPv6
+    (everyone gets at least a /64 and could otherwise take a fresh address per request)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return ip
+
+
 def _key(*parts: str) -> str:
     key = "|".join(parts)
     if len(key) > MAX_KEY:
@@ -204,7 +217,8 @@ class RateLimiter:
             takes.append(Take(_key(scope, "key", identity), limit.per_second, limit.burst))
             whose.append("API key")
         if ip is not None:
-            takes.append(Take(_key(scope, "ip", ip), limit.ip_per_second, limit.ip_burst))
+            bucket = _key(scope, "ip", address_bucket(ip))
+            takes.append(Take(bucket, limit.ip_per_second, limit.ip_burst))
             whose.append("address")
         if not takes:
             return

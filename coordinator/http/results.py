@@ -14,15 +14,16 @@ Nothing is paid for an image that was refused, and a refused upload leaves no fi
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 
 from aiohttp import web
 
-from coordinator.economy.verification import images_agree, same_build
-from coordinator.errors import BadRequest, BodyTooLarge, Conflict, Unauthorized
+from coordinator.economy.verification import Outcome, images_agree, same_build
+from coordinator.errors import BadImage, BadRequest, BodyTooLarge, Conflict, Unauthorized
 from coordinator.http.api import API, Call
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE, UPLOADS
-from coordinator.jobs.png_check import MAX_PNG_BYTES, byte_limit, check_png
+from coordinator.jobs.png_check import MAX_PNG_BYTES, byte_limit, check_png, read_pixels
 from coordinator.store import Job, ResultRecord, Worker
 from protocol.errors import SignatureInvalid
 from protocol.messages import (
@@ -36,6 +37,8 @@ from protocol.messages import (
 from protocol.signing import result_message, verify
 
 __all__ = ["submit_result", "upload_image"]
+
+log = logging.getLogger(__name__)
 
 _DECIMAL = re.compile(r"[0-9]{1,20}")
 _HEX_64 = re.compile(r"[0-9a-f]{64}")
@@ -108,6 +111,7 @@ def _image_index(request: web.Request, job: Job) -> int:
     response=ImageUploaded,
     auth="worker",
     errors=(401, 409),
+    limit="result",
 )
 async def upload_image(request: web.Request, call: Call) -> ImageUploaded:
     worker = call.worker
@@ -192,6 +196,7 @@ async def _checked_records(
     response=ResultAccepted,
     auth="worker",
     errors=(401, 409),
+    limit="result",
 )
 async def submit_result(request: web.Request, call: Call) -> ResultAccepted:
     store, signals = request.app[STORE], request.app[SIGNALS]
@@ -199,10 +204,10 @@ async def submit_result(request: web.Request, call: Call) -> ResultAccepted:
     assert worker is not None
     job = await _leased_job(request, worker)
     records = await _checked_records(request, job, worker, call.body)
-    agrees = None
+    outcome = None
     if job.verify_of is not None:
-        agrees = await _check_agrees(request, worker, job, [r.sha256 for r in records])
-    paid, held = await store.finish_job(worker, job, records, agrees)
+        outcome = await _check_outcome(request, worker, job, [r.sha256 for r in records])
+    paid, held = await store.finish_job(worker, job, records, outcome)
     await asyncio.to_thread(request.app[UPLOADS].discard, job.id)
     signals.job_changed(job.id)
     if job.verify_of is not None:
@@ -212,14 +217,16 @@ async def submit_result(request: web.Request, call: Call) -> ResultAccepted:
     return ResultAccepted(id=job.id, kudos_earned=paid, kudos_held=held)
 
 
-async def _check_agrees(
+async def _check_outcome(
     request: web.Request, verifier: Worker, job: Job, digests: list[str]
-) -> bool:
-    """Whether a spot check's images match the original's (coordinator.economy.verification)."""
+) -> Outcome:
+    """What a spot check's images say about the original's (coordinator.economy.verification).
+    Both sides are decoded with the job's size as a cap; one that cannot be decoded counts
+    against whoever made it, so the check always concludes."""
     store, files, config = request.app[STORE], request.app[FILES], request.app[CONFIG]
     original = await store.original_results(job)
     if len(original) != len(digests):
-        return False
+        return "original unreadable"
     assert job.verify_of is not None
     checked = await store.get_job(job.verify_of)
     mine = await store.worker_row(verifier.id)
@@ -227,12 +234,21 @@ async def _check_agrees(
     identical = same_build(
         mine.engine if mine is not None else None, theirs.engine if theirs is not None else None
     )
+    width, height = job.params.width, job.params.height
     for record, digest in zip(original, digests, strict=True):
-        before = await asyncio.to_thread(files.get, record.sha256)
-        after = await asyncio.to_thread(files.get, digest)
+        try:
+            before = await asyncio.to_thread(read_pixels, files.path(record.sha256), width, height)
+        except BadImage as exc:
+            log.warning("spot check %s: original image %d refused: %s", job.id, record.index, exc)
+            return "original unreadable"
+        try:
+            after = await asyncio.to_thread(read_pixels, files.path(digest), width, height)
+        except BadImage as exc:  # its upload was decoded the same way: unlikely
+            log.warning("spot check %s: its image %d refused: %s", job.id, record.index, exc)
+            return "check unreadable"
         same = await asyncio.to_thread(
             images_agree, before, after, identical, config.verify_tolerance
         )
         if not same:
-            return False
-    return True
+            return "disagree"
+    return "agree"

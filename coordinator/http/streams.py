@@ -22,6 +22,7 @@ from aiohttp import web
 from coordinator.accounts import Account
 from coordinator.errors import RateLimited
 from coordinator.http.addresses import client_ip
+from coordinator.http.ratelimit import address_bucket
 from coordinator.http.state import CONFIG, SIGNALS
 
 __all__ = [
@@ -82,7 +83,7 @@ async def open_stream(
     """Admit, prepare and finally end an event stream; `what` names it in the debug log
     when the client goes away."""
     config, counts = request.app[CONFIG], request.app[STREAMS]
-    ip = client_ip(request)
+    ip = address_bucket(client_ip(request))
     key = account.id if account is not None and not account.anonymous else None
     if key is not None and counts.keys[key] >= config.max_streams_per_key:
         raise RateLimited(

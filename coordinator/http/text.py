@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from coordinator.economy import kudos
-from coordinator.errors import BadRequest, Conflict, NotFound, Unauthorized
+from coordinator.economy import kudos, text_models
+from coordinator.errors import BadRequest, Conflict, NotFound, OutdatedWorker, Unauthorized
+from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call
 from coordinator.http.polling import long_poll
 from coordinator.http.state import CONFIG, SIGNALS, STORE
@@ -22,7 +23,8 @@ from coordinator.store import Account, Store
 from protocol.errors import SignatureInvalid
 from protocol.messages import JobCancelled, Quote
 from protocol.params import MAX_SEED
-from protocol.signing import peer_link_message, text_result_message, verify
+from protocol.peer_ids import verify_peer_signature
+from protocol.signing import peer_proof_message, text_result_message, verify
 from protocol.text import (
     LeasedTextJob,
     PeerLink,
@@ -42,32 +44,25 @@ from protocol.text import (
 
 log = logging.getLogger(__name__)
 
-CLOCK_SKEW_SECONDS = 300
-
-
-async def serving_models(request: web.Request) -> list[TextModel]:
-    """Models a gateway offered recently (gateways re-offer on every long-poll)."""
-    return await text_jobs.known_models(request.app[STORE], request.app[CONFIG].text_model_seconds)
-
 
 async def choose_model(request: web.Request, name: str | None, field: str) -> TextModel:
-    models = await serving_models(request)
-    if not models:
-        raise BadRequest(
-            "no gateway is serving any model right now; try again later or start one with "
-            "`idlegrid worker gateway`",
-            [(field, "no model is being served")],
+    """The catalog model a request names (or the default), if a gateway serves it now
+    (gateways re-offer on every long-poll); 400 naming the models otherwise."""
+    config = request.app[CONFIG]
+    model = text_models.choose(config, name, field)
+    served = await text_jobs.served_models(request.app[STORE], config.text_model_seconds)
+    if model.name not in served:
+        which = f"model {model.name}" + (" (the default)" if name is None else "")
+        fix = (
+            f"models served now: {', '.join(served)}; name one with `model`"
+            if served
+            else "try again later or start one with `idlegrid worker gateway`"
         )
-    if name is None:
-        return models[0]
-    for model in models:
-        if model.name == name:
-            return model
-    names = ", ".join(m.name for m in models)
-    raise BadRequest(
-        f"model {name!r} is not served here; choose one of: {names}",
-        [(field, f"must be one of: {names}")],
-    )
+        raise BadRequest(
+            f"no gateway is serving {which} right now; {fix}",
+            [(field, f"no gateway serves {model.name} now")],
+        )
+    return model
 
 
 def check_text_limits(
@@ -89,9 +84,9 @@ def check_text_limits(
 
 
 async def submit(request: web.Request, account: Account | None, params: TextParams) -> TextJob:
-    """Validate against the served models, fix the seed, queue and reserve."""
+    """Validate against the catalog and the served models, fix the seed, queue and reserve."""
     store = request.app[STORE]
-    account = account or await store.anonymous_account()
+    account = account or await store.anonymous_account(client_ip(request))
     model = await choose_model(request, params.model, "model")
     check_text_limits(request, params, model, account)
     updates: dict[str, object] = {"model": model.name}
@@ -164,6 +159,7 @@ async def submit_text(request: web.Request, call: Call) -> TextJobCreated:
     body=TextParams,
     response=Quote,
     auth="optional",
+    limit="quote",
 )
 async def quote_text(request: web.Request, call: Call) -> Quote:
     store = request.app[STORE]
@@ -197,6 +193,7 @@ async def get_text(request: web.Request, call: Call) -> TextStatus:
     response=JobCancelled,
     auth="optional",
     errors=(404, 409),
+    limit="cancel",
 )
 async def cancel_text(request: web.Request, call: Call) -> JobCancelled:
     store = request.app[STORE]
@@ -227,6 +224,7 @@ def follow_text(request: web.Request, job: TextJob) -> AsyncIterator[TextJob]:
     auth="optional",
     produces="text/event-stream",
     errors=(404,),
+    limit="stream",
 )
 async def text_events(request: web.Request, call: Call) -> web.StreamResponse:
     store = request.app[STORE]
@@ -255,31 +253,33 @@ async def text_events(request: web.Request, call: Call) -> web.StreamResponse:
 @API.route(
     "POST",
     "/api/v1/workers/peers",
-    summary="Link a block server's hivemind peer id to this worker (signed), so the "
-    "coordinator can pay its owner for the blocks it serves",
+    summary="Link a block server's hivemind peer id to this worker, proven with the peer "
+    "id's libp2p key, so the coordinator can pay its owner for the blocks it serves",
     body=PeerLink,
     response=PeerLinked,
     auth="worker",
-    errors=(409,),
+    limit="peer",
 )
 async def link_peer(request: web.Request, call: Call) -> PeerLinked:
     worker = call.worker
     assert worker is not None
     body: PeerLink = call.body
-    if abs(request.app[STORE].now() - body.timestamp) > CLOCK_SKEW_SECONDS:
-        raise BadRequest(
-            "timestamp is more than 5 minutes off the coordinator's clock; fix the worker's clock",
-            [("timestamp", "must be within 5 minutes of the coordinator's clock")],
-        )
+    if body.nonce is None or body.peer_signature is None:
+        raise OutdatedWorker("peer link")
     try:
-        verify(
-            worker.public_key,
-            peer_link_message(worker.public_key, body.peer_id, body.timestamp),
-            body.signature,
+        verify_peer_signature(
+            body.peer_id,
+            peer_proof_message(body.nonce, worker.id, body.peer_id),
+            body.peer_signature,
+            body.peer_public_key,
         )
-    except SignatureInvalid:
-        raise Unauthorized("peer link signature does not verify with this worker's key") from None
-    await text_jobs.link_peer(request.app[STORE], worker, body.peer_id)
+    except SignatureInvalid as exc:
+        raise Unauthorized(
+            f"no proof of owning peer id {body.peer_id}: {exc}; a block server signs "
+            "peer_proof_message(nonce, its worker id, peer id) with its libp2p key",
+            [("peer_signature", "must be made with the peer id's libp2p private key")],
+        ) from None
+    await text_jobs.link_peer(request.app[STORE], worker, body.peer_id, body.nonce)
     return PeerLinked(peer_id=body.peer_id, worker_id=worker.id)
 
 
@@ -287,7 +287,8 @@ async def link_peer(request: web.Request, call: Call) -> PeerLinked:
     "POST",
     "/api/v1/text/pop",
     summary="A gateway offers its models and leases the best queued text job for one of "
-    "them; waits up to `wait` seconds for one",
+    "them; waits up to `wait` seconds for one. Every model offered must match the "
+    "coordinator's catalog (name and sizes), else 400 naming each refused model",
     body=TextPopRequest,
     response=TextPopResponse,
     auth="worker",
@@ -299,8 +300,10 @@ async def pop_text(request: web.Request, call: Call) -> TextPopResponse:
     body: TextPopRequest = call.body
     worker = call.worker
     assert worker is not None
-    await text_jobs.offer_models(store, body.models)
-    names = [m.name for m in body.models]
+    # sizes set prices: a model outside the catalog or with other sizes gets no jobs
+    offered = text_models.check_offer(request.app[CONFIG], body.models)
+    await text_jobs.offer_models(store, offered)
+    names = [m.name for m in offered]
     job = await long_poll(
         request, body.wait, lambda: text_jobs.pop_text_job(store, worker, names), "text", names
     )
@@ -323,11 +326,13 @@ async def pop_text(request: web.Request, call: Call) -> TextPopResponse:
 @API.route(
     "POST",
     "/api/v1/text/jobs/{job_id}/delta",
-    summary="Stream newly generated text of a leased job; extends the lease",
+    summary="Stream newly generated text of a leased job; extends the lease. The whole "
+    "text may hold max_tokens x 128 characters; a delta past that is refused (400)",
     body=TextDelta,
     response=TextDeltaAccepted,
     auth="worker",
     errors=(404, 409),
+    limit="delta",
 )
 async def text_delta(request: web.Request, call: Call) -> TextDeltaAccepted:
     assert call.worker is not None
@@ -349,6 +354,7 @@ async def text_delta(request: web.Request, call: Call) -> TextDeltaAccepted:
     response=TextResultAccepted,
     auth="worker",
     errors=(404, 409),
+    limit="result",
 )
 async def text_result(request: web.Request, call: Call) -> TextResultAccepted:
     store = request.app[STORE]
@@ -370,10 +376,12 @@ async def text_result(request: web.Request, call: Call) -> TextResultAccepted:
         )
     except SignatureInvalid:
         raise Unauthorized("signature does not verify with this worker's key") from None
-    models = {m.name: m for m in await text_jobs.known_models(store)}
-    model = models.get(job.model)
+    model = text_models.find(request.app[CONFIG], job.model)
     if model is None:
-        raise Conflict(f"model {job.model} was never offered; pop the job again")
+        raise Conflict(
+            f"model {job.model} left this coordinator's catalog; give the job back "
+            f"(POST /api/v1/text/jobs/{job.id}/fail)"
+        )
     settled = await text_jobs.complete_text_job(store, worker, job, body, model)
     request.app[SIGNALS].job_changed(job.id)
     return TextResultAccepted(
@@ -393,6 +401,7 @@ async def text_result(request: web.Request, call: Call) -> TextResultAccepted:
     response=TextStatus,
     auth="worker",
     errors=(404, 409),
+    limit="result",
 )
 async def text_fail(request: web.Request, call: Call) -> TextStatus:
     store = request.app[STORE]

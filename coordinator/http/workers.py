@@ -1,4 +1,5 @@
-"""The worker side: register, pop (long-poll), progress, failure (results: routes_results)."""
+"""The worker side: challenge, register, pop (long-poll), progress, failure (results:
+routes_results)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import asyncio
 
 from aiohttp import web
 
-from coordinator.errors import BadRequest, Unauthorized
+from coordinator.errors import OutdatedWorker, Unauthorized
 from coordinator.http.addresses import client_ip
-from coordinator.http.api import API, Call
+from coordinator.http.api import API, Call, api_key_of
 from coordinator.http.jobs import job_status
 from coordinator.http.polling import long_poll
 from coordinator.http.state import SIGNALS, STORE, UPLOADS
 from protocol.errors import SignatureInvalid
 from protocol.messages import (
+    Challenge,
+    ChallengeRequest,
     FailureReport,
     JobStatus,
     LeasedJob,
@@ -24,36 +27,54 @@ from protocol.messages import (
     WorkerRegister,
     WorkerRegistered,
 )
-from protocol.signing import registration_message, verify
+from protocol.signing import account_binding, registration_message, verify
 
-CLOCK_SKEW_SECONDS = 300
+
+@API.route(
+    "POST",
+    "/api/v1/workers/challenge",
+    summary="A single-use nonce, valid for a minute, for a worker to sign: its registration "
+    "or a block server's peer-id proof",
+    body=ChallengeRequest,
+    response=Challenge,
+    limit="challenge",
+)
+async def challenge(request: web.Request, call: Call) -> Challenge:
+    body: ChallengeRequest = call.body
+    nonce, expires_at = await request.app[STORE].challenge(body.purpose)
+    return Challenge(nonce=nonce, expires_at=expires_at)
 
 
 @API.route(
     "POST",
     "/api/v1/workers/register",
-    summary="Register a worker identity (Ed25519); with an API key its earnings go to that account",
+    summary="Register a worker identity (Ed25519) by signing a challenge; with an API key "
+    "its earnings go to that account (the signature covers which)",
     body=WorkerRegister,
     response=WorkerRegistered,
     auth="optional",
+    limit="worker",
 )
 async def register_worker(request: web.Request, call: Call) -> WorkerRegistered:
     body: WorkerRegister = call.body
-    if abs(request.app[STORE].now() - body.timestamp) > CLOCK_SKEW_SECONDS:
-        raise BadRequest(
-            "timestamp is more than 5 minutes off the coordinator's clock; fix the worker's clock",
-            [("timestamp", "must be within 5 minutes of the coordinator's clock")],
+    if body.nonce is None:
+        raise OutdatedWorker("registration")
+    if body.account != account_binding(api_key_of(request)):
+        raise Unauthorized(
+            "this registration is signed for another account than the API key sent with it "
+            "(or for none); a worker signs account_binding(its API key) with a fresh nonce",
+            [("account", "must be account_binding of the `apikey` header, or empty without")],
         )
     try:
         verify(
             body.public_key,
-            registration_message(body.name, body.public_key, body.timestamp),
+            registration_message(body.name, body.public_key, body.account, body.nonce),
             body.signature,
         )
     except SignatureInvalid:
         raise Unauthorized("registration signature does not match public_key") from None
     worker, token = await request.app[STORE].register_worker(
-        body.name, body.public_key, call.account, client_ip(request)
+        body.name, body.public_key, call.account, client_ip(request), nonce=body.nonce
     )
     return WorkerRegistered(worker_id=worker.id, token=token)
 
@@ -104,6 +125,7 @@ async def pop(request: web.Request, call: Call) -> PopResponse:
     response=LeaseExtended,
     auth="worker",
     errors=(404, 409),
+    limit="progress",
 )
 async def progress(request: web.Request, call: Call) -> LeaseExtended:
     assert call.worker is not None
@@ -125,6 +147,7 @@ async def progress(request: web.Request, call: Call) -> LeaseExtended:
     response=JobStatus,
     auth="worker",
     errors=(404, 409),
+    limit="result",
 )
 async def fail(request: web.Request, call: Call) -> JobStatus:
     assert call.worker is not None

@@ -13,6 +13,7 @@ from coordinator.accounts import Account
 from coordinator.db.database import VERIFICATION
 from coordinator.db.schema import jobs, results
 from coordinator.economy import trust
+from coordinator.economy.verification import Outcome
 from coordinator.jobs.lifecycle import Lifecycle
 from coordinator.workers import Worker
 from protocol.params import ImageParams
@@ -142,12 +143,12 @@ class ImageJobs(Lifecycle):
         worker: Worker,
         job: Job,
         images: list[ResultRecord],
-        check_agrees: bool | None = None,
+        outcome: Outcome | None = None,
     ) -> tuple[int, int]:
         """Complete a leased job in one transaction: state, results, payment (part held
         while the worker is untrusted), speed check and maybe a spot check. For a
-        verification job pass `check_agrees`: whether its images match the original's.
-        Returns (kudos paid now, kudos held pending)."""
+        verification job pass its `outcome`: what comparing its images with the original's
+        found. Returns (kudos paid now, kudos held pending)."""
         async with self.begin() as conn:
             row = await self.finish(conn, worker, job.id)
             await conn.execute(
@@ -165,15 +166,15 @@ class ImageJobs(Lifecycle):
                 ],
             )
             if row.verify_of is not None:
-                if check_agrees is None:
-                    raise ValueError(f"job {job.id} is a spot check: pass check_agrees")
+                if outcome is None:
+                    raise ValueError(f"job {job.id} is a spot check: pass its outcome")
                 return await trust.record_check(
                     conn,
                     self._config,
                     row,
                     worker.id,
                     worker.account_id,
-                    check_agrees,
+                    outcome,
                     [(image.index, image.sha256, image.signature) for image in images],
                 )
             paid, held = await trust.pay_worker(

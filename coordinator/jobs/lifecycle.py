@@ -6,6 +6,9 @@ cancel, reap.
       +---requeue-----+   (worker gave it back, or its lease expired)
     queued/leased --cancel--> cancelled (+ refund)
 
+A lease lasts `lease_seconds` from the pop or the worker's last report, and never longer
+than `lease_cap` after the pop, however often the worker reports.
+
 Image and text jobs differ only in what they store beside the row (result files, streamed
 text) and how they settle; those live in coordinator.jobs.image and coordinator.jobs.text and
 build on this class. Every method is one transaction; every state change is a conditional
@@ -22,14 +25,16 @@ from sqlalchemy import ColumnElement, Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.accounts import Account
+from coordinator.config import CoordinatorConfig
 from coordinator.db.database import ESCROW, now
 from coordinator.db.ledger import balance, lock_balance, lock_spender, post_entry
 from coordinator.db.schema import jobs, ledger_entries, postings, workers
+from coordinator.economy import trust
 from coordinator.errors import Conflict, InsufficientKudos, NotFound, WorkerPaused
 from coordinator.jobs import queue
 from coordinator.workers import Worker, Workers
 
-__all__ = ["Lifecycle", "OnLease", "Requeued"]
+__all__ = ["Lifecycle", "OnLease", "Requeued", "lease_cap", "lease_end"]
 
 # kind-specific work done in the transaction that leases a job (e.g. reset streamed text)
 OnLease = Callable[[AsyncConnection, Row[Any]], Awaitable[None]]
@@ -39,6 +44,24 @@ Requeued = tuple[str, str, str | None]
 FINISHED = ("done", "failed", "cancelled")
 # queued jobs looked at per pop (another pop may take some of them first)
 POP_CANDIDATES = 4
+
+
+def lease_cap(config: CoordinatorConfig, row: Row[Any]) -> float:
+    """The most seconds a job stays leased after its pop, however often the worker reports:
+    `lease_ttl_factor` times its work at the slowest acceptable pace (image pixel-steps or
+    new tokens), or its fixed lease if that is longer."""
+    slow: float
+    if row.kind == "text":
+        slow = row.steps / config.text_min_tokens_per_second
+    else:
+        slow = row.pixels * row.steps * row.n / config.lease_pixel_steps_per_second
+    return config.lease_ttl_factor * max(float(row.lease_seconds), config.lease_base_seconds + slow)
+
+
+def lease_end(config: CoordinatorConfig, row: Row[Any]) -> float:
+    """The time past which a leased job's lease cannot be extended."""
+    leased_at = row.leased_at if row.leased_at is not None else row.created_at
+    return float(leased_at) + lease_cap(config, row)
 
 
 class Lifecycle(Workers):
@@ -67,7 +90,8 @@ class Lifecycle(Workers):
     ) -> Row[Any]:
         """Queue a job and reserve `cost` from the requester, in one transaction; returns
         its row. `values` are the kind's columns (kind, params, model, ...); `fix` ends the
-        message of the 402 when the requester cannot spend `cost`."""
+        message of the 402 when the requester cannot spend `cost`. The reservation spends
+        the requester's unspent grants first (coordinator.db.ledger)."""
         job_id = str(uuid.uuid4())
         async with self.begin() as conn:
             at = now(conn)
@@ -77,6 +101,8 @@ class Lifecycle(Workers):
                 raise InsufficientKudos(
                     f"this job costs {cost} kudos but you can spend {max(available, 0)}; {fix}"
                 )
+            if account.anonymous and account.requester is not None:
+                await self._check_reserved_per_ip(conn, account, cost)
             kudos = await queue.ranked_kudos(conn, account.id)
             await conn.execute(
                 jobs.insert().values(
@@ -90,6 +116,7 @@ class Lifecycle(Workers):
                     attempts=0,
                     image=0,
                     step=0,
+                    client_ip=account.requester if account.anonymous else None,
                     **values,
                 )
             )
@@ -103,6 +130,29 @@ class Lifecycle(Workers):
             row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
         self.ranking.changed(row.kind)
         return row
+
+    async def _check_reserved_per_ip(
+        self, conn: AsyncConnection, account: Account, cost: int
+    ) -> None:
+        """One address may hold at most `anonymous_reserved_per_ip` kudos reserved on the
+        shared anonymous account, so no one requester can sink it to its floor."""
+        held = (
+            await conn.execute(
+                select(func.coalesce(func.sum(jobs.c.cost), 0)).where(
+                    (jobs.c.account_id == account.id)
+                    & jobs.c.state.in_(("queued", "leased"))
+                    & (jobs.c.client_ip == account.requester)
+                )
+            )
+        ).scalar_one()
+        limit = self._config.anonymous_reserved_per_ip
+        if int(held) + cost > limit:
+            raise InsufficientKudos(
+                f"anonymous jobs from your address hold {held} kudos reserved in queued and "
+                f"running jobs and this one costs {cost}; at most {limit} may be reserved at "
+                "once without an API key: wait for those jobs to finish, or register an "
+                "account (`idlegrid account register NAME`) and send its API key"
+            )
 
     async def queue_info(self, job_id: str) -> tuple[int | None, float | None]:
         """(queue position, ETA seconds) of any job, from the shared ranking."""
@@ -147,7 +197,7 @@ class Lifecycle(Workers):
         """Lease the best queued job matching `fits` to `worker`, if any; its row.
 
         Raises WorkerPaused for a paused worker. With `take_checks`, a trusted worker takes
-        pending spot checks of other workers' jobs first (coordinator.economy.trust); every
+        pending spot checks it is independent for first (coordinator.economy.trust); every
         worker takes its owner's own jobs before others'; then rank order."""
         skip_locked = self.dialect == "postgresql"
         async with self.begin() as conn:
@@ -159,14 +209,8 @@ class Lifecycle(Workers):
                 )
             found: list[str] = []
             if take_checks and me.trusted:
-                original = jobs.alias("original")
-                checks = (
-                    select(jobs.c.id)
-                    .join(original, original.c.id == jobs.c.verify_of)
-                    .where(queue.CHECKS & fits & (original.c.worker_id != worker.id))
-                    .order_by(jobs.c.created_at)
-                    .limit(POP_CANDIDATES)
-                )
+                # only checks it is independent for: not its owner's, nor (by default) its IP's
+                checks = trust.checks_for(self._config, me, queue.CHECKS & fits, POP_CANDIDATES)
                 found += list((await conn.execute(checks)).scalars().all())
             best = await queue.candidates(
                 conn, fits, worker.account_id, 1 if skip_locked else POP_CANDIDATES, skip_locked
@@ -217,11 +261,22 @@ class Lifecycle(Workers):
         self, conn: AsyncConnection, worker: Worker, job_id: str, **values: Any
     ) -> Row[Any]:
         """In the caller's transaction: extend `worker`'s lease on the job by its lease
-        length (and set `values`); NotFound/Conflict when it does not hold the lease."""
+        length but never past its cap (`lease_cap`), and set `values`; NotFound/Conflict
+        when it does not hold the lease, Conflict once the cap has passed."""
+        row = (await conn.execute(select(jobs).where(self.leased_to(worker, job_id)))).first()
+        if row is None:
+            raise await self.not_leased(conn, job_id)
+        at = now(conn)
+        end = lease_end(self._config, row)
+        if at >= end:
+            raise Conflict(
+                f"job {job_id} ran past its time limit of {lease_cap(self._config, row):.0f} s "
+                "after the pop; it goes back to the queue"
+            )
         done = await conn.execute(
             update(jobs)
             .where(self.leased_to(worker, job_id))
-            .values(lease_deadline=now(conn) + jobs.c.lease_seconds, **values)
+            .values(lease_deadline=min(at + row.lease_seconds, end), **values)
         )
         if done.rowcount != 1:
             raise await self.not_leased(conn, job_id)
@@ -356,5 +411,11 @@ class Lifecycle(Workers):
                 )
             ).all()
             for row in expired:
-                await self.requeue_or_fail(conn, row, "lease expired: the worker went silent")
+                reason = (
+                    f"lease expired: the job ran past its time limit of "
+                    f"{lease_cap(self._config, row):.0f} s"
+                    if row.lease_deadline >= lease_end(self._config, row) - 1e-6
+                    else "lease expired: the worker went silent"
+                )
+                await self.requeue_or_fail(conn, row, reason)
         return [(row.id, row.kind, row.model) for row in expired]

@@ -6,6 +6,10 @@ refused before anything is inflated. Then the image data is inflated in small pi
 counted, and refused as soon as it is longer than the declared size allows (the other
 bomb: a small file of highly compressed zeros). Only then does Pillow decode the pixels,
 at most 2048x2048 of them (protocol.params.MAX_SIDE), far below its own bomb limits.
+
+Spot checks decode stored images the same way (`read_pixels`), so whatever got into the
+result files by another road (an older coordinator, a shared data directory) is never
+decoded past the job's size either: memory stays below a few tens of MB per image.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 from PIL import Image
 
 from coordinator.errors import BadImage
 from protocol.params import MAX_SIDE
 
-__all__ = ["MAX_PNG_BYTES", "PNG_SIGNATURE", "byte_limit", "check_png"]
+__all__ = ["MAX_PNG_BYTES", "PNG_SIGNATURE", "byte_limit", "check_png", "read_pixels"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # signature, then the IHDR chunk: length, type, width, height, bit depth, colour type,
@@ -56,8 +61,19 @@ def check_png(path: Path, width: int, height: int) -> None:
     """Raise BadImage unless `path` holds a valid PNG of `width` x `height` pixels.
 
     Blocking (decodes the pixels): call it in a thread."""
-    with path.open("rb") as handle:
-        head = handle.read(_HEADER.size)
+    read_pixels(path, width, height)
+
+
+def read_pixels(path: Path, width: int, height: int) -> np.ndarray:
+    """The RGB pixels (height x width x 3, uint8) of the PNG at `path`; BadImage when it
+    is not a complete, valid PNG of exactly that size (or is missing).
+
+    Blocking (decodes the pixels): call it in a thread."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_HEADER.size)
+    except FileNotFoundError:
+        raise _refuse("the PNG file is missing", "upload the image again") from None
     if not head.startswith(PNG_SIGNATURE):
         raise _refuse("the body is not a PNG file", "send the raw bytes of a PNG image")
     if len(head) < _HEADER.size:
@@ -88,7 +104,8 @@ def check_png(path: Path, width: int, height: int) -> None:
             image.verify()
         with Image.open(path, formats=["PNG"]) as image:
             image.load()
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
         # truncated data, bad CRCs, corrupt deflate streams, oversized text chunks
         raise _refuse(
             f"the PNG cannot be decoded: {exc}", "send the complete, valid PNG file"
@@ -111,20 +128,25 @@ def _check_inflated_size(handle: BinaryIO, bound: int) -> None:
         if kind != b"IDAT":
             handle.seek(length + 4, 1)  # data and CRC
             continue
-        data = handle.read(length)
-        handle.seek(4, 1)
-        while True:
-            try:
-                out = inflater.decompress(data, _INFLATE_STEP)
-            except zlib.error:
-                return  # corrupt: Pillow names the problem below
-            total += len(out)
-            if total > bound:
-                raise _refuse(
-                    f"the PNG's image data inflates to more than the {bound} bytes a "
-                    "picture of its size holds (a decompression bomb)",
-                    "send a PNG whose image data fits its size",
-                )
-            data = inflater.unconsumed_tail
-            if not data and len(out) < _INFLATE_STEP:
-                break
+        # (a chunk may declare up to 2 GB: read it in pieces too)
+        while length:
+            data = handle.read(min(length, _INFLATE_STEP))
+            if not data:
+                return  # truncated
+            length -= len(data)
+            while True:
+                try:
+                    out = inflater.decompress(data, _INFLATE_STEP)
+                except zlib.error:
+                    return  # corrupt: Pillow names the problem below
+                total += len(out)
+                if total > bound:
+                    raise _refuse(
+                        f"the PNG's image data inflates to more than the {bound} bytes a "
+                        "picture of its size holds (a decompression bomb)",
+                        "send a PNG whose image data fits its size",
+                    )
+                data = inflater.unconsumed_tail
+                if not data and len(out) < _INFLATE_STEP:
+                    break
+        handle.seek(4, 1)  # CRC

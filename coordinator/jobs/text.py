@@ -2,10 +2,16 @@
 
 Text jobs are rows of the `jobs` table (`kind='text'`) on the one lifecycle
 (coordinator.jobs.lifecycle): queue, lease, requeue, fail, refund, cancel and reap are the
-same code as for images. What is text-only lives here: the models
-gateways offer, the block servers' hivemind peer ids, the text streamed so far, and the
-settlement that charges the requester for the work done and pays every block server's
+same code as for images. What is text-only lives here: when gateways last offered each
+catalog model (coordinator.economy.text_models holds the models and their sizes), the
+block servers' hivemind peer ids, the text streamed so far (capped by `max_tokens`), and
+the settlement that charges the requester for the work done and pays every block server's
 owner from the gateway's signed report -- one ledger entry, one transaction.
+
+The report is checked against what it could be: every span inside the model's blocks and
+served by a linked peer, the spans covering every block for the tokens claimed. The charge
+is the catalog's price of those tokens through the model once (replays are the network's
+cost), never more than the reservation.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.accounts import Account
+from coordinator.db import nonces
 from coordinator.db.database import ESCROW
 from coordinator.db.ledger import post_entry
 from coordinator.db.schema import jobs, text_models, text_outputs, worker_peers, workers
@@ -30,7 +37,14 @@ from coordinator.jobs.lifecycle import Lifecycle
 from coordinator.workers import Worker
 from protocol.cost import text_cost, text_work
 from protocol.signing import params_hash
-from protocol.text import TextModel, TextParams, TextResultSubmit, token_bound
+from protocol.text import (
+    MAX_CHARS_PER_TOKEN,
+    TextModel,
+    TextParams,
+    TextResultSubmit,
+    text_cap,
+    token_bound,
+)
 
 __all__ = [
     "Settlement",
@@ -40,10 +54,10 @@ __all__ = [
     "create_text_job",
     "fail_text_job",
     "get_text_job",
-    "known_models",
     "link_peer",
     "offer_models",
     "pop_text_job",
+    "served_models",
     "split_kudos",
     "text_queue_position",
 ]
@@ -139,7 +153,8 @@ def split_kudos(total: int, weights: Sequence[float]) -> list[int]:
 
 
 async def offer_models(store: Lifecycle, models: Sequence[TextModel]) -> None:
-    """Remember the models a gateway can run (upsert; refreshes last_seen)."""
+    """Remember that a gateway offered these catalog models now (upsert of last_seen; the
+    sizes written are the catalog's: coordinator.economy.text_models.check_offer)."""
     async with store.begin() as conn:
         for model in models:
             values = {
@@ -155,22 +170,23 @@ async def offer_models(store: Lifecycle, models: Sequence[TextModel]) -> None:
                 await conn.execute(text_models.insert().values(name=model.name, **values))
 
 
-async def known_models(store: Lifecycle, max_age: float | None = None) -> list[TextModel]:
-    """Models offered by gateways, most recently seen first; only recent ones with max_age."""
-    query = select(text_models).order_by(text_models.c.last_seen.desc(), text_models.c.name)
-    if max_age is not None:
-        query = query.where(text_models.c.last_seen >= store.now() - max_age)
+async def served_models(store: Lifecycle, max_age: float) -> list[str]:
+    """Names of the models a gateway offered within `max_age` seconds, most recent first."""
+    query = (
+        select(text_models.c.name)
+        .where(text_models.c.last_seen >= store.now() - max_age)
+        .order_by(text_models.c.last_seen.desc(), text_models.c.name)
+    )
     async with store.begin() as conn:
-        rows = (await conn.execute(query)).all()
-    return [
-        TextModel(name=r.name, blocks=r.blocks, parameters=r.parameters, max_context=r.max_context)
-        for r in rows
-    ]
+        return list((await conn.execute(query)).scalars())
 
 
-async def link_peer(store: Lifecycle, worker: Worker, peer_id: str) -> None:
-    """Link a hivemind peer id to the worker whose identity signed it."""
+async def link_peer(store: Lifecycle, worker: Worker, peer_id: str, nonce: str) -> None:
+    """Link a hivemind peer id to `worker`, which proved it holds the peer id's libp2p key
+    by signing `nonce` (used up here). The proof is the last word: a link made earlier
+    by another worker (without the key, before proofs existed) moves to this one."""
     async with store.begin() as conn:
+        await nonces.consume(conn, nonce, "peer")
         row = (
             await conn.execute(select(worker_peers).where(worker_peers.c.peer_id == peer_id))
         ).first()
@@ -181,10 +197,10 @@ async def link_peer(store: Lifecycle, worker: Worker, peer_id: str) -> None:
                 )
             )
         elif row.worker_id != worker.id:
-            raise Conflict(
-                f"peer id {peer_id} is already linked to another worker; "
-                "a block server's hivemind key must not be shared",
-                [("peer_id", "is linked to another worker")],
+            await conn.execute(
+                update(worker_peers)
+                .where(worker_peers.c.peer_id == peer_id)
+                .values(worker_id=worker.id, linked_at=now(conn))
             )
 
 
@@ -261,30 +277,49 @@ async def pop_text_job(store: Lifecycle, worker: Worker, models: Sequence[str]) 
     return await get_text_job(store, leased.id)
 
 
+async def _text_at(conn: AsyncConnection, job_id: str, offset: int, size: int) -> str:
+    """`size` characters of the job's text from `offset` (SQL counts from 1)."""
+    query = select(func.substr(text_outputs.c.text, offset + 1, size))
+    return str((await conn.execute(query.where(text_outputs.c.job_id == job_id))).scalar_one())
+
+
+def _too_long(length: int, max_tokens: int) -> BadRequest:
+    cap = text_cap(max_tokens)
+    return BadRequest(
+        f"the text of a job with max_tokens {max_tokens} may hold at most {cap} characters "
+        f"(max_tokens x {MAX_CHARS_PER_TOKEN}); this delta would make it {length}",
+        [("text", f"the whole text must be at most {cap} characters")],
+    )
+
+
 async def append_text(
     store: Lifecycle, worker: Worker, job_id: str, offset: int, text: str
 ) -> tuple[int, float]:
     """Append streamed text at `offset` and extend the lease; returns (length, deadline).
 
-    Sending the same piece twice (a retry) is harmless; a gap or a different text is a 409.
+    Sending the same piece twice (a retry) is harmless; a gap or a different text is a 409;
+    text past the job's cap (`text_cap(max_tokens)`) is a 400 and extends nothing. The text
+    is appended in SQL, never read back whole.
     """
+    stored = text_outputs.c.text
+    mine = text_outputs.c.job_id == job_id
     async with store.begin() as conn:
         leased = await store.extend(conn, worker, job_id)
-        current = (
-            await conn.execute(select(text_outputs.c.text).where(text_outputs.c.job_id == job_id))
-        ).scalar_one()
-        if offset == len(current):
-            current += text
-            await conn.execute(
-                update(text_outputs).where(text_outputs.c.job_id == job_id).values(text=current)
-            )
-        elif current[offset : offset + len(text)] != text:
+        # (SQLite and PostgreSQL both count characters: code points, as Python does)
+        length = (await conn.execute(select(func.length(stored)).where(mine))).scalar_one()
+        if offset == length:
+            max_tokens = int(leased.steps_total)  # a text job's steps are its max_tokens
+            if length + len(text) > text_cap(max_tokens):
+                raise _too_long(length + len(text), max_tokens)
+            await conn.execute(update(text_outputs).where(mine).values(text=stored + text))
+            length += len(text)
+        elif offset > length or await _text_at(conn, job_id, offset, len(text)) != text:
             raise Conflict(
-                f"text at offset {offset} does not continue the {len(current)} characters "
+                f"text at offset {offset} does not continue the {length} characters "
                 "received; resend from the returned length",
-                [("offset", f"must be {len(current)}")],
+                [("offset", f"must be {length}")],
             )
-    return len(current), float(leased.lease_deadline)
+    return int(length), float(leased.lease_deadline)
 
 
 async def _peer_workers(conn: AsyncConnection, peer_ids: set[str]) -> dict[str, tuple[str, int]]:
@@ -300,17 +335,48 @@ async def _peer_workers(conn: AsyncConnection, peer_ids: set[str]) -> dict[str, 
 
 
 def _check_report(job: TextJob, result: TextResultSubmit, model: TextModel) -> None:
+    """BadRequest naming every part of the report that the job could not have made."""
+    params = job.params
     problems: list[tuple[str, str]] = []
-    if result.completion_tokens > job.params.max_tokens:
-        problems.append(("completion_tokens", f"must be at most {job.params.max_tokens}"))
-    if result.prompt_tokens + result.completion_tokens > token_bound(job.params):
+    if result.completion_tokens > params.max_tokens:
+        problems.append(("completion_tokens", f"must be at most {params.max_tokens}"))
+    if result.prompt_tokens + result.completion_tokens > token_bound(params):
         problems.append(("prompt_tokens", "is more than the prompt can tokenize to"))
+    if len(result.text) > text_cap(params.max_tokens):
+        cap = text_cap(params.max_tokens)
+        problems.append(
+            ("text", f"must be at most {cap} characters (max_tokens x {MAX_CHARS_PER_TOKEN})")
+        )
     processed = result.prompt_tokens + result.completion_tokens
+    # tokens each block ran, from the spans (a difference array: spans may be many)
+    change = [0] * (model.blocks + 1)
     for i, span in enumerate(result.spans):
         if span.end > model.blocks:
             problems.append((f"spans[{i}].end", f"model {model.name} has {model.blocks} blocks"))
-        if span.tokens > processed * MAX_REPLAYS_PER_TOKEN:
-            problems.append((f"spans[{i}].tokens", "is more than the job could process"))
+            continue
+        change[span.start] += span.tokens
+        change[span.end] -= span.tokens
+    ran, block = [], 0
+    for step in change[:-1]:
+        block += step
+        ran.append(block)
+    # every block ran every token but the last one sampled (never fed back); failovers
+    # replay a server's history, so a block may run a token a few times
+    need, most = processed - 1, processed * MAX_REPLAYS_PER_TOKEN
+    short = next((b for b, tokens in enumerate(ran) if tokens < need), None)
+    if short is not None:
+        problems.append(
+            (
+                "spans",
+                f"must cover every block of {model.name} for the {need} tokens claimed "
+                f"(prompt + completion - 1), but block {short} ran {ran[short]}",
+            )
+        )
+    over = next((b for b, tokens in enumerate(ran) if tokens > most), None)
+    if over is not None:
+        problems.append(
+            ("spans", f"block {over} ran {ran[over]} tokens, more than the job could ({most})")
+        )
     if problems:
         raise BadRequest(
             "the usage report does not fit the job: " + "; ".join(f"{f} {m}" for f, m in problems),
@@ -327,17 +393,29 @@ async def complete_text_job(
     _check_report(job, result, model)
     async with store.begin() as conn:
         await store.finish(conn, worker, job.id)
-        linked = await _peer_workers(conn, {span.peer_id for span in result.spans})
-        # block-tokens per paid worker; block servers nobody linked are not paid or charged
+        peers = {span.peer_id for span in result.spans}
+        linked = await _peer_workers(conn, peers)
+        unlinked = sorted(peers - linked.keys())
+        if unlinked:
+            raise BadRequest(
+                f"the usage report names block servers not linked to any worker "
+                f"({', '.join(unlinked[:3])}); block servers link their peer id when they "
+                "start (`idlegrid worker blocks --coordinator ...`), and only they are paid",
+                [("spans", f"peer {unlinked[0]} is not linked to a worker")],
+            )
+        # block-tokens per paid worker, then the gateway's embeddings and head: one block
         units: dict[tuple[str, int], int] = {}
         for span in result.spans:
-            payee = linked.get(span.peer_id)
-            if payee is not None:
-                units[payee] = units.get(payee, 0) + span.tokens * (span.end - span.start)
+            payee = linked[span.peer_id]
+            units[payee] = units.get(payee, 0) + span.tokens * (span.end - span.start)
+        processed = result.prompt_tokens + result.completion_tokens
+        # the requester pays for the tokens claimed through the model once: replays after
+        # a failover are paid to the servers that ran them, out of the same price
+        charged_units = min(sum(units.values()), processed * model.blocks) + processed
         gateway = (worker.id, worker.account_id)
-        units[gateway] = units.get(gateway, 0) + result.prompt_tokens + result.completion_tokens
-        work = text_work(sum(units.values()), 1, model.parameters)
-        charged = min(job.cost, max(1, math.ceil(work)))
+        units[gateway] = units.get(gateway, 0) + processed
+        work = text_work(charged_units, 1, model.parameters)
+        charged = min(job.cost, max(1, math.ceil(work))) if charged_units else 0
         payees = sorted(units)
         shares = split_kudos(charged, [units[p] for p in payees])
         if job.cost > charged:

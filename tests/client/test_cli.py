@@ -16,8 +16,9 @@ from client.credentials import Credentials
 from client.sdk import AsyncClient
 from protocol.params import ImageParams
 from protocol.signing import Identity
-from protocol.text import TextModel, TextParams
+from protocol.text import BUILTIN_DEFAULT_MODEL, BUILTIN_TEXT_MODELS, TextParams
 from tests.conftest import LiveApp
+from tests.earnings import earn
 from tests.fakes import CAPS, FakeWorker, job_pngs
 from worker.common.link import CoordinatorLink
 
@@ -49,6 +50,16 @@ def test_generate_refuses_bad_input_before_any_network(
     code = main(["generate", "a cat", "--coordinator", "http://127.0.0.1:9", *args])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["generate", "a cat"], ["complete", "Hi"], ["chat"]])
+def test_wait_timeout_must_be_positive_seconds(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        main([*command, "--wait-timeout", "0", "--coordinator", "http://127.0.0.1:9"])
+    assert refused.value.code == 2
+    assert "--wait-timeout: '0' is not a positive number of seconds" in capsys.readouterr().err
 
 
 def test_unreachable_coordinator_is_a_clear_failure(capsys: pytest.CaptureFixture[str]) -> None:
@@ -107,6 +118,10 @@ async def test_account_transfer_history_and_rate_commands(live: LiveApp) -> None
     async with AsyncClient(live.url) as anon:
         alice = (await anon.register("alice")).api_key
         await anon.register("bob")
+    refused = await _cli(live.url, alice, "account", "transfer", "bob", "5")
+    assert refused.returncode == 1, refused.stderr
+    assert "you can transfer at most 0 kudos now" in refused.stderr
+    await earn(live.store, "alice", 5)  # granted kudos are not transferable; earned are
     sent = await _cli(
         live.url, alice, "account", "transfer", "bob", "5", "--idempotency-key", "gift-1"
     )
@@ -116,10 +131,17 @@ async def test_account_transfer_history_and_rate_commands(live: LiveApp) -> None
     )
     assert again.returncode == 0 and again.stdout == sent.stdout
     shown = await _cli(live.url, alice, "account", "show", "--json")
-    assert json.loads(shown.stdout)["kudos"] == 95
+    info = json.loads(shown.stdout)
+    assert (info["kudos"], info["unspent_grants"], info["transferable"]) == (100, 100, 0)
+    plain_show = await _cli(live.url, alice, "account", "show")
+    assert "100 unspent" in plain_show.stdout and "transferable: 0" in plain_show.stdout
     history = await _cli(live.url, alice, "account", "history", "--json")
     entries = json.loads(history.stdout)["entries"]
-    assert [(e["reason"], e["amount"]) for e in entries] == [("transfer", -5), ("grant", 100)]
+    assert [(e["reason"], e["amount"]) for e in entries] == [
+        ("transfer", -5),
+        ("uptime", 5),
+        ("grant", 100),
+    ]
     plain = await _cli(live.url, alice, "account", "history")
     assert "transfer" in plain.stdout and "(bob)" in plain.stdout
     async with AsyncClient(live.url, alice) as grid, FakeWorker(live.url) as worker:
@@ -138,7 +160,8 @@ async def test_account_transfer_history_and_rate_commands(live: LiveApp) -> None
 
 
 async def test_complete_and_cancel_a_text_job_from_the_cli(live: LiveApp) -> None:
-    model = TextModel(name="tiny-llm", blocks=4, parameters=1000, max_context=512)
+    # the coordinator's built-in default model, offered unchanged
+    model = next(m for m in BUILTIN_TEXT_MODELS if m.name == BUILTIN_DEFAULT_MODEL)
     async with AsyncClient(live.url) as anon:
         alice = (await anon.register("alice")).api_key
     gateway = CoordinatorLink(live.url, Identity.generate(), "gateway", None)
@@ -150,7 +173,8 @@ async def test_complete_and_cancel_a_text_job_from_the_cli(live: LiveApp) -> Non
             job = await gateway.pop_text([model], wait=10)
             assert job is not None and job.params.temperature == 0.0
             await gateway.text_delta(job.id, 0, "Hello")
-            await gateway.submit_text(job, "Hello, world", "length", 2, 3, [])
+            # no block servers: the usage it may report is one token through no block
+            await gateway.submit_text(job, "Hello, world", "length", 0, 1, [])
 
         serving = asyncio.create_task(serve())
         done = await _cli(
@@ -160,7 +184,7 @@ async def test_complete_and_cancel_a_text_job_from_the_cli(live: LiveApp) -> Non
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout)
         assert result["text"] == "Hello, world" and result["finish_reason"] == "length"
-        assert result["model"] == "tiny-llm" and result["completion_tokens"] == 3
+        assert result["model"] == model.name and result["completion_tokens"] == 1
         bad = await _cli(live.url, alice, "complete", "Hi", "--max-tokens", "0")
         assert bad.returncode == 2 and "max_tokens" in bad.stderr
         async with AsyncClient(live.url, alice) as grid:

@@ -23,7 +23,7 @@ from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from coordinator.http.api import API, Route
 from protocol.params import ImageParams
-from protocol.text import TextModel, TextParams
+from protocol.text import BUILTIN_DEFAULT_MODEL, BUILTIN_TEXT_MODELS, TextParams
 from tests.conftest import LiveApp, start_app
 from tests.fakes import CAPS, FakeWorker, png
 
@@ -32,7 +32,8 @@ from coordinator import app as _app  # noqa: F401  # isort: skip
 
 ROUTES = sorted(API.routes, key=lambda r: (r.path, r.method))
 SMALL = {"prompt": "victim's secret prompt", "width": 64, "height": 64, "steps": 4, "seed": 3}
-MODEL = TextModel(name="tiny-llm", blocks=4, parameters=1000, max_context=512)
+# the built-in tiny model of the operator's catalog (a worker cannot name its own)
+MODEL = next(m for m in BUILTIN_TEXT_MODELS if m.name == BUILTIN_DEFAULT_MODEL)
 TEXT = TextParams(prompt="victim's secret prompt", max_tokens=4)
 
 # Valid bodies where an empty one would stop at validation before the access check.
@@ -116,7 +117,8 @@ async def world(sqlite_only_config: CoordinatorConfig) -> AsyncIterator[World]:
             text_done = await alice.submit_text(TEXT)
             text_job = await victim.link.pop_text([MODEL], wait=5)
             assert text_job is not None and text_job.id == text_done.id
-            await victim.link.submit_text(text_job, "victim's secret reply", "stop", 1, 4, [])
+            # (one sampled token: no block ran anything the report must account for)
+            await victim.link.submit_text(text_job, "victim's secret reply", "stop", 0, 1, [])
             text_leased = await alice.submit_text(TEXT)
             text_job = await victim.link.pop_text([MODEL], wait=5)
             assert text_job is not None and text_job.id == text_leased.id

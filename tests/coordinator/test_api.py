@@ -18,9 +18,10 @@ from protocol.messages import (
     JobStatus,
 )
 from protocol.params import ImageParams
-from protocol.signing import sha256_hex
+from protocol.signing import Identity, account_binding, registration_message, sha256_hex
 from tests.conftest import LiveApp
 from tests.fakes import CAPS, FakeWorker, png
+from worker.common.link import CoordinatorLink
 from worker.errors import CoordinatorRejected, LeaseLost
 
 GOOD = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 11}
@@ -190,24 +191,64 @@ async def test_failed_job_is_requeued_for_another_worker(live: LiveApp) -> None:
         assert final.state == "done"
 
 
-async def test_registration_needs_a_valid_signature(live: LiveApp) -> None:
-    worker = FakeWorker(live.url)
-    body = {
-        "name": "x1",
-        "public_key": worker.identity.public_key,
-        "timestamp": 0,
-        "signature": "0" * 128,
-    }
-    status, answer = await _post(f"{live.url}/api/v1/workers/register", body)
-    assert status == 400 and answer["error"]["fields"][0]["field"] == "timestamp"
-    import time
+async def _challenge(live: LiveApp, purpose: str) -> str:
+    status, answer = await _post(f"{live.url}/api/v1/workers/challenge", {"purpose": purpose})
+    assert status == 200, answer
+    return str(answer["nonce"])
 
-    body["timestamp"] = int(time.time())
-    status, _ = await _post(f"{live.url}/api/v1/workers/register", body)
+
+def _signed(identity: Identity, nonce: str, account: str = "") -> dict[str, Any]:
+    message = registration_message("x1", identity.public_key, account, nonce)
+    return {
+        "name": "x1",
+        "public_key": identity.public_key,
+        "account": account,
+        "nonce": nonce,
+        "signature": identity.sign(message),
+    }
+
+
+async def test_registration_signs_a_fresh_challenge_and_the_account(live: LiveApp) -> None:
+    identity, register = Identity.generate(), f"{live.url}/api/v1/workers/register"
+    # a worker from before signed challenges is told what to do
+    old = {"name": "x1", "public_key": identity.public_key, "timestamp": 0, "signature": "0" * 128}
+    status, answer = await _post(register, old)
+    assert status == 400 and answer["error"]["code"] == "outdated_worker"
+    assert "upgrade idlegrid on the worker" in answer["error"]["message"]
+
+    bad = {**_signed(identity, await _challenge(live, "register")), "signature": "0" * 128}
+    status, answer = await _post(register, bad)
+    assert status == 401 and "does not match public_key" in answer["error"]["message"]
+    # a nonce handed out for a peer proof, or one the coordinator never issued
+    for nonce in (await _challenge(live, "peer"), "0" * 32):
+        status, answer = await _post(register, _signed(identity, nonce))
+        assert status == 401 and answer["error"]["code"] == "challenge_rejected"
+
+    async with AsyncClient(live.url) as anon:
+        api_key = (await anon.register("owner")).api_key
+    # signed without an account, sent with a key (and the other way round)
+    status, answer = await _post(
+        register, _signed(identity, await _challenge(live, "register")), {"apikey": api_key}
+    )
+    assert status == 401 and answer["error"]["fields"][0]["field"] == "account"
+    signed = _signed(identity, await _challenge(live, "register"), account_binding(api_key))
+    status, _ = await _post(register, signed)
     assert status == 401
-    await worker.link.aclose()
-    with pytest.raises(CoordinatorRejected):
-        raise CoordinatorRejected(401, "x")
+    status, answer = await _post(register, signed, {"apikey": api_key})
+    assert status == 200, answer
+    row = await live.store.worker_row(answer["worker_id"])
+    owner = await live.store.account_by_key(api_key)
+    assert row is not None and owner is not None and row.account_id == owner.id
+
+
+async def test_a_worker_of_this_release_meets_an_older_coordinator(live: LiveApp) -> None:
+    """An old coordinator has no challenge route: the worker says to upgrade it."""
+    link = CoordinatorLink(f"{live.url}/old", Identity.generate(), "x1", None)
+    try:
+        with pytest.raises(CoordinatorRejected, match="upgrade the coordinator"):
+            await link.register()
+    finally:
+        await link.aclose()
 
 
 async def test_openapi_describes_the_routes_with_the_handlers_models(live: LiveApp) -> None:

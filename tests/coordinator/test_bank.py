@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 
 from client.errors import ApiError, ClientError
 from client.sdk import AsyncClient
-from coordinator.config import CoordinatorConfig
+from coordinator.config import DEFAULT_RATE_LIMITS, CoordinatorConfig
 from coordinator.db.schema import accounts, jobs, ledger_entries, postings, ratings, results
 from coordinator.economy.trust import GRANT_REASONS
 from coordinator.store import Store
@@ -48,9 +48,7 @@ USERS = 4
 WORKERS = 3
 GRANT = 100
 LEASE = 2.0
-LIMITS = [
-    f"--rate-limit={s}=10000/10000,10000/10000" for s in ("submit", "pop", "rate", "transfer")
-]
+LIMITS = [f"--rate-limit={s}=10000/10000,10000/10000" for s in DEFAULT_RATE_LIMITS]
 UNSURE = (ClientError, aiohttp.ClientError, TimeoutError, CoordinatorUnavailable)
 
 
@@ -343,6 +341,8 @@ async def _check(store: Store, history: History) -> None:
     assert audit["sum"] == 0, audit
     # the balance rows (what spending checks read) agree with the ledger, account by account
     assert audit["balance_rows_off"] == 0, audit
+    # unspent grants (never transferable) lie between 0 and each balance
+    assert audit["grants_off"] == 0, audit
     async with store.engine.begin() as conn:
         grants_id = store.system_account("system:grants")
         escrow_id = store.system_account("system:escrow")
@@ -397,6 +397,17 @@ async def _check(store: Store, history: History) -> None:
         ).all():
             per_job[job_id][reason] += 1
         states = dict((await conn.execute(select(jobs.c.id, jobs.c.state))).all())
+        # a job holds grants only while its reservation does: refunds gave them back
+        grant_spent = (
+            await conn.execute(
+                select(jobs.c.id, jobs.c.state, jobs.c.cost, jobs.c.grant_spent).where(
+                    (jobs.c.grant_spent < 0)
+                    | (jobs.c.grant_spent > jobs.c.cost)
+                    | (jobs.c.state.in_(("failed", "cancelled")) & (jobs.c.grant_spent != 0))
+                )
+            )
+        ).all()
+        assert not grant_spent, grant_spent
         escrow = (
             await conn.execute(
                 select(func.coalesce(func.sum(postings.c.amount), 0)).where(

@@ -6,20 +6,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+from sqlalchemy import select
 
-from client.errors import ApiError, NotEnoughKudos, RateLimited
+from client.errors import ApiError, AuthError, NotEnoughKudos, RateLimited
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig, RateLimit
+from coordinator.db.ledger import balance, grants, post_entry
+from coordinator.db.schema import invites, jobs
 from coordinator.store import Store
 from protocol.cost import image_cost
 from protocol.params import ImageParams
 from tests.conftest import LiveApp, start_app
+from tests.earnings import earn
 from tests.fakes import CAPS, FakeWorker, job_pngs, png
 from worker.errors import CoordinatorRejected, LeaseLost
 
@@ -120,6 +126,7 @@ async def test_cancel_refunds_queued_and_running_jobs(live: LiveApp) -> None:
 
 async def test_transfers_are_idempotent(live: LiveApp) -> None:
     alice_key, bob_key = await _register(live.url, "alice", "bob")
+    await earn(live.store, "alice", 40)  # granted kudos are not transferable
     async with AsyncClient(live.url, alice_key) as alice, AsyncClient(live.url, bob_key) as bob:
         first = await alice.transfer("bob", 30, "pay-bob-1")
         replay = await alice.transfer("bob", 30, "pay-bob-1")
@@ -134,10 +141,13 @@ async def test_transfers_are_idempotent(live: LiveApp) -> None:
             *[alice.transfer("bob", 1, f"tip-{i % 3}") for i in range(9)]
         )
         assert len({c.id for c in concurrent}) == 3
-        assert (await alice.me()).kudos == 100 - 30 - 3
+        me = await alice.me()
+        assert (me.kudos, me.unspent_grants, me.transferable) == (140 - 30 - 3, 100, 7)
         assert (await bob.me()).transferred_in == 33
-        with pytest.raises(NotEnoughKudos):
-            await alice.transfer("bob", 1000)
+        with pytest.raises(NotEnoughKudos) as too_much:
+            await alice.transfer("bob", 8)
+        assert too_much.value.fields == [("amount", "must be at most 7")]
+        assert "of which 100 are granted kudos" in too_much.value.message
         with pytest.raises(ApiError) as nobody:
             await alice.transfer("nobody", 1)
         assert nobody.value.status == 404
@@ -165,25 +175,35 @@ async def test_account_show_and_history(live: LiveApp) -> None:
         AsyncClient(live.url, bob_key) as bob,
         FakeWorker(live.url, "w1", bob_key) as worker,
     ):
+        await earn(live.store, "alice", 10)
         done = await alice.submit_image(ImageParams(**MEDIUM))
         await _serve_one(worker)
         await alice.submit_image(ImageParams(**MEDIUM))  # stays queued
         await alice.transfer("bob", 7, "k1")
         me = await alice.me()
-        assert (me.kudos, me.reserved, me.spent, me.granted) == (100 - 3 - 3 - 7, 3, 3, 100)
+        assert (me.kudos, me.reserved, me.spent, me.granted) == (110 - 3 - 3 - 7, 3, 3, 100)
         assert me.transferred_out == 7 and me.available == me.kudos
+        # jobs spent the grant first; what was earned stays transferable
+        assert (me.unspent_grants, me.transferable) == (94, 3)
         owner = await bob.me()
         # the worker is untrusted: half (rounded down) of its 3 kudos is held pending
         assert (owner.earned, owner.pending, owner.transferred_in) == (2, 1, 7)
+        assert (owner.unspent_grants, owner.transferable) == (100, 9)
         page = await alice.history()
         reasons = [(e.reason, e.amount) for e in page.entries]
-        assert reasons == [("transfer", -7), ("reserve", -3), ("reserve", -3), ("grant", 100)]
+        assert reasons == [
+            ("transfer", -7),
+            ("reserve", -3),
+            ("reserve", -3),
+            ("uptime", 10),
+            ("grant", 100),
+        ]
         assert page.entries[0].counterparties == ["bob"]
         assert page.entries[2].job_id == done.id
         older = await alice.history(limit=2)
         assert older.next_before is not None and len(older.entries) == 2
         rest = await alice.history(limit=10, before=older.next_before)
-        assert [e.reason for e in rest.entries] == ["reserve", "grant"]
+        assert [e.reason for e in rest.entries] == ["reserve", "uptime", "grant"]
         bobs = await bob.history()
         assert [e.reason for e in bobs.entries] == ["transfer", "settle", "grant"]
         assert bobs.entries[1].amount == 2
@@ -376,3 +396,113 @@ async def test_worker_record_is_public_but_holds_no_secrets(live: LiveApp) -> No
         with pytest.raises(ApiError) as missing:
             await anon.worker("0" * 32)
         assert missing.value.status == 404
+
+
+async def test_closed_registration_refuses_with_403(make_app: AppFactory) -> None:
+    app = await make_app(registration="closed")
+    async with AsyncClient(app.url) as anon:
+        with pytest.raises(AuthError) as refused:
+            await anon.register("alice")
+    assert refused.value.status == 403
+    assert "registration is closed on this coordinator" in refused.value.message
+    assert (await app.store.ledger_audit())["entries"] == 0
+
+
+async def test_invite_registration_takes_each_code_once(
+    make_app: AppFactory, coordinator_config: CoordinatorConfig
+) -> None:
+    # the operator makes codes from the command line, against the same database
+    made = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "coordinator",
+            "--data-dir",
+            str(coordinator_config.data_dir),
+            "--database-url",
+            str(coordinator_config.database_url),
+            "--make-invites",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    first, second = made.stdout.split()
+    app = await make_app(registration="invite", invites_per_account=1)
+    async with AsyncClient(app.url) as anon:
+        with pytest.raises(AuthError) as no_code:
+            await anon.register("alice")
+        assert no_code.value.fields == [("invite", "is required here")]
+        alice = await anon.register("alice", first)
+        assert alice.kudos == 100
+        with pytest.raises(AuthError) as reused:
+            await anon.register("bob", first)
+        assert "unknown or already used" in reused.value.message
+        with pytest.raises(AuthError):
+            await anon.register("bob", "made-up-code")
+        await anon.register("bob", second)
+    # a user may make --invites-per-account codes in all
+    async with AsyncClient(app.url, alice.api_key) as grid, AsyncClient(app.url) as anon:
+        (code,) = await grid.invite()
+        with pytest.raises(AuthError) as capped:
+            await grid.invite()
+        assert "each account may make 1 invite codes and you made 1" in capped.value.message
+        assert (await anon.register("carol", code)).name == "carol"
+    async with app.store.begin() as conn:
+        stored = (await conn.execute(select(invites.c.code_hash))).scalars().all()
+    assert first not in stored and len(stored) == 3  # only hashes are kept
+
+
+async def test_one_address_cannot_drain_the_anonymous_account(make_app: AppFactory) -> None:
+    app = await make_app(anonymous_reserved_per_ip=7)
+    async with AsyncClient(app.url) as anon:
+        held = [await anon.submit_image(ImageParams(**MEDIUM)) for _ in range(2)]  # 3 + 3
+        with pytest.raises(NotEnoughKudos) as refused:
+            await anon.submit_image(ImageParams(**MEDIUM))
+        assert "at most 7 may be reserved at once without an API key" in refused.value.message
+        assert "hold 6 kudos reserved" in refused.value.message
+        # a finished or cancelled job frees its share
+        await anon.cancel(held[0].id)
+        await anon.submit_image(ImageParams(**MEDIUM))
+    # registered requesters are not bound by it
+    (key,) = await _register(app.url, "alice")
+    async with AsyncClient(app.url, key) as alice:
+        for _ in range(3):
+            await alice.submit_image(ImageParams(**MEDIUM))
+
+
+async def test_refunds_give_grants_back_as_grants(live: LiveApp) -> None:
+    store = live.store
+    alice, _ = await store.create_account("alice")
+    await earn(store, "alice", 50)
+    params = ImageParams(prompt="x", width=512, height=512, steps=20, n=6, seed=1)
+    cost = image_cost(params)
+    assert cost == 60
+    job = await store.create_image_job(alice, params, cost)
+    async with store.begin() as conn:
+        spent = (
+            await conn.execute(select(jobs.c.grant_spent).where(jobs.c.id == job.id))
+        ).scalar_one()
+        assert spent == 60  # the grant pays first
+        assert await grants(conn, alice.id) == 40
+        # a text job's settlement refunds part of a reservation: grants come back first
+        await post_entry(
+            conn,
+            reason="refund",
+            key=f"refund:{job.id}",
+            job_id=job.id,
+            moves=[(store.system_account("system:escrow"), -25), (alice.id, 25)],
+        )
+        assert await grants(conn, alice.id) == 65
+    second = await store.create_image_job(alice, params, cost)
+    assert await store.cancel_job(second.id) == 60
+    async with store.begin() as conn:
+        assert await grants(conn, alice.id) == 65  # 65 spent, 65 given back
+        assert await balance(conn, alice.id) == 150 - 60 + 25
+    audit = await store.ledger_audit()
+    assert (audit["balance_rows_off"], audit["grants_off"]) == (0, 0)

@@ -1,18 +1,30 @@
-"""Rate-limit buckets: in memory, and shared by every process on one PostgreSQL."""
+"""Rate-limit buckets (in memory, and shared by every process on one PostgreSQL), the
+client addresses they key on, and which routes they cover."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from coordinator.config import CoordinatorConfig, RateLimit
+from coordinator import app as _routes  # noqa: F401  (registers every route)
+from coordinator.config import DEFAULT_RATE_LIMITS, CoordinatorConfig, RateLimit
 from coordinator.db.schema import rate_buckets
 from coordinator.errors import RateLimited
-from coordinator.http.ratelimit import MemoryBuckets, PostgresBuckets, RateLimiter, Take
+from coordinator.http.addresses import client_address, parse_networks
+from coordinator.http.api import API
+from coordinator.http.ratelimit import (
+    MemoryBuckets,
+    PostgresBuckets,
+    RateLimiter,
+    Take,
+    address_bucket,
+)
 from coordinator.store import Store
 from tests.conftest import POSTGRES_URL, _drop_postgres_database, _postgres_database
 
@@ -113,3 +125,82 @@ async def test_shared_limiter_raises_with_retry_after(
         await one.check("rate", "account:1", "::1")
     assert 1.0 <= limited.value.retry_after <= 2.0 + 1e-6
     assert "API key" in limited.value.message
+
+
+# --- client addresses -------------------------------------------------------------------
+
+PROXIES = parse_networks(["10.0.0.0/8", "fd00::/8"])
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "client"),
+    [
+        # a proxy we trust: the rightmost hop it did not add itself
+        ("10.0.0.5", ["198.51.100.7"], "198.51.100.7"),
+        ("10.0.0.5", ["1.2.3.4, 198.51.100.7"], "198.51.100.7"),  # the client's claim: ignored
+        ("10.0.0.5", ["198.51.100.7, 10.1.1.1"], "198.51.100.7"),  # two proxies deep
+        ("10.0.0.5", ["1.2.3.4", "198.51.100.7, 10.1.1.1"], "198.51.100.7"),  # two headers
+        ("10.0.0.5", ["10.3.3.3, 10.1.1.1"], "10.3.3.3"),  # only proxies: the first one
+        ("10.0.0.5", [], "10.0.0.5"),  # no header: the proxy itself
+        ("10.0.0.5", ["unknown"], "10.0.0.5"),  # garbage from a trusted proxy
+        ("10.0.0.5", ["198.51.100.7:5123"], "198.51.100.7"),  # with a port
+        ("10.0.0.5", ["[2001:db8::7]:443"], "2001:db8::7"),
+        ("10.0.0.5", ["::ffff:198.51.100.7"], "198.51.100.7"),  # IPv4-mapped
+        ("::ffff:10.0.0.5", ["198.51.100.7"], "198.51.100.7"),  # a dual-stack listener
+        ("fd00::1", ["2001:db8::7"], "2001:db8::7"),
+        # anyone else: the header is what they claim, so it is ignored
+        ("198.51.100.7", ["10.0.0.1"], "198.51.100.7"),
+        ("198.51.100.7", ["203.0.113.1, 10.0.0.1"], "198.51.100.7"),
+        ("?", ["203.0.113.1"], "?"),  # no transport address
+    ],
+)
+def test_client_address_believes_only_trusted_proxies(
+    peer: str, forwarded: list[str], client: str
+) -> None:
+    assert client_address(peer, forwarded, PROXIES) == client
+
+
+def test_without_trusted_proxies_the_header_is_ignored() -> None:
+    assert client_address("127.0.0.1", ["198.51.100.7"], ()) == "127.0.0.1"
+
+
+def test_bad_networks_are_named() -> None:
+    with pytest.raises(ValueError, match="'10.0.0.0/33'"):
+        parse_networks(["10.0.0.1", "10.0.0.0/33"])
+
+
+def test_ipv6_clients_share_a_bucket_per_64() -> None:
+    assert address_bucket("2001:db8:1:2:aaaa::1") == address_bucket("2001:db8:1:2:ffff::9")
+    assert address_bucket("2001:db8:1:2::1") != address_bucket("2001:db8:1:3::1")
+    assert address_bucket("198.51.100.7") == "198.51.100.7"
+    assert address_bucket("?") == "?"
+
+
+def test_the_cli_accepts_every_scope_and_names_a_bad_proxy(tmp_path: Path) -> None:
+    flags = [f"--rate-limit={scope}=1/1" for scope in DEFAULT_RATE_LIMITS]
+    done = subprocess.run(
+        [sys.executable, "-m", "client.cli", "coordinator", "--data-dir", str(tmp_path)]
+        + [*flags, "--port", "0", "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "--trusted-proxy" in done.stderr and "'nope'" in done.stderr, done.stderr
+
+
+# --- every route that changes something or streams is limited -----------------------------
+
+
+def test_every_mutating_or_streaming_route_has_a_limit() -> None:
+    unlimited = [
+        f"{route.method} {route.path}"
+        for route in API.routes
+        if (route.method != "GET" or route.produces == "text/event-stream") and not route.limit
+    ]
+    assert unlimited == []
+
+
+def test_every_scope_limits_something() -> None:
+    used = {route.limit for route in API.routes}
+    assert set(DEFAULT_RATE_LIMITS) <= used

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,17 +15,36 @@ import pytest
 
 from client.errors import ApiError, JobFailed
 from client.sdk import AsyncClient
+from coordinator.config import CoordinatorConfig
 from coordinator.jobs.text import split_kudos
 from protocol.signing import Identity
-from protocol.text import LeasedTextJob, TextModel, TextParams
+from protocol.text import BUILTIN_TEXT_MODELS, LeasedTextJob, TextModel, TextParams
 from tests.conftest import LiveApp
 from worker.common.link import CoordinatorLink
 from worker.errors import CoordinatorRejected, LeaseLost
+from worker.llm.swarm.peer_proof import PeerKey
 
-# big enough that the split of the charge is visible in whole kudos
+# the operator's catalog here: big enough that the split of the charge is visible in
+# whole kudos
 MODEL = TextModel(name="tiny-llm", blocks=4, parameters=70_000_000_000, max_context=2048)
-PEER_A = "12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
-PEER_UNLINKED = "12D3KooWBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB"
+OTHER = TextModel(name="other", blocks=2, parameters=1_000_000, max_context=512)
+PEER_A, PEER_B, PEER_UNLINKED = PeerKey.generate(), PeerKey.generate(), PeerKey.generate()
+
+
+def cover(tokens: int) -> list[dict[str, Any]]:
+    """A usage report: PEER_A ran all 4 blocks for `tokens` tokens."""
+    return [{"peer_id": PEER_A.peer_id, "start": 0, "end": 4, "tokens": tokens}]
+
+
+@pytest.fixture
+def coordinator_config(tmp_path: Path, database_url: str) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        port=0,
+        text_models=(MODEL, OTHER),
+        default_text_model=MODEL.name,
+    )
 
 
 class Party:
@@ -48,6 +70,7 @@ async def grid(live: LiveApp) -> AsyncIterator[dict[str, Any]]:
     for party in parties.values():
         await party.link.register()
     await parties["server"].link.link_peer(PEER_A)
+    await parties["server"].link.link_peer(PEER_B)
     clients = {name: AsyncClient(live.url, key) for name, key in keys.items()}
     try:
         yield {"live": live, "keys": keys, **parties, **clients}
@@ -77,21 +100,21 @@ async def test_chat_job_streams_text_and_settles_in_one_entry(grid: dict[str, An
         await gateway.link.text_delta(job.id, 7, "x")
     await gateway.link.text_delta(job.id, 3, "lo")
     spans = [
-        {"peer_id": PEER_A, "start": 0, "end": 2, "tokens": 150},
-        {"peer_id": PEER_UNLINKED, "start": 2, "end": 4, "tokens": 150},
+        {"peer_id": PEER_A.peer_id, "start": 0, "end": 2, "tokens": 149},
+        {"peer_id": PEER_B.peer_id, "start": 2, "end": 4, "tokens": 149},
     ]
     accepted = await gateway.link.submit_text(job, "Hello", "stop", 50, 100, spans)
     final = await asyncio.wait_for(requester, 10)
     assert final.state == "done" and final.text == "Hello" and "".join(pieces) == "Hello"
-    # paid block-tokens: server 2 x 150, gateway 150 (the unlinked server is not charged)
-    # 450 x 70 (billions) / 4000 = 7.9 -> 8 kudos, split 300:150 -> 5 and 3
-    assert accepted.kudos_charged == 8 and accepted.kudos_earned == 3
-    assert final.kudos_cost == 8 and final.prompt_tokens == 50 and final.completion_tokens == 100
+    # block-tokens: bob's two servers 2 x 149 + 2 x 149, the gateway 150 (its head);
+    # 746 x 70 (billions) / 4000 = 13.06 -> 14 kudos, split 596:150 -> 11 and 3
+    assert accepted.kudos_charged == 14 and accepted.kudos_earned == 3
+    assert final.kudos_cost == 14 and final.prompt_tokens == 50 and final.completion_tokens == 100
     balances = await live.store.balances()
-    assert balances["alice"] == 100 - 8
+    assert balances["alice"] == 100 - 14
     # new workers are untrusted: half of their pay (rounded down) waits for verification
     server_id, gateway_id = grid["server"].link.worker_id, grid["gateway"].link.worker_id
-    assert balances["bob"] == 100 + 5 - 2 and balances[f"pending:{server_id}"] == 2
+    assert balances["bob"] == 100 + 11 - 5 and balances[f"pending:{server_id}"] == 5
     assert balances["donor"] == 100 + 3 - 1 and balances[f"pending:{gateway_id}"] == 1
     assert balances["system:escrow"] == 0
     audit = await live.store.ledger_audit()
@@ -119,7 +142,7 @@ async def test_a_retryable_failure_requeues_and_restarts_the_text(grid: dict[str
     assert (await gateway.link.fail_text(job.id, "server died", retry=True)).state == "queued"
     again = await gateway.pop()
     assert again.id == created.id and (await alice.text_job(created.id)).text == ""
-    await gateway.link.submit_text(again, "done", "length", 1, 10, [])
+    await gateway.link.submit_text(again, "done", "length", 1, 10, cover(10))
     assert (await alice.text_job(created.id)).text == "done"
 
 
@@ -171,20 +194,31 @@ async def test_bad_reports_and_signatures_are_refused(grid: dict[str, Any]) -> N
     await offer(gateway)
     await alice.submit_text(TextParams(prompt="x", max_tokens=10))
     job = await gateway.pop()
-    too_far = [{"peer_id": PEER_A, "start": 0, "end": 9, "tokens": 5}]
+    too_far = [{"peer_id": PEER_A.peer_id, "start": 0, "end": 9, "tokens": 5}]
     with pytest.raises(CoordinatorRejected, match=r"spans\[0\]\.end"):
         await gateway.link.submit_text(job, "t", "stop", 1, 5, too_far)
     with pytest.raises(CoordinatorRejected, match="completion_tokens"):
-        await gateway.link.submit_text(job, "t", "stop", 1, 11, [])
+        await gateway.link.submit_text(job, "t", "stop", 1, 11, cover(11))
+    # the spans must cover every block for the tokens claimed, and not many times over
+    half = [{"peer_id": PEER_A.peer_id, "start": 0, "end": 2, "tokens": 5}]
+    with pytest.raises(CoordinatorRejected, match="block 2 ran 0"):
+        await gateway.link.submit_text(job, "t", "stop", 1, 5, half)
+    with pytest.raises(CoordinatorRejected, match="block 0 ran 25 tokens"):
+        await gateway.link.submit_text(job, "t", "stop", 1, 5, cover(25))
+    # only block servers linked to a worker can be named (and paid)
+    unlinked = [{**cover(5)[0], "peer_id": PEER_UNLINKED.peer_id}]
+    with pytest.raises(CoordinatorRejected, match="not linked"):
+        await gateway.link.submit_text(job, "t", "stop", 1, 5, unlinked)
     # another worker cannot finish it, and a forged signature is refused
     with pytest.raises(LeaseLost):
         await server.link.submit_text(job, "t", "stop", 1, 5, [])
     forged = job.model_copy(update={"params_hash": "0" * 64})
     with pytest.raises(CoordinatorRejected, match="signature"):
         await gateway.link.submit_text(forged, "t", "stop", 1, 5, [])
-    # a peer id belongs to the worker that linked it first
-    with pytest.raises(LeaseLost, match="linked to another worker"):
-        await gateway.link.link_peer(PEER_A)
+    # replays are paid to who ran them, but the requester pays each token once:
+    # 6 tokens x 5 blocks x 70 / 4000 = 0.5 -> 1 kudo
+    replayed = await gateway.link.submit_text(job, "t", "stop", 1, 5, cover(24))
+    assert replayed.kudos_charged == 1
 
 
 @pytest.mark.parametrize(
@@ -241,11 +275,11 @@ async def test_openai_chat_completions_plain_and_streaming(grid: dict[str, Any])
         job = await gateway.pop()
         await gateway.link.text_delta(job.id, 0, text[:2])
         await gateway.link.text_delta(job.id, 2, text[2:])
-        await gateway.link.submit_text(job, text, "length", 3, 5, [])
+        await gateway.link.submit_text(job, text, "length", 3, 5, cover(7))
 
     async with aiohttp.ClientSession(headers=headers) as http:
         async with http.get(f"{live.url}/v1/models") as resp:
-            assert [m["id"] for m in (await resp.json())["data"]] == ["tiny-llm"]
+            assert [m["id"] for m in (await resp.json())["data"]] == ["tiny-llm", "other"]
         serving = asyncio.create_task(serve("abcde"))
         async with http.post(f"{live.url}/v1/chat/completions", json=body) as resp:
             assert resp.status == 200
@@ -294,6 +328,97 @@ async def test_no_served_model_and_anonymous_limits(grid: dict[str, Any]) -> Non
     with pytest.raises(ApiError, match="no text job"):
         await grid["bob"].text_job(mine.id)
     assert (await grid["bob"].text_job(created.id)).state == "queued"
+
+
+async def test_the_catalog_names_the_models_their_sizes_and_the_default(
+    grid: dict[str, Any],
+) -> None:
+    live, gateway, alice = grid["live"], grid["gateway"], grid["alice"]
+    # a gateway may offer only catalog models, with the catalog's sizes
+    llm = BUILTIN_TEXT_MODELS[0]
+    with pytest.raises(CoordinatorRejected) as refused:
+        await gateway.link.pop_text([OTHER, llm], wait=0)
+    assert refused.value.status == 400
+    assert "model 'llm' is not in this coordinator's catalog (it prices only: tiny-llm, other)" in (
+        str(refused.value)
+    )
+    bigger = MODEL.model_copy(update={"max_context": 4096})
+    with pytest.raises(CoordinatorRejected, match="context 2048 here, not .*context 4096"):
+        await gateway.link.pop_text([bigger], wait=0)
+    # nothing of a refused offer counts as served
+    with pytest.raises(ApiError, match="no gateway is serving model other"):
+        await alice.submit_text(TextParams(model="other", prompt="x"))
+    assert await gateway.link.pop_text([OTHER], wait=0) is None
+    # unknown models are refused by name, on our API, quotes and OpenAI's alike
+    with pytest.raises(ApiError, match="choose one of: tiny-llm, other") as unknown:
+        await alice.submit_text(TextParams(model="anon-trap", prompt="x"))
+    assert unknown.value.status == 400 and unknown.value.fields[0][0] == "model"
+    headers = {"apikey": grid["keys"]["alice"]}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        body = {"model": "anon-trap", "prompt": "x"}
+        async with http.post(f"{live.url}/api/v1/quotes/text", json=body) as resp:
+            assert resp.status == 400 and "tiny-llm, other" in await resp.text()
+        async with http.post(f"{live.url}/v1/completions", json=body) as resp:
+            assert resp.status == 400 and "tiny-llm, other" in await resp.text()
+    # the default is tiny-llm even though "other" was offered last; it says what is served
+    with pytest.raises(ApiError, match=r"tiny-llm \(the default\).*served now: other"):
+        await alice.submit_text(TextParams(prompt="x"))
+    await offer(gateway)
+    created = await alice.submit_text(TextParams(prompt="x", max_tokens=10))
+    # (1 + 32 + 10 tokens) x (4 + 1 blocks) x 70 (billions) / 4000 = 3.8 -> 4
+    assert created.kudos_cost == 4 and (await alice.text_job(created.id)).model == "tiny-llm"
+
+
+def _coordinator(tmp_path: Path, catalog: str) -> subprocess.CompletedProcess[str]:
+    """`idlegrid coordinator --models FILE` with a file that must make it exit."""
+    path = tmp_path / "models.toml"
+    path.write_text(catalog)
+    return subprocess.run(
+        [sys.executable, "-m", "client.cli", "coordinator", "--data-dir", str(tmp_path)]
+        + ["--port", "0", "--models", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("catalog", "says"),
+    [
+        ('[[models]]\nname = "a"\nparameters = 1\nblocks = 2\n', "models[0].context: missing"),
+        (
+            '[[models]]\nname = "a"\nparameters = 1e9\nblocks = 2\ncontext = 512\n',
+            "models[0].parameters: 1000000000.0 is not the model's total parameter count",
+        ),
+        (
+            '[[models]]\nname = "a"\nparameters = 1\nblocks = 2000\ncontext = 512\n',
+            "models[0].blocks: 2000 is not its decoder blocks (num_hidden_layers), a whole "
+            "number 1-1024",
+        ),
+        (
+            '[[models]]\nname = "a"\nparameters = 1\nblocks = 2\ncontext = 512\n' * 2,
+            "models[1].name: 'a' is listed twice",
+        ),
+        (
+            'default = "c"\n'
+            + "".join(
+                f'[[models]]\nname = "{n}"\nparameters = 1\nblocks = 2\ncontext = 512\n'
+                for n in "ab"
+            ),
+            "default: must name one of the models (a, b)",
+        ),
+        ("[[models]\n", "not valid TOML"),
+        ('default = "a"\nprices = 3\n', "prices: unknown key"),
+    ],
+)
+def test_a_bad_models_file_stops_the_coordinator_naming_the_key(
+    tmp_path: Path, catalog: str, says: str
+) -> None:
+    done = _coordinator(tmp_path, catalog)
+    assert done.returncode != 0 and f"--models {tmp_path / 'models.toml'}: {says}" in (
+        done.stderr
+    ), done.stderr
 
 
 def test_split_kudos_is_exact_and_proportional() -> None:

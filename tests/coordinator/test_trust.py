@@ -1,4 +1,5 @@
-"""Trust: held earnings, spot checks by trusted workers, cheaters caught and paused."""
+"""Trust: held earnings, spot checks by trusted workers, a quorum of two to catch a cheater,
+cheaters caught and paused, impossible speeds."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 from client.errors import ApiError
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
+from coordinator.http.state import FILES
 from protocol.params import ImageParams
+from protocol.signing import sha256_hex
 from tests.conftest import LiveApp, start_app
 from tests.fakes import CAPS, FakeWorker, job_pngs, png
 from worker.errors import CoordinatorRejected
@@ -22,14 +25,17 @@ ENGINE = {"engine": "diffusers", "versions": {"torch": "2.13.0"}, "device": "cpu
 
 @pytest.fixture
 async def checked(coordinator_config: CoordinatorConfig) -> AsyncIterator[LiveApp]:
-    """Every untrusted result is spot-checked; the operator's workers are trusted."""
+    """Every untrusted result is spot-checked; the operator's and the auditor's workers are
+    trusted. Fake workers answer at once, so no speed checks; all are on 127.0.0.1."""
     config = dataclasses.replace(
         coordinator_config,
         spot_check_rate=1.0,
         spot_check_min_rate=1.0,
-        trusted_accounts=frozenset({"operator"}),
+        trusted_accounts=frozenset({"operator", "auditor"}),
         pause_after_suspicions=2,
         trust_after_checks=2,
+        max_pixel_steps_per_second=float("inf"),
+        verify_distinct_ip=False,
     )
     runner, app = await start_app(config)
     try:
@@ -53,9 +59,12 @@ async def _serve(worker: FakeWorker, *, wrong: bool = False, expect_check: bool 
 
 
 async def test_a_cheating_worker_is_caught_by_spot_checks_and_paused(checked: LiveApp) -> None:
-    operator, mallory, alice = await _keys(checked.url, "operator", "mallory", "alice")
+    operator, auditor, mallory, alice = await _keys(
+        checked.url, "operator", "auditor", "mallory", "alice"
+    )
     async with (
         FakeWorker(checked.url, "referee", operator) as referee,
+        FakeWorker(checked.url, "second", auditor) as second,
         FakeWorker(checked.url, "cheater", mallory) as cheater,
         AsyncClient(checked.url, alice) as requester,
         AsyncClient(checked.url, mallory) as owner,
@@ -77,6 +86,13 @@ async def test_a_cheating_worker_is_caught_by_spot_checks_and_paused(checked: Li
             assert check.params == served.params
             verdict = await referee.link.submit(check, [40 + round_], [png(40 + round_, 256, 256)])
             assert verdict.kudos_earned == 3  # the referee is paid for the re-run
+            # one "disagree" is not final: held until a second, independent verifier agrees
+            assert (await owner.me()).pending == 1
+            assert await requester.image(created.id, 0) == png(99, 256, 256)
+            assert await referee.link.pop(CAPS, wait=0) is None
+            again = await second.link.pop(CAPS, wait=5)
+            assert again is not None and again.params == served.params
+            await second.link.submit(again, [40 + round_], [png(40 + round_, 256, 256)])
             # the requester now gets the trusted worker's image
             assert await requester.image(created.id, 0) == png(40 + round_, 256, 256)
             me = await owner.me()
@@ -135,7 +151,7 @@ async def test_impossible_speed_adds_suspicion_and_forces_a_check(
         max_pixel_steps_per_second=1000.0,
         trusted_accounts=frozenset({"operator"}),
     )
-    runner, app = await start_app(config)
+    runner, app = await start_app(dataclasses.replace(config, verify_distinct_ip=False))
     try:
         operator, alice = await _keys(app.url, "operator", "alice")
         async with (
@@ -154,3 +170,72 @@ async def test_impossible_speed_adds_suspicion_and_forces_a_check(
                 await requester.job(check.id)  # verification jobs are nobody's to see
     finally:
         await runner.cleanup()
+
+
+async def test_a_disputed_jobs_pay_stays_held_until_the_second_check(checked: LiveApp) -> None:
+    """Another job's passed check releases only what is not in dispute."""
+    operator, auditor, newbie_key, alice = await _keys(
+        checked.url, "operator", "auditor", "newbie", "alice"
+    )
+    async with (
+        FakeWorker(checked.url, "referee", operator) as referee,
+        FakeWorker(checked.url, "second", auditor) as second,
+        FakeWorker(checked.url, "newbie", newbie_key) as newbie,
+        AsyncClient(checked.url, alice) as requester,
+        AsyncClient(checked.url, newbie_key) as owner,
+    ):
+        for seed in (1, 2):
+            await requester.submit_image(ImageParams(**MEDIUM, seed=seed))
+            await _serve(newbie)
+        assert (await owner.me()).pending == 2
+        # the referee wrongly disagrees on the first job and rightly agrees on the second
+        first = await referee.link.pop(CAPS, wait=5)
+        other = await referee.link.pop(CAPS, wait=5)
+        assert first is not None and other is not None
+        await referee.link.submit(first, first.params.seeds(), job_pngs(first, offset=100))
+        await referee.link.submit(other, other.params.seeds(), job_pngs(other))
+        me = await owner.me()
+        assert (me.pending, me.earned) == (1, 5)  # the disputed job's kudo waits
+        decider = await second.link.pop(CAPS, wait=5)
+        assert decider is not None and decider.params == first.params
+        await second.link.submit(decider, decider.params.seeds(), job_pngs(decider))
+        me = await owner.me()
+        assert (me.pending, me.earned) == (0, 6)
+        assert newbie.link.worker_id is not None and referee.link.worker_id is not None
+        assert (await requester.worker(newbie.link.worker_id)).suspicion == 0
+        outvoted = await requester.worker(referee.link.worker_id)
+        assert outvoted.suspicion == 1 and not outvoted.trusted
+
+
+async def test_a_verifiers_unreadable_image_voids_its_check(checked: LiveApp) -> None:
+    """The verifier's stored image turns out undecodable: the suspicion is the verifier's,
+    it earns nothing, and the job is checked again by someone else."""
+    operator, auditor, newbie_key, alice = await _keys(
+        checked.url, "operator", "auditor", "newbie", "alice"
+    )
+    async with (
+        FakeWorker(checked.url, "referee", operator) as referee,
+        FakeWorker(checked.url, "second", auditor) as second,
+        FakeWorker(checked.url, "newbie", newbie_key) as newbie,
+        AsyncClient(checked.url, alice) as requester,
+        AsyncClient(checked.url, newbie_key) as owner,
+    ):
+        await requester.submit_image(ImageParams(**MEDIUM, seed=4))
+        await _serve(newbie)
+        check = await referee.link.pop(CAPS, wait=5)
+        assert check is not None
+        mine = png(4, 256, 256, compress_level=9)  # same picture, other bytes
+        await referee.link.upload_image(check, 0, 4, mine)
+        checked.app[FILES].path(sha256_hex(mine)).write_bytes(mine[:100])
+        voided = await referee.link.finish(
+            check, [referee.link.signed_image(check, 0, 4, sha256_hex(mine))]
+        )
+        assert (voided.kudos_earned, voided.kudos_held) == (0, 0)
+        assert referee.link.worker_id is not None and newbie.link.worker_id is not None
+        assert (await requester.worker(referee.link.worker_id)).suspicion == 1
+        assert (await owner.me()).pending == 1
+        again = await second.link.pop(CAPS, wait=5)
+        assert again is not None and again.params == check.params
+        await second.link.submit(again, [4], [png(4, 256, 256)])
+        assert (await owner.me()).pending == 0
+        assert (await requester.worker(newbie.link.worker_id)).checks_passed == 1

@@ -196,7 +196,8 @@ def test_openai_client_plain_and_streaming(swarm: Swarm, tiny_models: Path) -> N
     from openai import OpenAI
 
     openai = OpenAI(base_url=f"{swarm.url}/v1", api_key=swarm.alice, max_retries=0)
-    assert [m.id for m in openai.models.list()] == [MODEL]
+    # the operator's catalog (built-ins), the default first
+    assert [m.id for m in openai.models.list()] == [MODEL, "smollm2"]
     messages = [{"role": "user", "content": "Say something about files."}]
     expected = local_greedy(tiny_models, chat_ids(tiny_models, messages), 16)
     completion = openai.chat.completions.create(

@@ -1,5 +1,8 @@
 """The worker's HTTP link to the coordinator: register, pop, progress, result, fail.
 
+Registration and a block server's peer link sign a single-use coordinator nonce
+(`challenge`), so neither can be replayed.
+
 A result goes up as one raw-PNG upload per image (`PUT /api/v1/jobs/{id}/images/{i}`,
 seed, hash and signature in headers), then one small JSON request that names the
 uploads and gets the job paid.
@@ -10,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from pydantic import BaseModel
@@ -21,6 +23,7 @@ from protocol.messages import (
     IMAGE_SEED_HEADER,
     IMAGE_SHA256_HEADER,
     IMAGE_SIGNATURE_HEADER,
+    Challenge,
     ErrorBody,
     ImageUploaded,
     JobStatus,
@@ -32,7 +35,8 @@ from protocol.messages import (
 )
 from protocol.signing import (
     Identity,
-    peer_link_message,
+    account_binding,
+    peer_proof_message,
     registration_message,
     result_message,
     sha256_hex,
@@ -49,7 +53,7 @@ from protocol.text import (
 )
 from worker.errors import CoordinatorRejected, CoordinatorUnavailable, LeaseLost
 
-__all__ = ["Capabilities", "CoordinatorLink", "retrying"]
+__all__ = ["Capabilities", "CoordinatorLink", "PeerSigner", "retrying"]
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -57,6 +61,17 @@ T = TypeVar("T")
 
 # seconds between attempts while the coordinator is unreachable
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class PeerSigner(Protocol):
+    """A libp2p key that signs for its peer id (worker.llm.swarm.peer_proof.PeerKey)."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    def sign(self, message: bytes) -> str:
+        """Hex signature over `message`."""
+        ...
 
 
 class Capabilities(BaseModel):
@@ -121,14 +136,35 @@ class CoordinatorLink:
             raise CoordinatorRejected(resp.status, _message(text))
         return model.model_validate_json(text)
 
+    async def challenge(self, purpose: str) -> str:
+        """A single-use nonce to sign (`register` or `peer`), valid for about a minute."""
+        try:
+            answer = await self._call(
+                "/api/v1/workers/challenge", {"purpose": purpose}, Challenge, worker=False
+            )
+        except CoordinatorRejected as exc:
+            if exc.status != 404:
+                raise
+            raise CoordinatorRejected(
+                404,
+                f"the coordinator at {self.base_url} hands out no challenges: it runs an "
+                "older idlegrid than this worker; upgrade the coordinator",
+            ) from None
+        return answer.nonce
+
     async def register(self) -> WorkerRegistered:
-        now = int(time.time())
+        """Register this identity, signing the account the earnings go to and a fresh
+        nonce: a captured registration cannot be replayed, with another key or as is."""
+        nonce = await self.challenge("register")
         public_key = self._identity.public_key
+        account = account_binding(self._api_key or None)
+        message = registration_message(self._name, public_key, account, nonce)
         body = {
             "name": self._name,
             "public_key": public_key,
-            "timestamp": now,
-            "signature": self._identity.sign(registration_message(self._name, public_key, now)),
+            "account": account,
+            "nonce": nonce,
+            "signature": self._identity.sign(message),
         }
         registered = await self._call(
             "/api/v1/workers/register", body, WorkerRegistered, worker=False
@@ -195,11 +231,13 @@ class CoordinatorLink:
 
     # --- block servers and text gateways ------------------------------------------------
 
-    async def link_peer(self, peer_id: str) -> PeerLinked:
-        """Link this block server's hivemind peer id to the registered worker identity."""
-        now = int(time.time())
-        message = peer_link_message(self._identity.public_key, peer_id, now)
-        body = {"peer_id": peer_id, "timestamp": now, "signature": self._identity.sign(message)}
+    async def link_peer(self, peer: PeerSigner) -> PeerLinked:
+        """Link a block server's hivemind peer id to the registered worker, proving with
+        the peer id's libp2p key (worker.llm.swarm.peer_proof) that it is ours."""
+        assert self.worker_id is not None, "register() first"
+        nonce = await self.challenge("peer")
+        message = peer_proof_message(nonce, self.worker_id, peer.peer_id)
+        body = {"peer_id": peer.peer_id, "nonce": nonce, "peer_signature": peer.sign(message)}
         return await self._call("/api/v1/workers/peers", body, PeerLinked)
 
     async def pop_text(self, models: list[TextModel], wait: float) -> LeasedTextJob | None:

@@ -12,7 +12,7 @@ import logging
 import re
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,6 +108,19 @@ def add_blocks_command(kinds: argparse._SubParsersAction[argparse.ArgumentParser
         default=16384,
         help="attention-cache budget in tokens, shared by all sessions (default %(default)s)",
     )
+    blocks.add_argument(
+        "--peer-cache-share",
+        type=float,
+        default=0.5,
+        help="the most of the attention cache one peer may hold, a fraction in (0, 1] "
+        "(default %(default)s)",
+    )
+    blocks.add_argument(
+        "--max-streams-per-peer",
+        type=int,
+        default=8,
+        help="inference streams one peer may keep open (default %(default)s)",
+    )
     add_log_level_flag(blocks)
     blocks.set_defaults(run=_run_blocks)
 
@@ -159,6 +172,7 @@ def _run_blocks(args: argparse.Namespace) -> int:
         for flag, value in (
             ("--threads", args.threads),
             ("--cache-tokens", args.cache_tokens),
+            ("--max-streams-per-peer", args.max_streams_per_peer),
         ):
             if value < 1:
                 raise _BadFlag(flag, f"must be at least 1, got {value}")
@@ -169,6 +183,10 @@ def _run_blocks(args: argparse.Namespace) -> int:
         ):
             if seconds is not None and not seconds > 0:
                 raise _BadFlag(flag, f"must be a positive number of seconds, got {seconds}")
+        if not 0 < args.peer_cache_share <= 1:
+            raise _BadFlag(
+                "--peer-cache-share", f"must be within (0, 1], got {args.peer_cache_share}"
+            )
         if args.record_ttl is not None and args.record_ttl <= args.announce_interval:
             raise _BadFlag("--record-ttl", "must be longer than --announce-interval")
     except _BadFlag as exc:
@@ -188,6 +206,8 @@ def _run_blocks(args: argparse.Namespace) -> int:
         record_ttl=args.record_ttl or 3 * args.announce_interval,
         session_idle_timeout=args.session_idle_timeout,
         cache_tokens=args.cache_tokens,
+        peer_cache_share=args.peer_cache_share,
+        max_streams_per_peer=args.max_streams_per_peer,
     )
     claimed = claim_identity_from_flags(args, "blocks")
     if claimed is None:
@@ -205,6 +225,7 @@ def _run_blocks(args: argparse.Namespace) -> int:
 async def _serve_blocks(config: BlockServerConfig, command: _Command) -> int:
     from worker.common.link import CoordinatorLink
     from worker.errors import CoordinatorRejected, CoordinatorUnavailable, ModelError
+    from worker.llm.swarm.peer_proof import PeerKey
     from worker.llm.swarm.server import BlockServer
 
     task = asyncio.current_task()
@@ -216,8 +237,12 @@ async def _serve_blocks(config: BlockServerConfig, command: _Command) -> int:
     server: BlockServer | None = None
     try:
         await link.register()
-        server = await BlockServer.create(config)
-        await link.link_peer(server.peer_id)
+        # our own libp2p key, so that we can prove the peer id is ours when we link it
+        peer_key = PeerKey.generate()
+        # (the server hands it to p2pd, and vouches with it for its DHT records' key)
+        server = await BlockServer.create(replace(config, peer_key=peer_key))
+        assert server.peer_id == peer_key.peer_id, "p2pd did not take our libp2p key"
+        await link.link_peer(peer_key)
         for maddr in await server.visible_maddrs():
             print(
                 READY_LINE.format(

@@ -32,7 +32,7 @@ from worker.llm.gateway.generation import GenerationResult, SamplingParams, gene
 from worker.llm.gateway.lm_head import LMHead
 from worker.llm.swarm.client import SwarmClient, SwarmClientConfig
 
-__all__ = ["TextGateway"]
+__all__ = ["TextGateway", "offered_model"]
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,7 @@ class TextGateway:
         self.tokenizer = tokenizer
         self.swarm = swarm
         self.jobs_done = 0
-        self.model = TextModel(
-            name=config.model_name,
-            blocks=head.num_blocks,
-            parameters=head.param_count,
-            max_context=config.max_context or _max_context(head),
-        )
+        self.model = offered_model(config, head)
 
     @classmethod
     async def create(cls, config: GatewayConfig, link: CoordinatorLink) -> TextGateway:
@@ -136,7 +131,8 @@ class TextGateway:
         await self.swarm.aclose()
 
     async def run(self) -> None:
-        """Serve until cancelled."""
+        """Serve until cancelled. CoordinatorRejected (400) if the coordinator refuses the
+        model: it is not in its catalog, or has other sizes there (the message says which)."""
         registered = await retrying("register", self.link.register)
         print(
             f"idlegrid text gateway {self.config.name} ready: model {self.model.name} "
@@ -262,6 +258,17 @@ class TextGateway:
                 await self.link.fail_text(job.id, reason, retry)
         except (CoordinatorUnavailable, LeaseLost, CoordinatorRejected, TimeoutError) as exc:
             log.warning("could not give text job %s back: %s", job.id, exc)
+
+
+def offered_model(config: GatewayConfig, head: LMHead) -> TextModel:
+    """The model and sizes this gateway offers; the coordinator serves it only if its
+    catalog lists exactly these."""
+    return TextModel(
+        name=config.model_name,
+        blocks=head.num_blocks,
+        parameters=head.param_count,
+        max_context=config.max_context or _max_context(head),
+    )
 
 
 def _max_context(head: LMHead) -> int:

@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
 async def _serve(config: GatewayConfig, identity: Identity) -> int:
     from worker.common.link import CoordinatorLink
     from worker.common.service import run_until_signalled
-    from worker.errors import ModelError, SwarmError
+    from worker.errors import CoordinatorRejected, ModelError, SwarmError
     from worker.llm.gateway.gateway import TextGateway
 
     link = CoordinatorLink(config.coordinator, identity, config.name, config.api_key)
@@ -110,6 +110,10 @@ async def _serve(config: GatewayConfig, identity: Identity) -> int:
         try:
             if await run_until_signalled(gateway.run()):
                 log.info("stopping after %d text jobs", gateway.jobs_done)
+        except CoordinatorRejected as exc:
+            # e.g. the model is not in the coordinator's catalog, or has other sizes there
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         finally:
             await gateway.aclose()
     finally:

@@ -2,11 +2,15 @@
 
     blocks.py     BlockSpan: decoder layers [start, end) loaded from safetensors and run on
                   their own; ModelInfo from config.json and the safetensors headers
-    records.py    signed DHT announcements (ServerRecord) and their strict parsing
+    records.py    signed DHT announcements (ServerRecord), their owner key vouched for by
+                  the peer's libp2p key, and their strict parsing (capped throughput)
     wire.py       the RPC interface (BlockServicer) and message framing, shared by both sides
     placement.py  choose_blocks and coverage (where a server goes), fastest_chain and
                   uncovered (how a route crosses the servers), shared by both sides
     dht.py        starting and stopping a DHT process and its p2pd daemon
+    peer_proof.py PeerKey: the server's own libp2p key (p2pd's identity), which proves its
+                  peer id to the coordinator
+    limits.py     PeerLimits: per-peer attention-cache share and open streams
     server.py     BlockServer: the handlers (inference, forward, info), bounded sessions,
                   announcements
     client.py     SwarmClient: routes, InferenceSession with replay on server failure,

@@ -1,7 +1,9 @@
 """Starting and stopping a hivemind DHT process (and its p2pd daemon) from asyncio.
 
 Block servers and swarm clients both join the swarm through `start_dht` and leave it with
-`stop_dht`, which makes sure no process is left behind.
+`stop_dht`, which makes sure no process is left behind. A block server gives the daemon its
+own libp2p key (`worker.llm.swarm.peer_proof.PeerKey`), which vouches for the key that signs
+its DHT records (see `worker.llm.swarm.records`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -32,6 +35,7 @@ async def start_dht(
     client_mode: bool,
     validator: RSASignatureValidator,
     startup_timeout: float = 60.0,
+    identity_path: Path | None = None,
 ) -> DHT:
     """Start a hivemind DHT process (and its p2pd) without blocking the event loop.
 
@@ -40,6 +44,10 @@ async def start_dht(
     kwargs: dict[str, Any] = {}
     if announce_maddrs:
         kwargs["announce_maddrs"] = list(announce_maddrs)
+    if identity_path is not None:
+        # p2pd's libp2p key (worker.llm.swarm.peer_proof); hivemind's "is it taken?" probe
+        # reads only RSA identities, and a fresh key is not taken
+        kwargs.update(identity_path=str(identity_path), check_if_identity_free=False)
     dht = DHT(
         initial_peers=list(initial_peers) or None,
         start=False,

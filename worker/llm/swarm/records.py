@@ -3,21 +3,30 @@
 Every server of a model stores one record under the model's key, `idlegrid.MODEL.servers`,
 in its own subkey: its peer id followed by `[owner:RSA public key]`. hivemind's
 `RSASignatureValidator` then requires the value to be signed with that key (every DHT peer
-of idlegrid runs it), so only the owner can write or refresh its
-record, and the signature covers the expiration time. Records expire after `ttl` seconds
-(30 by default) unless the server refreshes them; a stopping server announces itself
-offline.
+of idlegrid runs it), so only the owner can write or refresh its record, and the signature
+covers the expiration time. Records expire after `ttl` seconds (30 by default) unless the
+server refreshes them; a stopping server announces itself offline.
+
+A valid signature only proves who wrote a record, not whom it describes: anyone can sign a
+record in another peer's name with their own key (`VICTIM[owner:ATTACKER]`). So the peer
+must vouch for its owner key: every value carries `owner_proof`, the signature of
+`owner_message(peer id, owner key)` by the peer's libp2p key (`PeerKey`, the key its peer
+id embeds, which libp2p also authenticates every connection to that peer with). An owner
+key the peer never vouched for, or a proof copied from another subkey, does not verify.
 
 Readers trust nothing else: `parse_record` ignores any entry whose subkey is not
-`PEER_ID[owner:...]` naming the record's own peer, whose value has missing, unknown or
-mistyped fields, or whose blocks are outside the model. (hivemind's `SchemaValidator`
-is written for pydantic v1 models keyed by fixed field names, which fits neither these
+`PEER_ID[owner:KEY]` with KEY vouched for by PEER_ID, whose value has missing, unknown or
+mistyped fields, whose blocks are outside the model, or whose throughput is not a finite
+number within `MAX_THROUGHPUT` (positive once online). (hivemind's `SchemaValidator` is
+written for pydantic v1 models keyed by fixed field names, which fits neither these
 per-model keys nor this project's pydantic 2; the structure is checked here instead.)
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -28,11 +37,17 @@ from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
+from protocol.errors import SignatureInvalid
+from protocol.peer_ids import verify_peer_signature
+from worker.llm.swarm.peer_proof import PeerKey
+
 __all__ = [
+    "MAX_THROUGHPUT",
     "RECORD_VERSION",
     "Announcer",
     "ServerRecord",
     "ServerState",
+    "owner_message",
     "parse_record",
     "read_records",
     "servers_key",
@@ -40,9 +55,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RECORD_VERSION = 1
-# libp2p peer ids in base58 (no 0, O, I, l)
-_SUBKEY = re.compile(rb"([1-9A-HJ-NP-Za-km-z]{20,100})\[owner:[^\]]+\]")
+# 2: owner_proof
+RECORD_VERSION = 2
+# Tokens per second through a span that a record may claim. One token per step through even
+# one block takes a fraction of a millisecond of kernel launches on the fastest GPU; more is
+# a lie, and an unbounded number (inf, NaN) would win every route or break the planner.
+MAX_THROUGHPUT = 100_000.0
+# libp2p peer ids in base58 (no 0, O, I, l), then the key hivemind checked the signature with
+_SUBKEY = re.compile(rb"([1-9A-HJ-NP-Za-km-z]{20,100})\[owner:([^\]]+)\]")
 
 
 class ServerState(StrEnum):
@@ -77,7 +97,11 @@ class ServerRecord:
         return value
 
 
+_PROOF = "owner_proof"
+# hex characters of an owner proof (an Ed25519 signature has 128)
+_MAX_PROOF = 1024
 _FIELDS: dict[str, tuple[type, ...]] = {
+    _PROOF: (str,),
     "peer_id": (str,),
     "start": (int,),
     "end": (int,),
@@ -95,10 +119,31 @@ def servers_key(model: str) -> str:
     return f"idlegrid.{model}.servers"
 
 
+def owner_message(peer_id: str, owner_key: bytes) -> bytes:
+    """What a peer signs to vouch that `owner_key` (as in `[owner:...]`) writes its records."""
+    return b"idlegrid dht owner\n" + peer_id.encode() + b"\n" + owner_key
+
+
+@functools.lru_cache(maxsize=1024)
+def _vouched(peer_id: str, owner_key: bytes, proof: str) -> bool:
+    try:
+        verify_peer_signature(peer_id, owner_message(peer_id, owner_key), proof)
+    except (SignatureInvalid, ValueError):
+        return False
+    return True
+
+
+def _valid_throughput(value: float, state: ServerState) -> bool:
+    # (NaN fails every comparison, so it is refused here too)
+    low_ok = value > 0 if state == ServerState.ONLINE else value >= 0
+    return math.isfinite(value) and low_ok and value <= MAX_THROUGHPUT
+
+
 def parse_record(
     subkey: object, value: object, num_blocks: int | None = None
 ) -> ServerRecord | None:
-    """The record in one DHT entry, or None if it is not a well-formed, owned record.
+    """The record in one DHT entry, or None if it is not well-formed or its owner key is not
+    vouched for by the peer it describes.
 
     With `num_blocks`, records for a model of another size are refused too.
     """
@@ -120,8 +165,13 @@ def parse_record(
     start, end, total = value["start"], value["end"], value["num_blocks"]
     if not 0 <= start < end <= total or (num_blocks is not None and total != num_blocks):
         return None
-    if value["hidden_size"] <= 0 or value["throughput"] < 0 or value["cache_tokens"] < 0:
+    if value["hidden_size"] <= 0 or value["cache_tokens"] < 0:
         return None
+    if not _valid_throughput(float(value["throughput"]), state):
+        return None
+    proof = value[_PROOF]
+    if len(proof) > _MAX_PROOF or not _vouched(value["peer_id"], match.group(2), proof):
+        return None  # signed, but by someone the peer it describes never vouched for
     return ServerRecord(
         peer_id=value["peer_id"],
         start=start,
@@ -153,18 +203,38 @@ async def read_records(dht: DHT, model: str, num_blocks: int | None = None) -> l
 
 
 class Announcer:
-    """Writes one server's signed record for one model."""
+    """Writes one server's signed record for one model.
 
-    def __init__(self, dht: DHT, validator: RSASignatureValidator, model: str) -> None:
+    `validator` signs the records (hivemind's owner key); `peer_key`, the DHT's own libp2p
+    key, vouches for it once.
+    """
+
+    def __init__(
+        self, dht: DHT, validator: RSASignatureValidator, model: str, peer_key: PeerKey
+    ) -> None:
+        peer_id = str(dht.peer_id)
+        if peer_key.peer_id != peer_id:
+            raise ValueError(f"peer_key is {peer_key.peer_id}'s, not the DHT's ({peer_id})")
         self._dht = dht
         self._model = model
-        self._subkey = str(dht.peer_id).encode() + validator.local_public_key
+        self._subkey: bytes = peer_id.encode() + validator.local_public_key
+        match = _SUBKEY.fullmatch(self._subkey)
+        assert match is not None, "hivemind's owner marker changed"
+        self._proof = peer_key.sign(owner_message(peer_id, match.group(2)))
+
+    @property
+    def subkey(self) -> bytes:
+        return self._subkey
+
+    def value(self, record: ServerRecord) -> dict[str, Any]:
+        """What is stored for `record`: its fields and the owner proof."""
+        return {**record.to_value(), _PROOF: self._proof}
 
     async def announce(self, record: ServerRecord, ttl: float) -> bool:
         """Store `record` for `ttl` seconds; False if no DHT peer accepted it."""
         stored = await self._dht.store(
             servers_key(self._model),
-            record.to_value(),
+            self.value(record),
             expiration_time=get_dht_time() + ttl,
             subkey=self._subkey,
             return_future=True,

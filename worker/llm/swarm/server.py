@@ -2,9 +2,12 @@
 
 The RPC interface and its framing are in `worker.llm.swarm.wire`; this module implements
 the handlers (`_Handlers`). Sessions are bounded: each reserves `max_length` tokens of the
-server's `cache_tokens` budget until it closes, and a session idle for
-`session_idle_timeout` seconds is closed. Layer compute runs on one dedicated thread so the
-event loop keeps serving streams.
+server's `cache_tokens` budget until it closes, one peer may hold at most
+`peer_cache_share` of that budget and `max_streams_per_peer` streams (`PeerLimits`), and a
+stream that does no work for `session_idle_timeout` seconds is closed (requests without
+hidden states are answered but do not keep it open). A frame longer than the session can
+use is refused on its length, before it is read. Layer compute runs on one dedicated
+thread so the event loop keeps serving streams.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,19 +25,34 @@ from hivemind import DHT
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
+from hivemind.utils.crypto import RSAPrivateKey
 
 from worker.errors import ModelError
 from worker.llm.swarm.blocks import BlockSpan, ModelInfo, new_cache
 from worker.llm.swarm.dht import start_dht, stop_dht
+from worker.llm.swarm.limits import PeerLimits, Refused
+from worker.llm.swarm.peer_proof import PeerKey
 from worker.llm.swarm.placement import choose_blocks, coverage
-from worker.llm.swarm.records import Announcer, ServerRecord, ServerState, read_records
+from worker.llm.swarm.records import (
+    MAX_THROUGHPUT,
+    Announcer,
+    ServerRecord,
+    ServerState,
+    read_records,
+)
 from worker.llm.swarm.wire import (
     MAX_UNARY_BYTES,
-    BlockServicer,
+    BadFrame,
+    FrameTooLarge,
     error_response,
+    frame_limit,
+    handle_name,
     pack,
+    read_request,
     unpack,
+    write_response,
 )
 
 __all__ = ["BlockServer", "BlockServerConfig"]
@@ -68,22 +85,24 @@ class BlockServerConfig:
     # seconds between refreshes of the DHT record, and how long a record lives
     announce_interval: float = 10.0
     record_ttl: float = 30.0
-    # seconds after which a session with no request is closed
+    # seconds after which a stream that did no work (no hidden states) is closed
     session_idle_timeout: float = 60.0
     # attention-cache budget, in tokens, shared by all open sessions
     cache_tokens: int = 16384
+    # the most of `cache_tokens` one peer may hold at once (0.5: at least two peers fit)
+    peer_cache_share: float = 0.5
+    # rpc_inference streams one peer may have open at once
+    max_streams_per_peer: int = 8
     # seconds to wait for the DHT daemon to start
     startup_timeout: float = 60.0
-
-
-class _Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    # the libp2p key: p2pd's identity, the proof of our peer id to the coordinator, and the
+    # voucher for the key that signs our DHT records; None = a fresh one
+    peer_key: PeerKey | None = None
 
 
 @dataclass
 class _Session:
+    peer: str
     id: str
     start: int
     end: int
@@ -99,45 +118,97 @@ class _Handlers:
         self._server = server
 
     async def rpc_inference(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """One rpc_inference stream, read frame by frame (see `wire.read_request`)."""
         server = self._server
+        peer = str(info.peer_id)
+        with contextlib.closing(writer):
+            try:
+                server.limits.open_stream(peer)
+            except Refused as exc:
+                await self._send(writer, error_response(exc.code, str(exc)))
+                return
+            try:
+                await self._serve(peer, reader, writer)
+            finally:
+                server.limits.close_stream(peer)
+
+    async def _serve(
+        self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        server = self._server
+        idle = server.config.session_idle_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + idle
         session: _Session | None = None
         try:
             while True:
                 try:
-                    async with asyncio.timeout(server.config.session_idle_timeout):
-                        request = await anext(requests)
-                except StopAsyncIteration:
-                    return
+                    async with asyncio.timeout_at(deadline):
+                        request = await read_request(reader, server.frame_limit(session))
                 except TimeoutError:
-                    yield error_response(
-                        "idle",
-                        f"session idle for {server.config.session_idle_timeout:g}s; "
-                        "closed (open a new one and replay)",
+                    message = f"session idle for {idle:g}s; closed (open a new one and replay)"
+                    await self._send(writer, error_response("idle", message))
+                    return
+                except FrameTooLarge as exc:
+                    message = (
+                        f"{exc}: send at most the session's remaining tokens of hidden states "
+                        "(float32 or narrower) per request"
                     )
+                    await self._send(writer, error_response("too_large", message))
+                    return
+                except BadFrame as exc:
+                    await self._send(writer, error_response("bad_request", str(exc)))
+                    return
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # the caller hung up
+                if request is None:
                     return
                 try:
                     if session is None:
-                        session = server.open_session(unpack(request.metadata))
+                        session = server.open_session(peer, unpack(request.metadata))
+                        deadline = loop.time() + idle
                     if request.tensors:
                         output = await server.run_step(session, request.tensors[0])
-                        yield runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(output)])
+                        response = runtime_pb2.ExpertResponse(
+                            tensors=[serialize_torch_tensor(output)]
+                        )
+                        deadline = loop.time() + idle
                     else:
-                        yield runtime_pb2.ExpertResponse()
-                except _Refused as exc:
-                    yield error_response(exc.code, str(exc))
+                        # answered, but it does no work: it does not keep the session open
+                        response = runtime_pb2.ExpertResponse()
+                except Refused as exc:
+                    await self._send(writer, error_response(exc.code, str(exc)))
+                    return
+                except Exception:
+                    log.exception("an inference step failed")
+                    message = "this server failed on the step; route around it"
+                    await self._send(writer, error_response("failed", message))
+                    return
+                if not await self._send(writer, response):
                     return
         finally:
             if session is not None:
                 server.close_session(session)
+
+    async def _send(
+        self, writer: asyncio.StreamWriter, response: runtime_pb2.ExpertResponse
+    ) -> bool:
+        """Write one response; False if the caller does not take it within the idle timeout."""
+        try:
+            async with asyncio.timeout(self._server.config.session_idle_timeout):
+                await write_response(writer, response)
+        except (TimeoutError, ConnectionError):
+            return False
+        return True
 
     async def rpc_forward(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
         try:
             output = await self._server.run_forward(unpack(request.metadata), request.tensors)
-        except _Refused as exc:
+        except Refused as exc:
             return error_response(exc.code, str(exc))
         return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(output)])
 
@@ -159,6 +230,7 @@ class BlockServer:
         config: BlockServerConfig,
         model: ModelInfo,
         dht: DHT,
+        peer_key: PeerKey,
         announcer: Announcer,
         span: BlockSpan,
         throughput: float,
@@ -166,15 +238,17 @@ class BlockServer:
         self.config = config
         self.model = model
         self.dht = dht
+        self.peer_key = peer_key
         self.span = span
         self.throughput = throughput
         self.peer_id = str(dht.peer_id)
+        self.limits = PeerLimits(
+            config.cache_tokens, config.peer_cache_share, config.max_streams_per_peer
+        )
         self._announcer = announcer
         self._p2p: P2P | None = None
-        self._servicer = BlockServicer()
         self._handlers = _Handlers(self)
-        self._sessions: dict[str, _Session] = {}
-        self._reserved = 0
+        self._sessions: dict[tuple[str, str], _Session] = {}
         # one compute thread: steps of all sessions queue here, the event loop stays free
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="blocks")
         self._announce_task: asyncio.Task[None] | None = None
@@ -191,18 +265,25 @@ class BlockServer:
                     f"blocks {start}:{end} are outside {model.name}'s {model.num_blocks} blocks; "
                     f"use START:END with 0 <= START < END <= {model.num_blocks}"
                 )
-        dht = await start_dht(
-            initial_peers=config.initial_peers,
-            host_maddrs=config.host_maddrs,
-            announce_maddrs=config.announce_maddrs,
-            nat_port_map=config.nat_port_map,
-            client_mode=False,
-            validator=(validator := RSASignatureValidator()),
-            startup_timeout=config.startup_timeout,
-        )
+        peer_key = config.peer_key or PeerKey.generate()
+        # our own owner key for the DHT records (not hivemind's process-wide one), which
+        # peer_key vouches for
+        validator = RSASignatureValidator(RSAPrivateKey())
+        with peer_key.identity_file() as identity_path:
+            dht = await start_dht(
+                initial_peers=config.initial_peers,
+                host_maddrs=config.host_maddrs,
+                announce_maddrs=config.announce_maddrs,
+                nat_port_map=config.nat_port_map,
+                client_mode=False,
+                validator=validator,
+                startup_timeout=config.startup_timeout,
+                identity_path=identity_path,
+            )
         server: BlockServer | None = None
         try:
-            announcer = Announcer(dht, validator, model.name)
+            # (refuses a DHT whose peer id is not peer_key's)
+            announcer = Announcer(dht, validator, model.name, peer_key)
             if config.blocks is None:
                 records = await read_records(dht, model.name, model.num_blocks)
                 length = config.span_length or model.num_blocks
@@ -231,9 +312,11 @@ class BlockServer:
             span = await asyncio.to_thread(
                 BlockSpan.load, config.model_dir, start, end, config.dtype
             )
-            throughput = await asyncio.to_thread(span.measure_throughput)
-            log.info("blocks %d:%d run at %.1f tokens/s", start, end, throughput)
-            server = cls(config, model, dht, announcer, span, throughput)
+            measured = await asyncio.to_thread(span.measure_throughput)
+            log.info("blocks %d:%d run at %.1f tokens/s", start, end, measured)
+            # (readers ignore records beyond the cap; announce the most they believe)
+            throughput = min(measured, MAX_THROUGHPUT)
+            server = cls(config, model, dht, peer_key, announcer, span, throughput)
             await server._start()
         except BaseException:
             if server is not None:
@@ -244,8 +327,16 @@ class BlockServer:
         return server
 
     async def _start(self) -> None:
-        self._p2p = await self.dht.replicate_p2p()
-        await self._servicer.add_p2p_handlers(self._p2p, wrapper=self._handlers)
+        self._p2p = p2p = await self.dht.replicate_p2p()
+        handlers = self._handlers
+        await p2p.add_protobuf_handler(
+            handle_name("rpc_forward"), handlers.rpc_forward, runtime_pb2.ExpertRequest
+        )
+        await p2p.add_protobuf_handler(
+            handle_name("rpc_info"), handlers.rpc_info, runtime_pb2.ExpertUID
+        )
+        # a raw stream handler: frames are read here, so their length is checked first
+        await p2p.add_binary_stream_handler(handle_name("rpc_inference"), handlers.rpc_inference)
         await self._announce(ServerState.ONLINE)
         self._announce_task = asyncio.create_task(self._announce_loop(), name="announce")
 
@@ -259,7 +350,7 @@ class BlockServer:
 
     @property
     def free_cache_tokens(self) -> int:
-        return self.config.cache_tokens - self._reserved
+        return self.limits.free_tokens
 
     @property
     def session_count(self) -> int:
@@ -279,6 +370,7 @@ class BlockServer:
             "num_blocks": self.model.num_blocks,
             "throughput": self.throughput,
             "cache_tokens": self.free_cache_tokens,
+            "cache_tokens_per_peer": self.limits.peer_quota,
         }
 
     def _record(self, state: ServerState) -> ServerRecord:
@@ -308,20 +400,20 @@ class BlockServer:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def open_session(self, metadata: dict[str, Any]) -> _Session:
+    def open_session(self, peer: str, metadata: dict[str, Any]) -> _Session:
         if self._closed:
-            raise _Refused("closing", "this server is shutting down")
+            raise Refused("closing", "this server is shutting down")
         model = metadata.get("model")
         session_id = metadata.get("session_id")
         max_length = metadata.get("max_length")
         start = metadata.get("start", self.start)
         end = metadata.get("end", self.end)
         if model != self.model.name:
-            raise _Refused("bad_request", f"this server serves {self.model.name!r}, not {model!r}")
+            raise Refused("bad_request", f"this server serves {self.model.name!r}, not {model!r}")
         if not isinstance(session_id, str) or not 1 <= len(session_id) <= 128:
-            raise _Refused("bad_request", "session_id must be a string of 1-128 characters")
+            raise Refused("bad_request", "session_id must be a string of 1-128 characters")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-            raise _Refused(
+            raise Refused(
                 "bad_request", f"max_length must be a positive integer, got {max_length!r}"
             )
         if not (
@@ -329,28 +421,31 @@ class BlockServer:
             and isinstance(end, int)
             and self.start <= start < end <= self.end
         ):
-            raise _Refused(
+            raise Refused(
                 "bad_request",
                 f"blocks {start}:{end} are not within this server's {self.start}:{self.end}",
             )
-        if session_id in self._sessions:
-            raise _Refused("bad_request", f"session {session_id} is already open here")
-        if max_length > self.free_cache_tokens:
-            raise _Refused(
-                "busy",
-                f"a session of {max_length} tokens does not fit in the free attention cache "
-                f"({self.free_cache_tokens} of {self.config.cache_tokens} tokens)",
-            )
-        session = _Session(session_id, start, end, max_length, new_cache())
-        self._sessions[session_id] = session
-        self._reserved += max_length
+        if (peer, session_id) in self._sessions:
+            raise Refused("bad_request", f"session {session_id} is already open here")
+        self.limits.reserve(peer, max_length)
+        session = _Session(peer, session_id, start, end, max_length, new_cache())
+        self._sessions[peer, session_id] = session
         log.debug("opened session %s (%d tokens)", session_id, max_length)
         return session
 
     def close_session(self, session: _Session) -> None:
-        if self._sessions.pop(session.id, None) is not None:
-            self._reserved -= session.max_length
+        if self._sessions.pop((session.peer, session.id), None) is not None:
+            self.limits.release(session.peer, session.max_length)
             log.debug("closed session %s", session.id)
+
+    def frame_limit(self, session: _Session | None) -> int:
+        """The longest rpc_inference frame worth reading: hidden states for the tokens left
+        in `session`, or before one is open, for the most tokens one peer may reserve."""
+        if session is None:
+            tokens = self.limits.peer_quota
+        else:
+            tokens = session.max_length - session.position
+        return frame_limit(tokens, self.model.hidden_size)
 
     def _check_hidden(self, hidden: torch.Tensor, batch_one: bool) -> None:
         if (
@@ -360,7 +455,7 @@ class BlockServer:
             or (batch_one and hidden.shape[0] != 1)
         ):
             wanted = "[1, n, H]" if batch_one else "[B, n, H]"
-            raise _Refused(
+            raise Refused(
                 "bad_request",
                 f"expected hidden states {wanted} with H={self.model.hidden_size}, "
                 f"got {tuple(hidden.shape)}",
@@ -370,11 +465,11 @@ class BlockServer:
         try:
             hidden = deserialize_torch_tensor(serialized)
         except Exception as exc:
-            raise _Refused("bad_request", f"cannot read the hidden states: {exc}") from exc
+            raise Refused("bad_request", f"cannot read the hidden states: {exc}") from exc
         self._check_hidden(hidden, batch_one=True)
         new = hidden.shape[1]
         if session.position + new > session.max_length:
-            raise _Refused(
+            raise Refused(
                 "bad_request",
                 f"{session.position} + {new} tokens exceed the session's max_length "
                 f"{session.max_length}",
@@ -396,7 +491,7 @@ class BlockServer:
         self, metadata: dict[str, Any], tensors: list[runtime_pb2.Tensor]
     ) -> torch.Tensor:
         if metadata.get("model") != self.model.name:
-            raise _Refused(
+            raise Refused(
                 "bad_request",
                 f"this server serves {self.model.name!r}, not {metadata.get('model')!r}",
             )
@@ -407,18 +502,21 @@ class BlockServer:
             and isinstance(end, int)
             and self.start <= start < end <= self.end
         ):
-            raise _Refused(
+            raise Refused(
                 "bad_request",
                 f"blocks {start}:{end} are not within this server's {self.start}:{self.end}",
             )
         if len(tensors) != 1:
-            raise _Refused("bad_request", "send exactly one tensor")
-        hidden = deserialize_torch_tensor(tensors[0])
+            raise Refused("bad_request", "send exactly one tensor")
+        if len(tensors[0].buffer) > MAX_UNARY_BYTES:
+            raise Refused("too_large", "hidden states too large for rpc_forward; send fewer tokens")
+        try:
+            hidden = deserialize_torch_tensor(tensors[0])
+        except Exception as exc:
+            raise Refused("bad_request", f"cannot read the hidden states: {exc}") from exc
         self._check_hidden(hidden, batch_one=False)
         if hidden.numel() * hidden.element_size() > MAX_UNARY_BYTES:
-            raise _Refused(
-                "bad_request", "hidden states too large for rpc_forward; send fewer tokens"
-            )
+            raise Refused("too_large", "hidden states too large for rpc_forward; send fewer tokens")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._compute, self._forward, hidden, None, 0, start, end)
 
@@ -440,7 +538,9 @@ class BlockServer:
             # (the daemon may be gone already, e.g. after a Ctrl-C sent to the whole group)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(3):
-                    await self._servicer.remove_p2p_handlers(self._p2p)
+                    await self._p2p.remove_protobuf_handler(handle_name("rpc_forward"))
+                    await self._p2p.remove_protobuf_handler(handle_name("rpc_info"))
+                    await self._p2p.remove_binary_stream_handler(handle_name("rpc_inference"))
             await self._p2p.shutdown()
         for session in list(self._sessions.values()):
             self.close_session(session)

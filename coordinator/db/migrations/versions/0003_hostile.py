@@ -5,8 +5,9 @@ Revises: 0002_sql_queue
 Create Date: 2026-12-04
 
 Adds `balances.grants` (granted kudos not yet spent; existing accounts start at 0, so what
-they hold stays transferable), `jobs.grant_spent`, `jobs.verdict`, `workers.ip`, and the
-`nonces` and `invites` tables.
+they hold stays transferable), `jobs.grant_spent`, `jobs.verdict`, `jobs.client_ip`,
+`workers.ip`, the index `ix_jobs_verify_of` (a job's spot checks), and the `nonces` and
+`invites` tables.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ def upgrade() -> None:
             sa.Column("grant_spent", sa.BigInteger(), nullable=False, server_default="0")
         )
         batch.add_column(sa.Column("verdict", sa.String(16), nullable=True))
+        batch.add_column(sa.Column("client_ip", sa.String(64), nullable=True))
+        batch.create_index(
+            "ix_jobs_verify_of",
+            ["verify_of"],
+            sqlite_where=sa.text("verify_of IS NOT NULL"),
+            postgresql_where=sa.text("verify_of IS NOT NULL"),
+        )
     with op.batch_alter_table("workers") as batch:
         batch.add_column(sa.Column("ip", sa.String(64), nullable=True))
     op.create_table(
@@ -56,6 +64,8 @@ def downgrade() -> None:
     with op.batch_alter_table("workers") as batch:
         batch.drop_column("ip")
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_index("ix_jobs_verify_of")
+        batch.drop_column("client_ip")
         batch.drop_column("verdict")
         batch.drop_column("grant_spent")
     with op.batch_alter_table("balances") as batch:

@@ -1,8 +1,9 @@
-"""DHT announcements: only well-formed records signed by their owner are read back."""
+"""DHT announcements: only well-formed records signed by the peer they describe are read back."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,18 +16,29 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from worker.llm.swarm.dht import start_dht, stop_dht
+from worker.llm.swarm.peer_proof import PeerKey
 from worker.llm.swarm.placement import choose_blocks, coverage
 from worker.llm.swarm.records import (
+    MAX_THROUGHPUT,
+    RECORD_VERSION,
     Announcer,
     ServerRecord,
     ServerState,
+    owner_message,
     parse_record,
     read_records,
     servers_key,
 )
 
-PEER = "12D3KooWQ9xQwRiKe8ZtRLv99GPx2LgkQ1WDsxEfD4kQAPugpCop"
-OWNER = b"[owner:ssh-rsa AAAAB3NzaC1yc2E]"
+PEER_KEY = PeerKey.generate()
+PEER = PEER_KEY.peer_id
+OWNER_KEY = RSAPrivateKey().get_public_key().to_bytes()
+OWNER = b"[owner:" + OWNER_KEY + b"]"
+SUBKEY = PEER.encode() + OWNER
+PROOF = PEER_KEY.sign(owner_message(PEER, OWNER_KEY))
+# someone else's keys
+OTHER_KEY = PeerKey.generate()
+OTHER_OWNER = b"[owner:" + RSAPrivateKey().get_public_key().to_bytes() + b"]"
 
 
 def _value(**changes: Any) -> dict[str, Any]:
@@ -39,16 +51,20 @@ def _value(**changes: Any) -> dict[str, Any]:
         "throughput": 100.0,
         "cache_tokens": 1024,
         "state": "online",
-        "version": 1,
+        "version": RECORD_VERSION,
+        "owner_proof": PROOF,
     }
     value.update(changes)
     return value
 
 
 def test_a_well_formed_record_parses() -> None:
-    record = parse_record(PEER.encode() + OWNER, _value(), num_blocks=4)
+    record = parse_record(SUBKEY, _value(), num_blocks=4)
     assert record == ServerRecord(PEER, 0, 2, 4, 64, 100.0, 1024, ServerState.ONLINE)
-    assert parse_record(PEER.encode() + OWNER, record.to_value()) == record
+    assert parse_record(SUBKEY, {**record.to_value(), "owner_proof": PROOF}) == record
+    # at the cap, and 0 while joining (not measured yet)
+    assert parse_record(SUBKEY, _value(throughput=MAX_THROUGHPUT)) is not None
+    assert parse_record(SUBKEY, _value(throughput=0.0, state="joining")) is not None
 
 
 @pytest.mark.parametrize(
@@ -56,19 +72,34 @@ def test_a_well_formed_record_parses() -> None:
     [
         pytest.param(PEER.encode(), _value(), id="subkey without an owner key (unsigned)"),
         pytest.param(PEER, _value(), id="subkey not bytes"),
-        pytest.param(b"12D3KooWsomeoneElse1234567" + OWNER, _value(), id="another peer's id"),
-        pytest.param(PEER.encode() + OWNER, _value(extra=1), id="unknown field"),
-        pytest.param(PEER.encode() + OWNER, {"peer_id": PEER}, id="missing fields"),
-        pytest.param(PEER.encode() + OWNER, _value(start=2, end=2), id="start == end"),
-        pytest.param(PEER.encode() + OWNER, _value(start=3, end=1), id="start > end"),
-        pytest.param(PEER.encode() + OWNER, _value(end=5), id="beyond the model"),
-        pytest.param(PEER.encode() + OWNER, _value(start=-1), id="negative start"),
-        pytest.param(PEER.encode() + OWNER, _value(start="0"), id="string start"),
-        pytest.param(PEER.encode() + OWNER, _value(start=True), id="bool start"),
-        pytest.param(PEER.encode() + OWNER, _value(state="dancing"), id="unknown state"),
-        pytest.param(PEER.encode() + OWNER, _value(version=2), id="unknown version"),
-        pytest.param(PEER.encode() + OWNER, _value(throughput=-1.0), id="negative throughput"),
-        pytest.param(PEER.encode() + OWNER, [1, 2], id="not a map"),
+        pytest.param(OTHER_KEY.peer_id.encode() + OWNER, _value(), id="another peer's id"),
+        pytest.param(SUBKEY, _value(extra=1), id="unknown field"),
+        pytest.param(SUBKEY, {"peer_id": PEER}, id="missing fields"),
+        pytest.param(SUBKEY, _value(start=2, end=2), id="start == end"),
+        pytest.param(SUBKEY, _value(start=3, end=1), id="start > end"),
+        pytest.param(SUBKEY, _value(end=5), id="beyond the model"),
+        pytest.param(SUBKEY, _value(start=-1), id="negative start"),
+        pytest.param(SUBKEY, _value(start="0"), id="string start"),
+        pytest.param(SUBKEY, _value(start=True), id="bool start"),
+        pytest.param(SUBKEY, _value(state="dancing"), id="unknown state"),
+        pytest.param(SUBKEY, _value(version=1), id="old version (no owner proof)"),
+        pytest.param(SUBKEY, _value(throughput=-1.0), id="negative throughput"),
+        pytest.param(SUBKEY, _value(throughput=math.inf), id="infinite throughput"),
+        pytest.param(SUBKEY, _value(throughput=math.nan), id="NaN throughput"),
+        pytest.param(SUBKEY, _value(throughput=MAX_THROUGHPUT * 2), id="throughput past the cap"),
+        pytest.param(SUBKEY, _value(throughput=0.0), id="online with zero throughput"),
+        pytest.param(SUBKEY, [1, 2], id="not a map"),
+        # the owner key must be one the peer vouched for
+        pytest.param(PEER.encode() + OTHER_OWNER, _value(), id="VICTIM[owner:ATTACKER]"),
+        pytest.param(
+            SUBKEY,
+            _value(owner_proof=OTHER_KEY.sign(owner_message(PEER, OWNER_KEY))),
+            id="proof signed by another peer key",
+        ),
+        pytest.param(SUBKEY, _value(owner_proof="00" * 64), id="bogus proof"),
+        pytest.param(SUBKEY, _value(owner_proof="not hex"), id="proof not hex"),
+        pytest.param(SUBKEY, _value(owner_proof=1), id="proof not a string"),
+        pytest.param(SUBKEY, _value(owner_proof="ab" * 4096), id="huge proof"),
     ],
 )
 def test_malformed_records_are_ignored(subkey: object, value: object) -> None:
@@ -76,7 +107,7 @@ def test_malformed_records_are_ignored(subkey: object, value: object) -> None:
 
 
 def test_a_record_for_a_model_of_another_size_is_ignored() -> None:
-    assert parse_record(PEER.encode() + OWNER, _value(), num_blocks=3) is None
+    assert parse_record(SUBKEY, _value(), num_blocks=3) is None
 
 
 @pytest.mark.parametrize(
@@ -165,12 +196,15 @@ async def dhts() -> AsyncIterator[list[DHT]]:
 async def test_forged_and_malformed_records_are_ignored_valid_ones_seen(dhts: list[DHT]) -> None:
     model, num_blocks = "forge-test", 4
     honest_key = RSASignatureValidator(RSAPrivateKey())
-    honest = await start_dht(
-        initial_peers=(),
-        host_maddrs=("/ip4/127.0.0.1/tcp/0",),
-        client_mode=False,
-        validator=honest_key,
-    )
+    honest_peer_key = PeerKey.generate()
+    with honest_peer_key.identity_file() as identity_path:
+        honest = await start_dht(
+            initial_peers=(),
+            host_maddrs=("/ip4/127.0.0.1/tcp/0",),
+            client_mode=False,
+            validator=honest_key,
+            identity_path=identity_path,
+        )
     dhts.append(honest)
     peers = [str(maddr) for maddr in honest.get_visible_maddrs()]
     sloppy_key = RSASignatureValidator(RSAPrivateKey())
@@ -181,11 +215,12 @@ async def test_forged_and_malformed_records_are_ignored_valid_ones_seen(dhts: li
     dhts.extend([sloppy, forger, reader, blind])
 
     good = ServerRecord(str(honest.peer_id), 0, 2, num_blocks, 64, 50.0, 512, ServerState.ONLINE)
-    assert await Announcer(honest, honest_key, model).announce(good, ttl=60)
+    announcer = Announcer(honest, honest_key, model, honest_peer_key)
+    assert await announcer.announce(good, ttl=60)
 
     key, expires = servers_key(model), get_dht_time() + 60
-    victim_subkey = str(honest.peer_id).encode() + honest_key.local_public_key
-    forged = {**good.to_value(), "start": 2, "end": 4}
+    victim_subkey = announcer.subkey
+    forged = {**announcer.value(good), "start": 2, "end": 4}
     # a record in the honest server's name, not signed with its key
     await forger.store(key, forged, expires, subkey=victim_subkey, return_future=True)
     # an unprotected record (no owner key in the subkey)
@@ -193,7 +228,7 @@ async def test_forged_and_malformed_records_are_ignored_valid_ones_seen(dhts: li
     await forger.store(
         key, other.to_value(), expires, subkey=str(forger.peer_id).encode(), return_future=True
     )
-    # correctly signed by its owner, but malformed
+    # correctly signed by its owner, but malformed (and the owner is not vouched for)
     sloppy_subkey = str(sloppy.peer_id).encode() + sloppy_key.local_public_key
     bad = {**other.to_value(), "peer_id": str(sloppy.peer_id), "start": 3, "end": 3}
     assert await sloppy.store(key, bad, expires, subkey=sloppy_subkey, return_future=True)

@@ -148,17 +148,21 @@ async def _wait_free_cache(client: SwarmClient, server: Server, tokens: int) -> 
             await asyncio.sleep(0.05)
 
 
-async def test_sessions_beyond_the_cache_budget_are_refused(
+async def test_sessions_beyond_a_peers_cache_share_are_refused(
     servers: dict[str, Server], full_model: torch.nn.Module
 ) -> None:
     alpha = servers["alpha"]
     async with swarm_client("llm", alpha, retry_budget=1.5) as client:
-        async with client.session(max_length=200) as big:
+        info = await client.info(alpha.peer_id)
+        assert info["cache_tokens_per_peer"] == 128  # half of 256, the default share
+        async with client.session(max_length=120) as big:
             await big.step(_embed(full_model, PROMPT))
-            assert (await client.info(alpha.peer_id))["cache_tokens"] == 256 - 200
+            assert (await client.info(alpha.peer_id))["cache_tokens"] == 256 - 120
             began = time.monotonic()
             async with client.session(max_length=100) as second:
-                with pytest.raises(SwarmStepFailed, match=r"does not fit .*\(56 of 256 tokens\)"):
+                with pytest.raises(
+                    SwarmStepFailed, match=r"holds 120 of at most 128 of 256 tokens per peer"
+                ):
                     await second.step(_embed(full_model, PROMPT))
             assert time.monotonic() - began < 10
         # closing the stream frees the session; then the same request fits
