@@ -63,18 +63,24 @@ def result_message(job_id: str, params_digest: str, image_digest: str) -> bytes:
 
 
 def text_result_message(
-    job_id: str, params_digest: str, text: str, spans: list[dict[str, Any]]
+    job_id: str,
+    params_digest: str,
+    text: str,
+    spans: list[dict[str, Any]],
+    checks: list[dict[str, Any]] | None = None,
 ) -> bytes:
-    """What a text gateway signs: the job, its exact parameters, the text and who served it."""
-    return canonical_json(
-        {
-            "domain": "idlegrid/text-result/v1",
-            "job": job_id,
-            "params": params_digest,
-            "text": sha256_hex(text.encode()),
-            "spans": spans,
-        }
-    )
+    """What a text gateway signs: the job, its exact parameters, the text, who served it
+    and (when it made any) its spot checks of the servers."""
+    body: dict[str, Any] = {
+        "domain": "idlegrid/text-result/v1",
+        "job": job_id,
+        "params": params_digest,
+        "text": sha256_hex(text.encode()),
+        "spans": spans,
+    }
+    if checks:
+        body["checks"] = checks
+    return canonical_json(body)
 
 
 def account_binding(api_key: str | None) -> str:

@@ -28,6 +28,7 @@ __all__ = [
     "PeerLink",
     "PeerLinked",
     "ServedSpan",
+    "ServerCheck",
     "TextDelta",
     "TextDeltaAccepted",
     "TextFailure",
@@ -226,6 +227,31 @@ class ServedSpan(_Request):
         return self
 
 
+class ServerCheck(_Request):
+    """A gateway's spot check of block server `peer_id`: it re-ran one step of blocks
+    [start, end) on other servers (`checkers`: the second server and, after a disagreement,
+    the third that decided) and compared the hidden states within a tolerance.
+
+    `agree`: the second server matched. `wrong`: the others matched each other and not
+    `peer_id` (when the second server was the odd one out, the gateway reports it as the
+    wrong one, checked by `peer_id` and the referee). `undecided`: no third server could
+    decide a disagreement."""
+
+    peer_id: str = Field(min_length=1, max_length=128)
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+    checkers: list[str] = Field(min_length=1, max_length=2)
+    verdict: Literal["agree", "wrong", "undecided"]
+
+    @model_validator(mode="after")
+    def _valid(self) -> ServerCheck:
+        if self.end <= self.start:
+            raise ValueError("end must be greater than start")
+        if self.peer_id in self.checkers or len(set(self.checkers)) != len(self.checkers):
+            raise ValueError("checkers must be other servers than peer_id, each once")
+        return self
+
+
 class TextResultSubmit(_Request):
     text: ModelText = Field(
         max_length=MAX_NEW_TOKENS * MAX_CHARS_PER_TOKEN,
@@ -235,6 +261,9 @@ class TextResultSubmit(_Request):
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0, le=MAX_NEW_TOKENS)
     spans: list[ServedSpan] = Field(max_length=4096)
+    checks: list[ServerCheck] = Field(
+        default=[], max_length=64, description="the gateway's spot checks of block servers"
+    )
     signature: str = Field(pattern=r"^[0-9a-f]{128}$", description="over text_result_message")
 
 

@@ -368,10 +368,11 @@ async def text_result(request: web.Request, call: Call) -> TextResultAccepted:
             "it may have been given to another"
         )
     spans = [span.model_dump() for span in body.spans]
+    checks = [check.model_dump() for check in body.checks]
     try:
         verify(
             worker.public_key,
-            text_result_message(job.id, job.params_hash, body.text, spans),
+            text_result_message(job.id, job.params_hash, body.text, spans, checks),
             body.signature,
         )
     except SignatureInvalid:

@@ -257,9 +257,12 @@ class CoordinatorLink:
         prompt_tokens: int,
         completion_tokens: int,
         spans: list[dict[str, Any]],
+        checks: list[dict[str, Any]] | None = None,
     ) -> TextResultAccepted:
-        message = text_result_message(job.id, job.params_hash, text, spans)
-        body = {
+        """Report a finished text job: its text, usage, who served it and the gateway's
+        spot checks of those servers (protocol.text.ServerCheck), signed."""
+        message = text_result_message(job.id, job.params_hash, text, spans, checks)
+        body: dict[str, Any] = {
             "text": text,
             "finish_reason": finish_reason,
             "prompt_tokens": prompt_tokens,
@@ -267,6 +270,8 @@ class CoordinatorLink:
             "spans": spans,
             "signature": self._identity.sign(message),
         }
+        if checks:
+            body["checks"] = checks
         return await self._call(f"/api/v1/text/jobs/{job.id}/result", body, TextResultAccepted)
 
     async def fail_text(self, job_id: str, reason: str, retry: bool) -> TextStatus:
