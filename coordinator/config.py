@@ -175,6 +175,10 @@ class CoordinatorConfig:
     # a spot check never goes to a worker at the checked worker's client IP (nor, always,
     # of its owner); off (`--allow-same-ip-checks`) for a network on one host or LAN
     verify_distinct_ip: bool = True
+    # a text spot check agrees when the two texts are equal or share their first this many
+    # characters (floating-point drift across machines can flip a near-tie late in a long
+    # generation); 0 = only equal texts agree (coordinator.economy.text_checks)
+    text_check_prefix_chars: int = 256
 
     # bounds, rate limits and client addresses
     # a lease is extended (progress, streamed text) at most until this many times the job's

@@ -137,10 +137,27 @@ def _add_verification(group: argparse._ArgumentGroup) -> None:
         "checks go to another address; turn on for a network on one host or LAN). A check "
         "never goes to a worker of the same owner either way",
     )
+    group.add_argument(
+        "--text-check-prefix",
+        type=int,
+        default=CoordinatorConfig(data_dir=Path(".")).text_check_prefix_chars,
+        metavar="CHARS",
+        help="a gateway's text spot check agrees when the two texts are equal or share "
+        "their first CHARS characters (late floating-point drift); 0 = only equal texts "
+        "(default %(default)s)",
+    )
 
 
 def _verification(args: argparse.Namespace) -> dict[str, Any]:
-    return {"verify_distinct_ip": not args.allow_same_ip_checks}
+    if args.text_check_prefix < 0:
+        raise SystemExit(
+            f"--text-check-prefix {args.text_check_prefix}: must be 0 (only equal texts "
+            "agree) or a number of characters"
+        )
+    return {
+        "verify_distinct_ip": not args.allow_same_ip_checks,
+        "text_check_prefix_chars": args.text_check_prefix,
+    }
 
 
 # --- bounds, rate limits and client addresses ---------------------------------------------

@@ -26,6 +26,8 @@ How it works (see README "The kudos economy" and "Threat model"):
   for every job size. The time is counted from the lease, or from the worker's previous
   result if that came later: leasing many jobs at once buys no time.
 - `pause_after_suspicions` suspicions pause the worker: its pops get 403.
+- Text jobs use the same verdicts (`pass_check`, `fail_check`, `judge`): gateways are
+  re-run by gateways, block servers checked by gateways (coordinator.economy.text_checks).
 """
 
 from __future__ import annotations
@@ -51,8 +53,13 @@ __all__ = [
     "GRANT_REASONS",
     "after_result",
     "checks_for",
+    "fail_check",
+    "independent",
+    "judge",
     "pay_worker",
+    "pass_check",
     "pending_account",
+    "queue_check_if_refereed",
     "record_check",
     "record_poll",
     "related",
@@ -152,6 +159,13 @@ def related(config: CoordinatorConfig, candidate: Any, other: Any) -> ColumnElem
     return same
 
 
+def independent(config: CoordinatorConfig, one: Any, other: Any) -> bool:
+    """Two rows of `workers` are independent: `related`'s rule, in Python."""
+    if one.id == other.id or one.account_id == other.account_id:
+        return False
+    return not (config.verify_distinct_ip and one.ip is not None and one.ip == other.ip)
+
+
 def checks_for(
     config: CoordinatorConfig, me: Row[Any], pending: ColumnElement[bool], limit: int
 ) -> Select[Any]:
@@ -206,11 +220,12 @@ async def _suspect(
 
 
 async def _queue_check(conn: AsyncConnection, original: Row[Any], account_id: int) -> None:
-    """Queue a verification job re-running `original` (same seed and parameters)."""
+    """Queue a verification job re-running `original`, an image or a text job (same seed
+    and parameters; only trusted workers pop it: coordinator.jobs.lifecycle)."""
     await conn.execute(
         jobs.insert().values(
             id=str(uuid.uuid4()),
-            kind="image",
+            kind=original.kind,
             account_id=account_id,
             state="queued",
             params=original.params,
@@ -274,7 +289,19 @@ async def after_result(
         )
     if not too_fast and random.random() >= spot_check_rate(config, worker):
         return
-    # Only when an independent trusted worker is around to run it; else the held kudos wait.
+    await queue_check_if_refereed(conn, config, worker, job, now, verification_account)
+
+
+async def queue_check_if_refereed(
+    conn: AsyncConnection,
+    config: CoordinatorConfig,
+    worker: Row[Any],
+    job: Row[Any],
+    now: float,
+    verification_account: int,
+) -> None:
+    """Queue a check of `job` by `worker`, only when an independent trusted worker is around
+    to run it; else the held kudos wait."""
     referee = (
         await conn.execute(
             select(workers.c.id)
@@ -313,60 +340,65 @@ async def _disputed_hold(conn: AsyncConnection, pending: int) -> int:
     return int(held)
 
 
-async def _release(
-    conn: AsyncConnection,
-    config: CoordinatorConfig,
-    suspect: Row[Any],
-    original: Row[Any],
-    check: Row[Any],
+async def pass_check(
+    conn: AsyncConnection, config: CoordinatorConfig, worker_id: str, job_id: str, key: str
 ) -> None:
-    """The original was right: count the pass, maybe trust, pay out what is held (except
-    for other jobs still in dispute)."""
+    """A check found `worker_id`'s work on `job_id` right: count the pass, maybe trust, pay
+    out what is held (except for other jobs still in dispute). `key` names the check."""
+    suspect = (await conn.execute(select(workers).where(workers.c.id == worker_id))).one()
     passed = suspect.checks_passed + 1
     values: dict[str, Any] = {"checks_passed": passed}
     if passed >= config.trust_after_checks and suspect.suspicion == 0:
         values["trusted"] = 1
-    await conn.execute(update(workers).where(workers.c.id == suspect.id).values(values))
-    pending = await pending_account(conn, suspect.id)
+    await conn.execute(update(workers).where(workers.c.id == worker_id).values(values))
+    pending = await pending_account(conn, worker_id)
     releasable = await balance(conn, pending) - await _disputed_hold(conn, pending)
     if releasable > 0:
         await post_entry(
             conn,
             reason="release",
-            key=f"release:{check.id}",
-            job_id=original.id,
+            key=f"release:{key}",
+            job_id=job_id,
             moves=[(pending, -releasable), (suspect.account_id, releasable)],
         )
 
 
-async def _penalise(
+async def fail_check(
     conn: AsyncConnection,
     config: CoordinatorConfig,
-    suspect: Row[Any],
-    original: Row[Any],
-    check: Row[Any],
+    worker_id: str,
+    job_id: str,
+    key: str,
     why: str,
-    verifier_id: str,
-    verified_images: list[tuple[int, str, str]],
 ) -> None:
-    """The original was wrong: suspicion, everything held forfeited, the requester gets the
-    verifier's images."""
+    """A decided check found `worker_id`'s work on `job_id` wrong: a failed check, a
+    suspicion (trust lost, maybe paused), everything held forfeited to the grants account.
+    `key` names the check."""
     await conn.execute(
         update(workers)
-        .where(workers.c.id == suspect.id)
+        .where(workers.c.id == worker_id)
         .values(checks_failed=workers.c.checks_failed + 1)
     )
-    await _suspect(conn, config, suspect.id, why)
-    pending = await pending_account(conn, suspect.id)
+    await _suspect(conn, config, worker_id, why)
+    pending = await pending_account(conn, worker_id)
     held = await balance(conn, pending)
     if held:
         await post_entry(
             conn,
             reason="forfeit",
-            key=f"forfeit:{check.id}",
-            job_id=original.id,
+            key=f"forfeit:{key}",
+            job_id=job_id,
             moves=[(pending, -held), (await _system_id(conn, GRANTS), held)],
         )
+
+
+async def _replace_images(
+    conn: AsyncConnection,
+    original: Row[Any],
+    verifier_id: str,
+    verified_images: list[tuple[int, str, str]],
+) -> None:
+    """A convicted original: the requester gets the verifier's images."""
     for index, sha256, signature in verified_images:
         await conn.execute(
             update(results)
@@ -375,25 +407,21 @@ async def _penalise(
         )
 
 
-async def record_check(
+async def judge(
     conn: AsyncConnection,
     config: CoordinatorConfig,
     check: Row[Any],
-    verifier_id: str,
-    verifier_account: int,
-    outcome: Outcome,
-    verified_images: list[tuple[int, str, str]],
-) -> tuple[int, int]:
-    """Apply what verification job `check` found (its images: index, sha256, signature);
-    returns what the verifier was paid (now, held)."""
-    original = (await conn.execute(select(jobs).where(jobs.c.id == check.verify_of))).one()
-    suspect = (await conn.execute(select(workers).where(workers.c.id == original.worker_id))).one()
-    if outcome == "check unreadable":
-        # The verifier's own image cannot be decoded: no verdict, no pay; another checks.
-        await _suspect(conn, config, verifier_id, f"its spot check {check.id} sent a broken PNG")
-        await _queue_check(conn, original, check.account_id)
-        return 0, 0
-    verdict = "agree" if outcome == "agree" else "disagree"
+    original: Row[Any],
+    agree: bool,
+    *,
+    convict: str | None = None,
+) -> bool:
+    """Record verification job `check`'s verdict on `original` (a job of any kind) and
+    apply the quorum of two: agreement releases the original's worker and suspects whoever
+    disagreed before; a second disagreement (or `convict`, a reason to convict at once)
+    fails its check; a first one queues another independent check. True if convicted (the
+    caller replaces the original's results with the verifier's)."""
+    verdict = "agree" if agree else "disagree"
     await conn.execute(update(jobs).where(jobs.c.id == check.id).values(verdict=verdict))
     dissenters = (
         (
@@ -408,22 +436,53 @@ async def record_check(
         .scalars()
         .all()
     )
-    if verdict == "agree":
-        await _release(conn, config, suspect, original, check)
+    if agree:
+        await pass_check(conn, config, original.worker_id, original.id, check.id)
         for dissenter in dissenters:
             await _suspect(
                 conn, config, dissenter, f"outvoted on its spot check of job {original.id}"
             )
-    elif outcome == "original unreadable" or dissenters:
-        why = (
+        return False
+    if convict is not None or dissenters:
+        why = convict or f"two spot checks of job {original.id} disagreed"
+        await fail_check(conn, config, original.worker_id, original.id, check.id, why)
+        return True
+    # One verifier's word is not final: a second, independent one decides.
+    await _queue_check(conn, original, check.account_id)
+    return False
+
+
+async def record_check(
+    conn: AsyncConnection,
+    config: CoordinatorConfig,
+    check: Row[Any],
+    verifier_id: str,
+    verifier_account: int,
+    outcome: Outcome,
+    verified_images: list[tuple[int, str, str]],
+) -> tuple[int, int]:
+    """Apply what verification job `check` found (its images: index, sha256, signature);
+    returns what the verifier was paid (now, held)."""
+    original = (await conn.execute(select(jobs).where(jobs.c.id == check.verify_of))).one()
+    if outcome == "check unreadable":
+        # The verifier's own image cannot be decoded: no verdict, no pay; another checks.
+        await _suspect(conn, config, verifier_id, f"its spot check {check.id} sent a broken PNG")
+        await _queue_check(conn, original, check.account_id)
+        return 0, 0
+    convicted = await judge(
+        conn,
+        config,
+        check,
+        original,
+        outcome == "agree",
+        convict=(
             f"its image of job {original.id} cannot be decoded"
             if outcome == "original unreadable"
-            else f"two spot checks of job {original.id} disagreed"
-        )
-        await _penalise(conn, config, suspect, original, check, why, verifier_id, verified_images)
-    else:
-        # One verifier's word is not final: a second, independent one decides.
-        await _queue_check(conn, original, check.account_id)
+            else None
+        ),
+    )
+    if convicted:
+        await _replace_images(conn, original, verifier_id, verified_images)
     # The verifier did real work: paid like the original, from the grants account.
     return await pay_worker(
         conn,

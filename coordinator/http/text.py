@@ -348,8 +348,9 @@ async def text_delta(request: web.Request, call: Call) -> TextDeltaAccepted:
 @API.route(
     "POST",
     "/api/v1/text/jobs/{job_id}/result",
-    summary="Finish a leased text job with the signed text and usage report; the "
-    "coordinator charges the requester, pays the block servers' owners, refunds the rest",
+    summary="Finish a leased text job with the signed text, usage report and spot checks "
+    "of block servers; the coordinator charges the requester, pays the block servers' "
+    "owners, refunds the rest (a spot check of another gateway's job charges nobody)",
     body=TextResultSubmit,
     response=TextResultAccepted,
     auth="worker",
@@ -384,7 +385,12 @@ async def text_result(request: web.Request, call: Call) -> TextResultAccepted:
             f"(POST /api/v1/text/jobs/{job.id}/fail)"
         )
     settled = await text_jobs.complete_text_job(store, worker, job, body, model)
-    request.app[SIGNALS].job_changed(job.id)
+    signals = request.app[SIGNALS]
+    signals.job_changed(job.id)
+    if settled.verified is not None:
+        signals.job_changed(settled.verified)  # a conviction replaces its text
+    # the result may have scheduled a spot check for a trusted gateway
+    signals.job_queued("text", job.model)
     return TextResultAccepted(
         id=job.id,
         kudos_charged=settled.charged,

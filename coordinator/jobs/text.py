@@ -9,7 +9,8 @@ the settlement that charges the requester for the work done and pays every block
 owner from the gateway's signed report -- one ledger entry, one transaction.
 
 The report is checked against what it could be: every span inside the model's blocks and
-served by a linked peer, the spans covering every block for the tokens claimed. The charge
+served by a linked peer, the spans covering every block for the tokens claimed, every spot
+check of a server on blocks it served (coordinator.economy.text_checks applies them). The charge
 is the catalog's price of those tokens through the model once (replays are the network's
 cost), never more than the reservation.
 """
@@ -27,11 +28,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.accounts import Account
 from coordinator.db import nonces
-from coordinator.db.database import ESCROW
+from coordinator.db.database import ESCROW, GRANTS, VERIFICATION
 from coordinator.db.ledger import post_entry
 from coordinator.db.schema import jobs, text_models, text_outputs, worker_peers, workers
 from coordinator.db.tx import now
-from coordinator.economy import trust
+from coordinator.economy import text_checks, trust
 from coordinator.errors import BadRequest, Conflict
 from coordinator.jobs.lifecycle import Lifecycle
 from coordinator.workers import Worker
@@ -97,6 +98,7 @@ class Settlement:
     charged: int
     refunded: int
     paid: dict[int, int]  # account id -> kudos
+    verified: str | None = None  # for a spot check: the job it re-ran
 
 
 def _text_query() -> Any:
@@ -271,7 +273,7 @@ async def _start_text(conn: AsyncConnection, row: Row[Any]) -> None:
 async def pop_text_job(store: Lifecycle, worker: Worker, models: Sequence[str]) -> TextJob | None:
     """Lease the best queued text job for one of `models` (see Lifecycle.pop)."""
     fits = (jobs.c.kind == "text") & jobs.c.model.in_(list(models))
-    leased = await store.pop(worker, fits, on_lease=_start_text)
+    leased = await store.pop(worker, fits, take_checks=True, on_lease=_start_text)
     if leased is None:
         return None
     return await get_text_job(store, leased.id)
@@ -334,6 +336,42 @@ async def _peer_workers(conn: AsyncConnection, peer_ids: set[str]) -> dict[str, 
     return {peer: (wid, int(acc)) for peer, wid, acc in (await conn.execute(query)).all()}
 
 
+def _check_checks(result: TextResultSubmit, model: TextModel) -> list[tuple[str, str]]:
+    """The gateway's spot checks that the job could not have made: blocks outside the
+    model, blocks that neither the checked server nor its checkers served in this job, a
+    `wrong` that no referee decided."""
+    served: dict[str, list[tuple[int, int]]] = {}
+    for span in result.spans:
+        served.setdefault(span.peer_id, []).append((span.start, span.end))
+    problems: list[tuple[str, str]] = []
+    for i, check in enumerate(result.checks):
+        if check.end > model.blocks:
+            problems.append((f"checks[{i}].end", f"model {model.name} has {model.blocks} blocks"))
+        elif not any(
+            a <= check.start and check.end <= b
+            for peer in (check.peer_id, *check.checkers)
+            for a, b in served.get(peer, [])
+        ):
+            # (the checked server is usually the one that served the span; when the second
+            # server was the odd one out, it is the checked one and the server of the span
+            # is among its checkers)
+            problems.append(
+                (
+                    f"checks[{i}].peer_id",
+                    f"neither peer {check.peer_id} nor its checkers served a span holding "
+                    f"blocks {check.start}:{check.end} in this job's spans",
+                )
+            )
+        if check.verdict == "wrong" and len(check.checkers) < 2:
+            problems.append(
+                (
+                    f"checks[{i}].checkers",
+                    "a 'wrong' verdict names the second server and the referee that decided",
+                )
+            )
+    return problems
+
+
 def _check_report(job: TextJob, result: TextResultSubmit, model: TextModel) -> None:
     """BadRequest naming every part of the report that the job could not have made."""
     params = job.params
@@ -377,6 +415,7 @@ def _check_report(job: TextJob, result: TextResultSubmit, model: TextModel) -> N
         problems.append(
             ("spans", f"block {over} ran {ran[over]} tokens, more than the job could ({most})")
         )
+    problems += _check_checks(result, model)
     if problems:
         raise BadRequest(
             "the usage report does not fit the job: " + "; ".join(f"{f} {m}" for f, m in problems),
@@ -388,11 +427,16 @@ async def complete_text_job(
     store: Lifecycle, worker: Worker, job: TextJob, result: TextResultSubmit, model: TextModel
 ) -> Settlement:
     """Finish the job: store the text, charge the work done, pay the block servers' owners
-    (by block-tokens served) and the gateway's owner, refund the rest -- one transaction,
-    one ledger entry per movement (refund, then each worker's pay from escrow)."""
+    (by block-tokens served) and the gateway's owner, refund the rest, apply the gateway's
+    spot checks of its servers and maybe schedule a check of the gateway -- one
+    transaction, one ledger entry per movement (refund, then each worker's pay from escrow).
+
+    A verification job (a trusted gateway re-running another's job) charges nobody: its
+    workers are paid from the grants account, at most what the checked job reserved, and
+    its text decides the check (coordinator.economy.text_checks)."""
     _check_report(job, result, model)
     async with store.begin() as conn:
-        await store.finish(conn, worker, job.id)
+        row = await store.finish(conn, worker, job.id)
         peers = {span.peer_id for span in result.spans}
         linked = await _peer_workers(conn, peers)
         unlinked = sorted(peers - linked.keys())
@@ -403,6 +447,11 @@ async def complete_text_job(
                 "start (`idlegrid worker blocks --coordinator ...`), and only they are paid",
                 [("spans", f"peer {unlinked[0]} is not linked to a worker")],
             )
+        checked = (
+            None
+            if row.verify_of is None
+            else (await conn.execute(select(jobs).where(jobs.c.id == row.verify_of))).one()
+        )
         # block-tokens per paid worker, then the gateway's embeddings and head: one block
         units: dict[tuple[str, int], int] = {}
         for span in result.spans:
@@ -415,18 +464,19 @@ async def complete_text_job(
         gateway = (worker.id, worker.account_id)
         units[gateway] = units.get(gateway, 0) + processed
         work = text_work(charged_units, 1, model.parameters)
-        charged = min(job.cost, max(1, math.ceil(work))) if charged_units else 0
+        cap = job.cost if checked is None else int(checked.cost)
+        cost = min(cap, max(1, math.ceil(work))) if charged_units else 0
         payees = sorted(units)
-        shares = split_kudos(charged, [units[p] for p in payees])
-        if job.cost > charged:
+        shares = split_kudos(cost, [units[p] for p in payees])
+        if job.cost > cost:
             await post_entry(
                 conn,
                 reason="refund",
                 key=f"refund:{job.id}",
                 job_id=job.id,
                 moves=[
-                    (store.system_account(ESCROW), charged - job.cost),
-                    (job.account_id, job.cost - charged),
+                    (store.system_account(ESCROW), cost - job.cost),
+                    (job.account_id, job.cost - cost),
                 ],
             )
         paid: dict[int, int] = {}
@@ -440,9 +490,14 @@ async def complete_text_job(
                 share,
                 job.id,
                 f"settle:{job.id}:{worker_id}",
+                reason="settle" if checked is None else "verify",
+                source=None if checked is None else store.system_account(GRANTS),
             )
             if share:
                 paid[account_id] = paid.get(account_id, 0) + share
+        # the gateway's spot checks of the servers release or forfeit what is held
+        await text_checks.apply_server_checks(conn, store.config, worker.id, job.id, result.checks)
+        charged = cost if checked is None else 0
         await conn.execute(
             update(text_outputs)
             .where(text_outputs.c.job_id == job.id)
@@ -456,8 +511,24 @@ async def complete_text_job(
                 signature=result.signature,
             )
         )
+        if checked is None:
+            await text_checks.after_text_result(
+                conn,
+                store.config,
+                worker.id,
+                row,
+                float(row.finished_at),
+                store.system_account(VERIFICATION),
+            )
+        else:
+            await text_checks.record_text_check(conn, store.config, row, result.text)
     store.ranking.changed("text")  # the throughput behind ETAs changed
-    return Settlement(charged=charged, refunded=job.cost - charged, paid=paid)
+    return Settlement(
+        charged=charged,
+        refunded=job.cost - cost if checked is None else 0,
+        paid=paid,
+        verified=None if checked is None else checked.id,
+    )
 
 
 async def fail_text_job(

@@ -1,16 +1,19 @@
 """Trust: held earnings, spot checks by trusted workers, a quorum of two to catch a cheater,
-cheaters caught and paused, impossible speeds."""
+cheaters caught and paused, impossible speeds, and the rule of text spot checks (the text
+ones over HTTP: tests/adversarial/test_text_earnings.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from client.errors import ApiError
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
+from coordinator.economy.text_checks import texts_agree
 from coordinator.http.state import FILES
 from protocol.params import ImageParams
 from protocol.signing import sha256_hex
@@ -239,3 +242,15 @@ async def test_a_verifiers_unreadable_image_voids_its_check(checked: LiveApp) ->
         await second.link.submit(again, [4], [png(4, 256, 256)])
         assert (await owner.me()).pending == 0
         assert (await requester.worker(newbie.link.worker_id)).checks_passed == 1
+
+
+def test_a_text_check_agrees_on_equal_texts_or_the_agreed_prefix(tmp_path: Path) -> None:
+    config = CoordinatorConfig(data_dir=tmp_path, text_check_prefix_chars=8)
+    assert texts_agree(config, "same text", "same text")
+    # floating-point drift may flip a late near-tie: equal first 8 characters agree
+    assert texts_agree(config, "12345678 and then", "12345678 but now")
+    assert not texts_agree(config, "1234567x", "12345678")
+    assert not texts_agree(config, "short", "short but longer")  # under 8: must be equal
+    exact = dataclasses.replace(config, text_check_prefix_chars=0)
+    assert not texts_agree(exact, "12345678 and then", "12345678 but now")
+    assert texts_agree(exact, "", "")

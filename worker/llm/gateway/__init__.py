@@ -2,7 +2,8 @@
 
     main.py           `idlegrid worker gateway ...`: flags -> GatewayConfig
     config.py         GatewayConfig, the service's one configuration object
-    gateway.py        TextGateway: pop -> generate through the swarm -> stream text, report usage
+    gateway.py        TextGateway: pop -> generate through the swarm -> stream text,
+                      spot-check the servers (redo without a wrong one), report usage
     lm_head.py        embeddings, final norm and LM head, loaded without the blocks
     generation.py     the generation loop and sampling (greedy, temperature, top-k/p, ...)
     chat_format.py    chat messages -> prompt (the tokenizer's template, or a default)

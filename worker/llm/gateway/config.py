@@ -36,3 +36,12 @@ class GatewayConfig:
     pop_wait: float = 10.0
     # at most one post of streamed text per this many seconds
     stream_interval: float = 0.05
+    # share of jobs whose block servers are spot-checked (worker.llm.swarm.checks): 0.3
+    # catches a server that is always wrong within 20 of its jobs with 99.9 % probability,
+    # at about 9 % extra block compute (bench/text_checks.py)
+    check_rate: float = 0.3
+    # worst relative L2 distance per position between two servers' hidden states
+    # (worker.llm.swarm.checks.DEFAULT_TOLERANCE)
+    check_tolerance: float = 0.1
+    # seconds a server found wrong is left out of this gateway's routes
+    check_ban_seconds: float = 3600.0

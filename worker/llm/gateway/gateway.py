@@ -3,6 +3,13 @@ back and reports which block server served which blocks for how many tokens.
 
 It holds the model's embeddings, final norm and LM head (`worker.llm.gateway.lm_head`);
 the decoder blocks run on block servers found through the DHT (`worker.llm.swarm.client`).
+
+A `check_rate` share of jobs is spot-checked (`worker.llm.swarm.checks`) once generated:
+every server of the session has a prefix of its answers recomputed by another server of
+the same blocks. A server found wrong is banned from routes for `check_ban_seconds` and,
+if the job used it, the job is generated again without it (the text streamed so far is
+replaced by the final result); a disagreement nobody could decide bans the server only
+for the swarm client's usual `ban_seconds`. The checks go into the signed result report.
 """
 
 from __future__ import annotations
@@ -10,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from protocol.signing import params_hash
-from protocol.text import LeasedTextJob, TextModel
+from protocol.text import LeasedTextJob, ServerCheck, TextModel
 from worker.common.link import CoordinatorLink, retrying
 from worker.common.service import serve_jobs
 from worker.errors import (
@@ -25,16 +34,52 @@ from worker.errors import (
     LeaseLost,
     MissingBlocks,
     SwarmError,
+    SwarmStepFailed,
 )
 from worker.llm.gateway.chat_format import render_chat
 from worker.llm.gateway.config import GatewayConfig
-from worker.llm.gateway.generation import GenerationResult, SamplingParams, generate
+from worker.llm.gateway.generation import (
+    GenerationResult,
+    OnText,
+    SamplingParams,
+    generate,
+)
 from worker.llm.gateway.lm_head import LMHead
-from worker.llm.swarm.client import SwarmClient, SwarmClientConfig
+from worker.llm.swarm.checks import check_hop
+from worker.llm.swarm.client import InferenceSession, SwarmClient, SwarmClientConfig
 
 __all__ = ["TextGateway", "offered_model"]
 
 log = logging.getLogger(__name__)
+
+# generations of one job: the first, and redos after a server it used was found wrong
+MAX_GENERATIONS = 3
+# checks one result report carries (protocol.text.TextResultSubmit)
+MAX_CHECKS = 64
+
+
+@dataclass
+class CheckStats:
+    """What this gateway's spot checks found and cost since it started."""
+
+    # block-tokens the servers computed for jobs (sum of tokens x blocks over the spans)
+    served_block_tokens: int = 0
+    # block-tokens the checkers computed
+    checked_block_tokens: int = 0
+    jobs: int = 0
+    checked_jobs: int = 0
+    # jobs in which a check found some server wrong
+    caught_jobs: int = 0
+    # every check made, oldest first
+    checks: list[ServerCheck] = field(default_factory=list)
+
+
+@dataclass
+class _Generated:
+    result: GenerationResult
+    # (peer_id, start, end) -> tokens, over all generations of the job
+    spans: dict[tuple[str, int, int], int]
+    checks: list[ServerCheck]
 
 
 class _TextSender:
@@ -98,6 +143,7 @@ class TextGateway:
         head: LMHead,
         tokenizer: Any,
         swarm: SwarmClient,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.link = link
@@ -106,6 +152,8 @@ class TextGateway:
         self.swarm = swarm
         self.jobs_done = 0
         self.model = offered_model(config, head)
+        self.rng = rng or random.Random()
+        self.stats = CheckStats()
 
     @classmethod
     async def create(cls, config: GatewayConfig, link: CoordinatorLink) -> TextGateway:
@@ -186,20 +234,7 @@ class TextGateway:
 
         started = time.monotonic()
         try:
-            async with self.swarm.session(len(prompt_ids) + params.max_tokens) as session:
-                result: GenerationResult = await generate(
-                    self.head,
-                    session.step,
-                    torch.tensor([prompt_ids]),
-                    sampling,
-                    self.tokenizer,
-                    on_text,
-                )
-                spans = [
-                    {"peer_id": u.peer_id, "start": u.start, "end": u.end, "tokens": u.tokens}
-                    for u in session.usage
-                    if u.tokens > 0
-                ]
+            generated = await self._generate(prompt_ids, params.max_tokens, sampling, on_text)
         except LeaseLost as exc:
             sender.cancel()
             log.warning("text job %s was taken back while generating: %s", job.id, exc)
@@ -225,6 +260,13 @@ class TextGateway:
             await self._give_back(job, f"gateway error: {type(exc).__name__}: {exc}")
             return
         await sender.flush()
+        result = generated.result
+        spans = [
+            {"peer_id": peer, "start": start, "end": end, "tokens": tokens}
+            for (peer, start, end), tokens in generated.spans.items()
+            if tokens > 0
+        ]
+        checks = [check.model_dump() for check in generated.checks[:MAX_CHECKS]]
         try:
             accepted = await retrying(
                 "submit",
@@ -235,6 +277,7 @@ class TextGateway:
                     result.prompt_tokens,
                     result.completion_tokens,
                     spans,
+                    checks,
                 ),
             )
         except LeaseLost as exc:
@@ -251,6 +294,86 @@ class TextGateway:
             result.first_token_seconds * 1000,
             accepted.kudos_charged,
         )
+
+    async def _generate(
+        self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams, on_text: OnText
+    ) -> _Generated:
+        """Generate through the swarm, spot-check the servers (`check_rate` of the jobs) and
+        generate again without any server found wrong that the answer went through.
+        SwarmStepFailed if every generation went through a wrong server."""
+        avoid: set[str] = set()
+        spans: dict[tuple[str, int, int], int] = {}
+        checks: list[ServerCheck] = []
+        checked = caught = False
+        self.stats.jobs += 1
+        for generation in range(MAX_GENERATIONS):
+            max_length = len(prompt_ids) + max_tokens
+            async with self.swarm.session(max_length, frozenset(avoid)) as session:
+                result = await generate(
+                    self.head,
+                    session.step,
+                    torch.tensor([prompt_ids]),
+                    sampling,
+                    self.tokenizer,
+                    # a redo's text replaces the streamed text when the result is submitted
+                    on_text if generation == 0 else None,
+                )
+            for usage in session.usage:
+                key = (usage.peer_id, usage.start, usage.end)
+                spans[key] = spans.get(key, 0) + usage.tokens
+                self.stats.served_block_tokens += usage.tokens * (usage.end - usage.start)
+            if self.rng.random() >= self.config.check_rate:
+                return _Generated(result, spans, checks)
+            if not checked:
+                checked = True
+                self.stats.checked_jobs += 1
+            found = await self._check(session)
+            checks += found
+            wrong = {check.peer_id for check in found if check.verdict == "wrong"}
+            used = {states.hop.peer_id for states in session.served}
+            if wrong and not caught:
+                caught = True
+                self.stats.caught_jobs += 1
+            if not wrong & used:
+                return _Generated(result, spans, checks)
+            log.warning("redoing a job without the servers found wrong: %s", sorted(wrong))
+            avoid |= wrong
+        raise SwarmStepFailed(
+            f"servers found wrong in each of {MAX_GENERATIONS} generations of this job"
+        )
+
+    async def _check(self, session: InferenceSession) -> list[ServerCheck]:
+        """Spot-check every server of a finished session; ban the ones found wrong."""
+        found: list[ServerCheck] = []
+        for states in session.served:
+            outcome = await check_hop(self.swarm, states, self.rng, self.config.check_tolerance)
+            if outcome is None:
+                continue
+            check = outcome.check
+            self.stats.checked_block_tokens += outcome.block_tokens
+            self.stats.checks.append(check)
+            found.append(check)
+            if check.verdict == "wrong":
+                log.warning(
+                    "block server %s returned wrong hidden states for blocks %d:%d "
+                    "(checked by %s); banned for %gs",
+                    check.peer_id,
+                    check.start,
+                    check.end,
+                    ", ".join(check.checkers),
+                    self.config.check_ban_seconds,
+                )
+                self.swarm.ban(check.peer_id, self.config.check_ban_seconds)
+            elif check.verdict == "undecided":
+                log.warning(
+                    "block server %s disagrees with %s on blocks %d:%d; nobody to decide",
+                    check.peer_id,
+                    check.checkers[0],
+                    check.start,
+                    check.end,
+                )
+                self.swarm.ban(check.peer_id)
+        return found
 
     async def _give_back(self, job: LeasedTextJob, reason: str, *, retry: bool = True) -> None:
         try:

@@ -285,11 +285,14 @@ class _StreamingText:
         self._read = 0
 
     def _decode(self, tokens: list[int]) -> str:
-        return str(
+        text = str(
             self.tokenizer.decode(
                 tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
             )
         )
+        # a model can sample the NUL byte; the coordinator refuses text holding it (no
+        # database stores it as text), so it goes out as U+FFFD, like any undecodable byte
+        return text.replace("\x00", REPLACEMENT_CHAR)
 
     def _advance(self, final: bool) -> None:
         """Append what the tokens after `read` add to the text (if whole, or `final`)."""

@@ -14,7 +14,9 @@
     server.py     BlockServer: the handlers (inference, forward, info), bounded sessions,
                   announcements
     client.py     SwarmClient: routes, InferenceSession with replay on server failure,
-                  per-server usage
+                  per-server usage and what each server was given and answered
+    checks.py     spot checks: a prefix of a server's answers recomputed on other servers,
+                  compared within a tolerance, a third server deciding a disagreement
 
 The server and the client never import each other. Errors live in `worker.errors` under
 `SwarmError`. The design follows Petals (servers announce block ranges in a DHT, clients

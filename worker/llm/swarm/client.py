@@ -13,6 +13,10 @@ response), the session bans it for a while, plans a replacement for that hop's b
 replacement (same chunks, so the same kernels and a bit-identical cache), and carries on:
 the outputs are the same as without the failure. Retrying is bounded by `retry_budget`;
 when no server covers some blocks, `MissingBlocks` names them.
+
+A session also keeps what each hop was given and answered (`served`), so that
+`worker.llm.swarm.checks` can recompute some of it on other servers; a session opened with
+`avoid` routes around the servers it names.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from worker.llm.swarm.placement import Hop, fastest_chain, uncovered
 from worker.llm.swarm.records import ServerRecord, ServerState, read_records
 from worker.llm.swarm.wire import MAX_UNARY_BYTES, BlockServicer, pack, unpack
 
-__all__ = ["InferenceSession", "SpanUsage", "SwarmClient", "SwarmClientConfig"]
+__all__ = ["HopStates", "InferenceSession", "SpanUsage", "SwarmClient", "SwarmClientConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,16 @@ class SpanUsage:
     start: int
     end: int
     tokens: int
+
+
+@dataclass(frozen=True)
+class HopStates:
+    """What one server of a session was given and answered, from the session's first token:
+    `inputs` and `outputs` are [1, n, H] hidden states of positions 0..n-1."""
+
+    hop: Hop
+    inputs: torch.Tensor
+    outputs: torch.Tensor
 
 
 class SwarmClient:
@@ -208,8 +222,11 @@ class SwarmClient:
             cached = self._rtt[peer_id]
         return cached[0]
 
-    async def route(self, start: int = 0, end: int | None = None) -> list[Hop]:
-        """The fastest chain of reachable servers for blocks [start, end) (default: all).
+    async def route(
+        self, start: int = 0, end: int | None = None, avoid: frozenset[str] = frozenset()
+    ) -> list[Hop]:
+        """The fastest chain of reachable servers for blocks [start, end) (default: all),
+        leaving out the peers in `avoid`.
 
         MissingBlocks if the reachable, unbanned, online servers leave some blocks uncovered.
         """
@@ -224,6 +241,7 @@ class SwarmClient:
             and r.start < end
             and r.end > start
             and not self.is_banned(r.peer_id)
+            and r.peer_id not in avoid
         ]
         _raise_if_uncovered(self.config.model_name, candidates, start, end)
         rtts = await asyncio.gather(
@@ -241,9 +259,10 @@ class SwarmClient:
         _raise_if_uncovered(self.config.model_name, [r for r, _ in reachable], start, end)
         return fastest_chain(reachable, start, end, self.config.hop_penalty)
 
-    def session(self, max_length: int) -> InferenceSession:
-        """An inference session of up to `max_length` tokens: `async with` it."""
-        return InferenceSession(self, max_length)
+    def session(self, max_length: int, avoid: frozenset[str] = frozenset()) -> InferenceSession:
+        """An inference session of up to `max_length` tokens that never routes through the
+        peers in `avoid`: `async with` it."""
+        return InferenceSession(self, max_length, avoid=avoid)
 
     async def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """A stateless pass of hidden states [B, n, H] through all blocks (no session)."""
@@ -258,14 +277,16 @@ class SwarmClient:
             try:
                 output = hidden
                 for hop in hops:
-                    output = await self._forward_hop(hop, output)
+                    output = await self.forward_hop(hop, output)
                 return output
             except ServerFailed as exc:
                 self.ban(exc.peer_id)
                 if time.monotonic() > deadline:
                     raise SwarmStepFailed(f"forward failed within the retry budget: {exc}") from exc
 
-    async def _forward_hop(self, hop: Hop, hidden: torch.Tensor) -> torch.Tensor:
+    async def forward_hop(self, hop: Hop, hidden: torch.Tensor) -> torch.Tensor:
+        """A stateless pass of hidden states [B, n, H] through one server's blocks
+        [hop.start, hop.end); ServerFailed if it fails or answers with an error."""
         stub = BlockServicer.get_stub(self.p2p, PeerID.from_base58(hop.peer_id))
         request = runtime_pb2.ExpertRequest(
             tensors=[serialize_torch_tensor(hidden)],
@@ -300,12 +321,14 @@ class SwarmClient:
                 names.add(str(model))
         return sorted(names)
 
-    async def _route_until(self, start: int, end: int | None, deadline: float) -> list[Hop]:
+    async def _route_until(
+        self, start: int, end: int | None, deadline: float, avoid: frozenset[str] = frozenset()
+    ) -> list[Hop]:
         """A route, waiting (with backoff) for servers to appear until `deadline`."""
         delay = 0.2
         while True:
             try:
-                return await self.route(start, end)
+                return await self.route(start, end, avoid)
             except MissingBlocks as missing:
                 if time.monotonic() + delay > deadline:
                     if self._records or missing.others:
@@ -417,6 +440,8 @@ class InferenceSession:
 
     client: SwarmClient
     max_length: int
+    # peers this session never routes through
+    avoid: frozenset[str] = frozenset()
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # tokens processed so far
     position: int = 0
@@ -424,6 +449,8 @@ class InferenceSession:
     # inputs sent to each block boundary of the route, one tensor per step (for replays)
     _history: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     _usage: dict[Hop, int] = field(default_factory=dict)
+    # per hop, the inputs it was given and the outputs it answered, step by step
+    _served: dict[Hop, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
     _closed: bool = False
     _streams_opened: int = 0
     # why a step failed: the session cannot continue after that
@@ -433,7 +460,7 @@ class InferenceSession:
         if self.max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {self.max_length}")
         deadline = time.monotonic() + self.client.config.retry_budget
-        route = await self.client._route_until(0, None, deadline)
+        route = await self.client._route_until(0, None, deadline, self.avoid)
         self._hops = [_HopState(hop) for hop in route]
         return self
 
@@ -465,6 +492,20 @@ class InferenceSession:
             SpanUsage(hop.peer_id, hop.start, hop.end, tokens)
             for hop, tokens in self._usage.items()
         ]
+
+    @property
+    def served(self) -> list[HopStates]:
+        """What each server was given and answered (replays included), from position 0."""
+        return [
+            HopStates(hop, torch.cat(inputs, dim=1), torch.cat(outputs, dim=1))
+            for hop, (inputs, outputs) in self._served.items()
+            if inputs
+        ]
+
+    def _record(self, hop: Hop, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        given, answered = self._served.setdefault(hop, ([], []))
+        given.extend(inputs)
+        answered.extend(outputs)
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [1, n, H] of the next n tokens -> last block's outputs [1, n, H].
@@ -513,6 +554,7 @@ class InferenceSession:
                 continue
             self._history.setdefault(state.hop.start, []).append(x)
             self._count(state.hop, new)
+            self._record(state.hop, [x], [y])
             x = y
             index += 1
         return x
@@ -570,7 +612,7 @@ class InferenceSession:
                     f"blocks {start}:{end} kept failing for {budget:g}s; last error: {failure}"
                 ) from failure
             try:
-                route = await self.client._route_until(start, end, deadline)
+                route = await self.client._route_until(start, end, deadline, self.avoid)
             except MissingBlocks as missing:
                 if failure.code == "busy":
                     raise SwarmStepFailed(
@@ -605,5 +647,7 @@ class InferenceSession:
                 stream.send(self._request(state, chunk))
             outputs = [await stream.receive() for _ in chunks]
             self._count(state.hop, sum(chunk.shape[1] for chunk in chunks))
+            # a replay starts from position 0: it replaces what this hop answered before
+            self._served[state.hop] = (list(chunks), outputs)
             if position + 1 < len(states):
                 self._history[state.hop.end] = chunks = outputs

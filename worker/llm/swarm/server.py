@@ -111,6 +111,22 @@ class _Session:
     position: int = 0
 
 
+# After its last answer a stream reads (and drops) what the peer already sent, for at most
+# this long and this much, before closing: closing a socket with unread data resets the
+# connection, and the reset can overtake the answer just written (a refusal then never
+# arrives).
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 1 << 20
+
+
+async def _linger(reader: asyncio.StreamReader) -> None:
+    budget = LINGER_BYTES
+    with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+        async with asyncio.timeout(LINGER_SECONDS):
+            while budget > 0 and (chunk := await reader.read(min(1 << 16, budget))):
+                budget -= len(chunk)
+
+
 class _Handlers:
     """The block server's implementation of `BlockServicer`'s handlers."""
 
@@ -128,11 +144,13 @@ class _Handlers:
                 server.limits.open_stream(peer)
             except Refused as exc:
                 await self._send(writer, error_response(exc.code, str(exc)))
+                await _linger(reader)
                 return
             try:
                 await self._serve(peer, reader, writer)
             finally:
                 server.limits.close_stream(peer)
+            await _linger(reader)
 
     async def _serve(
         self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

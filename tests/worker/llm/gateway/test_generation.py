@@ -465,3 +465,15 @@ def test_bad_sampling_params_name_the_field(params: dict, field: str) -> None:
 async def test_empty_prompt_is_rejected(head: LMHead, tokenizer) -> None:
     with pytest.raises(InvalidGenerationInput, match="prompt_ids"):
         await generate(head, passthrough, [], SamplingParams(), tokenizer)
+
+
+def test_a_sampled_nul_goes_out_as_the_replacement_character(tokenizer) -> None:
+    """The coordinator refuses text holding NUL (no database stores it as text); a gateway
+    whose model samples it (garbage from a lying server can) must still deliver the job."""
+    from worker.llm.gateway.generation import REPLACEMENT_CHAR, _StreamingText
+
+    ids = tokenizer.encode("a\x00b", add_special_tokens=False)
+    assert "\x00" in tokenizer.decode(ids)
+    stream = _StreamingText(tokenizer, [])
+    text = stream.update(ids) + stream.finish()
+    assert text == f"a{REPLACEMENT_CHAR}b"
