@@ -10,9 +10,7 @@ with the SDK, one after another, with prompts of 8 to 64 tokens and 32 new token
   1. liar phase: `--jobs` jobs while the liar serves; the gateway bans nobody for long
      (`check_ban_seconds` 0), so every job meets the liar again. The per-job detection
      rate p is the share of the gateway's jobs in which a check found the liar wrong; the
-     probability that a liar is caught within k jobs is 1 - (1 - p)^k. (Unchecked garbage
-     may decode to text the coordinator refuses, NUL characters: the job comes back after
-     the 5 s lease and counts again, as a job the liar served.)
+     probability that a liar is caught within k jobs is 1 - (1 - p)^k.
   2. honest phase: the liar stops; `--jobs` more jobs. Extra compute is the block-steps
      the checkers ran over the block-steps the jobs ran (tokens x blocks, replays
      included): (served + checked) / served.
