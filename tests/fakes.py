@@ -1,7 +1,8 @@
 """A worker without an engine: real identity, real HTTP link, PNGs drawn with Pillow.
 
 `FakeImageEngine` is the other half: an engine for a real sandbox (and a real
-ImageWorker) that draws solid PNGs instead of running a model.
+ImageWorker) that draws solid PNGs instead of running a model. `register_accounts` makes
+the requesters (and worker owners) of a test.
 """
 
 from __future__ import annotations
@@ -12,13 +13,20 @@ from typing import Any
 
 from PIL import Image
 
+from client.sdk import AsyncClient
 from protocol.messages import LeasedJob
 from protocol.signing import Identity
 from worker.common.link import Capabilities, CoordinatorLink
 
-__all__ = ["CAPS", "FakeImageEngine", "FakeWorker", "job_pngs", "png"]
+__all__ = ["CAPS", "FakeImageEngine", "FakeWorker", "job_pngs", "png", "register_accounts"]
 
 CAPS = Capabilities(models=["tiny"], max_pixels=512 * 512, max_steps=50)
+
+
+async def register_accounts(url: str, *names: str) -> list[str]:
+    """Register accounts `names` on the coordinator at `url`; their API keys, in order."""
+    async with AsyncClient(url) as anon:
+        return [(await anon.register(name)).api_key for name in names]
 
 
 @functools.lru_cache(maxsize=64)

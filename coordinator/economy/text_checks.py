@@ -48,10 +48,16 @@ from coordinator.db.schema import jobs, text_outputs, worker_peers, workers
 from coordinator.economy import trust
 from protocol.text import ServerCheck, TextParams
 
-__all__ = ["after_text_result", "apply_server_checks", "record_text_check", "texts_agree"]
+__all__ = [
+    "after_text_result",
+    "apply_server_checks",
+    "peer_workers",
+    "record_text_check",
+    "texts_agree",
+]
 
 
-async def _peer_workers(conn: AsyncConnection, peer_ids: set[str]) -> dict[str, Row[Any]]:
+async def peer_workers(conn: AsyncConnection, peer_ids: set[str]) -> dict[str, Row[Any]]:
     """peer id -> its worker's row, for the linked ones."""
     if not peer_ids:
         return {}
@@ -80,7 +86,7 @@ async def apply_server_checks(
     if not gateway.trusted:
         return {}
     named = {check.peer_id for check in decided} | {p for c in decided for p in c.checkers}
-    linked = await _peer_workers(conn, named)
+    linked = await peer_workers(conn, named)
     verdicts: dict[str, str] = {}
     for check in decided:
         served = linked.get(check.peer_id)

@@ -30,7 +30,7 @@ from coordinator.accounts import Account
 from coordinator.db import nonces
 from coordinator.db.database import ESCROW, GRANTS, VERIFICATION
 from coordinator.db.ledger import post_entry
-from coordinator.db.schema import jobs, text_models, text_outputs, worker_peers, workers
+from coordinator.db.schema import jobs, text_models, text_outputs, worker_peers
 from coordinator.db.tx import now
 from coordinator.economy import text_checks, trust
 from coordinator.errors import BadRequest, Conflict
@@ -324,18 +324,6 @@ async def append_text(
     return int(length), float(leased.lease_deadline)
 
 
-async def _peer_workers(conn: AsyncConnection, peer_ids: set[str]) -> dict[str, tuple[str, int]]:
-    """peer id -> (worker id, owner account id) for the linked ones."""
-    if not peer_ids:
-        return {}
-    query = (
-        select(worker_peers.c.peer_id, workers.c.id, workers.c.account_id)
-        .select_from(worker_peers.join(workers, workers.c.id == worker_peers.c.worker_id))
-        .where(worker_peers.c.peer_id.in_(sorted(peer_ids)))
-    )
-    return {peer: (wid, int(acc)) for peer, wid, acc in (await conn.execute(query)).all()}
-
-
 def _check_checks(result: TextResultSubmit, model: TextModel) -> list[tuple[str, str]]:
     """The gateway's spot checks that the job could not have made: blocks outside the
     model, blocks that neither the checked server nor its checkers served in this job, a
@@ -438,7 +426,7 @@ async def complete_text_job(
     async with store.begin() as conn:
         row = await store.finish(conn, worker, job.id)
         peers = {span.peer_id for span in result.spans}
-        linked = await _peer_workers(conn, peers)
+        linked = await text_checks.peer_workers(conn, peers)
         unlinked = sorted(peers - linked.keys())
         if unlinked:
             raise BadRequest(
@@ -455,7 +443,8 @@ async def complete_text_job(
         # block-tokens per paid worker, then the gateway's embeddings and head: one block
         units: dict[tuple[str, int], int] = {}
         for span in result.spans:
-            payee = linked[span.peer_id]
+            server = linked[span.peer_id]
+            payee = (server.id, int(server.account_id))
             units[payee] = units.get(payee, 0) + span.tokens * (span.end - span.start)
         processed = result.prompt_tokens + result.completion_tokens
         # the requester pays for the tokens claimed through the model once: replays after

@@ -29,7 +29,7 @@ from protocol.messages import (
 from protocol.params import ImageParams
 from protocol.signing import sha256_hex
 from tests.conftest import LiveApp, start_app
-from tests.fakes import CAPS, FakeWorker, job_pngs, png
+from tests.fakes import CAPS, FakeWorker, job_pngs, png, register_accounts
 
 SMALL = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "n": 1}
 # the size that was never speed-checked: 512x512, 20 steps (5.2 million pixel-steps)
@@ -98,11 +98,6 @@ async def checked(coordinator_config: CoordinatorConfig) -> AsyncIterator[LiveAp
         await runner.cleanup()
 
 
-async def _keys(url: str, *names: str) -> list[str]:
-    async with AsyncClient(url) as anon:
-        return [(await anon.register(name)).api_key for name in names]
-
-
 async def _put_image(url: str, worker: FakeWorker, job: LeasedJob, body: bytes) -> tuple[int, str]:
     """Upload `body` as image 0 of the job, correctly signed."""
     seed = job.params.seeds()[0]
@@ -123,7 +118,7 @@ async def _put_image(url: str, worker: FakeWorker, job: LeasedJob, body: bytes) 
 
 
 async def test_html_in_a_png_is_refused_and_images_are_served_inert(checked: LiveApp) -> None:
-    owner, alice = await _keys(checked.url, "owner", "alice")
+    owner, alice = await register_accounts(checked.url, "owner", "alice")
     async with (
         FakeWorker(checked.url, "uploader", owner) as worker,
         AsyncClient(checked.url, alice) as requester,
@@ -157,7 +152,9 @@ async def test_a_bomb_reaching_the_spot_check_concludes_it_against_its_maker(
 ) -> None:
     bomb = _bomb(side)
     assert len(bomb) < 400_000
-    operator, newbie_key, alice = await _keys(checked.url, "operator", "newbie", "alice")
+    operator, newbie_key, alice = await register_accounts(
+        checked.url, "operator", "newbie", "alice"
+    )
     async with (
         FakeWorker(checked.url, "referee", operator) as referee,
         FakeWorker(checked.url, "newbie", newbie_key) as newbie,
@@ -198,7 +195,7 @@ async def test_jobs_of_the_default_size_are_speed_checked(
     clock = [time.time()]
     app.store.clock = lambda: clock[0]
     try:
-        operator, alice = await _keys(app.url, "operator", "alice")
+        operator, alice = await register_accounts(app.url, "operator", "alice")
         async with (
             FakeWorker(app.url, "sprinter") as sprinter,
             FakeWorker(app.url, "steady") as steady,

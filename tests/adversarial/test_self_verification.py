@@ -16,7 +16,7 @@ from protocol.messages import LeasedJob
 from protocol.params import ImageParams
 from protocol.signing import Identity
 from tests.conftest import LiveApp, start_app
-from tests.fakes import CAPS, FakeWorker, png
+from tests.fakes import CAPS, FakeWorker, png, register_accounts
 from worker.common.link import Capabilities, CoordinatorLink
 
 # the job of the finding: 1024x1024, 20 steps, 40 kudos a round
@@ -36,11 +36,6 @@ def _strict(config: CoordinatorConfig, **changes: object) -> CoordinatorConfig:
         new_account_grant=1000,
         **changes,  # type: ignore[arg-type]
     )
-
-
-async def _keys(url: str, *names: str) -> list[str]:
-    async with AsyncClient(url) as anon:
-        return [(await anon.register(name)).api_key for name in names]
 
 
 async def _fake_worker(url: str, name: str, api_key: str, identity: Identity) -> FakeWorker:
@@ -89,7 +84,7 @@ async def test_a_persons_trusted_worker_never_checks_its_untrusted_sibling(
     mallorys_network: tuple[LiveApp, Identity],
 ) -> None:
     app, veteran_identity = mallorys_network
-    mallory, operator, alice = await _keys(app.url, "mallory", "operator", "alice")
+    mallory, operator, alice = await register_accounts(app.url, "mallory", "operator", "alice")
     veteran = await _fake_worker(app.url, "veteran", mallory, veteran_identity)
     async with (
         FakeWorker(app.url, "cheater", mallory) as cheater,
@@ -147,7 +142,9 @@ async def test_one_malicious_verifier_cannot_pause_an_honest_newcomer(
     eves_network: LiveApp,
 ) -> None:
     app = eves_network
-    eve, operator, newbie_key, alice = await _keys(app.url, "eve", "operator", "newbie", "alice")
+    eve, operator, newbie_key, alice = await register_accounts(
+        app.url, "eve", "operator", "newbie", "alice"
+    )
     async with (
         FakeWorker(app.url, "eves", eve) as liar,
         FakeWorker(app.url, "referee", operator) as referee,
@@ -206,7 +203,7 @@ async def test_checks_avoid_the_checked_workers_address_behind_a_proxy(
     assert config.verify_distinct_ip  # the default
     runner, app = await start_app(config)
     try:
-        mallory, friend, operator, alice = await _keys(
+        mallory, friend, operator, alice = await register_accounts(
             app.url, "mallory", "friend", "operator", "alice"
         )
         async with (

@@ -26,7 +26,7 @@ from protocol.cost import image_cost
 from protocol.params import ImageParams
 from tests.conftest import LiveApp, start_app
 from tests.earnings import earn
-from tests.fakes import CAPS, FakeWorker, job_pngs, png
+from tests.fakes import CAPS, FakeWorker, job_pngs, png, register_accounts
 from worker.errors import CoordinatorRejected, LeaseLost
 
 SMALL = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 11}
@@ -51,11 +51,6 @@ async def make_app(coordinator_config: CoordinatorConfig) -> AsyncIterator[AppFa
         await runner.cleanup()
 
 
-async def _register(url: str, *names: str) -> list[str]:
-    async with AsyncClient(url) as anon:
-        return [(await anon.register(name)).api_key for name in names]
-
-
 async def _serve_one(worker: FakeWorker, wrong: bool = False) -> str:
     job = await worker.link.pop(CAPS, wait=10)
     assert job is not None
@@ -65,7 +60,7 @@ async def _serve_one(worker: FakeWorker, wrong: bool = False) -> str:
 
 
 async def test_quote_tells_cost_balance_queue_and_submits_nothing(live: LiveApp) -> None:
-    (key,) = await _register(live.url, "alice")
+    (key,) = await register_accounts(live.url, "alice")
     async with AsyncClient(live.url, key) as alice, FakeWorker(live.url) as worker:
         quote = await alice.quote_image(ImageParams(**MEDIUM))
         assert quote.kudos_cost == image_cost(ImageParams(**MEDIUM)) == 3
@@ -94,7 +89,7 @@ async def test_quote_tells_cost_balance_queue_and_submits_nothing(live: LiveApp)
 
 
 async def test_cancel_refunds_queued_and_running_jobs(live: LiveApp) -> None:
-    alice_key, bob_key = await _register(live.url, "alice", "bob")
+    alice_key, bob_key = await register_accounts(live.url, "alice", "bob")
     async with (
         AsyncClient(live.url, alice_key) as alice,
         AsyncClient(live.url, bob_key) as bob,
@@ -125,7 +120,7 @@ async def test_cancel_refunds_queued_and_running_jobs(live: LiveApp) -> None:
 
 
 async def test_transfers_are_idempotent(live: LiveApp) -> None:
-    alice_key, bob_key = await _register(live.url, "alice", "bob")
+    alice_key, bob_key = await register_accounts(live.url, "alice", "bob")
     await earn(live.store, "alice", 40)  # granted kudos are not transferable
     async with AsyncClient(live.url, alice_key) as alice, AsyncClient(live.url, bob_key) as bob:
         first = await alice.transfer("bob", 30, "pay-bob-1")
@@ -169,7 +164,7 @@ async def test_transfers_are_idempotent(live: LiveApp) -> None:
 
 
 async def test_account_show_and_history(live: LiveApp) -> None:
-    alice_key, bob_key = await _register(live.url, "alice", "bob")
+    alice_key, bob_key = await register_accounts(live.url, "alice", "bob")
     async with (
         AsyncClient(live.url, alice_key) as alice,
         AsyncClient(live.url, bob_key) as bob,
@@ -213,7 +208,7 @@ async def test_account_show_and_history(live: LiveApp) -> None:
 
 
 async def test_ratings_reward_once_and_aggregate(live: LiveApp) -> None:
-    alice_key, bob_key, carol_key = await _register(live.url, "alice", "bob", "carol")
+    alice_key, bob_key, carol_key = await register_accounts(live.url, "alice", "bob", "carol")
     async with (
         AsyncClient(live.url, alice_key) as alice,
         AsyncClient(live.url, bob_key) as bob,
@@ -259,7 +254,7 @@ async def test_ratings_reward_once_and_aggregate(live: LiveApp) -> None:
 
 
 async def test_rating_own_cheap_jobs_never_pays_for_the_job(live: LiveApp) -> None:
-    (key,) = await _register(live.url, "alice")
+    (key,) = await register_accounts(live.url, "alice")
     async with AsyncClient(live.url, key) as alice, FakeWorker(live.url) as worker:
         created = await alice.submit_image(ImageParams(**{**SMALL, "n": 4}))
         assert created.kudos_cost == 1
@@ -270,7 +265,7 @@ async def test_rating_own_cheap_jobs_never_pays_for_the_job(live: LiveApp) -> No
 
 async def test_rate_limits_answer_429_with_retry_after(make_app: AppFactory) -> None:
     app = await make_app(rate_limits={"submit": RateLimit(0.5, 2, 100, 100)})
-    (key,) = await _register(app.url, "alice")
+    (key,) = await register_accounts(app.url, "alice")
     async with AsyncClient(app.url, key) as alice:
         await alice.submit_image(ImageParams(**SMALL))
         await alice.submit_image(ImageParams(**SMALL))
@@ -313,7 +308,7 @@ async def test_uptime_kudos_for_workers_that_stay_online_and_serve(make_app: App
     t0 = math.floor(time.time() / 100) * 100 - 1000.0
     clock = [t0 + 1001.0]
     app.store.clock = lambda: clock[0]
-    (owner_key,) = await _register(app.url, "owner")
+    (owner_key,) = await register_accounts(app.url, "owner")
     async with FakeWorker(app.url, "w1", owner_key) as worker, AsyncClient(app.url) as anon:
         await worker.link.pop(CAPS, wait=0)  # online since t=1001
         await anon.submit_image(ImageParams(**SMALL))
@@ -470,7 +465,7 @@ async def test_one_address_cannot_drain_the_anonymous_account(make_app: AppFacto
         await anon.cancel(held[0].id)
         await anon.submit_image(ImageParams(**MEDIUM))
     # registered requesters are not bound by it
-    (key,) = await _register(app.url, "alice")
+    (key,) = await register_accounts(app.url, "alice")
     async with AsyncClient(app.url, key) as alice:
         for _ in range(3):
             await alice.submit_image(ImageParams(**MEDIUM))

@@ -18,7 +18,7 @@ from coordinator.http.state import FILES
 from protocol.params import ImageParams
 from protocol.signing import sha256_hex
 from tests.conftest import LiveApp, start_app
-from tests.fakes import CAPS, FakeWorker, job_pngs, png
+from tests.fakes import CAPS, FakeWorker, job_pngs, png, register_accounts
 from worker.errors import CoordinatorRejected
 
 # 256x256, 20 steps: 3 kudos, of which an untrusted worker gets 2 now and 1 held
@@ -47,11 +47,6 @@ async def checked(coordinator_config: CoordinatorConfig) -> AsyncIterator[LiveAp
         await runner.cleanup()
 
 
-async def _keys(url: str, *names: str) -> list[str]:
-    async with AsyncClient(url) as anon:
-        return [(await anon.register(name)).api_key for name in names]
-
-
 async def _serve(worker: FakeWorker, *, wrong: bool = False, expect_check: bool = False) -> str:
     job = await worker.link.pop(CAPS, wait=5)
     assert job is not None
@@ -62,7 +57,7 @@ async def _serve(worker: FakeWorker, *, wrong: bool = False, expect_check: bool 
 
 
 async def test_a_cheating_worker_is_caught_by_spot_checks_and_paused(checked: LiveApp) -> None:
-    operator, auditor, mallory, alice = await _keys(
+    operator, auditor, mallory, alice = await register_accounts(
         checked.url, "operator", "auditor", "mallory", "alice"
     )
     async with (
@@ -116,7 +111,9 @@ async def test_a_cheating_worker_is_caught_by_spot_checks_and_paused(checked: Li
 
 
 async def test_an_honest_worker_earns_trust_and_its_held_kudos(checked: LiveApp) -> None:
-    operator, newbie_key, alice = await _keys(checked.url, "operator", "newbie", "alice")
+    operator, newbie_key, alice = await register_accounts(
+        checked.url, "operator", "newbie", "alice"
+    )
     async with (
         FakeWorker(checked.url, "referee", operator) as referee,
         FakeWorker(checked.url, "newbie", newbie_key) as newbie,
@@ -156,7 +153,7 @@ async def test_impossible_speed_adds_suspicion_and_forces_a_check(
     )
     runner, app = await start_app(dataclasses.replace(config, verify_distinct_ip=False))
     try:
-        operator, alice = await _keys(app.url, "operator", "alice")
+        operator, alice = await register_accounts(app.url, "operator", "alice")
         async with (
             FakeWorker(app.url, "sprinter") as sprinter,
             FakeWorker(app.url, "referee", operator) as referee,
@@ -177,7 +174,7 @@ async def test_impossible_speed_adds_suspicion_and_forces_a_check(
 
 async def test_a_disputed_jobs_pay_stays_held_until_the_second_check(checked: LiveApp) -> None:
     """Another job's passed check releases only what is not in dispute."""
-    operator, auditor, newbie_key, alice = await _keys(
+    operator, auditor, newbie_key, alice = await register_accounts(
         checked.url, "operator", "auditor", "newbie", "alice"
     )
     async with (
@@ -213,7 +210,7 @@ async def test_a_disputed_jobs_pay_stays_held_until_the_second_check(checked: Li
 async def test_a_verifiers_unreadable_image_voids_its_check(checked: LiveApp) -> None:
     """The verifier's stored image turns out undecodable: the suspicion is the verifier's,
     it earns nothing, and the job is checked again by someone else."""
-    operator, auditor, newbie_key, alice = await _keys(
+    operator, auditor, newbie_key, alice = await register_accounts(
         checked.url, "operator", "auditor", "newbie", "alice"
     )
     async with (
