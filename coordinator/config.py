@@ -175,6 +175,9 @@ class CoordinatorConfig:
     # a spot check never goes to a worker at the checked worker's client IP (nor, always,
     # of its owner); off (`--allow-same-ip-checks`) for a network on one host or LAN
     verify_distinct_ip: bool = True
+    # only serve workers whose engine runs confined (`--require-sandbox`): an image worker
+    # that reports `sandboxed: false` (or nothing) is refused its engine report and its pops
+    require_sandbox: bool = False
     # a text spot check agrees when the two texts are equal or share their first this many
     # characters (floating-point drift across machines can flip a near-tie late in a long
     # generation); 0 = only equal texts agree (coordinator.economy.text_checks)

@@ -85,6 +85,21 @@ class WorkerPaused(Forbidden):
     code = "worker_paused"
 
 
+class UnsandboxedWorker(Forbidden):
+    """The coordinator runs with --require-sandbox and this worker's engine is not confined."""
+
+    code = "unsandboxed_worker"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this coordinator serves only workers whose engine runs confined "
+            "(--require-sandbox): start the worker without --unsandboxed, on a machine "
+            "where `idlegrid worker doctor` passes its sandbox check, and update it if it "
+            "is older than 0.3",
+            [("sandboxed", "must be true")],
+        )
+
+
 class NotFound(CoordinatorError):
     status = 404
     code = "not_found"

@@ -138,6 +138,12 @@ def _add_verification(group: argparse._ArgumentGroup) -> None:
         "never goes to a worker of the same owner either way",
     )
     group.add_argument(
+        "--require-sandbox",
+        action="store_true",
+        help="give image jobs only to workers whose engine runs confined: refuse workers "
+        "started with --unsandboxed, and those that do not say (older versions)",
+    )
+    group.add_argument(
         "--text-check-prefix",
         type=int,
         default=CoordinatorConfig(data_dir=Path(".")).text_check_prefix_chars,
@@ -157,6 +163,7 @@ def _verification(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "verify_distinct_ip": not args.allow_same_ip_checks,
         "text_check_prefix_chars": args.text_check_prefix,
+        "require_sandbox": args.require_sandbox,
     }
 
 

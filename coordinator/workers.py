@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -29,9 +30,12 @@ class Worker:
     trusted: bool = False
     paused: bool = False
     pause_reason: str | None = None
+    # what its engine report said (None: no report, or an older worker that does not say)
+    sandboxed: bool | None = None
 
 
 def _worker(row: Row[Any]) -> Worker:
+    sandboxed = json.loads(row.engine).get("sandboxed") if row.engine else None
     return Worker(
         id=row.id,
         name=row.name,
@@ -40,6 +44,7 @@ def _worker(row: Row[Any]) -> Worker:
         trusted=bool(row.trusted),
         paused=bool(row.paused),
         pause_reason=row.pause_reason,
+        sandboxed=sandboxed if isinstance(sandboxed, bool) else None,
     )
 
 

@@ -290,6 +290,11 @@ class EngineInfo(_Request):
     )
     device: str = Field(default="cpu", max_length=64, description="e.g. 'cpu', 'cuda:NVIDIA L4'")
     dtype: str = Field(default="float32", max_length=32)
+    sandboxed: bool | None = Field(
+        default=None,
+        description="the engine runs confined (false: the worker's owner passed "
+        "--unsandboxed; null: not reported, an older worker)",
+    )
 
 
 class WorkerInfo(_Response):

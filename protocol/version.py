@@ -2,5 +2,5 @@
 
 __all__ = ["API_VERSION", "VERSION"]
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 API_VERSION = "v1"

@@ -9,7 +9,7 @@ before anything else is read, so a corrupted length is caught before it allocate
 
 Parent to child: `init` (once, first), `request`, `shutdown`.
 Child to parent: `ready` or `error` (answering init), then per request any number of
-`progress`, then one `result` (the only frame with blobs) or `error`.
+`progress`, then one `result` or `error`. Only `request` and `result` carry blobs.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ class Limits(_Frame):
     cpu_seconds: int | None
     open_files: int
     file_size_bytes: int | None
+    # RLIMIT_NPROC: processes and threads of the sandbox's user namespace
+    processes: int | None = None
 
 
 class InitFrame(_Frame):

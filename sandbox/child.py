@@ -130,9 +130,9 @@ def _run(reader: BinaryIO, writer: _Writer) -> int:
             return 0
         if isinstance(frame, ShutdownFrame):
             return 0
-        if not isinstance(frame, RequestFrame) or blobs:
-            raise ChannelError(f"expected a request frame without blobs, got {frame.type!r}")
-        _handle(engine, frame, writer)
+        if not isinstance(frame, RequestFrame):
+            raise ChannelError(f"expected a request frame, got {frame.type!r}")
+        _handle(engine, frame, blobs, writer)
 
 
 def _take_protocol_fds() -> tuple[int, int]:
@@ -168,6 +168,8 @@ def _apply_limits(limits: Limits) -> None:
         _set_limit(resource.RLIMIT_CPU, "RLIMIT_CPU", limits.cpu_seconds)
     if limits.file_size_bytes is not None:
         _set_limit(resource.RLIMIT_FSIZE, "RLIMIT_FSIZE", limits.file_size_bytes)
+    if limits.processes is not None:
+        _set_limit(resource.RLIMIT_NPROC, "RLIMIT_NPROC", limits.processes)
 
 
 def _set_limit(which: int, name: str, value: int) -> None:
@@ -193,16 +195,20 @@ def _load_engine_class(name: str) -> type[Engine]:
     return obj
 
 
-def _handle(engine: Engine, request: RequestFrame, writer: _Writer) -> None:
+def _handle(engine: Engine, request: RequestFrame, blobs: list[bytes], writer: _Writer) -> None:
     emit = _Emitter(writer, request.id)
     try:
         try:
-            result = engine.handle(request.kind, request.payload, emit)
+            if blobs:  # only engines that take binary input accept the keyword
+                handle: Any = engine.handle
+                result = handle(request.kind, request.payload, emit, blobs=blobs)
+            else:
+                result = engine.handle(request.kind, request.payload, emit)
         finally:
             emit.close()
-        data, blobs = _check_result(result)
+        data, answer = _check_result(result)
         frame = encode_frame(
-            ResultFrame(id=request.id, data=data), blobs, max_bytes=writer.max_bytes
+            ResultFrame(id=request.id, data=data), answer, max_bytes=writer.max_bytes
         )
     except Exception as exc:
         traceback.print_exc()

@@ -38,6 +38,8 @@ class Engine(Protocol):
     ) -> tuple[dict[str, Any], list[bytes]]:
         """Do one job; the result dict must be JSON-able, the blobs are raw bytes.
 
+        A call made with binary input (`Sandbox.call(..., blobs=...)`) passes it as an extra
+        keyword argument, `blobs: list[bytes]`; engines that take none need not accept it.
         An exception raised here reaches the caller as EngineFailed and the engine stays up.
         """
         ...

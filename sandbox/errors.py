@@ -66,6 +66,11 @@ class ChannelClosed(ChannelError):
     """The other end closed the pipe (normally because its process exited)."""
 
 
+class ConfinementUnavailable(SandboxError):
+    """The policy asks for confinement and this machine cannot provide it; the message
+    names what is missing and how to get it."""
+
+
 class EngineStartFailed(SandboxError):
     """The child could not construct the engine; the message carries the child's error."""
 

@@ -60,9 +60,26 @@ class SandboxPolicy:
     # Largest frame either side may send (header plus blobs); guards the parent against a
     # runaway engine and gives an oversized result a clear error instead of a stall.
     max_frame_bytes: int = 256 * 2**20
-    # Command prefix for stronger isolation (e.g. ("bwrap", "--die-with-parent", ...));
-    # the child command line is appended to it. Empty = run the child directly.
+    # Command prefix (e.g. a profiler or `nice`); the child command line, bubblewrap's
+    # included, is appended to it. Empty = nothing before it.
     wrapper: tuple[str, ...] = ()
+    # Confine the child (sandbox.confine): its own user, pid, mount, ipc, uts and network
+    # namespaces, a seccomp filter, no_new_privs, and a filesystem holding only /usr, the
+    # Python environment, `packages`, `read_only` and a private tmpfs workdir. Without it
+    # the child shares the worker's user, files and network: only for `--unsandboxed`.
+    confine: bool = True
+    # Paths the engine may read (the model folder, a config folder), bound read-only.
+    read_only: tuple[Path, ...] = ()
+    # Top-level packages the child imports, bound read-only where they are not already
+    # inside the Python environment (editable installs). The engine's own package is added.
+    packages: tuple[str, ...] = ("sandbox", "protocol")
+    # Keep the network (only for engines that must reach peers; the image engine never does).
+    network: bool = False
+    # Size of the private tmpfs workdir (also /tmp): what the engine may write in all.
+    disk_bytes: int = 2**30
+    # RLIMIT_NPROC inside the sandbox: processes and threads (torch starts one per core).
+    # None = unlimited.
+    processes: int | None = 1024
 
     def __post_init__(self) -> None:
         for name in (*self.env_allow, *self.extra_env):
@@ -76,19 +93,22 @@ class SandboxPolicy:
         for name, value in self.extra_env.items():
             if not isinstance(value, str) or "\0" in value:
                 raise ValueError(f"SandboxPolicy.extra_env[{name!r}] must be a str without NUL")
-        for attr in ("start_timeout", "job_timeout", "open_files", "max_frame_bytes"):
+        for attr in ("start_timeout", "job_timeout", "open_files", "max_frame_bytes", "disk_bytes"):
             if getattr(self, attr) <= 0:
                 raise ValueError(f"SandboxPolicy.{attr} must be > 0, got {getattr(self, attr)}")
         if self.shutdown_timeout < 0:
             raise ValueError(
                 f"SandboxPolicy.shutdown_timeout must be >= 0, got {self.shutdown_timeout}"
             )
-        for attr in ("memory_bytes", "cpu_seconds", "file_size_bytes"):
+        for attr in ("memory_bytes", "cpu_seconds", "file_size_bytes", "processes"):
             value = getattr(self, attr)
             if value is not None and value <= 0:
                 raise ValueError(
                     f"SandboxPolicy.{attr} must be > 0 or None (unlimited), got {value}"
                 )
+        for path in self.read_only:
+            if not Path(path).is_absolute():
+                raise ValueError(f"SandboxPolicy.read_only: {str(path)!r} must be an absolute path")
         # A private copy, so a caller mutating its dict later cannot change a running policy.
         object.__setattr__(self, "extra_env", MappingProxyType(dict(self.extra_env)))
 

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,18 @@ from sandbox.channel import (
     encode_frame,
     read_frame_async,
 )
+from sandbox.confine import PidsCgroup, bwrap_argv, check_confinement, package_dirs
 from sandbox.engine import EngineResult, ProgressCallback
 from sandbox.errors import (
     ChannelClosed,
     ChannelError,
+    ConfinementUnavailable,
     EngineCrashed,
     EngineFailed,
     EngineStartFailed,
 )
 from sandbox.policy import SandboxPolicy
+from sandbox.seccomp import filter_program
 
 __all__ = ["ChildProcess"]
 
@@ -47,6 +51,52 @@ logger = logging.getLogger(__name__)
 # Seconds to wait for a process to be reaped once it closed its pipe or got SIGKILL;
 # only a process stuck in the kernel (e.g. a hung GPU driver call) takes longer.
 _REAP_TIMEOUT = 10.0
+
+
+def _confinement(engine: str, policy: SandboxPolicy, workdir: Path) -> tuple[tuple[str, ...], int]:
+    """bubblewrap's part of the command line, and the read end of a pipe holding the
+    seccomp program (to pass to the child and close after spawning it)."""
+    readiness = check_confinement()  # cached: ChildProcess.start ran it off the loop
+    if not readiness.ready or readiness.bwrap is None:
+        raise ConfinementUnavailable(f"cannot confine engine {engine!r}: {readiness.explain()}")
+    own_package = engine.split(":", 1)[0].split(".", 1)[0]
+    packages = package_dirs(dict.fromkeys((*policy.packages, own_package)))
+    argv = bwrap_argv(
+        readiness.bwrap,
+        workdir,
+        read_only=policy.read_only,
+        packages=packages,
+        network=policy.network,
+        disk_bytes=policy.disk_bytes,
+    )
+    program = filter_program()
+    read_end, write_end = os.pipe()
+    try:
+        # a few hundred bytes: far below a pipe's buffer, so this never blocks
+        os.write(write_end, program)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    return (*argv, "--seccomp", str(read_end)), read_end
+
+
+_warned_uncapped = False
+
+
+def _root_process_cap(limit: int) -> PidsCgroup | None:
+    """For a worker running as root, whom RLIMIT_NPROC does not bind: a pids cgroup."""
+    global _warned_uncapped
+    cgroup = PidsCgroup.create(limit)
+    if cgroup is None and not _warned_uncapped:
+        _warned_uncapped = True
+        logger.warning(
+            "the worker runs as root and no pids cgroup can be made, so the sandbox's "
+            "process limit (%d) is not enforced; run the worker as an ordinary user",
+            limit,
+        )
+    return cgroup
 
 
 class ChildProcess:
@@ -62,6 +112,9 @@ class ChildProcess:
         self._max_frame_bytes = max_frame_bytes
         self._dead = False  # killed, exited, or out of step with us: never to be used again
         self._reaped = False
+        self._engine_pid: int | None = None
+        self._cgroup: PidsCgroup | None = None
+        self._confined = False
 
     @classmethod
     async def start(
@@ -82,6 +135,7 @@ class ChildProcess:
             cpu_seconds=policy.cpu_seconds,
             open_files=policy.open_files,
             file_size_bytes=policy.file_size_bytes,
+            processes=policy.processes,
         )
         init = InitFrame(
             engine=engine,
@@ -91,7 +145,15 @@ class ChildProcess:
         )
         # Options travel in the init frame rather than argv, where `ps` would show them.
         init_bytes = encode_frame(init, max_bytes=MAX_INIT_BYTES)
-        argv = (*policy.wrapper, sys.executable, "-m", "sandbox.child")
+        confined: tuple[str, ...] = ()
+        seccomp_fd = -1
+        cgroup = None
+        if policy.confine:
+            await asyncio.to_thread(check_confinement)  # the first time: a probe run
+            confined, seccomp_fd = _confinement(engine, policy, workdir)
+            if policy.processes is not None and os.geteuid() == 0:
+                cgroup = _root_process_cap(policy.processes)
+        argv = (*policy.wrapper, *confined, sys.executable, "-m", "sandbox.child")
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -102,13 +164,22 @@ class ChildProcess:
                 cwd=workdir,
                 # Its own process group, so kill() also reaches whatever the engine spawned.
                 start_new_session=True,
+                pass_fds=(seccomp_fd,) if seccomp_fd >= 0 else (),
+                preexec_fn=None if cgroup is None else cgroup.enter,
             )
         except OSError as exc:
+            if cgroup is not None:
+                cgroup.remove()
             raise EngineStartFailed(
                 f"cannot run {argv[0]!r} to start engine {engine!r}: {exc}; "
                 "check SandboxPolicy.wrapper and the Python installation"
             ) from exc
+        finally:
+            if seccomp_fd >= 0:
+                os.close(seccomp_fd)
         child = cls(proc, engine, policy.max_frame_bytes)
+        child._cgroup = cgroup
+        child._confined = policy.confine
         try:
             async with asyncio.timeout(policy.start_timeout):
                 ready = await child._handshake(init_bytes)
@@ -121,13 +192,31 @@ class ChildProcess:
         except BaseException:
             await child.kill()
             raise
-        logger.info("engine %r is ready (pid %d, engine pid %d)", engine, proc.pid, ready.pid)
+        child._engine_pid = child._find_engine_pid()
+        logger.info("engine %r is ready (pid %d, engine pid %d)", engine, child.pid, ready.pid)
         return child
 
     @property
     def pid(self) -> int:
-        """The pid of the process we spawned (the wrapper's, if there is one)."""
-        return self._proc.pid
+        """The pid (as the worker sees it) of the process running the engine; under
+        confinement bubblewrap's grandchild, which sees itself as pid 2."""
+        return self._engine_pid or self._proc.pid
+
+    def _find_engine_pid(self) -> int | None:
+        """The pid of `python -m sandbox.child` among what we spawned, or None."""
+        pending = [self._proc.pid]
+        while pending:
+            pid = pending.pop(0)
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                # (bubblewrap's own command line ends with the same words)
+                if command[1:3] == [b"-m", b"sandbox.child"]:
+                    return pid
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                continue
+            pending.extend(int(child) for child in children)
+        return None
 
     @property
     def dead(self) -> bool:
@@ -140,6 +229,7 @@ class ChildProcess:
         kind: str,
         payload: dict[str, Any],
         on_progress: ProgressCallback | None,
+        blobs: Sequence[bytes] = (),
     ) -> EngineResult:
         """Run one job in the engine.
 
@@ -151,6 +241,7 @@ class ChildProcess:
         """
         frame = encode_frame(
             RequestFrame(id=request_id, kind=kind, payload=payload),
+            blobs,
             max_bytes=self._max_frame_bytes,
         )
         try:
@@ -252,6 +343,9 @@ class ChildProcess:
         except TimeoutError:
             await self.kill()
             return "closed its pipe without exiting (killed it)"
+        # bubblewrap exits with 128 + N when the engine was killed by signal N
+        if self._confined and 128 < returncode < 128 + signal.NSIG:
+            returncode = 128 - returncode
         if returncode < 0:
             try:
                 return f"was killed by {signal.Signals(-returncode).name}"
@@ -288,6 +382,8 @@ class ChildProcess:
             )
             return
         self._reaped = True
+        if self._cgroup is not None:
+            await asyncio.to_thread(self._cgroup.remove)
 
     async def shutdown(self, grace: float) -> None:
         """Ask the engine to exit, give it `grace` seconds, then kill what is left."""

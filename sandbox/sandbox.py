@@ -10,6 +10,7 @@ import re
 import shutil
 import stat
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -93,12 +94,14 @@ class Sandbox:
         kind: str,
         payload: dict[str, Any],
         *,
+        blobs: Sequence[bytes] = (),
         on_progress: ProgressCallback | None = None,
         # Kept despite ASYNC109 (which prefers an outer asyncio.timeout): this one also
         # tells the timeout apart from a cancellation and reports EngineTimedOut.
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> EngineResult:
-        """Run `engine.handle(kind, payload, emit)` in the child and return its result.
+        """Run `engine.handle(kind, payload, emit)` in the child and return its result;
+        with `blobs` (binary input, e.g. tensors), `engine.handle(..., blobs=blobs)`.
 
         `on_progress` receives each emitted dict in order (sync or async). `timeout`
         (default `policy.job_timeout`) covers the request only: not waiting for an earlier
@@ -118,7 +121,9 @@ class Sandbox:
             self._last_request_id += 1
             try:
                 async with asyncio.timeout(limit) as deadline:
-                    return await child.request(self._last_request_id, kind, payload, on_progress)
+                    return await child.request(
+                        self._last_request_id, kind, payload, on_progress, blobs
+                    )
             except TimeoutError:
                 if not deadline.expired():
                     raise  # raised by on_progress, not by our deadline

@@ -7,10 +7,10 @@ import re
 from aiohttp import web
 
 from coordinator.economy import kudos
-from coordinator.errors import BadRequest, NotFound
+from coordinator.errors import BadRequest, NotFound, UnsandboxedWorker
 from coordinator.http.api import API, Call
 from coordinator.http.jobs import check_anonymous_limits, owned_job
-from coordinator.http.state import SIGNALS, STORE
+from coordinator.http.state import CONFIG, SIGNALS, STORE
 from protocol.cost import image_cost
 from protocol.messages import (
     EngineInfo,
@@ -189,11 +189,14 @@ async def show_worker(request: web.Request, call: Call) -> WorkerInfo:
     body=EngineInfo,
     response=WorkerInfo,
     auth="worker",
+    errors=(403,),
     limit="engine",
 )
 async def report_engine(request: web.Request, call: Call) -> WorkerInfo:
     assert call.worker is not None
     store = request.app[STORE]
     body: EngineInfo = call.body
+    if request.app[CONFIG].require_sandbox and body.sandboxed is not True:
+        raise UnsandboxedWorker()
     await store.set_engine(call.worker, body.model_dump_json())
     return await kudos.worker_info(store, call.worker.id)

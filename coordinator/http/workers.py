@@ -7,12 +7,12 @@ import asyncio
 
 from aiohttp import web
 
-from coordinator.errors import OutdatedWorker, Unauthorized
+from coordinator.errors import OutdatedWorker, Unauthorized, UnsandboxedWorker
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call, api_key_of
 from coordinator.http.jobs import job_status
 from coordinator.http.polling import long_poll
-from coordinator.http.state import SIGNALS, STORE, UPLOADS
+from coordinator.http.state import CONFIG, SIGNALS, STORE, UPLOADS
 from protocol.errors import SignatureInvalid
 from protocol.messages import (
     Challenge,
@@ -94,6 +94,8 @@ async def pop(request: web.Request, call: Call) -> PopResponse:
     body: PopRequest = call.body
     worker = call.worker
     assert worker is not None
+    if request.app[CONFIG].require_sandbox and worker.sandboxed is not True:
+        raise UnsandboxedWorker()
     await store.record_poll(worker, client_ip(request))
     job = await long_poll(
         request,

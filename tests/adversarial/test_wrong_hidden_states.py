@@ -127,7 +127,14 @@ async def test_wrong_hidden_states_are_caught_and_never_answered(
             # honest servers of the same blocks join: two, so a disagreement can be decided
             honest = [honest_server(cluster, name, maddr) for name in ("honest-b", "honest-c")]
             honest = [server.ready() for server in honest]
-            await gateway.swarm.records(refresh=True)
+            # (a check that finds one honest server only is undecided, and bans nobody for
+            # long: wait until the gateway sees both, as a loaded machine may be slow)
+            everyone = {liar.peer_id, *(server.peer_id for server in honest)}
+            for _ in range(60):
+                seen = {r.peer_id for r in await gateway.swarm.records(refresh=True)}
+                if seen == everyone:
+                    break
+                await asyncio.sleep(0.5)
             gateway.config = dataclasses.replace(gateway.config, check_rate=1.0)
             answers = []
             for _ in range(MAX_JOBS):

@@ -375,6 +375,8 @@ async def test_refused_result_is_given_back_at_once(live: LiveApp, tmp_path: Pat
         extra_env={"PYTHONPATH": str(REPO_ROOT)},
         start_timeout=60,
         job_timeout=60,
+        # tests.fakes (the engine's module) imports the SDK and the worker's link
+        packages=("sandbox", "protocol", "tests", "client", "worker"),
     )
     config = ImageWorkerConfig(
         coordinator=live.url,

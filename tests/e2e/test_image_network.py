@@ -32,22 +32,17 @@ pytestmark = pytest.mark.slow
 
 
 class Network:
-    def __init__(self, tmp: Path, models: Path, lease_timeout: float) -> None:
+    def __init__(
+        self, tmp: Path, models: Path, lease_timeout: float, require_sandbox: bool = False
+    ) -> None:
         self.tmp = tmp
         self.models = models
         self.procs: list[Proc] = []
-        self.coordinator = self.start(
-            "coordinator",
-            [
-                "coordinator",
-                "--port",
-                "0",
-                "--data-dir",
-                str(tmp / "data"),
-                "--lease-timeout",
-                str(lease_timeout),
-            ],
-        )
+        args = ["coordinator", "--port", "0", "--data-dir", str(tmp / "data")]
+        args += ["--lease-timeout", str(lease_timeout)]
+        if require_sandbox:
+            args.append("--require-sandbox")
+        self.coordinator = self.start("coordinator", args)
         try:
             self.url = self.coordinator.wait_for(r"listening on (http://\S+)", 60).group(1)
         except BaseException:
@@ -55,13 +50,24 @@ class Network:
             raise
         self.env = {"IDLEGRID_CREDENTIALS": str(tmp / "credentials.json")}
 
-    def start(self, label: str, args: list[str]) -> Proc:
-        proc = Proc(args, self.tmp / f"{label}-{len(self.procs)}.log")
+    def start(self, label: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(args, self.tmp / f"{label}-{len(self.procs)}.log", env)
         self.procs.append(proc)
         return proc
 
-    def worker(self, name: str, api_key: str | None = None) -> Proc:
-        args = [
+    def sandboxed(self, worker: Proc) -> bool | None:
+        """What the worker's engine report told the coordinator."""
+        worker_id = worker.wait_for(r"worker id ([0-9a-f]{32})", 5).group(1)
+        with Client(self.url) as grid:
+            for _ in range(100):  # the report follows the "ready" line
+                engine = grid.worker(worker_id).engine
+                if engine is not None:
+                    return engine.sandboxed
+                time.sleep(0.1)
+        raise AssertionError("the worker never reported its engine")
+
+    def worker_args(self, name: str) -> list[str]:
+        return [
             "worker",
             "image",
             "--coordinator",
@@ -75,6 +81,9 @@ class Network:
             "--threads",
             "1",
         ]
+
+    def worker(self, name: str, api_key: str | None = None) -> Proc:
+        args = self.worker_args(name)
         if api_key:
             args.append(f"--api-key={api_key}")  # (a key may start with "-")
         proc = self.start(name, args)
@@ -211,13 +220,7 @@ def test_engine_crash_requeues_the_job_and_the_worker_keeps_serving(network: Net
     with Client(network.url, network.register("requester")) as grid:
         created = grid.submit_image(ImageParams(**{**LONG, "steps": 100}))
         _wait_running(grid, created.id)
-        engines = [
-            p
-            for p in psutil.Process(worker.pid).children(recursive=True)
-            if "sandbox.child" in " ".join(p.cmdline())
-        ]
-        assert len(engines) == 1
-        engines[0].kill()
+        _engine_of(worker).kill()
         final = grid.wait(created.id)
         assert final.state == "done"
         assert final.attempts == 1
@@ -225,6 +228,70 @@ def test_engine_crash_requeues_the_job_and_the_worker_keeps_serving(network: Net
         image = Image.open(io.BytesIO(grid.image(created.id, 0)))
         assert image.size == (64, 64)
     assert f"engine failed on job {created.id}" in worker.output()
+
+
+def _engine_of(worker: Proc) -> psutil.Process:
+    """The worker's engine process: `python -m sandbox.child`, bubblewrap's grandchild."""
+    engines = [
+        p
+        for p in psutil.Process(worker.pid).children(recursive=True)
+        if p.cmdline()[1:3] == ["-m", "sandbox.child"]
+    ]
+    assert len(engines) == 1, engines
+    return engines[0]
+
+
+def test_the_engine_of_a_running_worker_is_confined(network: Network) -> None:
+    """The issue's check, from the host's /proc: no_new_privs, a seccomp filter, and its own
+    mount, pid, user and network namespaces; and it still serves."""
+    worker = network.worker("confined")
+    engine = _engine_of(worker)
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{engine.pid}/status").read_text().splitlines()
+    )
+    assert status["NoNewPrivs"].strip() == "1"
+    assert status["Seccomp"].strip() == "2"
+    for ns in ("mnt", "pid", "user", "net"):
+        assert os.readlink(f"/proc/{engine.pid}/ns/{ns}") != os.readlink(
+            f"/proc/{worker.pid}/ns/{ns}"
+        ), ns
+    with Client(network.url, network.register("requester")) as grid:
+        created = grid.submit_image(ImageParams(**{**LONG, "steps": 2}))
+        assert grid.wait(created.id).state == "done"
+    assert network.sandboxed(worker) is True
+
+
+def test_without_confinement_the_worker_says_what_is_missing_and_exits(
+    network: Network, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-bwrap-here"
+    proc = network.start(
+        "unconfinable", network.worker_args("unconfinable"), env={"IDLEGRID_BWRAP": str(missing)}
+    )
+    assert proc.popen.wait(60) == 2
+    said = proc.output()
+    assert "bubblewrap (bwrap) is not on" in said and "apt-get install bubblewrap" in said
+    assert "--unsandboxed" in said
+
+
+def test_unsandboxed_runs_loudly_and_a_strict_coordinator_refuses_it(
+    network: Network, tmp_path: Path
+) -> None:
+    args = [*network.worker_args("daring"), "--unsandboxed"]
+    proc = network.start("daring", args, env={"IDLEGRID_BWRAP": str(tmp_path / "none")})
+    proc.wait_for("ready", 180)
+    assert "running UNSANDBOXED" in proc.output()
+    assert _engine_of(proc).pid  # an engine, but in the worker's own namespaces
+    assert network.sandboxed(proc) is False
+    proc.stop()
+
+    (tmp_path / "strict").mkdir()
+    strict = Network(tmp_path / "strict", network.models, lease_timeout=5, require_sandbox=True)
+    try:
+        refused = strict.start("daring", [*strict.worker_args("daring"), "--unsandboxed"])
+        refused.wait_for("serves only workers whose engine runs confined", 180)
+    finally:
+        strict.close()
 
 
 # --- the default size: 512x512 images go up as raw PNG uploads of a few hundred KB -------

@@ -90,3 +90,17 @@ class BrokenEngine:
 class NeverReadyEngine:
     def __init__(self, options: dict[str, Any]) -> None:
         threading.Event().wait()
+
+
+class BinaryEngine:
+    """Takes binary input: `reverse` answers the blobs it got, last first, each reversed."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    def handle(
+        self, kind: str, payload: dict[str, Any], emit: Emit, blobs: list[bytes] | None = None
+    ) -> Result:
+        assert kind == "reverse"
+        got = blobs or []
+        return {**payload, "sizes": [len(blob) for blob in got]}, [b[::-1] for b in reversed(got)]

@@ -23,6 +23,7 @@ from sandbox.errors import (
 )
 
 ECHO = "tests.sandbox.engines:EchoEngine"
+BINARY = "tests.sandbox.engines:BinaryEngine"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Generous bound for anything that should take well under a second; only hit on a hang.
 GUARD = 20.0
@@ -85,6 +86,21 @@ def mode(path: Path) -> int:
 
 def resolved(path: Path) -> Path:
     return path.resolve()
+
+
+async def test_binary_input_reaches_engines_that_take_it(tmp_path: Path) -> None:
+    blobs = [bytes(range(256)) * 1000, b"", b"\x00"]
+    async with await Sandbox.create(BINARY, {}, make_policy(tmp_path)) as sb:
+        result = await sb.call("reverse", {"n": 3}, blobs=blobs)
+        assert result.data == {"n": 3, "sizes": [256000, 0, 1]}
+        assert result.blobs == [blob[::-1] for blob in reversed(blobs)]
+        assert (await sb.call("reverse", {})).data == {"sizes": []}  # none: not passed
+
+
+async def test_binary_input_to_an_engine_without_it_is_its_error(sb: Sandbox) -> None:
+    with pytest.raises(EngineFailed, match="blobs"):
+        await sb.call("echo", {}, blobs=[b"x"])
+    assert (await sb.call("echo", {})).data["payload"] == {}  # still serving
 
 
 async def test_echo_round_trip_with_blobs(sb: Sandbox) -> None:
@@ -225,12 +241,16 @@ async def test_environment_is_scrubbed(tmp_path: Path, monkeypatch: pytest.Monke
     assert env["HF_HUB_OFFLINE"] == "1"
     allowed = set(policy.env_allow) | set(policy.extra_env)
     ours = {"HOME", "TMPDIR", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}
-    # Python itself may add LC_CTYPE when it coerces the C locale.
-    assert set(env) - allowed - ours <= {"LC_CTYPE"}
+    # Python itself may add LC_CTYPE when it coerces the C locale; bubblewrap sets PWD
+    # (the workdir) when it enters it.
+    assert set(env) - allowed - ours <= {"LC_CTYPE", "PWD"}
+    assert env.get("PWD", workdir) == workdir
 
 
 async def test_cwd_is_a_private_workdir_removed_on_close(tmp_path: Path) -> None:
-    async with await Sandbox.create(ECHO, {}, make_policy(tmp_path)) as sb:
+    # unconfined, so the workdir is the host directory (confined, it is a tmpfs at the same
+    # path that the host never sees: tests/sandbox/test_escape.py)
+    async with await Sandbox.create(ECHO, {}, make_policy(tmp_path, confine=False)) as sb:
         cwd = Path((await sb.call("env", {})).data["cwd"])
         assert cwd == resolved(sb.workdir)
         assert cwd.parent == resolved(tmp_path)
@@ -284,7 +304,9 @@ async def test_frame_size_cap(tmp_path: Path) -> None:
 
 
 async def test_aclose_leaves_no_process_behind(tmp_path: Path) -> None:
-    sb = await Sandbox.create(ECHO, {}, make_policy(tmp_path))
+    # unconfined, where only the process group stands between the engine's children and the
+    # host (confined, the pid namespace ends with the engine: tests/sandbox/test_escape.py)
+    sb = await Sandbox.create(ECHO, {}, make_policy(tmp_path, confine=False))
     pids = (await sb.call("spawn", {})).data
     assert pids["own_pid"] == sb.pid
     pidfds = [os.pidfd_open(pids["own_pid"]), os.pidfd_open(pids["pid"])]

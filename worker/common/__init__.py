@@ -2,7 +2,10 @@
 
     link.py       HTTP link to the coordinator (and retrying while it is away)
     identity.py   the Ed25519 identity file, locked by one process
-    service.py    the pop-and-serve loop, run until SIGINT/SIGTERM
+    service.py    the pop-and-serve loop, run until SIGINT/SIGTERM (the first one drains)
+    donor.py      donor controls: idle-only, schedule, jobs per hour (the gate before a pop)
+    status.py     the running worker's state: status file and live terminal line
+    controls_cli.py  donor-control flags and `idlegrid worker status`
     cli.py        flags and start-up steps shared by the `idlegrid worker KIND` commands
 
 Nothing here imports torch, the image engine or the LLM code.

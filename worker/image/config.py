@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.params import MAX_STEPS
+from worker.common.donor import DonorSettings
 
 __all__ = ["ImageWorkerConfig"]
 
@@ -33,6 +34,13 @@ class ImageWorkerConfig:
     hf_home: Path | None = None
     # torch threads in the engine process (None = torch's default)
     threads: int | None = None
+    # run the engine unconfined (--unsandboxed): it then shares the worker's user, files
+    # and network; reported to the coordinator in the engine info
+    unsandboxed: bool = False
+    # the engine's memory (address space) cap in bytes (--max-ram; None = no cap)
+    max_ram_bytes: int | None = None
+    # the GPU memory the engine may use, in bytes (--max-vram; None = all of it)
+    max_vram_bytes: int | None = None
     # seconds one job may run in the engine before it is killed and the job given back
     job_timeout: float = 900.0
     # seconds the engine may take to load the model
@@ -41,3 +49,7 @@ class ImageWorkerConfig:
     pop_wait: float = 10.0
     # at most one progress report per this many seconds (the last step is never sent)
     progress_interval: float = 0.25
+    # donor controls: when jobs may be taken (--when, --schedule, --max-jobs-per-hour, ...)
+    donor: DonorSettings = field(default_factory=DonorSettings)
+    # seconds between looks at the donor controls while they hold the worker back
+    gate_poll: float = 1.0

@@ -49,15 +49,12 @@ def load_pipeline(source: ModelSource) -> StableDiffusionPipeline:
             local_files_only=True,
             dtype=torch.float32,
         )
-    try:
-        return StableDiffusionPipeline.from_pretrained(
-            source.location, use_safetensors=True, dtype=torch.float32
-        )
-    except OSError as exc:
-        raise ModelNotFound(
-            f"could not load {source.location!r} from the Hugging Face Hub ({exc}); it is "
-            "not a local path either. Download it first and pass the local folder"
-        ) from exc
+    # The worker downloads hub models before the engine starts (download_hub_model): the
+    # engine has no network, so a hub id here means nothing was downloaded.
+    raise ModelNotFound(
+        f"{source.location!r} is not a local folder or file; the worker downloads hub models "
+        "before starting the engine, so pass the id to `idlegrid worker image --model`"
+    )
 
 
 def encode_png(image: Image.Image, parameters: str) -> bytes:
@@ -74,6 +71,7 @@ class ImageEngine:
 
     options: {"model": spec for `resolve_model`, "model_config": str | None,
     "threads": int | None (torch intra-op threads; None keeps torch's default),
+    "max_vram_bytes": int | None (the GPU memory the engine may use; None = all),
     optionally "model_name": str | None (the name written into PNGs and results; defaults
     to the folder name, file stem or hub id)}.
     """
@@ -87,6 +85,10 @@ class ImageEngine:
         self.model_name: str = options.get("model_name") or self.source.name
         # Generators stay on the CPU whatever the device, so seeds mean the same everywhere.
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        max_vram = options.get("max_vram_bytes")
+        if max_vram and self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, int(max_vram) / total))
         pipe = load_pipeline(self.source)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)

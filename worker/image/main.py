@@ -21,6 +21,9 @@ from worker.common.cli import (
     claim_identity_from_flags,
     configure_logging,
 )
+from worker.common.config_file import add_config_flag
+from worker.common.controls_cli import add_donor_flags, donor_settings, status_outputs
+from worker.common.sandboxing import add_sandbox_flag, confinement_allowed
 
 if TYPE_CHECKING:
     from protocol.signing import Identity
@@ -71,7 +74,22 @@ def add_image_command(kinds: argparse._SubParsersAction[argparse.ArgumentParser]
         default=900.0,
         help="seconds before a stuck job is killed (default %(default)s)",
     )
+    image.add_argument(
+        "--max-ram",
+        type=float,
+        metavar="GIB",
+        help="memory the engine may use, in GiB (default: no cap)",
+    )
+    image.add_argument(
+        "--max-vram",
+        type=float,
+        metavar="GIB",
+        help="GPU memory the engine may use, in GiB (default: all of it)",
+    )
+    add_sandbox_flag(image)
+    add_donor_flags(image)
     add_log_level_flag(image)
+    add_config_flag(image, kinds)
     image.set_defaults(run=_run)
 
 
@@ -79,10 +97,23 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(args)
     from worker.errors import ModelError
     from worker.image.config import ImageWorkerConfig
-    from worker.image.model_source import resolve_model
+    from worker.image.model_source import download_hub_model, resolve_model
 
+    for flag, value in (("--max-ram", args.max_ram), ("--max-vram", args.max_vram)):
+        if value is not None and value <= 0:
+            print(f"error: {flag} must be a positive number of GiB, got {value}", file=sys.stderr)
+            return 2
+    hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
     try:
         source = resolve_model(args.model, args.model_config)
+    except ModelError as exc:
+        print(f"error: --model: {exc}", file=sys.stderr)
+        return 2
+    if not confinement_allowed(args.unsandboxed):
+        return 2
+    try:
+        # outside the sandbox: the engine has no network and gets the folder read-only
+        source = download_hub_model(source, hf_home / "idlegrid")
     except ModelError as exc:
         print(f"error: --model: {exc}", file=sys.stderr)
         return 2
@@ -101,7 +132,11 @@ def _run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         threads=args.threads,
         job_timeout=args.job_timeout,
-        hf_home=Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"),
+        donor=donor_settings(args),
+        hf_home=hf_home,
+        unsandboxed=args.unsandboxed,
+        max_ram_bytes=None if args.max_ram is None else int(args.max_ram * 2**30),
+        max_vram_bytes=None if args.max_vram is None else int(args.max_vram * 2**30),
     )
     with claimed:
         return asyncio.run(_serve(config, claimed.identity))
@@ -122,8 +157,9 @@ async def _serve(config: ImageWorkerConfig, identity: Identity) -> int:
             print(f"error: the engine could not load the model: {exc}", file=sys.stderr)
             return 1
         try:
-            if await run_until_signalled(worker.run()):
-                log.info("stopping after %d jobs", worker.jobs_done)
+            with status_outputs(worker.status, config.identity_file):
+                if await run_until_signalled(worker.run(), worker.drain):
+                    log.info("stopping after %d jobs", worker.jobs_done)
         finally:
             await worker.aclose()
     finally:

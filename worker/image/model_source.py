@@ -13,7 +13,7 @@ from typing import Literal
 
 from worker.errors import ModelConfigMissing, ModelNotFound, UnsafeWeights
 
-__all__ = ["PICKLE_SUFFIXES", "ModelSource", "resolve_model"]
+__all__ = ["PICKLE_SUFFIXES", "ModelSource", "download_hub_model", "resolve_model"]
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
 SAFE_SUFFIX = ".safetensors"
@@ -104,3 +104,31 @@ def _check_folder(path: Path) -> None:
 def _is_weight_file(path: Path) -> bool:
     suffix = path.suffix.lower()
     return suffix == SAFE_SUFFIX or suffix in PICKLE_SUFFIXES
+
+
+def download_hub_model(source: ModelSource, into: Path) -> ModelSource:
+    """Fetch a hub model's configs, tokenizer and safetensors weights (never pickles) into
+    `into/<owner>--<name>` as plain files, and describe that folder.
+
+    The worker does this before the engine starts: the confined engine has no network and
+    is handed the folder read-only. A folder fetched earlier is checked again and reused
+    (huggingface_hub skips files it already has).
+    """
+    if source.kind != "hub":
+        return source
+    from huggingface_hub import snapshot_download
+
+    folder = into / source.location.replace("/", "--")
+    try:
+        snapshot_download(
+            source.location,
+            local_dir=folder,
+            allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+        )
+    except Exception as exc:  # the hub client raises many kinds: offline, 404, auth
+        raise ModelNotFound(
+            f"could not download {source.location!r} from the Hugging Face Hub ({exc}); "
+            "download it yourself and pass the local folder"
+        ) from exc
+    _check_folder(folder)
+    return ModelSource("folder", str(folder), None, source.name)

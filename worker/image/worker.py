@@ -15,12 +15,14 @@ from protocol.messages import LeasedJob
 from protocol.signing import params_hash
 from sandbox import Sandbox, SandboxPolicy
 from sandbox.errors import EngineCrashed, EngineFailed, EngineTimedOut
+from worker.common.donor import build_gate
 from worker.common.link import Capabilities, CoordinatorLink, retrying
-from worker.common.service import serve_jobs
+from worker.common.service import Drain, Gate, serve_jobs
+from worker.common.status import WorkerStatus
 from worker.errors import CoordinatorRejected, CoordinatorUnavailable, LeaseLost
 from worker.image.config import ImageWorkerConfig
 
-__all__ = ["ENGINE", "ImageWorker"]
+__all__ = ["ENGINE", "ImageWorker", "engine_policy"]
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,14 @@ ENGINE = "worker.image.engine:ImageEngine"
 class ImageWorker:
     """Create with `await ImageWorker.create(config, identity)`; then `run(stop)`; `aclose()`."""
 
-    def __init__(self, config: ImageWorkerConfig, sandbox: Sandbox, link: CoordinatorLink) -> None:
+    def __init__(
+        self,
+        config: ImageWorkerConfig,
+        sandbox: Sandbox,
+        link: CoordinatorLink,
+        *,
+        gate: Gate | None = None,
+    ) -> None:
         self.config = config
         self.sandbox = sandbox
         self.link = link
@@ -39,6 +48,11 @@ class ImageWorker:
             models=[config.model_name], max_pixels=config.max_pixels, max_steps=config.max_steps
         )
         self.jobs_done = 0
+        # donor controls (worker.common.donor); tests pass a gate with fake sources
+        self.gate = gate if gate is not None else build_gate(config.donor)
+        self.status = WorkerStatus(config.name)
+        # run_until_signalled starts it on the first SIGINT/SIGTERM
+        self.drain = Drain(on_start=lambda: self.status.set_state("draining"))
 
     @classmethod
     async def create(cls, config: ImageWorkerConfig, link: CoordinatorLink) -> ImageWorker:
@@ -47,12 +61,9 @@ class ImageWorker:
             "model_config": str(config.model_config) if config.model_config else None,
             "model_name": config.model_name,
             "threads": config.threads,
+            "max_vram_bytes": config.max_vram_bytes,
         }
-        extra_env = {"HF_HOME": str(config.hf_home)} if config.hf_home else {}
-        policy = SandboxPolicy(
-            start_timeout=config.load_timeout, job_timeout=config.job_timeout, extra_env=extra_env
-        )
-        sandbox = await Sandbox.create(ENGINE, options, policy)
+        sandbox = await Sandbox.create(ENGINE, options, engine_policy(config))
         return cls(config, sandbox, link)
 
     async def aclose(self) -> None:
@@ -63,7 +74,7 @@ class ImageWorker:
         registered = await retrying("register", self.link.register)
         log.info("registered as worker %s", registered.worker_id)
         try:
-            await self.link.report_engine(engine_info())
+            await self.link.report_engine(engine_info(sandboxed=not self.config.unsandboxed))
         except (CoordinatorRejected, CoordinatorUnavailable) as exc:
             log.warning("could not report the engine build (spot checks will be lenient): %s", exc)
         print(
@@ -72,7 +83,13 @@ class ImageWorker:
             flush=True,
         )
         await serve_jobs(
-            self.link, lambda: self.link.pop(self.capabilities, self.config.pop_wait), self.serve
+            self.link,
+            lambda: self.link.pop(self.capabilities, self.config.pop_wait),
+            self.serve,
+            gate=self.gate,
+            drain=self.drain,
+            status=self.status,
+            gate_poll=self.config.gate_poll,
         )
 
     async def serve(self, job: LeasedJob) -> None:
@@ -125,6 +142,7 @@ class ImageWorker:
             await self._give_back(job, f"result refused: {exc}")
             return
         self.jobs_done += 1
+        self.status.job_paid(accepted.kudos_earned)
         log.info(
             "job %s done in %.2fs, earned %d kudos",
             job.id,
@@ -141,6 +159,23 @@ class ImageWorker:
             log.warning("could not give job %s back: %s", job.id, exc)
 
 
+def engine_policy(config: ImageWorkerConfig) -> SandboxPolicy:
+    """The engine's confinement: no network, the model read-only, nothing else of ours."""
+    model_files = [Path(config.model)]
+    if config.model_config is not None:
+        model_files.append(config.model_config)
+    return SandboxPolicy(
+        start_timeout=config.load_timeout,
+        job_timeout=config.job_timeout,
+        # hub models are downloaded by the worker before the engine starts
+        extra_env={"HF_HUB_OFFLINE": "1"},
+        confine=not config.unsandboxed,
+        read_only=tuple(path.resolve() for path in model_files),
+        packages=("sandbox", "protocol", "worker"),
+        memory_bytes=config.max_ram_bytes,
+    )
+
+
 def _nvidia_gpu() -> str | None:
     """The first NVIDIA GPU's model, from the driver's /proc files (no torch import)."""
     gpus = Path("/proc/driver/nvidia/gpus")
@@ -154,7 +189,7 @@ def _nvidia_gpu() -> str | None:
     return None
 
 
-def engine_info() -> dict[str, Any]:
+def engine_info(sandboxed: bool = True) -> dict[str, Any]:
     """The engine build as spot checks compare it: package versions, device, dtype.
 
     The engine runs on CUDA when torch is a CUDA build and a GPU is present (see
@@ -169,4 +204,10 @@ def engine_info() -> dict[str, Any]:
     gpu = _nvidia_gpu()
     cuda_build = "+cu" in versions.get("torch", "")
     device = f"cuda:{gpu}" if gpu and cuda_build else "cpu"
-    return {"engine": "diffusers", "versions": versions, "device": device, "dtype": "float32"}
+    return {
+        "engine": "diffusers",
+        "versions": versions,
+        "device": device,
+        "dtype": "float32",
+        "sandboxed": sandboxed,
+    }

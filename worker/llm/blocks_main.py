@@ -23,6 +23,8 @@ from worker.common.cli import (
     claim_identity_from_flags,
     configure_logging,
 )
+from worker.common.config_file import add_config_flag
+from worker.common.sandboxing import add_sandbox_flag, confinement_allowed
 
 if TYPE_CHECKING:
     from protocol.signing import Identity
@@ -97,6 +99,14 @@ def add_blocks_command(kinds: argparse._SubParsersAction[argparse.ArgumentParser
         help="seconds an announcement lives (default: 3 x --announce-interval)",
     )
     blocks.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on the first SIGTERM/Ctrl-C: announce leaving, refuse new sessions and let open "
+        "ones finish for up to this long before stopping; a second signal stops at once "
+        "(default %(default)s)",
+    )
+    blocks.add_argument(
         "--session-idle-timeout",
         type=float,
         default=60.0,
@@ -121,7 +131,9 @@ def add_blocks_command(kinds: argparse._SubParsersAction[argparse.ArgumentParser
         default=8,
         help="inference streams one peer may keep open (default %(default)s)",
     )
+    add_sandbox_flag(blocks)
     add_log_level_flag(blocks)
+    add_config_flag(blocks, kinds)
     blocks.set_defaults(run=_run_blocks)
 
 
@@ -131,6 +143,8 @@ class _Command:
     name: str
     identity: Identity
     api_key: str | None
+    # seconds open sessions may take to finish after the first signal
+    drain_seconds: float = 30.0
 
 
 class _BadFlag(Exception):
@@ -183,6 +197,10 @@ def _run_blocks(args: argparse.Namespace) -> int:
         ):
             if seconds is not None and not seconds > 0:
                 raise _BadFlag(flag, f"must be a positive number of seconds, got {seconds}")
+        if args.drain_seconds < 0:
+            raise _BadFlag(
+                "--drain-seconds", f"must be 0 or more seconds, got {args.drain_seconds}"
+            )
         if not 0 < args.peer_cache_share <= 1:
             raise _BadFlag(
                 "--peer-cache-share", f"must be within (0, 1], got {args.peer_cache_share}"
@@ -191,6 +209,8 @@ def _run_blocks(args: argparse.Namespace) -> int:
             raise _BadFlag("--record-ttl", "must be longer than --announce-interval")
     except _BadFlag as exc:
         print(exc, file=sys.stderr)
+        return 2
+    if not confinement_allowed(args.unsandboxed):
         return 2
     config = BlockServerConfig(
         model_dir=args.model,
@@ -208,6 +228,7 @@ def _run_blocks(args: argparse.Namespace) -> int:
         cache_tokens=args.cache_tokens,
         peer_cache_share=args.peer_cache_share,
         max_streams_per_peer=args.max_streams_per_peer,
+        unsandboxed=args.unsandboxed,
     )
     claimed = claim_identity_from_flags(args, "blocks")
     if claimed is None:
@@ -217,6 +238,7 @@ def _run_blocks(args: argparse.Namespace) -> int:
         name=claimed.name,
         identity=claimed.identity,
         api_key=api_key(args),
+        drain_seconds=args.drain_seconds,
     )
     with claimed:
         return asyncio.run(_serve_blocks(config, command))
@@ -231,10 +253,19 @@ async def _serve_blocks(config: BlockServerConfig, command: _Command) -> int:
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
-    link = CoordinatorLink(command.coordinator, command.identity, command.name, command.api_key)
+    leave = asyncio.Event()
     server: BlockServer | None = None
+
+    def on_signal() -> None:
+        # the first signal while serving drains; one while starting, or a second, stops now
+        if server is None or leave.is_set():
+            task.cancel()
+        else:
+            leave.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal)
+    link = CoordinatorLink(command.coordinator, command.identity, command.name, command.api_key)
     try:
         await link.register()
         # our own libp2p key, so that we can prove the peer id is ours when we link it
@@ -254,7 +285,10 @@ async def _serve_blocks(config: BlockServerConfig, command: _Command) -> int:
                 ),
                 flush=True,
             )
-        await asyncio.Event().wait()
+        await leave.wait()
+        log.info("leaving (signal again to stop at once)")
+        await server.drain(command.drain_seconds)
+        log.info("stopping")
     except asyncio.CancelledError:
         log.info("stopping")
     except (CoordinatorUnavailable, CoordinatorRejected) as exc:

@@ -16,6 +16,7 @@ from worker.common.cli import (
     claim_identity_from_flags,
     configure_logging,
 )
+from worker.common.config_file import add_config_flag
 
 if TYPE_CHECKING:
     from protocol.signing import Identity
@@ -83,6 +84,7 @@ def add_gateway_command(kinds: argparse._SubParsersAction[argparse.ArgumentParse
         "(default %(default)s)",
     )
     add_log_level_flag(gateway)
+    add_config_flag(gateway, kinds)
     gateway.set_defaults(run=_run)
 
 

@@ -68,6 +68,7 @@ _SUBKEY = re.compile(rb"([1-9A-HJ-NP-Za-km-z]{20,100})\[owner:([^\]]+)\]")
 class ServerState(StrEnum):
     JOINING = "joining"  # loading or measuring; not routable yet
     ONLINE = "online"  # serving
+    LEAVING = "leaving"  # finishing open sessions before it stops; route new ones elsewhere
     OFFLINE = "offline"  # stopped on purpose; forget it
 
 

@@ -6,8 +6,13 @@ server's `cache_tokens` budget until it closes, one peer may hold at most
 `peer_cache_share` of that budget and `max_streams_per_peer` streams (`PeerLimits`), and a
 stream that does no work for `session_idle_timeout` seconds is closed (requests without
 hidden states are answered but do not keep it open). A frame longer than the session can
-use is refused on its length, before it is read. Layer compute runs on one dedicated
-thread so the event loop keeps serving streams.
+use is refused on its length, before it is read.
+
+Layer compute runs in a second, confined process (`worker.llm.swarm.compute`): this one
+keeps the network and the keys, checks each tensor's declared dtype, shape and byte count
+against the session, and hands the bytes over undecoded; the compute process decodes
+them, runs the layers and holds the caches. Steps of all sessions queue for it, one at a
+time, while the event loop keeps serving streams.
 """
 
 from __future__ import annotations
@@ -15,22 +20,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import math
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from hivemind import DHT
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, P2PContext
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
+from sandbox.errors import EngineCrashed, EngineFailed, EngineStartFailed, EngineTimedOut
 from worker.errors import ModelError
-from worker.llm.swarm.blocks import BlockSpan, ModelInfo, new_cache
+from worker.llm.swarm.blocks import ModelInfo
+from worker.llm.swarm.compute import ComputeSettings, SpanCompute
 from worker.llm.swarm.dht import start_dht, stop_dht
 from worker.llm.swarm.limits import PeerLimits, Refused
 from worker.llm.swarm.peer_proof import PeerKey
@@ -98,6 +105,70 @@ class BlockServerConfig:
     # the libp2p key: p2pd's identity, the proof of our peer id to the coordinator, and the
     # voucher for the key that signs our DHT records; None = a fresh one
     peer_key: PeerKey | None = None
+    # run the layer compute unconfined (`--unsandboxed`; see worker.llm.swarm.compute)
+    unsandboxed: bool = False
+    # seconds one step may take before the compute process is killed and restarted
+    step_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class Hidden:
+    """Hidden states as they arrived: raw row-major bytes, not decoded here."""
+
+    buffer: bytes
+    dtype: str
+    shape: list[int]
+
+    @property
+    def tokens(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _hidden_in(serialized: runtime_pb2.Tensor, hidden_size: int, batch_one: bool) -> Hidden:
+    """Check a tensor's declared dtype and shape against its bytes, without decoding it."""
+    shape = [int(size) for size in serialized.size]
+    dtype = serialized.dtype
+    wanted = "[1, n, H]" if batch_one else "[B, n, H]"
+    if serialized.compression != runtime_pb2.CompressionType.NONE:
+        raise Refused("bad_request", "send hidden states uncompressed (compression NONE)")
+    if dtype not in _ITEMSIZE:
+        raise Refused(
+            "bad_request", f"hidden states of dtype {dtype!r}; send float32, float16 or bfloat16"
+        )
+    if (
+        len(shape) != 3
+        or shape[-1] != hidden_size
+        or shape[1] < 1
+        or shape[0] < 1
+        or (batch_one and shape[0] != 1)
+    ):
+        raise Refused(
+            "bad_request",
+            f"expected hidden states {wanted} with H={hidden_size}, got {tuple(shape)}",
+        )
+    count = math.prod(shape)
+    sizes = {_ITEMSIZE[dtype] * count} | ({4 * count} if dtype == "bfloat16" else set())
+    if len(serialized.buffer) not in sizes:
+        raise Refused(
+            "bad_request",
+            f"cannot read the hidden states: {len(serialized.buffer)} bytes do not hold a "
+            f"{dtype} tensor of shape {tuple(shape)}",
+        )
+    return Hidden(serialized.buffer, dtype, shape)
+
+
+def _hidden_out(buffer: bytes, shape: list[int]) -> runtime_pb2.Tensor:
+    """The compute's float32 output as hivemind's uncompressed tensor message."""
+    return runtime_pb2.Tensor(
+        compression=runtime_pb2.CompressionType.NONE,
+        buffer=buffer,
+        size=shape,
+        dtype="float32",
+        requires_grad=False,
+    )
 
 
 @dataclass
@@ -107,7 +178,9 @@ class _Session:
     start: int
     end: int
     max_length: int
-    cache: Any
+    # the compute process's name for its cache, and which compute process holds it
+    key: str
+    generation: int
     position: int = 0
 
 
@@ -189,9 +262,7 @@ class _Handlers:
                         deadline = loop.time() + idle
                     if request.tensors:
                         output = await server.run_step(session, request.tensors[0])
-                        response = runtime_pb2.ExpertResponse(
-                            tensors=[serialize_torch_tensor(output)]
-                        )
+                        response = runtime_pb2.ExpertResponse(tensors=[output])
                         deadline = loop.time() + idle
                     else:
                         # answered, but it does no work: it does not keep the session open
@@ -228,7 +299,7 @@ class _Handlers:
             output = await self._server.run_forward(unpack(request.metadata), request.tensors)
         except Refused as exc:
             return error_response(exc.code, str(exc))
-        return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(output)])
+        return runtime_pb2.ExpertResponse(tensors=[output])
 
     async def rpc_info(
         self, request: runtime_pb2.ExpertUID, context: P2PContext
@@ -250,14 +321,16 @@ class BlockServer:
         dht: DHT,
         peer_key: PeerKey,
         announcer: Announcer,
-        span: BlockSpan,
+        compute: SpanCompute,
+        blocks: tuple[int, int],
         throughput: float,
     ) -> None:
         self.config = config
         self.model = model
         self.dht = dht
         self.peer_key = peer_key
-        self.span = span
+        self.compute = compute
+        self.blocks = blocks
         self.throughput = throughput
         self.peer_id = str(dht.peer_id)
         self.limits = PeerLimits(
@@ -267,14 +340,13 @@ class BlockServer:
         self._p2p: P2P | None = None
         self._handlers = _Handlers(self)
         self._sessions: dict[tuple[str, str], _Session] = {}
-        # one compute thread: steps of all sessions queue here, the event loop stays free
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="blocks")
         self._announce_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._leaving = False
+        self._sessions_changed = asyncio.Event()
 
     @classmethod
     async def create(cls, config: BlockServerConfig) -> BlockServer:
-        torch.set_num_threads(config.threads)
         model = ModelInfo.read(config.model_dir, config.model_name)
         if config.blocks is not None:
             start, end = config.blocks
@@ -327,14 +399,28 @@ class BlockServer:
                 state=ServerState.JOINING,
             )
             await announcer.announce(joining, config.record_ttl)
-            span = await asyncio.to_thread(
-                BlockSpan.load, config.model_dir, start, end, config.dtype
+            settings = ComputeSettings(
+                model_dir=config.model_dir,
+                start=start,
+                end=end,
+                dtype=None if config.dtype is None else str(config.dtype).removeprefix("torch."),
+                threads=config.threads,
+                confine=not config.unsandboxed,
+                step_timeout=config.step_timeout,
             )
-            measured = await asyncio.to_thread(span.measure_throughput)
+            try:
+                compute = await SpanCompute.start(settings)
+            except EngineStartFailed as exc:
+                raise ModelError(f"could not load blocks {start}:{end}: {exc}") from exc
+            try:
+                measured = await compute.measure()
+            except BaseException:
+                await compute.aclose()
+                raise
             log.info("blocks %d:%d run at %.1f tokens/s", start, end, measured)
             # (readers ignore records beyond the cap; announce the most they believe)
             throughput = min(measured, MAX_THROUGHPUT)
-            server = cls(config, model, dht, peer_key, announcer, span, throughput)
+            server = cls(config, model, dht, peer_key, announcer, compute, (start, end), throughput)
             await server._start()
         except BaseException:
             if server is not None:
@@ -360,11 +446,11 @@ class BlockServer:
 
     @property
     def start(self) -> int:
-        return self.span.start
+        return self.blocks[0]
 
     @property
     def end(self) -> int:
-        return self.span.end
+        return self.blocks[1]
 
     @property
     def free_cache_tokens(self) -> int:
@@ -412,15 +498,38 @@ class BlockServer:
         while True:
             await asyncio.sleep(self.config.announce_interval)
             try:
-                await self._announce(ServerState.ONLINE)
+                await self._announce(ServerState.LEAVING if self._leaving else ServerState.ONLINE)
             except Exception:
                 log.warning("announcing failed; will retry", exc_info=True)
+            with contextlib.suppress(Exception):  # free closed sessions' caches when idle
+                await self.compute.flush()
 
     # -- sessions ---------------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> None:
+        """Leave gently: announce LEAVING at once (gateways route new sessions elsewhere),
+        refuse new sessions, and return when the open ones have closed or after `grace`
+        seconds, whichever comes first. `aclose()` then stops the server."""
+        self._leaving = True
+        log.info(
+            "leaving: announced; finishing %d open sessions (at most %gs)",
+            len(self._sessions),
+            grace,
+        )
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(3):
+                await self._announce(ServerState.LEAVING)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while self._sessions:
+                    self._sessions_changed.clear()
+                    await self._sessions_changed.wait()
 
     def open_session(self, peer: str, metadata: dict[str, Any]) -> _Session:
         if self._closed:
             raise Refused("closing", "this server is shutting down")
+        if self._leaving:
+            raise Refused("closing", "this server is leaving; open the session elsewhere")
         model = metadata.get("model")
         session_id = metadata.get("session_id")
         max_length = metadata.get("max_length")
@@ -446,7 +555,8 @@ class BlockServer:
         if (peer, session_id) in self._sessions:
             raise Refused("bad_request", f"session {session_id} is already open here")
         self.limits.reserve(peer, max_length)
-        session = _Session(peer, session_id, start, end, max_length, new_cache())
+        key = uuid.uuid4().hex
+        session = _Session(peer, session_id, start, end, max_length, key, self.compute.generation)
         self._sessions[peer, session_id] = session
         log.debug("opened session %s (%d tokens)", session_id, max_length)
         return session
@@ -454,6 +564,8 @@ class BlockServer:
     def close_session(self, session: _Session) -> None:
         if self._sessions.pop((session.peer, session.id), None) is not None:
             self.limits.release(session.peer, session.max_length)
+            self.compute.close(session.key)
+            self._sessions_changed.set()
             log.debug("closed session %s", session.id)
 
     def frame_limit(self, session: _Session | None) -> int:
@@ -465,26 +577,10 @@ class BlockServer:
             tokens = session.max_length - session.position
         return frame_limit(tokens, self.model.hidden_size)
 
-    def _check_hidden(self, hidden: torch.Tensor, batch_one: bool) -> None:
-        if (
-            hidden.dim() != 3
-            or hidden.shape[-1] != self.model.hidden_size
-            or hidden.shape[1] < 1
-            or (batch_one and hidden.shape[0] != 1)
-        ):
-            wanted = "[1, n, H]" if batch_one else "[B, n, H]"
-            raise Refused(
-                "bad_request",
-                f"expected hidden states {wanted} with H={self.model.hidden_size}, "
-                f"got {tuple(hidden.shape)}",
-            )
-
-    async def run_step(self, session: _Session, serialized: runtime_pb2.Tensor) -> torch.Tensor:
-        try:
-            hidden = deserialize_torch_tensor(serialized)
-        except Exception as exc:
-            raise Refused("bad_request", f"cannot read the hidden states: {exc}") from exc
-        self._check_hidden(hidden, batch_one=True)
+    async def run_step(
+        self, session: _Session, serialized: runtime_pb2.Tensor
+    ) -> runtime_pb2.Tensor:
+        hidden = _hidden_in(serialized, self.model.hidden_size, batch_one=True)
         new = hidden.shape[1]
         if session.position + new > session.max_length:
             raise Refused(
@@ -492,22 +588,39 @@ class BlockServer:
                 f"{session.position} + {new} tokens exceed the session's max_length "
                 f"{session.max_length}",
             )
-        loop = asyncio.get_running_loop()
-        past = session.position
-        output = await loop.run_in_executor(
-            self._compute, self._forward, hidden, session.cache, past, session.start, session.end
-        )
+        if session.generation != self.compute.generation:
+            raise Refused(
+                "failed", "this server's compute restarted and lost the session; replay elsewhere"
+            )
+        output = await self._compute(hidden, session, session.position, session.start, session.end)
         session.position += new
         return output
 
-    def _forward(
-        self, hidden: torch.Tensor, cache: Any, past: int, start: int, end: int
-    ) -> torch.Tensor:
-        return self.span.forward(hidden, cache, past=past, start=start, end=end)
+    async def _compute(
+        self, hidden: Hidden, session: _Session | None, past: int, start: int, end: int
+    ) -> runtime_pb2.Tensor:
+        """Run blocks [start, end) on `hidden`: a session's next tokens, or a stateless pass."""
+        try:
+            if session is None:
+                buffer, shape = await self.compute.forward(
+                    hidden.buffer, hidden.dtype, hidden.shape, start, end
+                )
+            else:
+                buffer, shape = await self.compute.step(
+                    session.key, hidden.buffer, hidden.dtype, hidden.shape, past, start, end
+                )
+        except EngineFailed as exc:
+            if exc.error_type == "ValueError":  # the bytes or shape it was sent
+                raise Refused("bad_request", f"cannot read the hidden states: {exc}") from exc
+            raise
+        except (EngineCrashed, EngineTimedOut) as exc:
+            log.error("the compute process failed (%s); a fresh one takes over", exc)
+            raise Refused("failed", "this server's compute failed; route around it") from exc
+        return _hidden_out(buffer, shape)
 
     async def run_forward(
         self, metadata: dict[str, Any], tensors: list[runtime_pb2.Tensor]
-    ) -> torch.Tensor:
+    ) -> runtime_pb2.Tensor:
         if metadata.get("model") != self.model.name:
             raise Refused(
                 "bad_request",
@@ -528,15 +641,8 @@ class BlockServer:
             raise Refused("bad_request", "send exactly one tensor")
         if len(tensors[0].buffer) > MAX_UNARY_BYTES:
             raise Refused("too_large", "hidden states too large for rpc_forward; send fewer tokens")
-        try:
-            hidden = deserialize_torch_tensor(tensors[0])
-        except Exception as exc:
-            raise Refused("bad_request", f"cannot read the hidden states: {exc}") from exc
-        self._check_hidden(hidden, batch_one=False)
-        if hidden.numel() * hidden.element_size() > MAX_UNARY_BYTES:
-            raise Refused("too_large", "hidden states too large for rpc_forward; send fewer tokens")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._compute, self._forward, hidden, None, 0, start, end)
+        hidden = _hidden_in(tensors[0], self.model.hidden_size, batch_one=False)
+        return await self._compute(hidden, None, 0, start, end)
 
     # -- shutdown ---------------------------------------------------------------------------
 
@@ -562,6 +668,6 @@ class BlockServer:
             await self._p2p.shutdown()
         for session in list(self._sessions.values()):
             self.close_session(session)
-        self._compute.shutdown(wait=True, cancel_futures=True)
+        await self.compute.aclose()
         await stop_dht(self.dht)
         log.info("block server stopped")

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hivemind.proto import runtime_pb2
 
 from protocol.signing import Identity
 from worker.common.link import CoordinatorLink
 from worker.llm.swarm.peer_proof import PeerKey
 from worker.llm.swarm.records import MAX_THROUGHPUT, ServerRecord, ServerState
-from worker.llm.swarm.server import BlockServer, BlockServerConfig
+from worker.llm.swarm.server import BlockServer, BlockServerConfig, Hidden
 
 __all__ = ["LyingBlockServer", "start_lying_server"]
 
@@ -34,19 +35,22 @@ class LyingBlockServer(BlockServer):
         super().__init__(*args, **kwargs)
         # tokens it answered (sessions and stateless passes)
         self.tokens = 0
-        # seeded (compute runs on one thread, in order), so that a test's garbage is the
+        # seeded (steps run one at a time, in order), so that a test's garbage is the
         # same in every run: some garbage decodes to text a coordinator refuses (NUL)
         self.generator = torch.Generator().manual_seed(1)
 
-    def _forward(
-        self, hidden: torch.Tensor, cache: Any, past: int, start: int, end: int
-    ) -> torch.Tensor:
-        output = super()._forward(hidden, cache, past, start, end)
-        self.tokens += hidden.shape[0] * hidden.shape[1]
-        scale = output.float().norm(dim=-1, keepdim=True) / output.shape[-1] ** 0.5
+    async def _compute(
+        self, hidden: Hidden, session: Any, past: int, start: int, end: int
+    ) -> runtime_pb2.Tensor:
+        answer = await super()._compute(hidden, session, past, start, end)
+        self.tokens += hidden.tokens
+        output = torch.frombuffer(bytearray(answer.buffer), dtype=torch.float32)
+        output = output.reshape(list(answer.size))
+        scale = output.norm(dim=-1, keepdim=True) / output.shape[-1] ** 0.5
         noise = torch.randn(output.shape, generator=self.generator) * scale * self.noise
-        lie: torch.Tensor = output + noise.to(output.dtype)
-        return lie
+        lie = (output + noise).contiguous()
+        answer.buffer = lie.numpy().tobytes()
+        return answer
 
     def _record(self, state: ServerState) -> ServerRecord:
         return replace(super()._record(state), throughput=MAX_THROUGHPUT)

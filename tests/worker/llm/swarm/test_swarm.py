@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -27,6 +28,7 @@ from tests.worker.llm.swarm.conftest import Cluster, Server
 from worker.errors import MissingBlocks, SwarmStepFailed
 from worker.llm.swarm.client import InferenceSession, SpanUsage, SwarmClient, SwarmClientConfig
 from worker.llm.swarm.placement import Hop
+from worker.llm.swarm.records import ServerState
 
 pytestmark = pytest.mark.slow
 
@@ -257,6 +259,57 @@ async def test_without_a_replacement_missing_blocks_names_them(
                 if [r.peer_id for r in records] == [papa.peer_id]:
                     break
                 await asyncio.sleep(0.2)
+
+
+def test_a_servers_layer_compute_runs_confined(servers: dict[str, Server]) -> None:
+    """The issue's check, from the host's /proc: the process that decodes strangers' tensors
+    and runs the layers has no_new_privs, a seccomp filter, and its own mount, pid, user and
+    network namespaces; the server process keeps the network for its p2p daemon."""
+    server = psutil.Process(servers["alpha"].proc.pid)
+    computes = [
+        p for p in server.children(recursive=True) if p.cmdline()[1:3] == ["-m", "sandbox.child"]
+    ]
+    assert len(computes) == 1, computes
+    compute = computes[0].pid
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{compute}/status").read_text().splitlines()
+    )
+    assert (status["NoNewPrivs"].strip(), status["Seccomp"].strip()) == ("1", "2")
+    for ns in ("mnt", "pid", "user", "net"):
+        ours = os.readlink(f"/proc/{server.pid}/ns/{ns}")
+        assert os.readlink(f"/proc/{compute}/ns/{ns}") != ours, ns
+    assert os.readlink(f"/proc/{server.pid}/ns/net") == os.readlink("/proc/self/ns/net")
+
+
+async def test_a_leaving_server_finishes_open_sessions_and_takes_no_new_ones(
+    cluster: Cluster, full_model: torch.nn.Module
+) -> None:
+    """The first SIGTERM: the record says LEAVING at once, a new session is refused, the open
+    one keeps stepping; the server stops when it closes (long before --drain-seconds)."""
+    flags = ("--model-name", "drain", "--announce-interval", "1", "--record-ttl", "3")
+    sierra = cluster.server("sierra", "--blocks", "0:4", "--new-swarm", *flags)
+    sierra.ready()
+    async with swarm_client("drain", sierra) as client:
+        async with client.session(max_length=64) as session:
+            await session.step(_embed(full_model, PROMPT))
+            sierra.proc.popen.send_signal(signal.SIGTERM)
+            for _ in range(100):
+                if (await client.records(refresh=True))[0].state == ServerState.LEAVING:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the leaving server's record never said so")
+            with pytest.raises(MissingBlocks):
+                async with client.session(max_length=64):
+                    pass
+            await asyncio.sleep(1.0)
+            hidden = await session.step(_embed(full_model, torch.tensor([[3]])))
+            assert hidden.shape == (1, 1, 64)
+            assert sierra.proc.popen.poll() is None  # still serving the open session
+        began = time.monotonic()
+        assert await asyncio.to_thread(sierra.proc.popen.wait, 20) == 0
+        assert time.monotonic() - began < 15  # not the 30 s of --drain-seconds
+    assert "leaving: announced; finishing 1 open sessions" in sierra.proc.output()
 
 
 def test_sigterm_stops_a_server_without_orphans(servers: dict[str, Server]) -> None:

@@ -1,0 +1,209 @@
+"""Donor controls on the command line: their flags, the live status outputs of a running
+worker, and `idlegrid worker status`.
+
+Only the commands' `main` modules call these (see worker.common.cli); the runtime gets
+the flags' values as a `DonorSettings` inside its config object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from worker.common.cli import _data_home
+
+if TYPE_CHECKING:
+    from worker.common.donor import DonorSettings, TimeRange
+    from worker.common.status import WorkerStatus
+
+__all__ = ["add_donor_flags", "add_status_command", "donor_settings", "status_outputs"]
+
+
+def _schedule(text: str) -> tuple[TimeRange, ...]:
+    from worker.common.donor import parse_schedule
+
+    try:
+        return parse_schedule(text)
+    except ValueError as exc:
+        # argparse prints "argument --schedule: MESSAGE" and exits 2
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(kind: type[float] | type[int]) -> Any:
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+        return value
+
+    return parse
+
+
+def _percent(text: str) -> float:
+    value: float = _positive(float)(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"{text} is not a percentage (0 to 100)")
+    return value
+
+
+def add_donor_flags(parser: argparse.ArgumentParser) -> None:
+    """`--when`, `--idle-*`, `--schedule` and `--max-jobs-per-hour`."""
+    group = parser.add_argument_group("donor controls (when this machine takes jobs)")
+    group.add_argument(
+        "--when",
+        choices=("always", "idle"),
+        default="always",
+        help="always, or only while nobody uses the machine (default %(default)s)",
+    )
+    group.add_argument(
+        "--idle-minutes",
+        type=_positive(float),
+        metavar="N",
+        default=5.0,
+        help="with --when idle: minutes without keyboard/mouse input (default %(default)s)",
+    )
+    group.add_argument(
+        "--idle-cpu-percent",
+        type=_percent,
+        metavar="PCT",
+        default=30.0,
+        help="with --when idle: most CPU other programs may use (default %(default)s)",
+    )
+    group.add_argument(
+        "--idle-gpu-percent",
+        type=_percent,
+        metavar="PCT",
+        default=10.0,
+        help="with --when idle: most GPU other programs may use, read through NVML "
+        "when pynvml is installed (default %(default)s)",
+    )
+    group.add_argument(
+        "--schedule",
+        type=_schedule,
+        metavar="RANGES",
+        help="take jobs only in these local times, e.g. 22:00-08:00 or "
+        "22:00-08:00,12:00-13:00 (default: any time)",
+    )
+    group.add_argument(
+        "--max-jobs-per-hour",
+        type=_positive(int),
+        metavar="N",
+        help="take at most N jobs in any hour (default: no limit)",
+    )
+
+
+def donor_settings(args: argparse.Namespace) -> DonorSettings:
+    from worker.common.donor import DonorSettings
+
+    return DonorSettings(
+        when=args.when,
+        idle_minutes=args.idle_minutes,
+        idle_cpu_percent=args.idle_cpu_percent,
+        idle_gpu_percent=args.idle_gpu_percent,
+        schedule=args.schedule or (),
+        max_jobs_per_hour=args.max_jobs_per_hour,
+    )
+
+
+@contextlib.contextmanager
+def status_outputs(status: WorkerStatus, identity_file: Path) -> Iterator[None]:
+    """While the worker runs: its status file beside `identity_file` (removed on exit)
+    and, when stderr is a terminal, a live status line there."""
+    from worker.common.status import StatusFile, TerminalLine, status_path
+
+    file = StatusFile(status_path(identity_file))
+    status.listen(file)
+    line = TerminalLine(sys.stderr) if sys.stderr.isatty() else None
+    # log lines to the terminal go through the status line, which is redrawn below them
+    handlers = [
+        h
+        for h in logging.getLogger().handlers
+        if isinstance(h, logging.StreamHandler) and h.stream is sys.stderr
+    ]
+    if line is not None:
+        for handler in handlers:
+            handler.setStream(line)
+        status.listen(line)
+    try:
+        yield
+    finally:
+        file.remove()
+        if line is not None:
+            for handler in handlers:
+                handler.setStream(sys.stderr)
+            line.close()
+
+
+# --- idlegrid worker status -------------------------------------------------------------
+
+
+def add_status_command(kinds: argparse._SubParsersAction[Any]) -> None:
+    status = kinds.add_parser(
+        "status",
+        help="show what the workers on this machine are doing",
+        description="Show a running worker's state, jobs done and kudos earned "
+        "(exit status 1 when it is not running).",
+    )
+    which = status.add_mutually_exclusive_group()
+    which.add_argument("--name", help="the worker's name (default: every worker found)")
+    which.add_argument("--identity", type=Path, metavar="FILE", help="the worker's identity file")
+    status.set_defaults(run=_run_status)
+
+
+def _status_files(args: argparse.Namespace) -> list[Path]:
+    from worker.common.status import status_path
+
+    if args.identity is not None:
+        return [status_path(args.identity)]
+    if args.name is not None:
+        return [status_path(_data_home() / f"worker-{args.name}.key")]
+    return sorted(_data_home().glob("worker-*.status.json"))
+
+
+def _when(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "?"
+    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from worker.common.status import read_status
+
+    found = [s for s in map(read_status, _status_files(args)) if s is not None]
+    if not found:
+        who = args.name or args.identity
+        print(f"{who}: not running" if who else f"not running: no live worker in {_data_home()}")
+        return 1
+    header = ("NAME", "PID", "STATE", "JOBS", "KUDOS", "JOB", "SINCE", "UPDATED")
+    rows = [header]
+    for s in found:
+        state = str(s.get("state"))
+        if state == "paused" and s.get("reason"):
+            state = f"paused ({s['reason']})"
+        rows.append(
+            (
+                str(s.get("name")),
+                str(s.get("pid")),
+                state,
+                str(s.get("jobs_done")),
+                str(s.get("kudos_earned")),
+                str(s.get("current_job") or "-"),
+                _when(s.get("started_at")),
+                _when(s.get("updated_at")),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
