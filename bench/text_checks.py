@@ -147,13 +147,12 @@ async def _measure(
     )
     link = CoordinatorLink(url, Identity.generate(), "gateway", api_key)
     try:
-        gateway = await TextGateway.create(config, link)
+        gateway = await TextGateway.create(config, link, seed=seed)
     except BaseException:
         await link.aclose()
         await liar.aclose()
         await liar_link.aclose()
         raise
-    gateway.rng = random.Random(seed)
     task = asyncio.create_task(gateway.run())
     words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "far"]
     draw = random.Random(seed + 1)
@@ -181,20 +180,23 @@ async def _measure(
             for _ in range(args.jobs):
                 await job()
             # (a job whose garbage text the coordinator refused comes back: counted twice)
-            rows.liar_jobs, rows.caught_jobs = gateway.stats.jobs, gateway.stats.caught_jobs
+            stats = await gateway.stats()
+            rows.liar_jobs, rows.caught_jobs = stats["jobs"], stats["caught_jobs"]
             assert all(
-                c.peer_id == liar.peer_id for c in gateway.stats.checks if c.verdict == "wrong"
+                c["peer_id"] == liar.peer_id for c in stats["checks"] if c["verdict"] == "wrong"
             )
             await liar.aclose()
-            await gateway.swarm.records(refresh=True)
-            served, checked = gateway.stats.served_block_tokens, gateway.stats.checked_block_tokens
+            await gateway.refresh_records()
+            stats = await gateway.stats()
+            served, checked = stats["served_block_tokens"], stats["checked_block_tokens"]
             started = time.monotonic()
             for _ in range(args.jobs):
                 await job()
             rows.seconds = time.monotonic() - started
             rows.honest_jobs = args.jobs
-            rows.served = gateway.stats.served_block_tokens - served
-            rows.checked = gateway.stats.checked_block_tokens - checked
+            stats = await gateway.stats()
+            rows.served = stats["served_block_tokens"] - served
+            rows.checked = stats["checked_block_tokens"] - checked
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

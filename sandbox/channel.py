@@ -82,6 +82,8 @@ class InitFrame(_Frame):
     options: dict[str, Any]
     limits: Limits
     max_frame_bytes: int
+    # the parent's logging level: the child logs to its stderr (the parent's) at this level
+    log_level: int | None = None
 
 
 class RequestFrame(_Frame):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import logging
 import os
 import resource
 import signal
@@ -39,6 +40,8 @@ __all__ = ["main"]
 
 # An exception message longer than this is cut, so a huge repr cannot overflow the frame.
 _MAX_ERROR_CHARS = 8000
+# engine log lines, on the worker's stderr beside the worker's own (same layout)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -117,6 +120,8 @@ def _run(reader: BinaryIO, writer: _Writer) -> int:
                 "the parent and child must come from the same idlegrid install"
             )
         _apply_limits(init.limits)
+        if init.log_level is not None:
+            logging.basicConfig(level=init.log_level, format=LOG_FORMAT)
         engine = _load_engine_class(init.engine)(init.options)
     except Exception as exc:
         traceback.print_exc()

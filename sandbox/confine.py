@@ -201,9 +201,9 @@ def bwrap_argv(
 ) -> list[str]:
     """The bubblewrap command line up to (not including) `--seccomp FD` and the command.
 
-    `workdir` becomes a tmpfs of at most `disk_bytes` at the same path (cwd, HOME, and
-    with `workdir/tmp` also /tmp); `read_only` and `packages` are bound read-only at their
-    own paths.
+    /tmp is a tmpfs of at most `disk_bytes`; `workdir` (cwd and HOME, with TMPDIR in
+    `workdir/tmp`) is made on it when it lies under /tmp, else it is a tmpfs of its own
+    of the same size. `read_only` and `packages` are bound read-only at their own paths.
     """
     argv = [
         bwrap,
@@ -226,6 +226,13 @@ def bwrap_argv(
     ]
     if not network:
         argv.append("--unshare-net")
+    # /tmp is a tmpfs of its own (programs such as hivemind's p2p daemon put sockets there);
+    # a workdir under /tmp (the usual case) lies on the same tmpfs, so one quota holds both.
+    # Mounted first: what is bound later (a model under /tmp) goes on top of it.
+    argv += ["--size", str(disk_bytes), "--tmpfs", "/tmp"]
+    if Path("/tmp") not in workdir.parents:
+        argv += ["--size", str(disk_bytes), "--tmpfs", str(workdir)]
+    argv += ["--dir", str(workdir), "--dir", str(workdir / "tmp")]
     argv += ["--ro-bind", "/usr", "/usr"]
     for link in _ROOT_LINKS:
         if os.path.islink(link):
@@ -248,9 +255,6 @@ def bwrap_argv(
     if gpus:
         # the GPU libraries find their devices through sysfs
         argv += ["--ro-bind-try", "/sys", "/sys"]
-    argv += ["--size", str(disk_bytes), "--tmpfs", str(workdir), "--dir", str(workdir / "tmp")]
-    if Path("/tmp") not in workdir.parents:
-        argv += ["--symlink", str(workdir / "tmp"), "/tmp"]
     # nothing else is writable: the root bubblewrap builds is made read-only
     argv += ["--remount-ro", "/", "--chdir", str(workdir)]
     return argv

@@ -142,6 +142,7 @@ class ChildProcess:
             options=options,
             limits=limits,
             max_frame_bytes=policy.max_frame_bytes,
+            log_level=logging.getLogger().getEffectiveLevel(),
         )
         # Options travel in the init frame rather than argv, where `ps` would show them.
         init_bytes = encode_frame(init, max_bytes=MAX_INIT_BYTES)

@@ -11,7 +11,31 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["Proc"]
+__all__ = ["Proc", "assert_confined", "sandboxed_engine"]
+
+
+def sandboxed_engine(pid: int) -> int:
+    """The pid of the one sandbox child (`python -m sandbox.child`, bubblewrap's grandchild)
+    among the descendants of process `pid`."""
+    import psutil
+
+    engines = [
+        p.pid
+        for p in psutil.Process(pid).children(recursive=True)
+        if p.cmdline()[1:3] == ["-m", "sandbox.child"]
+    ]
+    assert len(engines) == 1, engines
+    return engines[0]
+
+
+def assert_confined(engine: int, outside: int, namespaces: tuple[str, ...]) -> None:
+    """Issue 11's check, from the host's /proc: the engine has no_new_privs and a seccomp
+    filter, and none of `namespaces` is shared with process `outside`."""
+    lines = Path(f"/proc/{engine}/status").read_text().splitlines()
+    status = {name: value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    assert (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2"), status
+    for ns in namespaces:
+        assert os.readlink(f"/proc/{engine}/ns/{ns}") != os.readlink(f"/proc/{outside}/ns/{ns}"), ns
 
 
 class Proc:

@@ -11,7 +11,14 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from coordinator.economy import kudos, text_models
-from coordinator.errors import BadRequest, Conflict, NotFound, OutdatedWorker, Unauthorized
+from coordinator.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    OutdatedWorker,
+    Unauthorized,
+    UnsandboxedWorker,
+)
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call
 from coordinator.http.polling import long_poll
@@ -258,11 +265,14 @@ async def text_events(request: web.Request, call: Call) -> web.StreamResponse:
     body=PeerLink,
     response=PeerLinked,
     auth="worker",
+    errors=(403,),
     limit="peer",
 )
 async def link_peer(request: web.Request, call: Call) -> PeerLinked:
     worker = call.worker
     assert worker is not None
+    if request.app[CONFIG].require_sandbox and worker.sandboxed is not True:
+        raise UnsandboxedWorker()
     body: PeerLink = call.body
     if body.nonce is None or body.peer_signature is None:
         raise OutdatedWorker("peer link")
@@ -300,6 +310,8 @@ async def pop_text(request: web.Request, call: Call) -> TextPopResponse:
     body: TextPopRequest = call.body
     worker = call.worker
     assert worker is not None
+    if request.app[CONFIG].require_sandbox and worker.sandboxed is not True:
+        raise UnsandboxedWorker()
     # sizes set prices: a model outside the catalog or with other sizes gets no jobs
     offered = text_models.check_offer(request.app[CONFIG], body.models)
     await text_jobs.offer_models(store, offered)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 from client.sdk import AsyncClient
 from protocol.signing import Identity
-from protocol.text import TextParams
+from protocol.text import ServerCheck, TextParams
 from tests.adversarial.wiretap import Wiretap
 from tests.worker.llm.swarm.conftest import Cluster, Server
 from tests.worker.llm.swarm.lying_server import start_lying_server
@@ -123,7 +122,7 @@ async def test_wrong_hidden_states_are_caught_and_never_answered(
             # without checks (as before the fix) the liar's garbage is the answer, accepted
             assert await complete(cluster) != want
             assert liar.tokens > 0
-            assert gateway.stats.checks == []
+            assert (await gateway.stats())["checks"] == []
             # honest servers of the same blocks join: two, so a disagreement can be decided
             honest = [honest_server(cluster, name, maddr) for name in ("honest-b", "honest-c")]
             honest = [server.ready() for server in honest]
@@ -131,21 +130,23 @@ async def test_wrong_hidden_states_are_caught_and_never_answered(
             # long: wait until the gateway sees both, as a loaded machine may be slow)
             everyone = {liar.peer_id, *(server.peer_id for server in honest)}
             for _ in range(60):
-                seen = {r.peer_id for r in await gateway.swarm.records(refresh=True)}
+                seen = set(await gateway.refresh_records())
                 if seen == everyone:
                     break
                 await asyncio.sleep(0.5)
-            gateway.config = dataclasses.replace(gateway.config, check_rate=1.0)
+            await gateway.set_check_rate(1.0)
             answers = []
             for _ in range(MAX_JOBS):
                 answers.append(await complete(cluster))
-                if any(c.verdict == "wrong" for c in gateway.stats.checks):
+                stats = await gateway.stats()
+                if any(c["verdict"] == "wrong" for c in stats["checks"]):
                     break
             # the liar is found wrong by both honest servers and left out of routes
-            wrong = [c for c in gateway.stats.checks if c.verdict == "wrong"]
+            checks = [ServerCheck.model_validate(c) for c in stats["checks"]]
+            wrong = [c for c in checks if c.verdict == "wrong"]
             assert [(c.peer_id, c.start, c.end) for c in wrong] == [(liar.peer_id, 0, 4)]
             assert sorted(wrong[0].checkers) == sorted(s.peer_id for s in honest)
-            assert gateway.swarm.is_banned(liar.peer_id)
+            assert liar.peer_id in stats["banned"]
             # no answer was built on its hidden states: all equal the honest model's
             assert answers == [want] * len(answers)
             # the coordinator was told, in the gateway's signed report of that job

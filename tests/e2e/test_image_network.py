@@ -25,7 +25,7 @@ from PIL import Image
 from client.sdk import Client
 from protocol.messages import JobStatus
 from protocol.params import ImageParams
-from tests.procs import Proc
+from tests.procs import Proc, assert_confined, sandboxed_engine
 from tests.reference import plain_image, plain_pipeline
 
 pytestmark = pytest.mark.slow
@@ -231,30 +231,14 @@ def test_engine_crash_requeues_the_job_and_the_worker_keeps_serving(network: Net
 
 
 def _engine_of(worker: Proc) -> psutil.Process:
-    """The worker's engine process: `python -m sandbox.child`, bubblewrap's grandchild."""
-    engines = [
-        p
-        for p in psutil.Process(worker.pid).children(recursive=True)
-        if p.cmdline()[1:3] == ["-m", "sandbox.child"]
-    ]
-    assert len(engines) == 1, engines
-    return engines[0]
+    return psutil.Process(sandboxed_engine(worker.pid))
 
 
 def test_the_engine_of_a_running_worker_is_confined(network: Network) -> None:
     """The issue's check, from the host's /proc: no_new_privs, a seccomp filter, and its own
     mount, pid, user and network namespaces; and it still serves."""
     worker = network.worker("confined")
-    engine = _engine_of(worker)
-    status = dict(
-        line.split(":", 1) for line in Path(f"/proc/{engine.pid}/status").read_text().splitlines()
-    )
-    assert status["NoNewPrivs"].strip() == "1"
-    assert status["Seccomp"].strip() == "2"
-    for ns in ("mnt", "pid", "user", "net"):
-        assert os.readlink(f"/proc/{engine.pid}/ns/{ns}") != os.readlink(
-            f"/proc/{worker.pid}/ns/{ns}"
-        ), ns
+    assert_confined(sandboxed_engine(worker.pid), worker.pid, ("mnt", "pid", "user", "net"))
     with Client(network.url, network.register("requester")) as grid:
         created = grid.submit_image(ImageParams(**{**LONG, "steps": 2}))
         assert grid.wait(created.id).state == "done"

@@ -11,8 +11,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-__all__ = ["add_sandbox_flag", "confinement_allowed"]
+if TYPE_CHECKING:
+    from worker.common.link import CoordinatorLink
+
+__all__ = ["add_sandbox_flag", "confinement_allowed", "report_confinement"]
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +57,18 @@ def confinement_allowed(unsandboxed: bool) -> bool:
         file=sys.stderr,
     )
     return False
+
+
+async def report_confinement(link: CoordinatorLink, engine: str, unsandboxed: bool) -> None:
+    """Tell the coordinator whether this worker's compute runs confined (its engine info);
+    a coordinator with --require-sandbox answers 403 to an unconfined one."""
+    from worker.errors import CoordinatorRejected, CoordinatorUnavailable
+
+    try:
+        await link.report_engine({"engine": engine, "sandboxed": not unsandboxed})
+    except CoordinatorUnavailable as exc:
+        log.warning("could not report the engine to the coordinator: %s", exc)
+    except CoordinatorRejected as exc:
+        if exc.status == 403:
+            raise
+        log.warning("the coordinator did not take the engine report: %s", exc)

@@ -24,7 +24,11 @@ from worker.common.cli import (
     configure_logging,
 )
 from worker.common.config_file import add_config_flag
-from worker.common.sandboxing import add_sandbox_flag, confinement_allowed
+from worker.common.sandboxing import (
+    add_sandbox_flag,
+    confinement_allowed,
+    report_confinement,
+)
 
 if TYPE_CHECKING:
     from protocol.signing import Identity
@@ -268,6 +272,7 @@ async def _serve_blocks(config: BlockServerConfig, command: _Command) -> int:
     link = CoordinatorLink(command.coordinator, command.identity, command.name, command.api_key)
     try:
         await link.register()
+        await report_confinement(link, "swarm-blocks", config.unsandboxed)
         # our own libp2p key, so that we can prove the peer id is ours when we link it
         peer_key = PeerKey.generate()
         # (the server hands it to p2pd, and vouches with it for its DHT records' key)

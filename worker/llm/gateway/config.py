@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from worker.common.donor import DonorSettings
 
 __all__ = ["GatewayConfig"]
 
@@ -45,3 +47,9 @@ class GatewayConfig:
     check_tolerance: float = 0.1
     # seconds a server found wrong is left out of this gateway's routes
     check_ban_seconds: float = 3600.0
+    # run the engine (swarm client, LM head, checks) unconfined (`--unsandboxed`)
+    unsandboxed: bool = False
+    # seconds one job's generation (with its checks and redos) may take in the engine
+    job_timeout: float = 900.0
+    # donor controls: when jobs may be taken (--when, --schedule, --max-jobs-per-hour, ...)
+    donor: DonorSettings = field(default_factory=DonorSettings)

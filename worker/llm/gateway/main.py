@@ -17,6 +17,8 @@ from worker.common.cli import (
     configure_logging,
 )
 from worker.common.config_file import add_config_flag
+from worker.common.controls_cli import add_donor_flags, donor_settings
+from worker.common.sandboxing import add_sandbox_flag, confinement_allowed
 
 if TYPE_CHECKING:
     from protocol.signing import Identity
@@ -84,6 +86,8 @@ def add_gateway_command(kinds: argparse._SubParsersAction[argparse.ArgumentParse
         "(default %(default)s)",
     )
     add_log_level_flag(gateway)
+    add_sandbox_flag(gateway)
+    add_donor_flags(gateway)
     add_config_flag(gateway, kinds)
     gateway.set_defaults(run=_run)
 
@@ -108,6 +112,8 @@ def _run(args: argparse.Namespace) -> int:
     if not args.check_ban_seconds >= 0:
         print("error: --check-ban-seconds: use 0 or more seconds", file=sys.stderr)
         return 2
+    if not confinement_allowed(args.unsandboxed):
+        return 2
     claimed = claim_identity_from_flags(args, "gateway")
     if claimed is None:
         return 2
@@ -125,6 +131,8 @@ def _run(args: argparse.Namespace) -> int:
         check_rate=args.check_rate,
         check_tolerance=args.check_tolerance,
         check_ban_seconds=args.check_ban_seconds,
+        unsandboxed=args.unsandboxed,
+        donor=donor_settings(args),
     )
     with claimed:
         return asyncio.run(_serve(config, claimed.identity))
@@ -144,7 +152,7 @@ async def _serve(config: GatewayConfig, identity: Identity) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         try:
-            if await run_until_signalled(gateway.run()):
+            if await run_until_signalled(gateway.run(), gateway.drain):
                 log.info("stopping after %d text jobs", gateway.jobs_done)
         except CoordinatorRejected as exc:
             # e.g. the model is not in the coordinator's catalog, or has other sizes there

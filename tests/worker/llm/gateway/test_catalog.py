@@ -22,7 +22,7 @@ from coordinator.economy.text_models import check_offer
 from protocol.text import BUILTIN_TEXT_MODELS
 from tests.procs import Proc
 from worker.llm.gateway.config import GatewayConfig
-from worker.llm.gateway.gateway import offered_model
+from worker.llm.gateway.core import offered_model
 from worker.llm.gateway.lm_head import LMHead
 from worker.llm.swarm.dht import start_dht, stop_dht
 
@@ -54,7 +54,8 @@ def test_the_built_in_models_are_what_idlegrid_models_builds(
     which: str, tiny_models: Path, tmp_path: Path
 ) -> None:
     folder = tiny_models / "llm" if which == "llm" else _smollm2()
-    offered = offered_model(_gateway_config(folder, tmp_path), LMHead.load(folder))
+    config = _gateway_config(folder, tmp_path)
+    offered = offered_model(config.model_name, LMHead.load(folder), config.max_context)
     built_in = {m.name: m for m in BUILTIN_TEXT_MODELS}
     assert offered == built_in[which]
     # and a coordinator with the built-in catalog takes the offer

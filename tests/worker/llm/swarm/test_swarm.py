@@ -24,6 +24,7 @@ import psutil
 import pytest
 import torch
 
+from tests.procs import assert_confined, sandboxed_engine
 from tests.worker.llm.swarm.conftest import Cluster, Server
 from worker.errors import MissingBlocks, SwarmStepFailed
 from worker.llm.swarm.client import InferenceSession, SpanUsage, SwarmClient, SwarmClientConfig
@@ -265,20 +266,9 @@ def test_a_servers_layer_compute_runs_confined(servers: dict[str, Server]) -> No
     """The issue's check, from the host's /proc: the process that decodes strangers' tensors
     and runs the layers has no_new_privs, a seccomp filter, and its own mount, pid, user and
     network namespaces; the server process keeps the network for its p2p daemon."""
-    server = psutil.Process(servers["alpha"].proc.pid)
-    computes = [
-        p for p in server.children(recursive=True) if p.cmdline()[1:3] == ["-m", "sandbox.child"]
-    ]
-    assert len(computes) == 1, computes
-    compute = computes[0].pid
-    status = dict(
-        line.split(":", 1) for line in Path(f"/proc/{compute}/status").read_text().splitlines()
-    )
-    assert (status["NoNewPrivs"].strip(), status["Seccomp"].strip()) == ("1", "2")
-    for ns in ("mnt", "pid", "user", "net"):
-        ours = os.readlink(f"/proc/{server.pid}/ns/{ns}")
-        assert os.readlink(f"/proc/{compute}/ns/{ns}") != ours, ns
-    assert os.readlink(f"/proc/{server.pid}/ns/net") == os.readlink("/proc/self/ns/net")
+    server = servers["alpha"].proc.pid
+    assert_confined(sandboxed_engine(server), server, ("mnt", "pid", "user", "net"))
+    assert os.readlink(f"/proc/{server}/ns/net") == os.readlink("/proc/self/ns/net")
 
 
 async def test_a_leaving_server_finishes_open_sessions_and_takes_no_new_ones(

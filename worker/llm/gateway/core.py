@@ -1,0 +1,260 @@
+"""The text gateway's generation: embeddings, the swarm, the LM head, sampling, spot checks.
+
+Everything here touches what strangers send (block servers' hidden states), so it runs in
+the gateway's confined engine process (`worker.llm.gateway.engine`), which keeps the
+network for the swarm but holds no credentials and reads no file but the model. The
+gateway process (`worker.llm.gateway.gateway`) keeps the coordinator link and the keys.
+
+A `check_rate` share of jobs is spot-checked (`worker.llm.swarm.checks`) once generated:
+every server of the session has a prefix of its answers recomputed by another server of
+the same blocks. A server found wrong is banned from routes for `check_ban_seconds` and,
+if the job used it, the job is generated again without it (the text streamed so far is
+replaced by the final result); a disagreement nobody could decide bans the server only
+for the swarm client's usual `ban_seconds`. The checks go into the signed result report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from protocol.text import ServerCheck, TextModel, TextParams
+from worker.errors import MissingBlocks, SwarmStepFailed
+from worker.llm.gateway.chat_format import render_chat
+from worker.llm.gateway.generation import GenerationResult, OnText, SamplingParams, generate
+from worker.llm.gateway.lm_head import LMHead
+from worker.llm.swarm.checks import check_hop
+from worker.llm.swarm.client import InferenceSession, SwarmClient, SwarmClientConfig
+
+__all__ = [
+    "CheckStats",
+    "CoreSettings",
+    "Generated",
+    "GenerationCore",
+    "PromptTooLong",
+    "offered_model",
+]
+
+log = logging.getLogger(__name__)
+
+# generations of one job: the first, and redos after a server it used was found wrong
+MAX_GENERATIONS = 3
+
+
+class PromptTooLong(ValueError):
+    """The prompt and max_tokens exceed the model's context (the job cannot be served)."""
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    """What the generation needs of the gateway's configuration (no credentials)."""
+
+    model: Path
+    model_name: str
+    initial_peers: tuple[str, ...]
+    host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    threads: int | None = None
+    max_context: int | None = None
+    check_rate: float = 0.3
+    check_tolerance: float = 0.1
+    check_ban_seconds: float = 3600.0
+    # seeds the check-or-not draws (benchmarks); None = random
+    seed: int | None = None
+
+
+@dataclass
+class CheckStats:
+    """What this gateway's spot checks found and cost since it started."""
+
+    # block-tokens the servers computed for jobs (sum of tokens x blocks over the spans)
+    served_block_tokens: int = 0
+    # block-tokens the checkers computed
+    checked_block_tokens: int = 0
+    jobs: int = 0
+    checked_jobs: int = 0
+    # jobs in which a check found some server wrong
+    caught_jobs: int = 0
+    # every check made, oldest first
+    checks: list[ServerCheck] = field(default_factory=list)
+
+
+@dataclass
+class Generated:
+    result: GenerationResult
+    # (peer_id, start, end) -> tokens, over all generations of the job
+    spans: dict[tuple[str, int, int], int]
+    checks: list[ServerCheck]
+
+
+class GenerationCore:
+    def __init__(
+        self,
+        settings: CoreSettings,
+        head: LMHead,
+        tokenizer: Any,
+        swarm: SwarmClient,
+    ) -> None:
+        self.settings = settings
+        self.head = head
+        self.tokenizer = tokenizer
+        self.swarm = swarm
+        self.model = offered_model(settings.model_name, head, settings.max_context)
+        self.rng = random.Random(settings.seed)
+        self.stats = CheckStats()
+
+    @classmethod
+    async def create(cls, settings: CoreSettings) -> GenerationCore:
+        import asyncio
+
+        from transformers import AutoTokenizer
+
+        head = await asyncio.to_thread(LMHead.load, settings.model, None, settings.threads)
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(settings.model))
+        swarm = await SwarmClient.create(
+            SwarmClientConfig(
+                model_name=settings.model_name,
+                initial_peers=settings.initial_peers,
+                num_blocks=head.num_blocks,
+                host_maddrs=settings.host_maddrs,
+            )
+        )
+        if not await swarm.records():
+            others = await swarm.other_models()
+            if others:  # servers may still come; a different name is the likelier cause
+                missing = MissingBlocks(settings.model_name, [(0, head.num_blocks)], others)
+                log.warning("%s", missing)
+        return cls(settings, head, tokenizer, swarm)
+
+    async def aclose(self) -> None:
+        await self.swarm.aclose()
+
+    def prompt_ids(self, params: TextParams) -> list[int]:
+        if params.messages is not None:
+            text = render_chat(self.tokenizer, [m.model_dump() for m in params.messages])
+            # a chat template writes its own special tokens
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(params.prompt or "")["input_ids"]
+        return [int(i) for i in ids]
+
+    async def run(self, params: TextParams, on_text: OnText) -> Generated:
+        """Generate a text job's answer; PromptTooLong if it cannot fit the context."""
+        prompt_ids = self.prompt_ids(params)
+        if len(prompt_ids) + params.max_tokens > self.model.max_context:
+            raise PromptTooLong(
+                f"the prompt is {len(prompt_ids)} tokens; with max_tokens {params.max_tokens} "
+                f"it exceeds the {self.model.max_context}-token context of {self.model.name}"
+            )
+        sampling = SamplingParams(
+            max_new_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            repetition_penalty=params.repetition_penalty,
+            stop=tuple(params.stop),
+            seed=params.seed,
+        )
+        return await self.generate(prompt_ids, params.max_tokens, sampling, on_text)
+
+    async def generate(
+        self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams, on_text: OnText
+    ) -> Generated:
+        """Generate through the swarm, spot-check the servers (`check_rate` of the jobs) and
+        generate again without any server found wrong that the answer went through.
+        SwarmStepFailed if every generation went through a wrong server."""
+        avoid: set[str] = set()
+        spans: dict[tuple[str, int, int], int] = {}
+        checks: list[ServerCheck] = []
+        checked = caught = False
+        self.stats.jobs += 1
+        for generation in range(MAX_GENERATIONS):
+            max_length = len(prompt_ids) + max_tokens
+            async with self.swarm.session(max_length, frozenset(avoid)) as session:
+                result = await generate(
+                    self.head,
+                    session.step,
+                    torch.tensor([prompt_ids]),
+                    sampling,
+                    self.tokenizer,
+                    # a redo's text replaces the streamed text when the result is submitted
+                    on_text if generation == 0 else None,
+                )
+            for usage in session.usage:
+                key = (usage.peer_id, usage.start, usage.end)
+                spans[key] = spans.get(key, 0) + usage.tokens
+                self.stats.served_block_tokens += usage.tokens * (usage.end - usage.start)
+            if self.rng.random() >= self.settings.check_rate:
+                return Generated(result, spans, checks)
+            if not checked:
+                checked = True
+                self.stats.checked_jobs += 1
+            found = await self._check(session)
+            checks += found
+            wrong = {check.peer_id for check in found if check.verdict == "wrong"}
+            used = {states.hop.peer_id for states in session.served}
+            if wrong and not caught:
+                caught = True
+                self.stats.caught_jobs += 1
+            if not wrong & used:
+                return Generated(result, spans, checks)
+            log.warning("redoing a job without the servers found wrong: %s", sorted(wrong))
+            avoid |= wrong
+        raise SwarmStepFailed(
+            f"servers found wrong in each of {MAX_GENERATIONS} generations of this job"
+        )
+
+    async def _check(self, session: InferenceSession) -> list[ServerCheck]:
+        """Spot-check every server of a finished session; ban the ones found wrong."""
+        found: list[ServerCheck] = []
+        for states in session.served:
+            outcome = await check_hop(self.swarm, states, self.rng, self.settings.check_tolerance)
+            if outcome is None:
+                continue
+            check = outcome.check
+            self.stats.checked_block_tokens += outcome.block_tokens
+            self.stats.checks.append(check)
+            found.append(check)
+            if check.verdict == "wrong":
+                log.warning(
+                    "block server %s returned wrong hidden states for blocks %d:%d "
+                    "(checked by %s); banned for %gs",
+                    check.peer_id,
+                    check.start,
+                    check.end,
+                    ", ".join(check.checkers),
+                    self.settings.check_ban_seconds,
+                )
+                self.swarm.ban(check.peer_id, self.settings.check_ban_seconds)
+            elif check.verdict == "undecided":
+                log.warning(
+                    "block server %s disagrees with %s on blocks %d:%d; nobody to decide",
+                    check.peer_id,
+                    check.checkers[0],
+                    check.start,
+                    check.end,
+                )
+                self.swarm.ban(check.peer_id)
+        return found
+
+
+def offered_model(model_name: str, head: LMHead, max_context: int | None) -> TextModel:
+    """The model and sizes this gateway offers; the coordinator serves it only if its
+    catalog lists exactly these."""
+    return TextModel(
+        name=model_name,
+        blocks=head.num_blocks,
+        parameters=head.param_count,
+        max_context=max_context or _max_context(head),
+    )
+
+
+def _max_context(head: LMHead) -> int:
+    with contextlib.suppress(AttributeError, TypeError):
+        return int(head.config.max_position_embeddings)
+    return 2048
