@@ -44,6 +44,7 @@ __all__ = [
     "bwrap_argv",
     "check_confinement",
     "package_dirs",
+    "seccomp_pipe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -116,14 +117,11 @@ def check_confinement() -> Readiness:
         where = os.environ.get(BWRAP_ENV) or "PATH"
         return Readiness(None, (f"bubblewrap (bwrap) is not on {where}: {_INSTALL_HINT}",))
     workdir = Path(tempfile.mkdtemp(prefix="idlegrid-probe-"))
-    read_end, write_end = os.pipe()
+    read_end = seccomp_pipe()
     try:
         argv = bwrap_argv(
             bwrap, workdir, read_only=(), packages=(), network=False, disk_bytes=2**20
         )
-        os.write(write_end, filter_program())
-        os.close(write_end)
-        write_end = -1
         probe = subprocess.run(
             [*argv, "--seccomp", str(read_end), sys.executable, "-I", "-c", "pass"],
             pass_fds=(read_end,),
@@ -137,8 +135,6 @@ def check_confinement() -> Readiness:
         return Readiness(bwrap, (f"{bwrap} could not be run: {exc}; {_INSTALL_HINT}",))
     finally:
         os.close(read_end)
-        if write_end >= 0:
-            os.close(write_end)
         shutil.rmtree(workdir, ignore_errors=True)
     if probe.returncode != 0:
         said = (probe.stderr.strip().splitlines() or ["no message"])[-1]
@@ -156,6 +152,22 @@ def check_confinement() -> Readiness:
             ),
         )
     return Readiness(bwrap, ())
+
+
+def seccomp_pipe() -> int:
+    """The read end of a pipe holding the seccomp program, for `bwrap --seccomp FD`: pass
+    it to the child, and close it once the child is started."""
+    program = filter_program()
+    read_end, write_end = os.pipe()
+    try:
+        # a few hundred bytes: far below a pipe's buffer, so this never blocks
+        os.write(write_end, program)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    return read_end
 
 
 def package_dirs(names: Iterable[str]) -> list[Path]:

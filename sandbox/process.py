@@ -31,7 +31,13 @@ from sandbox.channel import (
     encode_frame,
     read_frame_async,
 )
-from sandbox.confine import PidsCgroup, bwrap_argv, check_confinement, package_dirs
+from sandbox.confine import (
+    PidsCgroup,
+    bwrap_argv,
+    check_confinement,
+    package_dirs,
+    seccomp_pipe,
+)
 from sandbox.engine import EngineResult, ProgressCallback
 from sandbox.errors import (
     ChannelClosed,
@@ -42,7 +48,6 @@ from sandbox.errors import (
     EngineStartFailed,
 )
 from sandbox.policy import SandboxPolicy
-from sandbox.seccomp import filter_program
 
 __all__ = ["ChildProcess"]
 
@@ -69,16 +74,7 @@ def _confinement(engine: str, policy: SandboxPolicy, workdir: Path) -> tuple[tup
         network=policy.network,
         disk_bytes=policy.disk_bytes,
     )
-    program = filter_program()
-    read_end, write_end = os.pipe()
-    try:
-        # a few hundred bytes: far below a pipe's buffer, so this never blocks
-        os.write(write_end, program)
-    except BaseException:
-        os.close(read_end)
-        raise
-    finally:
-        os.close(write_end)
+    read_end = seccomp_pipe()
     return (*argv, "--seccomp", str(read_end)), read_end
 
 

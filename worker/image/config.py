@@ -30,8 +30,6 @@ class ImageWorkerConfig:
     # largest job accepted, in pixels per image and in steps
     max_pixels: int = 1024 * 1024
     max_steps: int = MAX_STEPS
-    # Hugging Face cache for hub ids (the engine's own HOME is a throwaway directory)
-    hf_home: Path | None = None
     # torch threads in the engine process (None = torch's default)
     threads: int | None = None
     # run the engine unconfined (--unsandboxed): it then shares the worker's user, files

@@ -133,7 +133,6 @@ def _run(args: argparse.Namespace) -> int:
         threads=args.threads,
         job_timeout=args.job_timeout,
         donor=donor_settings(args),
-        hf_home=hf_home,
         unsandboxed=args.unsandboxed,
         max_ram_bytes=None if args.max_ram is None else int(args.max_ram * 2**30),
         max_vram_bytes=None if args.max_vram is None else int(args.max_vram * 2**30),

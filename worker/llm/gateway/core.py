@@ -16,6 +16,7 @@ for the swarm client's usual `ban_seconds`. The checks go into the signed result
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
@@ -66,6 +67,17 @@ class CoreSettings:
     check_ban_seconds: float = 3600.0
     # seeds the check-or-not draws (benchmarks); None = random
     seed: int | None = None
+
+    def to_options(self) -> dict[str, Any]:
+        """As the engine's JSON options (see `from_options`)."""
+        return {**dataclasses.asdict(self), "model": str(self.model)}
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> CoreSettings:
+        fields = {**options, "model": Path(options["model"])}
+        for name in ("initial_peers", "host_maddrs"):  # (JSON made the tuples lists)
+            fields[name] = tuple(options[name])
+        return cls(**fields)
 
 
 @dataclass

@@ -22,7 +22,6 @@ import asyncio
 import dataclasses
 import threading
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
 from protocol.text import TextParams
@@ -34,21 +33,10 @@ T = TypeVar("T")
 
 
 class GenerationEngine:
-    """options: CoreSettings' fields as JSON (paths as strings, tuples as lists)."""
+    """options: `CoreSettings.to_options()`."""
 
     def __init__(self, options: dict[str, Any]) -> None:
-        settings = CoreSettings(
-            model=Path(options["model"]),
-            model_name=options["model_name"],
-            initial_peers=tuple(options["initial_peers"]),
-            host_maddrs=tuple(options["host_maddrs"]),
-            threads=options.get("threads"),
-            max_context=options.get("max_context"),
-            check_rate=float(options["check_rate"]),
-            check_tolerance=float(options["check_tolerance"]),
-            check_ban_seconds=float(options["check_ban_seconds"]),
-            seed=options.get("seed"),
-        )
+        settings = CoreSettings.from_options(options)
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="swarm", daemon=True).start()
         self.core = self._wait(GenerationCore.create(settings))

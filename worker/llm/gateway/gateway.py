@@ -32,6 +32,7 @@ from worker.errors import (
     ModelError,
 )
 from worker.llm.gateway.config import GatewayConfig
+from worker.llm.gateway.core import CoreSettings
 
 __all__ = ["ENGINE", "TextGateway", "engine_policy"]
 
@@ -132,20 +133,20 @@ class TextGateway:
     ) -> TextGateway:
         """Start the engine (it loads the head and joins the swarm). `seed` fixes which jobs
         get spot-checked (benchmarks). ModelError if the engine cannot start."""
-        options: dict[str, Any] = {
-            "model": str(config.model.resolve()),
-            "model_name": config.model_name,
-            "initial_peers": list(config.initial_peers),
-            "host_maddrs": list(config.host_maddrs),
-            "threads": config.threads,
-            "max_context": config.max_context,
-            "check_rate": config.check_rate,
-            "check_tolerance": config.check_tolerance,
-            "check_ban_seconds": config.check_ban_seconds,
-            "seed": seed,
-        }
+        settings = CoreSettings(
+            model=config.model.resolve(),
+            model_name=config.model_name,
+            initial_peers=config.initial_peers,
+            host_maddrs=config.host_maddrs,
+            threads=config.threads,
+            max_context=config.max_context,
+            check_rate=config.check_rate,
+            check_tolerance=config.check_tolerance,
+            check_ban_seconds=config.check_ban_seconds,
+            seed=seed,
+        )
         try:
-            engine = await Sandbox.create(ENGINE, options, engine_policy(config))
+            engine = await Sandbox.create(ENGINE, settings.to_options(), engine_policy(config))
         except EngineStartFailed as exc:
             raise ModelError(f"the gateway's engine could not start: {exc}") from exc
         try:

@@ -18,9 +18,21 @@ from pathlib import Path
 
 from sandbox import Sandbox, SandboxPolicy
 
-__all__ = ["ENGINE", "ComputeSettings", "SpanCompute"]
+__all__ = ["ENGINE", "ComputeSettings", "SpanCompute", "hidden_sizes"]
 
 ENGINE = "worker.llm.swarm.compute_engine:BlockEngine"
+
+# bytes per number of the dtypes hidden states may travel in
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def hidden_sizes(dtype: str, count: int) -> set[int]:
+    """The byte counts that may hold `count` numbers of `dtype` in hivemind's uncompressed
+    layout (bfloat16 travels as its own 2 bytes or as float32); empty for other dtypes.
+    The server checks a frame with it before handing it over; the compute, before decoding."""
+    if dtype not in _ITEMSIZE:
+        return set()
+    return {_ITEMSIZE[dtype] * count} | ({4 * count} if dtype == "bfloat16" else set())
 
 
 @dataclass(frozen=True)
@@ -72,10 +84,6 @@ class SpanCompute:
     def generation(self) -> int:
         """Changes whenever a fresh compute process (with no caches) replaced the last."""
         return self._sandbox.restarts
-
-    @property
-    def pid(self) -> int | None:
-        return self._sandbox.pid
 
     async def step(
         self,

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from worker.llm.swarm.blocks import BlockSpan, new_cache
+from worker.llm.swarm.compute import hidden_sizes
 
 __all__ = ["BlockEngine", "decode_hidden"]
 
@@ -36,14 +37,13 @@ def decode_hidden(buffer: bytes, dtype: str, shape: list[int]) -> torch.Tensor:
     if not shape or any(not isinstance(size, int) or size < 0 for size in shape):
         raise ValueError(f"bad shape {shape!r}")
     count = math.prod(shape)
-    torch_dtype = _DTYPES[dtype]
-    if dtype == "bfloat16" and len(buffer) == 4 * count:
-        torch_dtype = torch.float32
-    itemsize = torch.empty((), dtype=torch_dtype).element_size()
-    if len(buffer) != itemsize * count:
+    if len(buffer) not in hidden_sizes(dtype, count):
         raise ValueError(
             f"{len(buffer)} bytes do not hold a {dtype} tensor of shape {tuple(shape)}"
         )
+    torch_dtype = _DTYPES[dtype]
+    if dtype == "bfloat16" and len(buffer) == 4 * count:  # sent as float32
+        torch_dtype = torch.float32
     if count == 0:
         return torch.empty(shape, dtype=torch_dtype)
     return torch.frombuffer(bytearray(buffer), dtype=torch_dtype).reshape(shape)

@@ -37,7 +37,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from sandbox.errors import EngineCrashed, EngineFailed, EngineStartFailed, EngineTimedOut
 from worker.errors import ModelError
 from worker.llm.swarm.blocks import ModelInfo
-from worker.llm.swarm.compute import ComputeSettings, SpanCompute
+from worker.llm.swarm.compute import ComputeSettings, SpanCompute, hidden_sizes
 from worker.llm.swarm.dht import start_dht, stop_dht
 from worker.llm.swarm.limits import PeerLimits, Refused
 from worker.llm.swarm.peer_proof import PeerKey
@@ -124,9 +124,6 @@ class Hidden:
         return self.shape[0] * self.shape[1]
 
 
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
 def _hidden_in(serialized: runtime_pb2.Tensor, hidden_size: int, batch_one: bool) -> Hidden:
     """Check a tensor's declared dtype and shape against its bytes, without decoding it."""
     shape = [int(size) for size in serialized.size]
@@ -134,7 +131,7 @@ def _hidden_in(serialized: runtime_pb2.Tensor, hidden_size: int, batch_one: bool
     wanted = "[1, n, H]" if batch_one else "[B, n, H]"
     if serialized.compression != runtime_pb2.CompressionType.NONE:
         raise Refused("bad_request", "send hidden states uncompressed (compression NONE)")
-    if dtype not in _ITEMSIZE:
+    if not hidden_sizes(dtype, 1):
         raise Refused(
             "bad_request", f"hidden states of dtype {dtype!r}; send float32, float16 or bfloat16"
         )
@@ -149,9 +146,7 @@ def _hidden_in(serialized: runtime_pb2.Tensor, hidden_size: int, batch_one: bool
             "bad_request",
             f"expected hidden states {wanted} with H={hidden_size}, got {tuple(shape)}",
         )
-    count = math.prod(shape)
-    sizes = {_ITEMSIZE[dtype] * count} | ({4 * count} if dtype == "bfloat16" else set())
-    if len(serialized.buffer) not in sizes:
+    if len(serialized.buffer) not in hidden_sizes(dtype, math.prod(shape)):
         raise Refused(
             "bad_request",
             f"cannot read the hidden states: {len(serialized.buffer)} bytes do not hold a "
