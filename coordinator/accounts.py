@@ -29,6 +29,15 @@ REGISTRATION_MODES = ("open", "invite", "closed")
 __all__ = ["REGISTRATION_MODES", "Account", "Accounts", "hash_secret"]
 
 
+def new_api_key() -> str:
+    """22 characters (128 bits), the length AI Horde's clients accept for a key, never
+    starting with "-" (which a command line would take for an option)."""
+    while True:
+        key = secrets.token_urlsafe(16)
+        if not key.startswith("-"):
+            return key
+
+
 def hash_secret(secret: str) -> str:
     # API keys and tokens are 256-bit random strings, so a plain hash is enough.
     return hashlib.sha256(secret.encode()).hexdigest()
@@ -70,7 +79,7 @@ class Accounts(Database):
                 "user for one and send it as `invite`",
                 [("invite", "is required here")],
             )
-        api_key = secrets.token_urlsafe(32)
+        api_key = new_api_key()
         grant = self._config.new_account_grant
         try:
             async with self.begin() as conn:
@@ -160,6 +169,18 @@ class Accounts(Database):
                 )
             ).first()
         return _account(row) if row else None
+
+    async def account_by_id(self, account_id: int) -> tuple[Account, float] | None:
+        """A user account (not a system one) and when it was created."""
+        async with self.begin() as conn:
+            row = (
+                await conn.execute(
+                    select(accounts).where(
+                        (accounts.c.id == account_id) & accounts.c.kind.in_(("user", "worker"))
+                    )
+                )
+            ).first()
+        return (_account(row), row.created_at) if row else None
 
     async def anonymous_account(self, requester: str | None = None) -> Account:
         """The shared anonymous account, as used by the client at IP `requester`."""

@@ -11,19 +11,25 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+import coordinator.http.web  # noqa: F401  (the web page; not `web`: aiohttp's is)
 from coordinator.config import CoordinatorConfig
 
 # Importing the route modules registers their handlers on API.
 from coordinator.http import (  # noqa: F401
     accounts,
+    docs,
     economy,
+    horde,
+    horde_workers,
     jobs,
+    network,
     openai,
     results,
     text,
     workers,
 )
 from coordinator.http.api import API, error_middleware
+from coordinator.http.metrics import METRICS, Metrics, metrics_middleware
 from coordinator.http.ratelimit import PostgresBuckets, RateLimiter
 from coordinator.http.state import CONFIG, FILES, LIMITER, SIGNALS, STORE, UPLOADS
 from coordinator.http.streams import STREAMS, StreamCounts
@@ -53,11 +59,17 @@ async def _reap_forever(app: web.Application) -> None:
             except OSError:
                 log.exception("pruning old uploads failed; retrying later")
         try:
+            if released := await store.release_held():
+                log.info("paid AI Horde workers for %d jobs whose hold ended", released)
+        except Exception:
+            log.exception("releasing held pay failed; retrying")
+        try:
             expired = await store.reap_expired()
         except Exception:
             log.exception("reaping expired leases failed; retrying")
             expired = []
         for job_id, kind, model in expired:
+            app[METRICS].lease_expiries.labels(kind).inc()
             log.info("lease of job %s expired; job requeued or failed", job_id)
             signals.job_changed(job_id)
             signals.job_queued(kind, model)
@@ -104,10 +116,13 @@ async def _wake_waiters(app: web.Application) -> None:
 def create_app(config: CoordinatorConfig) -> web.Application:
     # Bodies are read and size-checked by the route table (JSON) or streamed by their
     # handler (image uploads); this only caps aiohttp's own reads.
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware], client_max_size=config.max_body_bytes
+    )
     app[CONFIG] = config
     app[LIMITER] = RateLimiter(config.rate_limits)
-    app[STREAMS] = StreamCounts()
+    app[STREAMS] = streams = StreamCounts()
+    app[METRICS] = Metrics(streams)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_wake_waiters)
     if config.processes > 1:

@@ -134,6 +134,9 @@ class CoordinatorConfig:
     trusted_accounts: frozenset[str] = frozenset()
     # fraction of an untrusted worker's earnings held pending until it passes a check
     trust_hold_fraction: float = 0.5
+    # AI Horde workers' results are unsigned and never checked: their pay is held this long
+    # (seconds), then released unless the requester disputed the job
+    horde_hold_seconds: float = 86400.0
     # chance that an untrusted worker's image job is re-run by a trusted worker; halves
     # with every passed check, down to spot_check_min_rate
     spot_check_rate: float = 0.25

@@ -55,6 +55,13 @@ class CoordinatorError(Exception):
         self.fields = fields or []
         # extra response headers (e.g. Retry-After)
         self.headers: dict[str, str] = {}
+        # AI Horde's return code for /api/v2 callers, when the code's default does not fit
+        self.rc: str | None = None
+
+    def horde(self, rc: str) -> CoordinatorError:
+        """This error with AI Horde's return code `rc` (coordinator.http.horde)."""
+        self.rc = rc
+        return self
 
 
 class BadRequest(CoordinatorError):

@@ -102,6 +102,15 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         help="fraction of an untrusted worker's earnings held until verified (default %(default)s)",
     )
     economy.add_argument(
+        "--horde-hold",
+        type=float,
+        default=defaults.horde_hold_seconds,
+        metavar="SECONDS",
+        help="how long an AI Horde worker's pay is held (its results are unsigned and never "
+        "checked) before it is paid, unless the requester disputes the job "
+        "(default %(default)s)",
+    )
+    economy.add_argument(
         "--uptime-period",
         type=float,
         default=defaults.uptime_period,
@@ -212,6 +221,8 @@ def _run(args: argparse.Namespace) -> int:
             raise SystemExit(f"{flag} must be between 0 and 1, got {value}")
     if args.uptime_period <= 0:
         raise SystemExit("--uptime-period must be a positive number of seconds")
+    if args.horde_hold < 0:
+        raise SystemExit("--horde-hold must be 0 or more seconds")
     config = CoordinatorConfig(
         data_dir=args.data_dir,
         host=args.host,
@@ -223,6 +234,7 @@ def _run(args: argparse.Namespace) -> int:
         trusted_accounts=frozenset(args.trust_account),
         spot_check_rate=args.spot_check_rate,
         trust_hold_fraction=args.trust_hold,
+        horde_hold_seconds=args.horde_hold,
         uptime_period=args.uptime_period,
         uptime_reward=args.uptime_reward,
         rating_reward=args.rating_reward,

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,16 @@ class Worker:
     pause_reason: str | None = None
     # what its engine report said (None: no report, or an older worker that does not say)
     sandboxed: bool | None = None
+    # idlegrid (signed results) or horde (an AI Horde worker through /api/v2: unsigned)
+    protocol: str = "idlegrid"
+    # what it serves (image | text | blocks) and the models it offered, from its polls
+    kind: str | None = None
+    models: tuple[str, ...] = ()
+
+    @property
+    def signs(self) -> bool:
+        """Whether its results carry its signature (and may be spot-checked)."""
+        return self.protocol == "idlegrid"
 
 
 def _worker(row: Row[Any]) -> Worker:
@@ -45,7 +57,17 @@ def _worker(row: Row[Any]) -> Worker:
         paused=bool(row.paused),
         pause_reason=row.pause_reason,
         sandboxed=sandboxed if isinstance(sandboxed, bool) else None,
+        protocol=row.protocol,
+        kind=row.kind,
+        models=tuple(json.loads(row.models)) if row.models else (),
     )
+
+
+def _offer(worker: Worker, kind: str, models: Sequence[str]) -> dict[str, Any]:
+    """The columns to write when `worker` offers `models` for `kind` (none if unchanged)."""
+    if worker.kind == kind and worker.models == tuple(models):
+        return {}
+    return {"kind": kind, "models": json.dumps(list(models))}
 
 
 class Workers(Accounts):
@@ -127,17 +149,73 @@ class Workers(Accounts):
             ).first()
         return None if row is None else _worker(row)
 
-    async def record_poll(self, worker: Worker, ip: str | None = None) -> int:
-        """A worker asked for work (from `ip`): keep its uptime stretch and address, pay
-        uptime kudos when due."""
+    async def record_poll(
+        self,
+        worker: Worker,
+        ip: str | None = None,
+        *,
+        kind: str = "image",
+        models: Sequence[str] = (),
+    ) -> int:
+        """A worker asked for work (from `ip`) for `models` of `kind`: keep its uptime
+        stretch, address and offer, pay uptime kudos when due."""
         async with self.begin() as conn:
-            return await trust.record_poll(conn, self._config, worker.id, now(conn), ip)
+            return await trust.record_poll(
+                conn, self._config, worker.id, now(conn), ip, _offer(worker, kind, models)
+            )
+
+    async def note_offer(self, worker: Worker, kind: str, models: Sequence[str]) -> None:
+        """A gateway or block server is there, serving `models` of `kind` (the network view)."""
+        async with self.begin() as conn:
+            values = {"last_seen": now(conn), **_offer(worker, kind, models)}
+            await conn.execute(update(workers).where(workers.c.id == worker.id).values(values))
+
+    async def horde_worker(self, owner: Account, name: str, ip: str | None) -> Worker:
+        """The AI Horde worker `name` of `owner` (created on its first pop). It has no key:
+        its results are unsigned, so it is never trusted and never spot-checked, and what
+        it earns is held (coordinator.economy.trust.hold_for_dispute)."""
+        key = "horde-" + hashlib.sha256(f"{owner.id}/{name}".encode()).hexdigest()[:58]
+        async with self.begin() as conn:
+            at = now(conn)
+            row = (await conn.execute(select(workers).where(workers.c.public_key == key))).first()
+            if row is None:
+                worker_id = uuid.uuid4().hex
+                await conn.execute(
+                    workers.insert().values(
+                        id=worker_id,
+                        name=name,
+                        public_key=key,
+                        # nobody holds a token: it authenticates with its owner's API key
+                        token_hash=hash_secret(secrets.token_urlsafe(32)),
+                        account_id=owner.id,
+                        created_at=at,
+                        last_seen=at,
+                        ip=ip,
+                        protocol="horde",
+                        kind="image",
+                    )
+                )
+                await trust.pending_account(conn, worker_id)
+                row = (await conn.execute(select(workers).where(workers.c.id == worker_id))).one()
+        return _worker(row)
 
     async def set_engine(self, worker: Worker, engine_json: str) -> None:
         async with self.begin() as conn:
             await conn.execute(
                 update(workers).where(workers.c.id == worker.id).values(engine=engine_json)
             )
+
+    async def worker_by_id(self, worker_id: str) -> Worker | None:
+        row = await self.worker_row(worker_id)
+        return None if row is None else _worker(row)
+
+    async def account_workers(self, account_id: int) -> list[Row[Any]]:
+        """The workers whose earnings go to `account_id`, oldest first."""
+        query = (
+            select(workers).where(workers.c.account_id == account_id).order_by(workers.c.created_at)
+        )
+        async with self.begin() as conn:
+            return list((await conn.execute(query)).all())
 
     async def worker_row(self, worker_id: str) -> Row[Any] | None:
         async with self.begin() as conn:

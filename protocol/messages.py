@@ -18,6 +18,8 @@ __all__ = [
     "AccountInfo",
     "Challenge",
     "ChallengeRequest",
+    "DisputeCreate",
+    "DisputeRecorded",
     "EngineInfo",
     "ErrorBody",
     "ErrorDetail",
@@ -31,14 +33,20 @@ __all__ = [
     "HistoryPage",
     "ImageInfo",
     "ImageJobCreated",
+    "ImageJobRequest",
     "ImageUploaded",
     "InviteCreate",
     "InvitesCreated",
     "JobCancelled",
+    "JobList",
     "JobState",
     "JobStatus",
     "LeaseExtended",
     "LeasedJob",
+    "NetworkModel",
+    "NetworkQueue",
+    "NetworkStatus",
+    "NetworkWorker",
     "PopRequest",
     "PopResponse",
     "ProgressReport",
@@ -238,10 +246,84 @@ class JobStatus(_Response):
         default=None, description="estimated seconds until done; null when unknown or finished"
     )
     shared: bool = False
+    params: ImageParams | None = Field(
+        default=None, description="what was asked for (seed fixed); only to who may see the job"
+    )
+    created_at: float | None = Field(default=None, description="unix seconds")
+    signed: bool = Field(
+        default=True,
+        description="false when an AI Horde worker made the images: unsigned and never "
+        "checked; dispute it while `disputable`",
+    )
+    disputable: bool = Field(
+        default=False, description="its worker's pay is still held: POST .../dispute refunds it"
+    )
 
     @property
     def finished(self) -> bool:
         return self.state in ("done", "failed", "cancelled")
+
+
+class ImageJobRequest(ImageParams):
+    """An image job: its parameters, and who may run it."""
+
+    signed_only: bool = Field(
+        default=False,
+        description="only workers that sign their results (no AI Horde workers, whose results "
+        "are unsigned and never checked)",
+    )
+
+    def params(self) -> ImageParams:
+        return ImageParams.model_validate(self.model_dump(exclude={"signed_only"}))
+
+
+class JobList(_Response):
+    jobs: list[JobStatus] = Field(description="newest first")
+    next_offset: int | None = Field(description="pass as ?offset= for older jobs; null = end")
+
+
+class DisputeCreate(_Request):
+    reason: str = Field(default="", max_length=500, description="what is wrong with the images")
+
+
+class DisputeRecorded(_Response):
+    id: str
+    refunded: int
+
+
+# --- the network ------------------------------------------------------------------------
+
+
+class NetworkWorker(_Response):
+    id: str
+    name: str
+    kind: Literal["image", "text", "blocks"]
+    protocol: Literal["idlegrid", "horde"] = "idlegrid"
+    trusted: bool
+    online: bool = Field(description="polled within the last few minutes")
+    models: list[str]
+    jobs_done: int
+    last_seen: float
+
+
+class NetworkModel(_Response):
+    name: str
+    kind: Literal["image", "text"]
+    workers: int = Field(description="online workers offering it")
+    queued: int = Field(description="jobs waiting for it")
+    eta_seconds: float | None = None
+
+
+class NetworkQueue(_Response):
+    kind: Literal["image", "text"]
+    queued: int
+    running: int
+
+
+class NetworkStatus(_Response):
+    workers: list[NetworkWorker]
+    models: list[NetworkModel]
+    queue: list[NetworkQueue]
 
 
 # --- workers --------------------------------------------------------------------------

@@ -116,6 +116,14 @@ workers = Table(
     Column("online_since", Float),
     # the client IP it registered or last polled from (spot checks avoid the same IP)
     Column("ip", String(64)),
+    # --- other doors (0004_doors) ---
+    # what it serves, as seen from its polls: image | text | blocks (None: never polled)
+    Column("kind", String(16)),
+    # JSON list of the models it offered at its last poll
+    Column("models", Text),
+    # idlegrid: signs its results with its Ed25519 key; horde: an AI Horde worker popping
+    # through /api/v2 (unsigned, never trusted, never spot-checked, its pay held)
+    Column("protocol", String(16), nullable=False, server_default="idlegrid"),
 )
 
 jobs = Table(
@@ -164,6 +172,13 @@ jobs = Table(
     Column("verdict", String(16)),
     # the requester's client IP, on anonymous jobs (bounds what one address holds reserved)
     Column("client_ip", String(64)),
+    # --- other doors (0004_doors) ---
+    # 1 = only workers that sign their results may run it (no AI Horde workers)
+    Column("signed_only", Integer, nullable=False, server_default="0"),
+    # an AI Horde worker's pay for it is held until then, unless the requester disputes
+    Column("held_until", Float),
+    # JSON of /api/v2 request options (r2, ...), None for other doors
+    Column("horde", Text),
     Index("ix_jobs_state", "state", "created_at"),
     Index("ix_jobs_account", "account_id", "state"),
     # the queue: the next job of a kind is the first row of this index that fits
@@ -207,6 +222,13 @@ jobs = Table(
         "lease_deadline",
         sqlite_where=text("state = 'leased'"),
         postgresql_where=text("state = 'leased'"),
+    ),
+    # AI Horde workers' held pay, due for release
+    Index(
+        "ix_jobs_held",
+        "held_until",
+        sqlite_where=text("held_until IS NOT NULL"),
+        postgresql_where=text("held_until IS NOT NULL"),
     ),
     # throughput for ETAs
     Index(

@@ -53,16 +53,19 @@ __all__ = [
     "GRANT_REASONS",
     "after_result",
     "checks_for",
+    "dispute",
     "fail_check",
     "independent",
     "judge",
     "pay_worker",
     "pass_check",
+    "hold_for_dispute",
     "pending_account",
     "queue_check_if_refereed",
     "record_check",
     "record_poll",
     "related",
+    "release_held",
     "spot_check_rate",
 ]
 
@@ -318,6 +321,73 @@ async def queue_check_if_refereed(
         await _queue_check(conn, job, verification_account)
 
 
+# --- unsigned results (AI Horde workers) -----------------------------------------------
+
+
+async def hold_for_dispute(
+    conn: AsyncConnection, config: CoordinatorConfig, worker_id: str, job: Row[Any]
+) -> int:
+    """Settle a job an AI Horde worker finished: its results are unsigned and come from
+    engines we cannot re-run, so there is nothing to check them against. The whole price
+    goes to the worker's pending account and is released after `horde_hold_seconds`
+    (`release_held`) unless the requester disputes it first (`dispute`). Returns it."""
+    pending = await pending_account(conn, worker_id)
+    if job.cost > 0:
+        await post_entry(
+            conn,
+            reason="settle",
+            key=f"settle:{job.id}",
+            job_id=job.id,
+            moves=[(await _system_id(conn, ESCROW), -job.cost), (pending, job.cost)],
+        )
+    held_until = job.finished_at + config.horde_hold_seconds
+    await conn.execute(update(jobs).where(jobs.c.id == job.id).values(held_until=held_until))
+    return int(job.cost)
+
+
+async def _held_move(conn: AsyncConnection, job: Any, reason: str, to: int) -> int:
+    """Move what `job` holds on its worker's pending account to `to`; the amount."""
+    if job.cost > 0:
+        pending = await pending_account(conn, job.worker_id)
+        await post_entry(
+            conn,
+            reason=reason,
+            key=f"{reason}:horde:{job.id}",
+            job_id=job.id,
+            moves=[(pending, -job.cost), (to, job.cost)],
+        )
+    await conn.execute(update(jobs).where(jobs.c.id == job.id).values(held_until=None))
+    return int(job.cost)
+
+
+async def release_held(conn: AsyncConnection, now: float, limit: int = 100) -> int:
+    """Pay AI Horde workers what they earned on jobs whose hold ended undisputed; the
+    number of jobs released (at most `limit`; call again while it returns `limit`)."""
+    due = (
+        await conn.execute(
+            select(jobs.c.id, jobs.c.cost, jobs.c.worker_id, workers.c.account_id)
+            .join(workers, workers.c.id == jobs.c.worker_id)
+            .where(jobs.c.held_until.is_not(None) & (jobs.c.held_until <= now))
+            .order_by(jobs.c.held_until)
+            .limit(limit)
+            .with_for_update(of=jobs, skip_locked=True)
+        )
+    ).all()
+    for job in due:
+        await _held_move(conn, job, "release", job.account_id)
+    return len(due)
+
+
+async def dispute(conn: AsyncConnection, config: CoordinatorConfig, job: Row[Any], why: str) -> int:
+    """The requester disputes an unsigned result while its pay is held: the price goes
+    back to the requester (as a refund: granted kudos stay grants), the job's verdict is
+    `disputed` and the worker takes a suspicion. Returns the kudos refunded."""
+    refunded = await _held_move(conn, job, "refund", job.account_id)
+    await conn.execute(update(jobs).where(jobs.c.id == job.id).values(verdict="disputed"))
+    await _suspect(conn, config, job.worker_id, f"job {job.id} disputed: {why}")
+    return refunded
+
+
 # --- verdicts --------------------------------------------------------------------------
 
 
@@ -503,10 +573,11 @@ async def record_poll(
     worker_id: str,
     now: float,
     ip: str | None = None,
+    offer: dict[str, Any] | None = None,
 ) -> int:
-    """Note that the worker is polling (from `ip`, when known); pay uptime kudos for the
-    last full period it was online through, if it served recently. Returns the kudos paid
-    (0 if none)."""
+    """Note that the worker is polling (from `ip`, when known; `offer`: columns saying what
+    it serves, when they changed); pay uptime kudos for the last full period it was online
+    through, if it served recently. Returns the kudos paid (0 if none)."""
     row = (await conn.execute(select(workers).where(workers.c.id == worker_id))).one()
     online_since = row.online_since
     if online_since is None or now - row.last_seen > config.uptime_grace:
@@ -514,6 +585,7 @@ async def record_poll(
     values: dict[str, Any] = {"last_seen": now, "online_since": online_since}
     if ip is not None:
         values["ip"] = ip
+    values.update(offer or {})
     await conn.execute(update(workers).where(workers.c.id == worker_id).values(values))
     if config.uptime_reward <= 0 or row.paused:
         return 0

@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -21,11 +21,12 @@ from coordinator.http.addresses import client_ip
 from coordinator.http.state import CONFIG, LIMITER, STORE
 from coordinator.store import Account, Worker
 from protocol.errors import ValidationFailed
+from protocol.horde import ANONYMOUS_KEY, HordeError
 from protocol.messages import ErrorBody, ErrorDetail, FieldProblem
 from protocol.validation import parse
 from protocol.version import VERSION
 
-__all__ = ["API", "Api", "Call", "error_middleware"]
+__all__ = ["API", "Api", "Call", "error_middleware", "int_query"]
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,36 @@ class Route:
 def api_key_of(request: web.Request) -> str | None:
     """The caller's API key: AI Horde's `apikey` header or an OpenAI-style bearer token."""
     key = request.headers.get("apikey")
+    if key == ANONYMOUS_KEY:
+        # AI Horde's clients send this when the user has no key
+        return None
     if key:
         return key
     authorization = request.headers.get("Authorization", "")
     if authorization.startswith("Bearer "):
         return authorization.removeprefix("Bearer ").strip() or None
     return None
+
+
+@overload
+def int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int: ...
+@overload
+def int_query(
+    request: web.Request, name: str, default: None, low: int, high: int
+) -> int | None: ...
+def int_query(
+    request: web.Request, name: str, default: int | None, low: int, high: int
+) -> int | None:
+    """The whole-number query parameter `name` (`default` when absent), or 400 naming it."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise BadRequest(
+            f"query parameter {name}={raw!r} must be a whole number from {low} to {high}",
+            [(name, f"must be {low}..{high}")],
+        )
+    return int(raw)
 
 
 async def _read_body(request: web.Request, model: type[BaseModel], limit: int) -> Any:
@@ -191,12 +216,15 @@ class Api:
         return handle
 
     def openapi(self) -> dict[str, Any]:
-        models: set[type[BaseModel]] = {ErrorBody}
+        models: set[type[BaseModel]] = {ErrorBody, HordeError}
         for route in self.routes:
             models.update(m for m in (route.body, route.response) if m is not None)
         ordered = sorted(models, key=lambda m: m.__name__)
         refs, schema = models_json_schema(
-            [(m, "validation" if m is not ErrorBody else "serialization") for m in ordered],
+            [
+                (m, "serialization" if m in (ErrorBody, HordeError) else "validation")
+                for m in ordered
+            ],
             ref_template="#/components/schemas/{model}",
         )
         paths: dict[str, dict[str, Any]] = {}
@@ -217,9 +245,9 @@ class Api:
                 ok["content"] = {route.produces: {"schema": refs[(route.response, "validation")]}}
             elif route.produces != "application/json":
                 ok["content"] = {route.produces: {}}
-            error = {
-                "content": {"application/json": {"schema": refs[(ErrorBody, "serialization")]}}
-            }
+            # /api/v2 answers errors as AI Horde does
+            shape = HordeError if route.path.startswith(HORDE_PREFIX) else ErrorBody
+            error = {"content": {"application/json": {"schema": refs[(shape, "serialization")]}}}
             responses: dict[str, Any] = {str(route.status): ok}
             codes = set(route.errors) | (
                 {400} if route.body or route.raw or route.headers else set()
@@ -270,9 +298,45 @@ def _path_params(path: str) -> list[str]:
     return [part[1:-1].split(":")[0] for part in path.split("/") if part.startswith("{")]
 
 
+# AI Horde's return code (`rc`) for each of our error codes, for /api/v2 callers
+HORDE_RC = {
+    "validation_error": "BadRequest",
+    "bad_request": "BadRequest",
+    "body_too_large": "BadRequest",
+    "bad_image": "ImageValidationFailed",
+    "unauthorized": "InvalidAPIKey",
+    "forbidden": "Forbidden",
+    "worker_paused": "WorkerMaintenance",
+    "unsandboxed_worker": "Forbidden",
+    "not_found": "RequestNotFound",
+    "conflict": "BadRequest",
+    "insufficient_kudos": "KudosUpfront",
+    "rate_limited": "TooManyPrompts",
+    "store_unavailable": "MaintenanceMode",
+}
+# statuses AI Horde uses where ours differ: it answers a missing upfront payment with 403
+# and a stale or duplicate submission with 400
+HORDE_STATUS = {402: 403, 409: 400}
+HORDE_PREFIX = "/api/v2/"
+
+
 def _error_response(
-    status: int, code: str, message: str, fields: list[tuple[str, str]]
+    request: web.Request,
+    status: int,
+    code: str,
+    message: str,
+    fields: list[tuple[str, str]],
+    rc: str | None = None,
 ) -> web.Response:
+    if request.path.startswith(HORDE_PREFIX):
+        horde = HordeError(
+            message=message,
+            rc=rc or HORDE_RC.get(code, "BadRequest" if status < 500 else "InternalError"),
+            errors=dict(fields) if fields else None,
+        )
+        return web.json_response(
+            text=horde.model_dump_json(exclude_none=True), status=HORDE_STATUS.get(status, status)
+        )
     body = ErrorBody(
         error=ErrorDetail(
             code=code,
@@ -291,11 +355,11 @@ async def error_middleware(
     try:
         return await handler(request)
     except ValidationFailed as exc:
-        return _error_response(400, "validation_error", str(exc), exc.problems)
+        return _error_response(request, 400, "validation_error", str(exc), exc.problems)
     except CoordinatorError as exc:
         if exc.status >= 500:
             log.exception("request failed: %s %s", request.method, request.path)
-        response = _error_response(exc.status, exc.code, exc.message, exc.fields)
+        response = _error_response(request, exc.status, exc.code, exc.message, exc.fields, exc.rc)
         response.headers.update(exc.headers)
         return response
     except DBAPIError as exc:
@@ -304,14 +368,20 @@ async def error_middleware(
         # deadlock, serialization failure, lost connection: the transaction rolled back
         log.warning("database error on %s %s: %s", request.method, request.path, exc.orig)
         response = _error_response(
-            503, "store_unavailable", "the database is busy or unreachable; retry shortly", []
+            request,
+            503,
+            "store_unavailable",
+            "the database is busy or unreachable; retry shortly",
+            [],
         )
         response.headers["Retry-After"] = "1"
         return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, [])
+        return _error_response(
+            request, exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, []
+        )
 
 
 API = Api("idlegrid coordinator", VERSION)

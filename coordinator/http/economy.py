@@ -8,7 +8,7 @@ from aiohttp import web
 
 from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound, UnsandboxedWorker
-from coordinator.http.api import API, Call
+from coordinator.http.api import API, Call, int_query
 from coordinator.http.jobs import check_anonymous_limits, owned_job
 from coordinator.http.state import CONFIG, SIGNALS, STORE
 from protocol.cost import image_cost
@@ -138,20 +138,6 @@ async def create_transfer(request: web.Request, call: Call) -> TransferDone:
     return await kudos.transfer(request.app[STORE], call.account, body.to, body.amount, key)
 
 
-def _int_query(
-    request: web.Request, name: str, default: int | None, low: int, high: int
-) -> int | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise BadRequest(
-            f"query parameter {name}={raw!r} must be a whole number from {low} to {high}",
-            [(name, f"must be {low}..{high}")],
-        )
-    return int(raw)
-
-
 @API.route(
     "GET",
     "/api/v1/accounts/me/history",
@@ -161,9 +147,8 @@ def _int_query(
 )
 async def account_history(request: web.Request, call: Call) -> HistoryPage:
     assert call.account is not None
-    limit = _int_query(request, "limit", 50, 1, MAX_HISTORY)
-    assert limit is not None
-    before = _int_query(request, "before", None, 1, 2**62)
+    limit = int_query(request, "limit", 50, 1, MAX_HISTORY)
+    before = int_query(request, "before", None, 1, 2**62)
     return await kudos.history(request.app[STORE], call.account, limit, before)
 
 

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import logging
 import secrets
+from typing import Any
 
 from aiohttp import web
 
 from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound
 from coordinator.http.addresses import client_ip
-from coordinator.http.api import API, Call
+from coordinator.http.api import API, Call, int_query
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.http.streams import follow, open_stream
 from coordinator.store import Account, Job, Store
 from protocol.cost import image_cost
-from protocol.messages import ImageInfo, ImageJobCreated, JobStatus
+from protocol.messages import (
+    DisputeCreate,
+    DisputeRecorded,
+    ImageInfo,
+    ImageJobCreated,
+    ImageJobRequest,
+    JobList,
+    JobStatus,
+)
 from protocol.params import MAX_SEED, ImageParams
 
 log = logging.getLogger(__name__)
@@ -59,7 +68,7 @@ def check_anonymous_limits(request: web.Request, params: ImageParams) -> None:
     "POST",
     "/api/v1/jobs/image",
     summary="Queue an image job; its cost is reserved from the caller's kudos",
-    body=ImageParams,
+    body=ImageJobRequest,
     response=ImageJobCreated,
     auth="optional",
     status=202,
@@ -67,20 +76,40 @@ def check_anonymous_limits(request: web.Request, params: ImageParams) -> None:
     limit="submit",
 )
 async def submit_image(request: web.Request, call: Call) -> ImageJobCreated:
+    body: ImageJobRequest = call.body
+    job = await queue_image(request, call.account, body.params(), signed_only=body.signed_only)
+    position, eta = await request.app[STORE].queue_info(job.id)
+    assert job.params.seed is not None
+    return ImageJobCreated(
+        id=job.id,
+        kudos_cost=job.cost,
+        seed=job.params.seed,
+        queue_position=position,
+        eta_seconds=eta,
+    )
+
+
+async def queue_image(
+    request: web.Request,
+    account: Account | None,
+    params: ImageParams,
+    *,
+    signed_only: bool = False,
+    horde: dict[str, Any] | None = None,
+) -> Job:
+    """Queue an image job for `account` (anonymous: None) from any door: the anonymous
+    limits, the seed fixed now, the cost reserved, the workers woken."""
     store = request.app[STORE]
-    params: ImageParams = call.body
-    account = call.account or await store.anonymous_account(client_ip(request))
+    account = account or await store.anonymous_account(client_ip(request))
     if account.anonymous:
         check_anonymous_limits(request, params)
     if params.seed is None:
         params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
-    assert params.seed is not None
-    job = await store.create_image_job(account, params, image_cost(params))
-    request.app[SIGNALS].job_queued("image", params.model)
-    position, eta = await store.queue_info(job.id)
-    return ImageJobCreated(
-        id=job.id, kudos_cost=job.cost, seed=params.seed, queue_position=position, eta_seconds=eta
+    job = await store.create_image_job(
+        account, params, image_cost(params), signed_only=signed_only, horde=horde
     )
+    request.app[SIGNALS].job_queued("image", params.model)
+    return job
 
 
 async def owned_job(
@@ -103,9 +132,10 @@ async def owned_job(
 async def job_status(request: web.Request, job: Job) -> JobStatus:
     store = request.app[STORE]
     images = []
-    if job.state == "done":
+    records = await store.results(job.id) if job.state == "done" else []
+    if records:
         rated = await kudos.image_ratings(store, job.id)
-        for record in await store.results(job.id):
+        for record in records:
             url = str(
                 request.url.with_path(f"/api/v1/jobs/{job.id}/images/{record.index}").with_query(
                     None
@@ -140,6 +170,10 @@ async def job_status(request: web.Request, job: Job) -> JobStatus:
         images=images,
         eta_seconds=eta,
         shared=job.shared,
+        params=job.params,
+        created_at=job.created_at,
+        signed=all(record.signature for record in records),
+        disputable=job.held_until is not None,
     )
 
 
@@ -215,3 +249,40 @@ async def get_image(request: web.Request, call: Call) -> web.StreamResponse:
                 },
             )
     raise NotFound(f"job {job.id} has no image {index} (yet); check the job's state first")
+
+
+@API.route(
+    "GET",
+    "/api/v1/jobs",
+    summary="The caller's image jobs, newest first, with their parameters and images "
+    "(?limit=1..100, ?offset=N)",
+    response=JobList,
+    auth="user",
+)
+async def list_jobs(request: web.Request, call: Call) -> JobList:
+    assert call.account is not None
+    limit = int_query(request, "limit", 20, 1, 100)
+    offset = int_query(request, "offset", 0, 0, 10**9)
+    found = await request.app[STORE].account_jobs(call.account, limit + 1, offset)
+    statuses = [await job_status(request, job) for job in found[:limit]]
+    return JobList(jobs=statuses, next_offset=offset + limit if len(found) > limit else None)
+
+
+@API.route(
+    "POST",
+    "/api/v1/jobs/{job_id}/dispute",
+    summary="Dispute the images an AI Horde worker made (unsigned, never checked) while its "
+    "pay is held: the kudos come back and the worker takes a suspicion",
+    body=DisputeCreate,
+    response=DisputeRecorded,
+    auth="user",
+    errors=(404, 409),
+    limit="cancel",
+)
+async def dispute(request: web.Request, call: Call) -> DisputeRecorded:
+    store = request.app[STORE]
+    job = await owned_job(store, request.match_info["job_id"], call.account, viewing=False)
+    body: DisputeCreate = call.body
+    refunded = await store.dispute_job(job.id, body.reason or "no reason given")
+    request.app[SIGNALS].job_changed(job.id)
+    return DisputeRecorded(id=job.id, refunded=refunded)

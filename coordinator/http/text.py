@@ -21,6 +21,7 @@ from coordinator.errors import (
 )
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call
+from coordinator.http.metrics import timed_pop
 from coordinator.http.polling import long_poll
 from coordinator.http.state import CONFIG, SIGNALS, STORE
 from coordinator.http.streams import follow, open_stream
@@ -290,6 +291,7 @@ async def link_peer(request: web.Request, call: Call) -> PeerLinked:
             [("peer_signature", "must be made with the peer id's libp2p private key")],
         ) from None
     await text_jobs.link_peer(request.app[STORE], worker, body.peer_id, body.nonce)
+    await request.app[STORE].note_offer(worker, "blocks", ())
     return PeerLinked(peer_id=body.peer_id, worker_id=worker.id)
 
 
@@ -316,9 +318,9 @@ async def pop_text(request: web.Request, call: Call) -> TextPopResponse:
     offered = text_models.check_offer(request.app[CONFIG], body.models)
     await text_jobs.offer_models(store, offered)
     names = [m.name for m in offered]
-    job = await long_poll(
-        request, body.wait, lambda: text_jobs.pop_text_job(store, worker, names), "text", names
-    )
+    await store.note_offer(worker, "text", names)
+    attempt = timed_pop(request, "text", lambda: text_jobs.pop_text_job(store, worker, names))
+    job = await long_poll(request, body.wait, attempt, "text", names)
     if job is None:
         return TextPopResponse(job=None)
     signals.job_changed(job.id)

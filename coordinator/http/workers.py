@@ -11,6 +11,7 @@ from coordinator.errors import OutdatedWorker, Unauthorized, UnsandboxedWorker
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call, api_key_of
 from coordinator.http.jobs import job_status
+from coordinator.http.metrics import timed_pop
 from coordinator.http.polling import long_poll
 from coordinator.http.state import CONFIG, SIGNALS, STORE, UPLOADS
 from protocol.errors import SignatureInvalid
@@ -96,11 +97,15 @@ async def pop(request: web.Request, call: Call) -> PopResponse:
     assert worker is not None
     if request.app[CONFIG].require_sandbox and worker.sandboxed is not True:
         raise UnsandboxedWorker()
-    await store.record_poll(worker, client_ip(request))
+    await store.record_poll(worker, client_ip(request), kind="image", models=body.models)
     job = await long_poll(
         request,
         body.wait,
-        lambda: store.pop_job(worker, body.models, body.max_pixels, body.max_steps),
+        timed_pop(
+            request,
+            "image",
+            lambda: store.pop_job(worker, body.models, body.max_pixels, body.max_steps),
+        ),
         "image",
         body.models,
     )

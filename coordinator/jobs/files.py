@@ -7,6 +7,7 @@ and a crash between writing the file and committing the job leaves only an orpha
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 __all__ = ["ResultFiles"]
@@ -32,6 +33,19 @@ class ResultFiles:
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
+
+    def put_bytes(self, data: bytes, digest: str) -> None:
+        """Store `data` (whose SHA-256 is `digest`) durably: a synced temporary file in the
+        same directory, renamed into place. Blocking: call it in a thread."""
+        target = self.path(digest)
+        if target.exists():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, target)
 
     def get(self, digest: str) -> bytes:
         return self.path(digest).read_bytes()

@@ -3,6 +3,7 @@ rows (one signed PNG per image) and settlement through coordinator.economy.trust
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,10 +11,11 @@ from typing import Any
 from sqlalchemy import Row, select, update
 
 from coordinator.accounts import Account
-from coordinator.db.database import VERIFICATION
+from coordinator.db.database import VERIFICATION, now
 from coordinator.db.schema import jobs, results
 from coordinator.economy import trust
 from coordinator.economy.verification import Outcome
+from coordinator.errors import Conflict
 from coordinator.jobs.lifecycle import Lifecycle
 from coordinator.workers import Worker
 from protocol.params import ImageParams
@@ -43,6 +45,14 @@ class Job:
     # set on verification jobs: the job this one re-runs
     verify_of: str | None = None
     shared: bool = False
+    # only workers that sign their results may run it
+    signed_only: bool = False
+    # an AI Horde worker's pay for it is held until then (None: nothing held)
+    held_until: float | None = None
+    # the options of an /api/v2 request (r2, ...); None for jobs from other doors
+    horde: dict[str, Any] | None = None
+    finished_at: float | None = None
+    verdict: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -77,12 +87,32 @@ def _job(row: Row[Any]) -> Job:
         leased_at=row.leased_at,
         verify_of=row.verify_of,
         shared=bool(row.shared),
+        signed_only=bool(row.signed_only),
+        held_until=row.held_until,
+        horde=json.loads(row.horde) if row.horde else None,
+        finished_at=row.finished_at,
+        verdict=row.verdict,
     )
 
 
+# AI Horde's workers name only these samplers (coordinator.http.horde.samplers); they are
+# not offered jobs with any other
+_UNSIGNED_SAMPLERS = ("PLMS", "UniPC")
+
+
 class ImageJobs(Lifecycle):
-    async def create_image_job(self, account: Account, params: ImageParams, cost: int) -> Job:
-        """Queue an image job and reserve its cost from the requester."""
+    async def create_image_job(
+        self,
+        account: Account,
+        params: ImageParams,
+        cost: int,
+        *,
+        signed_only: bool = False,
+        horde: dict[str, Any] | None = None,
+    ) -> Job:
+        """Queue an image job and reserve its cost from the requester. `signed_only` keeps
+        it from workers whose results are unsigned (AI Horde workers); `horde` keeps the
+        options of an /api/v2 request."""
         row = await self.queue_job(
             account,
             cost,
@@ -96,6 +126,8 @@ class ImageJobs(Lifecycle):
                 "n": params.n,
                 "lease_seconds": self._config.lease_seconds(params.pixels, params.steps, params.n),
                 "steps_total": params.steps,
+                "signed_only": 1 if signed_only else 0,
+                "horde": None if horde is None else json.dumps(horde),
             },
             "make it smaller (size, steps, n) or earn kudos by running a worker",
         )
@@ -121,6 +153,12 @@ class ImageJobs(Lifecycle):
             & (jobs.c.steps <= max_steps)
             & (jobs.c.model.is_(None) | jobs.c.model.in_(list(models)))
         )
+        if not worker.signs:
+            # One image per job, a sampler AI Horde knows, and not for requesters who want
+            # signed results.
+            fits = fits & (jobs.c.signed_only == 0) & (jobs.c.n == 1)
+            for name in _UNSIGNED_SAMPLERS:
+                fits = fits & ~jobs.c.params.contains(f'"sampler":"{name}"')
         row = await self.pop(worker, fits, take_checks=True)
         return None if row is None else _job(row)
 
@@ -177,6 +215,11 @@ class ImageJobs(Lifecycle):
                     outcome,
                     [(image.index, image.sha256, image.signature) for image in images],
                 )
+            if not worker.signs:
+                # unsigned: nothing to check it against; the requester may dispute it
+                held = await trust.hold_for_dispute(conn, self._config, worker.id, row)
+                self.ranking.changed("image")
+                return 0, held
             paid, held = await trust.pay_worker(
                 conn,
                 self._config,
@@ -192,6 +235,46 @@ class ImageJobs(Lifecycle):
         # the throughput behind ETAs changed
         self.ranking.changed("image")
         return paid, held
+
+    async def account_jobs(self, account: Account, limit: int, offset: int) -> list[Job]:
+        """`account`'s image jobs, newest first (spot checks are not the account's)."""
+        query = (
+            select(jobs)
+            .where(
+                (jobs.c.account_id == account.id)
+                & (jobs.c.kind == "image")
+                & jobs.c.verify_of.is_(None)
+            )
+            .order_by(jobs.c.created_at.desc(), jobs.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        async with self.begin() as conn:
+            return [_job(row) for row in (await conn.execute(query)).all()]
+
+    async def release_held(self) -> int:
+        """Pay AI Horde workers whose held pay is due (trust.release_held); how many jobs."""
+        released = 0
+        while True:
+            async with self.begin() as conn:
+                count = await trust.release_held(conn, now(conn))
+            released += count
+            if count < 100:
+                return released
+
+    async def dispute_job(self, job_id: str, why: str) -> int:
+        """The requester disputes an AI Horde worker's result while its pay is held: the
+        kudos refunded (trust.dispute). Conflict when nothing is held for it (any more)."""
+        async with self.begin() as conn:
+            row = (
+                await conn.execute(select(jobs).where(jobs.c.id == job_id).with_for_update())
+            ).first()
+            if row is None or row.held_until is None:
+                raise Conflict(
+                    f"nothing is held for job {job_id}: only results of AI Horde workers "
+                    "(unsigned) can be disputed, and only until their pay is released"
+                )
+            return await trust.dispute(conn, self._config, row, why)
 
     async def fail_image_job(self, worker: Worker, job_id: str, reason: str) -> Job:
         return _job(await self.fail_job(worker, job_id, reason))

@@ -286,7 +286,7 @@ async def test_downgrade_to_base_and_back(engine: AsyncEngine) -> None:
 
 
 def test_revision_ids_number_on_from_the_head() -> None:
-    assert HEAD == "0003_hostile"
+    assert HEAD == "0004_doors"
     assert (
-        migrations.next_revision_id("Add jobs.priority, again!") == "0004_add_jobs_priority_again"
+        migrations.next_revision_id("Add jobs.priority, again!") == "0005_add_jobs_priority_again"
     )

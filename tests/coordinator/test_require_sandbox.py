@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from coordinator.config import CoordinatorConfig
 from protocol.signing import Identity
 from protocol.text import BUILTIN_TEXT_MODELS
 from tests.conftest import LiveApp
-from tests.fakes import CAPS
+from tests.fakes import CAPS, register_accounts
 from worker.common.link import CoordinatorLink
 from worker.errors import CoordinatorRejected
 from worker.llm.swarm.peer_proof import PeerKey
@@ -58,3 +59,18 @@ async def test_a_confined_worker_is_served(live: LiveApp) -> None:
         await link.link_peer(PeerKey.generate())
     finally:
         await link.aclose()
+
+
+async def test_ai_horde_workers_are_turned_away(live: LiveApp) -> None:
+    """AI Horde's workers run whatever engine they like, unconfined as far as we know."""
+    (key,) = await register_accounts(live.url, "bridge-owner")
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{live.url}/api/v2/generate/pop",
+            json={"name": "bridge", "models": ["tiny"]},
+            headers={"apikey": key},
+        ) as resp,
+    ):
+        assert resp.status == 403
+        assert (await resp.json())["rc"] == "Forbidden"

@@ -427,3 +427,60 @@ def test_split_kudos_is_exact_and_proportional() -> None:
     assert split_kudos(0, [5, 5]) == [0, 0]
     assert split_kudos(7, [0, 0]) == [0, 0]
     assert sum(split_kudos(1001, [3, 7, 11, 13])) == 1001
+
+
+async def test_ai_horde_text_requests_run_on_the_same_queue(grid: dict[str, Any]) -> None:
+    """AI Horde's /v2/generate/text (KoboldAI-style): submit, poll, the text, cancel; the
+    shapes are AI Horde's (RequestAsync, RequestStatusKobold), the job and its price ours."""
+    live, gateway, key = grid["live"], grid["gateway"], grid["keys"]["alice"]
+    headers = {"apikey": key}
+    await offer(gateway)
+    body = {
+        "prompt": "Once upon a time",
+        "params": {"max_length": 20, "max_context_length": 1024, "rep_pen": 1.1, "n": 1},
+        "models": ["tiny-llm"],
+    }
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{live.url}/api/v2/generate/text/async", json=body, headers=headers
+        ) as r:
+            assert r.status == 202
+            created = await r.json()
+        assert isinstance(created["id"], str) and isinstance(created["kudos"], float)
+        job = await gateway.pop()
+        assert job.id == created["id"] and job.params.prompt == "Once upon a time"
+        assert job.params.max_tokens == 20 and job.params.repetition_penalty == 1.1
+        status_url = f"{live.url}/api/v2/generate/text/status/{job.id}"
+        async with http.get(status_url) as r:
+            running = await r.json()
+        assert r.status == 200 and running["processing"] == 1 and running["done"] is False
+        assert running["generations"] == []
+        await gateway.link.text_delta(job.id, 0, "there was")
+        spans = [{"peer_id": PEER_A.peer_id, "start": 0, "end": 4, "tokens": 7}]
+        await gateway.link.submit_text(job, "there was", "stop", 4, 3, spans)
+        async with http.get(status_url, headers=headers) as r:
+            done = await r.json()
+        assert done["done"] is True and done["finished"] == 1 and done["faulted"] is False
+        (generation,) = done["generations"]
+        assert generation["text"] == "there was" and generation["model"] == "tiny-llm"
+        assert generation["worker_name"] == "gateway" and isinstance(generation["seed"], int)
+        assert isinstance(done["kudos"], float)
+        # more than one generation per request is not served: the field is named
+        async with http.post(
+            f"{live.url}/api/v2/generate/text/async",
+            json={**body, "params": {"n": 2}},
+            headers=headers,
+        ) as r:
+            assert r.status == 400 and (await r.json())["rc"] == "BadRequest"
+        # cancel: done, and the reservation back
+        async with http.post(
+            f"{live.url}/api/v2/generate/text/async", json=body, headers=headers
+        ) as r:
+            second = await r.json()
+        before = (await live.store.balances())["alice"]
+        async with http.delete(
+            f"{live.url}/api/v2/generate/text/status/{second['id']}", headers=headers
+        ) as r:
+            cancelled = await r.json()
+        assert r.status == 200 and cancelled["done"] is True
+        assert (await live.store.balances())["alice"] == before + int(second["kudos"])

@@ -7,6 +7,7 @@ worker.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -14,8 +15,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -343,3 +347,98 @@ def test_two_512_images_are_uploaded_and_paid_once(roomy_network: Network) -> No
     with Client(network.url, owner) as paid:
         me = paid.me()
         assert me.kudos + me.pending == 100 + created.kudos_cost
+
+
+def horde(url: str, method: str, path: str, key: str, body: Any = None) -> tuple[int, Any]:
+    """One AI Horde v2 call, as their clients make it."""
+    request = urllib.request.Request(
+        f"{url}/api/v2{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={
+            "apikey": key,
+            "Client-Agent": "e2e:1:loopback",
+            "Content-Type": "application/json",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_an_ai_horde_client_and_an_ai_horde_worker_over_real_http(
+    network: Network, tiny_models: Path
+) -> None:
+    """AI Horde's client side against a real coordinator and a real image worker (the image
+    identical to plain diffusers), then AI Horde's worker side serving the same queue."""
+    painter = network.worker("painter")
+    alice, owner = network.register("alice"), network.register("bridge-owner")
+    ask = {
+        "prompt": "a lighthouse ### fog",
+        "params": {"sampler_name": "k_euler", "seed": "5", "width": 64, "height": 64, "steps": 4},
+    }
+    status, created = horde(network.url, "POST", "/generate/async", alice, ask)
+    assert status == 202 and isinstance(created["kudos"], float)
+    deadline = time.monotonic() + 120
+    while True:
+        status, check = horde(network.url, "GET", f"/generate/check/{created['id']}", alice)
+        assert status == 200, check  # never a 4xx while the job lives
+        if check["done"]:
+            break
+        assert time.monotonic() < deadline, check
+        time.sleep(0.2)
+    assert check["finished"] == 1 and check["faulted"] is False
+    _, done = horde(network.url, "GET", f"/generate/status/{created['id']}", alice)
+    (generation,) = done["generations"]
+    assert generation["worker_name"] == "painter" and generation["seed"] == "5"
+    with urllib.request.urlopen(generation["img"], timeout=30) as response:  # no key needed
+        image = Image.open(io.BytesIO(response.read()))
+        assert "Negative prompt: fog" in image.info["parameters"]
+        pixels = np.asarray(image.convert("RGB"))
+    params = ImageParams(
+        prompt="a lighthouse",
+        negative_prompt="fog",
+        width=64,
+        height=64,
+        steps=4,
+        sampler="Euler",
+        cfg_scale=7.5,  # AI Horde's default
+    )
+    assert np.array_equal(pixels, _direct_diffusers(tiny_models / "sd", params, 5))
+    _, me = horde(network.url, "GET", "/find_user", alice)
+    assert me["username"].startswith("alice#") and me["kudos"] == 100.0 - created["kudos"]
+
+    # AI Horde's worker side: with our worker gone, a bridge serves the next request
+    painter.stop()
+    status, created = horde(network.url, "POST", "/generate/async", alice, ask)
+    pop = {"name": "bridge-1", "models": [], "max_pixels": 512 * 512}
+    # (the painter's last long-poll may still lease it; its lease then runs out)
+    deadline = time.monotonic() + 30
+    while True:
+        status, leased = horde(network.url, "POST", "/generate/pop", owner, pop)
+        assert status == 200, leased
+        if leased["id"] is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert leased["id"] == created["id"]
+    assert leased["payload"]["prompt"] == "a lighthouse ### fog"
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(out, format="WEBP", lossless=True)
+    submit = {
+        "id": leased["id"],
+        "seed": 5,
+        "generation": base64.b64encode(out.getvalue()).decode(),
+    }
+    status, reward = horde(network.url, "POST", "/generate/submit", owner, submit)
+    assert status == 200 and reward == {"reward": created["kudos"]}
+    _, done = horde(network.url, "GET", f"/generate/status/{created['id']}", alice)
+    assert done["done"] is True and done["generations"][0]["worker_name"] == "bridge-1"
+    # cancel: done, and the kudos back
+    _, before = horde(network.url, "GET", "/find_user", alice)
+    status, created = horde(network.url, "POST", "/generate/async", alice, ask)
+    status, cancelled = horde(network.url, "DELETE", f"/generate/status/{created['id']}", alice)
+    assert status == 200 and cancelled["done"] is True and cancelled["generations"] == []
+    _, after = horde(network.url, "GET", "/find_user", alice)
+    assert after["kudos"] == before["kudos"]

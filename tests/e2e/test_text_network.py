@@ -192,6 +192,28 @@ def test_cli_complete_greedy_equals_local_generate(swarm: Swarm, tiny_models: Pa
         assert donor.me().kudos > 100
 
 
+def test_ai_horde_text_request_runs_on_the_swarm(swarm: Swarm, tiny_models: Path) -> None:
+    """AI Horde's text side (KoboldAI-style) against the real swarm: greedy text equals
+    local generate."""
+    from tests.e2e.test_image_network import horde
+
+    prompt = "class Queue:"
+    ask = {"prompt": prompt, "params": {"max_length": 16, "temperature": 0}, "models": [MODEL]}
+    status, created = horde(swarm.url, "POST", "/generate/text/async", swarm.alice, ask)
+    assert status == 202, created
+    deadline = time.monotonic() + 120
+    while True:
+        status, done = horde(swarm.url, "GET", f"/generate/text/status/{created['id']}", "")
+        assert status == 200, done  # polled by id alone, never a 4xx while it lives
+        if done["done"]:
+            break
+        assert time.monotonic() < deadline, done
+        time.sleep(0.2)
+    (generation,) = done["generations"]
+    assert generation["text"] == local_greedy(tiny_models, prompt_ids(tiny_models, prompt), 16)
+    assert generation["model"] == MODEL and generation["worker_name"] == "gateway"
+
+
 def test_openai_client_plain_and_streaming(swarm: Swarm, tiny_models: Path) -> None:
     from openai import OpenAI
 

@@ -1,0 +1,653 @@
+"""AI Horde's v2 API for requesters (/api/v2): a second door to the same rooms.
+
+AI Horde's clients (ArtBot, the Krita and GIMP plugins, SillyTavern, KoboldAI Lite,
+horde_sdk) work unchanged against `http://HOST:PORT/api/`. Every request becomes one of our
+own jobs through the same functions /api/v1 uses (coordinator.http.jobs.queue_image,
+coordinator.http.text.submit); kudos, priority, trust and limits are ours. The wire
+format is in protocol.horde; AI Horde's workers are served by coordinator.http.horde_workers.
+
+Quirks kept for their clients: the `apikey` header (`0000000000` = anonymous), errors
+shaped `{"message", "rc"}` (coordinator.http.api), floats for kudos, an image's seed as a
+string, `done: true` for faulted jobs too, and no 4xx while polling a live job: a job made
+here is visible to whoever holds its id, as on AI Horde.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from coordinator.economy import kudos
+from coordinator.errors import BadRequest, NotFound
+from coordinator.http.api import API, Call
+from coordinator.http.jobs import owned_job, queue_image
+from coordinator.http.state import FILES, SIGNALS, STORE
+from coordinator.http.text import choose_model, visible_text_job
+from coordinator.http.text import submit as submit_text
+from coordinator.jobs import text as text_jobs
+from coordinator.jobs.foreign_images import webp_base64
+from coordinator.jobs.network import ONLINE_SECONDS, network_status, worker_records
+from coordinator.jobs.text import TextJob
+from coordinator.store import Account, Job, Store
+from protocol.cost import image_cost
+from protocol.errors import ValidationFailed
+from protocol.horde import (
+    ActiveModel,
+    DryRun,
+    Heartbeat,
+    ImageGeneration,
+    ImageRequestV2,
+    KudosDetails,
+    RequestAsync,
+    RequestStatusCheck,
+    RequestStatusImage,
+    RequestStatusText,
+    TextGeneration,
+    TextRequestV2,
+    UserDetails,
+    UserRecords,
+    WorkerDetails,
+    WorkerKudos,
+)
+from protocol.params import MAX_SEED, ImageParams
+from protocol.samplers import SAMPLERS
+from protocol.text import TextModel, TextParams
+from protocol.validation import parse
+from protocol.version import VERSION
+
+__all__ = ["HORDE_SAMPLERS", "horde_sampler", "split_prompt"]
+
+# AI Horde's sampler names -> ours (plain, with karras); None: no Karras variant
+HORDE_SAMPLERS: dict[str, tuple[str, str | None]] = {
+    "k_euler": ("Euler", None),
+    "k_euler_a": ("Euler a", None),
+    "k_heun": ("Heun", None),
+    "k_dpm_2": ("DPM2", None),
+    "k_dpm_2_a": ("DPM2 a", None),
+    "k_lms": ("LMS", "LMS Karras"),
+    "k_dpmpp_2m": ("DPM++ 2M", "DPM++ 2M Karras"),
+    "k_dpmpp_sde": ("DPM++ SDE", "DPM++ SDE Karras"),
+    "k_dpmpp_2m_sde": ("DPM++ 2M SDE", "DPM++ 2M SDE Karras"),
+    "DDIM": ("DDIM", None),
+}
+# where our validation names a field, AI Horde's request names it
+_V2_FIELDS = {
+    "prompt": "prompt",
+    "negative_prompt": "prompt",
+    "width": "params.width",
+    "height": "params.height",
+    "steps": "params.steps",
+    "cfg_scale": "params.cfg_scale",
+    "sampler": "params.sampler_name",
+    "seed": "params.seed",
+    "n": "params.n",
+    "model": "models",
+    "max_tokens": "params.max_length",
+    "temperature": "params.temperature",
+    "top_p": "params.top_p",
+    "top_k": "params.top_k",
+    "repetition_penalty": "params.rep_pen",
+    "stop": "params.stop_sequence",
+}
+
+
+def horde_sampler(ours: str) -> tuple[str, bool] | None:
+    """Our sampler as AI Horde's (name, karras); None when AI Horde has no such sampler."""
+    for name, (plain, karras) in HORDE_SAMPLERS.items():
+        if ours == plain:
+            return name, False
+        if ours == karras:
+            return name, True
+    return None
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """AI Horde's 'positive ### negative' prompt as (prompt, negative prompt)."""
+    positive, _, negative = prompt.partition("###")
+    return positive.strip(), negative.strip()
+
+
+def _v2_parse(model: type[Any], data: dict[str, Any]) -> Any:
+    """Our own parameters from an AI Horde request; errors name AI Horde's fields."""
+    try:
+        return parse(model, data)
+    except ValidationFailed as exc:
+        problems = [(_V2_FIELDS.get(field.split(".")[0], field), m) for field, m in exc.problems]
+        raise BadRequest("; ".join(f"{f}: {m}" for f, m in problems), problems) from None
+
+
+def _seed(text: str | None) -> int | None:
+    """AI Horde takes any text as a seed: numbers as they are, other text hashed."""
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    if text.isdigit() and int(text) <= MAX_SEED:
+        return int(text)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+
+
+async def _image_model(request: web.Request, models: list[str]) -> str | None:
+    """One model for the job: the only one named, else the first an online worker offers."""
+    if len(models) <= 1:
+        return models[0] if models else None
+    offered = {
+        m.name
+        for m in (await network_status(request.app[STORE], online_only=True)).models
+        if m.kind == "image" and m.workers
+    }
+    return next((m for m in models if m in offered), models[0])
+
+
+async def image_params(request: web.Request, body: ImageRequestV2) -> ImageParams:
+    p = body.params
+    sampler = HORDE_SAMPLERS.get(p.sampler_name)
+    if sampler is None:
+        known = ", ".join(HORDE_SAMPLERS)
+        raise BadRequest(
+            f"sampler {p.sampler_name!r} is not served here; choose one of {known}",
+            [("params.sampler_name", f"must be one of {known}")],
+        ).horde("UnsupportedSampler")
+    prompt, negative = split_prompt(body.prompt)
+    params: ImageParams = _v2_parse(
+        ImageParams,
+        {
+            "prompt": prompt,
+            "negative_prompt": negative,
+            "width": p.width,
+            "height": p.height,
+            "steps": p.steps,
+            "cfg_scale": p.cfg_scale,
+            "sampler": sampler[1] if p.karras and sampler[1] else sampler[0],
+            "seed": _seed(p.seed),
+            "n": p.n,
+            "model": await _image_model(request, body.models),
+        },
+    )
+    assert params.sampler in SAMPLERS
+    return params
+
+
+@API.route(
+    "POST",
+    "/api/v2/generate/async",
+    summary="AI Horde: queue an image request ('prompt ### negative', params with k_* "
+    "samplers, models, r2); `trusted_workers` keeps it from AI Horde workers",
+    body=ImageRequestV2,
+    response=RequestAsync,
+    auth="optional",
+    status=202,
+    errors=(403,),
+    limit="submit",
+)
+async def image_async(request: web.Request, call: Call) -> RequestAsync | web.Response:
+    body: ImageRequestV2 = call.body
+    params = await image_params(request, body)
+    if body.dry_run:
+        return web.json_response(DryRun(kudos=float(image_cost(params))).model_dump())
+    job = await queue_image(
+        request,
+        call.account,
+        params,
+        signed_only=body.trusted_workers,
+        horde={"r2": body.r2, "client_agent": request.headers.get("Client-Agent", "")[:200]},
+    )
+    if body.shared and call.account is not None:
+        await request.app[STORE].set_shared(job.id, True)
+    return RequestAsync(id=job.id, kudos=float(job.cost))
+
+
+def _job_id(request: web.Request) -> str:
+    return request.match_info["id"].lower()
+
+
+async def _image_job(request: web.Request, account: Account | None) -> Job:
+    """A job made through /api/v2 is visible to whoever holds its id (AI Horde's rule);
+    any other only as /api/v1 allows."""
+    store = request.app[STORE]
+    job = await store.get_job(_job_id(request))
+    if job is not None and job.horde is not None and job.verify_of is None:
+        return job
+    try:
+        return await owned_job(store, _job_id(request), account)
+    except NotFound:
+        raise NotFound(f"Waiting Prompt with ID '{request.match_info['id']}' not found.").horde(
+            "RequestNotFound"
+        ) from None
+
+
+async def _check(
+    store: Store, job_id: str, state: str, n: int, cost: int, attempts: int
+) -> dict[str, Any]:
+    done = state in ("done", "failed", "cancelled")
+    position, eta = (None, None) if done else await store.queue_info(job_id)
+    return {
+        "finished": n if state == "done" else 0,
+        "processing": n if state == "leased" else 0,
+        "restarted": max(attempts - 1, 0),
+        "waiting": n if state == "queued" else 0,
+        "done": done,
+        "faulted": state == "failed",
+        "wait_time": 0 if eta is None else int(eta),
+        "queue_position": position or 0,
+        "kudos": float(cost),
+        "is_possible": True,
+    }
+
+
+@API.route(
+    "GET",
+    "/api/v2/generate/check/{id}",
+    summary="AI Horde: an image request's progress (no images)",
+    response=RequestStatusCheck,
+    auth="optional",
+    errors=(404,),
+)
+async def image_check(request: web.Request, call: Call) -> RequestStatusCheck:
+    job = await _image_job(request, call.account)
+    store = request.app[STORE]
+    n = job.params.n
+    return RequestStatusCheck(**await _check(store, job.id, job.state, n, job.cost, job.attempts))
+
+
+async def _worker_names(store: Store, worker_id: str | None) -> tuple[str, str, tuple[str, ...]]:
+    worker = await store.worker_by_id(worker_id) if worker_id else None
+    if worker is None:
+        return "", "", ()
+    return worker.id, worker.name, worker.models
+
+
+async def image_status(request: web.Request, job: Job) -> RequestStatusImage:
+    store, files = request.app[STORE], request.app[FILES]
+    generations = []
+    if job.state == "done":
+        worker_id, worker_name, models = await _worker_names(store, job.worker_id)
+        model = job.params.model or (models[0] if models else "default")
+        inline = job.horde is not None and job.horde.get("r2") is False
+        for record in await store.results(job.id):
+            if inline:
+                img = await asyncio.to_thread(
+                    webp_base64, files.path(record.sha256), job.params.width, job.params.height
+                )
+            else:
+                img = str(
+                    request.url.with_path(
+                        f"/api/v2/generate/image/{job.id}/{record.index}/{record.sha256}.png"
+                    ).with_query(None)
+                )
+            generations.append(
+                ImageGeneration(
+                    img=img,
+                    seed=str(record.seed),
+                    id=str(uuid.UUID(record.sha256[:32])),
+                    worker_id=worker_id,
+                    worker_name=worker_name,
+                    model=model,
+                )
+            )
+    check = await _check(store, job.id, job.state, job.params.n, job.cost, job.attempts)
+    return RequestStatusImage(**check, generations=generations, shared=job.shared)
+
+
+@API.route(
+    "GET",
+    "/api/v2/generate/status/{id}",
+    summary="AI Horde: an image request's progress and its images (URLs, or base64 WebP "
+    "when it was made with r2 false)",
+    response=RequestStatusImage,
+    auth="optional",
+    errors=(404,),
+)
+async def image_status_route(request: web.Request, call: Call) -> RequestStatusImage:
+    return await image_status(request, await _image_job(request, call.account))
+
+
+@API.route(
+    "DELETE",
+    "/api/v2/generate/status/{id}",
+    summary="AI Horde: cancel an image request (its kudos come back); its status as it was",
+    response=RequestStatusImage,
+    auth="optional",
+    errors=(404,),
+    limit="cancel",
+)
+async def image_cancel(request: web.Request, call: Call) -> RequestStatusImage:
+    store = request.app[STORE]
+    job = await _image_job(request, call.account)
+    if not job.finished:
+        await store.cancel_job(job.id)
+        request.app[SIGNALS].job_changed(job.id)
+        found = await store.get_job(job.id)
+        assert found is not None
+        job = found
+    return await image_status(request, job)
+
+
+@API.route(
+    "GET",
+    "/api/v2/generate/image/{id}/{index}/{digest}",
+    summary="AI Horde: a finished image by the URL its status gave (the URL is the "
+    "capability, like AI Horde's download links)",
+    produces="image/png",
+    errors=(404,),
+)
+async def image_file(request: web.Request, call: Call) -> web.Response:
+    store = request.app[STORE]
+    digest = request.match_info["digest"].removesuffix(".png")
+    for record in await store.results(_job_id(request)):
+        if str(record.index) == request.match_info["index"] and record.sha256 == digest:
+            return web.Response(
+                body=request.app[FILES].get(record.sha256),
+                content_type="image/png",
+                headers={
+                    "Cache-Control": "private, max-age=31536000",
+                    "X-Content-Type-Options": "nosniff",
+                    "Content-Security-Policy": "default-src 'none'; sandbox",
+                },
+            )
+    raise NotFound("no such image").horde("RequestNotFound")
+
+
+# --- text -------------------------------------------------------------------------------
+
+
+def text_params(body: TextRequestV2) -> TextParams:
+    p = body.params
+    if p.n != 1:
+        raise BadRequest(
+            "params.n: one generation per request here; send several requests",
+            [("params.n", "must be 1")],
+        )
+    values: dict[str, Any] = {
+        "prompt": body.prompt,
+        "max_tokens": p.max_length,
+        "model": body.models[0] if body.models else None,
+    }
+    for ours, theirs in (
+        ("temperature", p.temperature),
+        ("top_p", p.top_p),
+        ("top_k", p.top_k),
+        ("repetition_penalty", p.rep_pen),
+        ("stop", p.stop_sequence),
+    ):
+        if theirs is not None:
+            values[ours] = theirs
+    params: TextParams = _v2_parse(TextParams, values)
+    return params
+
+
+@API.route(
+    "POST",
+    "/api/v2/generate/text/async",
+    summary="AI Horde: queue a text request (KoboldAI-style prompt and params) on the swarm",
+    body=TextRequestV2,
+    response=RequestAsync,
+    auth="optional",
+    status=202,
+    errors=(403,),
+    limit="submit",
+)
+async def text_async(request: web.Request, call: Call) -> RequestAsync | web.Response:
+    body: TextRequestV2 = call.body
+    params = text_params(body)
+    if body.dry_run:
+        cost = text_jobs.reserve_cost(params, await _text_model(request, params))
+        return web.json_response(DryRun(kudos=float(cost)).model_dump())
+    job = await submit_text(request, call.account, params)
+    return RequestAsync(id=job.id, kudos=float(job.cost))
+
+
+async def _text_model(request: web.Request, params: TextParams) -> TextModel:
+    return await choose_model(request, params.model, "models")
+
+
+async def _text_job(request: web.Request, account: Account | None, *, polling: bool) -> TextJob:
+    """The text job of the path: for `polling`, whoever holds its id (AI Horde's rule; the
+    ids are random UUIDs), else as /api/v1 allows."""
+    store = request.app[STORE]
+    if polling:
+        found = await text_jobs.get_text_job(store, _job_id(request))
+        if found is not None:
+            return found
+    try:
+        return await visible_text_job(store, _job_id(request), account)
+    except NotFound:
+        raise NotFound(f"Waiting Prompt with ID '{request.match_info['id']}' not found.").horde(
+            "RequestNotFound"
+        ) from None
+
+
+async def text_status(request: web.Request, job: TextJob) -> RequestStatusText:
+    store = request.app[STORE]
+    generations = []
+    if job.state == "done":
+        worker_id, worker_name, _ = await _worker_names(store, job.worker_id)
+        generations.append(
+            TextGeneration(
+                text=job.text,
+                seed=job.params.seed or 0,
+                worker_id=worker_id,
+                worker_name=worker_name,
+                model=job.model,
+            )
+        )
+    cost = job.charged if job.charged is not None else job.cost
+    check = await _check(store, job.id, job.state, 1, cost, job.attempts)
+    if not job.finished:
+        position, eta = await text_jobs.text_queue_position(store, job.id)
+        check.update(queue_position=position or 0, wait_time=0 if eta is None else int(eta))
+    return RequestStatusText(**check, generations=generations)
+
+
+@API.route(
+    "GET",
+    "/api/v2/generate/text/status/{id}",
+    summary="AI Horde: a text request's progress and, once done, its text",
+    response=RequestStatusText,
+    auth="optional",
+    errors=(404,),
+)
+async def text_status_route(request: web.Request, call: Call) -> RequestStatusText:
+    return await text_status(request, await _text_job(request, call.account, polling=True))
+
+
+@API.route(
+    "DELETE",
+    "/api/v2/generate/text/status/{id}",
+    summary="AI Horde: cancel a text request (the unused kudos come back)",
+    response=RequestStatusText,
+    auth="optional",
+    errors=(404,),
+    limit="cancel",
+)
+async def text_cancel(request: web.Request, call: Call) -> RequestStatusText:
+    store = request.app[STORE]
+    job = await _text_job(request, call.account, polling=False)
+    if not job.finished:
+        await store.cancel_job(job.id)
+        request.app[SIGNALS].job_changed(job.id)
+        job = await _text_job(request, call.account, polling=False)
+    return await text_status(request, job)
+
+
+# --- the network ------------------------------------------------------------------------
+
+
+@API.route(
+    "GET",
+    "/api/v2/status/heartbeat",
+    summary="AI Horde: is the coordinator up, and its version",
+    response=Heartbeat,
+)
+async def heartbeat(request: web.Request, call: Call) -> Heartbeat:
+    return Heartbeat(message="OK", version=VERSION)
+
+
+@API.route(
+    "GET",
+    "/api/v2/status/models",
+    summary="AI Horde: the models online workers offer (?type=image|text, default image), "
+    "with their worker counts and queues",
+    response=None,
+)
+async def status_models(request: web.Request, call: Call) -> web.Response:
+    kind = request.query.get("type") or "image"  # (horde_sdk sends `type=` for the default)
+    if kind not in ("image", "text"):
+        raise BadRequest(
+            f"type={kind!r}: choose image or text", [("type", "must be image or text")]
+        )
+    view = await network_status(request.app[STORE], online_only=True)
+    models = [
+        ActiveModel(
+            name=m.name,
+            count=m.workers,
+            performance=0.0,
+            queued=float(m.queued),
+            jobs=float(m.queued),
+            eta=int(m.eta_seconds or 0),
+            type=m.kind,
+        ).model_dump()
+        for m in view.models
+        if m.kind == kind
+    ]
+    return web.json_response(models)
+
+
+async def user_details(store: Store, account: Account, created_at: float) -> UserDetails:
+    info = await kudos.account_info(store, account)
+    owned = await store.account_workers(account.id)
+    return UserDetails(
+        username=f"{account.name}#{account.id}",
+        id=account.id,
+        kudos=float(info.kudos),
+        kudos_details=KudosDetails(
+            accumulated=float(info.earned),
+            gifted=float(info.transferred_out),
+            received=float(info.transferred_in),
+            awarded=float(info.granted),
+        ),
+        concurrency=30,
+        worker_count=len(owned),
+        worker_ids=[w.id for w in owned],
+        trusted=any(w.trusted for w in owned),
+        suspicious=sum(w.suspicion for w in owned),
+        account_age=max(int(time.time() - created_at), 0),
+        records=UserRecords(
+            fulfillment={"image": sum(w.jobs_done for w in owned if w.kind == "image")},
+            usage={"megapixelsteps": 0.0, "tokens": 0.0},
+        ),
+    )
+
+
+@API.route(
+    "GET",
+    "/api/v2/find_user",
+    summary="AI Horde: the account of the `apikey` header",
+    response=UserDetails,
+    auth="user",
+    errors=(404,),
+)
+async def find_user(request: web.Request, call: Call) -> UserDetails:
+    assert call.account is not None
+    store = request.app[STORE]
+    found = await store.account_by_id(call.account.id)
+    if found is None:
+        raise NotFound("User with this API key not found.").horde("UserNotFound")
+    return await user_details(store, *found)
+
+
+@API.route(
+    "GET",
+    "/api/v2/users/{user_id}",
+    summary="AI Horde: a user's public details (kudos, workers)",
+    response=UserDetails,
+    errors=(404,),
+)
+async def show_user(request: web.Request, call: Call) -> UserDetails:
+    raw = request.match_info["user_id"]
+    store = request.app[STORE]
+    found = await store.account_by_id(int(raw)) if raw.isdigit() and len(raw) < 12 else None
+    if found is None:
+        raise NotFound(f"User with ID '{raw}' not found.").horde("UserNotFound")
+    return await user_details(store, *found)
+
+
+def worker_details(row: Any, now: float, earned: int) -> WorkerDetails:
+    engine = json.loads(row.engine) if row.engine else {}
+    agent = (
+        f"idlegrid:{VERSION}:{engine.get('engine', 'unknown')}"
+        if row.protocol == "idlegrid"
+        else "AI Horde worker"
+    )
+    uptime = int(now - row.online_since) if row.online_since else 0
+    return WorkerDetails(
+        type="image" if row.kind == "image" else "text",
+        name=row.name,
+        id=row.id,
+        online=now - row.last_seen <= ONLINE_SECONDS,
+        requests_fulfilled=row.jobs_done,
+        kudos_rewards=float(earned),
+        kudos_details=WorkerKudos(generated=float(earned), uptime=0),
+        performance=f"{row.jobs_done} jobs done",
+        uptime=uptime,
+        maintenance_mode=bool(row.paused),
+        paused=bool(row.paused),
+        info=(
+            "serves transformer blocks of the swarm's LLM"
+            if row.kind == "blocks"
+            else "an AI Horde worker: unsigned results, pay held"
+            if row.protocol == "horde"
+            else "signs its results"
+        ),
+        trusted=bool(row.trusted),
+        suspicious=row.suspicion,
+        models=json.loads(row.models) if row.models else [],
+        bridge_agent=agent,
+    )
+
+
+@API.route(
+    "GET",
+    "/api/v2/workers",
+    summary="AI Horde: the online workers (?type=image|text, block servers count as text; "
+    "?name= one by name)",
+    response=None,
+)
+async def list_workers(request: web.Request, call: Call) -> web.Response:
+    kind = request.query.get("type") or None  # (horde_sdk sends `type=` for all)
+    if kind not in (None, "image", "text"):
+        raise BadRequest(
+            f"type={kind!r}: choose image or text", [("type", "must be image or text")]
+        )
+    name = (request.query.get("name") or "").lower()
+    at, rows = await worker_records(request.app[STORE])
+    found = [worker_details(row, at, earned) for row, earned in rows]
+    return web.json_response(
+        [
+            w.model_dump(exclude_none=True)
+            for w in found
+            if (kind is None or w.type == kind) and (not name or w.name.lower() == name)
+        ]
+    )
+
+
+@API.route(
+    "GET",
+    "/api/v2/workers/{worker_id}",
+    summary="AI Horde: one worker's details, online or not",
+    response=WorkerDetails,
+    errors=(404,),
+)
+async def show_worker(request: web.Request, call: Call) -> WorkerDetails:
+    worker_id = request.match_info["worker_id"].replace("-", "").lower()
+    at, rows = await worker_records(request.app[STORE], worker_id)
+    if not rows or rows[0][0].kind is None:
+        raise NotFound(f"Worker with ID '{request.match_info['worker_id']}' not found.").horde(
+            "WorkerNotFound"
+        )
+    return worker_details(rows[0][0], at, rows[0][1])

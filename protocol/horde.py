@@ -1,0 +1,301 @@
+"""AI Horde's v2 wire format, as far as idlegrid speaks it (/api/v2 of a coordinator).
+
+Written from AI Horde's published API models (Haidra-Org/AI-Horde, horde/apis/models) and
+what its clients require (Haidra-Org/horde-sdk): field names, types (kudos are floats, an
+image's seed is a string, a user id an integer) and defaults are theirs. Requests ignore
+fields we do not use, as AI Horde does; responses carry every field its clients require.
+The mapping onto idlegrid's own jobs is in coordinator.http.horde.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "ANONYMOUS_KEY",
+    "ActiveModel",
+    "DryRun",
+    "GenerationSubmitted",
+    "Heartbeat",
+    "HordeError",
+    "ImageGeneration",
+    "ImageParamsV2",
+    "ImageRequestV2",
+    "KudosDetails",
+    "PopPayload",
+    "PopRequestV2",
+    "PopResponseV2",
+    "RequestAsync",
+    "RequestStatusCheck",
+    "RequestStatusImage",
+    "RequestStatusText",
+    "SubmitRequestV2",
+    "TextGeneration",
+    "TextParamsV2",
+    "TextRequestV2",
+    "UserDetails",
+    "UserRecords",
+    "WorkerDetails",
+    "WorkerKudos",
+]
+
+# the key AI Horde's clients send when the user has none
+ANONYMOUS_KEY = "0000000000"
+
+
+class _In(BaseModel):
+    # AI Horde ignores what it does not know; so do we (clients send many options)
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HordeError(_Out):
+    message: str
+    rc: str
+    errors: dict[str, str] | None = None
+
+
+# --- images -----------------------------------------------------------------------------
+
+
+class ImageParamsV2(_In):
+    sampler_name: str = "k_euler_a"
+    cfg_scale: float = 7.5
+    seed: str | None = Field(default=None, description="any text; numbers are used as they are")
+    width: int = 512
+    height: int = 512
+    steps: int = 30
+    n: int = 1
+    karras: bool = False
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_text(cls, value: Any) -> Any:
+        # clients send numbers too
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class ImageRequestV2(_In):
+    prompt: str = Field(description="'positive ### negative'")
+    params: ImageParamsV2 = ImageParamsV2()
+    models: list[str] = []
+    r2: bool = Field(default=True, description="images as download URLs (else base64 WebP)")
+    trusted_workers: bool = Field(
+        default=False, description="only workers that sign their results (no AI Horde workers)"
+    )
+    shared: bool = False
+    dry_run: bool = False
+
+
+class RequestAsync(_Out):
+    id: str
+    kudos: float
+    message: str = ""
+    warnings: list[dict[str, str]] = []
+
+
+class DryRun(_Out):
+    kudos: float
+
+
+class RequestStatusCheck(_Out):
+    finished: int
+    processing: int
+    restarted: int
+    waiting: int
+    done: bool
+    faulted: bool
+    wait_time: int
+    queue_position: int
+    kudos: float
+    is_possible: bool
+
+
+class ImageGeneration(_Out):
+    img: str
+    seed: str
+    id: str
+    censored: bool = False
+    worker_id: str
+    worker_name: str
+    model: str
+    state: Literal["ok", "censored", "faulted"] = "ok"
+    gen_metadata: list[dict[str, str]] = []
+
+
+class RequestStatusImage(RequestStatusCheck):
+    generations: list[ImageGeneration]
+    shared: bool
+
+
+# --- text -------------------------------------------------------------------------------
+
+
+class TextParamsV2(_In):
+    n: int = 1
+    max_length: int = 80
+    max_context_length: int = 1024
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    rep_pen: float | None = None
+    stop_sequence: list[str] | None = None
+
+
+class TextRequestV2(_In):
+    prompt: str
+    params: TextParamsV2 = TextParamsV2()
+    models: list[str] = []
+    dry_run: bool = False
+
+
+class TextGeneration(_Out):
+    text: str
+    seed: int
+    worker_id: str
+    worker_name: str
+    model: str
+    state: Literal["ok", "censored", "faulted"] = "ok"
+    gen_metadata: list[dict[str, str]] = []
+
+
+class RequestStatusText(RequestStatusCheck):
+    generations: list[TextGeneration]
+
+
+# --- the network ------------------------------------------------------------------------
+
+
+class Heartbeat(_Out):
+    message: str
+    version: str
+
+
+class ActiveModel(_Out):
+    name: str
+    count: int
+    performance: float
+    queued: float
+    jobs: float
+    eta: int
+    type: Literal["image", "text"]
+
+
+class KudosDetails(_Out):
+    accumulated: float = 0.0
+    gifted: float = 0.0
+    donated: float = 0.0
+    admin: float = 0.0
+    received: float = 0.0
+    recurring: float = 0.0
+    awarded: float = 0.0
+
+
+class UserRecords(_Out):
+    usage: dict[str, float] = {}
+    contribution: dict[str, float] = {}
+    fulfillment: dict[str, int] = {}
+    request: dict[str, int] = {}
+
+
+class UserDetails(_Out):
+    username: str = Field(description="'name#id'")
+    id: int
+    kudos: float
+    kudos_details: KudosDetails
+    concurrency: int
+    worker_count: int
+    worker_ids: list[str]
+    trusted: bool
+    flagged: bool = False
+    pseudonymous: bool = False
+    suspicious: int = 0
+    account_age: int = Field(description="seconds")
+    records: UserRecords
+
+
+class WorkerKudos(_Out):
+    generated: float
+    uptime: int
+
+
+class WorkerDetails(_Out):
+    type: Literal["image", "text"]
+    name: str
+    id: str
+    online: bool
+    requests_fulfilled: int
+    kudos_rewards: float
+    kudos_details: WorkerKudos
+    performance: str
+    threads: int = 1
+    uptime: int
+    maintenance_mode: bool
+    paused: bool
+    info: str
+    nsfw: bool = False
+    trusted: bool
+    flagged: bool = False
+    suspicious: int
+    uncompleted_jobs: int = 0
+    models: list[str]
+    bridge_agent: str
+    max_pixels: int | None = None
+    megapixelsteps_generated: int = 0
+    tokens_generated: int = 0
+
+
+# --- AI Horde's image workers -----------------------------------------------------------
+
+
+class PopRequestV2(_In):
+    name: str = Field(min_length=1, max_length=64, description="the worker's name")
+    models: list[str] = []
+    max_pixels: int = Field(default=512 * 512, ge=64 * 64)
+    amount: int = Field(default=1, ge=1, le=20)
+    bridge_agent: str = Field(default="unknown:0:unknown", max_length=1000)
+    threads: int = 1
+
+
+class PopPayload(_Out):
+    prompt: str
+    sampler_name: str
+    cfg_scale: float
+    seed: str
+    width: int
+    height: int
+    ddim_steps: int
+    n_iter: int = 1
+    karras: bool = False
+    hires_fix: bool = False
+    tiling: bool = False
+    clip_skip: int = 1
+    post_processing: list[str] = []
+    use_nsfw_censor: bool = False
+
+
+class PopResponseV2(_Out):
+    id: str | None
+    ids: list[str]
+    payload: dict[str, Any] = Field(description="a PopPayload; {} when there is no job")
+    model: str | None
+    skipped: dict[str, int]
+    r2_upload: str | None = None
+    r2_uploads: list[str] | None = None
+    ttl: int | None = Field(default=None, description="seconds before the job is given away")
+
+
+class SubmitRequestV2(_In):
+    id: str
+    generation: str = Field(default="", description="the image: base64 WebP or PNG")
+    seed: int = 0
+    state: Literal["ok", "censored", "faulted", "csam"] = "ok"
+
+
+class GenerationSubmitted(_Out):
+    reward: float

@@ -1,0 +1,1 @@
+"""The coordinator's web page driven in headless Chromium against real processes."""
