@@ -35,8 +35,11 @@ pytestmark = pytest.mark.slow
 
 PROMPT = "def read_file(path):"
 TOKENS = 16
-# jobs within which a checking gateway must have caught the liar (it checks every job)
-MAX_JOBS = 3
+# jobs within which a checking gateway must have caught the liar (it checks every job it
+# routes through the liar; routes follow measured round trips, and the liar answers pings
+# from this busy process, so many routes take the honest servers instead: 3 jobs missed it
+# in about one run of five here, i.e. some 6 routes in 10; 12 jobs miss it ~1 in 700)
+MAX_JOBS = 12
 POP = "/api/v1/text/pop"
 
 
@@ -144,7 +147,11 @@ async def test_wrong_hidden_states_are_caught_and_never_answered(
             # the liar is found wrong by both honest servers and left out of routes
             checks = [ServerCheck.model_validate(c) for c in stats["checks"]]
             wrong = [c for c in checks if c.verdict == "wrong"]
-            assert [(c.peer_id, c.start, c.end) for c in wrong] == [(liar.peer_id, 0, 4)]
+            assert [(c.peer_id, c.start, c.end) for c in wrong] == [(liar.peer_id, 0, 4)], (
+                json.dumps(stats["checks"]),
+                json.dumps(stats.get("banned")),
+                liar.peer_id,
+            )
             assert sorted(wrong[0].checkers) == sorted(s.peer_id for s in honest)
             assert liar.peer_id in stats["banned"]
             # no answer was built on its hidden states: all equal the honest model's

@@ -296,12 +296,15 @@ def roomy_network(tmp_path: Path, tiny_models: Path) -> Iterator[Network]:
         net.close()
 
 
-def test_512_image_is_uploaded_and_identical_to_plain_diffusers(
+def test_512_images_are_uploaded_paid_once_and_identical_to_plain_diffusers(
     roomy_network: Network, tiny_models: Path
 ) -> None:
+    """Two default-size images of one job through the CLI: both uploaded (each a PNG of a
+    few hundred KB), the first pixel-identical to plain diffusers, the worker paid once."""
     network = roomy_network
-    network.worker("painter")
-    network.register("alice")
+    owner = network.register("owner")
+    network.worker("painter", owner)
+    requester = network.register("alice")
     out = network.tmp / "out"
     done = network.cli(
         "generate",
@@ -312,41 +315,30 @@ def test_512_image_is_uploaded_and_identical_to_plain_diffusers(
         "1",
         "--size",
         "512x512",
+        "-n",
+        "2",
         "-o",
         str(out),
         "--json",
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["seeds"] == [77]
-    (path,) = report["paths"]
-    png = Image.open(path)
-    assert png.size == (512, 512)
-    assert "Seed: 77" in png.text["parameters"]
+    assert report["seeds"] == [77, 78]
+    pngs = [Image.open(path) for path in report["paths"]]
+    assert [png.size for png in pngs] == [(512, 512)] * 2
+    assert "Seed: 77" in pngs[0].text["parameters"] and "Seed: 78" in pngs[1].text["parameters"]
+    first, second = (np.asarray(png.convert("RGB")) for png in pngs)
+    assert not np.array_equal(first, second)
     params = ImageParams(prompt="a lighthouse", width=512, height=512, steps=1)
-    expected = _direct_diffusers(tiny_models / "sd", params, 77)
-    assert np.array_equal(np.asarray(png.convert("RGB")), expected)
-
-
-def test_two_512_images_are_uploaded_and_paid_once(roomy_network: Network) -> None:
-    network = roomy_network
-    owner = network.register("owner")
-    network.worker("painter", owner)
-    with Client(network.url, network.register("requester")) as grid:
-        created = grid.submit_image(
-            ImageParams(prompt="two boats", width=512, height=512, steps=1, n=2, seed=5)
-        )
-        final = grid.wait(created.id)
+    assert np.array_equal(first, _direct_diffusers(tiny_models / "sd", params, 77))
+    with Client(network.url, requester) as grid:
+        (job,) = [e for e in grid.history().entries if e.reason == "reserve"]
+        final = grid.job(job.job_id)
         assert final.state == "done" and final.attempts == 0
-        assert [image.seed for image in final.images] == [5, 6]
-        images = [grid.image(created.id, i) for i in range(2)]
-        assert images[0] != images[1]
-        for data in images:
-            assert Image.open(io.BytesIO(data)).size == (512, 512)
-        assert grid.me().kudos == 100 - created.kudos_cost
+        assert grid.me().kudos == 100 - final.kudos_cost
     with Client(network.url, owner) as paid:
         me = paid.me()
-        assert me.kudos + me.pending == 100 + created.kudos_cost
+        assert me.kudos + me.pending == 100 + final.kudos_cost
 
 
 def horde(url: str, method: str, path: str, key: str, body: Any = None) -> tuple[int, Any]:
