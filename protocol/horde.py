@@ -13,8 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from protocol.samplers import SAMPLERS
+
 __all__ = [
     "ANONYMOUS_KEY",
+    "HORDE_SAMPLERS",
+    "SAMPLERS_WITHOUT_HORDE_NAME",
     "ActiveModel",
     "DryRun",
     "GenerationSubmitted",
@@ -39,10 +43,46 @@ __all__ = [
     "UserRecords",
     "WorkerDetails",
     "WorkerKudos",
+    "horde_sampler",
+    "split_prompt",
 ]
 
 # the key AI Horde's clients send when the user has none
 ANONYMOUS_KEY = "0000000000"
+
+# AI Horde's sampler names -> ours (plain, with karras); None: no Karras variant
+HORDE_SAMPLERS: dict[str, tuple[str, str | None]] = {
+    "k_euler": ("Euler", None),
+    "k_euler_a": ("Euler a", None),
+    "k_heun": ("Heun", None),
+    "k_dpm_2": ("DPM2", None),
+    "k_dpm_2_a": ("DPM2 a", None),
+    "k_lms": ("LMS", "LMS Karras"),
+    "k_dpmpp_2m": ("DPM++ 2M", "DPM++ 2M Karras"),
+    "k_dpmpp_sde": ("DPM++ SDE", "DPM++ SDE Karras"),
+    "k_dpmpp_2m_sde": ("DPM++ 2M SDE", "DPM++ 2M SDE Karras"),
+    "DDIM": ("DDIM", None),
+}
+
+
+def horde_sampler(ours: str) -> tuple[str, bool] | None:
+    """Our sampler as AI Horde's (name, karras); None when AI Horde has no such sampler."""
+    for name, (plain, karras) in HORDE_SAMPLERS.items():
+        if ours == plain:
+            return name, False
+        if ours == karras:
+            return name, True
+    return None
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """AI Horde's 'positive ### negative' prompt as (prompt, negative prompt)."""
+    positive, _, negative = prompt.partition("###")
+    return positive.strip(), negative.strip()
+
+
+# ours that AI Horde cannot name: its workers are not offered jobs that use them
+SAMPLERS_WITHOUT_HORDE_NAME = tuple(s for s in SAMPLERS if horde_sampler(s) is None)
 
 
 class _In(BaseModel):

@@ -51,6 +51,7 @@ from protocol.samplers import sampler_factor
 
 __all__ = [
     "GRANT_REASONS",
+    "RELEASE_BATCH",
     "after_result",
     "checks_for",
     "dispute",
@@ -78,6 +79,8 @@ REFEREE_SEEN_SECONDS = 600.0
 # Entries with these reasons create or destroy kudos (they move system:grants); every
 # other entry only moves kudos between accounts.
 GRANT_REASONS = frozenset({"grant", "rating", "uptime", "verify", "forfeit"})
+# held pay of at most this many jobs is released per transaction
+RELEASE_BATCH = 100
 
 
 async def _system_id(conn: AsyncConnection, name: str) -> int:
@@ -360,16 +363,16 @@ async def _held_move(conn: AsyncConnection, job: Any, reason: str, to: int) -> i
     return int(job.cost)
 
 
-async def release_held(conn: AsyncConnection, now: float, limit: int = 100) -> int:
+async def release_held(conn: AsyncConnection, now: float) -> int:
     """Pay AI Horde workers what they earned on jobs whose hold ended undisputed; the
-    number of jobs released (at most `limit`; call again while it returns `limit`)."""
+    number of jobs released (at most RELEASE_BATCH; call again while it returns that)."""
     due = (
         await conn.execute(
             select(jobs.c.id, jobs.c.cost, jobs.c.worker_id, workers.c.account_id)
             .join(workers, workers.c.id == jobs.c.worker_id)
             .where(jobs.c.held_until.is_not(None) & (jobs.c.held_until <= now))
             .order_by(jobs.c.held_until)
-            .limit(limit)
+            .limit(RELEASE_BATCH)
             .with_for_update(of=jobs, skip_locked=True)
         )
     ).all()

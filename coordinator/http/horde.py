@@ -38,6 +38,7 @@ from coordinator.store import Account, Job, Store
 from protocol.cost import image_cost
 from protocol.errors import ValidationFailed
 from protocol.horde import (
+    HORDE_SAMPLERS,
     ActiveModel,
     DryRun,
     Heartbeat,
@@ -54,28 +55,15 @@ from protocol.horde import (
     UserRecords,
     WorkerDetails,
     WorkerKudos,
+    split_prompt,
 )
 from protocol.params import MAX_SEED, ImageParams
-from protocol.samplers import SAMPLERS
-from protocol.text import TextModel, TextParams
+from protocol.text import TextParams
 from protocol.validation import parse
 from protocol.version import VERSION
 
-__all__ = ["HORDE_SAMPLERS", "horde_sampler", "split_prompt"]
+__all__ = ["image_params", "text_params"]
 
-# AI Horde's sampler names -> ours (plain, with karras); None: no Karras variant
-HORDE_SAMPLERS: dict[str, tuple[str, str | None]] = {
-    "k_euler": ("Euler", None),
-    "k_euler_a": ("Euler a", None),
-    "k_heun": ("Heun", None),
-    "k_dpm_2": ("DPM2", None),
-    "k_dpm_2_a": ("DPM2 a", None),
-    "k_lms": ("LMS", "LMS Karras"),
-    "k_dpmpp_2m": ("DPM++ 2M", "DPM++ 2M Karras"),
-    "k_dpmpp_sde": ("DPM++ SDE", "DPM++ SDE Karras"),
-    "k_dpmpp_2m_sde": ("DPM++ 2M SDE", "DPM++ 2M SDE Karras"),
-    "DDIM": ("DDIM", None),
-}
 # where our validation names a field, AI Horde's request names it
 _V2_FIELDS = {
     "prompt": "prompt",
@@ -95,22 +83,6 @@ _V2_FIELDS = {
     "repetition_penalty": "params.rep_pen",
     "stop": "params.stop_sequence",
 }
-
-
-def horde_sampler(ours: str) -> tuple[str, bool] | None:
-    """Our sampler as AI Horde's (name, karras); None when AI Horde has no such sampler."""
-    for name, (plain, karras) in HORDE_SAMPLERS.items():
-        if ours == plain:
-            return name, False
-        if ours == karras:
-            return name, True
-    return None
-
-
-def split_prompt(prompt: str) -> tuple[str, str]:
-    """AI Horde's 'positive ### negative' prompt as (prompt, negative prompt)."""
-    positive, _, negative = prompt.partition("###")
-    return positive.strip(), negative.strip()
 
 
 def _v2_parse(model: type[Any], data: dict[str, Any]) -> Any:
@@ -169,7 +141,6 @@ async def image_params(request: web.Request, body: ImageRequestV2) -> ImageParam
             "model": await _image_model(request, body.models),
         },
     )
-    assert params.sampler in SAMPLERS
     return params
 
 
@@ -396,14 +367,11 @@ async def text_async(request: web.Request, call: Call) -> RequestAsync | web.Res
     body: TextRequestV2 = call.body
     params = text_params(body)
     if body.dry_run:
-        cost = text_jobs.reserve_cost(params, await _text_model(request, params))
+        model = await choose_model(request, params.model, "models")
+        cost = text_jobs.reserve_cost(params, model)
         return web.json_response(DryRun(kudos=float(cost)).model_dump())
     job = await submit_text(request, call.account, params)
     return RequestAsync(id=job.id, kudos=float(job.cost))
-
-
-async def _text_model(request: web.Request, params: TextParams) -> TextModel:
-    return await choose_model(request, params.model, "models")
 
 
 async def _text_job(request: web.Request, account: Account | None, *, polling: bool) -> TextJob:

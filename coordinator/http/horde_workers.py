@@ -21,7 +21,6 @@ from aiohttp import web
 from coordinator.errors import BadRequest, Forbidden, NotFound, UnsandboxedWorker
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call
-from coordinator.http.horde import horde_sampler
 from coordinator.http.metrics import timed_pop
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.jobs.foreign_images import png_from_base64
@@ -32,6 +31,7 @@ from protocol.horde import (
     PopRequestV2,
     PopResponseV2,
     SubmitRequestV2,
+    horde_sampler,
 )
 from protocol.infotext import parameters_text
 from protocol.params import MAX_STEPS

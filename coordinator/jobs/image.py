@@ -18,6 +18,7 @@ from coordinator.economy.verification import Outcome
 from coordinator.errors import Conflict
 from coordinator.jobs.lifecycle import Lifecycle
 from coordinator.workers import Worker
+from protocol.horde import SAMPLERS_WITHOUT_HORDE_NAME
 from protocol.params import ImageParams
 from protocol.signing import params_hash
 
@@ -51,8 +52,6 @@ class Job:
     held_until: float | None = None
     # the options of an /api/v2 request (r2, ...); None for jobs from other doors
     horde: dict[str, Any] | None = None
-    finished_at: float | None = None
-    verdict: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -90,14 +89,7 @@ def _job(row: Row[Any]) -> Job:
         signed_only=bool(row.signed_only),
         held_until=row.held_until,
         horde=json.loads(row.horde) if row.horde else None,
-        finished_at=row.finished_at,
-        verdict=row.verdict,
     )
-
-
-# AI Horde's workers name only these samplers (coordinator.http.horde.samplers); they are
-# not offered jobs with any other
-_UNSIGNED_SAMPLERS = ("PLMS", "UniPC")
 
 
 class ImageJobs(Lifecycle):
@@ -157,7 +149,7 @@ class ImageJobs(Lifecycle):
             # One image per job, a sampler AI Horde knows, and not for requesters who want
             # signed results.
             fits = fits & (jobs.c.signed_only == 0) & (jobs.c.n == 1)
-            for name in _UNSIGNED_SAMPLERS:
+            for name in SAMPLERS_WITHOUT_HORDE_NAME:
                 fits = fits & ~jobs.c.params.contains(f'"sampler":"{name}"')
         row = await self.pop(worker, fits, take_checks=True)
         return None if row is None else _job(row)
@@ -259,7 +251,7 @@ class ImageJobs(Lifecycle):
             async with self.begin() as conn:
                 count = await trust.release_held(conn, now(conn))
             released += count
-            if count < 100:
+            if count < trust.RELEASE_BATCH:
                 return released
 
     async def dispute_job(self, job_id: str, why: str) -> int:

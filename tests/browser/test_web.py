@@ -33,7 +33,7 @@ from playwright.sync_api import (
 from client.sdk import Client
 from protocol.params import ImageParams
 from protocol.samplers import SAMPLERS
-from tests.e2e.test_image_network import horde
+from tests.e2e.test_image_network import horde, image_worker_args
 from tests.e2e.test_text_network import Swarm
 from tests.procs import Proc
 
@@ -60,24 +60,8 @@ class Grid(Swarm):
 
     def server(self, name: str, blocks: str, peer: str | None) -> tuple[Proc, str]:
         if not hasattr(self, "painter"):
-            self.painter = self.start(
-                "painter",
-                [
-                    "worker",
-                    "image",
-                    "--coordinator",
-                    self.url,
-                    "--model",
-                    str(self.models / "sd"),
-                    "--name",
-                    "painter",
-                    "--identity",
-                    str(self.tmp / "painter.key"),
-                    "--threads",
-                    "1",
-                    f"--api-key={self.donor}",
-                ],
-            )
+            args = image_worker_args(self.url, self.models, self.tmp, "painter")
+            self.painter = self.start("painter", [*args, f"--api-key={self.donor}"])
         return super().server(name, blocks, peer)
 
 

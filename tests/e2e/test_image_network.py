@@ -35,6 +35,24 @@ from tests.reference import plain_image, plain_pipeline
 pytestmark = pytest.mark.slow
 
 
+def image_worker_args(url: str, models: Path, tmp: Path, name: str) -> list[str]:
+    """`idlegrid worker image` on the tiny SD model, its identity file in `tmp`."""
+    return [
+        "worker",
+        "image",
+        "--coordinator",
+        url,
+        "--model",
+        str(models / "sd"),
+        "--name",
+        name,
+        "--identity",
+        str(tmp / f"{name}.key"),
+        "--threads",
+        "1",
+    ]
+
+
 class Network:
     def __init__(
         self, tmp: Path, models: Path, lease_timeout: float, require_sandbox: bool = False
@@ -71,20 +89,7 @@ class Network:
         raise AssertionError("the worker never reported its engine")
 
     def worker_args(self, name: str) -> list[str]:
-        return [
-            "worker",
-            "image",
-            "--coordinator",
-            self.url,
-            "--model",
-            str(self.models / "sd"),
-            "--name",
-            name,
-            "--identity",
-            str(self.tmp / f"{name}.key"),
-            "--threads",
-            "1",
-        ]
+        return image_worker_args(self.url, self.models, self.tmp, name)
 
     def worker(self, name: str, api_key: str | None = None) -> Proc:
         args = self.worker_args(name)
