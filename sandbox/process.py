@@ -78,6 +78,17 @@ def _confinement(engine: str, policy: SandboxPolicy, workdir: Path) -> tuple[tup
     return (*argv, "--seccomp", str(read_end)), read_end
 
 
+def _import_roots(engine: str, policy: SandboxPolicy) -> str:
+    """PYTHONPATH for the child: the directories this process imports the child's packages
+    from, so the child runs the same code as its parent (a source checkout on the parent's
+    PYTHONPATH, or the installed tree) and never whatever else the environment would find.
+    The parent's own PYTHONPATH is scrubbed (SandboxPolicy.env_allow); these are the bound
+    package directories' parents."""
+    own_package = engine.split(":", 1)[0].split(".", 1)[0]
+    dirs = package_dirs(dict.fromkeys(("sandbox", *policy.packages, own_package)))
+    return os.pathsep.join(dict.fromkeys(str(d.parent) for d in dirs if d.is_dir()))
+
+
 _warned_uncapped = False
 
 
@@ -151,6 +162,9 @@ class ChildProcess:
             if policy.processes is not None and os.geteuid() == 0:
                 cgroup = _root_process_cap(policy.processes)
         argv = (*policy.wrapper, *confined, sys.executable, "-m", "sandbox.child")
+        # (a PYTHONPATH the policy set itself, in extra_env, comes after ours)
+        roots = [_import_roots(engine, policy), env.get("PYTHONPATH", "")]
+        env = {**env, "PYTHONPATH": os.pathsep.join(r for r in roots if r)}
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,

@@ -240,11 +240,13 @@ async def test_environment_is_scrubbed(tmp_path: Path, monkeypatch: pytest.Monke
     assert env["TZ"] == "UTC"  # allowed, so passed through
     assert env["HF_HUB_OFFLINE"] == "1"
     allowed = set(policy.env_allow) | set(policy.extra_env)
-    ours = {"HOME", "TMPDIR", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}
+    ours = {"HOME", "TMPDIR", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PYTHONPATH"}
     # Python itself may add LC_CTYPE when it coerces the C locale; bubblewrap sets PWD
     # (the workdir) when it enters it.
     assert set(env) - allowed - ours <= {"LC_CTYPE", "PWD"}
     assert env.get("PWD", workdir) == workdir
+    # the child imports the code its parent imported (here: this checkout), then the policy's
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO_ROOT), str(REPO_ROOT)]
 
 
 async def test_cwd_is_a_private_workdir_removed_on_close(tmp_path: Path) -> None:
