@@ -6,7 +6,7 @@ the truth about balances; `balances` keeps their sums at hand (coordinator.db.le
 The tables here are the newest schema; the Alembic revisions in coordinator.db.migrations
 build it step by step. Change a table here, then add a revision
 (`python -m coordinator.db.migrations revision -m "..." --autogenerate`, and review it):
-tests/coordinator/test_migrations.py fails while the two disagree.
+tests/coordinator/db/test_migrations.py fails while the two disagree.
 """
 
 from __future__ import annotations

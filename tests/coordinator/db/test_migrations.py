@@ -1,5 +1,5 @@
 """Alembic migrations on SQLite and PostgreSQL: a fresh database, one left by the release
-before Alembic (tests/coordinator/data/released_v3.sql, written by that release's own code
+before Alembic (tests/coordinator/db/data/released_v3.sql, written by that release's own code
 with data/make_released_v3.py), repeated and concurrent start-ups, and drift between
 coordinator.db.schema and the revisions."""
 
@@ -25,7 +25,7 @@ from coordinator.db import migrations
 from coordinator.db.schema import metadata, migrate
 
 RELEASED_DUMP = Path(__file__).parent / "data" / "released_v3.sql"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 HEAD = ScriptDirectory.from_config(migrations.config()).get_current_head()
 NEW_INDEXES = {
     "jobs": {"ix_jobs_queue", "ix_jobs_checks", "ix_jobs_leases", "ix_jobs_finished"},

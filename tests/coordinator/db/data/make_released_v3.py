@@ -5,7 +5,7 @@ a copy of the release (reading the repository only):
 
     rm -rf /tmp/released && mkdir /tmp/released
     git archive <release commit> coordinator protocol | tar -x -C /tmp/released
-    PYTHONPATH=/tmp/released .venv/bin/python tests/coordinator/data/make_released_v3.py
+    PYTHONPATH=/tmp/released .venv/bin/python tests/coordinator/db/data/make_released_v3.py
 
 It opens a fresh SQLite file with the released Store (which runs the released
 `schema.migrate` to version 3), drives it through its public methods (accounts, a worker,

@@ -34,7 +34,7 @@ from worker.common.link import Capabilities
 from worker.image.config import ImageWorkerConfig
 from worker.image.worker import ImageWorker
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 SMALL: dict[str, Any] = {
     "prompt": "a red cube",
     "width": 64,
