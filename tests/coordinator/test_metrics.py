@@ -41,6 +41,39 @@ async def _get(http: aiohttp.ClientSession, url: str) -> int:
         return resp.status
 
 
+def _series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    return {labels: value for (sample, labels), value in samples.items() if sample == name}
+
+
+def _zeros(**values: tuple[str, ...]) -> dict[frozenset[tuple[str, str]], float]:
+    """Every combination of the label values, each 0."""
+    combos: list[dict[str, str]] = [{}]
+    for label, options in values.items():
+        combos = [{**combo, label: option} for combo in combos for option in options]
+    return {frozenset(combo.items()): 0.0 for combo in combos}
+
+
+KINDS = ("image", "text")
+
+
+async def test_an_empty_coordinator_exports_every_series_as_zero(live: LiveApp) -> None:
+    """Absent is not zero to Prometheus (a rate over a missing series is no data): every
+    gauge has each label value it can take from the first scrape on."""
+    samples = await _scrape(live.url)
+    states = ("queued", "leased", "done", "failed", "cancelled")
+    assert _series(samples, "idlegrid_queue_length") == _zeros(kind=KINDS)
+    assert _series(samples, "idlegrid_jobs") == _zeros(kind=KINDS, state=states)
+    holders = ("user", "worker", "anonymous", "pending")
+    assert _series(samples, "idlegrid_kudos_supply") == _zeros(holder=holders)
+    workers = ("image", "text", "blocks", "unknown")
+    assert _series(samples, "idlegrid_workers_online") == _zeros(
+        kind=workers, trusted=("false", "true")
+    )
+    assert _value(samples, "idlegrid_sse_streams_open") == 0
+    assert _series(samples, "idlegrid_lease_expiries_total") == _zeros(kind=KINDS)
+    assert _series(samples, "idlegrid_pop_duration_seconds_count") == _zeros(kind=KINDS)
+
+
 async def test_metrics_report_the_queue_requests_pops_kudos_and_workers(live: LiveApp) -> None:
     alice_key, bob_key = await register_accounts(live.url, "alice", "bob")
     async with AsyncClient(live.url, alice_key) as alice:
@@ -89,12 +122,17 @@ async def test_metrics_report_the_queue_requests_pops_kudos_and_workers(live: Li
     assert _value(samples, "idlegrid_workers_online", kind="image", trusted="false") == 1
     assert _value(samples, "idlegrid_workers_online", kind="blocks", trusted="false") == 1
     assert _value(samples, "idlegrid_workers_online", kind="unknown", trusted="false") == 1
-    assert _value(samples, "idlegrid_lease_expiries_total", kind="image") is None
+    assert _value(samples, "idlegrid_workers_online", kind="text", trusted="false") == 0
+    assert _value(samples, "idlegrid_workers_online", kind="image", trusted="true") == 0
+    assert _value(samples, "idlegrid_lease_expiries_total", kind="image") == 0
+    assert _value(samples, "idlegrid_lease_expiries_total", kind="text") == 0
+    assert _value(samples, "idlegrid_pop_duration_seconds_count", kind="text") == 0
 
     async with AsyncClient(live.url, alice_key) as alice, AsyncClient(live.url, bob_key) as bob:
         held = (await alice.me()).kudos + (await bob.me()).kudos
     assert held < 200  # alice's three jobs are paid for (in escrow, not counted)
     assert _value(samples, "idlegrid_kudos_supply", holder="user") == held
+    assert _value(samples, "idlegrid_kudos_supply", holder="pending") == 0
     supply = sum(v for (name, _), v in samples.items() if name == "idlegrid_kudos_supply")
     assert supply == held
     # the scrape before (this one is counted once it is answered)
