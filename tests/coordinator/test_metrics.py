@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import aiohttp
@@ -11,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from protocol.params import ImageParams
+from tests.clock import MockClock, reaper_round
 from tests.conftest import LiveApp, start_app
 from tests.fakes import CAPS, FakeWorker, register_accounts
 
@@ -140,22 +140,21 @@ async def test_metrics_report_the_queue_requests_pops_kudos_and_workers(live: Li
     assert _value(samples, "idlegrid_http_requests_total", **metrics_route) == 1
 
 
-async def test_an_expired_lease_is_counted(coordinator_config: CoordinatorConfig) -> None:
-    config = dataclasses.replace(coordinator_config, lease_timeout=0.2, reap_interval=0.05)
-    runner, live = await start_app(config)
+async def test_an_expired_lease_is_counted(
+    coordinator_config: CoordinatorConfig, clock: MockClock
+) -> None:
+    config = dataclasses.replace(coordinator_config, lease_timeout=60.0, reap_interval=1.0)
+    runner, live = await start_app(config, clock)
     try:
         async with AsyncClient(live.url) as anonymous:
             await anonymous.submit_image(PARAMS)
         async with FakeWorker(live.url) as worker:
             assert await worker.link.pop(CAPS, wait=0) is not None
-        async with asyncio.timeout(10):
-            while True:
-                samples = await _scrape(live.url)
-                if _value(samples, "idlegrid_lease_expiries_total", kind="image"):
-                    break
-                await asyncio.sleep(0.05)
-        # the database part of that scrape may predate the reap: it is read before the
-        # counters, and the reaper may have run in between
+        await reaper_round(clock, 59.0)  # not yet
+        samples = await _scrape(live.url)
+        assert _value(samples, "idlegrid_lease_expiries_total", kind="image") == 0
+        assert _value(samples, "idlegrid_jobs", kind="image", state="leased") == 1
+        await reaper_round(clock, 2.0)
         samples = await _scrape(live.url)
         assert _value(samples, "idlegrid_lease_expiries_total", kind="image") == 1
         assert _value(samples, "idlegrid_jobs", kind="image", state="queued") == 1

@@ -19,6 +19,7 @@ from coordinator.jobs.signals import Signals
 from coordinator.store import GRANTS, Account, Store, Worker
 from protocol.params import ImageParams
 from protocol.priority import Waiting, order
+from tests.clock import MockClock
 from tests.conftest import LiveApp, start_app
 
 SMALL = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 7}
@@ -134,28 +135,43 @@ async def test_positions_come_from_one_shared_snapshot(store: Store) -> None:
 
 
 async def test_a_pop_waiter_wakes_only_for_work_it_can_take() -> None:
-    signals = Signals()
-    sd = asyncio.create_task(signals.wait_for_work("image", ["sd"], 5.0))
-    text = asyncio.create_task(signals.wait_for_work("text", ["llm"], 5.0))
-    await asyncio.sleep(0)
-    signals.job_queued("image", "other-model")
-    signals.job_queued("text", "other-llm")
-    await asyncio.sleep(0.05)
-    assert not sd.done() and not text.done()
-    signals.job_queued("image", "sd")
-    assert await asyncio.wait_for(sd, 1.0) is True
-    assert not text.done()
-    signals.job_queued("text", None)  # no model: any text gateway may take it
-    assert await asyncio.wait_for(text, 1.0) is True
-    assert signals.waiting_workers == 0
+    clock = MockClock()
+    signals = Signals(clock)
+
+    async def waiters() -> tuple[asyncio.Task[bool], asyncio.Task[bool]]:
+        sd = asyncio.create_task(signals.wait_for_work("image", ["sd"], 5.0))
+        text = asyncio.create_task(signals.wait_for_work("text", ["llm"], 5.0))
+        await clock.wait_waiting(count=2)
+        return sd, text
+
+    async with asyncio.timeout(10):
+        sd, text = await waiters()
+        signals.job_queued("image", "other-model")
+        signals.job_queued("text", "other-llm")
+        clock.advance(5.0)
+        # a waiter woken by those would have returned True before its timeout ended
+        assert await sd is False and await text is False
+
+        sd, text = await waiters()
+        signals.job_queued("image", "sd")
+        assert await sd is True
+        assert not text.done()
+        signals.job_queued("text", None)  # no model: any text gateway may take it
+        assert await text is True
+    assert signals.waiting_workers == 0 and clock.waiting() == 0
 
 
 async def test_a_watch_sees_a_change_made_between_two_waits() -> None:
-    signals = Signals()
+    clock = MockClock()
+    signals = Signals(clock)
     with signals.watch("job-1") as watch:
         signals.job_changed("job-1")  # while the watcher was busy elsewhere
-        assert await watch.wait(0.01) is True
-        assert await watch.wait(0.01) is False
+        assert await watch.wait(1.0) is True
+        waiting = asyncio.create_task(watch.wait(1.0))
+        async with asyncio.timeout(10):
+            await clock.wait_waiting()
+            clock.advance(1.0)
+            assert await waiting is False
         assert signals.watched_jobs == 1
     assert signals.watched_jobs == 0
 
@@ -206,5 +222,5 @@ async def _streams_capped(app: LiveApp) -> None:
             assert '"state":"cancelled"' in body
         for response in (first, second, third, fourth, fifth):
             response.release()
-    await asyncio.sleep(0.1)
+    # a stream stops watching its job before it ends the response the client read to its end
     assert app.app[SIGNALS].watched_jobs == 0
