@@ -5,22 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import random
 
 import aiohttp
 import pytest
 from sqlalchemy import select
 
+from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from coordinator.db.ledger import post_entry
 from coordinator.db.schema import balances, jobs
-from coordinator.http.state import SIGNALS
+from coordinator.http.state import CONFIG, SIGNALS
+from coordinator.http.streams import KEEPALIVE_SECONDS
 from coordinator.jobs.signals import Signals
 from coordinator.store import GRANTS, Account, Store, Worker
 from protocol.params import ImageParams
 from protocol.priority import Waiting, order
 from tests.clock import MockClock
 from tests.conftest import LiveApp, start_app
+from tests.fakes import CAPS, FakeWorker
 
 SMALL = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 7}
 
@@ -224,3 +228,51 @@ async def _streams_capped(app: LiveApp) -> None:
             response.release()
     # a stream stops watching its job before it ends the response the client read to its end
     assert app.app[SIGNALS].watched_jobs == 0
+
+
+async def test_a_quiet_stream_refreshes_and_keeps_alive_on_the_app_clock(
+    clocked: LiveApp, clock: MockClock
+) -> None:
+    """A queued job's stream re-reads it every stream_refresh_seconds and, while nothing
+    changed, sends a keep-alive once KEEPALIVE_SECONDS pass: all on the app's clock."""
+    store = clocked.store
+    alice, key = await store.create_account("alice")
+    job = await store.create_image_job(alice, ImageParams(**SMALL), 1)
+    refresh = clocked.app[CONFIG].stream_refresh_seconds
+    rounds = math.ceil(KEEPALIVE_SECONDS / refresh) - 1  # refreshes before a keep-alive is due
+    headers = {"Authorization": f"Bearer {key}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{clocked.url}/api/v1/jobs/{job.id}/events", headers=headers) as stream,
+        asyncio.timeout(10),
+    ):
+        assert (await stream.content.readuntil(b"\n\n")).startswith(b"event: status\n")
+        # the reaper and the stream, each asleep on the clock
+        await clock.wait_waiting(count=2)
+        for _ in range(rounds):
+            clock.advance(refresh)
+            await clock.wait_waiting(count=2)
+        clock.advance(refresh)
+        await clock.wait_waiting(count=2)
+        await store.cancel_job(job.id)
+        clocked.app[SIGNALS].job_changed(job.id)
+        # nothing was written before: one keep-alive, then the end
+        rest = await stream.content.read()
+        assert rest.startswith(b": keepalive\n\nevent: status\n"), rest
+        assert rest.count(b"keepalive") == 1 and b'"state":"cancelled"' in rest, rest
+
+
+async def test_a_long_poll_ends_on_the_app_clock(clocked: LiveApp, clock: MockClock) -> None:
+    """A pop that waits 30 s for work gets nothing back once 30 s pass on the app's clock,
+    and a job queued meanwhile wakes it at once."""
+    async with FakeWorker(clocked.url) as worker, asyncio.timeout(10):
+        pop = asyncio.create_task(worker.link.pop(CAPS, wait=30))
+        await clock.wait_waiting(count=2)  # the reaper, and the pop waiting for work
+        clock.advance(30)
+        assert await pop is None
+        pop = asyncio.create_task(worker.link.pop(CAPS, wait=30))
+        await clock.wait_waiting(count=2)
+        async with AsyncClient(clocked.url) as anonymous:
+            job = await anonymous.submit_image(ImageParams(**SMALL))
+        leased = await pop
+        assert leased is not None and leased.id == job.id
