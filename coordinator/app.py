@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 import coordinator.http.web  # noqa: F401  (the web page; not `web`: aiohttp's is)
+from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.config import CoordinatorConfig
 
 # Importing the route modules registers their handlers on API.
@@ -31,7 +31,7 @@ from coordinator.http import (  # noqa: F401
 from coordinator.http.api import API, error_middleware
 from coordinator.http.metrics import METRICS, Metrics, metrics_middleware
 from coordinator.http.ratelimit import PostgresBuckets, RateLimiter
-from coordinator.http.state import CONFIG, FILES, LIMITER, SIGNALS, STORE, UPLOADS
+from coordinator.http.state import CLOCK, CONFIG, FILES, LIMITER, SIGNALS, STORE, UPLOADS
 from coordinator.http.streams import STREAMS, StreamCounts
 from coordinator.jobs.files import ResultFiles
 from coordinator.jobs.notify import NotifyBridge
@@ -39,21 +39,24 @@ from coordinator.jobs.signals import Signals
 from coordinator.jobs.uploads import Uploads
 from coordinator.store import Store
 
-__all__ = ["create_app"]
+__all__ = ["REAPER", "create_app"]
 
 log = logging.getLogger(__name__)
 
 
 # how often staged uploads of abandoned jobs are looked for
 PRUNE_INTERVAL = 3600.0
+# the name of the reaper's task (tests wait until it sleeps between rounds)
+REAPER = "lease-reaper"
 
 
 async def _reap_forever(app: web.Application) -> None:
     store, signals, interval = app[STORE], app[SIGNALS], app[CONFIG].reap_interval
-    pruned_at = 0.0
+    clock = app[CLOCK]
+    pruned_at: float | None = None
     while True:
-        if time.monotonic() - pruned_at > PRUNE_INTERVAL:
-            pruned_at = time.monotonic()
+        if pruned_at is None or clock.monotonic() - pruned_at > PRUNE_INTERVAL:
+            pruned_at = clock.monotonic()
             try:
                 await asyncio.to_thread(app[UPLOADS].prune, app[CONFIG].upload_max_age)
             except OSError:
@@ -73,7 +76,7 @@ async def _reap_forever(app: web.Application) -> None:
             log.info("lease of job %s expired; job requeued or failed", job_id)
             signals.job_changed(job_id)
             signals.job_queued(kind, model)
-        await asyncio.sleep(interval)
+        await clock.sleep(interval)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -82,16 +85,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[FILES] = ResultFiles(config.data_dir / "results")
     # beside results/ on the same file system: verified uploads are renamed into it
     app[UPLOADS] = Uploads(config.data_dir / "uploads")
-    app[STORE] = store = await Store.open(config)
-    app[SIGNALS] = signals = Signals()
+    app[STORE] = store = await Store.open(config, clock=app[CLOCK])
+    app[SIGNALS] = signals = Signals(app[CLOCK])
     bridge: NotifyBridge | None = None
     if store.dialect == "postgresql":
         # Every coordinator on this database (--processes N, or other hosts) shares the
         # rate-limit buckets and hears the others' job changes.
-        app[LIMITER] = RateLimiter(config.rate_limits, buckets=PostgresBuckets(store.engine))
+        app[LIMITER] = RateLimiter(
+            config.rate_limits, clock=app[CLOCK].monotonic, buckets=PostgresBuckets(store.engine)
+        )
         bridge = NotifyBridge(signals, config.resolved_database_url, config.notify_channel)
         await bridge.start()
-    reaper = asyncio.create_task(_reap_forever(app), name="lease-reaper")
+    reaper = asyncio.create_task(_reap_forever(app), name=REAPER)
     try:
         yield
     finally:
@@ -113,14 +118,16 @@ async def _wake_waiters(app: web.Application) -> None:
     app[SIGNALS].close()
 
 
-def create_app(config: CoordinatorConfig) -> web.Application:
+def create_app(config: CoordinatorConfig, clock: Clock = SYSTEM_CLOCK) -> web.Application:
+    """The application; `clock` is where it reads time and sleeps (coordinator.clock)."""
     # Bodies are read and size-checked by the route table (JSON) or streamed by their
     # handler (image uploads); this only caps aiohttp's own reads.
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware], client_max_size=config.max_body_bytes
     )
     app[CONFIG] = config
-    app[LIMITER] = RateLimiter(config.rate_limits)
+    app[CLOCK] = clock
+    app[LIMITER] = RateLimiter(config.rate_limits, clock=clock.monotonic)
     app[STREAMS] = streams = StreamCounts()
     app[METRICS] = Metrics(streams)
     app.cleanup_ctx.append(_lifecycle)

@@ -39,6 +39,7 @@ __all__ = [
     "InvitesCreated",
     "JobCancelled",
     "JobList",
+    "JobKind",
     "JobState",
     "JobStatus",
     "LeaseExtended",
@@ -61,6 +62,7 @@ __all__ = [
     "TransferCreate",
     "TransferDone",
     "WorkerInfo",
+    "WorkerKind",
     "WorkerRegister",
     "WorkerRegistered",
 ]
@@ -168,6 +170,9 @@ class TransferDone(_Response):
 # --- image jobs -----------------------------------------------------------------------
 
 JobState = Literal["queued", "leased", "done", "failed", "cancelled"]
+# what a job asks for, and what a worker serves (block servers serve a text model's layers)
+JobKind = Literal["image", "text"]
+WorkerKind = Literal["image", "text", "blocks"]
 
 
 class ImageJobCreated(_Response):
@@ -297,7 +302,7 @@ class DisputeRecorded(_Response):
 class NetworkWorker(_Response):
     id: str
     name: str
-    kind: Literal["image", "text", "blocks"]
+    kind: WorkerKind
     protocol: Literal["idlegrid", "horde"] = "idlegrid"
     trusted: bool
     online: bool = Field(description="polled within the last few minutes")
@@ -308,14 +313,14 @@ class NetworkWorker(_Response):
 
 class NetworkModel(_Response):
     name: str
-    kind: Literal["image", "text"]
+    kind: JobKind
     workers: int = Field(description="online workers offering it")
     queued: int = Field(description="jobs waiting for it")
     eta_seconds: float | None = None
 
 
 class NetworkQueue(_Response):
-    kind: Literal["image", "text"]
+    kind: JobKind
     queued: int
     running: int
 

@@ -11,9 +11,11 @@ import pytest
 from aiohttp import web
 
 from coordinator.app import create_app
+from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.config import CoordinatorConfig
 from coordinator.http.state import STORE
 from coordinator.store import Store
+from tests.clock import MockClock
 
 POSTGRES_URL = os.environ.get(
     "IDLEGRID_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -94,29 +96,50 @@ async def store(coordinator_config: CoordinatorConfig) -> AsyncIterator[Store]:
 
 
 class LiveApp:
-    def __init__(self, app: web.Application, url: str) -> None:
+    def __init__(self, app: web.Application, url: str, clock: Clock) -> None:
         self.app = app
         self.url = url
+        self.clock = clock
 
     @property
     def store(self) -> Store:
         return self.app[STORE]
 
 
-async def start_app(config: CoordinatorConfig) -> tuple[web.AppRunner, LiveApp]:
-    app = create_app(config)
+async def start_app(
+    config: CoordinatorConfig, clock: Clock = SYSTEM_CLOCK
+) -> tuple[web.AppRunner, LiveApp]:
+    app = create_app(config, clock)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    return runner, LiveApp(app, f"http://127.0.0.1:{port}")
+    return runner, LiveApp(app, f"http://127.0.0.1:{port}", clock)
 
 
 @pytest.fixture
 async def live(coordinator_config: CoordinatorConfig) -> AsyncIterator[LiveApp]:
     """An in-process coordinator on 127.0.0.1 with a free port."""
     runner, app = await start_app(coordinator_config)
+    try:
+        yield app
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+def clock() -> MockClock:
+    return MockClock()
+
+
+@pytest.fixture
+async def clocked(
+    coordinator_config: CoordinatorConfig, clock: MockClock
+) -> AsyncIterator[LiveApp]:
+    """`live` on `clock`: leases expire, holds end and the reaper runs when the test
+    advances it (tests.clock.reaper_round). Long-polls with nothing to pop wait for it too."""
+    runner, app = await start_app(coordinator_config, clock)
     try:
         yield app
     finally:

@@ -32,16 +32,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.db import migrations
 
-__all__ = ["metadata", "migrate"]
+__all__ = ["ACCOUNT_KINDS", "metadata", "migrate"]
 
 metadata = MetaData()
+
+# people with an API key, registered workers, the shared anonymous account, a worker's
+# earnings held until it passes a spot check (coordinator.economy.trust), and the ledger's
+# own accounts (grants, escrow, verification)
+ACCOUNT_KINDS = ("user", "worker", "anonymous", "pending", "system")
 
 accounts = Table(
     "accounts",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("name", String(64), nullable=False, unique=True),
-    # user | worker | anonymous | system
+    # one of ACCOUNT_KINDS
     Column("kind", String(16), nullable=False),
     Column("api_key_hash", String(64), unique=True),
     # lowest balance spending may reach

@@ -19,7 +19,9 @@ global one), so several apps in one process (the tests) count apart.
     idlegrid_http_requests_total{method,route,status}
 
 `route` is the route's template (/api/v1/jobs/{job_id}), or "unmatched" for a path no
-route has. The first four are read from the database at scrape time (three grouped
+route has. Every gauge and the two `kind` series have a sample for each label value they
+may take (0 when there is none), so an empty queue reads 0 rather than vanishing. The first
+four are read from the database at scrape time (three grouped
 queries), so every process reports the same; the others count in this process only: with
 `--processes N` a scrape reaches one of the N, and each keeps its own counters (scrape each
 process, or sum what you can reach, knowing the split). A scrape reads the database before
@@ -35,7 +37,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeVar, get_args
 
 from aiohttp import web
 from prometheus_client import (
@@ -50,20 +52,26 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from coordinator.db.schema import accounts, balances, jobs, workers
+from coordinator.db.schema import ACCOUNT_KINDS, accounts, balances, jobs, workers
 from coordinator.http.api import API, Call
 from coordinator.http.state import STORE
 from coordinator.http.streams import StreamCounts
 from coordinator.jobs.network import ONLINE_SECONDS
 from coordinator.store import Store
+from protocol.messages import JobKind, JobState, WorkerKind
 
 __all__ = ["METRICS", "Metrics", "metrics_middleware", "timed_pop"]
 
 T = TypeVar("T")
 
 
-KINDS = ("image", "text")
-STATES = ("queued", "leased", "done", "failed", "cancelled")
+# every label value a series may take: each gets a sample, 0 when there is nothing
+KINDS: tuple[str, ...] = get_args(JobKind)
+STATES: tuple[str, ...] = get_args(JobState)
+HOLDERS = tuple(kind for kind in ACCOUNT_KINDS if kind != "system")
+# "unknown": registered, but neither polled nor reported an engine
+WORKER_KINDS: tuple[str, ...] = (*get_args(WorkerKind), "unknown")
+TRUSTED = ("false", "true")
 # a worker that never polled (a block server links its peers but never pops) is known by the
 # engine it reported (worker.common.sandboxing.report_confinement); any other engine is an
 # image worker's
@@ -94,24 +102,25 @@ class _DatabaseCollector(Collector):
             "idlegrid_queue_length", "Queued jobs (spot checks included)", labels=["kind"]
         )
         by_state = GaugeMetricFamily("idlegrid_jobs", "Jobs by state", labels=["kind", "state"])
-        for (kind, state), count in sorted(snapshot.jobs.items()):
-            by_state.add_metric([kind, state], count)
-            if state == "queued":
-                queue.add_metric([kind], count)
+        for kind in KINDS:
+            queue.add_metric([kind], snapshot.jobs.get((kind, "queued"), 0))
+            for state in STATES:
+                by_state.add_metric([kind, state], snapshot.jobs.get((kind, state), 0))
         kudos = GaugeMetricFamily(
             "idlegrid_kudos_supply",
             "Kudos held by the accounts of each kind (system accounts left out)",
             labels=["holder"],
         )
-        for holder, amount in sorted(snapshot.kudos.items()):
-            kudos.add_metric([holder], amount)
+        for holder in HOLDERS:
+            kudos.add_metric([holder], snapshot.kudos.get(holder, 0))
         online = GaugeMetricFamily(
             "idlegrid_workers_online",
             f"Workers seen within {ONLINE_SECONDS:.0f} s, by what they run and trust",
             labels=["kind", "trusted"],
         )
-        for (kind, trusted), count in sorted(snapshot.workers.items()):
-            online.add_metric([kind, trusted], count)
+        for kind in WORKER_KINDS:
+            for trusted in TRUSTED:
+                online.add_metric([kind, trusted], snapshot.workers.get((kind, trusted), 0))
         yield from (queue, by_state, kudos, online)
 
 
@@ -152,6 +161,10 @@ class Metrics:
             ["method", "route", "status"],
             registry=registry,
         )
+        for kind in KINDS:
+            # a labelled counter or histogram has no series until its labels are first used
+            self.lease_expiries.labels(kind)
+            self.pop_seconds.labels(kind)
 
     async def refresh(self, store: Store) -> None:
         """Read the database's part of the next scrape."""
@@ -168,11 +181,9 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 async def _jobs(store: Store) -> dict[tuple[str, str], int]:
-    counts = {(kind, state): 0 for kind in KINDS for state in STATES}
     query = select(jobs.c.kind, jobs.c.state, func.count()).group_by(jobs.c.kind, jobs.c.state)
     rows = await store.read_rows(query, list)
-    counts.update({(str(kind), str(state)): int(count) for kind, state, count in rows})
-    return counts
+    return {(str(kind), str(state)): int(count) for kind, state, count in rows}
 
 
 async def _kudos(store: Store) -> dict[str, int]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import TypeVar
 
 from aiohttp import web
 
-from coordinator.http.state import CONFIG, SIGNALS
+from coordinator.http.state import CLOCK, CONFIG, SIGNALS
 
 __all__ = ["long_poll"]
 
@@ -27,12 +26,13 @@ async def long_poll(
     queued, and every `poll_fallback` seconds so that a change another coordinator made
     without a notification is still seen."""
     config, signals = request.app[CONFIG], request.app[SIGNALS]
-    deadline = time.monotonic() + min(wait, config.max_pop_wait)
+    clock = request.app[CLOCK]
+    deadline = clock.monotonic() + min(wait, config.max_pop_wait)
     while True:
         found = await attempt()
         if found is not None:
             return found
-        remaining = deadline - time.monotonic()
+        remaining = deadline - clock.monotonic()
         if remaining <= 0 or signals.closing:
             return None
         await signals.wait_for_work(kind, models, min(remaining, config.poll_fallback))

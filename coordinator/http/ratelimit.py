@@ -7,7 +7,7 @@ Where the buckets live is pluggable:
   the database (`--processes N`, or several hosts behind a load balancer) draws from the same
   buckets and a burst of N is N in total, not N per process. One `INSERT ... ON CONFLICT DO
   UPDATE` refills and takes in a single atomic statement; times are the database's clock,
-  the same for every process.
+  the same for every process (a test may pass a clock of its own).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from sqlalchemy import Float, case, cast, extract, func, select
+from sqlalchemy import ColumnElement, Float, case, cast, extract, func, literal, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -103,14 +103,20 @@ class MemoryBuckets:
 class PostgresBuckets:
     """Buckets in PostgreSQL's `rate_buckets` table, shared by every coordinator process."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, clock: Callable[[], float] | None = None) -> None:
         self._engine = engine
+        self._clock = clock
+
+    def _now(self) -> ColumnElement[float]:
+        if self._clock is not None:
+            return literal(self._clock(), Float)
+        return cast(extract("epoch", func.now()), Float)
 
     async def take(self, takes: Sequence[Take]) -> list[float]:
         waits = {t.key: _wait(t.burst, t.rate) for t in takes if t.burst < 1}
         asked = [t for t in takes if t.burst >= 1]
         if asked:
-            now = cast(extract("epoch", func.now()), Float)
+            now = self._now()
             # A new bucket is full: it starts at burst - 1 after this take. The proposed row
             # (EXCLUDED) thus carries the burst (tokens + 1) and the database's time.
             proposed = pg_insert(rate_buckets).values(
@@ -142,7 +148,7 @@ class PostgresBuckets:
                                 old.key,
                                 old.tokens,
                                 old.updated_at,
-                                cast(extract("epoch", func.now()), Float),
+                                self._now(),
                             ).where(old.key.in_([t.key for t in refused]))
                         )
                     ).all()
@@ -154,7 +160,7 @@ class PostgresBuckets:
         return [waits.get(t.key, 0.0) for t in takes]
 
     async def forget(self, older_than: float) -> None:
-        now = cast(extract("epoch", func.now()), Float)
+        now = self._now()
         async with self._engine.begin() as conn:
             await conn.execute(
                 rate_buckets.delete().where(rate_buckets.c.updated_at < now - older_than)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from coordinator.clock import Clock
 from coordinator.config import CoordinatorConfig
 from coordinator.http.ratelimit import RateLimiter
 from coordinator.jobs.files import ResultFiles
@@ -11,9 +12,10 @@ from coordinator.jobs.signals import Signals
 from coordinator.jobs.uploads import Uploads
 from coordinator.store import Store
 
-__all__ = ["CONFIG", "FILES", "LIMITER", "SIGNALS", "STORE", "UPLOADS"]
+__all__ = ["CLOCK", "CONFIG", "FILES", "LIMITER", "SIGNALS", "STORE", "UPLOADS"]
 
 CONFIG = web.AppKey("config", CoordinatorConfig)
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 STORE = web.AppKey("store", Store)
 FILES = web.AppKey("files", ResultFiles)
 SIGNALS = web.AppKey("signals", Signals)

@@ -11,7 +11,6 @@ made by another coordinator process is seen even without a notification).
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,10 +19,11 @@ from typing import TypeVar
 from aiohttp import web
 
 from coordinator.accounts import Account
+from coordinator.clock import Clock
 from coordinator.errors import RateLimited
 from coordinator.http.addresses import client_ip
 from coordinator.http.ratelimit import address_bucket
-from coordinator.http.state import CONFIG, SIGNALS
+from coordinator.http.state import CLOCK, CONFIG, SIGNALS
 
 __all__ = [
     "KEEPALIVE_SECONDS",
@@ -61,19 +61,20 @@ STREAMS = web.AppKey("streams", StreamCounts)
 class EventStream:
     """An open SSE response: `send` events, `keepalive` when quiet for a while."""
 
-    def __init__(self, response: web.StreamResponse) -> None:
+    def __init__(self, response: web.StreamResponse, clock: Clock) -> None:
         self.response = response
-        self._last = time.monotonic()
+        self._clock = clock
+        self._last = clock.monotonic()
 
     async def send(self, data: str, event: str | None = None) -> None:
         head = f"event: {event}\n" if event else ""
         await self.response.write(f"{head}data: {data}\n\n".encode())
-        self._last = time.monotonic()
+        self._last = self._clock.monotonic()
 
     async def keepalive(self) -> None:
-        if time.monotonic() - self._last >= KEEPALIVE_SECONDS:
+        if self._clock.monotonic() - self._last >= KEEPALIVE_SECONDS:
             await self.response.write(b": keepalive\n\n")
-            self._last = time.monotonic()
+            self._last = self._clock.monotonic()
 
 
 @asynccontextmanager
@@ -106,7 +107,7 @@ async def open_stream(
         )
         await response.prepare(request)
         try:
-            yield EventStream(response)
+            yield EventStream(response, request.app[CLOCK])
             await response.write_eof()
         except ConnectionResetError:
             log.debug("%s closed by the client", what)

@@ -2,9 +2,9 @@
 
 Only who must wake wakes: an event stream watches its own job, a long-polling worker waits
 for jobs of its kind (and models). Waiters always re-read the database after waking and wake
-at least every `poll_fallback` seconds. With several coordinator processes a `publisher`
-(coordinator.jobs.notify, PostgreSQL LISTEN/NOTIFY) carries each change to the others, which
-`deliver` it to their own waiters.
+at least every `poll_fallback` seconds (on the app's clock: coordinator.clock). With several
+coordinator processes a `publisher` (coordinator.jobs.notify, PostgreSQL LISTEN/NOTIFY)
+carries each change to the others, which `deliver` it to their own waiters.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
+
+from coordinator.clock import SYSTEM_CLOCK, Clock
 
 __all__ = ["JOB", "QUEUE", "Signals", "Watch"]
 
@@ -39,8 +41,9 @@ class Watch:
     """A watcher of one job (from `Signals.watch`). A change between two `wait` calls is
     never lost: `wait` returns at once when the job changed since the last one returned."""
 
-    def __init__(self, entry: _Entry) -> None:
+    def __init__(self, entry: _Entry, clock: Clock) -> None:
         self._entry = entry
+        self._clock = clock
         self._seen = entry.changes
 
     async def wait(self, seconds: float) -> bool:
@@ -48,7 +51,7 @@ class Watch:
         entry = self._entry
         if entry.changes == self._seen:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(seconds):
+                async with self._clock.timeout(seconds):
                     await entry.event.wait()
         changed = entry.changes != self._seen
         self._seen = entry.changes
@@ -69,7 +72,8 @@ class _Popper:
 
 
 class Signals:
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
         self._jobs: dict[str, _Entry] = {}
         self._poppers: set[_Popper] = set()
         # set when the coordinator shuts down: long-polls and streams end at once
@@ -87,7 +91,7 @@ class Signals:
             entry = self._jobs[job_id] = _Entry()
         entry.watchers += 1
         try:
-            yield Watch(entry)
+            yield Watch(entry, self._clock)
         finally:
             entry.watchers -= 1
             if entry.watchers == 0 and self._jobs.get(job_id) is entry:
@@ -101,7 +105,7 @@ class Signals:
         popper = _Popper(kind, None if models is None else frozenset(models))
         self._poppers.add(popper)
         try:
-            async with asyncio.timeout(seconds):
+            async with self._clock.timeout(seconds):
                 await popper.event.wait()
             return True
         except TimeoutError:

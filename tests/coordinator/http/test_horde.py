@@ -15,17 +15,15 @@ import base64
 import io
 import json
 import uuid
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import update
 
-from coordinator.config import CoordinatorConfig
-from coordinator.db.schema import jobs
+from coordinator.http.state import CONFIG
+from tests.clock import MockClock, reaper_round
 from tests.conftest import LiveApp
 from tests.fakes import CAPS, FakeWorker, png, register_accounts
 
@@ -146,14 +144,6 @@ def webp(colour: tuple[int, int, int], size: tuple[int, int] = (64, 64)) -> str:
     out = io.BytesIO()
     Image.new("RGB", size, colour).save(out, format="WEBP", lossless=True)
     return base64.b64encode(out.getvalue()).decode()
-
-
-@pytest.fixture
-def coordinator_config(tmp_path: Path, database_url: str) -> CoordinatorConfig:
-    # a short hold, released by the reaper within the test
-    return CoordinatorConfig(
-        data_dir=tmp_path / "data", database_url=database_url, port=0, horde_hold_seconds=600
-    )
 
 
 async def test_an_ai_horde_client_gets_images_from_our_worker(live: LiveApp) -> None:
@@ -277,7 +267,10 @@ async def test_errors_cancel_and_dry_run_speak_ai_horde(live: LiveApp) -> None:
     assert shaped(await anonymous.ok("GET", f"/v2/generate/check/{created['id']}"), CHECK)
 
 
-async def test_an_ai_horde_worker_serves_our_queue_with_its_pay_held(live: LiveApp) -> None:
+async def test_an_ai_horde_worker_serves_our_queue_with_its_pay_held(
+    clocked: LiveApp, clock: MockClock
+) -> None:
+    live = clocked
     alice_key, owner_key = await register_accounts(live.url, "alice", "bridge")
     alice, bridge = Horde(live.url, alice_key), Horde(live.url, owner_key)
     pop = {"name": "My Bridge", "models": ["tiny"], "max_pixels": 512 * 512, "amount": 1}
@@ -360,14 +353,10 @@ async def test_an_ai_horde_worker_serves_our_queue_with_its_pay_held(live: LiveA
         "POST", "/v2/generate/submit", {**submit, "id": again["id"], "generation": webp((4, 4, 4))}
     )
     assert await store.release_held() == 0  # held for horde_hold_seconds
-    async with store.begin() as conn:  # ... which pass
-        await conn.execute(
-            update(jobs).where(jobs.c.id == again["id"]).values(held_until=jobs.c.finished_at)
-        )
-    for _ in range(100):  # the lease reaper pays it within a second or so
-        if (await store.balances())["bridge"] != 100:
-            break
-        await asyncio.sleep(0.05)
+    hold = live.app[CONFIG].horde_hold_seconds
+    await reaper_round(clock, hold - 1)
+    assert (await store.balances())["bridge"] == 100
+    await reaper_round(clock, 2)  # the hold has ended: the reaper pays
     assert (await store.balances())["bridge"] == 100 + int(again["kudos"])
     assert await store.release_held() == 0  # once
     audit = await store.ledger_audit()

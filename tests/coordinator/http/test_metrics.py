@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import aiohttp
@@ -11,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from protocol.params import ImageParams
+from tests.clock import MockClock, reaper_round
 from tests.conftest import LiveApp, start_app
 from tests.fakes import CAPS, FakeWorker, register_accounts
 
@@ -39,6 +39,39 @@ async def _get(http: aiohttp.ClientSession, url: str) -> int:
     async with http.get(url) as resp:
         await resp.read()
         return resp.status
+
+
+def _series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    return {labels: value for (sample, labels), value in samples.items() if sample == name}
+
+
+def _zeros(**values: tuple[str, ...]) -> dict[frozenset[tuple[str, str]], float]:
+    """Every combination of the label values, each 0."""
+    combos: list[dict[str, str]] = [{}]
+    for label, options in values.items():
+        combos = [{**combo, label: option} for combo in combos for option in options]
+    return {frozenset(combo.items()): 0.0 for combo in combos}
+
+
+KINDS = ("image", "text")
+
+
+async def test_an_empty_coordinator_exports_every_series_as_zero(live: LiveApp) -> None:
+    """Absent is not zero to Prometheus (a rate over a missing series is no data): every
+    gauge has each label value it can take from the first scrape on."""
+    samples = await _scrape(live.url)
+    states = ("queued", "leased", "done", "failed", "cancelled")
+    assert _series(samples, "idlegrid_queue_length") == _zeros(kind=KINDS)
+    assert _series(samples, "idlegrid_jobs") == _zeros(kind=KINDS, state=states)
+    holders = ("user", "worker", "anonymous", "pending")
+    assert _series(samples, "idlegrid_kudos_supply") == _zeros(holder=holders)
+    workers = ("image", "text", "blocks", "unknown")
+    assert _series(samples, "idlegrid_workers_online") == _zeros(
+        kind=workers, trusted=("false", "true")
+    )
+    assert _value(samples, "idlegrid_sse_streams_open") == 0
+    assert _series(samples, "idlegrid_lease_expiries_total") == _zeros(kind=KINDS)
+    assert _series(samples, "idlegrid_pop_duration_seconds_count") == _zeros(kind=KINDS)
 
 
 async def test_metrics_report_the_queue_requests_pops_kudos_and_workers(live: LiveApp) -> None:
@@ -89,12 +122,17 @@ async def test_metrics_report_the_queue_requests_pops_kudos_and_workers(live: Li
     assert _value(samples, "idlegrid_workers_online", kind="image", trusted="false") == 1
     assert _value(samples, "idlegrid_workers_online", kind="blocks", trusted="false") == 1
     assert _value(samples, "idlegrid_workers_online", kind="unknown", trusted="false") == 1
-    assert _value(samples, "idlegrid_lease_expiries_total", kind="image") is None
+    assert _value(samples, "idlegrid_workers_online", kind="text", trusted="false") == 0
+    assert _value(samples, "idlegrid_workers_online", kind="image", trusted="true") == 0
+    assert _value(samples, "idlegrid_lease_expiries_total", kind="image") == 0
+    assert _value(samples, "idlegrid_lease_expiries_total", kind="text") == 0
+    assert _value(samples, "idlegrid_pop_duration_seconds_count", kind="text") == 0
 
     async with AsyncClient(live.url, alice_key) as alice, AsyncClient(live.url, bob_key) as bob:
         held = (await alice.me()).kudos + (await bob.me()).kudos
     assert held < 200  # alice's three jobs are paid for (in escrow, not counted)
     assert _value(samples, "idlegrid_kudos_supply", holder="user") == held
+    assert _value(samples, "idlegrid_kudos_supply", holder="pending") == 0
     supply = sum(v for (name, _), v in samples.items() if name == "idlegrid_kudos_supply")
     assert supply == held
     # the scrape before (this one is counted once it is answered)
@@ -102,22 +140,21 @@ async def test_metrics_report_the_queue_requests_pops_kudos_and_workers(live: Li
     assert _value(samples, "idlegrid_http_requests_total", **metrics_route) == 1
 
 
-async def test_an_expired_lease_is_counted(coordinator_config: CoordinatorConfig) -> None:
-    config = dataclasses.replace(coordinator_config, lease_timeout=0.2, reap_interval=0.05)
-    runner, live = await start_app(config)
+async def test_an_expired_lease_is_counted(
+    coordinator_config: CoordinatorConfig, clock: MockClock
+) -> None:
+    config = dataclasses.replace(coordinator_config, lease_timeout=60.0, reap_interval=1.0)
+    runner, live = await start_app(config, clock)
     try:
         async with AsyncClient(live.url) as anonymous:
             await anonymous.submit_image(PARAMS)
         async with FakeWorker(live.url) as worker:
             assert await worker.link.pop(CAPS, wait=0) is not None
-        async with asyncio.timeout(10):
-            while True:
-                samples = await _scrape(live.url)
-                if _value(samples, "idlegrid_lease_expiries_total", kind="image"):
-                    break
-                await asyncio.sleep(0.05)
-        # the database part of that scrape may predate the reap: it is read before the
-        # counters, and the reaper may have run in between
+        await reaper_round(clock, 59.0)  # not yet
+        samples = await _scrape(live.url)
+        assert _value(samples, "idlegrid_lease_expiries_total", kind="image") == 0
+        assert _value(samples, "idlegrid_jobs", kind="image", state="leased") == 1
+        await reaper_round(clock, 2.0)
         samples = await _scrape(live.url)
         assert _value(samples, "idlegrid_lease_expiries_total", kind="image") == 1
         assert _value(samples, "idlegrid_jobs", kind="image", state="queued") == 1

@@ -26,17 +26,21 @@ from coordinator.http.ratelimit import (
     address_bucket,
 )
 from coordinator.store import Store
+from tests.clock import MockClock
 from tests.conftest import POSTGRES_URL, _drop_postgres_database, _postgres_database
 
 
 async def test_memory_buckets_refill_at_their_rate() -> None:
-    clock = [100.0]
-    buckets = MemoryBuckets(lambda: clock[0])
+    clock = MockClock(100.0)
+    buckets = MemoryBuckets(clock)
     take = Take("a", rate=2.0, burst=3.0)
     assert await buckets.take([take, take, take]) == [0.0, 0.0, 0.0]
     (wait,) = await buckets.take([take])
     assert wait == pytest.approx(0.5)
-    clock[0] += 0.5
+    clock.advance(0.4)
+    (wait,) = await buckets.take([take])
+    assert wait == pytest.approx(0.1)
+    clock.advance(0.1)
     assert await buckets.take([take]) == [0.0]
 
 
@@ -90,13 +94,17 @@ async def test_postgres_buckets_refill_and_are_forgotten(
     postgres_engines: tuple[Store, Store],
 ) -> None:
     store, _ = postgres_engines
-    buckets = PostgresBuckets(store.engine)
+    clock = MockClock(1000.0)  # small times: exact enough for approx()
+    buckets = PostgresBuckets(store.engine, clock)
     take = Take("submit|key|account:7", rate=20.0, burst=2.0)
     assert await buckets.take([take]) == [0.0]
     assert await buckets.take([take]) == [0.0]
     (wait,) = await buckets.take([take])
-    assert 0 < wait <= 0.05
-    await asyncio.sleep(0.1)  # 2 tokens at 20/s
+    assert wait == pytest.approx(0.05)
+    clock.advance(0.03)
+    (wait,) = await buckets.take([take])
+    assert wait == pytest.approx(0.02)  # a refused take took nothing
+    clock.advance(0.07)  # 2 tokens at 20/s
     assert await buckets.take([take]) == [0.0]
     assert await buckets.take([take]) == [0.0]
     assert (await buckets.take([take]))[0] > 0
@@ -104,8 +112,12 @@ async def test_postgres_buckets_refill_and_are_forgotten(
     async with store.engine.begin() as conn:
         count = (await conn.execute(select(func.count()).select_from(rate_buckets))).scalar_one()
     assert count == 1
-    await asyncio.sleep(0.05)
-    await buckets.forget(older_than=0.01)
+    clock.advance(0.05)
+    await buckets.forget(older_than=0.06)
+    async with store.engine.begin() as conn:
+        count = (await conn.execute(select(func.count()).select_from(rate_buckets))).scalar_one()
+    assert count == 1
+    await buckets.forget(older_than=0.04)
     async with store.engine.begin() as conn:
         count = (await conn.execute(select(func.count()).select_from(rate_buckets))).scalar_one()
     assert count == 0

@@ -5,21 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import random
 
 import aiohttp
 import pytest
 from sqlalchemy import select
 
+from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from coordinator.db.ledger import post_entry
 from coordinator.db.schema import balances, jobs
-from coordinator.http.state import SIGNALS
+from coordinator.http.state import CONFIG, SIGNALS
+from coordinator.http.streams import KEEPALIVE_SECONDS
 from coordinator.jobs.signals import Signals
 from coordinator.store import GRANTS, Account, Store, Worker
 from protocol.params import ImageParams
 from protocol.priority import Waiting, order
+from tests.clock import MockClock
 from tests.conftest import LiveApp, start_app
+from tests.fakes import CAPS, FakeWorker
 
 SMALL = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 7}
 
@@ -134,28 +139,43 @@ async def test_positions_come_from_one_shared_snapshot(store: Store) -> None:
 
 
 async def test_a_pop_waiter_wakes_only_for_work_it_can_take() -> None:
-    signals = Signals()
-    sd = asyncio.create_task(signals.wait_for_work("image", ["sd"], 5.0))
-    text = asyncio.create_task(signals.wait_for_work("text", ["llm"], 5.0))
-    await asyncio.sleep(0)
-    signals.job_queued("image", "other-model")
-    signals.job_queued("text", "other-llm")
-    await asyncio.sleep(0.05)
-    assert not sd.done() and not text.done()
-    signals.job_queued("image", "sd")
-    assert await asyncio.wait_for(sd, 1.0) is True
-    assert not text.done()
-    signals.job_queued("text", None)  # no model: any text gateway may take it
-    assert await asyncio.wait_for(text, 1.0) is True
-    assert signals.waiting_workers == 0
+    clock = MockClock()
+    signals = Signals(clock)
+
+    async def waiters() -> tuple[asyncio.Task[bool], asyncio.Task[bool]]:
+        sd = asyncio.create_task(signals.wait_for_work("image", ["sd"], 5.0))
+        text = asyncio.create_task(signals.wait_for_work("text", ["llm"], 5.0))
+        await clock.wait_waiting(count=2)
+        return sd, text
+
+    async with asyncio.timeout(10):
+        sd, text = await waiters()
+        signals.job_queued("image", "other-model")
+        signals.job_queued("text", "other-llm")
+        clock.advance(5.0)
+        # a waiter woken by those would have returned True before its timeout ended
+        assert await sd is False and await text is False
+
+        sd, text = await waiters()
+        signals.job_queued("image", "sd")
+        assert await sd is True
+        assert not text.done()
+        signals.job_queued("text", None)  # no model: any text gateway may take it
+        assert await text is True
+    assert signals.waiting_workers == 0 and clock.waiting() == 0
 
 
 async def test_a_watch_sees_a_change_made_between_two_waits() -> None:
-    signals = Signals()
+    clock = MockClock()
+    signals = Signals(clock)
     with signals.watch("job-1") as watch:
         signals.job_changed("job-1")  # while the watcher was busy elsewhere
-        assert await watch.wait(0.01) is True
-        assert await watch.wait(0.01) is False
+        assert await watch.wait(1.0) is True
+        waiting = asyncio.create_task(watch.wait(1.0))
+        async with asyncio.timeout(10):
+            await clock.wait_waiting()
+            clock.advance(1.0)
+            assert await waiting is False
         assert signals.watched_jobs == 1
     assert signals.watched_jobs == 0
 
@@ -206,5 +226,53 @@ async def _streams_capped(app: LiveApp) -> None:
             assert '"state":"cancelled"' in body
         for response in (first, second, third, fourth, fifth):
             response.release()
-    await asyncio.sleep(0.1)
+    # a stream stops watching its job before it ends the response the client read to its end
     assert app.app[SIGNALS].watched_jobs == 0
+
+
+async def test_a_quiet_stream_refreshes_and_keeps_alive_on_the_app_clock(
+    clocked: LiveApp, clock: MockClock
+) -> None:
+    """A queued job's stream re-reads it every stream_refresh_seconds and, while nothing
+    changed, sends a keep-alive once KEEPALIVE_SECONDS pass: all on the app's clock."""
+    store = clocked.store
+    alice, key = await store.create_account("alice")
+    job = await store.create_image_job(alice, ImageParams(**SMALL), 1)
+    refresh = clocked.app[CONFIG].stream_refresh_seconds
+    rounds = math.ceil(KEEPALIVE_SECONDS / refresh) - 1  # refreshes before a keep-alive is due
+    headers = {"Authorization": f"Bearer {key}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{clocked.url}/api/v1/jobs/{job.id}/events", headers=headers) as stream,
+        asyncio.timeout(10),
+    ):
+        assert (await stream.content.readuntil(b"\n\n")).startswith(b"event: status\n")
+        # the reaper and the stream, each asleep on the clock
+        await clock.wait_waiting(count=2)
+        for _ in range(rounds):
+            clock.advance(refresh)
+            await clock.wait_waiting(count=2)
+        clock.advance(refresh)
+        await clock.wait_waiting(count=2)
+        await store.cancel_job(job.id)
+        clocked.app[SIGNALS].job_changed(job.id)
+        # nothing was written before: one keep-alive, then the end
+        rest = await stream.content.read()
+        assert rest.startswith(b": keepalive\n\nevent: status\n"), rest
+        assert rest.count(b"keepalive") == 1 and b'"state":"cancelled"' in rest, rest
+
+
+async def test_a_long_poll_ends_on_the_app_clock(clocked: LiveApp, clock: MockClock) -> None:
+    """A pop that waits 30 s for work gets nothing back once 30 s pass on the app's clock,
+    and a job queued meanwhile wakes it at once."""
+    async with FakeWorker(clocked.url) as worker, asyncio.timeout(10):
+        pop = asyncio.create_task(worker.link.pop(CAPS, wait=30))
+        await clock.wait_waiting(count=2)  # the reaper, and the pop waiting for work
+        clock.advance(30)
+        assert await pop is None
+        pop = asyncio.create_task(worker.link.pop(CAPS, wait=30))
+        await clock.wait_waiting(count=2)
+        async with AsyncClient(clocked.url) as anonymous:
+            job = await anonymous.submit_image(ImageParams(**SMALL))
+        leased = await pop
+        assert leased is not None and leased.id == job.id
