@@ -6,12 +6,13 @@ from aiohttp import web
 
 from coordinator.config import CoordinatorConfig
 from coordinator.http.ratelimit import RateLimiter
+from coordinator.http.views import SharedViews
 from coordinator.jobs.files import ResultFiles
 from coordinator.jobs.signals import Signals
 from coordinator.jobs.uploads import Uploads
 from coordinator.store import Store
 
-__all__ = ["CONFIG", "FILES", "LIMITER", "SIGNALS", "STORE", "UPLOADS"]
+__all__ = ["CONFIG", "FILES", "LIMITER", "SIGNALS", "STORE", "UPLOADS", "VIEWS"]
 
 CONFIG = web.AppKey("config", CoordinatorConfig)
 STORE = web.AppKey("store", Store)
@@ -19,3 +20,4 @@ FILES = web.AppKey("files", ResultFiles)
 SIGNALS = web.AppKey("signals", Signals)
 LIMITER = web.AppKey("limiter", RateLimiter)
 UPLOADS = web.AppKey("uploads", Uploads)
+VIEWS = web.AppKey("views", SharedViews)
