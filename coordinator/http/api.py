@@ -27,11 +27,12 @@ from protocol.messages import ErrorBody, ErrorDetail, FieldProblem
 from protocol.validation import parse
 from protocol.version import VERSION
 
-__all__ = ["API", "Api", "Call", "error_middleware", "int_query"]
+__all__ = ["API", "Api", "Call", "Query", "error_middleware", "int_query", "whole_number"]
 
 log = logging.getLogger(__name__)
 
 Auth = Literal["none", "optional", "user", "worker"]
+Query = tuple[str, str, dict[str, Any]]
 
 
 @dataclass
@@ -61,6 +62,8 @@ class Route:
     raw: str | None = None
     # request headers the handler reads: (name, description), for the OpenAPI document
     headers: tuple[tuple[str, str], ...] = ()
+    # optional query parameters the handler reads: (name, description, JSON schema)
+    query: tuple[Query, ...] = ()
     errors: tuple[int, ...] = field(default=())
     # rate-limit scope (a key of DEFAULT_RATE_LIMITS), or None
     limit: str | None = None
@@ -78,6 +81,11 @@ def api_key_of(request: web.Request) -> str | None:
     if authorization.startswith("Bearer "):
         return authorization.removeprefix("Bearer ").strip() or None
     return None
+
+
+def whole_number(name: str, description: str, low: int, high: int) -> Query:
+    """An optional whole-number query parameter from `low` to `high` (read by int_query)."""
+    return (name, description, {"type": "integer", "minimum": low, "maximum": high})
 
 
 @overload
@@ -144,6 +152,7 @@ class Api:
         produces: str = "application/json",
         raw: str | None = None,
         headers: tuple[tuple[str, str], ...] = (),
+        query: tuple[Query, ...] = (),
         errors: tuple[int, ...] = (),
         limit: str | None = None,
     ) -> Callable[[Handler], Handler]:
@@ -165,6 +174,7 @@ class Api:
                     produces,
                     raw,
                     headers,
+                    query,
                     errors + ((429,) if limit else ()) + ((413,) if raw else ()),
                     limit,
                 )
@@ -254,7 +264,7 @@ class Api:
             error = {"content": {"application/json": {"schema": refs[(shape, "serialization")]}}}
             responses: dict[str, Any] = {str(route.status): ok}
             codes = set(route.errors) | (
-                {400} if route.body or route.raw or route.headers else set()
+                {400} if route.body or route.raw or route.headers or route.query else set()
             )
             if route.auth in ("user", "worker", "optional"):
                 codes.add(401)
@@ -267,19 +277,32 @@ class Api:
                 op["security"] = [{"apiKey": []}, {"bearer": []}]
             elif route.auth == "optional":
                 op["security"] = [{}, {"apiKey": []}, {"bearer": []}]
-            params = [
-                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                for name in _path_params(route.path)
-            ] + [
-                {
-                    "name": name,
-                    "in": "header",
-                    "required": True,
-                    "description": description,
-                    "schema": {"type": "string"},
-                }
-                for name, description in route.headers
-            ]
+            params = (
+                [
+                    {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                    for name in _path_params(route.path)
+                ]
+                + [
+                    {
+                        "name": name,
+                        "in": "header",
+                        "required": True,
+                        "description": description,
+                        "schema": {"type": "string"},
+                    }
+                    for name, description in route.headers
+                ]
+                + [
+                    {
+                        "name": name,
+                        "in": "query",
+                        "required": False,
+                        "description": description,
+                        "schema": schema,
+                    }
+                    for name, description, schema in route.query
+                ]
+            )
             if params:
                 op["parameters"] = params
             paths.setdefault(route.path, {})[route.method.lower()] = op

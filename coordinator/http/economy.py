@@ -8,7 +8,7 @@ from aiohttp import web
 
 from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound, UnsandboxedWorker
-from coordinator.http.api import API, Call, int_query
+from coordinator.http.api import API, Call, int_query, whole_number
 from coordinator.http.jobs import check_anonymous_limits, owned_job
 from coordinator.http.state import CONFIG, SIGNALS, STORE
 from protocol.cost import image_cost
@@ -144,6 +144,10 @@ async def create_transfer(request: web.Request, call: Call) -> TransferDone:
     summary="The caller's ledger entries, newest first (?limit=1..500, ?before=ENTRY_ID)",
     response=HistoryPage,
     auth="user",
+    query=(
+        whole_number("limit", "entries to return (default 50)", 1, MAX_HISTORY),
+        whole_number("before", "only entries older than this entry id", 1, 2**62),
+    ),
 )
 async def account_history(request: web.Request, call: Call) -> HistoryPage:
     assert call.account is not None

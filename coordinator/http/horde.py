@@ -470,7 +470,7 @@ async def heartbeat(request: web.Request, call: Call) -> Heartbeat:
     summary="AI Horde: the models online workers offer (?type=image|text, default image), "
     "with their worker counts and queues",
     response=None,
-    errors=(400,),
+    query=(("type", "image (the default) or text", {"type": "string"}),),
     limit="network",
 )
 async def status_models(request: web.Request, call: Call) -> web.Response:
@@ -595,7 +595,10 @@ def worker_details(row: Any, now: float, earned: int) -> WorkerDetails:
     summary="AI Horde: the online workers (?type=image|text, block servers count as text; "
     "?name= one by name)",
     response=None,
-    errors=(400,),
+    query=(
+        ("type", "image or text (default: both)", {"type": "string"}),
+        ("name", "only the worker of this name", {"type": "string"}),
+    ),
     limit="network",
 )
 async def list_workers(request: web.Request, call: Call) -> web.Response:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from coordinator.http.api import API, Call, int_query
+from coordinator.http.api import API, Call, int_query, whole_number
 from coordinator.http.state import STORE, VIEWS
 from coordinator.jobs.network import network_status
 from protocol.messages import NetworkStatus
@@ -20,6 +20,7 @@ __all__ = ["MODELS_LISTED", "PAGE_MAX", "shared_network_status"]
 
 PAGE_DEFAULT = 50
 PAGE_MAX = 100
+MAX_OFFSET = 1_000_000
 # a model list longer than this is someone's spam, not a choice anybody reads
 MODELS_LISTED = 200
 
@@ -45,11 +46,14 @@ async def shared_network_status(request: web.Request, *, online_only: bool) -> N
     f"?limit= up to {PAGE_MAX}), the models online workers offer with their queues (the "
     f"{MODELS_LISTED} most offered), and the queue of each kind",
     response=NetworkStatus,
-    errors=(400,),
+    query=(
+        whole_number("offset", "workers to skip (next_offset of the page before)", 0, MAX_OFFSET),
+        whole_number("limit", f"workers to return (default {PAGE_DEFAULT})", 1, PAGE_MAX),
+    ),
     limit="network",
 )
 async def network(request: web.Request, call: Call) -> NetworkStatus:
-    offset = int_query(request, "offset", 0, 0, 1_000_000)
+    offset = int_query(request, "offset", 0, 0, MAX_OFFSET)
     limit = int_query(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
     view = await shared_network_status(request, online_only=False)
     page = view.workers[offset : offset + limit]
