@@ -30,11 +30,8 @@ async def shared_network_status(request: web.Request, *, online_only: bool) -> N
     MODELS_LISTED, shared by every request within `network_view_seconds`."""
 
     async def compute() -> NetworkStatus:
-        view = await network_status(request.app[STORE], online_only=online_only)
-        ranked = sorted(view.models, key=lambda m: (-m.workers, -m.queued, m.kind, m.name))
-        kept = {(m.kind, m.name) for m in ranked[:MODELS_LISTED]}
-        models = [m for m in view.models if (m.kind, m.name) in kept]
-        return view.model_copy(update={"models": models})
+        store = request.app[STORE]
+        return await network_status(store, online_only=online_only, max_models=MODELS_LISTED)
 
     return await request.app[VIEWS].get(f"network:{online_only}", compute)
 
