@@ -101,7 +101,11 @@ def int_query(
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits, and no more than `high` has: `isdigit` also accepts "²", which `int`
+    # refuses, and `int` refuses more than 4 300 digits
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= len(str(high))) or not (
+        low <= int(raw) <= high
+    ):
         raise BadRequest(
             f"query parameter {name}={raw!r} must be a whole number from {low} to {high}",
             [(name, f"must be {low}..{high}")],

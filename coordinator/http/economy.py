@@ -102,7 +102,8 @@ async def share_job(request: web.Request, call: Call) -> ShareState:
 async def rate_image(request: web.Request, call: Call) -> RatingRecorded:
     assert call.account is not None
     raw = request.match_info["index"]
-    if not raw.isdigit():
+    # ASCII digits only ("²" passes `isdigit`, not `int`); no job has 10**9 images
+    if not (raw.isascii() and raw.isdigit() and len(raw) < 10):
         raise BadRequest(
             f"image index {raw!r} is not a number; indexes count from 0",
             [("index", "must be a whole number from 0")],

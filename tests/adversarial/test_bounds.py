@@ -162,6 +162,15 @@ async def test_tiny_anonymous_inputs_get_a_400_naming_the_field(tmp_path: Path) 
         status, answer = await call(http, "POST", v1, raw=b'{"prompt": "\\ud800 x"}')
         assert status == 400 and fields(answer) == "body", answer
 
+        # whole numbers in the query and the path too
+        (key,) = await register_accounts(live.url, "rater")
+        for bad in ("²", "1" * 5000, "-1", "x"):
+            status, answer = await call(http, "GET", f"{live.url}/api/v1/network?limit={bad}")
+            assert status == 400 and fields(answer) == "limit", answer
+            rating = f"{live.url}/api/v1/jobs/{'0' * 32}/images/{bad}/rating"
+            status, answer = await call(http, "POST", rating, {"score": 5}, key)
+            assert status == 400 and fields(answer) == "index", answer
+
         deep = b"[" * 30_000 + b"]" * 30_000
         inside = b'{"prompt": "x", "params": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
         for path in (
