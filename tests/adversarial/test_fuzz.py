@@ -28,7 +28,7 @@ from tests.procs import Proc
 from worker.common.link import CoordinatorLink
 
 # generated requests per operation and mode (valid, invalid)
-EXAMPLES = 10
+EXAMPLES = 8
 # long-polls (pops wait 10 s when they name no `wait`) would hold a case for up to a minute
 NO_WAIT = 0.0
 
