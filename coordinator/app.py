@@ -29,10 +29,12 @@ from coordinator.http import (  # noqa: F401
     workers,
 )
 from coordinator.http.api import API, error_middleware
+from coordinator.http.bodies import DEFAULT_BODY_BYTES
 from coordinator.http.metrics import METRICS, Metrics, metrics_middleware
 from coordinator.http.ratelimit import PostgresBuckets, RateLimiter
-from coordinator.http.state import CLOCK, CONFIG, FILES, LIMITER, SIGNALS, STORE, UPLOADS
+from coordinator.http.state import CLOCK, CONFIG, FILES, LIMITER, SIGNALS, STORE, UPLOADS, VIEWS
 from coordinator.http.streams import STREAMS, StreamCounts
+from coordinator.http.views import SharedViews
 from coordinator.jobs.files import ResultFiles
 from coordinator.jobs.notify import NotifyBridge
 from coordinator.jobs.signals import Signals
@@ -120,14 +122,15 @@ async def _wake_waiters(app: web.Application) -> None:
 
 def create_app(config: CoordinatorConfig, clock: Clock = SYSTEM_CLOCK) -> web.Application:
     """The application; `clock` is where it reads time and sleeps (coordinator.clock)."""
-    # Bodies are read and size-checked by the route table (JSON) or streamed by their
-    # handler (image uploads); this only caps aiohttp's own reads.
+    # Bodies are read and size-checked by the route table (JSON, coordinator.http.bodies) or
+    # streamed by their handler (image uploads); this only caps aiohttp's own reads.
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware], client_max_size=config.max_body_bytes
+        middlewares=[metrics_middleware, error_middleware], client_max_size=DEFAULT_BODY_BYTES
     )
     app[CONFIG] = config
     app[CLOCK] = clock
     app[LIMITER] = RateLimiter(config.rate_limits, clock=clock.monotonic)
+    app[VIEWS] = SharedViews(config.network_view_seconds)
     app[STREAMS] = streams = StreamCounts()
     app[METRICS] = Metrics(streams)
     app.cleanup_ctx.append(_lifecycle)

@@ -44,6 +44,8 @@ DEFAULT_RATE_LIMITS: dict[str, RateLimit] = {
     "result": RateLimit(20, 200, 100, 1000),  # uploads, results and failures (both kinds)
     "engine": RateLimit(1, 30, 5, 150),  # engine reports
     "peer": RateLimit(1, 30, 5, 150),  # block servers' peer links
+    # anonymous views of the whole network (GET /api/v1/network, /api/v2/workers, ...)
+    "network": RateLimit(2, 30, 10, 100),
 }
 
 
@@ -80,9 +82,6 @@ class CoordinatorConfig:
     anonymous_max_tokens: int = 256
     # a text model counts as served while a gateway offered it within this many seconds
     text_model_seconds: float = 120.0
-    # largest JSON body accepted (image uploads are raw PNGs, limited by the job's size:
-    # see coordinator.jobs.png_check.byte_limit)
-    max_body_bytes: int = 64 * 1024
     # staged image uploads of a job that was never finished are removed after this long
     upload_max_age: float = 2 * 86400.0
     # longest long-poll a worker may ask for, and the fallback re-check interval that
@@ -105,8 +104,8 @@ class CoordinatorConfig:
     ranking_interval: float = 1.0
 
     # --- event streams (SSE) ---
-    # open streams per API key (anonymous: per job owner key = per IP) and per client IP;
-    # one more is refused with 429
+    # open streams per API key (callers without a key: per client address, as one key) and
+    # per client IP; one more is refused with 429
     max_streams_per_key: int = 32
     max_streams_per_ip: int = 256
     # a stream of a queued job re-sends its position at most this often
@@ -156,6 +155,10 @@ class CoordinatorConfig:
     rate_limits: dict[str, RateLimit] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
 
     # --- an open network (README "Threat model"; flags in coordinator.network_flags) ---
+    # the network's views (GET /api/v1/network, /api/v2/status/models, /api/v2/workers) are
+    # computed at most this often (seconds) and shared by everyone who asks meanwhile
+    network_view_seconds: float = 2.0
+
     # text models and their prices
     # the models gateways may serve, with the sizes that price them (coordinator.economy
     # .text_models; `--models FILE`); built in: the tiny `llm` and `smollm2`

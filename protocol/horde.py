@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from protocol.params import MAX_MODEL_NAME, MAX_WORKER_MODELS, ModelName
 from protocol.samplers import SAMPLERS
 
 __all__ = [
@@ -123,7 +124,7 @@ class ImageParamsV2(_In):
 class ImageRequestV2(_In):
     prompt: str = Field(description="'positive ### negative'")
     params: ImageParamsV2 = ImageParamsV2()
-    models: list[str] = []
+    models: list[ModelName] = Field(default=[], max_length=MAX_WORKER_MODELS)
     r2: bool = Field(default=True, description="images as download URLs (else base64 WebP)")
     trusted_workers: bool = Field(
         default=False, description="only workers that sign their results (no AI Horde workers)"
@@ -179,7 +180,8 @@ class RequestStatusImage(RequestStatusCheck):
 class TextParamsV2(_In):
     n: int = 1
     max_length: int = 80
-    max_context_length: int = 1024
+    # unused (the model's context decides); bounded so that no number is out of range
+    max_context_length: int = Field(default=1024, ge=1, le=1 << 24)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -190,7 +192,7 @@ class TextParamsV2(_In):
 class TextRequestV2(_In):
     prompt: str
     params: TextParamsV2 = TextParamsV2()
-    models: list[str] = []
+    models: list[ModelName] = Field(default=[], max_length=MAX_WORKER_MODELS)
     dry_run: bool = False
 
 
@@ -295,11 +297,15 @@ class WorkerDetails(_Out):
 
 class PopRequestV2(_In):
     name: str = Field(min_length=1, max_length=64, description="the worker's name")
-    models: list[str] = []
-    max_pixels: int = Field(default=512 * 512, ge=64 * 64)
+    models: list[ModelName] = Field(
+        default=[],
+        max_length=MAX_WORKER_MODELS,
+        description=f"at most {MAX_WORKER_MODELS} names of at most {MAX_MODEL_NAME} characters",
+    )
+    max_pixels: int = Field(default=512 * 512, ge=64 * 64, le=4096 * 4096)
     amount: int = Field(default=1, ge=1, le=20)
     bridge_agent: str = Field(default="unknown:0:unknown", max_length=1000)
-    threads: int = 1
+    threads: int = Field(default=1, ge=1, le=64)
 
 
 class PopPayload(_Out):
@@ -333,7 +339,7 @@ class PopResponseV2(_Out):
 class SubmitRequestV2(_In):
     id: str
     generation: str = Field(default="", description="the image: base64 WebP or PNG")
-    seed: int = 0
+    seed: int = Field(default=0, ge=-(2**63), lt=2**64)
     state: Literal["ok", "censored", "faulted", "csam"] = "ok"
 
 

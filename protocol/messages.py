@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.params import MAX_N, MAX_STEPS, ImageParams
+from protocol.params import MAX_N, MAX_STEPS, ImageParams, ModelName
 
 __all__ = [
     "AccountCreate",
@@ -326,9 +326,12 @@ class NetworkQueue(_Response):
 
 
 class NetworkStatus(_Response):
-    workers: list[NetworkWorker]
+    workers: list[NetworkWorker] = Field(description="a page of them, most recently seen first")
     models: list[NetworkModel]
     queue: list[NetworkQueue]
+    next_offset: int | None = Field(
+        default=None, description="pass as ?offset= for the next page of workers; null = end"
+    )
 
 
 # --- workers --------------------------------------------------------------------------
@@ -401,7 +404,7 @@ class WorkerInfo(_Response):
 
 
 class PopRequest(_Request):
-    models: list[str] = Field(min_length=1, max_length=32)
+    models: list[ModelName] = Field(min_length=1, max_length=32)
     max_pixels: int = Field(ge=64 * 64, le=4096 * 4096)
     max_steps: int = Field(ge=1, le=MAX_STEPS)
     wait: float = Field(default=10.0, ge=0.0, le=60.0, description="long-poll seconds")

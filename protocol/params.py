@@ -13,12 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS
 
 __all__ = [
+    "MAX_MODEL_NAME",
     "MAX_N",
     "MAX_SEED",
     "MAX_SIDE",
     "MAX_STEPS",
+    "MAX_WORKER_MODELS",
     "MIN_SIDE",
     "ImageParams",
+    "ModelName",
 ]
 
 MIN_SIDE = 64
@@ -27,6 +30,12 @@ MAX_STEPS = 150
 MAX_N = 10
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000
+# A model's name, and how many one worker may offer: AI Horde's image model reference has
+# about 250 models with names well under 100 characters. Bounded so that workers cannot
+# make the network's views (GET /api/v1/network) as large as they like.
+MAX_MODEL_NAME = 100
+MAX_WORKER_MODELS = 256
+ModelName = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_NAME)]
 
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, description="pixels, a multiple of 8")]
 
@@ -45,7 +54,9 @@ class ImageParams(BaseModel):
     sampler: str = DEFAULT_SAMPLER
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="random if absent")
     n: int = Field(default=1, ge=1, le=MAX_N, description="number of images")
-    model: str | None = Field(default=None, description="model name; any model if absent")
+    model: str | None = Field(
+        default=None, max_length=MAX_MODEL_NAME, description="model name; any model if absent"
+    )
 
     @field_validator("prompt")
     @classmethod

@@ -4,7 +4,7 @@ declaration drives validation, authentication, error mapping and the OpenAPI doc
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,7 +18,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from coordinator.config import DEFAULT_RATE_LIMITS
 from coordinator.errors import BadRequest, BodyTooLarge, CoordinatorError, Unauthorized
 from coordinator.http.addresses import client_ip
-from coordinator.http.state import CONFIG, LIMITER, STORE
+from coordinator.http.bodies import BODY_LIMITS, body_limit, load_json
+from coordinator.http.state import LIMITER, STORE
 from coordinator.store import Account, Worker
 from protocol.errors import ValidationFailed
 from protocol.horde import ANONYMOUS_KEY, HordeError
@@ -26,11 +27,12 @@ from protocol.messages import ErrorBody, ErrorDetail, FieldProblem
 from protocol.validation import parse
 from protocol.version import VERSION
 
-__all__ = ["API", "Api", "Call", "error_middleware", "int_query"]
+__all__ = ["API", "Api", "Call", "Query", "error_middleware", "int_query", "whole_number"]
 
 log = logging.getLogger(__name__)
 
 Auth = Literal["none", "optional", "user", "worker"]
+Query = tuple[str, str, dict[str, Any]]
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Route:
     raw: str | None = None
     # request headers the handler reads: (name, description), for the OpenAPI document
     headers: tuple[tuple[str, str], ...] = ()
+    # optional query parameters the handler reads: (name, description, JSON schema)
+    query: tuple[Query, ...] = ()
     errors: tuple[int, ...] = field(default=())
     # rate-limit scope (a key of DEFAULT_RATE_LIMITS), or None
     limit: str | None = None
@@ -79,6 +83,11 @@ def api_key_of(request: web.Request) -> str | None:
     return None
 
 
+def whole_number(name: str, description: str, low: int, high: int) -> Query:
+    """An optional whole-number query parameter from `low` to `high` (read by int_query)."""
+    return (name, description, {"type": "integer", "minimum": low, "maximum": high})
+
+
 @overload
 def int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int: ...
 @overload
@@ -92,12 +101,20 @@ def int_query(
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits, and no more than `high` has: `isdigit` also accepts "²", which `int`
+    # refuses, and `int` refuses more than 4 300 digits
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= len(str(high))) or not (
+        low <= int(raw) <= high
+    ):
         raise BadRequest(
             f"query parameter {name}={raw!r} must be a whole number from {low} to {high}",
             [(name, f"must be {low}..{high}")],
         )
     return int(raw)
+
+
+# bodies larger than this are parsed in a thread: the event loop keeps serving
+_THREAD_BYTES = 256 * 1024
 
 
 async def _read_body(request: web.Request, model: type[BaseModel], limit: int) -> Any:
@@ -115,13 +132,9 @@ async def _read_body(request: web.Request, model: type[BaseModel], limit: int) -
                 f"request body is over the limit of {limit} bytes",
                 [("body", f"must be at most {limit} bytes")],
             )
-    try:
-        data = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(
-            f"body is not valid JSON: {exc}", [("body", "send a JSON object")]
-        ) from None
-    return parse(model, data)
+    if len(raw) <= _THREAD_BYTES:
+        return parse(model, load_json(bytes(raw)))
+    return await asyncio.to_thread(lambda: parse(model, load_json(bytes(raw))))
 
 
 class Api:
@@ -143,6 +156,7 @@ class Api:
         produces: str = "application/json",
         raw: str | None = None,
         headers: tuple[tuple[str, str], ...] = (),
+        query: tuple[Query, ...] = (),
         errors: tuple[int, ...] = (),
         limit: str | None = None,
     ) -> Callable[[Handler], Handler]:
@@ -164,6 +178,7 @@ class Api:
                     produces,
                     raw,
                     headers,
+                    query,
                     errors + ((429,) if limit else ()) + ((413,) if raw else ()),
                     limit,
                 )
@@ -173,6 +188,9 @@ class Api:
         return register
 
     def install(self, app: web.Application) -> None:
+        bodies = {(r.method, r.path) for r in self.routes if r.body is not None}
+        # a limit for a route that has no JSON body (or no longer exists) would mislead
+        assert set(BODY_LIMITS) <= bodies, f"body limits of no route: {set(BODY_LIMITS) - bodies}"
         for route in self.routes:
             app.router.add_route(route.method, route.path, self._wrap(route))
 
@@ -206,7 +224,7 @@ class Api:
                 await request.app[LIMITER].check(route.limit, identity, client_ip(request))
             if route.body is not None:
                 call.body = await _read_body(
-                    request, route.body, request.app[CONFIG].max_body_bytes
+                    request, route.body, body_limit(route.method, route.path)
                 )
             result = await route.handler(request, call)
             if isinstance(result, web.StreamResponse):
@@ -250,7 +268,7 @@ class Api:
             error = {"content": {"application/json": {"schema": refs[(shape, "serialization")]}}}
             responses: dict[str, Any] = {str(route.status): ok}
             codes = set(route.errors) | (
-                {400} if route.body or route.raw or route.headers else set()
+                {400} if route.body or route.raw or route.headers or route.query else set()
             )
             if route.auth in ("user", "worker", "optional"):
                 codes.add(401)
@@ -263,19 +281,32 @@ class Api:
                 op["security"] = [{"apiKey": []}, {"bearer": []}]
             elif route.auth == "optional":
                 op["security"] = [{}, {"apiKey": []}, {"bearer": []}]
-            params = [
-                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                for name in _path_params(route.path)
-            ] + [
-                {
-                    "name": name,
-                    "in": "header",
-                    "required": True,
-                    "description": description,
-                    "schema": {"type": "string"},
-                }
-                for name, description in route.headers
-            ]
+            params = (
+                [
+                    {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                    for name in _path_params(route.path)
+                ]
+                + [
+                    {
+                        "name": name,
+                        "in": "header",
+                        "required": True,
+                        "description": description,
+                        "schema": {"type": "string"},
+                    }
+                    for name, description in route.headers
+                ]
+                + [
+                    {
+                        "name": name,
+                        "in": "query",
+                        "required": False,
+                        "description": description,
+                        "schema": schema,
+                    }
+                    for name, description, schema in route.query
+                ]
+            )
             if params:
                 op["parameters"] = params
             paths.setdefault(route.path, {})[route.method.lower()] = op

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound, UnsandboxedWorker
-from coordinator.http.api import API, Call, int_query
+from coordinator.http.api import API, Call, int_query, whole_number
 from coordinator.http.jobs import check_anonymous_limits, owned_job
 from coordinator.http.state import CONFIG, SIGNALS, STORE
 from protocol.cost import image_cost
@@ -102,7 +102,8 @@ async def share_job(request: web.Request, call: Call) -> ShareState:
 async def rate_image(request: web.Request, call: Call) -> RatingRecorded:
     assert call.account is not None
     raw = request.match_info["index"]
-    if not raw.isdigit():
+    # ASCII digits only ("²" passes `isdigit`, not `int`); no job has 10**9 images
+    if not (raw.isascii() and raw.isdigit() and len(raw) < 10):
         raise BadRequest(
             f"image index {raw!r} is not a number; indexes count from 0",
             [("index", "must be a whole number from 0")],
@@ -144,6 +145,10 @@ async def create_transfer(request: web.Request, call: Call) -> TransferDone:
     summary="The caller's ledger entries, newest first (?limit=1..500, ?before=ENTRY_ID)",
     response=HistoryPage,
     auth="user",
+    query=(
+        whole_number("limit", "entries to return (default 50)", 1, MAX_HISTORY),
+        whole_number("before", "only entries older than this entry id", 1, 2**62),
+    ),
 )
 async def account_history(request: web.Request, call: Call) -> HistoryPage:
     assert call.account is not None

@@ -27,12 +27,13 @@ from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound
 from coordinator.http.api import API, Call
 from coordinator.http.jobs import owned_job, queue_image
-from coordinator.http.state import FILES, SIGNALS, STORE
+from coordinator.http.network import shared_network_status
+from coordinator.http.state import FILES, SIGNALS, STORE, VIEWS
 from coordinator.http.text import choose_model, visible_text_job
 from coordinator.http.text import submit as submit_text
 from coordinator.jobs import text as text_jobs
 from coordinator.jobs.foreign_images import webp_base64
-from coordinator.jobs.network import ONLINE_SECONDS, network_status, worker_records
+from coordinator.jobs.network import ONLINE_SECONDS, worker_records
 from coordinator.jobs.text import TextJob
 from coordinator.store import Account, Job, Store
 from protocol.cost import image_cost
@@ -94,14 +95,19 @@ def _v2_parse(model: type[Any], data: dict[str, Any]) -> Any:
         raise BadRequest("; ".join(f"{f}: {m}" for f, m in problems), problems) from None
 
 
+# digits of the largest seed (MAX_SEED): longer digit strings are hashed like other text
+_SEED_DIGITS = len(str(MAX_SEED))
+
+
 def _seed(text: str | None) -> int | None:
     """AI Horde takes any text as a seed: numbers as they are, other text hashed."""
     if text is None or not text.strip():
         return None
     text = text.strip()
-    if text.isdigit() and int(text) <= MAX_SEED:
+    # ASCII digits only: `isdigit` also accepts "²", which `int` refuses
+    if text.isascii() and text.isdigit() and len(text) <= _SEED_DIGITS and int(text) <= MAX_SEED:
         return int(text)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:4], "big")
 
 
 async def _image_model(request: web.Request, models: list[str]) -> str | None:
@@ -110,7 +116,7 @@ async def _image_model(request: web.Request, models: list[str]) -> str | None:
         return models[0] if models else None
     offered = {
         m.name
-        for m in (await network_status(request.app[STORE], online_only=True)).models
+        for m in (await shared_network_status(request, online_only=True)).models
         if m.kind == "image" and m.workers
     }
     return next((m for m in models if m in offered), models[0])
@@ -370,17 +376,19 @@ async def text_async(request: web.Request, call: Call) -> RequestAsync | web.Res
         model = await choose_model(request, params.model, "models")
         cost = text_jobs.reserve_cost(params, model)
         return web.json_response(DryRun(kudos=float(cost)).model_dump())
-    job = await submit_text(request, call.account, params)
+    agent = request.headers.get("Client-Agent", "")[:200]
+    job = await submit_text(request, call.account, params, horde={"client_agent": agent})
     return RequestAsync(id=job.id, kudos=float(job.cost))
 
 
 async def _text_job(request: web.Request, account: Account | None, *, polling: bool) -> TextJob:
-    """The text job of the path: for `polling`, whoever holds its id (AI Horde's rule; the
-    ids are random UUIDs), else as /api/v1 allows."""
+    """The text job of the path: for `polling` a job made through /api/v2, whoever holds
+    its id (AI Horde's rule; the ids are random UUIDs); else, and for jobs made through
+    /api/v1 or the OpenAI routes, as /api/v1 allows."""
     store = request.app[STORE]
     if polling:
         found = await text_jobs.get_text_job(store, _job_id(request))
-        if found is not None:
+        if found is not None and found.horde:
             return found
     try:
         return await visible_text_job(store, _job_id(request), account)
@@ -462,6 +470,8 @@ async def heartbeat(request: web.Request, call: Call) -> Heartbeat:
     summary="AI Horde: the models online workers offer (?type=image|text, default image), "
     "with their worker counts and queues",
     response=None,
+    query=(("type", "image (the default) or text", {"type": "string"}),),
+    limit="network",
 )
 async def status_models(request: web.Request, call: Call) -> web.Response:
     kind = request.query.get("type") or "image"  # (horde_sdk sends `type=` for the default)
@@ -469,7 +479,7 @@ async def status_models(request: web.Request, call: Call) -> web.Response:
         raise BadRequest(
             f"type={kind!r}: choose image or text", [("type", "must be image or text")]
         )
-    view = await network_status(request.app[STORE], online_only=True)
+    view = await shared_network_status(request, online_only=True)
     models = [
         ActiveModel(
             name=m.name,
@@ -585,6 +595,11 @@ def worker_details(row: Any, now: float, earned: int) -> WorkerDetails:
     summary="AI Horde: the online workers (?type=image|text, block servers count as text; "
     "?name= one by name)",
     response=None,
+    query=(
+        ("type", "image or text (default: both)", {"type": "string"}),
+        ("name", "only the worker of this name", {"type": "string"}),
+    ),
+    limit="network",
 )
 async def list_workers(request: web.Request, call: Call) -> web.Response:
     kind = request.query.get("type") or None  # (horde_sdk sends `type=` for all)
@@ -593,7 +608,9 @@ async def list_workers(request: web.Request, call: Call) -> web.Response:
             f"type={kind!r}: choose image or text", [("type", "must be image or text")]
         )
     name = (request.query.get("name") or "").lower()
-    at, rows = await worker_records(request.app[STORE])
+    store = request.app[STORE]
+    # shared by everyone asking within network_view_seconds, like /api/v1/network
+    at, rows = await request.app[VIEWS].get("workers", lambda: worker_records(store))
     found = [worker_details(row, at, earned) for row, earned in rows]
     return web.json_response(
         [

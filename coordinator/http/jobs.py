@@ -11,7 +11,7 @@ from aiohttp import web
 from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound
 from coordinator.http.addresses import client_ip
-from coordinator.http.api import API, Call, int_query
+from coordinator.http.api import API, Call, int_query, whole_number
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.http.streams import follow, open_stream
 from coordinator.store import Account, Job, Store
@@ -258,6 +258,10 @@ async def get_image(request: web.Request, call: Call) -> web.StreamResponse:
     "(?limit=1..100, ?offset=N)",
     response=JobList,
     auth="user",
+    query=(
+        whole_number("limit", "jobs to return (default 20)", 1, 100),
+        whole_number("offset", "jobs to skip (next_offset of the page before)", 0, 10**9),
+    ),
 )
 async def list_jobs(request: web.Request, call: Call) -> JobList:
     assert call.account is not None

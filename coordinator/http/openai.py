@@ -76,11 +76,14 @@ def _json(payload: Any) -> str:
 
 
 async def _stream(
-    request: web.Request, job: TextJob, chunk: Callable[[str, str | None], dict[str, Any]]
+    request: web.Request,
+    call: Call,
+    job: TextJob,
+    chunk: Callable[[str, str | None], dict[str, Any]],
 ) -> web.StreamResponse:
     """Relay a job's text as OpenAI stream chunks, then `data: [DONE]`."""
     sent = 0
-    async with open_stream(request, None, f"OpenAI stream of text job {job.id}") as stream:
+    async with open_stream(request, call.account, f"OpenAI stream of text job {job.id}") as stream:
         await stream.send(_json(chunk("", None)))
         async for current in follow_text(request, job):
             job = current
@@ -135,7 +138,7 @@ async def chat_completions(request: web.Request, call: Call) -> web.StreamRespon
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
 
-        return await _stream(request, job, chunk)
+        return await _stream(request, call, job, chunk)
     job = await _finished(request, job)
     return ChatCompletion(
         id=completion_id,
@@ -176,7 +179,7 @@ async def completions(request: web.Request, call: Call) -> web.StreamResponse | 
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
             }
 
-        return await _stream(request, job, chunk)
+        return await _stream(request, call, job, chunk)
     job = await _finished(request, job)
     return Completion(
         id=completion_id,

@@ -47,7 +47,9 @@ class StreamCounts:
     """Open event streams per API key (account) and per client address, in this process."""
 
     def __init__(self) -> None:
-        self.keys: Counter[int] = Counter()
+        # account id, or "anonymous@<address bucket>": anonymous callers from one address
+        # share one key
+        self.keys: Counter[int | str] = Counter()
         self.ips: Counter[str] = Counter()
 
     @property
@@ -85,10 +87,15 @@ async def open_stream(
     when the client goes away."""
     config, counts = request.app[CONFIG], request.app[STREAMS]
     ip = address_bucket(client_ip(request))
-    key = account.id if account is not None and not account.anonymous else None
-    if key is not None and counts.keys[key] >= config.max_streams_per_key:
+    # without a key, the address is the key: otherwise anonymous streams would be held only
+    # to the (much larger) per-address cap
+    key: int | str = (
+        account.id if account is not None and not account.anonymous else f"anonymous@{ip}"
+    )
+    if counts.keys[key] >= config.max_streams_per_key:
         raise RateLimited(
-            f"this API key has {counts.keys[key]} event streams open, the most allowed; "
+            f"{'this API key' if isinstance(key, int) else 'this address without an API key'}"
+            f" has {counts.keys[key]} event streams open, the most allowed; "
             "close one (or poll the job) and retry",
             RETRY_SECONDS,
         )
@@ -99,8 +106,7 @@ async def open_stream(
             RETRY_SECONDS,
         )
     counts.ips[ip] += 1
-    if key is not None:
-        counts.keys[key] += 1
+    counts.keys[key] += 1
     try:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -115,10 +121,9 @@ async def open_stream(
         counts.ips[ip] -= 1
         if counts.ips[ip] <= 0:
             del counts.ips[ip]
-        if key is not None:
-            counts.keys[key] -= 1
-            if counts.keys[key] <= 0:
-                del counts.keys[key]
+        counts.keys[key] -= 1
+        if counts.keys[key] <= 0:
+            del counts.keys[key]
 
 
 async def follow(

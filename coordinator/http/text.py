@@ -91,8 +91,14 @@ def check_text_limits(
         )
 
 
-async def submit(request: web.Request, account: Account | None, params: TextParams) -> TextJob:
-    """Validate against the catalog and the served models, fix the seed, queue and reserve."""
+async def submit(
+    request: web.Request,
+    account: Account | None,
+    params: TextParams,
+    horde: dict[str, object] | None = None,
+) -> TextJob:
+    """Validate against the catalog and the served models, fix the seed, queue and reserve;
+    `horde`: the options of a request made through /api/v2."""
     store = request.app[STORE]
     account = account or await store.anonymous_account(client_ip(request))
     model = await choose_model(request, params.model, "model")
@@ -102,7 +108,7 @@ async def submit(request: web.Request, account: Account | None, params: TextPara
         # fixed now so that a retry on another gateway samples the same text
         updates["seed"] = secrets.randbelow(MAX_SEED + 1)
     params = params.model_copy(update=updates)
-    job = await text_jobs.create_text_job(store, account, params, model)
+    job = await text_jobs.create_text_job(store, account, params, model, horde)
     request.app[SIGNALS].job_queued("text", model.name)
     return job
 

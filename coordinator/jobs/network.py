@@ -4,6 +4,7 @@ are. One view for the web page (/api/v1/network), AI Horde's /v2/status/models a
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections import Counter
 from typing import Any
@@ -26,9 +27,11 @@ ONLINE_SECONDS = 600.0
 LISTED_SECONDS = 86400.0
 
 
-async def network_status(store: Lifecycle, *, online_only: bool = False) -> NetworkStatus:
-    """Workers seen lately, the models the online ones offer with their queues, and the
-    queue of each kind."""
+async def network_status(
+    store: Lifecycle, *, online_only: bool = False, max_models: int | None = None
+) -> NetworkStatus:
+    """Workers seen lately, the models the online ones offer with their queues (the
+    `max_models` most offered, then most wanted, if given), and the queue of each kind."""
     async with store.begin() as conn:
         at = now(conn)
         since = at - (ONLINE_SECONDS if online_only else LISTED_SECONDS)
@@ -60,11 +63,15 @@ async def network_status(store: Lifecycle, *, online_only: bool = False) -> Netw
         per_kind[kind][state] = per_kind[kind].get(state, 0) + count
         if state == "queued" and model is not None:
             queued[(kind, model)] += count
+    named = set(offering) | set(queued)
+    if max_models is not None and len(named) > max_models:
+        # chosen before any model object is built: workers may offer tens of thousands
+        named = set(heapq.nsmallest(max_models, named, key=lambda k: (-offering[k], -queued[k], k)))
     models = [
         NetworkModel(
             name=name, kind=kind, workers=offering[(kind, name)], queued=queued[(kind, name)]
         )
-        for kind, name in sorted(set(offering) | set(queued))
+        for kind, name in sorted(named)
     ]
     image, text = per_kind["image"], per_kind["text"]
     queue = [

@@ -87,6 +87,8 @@ class TextJob:
     prompt_tokens: int
     completion_tokens: int
     charged: int | None
+    # made through AI Horde's /api/v2 (visible to whoever holds its id, as there)
+    horde: bool = False
 
     @property
     def finished(self) -> bool:
@@ -132,6 +134,7 @@ def _text_job(row: Row[Any]) -> TextJob:
         prompt_tokens=row.prompt_tokens or 0,
         completion_tokens=row.completion_tokens or 0,
         charged=row.charged,
+        horde=row.horde is not None,
     )
 
 
@@ -224,9 +227,14 @@ def reserve_cost(params: TextParams, model: TextModel) -> int:
 
 
 async def create_text_job(
-    store: Lifecycle, account: Account, params: TextParams, model: TextModel
+    store: Lifecycle,
+    account: Account,
+    params: TextParams,
+    model: TextModel,
+    horde: dict[str, object] | None = None,
 ) -> TextJob:
-    """Queue a text job for `model` and reserve its upper-bound cost."""
+    """Queue a text job for `model` and reserve its upper-bound cost; `horde`: the /api/v2
+    request's options, for jobs made there."""
     row = await store.queue_job(
         account,
         reserve_cost(params, model),
@@ -240,6 +248,7 @@ async def create_text_job(
             "n": 1,
             "lease_seconds": text_lease_seconds(store, params),
             "steps_total": params.max_tokens,
+            "horde": None if horde is None else json.dumps(horde),
         },
         "lower max_tokens or shorten the prompt, or earn kudos by running a worker",
     )
