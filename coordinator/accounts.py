@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +19,10 @@ from coordinator.db.ledger import (
     audit_grants,
     balance,
     lock_spender,
+    minted_transferable,
     open_balance,
     post_entry,
+    transferable_supply,
 )
 from coordinator.db.schema import accounts, invites, ledger_entries, postings
 from coordinator.errors import Conflict, Forbidden
@@ -161,6 +164,29 @@ class Accounts(Database):
             )
         return codes
 
+    async def mint(self, name: str, amount: int) -> int:
+        """The operator's explicit action (`idlegrid coordinator --mint USER=KUDOS`): give
+        the user `name` `amount` new transferable kudos, the one way they come into being
+        (README "Threat model: no kudos from nothing"). Returns the ledger entry's id."""
+        if amount <= 0:
+            raise ValueError(f"mint {amount} kudos: use a positive amount")
+        async with self.begin() as conn:
+            account_id = (
+                await conn.execute(
+                    select(accounts.c.id).where(
+                        (accounts.c.name == name) & (accounts.c.kind == "user")
+                    )
+                )
+            ).scalar_one_or_none()
+            if account_id is None:
+                raise ValueError(f"no user {name!r} to mint kudos for; check the name")
+            return await post_entry(
+                conn,
+                reason="mint",
+                key=f"mint:{account_id}:{uuid.uuid4()}",
+                moves=[(self._system[GRANTS], -amount), (int(account_id), amount)],
+            )
+
     async def account_by_key(self, api_key: str) -> Account | None:
         async with self.begin() as conn:
             row = (
@@ -208,8 +234,9 @@ class Accounts(Database):
 
     async def ledger_audit(self) -> dict[str, int]:
         """Totals used by tests and operators: every entry must sum to zero, every
-        balance row must equal its account's postings, and its unspent grants must lie
-        between 0 and its balance."""
+        balance row must equal its account's postings, its unspent grants must lie between
+        0 and its balance, and the transferable kudos (`transferable`) must not exceed
+        what the operator minted (`minted`): `transferable_excess` is 0 when they do not."""
         per_entry = (
             select(postings.c.entry_id, func.sum(postings.c.amount).label("total"))
             .group_by(postings.c.entry_id)
@@ -229,10 +256,15 @@ class Accounts(Database):
             ).scalar_one()
             drift = await audit_balances(conn)
             grants_off = await audit_grants(conn)
+            movable = await transferable_supply(conn)
+            minted = await minted_transferable(conn)
         return {
             "entries": int(entries),
             "unbalanced_entries": int(unbalanced),
             "sum": int(supply),
             "balance_rows_off": len(drift),
             "grants_off": len(grants_off),
+            "transferable": movable,
+            "minted": minted,
+            "transferable_excess": max(movable - minted, 0),
         }

@@ -80,6 +80,15 @@ def _add_registration(group: argparse._ArgumentGroup) -> None:
         "--database-url and exit without serving (default: serve)",
     )
     group.add_argument(
+        "--mint",
+        action="append",
+        default=[],
+        metavar="USER=KUDOS",
+        help="give USER KUDOS new transferable kudos (the only way they come into being: "
+        "README, Threat model) in the database of --data-dir / --database-url and exit "
+        "without serving; repeatable (default: serve)",
+    )
+    group.add_argument(
         "--anonymous-reserved-per-ip",
         type=int,
         default=defaults.anonymous_reserved_per_ip,
@@ -104,6 +113,11 @@ def _registration(args: argparse.Namespace) -> dict[str, Any]:
             f"--anonymous-reserved-per-ip {args.anonymous_reserved_per_ip}: use a positive "
             "number of kudos"
         )
+    if args.mint:
+        config = CoordinatorConfig(data_dir=args.data_dir, database_url=args.database_url)
+        for name, amount in asyncio.run(_mint(config, [_mint_spec(m) for m in args.mint])):
+            print(f"minted {amount} transferable kudos for {name}")
+        raise SystemExit(0)
     if args.make_invites is not None:
         if not 1 <= args.make_invites <= 10_000:
             raise SystemExit(f"--make-invites {args.make_invites}: use 1 to 10000 codes")
@@ -116,6 +130,26 @@ def _registration(args: argparse.Namespace) -> dict[str, Any]:
         "invites_per_account": args.invites_per_account,
         "anonymous_reserved_per_ip": args.anonymous_reserved_per_ip,
     }
+
+
+def _mint_spec(spec: str) -> tuple[str, int]:
+    name, _, amount = spec.partition("=")
+    if not name or not amount.isascii() or not amount.isdigit() or int(amount) < 1:
+        raise SystemExit(f"--mint {spec!r}: use USER=KUDOS, KUDOS a positive whole number")
+    return name, int(amount)
+
+
+async def _mint(config: CoordinatorConfig, gifts: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    store: Store = await Store.open(config)
+    try:
+        for name, amount in gifts:
+            try:
+                await store.mint(name, amount)
+            except ValueError as exc:
+                raise SystemExit(f"--mint {name}={amount}: {exc}") from None
+        return gifts
+    finally:
+        await store.aclose()
 
 
 async def _make_invites(config: CoordinatorConfig, count: int) -> list[str]:

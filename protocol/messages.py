@@ -129,8 +129,9 @@ class AccountInfo(_Response):
     transferred_out: int = 0
     unspent_grants: int = Field(
         default=0,
-        description="the part of kudos that was granted and not yet spent: spendable on "
-        "jobs (spent first), never transferable",
+        description="the part of kudos that was granted (grants, rating rewards, uptime, "
+        "spot-check pay, and pay for jobs that grants funded) and not yet spent: spendable "
+        "on jobs (spent first), never transferable",
     )
     transferable: int = Field(
         default=0,

@@ -9,19 +9,31 @@ verification) have none: every job moves them, and one hot row would serialise a
 their balance is the sum of their postings. The ledger stays the truth: `audit_balances`
 (and the bank test) check that the rows agree with it.
 
-Unspent grants. `balances.grants` is the part of a balance that was granted (entries whose
-reason is in GRANTED: the new-account grant, rating rewards) and not yet spent. It is kept
+Unspent grants. `balances.grants` is the part of a balance that is not transferable: kudos
+the network gave (entries whose reason is in GRANTED: the new-account grant, rating rewards,
+uptime, spot-check pay) and pay for jobs that such kudos funded, not yet spent. It is kept
 here, by the reason of each entry, so that no path can forget it:
 - a GRANTED credit adds to it;
-- a "reserve" debit spends it first, and records what it took in `jobs.grant_spent`;
-- a "refund" credit gives it back first, up to what that job still holds in
-  `jobs.grant_spent` (so reserving and cancelling cannot turn a grant into earned kudos);
+- a "reserve" debit spends it first, and records what it took in `jobs.grant_spent`; it also
+  records in `jobs.grant_funded` what of the reservation grants paid, counting what the
+  account spent below zero (its floor's credit: the anonymous account's every job) as
+  granted too, since nobody earned it;
+- a "refund" credit to the job's requester gives back grants first, up to what that job
+  still holds in `jobs.grant_spent` (so reserving and cancelling cannot turn a grant into
+  earned kudos), and takes the same off `jobs.grant_funded` first;
+- the pay for a job (coordinator.economy.trust), and moves out of a worker's pending account
+  (releases, forfeits, disputes), say which part of each posting is grants (`granted`):
+  what grants funded reaches workers as grants;
 - nothing else touches it: transfers may move only what is not grants
-  (coordinator.economy.kudos checks that first), earnings are never grants.
-So 0 <= grants <= max(balance, 0) for every account (`audit_grants`).
+  (coordinator.economy.kudos checks that first).
+So 0 <= grants <= max(balance, 0) for every account (`audit_grants`), and the kudos that are
+transferable can only move, never appear (`transferable_supply`, checked by the audit and
+the bank test against what operator actions put in).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -38,13 +50,19 @@ __all__ = [
     "grants",
     "lock_balance",
     "lock_spender",
+    "minted_transferable",
     "open_balance",
     "post_entry",
     "total_supply",
+    "transferable_supply",
 ]
 
-# entries whose credits are granted kudos: spendable on jobs, never transferable
-GRANTED = frozenset({"grant", "rating"})
+# entries whose credits are granted kudos: spendable on jobs, never transferable. All of
+# them are minted by the coordinator without an operator's say, so none may be transferable.
+GRANTED = frozenset({"grant", "rating", "uptime", "verify"})
+# entries that create transferable kudos: the operator's explicit `--mint`, and "opening",
+# what accounts held transferable when this rule began (migration 0005_grant_funded)
+MINTED = frozenset({"mint", "opening"})
 
 
 async def post_entry(
@@ -54,8 +72,13 @@ async def post_entry(
     key: str,
     moves: list[tuple[int, int]],
     job_id: str | None = None,
+    granted: Mapping[int, int] | None = None,
 ) -> int:
-    """Write one entry of (account_id, amount) postings; amounts must sum to zero."""
+    """Write one entry of (account_id, amount) postings; amounts must sum to zero.
+
+    `granted`: account id -> the part of its amount in this entry that is grants (same sign
+    as the amount, no larger), for accounts whose share the reason rules below cannot know
+    (a job's pay, moves out of pending accounts); it replaces those rules for them."""
     if sum(amount for _, amount in moves) != 0:
         raise ValueError(f"ledger entry {key!r} does not balance: {moves}")
     if not moves:
@@ -85,10 +108,15 @@ async def post_entry(
         if account_id in system:
             continue
         amount = per_account[account_id]
-        granted = await _grants_moved(conn, reason, job_id, account_id, amount)
+        if granted is not None and account_id in granted:
+            moved = granted[account_id]
+            if moved * amount < 0 or abs(moved) > abs(amount):
+                raise ValueError(f"ledger entry {key!r}: {moved} granted of {amount}")
+        else:
+            moved = await _grants_moved(conn, reason, job_id, account_id, amount)
         values = {"amount": balances.c.amount + amount}
-        if granted:
-            values["grants"] = balances.c.grants + granted
+        if moved:
+            values["grants"] = balances.c.grants + moved
         changed = await conn.execute(
             update(balances).where(balances.c.account_id == account_id).values(values)
         )
@@ -99,7 +127,7 @@ async def post_entry(
             total = await _ledger_sum(conn, account_id)
             await conn.execute(
                 balances.insert().values(
-                    account_id=account_id, amount=total, ranked=total, grants=max(granted, 0)
+                    account_id=account_id, amount=total, ranked=total, grants=max(moved, 0)
                 )
             )
         touched.add(account_id)
@@ -116,29 +144,47 @@ async def _grants_moved(
     if job_id is None:
         return 0
     if amount < 0 and reason == "reserve":
-        unspent = await grants(conn, account_id, lock=True)
+        row = (
+            await conn.execute(
+                select(balances.c.amount, balances.c.grants)
+                .where(balances.c.account_id == account_id)
+                .with_for_update()
+            )
+        ).first()
+        before, unspent = (int(row.amount), int(row.grants)) if row is not None else (0, 0)
         used = min(unspent, -amount)
-        if used:
+        # what is neither grants nor below zero was earned or transferred
+        own = min(-amount - used, max(before - unspent, 0))
+        if used or own != -amount:
             await conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id)
-                .values(grant_spent=jobs.c.grant_spent + used)
+                .values(
+                    grant_spent=jobs.c.grant_spent + used,
+                    grant_funded=jobs.c.grant_funded - amount - own,
+                )
             )
         return -used
     if amount > 0 and reason == "refund":
         held = (
             await conn.execute(
-                select(jobs.c.grant_spent)
+                select(jobs.c.grant_spent, jobs.c.grant_funded)
                 .where((jobs.c.id == job_id) & (jobs.c.account_id == account_id))
                 .with_for_update()
             )
-        ).scalar_one_or_none()
-        back = min(int(held or 0), amount)
-        if back:
+        ).first()
+        if held is None:
+            return 0
+        back = min(int(held.grant_spent), amount)
+        funded = min(int(held.grant_funded), amount)
+        if back or funded:
             await conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id)
-                .values(grant_spent=jobs.c.grant_spent - back)
+                .values(
+                    grant_spent=jobs.c.grant_spent - back,
+                    grant_funded=jobs.c.grant_funded - funded,
+                )
             )
         return back
     return 0
@@ -234,3 +280,34 @@ async def total_supply(conn: AsyncConnection) -> int:
     return int(
         (await conn.execute(select(func.coalesce(func.sum(postings.c.amount), 0)))).scalar_one()
     )
+
+
+async def transferable_supply(conn: AsyncConnection) -> int:
+    """All transferable kudos: every balance's part above its unspent grants (nothing of a
+    balance below zero), plus what open jobs hold in escrow that grants did not fund."""
+    own = case((balances.c.amount > balances.c.grants, balances.c.amount - balances.c.grants))
+    held = (
+        await conn.execute(select(func.coalesce(func.sum(own), 0)).select_from(balances))
+    ).scalar_one()
+    escrow = (
+        await conn.execute(
+            select(func.coalesce(func.sum(jobs.c.grant_funded), 0)).where(
+                jobs.c.state.in_(("queued", "leased"))
+            )
+        )
+    ).scalar_one()
+    escrow_id = (
+        await conn.execute(select(accounts.c.id).where(accounts.c.name == "system:escrow"))
+    ).scalar_one_or_none()
+    in_escrow = 0 if escrow_id is None else await _ledger_sum(conn, int(escrow_id))
+    return int(held) + in_escrow - int(escrow)
+
+
+async def minted_transferable(conn: AsyncConnection) -> int:
+    """All transferable kudos ever created: the credits of MINTED entries."""
+    query = (
+        select(func.coalesce(func.sum(postings.c.amount), 0))
+        .select_from(postings.join(ledger_entries))
+        .where(ledger_entries.c.reason.in_(sorted(MINTED)) & (postings.c.amount > 0))
+    )
+    return int((await conn.execute(query)).scalar_one())

@@ -184,6 +184,10 @@ jobs = Table(
     Column("held_until", Float),
     # JSON of /api/v2 request options (r2, ...), None for other doors
     Column("horde", Text),
+    # --- grants stay grants (0005_grant_funded) ---
+    # what of the reservation still in escrow grants paid (grant_spent, plus what the
+    # requester spent below zero); that part of the pay reaches workers as grants
+    Column("grant_funded", BigInteger, nullable=False, server_default="0"),
     Index("ix_jobs_state", "state", "created_at"),
     Index("ix_jobs_account", "account_id", "state"),
     # the queue: the next job of a kind is the first row of this index that fits

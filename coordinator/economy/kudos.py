@@ -3,8 +3,9 @@
 Every function is one database transaction; every movement is a ledger entry with an
 idempotency key (see coordinator.db.ledger).
 
-Granted kudos (the new-account grant, rating rewards: both farmable with many accounts) are
-spendable on jobs but never transferable: a transfer may move at most the balance minus the
+Granted kudos (the new-account grant, rating rewards, uptime, spot-check pay, and pay for
+jobs that grants funded: all farmable with many accounts) are spendable on jobs but never
+transferable: a transfer may move at most the balance minus the
 account's unspent grants (coordinator.db.ledger keeps them), so a thousand fresh accounts
 cannot pool their grants into one.
 """

@@ -30,7 +30,7 @@ Its text agrees with the original's when they are equal or share their first
 near-tie late in a long generation; 0 = equal only). `trust.judge` applies the quorum of
 two: agreement releases the gateway's held pay, two disagreements forfeit it with a
 suspicion and give the requester the verifier's text. A verification job costs the
-requester nothing: its gateway and servers are paid from the grants account
+requester nothing: its gateway and servers are paid from the grants account, as grants
 (coordinator.jobs.text).
 """
 

@@ -26,6 +26,9 @@ How it works (see README "The kudos economy" and "Threat model"):
   for every job size. The time is counted from the lease, or from the worker's previous
   result if that came later: leasing many jobs at once buys no time.
 - `pause_after_suspicions` suspicions pause the worker: its pops get 403.
+- Pay keeps what funded it: the part of a job that grants paid reaches the worker's owner
+  (and its pending account) as grants; uptime and check pay are minted, so grants too
+  (README "Threat model: no kudos from nothing").
 - Text jobs use the same verdicts (`pass_check`, `fail_check`, `judge`): gateways are
   re-run by gateways, block servers checked by gateways (coordinator.economy.text_checks).
 """
@@ -43,7 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.config import CoordinatorConfig
 from coordinator.db.database import ESCROW, GRANTS, now
-from coordinator.db.ledger import balance, open_balance, post_entry
+from coordinator.db.ledger import GRANTED, balance, grants, open_balance, post_entry
 from coordinator.db.schema import accounts, jobs, ledger_entries, postings, results, workers
 from coordinator.economy.verification import Outcome
 from protocol.params import ImageParams
@@ -57,6 +60,7 @@ __all__ = [
     "dispute",
     "fail_check",
     "independent",
+    "job_grants",
     "judge",
     "pay_worker",
     "pass_check",
@@ -78,7 +82,7 @@ DONE = text("jobs.state = 'done'")
 REFEREE_SEEN_SECONDS = 600.0
 # Entries with these reasons create or destroy kudos (they move system:grants); every
 # other entry only moves kudos between accounts.
-GRANT_REASONS = frozenset({"grant", "rating", "uptime", "verify", "forfeit"})
+GRANT_REASONS = frozenset({"grant", "rating", "uptime", "verify", "forfeit", "mint", "opening"})
 # held pay of at most this many jobs is released per transaction
 RELEASE_BATCH = 100
 
@@ -116,13 +120,16 @@ async def pay_worker(
     *,
     reason: str = "settle",
     source: int | None = None,
+    granted: int = 0,
 ) -> tuple[int, int]:
     """Pay `amount` kudos for `worker_id`'s work into `account_id`, in the caller's transaction.
 
     `source` is the paying account (default: system:escrow, for a job's reserved cost; use
-    system:grants for uptime and the like). While the worker is untrusted,
-    `trust_hold_fraction` of the amount (rounded down) goes to its pending account instead.
-    One ledger entry with idempotency key `key`. Returns (paid now, held).
+    system:grants for uptime and the like). `granted`: how much of `amount` grants funded
+    (`job_grants`); that part arrives as grants, in proportion on the paid and the held
+    part (a minted reason, such as uptime, is all grants anyway). While the worker is
+    untrusted, `trust_hold_fraction` of the amount (rounded down) goes to its pending
+    account instead. One ledger entry with idempotency key `key`. Returns (paid now, held).
     """
     if amount <= 0:
         return 0, 0
@@ -132,12 +139,40 @@ async def pay_worker(
     held = 0 if trusted else math.floor(amount * config.trust_hold_fraction)
     payer = source if source is not None else await _system_id(conn, ESCROW)
     moves = [(payer, -amount)]
+    # rounded down on the held part, so the part paid now takes the odd kudo as a grant
+    granted_held = granted * held // amount
+    grants: dict[int, int] = {}
     if amount - held:
         moves.append((account_id, amount - held))
+        grants[account_id] = granted - granted_held
     if held:
-        moves.append((await pending_account(conn, worker_id), held))
-    await post_entry(conn, reason=reason, key=key, job_id=job_id, moves=moves)
+        pending = await pending_account(conn, worker_id)
+        moves.append((pending, held))
+        grants[pending] = granted_held
+    await post_entry(
+        conn,
+        reason=reason,
+        key=key,
+        job_id=job_id,
+        moves=moves,
+        granted=None if reason in GRANTED else grants,
+    )
     return amount - held, held
+
+
+async def job_grants(conn: AsyncConnection, job_id: str) -> int:
+    """How much of what `job_id` still holds in escrow grants funded (its requester's unspent
+    grants, or credit below zero): that part of its pay arrives as grants."""
+    funded = (
+        await conn.execute(select(jobs.c.grant_funded).where(jobs.c.id == job_id))
+    ).scalar_one()
+    return int(funded)
+
+
+async def _grants_first(conn: AsyncConnection, account_id: int, amount: int) -> int:
+    """The grants among `amount` kudos leaving `account_id` (a pending account), taken first:
+    what leaves as grants arrives as grants."""
+    return min(await grants(conn, account_id), amount)
 
 
 def _work(params: ImageParams) -> int:
@@ -342,6 +377,7 @@ async def hold_for_dispute(
             key=f"settle:{job.id}",
             job_id=job.id,
             moves=[(await _system_id(conn, ESCROW), -job.cost), (pending, job.cost)],
+            granted={pending: await job_grants(conn, job.id)},
         )
     held_until = job.finished_at + config.horde_hold_seconds
     await conn.execute(update(jobs).where(jobs.c.id == job.id).values(held_until=held_until))
@@ -349,15 +385,22 @@ async def hold_for_dispute(
 
 
 async def _held_move(conn: AsyncConnection, job: Any, reason: str, to: int) -> int:
-    """Move what `job` holds on its worker's pending account to `to`; the amount."""
+    """Move what `job` holds on its worker's pending account to `to`; the amount. Its grants
+    (what grants funded of the job) leave as grants; a release pays them as grants, a
+    refund gives the requester back what its own grants paid (coordinator.db.ledger)."""
     if job.cost > 0:
         pending = await pending_account(conn, job.worker_id)
+        held_grants = min(await job_grants(conn, job.id), int(job.cost))
+        moved = {pending: -held_grants}
+        if reason != "refund":
+            moved[to] = held_grants
         await post_entry(
             conn,
             reason=reason,
             key=f"{reason}:horde:{job.id}",
             job_id=job.id,
             moves=[(pending, -job.cost), (to, job.cost)],
+            granted=moved,
         )
     await conn.execute(update(jobs).where(jobs.c.id == job.id).values(held_until=None))
     return int(job.cost)
@@ -427,12 +470,14 @@ async def pass_check(
     pending = await pending_account(conn, worker_id)
     releasable = await balance(conn, pending) - await _disputed_hold(conn, pending)
     if releasable > 0:
+        moved = await _grants_first(conn, pending, releasable)
         await post_entry(
             conn,
             reason="release",
             key=f"release:{key}",
             job_id=job_id,
             moves=[(pending, -releasable), (suspect.account_id, releasable)],
+            granted={pending: -moved, suspect.account_id: moved},
         )
 
 
@@ -462,6 +507,7 @@ async def fail_check(
             key=f"forfeit:{key}",
             job_id=job_id,
             moves=[(pending, -held), (await _system_id(conn, GRANTS), held)],
+            granted={pending: -await _grants_first(conn, pending, held)},
         )
 
 
@@ -556,7 +602,9 @@ async def record_check(
     )
     if convicted:
         await _replace_images(conn, original, verifier_id, verified_images)
-    # The verifier did real work: paid like the original, from the grants account.
+    # The verifier did real work: paid like the original, minted from the grants account,
+    # so as grants (a colluder's trusted worker checking its partner's jobs must not mint
+    # transferable kudos).
     return await pay_worker(
         conn,
         config,
@@ -570,6 +618,22 @@ async def record_check(
     )
 
 
+async def _verified_work(conn: AsyncConnection, worker: Row[Any], since: float) -> bool:
+    """The worker finished verified work since `since`: any job if it is trusted (it earned
+    that through independent checks, or the operator vouched for it), else a job that an
+    independent check agreed with. Polling alone, or unchecked work (every job of an AI
+    Horde worker), earns no uptime: names cost nothing, and a poll proves no GPU."""
+    check = jobs.alias("check")
+    done = (
+        (jobs.c.worker_id == worker.id) & (jobs.c.state == "done") & (jobs.c.finished_at >= since)
+    )
+    if not worker.trusted:
+        agreed = (check.c.verify_of == jobs.c.id) & (check.c.verdict == "agree")
+        done = done & exists().where(agreed)
+    found = (await conn.execute(select(jobs.c.id).where(done).limit(1))).first()
+    return found is not None
+
+
 async def record_poll(
     conn: AsyncConnection,
     config: CoordinatorConfig,
@@ -579,8 +643,9 @@ async def record_poll(
     offer: dict[str, Any] | None = None,
 ) -> int:
     """Note that the worker is polling (from `ip`, when known; `offer`: columns saying what
-    it serves, when they changed); pay uptime kudos for the last full period it was online
-    through, if it served recently. Returns the kudos paid (0 if none)."""
+    it serves, when they changed); pay uptime kudos (grants) for the last full period it was
+    online through, if it recently finished verified work (`_verified_work`). Returns the
+    kudos paid (0 if none)."""
     row = (await conn.execute(select(workers).where(workers.c.id == worker_id))).one()
     online_since = row.online_since
     if online_since is None or now - row.last_seen > config.uptime_grace:
@@ -596,18 +661,7 @@ async def record_poll(
     last_full = math.floor(now / period) - 1
     if online_since > last_full * period:
         return 0
-    served = (
-        await conn.execute(
-            select(func.count())
-            .select_from(jobs)
-            .where(
-                (jobs.c.worker_id == worker_id)
-                & (jobs.c.state == "done")
-                & (jobs.c.finished_at >= now - config.uptime_serve_window)
-            )
-        )
-    ).scalar_one()
-    if not served:
+    if not await _verified_work(conn, row, now - config.uptime_serve_window):
         return 0
     key = f"uptime:{worker_id}:{last_full}"
     seen = select(ledger_entries.c.id).where(ledger_entries.c.idempotency_key == key)

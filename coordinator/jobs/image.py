@@ -220,6 +220,7 @@ class ImageJobs(Lifecycle):
                 job.cost,
                 job.id,
                 f"settle:{job.id}",
+                granted=await trust.job_grants(conn, job.id),
             )
             await trust.after_result(
                 conn, self._config, worker.id, row, row.finished_at, self._system[VERIFICATION]

@@ -55,6 +55,7 @@ __all__ = [
     "create_text_job",
     "fail_text_job",
     "get_text_job",
+    "grant_parts",
     "link_peer",
     "offer_models",
     "pop_text_job",
@@ -152,6 +153,26 @@ def split_kudos(total: int, weights: Sequence[float]) -> list[int]:
     for i in order[:left]:
         shares[i] += 1
     return shares
+
+
+def grant_parts(granted: int, shares: Sequence[int]) -> list[int]:
+    """Split `granted` (at most their sum) over `shares` in proportion, never more than a
+    share (integer largest remainder), so that the parts add up to `granted` exactly."""
+    whole = sum(shares)
+    if granted > whole or granted < 0:
+        raise ValueError(f"{granted} granted kudos do not fit in shares of {whole}")
+    if not whole:
+        return [0] * len(shares)
+    parts = [granted * share // whole for share in shares]
+    remainders = sorted(range(len(shares)), key=lambda i: (-(granted * shares[i] % whole), i))
+    left = granted - sum(parts)
+    for i in remainders:
+        if left == 0:
+            break
+        if parts[i] < shares[i]:
+            parts[i] += 1
+            left -= 1
+    return parts
 
 
 # --- models and peers -------------------------------------------------------------------
@@ -477,8 +498,10 @@ async def complete_text_job(
                     (job.account_id, job.cost - cost),
                 ],
             )
+        # what grants funded of the job reaches every payee as grants, in proportion
+        granted = grant_parts(await trust.job_grants(conn, job.id), shares)
         paid: dict[int, int] = {}
-        for (worker_id, account_id), share in zip(payees, shares, strict=True):
+        for (worker_id, account_id), share, grant in zip(payees, shares, granted, strict=True):
             # untrusted workers get part of it held pending verification (economy.trust)
             await trust.pay_worker(
                 conn,
@@ -490,6 +513,7 @@ async def complete_text_job(
                 f"settle:{job.id}:{worker_id}",
                 reason="settle" if checked is None else "verify",
                 source=None if checked is None else store.system_account(GRANTS),
+                granted=grant,
             )
             if share:
                 paid[account_id] = paid.get(account_id, 0) + share

@@ -149,6 +149,9 @@ async def test_honest_work_checked_by_a_trusted_gateway_is_released(
     assert (await money(grid))[:2] == (before + 11, 0)
     audit = await grid["live"].store.ledger_audit()
     assert audit["unbalanced_entries"] == 0 and audit["sum"] == 0
+    # alice's grants paid every job: the servers' and gateways' pay, held or released, is
+    # grants too (issue 26), so nothing anywhere became transferable
+    assert (audit["transferable"], audit["minted"], audit["grants_off"]) == (0, 0, 0)
 
 
 async def test_a_decided_wrong_forfeits_held_pay_and_pauses(grid: dict[str, Any]) -> None:

@@ -139,7 +139,7 @@ async def test_account_transfer_history_and_rate_commands(live: LiveApp) -> None
     entries = json.loads(history.stdout)["entries"]
     assert [(e["reason"], e["amount"]) for e in entries] == [
         ("transfer", -5),
-        ("uptime", 5),
+        ("mint", 5),
         ("grant", 100),
     ]
     plain = await _cli(live.url, alice, "account", "history")

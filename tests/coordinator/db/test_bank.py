@@ -8,7 +8,8 @@ starts a new one. Operations cut off by a kill are "indeterminate": they may or 
 have happened, and the checks must hold either way.
 
 Then, after the queue drains, the books must be right: every ledger entry sums to zero;
-kudos come into being only through grant-like entries; no balance is below its floor;
+kudos come into being only through grant-like entries, and transferable ones only through
+the operator's mint (grants stay grants through every job); no balance is below its floor;
 every job reserved once and is settled or refunded exactly once; nothing acknowledged
 was lost; every transfer key moved kudos once.
 """
@@ -47,6 +48,7 @@ DRAIN_SECONDS = 60.0
 USERS = 4
 WORKERS = 3
 GRANT = 100
+MINT = 50  # transferable kudos the operator gives each user (grants are not transferable)
 LEASE = 2.0
 LIMITS = [f"--rate-limit={s}=10000/10000,10000/10000" for s in DEFAULT_RATE_LIMITS]
 UNSURE = (ClientError, aiohttp.ClientError, TimeoutError, CoordinatorUnavailable)
@@ -299,6 +301,13 @@ async def test_bank_invariants_hold_under_chaos(
         async with AsyncClient(cluster.url(rng)) as anon:
             for i in range(USERS):
                 keys[f"user{i}"] = (await anon.register(f"user{i}")).api_key
+        config = CoordinatorConfig(data_dir=tmp_path / "data", database_url=database_url)
+        operator = await Store.open(config)
+        try:
+            for name in keys:
+                await operator.mint(name, MINT)
+        finally:
+            await operator.aclose()
         for i in range(WORKERS):
             owner = keys[f"user{i}"] if i < 2 else None  # some workers earn for users
             worker = FakeWorker(cluster.url(rng), f"bank{i}", owner)
@@ -315,7 +324,6 @@ async def test_bank_invariants_hold_under_chaos(
                 group.create_task(
                     _worker(cluster, worker, history, random.Random(rng.random()), stop)
                 )
-        config = CoordinatorConfig(data_dir=tmp_path / "data", database_url=database_url)
         store = await Store.open(config)
         try:
             await _drain(cluster, workers, store, rng)
@@ -343,6 +351,9 @@ async def _check(store: Store, history: History) -> None:
     assert audit["balance_rows_off"] == 0, audit
     # unspent grants (never transferable) lie between 0 and each balance
     assert audit["grants_off"] == 0, audit
+    # no kudos from nothing: the transferable ones are exactly what the operator minted,
+    # however the jobs that grants funded were paid, refunded, held and released
+    assert audit["transferable"] == audit["minted"] == MINT * USERS, audit
     async with store.engine.begin() as conn:
         grants_id = store.system_account("system:grants")
         escrow_id = store.system_account("system:escrow")
@@ -363,6 +374,7 @@ async def _check(store: Store, history: History) -> None:
             )
         ).scalar_one()
         assert -created.get("grant", 0) == GRANT * user_count
+        assert -created.get("mint", 0) == MINT * user_count
         rating_rewards = -created.get("rating", 0)
         assert rating_rewards >= history.rewarded_ratings
         rating_rows = (await conn.execute(select(func.count()).select_from(ratings))).scalar_one()

@@ -147,10 +147,35 @@ async def test_released_database_is_stamped_and_upgraded(
         tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
         assert "schema_version" not in tables
 
+        # 0005 recorded what was transferable then as the operator's "opening" entry
+        opening = (
+            await conn.execute(text("SELECT id FROM ledger_entries WHERE reason = 'opening'"))
+        ).scalar_one()
+        opened = (
+            await conn.execute(
+                text(f"SELECT amount FROM postings WHERE entry_id = {opening} AND amount > 0")
+            )
+        ).scalar_one()
+        # (balances above zero, and escrow but for open anonymous jobs: credit, not earned)
+        (transferable,) = released.execute(
+            "SELECT (SELECT sum(max(total, 0)) FROM (SELECT sum(p.amount) AS total"
+            "  FROM postings p JOIN accounts a ON a.id = p.account_id"
+            "  WHERE a.kind != 'system' GROUP BY a.id))"
+            " + (SELECT sum(p.amount) FROM postings p JOIN accounts a ON a.id = p.account_id"
+            "  WHERE a.name = 'system:escrow')"
+            " - (SELECT coalesce(sum(j.cost), 0) FROM jobs j JOIN accounts a"
+            "  ON a.id = j.account_id WHERE a.kind = 'anonymous'"
+            "  AND j.state IN ('queued', 'leased'))"
+        ).fetchone()
+        assert opened == transferable > 0
         # every row the release wrote is still there, unchanged
         for name in _released_tables(released):
             columns, rows = _released_rows(released, name)
             query = select(*(text(f'"{c}"') for c in columns)).select_from(table(name))
+            if name == "ledger_entries":
+                query = query.where(text(f"id != {opening}"))
+            elif name == "postings":
+                query = query.where(text(f"entry_id != {opening}"))
             found = (await conn.execute(query)).all()
             assert sorted(map(tuple, found), key=repr) == sorted(rows, key=repr), name
 
@@ -286,7 +311,7 @@ async def test_downgrade_to_base_and_back(engine: AsyncEngine) -> None:
 
 
 def test_revision_ids_number_on_from_the_head() -> None:
-    assert HEAD == "0004_doors"
+    assert HEAD == "0005_grant_funded"
     assert (
-        migrations.next_revision_id("Add jobs.priority, again!") == "0005_add_jobs_priority_again"
+        migrations.next_revision_id("Add jobs.priority, again!") == "0006_add_jobs_priority_again"
     )

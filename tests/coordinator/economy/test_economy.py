@@ -119,9 +119,37 @@ async def test_cancel_refunds_queued_and_running_jobs(live: LiveApp) -> None:
     assert (await live.store.balances())["system:escrow"] == 0
 
 
-async def test_transfers_are_idempotent(live: LiveApp) -> None:
+async def _operator(config: CoordinatorConfig, *args: str) -> subprocess.CompletedProcess[str]:
+    """`idlegrid coordinator ARGS` against the database of `config` (operator actions)."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "coordinator",
+            "--data-dir",
+            str(config.data_dir),
+            "--database-url",
+            str(config.database_url),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+async def test_transfers_are_idempotent(
+    live: LiveApp, coordinator_config: CoordinatorConfig
+) -> None:
     alice_key, bob_key = await register_accounts(live.url, "alice", "bob")
-    await earn(live.store, "alice", 40)  # granted kudos are not transferable
+    # granted kudos are not transferable: the operator mints some (the only source)
+    minted = await _operator(coordinator_config, "--mint", "alice=40")
+    assert minted.returncode == 0 and "minted 40 transferable kudos for alice" in minted.stdout
+    refused = await _operator(coordinator_config, "--mint", "alice=²")
+    assert refused.returncode != 0 and "--mint 'alice=²': use USER=KUDOS" in refused.stderr
     async with AsyncClient(live.url, alice_key) as alice, AsyncClient(live.url, bob_key) as bob:
         first = await alice.transfer("bob", 30, "pay-bob-1")
         replay = await alice.transfer("bob", 30, "pay-bob-1")
@@ -183,14 +211,15 @@ async def test_account_show_and_history(live: LiveApp) -> None:
         owner = await bob.me()
         # the worker is untrusted: half (rounded down) of its 3 kudos is held pending
         assert (owner.earned, owner.pending, owner.transferred_in) == (2, 1, 7)
-        assert (owner.unspent_grants, owner.transferable) == (100, 9)
+        # alice's grants paid that job, so its pay arrives as grants (issue 26)
+        assert (owner.unspent_grants, owner.transferable) == (102, 7)
         page = await alice.history()
         reasons = [(e.reason, e.amount) for e in page.entries]
         assert reasons == [
             ("transfer", -7),
             ("reserve", -3),
             ("reserve", -3),
-            ("uptime", 10),
+            ("mint", 10),
             ("grant", 100),
         ]
         assert page.entries[0].counterparties == ["bob"]
@@ -198,7 +227,7 @@ async def test_account_show_and_history(live: LiveApp) -> None:
         older = await alice.history(limit=2)
         assert older.next_before is not None and len(older.entries) == 2
         rest = await alice.history(limit=10, before=older.next_before)
-        assert [e.reason for e in rest.entries] == ["reserve", "uptime", "grant"]
+        assert [e.reason for e in rest.entries] == ["reserve", "mint", "grant"]
         bobs = await bob.history()
         assert [e.reason for e in bobs.entries] == ["transfer", "settle", "grant"]
         assert bobs.entries[1].amount == 2
@@ -302,33 +331,51 @@ async def test_rate_limits_per_ip_cover_anonymous_pops_and_ratings(make_app: App
 
 
 async def test_uptime_kudos_for_workers_that_stay_online_and_serve(make_app: AppFactory) -> None:
-    app = await make_app(uptime_period=10.0, uptime_reward=4, uptime_grace=5.0)
+    # owner's workers are trusted (the operator's seed); farmer's are not, and with no
+    # trusted referee of another owner around nothing of theirs is ever checked
+    app = await make_app(
+        uptime_period=10.0,
+        uptime_reward=4,
+        uptime_grace=5.0,
+        trusted_accounts=frozenset({"owner"}),
+    )
     # the store's clock, near real time (workers sign registrations with the real time);
     # t0 + 1000 is a multiple of the 10 s period, so the comments' times are exact
     t0 = math.floor(time.time() / 100) * 100 - 1000.0
     clock = [t0 + 1001.0]
     app.store.clock = lambda: clock[0]
-    (owner_key,) = await register_accounts(app.url, "owner")
-    async with FakeWorker(app.url, "w1", owner_key) as worker, AsyncClient(app.url) as anon:
+    owner_key, farmer_key = await register_accounts(app.url, "owner", "farmer")
+    async with (
+        FakeWorker(app.url, "w1", owner_key) as worker,
+        FakeWorker(app.url, "w2", farmer_key) as unchecked,
+        AsyncClient(app.url) as anon,
+    ):
         await worker.link.pop(CAPS, wait=0)  # online since t=1001
+        await unchecked.link.pop(CAPS, wait=0)
         await anon.submit_image(ImageParams(**SMALL))
         await _serve_one(worker)
+        await anon.submit_image(ImageParams(**SMALL))
+        await _serve_one(unchecked)
         for t in range(1002, 1026, 3):  # polls every 3 s: never a gap over the grace
             clock[0] = t0 + t
             await worker.link.pop(CAPS, wait=0)
+            await unchecked.link.pop(CAPS, wait=0)
         balances = await app.store.balances()
-        # online throughout the period [1010, 1020), but not [1000, 1010): 4 kudos, half
-        # held pending while the worker is untrusted
-        assert balances["owner"] == 100 + 1 + 4 // 2
-        pending = await app.store.balances()
-        assert pending[f"pending:{worker.link.worker_id}"] == 2
+        # online throughout the period [1010, 1020), but not [1000, 1010): 4 kudos, in full
+        # (trusted), as grants like the anonymous job's pay (issue 26)
+        assert balances["owner"] == 100 + 1 + 4
+        # unverified work earns no uptime: only its job's pay
+        assert balances["farmer"] == 100 + 1
         clock[0] = t0 + 1040.0  # a long pause breaks the stretch: no kudos for [1030, 1040)
         await worker.link.pop(CAPS, wait=0)
         clock[0] = t0 + 1042.0
         await worker.link.pop(CAPS, wait=0)
-        assert (await app.store.balances())["owner"] == 103
+        assert (await app.store.balances())["owner"] == 105
     history = [e for e in (await _history(app.url, owner_key)) if e["reason"] == "uptime"]
     assert len(history) == 1
+    async with AsyncClient(app.url, owner_key) as owner:
+        me = await owner.me()
+    assert (me.kudos, me.unspent_grants, me.transferable) == (105, 105, 0)
 
 
 async def _history(url: str, key: str) -> list[dict[str, Any]]:

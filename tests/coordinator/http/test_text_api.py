@@ -16,7 +16,7 @@ import pytest
 from client.errors import ApiError, JobFailed
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
-from coordinator.jobs.text import split_kudos
+from coordinator.jobs.text import grant_parts, split_kudos
 from protocol.signing import Identity
 from protocol.text import BUILTIN_TEXT_MODELS, LeasedTextJob, TextModel, TextParams
 from tests.conftest import LiveApp
@@ -427,6 +427,21 @@ def test_split_kudos_is_exact_and_proportional() -> None:
     assert split_kudos(0, [5, 5]) == [0, 0]
     assert split_kudos(7, [0, 0]) == [0, 0]
     assert sum(split_kudos(1001, [3, 7, 11, 13])) == 1001
+
+
+def test_grant_parts_are_exact_proportional_and_within_each_share() -> None:
+    # the grant-funded part of a text job's pay, over its payees' shares
+    assert grant_parts(6, [10, 5, 5]) == [3, 2, 1]
+    assert grant_parts(20, [10, 5, 5]) == [10, 5, 5]
+    assert grant_parts(0, [3, 4]) == [0, 0]
+    for granted in range(0, 23):
+        shares = [1, 0, 7, 2, 13]
+        parts = grant_parts(granted, shares)
+        assert sum(parts) == granted and all(
+            0 <= p <= s for p, s in zip(parts, shares, strict=True)
+        )
+    with pytest.raises(ValueError, match="do not fit"):
+        grant_parts(5, [2, 2])
 
 
 async def test_ai_horde_text_requests_run_on_the_same_queue(grid: dict[str, Any]) -> None:
