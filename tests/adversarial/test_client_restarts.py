@@ -87,6 +87,7 @@ async def _silent_listener(port: int = 0) -> AsyncIterator[int]:
         await server.wait_closed()
 
 
+@pytest.mark.slow
 async def test_cli_rides_out_a_coordinator_restart(tmp_path: Path) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -115,6 +116,7 @@ async def test_cli_rides_out_a_coordinator_restart(tmp_path: Path) -> None:
                 proc.stop()
 
 
+@pytest.mark.slow
 async def test_cli_gives_up_on_a_vanished_coordinator_naming_the_job(tmp_path: Path) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

@@ -68,6 +68,7 @@ def test_unreachable_coordinator_is_a_clear_failure(capsys: pytest.CaptureFixtur
     assert "cannot reach the coordinator at http://127.0.0.1:9" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_worker_refuses_pickle_weights(tmp_path: Path) -> None:
     checkpoint = tmp_path / "model.ckpt"
     checkpoint.write_bytes(b"not really a pickle")
@@ -100,6 +101,7 @@ async def _cli(url: str, key: str | None, *args: str) -> subprocess.CompletedPro
     )
 
 
+@pytest.mark.slow
 async def test_dry_run_quotes_and_submits_nothing(live: LiveApp) -> None:
     async with AsyncClient(live.url) as anon:
         key = (await anon.register("alice")).api_key
@@ -114,6 +116,7 @@ async def test_dry_run_quotes_and_submits_nothing(live: LiveApp) -> None:
     assert (await live.store.ledger_audit())["entries"] == 1
 
 
+@pytest.mark.slow
 async def test_account_transfer_history_and_rate_commands(live: LiveApp) -> None:
     async with AsyncClient(live.url) as anon:
         alice = (await anon.register("alice")).api_key
@@ -159,6 +162,7 @@ async def test_account_transfer_history_and_rate_commands(live: LiveApp) -> None
         assert missing.returncode == 2 and "index" in missing.stderr
 
 
+@pytest.mark.slow
 async def test_complete_and_cancel_a_text_job_from_the_cli(live: LiveApp) -> None:
     # the coordinator's built-in default model, offered unchanged
     model = next(m for m in BUILTIN_TEXT_MODELS if m.name == BUILTIN_DEFAULT_MODEL)

@@ -177,6 +177,7 @@ async def test_two_processes_share_the_port_job_changes_and_rate_limits(
     assert "[0:" in output and "[1:" in output  # each child logs with its index
 
 
+@pytest.mark.slow
 async def test_more_processes_on_sqlite_is_refused(tmp_path: Path) -> None:
     proc = Proc(
         ["coordinator", "--port", "0", "--data-dir", str(tmp_path), "--processes", "2"],

@@ -188,6 +188,7 @@ def test_ipv6_clients_share_a_bucket_per_64() -> None:
     assert address_bucket("?") == "?"
 
 
+@pytest.mark.slow
 def test_the_cli_accepts_every_scope_and_names_a_bad_proxy(tmp_path: Path) -> None:
     flags = [f"--rate-limit={scope}=1/1" for scope in DEFAULT_RATE_LIMITS]
     done = subprocess.run(

@@ -383,6 +383,7 @@ def _coordinator(tmp_path: Path, catalog: str) -> subprocess.CompletedProcess[st
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("catalog", "says"),
     [

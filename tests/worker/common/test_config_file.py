@@ -230,6 +230,7 @@ def test_unusable_files_are_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     )
 
 
+@pytest.mark.slow
 def test_the_command_exits_2_on_a_bad_file(tmp_path: Path) -> None:
     """The real `idlegrid` process: exit status and message."""
     config = _write(tmp_path, 'coordinator = "u"\nmodel = "/m"\nmax-steps = "many"\n')

@@ -78,6 +78,7 @@ def _pickled_pipeline(tiny_models: Path, tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_healthy_setup_against_a_real_coordinator(
     coordinator: str, tiny_models: Path, tmp_path: Path
 ) -> None:
@@ -101,6 +102,7 @@ def test_a_healthy_setup_against_a_real_coordinator(
     assert done.returncode == (1 if failed else 0), done.stderr
 
 
+@pytest.mark.slow
 def test_the_table_is_aligned_and_fails_on_a_pickle_model(
     coordinator: str, tiny_models: Path, tmp_path: Path
 ) -> None:

@@ -123,6 +123,7 @@ async def test_schedule_with_several_ranges() -> None:
     assert await rule.blocked() == "outside --schedule 09:00-10:00,12:00-13:00"
 
 
+@pytest.mark.slow
 def test_bad_schedule_flag_exits_2_naming_the_flag(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "client.cli", "worker", "image", "--coordinator",

@@ -187,6 +187,7 @@ def test_invalid_key_file_names_the_file_and_frees_the_lock(tmp_path: Path) -> N
         assert fixed.file == bad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["image", "blocks", "gateway"])
 def test_cli_exits_2_when_its_identity_is_in_use(
     kind: str, tmp_path: Path, tiny_models: Path, holders: list[Holder]

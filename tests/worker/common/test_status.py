@@ -155,6 +155,7 @@ def _status(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_worker_status_reads_a_running_worker(
     tmp_path: Path, coordinator: str, tiny_models: Path
 ) -> None:

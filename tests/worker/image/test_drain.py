@@ -159,6 +159,7 @@ async def _until(
             await asyncio.sleep(0.05)
 
 
+@pytest.mark.slow
 async def test_one_sigterm_finishes_the_job_then_exits_0(live: LiveApp, tmp_path: Path) -> None:
     owner, requester = await register_accounts(live.url, "owner", "requester")
     async with AsyncClient(live.url, requester) as grid:
@@ -184,6 +185,7 @@ async def test_one_sigterm_finishes_the_job_then_exits_0(live: LiveApp, tmp_path
     assert not (tmp_path / "drainer.status.json").exists()
 
 
+@pytest.mark.slow
 async def test_second_signal_gives_the_job_back_at_once(live: LiveApp, tmp_path: Path) -> None:
     owner, requester = await register_accounts(live.url, "owner", "requester")
     async with AsyncClient(live.url, requester) as grid:

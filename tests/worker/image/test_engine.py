@@ -58,6 +58,7 @@ def _run(engine: ImageEngine, **fields: Any) -> tuple[dict[str, Any], list[bytes
 # -- ImageEngine ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_engine_matches_plain_diffusers(
     engine: ImageEngine, plain_pipe: StableDiffusionPipeline
 ) -> None:
@@ -71,12 +72,14 @@ def test_engine_matches_plain_diffusers(
     assert not np.array_equal(_pixels(blobs[0]), _pixels(blobs[1]))
 
 
+@pytest.mark.slow
 def test_image_i_depends_only_on_seed_plus_i(engine: ImageEngine) -> None:
     _, pair, _ = _run(engine, seed=10, n=2)
     _, single, _ = _run(engine, seed=11, n=1)
     np.testing.assert_array_equal(_pixels(pair[1]), _pixels(single[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_makes_the_plain_diffusers_image(
     engine: ImageEngine, plain_pipe: StableDiffusionPipeline, sampler: str
@@ -105,6 +108,7 @@ def test_make_scheduler_follows_the_spec_table(plain_pipe: StableDiffusionPipeli
         make_scheduler("Euler b", base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["Euler", "Heun"])
 def test_progress_reports_each_step_once(engine: ImageEngine, sampler: str) -> None:
     _, _, events = _run(engine, seed=3, n=2, steps=3, sampler=sampler)

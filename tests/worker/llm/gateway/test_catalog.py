@@ -49,7 +49,7 @@ def _gateway_config(model: Path, tmp_path: Path) -> GatewayConfig:
     )
 
 
-@pytest.mark.parametrize("which", ["llm", "smollm2"])
+@pytest.mark.parametrize("which", ["llm", pytest.param("smollm2", marks=pytest.mark.slow)])
 def test_the_built_in_models_are_what_idlegrid_models_builds(
     which: str, tiny_models: Path, tmp_path: Path
 ) -> None:

@@ -25,6 +25,7 @@ from worker.llm.swarm.peer_proof import PeerKey
 MESSAGE = peer_proof_message("ab" * 16, "worker-1", "peer")
 
 
+@pytest.mark.slow
 async def test_p2pd_runs_on_our_key_alone_or_joining_a_swarm() -> None:
     first_key, second_key = PeerKey.generate(), PeerKey.generate()
     with first_key.identity_file() as path:

