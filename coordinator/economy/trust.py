@@ -172,16 +172,22 @@ def independent(config: CoordinatorConfig, one: Any, other: Any) -> bool:
     return not (config.verify_distinct_ip and one.ip is not None and one.ip == other.ip)
 
 
+# (built once: an alias copies every column of its table)
+_original = jobs.alias("original")
+_checked = workers.alias("checked")
+_other_check = jobs.alias("other_check")
+_other_referee = workers.alias("other_referee")
+
+
 def checks_for(
-    config: CoordinatorConfig, me: Row[Any], pending: ColumnElement[bool], limit: int
+    config: CoordinatorConfig, me: Any, pending: ColumnElement[bool], limit: int
 ) -> Select[Any]:
     """The ids of queued spot checks (`pending`: a condition on `jobs`) that the worker `me`
     may run, oldest first: it is independent of the checked worker and of every worker
-    that already checked (or holds a check of) the same job."""
-    original = jobs.alias("original")
-    checked = workers.alias("checked")
-    other_check = jobs.alias("other_check")
-    other_referee = workers.alias("other_referee")
+    that already checked (or holds a check of) the same job. `me` is a row of `workers`,
+    or bind parameters in its place (coordinator.jobs.hot.ME)."""
+    original, checked = _original, _checked
+    other_check, other_referee = _other_check, _other_referee
     conflict = exists().where(
         (other_check.c.verify_of == jobs.c.verify_of)
         & (other_check.c.id != jobs.c.id)

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import ColumnElement, Row, bindparam, select, update
 
 from coordinator.accounts import Account
 from coordinator.db.database import VERIFICATION, now
+from coordinator.db.prepared import Shapes
 from coordinator.db.schema import jobs, results
 from coordinator.economy import trust
 from coordinator.economy.verification import Outcome
@@ -92,6 +93,28 @@ def _job(row: Row[Any]) -> Job:
     )
 
 
+def _fits(signs: bool) -> ColumnElement[bool]:
+    """The image jobs a worker may pop, its offer bound at execution: max_pixels, max_steps
+    and models (a job without a model fits any)."""
+    fits = (
+        (jobs.c.kind == "image")
+        & (jobs.c.pixels <= bindparam("max_pixels", type_=jobs.c.pixels.type))
+        & (jobs.c.steps <= bindparam("max_steps", type_=jobs.c.steps.type))
+        & (jobs.c.model.is_(None) | jobs.c.model.in_(bindparam("models", expanding=True)))
+    )
+    if not signs:
+        # One image per job, a sampler AI Horde knows, and not for requesters who want
+        # signed results.
+        fits = fits & (jobs.c.signed_only == 0) & (jobs.c.n == 1)
+        for name in SAMPLERS_WITHOUT_HORDE_NAME:
+            fits = fits & ~jobs.c.params.contains(f'"sampler":"{name}"')
+    return fits
+
+
+# (whether the worker signs its results) -> its filter, built once
+_FITS: Shapes[ColumnElement[bool]] = Shapes()
+
+
 class ImageJobs(Lifecycle):
     async def create_image_job(
         self,
@@ -139,19 +162,15 @@ class ImageJobs(Lifecycle):
         self, worker: Worker, models: Sequence[str], max_pixels: int, max_steps: int
     ) -> Job | None:
         """Lease the best queued image job that fits the worker, if any (see Lifecycle.pop)."""
-        fits = (
-            (jobs.c.kind == "image")
-            & (jobs.c.pixels <= max_pixels)
-            & (jobs.c.steps <= max_steps)
-            & (jobs.c.model.is_(None) | jobs.c.model.in_(list(models)))
+        signs = worker.signs
+        fits = _FITS.get(signs, lambda: _fits(signs))
+        row = await self.pop(
+            worker,
+            fits,
+            take_checks=True,
+            shape=("image", signs),
+            params={"max_pixels": max_pixels, "max_steps": max_steps, "models": list(models)},
         )
-        if not worker.signs:
-            # One image per job, a sampler AI Horde knows, and not for requesters who want
-            # signed results.
-            fits = fits & (jobs.c.signed_only == 0) & (jobs.c.n == 1)
-            for name in SAMPLERS_WITHOUT_HORDE_NAME:
-                fits = fits & ~jobs.c.params.contains(f'"sampler":"{name}"')
-        row = await self.pop(worker, fits, take_checks=True)
         return None if row is None else _job(row)
 
     async def report_progress(

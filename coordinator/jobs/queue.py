@@ -27,15 +27,16 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, func, select, text, update
+from sqlalchemy import ColumnElement, Row, Select, bindparam, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.config import CoordinatorConfig
 from coordinator.db.database import Database
+from coordinator.db.prepared import Shapes
 from coordinator.db.schema import balances, jobs
 from protocol.priority import Aging, Waiting, effective_time
 
@@ -153,25 +154,51 @@ async def rerank_account(
     await rerank(conn, account_id, int(kudos or 0), aging)
 
 
+# (fits' shape, with an owner, limit, skip_locked) -> the statements `candidates` runs
+_CANDIDATES: Shapes[list[Select[Any]]] = Shapes()
+
+
+def _candidate_queries(
+    fits: ColumnElement[bool], owner: bool, limit: int, skip_locked: bool
+) -> list[Select[Any]]:
+    columns = (jobs.c.id, jobs.c.lease_seconds, jobs.c.model, jobs.c.kind)
+    scopes = [QUEUED & fits & (jobs.c.account_id == bindparam("owner"))] if owner else []
+    scopes.append(QUEUED & fits)
+    queries = []
+    for scope in scopes:
+        query = select(*columns).where(scope).order_by(jobs.c.rank, jobs.c.id).limit(limit)
+        if skip_locked:
+            query = query.with_for_update(skip_locked=True, of=jobs)
+        queries.append(query)
+    return queries
+
+
 async def candidates(
     conn: AsyncConnection,
     fits: ColumnElement[bool],
     owner: int | None,
     limit: int,
     skip_locked: bool,
+    *,
+    shape: Hashable | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> list[Row[Any]]:
     """The best queued jobs matching `fits`, `owner`'s own first (a worker serves its
     owner's jobs before others'), then in rank order: (id, lease_seconds, model, kind).
     With `skip_locked` (PostgreSQL) the rows come locked, and rows another pop is taking are
-    skipped rather than waited for; ask for one then, so a pop locks only what it takes."""
-    columns = (jobs.c.id, jobs.c.lease_seconds, jobs.c.model, jobs.c.kind)
-    scopes = [QUEUED & fits & (jobs.c.account_id == owner)] if owner is not None else []
-    scopes.append(QUEUED & fits)
-    for scope in scopes:
-        query = select(*columns).where(scope).order_by(jobs.c.rank, jobs.c.id).limit(limit)
-        if skip_locked:
-            query = query.with_for_update(skip_locked=True, of=jobs)
-        found: list[Any] = list((await conn.execute(query)).all())
+    skipped rather than waited for; ask for one then, so a pop locks only what it takes.
+    `fits` may hold bind parameters (their values in `params`); with a `shape` (the same
+    for every `fits` built the same way) the statements are built once per shape
+    (coordinator.db.prepared)."""
+    key = (shape, owner is not None, limit, skip_locked)
+    queries = (
+        _CANDIDATES.get(key, lambda: _candidate_queries(fits, *key[1:]))
+        if shape is not None
+        else _candidate_queries(fits, *key[1:])
+    )
+    values = {**(params or {}), "owner": owner}
+    for query in queries:
+        found: list[Any] = list((await conn.execute(query, values)).all())
         if found:
             return found
     return []
