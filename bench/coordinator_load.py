@@ -1,4 +1,5 @@
-"""The coordinator under load: queue latency by queue size, job lifecycles/s, event streams.
+"""The coordinator under load: job lifecycles/s (our worker protocol and AI Horde's), status
+polls/s, queue latency by queue size, event streams.
 
 Starts a real coordinator (`idlegrid coordinator`, a subprocess; a fresh one and a fresh
 database for every scenario) on SQLite, on PostgreSQL with one process and on PostgreSQL
@@ -7,11 +8,19 @@ accounts get a large grant and the simulated workers are trusted with spot check
 what is measured is the queue, not the limits. Everything goes over real HTTP on 127.0.0.1:
 requesters use the SDK (`client.sdk.AsyncClient`); workers register an Ed25519 identity,
 pop, upload a real 64x64 PNG (made once with Pillow) signed with `protocol.signing`, and
-finalize. Every job is 64x64, 1 step, 1 image (1 kudo). Three scenarios:
+finalize. Every job is 64x64, 1 step, 1 image (1 kudo). The scenarios:
 
-  lifecycles  N workers loop pop (long-poll) -> PUT image -> POST result while M requesters
-              submit (at most 4 x N jobs outstanding); counts the jobs settled per second
-              over --seconds after a warm-up, and the submit -> settled time of each.
+  lifecycles  N workers (--workers, default 4) loop pop (long-poll) -> PUT image -> POST
+              result while M requesters (--requesters, default 8) submit (at most 4 x N jobs
+              outstanding); counts the jobs settled per second over --seconds after a
+              warm-up, and the submit -> settled time of each.
+  horde       the same with AI Horde workers: POST /api/v2/generate/pop with the owner's API
+              key and a name, then /api/v2/generate/submit with the image as base64 WebP
+              (unsigned: the pay is held for disputes, as for any AI Horde worker).
+  polls       256 requests queued through /api/v2/generate/async (a quarter of them then
+              finished), and --pollers (default 16) clients each GETting
+              /api/v2/generate/check/{id} of a random one, one request after another, as
+              AI Horde clients wait for their images: polls/s and p50/p99.
   queue       fills the queue to each of --sizes with concurrent submits from M requesters
               (--concurrency in flight; "fill/s" is that submit rate), then for --seconds
               --queue-clients tasks (default 1) each loop: pop with wait=0 (timed), complete
@@ -24,12 +33,22 @@ finalize. Every job is 64x64, 1 step, 1 image (1 kudo). Three scenarios:
 Latencies are client-side wall times of one HTTP request (p50/p99); RSS is the
 coordinator's (its processes together: after each measurement, and the peak); CPU is the
 share of one core used by the coordinator and by this load generator during the window
-(a load generator near 100% limits what can be measured). Targets are printed next to the
-measured values, never asserted.
+(a load generator near 100% limits what can be measured), and "coord CPU ms each" is the
+coordinator's CPU time per lifecycle or poll: on a busy machine, where the coordinator gets
+only part of its core, 1000 / that is what one core of its own would do. The coordinator
+runs on one core and this load generator on another (--pin, default the first two cores
+this process may use). Targets are printed next to the measured values, never asserted.
+
+Before/after: `--coordinator-path before=DIR --coordinator-path after=.` runs every scenario
+once per code (DIR first on the coordinator's PYTHONPATH, e.g. a `git worktree` of an older
+commit), interleaved, so the machine's load falls on both alike, and prints a comparison.
+`--profile DIR` writes a cProfile of each coordinator's measuring window (bench/profiled.py).
 
     .venv/bin/python bench/coordinator_load.py [--databases sqlite,postgres]
-        [--sizes 1000,10000,100000] [--workers 8] [--requesters 8] [--seconds 10]
-        [--streams 1000] [--concurrency 32] [--scenarios lifecycles,queue,streams] [--quick]
+        [--scenarios lifecycles,horde,polls,queue,streams] [--seconds 10] [--workers 4]
+        [--requesters 8] [--pollers 16] [--sizes 1000,10000,100000] [--streams 1000]
+        [--concurrency 32] [--coordinator-path LABEL=DIR ...] [--rounds 1] [--pin 0,1|none]
+        [--profile DIR] [--quick]
 
 PostgreSQL: IDLEGRID_BENCH_POSTGRES_URL (default
 postgresql+asyncpg://postgres@127.0.0.1:5432/test) names the server; each run creates a

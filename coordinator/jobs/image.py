@@ -17,6 +17,7 @@ from coordinator.db.schema import jobs, results
 from coordinator.economy import trust
 from coordinator.economy.verification import Outcome
 from coordinator.errors import Conflict
+from coordinator.jobs import hot
 from coordinator.jobs.lifecycle import Lifecycle
 from coordinator.workers import Worker
 from protocol.horde import SAMPLERS_WITHOUT_HORDE_NAME
@@ -53,10 +54,19 @@ class Job:
     held_until: float | None = None
     # the options of an /api/v2 request (r2, ...); None for jobs from other doors
     horde: dict[str, Any] | None = None
+    # its place in the queue (coordinator.jobs.queue)
+    rank: float = 0.0
 
     @property
     def finished(self) -> bool:
         return self.state in ("done", "failed", "cancelled")
+
+    # what Lifecycle.queue_info reads besides the fields above
+    kind = "image"
+
+    @property
+    def n(self) -> int:
+        return self.params.n
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,7 @@ def _job(row: Row[Any]) -> Job:
         signed_only=bool(row.signed_only),
         held_until=row.held_until,
         horde=json.loads(row.horde) if row.horde else None,
+        rank=float(row.rank),
     )
 
 
@@ -111,6 +122,7 @@ def _fits(signs: bool) -> ColumnElement[bool]:
     return fits
 
 
+_INSERT_RESULT = results.insert()
 # (whether the worker signs its results) -> its filter, built once
 _FITS: Shapes[ColumnElement[bool]] = Shapes()
 
@@ -150,12 +162,7 @@ class ImageJobs(Lifecycle):
 
     async def get_job(self, job_id: str) -> Job | None:
         """The image job with this id (None for no job, or a job of another kind)."""
-        async with self.begin() as conn:
-            row = (
-                await conn.execute(
-                    select(jobs).where((jobs.c.id == job_id) & (jobs.c.kind == "image"))
-                )
-            ).first()
+        row = await self.read_first(hot.IMAGE_JOB_BY_ID, {"job_id": job_id})
         return _job(row) if row else None
 
     async def pop_job(
@@ -201,7 +208,7 @@ class ImageJobs(Lifecycle):
         async with self.begin() as conn:
             row = await self.finish(conn, worker, job.id)
             await conn.execute(
-                results.insert(),
+                _INSERT_RESULT,
                 [
                     {
                         "job_id": job.id,

@@ -29,7 +29,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.db.database import ESCROW, now
 from coordinator.db.ledger import balance, lock_balance, lock_spender, post_entry
 from coordinator.db.prepared import Shapes
-from coordinator.db.schema import jobs, ledger_entries, postings, workers
+from coordinator.db.schema import jobs, ledger_entries, postings
 from coordinator.economy import trust
 from coordinator.errors import Conflict, InsufficientKudos, NotFound, WorkerPaused
 from coordinator.jobs import hot, queue
@@ -108,20 +108,21 @@ class Lifecycle(Workers):
                 await self._check_reserved_per_ip(conn, account, cost)
             kudos = await queue.ranked_kudos(conn, account.id)
             await conn.execute(
-                jobs.insert().values(
-                    id=job_id,
-                    account_id=account.id,
-                    state="queued",
-                    cost=cost,
-                    priority_class=0 if account.anonymous else 1,
-                    created_at=at,
-                    rank=queue.rank_of(at, kudos, account.anonymous, self._config.aging),
-                    attempts=0,
-                    image=0,
-                    step=0,
-                    client_ip=account.requester if account.anonymous else None,
+                hot.INSERT_JOB,
+                {
+                    "id": job_id,
+                    "account_id": account.id,
+                    "state": "queued",
+                    "cost": cost,
+                    "priority_class": 0 if account.anonymous else 1,
+                    "created_at": at,
+                    "rank": queue.rank_of(at, kudos, account.anonymous, self._config.aging),
+                    "attempts": 0,
+                    "image": 0,
+                    "step": 0,
+                    "client_ip": account.requester if account.anonymous else None,
                     **values,
-                )
+                },
             )
             await post_entry(
                 conn,
@@ -130,7 +131,7 @@ class Lifecycle(Workers):
                 job_id=job_id,
                 moves=[(account.id, -cost), (self._system[ESCROW], cost)],
             )
-            row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
+            row = (await conn.execute(hot.JOB_BY_ID, {"job_id": job_id})).one()
         self.ranking.changed(row.kind)
         return row
 
@@ -157,10 +158,13 @@ class Lifecycle(Workers):
                 "account (`idlegrid account register NAME`) and send its API key"
             )
 
-    async def queue_info(self, job_id: str) -> tuple[int | None, float | None]:
-        """(queue position, ETA seconds) of any job, from the shared ranking."""
-        async with self.begin() as conn:
-            row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
+    async def queue_info(self, job_id: str, job: Any = None) -> tuple[int | None, float | None]:
+        """(queue position, ETA seconds) of any job, from the shared ranking. `job`: the
+        job as just read, when the caller has it (a row, or a Job: see queue.eta_of)."""
+        row = job
+        if row is None:
+            async with self.begin() as conn:
+                row = (await conn.execute(hot.JOB_BY_ID, {"job_id": job_id})).first()
         if row is None:
             return None, None
         snapshot = await self.ranking.snapshot(row.kind)
@@ -298,19 +302,11 @@ class Lifecycle(Workers):
     async def finish(self, conn: AsyncConnection, worker: Worker, job_id: str) -> Row[Any]:
         """In the caller's transaction: mark `worker`'s leased job done; its row."""
         at = now(conn)
-        done = await conn.execute(
-            update(jobs)
-            .where(self.leased_to(worker, job_id))
-            .values(state="done", finished_at=at, lease_deadline=None)
-        )
+        done = await conn.execute(hot.FINISH, {"job_id": job_id, "worker": worker.id, "at": at})
         if done.rowcount != 1:
             raise await self.not_leased(conn, job_id)
-        await conn.execute(
-            update(workers)
-            .where(workers.c.id == worker.id)
-            .values(jobs_done=workers.c.jobs_done + 1, last_seen=at)
-        )
-        return (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
+        await conn.execute(hot.WORKER_DONE, {"worker_id": worker.id, "at": at})
+        return (await conn.execute(hot.JOB_BY_ID, {"job_id": job_id})).one()
 
     # --- give back, fail, cancel, reap -----------------------------------------------
 
