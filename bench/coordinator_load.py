@@ -219,6 +219,7 @@ def probe_features(code: Code | None = None) -> Features:
         timeout=120,
         check=True,
         env=env,
+        cwd=None if code is None else code.path,
     ).stdout
     flags = set(re.findall(r"^\s+(--[a-z][a-z0-9-]*)", help_text, re.MULTILINE))
     flat = " ".join(help_text.split())
@@ -294,6 +295,8 @@ class Coordinator:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=env,
+                # `python -m` puts the working directory first on sys.path, before PYTHONPATH
+                cwd=None if self.code is None else self.code.path,
                 # its --processes children inherit the core
                 preexec_fn=None if cpu is None else lambda: os.sched_setaffinity(0, {cpu}),
             )
