@@ -1,4 +1,5 @@
-"""The coordinator under load: queue latency by queue size, job lifecycles/s, event streams.
+"""The coordinator under load: job lifecycles/s (our worker protocol and AI Horde's), status
+polls/s, queue latency by queue size, event streams.
 
 Starts a real coordinator (`idlegrid coordinator`, a subprocess; a fresh one and a fresh
 database for every scenario) on SQLite, on PostgreSQL with one process and on PostgreSQL
@@ -7,11 +8,19 @@ accounts get a large grant and the simulated workers are trusted with spot check
 what is measured is the queue, not the limits. Everything goes over real HTTP on 127.0.0.1:
 requesters use the SDK (`client.sdk.AsyncClient`); workers register an Ed25519 identity,
 pop, upload a real 64x64 PNG (made once with Pillow) signed with `protocol.signing`, and
-finalize. Every job is 64x64, 1 step, 1 image (1 kudo). Three scenarios:
+finalize. Every job is 64x64, 1 step, 1 image (1 kudo). The scenarios:
 
-  lifecycles  N workers loop pop (long-poll) -> PUT image -> POST result while M requesters
-              submit (at most 4 x N jobs outstanding); counts the jobs settled per second
-              over --seconds after a warm-up, and the submit -> settled time of each.
+  lifecycles  N workers (--workers, default 4) loop pop (long-poll) -> PUT image -> POST
+              result while M requesters (--requesters, default 8) submit (at most 4 x N jobs
+              outstanding); counts the jobs settled per second over --seconds after a
+              warm-up, and the submit -> settled time of each.
+  horde       the same with AI Horde workers: POST /api/v2/generate/pop with the owner's API
+              key and a name, then /api/v2/generate/submit with the image as base64 WebP
+              (unsigned: the pay is held for disputes, as for any AI Horde worker).
+  polls       256 requests queued through /api/v2/generate/async (a quarter of them then
+              finished), and --pollers (default 16) clients each GETting
+              /api/v2/generate/check/{id} of a random one, one request after another, as
+              AI Horde clients wait for their images: polls/s and p50/p99.
   queue       fills the queue to each of --sizes with concurrent submits from M requesters
               (--concurrency in flight; "fill/s" is that submit rate), then for --seconds
               --queue-clients tasks (default 1) each loop: pop with wait=0 (timed), complete
@@ -24,12 +33,22 @@ finalize. Every job is 64x64, 1 step, 1 image (1 kudo). Three scenarios:
 Latencies are client-side wall times of one HTTP request (p50/p99); RSS is the
 coordinator's (its processes together: after each measurement, and the peak); CPU is the
 share of one core used by the coordinator and by this load generator during the window
-(a load generator near 100% limits what can be measured). Targets are printed next to the
-measured values, never asserted.
+(a load generator near 100% limits what can be measured), and "coord CPU ms each" is the
+coordinator's CPU time per lifecycle or poll: on a busy machine, where the coordinator gets
+only part of its core, 1000 / that is what one core of its own would do. The coordinator
+runs on one core and this load generator on another (--pin, default the first two cores
+this process may use). Targets are printed next to the measured values, never asserted.
+
+Before/after: `--coordinator-path before=DIR --coordinator-path after=.` runs every scenario
+once per code (DIR first on the coordinator's PYTHONPATH, e.g. a `git worktree` of an older
+commit), interleaved, so the machine's load falls on both alike, and prints a comparison.
+`--profile DIR` writes a cProfile of each coordinator's measuring window (bench/profiled.py).
 
     .venv/bin/python bench/coordinator_load.py [--databases sqlite,postgres]
-        [--sizes 1000,10000,100000] [--workers 8] [--requesters 8] [--seconds 10]
-        [--streams 1000] [--concurrency 32] [--scenarios lifecycles,queue,streams] [--quick]
+        [--scenarios lifecycles,horde,polls,queue,streams] [--seconds 10] [--workers 4]
+        [--requesters 8] [--pollers 16] [--sizes 1000,10000,100000] [--streams 1000]
+        [--concurrency 32] [--coordinator-path LABEL=DIR ...] [--rounds 1] [--pin 0,1|none]
+        [--profile DIR] [--quick]
 
 PostgreSQL: IDLEGRID_BENCH_POSTGRES_URL (default
 postgresql+asyncpg://postgres@127.0.0.1:5432/test) names the server; each run creates a
@@ -72,16 +91,20 @@ SUBMITS_PER_SECOND = 20  # streams scenario
 MAX_IN_FLIGHT = 64  # ... submits at once at most
 STREAMS_PER_WATCHER = 16  # streamed jobs per account
 BACKLOG_PER_WORKER = 4  # lifecycles: jobs outstanding per worker at most
+PROFILED = Path(__file__).with_name("profiled.py")  # --profile runs the coordinator in it
+POLL_JOBS = 256  # polls: AI Horde requests whose status is polled
 
 # the issue's targets
 TARGET_P50_MS = 5.0  # pop and submit at 100 000 queued jobs, SQLite
 TARGET_P99_MS = 25.0
 TARGET_GROWTH = 1.5  # p50 at 100k / p50 at 1k
 TARGET_SIZE = 100_000
-TARGET_LIFECYCLES = 1000.0  # per second, SQLite, one process
+TARGET_LIFECYCLES = 250.0  # per second, SQLite, one process on one core (both protocols)
+TARGET_POLLS = 1500.0  # AI Horde status checks per second, SQLite, one process on one core
 TARGET_STREAMS = 1000
 TARGET_STATUS_P50_MS = 20.0  # with TARGET_STREAMS open streams and 20 submits/s
 
+SCENARIOS = ("lifecycles", "horde", "polls", "queue", "streams")
 SQLITE = "sqlite, 1 process"
 PG1 = "postgres, 1 process"
 PG2 = "postgres, 2 processes"
@@ -177,13 +200,26 @@ class Features:
     stream_flags: tuple[str, ...]
 
 
-def probe_features() -> Features:
+@dataclass(frozen=True)
+class Code:
+    """Which coordinator code runs: `path` first on its PYTHONPATH (None: this checkout's)."""
+
+    label: str
+    path: Path | None
+
+
+def probe_features(code: Code | None = None) -> Features:
+    env = dict(os.environ)
+    if code is not None and code.path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code.path), env.get("PYTHONPATH", "")])
     help_text = subprocess.run(
         [sys.executable, "-m", "client.cli", "coordinator", "--help"],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
+        env=env,
+        cwd=None if code is None else code.path,
     ).stdout
     flags = set(re.findall(r"^\s+(--[a-z][a-z0-9-]*)", help_text, re.MULTILINE))
     flat = " ".join(help_text.split())
@@ -214,8 +250,13 @@ class Coordinator:
         database_url: str | None,
         processes: int,
         streams: int,
+        code: Code | None = None,
+        cpu: int | None = None,
     ) -> None:
         self.work = work
+        self.code = code
+        self.cpu = cpu
+        self.profile: Path | None = None  # write cProfile's stats there at exit
         self.features = features
         self.database_url = database_url
         self.processes = processes
@@ -226,8 +267,10 @@ class Coordinator:
 
     def start(self) -> str:
         self.work.mkdir(parents=True, exist_ok=True)
+        # under --profile: python bench/profiled.py OUT client.cli ...
+        run = ["-m"] if self.profile is None else [str(PROFILED), str(self.profile)]
         command = [
-            sys.executable, "-m", "client.cli", "coordinator", "--host", "127.0.0.1",
+            sys.executable, *run, "client.cli", "coordinator", "--host", "127.0.0.1",
             "--port", "0", "--data-dir", str(self.work / "data"), "--grant", str(GRANT),
             "--trust-account", WORKER_ACCOUNT, "--spot-check-rate", "0",
             "--log-level", "WARNING",
@@ -241,9 +284,21 @@ class Coordinator:
         if self.processes > 1:
             command += ["--processes", str(self.processes)]
         log = self.work / "coordinator.log"
+        env = dict(os.environ)
+        if self.code is not None and self.code.path is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(self.code.path), env.get("PYTHONPATH", "")])
+        cpu = self.cpu
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+                # `python -m` puts the working directory first on sys.path, before PYTHONPATH
+                cwd=None if self.code is None else self.code.path,
+                # its --processes children inherit the core
+                preexec_fn=None if cpu is None else lambda: os.sched_setaffinity(0, {cpu}),
             )
         self.url = wait_line(log, r"listening on (http://\S+)", self.proc, 120)
         return self.url
@@ -272,6 +327,11 @@ class Coordinator:
                 times = proc.cpu_times()
                 total += times.user + times.system
         return total
+
+    def signal_profile(self, signum: int) -> None:
+        """Start (SIGUSR1) or stop and write (SIGUSR2) the profile of a --profile run."""
+        if self.profile is not None and self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -459,13 +519,70 @@ class BenchWorker:
         )
 
 
+def tiny_webp_base64() -> str:
+    """What an AI Horde worker submits: the image as base64 WebP."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE), (160, 90, 40)).save(buffer, format="WEBP", quality=90)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@dataclass
+class HordeJob:
+    id: str
+
+
+class HordeBenchWorker:
+    """An AI Horde worker (horde-worker-reGen's requests): its owner's API key and a name,
+    POST /api/v2/generate/pop, then /api/v2/generate/submit with a base64 WebP."""
+
+    def __init__(self, url: str, name: str, owner_key: str, webp: str) -> None:
+        self.url = url
+        self.name = name
+        self._headers = {"apikey": owner_key, "Client-Agent": "idlegrid-bench:1:bench"}
+        self._webp = webp
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        async with self._session.post(self.url + path, json=body, headers=self._headers) as resp:
+            if resp.status >= 400:
+                raise BenchError(f"POST {path}: HTTP {resp.status} {(await resp.text())[:300]}")
+            return await resp.json()
+
+    async def register(self) -> None:
+        """AI Horde workers need no registration: the first pop makes the worker."""
+
+    async def pop(self, wait: float) -> HordeJob | None:
+        """The job (None when the queue has nothing for it); AI Horde's pop never waits, so
+        an empty one is followed by a pause of `wait` (its workers poll about once a
+        second; a shorter pause here keeps the queue from being the limit)."""
+        body = {"name": self.name, "models": [MODEL], "max_pixels": SIZE * SIZE}
+        found = await self._post("/api/v2/generate/pop", body)
+        if not found.get("id"):
+            await asyncio.sleep(min(wait, 0.05))
+            return None
+        return HordeJob(found["id"])
+
+    async def complete(self, job: HordeJob) -> None:
+        body = {"id": job.id, "generation": self._webp, "state": "ok", "seed": 0}
+        await self._post("/api/v2/generate/submit", body)
+
+
 @dataclass
 class Grid:
     """A running coordinator with its requesters and workers."""
 
     coordinator: Coordinator
     requesters: list[Any]  # client.sdk.AsyncClient
-    workers: list[BenchWorker]
+    workers: list[Any]  # BenchWorker or HordeBenchWorker
+    keys: list[str] = field(default_factory=list)  # the requesters' API keys
 
     async def aclose(self) -> None:
         for client in self.requesters:
@@ -474,7 +591,11 @@ class Grid:
             await worker.aclose()
 
 
-async def open_grid(coordinator: Coordinator, args: argparse.Namespace, png: bytes) -> Grid:
+async def open_grid(
+    coordinator: Coordinator, args: argparse.Namespace, png: bytes, *, horde: bool = False
+) -> Grid:
+    """Requesters and workers: ours (signed, trusted), or with `horde` AI Horde workers
+    (unsigned, never trusted: their pay is held for disputes)."""
     from client.sdk import AsyncClient
 
     url = coordinator.url
@@ -483,9 +604,15 @@ async def open_grid(coordinator: Coordinator, args: argparse.Namespace, png: byt
             (await anonymous.register(f"bench-req-{i}")).api_key for i in range(args.requesters)
         ]
         owner = (await anonymous.register(WORKER_ACCOUNT)).api_key
-    grid = Grid(coordinator, [AsyncClient(url, key) for key in keys], [])
+    grid = Grid(coordinator, [AsyncClient(url, key) for key in keys], [], keys)
+    webp = tiny_webp_base64() if horde else ""
     for i in range(args.workers):
-        worker = BenchWorker(url, f"bench-worker-{i}", owner, png)
+        name = f"bench-worker-{i}"
+        worker: Any
+        if horde:
+            worker = HordeBenchWorker(url, name, owner, webp)
+        else:
+            worker = BenchWorker(url, name, owner, png)
         grid.workers.append(worker)
         await worker.register()
     return grid
@@ -565,11 +692,13 @@ async def run_window(
     try:
         await _sleep_watching(running, warmup)
         samples.recording = True
+        grid.coordinator.signal_profile(signal.SIGUSR1)
         start = time.perf_counter()
         coordinator_cpu = grid.coordinator.cpu_seconds()
         own = me.cpu_times()
         await _sleep_watching(running, seconds)
         elapsed = time.perf_counter() - start
+        grid.coordinator.signal_profile(signal.SIGUSR2)
         coordinator_share = (grid.coordinator.cpu_seconds() - coordinator_cpu) / elapsed
         after = me.cpu_times()
         own_share = (after.user + after.system - own.user - own.system) / elapsed
@@ -654,6 +783,63 @@ async def lifecycles(grid: Grid, row: LifecycleRow, args: argparse.Namespace) ->
     row.per_second = len(window) / args.seconds
     row.lifecycle = [life for _, life in window if life is not None]
     row.rss_mb = grid.coordinator.rss_mb()
+
+
+@dataclass
+class PollRow:
+    config: str
+    note: str = ""
+    per_second: float = math.nan
+    samples: Samples = field(default_factory=Samples)
+    coordinator_cpu: float = math.nan
+    bench_cpu: float = math.nan
+    rss_mb: float = math.nan
+
+
+async def polls(grid: Grid, row: PollRow, args: argparse.Namespace) -> None:
+    """AI Horde clients waiting for their images: POLL_JOBS requests queued through
+    POST /api/v2/generate/async (a quarter of them then finished by the workers), and
+    --pollers tasks each GETting /api/v2/generate/check/{id} of a random one, one after
+    another, without an API key (as AI Horde's clients poll)."""
+    url = grid.coordinator.url
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)
+    )
+    try:
+        ids: list[str] = []
+        body = {"prompt": "a load test", "params": {"width": SIZE, "height": SIZE, "steps": 1}}
+        body["models"] = [MODEL]  # type: ignore[assignment]
+        for i in range(POLL_JOBS):
+            headers = {"apikey": grid.keys[i % len(grid.keys)]}
+            async with session.post(
+                f"{url}/api/v2/generate/async", json=body, headers=headers
+            ) as resp:
+                if resp.status != 202:
+                    raise BenchError(f"v2 submit: HTTP {resp.status} {await resp.text()}")
+                ids.append((await resp.json())["id"])
+        for i in range(POLL_JOBS // 4):
+            worker = grid.workers[i % len(grid.workers)]
+            job = await worker.pop(wait=0.0)
+            if job is not None:
+                await worker.complete(job)
+        samples = row.samples
+
+        async def poll() -> None:
+            job_id = random.choice(ids)
+            with timed(samples, "poll"):
+                async with session.get(f"{url}/api/v2/generate/check/{job_id}") as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise BenchError(f"check: HTTP {resp.status}")
+
+        warmup = min(1.0, args.seconds / 5)
+        _, row.coordinator_cpu, row.bench_cpu = await run_window(
+            grid, [forever(poll) for _ in range(args.pollers)], samples, warmup, args.seconds
+        )
+        row.per_second = samples.count("poll") / args.seconds
+        row.rss_mb = grid.coordinator.rss_mb()
+    finally:
+        await session.close()
 
 
 @dataclass
@@ -875,15 +1061,28 @@ async def _streams(
 @dataclass
 class Results:
     lifecycles: list[LifecycleRow] = field(default_factory=list)
+    horde: list[LifecycleRow] = field(default_factory=list)  # AI Horde's worker protocol
+    polls: list[PollRow] = field(default_factory=list)
     queue: list[QueueRow] = field(default_factory=list)
     streams: list[StreamRow] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Run:
+    """Where a scenario runs: which database, processes, code and cores."""
+
+    label: str  # the configuration as reported ("sqlite, 1 process", + " [code]")
+    database: str
+    processes: int
+    code: Code
+    features: Features
+    coordinator_cpu: int | None
+    horde: bool = False
+
+
 async def with_grid(
     work: Path,
-    features: Features,
-    database: str,
-    processes: int,
+    run: Run,
     args: argparse.Namespace,
     png: bytes,
     scenario: Callable[[Grid], Awaitable[None]],
@@ -891,14 +1090,19 @@ async def with_grid(
     """Start a fresh coordinator (and database), run `scenario`, stop everything;
     returns the coordinator's peak RSS in MB."""
     name = f"idlegrid_bench_{os.getpid()}"
-    url = await create_database(name) if database == "postgres" else None
-    coordinator = Coordinator(work, features, url, processes, args.streams)
+    url = await create_database(name) if run.database == "postgres" else None
+    coordinator = Coordinator(
+        work, run.features, url, run.processes, args.streams, run.code, run.coordinator_cpu
+    )
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        coordinator.profile = args.profile / f"{work.name}.pstats"
     grid: Grid | None = None
     sampler: asyncio.Task[None] | None = None
     try:
         await asyncio.to_thread(coordinator.start)
         sampler = asyncio.create_task(sample_rss(coordinator))
-        grid = await open_grid(coordinator, args, png)
+        grid = await open_grid(coordinator, args, png, horde=run.horde)
         await scenario(grid)
         return coordinator.usage.peak_mb
     finally:
@@ -911,31 +1115,30 @@ async def with_grid(
             await drop_database(name)
 
 
-async def run_config(
-    label: str,
-    database: str,
-    processes: int,
-    features: Features,
-    args: argparse.Namespace,
-    work: Path,
-    png: bytes,
-    results: Results,
-) -> None:
-    unavailable = ""
+async def unavailable_reason(database: str, processes: int, features: Features) -> str:
     if processes > 1 and not features.processes:
-        unavailable = "n/a (coordinator has no --processes)"
-    elif database == "postgres":
+        return "n/a (coordinator has no --processes)"
+    if database == "postgres":
         reason = await postgres_reachable()
         if reason is not None:
-            unavailable = f"n/a ({reason} at {_server(POSTGRES_URL)})"
+            return f"n/a ({reason} at {_server(POSTGRES_URL)})"
+    return ""
+
+
+async def run_scenario(
+    what: str, run: Run, args: argparse.Namespace, work: Path, png: bytes, results: Results
+) -> None:
+    """One scenario in its own coordinator; its rows go to `results`."""
+    label = run.label
+    unavailable = await unavailable_reason(run.database, run.processes, run.features)
     slug = re.sub(r"[^a-z0-9]+", "-", label)
 
-    async def attempt(what: str, run: Callable[[Grid], Awaitable[None]]) -> tuple[str, float]:
-        """Run one scenario in its own coordinator; ("", peak MB) or (why it failed, nan)."""
+    async def attempt(scenario: Callable[[Grid], Awaitable[None]]) -> tuple[str, float]:
+        """("", peak MB) or (why it failed, nan)."""
         print(f"{label}: {what} ...", flush=True)
-        folder = work / f"{slug}-{what}"
+        folder = work / f"{slug}-{what}-{next(_attempts)}"
         try:
-            peak = await with_grid(folder, features, database, processes, args, png, run)
+            peak = await with_grid(folder, run, args, png, scenario)
             return "", peak
         except Exception as exc:  # BenchError, HTTP and the SDK's errors: report, go on
             failure: BaseException = exc
@@ -949,30 +1152,44 @@ async def run_config(
             print(f"coordinator log (end):\n{tail}", file=sys.stderr, flush=True)
         return f"failed: {lines[0][:60]}", math.nan
 
-    if "lifecycles" in args.scenarios:
+    if what in ("lifecycles", "horde"):
         row = LifecycleRow(label)
-        results.lifecycles.append(row)
+        (results.horde if what == "horde" else results.lifecycles).append(row)
         if unavailable:
             row.note = unavailable
         else:
-            row.note, row.peak_mb = await attempt("lifecycles", lambda g: lifecycles(g, row, args))
-    if "queue" in args.scenarios:
+            row.note, row.peak_mb = await attempt(lambda g: lifecycles(g, row, args))
+        if not row.note:
+            print(f"  {label}: {what} {row.per_second:.0f}/s", flush=True)
+    elif what == "polls":
+        poll_row = PollRow(label)
+        results.polls.append(poll_row)
+        if unavailable:
+            poll_row.note = unavailable
+        else:
+            poll_row.note, _ = await attempt(lambda g: polls(g, poll_row, args))
+        if not poll_row.note:
+            print(f"  {label}: polls {poll_row.per_second:.0f}/s", flush=True)
+    elif what == "queue":
         if unavailable:
             results.queue.append(QueueRow(label, 0, unavailable))
         else:
             before = len(results.queue)
-            note, _ = await attempt("queue", lambda g: queue_sizes(g, label, args, results.queue))
+            note, _ = await attempt(lambda g: queue_sizes(g, label, args, results.queue))
             if note and len(results.queue) > before:
                 results.queue[-1].note = note  # the size it was at
             elif note:
                 results.queue.append(QueueRow(label, args.sizes[0], note))
-    if "streams" in args.scenarios:
+    elif what == "streams":
         stream_row = StreamRow(label, args.streams)
         results.streams.append(stream_row)
         if unavailable:
             stream_row.note = unavailable
         else:
-            stream_row.note, _ = await attempt("streams", lambda g: streams(g, stream_row, args))
+            stream_row.note, _ = await attempt(lambda g: streams(g, stream_row, args))
+
+
+_attempts = itertools.count()
 
 
 def _server(url: str) -> str:
@@ -993,6 +1210,14 @@ def num(value: float, digits: int = 0) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
+def cpu_ms(percent: float, per_second: float) -> str:
+    """The coordinator's CPU time per operation: what its rate would be on a core of its
+    own is about 1000 / this, whatever else the machine was doing."""
+    if math.isnan(percent) or math.isnan(per_second) or per_second <= 0:
+        return "-"
+    return f"{percent * 10 / per_second:.2f}"
+
+
 def table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
@@ -1005,37 +1230,102 @@ def table(header: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def lifecycle_table(rows_of: list[LifecycleRow]) -> None:
+    by_config = {r.config: r for r in rows_of if not r.note}
+    rows = []
+    for r in rows_of:
+        if r.note:
+            rows.append([r.config, r.note, *["-"] * 10])
+            continue
+        base = by_config.get(r.config.replace(PG1, SQLITE).replace(PG2, SQLITE))
+        ratio = (
+            f"{r.per_second / base.per_second:.2f}x"
+            if base is not None and base.per_second > 0
+            else "-"
+        )
+        rows.append([
+            r.config, num(r.per_second), ratio,
+            ms(percentile(r.lifecycle, 50)), ms(percentile(r.lifecycle, 99)),
+            ms(r.samples.pct("pop", 50)), ms(r.samples.pct("result", 50)),
+            r.samples.error_text(), num(r.coordinator_cpu), cpu_ms(r.coordinator_cpu, r.per_second),
+            num(r.bench_cpu), f"{num(r.rss_mb)} / {num(r.peak_mb)}",
+        ])  # fmt: skip
+    table(
+        ["coordinator", "lifecycles/s", "vs sqlite", "lifecycle p50", "lifecycle p99",
+         "pop p50", "upload+result p50", "errors", "coord CPU %", "coord CPU ms each",
+         "bench CPU %", "RSS / peak MB"],
+        rows,
+    )  # fmt: skip
+
+
+def comparison(results: Results, codes: list[Code]) -> None:
+    """Each code's rate beside the first's, per scenario and configuration (the mean of
+    the rounds)."""
+    if len(codes) < 2:
+        return
+    print(f"\n### {' vs '.join(c.label for c in codes)} (same run, interleaved)\n")
+    rows = []
+    for name, measured in (
+        ("lifecycles/s", [(r.config, r.per_second) for r in results.lifecycles if not r.note]),
+        ("AI Horde lifecycles/s", [(r.config, r.per_second) for r in results.horde if not r.note]),
+        ("polls/s", [(r.config, r.per_second) for r in results.polls if not r.note]),
+    ):
+        for config in (SQLITE, PG1, PG2):
+            rates = []
+            for code in codes:
+                found = [v for c, v in measured if c == f"{config} [{code.label}]"]
+                rates.append(sum(found) / len(found) if found else math.nan)
+            if all(math.isnan(v) for v in rates):
+                continue
+            first = rates[0]
+            ratio = "-" if math.isnan(first) or first <= 0 else f"{rates[-1] / first:.1f}x"
+            rows.append([f"{name}, {config}", *(num(v) for v in rates), ratio])
+    table(["scenario", *(c.label for c in codes), "ratio"], rows)
+
+
 def report(results: Results, args: argparse.Namespace) -> None:
     print(
         f"\n{args.workers} workers, {args.requesters} requesters, jobs {SIZE}x{SIZE} 1 step, "
         f"{args.seconds:g} s windows, latencies in ms (client-side, whole request)"
     )
-    base = next((r for r in results.lifecycles if r.config == SQLITE and not r.note), None)
-    if results.lifecycles:
-        print("\n### Job lifecycles (submit -> pop -> upload -> result -> settled)\n")
+    for title, rows_of in (
+        ("Job lifecycles, our worker protocol (submit -> pop -> upload -> result -> settled)",
+         results.lifecycles),
+        ("Job lifecycles, AI Horde's worker protocol (submit -> /api/v2/generate/pop -> "
+         "/api/v2/generate/submit with base64 WebP -> settled, pay held)", results.horde),
+    ):  # fmt: skip
+        if rows_of:
+            print(f"\n### {title}\n")
+            lifecycle_table(rows_of)
+    if results.polls:
+        print(
+            f"\n### Status polls (GET /api/v2/generate/check/{{id}}, {args.pollers} pollers "
+            f"one request after another, {POLL_JOBS} requests: 3/4 queued, 1/4 done)\n"
+        )
         rows = []
-        for r in results.lifecycles:
-            if r.note:
-                rows.append([r.config, r.note, *["-"] * 9])
+        for p in results.polls:
+            if p.note:
+                rows.append([p.config, p.note, *["-"] * 6])
                 continue
-            ratio = (
-                f"{r.per_second / base.per_second:.2f}x"
-                if base is not None and base.per_second > 0
-                else "-"
-            )
             rows.append([
-                r.config, num(r.per_second), ratio,
-                ms(percentile(r.lifecycle, 50)), ms(percentile(r.lifecycle, 99)),
-                ms(r.samples.pct("pop", 50)), ms(r.samples.pct("result", 50)),
-                r.samples.error_text(), num(r.coordinator_cpu), num(r.bench_cpu),
-                f"{num(r.rss_mb)} / {num(r.peak_mb)}",
+                p.config, num(p.per_second), ms(p.samples.pct("poll", 50)),
+                ms(p.samples.pct("poll", 99)), p.samples.error_text(),
+                f"{num(p.coordinator_cpu)} / {num(p.bench_cpu)}",
+                cpu_ms(p.coordinator_cpu, p.per_second), num(p.rss_mb),
             ])  # fmt: skip
         table(
-            ["coordinator", "lifecycles/s", "vs sqlite", "lifecycle p50", "lifecycle p99",
-             "pop p50", "upload+result p50", "errors", "coord CPU %", "bench CPU %",
-             "RSS / peak MB"],
+            [
+                "coordinator",
+                "polls/s",
+                "p50",
+                "p99",
+                "errors",
+                "CPU % coord / bench",
+                "coord CPU ms each",
+                "RSS MB",
+            ],
             rows,
-        )  # fmt: skip
+        )
     if results.queue:
         print(
             "\n### Queue latency by queue size (each pop is answered by a completed job and "
@@ -1090,8 +1380,10 @@ def report(results: Results, args: argparse.Namespace) -> None:
             "(this bench raises them through --max-...-stream... flags when the coordinator "
             "has any)"
         )
-    rows_cpu = [r.bench_cpu for r in results.lifecycles] + [r.bench_cpu for r in results.queue]
-    busy = [cpu for cpu in rows_cpu + [r.bench_cpu for r in results.streams] if not math.isnan(cpu)]
+    rows_cpu = [r.bench_cpu for r in results.lifecycles + results.horde + results.polls] + [
+        r.bench_cpu for r in results.queue + results.streams
+    ]
+    busy = [cpu for cpu in rows_cpu if not math.isnan(cpu)]
     if busy and max(busy) >= 90:
         print(
             f"\nThe load generator used up to {max(busy):.0f}% of a core: where it did, the "
@@ -1137,10 +1429,23 @@ def targets(results: Results) -> None:
                 f"{growth:.2f}x ({big.size} vs {small.size})",
                 growth <= TARGET_GROWTH,
             )
+    pairs = (("lifecycles", results.lifecycles), ("AI Horde lifecycles", results.horde))
+    for name, rows_of in pairs:
+        for r in rows_of:
+            if r.config.startswith(SQLITE) and not r.note:
+                check(
+                    f"{r.config}: {name}/s >= {TARGET_LIFECYCLES:g}",
+                    num(r.per_second),
+                    r.per_second >= TARGET_LIFECYCLES,
+                )
+    for p in results.polls:
+        if p.config.startswith(SQLITE) and not p.note:
+            check(
+                f"{p.config}: polls/s >= {TARGET_POLLS:g}",
+                num(p.per_second),
+                p.per_second >= TARGET_POLLS,
+            )
     life = {r.config: r for r in results.lifecycles if not r.note}
-    if SQLITE in life:
-        rate = life[SQLITE].per_second
-        check(f"sqlite lifecycles/s >= {TARGET_LIFECYCLES:g}", num(rate), rate >= TARGET_LIFECYCLES)
     if PG1 in life and PG2 in life:
         one, two = life[PG1].per_second, life[PG2].per_second
         check("postgres 2 processes > 1 process", f"{num(two)} vs {num(one)}/s", two > one)
@@ -1173,7 +1478,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--databases", default="sqlite,postgres", help="sqlite and/or postgres")
     parser.add_argument("--sizes", help="queued jobs to measure at (default 1000,10000,100000)")
-    parser.add_argument("--workers", type=int, default=8, help="simulated workers (default 8)")
+    parser.add_argument("--workers", type=int, default=4, help="simulated workers (default 4)")
     parser.add_argument("--requesters", type=int, default=8, help="requester accounts (default 8)")
     parser.add_argument("--seconds", type=float, help="measuring window per scenario (default 10)")
     parser.add_argument("--streams", type=int, help="event streams to open (default 1000)")
@@ -1181,7 +1486,38 @@ def parse_args() -> argparse.Namespace:
         "--concurrency", type=int, default=32, help="submits in flight while filling (default 32)"
     )
     parser.add_argument(
-        "--scenarios", default="lifecycles,queue,streams", help="which scenarios (default all)"
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"which of {','.join(SCENARIOS)} (default all)",
+    )
+    parser.add_argument(
+        "--pollers", type=int, default=16, help="polls: concurrent pollers (default 16)"
+    )
+    parser.add_argument(
+        "--coordinator-path",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="run the coordinator from DIR (first on its PYTHONPATH), e.g. a worktree of an "
+        "older commit; repeat to compare: every scenario runs once per code, interleaved "
+        "(default: this checkout)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="profile each coordinator (its main process) during the measuring window with "
+        "cProfile; the stats go to DIR/<scenario>.pstats (read them with python -m pstats)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs of each scenario per code (default 1)"
+    )
+    parser.add_argument(
+        "--pin",
+        default="auto",
+        metavar="COORD,BENCH",
+        help="cores for the coordinator's processes and for this load generator, e.g. 0,1; "
+        "'none' to leave them free (default auto: 0,1 on a machine with 2 or more)",
     )
     parser.add_argument(
         "--queue-clients",
@@ -1210,10 +1546,31 @@ def parse_args() -> argparse.Namespace:
     args.scenarios = {s.strip() for s in args.scenarios.split(",") if s.strip()}
     if unknown := set(args.databases) - {"sqlite", "postgres"}:
         parser.error(f"--databases: unknown {', '.join(sorted(unknown))}; use sqlite,postgres")
-    if unknown := args.scenarios - {"lifecycles", "queue", "streams"}:
+    if unknown := args.scenarios - set(SCENARIOS):
         parser.error(f"--scenarios: unknown {', '.join(sorted(unknown))}")
-    if min(args.workers, args.requesters, args.concurrency) < 1 or args.seconds <= 0:
-        parser.error("--workers, --requesters, --concurrency and --seconds must be positive")
+    if min(args.workers, args.requesters, args.concurrency, args.pollers, args.rounds) < 1:
+        parser.error("--workers, --requesters, --concurrency, --pollers, --rounds: at least 1")
+    if args.seconds <= 0:
+        parser.error("--seconds must be positive")
+    args.codes = []
+    for item in args.coordinator_path:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not Path(folder, "coordinator").is_dir():
+            parser.error(f"--coordinator-path {item}: use LABEL=DIR, DIR holding coordinator/")
+        args.codes.append(Code(label, Path(folder).resolve()))
+    if not args.codes:
+        args.codes = [Code("this checkout", None)]
+    if args.pin == "auto":
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        args.pin = (cores[0], cores[1]) if len(cores) >= 2 else None
+    elif args.pin == "none":
+        args.pin = None
+    else:
+        try:
+            coord, bench = (int(c) for c in args.pin.split(","))
+        except ValueError:
+            parser.error("--pin: two core numbers COORD,BENCH (e.g. 0,1), or none")
+        args.pin = (coord, bench)
     if not args.sizes or min(args.sizes) < 1 or args.streams < 1:
         parser.error("--sizes and --streams must be positive")
     return args
@@ -1239,15 +1596,23 @@ def main() -> int:
     if soft != resource.RLIM_INFINITY and soft < wanted:
         limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-    features = probe_features()
-    notes = [f"rate-limit scopes relaxed: {', '.join(features.scopes)}"]
+    features = {code: probe_features(code) for code in args.codes}
+    first = features[args.codes[0]]
+    notes = [f"rate-limit scopes relaxed: {', '.join(first.scopes)}"]
     notes.append(
-        f"stream caps raised: {', '.join(features.stream_flags)}"
-        if features.stream_flags
+        f"stream caps raised: {', '.join(first.stream_flags)}"
+        if first.stream_flags
         else "no stream-cap flags"
     )
-    notes.append("--processes: yes" if features.processes else "--processes: not available")
+    notes.append("--processes: yes" if first.processes else "--processes: not available")
     notes.append("load generator on " + ("uvloop" if _fast_loop() else "asyncio"))
+    coordinator_cpu = None
+    if args.pin is not None:
+        coordinator_cpu, bench_cpu = args.pin
+        os.sched_setaffinity(0, {bench_cpu})
+        notes.append(f"coordinator on core {coordinator_cpu}, load generator on core {bench_cpu}")
+    else:
+        notes.append("not pinned to cores")
     print("coordinator: " + "; ".join(notes), flush=True)
     configs = []
     if "sqlite" in args.databases:
@@ -1257,13 +1622,26 @@ def main() -> int:
     png = tiny_png()
     results = Results()
     loop_factory = _fast_loop()
+    several = len(args.codes) > 1
     with tempfile.TemporaryDirectory(prefix="idlegrid-load-") as work:
         for label, database, processes in configs:
-            with asyncio.Runner(loop_factory=loop_factory) as runner:
-                runner.run(
-                    run_config(label, database, processes, features, args, Path(work), png, results)
-                )
+            for what in (s for s in SCENARIOS if s in args.scenarios):
+                # interleaved: the machine's load falls on every code alike
+                for _ in range(args.rounds):
+                    for code in args.codes:
+                        run = Run(
+                            f"{label} [{code.label}]" if several else label,
+                            database,
+                            processes,
+                            code,
+                            features[code],
+                            coordinator_cpu,
+                            horde=what == "horde",
+                        )
+                        with asyncio.Runner(loop_factory=loop_factory) as runner:
+                            runner.run(run_scenario(what, run, args, Path(work), png, results))
     report(results, args)
+    comparison(results, args.codes)
     return 0
 
 

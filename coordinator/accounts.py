@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -30,6 +30,9 @@ from coordinator.errors import Conflict, Forbidden
 REGISTRATION_MODES = ("open", "invite", "closed")
 
 __all__ = ["REGISTRATION_MODES", "Account", "Accounts", "hash_secret"]
+
+# built once (coordinator.db.prepared): every request with an API key runs it
+_BY_KEY = select(accounts).where(accounts.c.api_key_hash == bindparam("key_hash"))
 
 
 def new_api_key() -> str:
@@ -188,12 +191,7 @@ class Accounts(Database):
             )
 
     async def account_by_key(self, api_key: str) -> Account | None:
-        async with self.begin() as conn:
-            row = (
-                await conn.execute(
-                    select(accounts).where(accounts.c.api_key_hash == hash_secret(api_key))
-                )
-            ).first()
+        row = await self.read_first(_BY_KEY, {"key_hash": hash_secret(api_key)})
         return _account(row) if row else None
 
     async def account_by_id(self, account_id: int) -> tuple[Account, float] | None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, bindparam, select, update
 
 from coordinator.accounts import Account, Accounts, hash_secret
 from coordinator.db import nonces
@@ -21,6 +21,11 @@ from coordinator.db.schema import accounts, workers
 from coordinator.economy import trust
 
 __all__ = ["Worker", "Workers"]
+
+# built once (coordinator.db.prepared): every request of a worker runs it
+_BY_TOKEN = select(workers).where(workers.c.token_hash == bindparam("token_hash"))
+_BY_PUBLIC_KEY = select(workers).where(workers.c.public_key == bindparam("public_key"))
+_BY_ID = select(workers).where(workers.c.id == bindparam("worker_id"))
 
 
 @dataclass(frozen=True)
@@ -141,12 +146,7 @@ class Workers(Accounts):
         return _worker(saved), token
 
     async def worker_by_token(self, token: str) -> Worker | None:
-        async with self.begin() as conn:
-            row = (
-                await conn.execute(
-                    select(workers).where(workers.c.token_hash == hash_secret(token))
-                )
-            ).first()
+        row = await self.read_first(_BY_TOKEN, {"token_hash": hash_secret(token)})
         return None if row is None else _worker(row)
 
     async def record_poll(
@@ -175,6 +175,9 @@ class Workers(Accounts):
         its results are unsigned, so it is never trusted and never spot-checked, and what
         it earns is held (coordinator.economy.trust.hold_for_dispute)."""
         key = "horde-" + hashlib.sha256(f"{owner.id}/{name}".encode()).hexdigest()[:58]
+        known = await self.read_first(_BY_PUBLIC_KEY, {"public_key": key})
+        if known is not None:
+            return _worker(known)
         async with self.begin() as conn:
             at = now(conn)
             row = (await conn.execute(select(workers).where(workers.c.public_key == key))).first()
@@ -218,5 +221,5 @@ class Workers(Accounts):
             return list((await conn.execute(query)).all())
 
     async def worker_row(self, worker_id: str) -> Row[Any] | None:
-        async with self.begin() as conn:
-            return (await conn.execute(select(workers).where(workers.c.id == worker_id))).first()
+        row: Row[Any] | None = await self.read_first(_BY_ID, {"worker_id": worker_id})
+        return row

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.db import inline_sqlite
 from coordinator.db.ledger import open_balance
 from coordinator.db.schema import accounts, migrate
+from coordinator.db.sqlite_reads import Reads
 from coordinator.db.tx import NOW, SYSTEM, TOUCHED, now
 
 __all__ = [
@@ -73,8 +74,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
         # Take the write lock up front: a deferred transaction that reads and then writes
-        # can fail with SQLITE_BUSY instead of waiting.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # can fail with SQLITE_BUSY instead of waiting. (Straight to sqlite3: a statement
+        # through SQLAlchemy costs more than the BEGIN.)
+        inline_sqlite.begin_immediate(conn.connection.driver_connection)
 
 
 def _engine(url: str) -> tuple[AsyncEngine, str | None]:
@@ -111,6 +113,7 @@ class Database:
         self._system: dict[str, int] = {}
         self._system_ids: frozenset[int] = frozenset()
         self._commit_hooks: list[CommitHook] = []
+        self._reads: Reads | None = None
 
     @classmethod
     async def open(cls, config: CoordinatorConfig, clock: Clock = time.time) -> Any:
@@ -118,6 +121,8 @@ class Database:
         try:
             async with db._engine.begin() as conn:
                 await migrate(conn)
+            if db._sqlite_path not in (None, "", ":memory:"):
+                db._reads = Reads(str(db._sqlite_path), db._engine.dialect)
             await db._ensure_system_accounts()
             await db._started()
         except BaseException:
@@ -129,7 +134,31 @@ class Database:
         """Subclasses' start-up work, after migrations and system accounts."""
 
     async def aclose(self) -> None:
+        if self._reads is not None:
+            self._reads.close()
         await self._engine.dispose()
+
+    async def read_first(self, query: Select[Any], params: Mapping[str, Any]) -> Any:
+        """The first row of a one-statement read (`query` built once, its bind parameters'
+        values in `params`), or None. On SQLite it comes from a read-only connection
+        without a transaction of the store's one connection (coordinator.db.sqlite_reads):
+        what was committed before, as a transaction would see it."""
+        if self._reads is not None:
+            return self._reads.first(query, params)
+        async with self.begin() as conn:
+            return (await conn.execute(query, params)).first()
+
+    async def read_all(self, query: Select[Any], params: Mapping[str, Any]) -> list[Any]:
+        """Every row of a short one-statement read, as `read_first` reads it."""
+        if self._reads is not None:
+            return self._reads.all(query, params)
+        async with self.begin() as conn:
+            return list((await conn.execute(query, params)).all())
+
+    @property
+    def inline_reads(self) -> bool:
+        """Whether `read_all` reads without a transaction (SQLite)."""
+        return self._reads is not None
 
     async def read_rows(self, query: Select[Any], build: Callable[[list[Any]], T]) -> T:
         """`build(rows)` of a long read-only query (the queue ranking). On SQLite both run on

@@ -23,7 +23,7 @@ import sqlite3
 from collections.abc import Callable, Generator, Iterable
 from typing import Any, cast
 
-__all__ = ["InlineConnection", "connect"]
+__all__ = ["InlineConnection", "begin_immediate", "connect"]
 
 
 class _Done:
@@ -161,6 +161,11 @@ class InlineConnection:
     @isolation_level.setter
     def isolation_level(self, value: str | None) -> None:
         cast(Any, self._conn).isolation_level = value
+
+
+def begin_immediate(conn: InlineConnection) -> None:
+    """BEGIN IMMEDIATE on `conn` now (the engine's "begin" event)."""
+    conn._conn.execute("BEGIN IMMEDIATE")
 
 
 def connect(path: str) -> Callable[[], Any]:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import bindparam, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.db.schema import accounts, balances, jobs, ledger_entries, postings
@@ -64,6 +64,28 @@ GRANTED = frozenset({"grant", "rating", "uptime", "verify"})
 # what accounts held transferable when this rule began (migration 0005_grant_funded)
 MINTED = frozenset({"mint", "opening"})
 
+# built once (coordinator.db.prepared): every job runs these
+# (update statements may not name a bind parameter like a column: b_*)
+_ACCOUNT = bindparam("account_id", type_=balances.c.account_id.type)
+_B_ACCOUNT = bindparam("b_account", type_=balances.c.account_id.type)
+_SEEN = select(ledger_entries.c.id).where(ledger_entries.c.idempotency_key == bindparam("key"))
+_INSERT_ENTRY = ledger_entries.insert().returning(ledger_entries.c.id)
+_INSERT_POSTINGS = postings.insert()
+_MOVE = (
+    update(balances)
+    .where(balances.c.account_id == _B_ACCOUNT)
+    .values(amount=balances.c.amount + bindparam("b_amount", type_=balances.c.amount.type))
+)
+_MOVE_GRANTS = _MOVE.values(
+    grants=balances.c.grants + bindparam("b_granted", type_=balances.c.grants.type)
+)
+_BALANCE = select(balances.c.amount).where(balances.c.account_id == _ACCOUNT)
+_GRANTS = select(balances.c.grants).where(balances.c.account_id == _ACCOUNT)
+_GRANTS_LOCKED = _GRANTS.with_for_update()
+_LOCK_SPENDER = (
+    select(accounts.c.id).where(accounts.c.id == _ACCOUNT).with_for_update(key_share=True)
+)
+
 
 async def post_entry(
     conn: AsyncConnection,
@@ -83,19 +105,13 @@ async def post_entry(
         raise ValueError(f"ledger entry {key!r} does not balance: {moves}")
     if not moves:
         raise ValueError(f"ledger entry {key!r} has no postings")
-    seen = select(ledger_entries.c.id).where(ledger_entries.c.idempotency_key == key)
-    if (await conn.execute(seen)).first() is not None:
+    if (await conn.execute(_SEEN, {"key": key})).first() is not None:
         raise Conflict(f"ledger entry {key!r} was already written")
     # The unique key is the backstop if two transactions race past the check above.
-    entry_id = (
-        await conn.execute(
-            ledger_entries.insert()
-            .values(reason=reason, job_id=job_id, idempotency_key=key, created_at=now(conn))
-            .returning(ledger_entries.c.id)
-        )
-    ).scalar_one()
+    entry = {"reason": reason, "job_id": job_id, "idempotency_key": key, "created_at": now(conn)}
+    entry_id = (await conn.execute(_INSERT_ENTRY, entry)).scalar_one()
     await conn.execute(
-        postings.insert(),
+        _INSERT_POSTINGS,
         [{"entry_id": entry_id, "account_id": acc, "amount": amount} for acc, amount in moves],
     )
     per_account: dict[int, int] = {}
@@ -114,12 +130,11 @@ async def post_entry(
                 raise ValueError(f"ledger entry {key!r}: {moved} granted of {amount}")
         else:
             moved = await _grants_moved(conn, reason, job_id, account_id, amount)
-        values = {"amount": balances.c.amount + amount}
+        move = {"b_account": account_id, "b_amount": amount}
         if moved:
-            values["grants"] = balances.c.grants + moved
-        changed = await conn.execute(
-            update(balances).where(balances.c.account_id == account_id).values(values)
-        )
+            changed = await conn.execute(_MOVE_GRANTS, {**move, "b_granted": moved})
+        else:
+            changed = await conn.execute(_MOVE, move)
         if changed.rowcount == 0:
             if await _is_system(conn, account_id):
                 continue
@@ -192,10 +207,8 @@ async def _grants_moved(
 
 async def grants(conn: AsyncConnection, account_id: int, *, lock: bool = False) -> int:
     """The account's unspent granted kudos (0 for accounts without a balance row)."""
-    query = select(balances.c.grants).where(balances.c.account_id == account_id)
-    if lock:
-        query = query.with_for_update()
-    return int((await conn.execute(query)).scalar_one_or_none() or 0)
+    query = _GRANTS_LOCKED if lock else _GRANTS
+    return int((await conn.execute(query, {"account_id": account_id})).scalar_one_or_none() or 0)
 
 
 async def _is_system(conn: AsyncConnection, account_id: int) -> bool:
@@ -219,9 +232,7 @@ async def open_balance(conn: AsyncConnection, account_id: int) -> None:
 
 async def balance(conn: AsyncConnection, account_id: int) -> int:
     """The account's balance: its row, or for a system account the sum of its postings."""
-    row = (
-        await conn.execute(select(balances.c.amount).where(balances.c.account_id == account_id))
-    ).scalar_one_or_none()
+    row = (await conn.execute(_BALANCE, {"account_id": account_id})).scalar_one_or_none()
     return int(row) if row is not None else await _ledger_sum(conn, account_id)
 
 
@@ -232,9 +243,7 @@ async def lock_spender(conn: AsyncConnection, account_id: int) -> None:
     row: postings' foreign-key checks (FOR KEY SHARE) on it never wait, and the balance rows
     stay free for post_entry to update in account order (no deadlock between opposite
     transfers)."""
-    await conn.execute(
-        select(accounts.c.id).where(accounts.c.id == account_id).with_for_update(key_share=True)
-    )
+    await conn.execute(_LOCK_SPENDER, {"account_id": account_id})
 
 
 async def lock_balance(conn: AsyncConnection, account_id: int) -> int:

@@ -41,7 +41,7 @@ import random
 import uuid
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, exists, func, select, text, update
+from sqlalchemy import ColumnElement, Row, Select, bindparam, exists, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.config import CoordinatorConfig
@@ -87,8 +87,22 @@ GRANT_REASONS = frozenset({"grant", "rating", "uptime", "verify", "forfeit", "mi
 RELEASE_BATCH = 100
 
 
+# built once (coordinator.db.prepared): every job's settlement runs these
+_ACCOUNT_BY_NAME = select(accounts.c.id).where(accounts.c.name == bindparam("name"))
+_WORKER = select(workers).where(workers.c.id == bindparam("worker_id"))
+_TRUSTED = select(workers.c.trusted).where(workers.c.id == bindparam("worker_id"))
+_SET_WORKER = update(workers).where(workers.c.id == bindparam("worker_id"))  # SET: the params
+_LAST_RESULT = select(func.max(jobs.c.finished_at)).where(
+    (jobs.c.kind == "image")
+    & DONE  # (literal, so that SQLite uses the partial index ix_jobs_finished)
+    & (jobs.c.finished_at >= bindparam("since", type_=jobs.c.finished_at.type))
+    & (jobs.c.worker_id == bindparam("worker", type_=jobs.c.worker_id.type))
+    & (jobs.c.id != bindparam("job_id", type_=jobs.c.id.type))
+)
+
+
 async def _system_id(conn: AsyncConnection, name: str) -> int:
-    found = (await conn.execute(select(accounts.c.id).where(accounts.c.name == name))).scalar_one()
+    found = (await conn.execute(_ACCOUNT_BY_NAME, {"name": name})).scalar_one()
     return int(found)
 
 
@@ -133,9 +147,7 @@ async def pay_worker(
     """
     if amount <= 0:
         return 0, 0
-    trusted = (
-        await conn.execute(select(workers.c.trusted).where(workers.c.id == worker_id))
-    ).scalar_one()
+    trusted = (await conn.execute(_TRUSTED, {"worker_id": worker_id})).scalar_one()
     held = 0 if trusted else math.floor(amount * config.trust_hold_fraction)
     payer = source if source is not None else await _system_id(conn, ESCROW)
     moves = [(payer, -amount)]
@@ -207,16 +219,22 @@ def independent(config: CoordinatorConfig, one: Any, other: Any) -> bool:
     return not (config.verify_distinct_ip and one.ip is not None and one.ip == other.ip)
 
 
+# (built once: an alias copies every column of its table)
+_original = jobs.alias("original")
+_checked = workers.alias("checked")
+_other_check = jobs.alias("other_check")
+_other_referee = workers.alias("other_referee")
+
+
 def checks_for(
-    config: CoordinatorConfig, me: Row[Any], pending: ColumnElement[bool], limit: int
+    config: CoordinatorConfig, me: Any, pending: ColumnElement[bool], limit: int
 ) -> Select[Any]:
     """The ids of queued spot checks (`pending`: a condition on `jobs`) that the worker `me`
     may run, oldest first: it is independent of the checked worker and of every worker
-    that already checked (or holds a check of) the same job."""
-    original = jobs.alias("original")
-    checked = workers.alias("checked")
-    other_check = jobs.alias("other_check")
-    other_referee = workers.alias("other_referee")
+    that already checked (or holds a check of) the same job. `me` is a row of `workers`,
+    or bind parameters in its place (coordinator.jobs.hot.ME)."""
+    original, checked = _original, _checked
+    other_check, other_referee = _other_check, _other_referee
     conflict = exists().where(
         (other_check.c.verify_of == jobs.c.verify_of)
         & (other_check.c.id != jobs.c.id)
@@ -292,17 +310,8 @@ async def _busy_since(conn: AsyncConnection, worker_id: str, job: Row[Any]) -> f
     """When the worker could have started on `job`: its lease, or the worker's last other
     image result after that (a worker runs one job at a time)."""
     leased_at = float(job.leased_at if job.leased_at is not None else job.finished_at)
-    previous = (
-        await conn.execute(
-            select(func.max(jobs.c.finished_at)).where(
-                (jobs.c.kind == "image")
-                & DONE  # (literal, so that SQLite uses the partial index ix_jobs_finished)
-                & (jobs.c.finished_at >= leased_at)
-                & (jobs.c.worker_id == worker_id)
-                & (jobs.c.id != job.id)
-            )
-        )
-    ).scalar_one()
+    values = {"since": leased_at, "worker": worker_id, "job_id": job.id}
+    previous = (await conn.execute(_LAST_RESULT, values)).scalar_one()
     return leased_at if previous is None else max(leased_at, float(previous))
 
 
@@ -315,7 +324,7 @@ async def after_result(
     verification_account: int,
 ) -> None:
     """Speed check and maybe schedule a spot check of a finished ordinary image job."""
-    worker = (await conn.execute(select(workers).where(workers.c.id == worker_id))).one()
+    worker = (await conn.execute(_WORKER, {"worker_id": worker_id})).one()
     work = _work(ImageParams.model_validate_json(job.params))
     # Lease to result is an upper bound of the compute time (it adds the round trips and
     # the upload), so an honest worker never looks faster than its GPU, at any job size.
@@ -646,7 +655,7 @@ async def record_poll(
     it serves, when they changed); pay uptime kudos (grants) for the last full period it was
     online through, if it recently finished verified work (`_verified_work`). Returns the
     kudos paid (0 if none)."""
-    row = (await conn.execute(select(workers).where(workers.c.id == worker_id))).one()
+    row = (await conn.execute(_WORKER, {"worker_id": worker_id})).one()
     online_since = row.online_since
     if online_since is None or now - row.last_seen > config.uptime_grace:
         online_since = now
@@ -654,7 +663,7 @@ async def record_poll(
     if ip is not None:
         values["ip"] = ip
     values.update(offer or {})
-    await conn.execute(update(workers).where(workers.c.id == worker_id).values(values))
+    await conn.execute(_SET_WORKER, {"worker_id": worker_id, **values})
     if config.uptime_reward <= 0 or row.paused:
         return 0
     period = config.uptime_period

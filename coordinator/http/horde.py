@@ -199,10 +199,11 @@ async def _image_job(request: web.Request, account: Account | None) -> Job:
 
 
 async def _check(
-    store: Store, job_id: str, state: str, n: int, cost: int, attempts: int
+    store: Store, job_id: str, state: str, n: int, cost: int, attempts: int, job: Any = None
 ) -> dict[str, Any]:
+    """`job`: the image job as just read, if the caller has it (saves reading it again)."""
     done = state in ("done", "failed", "cancelled")
-    position, eta = (None, None) if done else await store.queue_info(job_id)
+    position, eta = (None, None) if done else await store.queue_info(job_id, job)
     return {
         "finished": n if state == "done" else 0,
         "processing": n if state == "leased" else 0,
@@ -229,7 +230,8 @@ async def image_check(request: web.Request, call: Call) -> RequestStatusCheck:
     job = await _image_job(request, call.account)
     store = request.app[STORE]
     n = job.params.n
-    return RequestStatusCheck(**await _check(store, job.id, job.state, n, job.cost, job.attempts))
+    check = await _check(store, job.id, job.state, n, job.cost, job.attempts, job)
+    return RequestStatusCheck(**check)
 
 
 async def _worker_names(store: Store, worker_id: str | None) -> tuple[str, str, tuple[str, ...]]:
@@ -267,7 +269,7 @@ async def image_status(request: web.Request, job: Job) -> RequestStatusImage:
                     model=model,
                 )
             )
-    check = await _check(store, job.id, job.state, job.params.n, job.cost, job.attempts)
+    check = await _check(store, job.id, job.state, job.params.n, job.cost, job.attempts, job)
     return RequestStatusImage(**check, generations=generations, shared=job.shared)
 
 

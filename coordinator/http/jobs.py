@@ -78,7 +78,7 @@ def check_anonymous_limits(request: web.Request, params: ImageParams) -> None:
 async def submit_image(request: web.Request, call: Call) -> ImageJobCreated:
     body: ImageJobRequest = call.body
     job = await queue_image(request, call.account, body.params(), signed_only=body.signed_only)
-    position, eta = await request.app[STORE].queue_info(job.id)
+    position, eta = await request.app[STORE].queue_info(job.id, job)
     assert job.params.seed is not None
     return ImageJobCreated(
         id=job.id,
@@ -152,7 +152,7 @@ async def job_status(request: web.Request, job: Job) -> JobStatus:
                     ratings=count,
                 )
             )
-    position, eta = await store.queue_info(job.id) if not job.finished else (None, None)
+    position, eta = await store.queue_info(job.id, job) if not job.finished else (None, None)
     # whole seconds, so a stream does not send an event for every small drift
     eta = None if eta is None else float(round(eta))
     return JobStatus(

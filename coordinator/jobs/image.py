@@ -8,14 +8,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import ColumnElement, Row, bindparam, select, update
 
 from coordinator.accounts import Account
 from coordinator.db.database import VERIFICATION, now
+from coordinator.db.prepared import Shapes
 from coordinator.db.schema import jobs, results
 from coordinator.economy import trust
 from coordinator.economy.verification import Outcome
 from coordinator.errors import Conflict
+from coordinator.jobs import hot
 from coordinator.jobs.lifecycle import Lifecycle
 from coordinator.workers import Worker
 from protocol.horde import SAMPLERS_WITHOUT_HORDE_NAME
@@ -52,10 +54,19 @@ class Job:
     held_until: float | None = None
     # the options of an /api/v2 request (r2, ...); None for jobs from other doors
     horde: dict[str, Any] | None = None
+    # its place in the queue (coordinator.jobs.queue)
+    rank: float = 0.0
 
     @property
     def finished(self) -> bool:
         return self.state in ("done", "failed", "cancelled")
+
+    # what Lifecycle.queue_info reads besides the fields above
+    kind = "image"
+
+    @property
+    def n(self) -> int:
+        return self.params.n
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,31 @@ def _job(row: Row[Any]) -> Job:
         signed_only=bool(row.signed_only),
         held_until=row.held_until,
         horde=json.loads(row.horde) if row.horde else None,
+        rank=float(row.rank),
     )
+
+
+def _fits(signs: bool) -> ColumnElement[bool]:
+    """The image jobs a worker may pop, its offer bound at execution: max_pixels, max_steps
+    and models (a job without a model fits any)."""
+    fits = (
+        (jobs.c.kind == "image")
+        & (jobs.c.pixels <= bindparam("max_pixels", type_=jobs.c.pixels.type))
+        & (jobs.c.steps <= bindparam("max_steps", type_=jobs.c.steps.type))
+        & (jobs.c.model.is_(None) | jobs.c.model.in_(bindparam("models", expanding=True)))
+    )
+    if not signs:
+        # One image per job, a sampler AI Horde knows, and not for requesters who want
+        # signed results.
+        fits = fits & (jobs.c.signed_only == 0) & (jobs.c.n == 1)
+        for name in SAMPLERS_WITHOUT_HORDE_NAME:
+            fits = fits & ~jobs.c.params.contains(f'"sampler":"{name}"')
+    return fits
+
+
+_INSERT_RESULT = results.insert()
+# (whether the worker signs its results) -> its filter, built once
+_FITS: Shapes[ColumnElement[bool]] = Shapes()
 
 
 class ImageJobs(Lifecycle):
@@ -127,31 +162,22 @@ class ImageJobs(Lifecycle):
 
     async def get_job(self, job_id: str) -> Job | None:
         """The image job with this id (None for no job, or a job of another kind)."""
-        async with self.begin() as conn:
-            row = (
-                await conn.execute(
-                    select(jobs).where((jobs.c.id == job_id) & (jobs.c.kind == "image"))
-                )
-            ).first()
+        row = await self.read_first(hot.IMAGE_JOB_BY_ID, {"job_id": job_id})
         return _job(row) if row else None
 
     async def pop_job(
         self, worker: Worker, models: Sequence[str], max_pixels: int, max_steps: int
     ) -> Job | None:
         """Lease the best queued image job that fits the worker, if any (see Lifecycle.pop)."""
-        fits = (
-            (jobs.c.kind == "image")
-            & (jobs.c.pixels <= max_pixels)
-            & (jobs.c.steps <= max_steps)
-            & (jobs.c.model.is_(None) | jobs.c.model.in_(list(models)))
+        signs = worker.signs
+        fits = _FITS.get(signs, lambda: _fits(signs))
+        row = await self.pop(
+            worker,
+            fits,
+            take_checks=True,
+            shape=("image", signs),
+            params={"max_pixels": max_pixels, "max_steps": max_steps, "models": list(models)},
         )
-        if not worker.signs:
-            # One image per job, a sampler AI Horde knows, and not for requesters who want
-            # signed results.
-            fits = fits & (jobs.c.signed_only == 0) & (jobs.c.n == 1)
-            for name in SAMPLERS_WITHOUT_HORDE_NAME:
-                fits = fits & ~jobs.c.params.contains(f'"sampler":"{name}"')
-        row = await self.pop(worker, fits, take_checks=True)
         return None if row is None else _job(row)
 
     async def report_progress(
@@ -182,7 +208,7 @@ class ImageJobs(Lifecycle):
         async with self.begin() as conn:
             row = await self.finish(conn, worker, job.id)
             await conn.execute(
-                results.insert(),
+                _INSERT_RESULT,
                 [
                     {
                         "job_id": job.id,

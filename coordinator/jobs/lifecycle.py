@@ -18,20 +18,21 @@ update, so two coordinators (or a worker racing the reaper) cannot both win.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, func, select, update
+from sqlalchemy import ColumnElement, Row, Select, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.accounts import Account
 from coordinator.config import CoordinatorConfig
 from coordinator.db.database import ESCROW, now
 from coordinator.db.ledger import balance, lock_balance, lock_spender, post_entry
-from coordinator.db.schema import jobs, ledger_entries, postings, workers
+from coordinator.db.prepared import Shapes
+from coordinator.db.schema import jobs, ledger_entries, postings
 from coordinator.economy import trust
 from coordinator.errors import Conflict, InsufficientKudos, NotFound, WorkerPaused
-from coordinator.jobs import queue
+from coordinator.jobs import hot, queue
 from coordinator.workers import Worker, Workers
 
 __all__ = ["Lifecycle", "OnLease", "Requeued", "lease_cap", "lease_end"]
@@ -68,6 +69,8 @@ class Lifecycle(Workers):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ranking = queue.Ranking(self)
+        # a pop's spot-check statement by the shape of its filter (they depend on the config)
+        self._checks: Shapes[Select[Any]] = Shapes()
         self.add_commit_hook(self._refresh_ranks)
 
     async def _refresh_ranks(self, conn: AsyncConnection, touched: set[int]) -> None:
@@ -105,20 +108,21 @@ class Lifecycle(Workers):
                 await self._check_reserved_per_ip(conn, account, cost)
             kudos = await queue.ranked_kudos(conn, account.id)
             await conn.execute(
-                jobs.insert().values(
-                    id=job_id,
-                    account_id=account.id,
-                    state="queued",
-                    cost=cost,
-                    priority_class=0 if account.anonymous else 1,
-                    created_at=at,
-                    rank=queue.rank_of(at, kudos, account.anonymous, self._config.aging),
-                    attempts=0,
-                    image=0,
-                    step=0,
-                    client_ip=account.requester if account.anonymous else None,
+                hot.INSERT_JOB,
+                {
+                    "id": job_id,
+                    "account_id": account.id,
+                    "state": "queued",
+                    "cost": cost,
+                    "priority_class": 0 if account.anonymous else 1,
+                    "created_at": at,
+                    "rank": queue.rank_of(at, kudos, account.anonymous, self._config.aging),
+                    "attempts": 0,
+                    "image": 0,
+                    "step": 0,
+                    "client_ip": account.requester if account.anonymous else None,
                     **values,
-                )
+                },
             )
             await post_entry(
                 conn,
@@ -127,7 +131,7 @@ class Lifecycle(Workers):
                 job_id=job_id,
                 moves=[(account.id, -cost), (self._system[ESCROW], cost)],
             )
-            row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
+            row = (await conn.execute(hot.JOB_BY_ID, {"job_id": job_id})).one()
         self.ranking.changed(row.kind)
         return row
 
@@ -154,10 +158,13 @@ class Lifecycle(Workers):
                 "account (`idlegrid account register NAME`) and send its API key"
             )
 
-    async def queue_info(self, job_id: str) -> tuple[int | None, float | None]:
-        """(queue position, ETA seconds) of any job, from the shared ranking."""
-        async with self.begin() as conn:
-            row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
+    async def queue_info(self, job_id: str, job: Any = None) -> tuple[int | None, float | None]:
+        """(queue position, ETA seconds) of any job, from the shared ranking. `job`: the
+        job as just read, when the caller has it (a row, or a Job: see queue.eta_of)."""
+        row = job
+        if row is None:
+            async with self.begin() as conn:
+                row = (await conn.execute(hot.JOB_BY_ID, {"job_id": job_id})).first()
         if row is None:
             return None, None
         snapshot = await self.ranking.snapshot(row.kind)
@@ -193,15 +200,20 @@ class Lifecycle(Workers):
         *,
         take_checks: bool = False,
         on_lease: OnLease | None = None,
+        shape: Hashable | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> Row[Any] | None:
         """Lease the best queued job matching `fits` to `worker`, if any; its row.
 
         Raises WorkerPaused for a paused worker. With `take_checks`, a trusted worker takes
         pending spot checks it is independent for first (coordinator.economy.trust); every
-        worker takes its owner's own jobs before others'; then rank order."""
+        worker takes its owner's own jobs before others'; then rank order. `fits` may hold
+        bind parameters, their values in `params`; give the same `shape` for every `fits`
+        built the same way and the statements are built once (coordinator.db.prepared)."""
         skip_locked = self.dialect == "postgresql"
+        values = dict(params or {})
         async with self.begin() as conn:
-            me = (await conn.execute(select(workers).where(workers.c.id == worker.id))).one()
+            me = (await conn.execute(hot.WORKER_BY_ID, {"worker_id": worker.id})).one()
             if me.paused:
                 raise WorkerPaused(
                     f"worker {me.name} is paused: {me.pause_reason}; "
@@ -210,37 +222,42 @@ class Lifecycle(Workers):
             found: list[str] = []
             if take_checks and me.trusted:
                 # only checks it is independent for: not its owner's, nor (by default) its IP's
-                checks = trust.checks_for(self._config, me, queue.CHECKS & fits, POP_CANDIDATES)
-                found += list((await conn.execute(checks)).scalars().all())
+                checks = self._checks_query(fits, shape)
+                me_values = {"me_id": me.id, "me_account": me.account_id, "me_ip": me.ip}
+                found += list((await conn.execute(checks, {**values, **me_values})).scalars())
             best = await queue.candidates(
-                conn, fits, worker.account_id, 1 if skip_locked else POP_CANDIDATES, skip_locked
+                conn,
+                fits,
+                worker.account_id,
+                1 if skip_locked else POP_CANDIDATES,
+                skip_locked,
+                shape=shape,
+                params=values,
             )
             found += [row.id for row in best]
             for job_id in found:
                 at = now(conn)
                 taken = await conn.execute(
-                    update(jobs)
-                    .where((jobs.c.id == job_id) & (jobs.c.state == "queued"))
-                    .values(
-                        state="leased",
-                        worker_id=worker.id,
-                        lease_deadline=at + jobs.c.lease_seconds,
-                        leased_at=at,
-                        image=0,
-                        step=0,
-                    )
+                    hot.LEASE, {"job_id": job_id, "worker": worker.id, "at": at}
                 )
                 if taken.rowcount != 1:
                     continue
-                await conn.execute(
-                    update(workers).where(workers.c.id == worker.id).values(last_seen=at)
-                )
-                row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
+                await conn.execute(hot.WORKER_SEEN, {"worker_id": worker.id, "at": at})
+                row = (await conn.execute(hot.JOB_BY_ID, {"job_id": job_id})).one()
                 if on_lease is not None:
                     await on_lease(conn, row)
                 self.ranking.changed(row.kind)
                 return row
         return None
+
+    def _checks_query(self, fits: ColumnElement[bool], shape: Hashable | None) -> Select[Any]:
+        """The spot checks a trusted worker may take (trust.checks_for), for the worker
+        whose id, account and IP are the parameters me_id, me_account and me_ip."""
+
+        def build() -> Select[Any]:
+            return trust.checks_for(self._config, hot.ME, queue.CHECKS & fits, POP_CANDIDATES)
+
+        return build() if shape is None else self._checks.get(shape, build)
 
     @staticmethod
     def leased_to(worker: Worker, job_id: str) -> ColumnElement[bool]:
@@ -285,19 +302,11 @@ class Lifecycle(Workers):
     async def finish(self, conn: AsyncConnection, worker: Worker, job_id: str) -> Row[Any]:
         """In the caller's transaction: mark `worker`'s leased job done; its row."""
         at = now(conn)
-        done = await conn.execute(
-            update(jobs)
-            .where(self.leased_to(worker, job_id))
-            .values(state="done", finished_at=at, lease_deadline=None)
-        )
+        done = await conn.execute(hot.FINISH, {"job_id": job_id, "worker": worker.id, "at": at})
         if done.rowcount != 1:
             raise await self.not_leased(conn, job_id)
-        await conn.execute(
-            update(workers)
-            .where(workers.c.id == worker.id)
-            .values(jobs_done=workers.c.jobs_done + 1, last_seen=at)
-        )
-        return (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
+        await conn.execute(hot.WORKER_DONE, {"worker_id": worker.id, "at": at})
+        return (await conn.execute(hot.JOB_BY_ID, {"job_id": job_id})).one()
 
     # --- give back, fail, cancel, reap -----------------------------------------------
 

@@ -26,16 +26,18 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, func, select, text, update
+from sqlalchemy import ColumnElement, Row, Select, bindparam, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.config import CoordinatorConfig
 from coordinator.db.database import Database
+from coordinator.db.prepared import Shapes
 from coordinator.db.schema import balances, jobs
 from protocol.priority import Aging, Waiting, effective_time
 
@@ -72,11 +74,18 @@ def _head_start(kudos: int, aging: Aging) -> float:
     return -rank_of(0.0, kudos, False, aging)
 
 
+_ACCOUNT = bindparam("account_id", type_=balances.c.account_id.type)
+_RANKED = select(balances.c.ranked).where(balances.c.account_id == _ACCOUNT)
+_BALANCE_LOCKED = (
+    select(balances.c.amount, balances.c.ranked)
+    .where(balances.c.account_id == _ACCOUNT)
+    .with_for_update()
+)
+
+
 async def ranked_kudos(conn: AsyncConnection, account_id: int) -> int:
     """The balance the ranks of `account_id`'s queued jobs are computed from."""
-    found = (
-        await conn.execute(select(balances.c.ranked).where(balances.c.account_id == account_id))
-    ).scalar_one_or_none()
+    found = (await conn.execute(_RANKED, {"account_id": account_id})).scalar_one_or_none()
     return int(found or 0)
 
 
@@ -88,13 +97,7 @@ async def refresh_ranks(
     aging = config.aging
     for account_id in sorted(account_ids):
         # locked (the ledger's update already holds it): balance row before job rows
-        row = (
-            await conn.execute(
-                select(balances.c.amount, balances.c.ranked)
-                .where(balances.c.account_id == account_id)
-                .with_for_update()
-            )
-        ).first()
+        row = (await conn.execute(_BALANCE_LOCKED, {"account_id": account_id})).first()
         if row is None:
             continue
         moved = _head_start(int(row.amount), aging) - _head_start(int(row.ranked), aging)
@@ -153,25 +156,51 @@ async def rerank_account(
     await rerank(conn, account_id, int(kudos or 0), aging)
 
 
+# (fits' shape, with an owner, limit, skip_locked) -> the statements `candidates` runs
+_CANDIDATES: Shapes[list[Select[Any]]] = Shapes()
+
+
+def _candidate_queries(
+    fits: ColumnElement[bool], owner: bool, limit: int, skip_locked: bool
+) -> list[Select[Any]]:
+    columns = (jobs.c.id, jobs.c.lease_seconds, jobs.c.model, jobs.c.kind)
+    scopes = [QUEUED & fits & (jobs.c.account_id == bindparam("owner"))] if owner else []
+    scopes.append(QUEUED & fits)
+    queries = []
+    for scope in scopes:
+        query = select(*columns).where(scope).order_by(jobs.c.rank, jobs.c.id).limit(limit)
+        if skip_locked:
+            query = query.with_for_update(skip_locked=True, of=jobs)
+        queries.append(query)
+    return queries
+
+
 async def candidates(
     conn: AsyncConnection,
     fits: ColumnElement[bool],
     owner: int | None,
     limit: int,
     skip_locked: bool,
+    *,
+    shape: Hashable | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> list[Row[Any]]:
     """The best queued jobs matching `fits`, `owner`'s own first (a worker serves its
     owner's jobs before others'), then in rank order: (id, lease_seconds, model, kind).
     With `skip_locked` (PostgreSQL) the rows come locked, and rows another pop is taking are
-    skipped rather than waited for; ask for one then, so a pop locks only what it takes."""
-    columns = (jobs.c.id, jobs.c.lease_seconds, jobs.c.model, jobs.c.kind)
-    scopes = [QUEUED & fits & (jobs.c.account_id == owner)] if owner is not None else []
-    scopes.append(QUEUED & fits)
-    for scope in scopes:
-        query = select(*columns).where(scope).order_by(jobs.c.rank, jobs.c.id).limit(limit)
-        if skip_locked:
-            query = query.with_for_update(skip_locked=True, of=jobs)
-        found: list[Any] = list((await conn.execute(query)).all())
+    skipped rather than waited for; ask for one then, so a pop locks only what it takes.
+    `fits` may hold bind parameters (their values in `params`); with a `shape` (the same
+    for every `fits` built the same way) the statements are built once per shape
+    (coordinator.db.prepared)."""
+    key = (shape, owner is not None, limit, skip_locked)
+    queries = (
+        _CANDIDATES.get(key, lambda: _candidate_queries(fits, *key[1:]))
+        if shape is not None
+        else _candidate_queries(fits, *key[1:])
+    )
+    values = {**(params or {}), "owner": owner}
+    for query in queries:
+        found: list[Any] = list((await conn.execute(query, values)).all())
         if found:
             return found
     return []
@@ -203,6 +232,18 @@ def eta_of(job: Row[Any], ahead_work: int, rate: float | None, now: float) -> fl
             return max(elapsed * (total - done) / done, 0.0)
         return None if rate is None else float(job.cost) / rate
     return None
+
+
+def _queue_of(kind: str) -> Select[Any]:
+    """The queued jobs of `kind` in rank order: (id, rank, cost)."""
+    return (
+        select(jobs.c.id, jobs.c.rank, jobs.c.cost)
+        .where(QUEUED & (jobs.c.kind == kind))
+        .order_by(jobs.c.rank, jobs.c.id)
+    )
+
+
+_QUEUE_OF: Shapes[Select[Any]] = Shapes()
 
 
 @dataclass(frozen=True)
@@ -242,6 +283,8 @@ class Ranking:
         self._locks: dict[str, asyncio.Lock] = {}
         self._load_seconds: dict[str, float] = {}
         self._dirty: set[str] = set()
+        # kind -> (throughput, time.monotonic() when computed)
+        self._rates: dict[str, tuple[float | None, float]] = {}
 
     def changed(self, kind: str) -> None:
         """This process queued or took a job of `kind`: refresh the snapshot sooner."""
@@ -278,20 +321,30 @@ class Ranking:
             self._snapshots[kind] = current
             return current
 
-    async def _load(self, kind: str) -> Snapshot:
-        query = (
-            select(jobs.c.id, jobs.c.rank, jobs.c.cost)
-            .where(QUEUED & (jobs.c.kind == kind))
-            .order_by(jobs.c.rank, jobs.c.id)
-        )
-        taken_at = self._db.now()
-        async with self._db.begin() as conn:
-            rate = await throughput(conn, kind, self._db.config.eta_window, taken_at)
+    async def _rate(self, kind: str, at: float) -> float | None:
+        """The throughput, recomputed at most every `ranking_interval` (it sums the window's
+        finished jobs; an ETA needs no fresher one), or whenever there was none."""
+        rate, computed = self._rates.get(kind, (None, -math.inf))
+        if rate is None or time.monotonic() - computed >= self._db.config.ranking_interval:
+            async with self._db.begin() as conn:
+                rate = await throughput(conn, kind, self._db.config.eta_window, at)
+            self._rates[kind] = (rate, time.monotonic())
+        return rate
 
-        def build(rows: list[Any]) -> Snapshot:
+    async def _load(self, kind: str) -> Snapshot:
+        query = _QUEUE_OF.get(kind, lambda: _queue_of(kind))
+        taken_at = self._db.now()
+
+        def build(rows: Sequence[Any], rate: float | None) -> Snapshot:
             ids = {row[0]: place for place, row in enumerate(rows)}
             ranks = [float(row[1]) for row in rows]
             work_ahead = list(itertools.accumulate((int(row[2]) for row in rows), initial=0))
             return Snapshot(taken_at, time.monotonic(), ids, ranks, work_ahead, rate)
 
-        return await self._db.read_rows(query, build)
+        previous = self._snapshots.get(kind)
+        rate = await self._rate(kind, taken_at)
+        if previous is not None and previous.length <= EXACT_BELOW and self._db.inline_reads:
+            # short: read at once (cheaper than a thread with a connection of its own); a
+            # long queue is read beside the event loop, below
+            return build(await self._db.read_all(query, {}), rate)
+        return await self._db.read_rows(query, lambda rows: build(rows, rate))

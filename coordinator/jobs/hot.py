@@ -1,0 +1,71 @@
+"""The job lifecycle's statements that run on every job, built once (coordinator.db.prepared):
+execute them with the values of their bind parameters."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from sqlalchemy import bindparam, select, update
+
+from coordinator.db.schema import jobs, workers
+
+__all__ = [
+    "FINISH",
+    "IMAGE_JOB_BY_ID",
+    "INSERT_JOB",
+    "JOB_BY_ID",
+    "LEASE",
+    "ME",
+    "WORKER_BY_ID",
+    "WORKER_DONE",
+    "WORKER_SEEN",
+]
+
+INSERT_JOB = jobs.insert()  # its columns are the keys of the parameters
+JOB_BY_ID = select(jobs).where(jobs.c.id == bindparam("job_id"))
+IMAGE_JOB_BY_ID = select(jobs).where((jobs.c.id == bindparam("job_id")) & (jobs.c.kind == "image"))
+WORKER_BY_ID = select(workers).where(workers.c.id == bindparam("worker_id"))
+_AT = bindparam("at", type_=jobs.c.leased_at.type)
+# a queued job leased to a worker (conditional: another pop may have taken it)
+LEASE = (
+    update(jobs)
+    .where((jobs.c.id == bindparam("job_id")) & (jobs.c.state == "queued"))
+    .values(
+        state="leased",
+        worker_id=bindparam("worker", type_=jobs.c.worker_id.type),
+        lease_deadline=_AT + jobs.c.lease_seconds,
+        leased_at=_AT,
+        image=0,
+        step=0,
+    )
+)
+# the worker's leased job done (conditional: its lease may have ended meanwhile)
+FINISH = (
+    update(jobs)
+    .where(
+        (jobs.c.id == bindparam("job_id"))
+        & (jobs.c.state == "leased")
+        & (jobs.c.worker_id == bindparam("worker", type_=jobs.c.worker_id.type))
+    )
+    .values(state="done", finished_at=_AT, lease_deadline=None)
+)
+WORKER_DONE = (
+    update(workers)
+    .where(workers.c.id == bindparam("worker_id"))
+    .values(
+        jobs_done=workers.c.jobs_done + 1,
+        last_seen=bindparam("at", type_=workers.c.last_seen.type),
+    )
+)
+WORKER_SEEN = (
+    update(workers)
+    .where(workers.c.id == bindparam("worker_id"))
+    .values(last_seen=bindparam("at", type_=workers.c.last_seen.type))
+)
+# a worker as trust.checks_for and trust.related see it, its values bound at execution:
+# me_id, me_account, me_ip (an unknown IP, NULL, matches nothing there)
+ME = SimpleNamespace(
+    id=bindparam("me_id", type_=workers.c.id.type),
+    account_id=bindparam("me_account", type_=workers.c.account_id.type),
+    ip=bindparam("me_ip", type_=workers.c.ip.type),
+)
