@@ -124,6 +124,9 @@ workers = Table(
     # idlegrid: signs its results with its Ed25519 key; horde: an AI Horde worker popping
     # through /api/v2 (unsigned, never trusted, never spot-checked, its pay held)
     Column("protocol", String(16), nullable=False, server_default="idlegrid"),
+    # --- identities (0005_identities) ---
+    # jobs it gave back in a row since its last finished job (`faulted_run` pauses it)
+    Column("faulted_run", Integer, nullable=False, server_default="0"),
 )
 
 jobs = Table(
@@ -179,6 +182,10 @@ jobs = Table(
     Column("held_until", Float),
     # JSON of /api/v2 request options (r2, ...), None for other doors
     Column("horde", Text),
+    # --- identities (0005_identities) ---
+    # "[account id]" of the owner of each worker that gave it back (or let its lease run
+    # out), in order: an owner that gave it back twice is not offered it again
+    Column("gave_back", Text, nullable=False, server_default=""),
     Index("ix_jobs_state", "state", "created_at"),
     Index("ix_jobs_account", "account_id", "state"),
     # the queue: the next job of a kind is the first row of this index that fits
