@@ -222,15 +222,20 @@ class AsyncClient:
         """POST a job with an Idempotency-Key (a new UUID if absent) and retry it, with the
         same key, while the coordinator does not answer (a restart cut the answer off, a
         503) for up to `wait_timeout` s: the coordinator makes one job and charges once per
-        key, so a retry never pays twice. A rate limit (429) is the caller's to handle."""
+        key, so a retry never pays twice. A rate limit (429) is the caller's to handle, and
+        so is a coordinator that refuses the first connection: nothing was sent."""
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         patience = Patience("(new job)", self.wait_timeout)
+        sent = False
         while True:
             try:
                 return await self._request("POST", path, model, body, headers=headers)
             except Exception as exc:
-                if isinstance(exc, RateLimited) or not retryable(exc):
+                refused = isinstance(exc.__cause__, aiohttp.ClientConnectorError)
+                if isinstance(exc, RateLimited) or not retryable(exc) or (refused and not sent):
                     raise
+                # it may have reached the coordinator: retry through its restart
+                sent = sent or not refused
                 try:
                     await patience.pause(exc)
                 except WaitTimeout:

@@ -5,8 +5,9 @@ and keep the images.
 
 The attacker holds an API key and plain HTTP, as an AI Horde bridge does. Against a real
 coordinator: new worker names run out (the account's cap, the registration rate limit);
-give-backs in a row pause the worker and its owner, so a fresh name gets 403 too; the job
-it gave back twice waits for another owner's worker, which finishes it; disputes stop at
+give-backs in a row pause the worker and its owner, so a fresh name gets 403 too (a native
+worker's drains do not count); the job it gave back twice waits for another owner's
+worker, which finishes it; disputes stop at
 the share and the daily cap, and a disputed image is gone.
 """
 
@@ -19,10 +20,13 @@ from typing import Any
 import aiohttp
 import pytest
 
+from client.sdk import AsyncClient
 from coordinator.config import DEFAULT_RATE_LIMITS, CoordinatorConfig, RateLimit
+from protocol.params import ImageParams
 from tests.conftest import LiveApp, start_app
 from tests.coordinator.test_horde import Horde, request, webp
-from tests.fakes import register_accounts
+from tests.fakes import CAPS, FakeWorker, register_accounts
+from worker.errors import CoordinatorRejected
 
 AppFactory = Callable[..., Awaitable[LiveApp]]
 
@@ -157,3 +161,27 @@ async def test_disputes_are_limited_and_give_up_the_images(make_app: AppFactory)
         assert (await _dispute(capped.url, alice_key, job_id))[0] == 200
     status, refused = await _dispute(capped.url, alice_key, jobs[2])
     assert status == 403 and "--max-disputes-per-day 2" in refused["error"]["message"], refused
+
+
+async def test_a_native_worker_that_gives_jobs_back_is_paused(make_app: AppFactory) -> None:
+    live = await make_app()
+    (alice_key,) = await register_accounts(live.url, "alice")
+    async with AsyncClient(live.url, alice_key) as alice:
+        for seed in range(3):
+            await alice.submit_image(ImageParams(prompt="x", width=64, height=64, seed=seed))
+    async with FakeWorker(live.url, "flaky") as worker:
+
+        async def give_back(reason: str) -> str:
+            job = await worker.link.pop(CAPS, wait=0)
+            assert job is not None
+            await worker.link.fail(job.id, reason)
+            return job.id
+
+        # a drain does not count: three in a row leave it serving
+        drained = [await give_back("worker shutting down") for _ in range(3)]
+        assert drained[0] == drained[1] != drained[2]  # its owner gave the first back twice
+        for _ in range(3):
+            await give_back("EngineCrashed: out of memory")
+        with pytest.raises(CoordinatorRejected) as paused:
+            await worker.link.pop(CAPS, wait=0)
+        assert paused.value.status == 403 and "in a row" in str(paused.value)
