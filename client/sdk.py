@@ -31,6 +31,7 @@ from client.errors import (
     JobFailed,
     NotEnoughKudos,
     RateLimited,
+    WaitTimeout,
 )
 from client.follow import READ_TIMEOUT, WAIT_TIMEOUT, Patience, read_events, retryable
 from protocol.messages import (
@@ -215,9 +216,38 @@ class AsyncClient:
             {"score": score},
         )
 
-    async def submit_image(self, params: ImageParams) -> ImageJobCreated:
+    async def _submit(
+        self, path: str, model: type[M], body: dict[str, Any], idempotency_key: str | None
+    ) -> M:
+        """POST a job with an Idempotency-Key (a new UUID if absent) and retry it, with the
+        same key, while the coordinator does not answer (a restart cut the answer off, a
+        503) for up to `wait_timeout` s: the coordinator makes one job and charges once per
+        key, so a retry never pays twice. A rate limit (429) is the caller's to handle, and
+        so is a coordinator that refuses the first connection: nothing was sent."""
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        patience = Patience("(new job)", self.wait_timeout)
+        sent = False
+        while True:
+            try:
+                return await self._request("POST", path, model, body, headers=headers)
+            except Exception as exc:
+                refused = isinstance(exc.__cause__, aiohttp.ClientConnectorError)
+                if isinstance(exc, RateLimited) or not retryable(exc) or (refused and not sent):
+                    raise
+                # it may have reached the coordinator: retry through its restart
+                sent = sent or not refused
+                try:
+                    await patience.pause(exc)
+                except WaitTimeout:
+                    # nothing to wait on yet: the submit's own error says more
+                    raise exc from None
+
+    async def submit_image(
+        self, params: ImageParams, idempotency_key: str | None = None
+    ) -> ImageJobCreated:
+        """Queue an image job (retried through restarts; see `_submit`)."""
         body = params.model_dump(mode="json", exclude_none=True)
-        return await self._request("POST", "/api/v1/jobs/image", ImageJobCreated, body)
+        return await self._submit("/api/v1/jobs/image", ImageJobCreated, body, idempotency_key)
 
     async def job(self, job_id: str) -> JobStatus:
         return await self._request("GET", f"/api/v1/jobs/{job_id}", JobStatus)
@@ -351,9 +381,12 @@ class AsyncClient:
         listing = await self._request("GET", "/v1/models", ModelList)
         return [model.id for model in listing.data]
 
-    async def submit_text(self, params: TextParams) -> TextJobCreated:
+    async def submit_text(
+        self, params: TextParams, idempotency_key: str | None = None
+    ) -> TextJobCreated:
+        """Queue a text job (retried through restarts; see `_submit`)."""
         body = params.model_dump(mode="json", exclude_none=True)
-        return await self._request("POST", "/api/v1/text/jobs", TextJobCreated, body)
+        return await self._submit("/api/v1/text/jobs", TextJobCreated, body, idempotency_key)
 
     async def text_job(self, job_id: str) -> TextStatus:
         return await self._request("GET", f"/api/v1/text/jobs/{job_id}", TextStatus)
@@ -484,8 +517,10 @@ class Client:
     def me(self) -> AccountInfo:
         return self._run(self._async.me())
 
-    def submit_image(self, params: ImageParams) -> ImageJobCreated:
-        return self._run(self._async.submit_image(params))
+    def submit_image(
+        self, params: ImageParams, idempotency_key: str | None = None
+    ) -> ImageJobCreated:
+        return self._run(self._async.submit_image(params, idempotency_key))
 
     def quote_image(self, params: ImageParams) -> Quote:
         return self._run(self._async.quote_image(params))
@@ -523,8 +558,8 @@ class Client:
     def models(self) -> list[str]:
         return self._run(self._async.models())
 
-    def submit_text(self, params: TextParams) -> TextJobCreated:
-        return self._run(self._async.submit_text(params))
+    def submit_text(self, params: TextParams, idempotency_key: str | None = None) -> TextJobCreated:
+        return self._run(self._async.submit_text(params, idempotency_key))
 
     def text_job(self, job_id: str) -> TextStatus:
         return self._run(self._async.text_job(job_id))

@@ -24,7 +24,7 @@ from coordinator.db.ledger import (
     post_entry,
     transferable_supply,
 )
-from coordinator.db.schema import accounts, invites, ledger_entries, postings
+from coordinator.db.schema import accounts, invites, ledger_entries, postings, workers
 from coordinator.errors import Conflict, Forbidden
 
 REGISTRATION_MODES = ("open", "invite", "closed")
@@ -147,6 +147,14 @@ class Accounts(Database):
                     )
                 ).scalar_one()
                 cap = self._config.invites_per_account
+                if cap and await self._invited_without_work(conn, maker.id):
+                    raise Forbidden(
+                        "an account invited by another user may make invite codes once one "
+                        "of its workers has passed a spot check by an independent trusted "
+                        "worker (or is trusted): run a worker with this API key, or ask the "
+                        "coordinator's operator for codes",
+                        [("count", "no invites before verified work")],
+                    )
                 if int(made) + count > cap:
                     raise Forbidden(
                         f"each account may make {cap} invite codes and you made {made}; "
@@ -166,6 +174,32 @@ class Accounts(Database):
                 ],
             )
         return codes
+
+    @staticmethod
+    async def _invited_without_work(conn: AsyncConnection, account_id: int) -> bool:
+        """True when a user's invite code made `account_id` and none of its workers has
+        passed an independent check (or is trusted). Invites must not breed invites for
+        free: else one code becomes unlimited accounts, each with its grant."""
+        invited = (
+            await conn.execute(
+                select(invites.c.code_hash).where(
+                    (invites.c.used_by == account_id) & invites.c.account_id.is_not(None)
+                )
+            )
+        ).first()
+        if invited is None:
+            return False
+        verified = (
+            await conn.execute(
+                select(workers.c.id)
+                .where(
+                    (workers.c.account_id == account_id)
+                    & ((workers.c.checks_passed > 0) | (workers.c.trusted == 1))
+                )
+                .limit(1)
+            )
+        ).first()
+        return verified is None
 
     async def mint(self, name: str, amount: int) -> int:
         """The operator's explicit action (`idlegrid coordinator --mint USER=KUDOS`): give

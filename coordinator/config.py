@@ -189,6 +189,18 @@ class CoordinatorConfig:
     # generation); 0 = only equal texts agree (coordinator.economy.text_checks)
     text_check_prefix_chars: int = 256
 
+    # worker identities (coordinator.workers, coordinator.jobs.lifecycle)
+    # most workers of any kind (native or AI Horde names) one account may have; a new one
+    # past it is refused with 403 (new AI Horde names also take the `worker` rate limit)
+    max_workers_per_account: int = 20
+    # a worker that gives back this many jobs in a row without finishing one is paused
+    # (drains and gateways' give-backs, often a block server's fault, do not count)
+    faulted_run: int = 3
+    # disputes of AI Horde workers' results one account may make per rolling day, and at
+    # most this share (rounded up) of its finished image jobs
+    max_disputes_per_day: int = 10
+    max_dispute_share: float = 0.2
+
     # bounds, rate limits and client addresses
     # a lease is extended (progress, streamed text) at most until this many times the job's
     # work at the slowest acceptable pace (or its fixed lease, if longer) after the pop;

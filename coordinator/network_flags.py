@@ -201,6 +201,65 @@ def _verification(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --- worker identities --------------------------------------------------------------------
+
+
+def _add_identities(group: argparse._ArgumentGroup) -> None:
+    defaults = CoordinatorConfig(data_dir=Path("."))
+    group.add_argument(
+        "--max-workers-per-account",
+        type=int,
+        default=defaults.max_workers_per_account,
+        metavar="N",
+        help="most workers (native or AI Horde names) one account may have (default %(default)s)",
+    )
+    group.add_argument(
+        "--faulted-run",
+        type=int,
+        default=defaults.faulted_run,
+        metavar="N",
+        help="pause a worker that gives back N jobs in a row without finishing one "
+        "(default %(default)s)",
+    )
+    group.add_argument(
+        "--max-disputes-per-day",
+        type=int,
+        default=defaults.max_disputes_per_day,
+        metavar="N",
+        help="disputes of AI Horde workers' results one account may make per day "
+        "(default %(default)s)",
+    )
+    group.add_argument(
+        "--max-dispute-share",
+        type=float,
+        default=defaults.max_dispute_share,
+        metavar="F",
+        help="an account may dispute at most this share (rounded up) of its finished image "
+        "jobs (default %(default)s)",
+    )
+
+
+def _identities(args: argparse.Namespace) -> dict[str, Any]:
+    for flag, value in (
+        ("--max-workers-per-account", args.max_workers_per_account),
+        ("--faulted-run", args.faulted_run),
+    ):
+        if value < 1:
+            raise SystemExit(f"{flag} {value}: use 1 or more")
+    if args.max_disputes_per_day < 0:
+        raise SystemExit(
+            f"--max-disputes-per-day {args.max_disputes_per_day}: use 0 (no disputes) or more"
+        )
+    if not 0 <= args.max_dispute_share <= 1:
+        raise SystemExit(f"--max-dispute-share {args.max_dispute_share}: use 0 to 1")
+    return {
+        "max_workers_per_account": args.max_workers_per_account,
+        "faulted_run": args.faulted_run,
+        "max_disputes_per_day": args.max_disputes_per_day,
+        "max_dispute_share": args.max_dispute_share,
+    }
+
+
 # --- bounds, rate limits and client addresses ---------------------------------------------
 
 
@@ -243,7 +302,13 @@ def _bounds(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("open network (see README: Threat model)")
-    for add in (_add_text_models, _add_registration, _add_verification, _add_bounds):
+    for add in (
+        _add_text_models,
+        _add_registration,
+        _add_verification,
+        _add_identities,
+        _add_bounds,
+    ):
         add(group)
 
 
@@ -253,5 +318,6 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         **_text_models(args),
         **_registration(args),
         **_verification(args),
+        **_identities(args),
         **_bounds(args),
     }

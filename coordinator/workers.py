@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, bindparam, select, update
+from sqlalchemy import Row, bindparam, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.accounts import Account, Accounts, hash_secret
 from coordinator.db import nonces
@@ -19,6 +20,7 @@ from coordinator.db.database import now
 from coordinator.db.ledger import open_balance
 from coordinator.db.schema import accounts, workers
 from coordinator.economy import trust
+from coordinator.errors import Forbidden
 
 __all__ = ["Worker", "Workers"]
 
@@ -66,6 +68,11 @@ def _worker(row: Row[Any]) -> Worker:
         kind=row.kind,
         models=tuple(json.loads(row.models)) if row.models else (),
     )
+
+
+def _horde_key(owner: Account, name: str) -> str:
+    """The `public_key` column of an AI Horde worker: unique per owner and name."""
+    return "horde-" + hashlib.sha256(f"{owner.id}/{name}".encode()).hexdigest()[:58]
 
 
 def _offer(worker: Worker, kind: str, models: Sequence[str]) -> dict[str, Any]:
@@ -131,11 +138,17 @@ class Workers(Accounts):
                 owner is not None and owner.name in self._config.trusted_accounts
             ):
                 values["trusted"] = 1
+            if row is None or row.account_id != account_id:
+                await self._check_worker_cap(conn, account_id)
             if row is None:
                 worker_id = uuid.uuid4().hex
                 await conn.execute(
                     workers.insert().values(
-                        id=worker_id, public_key=public_key, created_at=at, **values
+                        id=worker_id,
+                        public_key=public_key,
+                        created_at=at,
+                        **values,
+                        **await trust.inherited_pause(conn, account_id),
                     )
                 )
                 await trust.pending_account(conn, worker_id)
@@ -170,18 +183,23 @@ class Workers(Accounts):
             values = {"last_seen": now(conn), **_offer(worker, kind, models)}
             await conn.execute(update(workers).where(workers.c.id == worker.id).values(values))
 
-    async def horde_worker(self, owner: Account, name: str, ip: str | None) -> Worker:
-        """The AI Horde worker `name` of `owner` (created on its first pop). It has no key:
-        its results are unsigned, so it is never trusted and never spot-checked, and what
-        it earns is held (coordinator.economy.trust.hold_for_dispute)."""
-        key = "horde-" + hashlib.sha256(f"{owner.id}/{name}".encode()).hexdigest()[:58]
-        known = await self.read_first(_BY_PUBLIC_KEY, {"public_key": key})
-        if known is not None:
-            return _worker(known)
+    async def horde_worker(self, owner: Account, name: str) -> Worker | None:
+        """The AI Horde worker `name` of `owner`, if it popped before (else `new_horde_worker`)."""
+        row = await self.read_first(_BY_PUBLIC_KEY, {"public_key": _horde_key(owner, name)})
+        return None if row is None else _worker(row)
+
+    async def new_horde_worker(self, owner: Account, name: str, ip: str | None) -> Worker:
+        """Create the AI Horde worker `name` of `owner` (on its first pop; the caller took
+        the `worker` rate limit). It has no key: its results are unsigned, so it is never
+        trusted and never spot-checked, and what it earns is held
+        (coordinator.economy.trust.hold_for_dispute). Forbidden past
+        `max_workers_per_account`; paused from the start when its account is paused."""
+        key = _horde_key(owner, name)
         async with self.begin() as conn:
             at = now(conn)
             row = (await conn.execute(select(workers).where(workers.c.public_key == key))).first()
             if row is None:
+                await self._check_worker_cap(conn, owner.id)
                 worker_id = uuid.uuid4().hex
                 await conn.execute(
                     workers.insert().values(
@@ -196,11 +214,29 @@ class Workers(Accounts):
                         ip=ip,
                         protocol="horde",
                         kind="image",
+                        **await trust.inherited_pause(conn, owner.id),
                     )
                 )
                 await trust.pending_account(conn, worker_id)
                 row = (await conn.execute(select(workers).where(workers.c.id == worker_id))).one()
         return _worker(row)
+
+    async def _check_worker_cap(self, conn: AsyncConnection, account_id: int) -> None:
+        """Forbidden when `account_id` has `max_workers_per_account` workers already: names
+        cost nothing, so a cap keeps one account from spreading over unlimited identities."""
+        cap = self._config.max_workers_per_account
+        count = (
+            await conn.execute(
+                select(func.count()).select_from(workers).where(workers.c.account_id == account_id)
+            )
+        ).scalar_one()
+        if int(count) >= cap:
+            raise Forbidden(
+                f"this account has {count} workers, the most one account may have here "
+                f"(--max-workers-per-account {cap}); reuse a worker name (or key) you "
+                "registered before, or ask the coordinator's operator to raise the limit",
+                [("name", f"at most {cap} workers per account")],
+            )
 
     async def set_engine(self, worker: Worker, engine_json: str) -> None:
         async with self.begin() as conn:

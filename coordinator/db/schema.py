@@ -129,6 +129,9 @@ workers = Table(
     # idlegrid: signs its results with its Ed25519 key; horde: an AI Horde worker popping
     # through /api/v2 (unsigned, never trusted, never spot-checked, its pay held)
     Column("protocol", String(16), nullable=False, server_default="idlegrid"),
+    # --- identities (0006_identities) ---
+    # jobs it gave back in a row since its last finished job (`faulted_run` pauses it)
+    Column("faulted_run", Integer, nullable=False, server_default="0"),
 )
 
 jobs = Table(
@@ -188,6 +191,10 @@ jobs = Table(
     # what of the reservation still in escrow grants paid (grant_spent, plus what the
     # requester spent below zero); that part of the pay reaches workers as grants
     Column("grant_funded", BigInteger, nullable=False, server_default="0"),
+    # --- identities (0006_identities) ---
+    # "[account id]" of the owner of each worker that gave it back (or let its lease run
+    # out), in order: an owner that gave it back twice is not offered it again
+    Column("gave_back", Text, nullable=False, server_default=""),
     Index("ix_jobs_state", "state", "created_at"),
     Index("ix_jobs_account", "account_id", "state"),
     # the queue: the next job of a kind is the first row of this index that fits

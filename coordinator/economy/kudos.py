@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.accounts import Account, Accounts
+from coordinator.db import request_keys
 from coordinator.db.database import GRANTS
 from coordinator.db.ledger import balance, grants, lock_spender, post_entry
 from coordinator.db.schema import (
@@ -27,7 +28,6 @@ from coordinator.db.schema import (
     ledger_entries,
     postings,
     ratings,
-    request_keys,
     results,
     workers,
 )
@@ -81,22 +81,11 @@ async def transfer(
         try:
             async with store.begin() as conn:
                 await lock_spender(conn, sender.id)
-                seen = (
-                    await conn.execute(
-                        select(request_keys).where(
-                            (request_keys.c.account_id == sender.id)
-                            & (request_keys.c.key == idempotency_key)
-                        )
-                    )
-                ).first()
+                seen = await request_keys.replayed(
+                    conn, sender.id, idempotency_key, digest, "transfer"
+                )
                 if seen is not None:
-                    if seen.request_hash != digest:
-                        raise Conflict(
-                            f"Idempotency-Key {idempotency_key!r} was used for a different "
-                            "transfer; use a new key for a new transfer",
-                            [("Idempotency-Key", "was used with a different body")],
-                        )
-                    return TransferDone.model_validate_json(seen.response)
+                    return TransferDone.model_validate_json(seen)
                 receiver = (
                     await conn.execute(
                         select(accounts.c.id).where(
@@ -126,14 +115,8 @@ async def transfer(
                     moves=[(sender.id, -amount), (int(receiver), amount)],
                 )
                 done = TransferDone(id=entry, to=to, amount=amount, idempotency_key=idempotency_key)
-                await conn.execute(
-                    request_keys.insert().values(
-                        account_id=sender.id,
-                        key=idempotency_key,
-                        request_hash=digest,
-                        response=done.model_dump_json(),
-                        created_at=now(conn),
-                    )
+                await request_keys.remember(
+                    conn, sender.id, idempotency_key, digest, done.model_dump_json()
                 )
                 return done
         except IntegrityError:

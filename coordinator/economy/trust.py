@@ -25,7 +25,13 @@ How it works (see README "The kudos economy" and "Threat model"):
 - A result faster than `max_pixel_steps_per_second` adds a suspicion and forces a check,
   for every job size. The time is counted from the lease, or from the worker's previous
   result if that came later: leasing many jobs at once buys no time.
-- `pause_after_suspicions` suspicions pause the worker: its pops get 403.
+- `pause_after_suspicions` suspicions pause the worker: its pops get 403. Pause,
+  suspicion and trust belong to the owning account as well as the name: suspicions add
+  up over the owner's workers, one suspicion takes trust from all of them, and while one
+  is paused none of them (nor a new name) gets jobs.
+- `faulted_run` give-backs in a row (`gave_back`) pause a worker too.
+- Disputes of unsigned results are limited per day and to a share of the requester's
+  finished jobs, and delete the disputed images.
 - Pay keeps what funded it: the part of a job that grants paid reaches the worker's owner
   (and its pending account) as grants; uptime and check pay are minted, so grants too
   (README "Threat model: no kudos from nothing").
@@ -41,7 +47,18 @@ import random
 import uuid
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, bindparam, exists, func, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    Select,
+    bindparam,
+    case,
+    exists,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.config import CoordinatorConfig
@@ -49,22 +66,26 @@ from coordinator.db.database import ESCROW, GRANTS, now
 from coordinator.db.ledger import GRANTED, balance, grants, open_balance, post_entry
 from coordinator.db.schema import accounts, jobs, ledger_entries, postings, results, workers
 from coordinator.economy.verification import Outcome
+from coordinator.errors import Forbidden
 from protocol.params import ImageParams
 from protocol.samplers import sampler_factor
 
 __all__ = [
     "GRANT_REASONS",
     "RELEASE_BATCH",
+    "account_paused",
     "after_result",
     "checks_for",
     "dispute",
     "fail_check",
+    "gave_back",
     "independent",
     "job_grants",
     "judge",
     "pay_worker",
     "pass_check",
     "hold_for_dispute",
+    "inherited_pause",
     "pending_account",
     "queue_check_if_refereed",
     "record_check",
@@ -85,6 +106,8 @@ REFEREE_SEEN_SECONDS = 600.0
 GRANT_REASONS = frozenset({"grant", "rating", "uptime", "verify", "forfeit", "mint", "opening"})
 # held pay of at most this many jobs is released per transaction
 RELEASE_BATCH = 100
+# the window of `max_disputes_per_day`
+DISPUTE_DAY = 86400.0
 
 
 # built once (coordinator.db.prepared): every job's settlement runs these
@@ -263,18 +286,80 @@ def spot_check_rate(config: CoordinatorConfig, worker: Row[Any]) -> float:
     return min(config.spot_check_rate, adaptive)
 
 
+async def account_paused(conn: AsyncConnection, account_id: int) -> str | None:
+    """Why a worker of `account_id` is paused, if one is: a pause belongs to the owner as
+    well as the name, so a new name (or another worker) of that owner gets no jobs either."""
+    reason = (
+        await conn.execute(
+            select(workers.c.pause_reason)
+            .where((workers.c.account_id == account_id) & (workers.c.paused == 1))
+            .limit(1)
+        )
+    ).first()
+    return None if reason is None else str(reason[0] or "paused")
+
+
+async def inherited_pause(conn: AsyncConnection, account_id: int) -> dict[str, Any]:
+    """The columns of a new worker of `account_id`: paused if its owner is."""
+    why = await account_paused(conn, account_id)
+    if why is None:
+        return {}
+    return {"paused": 1, "pause_reason": f"its owner's other worker is paused ({why})"}
+
+
 async def _suspect(
     conn: AsyncConnection, config: CoordinatorConfig, worker_id: str, why: str
 ) -> None:
+    """One more suspicion against `worker_id`. Suspicion and trust belong to the owner as
+    well as the name: the owner's suspicions add up across its workers (a fresh name starts
+    from the owner's count), and every worker of the owner loses trust."""
     row = (await conn.execute(select(workers).where(workers.c.id == worker_id))).one()
     suspicion = row.suspicion + 1
+    owner_total = (
+        await conn.execute(
+            select(func.coalesce(func.sum(workers.c.suspicion), 0)).where(
+                workers.c.account_id == row.account_id
+            )
+        )
+    ).scalar_one() + 1
     values: dict[str, Any] = {"suspicion": suspicion, "trusted": 0}
-    if suspicion >= config.pause_after_suspicions and not row.paused:
+    if owner_total >= config.pause_after_suspicions and not row.paused:
         values["paused"] = 1
         values["pause_reason"] = (
-            f"paused after {suspicion} suspicions (last: {why}); its jobs go to other workers"
+            f"paused after {owner_total} suspicions of its owner's workers (last: {why}); "
+            "its jobs go to other workers"
         )
         log.warning("worker %s paused: %s", worker_id, why)
+    await conn.execute(update(workers).where(workers.c.id == worker_id).values(values))
+    await conn.execute(
+        update(workers)
+        .where((workers.c.account_id == row.account_id) & (workers.c.trusted == 1))
+        .values(trusted=0)
+    )
+
+
+async def gave_back(
+    conn: AsyncConnection, config: CoordinatorConfig, worker_id: str, *, counts: bool
+) -> None:
+    """`worker_id` gave a job back. When it `counts` (not a drain, not a gateway whose
+    block servers failed), one more in its run of give-backs; `faulted_run` in a row
+    pause it: a worker that pops and returns every job only delays the queue."""
+    if not counts:
+        return
+    row = (
+        await conn.execute(
+            select(workers.c.faulted_run, workers.c.paused).where(workers.c.id == worker_id)
+        )
+    ).one()
+    run = row.faulted_run + 1
+    values: dict[str, Any] = {"faulted_run": run}
+    if run >= config.faulted_run and not row.paused:
+        values["paused"] = 1
+        values["pause_reason"] = (
+            f"paused after giving back {run} jobs in a row without finishing one; "
+            "its jobs go to other workers"
+        )
+        log.warning("worker %s paused after %d give-backs in a row", worker_id, run)
     await conn.execute(update(workers).where(workers.c.id == worker_id).values(values))
 
 
@@ -433,12 +518,61 @@ async def release_held(conn: AsyncConnection, now: float) -> int:
     return len(due)
 
 
+async def _check_dispute_limits(
+    conn: AsyncConnection, config: CoordinatorConfig, account_id: int, at: float
+) -> None:
+    """Forbidden past `max_disputes_per_day` or `max_dispute_share` (rounded up) of the
+    account's finished image jobs: a dispute costs the requester nothing and suspects the
+    worker, so unlimited disputes would be free images and a way to pause honest workers."""
+    mine = jobs.c.account_id == account_id
+    disputed_today = (
+        await conn.execute(
+            select(func.count())
+            .select_from(ledger_entries.join(jobs, jobs.c.id == ledger_entries.c.job_id))
+            .where(
+                mine
+                & (ledger_entries.c.reason == "refund")
+                & ledger_entries.c.idempotency_key.startswith("refund:horde:")
+                & (ledger_entries.c.created_at >= at - DISPUTE_DAY)
+            )
+        )
+    ).scalar_one()
+    if disputed_today >= config.max_disputes_per_day:
+        raise Forbidden(
+            f"you disputed {disputed_today} results in the last 24 hours, the most allowed "
+            f"here (--max-disputes-per-day {config.max_disputes_per_day}); try again later, "
+            "or send signed_only: true so that only workers that sign their results serve you",
+            [("job_id", "dispute limit reached")],
+        )
+    finished, disputed = (
+        await conn.execute(
+            select(
+                func.count(),
+                func.coalesce(func.sum(case((jobs.c.verdict == "disputed", 1), else_=0)), 0),
+            ).where(mine & DONE & (jobs.c.kind == "image") & jobs.c.verify_of.is_(None))
+        )
+    ).one()
+    allowed = math.ceil(config.max_dispute_share * finished - 1e-9)
+    if int(disputed) + 1 > allowed:
+        raise Forbidden(
+            f"you disputed {disputed} of your {finished} finished image jobs; at most "
+            f"{config.max_dispute_share:g} of them (rounded up) may be disputed here "
+            "(--max-dispute-share); send signed_only: true so that only workers that sign "
+            "their results serve you",
+            [("job_id", "dispute share reached")],
+        )
+
+
 async def dispute(conn: AsyncConnection, config: CoordinatorConfig, job: Row[Any], why: str) -> int:
-    """The requester disputes an unsigned result while its pay is held: the price goes
-    back to the requester (as a refund: granted kudos stay grants), the job's verdict is
-    `disputed` and the worker takes a suspicion. Returns the kudos refunded."""
+    """The requester disputes an unsigned result while its pay is held (within its limits:
+    `_check_dispute_limits`): the price goes back to the requester (as a refund: granted
+    kudos stay grants), the job's verdict is `disputed`, its images are gone (the caller
+    deletes the files: whoever disputes does not keep them) and the worker takes a
+    suspicion. Returns the kudos refunded."""
+    await _check_dispute_limits(conn, config, job.account_id, now(conn))
     refunded = await _held_move(conn, job, "refund", job.account_id)
     await conn.execute(update(jobs).where(jobs.c.id == job.id).values(verdict="disputed"))
+    await conn.execute(results.delete().where(results.c.job_id == job.id))
     await _suspect(conn, config, job.worker_id, f"job {job.id} disputed: {why}")
     return refunded
 

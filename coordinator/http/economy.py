@@ -9,6 +9,7 @@ from aiohttp import web
 from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound, UnsandboxedWorker
 from coordinator.http.api import API, Call, int_query, whole_number
+from coordinator.http.idempotency import header_key
 from coordinator.http.jobs import check_anonymous_limits, owned_job
 from coordinator.http.state import CONFIG, SIGNALS, STORE
 from protocol.cost import image_cost
@@ -27,7 +28,6 @@ from protocol.messages import (
 )
 from protocol.params import ImageParams
 
-IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 MAX_HISTORY = 500
 
 
@@ -128,13 +128,8 @@ async def rate_image(request: web.Request, call: Call) -> RatingRecorded:
 )
 async def create_transfer(request: web.Request, call: Call) -> TransferDone:
     assert call.account is not None
-    key = request.headers.get("Idempotency-Key", "")
-    if not IDEMPOTENCY_KEY.match(key):
-        raise BadRequest(
-            "send an Idempotency-Key header (1-100 letters, digits, '_', '.', ':', '-'), "
-            "e.g. a fresh UUID per transfer, so a retry cannot pay twice",
-            [("Idempotency-Key", "is required: 1-100 of A-Z a-z 0-9 _ . : -")],
-        )
+    key = header_key(request, required=True)
+    assert key is not None
     body: TransferCreate = call.body
     return await kudos.transfer(request.app[STORE], call.account, body.to, body.amount, key)
 

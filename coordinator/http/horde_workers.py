@@ -9,6 +9,11 @@ for `--horde-hold` seconds and refunded if the requester disputes the job in tha
 (coordinator.economy.trust.hold_for_dispute). Its images are decoded under the same caps
 as our own uploads and stored as PNG. A coordinator that requires sandboxed workers turns
 them away. (AI Horde's text workers cannot report block usage; they are not served.)
+
+A name costs nothing, so a new one is created through the `worker` rate limit of native
+registrations and counts toward `--max-workers-per-account`; a new name of an account
+whose worker is paused is paused too; every report that is not `ok` counts toward
+`--faulted-run` (coordinator.economy.trust).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from coordinator.errors import BadRequest, Forbidden, NotFound, UnsandboxedWorke
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call
 from coordinator.http.metrics import timed_pop
-from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
+from coordinator.http.state import CONFIG, FILES, LIMITER, SIGNALS, STORE
 from coordinator.jobs.foreign_images import png_from_base64
 from coordinator.store import Account, ResultRecord
 from protocol.horde import (
@@ -65,7 +70,11 @@ async def horde_pop(request: web.Request, call: Call) -> PopResponseV2:
     body: PopRequestV2 = call.body
     store = request.app[STORE]
     ip = client_ip(request)
-    worker = await store.horde_worker(owner, body.name, ip)
+    worker = await store.horde_worker(owner, body.name)
+    if worker is None:
+        # a new name is a new worker identity: the same limit as a native registration
+        await request.app[LIMITER].check("worker", f"account:{owner.id}", ip)
+        worker = await store.new_horde_worker(owner, body.name, ip)
     await store.record_poll(worker, ip, kind="image", models=body.models)
     job = await timed_pop(
         request, "image", lambda: store.pop_job(worker, body.models, body.max_pixels, MAX_STEPS)
@@ -126,7 +135,8 @@ async def horde_submit(request: web.Request, call: Call) -> GenerationSubmitted:
             f"job {body.id} is {job.state}: its lease ended or it was submitted already"
         ).horde("DuplicateGen" if job.state == "done" else "AbortedGen")
     if body.state != "ok":
-        # faulted, censored (a blacked-out image) or refused: another worker tries
+        # faulted, censored (a blacked-out image) or refused: another worker tries, and
+        # the give-back counts against this one (--faulted-run)
         job = await store.fail_image_job(worker, job.id, f"AI Horde worker reported {body.state}")
         signals.job_changed(job.id)
         if job.state == "queued":

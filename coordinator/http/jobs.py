@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from typing import Any
 
 from aiohttp import web
 
+from coordinator.db.request_keys import Idempotent
 from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call, int_query, whole_number
+from coordinator.http.idempotency import submit_key
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.http.streams import follow, open_stream
 from coordinator.store import Account, Job, Store
@@ -67,17 +70,25 @@ def check_anonymous_limits(request: web.Request, params: ImageParams) -> None:
 @API.route(
     "POST",
     "/api/v1/jobs/image",
-    summary="Queue an image job; its cost is reserved from the caller's kudos",
+    summary="Queue an image job; its cost is reserved from the caller's kudos. With an "
+    "Idempotency-Key header a retry of the same body gets the same job and pays nothing more; "
+    "the same key with another body is 409",
     body=ImageJobRequest,
     response=ImageJobCreated,
     auth="optional",
     status=202,
-    errors=(402,),
+    errors=(402, 409),
     limit="submit",
 )
 async def submit_image(request: web.Request, call: Call) -> ImageJobCreated:
     body: ImageJobRequest = call.body
-    job = await queue_image(request, call.account, body.params(), signed_only=body.signed_only)
+    job = await queue_image(
+        request,
+        call.account,
+        body.params(),
+        signed_only=body.signed_only,
+        idempotent=submit_key(request, call.account is None, body),
+    )
     position, eta = await request.app[STORE].queue_info(job.id, job)
     assert job.params.seed is not None
     return ImageJobCreated(
@@ -96,9 +107,11 @@ async def queue_image(
     *,
     signed_only: bool = False,
     horde: dict[str, Any] | None = None,
+    idempotent: Idempotent | None = None,
 ) -> Job:
     """Queue an image job for `account` (anonymous: None) from any door: the anonymous
-    limits, the seed fixed now, the cost reserved, the workers woken."""
+    limits, the seed fixed now, the cost reserved, the workers woken. With `idempotent`,
+    a replay gets the first job (coordinator.http.idempotency)."""
     store = request.app[STORE]
     account = account or await store.anonymous_account(client_ip(request))
     if account.anonymous:
@@ -106,7 +119,12 @@ async def queue_image(
     if params.seed is None:
         params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
     job = await store.create_image_job(
-        account, params, image_cost(params), signed_only=signed_only, horde=horde
+        account,
+        params,
+        image_cost(params),
+        signed_only=signed_only,
+        horde=horde,
+        idempotent=idempotent,
     )
     request.app[SIGNALS].job_queued("image", params.model)
     return job
@@ -276,17 +294,21 @@ async def list_jobs(request: web.Request, call: Call) -> JobList:
     "POST",
     "/api/v1/jobs/{job_id}/dispute",
     summary="Dispute the images an AI Horde worker made (unsigned, never checked) while its "
-    "pay is held: the kudos come back and the worker takes a suspicion",
+    "pay is held: the kudos come back, the images are deleted and the worker takes a "
+    "suspicion (at most --max-disputes-per-day, and --max-dispute-share of your jobs)",
     body=DisputeCreate,
     response=DisputeRecorded,
     auth="user",
-    errors=(404, 409),
+    errors=(403, 404, 409),
     limit="cancel",
 )
 async def dispute(request: web.Request, call: Call) -> DisputeRecorded:
     store = request.app[STORE]
     job = await owned_job(store, request.match_info["job_id"], call.account, viewing=False)
     body: DisputeCreate = call.body
-    refunded = await store.dispute_job(job.id, body.reason or "no reason given")
+    refunded, unused = await store.dispute_job(job.id, body.reason or "no reason given")
+    # whoever disputes does not keep the images
+    for digest in unused:
+        await asyncio.to_thread(request.app[FILES].remove, digest)
     request.app[SIGNALS].job_changed(job.id)
     return DisputeRecorded(id=job.id, refunded=refunded)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from coordinator.db.request_keys import Idempotent
 from coordinator.economy import kudos, text_models
 from coordinator.errors import (
     BadRequest,
@@ -21,6 +22,7 @@ from coordinator.errors import (
 )
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call
+from coordinator.http.idempotency import submit_key
 from coordinator.http.metrics import timed_pop
 from coordinator.http.polling import long_poll
 from coordinator.http.state import CONFIG, SIGNALS, STORE
@@ -96,9 +98,10 @@ async def submit(
     account: Account | None,
     params: TextParams,
     horde: dict[str, object] | None = None,
+    idempotent: Idempotent | None = None,
 ) -> TextJob:
-    """Validate against the catalog and the served models, fix the seed, queue and reserve;
-    `horde`: the options of a request made through /api/v2."""
+    """Validate against the catalog and the served models, fix the seed, queue and reserve
+    (once per `idempotent` key); `horde`: the options of a request made through /api/v2."""
     store = request.app[STORE]
     account = account or await store.anonymous_account(client_ip(request))
     model = await choose_model(request, params.model, "model")
@@ -108,7 +111,7 @@ async def submit(
         # fixed now so that a retry on another gateway samples the same text
         updates["seed"] = secrets.randbelow(MAX_SEED + 1)
     params = params.model_copy(update=updates)
-    job = await text_jobs.create_text_job(store, account, params, model, horde)
+    job = await text_jobs.create_text_job(store, account, params, model, horde, idempotent)
     request.app[SIGNALS].job_queued("text", model.name)
     return job
 
@@ -148,16 +151,22 @@ async def text_status(store: Store, job: TextJob, *, with_text: bool = True) -> 
     "POST",
     "/api/v1/text/jobs",
     summary="Queue a chat or completion job; its upper-bound cost is reserved, the rest "
-    "refunded when it finishes",
+    "refunded when it finishes. With an Idempotency-Key header a retry of the same body gets "
+    "the same job and pays nothing more; the same key with another body is 409",
     body=TextParams,
     response=TextJobCreated,
     auth="optional",
     status=202,
-    errors=(402,),
+    errors=(402, 409),
     limit="submit",
 )
 async def submit_text(request: web.Request, call: Call) -> TextJobCreated:
-    job = await submit(request, call.account, call.body)
+    job = await submit(
+        request,
+        call.account,
+        call.body,
+        idempotent=submit_key(request, call.account is None, call.body),
+    )
     return TextJobCreated(
         id=job.id,
         kudos_cost=job.cost,

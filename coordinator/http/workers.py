@@ -30,6 +30,12 @@ from protocol.messages import (
 )
 from protocol.signing import account_binding, registration_message, verify
 
+# how a worker's give-back reason ends when it hands the job back because it is stopping
+# (worker.image, the gateway): a drain does not count toward --faulted-run. It is the
+# worker's word; what bounds a liar is that one owner cannot fail a job for its requester
+# (coordinator.jobs.lifecycle).
+DRAINING = "shutting down"
+
 
 @API.route(
     "POST",
@@ -158,8 +164,12 @@ async def progress(request: web.Request, call: Call) -> LeaseExtended:
 )
 async def fail(request: web.Request, call: Call) -> JobStatus:
     assert call.worker is not None
+    reason: str = call.body.reason
     job = await request.app[STORE].fail_image_job(
-        call.worker, request.match_info["job_id"], call.body.reason
+        call.worker,
+        request.match_info["job_id"],
+        reason,
+        counts=not reason.endswith(DRAINING),
     )
     await asyncio.to_thread(request.app[UPLOADS].discard, job.id)
     request.app[SIGNALS].job_changed(job.id)

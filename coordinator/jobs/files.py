@@ -47,5 +47,10 @@ class ResultFiles:
             os.fsync(handle.fileno())
         os.replace(handle.name, target)
 
+    def remove(self, digest: str) -> None:
+        """Delete the file of `digest` (a disputed image no result refers to any more).
+        Blocking: call it in a thread."""
+        self.path(digest).unlink(missing_ok=True)
+
     def get(self, digest: str) -> bytes:
         return self.path(digest).read_bytes()

@@ -55,6 +55,7 @@ WORKER_DONE = (
     .values(
         jobs_done=workers.c.jobs_done + 1,
         last_seen=bindparam("at", type_=workers.c.last_seen.type),
+        faulted_run=0,  # a finished job ends a run of give-backs (--faulted-run)
     )
 )
 WORKER_SEEN = (

@@ -13,6 +13,7 @@ from sqlalchemy import ColumnElement, Row, bindparam, select, update
 from coordinator.accounts import Account
 from coordinator.db.database import VERIFICATION, now
 from coordinator.db.prepared import Shapes
+from coordinator.db.request_keys import Idempotent
 from coordinator.db.schema import jobs, results
 from coordinator.economy import trust
 from coordinator.economy.verification import Outcome
@@ -136,6 +137,7 @@ class ImageJobs(Lifecycle):
         *,
         signed_only: bool = False,
         horde: dict[str, Any] | None = None,
+        idempotent: Idempotent | None = None,
     ) -> Job:
         """Queue an image job and reserve its cost from the requester. `signed_only` keeps
         it from workers whose results are unsigned (AI Horde workers); `horde` keeps the
@@ -157,6 +159,7 @@ class ImageJobs(Lifecycle):
                 "horde": None if horde is None else json.dumps(horde),
             },
             "make it smaller (size, steps, n) or earn kudos by running a worker",
+            idempotent,
         )
         return _job(row)
 
@@ -281,9 +284,11 @@ class ImageJobs(Lifecycle):
             if count < trust.RELEASE_BATCH:
                 return released
 
-    async def dispute_job(self, job_id: str, why: str) -> int:
-        """The requester disputes an AI Horde worker's result while its pay is held: the
-        kudos refunded (trust.dispute). Conflict when nothing is held for it (any more)."""
+    async def dispute_job(self, job_id: str, why: str) -> tuple[int, list[str]]:
+        """The requester disputes an AI Horde worker's result while its pay is held
+        (trust.dispute): the kudos refunded, and the digests of its images that no other
+        result uses (the caller deletes those files). Conflict when nothing is held for it
+        (any more); Forbidden past the account's dispute limits."""
         async with self.begin() as conn:
             row = (
                 await conn.execute(select(jobs).where(jobs.c.id == job_id).with_for_update())
@@ -293,10 +298,25 @@ class ImageJobs(Lifecycle):
                     f"nothing is held for job {job_id}: only results of AI Horde workers "
                     "(unsigned) can be disputed, and only until their pay is released"
                 )
-            return await trust.dispute(conn, self._config, row, why)
+            digests = set(
+                (
+                    await conn.execute(select(results.c.sha256).where(results.c.job_id == job_id))
+                ).scalars()
+            )
+            refunded = await trust.dispute(conn, self._config, row, why)
+            still_used = set(
+                (
+                    await conn.execute(
+                        select(results.c.sha256).where(results.c.sha256.in_(digests))
+                    )
+                ).scalars()
+            )
+        return refunded, sorted(digests - still_used)
 
-    async def fail_image_job(self, worker: Worker, job_id: str, reason: str) -> Job:
-        return _job(await self.fail_job(worker, job_id, reason))
+    async def fail_image_job(
+        self, worker: Worker, job_id: str, reason: str, *, counts: bool = True
+    ) -> Job:
+        return _job(await self.fail_job(worker, job_id, reason, counts=counts))
 
     async def original_results(self, job: Job) -> list[ResultRecord]:
         """For a verification job: the results of the job it re-runs."""

@@ -17,19 +17,23 @@ update, so two coordinators (or a worker racing the reaper) cannot both win.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any
 
 from sqlalchemy import ColumnElement, Row, Select, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.accounts import Account
 from coordinator.config import CoordinatorConfig
+from coordinator.db import request_keys
 from coordinator.db.database import ESCROW, now
 from coordinator.db.ledger import balance, lock_balance, lock_spender, post_entry
 from coordinator.db.prepared import Shapes
-from coordinator.db.schema import jobs, ledger_entries, postings
+from coordinator.db.request_keys import Idempotent
+from coordinator.db.schema import jobs, ledger_entries, postings, workers
 from coordinator.economy import trust
 from coordinator.errors import Conflict, InsufficientKudos, NotFound, WorkerPaused
 from coordinator.jobs import hot, queue
@@ -45,6 +49,20 @@ Requeued = tuple[str, str, str | None]
 FINISHED = ("done", "failed", "cancelled")
 # queued jobs looked at per pop (another pop may take some of them first)
 POP_CANDIDATES = 4
+
+
+# `jobs.gave_back` holds one "[account id]" per give-back
+GIVEN_BACK_BY = re.compile(r"\[(\d+)\]")
+
+
+def _owner_mark(account_id: int) -> str:
+    return f"[{account_id}]"
+
+
+def gave_back_twice(account_id: int) -> str:
+    """The LIKE pattern (for `contains`) of a `jobs.gave_back` in which `account_id`'s
+    workers gave the job back at least twice."""
+    return f"{_owner_mark(account_id)}%{_owner_mark(account_id)}"
 
 
 def lease_cap(config: CoordinatorConfig, row: Row[Any]) -> float:
@@ -89,16 +107,47 @@ class Lifecycle(Workers):
     # --- queue ------------------------------------------------------------------------
 
     async def queue_job(
-        self, account: Account, cost: int, values: dict[str, Any], fix: str
+        self,
+        account: Account,
+        cost: int,
+        values: dict[str, Any],
+        fix: str,
+        idempotent: Idempotent | None = None,
     ) -> Row[Any]:
         """Queue a job and reserve `cost` from the requester, in one transaction; returns
         its row. `values` are the kind's columns (kind, params, model, ...); `fix` ends the
         message of the 402 when the requester cannot spend `cost`. The reservation spends
-        the requester's unspent grants first (coordinator.db.ledger)."""
+        the requester's unspent grants first (coordinator.db.ledger). With `idempotent`, a
+        request with the same key and body as an earlier one gets the earlier job's row:
+        no second job, no second charge (coordinator.db.request_keys)."""
+        for _ in range(2):
+            try:
+                return await self._queue_job(account, cost, values, fix, idempotent)
+            except IntegrityError:
+                if idempotent is None:
+                    raise
+                # a concurrent request with the same key won the race: read its job
+        assert idempotent is not None
+        raise Conflict(f"Idempotency-Key {idempotent.key!r} is in use by a concurrent request")
+
+    async def _queue_job(
+        self,
+        account: Account,
+        cost: int,
+        values: dict[str, Any],
+        fix: str,
+        idempotent: Idempotent | None,
+    ) -> Row[Any]:
         job_id = str(uuid.uuid4())
         async with self.begin() as conn:
             at = now(conn)
             await lock_spender(conn, account.id)
+            if idempotent is not None:
+                first = await request_keys.replayed(
+                    conn, account.id, idempotent.key, idempotent.digest, "job"
+                )
+                if first is not None:
+                    return (await conn.execute(select(jobs).where(jobs.c.id == first))).one()
             available = await balance(conn, account.id) - account.floor
             if cost > available:
                 raise InsufficientKudos(
@@ -131,6 +180,10 @@ class Lifecycle(Workers):
                 job_id=job_id,
                 moves=[(account.id, -cost), (self._system[ESCROW], cost)],
             )
+            if idempotent is not None:
+                await request_keys.remember(
+                    conn, account.id, idempotent.key, idempotent.digest, job_id
+                )
             row = (await conn.execute(hot.JOB_BY_ID, {"job_id": job_id})).one()
         self.ranking.changed(row.kind)
         return row
@@ -214,11 +267,14 @@ class Lifecycle(Workers):
         values = dict(params or {})
         async with self.begin() as conn:
             me = (await conn.execute(hot.WORKER_BY_ID, {"worker_id": worker.id})).one()
-            if me.paused:
+            why = me.pause_reason if me.paused else await trust.account_paused(conn, me.account_id)
+            if why is not None:
                 raise WorkerPaused(
-                    f"worker {me.name} is paused: {me.pause_reason}; "
+                    f"worker {me.name} is paused: {why}; "
                     "ask the coordinator's operator to review it"
                 )
+            # not a job its owner's workers gave back twice: that goes to another owner
+            fits = fits & ~jobs.c.gave_back.contains(gave_back_twice(me.account_id))
             found: list[str] = []
             if take_checks and me.trusted:
                 # only checks it is independent for: not its owner's, nor (by default) its IP's
@@ -343,13 +399,21 @@ class Lifecycle(Workers):
         guard = (
             (jobs.c.id == row.id) & (jobs.c.state == "leased") & (jobs.c.worker_id == row.worker_id)
         )
-        if retry and attempts < self._config.max_attempts:
+        owner = (
+            await conn.execute(select(workers.c.account_id).where(workers.c.id == row.worker_id))
+        ).scalar_one()
+        gave_back = row.gave_back + _owner_mark(owner)
+        # One owner's workers cannot fail a job for its requester (they pop it and give it
+        # back at no cost): until two owners gave it back, it stays in the queue.
+        one_owner = len(set(GIVEN_BACK_BY.findall(gave_back))) < 2
+        if retry and (attempts < self._config.max_attempts or one_owner):
             await conn.execute(
                 update(jobs)
                 .where(guard)
                 .values(
                     state="queued",
                     attempts=attempts,
+                    gave_back=gave_back,
                     worker_id=None,
                     lease_deadline=None,
                     image=0,
@@ -365,6 +429,7 @@ class Lifecycle(Workers):
             .values(
                 state="failed",
                 attempts=attempts,
+                gave_back=gave_back,
                 error=f"failed after {attempts} attempts; last: {reason}" if retry else reason,
                 finished_at=now(conn),
                 lease_deadline=None,
@@ -375,13 +440,16 @@ class Lifecycle(Workers):
         return False
 
     async def fail_job(
-        self, worker: Worker, job_id: str, reason: str, *, retry: bool = True
+        self, worker: Worker, job_id: str, reason: str, *, retry: bool = True, counts: bool = True
     ) -> Row[Any]:
-        """The worker gives the job back (retry) or reports it cannot be done; its row."""
+        """The worker gives the job back (retry) or reports it cannot be done; its row.
+        When it `counts` (not a drain, nor a failure the worker cannot help), it adds to the
+        worker's run of give-backs (trust.gave_back)."""
         async with self.begin() as conn:
             row = (await conn.execute(select(jobs).where(self.leased_to(worker, job_id)))).first()
             if row is None:
                 raise await self.not_leased(conn, job_id)
+            await trust.gave_back(conn, self._config, worker.id, counts=counts)
             await self.requeue_or_fail(conn, row, f"worker reported: {reason}", retry=retry)
             return (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
 

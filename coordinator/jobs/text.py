@@ -30,6 +30,7 @@ from coordinator.accounts import Account
 from coordinator.db import nonces
 from coordinator.db.database import ESCROW, GRANTS, VERIFICATION
 from coordinator.db.ledger import post_entry
+from coordinator.db.request_keys import Idempotent
 from coordinator.db.schema import jobs, text_models, text_outputs, worker_peers
 from coordinator.db.tx import now
 from coordinator.economy import text_checks, trust
@@ -253,9 +254,10 @@ async def create_text_job(
     params: TextParams,
     model: TextModel,
     horde: dict[str, object] | None = None,
+    idempotent: Idempotent | None = None,
 ) -> TextJob:
-    """Queue a text job for `model` and reserve its upper-bound cost; `horde`: the /api/v2
-    request's options, for jobs made there."""
+    """Queue a text job for `model` and reserve its upper-bound cost (once per `idempotent`
+    key: Lifecycle.queue_job); `horde`: the /api/v2 request's options, for jobs made there."""
     row = await store.queue_job(
         account,
         reserve_cost(params, model),
@@ -272,6 +274,7 @@ async def create_text_job(
             "horde": None if horde is None else json.dumps(horde),
         },
         "lower max_tokens or shorten the prompt, or earn kudos by running a worker",
+        idempotent,
     )
     job = await get_text_job(store, row.id)
     assert job is not None
@@ -556,8 +559,10 @@ async def complete_text_job(
 async def fail_text_job(
     store: Lifecycle, worker: Worker, job_id: str, reason: str, retry: bool
 ) -> TextJob:
-    """Give the job back to the queue, or (no retry, or out of attempts) fail and refund."""
-    await store.fail_job(worker, job_id, reason, retry=retry)
+    """Give the job back to the queue, or (no retry, or out of attempts) fail and refund.
+    It does not count toward the gateway's --faulted-run: a gateway's failure is most
+    often one of its block servers' (checked separately, coordinator.economy.text_checks)."""
+    await store.fail_job(worker, job_id, reason, retry=retry, counts=False)
     job = await get_text_job(store, job_id)
     assert job is not None
     return job

@@ -162,12 +162,16 @@ async def test_expired_lease_requeues_and_only_the_finisher_is_paid(store: Store
 
 async def test_repeated_failures_fail_the_job_and_refund(store: Store) -> None:
     alice = await _user(store, "alice")
-    worker = await _worker(store)
+    # two owners: one owner's workers alone cannot fail a job for its requester
+    worker, other = await _worker(store), await _worker(store, "w2", "b" * 64)
     job_id = await _submit(store, alice)
-    for attempt in range(3):
-        job = await store.pop_job(worker, ["m"], 64 * 64, 10)
+    for attempt, by in enumerate((worker, worker, other)):
+        job = await store.pop_job(by, ["m"], 64 * 64, 10)
         assert job is not None, attempt
-        failed = await store.fail_job(worker, job_id, "engine crashed")
+        failed = await store.fail_job(by, job_id, "engine crashed")
+        if attempt == 1:
+            # given back twice by its owner: it waits for another owner's worker
+            assert await store.pop_job(worker, ["m"], 64 * 64, 10) is None
     assert failed.state == "failed" and failed.attempts == 3
     assert "engine crashed" in (failed.error or "")
     assert await store.balance(alice.id) == 100

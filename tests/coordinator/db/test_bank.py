@@ -94,6 +94,9 @@ class Cluster:
                 str(GRANT),
                 "--spot-check-rate",
                 "0",
+                # the chaos workers give jobs back on purpose, often several in a row
+                "--faulted-run",
+                "1000",
                 "--processes",
                 str(self.processes),
                 *LIMITS,
@@ -143,7 +146,11 @@ async def _requester(
         )[0]
         mine = [j for j, u in history.submitted.items() if u == user]
         try:
-            async with AsyncClient(cluster.url(rng), keys[user], timeout=10) as grid:
+            # a killed coordinator comes back on another port: the SDK's retry of a submit
+            # whose answer was lost would wait for the old one (for wait_timeout)
+            async with AsyncClient(
+                cluster.url(rng), keys[user], timeout=10, wait_timeout=2
+            ) as grid:
                 if op == "submit":
                     created = await grid.submit_image(_params(rng))
                     history.submitted[created.id] = user

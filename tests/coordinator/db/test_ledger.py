@@ -8,7 +8,7 @@ import random
 import pytest
 
 from coordinator.db.ledger import post_entry
-from coordinator.errors import Conflict, InsufficientKudos
+from coordinator.errors import Conflict, InsufficientKudos, WorkerPaused
 from coordinator.store import ResultRecord, Store, Worker
 from protocol.cost import image_cost
 from protocol.params import ImageParams
@@ -51,9 +51,11 @@ async def test_random_operations_keep_the_books(store: Store, seed: int) -> None
                 await store.create_image_job(user, params, image_cost(params))
         elif op == "pop":
             worker = rng.choice(workers)
-            job = await store.pop_job(worker, ["m"], 10**7, 150)
-            if job is not None:
-                leased[job.id] = (worker, job)
+            # three give-backs in a row pause a worker (--faulted-run): a fine outcome here
+            with contextlib.suppress(WorkerPaused):
+                job = await store.pop_job(worker, ["m"], 10**7, 150)
+                if job is not None:
+                    leased[job.id] = (worker, job)
         elif leased:
             job_id = rng.choice(sorted(leased))
             worker, job = leased[job_id]

@@ -500,3 +500,24 @@ async def test_ai_horde_text_requests_run_on_the_same_queue(grid: dict[str, Any]
             cancelled = await r.json()
         assert r.status == 200 and cancelled["done"] is True
         assert (await live.store.balances())["alice"] == before + int(second["kudos"])
+
+
+async def test_a_replayed_submit_makes_one_job_and_one_charge(grid: dict[str, Any]) -> None:
+    live, keys, gateway = grid["live"], grid["keys"], grid["gateway"]
+    await offer(gateway)
+    body = {"prompt": "once", "max_tokens": 10}
+
+    async def submit(key: str, payload: dict[str, Any]) -> tuple[int, Any]:
+        headers = {"apikey": keys["alice"], "Idempotency-Key": key}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{live.url}/api/v1/text/jobs", json=payload, headers=headers) as resp,
+        ):
+            return resp.status, await resp.json()
+
+    (first_status, first), (again_status, again) = [await submit("k-1", body) for _ in range(2)]
+    assert first_status == again_status == 202
+    assert again["id"] == first["id"] and again["kudos_cost"] == first["kudos_cost"]
+    assert (await live.store.balances())["alice"] == 100 - first["kudos_cost"]
+    status, refused = await submit("k-1", {**body, "prompt": "twice"})
+    assert status == 409 and refused["error"]["fields"][0]["field"] == "Idempotency-Key"
