@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, func, select, update
+from sqlalchemy import ColumnElement, Row, Select, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -273,8 +273,10 @@ class Lifecycle(Workers):
                     f"worker {me.name} is paused: {why}; "
                     "ask the coordinator's operator to review it"
                 )
-            # not a job its owner's workers gave back twice: that goes to another owner
-            fits = fits & ~jobs.c.gave_back.contains(gave_back_twice(me.account_id))
+            # not a job its owner's workers gave back twice: that goes to another owner (a
+            # bound parameter: the statement is built once per `shape`, for every worker)
+            fits = fits & ~jobs.c.gave_back.contains(bindparam("me_gave_back"))
+            values["me_gave_back"] = gave_back_twice(me.account_id)
             found: list[str] = []
             if take_checks and me.trusted:
                 # only checks it is independent for: not its owner's, nor (by default) its IP's

@@ -24,7 +24,7 @@ from client.sdk import AsyncClient
 from coordinator.config import DEFAULT_RATE_LIMITS, CoordinatorConfig, RateLimit
 from protocol.params import ImageParams
 from tests.conftest import LiveApp, start_app
-from tests.coordinator.test_horde import Horde, request, webp
+from tests.coordinator.http.test_horde import Horde, request, webp
 from tests.fakes import CAPS, FakeWorker, register_accounts
 from worker.errors import CoordinatorRejected
 

@@ -65,7 +65,8 @@ async def test_one_invite_code_does_not_become_an_army(live: LiveApp) -> None:
 
     # an invitee that did verified work (one of its workers passed a check) may invite
     async with FakeWorker(live.url, "donor", api_key=keys[-1]) as donor:
-        async with live.store.begin() as conn:  # the check itself: tests/coordinator/test_trust
+        # (the check itself: tests/coordinator/economy/test_trust)
+        async with live.store.begin() as conn:
             await conn.execute(
                 update(workers).where(workers.c.id == donor.link.worker_id).values(checks_passed=1)
             )

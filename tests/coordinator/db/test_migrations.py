@@ -313,5 +313,5 @@ async def test_downgrade_to_base_and_back(engine: AsyncEngine) -> None:
 def test_revision_ids_number_on_from_the_head() -> None:
     assert HEAD == "0006_identities"
     assert (
-        migrations.next_revision_id("Add jobs.priority, again!") == "0006_add_jobs_priority_again"
+        migrations.next_revision_id("Add jobs.priority, again!") == "0007_add_jobs_priority_again"
     )
