@@ -200,7 +200,9 @@ def _wait_running(grid: Client, job_id: str, timeout: float = 120) -> JobStatus:
     raise AssertionError(f"job {job_id} never started")
 
 
-LONG = {"prompt": "a very slow painting", "width": 64, "height": 64, "steps": 150, "seed": 9}
+# Long enough to be killed mid-job: 150 steps of a 32x32 latent (256x256 pixels at SD's
+# latent scale factor of 8).
+LONG = {"prompt": "a very slow painting", "width": 256, "height": 256, "steps": 150, "seed": 9}
 
 
 def test_killed_worker_job_completes_elsewhere_and_is_paid_once(network: Network) -> None:
@@ -235,7 +237,7 @@ def test_engine_crash_requeues_the_job_and_the_worker_keeps_serving(network: Net
         assert final.attempts == 1
         assert worker.popen.poll() is None
         image = Image.open(io.BytesIO(grid.image(created.id, 0)))
-        assert image.size == (64, 64)
+        assert image.size == (256, 256)
     assert f"engine failed on job {created.id}" in worker.output()
 
 

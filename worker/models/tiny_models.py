@@ -4,9 +4,11 @@
 only:
 
 - `out_dir/sd`: a diffusers-format Stable Diffusion 1 pipeline (UNet with SD-1 block names,
-  2-block VAE, 2-layer CLIP text encoder, hand-written CLIP BPE vocabulary, Euler scheduler
-  with SD's betas). `write_single_file_checkpoint` turns it into an original (CompVis / SD-1)
-  single `.safetensors` file, to exercise `from_single_file`.
+  4-level VAE, 2-layer CLIP text encoder, hand-written CLIP BPE vocabulary, Euler scheduler
+  with SD's betas). As in SD 1, the VAE's latent scale factor is 8 and the default image
+  512x512, so a test image has the latent a real one has (64x64 at 512x512, 128x128 at
+  1024x1024) and takes seconds, not minutes. `write_single_file_checkpoint` turns it into
+  an original (CompVis / SD-1) single `.safetensors` file, to exercise `from_single_file`.
 - `out_dir/llm`: a Llama-family causal LM with a byte-level BPE tokenizer trained on a
   seeded synthetic corpus, and a chat template.
 
@@ -149,7 +151,7 @@ def build_tiny_sd(out_dir: Path) -> None:
 
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(
-        sample_size=32,  # latent side; with the VAE's factor 2 the default image is 64x64
+        sample_size=64,  # latent side; with the VAE's factor 8 the default image is 512x512
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64),
@@ -160,14 +162,18 @@ def build_tiny_sd(out_dir: Path) -> None:
         attention_head_dim=8,
     )
     torch.manual_seed(SEED)
+    # Four levels, three of them downsampling, as in SD's VAE: the latent is 1/8 of the
+    # image per side. Channels follow SD's 1:2:4:4 (128, 256, 512, 512) at 1/16 the width;
+    # norm_num_groups must divide each of them (SD's 32 would not).
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
-        sample_size=64,
+        norm_num_groups=8,
+        sample_size=512,  # only used by tiled decoding, as in SD 1's VAE config
     )
     torch.manual_seed(SEED)
     text_encoder = CLIPTextModel(

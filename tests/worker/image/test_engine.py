@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import io
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -93,6 +95,38 @@ def test_every_sampler_makes_the_plain_diffusers_image(
     expected = plain_image(plain_pipe, ImageParams.model_validate({**BASE, **fields}), 5)
     np.testing.assert_array_equal(pixels, expected)
     assert [e["step"] for e in events] == [1, 2]
+
+
+@pytest.mark.slow
+def test_1024_image_is_sampled_as_a_128_latent_and_decoded_at_full_size(
+    engine: ImageEngine,
+) -> None:
+    """The largest size workers take by default, at real SD 1's latent scale factor of 8:
+    1024x1024 pixels are a 128x128 latent in the UNet and the VAE decoder."""
+    latents: list[tuple[str, tuple[int, ...]]] = []
+
+    def record(name: str) -> Callable[[torch.nn.Module, tuple[Any, ...]], None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            latents.append((name, tuple(args[0].shape)))
+
+        return hook
+
+    handles = [
+        engine.pipe.unet.register_forward_pre_hook(record("unet")),
+        engine.pipe.vae.decoder.register_forward_pre_hook(record("decoder")),
+    ]
+    try:
+        data, blobs, events = _run(engine, seed=6, steps=1, width=1024, height=1024)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # (the UNet sees the unconditional and the prompted latent as one batch of two)
+    assert latents == [("unet", (2, 4, 128, 128)), ("decoder", (1, 4, 128, 128))]
+    assert (data["width"], data["height"]) == (1024, 1024)
+    pixels = _pixels(blobs[0])
+    assert pixels.shape == (1024, 1024, 3)
+    assert pixels.std() > 0
+    assert [e["step"] for e in events] == [1]
 
 
 def test_make_scheduler_follows_the_spec_table(plain_pipe: StableDiffusionPipeline) -> None:

@@ -79,6 +79,22 @@ def test_clip_tokenizer_is_hand_written_and_loads(tiny_sd: Path) -> None:
     assert model_index["requires_safety_checker"] is False
 
 
+def test_sd_has_sd1_latent_geometry(tiny_sd: Path) -> None:
+    """SD 1's VAE scale factor (8) and default size (512x512): test images have the latent
+    sizes of real ones (64x64 at 512x512, 128x128 at 1024x1024), and the VAE really
+    downsamples that much (the pipeline only reads the factor off the config)."""
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_sd, use_safetensors=True, local_files_only=True
+    )
+    assert pipe.vae_scale_factor == 8
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 512
+    with torch.no_grad():
+        latent = pipe.vae.encode(torch.zeros(1, 3, 64, 48)).latent_dist.mode()
+        image = pipe.vae.decode(latent).sample
+    assert latent.shape == (1, 4, 8, 6)
+    assert image.shape == (1, 3, 64, 48)
+
+
 def test_llm_loads_chats_and_generates(tiny_models: Path) -> None:
     directory = tiny_models / "llm"
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
@@ -130,6 +146,10 @@ def test_single_file_has_the_original_layout(tiny_sd_single_file: Path) -> None:
         "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight",
         "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight",
         "first_stage_model.decoder.up.1.upsample.conv.weight",
+        # four VAE levels, three of them resampling, as in SD 1
+        "first_stage_model.encoder.down.2.downsample.conv.weight",
+        "first_stage_model.encoder.down.3.block.0.conv1.weight",
+        "first_stage_model.decoder.up.3.upsample.conv.weight",
         "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",
     ):
         assert key in keys, key
