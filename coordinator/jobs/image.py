@@ -18,7 +18,7 @@ from coordinator.economy import trust
 from coordinator.economy.verification import Outcome
 from coordinator.errors import Conflict
 from coordinator.jobs import hot
-from coordinator.jobs.lifecycle import Lifecycle
+from coordinator.jobs.lifecycle import Lifecycle, PollNote
 from coordinator.workers import Worker
 from protocol.horde import SAMPLERS_WITHOUT_HORDE_NAME
 from protocol.params import ImageParams
@@ -166,9 +166,15 @@ class ImageJobs(Lifecycle):
         return _job(row) if row else None
 
     async def pop_job(
-        self, worker: Worker, models: Sequence[str], max_pixels: int, max_steps: int
+        self,
+        worker: Worker,
+        models: Sequence[str],
+        max_pixels: int,
+        max_steps: int,
+        poll: PollNote | None = None,
     ) -> Job | None:
-        """Lease the best queued image job that fits the worker, if any (see Lifecycle.pop)."""
+        """Lease the best queued image job that fits the worker, if any (see Lifecycle.pop;
+        `poll`: the worker's poll to note in the same transaction, Workers.poll_note)."""
         signs = worker.signs
         fits = _FITS.get(signs, lambda: _fits(signs))
         row = await self.pop(
@@ -177,6 +183,7 @@ class ImageJobs(Lifecycle):
             take_checks=True,
             shape=("image", signs),
             params={"max_pixels": max_pixels, "max_steps": max_steps, "models": list(models)},
+            poll=poll,
         )
         return None if row is None else _job(row)
 
