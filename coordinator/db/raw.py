@@ -10,12 +10,13 @@ SQLAlchemy issues), compiled once by SQLAlchemy's SQLite dialect into its SQL te
 order of its parameters, and returns a small result (`first`, `scalar_one`,
 `scalar_one_or_none`, `all`, `rowcount`) whose rows are named tuples, as SQLAlchemy's are.
 
-Only statements that need nothing else of SQLAlchemy's execution are taken this way: no type
-conversion of a column read, no Python-side column default (parameters get the dialect's
-conversions, e.g. a Float column's float()). Any other statement,
-and every statement on PostgreSQL, goes through `conn.execute` as before (the result offers
-the same methods). sqlite3's errors come out as SQLAlchemy's (IntegrityError for a
-duplicate idempotency key), so callers catch the same exceptions on both paths.
+Only statements that need nothing else of SQLAlchemy's execution are taken this way: no
+type conversion of a column read, no Python-side column default, no list parameter (an
+expanding IN); parameters get the dialect's conversions (a Float column's float()). Any
+other statement, and every statement on PostgreSQL, goes through `conn.execute` as before
+(the result offers the same methods). sqlite3's errors come out as SQLAlchemy's
+(IntegrityError for a duplicate idempotency key), so callers catch the same exceptions on
+both paths.
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ class _Compiled:
         self.statement = statement
         # None: SQLAlchemy must run it (conversions or Python-side defaults)
         self.usable = not (
-            compiled.insert_prefetch
+            # an expanding IN (a list parameter) is rendered per execution by SQLAlchemy
+            compiled.post_compile_params
+            or compiled.literal_execute_params
+            or compiled.insert_prefetch
             or compiled.update_prefetch
             or any(
                 entry.type._cached_result_processor(dialect, None) is not None

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Row, bindparam, select, update
 
 from coordinator.accounts import Account
+from coordinator.db import raw
 from coordinator.db.database import VERIFICATION, now
 from coordinator.db.prepared import Shapes
 from coordinator.db.schema import jobs, results
@@ -214,7 +215,8 @@ class ImageJobs(Lifecycle):
         found. Returns (kudos paid now, kudos held pending)."""
         async with self.begin() as conn:
             row = await self.finish(conn, worker, job.id)
-            await conn.execute(
+            await raw.execute(
+                conn,
                 _INSERT_RESULT,
                 [
                     {
