@@ -7,7 +7,7 @@ import hashlib
 import json
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,9 +173,24 @@ class Workers(Accounts):
         """A worker asked for work (from `ip`) for `models` of `kind`: keep its uptime
         stretch, address and offer, pay uptime kudos when due."""
         async with self.begin() as conn:
-            return await trust.record_poll(
-                conn, self._config, worker.id, now(conn), ip, _offer(worker, kind, models)
-            )
+            return await self.poll_note(worker, ip, kind=kind, models=models)(conn)
+
+    def poll_note(
+        self,
+        worker: Worker,
+        ip: str | None = None,
+        *,
+        kind: str = "image",
+        models: Sequence[str] = (),
+    ) -> Callable[[AsyncConnection], Awaitable[int]]:
+        """`record_poll` to run in a transaction of the caller's: a pop's (Lifecycle.pop),
+        so that a poll that leases a job costs one transaction, not two."""
+        offer = _offer(worker, kind, models)
+
+        async def note(conn: AsyncConnection) -> int:
+            return await trust.record_poll(conn, self._config, worker.id, now(conn), ip, offer)
+
+        return note
 
     async def note_offer(self, worker: Worker, kind: str, models: Sequence[str]) -> None:
         """A gateway or block server is there, serving `models` of `kind` (the network view)."""

@@ -26,6 +26,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from coordinator.config import CoordinatorConfig
 from coordinator.db import inline_sqlite
 from coordinator.db.ledger import open_balance
+from coordinator.db.raw import RAW
 from coordinator.db.schema import accounts, migrate
 from coordinator.db.sqlite_reads import Reads
 from coordinator.db.tx import NOW, SYSTEM, TOUCHED, now
@@ -90,6 +91,14 @@ def _engine(url: str) -> tuple[AsyncEngine, str | None]:
     )
     _configure_sqlite(engine)
     return engine, path
+
+
+def _sqlite3_of(conn: AsyncConnection) -> sqlite3.Connection:
+    """The sqlite3 connection under a transaction's inline connection (already checked
+    out: reading it needs no await)."""
+    sync: Any = conn.sync_connection
+    inline: inline_sqlite.InlineConnection = sync.connection.driver_connection
+    return inline._conn
 
 
 def _sqlite_rows(path: str, sql: str, build: Callable[[list[Any]], T]) -> T:
@@ -180,6 +189,8 @@ class Database:
             conn.info[NOW] = self.clock()
             conn.info[TOUCHED] = set()
             conn.info[SYSTEM] = self._system_ids
+            # the transaction's sqlite3 connection, for coordinator.db.raw (SQLite only)
+            conn.info[RAW] = None if self._sqlite_path is None else _sqlite3_of(conn)
             yield conn
             touched: set[int] = conn.info[TOUCHED]
             for hook in self._commit_hooks:

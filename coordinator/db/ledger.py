@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from sqlalchemy import bindparam, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from coordinator.db import raw
 from coordinator.db.schema import accounts, balances, jobs, ledger_entries, postings
 from coordinator.db.tx import SYSTEM, TOUCHED, now
 from coordinator.errors import Conflict
@@ -79,6 +80,20 @@ _MOVE = (
 _MOVE_GRANTS = _MOVE.values(
     grants=balances.c.grants + bindparam("b_granted", type_=balances.c.grants.type)
 )
+_SPENDER = (
+    select(balances.c.amount, balances.c.grants)
+    .where(balances.c.account_id == _ACCOUNT)
+    .with_for_update()
+)
+# a reservation's grants (update statements may not name a bind parameter like a column)
+_SPEND_GRANTS = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("job_id"))
+    .values(
+        grant_spent=jobs.c.grant_spent + bindparam("spent", type_=jobs.c.grant_spent.type),
+        grant_funded=jobs.c.grant_funded + bindparam("funded", type_=jobs.c.grant_funded.type),
+    )
+)
 _BALANCE = select(balances.c.amount).where(balances.c.account_id == _ACCOUNT)
 _GRANTS = select(balances.c.grants).where(balances.c.account_id == _ACCOUNT)
 _GRANTS_LOCKED = _GRANTS.with_for_update()
@@ -105,12 +120,13 @@ async def post_entry(
         raise ValueError(f"ledger entry {key!r} does not balance: {moves}")
     if not moves:
         raise ValueError(f"ledger entry {key!r} has no postings")
-    if (await conn.execute(_SEEN, {"key": key})).first() is not None:
+    if (await raw.execute(conn, _SEEN, {"key": key})).first() is not None:
         raise Conflict(f"ledger entry {key!r} was already written")
     # The unique key is the backstop if two transactions race past the check above.
     entry = {"reason": reason, "job_id": job_id, "idempotency_key": key, "created_at": now(conn)}
-    entry_id = (await conn.execute(_INSERT_ENTRY, entry)).scalar_one()
-    await conn.execute(
+    entry_id = (await raw.execute(conn, _INSERT_ENTRY, entry)).scalar_one()
+    await raw.execute(
+        conn,
         _INSERT_POSTINGS,
         [{"entry_id": entry_id, "account_id": acc, "amount": amount} for acc, amount in moves],
     )
@@ -132,9 +148,9 @@ async def post_entry(
             moved = await _grants_moved(conn, reason, job_id, account_id, amount)
         move = {"b_account": account_id, "b_amount": amount}
         if moved:
-            changed = await conn.execute(_MOVE_GRANTS, {**move, "b_granted": moved})
+            changed = await raw.execute(conn, _MOVE_GRANTS, {**move, "b_granted": moved})
         else:
-            changed = await conn.execute(_MOVE, move)
+            changed = await raw.execute(conn, _MOVE, move)
         if changed.rowcount == 0:
             if await _is_system(conn, account_id):
                 continue
@@ -159,25 +175,16 @@ async def _grants_moved(
     if job_id is None:
         return 0
     if amount < 0 and reason == "reserve":
-        row = (
-            await conn.execute(
-                select(balances.c.amount, balances.c.grants)
-                .where(balances.c.account_id == account_id)
-                .with_for_update()
-            )
-        ).first()
+        row = (await raw.execute(conn, _SPENDER, {"account_id": account_id})).first()
         before, unspent = (int(row.amount), int(row.grants)) if row is not None else (0, 0)
         used = min(unspent, -amount)
         # what is neither grants nor below zero was earned or transferred
         own = min(-amount - used, max(before - unspent, 0))
         if used or own != -amount:
-            await conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id)
-                .values(
-                    grant_spent=jobs.c.grant_spent + used,
-                    grant_funded=jobs.c.grant_funded - amount - own,
-                )
+            await raw.execute(
+                conn,
+                _SPEND_GRANTS,
+                {"job_id": job_id, "spent": used, "funded": -amount - own},
             )
         return -used
     if amount > 0 and reason == "refund":
@@ -232,7 +239,7 @@ async def open_balance(conn: AsyncConnection, account_id: int) -> None:
 
 async def balance(conn: AsyncConnection, account_id: int) -> int:
     """The account's balance: its row, or for a system account the sum of its postings."""
-    row = (await conn.execute(_BALANCE, {"account_id": account_id})).scalar_one_or_none()
+    row = (await raw.execute(conn, _BALANCE, {"account_id": account_id})).scalar_one_or_none()
     return int(row) if row is not None else await _ledger_sum(conn, account_id)
 
 
@@ -243,7 +250,7 @@ async def lock_spender(conn: AsyncConnection, account_id: int) -> None:
     row: postings' foreign-key checks (FOR KEY SHARE) on it never wait, and the balance rows
     stay free for post_entry to update in account order (no deadlock between opposite
     transfers)."""
-    await conn.execute(_LOCK_SPENDER, {"account_id": account_id})
+    await raw.execute(conn, _LOCK_SPENDER, {"account_id": account_id})
 
 
 async def lock_balance(conn: AsyncConnection, account_id: int) -> int:

@@ -62,6 +62,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.config import CoordinatorConfig
+from coordinator.db import raw
 from coordinator.db.database import ESCROW, GRANTS, now
 from coordinator.db.ledger import GRANTED, balance, grants, open_balance, post_entry
 from coordinator.db.schema import accounts, jobs, ledger_entries, postings, results, workers
@@ -124,16 +125,18 @@ _LAST_RESULT = select(func.max(jobs.c.finished_at)).where(
 )
 
 
+_GRANT_FUNDED = select(jobs.c.grant_funded).where(jobs.c.id == bindparam("job_id"))
+
+
 async def _system_id(conn: AsyncConnection, name: str) -> int:
-    found = (await conn.execute(_ACCOUNT_BY_NAME, {"name": name})).scalar_one()
+    found = (await raw.execute(conn, _ACCOUNT_BY_NAME, {"name": name})).scalar_one()
     return int(found)
 
 
 async def pending_account(conn: AsyncConnection, worker_id: str) -> int:
     """The account holding `worker_id`'s unverified earnings (created on first use)."""
     name = PENDING_PREFIX + worker_id
-    query = select(accounts.c.id).where(accounts.c.name == name)
-    found = (await conn.execute(query)).scalar_one_or_none()
+    found = (await raw.execute(conn, _ACCOUNT_BY_NAME, {"name": name})).scalar_one_or_none()
     if found is None:
         found = (
             await conn.execute(
@@ -170,7 +173,7 @@ async def pay_worker(
     """
     if amount <= 0:
         return 0, 0
-    trusted = (await conn.execute(_TRUSTED, {"worker_id": worker_id})).scalar_one()
+    trusted = (await raw.execute(conn, _TRUSTED, {"worker_id": worker_id})).scalar_one()
     held = 0 if trusted else math.floor(amount * config.trust_hold_fraction)
     payer = source if source is not None else await _system_id(conn, ESCROW)
     moves = [(payer, -amount)]
@@ -198,9 +201,7 @@ async def pay_worker(
 async def job_grants(conn: AsyncConnection, job_id: str) -> int:
     """How much of what `job_id` still holds in escrow grants funded (its requester's unspent
     grants, or credit below zero): that part of its pay arrives as grants."""
-    funded = (
-        await conn.execute(select(jobs.c.grant_funded).where(jobs.c.id == job_id))
-    ).scalar_one()
+    funded = (await raw.execute(conn, _GRANT_FUNDED, {"job_id": job_id})).scalar_one()
     return int(funded)
 
 
@@ -396,7 +397,7 @@ async def _busy_since(conn: AsyncConnection, worker_id: str, job: Row[Any]) -> f
     image result after that (a worker runs one job at a time)."""
     leased_at = float(job.leased_at if job.leased_at is not None else job.finished_at)
     values = {"since": leased_at, "worker": worker_id, "job_id": job.id}
-    previous = (await conn.execute(_LAST_RESULT, values)).scalar_one()
+    previous = (await raw.execute(conn, _LAST_RESULT, values)).scalar_one()
     return leased_at if previous is None else max(leased_at, float(previous))
 
 
@@ -409,7 +410,7 @@ async def after_result(
     verification_account: int,
 ) -> None:
     """Speed check and maybe schedule a spot check of a finished ordinary image job."""
-    worker = (await conn.execute(_WORKER, {"worker_id": worker_id})).one()
+    worker = (await raw.execute(conn, _WORKER, {"worker_id": worker_id})).one()
     work = _work(ImageParams.model_validate_json(job.params))
     # Lease to result is an upper bound of the compute time (it adds the round trips and
     # the upload), so an honest worker never looks faster than its GPU, at any job size.
@@ -789,7 +790,7 @@ async def record_poll(
     it serves, when they changed); pay uptime kudos (grants) for the last full period it was
     online through, if it recently finished verified work (`_verified_work`). Returns the
     kudos paid (0 if none)."""
-    row = (await conn.execute(_WORKER, {"worker_id": worker_id})).one()
+    row = (await raw.execute(conn, _WORKER, {"worker_id": worker_id})).one()
     online_since = row.online_since
     if online_since is None or now - row.last_seen > config.uptime_grace:
         online_since = now
@@ -797,7 +798,7 @@ async def record_poll(
     if ip is not None:
         values["ip"] = ip
     values.update(offer or {})
-    await conn.execute(_SET_WORKER, {"worker_id": worker_id, **values})
+    await raw.execute(conn, _SET_WORKER, {"worker_id": worker_id, **values})
     if config.uptime_reward <= 0 or row.paused:
         return 0
     period = config.uptime_period

@@ -75,9 +75,12 @@ async def horde_pop(request: web.Request, call: Call) -> PopResponseV2:
         # a new name is a new worker identity: the same limit as a native registration
         await request.app[LIMITER].check("worker", f"account:{owner.id}", ip)
         worker = await store.new_horde_worker(owner, body.name, ip)
-    await store.record_poll(worker, ip, kind="image", models=body.models)
+    # the poll is noted (uptime, address, offer) in the pop's transaction
+    poll = store.poll_note(worker, ip, kind="image", models=body.models)
     job = await timed_pop(
-        request, "image", lambda: store.pop_job(worker, body.models, body.max_pixels, MAX_STEPS)
+        request,
+        "image",
+        lambda: store.pop_job(worker, body.models, body.max_pixels, MAX_STEPS, poll),
     )()
     if job is None:
         return PopResponseV2(id=None, ids=[], payload={}, model=None, skipped={})

@@ -221,7 +221,8 @@ async def submit_result(request: web.Request, call: Call) -> ResultAccepted:
     if job.verify_of is not None:
         outcome = await _check_outcome(request, worker, job, [r.sha256 for r in records])
     paid, held = await store.finish_job(worker, job, records, outcome)
-    request.app[UPLOADS].discard(job.id)  # (a few small unlinks: on the loop)
+    # in a thread: removing a directory can wait on the disk (measured up to ms here)
+    await asyncio.to_thread(request.app[UPLOADS].discard, job.id)
     signals.job_changed(job.id)
     if job.verify_of is not None:
         signals.job_changed(job.verify_of)

@@ -4,6 +4,7 @@ routes_results)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 from aiohttp import web
 
@@ -14,6 +15,7 @@ from coordinator.http.jobs import job_status
 from coordinator.http.metrics import timed_pop
 from coordinator.http.polling import long_poll
 from coordinator.http.state import CONFIG, SIGNALS, STORE, UPLOADS
+from coordinator.jobs.image import Job
 from protocol.errors import SignatureInvalid
 from protocol.messages import (
     Challenge,
@@ -103,15 +105,17 @@ async def pop(request: web.Request, call: Call) -> PopResponse:
     assert worker is not None
     if request.app[CONFIG].require_sandbox and worker.sandboxed is not True:
         raise UnsandboxedWorker()
-    await store.record_poll(worker, client_ip(request), kind="image", models=body.models)
+    # the poll is noted (uptime, address, offer) in the first attempt's transaction
+    polls = [store.poll_note(worker, client_ip(request), kind="image", models=body.models)]
+
+    def attempt() -> Awaitable[Job | None]:
+        poll = polls.pop() if polls else None
+        return store.pop_job(worker, body.models, body.max_pixels, body.max_steps, poll)
+
     job = await long_poll(
         request,
         body.wait,
-        timed_pop(
-            request,
-            "image",
-            lambda: store.pop_job(worker, body.models, body.max_pixels, body.max_steps),
-        ),
+        timed_pop(request, "image", attempt),
         "image",
         body.models,
     )

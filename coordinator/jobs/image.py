@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Row, bindparam, select, update
 
 from coordinator.accounts import Account
+from coordinator.db import raw
 from coordinator.db.database import VERIFICATION, now
 from coordinator.db.prepared import Shapes
 from coordinator.db.request_keys import Idempotent
@@ -19,7 +20,7 @@ from coordinator.economy import trust
 from coordinator.economy.verification import Outcome
 from coordinator.errors import Conflict
 from coordinator.jobs import hot
-from coordinator.jobs.lifecycle import Lifecycle
+from coordinator.jobs.lifecycle import Lifecycle, PollNote
 from coordinator.workers import Worker
 from protocol.horde import SAMPLERS_WITHOUT_HORDE_NAME
 from protocol.params import ImageParams
@@ -169,9 +170,15 @@ class ImageJobs(Lifecycle):
         return _job(row) if row else None
 
     async def pop_job(
-        self, worker: Worker, models: Sequence[str], max_pixels: int, max_steps: int
+        self,
+        worker: Worker,
+        models: Sequence[str],
+        max_pixels: int,
+        max_steps: int,
+        poll: PollNote | None = None,
     ) -> Job | None:
-        """Lease the best queued image job that fits the worker, if any (see Lifecycle.pop)."""
+        """Lease the best queued image job that fits the worker, if any (see Lifecycle.pop;
+        `poll`: the worker's poll to note in the same transaction, Workers.poll_note)."""
         signs = worker.signs
         fits = _FITS.get(signs, lambda: _fits(signs))
         row = await self.pop(
@@ -180,6 +187,7 @@ class ImageJobs(Lifecycle):
             take_checks=True,
             shape=("image", signs),
             params={"max_pixels": max_pixels, "max_steps": max_steps, "models": list(models)},
+            poll=poll,
         )
         return None if row is None else _job(row)
 
@@ -210,7 +218,8 @@ class ImageJobs(Lifecycle):
         found. Returns (kudos paid now, kudos held pending)."""
         async with self.begin() as conn:
             row = await self.finish(conn, worker, job.id)
-            await conn.execute(
+            await raw.execute(
+                conn,
                 _INSERT_RESULT,
                 [
                     {

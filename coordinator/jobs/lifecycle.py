@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.accounts import Account
 from coordinator.config import CoordinatorConfig
-from coordinator.db import request_keys
+from coordinator.db import raw, request_keys
 from coordinator.db.database import ESCROW, now
 from coordinator.db.ledger import balance, lock_balance, lock_spender, post_entry
 from coordinator.db.prepared import Shapes
@@ -43,6 +43,8 @@ __all__ = ["Lifecycle", "OnLease", "Requeued", "lease_cap", "lease_end"]
 
 # kind-specific work done in the transaction that leases a job (e.g. reset streamed text)
 OnLease = Callable[[AsyncConnection, Row[Any]], Awaitable[None]]
+# a worker's poll noted in a pop's transaction (Workers.poll_note)
+PollNote = Callable[[AsyncConnection], Awaitable[int]]
 # (job id, kind, model) of a job that went back to the queue
 Requeued = tuple[str, str, str | None]
 
@@ -156,7 +158,8 @@ class Lifecycle(Workers):
             if account.anonymous and account.requester is not None:
                 await self._check_reserved_per_ip(conn, account, cost)
             kudos = await queue.ranked_kudos(conn, account.id)
-            await conn.execute(
+            await raw.execute(
+                conn,
                 hot.INSERT_JOB,
                 {
                     "id": job_id,
@@ -184,7 +187,7 @@ class Lifecycle(Workers):
                 await request_keys.remember(
                     conn, account.id, idempotent.key, idempotent.digest, job_id
                 )
-            row = (await conn.execute(hot.JOB_BY_ID, {"job_id": job_id})).one()
+            row: Row[Any] = (await raw.execute(conn, hot.JOB_BY_ID, {"job_id": job_id})).one()
         self.ranking.changed(row.kind)
         return row
 
@@ -217,7 +220,7 @@ class Lifecycle(Workers):
         row = job
         if row is None:
             async with self.begin() as conn:
-                row = (await conn.execute(hot.JOB_BY_ID, {"job_id": job_id})).first()
+                row = (await raw.execute(conn, hot.JOB_BY_ID, {"job_id": job_id})).first()
         if row is None:
             return None, None
         snapshot = await self.ranking.snapshot(row.kind)
@@ -255,6 +258,7 @@ class Lifecycle(Workers):
         on_lease: OnLease | None = None,
         shape: Hashable | None = None,
         params: Mapping[str, Any] | None = None,
+        poll: PollNote | None = None,
     ) -> Row[Any] | None:
         """Lease the best queued job matching `fits` to `worker`, if any; its row.
 
@@ -262,50 +266,80 @@ class Lifecycle(Workers):
         pending spot checks it is independent for first (coordinator.economy.trust); every
         worker takes its owner's own jobs before others'; then rank order. `fits` may hold
         bind parameters, their values in `params`; give the same `shape` for every `fits`
-        built the same way and the statements are built once (coordinator.db.prepared)."""
+        built the same way and the statements are built once (coordinator.db.prepared).
+
+        `poll` (the first attempt of a request): note the worker's poll (uptime, address,
+        offer: trust.record_poll) in this transaction, after the lease (a worker's row after
+        its job's, as a result takes them), instead of a transaction of its own; a paused
+        worker's poll is noted too, before WorkerPaused is raised."""
+        async with self.begin() as conn:
+            me = (await raw.execute(conn, hot.WORKER_BY_ID, {"worker_id": worker.id})).one()
+            # paused by name, or through its owner (trust.account_paused)
+            why = me.pause_reason if me.paused else await trust.account_paused(conn, me.account_id)
+            if why is None:
+                return await self._lease(
+                    conn, worker, fits, take_checks, on_lease, shape, params, me, poll
+                )
+            if poll is not None:
+                await poll(conn)
+        raise WorkerPaused(
+            f"worker {me.name} is paused: {why}; ask the coordinator's operator to review it"
+        )
+
+    async def _lease(
+        self,
+        conn: AsyncConnection,
+        worker: Worker,
+        fits: ColumnElement[bool],
+        take_checks: bool,
+        on_lease: OnLease | None,
+        shape: Hashable | None,
+        params: Mapping[str, Any] | None,
+        me: Row[Any],
+        poll: PollNote | None,
+    ) -> Row[Any] | None:
+        """Pop's transaction for a worker that is not paused."""
         skip_locked = self.dialect == "postgresql"
         values = dict(params or {})
-        async with self.begin() as conn:
-            me = (await conn.execute(hot.WORKER_BY_ID, {"worker_id": worker.id})).one()
-            why = me.pause_reason if me.paused else await trust.account_paused(conn, me.account_id)
-            if why is not None:
-                raise WorkerPaused(
-                    f"worker {me.name} is paused: {why}; "
-                    "ask the coordinator's operator to review it"
-                )
-            # not a job its owner's workers gave back twice: that goes to another owner (a
-            # bound parameter: the statement is built once per `shape`, for every worker)
-            fits = fits & ~jobs.c.gave_back.contains(bindparam("me_gave_back"))
-            values["me_gave_back"] = gave_back_twice(me.account_id)
-            found: list[str] = []
-            if take_checks and me.trusted:
-                # only checks it is independent for: not its owner's, nor (by default) its IP's
-                checks = self._checks_query(fits, shape)
-                me_values = {"me_id": me.id, "me_account": me.account_id, "me_ip": me.ip}
-                found += list((await conn.execute(checks, {**values, **me_values})).scalars())
-            best = await queue.candidates(
-                conn,
-                fits,
-                worker.account_id,
-                1 if skip_locked else POP_CANDIDATES,
-                skip_locked,
-                shape=shape,
-                params=values,
+        # not a job its owner's workers gave back twice: that goes to another owner (a
+        # bound parameter: the statement is built once per `shape`, for every worker)
+        fits = fits & ~jobs.c.gave_back.contains(bindparam("me_gave_back"))
+        values["me_gave_back"] = gave_back_twice(me.account_id)
+        found: list[str] = []
+        if take_checks and me.trusted:
+            # only checks it is independent for: not its owner's, nor (by default) its IP's
+            checks = self._checks_query(fits, shape)
+            me_values = {"me_id": me.id, "me_account": me.account_id, "me_ip": me.ip}
+            found += list((await conn.execute(checks, {**values, **me_values})).scalars())
+        best = await queue.candidates(
+            conn,
+            fits,
+            worker.account_id,
+            1 if skip_locked else POP_CANDIDATES,
+            skip_locked,
+            shape=shape,
+            params=values,
+        )
+        found += [row.id for row in best]
+        for job_id in found:
+            at = now(conn)
+            taken = await raw.execute(
+                conn, hot.LEASE, {"job_id": job_id, "worker": worker.id, "at": at}
             )
-            found += [row.id for row in best]
-            for job_id in found:
-                at = now(conn)
-                taken = await conn.execute(
-                    hot.LEASE, {"job_id": job_id, "worker": worker.id, "at": at}
-                )
-                if taken.rowcount != 1:
-                    continue
-                await conn.execute(hot.WORKER_SEEN, {"worker_id": worker.id, "at": at})
-                row = (await conn.execute(hot.JOB_BY_ID, {"job_id": job_id})).one()
-                if on_lease is not None:
-                    await on_lease(conn, row)
-                self.ranking.changed(row.kind)
-                return row
+            if taken.rowcount != 1:
+                continue
+            if poll is None:
+                await raw.execute(conn, hot.WORKER_SEEN, {"worker_id": worker.id, "at": at})
+            row: Row[Any] = (await raw.execute(conn, hot.JOB_BY_ID, {"job_id": job_id})).one()
+            if on_lease is not None:
+                await on_lease(conn, row)
+            if poll is not None:
+                # sets last_seen too (to the same transaction time)
+                await poll(conn)
+            self.ranking.changed(row.kind)
+            return row
+        if poll is not None:
+            await poll(conn)
         return None
 
     def _checks_query(self, fits: ColumnElement[bool], shape: Hashable | None) -> Select[Any]:
@@ -360,11 +394,14 @@ class Lifecycle(Workers):
     async def finish(self, conn: AsyncConnection, worker: Worker, job_id: str) -> Row[Any]:
         """In the caller's transaction: mark `worker`'s leased job done; its row."""
         at = now(conn)
-        done = await conn.execute(hot.FINISH, {"job_id": job_id, "worker": worker.id, "at": at})
+        done = await raw.execute(
+            conn, hot.FINISH, {"job_id": job_id, "worker": worker.id, "at": at}
+        )
         if done.rowcount != 1:
             raise await self.not_leased(conn, job_id)
-        await conn.execute(hot.WORKER_DONE, {"worker_id": worker.id, "at": at})
-        return (await conn.execute(hot.JOB_BY_ID, {"job_id": job_id})).one()
+        await raw.execute(conn, hot.WORKER_DONE, {"worker_id": worker.id, "at": at})
+        row: Row[Any] = (await raw.execute(conn, hot.JOB_BY_ID, {"job_id": job_id})).one()
+        return row
 
     # --- give back, fail, cancel, reap -----------------------------------------------
 

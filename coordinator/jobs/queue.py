@@ -36,6 +36,7 @@ from sqlalchemy import ColumnElement, Row, Select, bindparam, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.config import CoordinatorConfig
+from coordinator.db import raw
 from coordinator.db.database import Database
 from coordinator.db.prepared import Shapes
 from coordinator.db.schema import balances, jobs
@@ -85,7 +86,7 @@ _BALANCE_LOCKED = (
 
 async def ranked_kudos(conn: AsyncConnection, account_id: int) -> int:
     """The balance the ranks of `account_id`'s queued jobs are computed from."""
-    found = (await conn.execute(_RANKED, {"account_id": account_id})).scalar_one_or_none()
+    found = (await raw.execute(conn, _RANKED, {"account_id": account_id})).scalar_one_or_none()
     return int(found or 0)
 
 
@@ -97,7 +98,7 @@ async def refresh_ranks(
     aging = config.aging
     for account_id in sorted(account_ids):
         # locked (the ledger's update already holds it): balance row before job rows
-        row = (await conn.execute(_BALANCE_LOCKED, {"account_id": account_id})).first()
+        row = (await raw.execute(conn, _BALANCE_LOCKED, {"account_id": account_id})).first()
         if row is None:
             continue
         moved = _head_start(int(row.amount), aging) - _head_start(int(row.ranked), aging)

@@ -1,0 +1,164 @@
+"""The hot statements of a store transaction, on SQLite run straight on sqlite3.
+
+Inside a transaction, `conn.execute` costs SQLAlchemy's execution context, its result
+machinery and a greenlet switch for each statement: measured here, several times what SQLite
+spends on the lifecycle's small indexed statements, and a job runs some thirty of them.
+`execute(conn, statement, params)` runs a statement built once (coordinator.db.prepared)
+on the store's own sqlite3 connection (coordinator.db.inline_sqlite), in the same
+transaction (the one connection, between the BEGIN IMMEDIATE and the commit that
+SQLAlchemy issues), compiled once by SQLAlchemy's SQLite dialect into its SQL text and the
+order of its parameters, and returns a small result (`first`, `scalar_one`,
+`scalar_one_or_none`, `all`, `rowcount`) whose rows are named tuples, as SQLAlchemy's are.
+
+Only statements that need nothing else of SQLAlchemy's execution are taken this way: no
+type conversion of a column read, no Python-side column default, no list parameter (an
+expanding IN); parameters get the dialect's conversions (a Float column's float()). Any
+other statement, and every statement on PostgreSQL, goes through `conn.execute` as before
+(the result offers the same methods). sqlite3's errors come out as SQLAlchemy's
+(IntegrityError for a duplicate idempotency key), so callers catch the same exceptions on
+both paths.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import namedtuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+from sqlalchemy import exc
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.expression import Executable
+
+__all__ = ["RAW", "Result", "execute"]
+
+# the transaction's sqlite3 connection, or None (PostgreSQL): set by Database.begin
+RAW = "idlegrid.raw_sqlite"
+
+
+class Result:
+    """The rows (named tuples) of one statement, and how many rows it changed."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def first(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def all(self) -> list[Any]:
+        return self._rows
+
+    def one(self) -> Any:
+        if len(self._rows) != 1:
+            raise _not_one(self._rows)
+        return self._rows[0]
+
+    def scalars(self) -> list[Any]:
+        return [row[0] for row in self._rows]
+
+    def scalar_one(self) -> Any:
+        return self.one()[0]
+
+    def scalar_one_or_none(self) -> Any:
+        if len(self._rows) > 1:
+            raise exc.MultipleResultsFound("expected at most one row")
+        return self._rows[0][0] if self._rows else None
+
+
+def _not_one(rows: list[Any]) -> exc.InvalidRequestError:
+    if not rows:
+        return exc.NoResultFound("No row was found when one was required")
+    return exc.MultipleResultsFound("Multiple rows were found when exactly one was required")
+
+
+class _Compiled:
+    def __init__(self, statement: Executable, dialect: Dialect, keys: Sequence[str]) -> None:
+        compiled = cast(ClauseElement, statement).compile(dialect=dialect, column_keys=list(keys))
+        assert isinstance(compiled, SQLCompiler)
+        self.statement = statement
+        # None: SQLAlchemy must run it (conversions or Python-side defaults)
+        self.usable = not (
+            # an expanding IN (a list parameter) is rendered per execution by SQLAlchemy
+            compiled.post_compile_params
+            or compiled.literal_execute_params
+            or compiled.insert_prefetch
+            or compiled.update_prefetch
+            or any(
+                entry.type._cached_result_processor(dialect, None) is not None
+                for entry in compiled._result_columns
+            )
+        )
+        self.sql = compiled.string
+        self.defaults = {
+            name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required
+        }
+        self.order = list(compiled.positiontup or ())
+        # SQLAlchemy's conversions of parameters (e.g. a Float column's float())
+        convert = cast(dict[str, Callable[[Any], Any]], compiled._bind_processors)
+        self.converters = [
+            (i, convert[name]) for i, name in enumerate(self.order) if name in convert
+        ]
+        columns = [entry.keyname for entry in compiled._result_columns]
+        self.row = namedtuple("row", columns, rename=True) if columns else None
+
+    def values(self, params: Mapping[str, Any]) -> list[Any]:
+        merged = {**self.defaults, **params}
+        values = [merged[name] for name in self.order]
+        for i, convert in self.converters:
+            values[i] = convert(values[i])
+        return values
+
+
+_compiled: dict[tuple[int, tuple[str, ...]], _Compiled] = {}
+
+
+def _find(statement: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Compiled:
+    found = _compiled.get((id(statement), keys))
+    if found is None or found.statement is not statement:
+        found = _compiled[(id(statement), keys)] = _Compiled(statement, dialect, keys)
+    return found
+
+
+async def execute(
+    conn: AsyncConnection,
+    statement: Executable,
+    params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+) -> Result:
+    """Run `statement` (built once) in `conn`'s transaction with `params` (a list: many
+    rows, as executemany) and return its rows."""
+    raw: sqlite3.Connection | None = conn.info.get(RAW)
+    many = isinstance(params, Sequence) and not isinstance(params, Mapping)
+    rows_in: Sequence[Mapping[str, Any]] = (
+        params if many else [params or {}]  # type: ignore[list-item,assignment]
+    )
+    if raw is not None and rows_in:
+        found = _find(statement, conn.dialect, tuple(sorted(rows_in[0])))
+        if found.usable:
+            return _run(raw, found, rows_in, many)
+    result = await conn.execute(statement, params)
+    rows = list(result.all()) if result.returns_rows else []
+    return Result(rows, result.rowcount)
+
+
+def _run(
+    raw: sqlite3.Connection, found: _Compiled, rows_in: Sequence[Mapping[str, Any]], many: bool
+) -> Result:
+    try:
+        if many:
+            cursor = raw.executemany(found.sql, [found.values(row) for row in rows_in])
+        else:
+            cursor = raw.execute(found.sql, found.values(rows_in[0]))
+        fetched = cursor.fetchall() if found.row is not None else []
+    except sqlite3.IntegrityError as error:
+        raise exc.IntegrityError(found.sql, None, error) from error
+    except sqlite3.Error as error:
+        raise exc.OperationalError(found.sql, None, error) from error
+    make = found.row
+    rows = [make(*row) for row in fetched] if make is not None else []
+    return Result(rows, cursor.rowcount)
