@@ -186,9 +186,23 @@ def _add_verification(group: argparse._ArgumentGroup) -> None:
         "their first CHARS characters (late floating-point drift); 0 = only equal texts "
         "(default %(default)s)",
     )
+    group.add_argument(
+        "--max-pixel-steps-per-second",
+        type=float,
+        default=CoordinatorConfig(data_dir=Path(".")).max_pixel_steps_per_second,
+        metavar="RATE",
+        help="an image result faster than RATE pixel-steps per second (width x height x "
+        "steps x images over the time since the lease) is suspect: it is checked and counts "
+        "towards a pause; 'inf' turns the speed check off (default %(default)s)",
+    )
 
 
 def _verification(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.max_pixel_steps_per_second > 0:
+        raise SystemExit(
+            f"--max-pixel-steps-per-second {args.max_pixel_steps_per_second}: use a positive "
+            "rate, or inf for no speed check"
+        )
     if args.text_check_prefix < 0:
         raise SystemExit(
             f"--text-check-prefix {args.text_check_prefix}: must be 0 (only equal texts "
@@ -198,6 +212,7 @@ def _verification(args: argparse.Namespace) -> dict[str, Any]:
         "verify_distinct_ip": not args.allow_same_ip_checks,
         "text_check_prefix_chars": args.text_check_prefix,
         "require_sandbox": args.require_sandbox,
+        "max_pixel_steps_per_second": args.max_pixel_steps_per_second,
     }
 
 

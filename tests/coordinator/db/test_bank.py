@@ -97,6 +97,9 @@ class Cluster:
                 # the chaos workers give jobs back on purpose, often several in a row
                 "--faulted-run",
                 "1000",
+                # fake workers answer at once: far beyond any GPU, and not what is tested here
+                "--max-pixel-steps-per-second",
+                "inf",
                 "--processes",
                 str(self.processes),
                 *LIMITS,
