@@ -41,10 +41,13 @@ claimed = claim_identity(
 )
 child = 0
 if sys.argv[3] == "fork":
+    ready, forked = os.pipe()
     child = os.fork()  # like hivemind's DHT process: it must not keep the lock
     if child == 0:
+        os.write(forked, b"x")  # the fork hooks (which drop the lock's descriptor) have run
         sys.stdin.read()
         os._exit(0)
+    os.read(ready, 1)
 print(claimed.name, child, flush=True)
 sys.stdin.read()
 """

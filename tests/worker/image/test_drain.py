@@ -136,6 +136,11 @@ class WorkerProcess:
         self._out.close()
 
 
+# a worker process starts (imports torch, loads the model) before it leases: slow on a busy
+# machine, and not what these tests measure
+STARTUP = 90.0
+
+
 @pytest.fixture
 async def live(tmp_path: Path) -> AsyncIterator[LiveApp]:
     """A real coordinator on 127.0.0.1 (SQLite); leases long enough that only the worker's
@@ -166,7 +171,7 @@ async def test_one_sigterm_finishes_the_job_then_exits_0(live: LiveApp, tmp_path
         first = await grid.submit_image(ImageParams(**SMALL))
         worker = WorkerProcess(live.url, owner, tmp_path, seconds=3)
         try:
-            await _until(grid, first.id, lambda s: s.state == "leased" and s.step >= 1)
+            await _until(grid, first.id, lambda s: s.state == "leased" and s.step >= 1, STARTUP)
             # waiting work the worker must not take once it drains
             second = await grid.submit_image(ImageParams(**{**SMALL, "seed": 4}))
             worker.popen.send_signal(signal.SIGTERM)
@@ -192,7 +197,7 @@ async def test_second_signal_gives_the_job_back_at_once(live: LiveApp, tmp_path:
         job = await grid.submit_image(ImageParams(**SMALL))
         worker = WorkerProcess(live.url, owner, tmp_path, seconds=120)
         try:
-            await _until(grid, job.id, lambda s: s.state == "leased" and s.step >= 1)
+            await _until(grid, job.id, lambda s: s.state == "leased" and s.step >= 1, STARTUP)
             # Ctrl-C in a terminal: SIGINT to the worker's process group
             os.killpg(worker.popen.pid, signal.SIGINT)
             await worker.wait_for(f"draining: finishing job {job.id}")
