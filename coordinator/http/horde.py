@@ -19,9 +19,10 @@ import hashlib
 import json
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound
@@ -66,6 +67,8 @@ from protocol.version import VERSION
 
 __all__ = ["image_params", "text_params"]
 
+M = TypeVar("M", bound=BaseModel)
+
 # where our validation names a field, AI Horde's request names it
 _V2_FIELDS = {
     "prompt": "prompt",
@@ -87,7 +90,7 @@ _V2_FIELDS = {
 }
 
 
-def _v2_parse(model: type[Any], data: dict[str, Any]) -> Any:
+def _v2_parse(model: type[M], data: dict[str, object]) -> M:
     """Our own parameters from an AI Horde request; errors name AI Horde's fields."""
     try:
         return parse(model, data)
@@ -344,7 +347,7 @@ def text_params(body: TextRequestV2) -> TextParams:
             "params.n: one generation per request here; send several requests",
             [("params.n", "must be 1")],
         )
-    values: dict[str, Any] = {
+    values: dict[str, object] = {
         "prompt": body.prompt,
         "max_tokens": p.max_length,
         "model": body.models[0] if body.models else None,
