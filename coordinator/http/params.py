@@ -51,7 +51,7 @@ class Param:
 
 @dataclass(frozen=True)
 class Text(Param):
-    """Any text (an empty value is the empty text)."""
+    """Text as sent (an empty value is the empty text)."""
 
 
 @dataclass(frozen=True)
