@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from coordinator.economy import kudos
-from coordinator.http.api import API, Call
+from coordinator.http.api import API, Call, UserCall
 from coordinator.http.state import STORE
 from protocol.messages import (
     AccountCreate,
@@ -19,7 +19,7 @@ from protocol.version import VERSION
 
 
 @API.route("GET", "/healthz", summary="200 once the coordinator is ready", response=Health)
-async def healthz(request: web.Request, call: Call) -> Health:
+async def healthz(request: web.Request, call: Call[None]) -> Health:
     return Health(version=VERSION)
 
 
@@ -28,15 +28,14 @@ async def healthz(request: web.Request, call: Call) -> Health:
     "/api/v1/accounts",
     summary="Create an account; the API key is shown once. 403 when registration is closed, "
     "or invite-only and `invite` is not an unused code",
-    body=AccountCreate,
     response=AccountCreated,
     status=201,
     errors=(403, 409),
     limit="register",
 )
-async def create_account(request: web.Request, call: Call) -> AccountCreated:
+async def create_account(request: web.Request, call: Call[AccountCreate]) -> AccountCreated:
     store = request.app[STORE]
-    body: AccountCreate = call.body
+    body = call.body
     account, api_key = await store.create_account(body.name, body.invite)
     return AccountCreated(name=account.name, api_key=api_key, kudos=await store.balance(account.id))
 
@@ -48,8 +47,7 @@ async def create_account(request: web.Request, call: Call) -> AccountCreated:
     response=AccountInfo,
     auth="user",
 )
-async def show_account(request: web.Request, call: Call) -> AccountInfo:
-    assert call.account is not None
+async def show_account(request: web.Request, call: UserCall[None]) -> AccountInfo:
     return await kudos.account_info(request.app[STORE], call.account)
 
 
@@ -58,19 +56,17 @@ async def show_account(request: web.Request, call: Call) -> AccountInfo:
     "/api/v1/invites",
     summary="Make single-use invite codes for invite-only registration (each account may "
     "make the operator's --invites-per-account in all); the codes are shown once",
-    body=InviteCreate,
     response=InvitesCreated,
     auth="user",
     status=201,
     errors=(403,),
     limit="challenge",
 )
-async def create_invites(request: web.Request, call: Call) -> InvitesCreated:
-    assert call.account is not None
-    body: InviteCreate = call.body
+async def create_invites(request: web.Request, call: UserCall[InviteCreate]) -> InvitesCreated:
+    body = call.body
     return InvitesCreated(codes=await request.app[STORE].create_invites(body.count, call.account))
 
 
 @API.route("GET", "/api/v1/openapi.json", summary="This API's OpenAPI 3.1 description")
-async def openapi(request: web.Request, call: Call) -> web.StreamResponse:
+async def openapi(request: web.Request, call: Call[None]) -> web.StreamResponse:
     return web.json_response(API.openapi())

@@ -1,14 +1,23 @@
 """The route table: handlers declare their body and response models once, and the same
 declaration drives validation, authentication, error mapping and the OpenAPI document.
+
+A handler's second parameter says who may call and what body it takes, typed:
+`call: Call[ImageJobRequest]` (anyone; `call.account` when a key was sent),
+`UserCall[...]` (an API key: `call.account`), `WorkerCall[...]` (a worker token:
+`call.worker`); `Call[None]` and the like take no JSON body. The route's body model is read
+from that annotation, and its `auth=` must agree with the class: a disagreement fails when
+the route is registered, at import. Path and query parameters follow, typed too
+(coordinator.http.params).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import Any, Generic, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -16,9 +25,10 @@ from pydantic.json_schema import models_json_schema
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from coordinator.config import DEFAULT_RATE_LIMITS
-from coordinator.errors import BadRequest, BodyTooLarge, CoordinatorError, Unauthorized
+from coordinator.errors import BodyTooLarge, CoordinatorError, Unauthorized
 from coordinator.http.addresses import client_ip
 from coordinator.http.bodies import BODY_LIMITS, body_limit, load_json
+from coordinator.http.params import Declared, Text, declared
 from coordinator.http.state import LIMITER, STORE
 from coordinator.store import Account, Worker
 from protocol.errors import ValidationFailed
@@ -27,24 +37,52 @@ from protocol.messages import ErrorBody, ErrorDetail, FieldProblem
 from protocol.validation import parse
 from protocol.version import VERSION
 
-__all__ = ["API", "Api", "Call", "Query", "error_middleware", "int_query", "whole_number"]
+__all__ = ["API", "Api", "Call", "UserCall", "WorkerCall", "error_middleware"]
 
 log = logging.getLogger(__name__)
 
 Auth = Literal["none", "optional", "user", "worker"]
-Query = tuple[str, str, dict[str, Any]]
+
+# the body model of a route, or None
+B = TypeVar("B", bound=BaseModel | None)
 
 
-@dataclass
-class Call:
-    """What a handler receives besides the request: who called and the parsed body."""
+@dataclass(frozen=True)
+class Call(Generic[B]):
+    """A request anyone may make (auth "none" or "optional"): the parsed body, and the
+    caller's account when it sent an API key."""
 
-    account: Account | None = None
-    worker: Worker | None = None
-    body: Any = None
+    body: B
+    account: Account | None
 
 
-Handler = Callable[[web.Request, Call], Awaitable[BaseModel | web.StreamResponse]]
+@dataclass(frozen=True)
+class UserCall(Generic[B]):
+    """A request with a known API key (auth "user"): the parsed body and the account."""
+
+    body: B
+    account: Account
+
+
+@dataclass(frozen=True)
+class WorkerCall(Generic[B]):
+    """A request with a known worker token (auth "worker"): the parsed body and the worker."""
+
+    body: B
+    worker: Worker
+
+
+AnyCall = Call[BaseModel | None] | UserCall[BaseModel | None] | WorkerCall[BaseModel | None]
+# (request, call, then the path and query parameters it declares, by keyword)
+Handler = Callable[..., Awaitable[BaseModel | web.StreamResponse]]
+H = TypeVar("H", bound=Handler)
+# the class of a handler's `call` for each kind of authentication
+CALL_OF: dict[Auth, type[AnyCall]] = {
+    "none": Call,
+    "optional": Call,
+    "user": UserCall,
+    "worker": WorkerCall,
+}
 
 
 @dataclass(frozen=True)
@@ -62,8 +100,8 @@ class Route:
     raw: str | None = None
     # request headers the handler reads: (name, description), for the OpenAPI document
     headers: tuple[tuple[str, str], ...] = ()
-    # optional query parameters the handler reads: (name, description, JSON schema)
-    query: tuple[Query, ...] = ()
+    # path and query parameters the handler declares (coordinator.http.params)
+    params: tuple[Declared, ...] = ()
     errors: tuple[int, ...] = field(default=())
     # rate-limit scope (a key of DEFAULT_RATE_LIMITS), or None
     limit: str | None = None
@@ -83,41 +121,11 @@ def api_key_of(request: web.Request) -> str | None:
     return None
 
 
-def whole_number(name: str, description: str, low: int, high: int) -> Query:
-    """An optional whole-number query parameter from `low` to `high` (read by int_query)."""
-    return (name, description, {"type": "integer", "minimum": low, "maximum": high})
-
-
-@overload
-def int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int: ...
-@overload
-def int_query(
-    request: web.Request, name: str, default: None, low: int, high: int
-) -> int | None: ...
-def int_query(
-    request: web.Request, name: str, default: int | None, low: int, high: int
-) -> int | None:
-    """The whole-number query parameter `name` (`default` when absent), or 400 naming it."""
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    # ASCII digits, and no more than `high` has: `isdigit` also accepts "²", which `int`
-    # refuses, and `int` refuses more than 4 300 digits
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= len(str(high))) or not (
-        low <= int(raw) <= high
-    ):
-        raise BadRequest(
-            f"query parameter {name}={raw!r} must be a whole number from {low} to {high}",
-            [(name, f"must be {low}..{high}")],
-        )
-    return int(raw)
-
-
 # bodies larger than this are parsed in a thread: the event loop keeps serving
 _THREAD_BYTES = 256 * 1024
 
 
-async def _read_body(request: web.Request, model: type[BaseModel], limit: int) -> Any:
+async def _read_body(request: web.Request, model: type[BaseModel], limit: int) -> BaseModel:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(
             f"request body is {request.content_length} bytes; the limit here is {limit}",
@@ -137,6 +145,27 @@ async def _read_body(request: web.Request, model: type[BaseModel], limit: int) -
     return await asyncio.to_thread(lambda: parse(model, load_json(bytes(raw))))
 
 
+def _body_of(handler: Handler, auth: Auth) -> type[BaseModel] | None:
+    """The body model a handler's `call` annotation names (`Call[Model]`: Model,
+    `Call[None]`: None); TypeError when the annotation does not fit `auth`."""
+    where = f"handler {handler.__module__}.{handler.__qualname__}"
+    names = list(inspect.signature(handler).parameters)
+    hint = get_type_hints(handler).get(names[1]) if len(names) >= 2 else None
+    kind = CALL_OF[auth]
+    args = get_args(hint)
+    if get_origin(hint) is not kind or len(args) != 1:
+        raise TypeError(
+            f"{where}: an auth={auth!r} route's handler takes (request, call: "
+            f"{kind.__name__}[BodyModel or None], ...), not {hint}"
+        )
+    body = args[0]
+    if body is type(None):
+        return None
+    if isinstance(body, type) and issubclass(body, BaseModel):
+        return body
+    raise TypeError(f"{where}: the body of {kind.__name__}[...] must be a pydantic model or None")
+
+
 class Api:
     def __init__(self, title: str, version: str) -> None:
         self.title = title
@@ -149,22 +178,25 @@ class Api:
         path: str,
         *,
         summary: str,
-        body: type[BaseModel] | None = None,
         response: type[BaseModel] | None = None,
         auth: Auth = "none",
         status: int = 200,
         produces: str = "application/json",
         raw: str | None = None,
         headers: tuple[tuple[str, str], ...] = (),
-        query: tuple[Query, ...] = (),
         errors: tuple[int, ...] = (),
         limit: str | None = None,
-    ) -> Callable[[Handler], Handler]:
-        assert body is None or raw is None, "a route has a JSON body or a raw one, not both"
+    ) -> Callable[[H], H]:
+        """Register the decorated handler; its body model, path and query parameters come
+        from its signature (see the module's docstring)."""
         # a scope missing from the defaults would be unlimited and unknown to --rate-limit
-        assert limit is None or limit in DEFAULT_RATE_LIMITS, f"no rate-limit scope {limit!r}"
+        if limit is not None and limit not in DEFAULT_RATE_LIMITS:
+            raise ValueError(f"{method} {path}: no rate-limit scope {limit!r}")
 
-        def register(handler: Handler) -> Handler:
+        def register(handler: H) -> H:
+            body = _body_of(handler, auth)
+            if body is not None and raw is not None:
+                raise TypeError(f"{method} {path}: a route has a JSON body or a raw one, not both")
             self.routes.append(
                 Route(
                     method,
@@ -178,7 +210,7 @@ class Api:
                     produces,
                     raw,
                     headers,
-                    query,
+                    declared(handler, _path_params(path)),
                     errors + ((429,) if limit else ()) + ((413,) if raw else ()),
                     limit,
                 )
@@ -196,13 +228,12 @@ class Api:
 
     def _wrap(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
-            call = Call()
-            store = request.app[STORE]
+            caller: Account | Worker | None = None
             if route.auth in ("optional", "user"):
                 key = api_key_of(request)
                 if key is not None:
-                    call.account = await store.account_by_key(key)
-                    if call.account is None:
+                    caller = await request.app[STORE].account_by_key(key)
+                    if caller is None:
                         raise Unauthorized(
                             "unknown API key; register with `idlegrid account register`"
                         )
@@ -210,23 +241,38 @@ class Api:
                     raise Unauthorized("this needs an API key: send it in the `apikey` header")
             elif route.auth == "worker":
                 token = request.headers.get("X-Worker-Token", "")
-                call.worker = await store.worker_by_token(token) if token else None
-                if call.worker is None:
+                caller = await request.app[STORE].worker_by_token(token) if token else None
+                if caller is None:
                     raise Unauthorized("unknown worker token; register the worker again")
             if route.limit is not None:
                 identity = (
-                    f"account:{call.account.id}"
-                    if call.account is not None
-                    else f"worker:{call.worker.id}"
-                    if call.worker is not None
+                    f"account:{caller.id}"
+                    if isinstance(caller, Account)
+                    else f"worker:{caller.id}"
+                    if caller is not None
                     else None
                 )
                 await request.app[LIMITER].check(route.limit, identity, client_ip(request))
+            body = None
             if route.body is not None:
-                call.body = await _read_body(
-                    request, route.body, body_limit(route.method, route.path)
+                body = await _read_body(request, route.body, body_limit(route.method, route.path))
+            values = {
+                p.argument: p.value(
+                    request.match_info.get(p.name)
+                    if p.where == "path"
+                    else request.query.get(p.name)
                 )
-            result = await route.handler(request, call)
+                for p in route.params
+            }
+            # (the handler's annotation was checked against route.auth at registration)
+            call: AnyCall
+            if isinstance(caller, Worker):
+                call = WorkerCall(body, caller)
+            elif route.auth == "user" and caller is not None:
+                call = UserCall(body, caller)
+            else:
+                call = Call(body, caller)
+            result = await route.handler(request, call, **values)
             if isinstance(result, web.StreamResponse):
                 return result
             return web.json_response(text=result.model_dump_json(), status=route.status)
@@ -267,8 +313,9 @@ class Api:
             shape = HordeError if route.path.startswith(HORDE_PREFIX) else ErrorBody
             error = {"content": {"application/json": {"schema": refs[(shape, "serialization")]}}}
             responses: dict[str, Any] = {str(route.status): ok}
+            parsed = any(p.where == "query" or not isinstance(p.param, Text) for p in route.params)
             codes = set(route.errors) | (
-                {400} if route.body or route.raw or route.headers or route.query else set()
+                {400} if route.body or route.raw or route.headers or parsed else set()
             )
             if route.auth in ("user", "worker", "optional"):
                 codes.add(401)
@@ -281,9 +328,11 @@ class Api:
                 op["security"] = [{"apiKey": []}, {"bearer": []}]
             elif route.auth == "optional":
                 op["security"] = [{}, {"apiKey": []}, {"bearer": []}]
+            typed = {p.name: p.openapi() for p in route.params}
             params = (
                 [
-                    {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                    typed.get(name)
+                    or {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                     for name in _path_params(route.path)
                 ]
                 + [
@@ -296,16 +345,7 @@ class Api:
                     }
                     for name, description in route.headers
                 ]
-                + [
-                    {
-                        "name": name,
-                        "in": "query",
-                        "required": False,
-                        "description": description,
-                        "schema": schema,
-                    }
-                    for name, description, schema in route.query
-                ]
+                + [p.openapi() for p in route.params if p.where == "query"]
             )
             if params:
                 op["parameters"] = params

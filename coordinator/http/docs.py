@@ -33,7 +33,7 @@ async def _serve(request: web.Request, name: str) -> web.Response:
 
 
 @API.route("GET", DOCS_PATH, summary="This API's documentation (HTML)", produces="text/html")
-async def docs_page(request: web.Request, call: Call) -> web.StreamResponse:
+async def docs_page(request: web.Request, call: Call[None]) -> web.StreamResponse:
     return await _serve(request, "docs.html")
 
 
@@ -44,7 +44,7 @@ async def docs_page(request: web.Request, call: Call) -> web.StreamResponse:
     produces="application/octet-stream",
     errors=(404,),
 )
-async def docs_asset(request: web.Request, call: Call) -> web.StreamResponse:
+async def docs_asset(request: web.Request, call: Call[None]) -> web.StreamResponse:
     name = request.match_info["name"]
     if name == "docs.html":
         raise NotFound(f"the documentation page is at {DOCS_PATH}")
@@ -52,5 +52,5 @@ async def docs_asset(request: web.Request, call: Call) -> web.StreamResponse:
 
 
 @API.route("GET", "/docs", summary="Redirects to /api/docs", status=302)
-async def docs_redirect(request: web.Request, call: Call) -> web.StreamResponse:
+async def docs_redirect(request: web.Request, call: Call[None]) -> web.StreamResponse:
     raise web.HTTPFound(DOCS_PATH)

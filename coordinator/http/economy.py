@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
 from aiohttp import web
 
 from coordinator.economy import kudos
-from coordinator.errors import BadRequest, NotFound, UnsandboxedWorker
-from coordinator.http.api import API, Call, int_query, whole_number
+from coordinator.errors import NotFound, UnsandboxedWorker
+from coordinator.http.api import API, Call, UserCall, WorkerCall
 from coordinator.http.idempotency import header_key
 from coordinator.http.jobs import check_anonymous_limits, owned_job
+from coordinator.http.params import WholeNumber
 from coordinator.http.state import CONFIG, SIGNALS, STORE
 from protocol.cost import image_cost
 from protocol.messages import (
@@ -36,14 +38,13 @@ MAX_HISTORY = 500
     "/api/v1/quotes/image",
     summary="What an image job would cost, what you can spend, the queue and the ETA; "
     "submits nothing",
-    body=ImageParams,
     response=Quote,
     auth="optional",
     limit="quote",
 )
-async def quote_image(request: web.Request, call: Call) -> Quote:
+async def quote_image(request: web.Request, call: Call[ImageParams]) -> Quote:
     store = request.app[STORE]
-    params: ImageParams = call.body
+    params = call.body
     account = call.account or await store.anonymous_account()
     if account.anonymous:
         check_anonymous_limits(request, params)
@@ -61,7 +62,7 @@ async def quote_image(request: web.Request, call: Call) -> Quote:
     errors=(404, 409),
     limit="cancel",
 )
-async def cancel_job(request: web.Request, call: Call) -> JobCancelled:
+async def cancel_job(request: web.Request, call: Call[None]) -> JobCancelled:
     store = request.app[STORE]
     job = await owned_job(store, request.match_info["job_id"], call.account, viewing=False)
     refunded = await store.cancel_job(job.id)
@@ -73,16 +74,15 @@ async def cancel_job(request: web.Request, call: Call) -> JobCancelled:
     "POST",
     "/api/v1/jobs/{job_id}/share",
     summary="Share (or unshare) a job: any registered user may then see and rate its images",
-    body=ShareUpdate,
     response=ShareState,
     auth="user",
     errors=(404,),
     limit="share",
 )
-async def share_job(request: web.Request, call: Call) -> ShareState:
+async def share_job(request: web.Request, call: UserCall[ShareUpdate]) -> ShareState:
     store = request.app[STORE]
     job = await owned_job(store, request.match_info["job_id"], call.account, viewing=False)
-    body: ShareUpdate = call.body
+    body = call.body
     await store.set_shared(job.id, body.shared)
     return ShareState(id=job.id, shared=body.shared)
 
@@ -92,25 +92,21 @@ async def share_job(request: web.Request, call: Call) -> ShareState:
     "/api/v1/jobs/{job_id}/images/{index}/rating",
     summary="Rate one image 1-10 (yours, or a shared job's); earns a small kudos reward, "
     "once per image",
-    body=RatingCreate,
     response=RatingRecorded,
     auth="user",
     status=201,
     errors=(404, 409),
     limit="rate",
 )
-async def rate_image(request: web.Request, call: Call) -> RatingRecorded:
-    assert call.account is not None
-    raw = request.match_info["index"]
-    # ASCII digits only ("²" passes `isdigit`, not `int`); no job has 10**9 images
-    if not (raw.isascii() and raw.isdigit() and len(raw) < 10):
-        raise BadRequest(
-            f"image index {raw!r} is not a number; indexes count from 0",
-            [("index", "must be a whole number from 0")],
-        )
-    body: RatingCreate = call.body
+async def rate_image(
+    request: web.Request,
+    call: UserCall[RatingCreate],
+    # no job has 10**9 images
+    index: Annotated[int, WholeNumber("the image's index, from 0", 0, 10**9 - 1)],
+) -> RatingRecorded:
+    body = call.body
     return await kudos.rate_image(
-        request.app[STORE], call.account, request.match_info["job_id"], int(raw), body.score
+        request.app[STORE], call.account, request.match_info["job_id"], index, body.score
     )
 
 
@@ -119,18 +115,15 @@ async def rate_image(request: web.Request, call: Call) -> RatingRecorded:
     "/api/v1/transfers",
     summary="Give kudos to another user. Send an Idempotency-Key header: a replay returns the "
     "first answer and moves nothing; the same key with another body is 409",
-    body=TransferCreate,
     response=TransferDone,
     auth="user",
     status=201,
     errors=(402, 404, 409),
     limit="transfer",
 )
-async def create_transfer(request: web.Request, call: Call) -> TransferDone:
-    assert call.account is not None
+async def create_transfer(request: web.Request, call: UserCall[TransferCreate]) -> TransferDone:
     key = header_key(request, required=True)
-    assert key is not None
-    body: TransferCreate = call.body
+    body = call.body
     return await kudos.transfer(request.app[STORE], call.account, body.to, body.amount, key)
 
 
@@ -140,15 +133,15 @@ async def create_transfer(request: web.Request, call: Call) -> TransferDone:
     summary="The caller's ledger entries, newest first (?limit=1..500, ?before=ENTRY_ID)",
     response=HistoryPage,
     auth="user",
-    query=(
-        whole_number("limit", "entries to return (default 50)", 1, MAX_HISTORY),
-        whole_number("before", "only entries older than this entry id", 1, 2**62),
-    ),
 )
-async def account_history(request: web.Request, call: Call) -> HistoryPage:
-    assert call.account is not None
-    limit = int_query(request, "limit", 50, 1, MAX_HISTORY)
-    before = int_query(request, "before", None, 1, 2**62)
+async def account_history(
+    request: web.Request,
+    call: UserCall[None],
+    limit: Annotated[int, WholeNumber("entries to return (default 50)", 1, MAX_HISTORY)] = 50,
+    before: Annotated[
+        int | None, WholeNumber("only entries older than this entry id", 1, 2**62)
+    ] = None,
+) -> HistoryPage:
     return await kudos.history(request.app[STORE], call.account, limit, before)
 
 
@@ -159,7 +152,7 @@ async def account_history(request: web.Request, call: Call) -> HistoryPage:
     response=WorkerInfo,
     errors=(404,),
 )
-async def show_worker(request: web.Request, call: Call) -> WorkerInfo:
+async def show_worker(request: web.Request, call: Call[None]) -> WorkerInfo:
     worker_id = request.match_info["worker_id"]
     if not re.fullmatch(r"[0-9a-f]{32}", worker_id):
         raise NotFound(f"no worker {worker_id}")
@@ -171,16 +164,14 @@ async def show_worker(request: web.Request, call: Call) -> WorkerInfo:
     "/api/v1/workers/engine",
     summary="Report the worker's engine build; spot checks require identical pixels only "
     "between identical builds",
-    body=EngineInfo,
     response=WorkerInfo,
     auth="worker",
     errors=(403,),
     limit="engine",
 )
-async def report_engine(request: web.Request, call: Call) -> WorkerInfo:
-    assert call.worker is not None
+async def report_engine(request: web.Request, call: WorkerCall[EngineInfo]) -> WorkerInfo:
     store = request.app[STORE]
-    body: EngineInfo = call.body
+    body = call.body
     if request.app[CONFIG].require_sandbox and body.sandboxed is not True:
         raise UnsandboxedWorker()
     await store.set_engine(call.worker, body.model_dump_json())

@@ -19,15 +19,17 @@ import hashlib
 import json
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound
-from coordinator.http.api import API, Call
+from coordinator.http.api import API, Call, UserCall
 from coordinator.http.jobs import owned_job, queue_image
 from coordinator.http.network import shared_network_status
+from coordinator.http.params import Choice, Text
 from coordinator.http.state import FILES, SIGNALS, STORE, VIEWS
 from coordinator.http.text import choose_model, visible_text_job
 from coordinator.http.text import submit as submit_text
@@ -65,6 +67,8 @@ from protocol.version import VERSION
 
 __all__ = ["image_params", "text_params"]
 
+M = TypeVar("M", bound=BaseModel)
+
 # where our validation names a field, AI Horde's request names it
 _V2_FIELDS = {
     "prompt": "prompt",
@@ -86,7 +90,7 @@ _V2_FIELDS = {
 }
 
 
-def _v2_parse(model: type[Any], data: dict[str, Any]) -> Any:
+def _v2_parse(model: type[M], data: dict[str, object]) -> M:
     """Our own parameters from an AI Horde request; errors name AI Horde's fields."""
     try:
         return parse(model, data)
@@ -155,15 +159,16 @@ async def image_params(request: web.Request, body: ImageRequestV2) -> ImageParam
     "/api/v2/generate/async",
     summary="AI Horde: queue an image request ('prompt ### negative', params with k_* "
     "samplers, models, r2); `trusted_workers` keeps it from AI Horde workers",
-    body=ImageRequestV2,
     response=RequestAsync,
     auth="optional",
     status=202,
     errors=(403,),
     limit="submit",
 )
-async def image_async(request: web.Request, call: Call) -> RequestAsync | web.Response:
-    body: ImageRequestV2 = call.body
+async def image_async(
+    request: web.Request, call: Call[ImageRequestV2]
+) -> RequestAsync | web.Response:
+    body = call.body
     params = await image_params(request, body)
     if body.dry_run:
         return web.json_response(DryRun(kudos=float(image_cost(params))).model_dump())
@@ -226,7 +231,7 @@ async def _check(
     auth="optional",
     errors=(404,),
 )
-async def image_check(request: web.Request, call: Call) -> RequestStatusCheck:
+async def image_check(request: web.Request, call: Call[None]) -> RequestStatusCheck:
     job = await _image_job(request, call.account)
     store = request.app[STORE]
     n = job.params.n
@@ -282,7 +287,7 @@ async def image_status(request: web.Request, job: Job) -> RequestStatusImage:
     auth="optional",
     errors=(404,),
 )
-async def image_status_route(request: web.Request, call: Call) -> RequestStatusImage:
+async def image_status_route(request: web.Request, call: Call[None]) -> RequestStatusImage:
     return await image_status(request, await _image_job(request, call.account))
 
 
@@ -295,7 +300,7 @@ async def image_status_route(request: web.Request, call: Call) -> RequestStatusI
     errors=(404,),
     limit="cancel",
 )
-async def image_cancel(request: web.Request, call: Call) -> RequestStatusImage:
+async def image_cancel(request: web.Request, call: Call[None]) -> RequestStatusImage:
     store = request.app[STORE]
     job = await _image_job(request, call.account)
     if not job.finished:
@@ -315,7 +320,7 @@ async def image_cancel(request: web.Request, call: Call) -> RequestStatusImage:
     produces="image/png",
     errors=(404,),
 )
-async def image_file(request: web.Request, call: Call) -> web.Response:
+async def image_file(request: web.Request, call: Call[None]) -> web.Response:
     store = request.app[STORE]
     digest = request.match_info["digest"].removesuffix(".png")
     for record in await store.results(_job_id(request)):
@@ -342,7 +347,7 @@ def text_params(body: TextRequestV2) -> TextParams:
             "params.n: one generation per request here; send several requests",
             [("params.n", "must be 1")],
         )
-    values: dict[str, Any] = {
+    values: dict[str, object] = {
         "prompt": body.prompt,
         "max_tokens": p.max_length,
         "model": body.models[0] if body.models else None,
@@ -364,15 +369,16 @@ def text_params(body: TextRequestV2) -> TextParams:
     "POST",
     "/api/v2/generate/text/async",
     summary="AI Horde: queue a text request (KoboldAI-style prompt and params) on the swarm",
-    body=TextRequestV2,
     response=RequestAsync,
     auth="optional",
     status=202,
     errors=(403,),
     limit="submit",
 )
-async def text_async(request: web.Request, call: Call) -> RequestAsync | web.Response:
-    body: TextRequestV2 = call.body
+async def text_async(
+    request: web.Request, call: Call[TextRequestV2]
+) -> RequestAsync | web.Response:
+    body = call.body
     params = text_params(body)
     if body.dry_run:
         model = await choose_model(request, params.model, "models")
@@ -430,7 +436,7 @@ async def text_status(request: web.Request, job: TextJob) -> RequestStatusText:
     auth="optional",
     errors=(404,),
 )
-async def text_status_route(request: web.Request, call: Call) -> RequestStatusText:
+async def text_status_route(request: web.Request, call: Call[None]) -> RequestStatusText:
     return await text_status(request, await _text_job(request, call.account, polling=True))
 
 
@@ -443,7 +449,7 @@ async def text_status_route(request: web.Request, call: Call) -> RequestStatusTe
     errors=(404,),
     limit="cancel",
 )
-async def text_cancel(request: web.Request, call: Call) -> RequestStatusText:
+async def text_cancel(request: web.Request, call: Call[None]) -> RequestStatusText:
     store = request.app[STORE]
     job = await _text_job(request, call.account, polling=False)
     if not job.finished:
@@ -462,7 +468,7 @@ async def text_cancel(request: web.Request, call: Call) -> RequestStatusText:
     summary="AI Horde: is the coordinator up, and its version",
     response=Heartbeat,
 )
-async def heartbeat(request: web.Request, call: Call) -> Heartbeat:
+async def heartbeat(request: web.Request, call: Call[None]) -> Heartbeat:
     return Heartbeat(message="OK", version=VERSION)
 
 
@@ -472,15 +478,16 @@ async def heartbeat(request: web.Request, call: Call) -> Heartbeat:
     summary="AI Horde: the models online workers offer (?type=image|text, default image), "
     "with their worker counts and queues",
     response=None,
-    query=(("type", "image (the default) or text", {"type": "string"}),),
     limit="network",
 )
-async def status_models(request: web.Request, call: Call) -> web.Response:
-    kind = request.query.get("type") or "image"  # (horde_sdk sends `type=` for the default)
-    if kind not in ("image", "text"):
-        raise BadRequest(
-            f"type={kind!r}: choose image or text", [("type", "must be image or text")]
-        )
+async def status_models(
+    request: web.Request,
+    call: Call[None],
+    # (horde_sdk sends `type=` for the default)
+    kind: Annotated[
+        str, Choice("image (the default) or text", ("image", "text"), name="type")
+    ] = "image",
+) -> web.Response:
     view = await shared_network_status(request, online_only=True)
     models = [
         ActiveModel(
@@ -532,8 +539,7 @@ async def user_details(store: Store, account: Account, created_at: float) -> Use
     auth="user",
     errors=(404,),
 )
-async def find_user(request: web.Request, call: Call) -> UserDetails:
-    assert call.account is not None
+async def find_user(request: web.Request, call: UserCall[None]) -> UserDetails:
     store = request.app[STORE]
     found = await store.account_by_id(call.account.id)
     if found is None:
@@ -548,7 +554,7 @@ async def find_user(request: web.Request, call: Call) -> UserDetails:
     response=UserDetails,
     errors=(404,),
 )
-async def show_user(request: web.Request, call: Call) -> UserDetails:
+async def show_user(request: web.Request, call: Call[None]) -> UserDetails:
     raw = request.match_info["user_id"]
     store = request.app[STORE]
     found = await store.account_by_id(int(raw)) if raw.isdigit() and len(raw) < 12 else None
@@ -597,19 +603,18 @@ def worker_details(row: Any, now: float, earned: int) -> WorkerDetails:
     summary="AI Horde: the online workers (?type=image|text, block servers count as text; "
     "?name= one by name)",
     response=None,
-    query=(
-        ("type", "image or text (default: both)", {"type": "string"}),
-        ("name", "only the worker of this name", {"type": "string"}),
-    ),
     limit="network",
 )
-async def list_workers(request: web.Request, call: Call) -> web.Response:
-    kind = request.query.get("type") or None  # (horde_sdk sends `type=` for all)
-    if kind not in (None, "image", "text"):
-        raise BadRequest(
-            f"type={kind!r}: choose image or text", [("type", "must be image or text")]
-        )
-    name = (request.query.get("name") or "").lower()
+async def list_workers(
+    request: web.Request,
+    call: Call[None],
+    # (horde_sdk sends `type=` for all)
+    kind: Annotated[
+        str | None, Choice("image or text (default: both)", ("image", "text"), name="type")
+    ] = None,
+    name: Annotated[str, Text("only the worker of this name")] = "",
+) -> web.Response:
+    name = name.lower()
     store = request.app[STORE]
     # shared by everyone asking within network_view_seconds, like /api/v1/network
     at, rows = await request.app[VIEWS].get("workers", lambda: worker_records(store))
@@ -630,7 +635,7 @@ async def list_workers(request: web.Request, call: Call) -> web.Response:
     response=WorkerDetails,
     errors=(404,),
 )
-async def show_worker(request: web.Request, call: Call) -> WorkerDetails:
+async def show_worker(request: web.Request, call: Call[None]) -> WorkerDetails:
     worker_id = request.match_info["worker_id"].replace("-", "").lower()
     at, rows = await worker_records(request.app[STORE], worker_id)
     if not rows or rows[0][0].kind is None:

@@ -57,17 +57,16 @@ def _owner(account: Account | None) -> Account:
     "/api/v2/generate/pop",
     summary="AI Horde worker: lease a one-image job for one of its models (unsigned results: "
     "never trusted, pay held; requesters may exclude it)",
-    body=PopRequestV2,
     response=PopResponseV2,
     auth="optional",
     errors=(403,),
     limit="pop",
 )
-async def horde_pop(request: web.Request, call: Call) -> PopResponseV2:
+async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopResponseV2:
     owner = _owner(call.account)
     if request.app[CONFIG].require_sandbox:
         raise UnsandboxedWorker()
-    body: PopRequestV2 = call.body
+    body = call.body
     store = request.app[STORE]
     ip = client_ip(request)
     worker = await store.horde_worker(owner, body.name)
@@ -115,15 +114,14 @@ async def horde_pop(request: web.Request, call: Call) -> PopResponseV2:
     "/api/v2/generate/submit",
     summary="AI Horde worker: the image of a leased job (base64 WebP or PNG); a faulted "
     "state gives the job back",
-    body=SubmitRequestV2,
     response=GenerationSubmitted,
     auth="optional",
     errors=(403, 404),
     limit="result",
 )
-async def horde_submit(request: web.Request, call: Call) -> GenerationSubmitted:
+async def horde_submit(request: web.Request, call: Call[SubmitRequestV2]) -> GenerationSubmitted:
     owner = _owner(call.account)
-    body: SubmitRequestV2 = call.body
+    body = call.body
     store, signals = request.app[STORE], request.app[SIGNALS]
     job = await store.get_job(body.id.lower())
     if job is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import Literal, overload
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -21,6 +22,10 @@ IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 KEY_CHARS = "1-100 of A-Z a-z 0-9 _ . : -"
 
 
+@overload
+def header_key(request: web.Request, *, required: Literal[True]) -> str: ...
+@overload
+def header_key(request: web.Request, *, required: bool) -> str | None: ...
 def header_key(request: web.Request, *, required: bool) -> str | None:
     """The request's Idempotency-Key (None when absent and not `required`); 400 when it
     is malformed, or absent and `required`."""

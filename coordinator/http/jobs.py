@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
 
@@ -13,8 +13,9 @@ from coordinator.db.request_keys import Idempotent
 from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound
 from coordinator.http.addresses import client_ip
-from coordinator.http.api import API, Call, int_query, whole_number
+from coordinator.http.api import API, Call, UserCall
 from coordinator.http.idempotency import submit_key
+from coordinator.http.params import WholeNumber
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.http.streams import follow, open_stream
 from coordinator.store import Account, Job, Store
@@ -73,15 +74,14 @@ def check_anonymous_limits(request: web.Request, params: ImageParams) -> None:
     summary="Queue an image job; its cost is reserved from the caller's kudos. With an "
     "Idempotency-Key header a retry of the same body gets the same job and pays nothing more; "
     "the same key with another body is 409",
-    body=ImageJobRequest,
     response=ImageJobCreated,
     auth="optional",
     status=202,
     errors=(402, 409),
     limit="submit",
 )
-async def submit_image(request: web.Request, call: Call) -> ImageJobCreated:
-    body: ImageJobRequest = call.body
+async def submit_image(request: web.Request, call: Call[ImageJobRequest]) -> ImageJobCreated:
+    body = call.body
     job = await queue_image(
         request,
         call.account,
@@ -203,7 +203,7 @@ async def job_status(request: web.Request, job: Job) -> JobStatus:
     auth="optional",
     errors=(404,),
 )
-async def get_job(request: web.Request, call: Call) -> JobStatus:
+async def get_job(request: web.Request, call: Call[None]) -> JobStatus:
     job = await owned_job(request.app[STORE], request.match_info["job_id"], call.account)
     return await job_status(request, job)
 
@@ -217,7 +217,7 @@ async def get_job(request: web.Request, call: Call) -> JobStatus:
     errors=(404,),
     limit="stream",
 )
-async def job_events(request: web.Request, call: Call) -> web.StreamResponse:
+async def job_events(request: web.Request, call: Call[None]) -> web.StreamResponse:
     store = request.app[STORE]
     job = await owned_job(store, request.match_info["job_id"], call.account)
 
@@ -248,7 +248,7 @@ async def job_events(request: web.Request, call: Call) -> web.StreamResponse:
     produces="image/png",
     errors=(404,),
 )
-async def get_image(request: web.Request, call: Call) -> web.StreamResponse:
+async def get_image(request: web.Request, call: Call[None]) -> web.StreamResponse:
     store = request.app[STORE]
     job = await owned_job(store, request.match_info["job_id"], call.account)
     index = request.match_info["index"]
@@ -276,15 +276,15 @@ async def get_image(request: web.Request, call: Call) -> web.StreamResponse:
     "(?limit=1..100, ?offset=N)",
     response=JobList,
     auth="user",
-    query=(
-        whole_number("limit", "jobs to return (default 20)", 1, 100),
-        whole_number("offset", "jobs to skip (next_offset of the page before)", 0, 10**9),
-    ),
 )
-async def list_jobs(request: web.Request, call: Call) -> JobList:
-    assert call.account is not None
-    limit = int_query(request, "limit", 20, 1, 100)
-    offset = int_query(request, "offset", 0, 0, 10**9)
+async def list_jobs(
+    request: web.Request,
+    call: UserCall[None],
+    limit: Annotated[int, WholeNumber("jobs to return (default 20)", 1, 100)] = 20,
+    offset: Annotated[
+        int, WholeNumber("jobs to skip (next_offset of the page before)", 0, 10**9)
+    ] = 0,
+) -> JobList:
     found = await request.app[STORE].account_jobs(call.account, limit + 1, offset)
     statuses = [await job_status(request, job) for job in found[:limit]]
     return JobList(jobs=statuses, next_offset=offset + limit if len(found) > limit else None)
@@ -296,16 +296,15 @@ async def list_jobs(request: web.Request, call: Call) -> JobList:
     summary="Dispute the images an AI Horde worker made (unsigned, never checked) while its "
     "pay is held: the kudos come back, the images are deleted and the worker takes a "
     "suspicion (at most --max-disputes-per-day, and --max-dispute-share of your jobs)",
-    body=DisputeCreate,
     response=DisputeRecorded,
     auth="user",
     errors=(403, 404, 409),
     limit="cancel",
 )
-async def dispute(request: web.Request, call: Call) -> DisputeRecorded:
+async def dispute(request: web.Request, call: UserCall[DisputeCreate]) -> DisputeRecorded:
     store = request.app[STORE]
     job = await owned_job(store, request.match_info["job_id"], call.account, viewing=False)
-    body: DisputeCreate = call.body
+    body = call.body
     refunded, unused = await store.dispute_job(job.id, body.reason or "no reason given")
     # whoever disputes does not keep the images
     for digest in unused:

@@ -277,7 +277,7 @@ async def metrics_middleware(
     "requests, pops, lease expiries and event streams counted in the process that answers",
     produces="text/plain",
 )
-async def scrape_metrics(request: web.Request, call: Call) -> web.StreamResponse:
+async def scrape_metrics(request: web.Request, call: Call[None]) -> web.StreamResponse:
     collected = request.app[METRICS]
     await collected.refresh(request.app[STORE])
     return web.Response(

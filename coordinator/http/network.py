@@ -9,9 +9,12 @@ most offered or most wanted, the whole view is computed at most once per
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from aiohttp import web
 
-from coordinator.http.api import API, Call, int_query, whole_number
+from coordinator.http.api import API, Call
+from coordinator.http.params import WholeNumber
 from coordinator.http.state import STORE, VIEWS
 from coordinator.jobs.network import network_status
 from protocol.messages import NetworkStatus
@@ -43,15 +46,18 @@ async def shared_network_status(request: web.Request, *, online_only: bool) -> N
     f"?limit= up to {PAGE_MAX}), the models online workers offer with their queues (the "
     f"{MODELS_LISTED} most offered), and the queue of each kind",
     response=NetworkStatus,
-    query=(
-        whole_number("offset", "workers to skip (next_offset of the page before)", 0, MAX_OFFSET),
-        whole_number("limit", f"workers to return (default {PAGE_DEFAULT})", 1, PAGE_MAX),
-    ),
     limit="network",
 )
-async def network(request: web.Request, call: Call) -> NetworkStatus:
-    offset = int_query(request, "offset", 0, 0, MAX_OFFSET)
-    limit = int_query(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
+async def network(
+    request: web.Request,
+    call: Call[None],
+    offset: Annotated[
+        int, WholeNumber("workers to skip (next_offset of the page before)", 0, MAX_OFFSET)
+    ] = 0,
+    limit: Annotated[
+        int, WholeNumber(f"workers to return (default {PAGE_DEFAULT})", 1, PAGE_MAX)
+    ] = PAGE_DEFAULT,
+) -> NetworkStatus:
     view = await shared_network_status(request, online_only=False)
     page = view.workers[offset : offset + limit]
     more = offset + limit < len(view.workers)

@@ -20,6 +20,7 @@ from coordinator.http.state import CONFIG, STORE
 from coordinator.http.streams import open_stream
 from coordinator.http.text import follow_text, submit
 from coordinator.jobs.text import TextJob
+from coordinator.store import Account
 from protocol.openai import (
     AssistantMessage,
     ChatChoice,
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
     response=ModelList,
     auth="optional",
 )
-async def list_models(request: web.Request, call: Call) -> ModelList:
+async def list_models(request: web.Request, call: Call[None]) -> ModelList:
     config, now = request.app[CONFIG], int(request.app[STORE].now())
     models = sorted(config.text_models, key=lambda m: m.name != config.default_text_model)
     return ModelList(data=[OpenAIModel(id=m.name, created=now) for m in models])
@@ -77,13 +78,13 @@ def _json(payload: Any) -> str:
 
 async def _stream(
     request: web.Request,
-    call: Call,
+    account: Account | None,
     job: TextJob,
     chunk: Callable[[str, str | None], dict[str, Any]],
 ) -> web.StreamResponse:
     """Relay a job's text as OpenAI stream chunks, then `data: [DONE]`."""
     sent = 0
-    async with open_stream(request, call.account, f"OpenAI stream of text job {job.id}") as stream:
+    async with open_stream(request, account, f"OpenAI stream of text job {job.id}") as stream:
         await stream.send(_json(chunk("", None)))
         async for current in follow_text(request, job):
             job = current
@@ -112,14 +113,15 @@ async def _stream(
     "POST",
     "/v1/chat/completions",
     summary="OpenAI-compatible chat completion (set `stream` for server-sent chunks)",
-    body=ChatCompletionRequest,
     response=ChatCompletion,
     auth="optional",
     errors=(402, 502),
     limit="submit",
 )
-async def chat_completions(request: web.Request, call: Call) -> web.StreamResponse | ChatCompletion:
-    body: ChatCompletionRequest = call.body
+async def chat_completions(
+    request: web.Request, call: Call[ChatCompletionRequest]
+) -> web.StreamResponse | ChatCompletion:
+    body = call.body
     job = await submit(request, call.account, body.text_params())
     completion_id, created = f"chatcmpl-{job.id}", int(request.app[STORE].now())
     if body.stream:
@@ -138,7 +140,7 @@ async def chat_completions(request: web.Request, call: Call) -> web.StreamRespon
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
 
-        return await _stream(request, call, job, chunk)
+        return await _stream(request, call.account, job, chunk)
     job = await _finished(request, job)
     return ChatCompletion(
         id=completion_id,
@@ -158,14 +160,15 @@ async def chat_completions(request: web.Request, call: Call) -> web.StreamRespon
     "POST",
     "/v1/completions",
     summary="OpenAI-compatible (legacy) text completion of a prompt",
-    body=CompletionRequest,
     response=Completion,
     auth="optional",
     errors=(402, 502),
     limit="submit",
 )
-async def completions(request: web.Request, call: Call) -> web.StreamResponse | Completion:
-    body: CompletionRequest = call.body
+async def completions(
+    request: web.Request, call: Call[CompletionRequest]
+) -> web.StreamResponse | Completion:
+    body = call.body
     job = await submit(request, call.account, body.text_params())
     completion_id, created = f"cmpl-{job.id}", int(request.app[STORE].now())
     if body.stream:
@@ -179,7 +182,7 @@ async def completions(request: web.Request, call: Call) -> web.StreamResponse | 
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
             }
 
-        return await _stream(request, call, job, chunk)
+        return await _stream(request, call.account, job, chunk)
     job = await _finished(request, job)
     return Completion(
         id=completion_id,

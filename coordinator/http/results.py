@@ -21,7 +21,7 @@ from aiohttp import web
 
 from coordinator.economy.verification import Outcome, images_agree, same_build
 from coordinator.errors import BadImage, BadRequest, BodyTooLarge, Conflict, Unauthorized
-from coordinator.http.api import API, Call
+from coordinator.http.api import API, WorkerCall
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE, UPLOADS
 from coordinator.jobs.png_check import MAX_PNG_BYTES, byte_limit, check_png, read_pixels
 from coordinator.store import Job, ResultRecord, Worker
@@ -113,9 +113,8 @@ def _image_index(request: web.Request, job: Job) -> int:
     errors=(401, 409),
     limit="result",
 )
-async def upload_image(request: web.Request, call: Call) -> ImageUploaded:
+async def upload_image(request: web.Request, call: WorkerCall[None]) -> ImageUploaded:
     worker = call.worker
-    assert worker is not None
     job = await _leased_job(request, worker)
     index = _image_index(request, job)
     _, sha256, signature = _upload_headers(request, job, index)
@@ -205,16 +204,14 @@ async def _checked_records(
     "/api/v1/jobs/{job_id}/result",
     summary="Finish a leased job whose images are uploaded: the coordinator verifies the "
     "signed list and pays",
-    body=ResultSubmit,
     response=ResultAccepted,
     auth="worker",
     errors=(401, 409),
     limit="result",
 )
-async def submit_result(request: web.Request, call: Call) -> ResultAccepted:
+async def submit_result(request: web.Request, call: WorkerCall[ResultSubmit]) -> ResultAccepted:
     store, signals = request.app[STORE], request.app[SIGNALS]
     worker = call.worker
-    assert worker is not None
     job = await _leased_job(request, worker)
     records = await _checked_records(request, job, worker, call.body)
     outcome = None

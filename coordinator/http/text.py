@@ -21,7 +21,7 @@ from coordinator.errors import (
     UnsandboxedWorker,
 )
 from coordinator.http.addresses import client_ip
-from coordinator.http.api import API, Call
+from coordinator.http.api import API, Call, WorkerCall
 from coordinator.http.idempotency import submit_key
 from coordinator.http.metrics import timed_pop
 from coordinator.http.polling import long_poll
@@ -153,14 +153,13 @@ async def text_status(store: Store, job: TextJob, *, with_text: bool = True) -> 
     summary="Queue a chat or completion job; its upper-bound cost is reserved, the rest "
     "refunded when it finishes. With an Idempotency-Key header a retry of the same body gets "
     "the same job and pays nothing more; the same key with another body is 409",
-    body=TextParams,
     response=TextJobCreated,
     auth="optional",
     status=202,
     errors=(402, 409),
     limit="submit",
 )
-async def submit_text(request: web.Request, call: Call) -> TextJobCreated:
+async def submit_text(request: web.Request, call: Call[TextParams]) -> TextJobCreated:
     job = await submit(
         request,
         call.account,
@@ -179,14 +178,13 @@ async def submit_text(request: web.Request, call: Call) -> TextJobCreated:
     "/api/v1/quotes/text",
     summary="What a text job would reserve (unused kudos are refunded when it finishes), "
     "what you can spend, the queue and the ETA; submits nothing",
-    body=TextParams,
     response=Quote,
     auth="optional",
     limit="quote",
 )
-async def quote_text(request: web.Request, call: Call) -> Quote:
+async def quote_text(request: web.Request, call: Call[TextParams]) -> Quote:
     store = request.app[STORE]
-    params: TextParams = call.body
+    params = call.body
     account = call.account or await store.anonymous_account()
     model = await choose_model(request, params.model, "model")
     check_text_limits(request, params, model, account)
@@ -202,7 +200,7 @@ async def quote_text(request: web.Request, call: Call) -> Quote:
     auth="optional",
     errors=(404,),
 )
-async def get_text(request: web.Request, call: Call) -> TextStatus:
+async def get_text(request: web.Request, call: Call[None]) -> TextStatus:
     store = request.app[STORE]
     job = await visible_text_job(store, request.match_info["job_id"], call.account)
     return await text_status(store, job)
@@ -218,7 +216,7 @@ async def get_text(request: web.Request, call: Call) -> TextStatus:
     errors=(404, 409),
     limit="cancel",
 )
-async def cancel_text(request: web.Request, call: Call) -> JobCancelled:
+async def cancel_text(request: web.Request, call: Call[None]) -> JobCancelled:
     store = request.app[STORE]
     job = await visible_text_job(store, request.match_info["job_id"], call.account)
     refunded = await store.cancel_job(job.id)
@@ -249,7 +247,7 @@ def follow_text(request: web.Request, job: TextJob) -> AsyncIterator[TextJob]:
     errors=(404,),
     limit="stream",
 )
-async def text_events(request: web.Request, call: Call) -> web.StreamResponse:
+async def text_events(request: web.Request, call: Call[None]) -> web.StreamResponse:
     store = request.app[STORE]
     job = await visible_text_job(store, request.match_info["job_id"], call.account)
     sent = ""
@@ -278,18 +276,16 @@ async def text_events(request: web.Request, call: Call) -> web.StreamResponse:
     "/api/v1/workers/peers",
     summary="Link a block server's hivemind peer id to this worker, proven with the peer "
     "id's libp2p key, so the coordinator can pay its owner for the blocks it serves",
-    body=PeerLink,
     response=PeerLinked,
     auth="worker",
     errors=(403,),
     limit="peer",
 )
-async def link_peer(request: web.Request, call: Call) -> PeerLinked:
+async def link_peer(request: web.Request, call: WorkerCall[PeerLink]) -> PeerLinked:
     worker = call.worker
-    assert worker is not None
     if request.app[CONFIG].require_sandbox and worker.sandboxed is not True:
         raise UnsandboxedWorker()
-    body: PeerLink = call.body
+    body = call.body
     if body.nonce is None or body.peer_signature is None:
         raise OutdatedWorker("peer link")
     try:
@@ -316,17 +312,15 @@ async def link_peer(request: web.Request, call: Call) -> PeerLinked:
     summary="A gateway offers its models and leases the best queued text job for one of "
     "them; waits up to `wait` seconds for one. Every model offered must match the "
     "coordinator's catalog (name and sizes), else 400 naming each refused model",
-    body=TextPopRequest,
     response=TextPopResponse,
     auth="worker",
     errors=(403,),
     limit="pop",
 )
-async def pop_text(request: web.Request, call: Call) -> TextPopResponse:
+async def pop_text(request: web.Request, call: WorkerCall[TextPopRequest]) -> TextPopResponse:
     store, signals = request.app[STORE], request.app[SIGNALS]
-    body: TextPopRequest = call.body
+    body = call.body
     worker = call.worker
-    assert worker is not None
     if request.app[CONFIG].require_sandbox and worker.sandboxed is not True:
         raise UnsandboxedWorker()
     # sizes set prices: a model outside the catalog or with other sizes gets no jobs
@@ -357,15 +351,13 @@ async def pop_text(request: web.Request, call: Call) -> TextPopResponse:
     "/api/v1/text/jobs/{job_id}/delta",
     summary="Stream newly generated text of a leased job; extends the lease. The whole "
     "text may hold max_tokens x 128 characters; a delta past that is refused (400)",
-    body=TextDelta,
     response=TextDeltaAccepted,
     auth="worker",
     errors=(404, 409),
     limit="delta",
 )
-async def text_delta(request: web.Request, call: Call) -> TextDeltaAccepted:
-    assert call.worker is not None
-    body: TextDelta = call.body
+async def text_delta(request: web.Request, call: WorkerCall[TextDelta]) -> TextDeltaAccepted:
+    body = call.body
     job_id = request.match_info["job_id"]
     length, deadline = await text_jobs.append_text(
         request.app[STORE], call.worker, job_id, body.offset, body.text
@@ -380,17 +372,17 @@ async def text_delta(request: web.Request, call: Call) -> TextDeltaAccepted:
     summary="Finish a leased text job with the signed text, usage report and spot checks "
     "of block servers; the coordinator charges the requester, pays the block servers' "
     "owners, refunds the rest (a spot check of another gateway's job charges nobody)",
-    body=TextResultSubmit,
     response=TextResultAccepted,
     auth="worker",
     errors=(404, 409),
     limit="result",
 )
-async def text_result(request: web.Request, call: Call) -> TextResultAccepted:
+async def text_result(
+    request: web.Request, call: WorkerCall[TextResultSubmit]
+) -> TextResultAccepted:
     store = request.app[STORE]
     worker = call.worker
-    assert worker is not None
-    body: TextResultSubmit = call.body
+    body = call.body
     job = await text_jobs.get_text_job(store, request.match_info["job_id"])
     if job is None or job.state != "leased" or job.worker_id != worker.id:
         raise Conflict(
@@ -433,16 +425,14 @@ async def text_result(request: web.Request, call: Call) -> TextResultAccepted:
     "/api/v1/text/jobs/{job_id}/fail",
     summary="Give a leased text job back: requeued, or (retry false, or too many tries) "
     "failed and refunded",
-    body=TextFailure,
     response=TextStatus,
     auth="worker",
     errors=(404, 409),
     limit="result",
 )
-async def text_fail(request: web.Request, call: Call) -> TextStatus:
+async def text_fail(request: web.Request, call: WorkerCall[TextFailure]) -> TextStatus:
     store = request.app[STORE]
-    assert call.worker is not None
-    body: TextFailure = call.body
+    body = call.body
     job = await text_jobs.fail_text_job(
         store, call.worker, request.match_info["job_id"], body.reason, body.retry
     )

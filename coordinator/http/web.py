@@ -73,7 +73,7 @@ async def serve_static(
 
 
 @API.route("GET", "/", summary="The web page (HTML)", produces="text/html", errors=(404,))
-async def index_page(request: web.Request, call: Call) -> web.StreamResponse:
+async def index_page(request: web.Request, call: Call[None]) -> web.StreamResponse:
     return await serve_static(request, "index.html")
 
 
@@ -84,5 +84,5 @@ async def index_page(request: web.Request, call: Call) -> web.StreamResponse:
     produces="application/octet-stream",
     errors=(404,),
 )
-async def static_file(request: web.Request, call: Call) -> web.StreamResponse:
+async def static_file(request: web.Request, call: Call[None]) -> web.StreamResponse:
     return await serve_static(request, request.match_info["name"])

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from coordinator.errors import OutdatedWorker, Unauthorized, UnsandboxedWorker
 from coordinator.http.addresses import client_ip
-from coordinator.http.api import API, Call, api_key_of
+from coordinator.http.api import API, Call, WorkerCall, api_key_of
 from coordinator.http.jobs import job_status
 from coordinator.http.metrics import timed_pop
 from coordinator.http.polling import long_poll
@@ -44,12 +44,11 @@ DRAINING = "shutting down"
     "/api/v1/workers/challenge",
     summary="A single-use nonce, valid for a minute, for a worker to sign: its registration "
     "or a block server's peer-id proof",
-    body=ChallengeRequest,
     response=Challenge,
     limit="challenge",
 )
-async def challenge(request: web.Request, call: Call) -> Challenge:
-    body: ChallengeRequest = call.body
+async def challenge(request: web.Request, call: Call[ChallengeRequest]) -> Challenge:
+    body = call.body
     nonce, expires_at = await request.app[STORE].challenge(body.purpose)
     return Challenge(nonce=nonce, expires_at=expires_at)
 
@@ -59,13 +58,12 @@ async def challenge(request: web.Request, call: Call) -> Challenge:
     "/api/v1/workers/register",
     summary="Register a worker identity (Ed25519) by signing a challenge; with an API key "
     "its earnings go to that account (the signature covers which)",
-    body=WorkerRegister,
     response=WorkerRegistered,
     auth="optional",
     limit="worker",
 )
-async def register_worker(request: web.Request, call: Call) -> WorkerRegistered:
-    body: WorkerRegister = call.body
+async def register_worker(request: web.Request, call: Call[WorkerRegister]) -> WorkerRegistered:
+    body = call.body
     if body.nonce is None:
         raise OutdatedWorker("registration")
     if body.account != account_binding(api_key_of(request)):
@@ -92,17 +90,15 @@ async def register_worker(request: web.Request, call: Call) -> WorkerRegistered:
     "POST",
     "/api/v1/workers/pop",
     summary="Lease the best queued job that fits; waits up to `wait` seconds for one",
-    body=PopRequest,
     response=PopResponse,
     auth="worker",
     errors=(403,),
     limit="pop",
 )
-async def pop(request: web.Request, call: Call) -> PopResponse:
+async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse:
     store, signals = request.app[STORE], request.app[SIGNALS]
-    body: PopRequest = call.body
+    body = call.body
     worker = call.worker
-    assert worker is not None
     if request.app[CONFIG].require_sandbox and worker.sandboxed is not True:
         raise UnsandboxedWorker()
     # the poll is noted (uptime, address, offer) in the first attempt's transaction
@@ -138,15 +134,13 @@ async def pop(request: web.Request, call: Call) -> PopResponse:
     "POST",
     "/api/v1/jobs/{job_id}/progress",
     summary="Report step progress; extends the lease",
-    body=ProgressReport,
     response=LeaseExtended,
     auth="worker",
     errors=(404, 409),
     limit="progress",
 )
-async def progress(request: web.Request, call: Call) -> LeaseExtended:
-    assert call.worker is not None
-    body: ProgressReport = call.body
+async def progress(request: web.Request, call: WorkerCall[ProgressReport]) -> LeaseExtended:
+    body = call.body
     job = await request.app[STORE].report_progress(
         call.worker, request.match_info["job_id"], body.image, body.step, body.steps
     )
@@ -160,14 +154,12 @@ async def progress(request: web.Request, call: Call) -> LeaseExtended:
     "/api/v1/jobs/{job_id}/fail",
     summary="Give a leased job back (engine crash, timeout): requeued, or refunded "
     "after too many tries",
-    body=FailureReport,
     response=JobStatus,
     auth="worker",
     errors=(404, 409),
     limit="result",
 )
-async def fail(request: web.Request, call: Call) -> JobStatus:
-    assert call.worker is not None
+async def fail(request: web.Request, call: WorkerCall[FailureReport]) -> JobStatus:
     reason: str = call.body.reason
     job = await request.app[STORE].fail_image_job(
         call.worker,
