@@ -22,8 +22,8 @@
     economy.py          transfers, ratings, account summaries and history
     ratelimit.py        token buckets per API key / worker and per IP
     routes_economy.py   quotes, cancel, share, ratings, transfers, history, worker records
-    results.py          content-addressed result files
-    uploads.py          streaming uploads to disk; which images of a job are uploaded
+    files/              stored result images and upload markers, in --data-dir or the
+                        database (--file-store); streaming uploads to a local spool
     png_check.py        an upload is a valid PNG of the job's size (bombs refused)
     signals.py          in-process wake-ups for long-polls and streams
     state.py            typed app state keys

@@ -13,6 +13,7 @@ from aiohttp import web
 import coordinator.http.web  # noqa: F401  (the web page; not `web`: aiohttp's is)
 from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.config import CoordinatorConfig
+from coordinator.files import open_file_store
 
 # Importing the route modules registers their handlers on API.
 from coordinator.http import (  # noqa: F401
@@ -32,13 +33,11 @@ from coordinator.http.api import API, error_middleware
 from coordinator.http.bodies import DEFAULT_BODY_BYTES
 from coordinator.http.metrics import METRICS, Metrics, metrics_middleware
 from coordinator.http.ratelimit import PostgresBuckets, RateLimiter
-from coordinator.http.state import CLOCK, CONFIG, FILES, LIMITER, SIGNALS, STORE, UPLOADS, VIEWS
+from coordinator.http.state import CLOCK, CONFIG, FILES, LIMITER, SIGNALS, STORE, VIEWS
 from coordinator.http.streams import STREAMS, StreamCounts
 from coordinator.http.views import SharedViews
-from coordinator.jobs.files import ResultFiles
 from coordinator.jobs.notify import NotifyBridge
 from coordinator.jobs.signals import Signals
-from coordinator.jobs.uploads import Uploads
 from coordinator.store import Store
 
 __all__ = ["REAPER", "create_app"]
@@ -60,8 +59,8 @@ async def _reap_forever(app: web.Application) -> None:
         if pruned_at is None or clock.monotonic() - pruned_at > PRUNE_INTERVAL:
             pruned_at = clock.monotonic()
             try:
-                await asyncio.to_thread(app[UPLOADS].prune, app[CONFIG].upload_max_age)
-            except OSError:
+                await app[FILES].prune(app[CONFIG].upload_max_age)
+            except Exception:
                 log.exception("pruning old uploads failed; retrying later")
         try:
             if released := await store.release_held():
@@ -84,10 +83,8 @@ async def _reap_forever(app: web.Application) -> None:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    app[FILES] = ResultFiles(config.data_dir / "results")
-    # beside results/ on the same file system: verified uploads are renamed into it
-    app[UPLOADS] = Uploads(config.data_dir / "uploads")
     app[STORE] = store = await Store.open(config, clock=app[CLOCK])
+    app[FILES] = open_file_store(config, store.engine)
     app[SIGNALS] = signals = Signals(app[CLOCK])
     bridge: NotifyBridge | None = None
     if store.dialect == "postgresql":

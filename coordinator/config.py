@@ -58,6 +58,9 @@ class CoordinatorConfig:
     port: int = 8470
     # SQLAlchemy async URL; None = sqlite+aiosqlite:///<data_dir>/idlegrid.db
     database_url: str | None = None
+    # where result images and upload markers are kept (coordinator.files): "local" (under
+    # data_dir) or "database" (in PostgreSQL, shared by coordinators on several machines)
+    file_store: str = "local"
     # fixed lease in seconds for every job; None = derived from the job's size
     lease_timeout: float | None = None
     # derived leases: this many seconds plus the job's work at a slow-GPU pace

@@ -35,6 +35,7 @@ from sqlalchemy.engine import make_url
 from coordinator import network_flags
 from coordinator.app import create_app
 from coordinator.config import DEFAULT_RATE_LIMITS, CoordinatorConfig, RateLimit
+from coordinator.files import FILE_STORES, file_store_problem
 from coordinator.store import Store
 
 __all__ = ["register_commands"]
@@ -60,6 +61,13 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "--database-url",
         help="SQLAlchemy async URL, e.g. postgresql+asyncpg://user@host/db "
         "(default: SQLite in --data-dir)",
+    )
+    parser.add_argument(
+        "--file-store",
+        choices=FILE_STORES,
+        default=defaults.file_store,
+        help="where result images and uploads are kept: files in --data-dir, or rows in the "
+        "database (PostgreSQL; for coordinators on several machines) (default %(default)s)",
     )
     parser.add_argument(
         "--lease-timeout",
@@ -228,6 +236,7 @@ def _run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         database_url=args.database_url,
+        file_store=args.file_store,
         lease_timeout=args.lease_timeout,
         new_account_grant=args.grant,
         trusted_workers=frozenset(args.trust_worker),
@@ -246,6 +255,8 @@ def _run(args: argparse.Namespace) -> int:
         max_streams_per_ip=args.max_streams_per_ip,
         **network_flags.settings(args),
     )
+    if problem := file_store_problem(config):
+        raise SystemExit(problem)
     if config.processes == 1:
         asyncio.run(serve(config))
         return 0

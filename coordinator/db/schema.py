@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -366,6 +367,18 @@ invites = Table(
     Column("created_at", Float, nullable=False),
     Column("used_by", Integer, ForeignKey("accounts.id")),
     Column("used_at", Float),
+)
+
+
+stored_files = Table(
+    "stored_files",
+    metadata,
+    # `--file-store database` (coordinator.files.database): result images and upload
+    # markers, named like paths under the data directory, in chunks of at most 512 KiB
+    Column("name", String(200), primary_key=True),
+    Column("chunk", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
 )
 
 

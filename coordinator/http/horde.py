@@ -255,9 +255,10 @@ async def image_status(request: web.Request, job: Job) -> RequestStatusImage:
         inline = job.horde is not None and job.horde.get("r2") is False
         for record in await store.results(job.id):
             if inline:
-                img = await asyncio.to_thread(
-                    webp_base64, files.path(record.sha256), job.params.width, job.params.height
-                )
+                async with files.local_copy(record.sha256) as path:
+                    img = await asyncio.to_thread(
+                        webp_base64, path, job.params.width, job.params.height
+                    )
             else:
                 img = str(
                     request.url.with_path(
@@ -320,15 +321,16 @@ async def image_cancel(request: web.Request, call: Call[None]) -> RequestStatusI
     produces="image/png",
     errors=(404,),
 )
-async def image_file(request: web.Request, call: Call[None]) -> web.Response:
+async def image_file(request: web.Request, call: Call[None]) -> web.StreamResponse:
     store = request.app[STORE]
     digest = request.match_info["digest"].removesuffix(".png")
     for record in await store.results(_job_id(request)):
         if str(record.index) == request.match_info["index"] and record.sha256 == digest:
-            return web.Response(
-                body=request.app[FILES].get(record.sha256),
-                content_type="image/png",
-                headers={
+            return await request.app[FILES].response(
+                request,
+                record.sha256,
+                {
+                    "Content-Type": "image/png",
                     "Cache-Control": "private, max-age=31536000",
                     "X-Content-Type-Options": "nosniff",
                     "Content-Security-Policy": "default-src 'none'; sandbox",

@@ -148,14 +148,13 @@ async def horde_submit(request: web.Request, call: Call[SubmitRequestV2]) -> Gen
     model = p.model or (worker.models[0] if worker.models else "unknown")
     files, text = request.app[FILES], parameters_text(p, p.seed, model)
 
-    def decode_and_keep() -> str:
+    def decode() -> tuple[bytes, str]:
         """In one thread hop (a hop costs more than a small image's work)."""
         png = png_from_base64(body.generation, p.width, p.height, text)
-        digest = hashlib.sha256(png).hexdigest()
-        files.put_bytes(png, digest)
-        return digest
+        return png, hashlib.sha256(png).hexdigest()
 
-    digest = await asyncio.to_thread(decode_and_keep)
+    png, digest = await asyncio.to_thread(decode)
+    await files.put_bytes(png, digest)
     # unsigned: the signature column stays empty
     _, held = await store.finish_job(worker, job, [ResultRecord(0, p.seed, digest, "")])
     signals.job_changed(job.id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 from typing import Annotated, Any
@@ -254,10 +253,11 @@ async def get_image(request: web.Request, call: Call[None]) -> web.StreamRespons
     index = request.match_info["index"]
     for record in await store.results(job.id):
         if str(record.index) == index:
-            return web.Response(
-                body=request.app[FILES].get(record.sha256),
-                content_type="image/png",
-                headers={
+            return await request.app[FILES].response(
+                request,
+                record.sha256,
+                {
+                    "Content-Type": "image/png",
                     "ETag": f'"{record.sha256}"',
                     "Cache-Control": "private, max-age=31536000",
                     # the bytes came from a worker: never let a browser guess another type,
@@ -308,6 +308,6 @@ async def dispute(request: web.Request, call: UserCall[DisputeCreate]) -> Disput
     refunded, unused = await store.dispute_job(job.id, body.reason or "no reason given")
     # whoever disputes does not keep the images
     for digest in unused:
-        await asyncio.to_thread(request.app[FILES].remove, digest)
+        await request.app[FILES].remove(digest)
     request.app[SIGNALS].job_changed(job.id)
     return DisputeRecorded(id=job.id, refunded=refunded)

@@ -22,7 +22,7 @@ from aiohttp import web
 from coordinator.economy.verification import Outcome, images_agree, same_build
 from coordinator.errors import BadImage, BadRequest, BodyTooLarge, Conflict, Unauthorized
 from coordinator.http.api import API, WorkerCall
-from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE, UPLOADS
+from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.jobs.png_check import MAX_PNG_BYTES, byte_limit, check_png, read_pixels
 from coordinator.store import Job, ResultRecord, Worker
 from protocol.errors import SignatureInvalid
@@ -132,24 +132,17 @@ async def upload_image(request: web.Request, call: WorkerCall[None]) -> ImageUpl
             f"at most {limit}",
             [("body", f"must be at most {limit} bytes")],
         )
-    uploads, files = request.app[UPLOADS], request.app[FILES]
-    async with uploads.spool(request.content, limit) as spooled:
+    files = request.app[FILES]
+    async with files.spool(request.content, limit) as spooled:
         if spooled.sha256 != sha256:
             raise BadRequest(
                 f"{IMAGE_SHA256_HEADER} does not match the body (its SHA-256 is {spooled.sha256})",
                 [(IMAGE_SHA256_HEADER, "must be the SHA-256 of the body")],
             )
-
-        def check_and_keep() -> None:
-            """In one thread hop (a hop costs more than a small image's work)."""
-            check_png(spooled.path, width, height)
-            # Content-addressed, so storing it before the job is paid is harmless.
-            files.put_file(spooled.path, sha256)
-
-        await asyncio.to_thread(check_and_keep)
-    # Markers are small files written without fsync, like SQLite's own writes here
-    # (coordinator.db.inline_sqlite): on the loop, cheaper than a thread hop.
-    uploads.mark(job.id, worker.id, index, sha256)
+        await asyncio.to_thread(check_png, spooled.path, width, height)
+        # Content-addressed, so storing it before the job is paid is harmless.
+        await files.keep(spooled)
+    await files.mark(job.id, worker.id, index, sha256)
     return ImageUploaded(id=job.id, index=index, sha256=sha256)
 
 
@@ -165,13 +158,13 @@ async def _checked_records(
             f"submit exactly images 0..{last}, once each; got {indexes}",
             [("images", f"must hold indexes 0..{last} once each")],
         )
-    uploads, files = request.app[UPLOADS], request.app[FILES]
+    files = request.app[FILES]
 
-    # what was uploaded (and is still stored) for each index: small reads, on the loop
+    # what was uploaded (and is still stored) for each index
     uploaded_of = {}
     for index in indexes:
-        digest = uploads.marked(job.id, worker.id, index)
-        uploaded_of[index] = digest if digest and files.path(digest).exists() else None
+        digest = await files.marked(job.id, worker.id, index)
+        uploaded_of[index] = digest if digest and await files.exists(digest) else None
     records = []
     for position, image in enumerate(body.images):
         field = f"images[{position}]"
@@ -218,8 +211,7 @@ async def submit_result(request: web.Request, call: WorkerCall[ResultSubmit]) ->
     if job.verify_of is not None:
         outcome = await _check_outcome(request, worker, job, [r.sha256 for r in records])
     paid, held = await store.finish_job(worker, job, records, outcome)
-    # in a thread: removing a directory can wait on the disk (measured up to ms here)
-    await asyncio.to_thread(request.app[UPLOADS].discard, job.id)
+    await request.app[FILES].discard(job.id)
     signals.job_changed(job.id)
     if job.verify_of is not None:
         signals.job_changed(job.verify_of)
@@ -248,12 +240,14 @@ async def _check_outcome(
     width, height = job.params.width, job.params.height
     for record, digest in zip(original, digests, strict=True):
         try:
-            before = await asyncio.to_thread(read_pixels, files.path(record.sha256), width, height)
+            async with files.local_copy(record.sha256) as path:
+                before = await asyncio.to_thread(read_pixels, path, width, height)
         except BadImage as exc:
             log.warning("spot check %s: original image %d refused: %s", job.id, record.index, exc)
             return "original unreadable"
         try:
-            after = await asyncio.to_thread(read_pixels, files.path(digest), width, height)
+            async with files.local_copy(digest) as path:
+                after = await asyncio.to_thread(read_pixels, path, width, height)
         except BadImage as exc:  # its upload was decoded the same way: unlikely
             log.warning("spot check %s: its image %d refused: %s", job.id, record.index, exc)
             return "check unreadable"

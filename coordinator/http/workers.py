@@ -3,7 +3,6 @@ routes_results)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable
 
 from aiohttp import web
@@ -14,7 +13,7 @@ from coordinator.http.api import API, Call, WorkerCall, api_key_of
 from coordinator.http.jobs import job_status
 from coordinator.http.metrics import timed_pop
 from coordinator.http.polling import long_poll
-from coordinator.http.state import CONFIG, SIGNALS, STORE, UPLOADS
+from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.jobs.image import Job
 from protocol.errors import SignatureInvalid
 from protocol.messages import (
@@ -167,7 +166,7 @@ async def fail(request: web.Request, call: WorkerCall[FailureReport]) -> JobStat
         reason,
         counts=not reason.endswith(DRAINING),
     )
-    await asyncio.to_thread(request.app[UPLOADS].discard, job.id)
+    await request.app[FILES].discard(job.id)
     request.app[SIGNALS].job_changed(job.id)
     if job.state == "queued":
         request.app[SIGNALS].job_queued("image", job.params.model)

@@ -1,1 +1,1 @@
-"""One lifecycle for every job kind, the queue and its wake-ups, result files."""
+"""One lifecycle for every job kind, the queue and its wake-ups (files: coordinator.files)."""

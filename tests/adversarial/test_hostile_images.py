@@ -19,6 +19,7 @@ import pytest
 
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
+from coordinator.files import LocalFiles
 from coordinator.http.state import FILES
 from protocol.messages import (
     IMAGE_SEED_HEADER,
@@ -167,7 +168,9 @@ async def test_a_bomb_reaching_the_spot_check_concludes_it_against_its_maker(
         await newbie.link.submit(job, [8], job_pngs(job))
         # Whatever slipped past the upload checks (an older coordinator, a shared data
         # directory): the stored original is a bomb.
-        stored = checked.app[FILES].path(sha256_hex(png(8)))
+        files = checked.app[FILES]
+        assert isinstance(files, LocalFiles)
+        stored = files.path(sha256_hex(png(8)))
         stored.write_bytes(bomb)
         check = await referee.link.pop(CAPS, wait=5)
         assert check is not None

@@ -311,7 +311,7 @@ async def test_downgrade_to_base_and_back(engine: AsyncEngine) -> None:
 
 
 def test_revision_ids_number_on_from_the_head() -> None:
-    assert HEAD == "0006_identities"
+    assert HEAD == "0008_stored_files"
     assert (
-        migrations.next_revision_id("Add jobs.priority, again!") == "0007_add_jobs_priority_again"
+        migrations.next_revision_id("Add jobs.priority, again!") == "0009_add_jobs_priority_again"
     )

@@ -14,6 +14,7 @@ from client.errors import ApiError
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from coordinator.economy.text_checks import texts_agree
+from coordinator.files import LocalFiles
 from coordinator.http.state import FILES
 from protocol.params import ImageParams
 from protocol.signing import sha256_hex
@@ -226,7 +227,9 @@ async def test_a_verifiers_unreadable_image_voids_its_check(checked: LiveApp) ->
         assert check is not None
         mine = png(4, 256, 256, compress_level=9)  # same picture, other bytes
         await referee.link.upload_image(check, 0, 4, mine)
-        checked.app[FILES].path(sha256_hex(mine)).write_bytes(mine[:100])
+        files = checked.app[FILES]
+        assert isinstance(files, LocalFiles)
+        files.path(sha256_hex(mine)).write_bytes(mine[:100])
         voided = await referee.link.finish(
             check, [referee.link.signed_image(check, 0, 4, sha256_hex(mine))]
         )

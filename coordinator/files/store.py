@@ -1,0 +1,126 @@
+"""FileStore: the one interface to stored files, whichever back end holds them.
+
+Two kinds of file, both named like paths relative to the data directory:
+
+- results: content-addressed PNGs (`results/<ab>/<rest>.png`, the name from the SHA-256 of
+  the bytes), so storing the same image twice is harmless and a crash between storing a
+  file and committing its job leaves only an orphan;
+- upload markers (`uploads/<job>/<worker>/<index>`, holding an image's SHA-256): which
+  worker uploaded which image of which job, so that the request finishing the job can name
+  them and any coordinator sharing the files can accept it. Markers go away when the job
+  finishes; those of abandoned jobs are pruned by age.
+
+An upload's body is spooled to a local temporary file (coordinator.files.spool), checked
+there and then kept (`keep`) or dropped (leaving the spool's block).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+from aiohttp import StreamReader, web
+
+from coordinator.files.spool import Spooled, prune_temporary, spool
+
+__all__ = ["FileStore", "marker_name", "markers_of_job", "result_name"]
+
+_HEX_64 = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
+# the folder of upload markers (and of the spool's temporary files, on disk)
+UPLOADS = "uploads"
+
+
+def result_name(digest: str) -> str:
+    """The name of the result file whose SHA-256 is `digest` (ValueError if not a digest)."""
+    if not _HEX_64.fullmatch(digest):
+        raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
+    return f"results/{digest[:2]}/{digest[2:]}.png"
+
+
+def markers_of_job(job_id: str) -> str:
+    """The folder of one job's upload markers, ending in '/' (ValueError if not an id)."""
+    if not _NAME.fullmatch(job_id):
+        raise ValueError(f"not an id: {job_id!r}")
+    return f"{UPLOADS}/{job_id}/"
+
+
+def marker_name(job_id: str, worker_id: str, index: int) -> str:
+    if not _NAME.fullmatch(worker_id):
+        raise ValueError(f"not an id: {worker_id!r}")
+    return f"{markers_of_job(job_id)}{worker_id}/{int(index)}"
+
+
+class FileStore(ABC):
+    """Result images and upload markers. Every method may be called on the event loop:
+    a back end moves blocking work to threads itself."""
+
+    def __init__(self, spool_dir: Path) -> None:
+        self._spool_dir = spool_dir
+        spool_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- uploads -----------------------------------------------------------------------
+
+    def spool(self, body: StreamReader, limit: int) -> AbstractAsyncContextManager[Spooled]:
+        """Receive an upload into a local temporary file (coordinator.files.spool)."""
+        return spool(self._spool_dir, body, limit)
+
+    @abstractmethod
+    async def keep(self, spooled: Spooled) -> None:
+        """Store a spooled upload as the result file of its SHA-256. The caller has checked
+        it; the temporary file may be moved away or left for the spool to remove."""
+
+    @abstractmethod
+    async def mark(self, job_id: str, worker_id: str, index: int, sha256: str) -> None:
+        """Remember that this worker uploaded image `index` of the job, with this hash."""
+
+    @abstractmethod
+    async def marked(self, job_id: str, worker_id: str, index: int) -> str | None:
+        """The SHA-256 of image `index` as this worker uploaded it, or None."""
+
+    @abstractmethod
+    async def discard(self, job_id: str) -> None:
+        """Forget every upload marker of the job (it finished)."""
+
+    async def prune(self, max_age: float) -> int:
+        """Forget the upload markers nobody touched for `max_age` seconds and remove
+        temporary files a killed process left behind; how many markers (or, on disk,
+        jobs' folders) went."""
+        await asyncio.to_thread(prune_temporary, self._spool_dir, max_age)
+        return await self._prune_markers(max_age)
+
+    @abstractmethod
+    async def _prune_markers(self, max_age: float) -> int: ...
+
+    # --- results -----------------------------------------------------------------------
+
+    @abstractmethod
+    async def put_bytes(self, data: bytes, digest: str) -> None:
+        """Store `data` (whose SHA-256 is `digest`) durably as a result file."""
+
+    @abstractmethod
+    async def size(self, digest: str) -> int | None:
+        """The size in bytes of the result file of `digest`, or None if there is none."""
+
+    async def exists(self, digest: str) -> bool:
+        return await self.size(digest) is not None
+
+    @abstractmethod
+    async def remove(self, digest: str) -> None:
+        """Delete the result file of `digest` (a disputed image no result refers to)."""
+
+    @abstractmethod
+    def local_copy(self, digest: str) -> AbstractAsyncContextManager[Path]:
+        """A path holding the result file of `digest` for the block (for decoders that read
+        files); a path that does not exist if there is no such file."""
+
+    @abstractmethod
+    async def response(
+        self, request: web.Request, digest: str, headers: Mapping[str, str]
+    ) -> web.StreamResponse:
+        """The result file of `digest` as a download with `headers` (content type, caching,
+        CSP...), sent without reading it whole on the loop; NotFound if there is none."""
