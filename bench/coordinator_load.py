@@ -808,7 +808,7 @@ async def polls(grid: Grid, row: PollRow, args: argparse.Namespace) -> None:
     try:
         ids: list[str] = []
         body = {"prompt": "a load test", "params": {"width": SIZE, "height": SIZE, "steps": 1}}
-        body["models"] = [MODEL]  # type: ignore[assignment]
+        body["models"] = [MODEL]
         for i in range(POLL_JOBS):
             headers = {"apikey": grid.keys[i % len(grid.keys)]}
             async with session.post(

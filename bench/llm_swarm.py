@@ -224,7 +224,7 @@ async def _measure(
     runs: dict[str, Run] = {"local": local, "swarm": swarm, "network": network}
     timings: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     try:
-        for run in (local, swarm, network, local, swarm, network):  # warm-up
+        for run in (*runs.values(), *runs.values()):  # warm-up
             await run()
         for _ in range(args.runs):  # interleaved, so drift hits both alike
             for name, run in runs.items():

@@ -25,7 +25,8 @@ def sandboxed_engine(pid: int) -> int:
         if p.cmdline()[1:3] == ["-m", "sandbox.child"]
     ]
     assert len(engines) == 1, engines
-    return engines[0]
+    engine: int = engines[0]
+    return engine
 
 
 def assert_confined(engine: int, outside: int, namespaces: tuple[str, ...]) -> None:

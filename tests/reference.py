@@ -9,23 +9,24 @@ import diffusers
 import numpy as np
 import torch
 
+# (from its module: mypy resolves `diffusers.StableDiffusionPipeline` to a placeholder class)
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    StableDiffusionPipeline,
+)
+
 from protocol.params import ImageParams
 from worker.image.samplers import SCHEDULER_SPECS
 
 __all__ = ["plain_image", "plain_pipeline"]
 
 
-def plain_pipeline(sd: Path) -> diffusers.StableDiffusionPipeline:
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        sd, use_safetensors=True, local_files_only=True
-    )
+def plain_pipeline(sd: Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(sd, use_safetensors=True, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def plain_image(
-    pipe: diffusers.StableDiffusionPipeline, params: ImageParams, seed: int
-) -> np.ndarray:
+def plain_image(pipe: StableDiffusionPipeline, params: ImageParams, seed: int) -> np.ndarray:
     """Image `seed` of `params` as RGB pixels; leaves the pipeline's scheduler as it was."""
     class_name, options = SCHEDULER_SPECS[params.sampler]
     original = pipe.scheduler

@@ -25,6 +25,7 @@ import numpy as np
 import psutil
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngImageFile
 
 from client.sdk import Client
 from protocol.messages import JobStatus
@@ -179,6 +180,7 @@ def test_cli_generates_images_identical_to_plain_diffusers(
     )
     for index, path in enumerate(report["paths"]):
         png = Image.open(path)
+        assert isinstance(png, PngImageFile)
         assert png.size == (64, 64)
         text = png.text["parameters"]
         assert text.startswith("a lighthouse in a storm\nNegative prompt: blurry\n")
@@ -202,7 +204,13 @@ def _wait_running(grid: Client, job_id: str, timeout: float = 120) -> JobStatus:
 
 # Long enough to be killed mid-job: 150 steps of a 32x32 latent (256x256 pixels at SD's
 # latent scale factor of 8).
-LONG = {"prompt": "a very slow painting", "width": 256, "height": 256, "steps": 150, "seed": 9}
+LONG: dict[str, Any] = {
+    "prompt": "a very slow painting",
+    "width": 256,
+    "height": 256,
+    "steps": 150,
+    "seed": 9,
+}
 
 
 def test_killed_worker_job_completes_elsewhere_and_is_paid_once(network: Network) -> None:
@@ -331,7 +339,7 @@ def test_512_images_are_uploaded_paid_once_and_identical_to_plain_diffusers(
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["seeds"] == [77, 78]
-    pngs = [Image.open(path) for path in report["paths"]]
+    pngs = [PngImageFile(path) for path in report["paths"]]
     assert [png.size for png in pngs] == [(512, 512)] * 2
     assert "Seed: 77" in pngs[0].text["parameters"] and "Seed: 78" in pngs[1].text["parameters"]
     first, second = (np.asarray(png.convert("RGB")) for png in pngs)
@@ -340,6 +348,7 @@ def test_512_images_are_uploaded_paid_once_and_identical_to_plain_diffusers(
     assert np.array_equal(first, _direct_diffusers(tiny_models / "sd", params, 77))
     with Client(network.url, requester) as grid:
         (job,) = [e for e in grid.history().entries if e.reason == "reserve"]
+        assert job.job_id is not None
         final = grid.job(job.job_id)
         assert final.state == "done" and final.attempts == 0
         assert grid.me().kudos == 100 - final.kudos_cost

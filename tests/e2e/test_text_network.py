@@ -17,12 +17,16 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from client.sdk import Client
 from protocol.text import TextParams
 from tests.procs import Proc
+
+if TYPE_CHECKING:  # the client itself is imported where it is used, pointed at loopback
+    from openai.types.chat import ChatCompletionMessageParam
 
 pytestmark = pytest.mark.slow
 
@@ -220,19 +224,21 @@ def test_openai_client_plain_and_streaming(swarm: Swarm, tiny_models: Path) -> N
     openai = OpenAI(base_url=f"{swarm.url}/v1", api_key=swarm.alice, max_retries=0)
     # the operator's catalog (built-ins), the default first
     assert [m.id for m in openai.models.list()] == [MODEL, "smollm2"]
-    messages = [{"role": "user", "content": "Say something about files."}]
-    expected = local_greedy(tiny_models, chat_ids(tiny_models, messages), 16)
+    said = "Say something about files."
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": said}]
+    prompt_ids = chat_ids(tiny_models, [{"role": "user", "content": said}])
+    expected = local_greedy(tiny_models, prompt_ids, 16)
     completion = openai.chat.completions.create(
         model=MODEL,
         messages=messages,
         max_tokens=16,
-        temperature=0,  # type: ignore[arg-type]
+        temperature=0,
     )
     assert completion.choices[0].message.content == expected
     assert completion.usage is not None and completion.usage.completion_tokens <= 16
     stream = openai.chat.completions.create(
         model=MODEL,
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=16,
         temperature=0,
         stream=True,
@@ -240,7 +246,7 @@ def test_openai_client_plain_and_streaming(swarm: Swarm, tiny_models: Path) -> N
     pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     assert "".join(pieces) == expected
     with pytest.raises(Exception, match="not served") as error:
-        openai.chat.completions.create(model="nope", messages=messages)  # type: ignore[arg-type]
+        openai.chat.completions.create(model="nope", messages=messages)
     assert getattr(error.value, "status_code", None) == 400
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
-from transformers import AutoTokenizer, CLIPTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer, BatchEncoding, CLIPTokenizer, LlamaForCausalLM
 
 from worker.models.tiny_models import (
     build_tiny_models,
@@ -122,6 +122,7 @@ def test_llm_loads_chats_and_generates(tiny_models: Path) -> None:
     encoded = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
+    assert isinstance(encoded, BatchEncoding)
     assert encoded["input_ids"][0, 0].item() == tokenizer.bos_token_id
     assert tokenizer.decode(encoded["input_ids"][0], skip_special_tokens=False) == text
 
@@ -157,7 +158,9 @@ def test_single_file_has_the_original_layout(tiny_sd_single_file: Path) -> None:
     assert not any("down_blocks" in k or "up_blocks" in k or "mid_block" in k for k in keys)
 
 
-def test_single_file_is_deterministic(tiny_sd: Path, tiny_sd_single_file: Path, tmp_path: Path):
+def test_single_file_is_deterministic(
+    tiny_sd: Path, tiny_sd_single_file: Path, tmp_path: Path
+) -> None:
     again = tmp_path / "again.safetensors"
     write_single_file_checkpoint(tiny_sd, again)
     assert again.read_bytes() == tiny_sd_single_file.read_bytes()
@@ -180,7 +183,7 @@ def test_single_file_loads_the_same_weights(
         assert torch.equal(actual[key], value), key
 
 
-def test_single_file_gives_pixel_identical_images(tiny_sd: Path, tiny_sd_single_file: Path):
+def test_single_file_gives_pixel_identical_images(tiny_sd: Path, tiny_sd_single_file: Path) -> None:
     folder = StableDiffusionPipeline.from_pretrained(
         tiny_sd, use_safetensors=True, local_files_only=True
     )

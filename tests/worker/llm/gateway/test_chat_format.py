@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from worker.errors import InvalidGenerationInput
 from worker.llm.gateway.chat_format import render_chat
@@ -19,18 +19,18 @@ MESSAGES = [
 
 
 @pytest.fixture
-def tokenizer(tiny_models: Path):
+def tokenizer(tiny_models: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(tiny_models / "llm", local_files_only=True)
 
 
-def test_uses_the_tokenizers_chat_template(tokenizer) -> None:
+def test_uses_the_tokenizers_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
     assert render_chat(tokenizer, MESSAGES) == (
         "<s><|system|>\nBe terse.\n<|user|>\nHi\n<|assistant|>\nHello.</s>\n"
         "<|user|>\nGröße?\n<|assistant|>\n"
     )
 
 
-def test_without_a_template_uses_role_lines(tokenizer) -> None:
+def test_without_a_template_uses_role_lines(tokenizer: PreTrainedTokenizerBase) -> None:
     tokenizer.chat_template = None
     assert render_chat(tokenizer, MESSAGES) == (
         "system: Be terse.\nuser: Hi\nassistant: Hello.\nuser: Größe?\nassistant:"
@@ -52,7 +52,9 @@ def test_without_a_template_uses_role_lines(tokenizer) -> None:
         (["hi"], "messages[0]", "str"),
     ],
 )  # fmt: skip
-def test_bad_messages_name_index_and_field(tokenizer, messages, field: str, says: str) -> None:
+def test_bad_messages_name_index_and_field(
+    tokenizer: PreTrainedTokenizerBase, messages: object, field: str, says: str
+) -> None:
     with pytest.raises(InvalidGenerationInput) as caught:
         render_chat(tokenizer, messages)
     assert caught.value.field == field
