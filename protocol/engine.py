@@ -1,0 +1,101 @@
+"""Messages between a worker and the engine it hosts in a sandboxed child process.
+
+An `EngineCall` names one kind of call and the models of what crosses the pipe: the
+request the worker sends, the progress messages the engine emits while it runs (if any),
+and its result. Both ends validate against them (`sandbox.calls`): the child before the
+engine sees a request, the worker before it believes a progress message or a result, so a
+malformed message from a hostile engine is an error naming the field, never a KeyError deep
+in the worker.
+
+    IMAGE   ImageParams -> ImageResult (+ one PNG per image), emitting ImageProgress
+            after each sampling step; the engine is built from ImageEngineOptions
+
+Only pydantic: the child imports this before the engine, the worker without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.params import MAX_N, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageParams, ModelName
+
+__all__ = [
+    "IMAGE",
+    "EngineCall",
+    "EngineMessage",
+    "ImageEngineOptions",
+    "ImageProgress",
+    "ImageResult",
+    "NoMessage",
+]
+
+
+class EngineMessage(BaseModel):
+    """Base of the messages: both ends run the same code, so an unknown field is a bug."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoMessage(EngineMessage):
+    """An empty request or result; as a call's progress type, that it emits none."""
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+ProgressT = TypeVar("ProgressT", bound=BaseModel)
+ResultT = TypeVar("ResultT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class EngineCall(Generic[RequestT, ProgressT, ResultT]):
+    """One kind of call: its name on the wire and the model of each message."""
+
+    kind: str
+    request: type[RequestT]
+    result: type[ResultT]
+    # None: the engine emits no progress during this call; one would be a protocol error
+    progress: type[ProgressT] | None = None
+
+
+class ImageEngineOptions(EngineMessage):
+    """How the image engine is built (the options of `Sandbox.create`, dumped by alias)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    # a folder, a .safetensors file or a hub id (see worker.image.model_source)
+    model: str = Field(min_length=1)
+    # the diffusers config folder of a single-file model
+    model_config_dir: str | None = Field(default=None, alias="model_config")
+    # the name written into PNGs and results; None = the folder name, file stem or hub id
+    model_name: ModelName | None = None
+    # torch intra-op threads; None keeps torch's default
+    threads: int | None = Field(default=None, ge=1)
+    # the GPU memory the engine may use; None = all of it
+    max_vram_bytes: int | None = Field(default=None, ge=1)
+
+
+class ImageProgress(EngineMessage):
+    """Image `image` of `n` has finished sampling step `step` of `steps`."""
+
+    image: int = Field(ge=0, lt=MAX_N)
+    step: int = Field(ge=0, le=MAX_STEPS)
+    steps: int = Field(ge=1, le=MAX_STEPS)
+    n: int = Field(ge=1, le=MAX_N)
+
+
+class ImageResult(EngineMessage):
+    """What the engine made; the PNGs travel beside it as blobs, one per seed."""
+
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED + MAX_N)]] = Field(
+        min_length=1, max_length=MAX_N
+    )
+    model: ModelName
+    width: int = Field(ge=MIN_SIDE, le=MAX_SIDE)
+    height: int = Field(ge=MIN_SIDE, le=MAX_SIDE)
+
+
+IMAGE: EngineCall[ImageParams, ImageProgress, ImageResult] = EngineCall(
+    "image", ImageParams, ImageResult, ImageProgress
+)
