@@ -7,8 +7,14 @@ engine sees a request, the worker before it believes a progress message or a res
 malformed message from a hostile engine is an error naming the field, never a KeyError deep
 in the worker.
 
-    IMAGE   ImageParams -> ImageResult (+ one PNG per image), emitting ImageProgress
-            after each sampling step; the engine is built from ImageEngineOptions
+    IMAGE           ImageParams -> ImageResult (+ one PNG per image), emitting
+                    ImageProgress after each sampling step; the engine is built from
+                    ImageEngineOptions
+    TEXT_INFO       NoMessage -> TextModel: the model the text gateway's engine serves
+    TEXT_GENERATE   GenerateText -> GeneratedText, emitting TextChunk as text is made
+    TEXT_STATS      NoMessage -> EngineStats: its spot checks so far, the peers it bans
+    TEXT_CONFIGURE  CheckRate -> NoMessage: the share of jobs checked from now on
+    TEXT_REFRESH    NoMessage -> SwarmPeers: re-read the swarm's records (tests)
 
 Only pydantic: the child imports this before the engine, the worker without torch.
 """
@@ -21,15 +27,27 @@ from typing import Annotated, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.params import MAX_N, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageParams, ModelName
+from protocol.text import FinishReason, ServedSpan, ServerCheck, TextModel, TextParams
 
 __all__ = [
     "IMAGE",
+    "TEXT_CONFIGURE",
+    "TEXT_GENERATE",
+    "TEXT_INFO",
+    "TEXT_REFRESH",
+    "TEXT_STATS",
+    "CheckRate",
     "EngineCall",
     "EngineMessage",
+    "EngineStats",
+    "GenerateText",
+    "GeneratedText",
     "ImageEngineOptions",
     "ImageProgress",
     "ImageResult",
     "NoMessage",
+    "SwarmPeers",
+    "TextChunk",
 ]
 
 
@@ -98,4 +116,73 @@ class ImageResult(EngineMessage):
 
 IMAGE: EngineCall[ImageParams, ImageProgress, ImageResult] = EngineCall(
     "image", ImageParams, ImageResult, ImageProgress
+)
+
+
+class GenerateText(EngineMessage):
+    """One text job for the gateway's engine."""
+
+    params: TextParams
+
+
+class TextChunk(EngineMessage):
+    """Text generated since the last chunk."""
+
+    text: str
+
+
+class GeneratedText(EngineMessage):
+    """A finished text job: the text, usage, who served it and the spot checks made."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    # from the start to the first generated token (prefill included), and in all
+    first_token_seconds: float = Field(ge=0.0)
+    seconds: float = Field(ge=0.0)
+    spans: list[ServedSpan]
+    checks: list[ServerCheck]
+
+
+class EngineStats(EngineMessage):
+    """What the gateway engine's spot checks found and cost since it started
+    (`worker.llm.gateway.core.CheckStats`), and the checked peers it bans now."""
+
+    # block-tokens the servers computed for jobs, and the checkers computed
+    served_block_tokens: int = Field(ge=0)
+    checked_block_tokens: int = Field(ge=0)
+    jobs: int = Field(ge=0)
+    checked_jobs: int = Field(ge=0)
+    # jobs in which a check found some server wrong
+    caught_jobs: int = Field(ge=0)
+    # every check made, oldest first
+    checks: list[ServerCheck]
+    banned: list[str]
+
+
+class CheckRate(EngineMessage):
+    """The share of jobs spot-checked from now on."""
+
+    check_rate: float = Field(ge=0.0, le=1.0)
+
+
+class SwarmPeers(EngineMessage):
+    """The peer ids of the swarm's valid records."""
+
+    records: list[str]
+
+
+TEXT_INFO: EngineCall[NoMessage, NoMessage, TextModel] = EngineCall("info", NoMessage, TextModel)
+TEXT_GENERATE: EngineCall[GenerateText, TextChunk, GeneratedText] = EngineCall(
+    "generate", GenerateText, GeneratedText, TextChunk
+)
+TEXT_STATS: EngineCall[NoMessage, NoMessage, EngineStats] = EngineCall(
+    "stats", NoMessage, EngineStats
+)
+TEXT_CONFIGURE: EngineCall[CheckRate, NoMessage, NoMessage] = EngineCall(
+    "configure", CheckRate, NoMessage
+)
+TEXT_REFRESH: EngineCall[NoMessage, NoMessage, SwarmPeers] = EngineCall(
+    "refresh", NoMessage, SwarmPeers
 )
