@@ -15,6 +15,12 @@ in the worker.
     TEXT_STATS      NoMessage -> EngineStats: its spot checks so far, the peers it bans
     TEXT_CONFIGURE  CheckRate -> NoMessage: the share of jobs checked from now on
     TEXT_REFRESH    NoMessage -> SwarmPeers: re-read the swarm's records (tests)
+    BLOCK_STEP      HiddenStep + hidden bytes -> HiddenShape + output bytes: a session's
+                    next tokens through a block server's span (its compute process,
+                    built from BlockEngineOptions)
+    BLOCK_FORWARD   HiddenPass + hidden bytes -> HiddenShape + output bytes (no cache)
+    BLOCK_CLOSE     BlockRequest -> NoMessage: drop the caches of the sessions it names
+    BLOCK_MEASURE   BlockRequest -> Throughput: the span's tokens per second
 
 Only pydantic: the child imports this before the engine, the worker without torch.
 """
@@ -30,24 +36,34 @@ from protocol.params import MAX_N, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, Imag
 from protocol.text import FinishReason, ServedSpan, ServerCheck, TextModel, TextParams
 
 __all__ = [
+    "BLOCK_CLOSE",
+    "BLOCK_FORWARD",
+    "BLOCK_MEASURE",
+    "BLOCK_STEP",
     "IMAGE",
     "TEXT_CONFIGURE",
     "TEXT_GENERATE",
     "TEXT_INFO",
     "TEXT_REFRESH",
     "TEXT_STATS",
+    "BlockEngineOptions",
+    "BlockRequest",
     "CheckRate",
     "EngineCall",
     "EngineMessage",
     "EngineStats",
     "GenerateText",
     "GeneratedText",
+    "HiddenPass",
+    "HiddenShape",
+    "HiddenStep",
     "ImageEngineOptions",
     "ImageProgress",
     "ImageResult",
     "NoMessage",
     "SwarmPeers",
     "TextChunk",
+    "Throughput",
 ]
 
 
@@ -185,4 +201,62 @@ TEXT_CONFIGURE: EngineCall[CheckRate, NoMessage, NoMessage] = EngineCall(
 )
 TEXT_REFRESH: EngineCall[NoMessage, NoMessage, SwarmPeers] = EngineCall(
     "refresh", NoMessage, SwarmPeers
+)
+
+
+class BlockEngineOptions(EngineMessage):
+    """How a block server's compute process is built."""
+
+    model_dir: str = Field(min_length=1)
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+    # a torch dtype name for the layers, or None to keep the stored one
+    dtype: str | None = None
+    threads: int = Field(ge=1)
+
+
+class BlockRequest(EngineMessage):
+    """Every request to the compute process may name sessions whose caches to drop first."""
+
+    close: list[str] = []
+
+
+class HiddenPass(BlockRequest):
+    """Hidden states (the blob: row-major bytes of `dtype`, `shape`) through blocks
+    [start, end). The server checked the bytes against the shape; the compute checks again."""
+
+    dtype: str
+    shape: list[int]
+    start: int
+    end: int
+
+
+class HiddenStep(HiddenPass):
+    """A session's next tokens, after `past` tokens already in its cache."""
+
+    session: str
+    past: int = Field(default=0, ge=0)
+
+
+class HiddenShape(EngineMessage):
+    """The shape of the float32 row-major output beside it (the blob)."""
+
+    shape: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=8)
+
+
+class Throughput(EngineMessage):
+    tokens_per_second: float = Field(ge=0.0)
+
+
+BLOCK_STEP: EngineCall[HiddenStep, NoMessage, HiddenShape] = EngineCall(
+    "step", HiddenStep, HiddenShape
+)
+BLOCK_FORWARD: EngineCall[HiddenPass, NoMessage, HiddenShape] = EngineCall(
+    "forward", HiddenPass, HiddenShape
+)
+BLOCK_CLOSE: EngineCall[BlockRequest, NoMessage, NoMessage] = EngineCall(
+    "close", BlockRequest, NoMessage
+)
+BLOCK_MEASURE: EngineCall[BlockRequest, NoMessage, Throughput] = EngineCall(
+    "measure", BlockRequest, Throughput
 )

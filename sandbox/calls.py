@@ -40,9 +40,11 @@ _MAX_PROBLEM_CHARS = 200
 _Json = dict[str, object]
 _Result = tuple[_Json, list[bytes]]
 # A handler as the table keeps it: raw payload and emit in, raw result out.
-_Handler = Callable[[Mapping[str, object], Callable[[_Json], None]], _Result]
+_Handler = Callable[[Mapping[str, object], Callable[[_Json], None], list[bytes]], _Result]
 # What a typed handler gets to report progress with.
 Emit = Callable[[ProgressT], None]
+# What a typed handler returns.
+_Typed = tuple[ResultT, list[bytes]]
 
 
 @dataclass(frozen=True)
@@ -85,30 +87,52 @@ class CallTable:
         call: EngineCall[RequestT, ProgressT, ResultT],
         handler: Callable[[RequestT, Emit[ProgressT]], tuple[ResultT, list[bytes]]],
     ) -> None:
-        """Route `call.kind` to `handler(request, emit) -> (result, blobs)`."""
+        """Route `call.kind` to `handler(request, emit) -> (result, blobs)`; the call takes
+        no binary input."""
 
-        def run(payload: Mapping[str, object], emit: Callable[[_Json], None]) -> _Result:
+        def run(request: RequestT, blobs: list[bytes], emit: Emit[ProgressT]) -> _Typed[ResultT]:
+            if blobs:
+                raise ValueError(f"a {call.kind!r} call takes no binary input")
+            return handler(request, emit)
+
+        self.add_binary(call, run)
+
+    def add_binary(
+        self,
+        call: EngineCall[RequestT, ProgressT, ResultT],
+        handler: Callable[[RequestT, list[bytes], Emit[ProgressT]], tuple[ResultT, list[bytes]]],
+    ) -> None:
+        """Route `call.kind` to `handler(request, blobs, emit) -> (result, blobs)`, for a
+        call with binary input (`Sandbox.run(..., blobs=...)`)."""
+
+        def run(
+            payload: Mapping[str, object], emit: Callable[[_Json], None], blobs: list[bytes]
+        ) -> _Result:
             request = call.request.model_validate(payload)
 
             def typed_emit(message: ProgressT) -> None:
                 _check(call.kind, "progress", call.progress, message)
                 emit(message.model_dump(mode="json", by_alias=True))
 
-            result, blobs = handler(request, typed_emit)
+            result, answer = handler(request, blobs, typed_emit)
             _check(call.kind, "result", call.result, result)
-            return result.model_dump(mode="json", by_alias=True), blobs
+            return result.model_dump(mode="json", by_alias=True), answer
 
         self._handlers[call.kind] = run
 
     def handle(
-        self, kind: str, payload: Mapping[str, object], emit: Callable[[_Json], None]
+        self,
+        kind: str,
+        payload: Mapping[str, object],
+        emit: Callable[[_Json], None],
+        blobs: list[bytes] | None = None,
     ) -> _Result:
         """`Engine.handle`: run the handler of `kind`; ValueError for another kind."""
         run = self._handlers.get(kind)
         if run is None:
             known = ", ".join(repr(name) for name in sorted(self._handlers))
             raise ValueError(f"this engine handles {known} calls, not {kind!r}")
-        return run(payload, emit)
+        return run(payload, emit, blobs or [])
 
 
 def _check(kind: str, what: str, model: type[BaseModel] | None, message: object) -> None:

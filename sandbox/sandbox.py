@@ -129,15 +129,19 @@ class Sandbox:
         call: EngineCall[RequestT, ProgressT, ResultT],
         request: RequestT,
         *,
+        blobs: Sequence[bytes] = (),
         on_progress: Callable[[ProgressT], Awaitable[None] | None] | None = None,
+        check: Callable[[CallResult[ResultT]], None] | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (as in `call`)
     ) -> CallResult[ResultT]:
-        """`call` with typed messages: send `request`, validate each progress message and
-        the result against `call`'s models (the engine side: `sandbox.calls.CallTable`).
+        """`call` with typed messages: send `request` (and `blobs`), validate each progress
+        message and the result against `call`'s models (the engine side:
+        `sandbox.calls.CallTable`), then run `check` on the result (e.g. that the blobs
+        fit it), which raises EngineMisbehaved if they do not.
 
         Raises what `call` raises, and EngineMisbehaved (an EngineCrashed: the child is
         killed and restarts before the next call) naming the fields of a progress message
-        or result that does not fit its model.
+        or result that does not fit its model, or from `check`.
         """
         engine = self._engine
 
@@ -152,10 +156,13 @@ class Sandbox:
 
         def parse(result: EngineResult) -> CallResult[ResultT]:
             data = parse_message(engine, call.kind, "result", call.result, result.data)
-            return CallResult(data, result.blobs)
+            answer = CallResult(data, result.blobs)
+            if check is not None:
+                check(answer)
+            return answer
 
         payload = request.model_dump(mode="json", by_alias=True)
-        return await self._request(call.kind, payload, (), progress, timeout, parse)
+        return await self._request(call.kind, payload, blobs, progress, timeout, parse)
 
     async def _request(
         self,
