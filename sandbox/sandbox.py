@@ -121,6 +121,7 @@ class Sandbox:
         EngineStartFailed if a needed restart failed; SandboxClosed after aclose();
         FrameTooLarge, TypeError or ValueError for a payload that cannot be sent.
         An exception from `on_progress` propagates as is, and costs a restart.
+        (`run` is the typed form: pydantic messages, validated at the boundary.)
         """
         return await self._request(kind, payload, blobs, on_progress, timeout, _as_is)
 
