@@ -32,7 +32,7 @@ from typing import Annotated, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.params import MAX_N, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageParams, ModelName
+from protocol.params import MAX_N, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageParams
 from protocol.text import FinishReason, ServedSpan, ServerCheck, TextModel, TextParams
 
 __all__ = [
@@ -103,11 +103,11 @@ class ImageEngineOptions(EngineMessage):
     # the diffusers config folder of a single-file model
     model_config_dir: str | None = Field(default=None, alias="model_config")
     # the name written into PNGs and results; None = the folder name, file stem or hub id
-    model_name: ModelName | None = None
+    model_name: str | None = Field(default=None, min_length=1)
     # torch intra-op threads; None keeps torch's default
-    threads: int | None = Field(default=None, ge=1)
+    threads: int | None = None
     # the GPU memory the engine may use; None = all of it
-    max_vram_bytes: int | None = Field(default=None, ge=1)
+    max_vram_bytes: int | None = None
 
 
 class ImageProgress(EngineMessage):
@@ -125,7 +125,7 @@ class ImageResult(EngineMessage):
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED + MAX_N)]] = Field(
         min_length=1, max_length=MAX_N
     )
-    model: ModelName
+    model: str = Field(min_length=1)
     width: int = Field(ge=MIN_SIDE, le=MAX_SIDE)
     height: int = Field(ge=MIN_SIDE, le=MAX_SIDE)
 

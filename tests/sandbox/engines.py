@@ -1,4 +1,5 @@
-"""Engines for the sandbox tests. They run inside the child process, never in pytest."""
+"""Engines for the sandbox tests. They run inside the child process (TypedImageEngine also in
+pytest, to test CallTable in-process)."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from protocol.engine import IMAGE, EngineCall, ImageProgress, ImageResult, NoMes
 from protocol.params import ImageParams
 from sandbox import Sandbox
 from sandbox.errors import EngineCrashed, EngineFailed, EngineMisbehaved
+from tests.sandbox.engines import TypedImageEngine
 from tests.sandbox.test_sandbox import GUARD, make_policy
 
 LIAR = "tests.sandbox.engines:LyingImageEngine"
@@ -102,3 +103,15 @@ async def test_the_engine_side_refuses_what_does_not_fit(typed: Sandbox) -> None
     with pytest.raises(EngineFailed, match="must be a ImageProgress, got dict"):
         await typed.run(IMAGE, params("raw emit"))
     assert typed.restarts == 0
+
+
+def test_a_call_table_dumps_the_models_and_refuses_binary_input_it_does_not_take() -> None:
+    # in-process: what the child does around an engine's typed handlers
+    engine = TypedImageEngine({})
+    events: list[dict[str, object]] = []
+    payload = params("honest").model_dump(mode="json")
+    data, blobs = engine.handle("image", payload, events.append)
+    assert data == {"seeds": [7], "model": "typed", "width": 64, "height": 64}
+    assert events == [{"image": 0, "step": 1, "steps": 2, "n": 1}] and blobs == [b"png"]
+    with pytest.raises(ValueError, match="'image' call takes no binary input"):
+        engine.calls.handle("image", payload, events.append, [b"tensor"])
