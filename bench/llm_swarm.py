@@ -162,7 +162,8 @@ async def _measure(
     from client.sdk import AsyncClient
     from protocol.text import TextParams
     from worker.llm.gateway.lm_head import LMHead
-    from worker.llm.swarm.client import SwarmClient, SwarmClientConfig
+    from worker.llm.swarm.routing import SwarmClient, SwarmClientConfig
+    from worker.llm.swarm.session import InferenceSession
 
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(llm, use_safetensors=True).eval()
@@ -186,7 +187,7 @@ async def _measure(
 
     async def swarm() -> tuple[float, float]:
         began = time.perf_counter()
-        async with client.session(args.prompt + args.tokens) as session:
+        async with InferenceSession(client, args.prompt + args.tokens) as session:
             hidden = await session.step(head.embed(prompt))
             token = head.logits(hidden[:, -1:]).argmax(-1)
             first = time.perf_counter() - began

@@ -5,6 +5,7 @@ Pure: no I/O, no torch; every other package imports it and it imports none of th
     params.py      ImageParams: what to generate, with its hard limits
     samplers.py    sampler names as AUTOMATIC1111 users know them, and cost factors
     messages.py    request/response models of the HTTP API
+    engine.py      EngineCall: the typed calls between a worker and its sandboxed engine
     validation.py  pydantic errors -> (field, fix) messages
     cost.py        kudos cost formulas
     priority.py    queue order: kudos head start, aging, owner first

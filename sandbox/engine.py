@@ -1,4 +1,9 @@
-"""The contract between the sandbox and the engine it hosts, and what a call returns."""
+"""The contract between the sandbox and the engine it hosts, and what a call returns.
+
+This is the raw level: JSON objects and blobs. An engine whose calls are typed
+(`protocol.engine.EngineCall`) implements `handle` by delegating to a
+`sandbox.calls.CallTable`, and its worker calls it with `Sandbox.run`.
+"""
 
 from __future__ import annotations
 

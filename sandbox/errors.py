@@ -8,7 +8,9 @@
     ├── EngineStartFailed         the engine could not be constructed (import or constructor
     │                             raised, the child died, or start_timeout passed)
     ├── EngineCrashed             the child died or broke the protocol during a call;
-    │                             a fresh child is started before the next call
+    │   │                         a fresh child is started before the next call
+    │   └── EngineMisbehaved      the child sent a message that does not fit its typed
+    │                             call (`Sandbox.run`); the message names the fields
     ├── EngineTimedOut            a call exceeded its timeout; the child was killed and a
     │                             fresh one is started before the next call
     └── EngineFailed              engine.handle raised; the child is alive and usable
@@ -25,6 +27,7 @@ __all__ = [
     "ChannelError",
     "EngineCrashed",
     "EngineFailed",
+    "EngineMisbehaved",
     "EngineStartFailed",
     "EngineTimedOut",
     "FrameTooLarge",
@@ -77,6 +80,11 @@ class EngineStartFailed(SandboxError):
 
 class EngineCrashed(SandboxError):
     """The child process died or sent garbage during a call."""
+
+
+class EngineMisbehaved(EngineCrashed):
+    """The child sent a progress message or result that does not fit the call's model;
+    the child was killed (its output cannot be trusted) and restarts before the next call."""
 
 
 class EngineTimedOut(SandboxError):

@@ -12,9 +12,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sandbox.channel import (
     CHILD_FRAMES,
@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 # Seconds to wait for a process to be reaped once it closed its pipe or got SIGKILL;
 # only a process stuck in the kernel (e.g. a hung GPU driver call) takes longer.
 _REAP_TIMEOUT = 10.0
+
+T = TypeVar("T")
 
 
 def _confinement(engine: str, policy: SandboxPolicy, workdir: Path) -> tuple[tuple[str, ...], int]:
@@ -240,15 +242,16 @@ class ChildProcess:
         kind: str,
         payload: dict[str, Any],
         on_progress: ProgressCallback | None,
-        blobs: Sequence[bytes] = (),
-    ) -> EngineResult:
-        """Run one job in the engine.
+        blobs: Sequence[bytes],
+        parse: Callable[[EngineResult], T],
+    ) -> T:
+        """Run one job in the engine; its result as `parse` makes it.
 
         Raises TypeError/ValueError (payload not JSON) or FrameTooLarge before anything
         is sent; EngineFailed if the engine raised (the child stays usable); EngineCrashed
         if the child died or misbehaved. On any other way out (timeout, cancellation, an
-        exception from `on_progress`) the child is killed, because it is still busy with
-        a request nobody will read.
+        exception from `on_progress` or `parse`) the child is killed: it is still busy with
+        a request nobody will read, or it answered what nobody can use.
         """
         frame = encode_frame(
             RequestFrame(id=request_id, kind=kind, payload=payload),
@@ -256,7 +259,7 @@ class ChildProcess:
             max_bytes=self._max_frame_bytes,
         )
         try:
-            return await self._exchange(request_id, kind, frame, on_progress)
+            return parse(await self._exchange(request_id, kind, frame, on_progress))
         except EngineFailed:
             raise
         except BaseException:

@@ -10,19 +10,28 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel
+
+from protocol.engine import EngineCall
+from sandbox.calls import CallResult, parse_message
 from sandbox.engine import EngineResult, ProgressCallback
-from sandbox.errors import EngineCrashed, EngineTimedOut, SandboxClosed
+from sandbox.errors import EngineCrashed, EngineMisbehaved, EngineTimedOut, SandboxClosed
 from sandbox.policy import DEFAULT_POLICY, SandboxPolicy
 from sandbox.process import ChildProcess
 
 __all__ = ["Sandbox"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RequestT = TypeVar("RequestT", bound=BaseModel)
+ProgressT = TypeVar("ProgressT", bound=BaseModel)
+ResultT = TypeVar("ResultT", bound=BaseModel)
 
 _ENGINE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
@@ -112,7 +121,59 @@ class Sandbox:
         EngineStartFailed if a needed restart failed; SandboxClosed after aclose();
         FrameTooLarge, TypeError or ValueError for a payload that cannot be sent.
         An exception from `on_progress` propagates as is, and costs a restart.
+        (`run` is the typed form: pydantic messages, validated at the boundary.)
         """
+        return await self._request(kind, payload, blobs, on_progress, timeout, _as_is)
+
+    async def run(
+        self,
+        call: EngineCall[RequestT, ProgressT, ResultT],
+        request: RequestT,
+        *,
+        blobs: Sequence[bytes] = (),
+        on_progress: Callable[[ProgressT], Awaitable[None] | None] | None = None,
+        check: Callable[[CallResult[ResultT]], None] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (as in `call`)
+    ) -> CallResult[ResultT]:
+        """`call` with typed messages: send `request` (and `blobs`), validate each progress
+        message and the result against `call`'s models (the engine side:
+        `sandbox.calls.CallTable`), then run `check` on the result (e.g. that the blobs
+        fit it), which raises EngineMisbehaved if they do not.
+
+        Raises what `call` raises, and EngineMisbehaved (an EngineCrashed: the child is
+        killed and restarts before the next call) naming the fields of a progress message
+        or result that does not fit its model, or from `check`.
+        """
+        engine = self._engine
+
+        def progress(data: dict[str, Any]) -> Awaitable[None] | None:
+            if call.progress is None:
+                raise EngineMisbehaved(
+                    f"engine {engine!r} emitted progress during a {call.kind!r} call, "
+                    "which has none"
+                )
+            message = parse_message(engine, call.kind, "progress message", call.progress, data)
+            return None if on_progress is None else on_progress(message)
+
+        def parse(result: EngineResult) -> CallResult[ResultT]:
+            data = parse_message(engine, call.kind, "result", call.result, result.data)
+            answer = CallResult(data, result.blobs)
+            if check is not None:
+                check(answer)
+            return answer
+
+        payload = request.model_dump(mode="json", by_alias=True)
+        return await self._request(call.kind, payload, blobs, progress, timeout, parse)
+
+    async def _request(
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        blobs: Sequence[bytes],
+        on_progress: ProgressCallback | None,
+        timeout: float | None,  # noqa: ASYNC109 (as in `call`)
+        parse: Callable[[EngineResult], T],
+    ) -> T:
         limit = self._policy.job_timeout if timeout is None else timeout
         if limit <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {limit}")
@@ -122,7 +183,7 @@ class Sandbox:
             try:
                 async with asyncio.timeout(limit) as deadline:
                     return await child.request(
-                        self._last_request_id, kind, payload, on_progress, blobs
+                        self._last_request_id, kind, payload, on_progress, blobs, parse
                     )
             except TimeoutError:
                 if not deadline.expired():
@@ -205,6 +266,10 @@ class Sandbox:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _as_is(result: EngineResult) -> EngineResult:
+    return result
 
 
 async def _remove_tree(path: Path) -> None:

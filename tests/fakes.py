@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import functools
 import io
+from collections.abc import Callable
 from typing import Any
 
 from PIL import Image
 
 from client.sdk import AsyncClient
+from protocol.engine import IMAGE, ImageProgress, ImageResult
 from protocol.messages import LeasedJob
+from protocol.params import ImageParams
 from protocol.signing import Identity
+from sandbox.calls import CallTable, Emit
 from worker.common.link import Capabilities, CoordinatorLink
 
 __all__ = ["CAPS", "FakeImageEngine", "FakeWorker", "job_pngs", "png", "register_accounts"]
@@ -66,10 +70,18 @@ class FakeImageEngine:
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.size = options.get("size")
+        self.calls = CallTable()
+        self.calls.add(IMAGE, self.image)
 
     def handle(
-        self, kind: str, payload: dict[str, Any], emit: Any
-    ) -> tuple[dict[str, Any], list[bytes]]:
-        width, height = self.size or (payload["width"], payload["height"])
-        seeds = [payload["seed"] + i for i in range(payload["n"])]
-        return {"seeds": seeds}, [png(seed, width, height) for seed in seeds]
+        self, kind: str, payload: dict[str, object], emit: Callable[[dict[str, object]], None]
+    ) -> tuple[dict[str, object], list[bytes]]:
+        return self.calls.handle(kind, payload, emit)
+
+    def image(
+        self, params: ImageParams, emit: Emit[ImageProgress]
+    ) -> tuple[ImageResult, list[bytes]]:
+        width, height = self.size or (params.width, params.height)
+        seeds = params.seeds()
+        result = ImageResult(seeds=seeds, model="fake", width=params.width, height=params.height)
+        return result, [png(seed, width, height) for seed in seeds]

@@ -22,10 +22,10 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from worker.llm.swarm.client import SwarmClient, SwarmClientConfig
 from worker.llm.swarm.dht import start_dht, stop_dht
 from worker.llm.swarm.placement import Hop
 from worker.llm.swarm.records import ServerRecord, ServerState, parse_record, servers_key
+from worker.llm.swarm.routing import SwarmClient, SwarmClientConfig
 from worker.llm.swarm.server import BlockServer, BlockServerConfig
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,9 @@ from hivemind.compression import serialize_torch_tensor
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from worker.llm.swarm.client import SwarmClient, SwarmClientConfig
+from worker.llm.swarm.routing import SwarmClient, SwarmClientConfig
 from worker.llm.swarm.server import BlockServer, BlockServerConfig
+from worker.llm.swarm.session import InferenceSession
 from worker.llm.swarm.wire import BlockServicer, pack, unpack
 
 pytestmark = pytest.mark.slow
@@ -123,7 +124,7 @@ def streams(target: BlockServer, attacker: SwarmClient) -> Iterator[Callable[[],
 
 async def _served(honest: SwarmClient) -> None:
     """The honest peer gets a session and its hidden states through the server."""
-    async with honest.session(max_length=64) as session:
+    async with InferenceSession(honest, max_length=64) as session:
         output = await session.step(torch.randn(1, 5, 64))
     assert output.shape == (1, 5, 64)
 

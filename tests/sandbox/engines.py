@@ -1,4 +1,5 @@
-"""Engines for the sandbox tests. They run inside the child process, never in pytest."""
+"""Engines for the sandbox tests. They run inside the child process (TypedImageEngine also in
+pytest, to test CallTable in-process)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import sys
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from protocol.engine import IMAGE, ImageProgress, ImageResult
+from protocol.params import ImageParams
+from sandbox.calls import CallTable
+from sandbox.calls import Emit as CallEmit
 
 Emit = Callable[[dict[str, Any]], None]
 Result = tuple[dict[str, Any], list[bytes]]
@@ -104,3 +110,49 @@ class BinaryEngine:
         assert kind == "reverse"
         got = blobs or []
         return {**payload, "sizes": [len(blob) for blob in got]}, [b[::-1] for b in reversed(got)]
+
+
+class LyingImageEngine:
+    """Answers `image` calls with raw dicts (no CallTable), lying as its prompt asks:
+    "bad progress", "bad result", "extra field", "no progress" or "honest"."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    def handle(self, kind: str, payload: dict[str, Any], emit: Emit) -> Result:
+        prompt = payload["prompt"]
+        progress = {"image": 0, "step": 1, "steps": payload["steps"], "n": 1}
+        if prompt == "bad progress":
+            emit({**progress, "step": "one", "steps": -1})
+        elif prompt != "no progress":
+            emit(progress)
+        result = {"seeds": [payload["seed"]], "model": "liar", "width": 64, "height": 64}
+        if prompt == "bad result":
+            result = {**result, "seeds": ["all of them"], "height": 3}
+        elif prompt == "extra field":
+            result = {**result, "owned": True}
+        return result, [b"not really a png"]
+
+
+class TypedImageEngine:
+    """The IMAGE call through a CallTable, misusing it as its prompt asks: "wrong result"
+    (returns another model), "raw emit" (emits a dict) or "honest"."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.calls = CallTable()
+        self.calls.add(IMAGE, self.image)
+
+    def handle(
+        self, kind: str, payload: dict[str, object], emit: Callable[[dict[str, object]], None]
+    ) -> tuple[dict[str, object], list[bytes]]:
+        return self.calls.handle(kind, payload, emit)
+
+    def image(self, params: ImageParams, emit: CallEmit[ImageProgress]) -> tuple[Any, list[bytes]]:
+        assert params.seed is not None
+        if params.prompt == "raw emit":
+            emit({"image": 0, "step": 1, "steps": params.steps, "n": 1})  # type: ignore[arg-type]
+        emit(ImageProgress(image=0, step=1, steps=params.steps, n=params.n))
+        if params.prompt == "wrong result":
+            return ImageProgress(image=0, step=1, steps=1, n=1), []
+        result = ImageResult(seeds=params.seeds(), model="typed", width=64, height=64)
+        return result, [b"png"] * params.n

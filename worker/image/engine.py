@@ -23,8 +23,10 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from protocol.engine import IMAGE, ImageEngineOptions, ImageProgress, ImageResult
 from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams
+from sandbox.calls import CallTable, Emit
 from worker.errors import ModelNotFound
 from worker.image.model_source import ModelSource, resolve_model
 from worker.image.samplers import make_scheduler
@@ -32,8 +34,6 @@ from worker.image.samplers import make_scheduler
 __all__ = ["ImageEngine", "encode_png", "load_pipeline"]
 
 logger = logging.getLogger(__name__)
-
-Emit = Callable[[dict[str, Any]], None]
 
 
 def load_pipeline(source: ModelSource) -> StableDiffusionPipeline:
@@ -69,55 +69,51 @@ def encode_png(image: Image.Image, parameters: str) -> bytes:
 class ImageEngine:
     """Holds one Stable Diffusion pipeline and turns image jobs into PNGs.
 
-    options: {"model": spec for `resolve_model`, "model_config": str | None,
-    "threads": int | None (torch intra-op threads; None keeps torch's default),
-    "max_vram_bytes": int | None (the GPU memory the engine may use; None = all),
-    optionally "model_name": str | None (the name written into PNGs and results; defaults
-    to the folder name, file stem or hub id)}.
+    options: `protocol.engine.ImageEngineOptions` as JSON; calls: `protocol.engine.IMAGE`.
     """
 
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        threads = options.get("threads")
-        if threads is not None:
-            torch.set_num_threads(int(threads))
-        config = options.get("model_config")
-        self.source = resolve_model(str(options["model"]), Path(config) if config else None)
-        self.model_name: str = options.get("model_name") or self.source.name
+    def __init__(self, options: Mapping[str, object]) -> None:
+        settings = ImageEngineOptions.model_validate(options)
+        if settings.threads is not None:
+            torch.set_num_threads(settings.threads)
+        config = settings.model_config_dir
+        self.source = resolve_model(settings.model, Path(config) if config else None)
+        self.model_name: str = settings.model_name or self.source.name
         # Generators stay on the CPU whatever the device, so seeds mean the same everywhere.
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        max_vram = options.get("max_vram_bytes")
+        max_vram = settings.max_vram_bytes
         if max_vram and self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, int(max_vram) / total))
+            torch.cuda.set_per_process_memory_fraction(min(1.0, max_vram / total))
         pipe = load_pipeline(self.source)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.base_scheduler_config = dict(pipe.scheduler.config)
+        self.calls = CallTable()
+        self.calls.add(IMAGE, self.image)
         logger.info("loaded %s (%s) on %s", self.model_name, self.source.kind, self.device)
 
     def handle(
-        self, kind: str, payload: Mapping[str, Any], emit: Emit
-    ) -> tuple[dict[str, Any], list[bytes]]:
-        """Run one job; returns ({"seeds", "model", "width", "height"}, PNG bytes per image).
+        self, kind: str, payload: Mapping[str, object], emit: Callable[[dict[str, object]], None]
+    ) -> tuple[dict[str, object], list[bytes]]:
+        """`Engine.handle`: validates `payload` as the call's request (see `image`)."""
+        return self.calls.handle(kind, payload, emit)
 
-        `emit` receives {"image", "step", "steps", "n"} as each sampling step finishes.
-        """
-        if kind != "image":
-            raise ValueError(f"ImageEngine handles only 'image' jobs, not {kind!r}")
-        params = ImageParams.model_validate(dict(payload))
+    def image(
+        self, params: ImageParams, emit: Emit[ImageProgress]
+    ) -> tuple[ImageResult, list[bytes]]:
+        """Run one job; returns its ImageResult and one PNG per image, emitting an
+        ImageProgress as each sampling step finishes."""
         if params.seed is None:
             raise ValueError("payload has no seed; the caller must choose it before the job")
         blobs = [self._one_image(params, i, emit) for i in range(params.n)]
-        data = {
-            "seeds": params.seeds(),
-            "model": self.model_name,
-            "width": params.width,
-            "height": params.height,
-        }
-        return data, blobs
+        result = ImageResult(
+            seeds=params.seeds(), model=self.model_name, width=params.width, height=params.height
+        )
+        return result, blobs
 
-    def _one_image(self, params: ImageParams, index: int, emit: Emit) -> bytes:
+    def _one_image(self, params: ImageParams, index: int, emit: Emit[ImageProgress]) -> bytes:
         assert params.seed is not None
         seed = params.seed + index
         self.pipe.scheduler = make_scheduler(params.sampler, self.base_scheduler_config)
@@ -132,7 +128,7 @@ class ImageEngine:
             done = (step + 1) * params.steps // max(pipe.num_timesteps, 1)
             if done > reported:
                 reported = done
-                emit({"image": index, "step": done, "steps": params.steps, "n": params.n})
+                emit(ImageProgress(image=index, step=done, steps=params.steps, n=params.n))
             return kwargs
 
         result = self.pipe(

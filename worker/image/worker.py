@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from protocol.engine import IMAGE, ImageEngineOptions, ImageProgress
 from protocol.messages import LeasedJob
 from protocol.signing import params_hash
 from sandbox import Sandbox, SandboxPolicy
@@ -56,14 +57,16 @@ class ImageWorker:
 
     @classmethod
     async def create(cls, config: ImageWorkerConfig, link: CoordinatorLink) -> ImageWorker:
-        options: dict[str, Any] = {
-            "model": config.model,
-            "model_config": str(config.model_config) if config.model_config else None,
-            "model_name": config.model_name,
-            "threads": config.threads,
-            "max_vram_bytes": config.max_vram_bytes,
-        }
-        sandbox = await Sandbox.create(ENGINE, options, engine_policy(config))
+        options = ImageEngineOptions(
+            model=config.model,
+            model_config=str(config.model_config) if config.model_config else None,
+            model_name=config.model_name,
+            threads=config.threads,
+            max_vram_bytes=config.max_vram_bytes,
+        )
+        sandbox = await Sandbox.create(
+            ENGINE, options.model_dump(mode="json", by_alias=True), engine_policy(config)
+        )
         return cls(config, sandbox, link)
 
     async def aclose(self) -> None:
@@ -102,24 +105,21 @@ class ImageWorker:
         # Jobs shorter than one interval finish without any progress traffic.
         last_report = started
 
-        async def on_progress(event: dict[str, Any]) -> None:
+        async def on_progress(event: ImageProgress) -> None:
             nonlocal last_report
             now = time.monotonic()
             # The result follows the last step at once, so reporting it would only delay it.
-            if now - last_report < self.config.progress_interval or event["step"] == event["steps"]:
+            if now - last_report < self.config.progress_interval or event.step == event.steps:
                 return
             last_report = now
             try:
-                await self.link.progress(
-                    job.id, int(event["image"]), int(event["step"]), int(event["steps"])
-                )
+                await self.link.progress(job.id, event.image, event.step, event.steps)
             except (CoordinatorUnavailable, LeaseLost) as exc:
                 log.warning("progress report for job %s failed: %s", job.id, exc)
 
         try:
-            result = await self.sandbox.call(
-                "image", job.params.model_dump(mode="json"), on_progress=on_progress
-            )
+            # (EngineMisbehaved, a malformed message from the engine, is an EngineCrashed)
+            result = await self.sandbox.run(IMAGE, job.params, on_progress=on_progress)
         except (EngineCrashed, EngineTimedOut, EngineFailed) as exc:
             log.error("engine failed on job %s: %s", job.id, exc)
             await self._give_back(job, f"{type(exc).__name__}: {exc}")
@@ -129,7 +129,7 @@ class ImageWorker:
         except asyncio.CancelledError:
             await asyncio.shield(self._give_back(job, "worker shutting down"))
             raise
-        seeds = [int(seed) for seed in result.data["seeds"]]
+        seeds = result.data.seeds
         try:
             accepted = await retrying("submit", lambda: self.link.submit(job, seeds, result.blobs))
         except LeaseLost as exc:

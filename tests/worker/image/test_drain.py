@@ -23,8 +23,10 @@ import pytest
 
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
+from protocol.engine import ImageProgress, ImageResult
 from protocol.messages import JobStatus
 from protocol.params import ImageParams
+from sandbox.calls import Emit
 from tests.conftest import LiveApp, start_app
 from tests.fakes import FakeImageEngine, register_accounts
 from worker.common.service import Drain
@@ -40,14 +42,13 @@ class SlowEngine(FakeImageEngine):
         super().__init__(options)
         self.seconds = float(options["seconds"])
 
-    def handle(
-        self, kind: str, payload: dict[str, Any], emit: Any
-    ) -> tuple[dict[str, Any], list[bytes]]:
-        steps = int(payload["steps"])
-        for step in range(1, steps + 1):
-            time.sleep(self.seconds / steps)
-            emit({"image": 0, "step": step, "steps": steps})
-        return super().handle(kind, payload, emit)
+    def image(
+        self, params: ImageParams, emit: Emit[ImageProgress]
+    ) -> tuple[ImageResult, list[bytes]]:
+        for step in range(1, params.steps + 1):
+            time.sleep(self.seconds / params.steps)
+            emit(ImageProgress(image=0, step=step, steps=params.steps, n=params.n))
+        return super().image(params, emit)
 
 
 async def _worker_main(url: str, api_key: str, tmp: str, seconds: float) -> int:

@@ -8,7 +8,8 @@
     generation.py     the generation loop and sampling (greedy, temperature, top-k/p, ...)
     chat_format.py    chat messages -> prompt (the tokenizer's template, or a default)
 
-The decoder blocks run on block servers, reached through `worker.llm.swarm.client`.
+The decoder blocks run on block servers, reached through `worker.llm.swarm.routing` and
+`worker.llm.swarm.session`.
 """
 
 __all__: list[str] = []

@@ -31,7 +31,8 @@ from worker.llm.gateway.chat_format import render_chat
 from worker.llm.gateway.generation import GenerationResult, OnText, SamplingParams, generate
 from worker.llm.gateway.lm_head import LMHead
 from worker.llm.swarm.checks import check_hop
-from worker.llm.swarm.client import InferenceSession, SwarmClient, SwarmClientConfig
+from worker.llm.swarm.routing import SwarmClient, SwarmClientConfig
+from worker.llm.swarm.session import InferenceSession
 
 __all__ = [
     "CheckStats",
@@ -187,7 +188,7 @@ class GenerationCore:
         self.stats.jobs += 1
         for generation in range(MAX_GENERATIONS):
             max_length = len(prompt_ids) + max_tokens
-            async with self.swarm.session(max_length, frozenset(avoid)) as session:
+            async with InferenceSession(self.swarm, max_length, frozenset(avoid)) as session:
                 result = await generate(
                     self.head,
                     session.step,

@@ -6,14 +6,12 @@ and identity and only relays what this engine returns. The swarm client is async
 so the engine runs an event loop on a thread of its own for its whole life, and each
 request waits there for its coroutine.
 
-Requests:
-    info      {} -> {name, blocks, parameters, max_context}
-    generate  {params (TextParams as JSON)} -> {text, finish_reason, prompt_tokens,
-              completion_tokens, first_token_seconds, seconds, spans, checks}; emits
-              {"text": delta} while it generates
-    stats     {} -> CheckStats as JSON, and the peers banned now
-    configure {check_rate} -> {}: the share of jobs checked from now on
-    refresh   {} -> {records}: re-read the swarm's records (tests)
+Calls (`protocol.engine`, served through a `sandbox.calls.CallTable`):
+    TEXT_INFO       the model: name, blocks, parameters, max_context
+    TEXT_GENERATE   one text job; emits TextChunk deltas while it generates
+    TEXT_STATS      the spot checks so far (core.CheckStats) and the peers banned now
+    TEXT_CONFIGURE  the share of jobs checked from now on
+    TEXT_REFRESH    re-read the swarm's records (tests)
 """
 
 from __future__ import annotations
@@ -21,10 +19,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
-from protocol.text import TextParams
+from protocol.engine import (
+    TEXT_CONFIGURE,
+    TEXT_GENERATE,
+    TEXT_INFO,
+    TEXT_REFRESH,
+    TEXT_STATS,
+    CheckRate,
+    EngineStats,
+    GeneratedText,
+    GenerateText,
+    NoMessage,
+    SwarmPeers,
+    TextChunk,
+)
+from protocol.text import ServedSpan, TextModel
+from sandbox.calls import CallTable, Emit
 from worker.llm.gateway.core import CoreSettings, GenerationCore
 
 __all__ = ["GenerationEngine"]
@@ -40,50 +53,68 @@ class GenerationEngine:
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="swarm", daemon=True).start()
         self.core = self._wait(GenerationCore.create(settings))
+        self.calls = CallTable()
+        self.calls.add(TEXT_INFO, self.info)
+        self.calls.add(TEXT_GENERATE, self.generate)
+        self.calls.add(TEXT_STATS, self.stats)
+        self.calls.add(TEXT_CONFIGURE, self.configure)
+        self.calls.add(TEXT_REFRESH, self.refresh)
 
     def _wait(self, work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(work, self._loop).result()
 
     def handle(
-        self, kind: str, payload: dict[str, Any], emit: Callable[[dict[str, Any]], None]
-    ) -> tuple[dict[str, Any], list[bytes]]:
-        core = self.core
-        if kind == "info":
-            return core.model.model_dump(), []
-        if kind == "generate":
-            params = TextParams.model_validate(payload["params"])
+        self, kind: str, payload: Mapping[str, object], emit: Callable[[dict[str, object]], None]
+    ) -> tuple[dict[str, object], list[bytes]]:
+        """`Engine.handle`: validates `payload` as the call's request."""
+        return self.calls.handle(kind, payload, emit)
 
-            async def on_text(delta: str) -> None:
-                emit({"text": delta})
+    def info(self, _: NoMessage, emit: Emit[NoMessage]) -> tuple[TextModel, list[bytes]]:
+        return self.core.model, []
 
-            generated = self._wait(core.run(params, on_text))
-            result = generated.result
-            spans = [
-                {"peer_id": peer, "start": start, "end": end, "tokens": tokens}
-                for (peer, start, end), tokens in generated.spans.items()
-                if tokens > 0
-            ]
-            return {
-                "text": result.text,
-                "finish_reason": result.finish_reason,
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "first_token_seconds": result.first_token_seconds,
-                "seconds": result.seconds,
-                "spans": spans,
-                "checks": [check.model_dump() for check in generated.checks],
-            }, []
-        if kind == "stats":
-            stats = dataclasses.asdict(core.stats)
-            stats["checks"] = [check.model_dump() for check in core.stats.checks]
-            peers = {check.peer_id for check in core.stats.checks}
-            stats["banned"] = sorted(peer for peer in peers if core.swarm.is_banned(peer))
-            return stats, []
-        if kind == "configure":
-            rate = float(payload["check_rate"])
-            core.settings = dataclasses.replace(core.settings, check_rate=rate)
-            return {}, []
-        if kind == "refresh":
-            records = self._wait(core.swarm.records(refresh=True))
-            return {"records": [record.peer_id for record in records]}, []
-        raise ValueError(f"unknown request {kind!r}")
+    def generate(
+        self, request: GenerateText, emit: Emit[TextChunk]
+    ) -> tuple[GeneratedText, list[bytes]]:
+        async def on_text(delta: str) -> None:
+            emit(TextChunk(text=delta))
+
+        generated = self._wait(self.core.run(request.params, on_text))
+        result = generated.result
+        spans = [
+            ServedSpan(peer_id=peer, start=start, end=end, tokens=tokens)
+            for (peer, start, end), tokens in generated.spans.items()
+            if tokens > 0
+        ]
+        answer = GeneratedText(
+            text=result.text,
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            first_token_seconds=result.first_token_seconds,
+            seconds=result.seconds,
+            spans=spans,
+            checks=generated.checks,
+        )
+        return answer, []
+
+    def stats(self, _: NoMessage, emit: Emit[NoMessage]) -> tuple[EngineStats, list[bytes]]:
+        stats = self.core.stats
+        peers = {check.peer_id for check in stats.checks}
+        answer = EngineStats(
+            served_block_tokens=stats.served_block_tokens,
+            checked_block_tokens=stats.checked_block_tokens,
+            jobs=stats.jobs,
+            checked_jobs=stats.checked_jobs,
+            caught_jobs=stats.caught_jobs,
+            checks=list(stats.checks),
+            banned=sorted(peer for peer in peers if self.core.swarm.is_banned(peer)),
+        )
+        return answer, []
+
+    def configure(self, request: CheckRate, emit: Emit[NoMessage]) -> tuple[NoMessage, list[bytes]]:
+        self.core.settings = dataclasses.replace(self.core.settings, check_rate=request.check_rate)
+        return NoMessage(), []
+
+    def refresh(self, _: NoMessage, emit: Emit[NoMessage]) -> tuple[SwarmPeers, list[bytes]]:
+        records = self._wait(self.core.swarm.records(refresh=True))
+        return SwarmPeers(records=[record.peer_id for record in records]), []

@@ -17,6 +17,17 @@ import logging
 import time
 from typing import Any
 
+from protocol.engine import (
+    TEXT_CONFIGURE,
+    TEXT_GENERATE,
+    TEXT_INFO,
+    TEXT_REFRESH,
+    TEXT_STATS,
+    CheckRate,
+    GenerateText,
+    NoMessage,
+    TextChunk,
+)
 from protocol.signing import params_hash
 from protocol.text import LeasedTextJob, TextModel
 from sandbox import Sandbox, SandboxPolicy
@@ -150,7 +161,7 @@ class TextGateway:
         except EngineStartFailed as exc:
             raise ModelError(f"the gateway's engine could not start: {exc}") from exc
         try:
-            model = TextModel.model_validate((await engine.call("info", {})).data)
+            model = (await engine.run(TEXT_INFO, NoMessage())).data
         except BaseException:
             await engine.aclose()
             raise
@@ -160,16 +171,17 @@ class TextGateway:
         await self.engine.aclose()
 
     async def stats(self) -> dict[str, Any]:
-        """The engine's spot-check statistics (core.CheckStats) and the peers it bans."""
-        return (await self.engine.call("stats", {})).data
+        """The engine's spot-check statistics (core.CheckStats) and the peers it bans, as
+        `protocol.engine.EngineStats` in JSON."""
+        return (await self.engine.run(TEXT_STATS, NoMessage())).data.model_dump(mode="json")
 
     async def set_check_rate(self, rate: float) -> None:
         """Change the share of jobs spot-checked from now on (tests, benchmarks)."""
-        await self.engine.call("configure", {"check_rate": rate})
+        await self.engine.run(TEXT_CONFIGURE, CheckRate(check_rate=rate))
 
     async def refresh_records(self) -> list[str]:
         """Have the engine re-read the swarm's records; the peer ids it found."""
-        return list((await self.engine.call("refresh", {})).data["records"])
+        return (await self.engine.run(TEXT_REFRESH, NoMessage())).data.records
 
     async def run(self) -> None:
         """Serve until cancelled. CoordinatorRejected (400) if the coordinator refuses the
@@ -196,13 +208,14 @@ class TextGateway:
             return
         sender = _TextSender(self.link, job.id, self.config.stream_interval)
 
-        def on_progress(event: dict[str, Any]) -> None:
-            sender.add(str(event["text"]))
+        def on_progress(chunk: TextChunk) -> None:
+            sender.add(chunk.text)
 
         started = time.monotonic()
         try:
-            answer = await self.engine.call(
-                "generate", {"params": job.params.model_dump(mode="json")}, on_progress=on_progress
+            # (EngineMisbehaved, a malformed message from the engine, is an EngineCrashed)
+            answer = await self.engine.run(
+                TEXT_GENERATE, GenerateText(params=job.params), on_progress=on_progress
             )
         except EngineFailed as exc:
             sender.cancel()
@@ -229,12 +242,12 @@ class TextGateway:
                 "submit",
                 lambda: self.link.submit_text(
                     job,
-                    result["text"],
-                    result["finish_reason"],
-                    result["prompt_tokens"],
-                    result["completion_tokens"],
-                    result["spans"],
-                    result["checks"][:MAX_CHECKS],
+                    result.text,
+                    result.finish_reason,
+                    result.prompt_tokens,
+                    result.completion_tokens,
+                    [span.model_dump() for span in result.spans],
+                    [check.model_dump() for check in result.checks[:MAX_CHECKS]],
                 ),
             )
         except LeaseLost as exc:
@@ -244,10 +257,10 @@ class TextGateway:
         log.info(
             "text job %s: %d tokens in %.2fs (%.1f tok/s, first after %.0f ms), charged %d",
             job.id,
-            result["completion_tokens"],
+            result.completion_tokens,
             time.monotonic() - started,
-            result["completion_tokens"] / max(result["seconds"], 1e-9),
-            result["first_token_seconds"] * 1000,
+            result.completion_tokens / max(result.seconds, 1e-9),
+            result.first_token_seconds * 1000,
             accepted.kudos_charged,
         )
 

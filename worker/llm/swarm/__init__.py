@@ -13,15 +13,18 @@
     limits.py     PeerLimits: per-peer attention-cache share and open streams
     server.py     BlockServer: the handlers (inference, forward, info), bounded sessions,
                   announcements
-    client.py     SwarmClient: routes, InferenceSession with replay on server failure,
-                  per-server usage and what each server was given and answered
+    routing.py    SwarmClient: the DHT client, announcements, bans and round trips, routes
+                  (fastest chains of servers), stateless forward passes with rerouting
+    session.py    InferenceSession: streams along a route, caches on the servers, replay
+                  to a replacement on server failure, per-server usage and what each
+                  server was given and answered
     checks.py     spot checks: a prefix of a server's answers recomputed on other servers,
                   compared within a tolerance, a third server deciding a disagreement
 
-The server and the client never import each other. Errors live in `worker.errors` under
-`SwarmError`. The design follows Petals (servers announce block ranges in a DHT, clients
-chain servers and keep a history to replay to a replacement); the code is our own, on
-hivemind's DHT and P2P only.
+The server and the client side (routing, session) never import each other. Errors live in
+`worker.errors` under `SwarmError`. The design follows Petals (servers announce block
+ranges in a DHT, clients chain servers and keep a history to replay to a replacement); the
+code is our own, on hivemind's DHT and P2P only.
 """
 
 __all__: list[str] = []

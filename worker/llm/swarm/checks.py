@@ -36,9 +36,9 @@ import torch
 
 from protocol.text import ServerCheck
 from worker.errors import ServerFailed
-from worker.llm.swarm.client import HopStates
 from worker.llm.swarm.placement import Hop
 from worker.llm.swarm.records import ServerRecord, ServerState
+from worker.llm.swarm.session import HopStates
 from worker.llm.swarm.wire import MAX_UNARY_BYTES
 
 __all__ = [
@@ -61,7 +61,7 @@ DEFAULT_TOLERANCE = 0.1
 
 
 class Swarm(Protocol):
-    """What a check needs of `worker.llm.swarm.client.SwarmClient`."""
+    """What a check needs of `worker.llm.swarm.routing.SwarmClient`."""
 
     async def records(self) -> list[ServerRecord]: ...
 

@@ -13,14 +13,32 @@ so their gateways replay them elsewhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from sandbox import Sandbox, SandboxPolicy
+from protocol.engine import (
+    BLOCK_CLOSE,
+    BLOCK_FORWARD,
+    BLOCK_MEASURE,
+    BLOCK_STEP,
+    BlockEngineOptions,
+    BlockRequest,
+    EngineCall,
+    HiddenPass,
+    HiddenShape,
+    HiddenStep,
+    NoMessage,
+)
+from sandbox import CallResult, Sandbox, SandboxPolicy
+from sandbox.errors import EngineMisbehaved
 
 __all__ = ["ENGINE", "ComputeSettings", "SpanCompute", "hidden_sizes"]
 
 ENGINE = "worker.llm.swarm.compute_engine:BlockEngine"
+
+RequestT = TypeVar("RequestT", HiddenPass, HiddenStep)
 
 # bytes per number of the dtypes hidden states may travel in
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -71,14 +89,14 @@ class SpanCompute:
                 "HF_HUB_OFFLINE": "1",
             },
         )
-        options = {
-            "model_dir": str(settings.model_dir.resolve()),
-            "start": settings.start,
-            "end": settings.end,
-            "dtype": settings.dtype,
-            "threads": settings.threads,
-        }
-        return cls(await Sandbox.create(ENGINE, options, policy))
+        options = BlockEngineOptions(
+            model_dir=str(settings.model_dir.resolve()),
+            start=settings.start,
+            end=settings.end,
+            dtype=settings.dtype,
+            threads=settings.threads,
+        )
+        return cls(await Sandbox.create(ENGINE, options.model_dump(mode="json"), policy))
 
     @property
     def generation(self) -> int:
@@ -96,15 +114,25 @@ class SpanCompute:
         end: int,
     ) -> tuple[bytes, list[int]]:
         """The span's output (float32 bytes, shape) for the session's next tokens."""
-        payload = {"session": session, "past": past, "dtype": dtype, "shape": shape}
-        return await self._call("step", {**payload, "start": start, "end": end}, hidden)
+        request = HiddenStep(
+            session=session,
+            past=past,
+            dtype=dtype,
+            shape=shape,
+            start=start,
+            end=end,
+            close=self._take_closing(),
+        )
+        return await self._call(BLOCK_STEP, request, hidden)
 
     async def forward(
         self, hidden: bytes, dtype: str, shape: list[int], start: int, end: int
     ) -> tuple[bytes, list[int]]:
         """A stateless pass (no cache)."""
-        payload = {"dtype": dtype, "shape": shape, "start": start, "end": end}
-        return await self._call("forward", payload, hidden)
+        request = HiddenPass(
+            dtype=dtype, shape=shape, start=start, end=end, close=self._take_closing()
+        )
+        return await self._call(BLOCK_FORWARD, request, hidden)
 
     def close(self, session: str) -> None:
         """Forget a session's cache: sent along with the next call (or `flush`)."""
@@ -113,20 +141,34 @@ class SpanCompute:
     async def flush(self) -> None:
         """Send pending closes now (when the server is idle, caches are freed here)."""
         if self._closing:
-            closing, self._closing = self._closing, []
-            await self._sandbox.call("close", {"close": closing})
+            await self._sandbox.run(BLOCK_CLOSE, BlockRequest(close=self._take_closing()))
 
     async def measure(self) -> float:
-        result = await self._sandbox.call("measure", {})
-        return float(result.data["tokens_per_second"])
+        result = await self._sandbox.run(BLOCK_MEASURE, BlockRequest())
+        return result.data.tokens_per_second
+
+    def _take_closing(self) -> list[str]:
+        closing, self._closing = self._closing, []
+        return closing
 
     async def _call(
-        self, kind: str, payload: dict[str, object], hidden: bytes
+        self,
+        call: EngineCall[RequestT, NoMessage, HiddenShape],
+        request: RequestT,
+        hidden: bytes,
     ) -> tuple[bytes, list[int]]:
-        closing, self._closing = self._closing, []
-        result = await self._sandbox.call(kind, {**payload, "close": closing}, blobs=[hidden])
-        shape = [int(size) for size in result.data["shape"]]
-        return result.blobs[0], shape
+        result = await self._sandbox.run(call, request, blobs=[hidden], check=_one_output)
+        return result.blobs[0], result.data.shape
 
     async def aclose(self) -> None:
         await self._sandbox.aclose()
+
+
+def _one_output(result: CallResult[HiddenShape]) -> None:
+    """EngineMisbehaved unless the answer is one float32 tensor of the shape it names."""
+    sizes = [len(blob) for blob in result.blobs]
+    if sizes != [4 * math.prod(result.data.shape)]:
+        raise EngineMisbehaved(
+            f"the compute process answered blobs of {sizes} bytes for a float32 output "
+            f"of shape {result.data.shape}"
+        )

@@ -4,23 +4,37 @@ This is the only code of a block server that turns bytes from strangers into ten
 runs the model's layers on them, so it is the part confined: no network, no credentials,
 no files but the model (read-only). It holds the attention caches of the open sessions.
 
-Requests (`Sandbox.call(kind, payload, blobs=...)`):
-    step     {session, past, start, end, dtype, shape} + [hidden bytes] -> [output bytes]
-    forward  {start, end, dtype, shape} + [hidden bytes] -> [output bytes] (no cache)
-    close    {sessions: [...]} -> {} (drops their caches)
-    measure  {} -> {tokens_per_second}
-Every request may also carry `close: [...]`, sessions to drop first. Outputs are float32,
+Calls (`protocol.engine`, through a `sandbox.calls.CallTable`):
+    BLOCK_STEP     HiddenStep + [hidden bytes] -> HiddenShape + [output bytes]
+    BLOCK_FORWARD  HiddenPass + [hidden bytes] -> HiddenShape + [output bytes] (no cache)
+    BLOCK_CLOSE    drops the caches of the sessions named
+    BLOCK_MEASURE  -> Throughput
+Every request may also name in `close` sessions to drop first. Outputs are float32,
 row-major, with their shape in the answer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from protocol.engine import (
+    BLOCK_CLOSE,
+    BLOCK_FORWARD,
+    BLOCK_MEASURE,
+    BLOCK_STEP,
+    BlockEngineOptions,
+    BlockRequest,
+    HiddenPass,
+    HiddenShape,
+    HiddenStep,
+    NoMessage,
+    Throughput,
+)
+from sandbox.calls import CallTable, Emit
 from worker.llm.swarm.blocks import BlockSpan, new_cache
 from worker.llm.swarm.compute import hidden_sizes
 
@@ -50,43 +64,72 @@ def decode_hidden(buffer: bytes, dtype: str, shape: list[int]) -> torch.Tensor:
 
 
 class BlockEngine:
-    """options: {model_dir, start, end, dtype (a torch dtype name or None), threads}."""
+    """options: `protocol.engine.BlockEngineOptions` as JSON."""
 
-    def __init__(self, options: dict[str, Any]) -> None:
-        torch.set_num_threads(int(options["threads"]))
-        dtype = options.get("dtype")
+    def __init__(self, options: Mapping[str, object]) -> None:
+        settings = BlockEngineOptions.model_validate(options)
+        torch.set_num_threads(settings.threads)
+        dtype = settings.dtype
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r}; use float32, float16 or bfloat16")
         self.span = BlockSpan.load(
-            Path(options["model_dir"]),
-            int(options["start"]),
-            int(options["end"]),
+            Path(settings.model_dir),
+            settings.start,
+            settings.end,
             None if dtype is None else _DTYPES[dtype],
         )
-        self.caches: dict[str, Any] = {}
+        self.caches: dict[str, object] = {}  # session -> its attention cache
+        self.calls = CallTable()
+        self.calls.add_binary(BLOCK_STEP, self.step)
+        self.calls.add_binary(BLOCK_FORWARD, self.forward)
+        self.calls.add(BLOCK_CLOSE, self.close)
+        self.calls.add(BLOCK_MEASURE, self.measure)
 
     def handle(
         self,
         kind: str,
-        payload: dict[str, Any],
-        emit: Any,
+        payload: Mapping[str, object],
+        emit: Callable[[dict[str, object]], None],
         blobs: list[bytes] | None = None,
-    ) -> tuple[dict[str, Any], list[bytes]]:
-        for session in payload.get("close", ()):
+    ) -> tuple[dict[str, object], list[bytes]]:
+        """`Engine.handle`: validates `payload` as the call's request."""
+        return self.calls.handle(kind, payload, emit, blobs)
+
+    def _drop(self, request: BlockRequest) -> None:
+        for session in request.close:
             self.caches.pop(session, None)
-        if kind == "close":
-            return {}, []
-        if kind == "measure":
-            return {"tokens_per_second": self.span.measure_throughput()}, []
-        if kind not in ("step", "forward") or not blobs or len(blobs) != 1:
-            raise ValueError(f"unknown request {kind!r}, or not exactly one tensor")
-        hidden = decode_hidden(blobs[0], payload["dtype"], payload["shape"])
-        cache = None
-        if kind == "step":
-            cache = self.caches.get(payload["session"])
-            if cache is None:
-                cache = self.caches[payload["session"]] = new_cache()
-        output = self.span.forward(
-            hidden, cache, past=int(payload.get("past", 0)), start=payload["start"],
-            end=payload["end"],
-        )  # fmt: skip
+
+    def close(self, request: BlockRequest, emit: Emit[NoMessage]) -> tuple[NoMessage, list[bytes]]:
+        self._drop(request)
+        return NoMessage(), []
+
+    def measure(
+        self, request: BlockRequest, emit: Emit[NoMessage]
+    ) -> tuple[Throughput, list[bytes]]:
+        self._drop(request)
+        return Throughput(tokens_per_second=self.span.measure_throughput()), []
+
+    def step(
+        self, request: HiddenStep, blobs: list[bytes], emit: Emit[NoMessage]
+    ) -> tuple[HiddenShape, list[bytes]]:
+        self._drop(request)
+        cache = self.caches.get(request.session)
+        if cache is None:
+            cache = self.caches[request.session] = new_cache()
+        return self._run(request, blobs, cache, request.past)
+
+    def forward(
+        self, request: HiddenPass, blobs: list[bytes], emit: Emit[NoMessage]
+    ) -> tuple[HiddenShape, list[bytes]]:
+        self._drop(request)
+        return self._run(request, blobs, None, 0)
+
+    def _run(
+        self, request: HiddenPass, blobs: list[bytes], cache: object | None, past: int
+    ) -> tuple[HiddenShape, list[bytes]]:
+        if len(blobs) != 1:
+            raise ValueError(f"send exactly one tensor, not {len(blobs)}")
+        hidden = decode_hidden(blobs[0], request.dtype, request.shape)
+        output = self.span.forward(hidden, cache, past=past, start=request.start, end=request.end)
         output = output.to(torch.float32).contiguous()
-        return {"shape": list(output.shape)}, [output.numpy().tobytes()]
+        return HiddenShape(shape=list(output.shape)), [output.numpy().tobytes()]

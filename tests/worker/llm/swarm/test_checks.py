@@ -14,9 +14,9 @@ import torch
 
 from worker.errors import ServerFailed
 from worker.llm.swarm.checks import agree, check_hop, pick_prefix, verdict
-from worker.llm.swarm.client import HopStates
 from worker.llm.swarm.placement import Hop
 from worker.llm.swarm.records import ServerRecord, ServerState
+from worker.llm.swarm.session import HopStates
 from worker.llm.swarm.wire import MAX_UNARY_BYTES
 
 H = 64

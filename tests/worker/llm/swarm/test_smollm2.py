@@ -27,8 +27,9 @@ from tests.worker.llm.swarm.conftest import Cluster, Server
 from worker.errors import MissingBlocks
 from worker.llm.gateway.generation import SamplingParams, generate
 from worker.llm.gateway.lm_head import LMHead
-from worker.llm.swarm.client import SwarmClient, SwarmClientConfig
 from worker.llm.swarm.placement import Hop
+from worker.llm.swarm.routing import SwarmClient, SwarmClientConfig
+from worker.llm.swarm.session import InferenceSession
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 ANSWER = "The capital of France is Paris."
@@ -132,7 +133,7 @@ async def test_swarm_greedy_equals_transformers_generate(
     config = SwarmClientConfig(model_name="smollm2", initial_peers=(alpha.maddr,))
     async with (
         await SwarmClient.create(config) as client,
-        client.session(len(prompt) + 32) as session,
+        InferenceSession(client, len(prompt) + 32) as session,
     ):
         route = session.route
         got = await generate(
@@ -160,7 +161,7 @@ async def test_a_mismatched_model_name_names_both_names_and_the_fix(
     )
     async with await SwarmClient.create(config) as client:
         with pytest.raises(MissingBlocks) as caught:
-            async with client.session(64):
+            async with InferenceSession(client, 64):
                 pass
     message = str(caught.value)
     assert "no server serves blocks 0:30 of model smollm2-q4" in message

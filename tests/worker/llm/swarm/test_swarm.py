@@ -27,9 +27,10 @@ import torch
 from tests.procs import assert_confined, sandboxed_engine
 from tests.worker.llm.swarm.conftest import Cluster, Server
 from worker.errors import MissingBlocks, SwarmStepFailed
-from worker.llm.swarm.client import InferenceSession, SpanUsage, SwarmClient, SwarmClientConfig
 from worker.llm.swarm.placement import Hop
 from worker.llm.swarm.records import ServerState
+from worker.llm.swarm.routing import SwarmClient, SwarmClientConfig
+from worker.llm.swarm.session import InferenceSession, SpanUsage
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +121,7 @@ async def test_two_servers_give_the_local_models_logits(
     steps = 10
     async with swarm_client("llm", alpha) as client:
         assert (client.num_blocks, client.hidden_size) == (4, 64)
-        async with client.session(max_length=64) as session:
+        async with InferenceSession(client, max_length=64) as session:
             assert session.route == [Hop(alpha.peer_id, 0, 2), Hop(bravo.peer_id, 2, 4)]
             result = await swarm_greedy(session, full_model, steps)
             usage = session.usage
@@ -158,11 +159,11 @@ async def test_sessions_beyond_a_peers_cache_share_are_refused(
     async with swarm_client("llm", alpha, retry_budget=1.5) as client:
         info = await client.info(alpha.peer_id)
         assert info["cache_tokens_per_peer"] == 128  # half of 256, the default share
-        async with client.session(max_length=120) as big:
+        async with InferenceSession(client, max_length=120) as big:
             await big.step(_embed(full_model, PROMPT))
             assert (await client.info(alpha.peer_id))["cache_tokens"] == 256 - 120
             began = time.monotonic()
-            async with client.session(max_length=100) as second:
+            async with InferenceSession(client, max_length=100) as second:
                 with pytest.raises(
                     SwarmStepFailed, match=r"holds 120 of at most 128 of 256 tokens per peer"
                 ):
@@ -170,7 +171,7 @@ async def test_sessions_beyond_a_peers_cache_share_are_refused(
             assert time.monotonic() - began < 10
         # closing the stream frees the session; then the same request fits
         await _wait_free_cache(client, alpha, 256)
-        async with client.session(max_length=100) as third:
+        async with InferenceSession(client, max_length=100) as third:
             await third.step(_embed(full_model, PROMPT))
 
 
@@ -185,7 +186,10 @@ async def test_an_idle_session_is_closed_and_the_client_replays_it(
             await _wait_free_cache(client, alpha, 256)
             await _wait_free_cache(client, bravo, 256)
 
-    async with swarm_client("llm", alpha) as client, client.session(max_length=64) as session:
+    async with (
+        swarm_client("llm", alpha) as client,
+        InferenceSession(client, max_length=64) as session,
+    ):
         result = await swarm_greedy(session, full_model, steps, idle_midway)
         usage = {(u.peer_id, u.start): u.tokens for u in session.usage}
     assert_same_generation(result, local_greedy(full_model, steps))
@@ -208,7 +212,7 @@ async def test_a_killed_server_is_replaced_mid_generation(
     recovery: list[float] = []
     async with (
         swarm_client("relay", papa, step_timeout=5.0) as client,
-        client.session(max_length=64) as session,
+        InferenceSession(client, max_length=64) as session,
     ):
         victim = by_peer[session.route[1].peer_id]
 
@@ -238,7 +242,7 @@ async def test_without_a_replacement_missing_blocks_names_them(
 ) -> None:
     papa = servers["papa"]
     async with swarm_client("relay", papa, retry_budget=2.0, ping_timeout=1.0) as client:
-        async with client.session(max_length=64) as session:
+        async with InferenceSession(client, max_length=64) as session:
             await session.step(_embed(full_model, PROMPT))
             for name in ("quebec", "romeo"):
                 servers[name].proc.kill(signal.SIGKILL)
@@ -250,7 +254,7 @@ async def test_without_a_replacement_missing_blocks_names_them(
             with pytest.raises(SwarmStepFailed, match="this session failed earlier"):
                 await session.step(_embed(full_model, torch.tensor([[3]])))
         with pytest.raises(MissingBlocks, match="blocks 2:4 of model relay") as caught:
-            async with client.session(max_length=64):
+            async with InferenceSession(client, max_length=64):
                 pass
         assert caught.value.ranges == [(2, 4)]
         # the dead servers' records expire; papa's, older than their lifetime, is refreshed
@@ -280,7 +284,7 @@ async def test_a_leaving_server_finishes_open_sessions_and_takes_no_new_ones(
     sierra = cluster.server("sierra", "--blocks", "0:4", "--new-swarm", *flags)
     sierra.ready()
     async with swarm_client("drain", sierra) as client:
-        async with client.session(max_length=64) as session:
+        async with InferenceSession(client, max_length=64) as session:
             await session.step(_embed(full_model, PROMPT))
             sierra.proc.popen.send_signal(signal.SIGTERM)
             for _ in range(100):
@@ -290,7 +294,7 @@ async def test_a_leaving_server_finishes_open_sessions_and_takes_no_new_ones(
             else:
                 raise AssertionError("the leaving server's record never said so")
             with pytest.raises(MissingBlocks):
-                async with client.session(max_length=64):
+                async with InferenceSession(client, max_length=64):
                     pass
             await asyncio.sleep(1.0)
             hidden = await session.step(_embed(full_model, torch.tensor([[3]])))

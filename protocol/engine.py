@@ -1,0 +1,262 @@
+"""Messages between a worker and the engine it hosts in a sandboxed child process.
+
+An `EngineCall` names one kind of call and the models of what crosses the pipe: the
+request the worker sends, the progress messages the engine emits while it runs (if any),
+and its result. Both ends validate against them (`sandbox.calls`): the child before the
+engine sees a request, the worker before it believes a progress message or a result, so a
+malformed message from a hostile engine is an error naming the field, never a KeyError deep
+in the worker.
+
+    IMAGE           ImageParams -> ImageResult (+ one PNG per image), emitting
+                    ImageProgress after each sampling step; the engine is built from
+                    ImageEngineOptions
+    TEXT_INFO       NoMessage -> TextModel: the model the text gateway's engine serves
+    TEXT_GENERATE   GenerateText -> GeneratedText, emitting TextChunk as text is made
+    TEXT_STATS      NoMessage -> EngineStats: its spot checks so far, the peers it bans
+    TEXT_CONFIGURE  CheckRate -> NoMessage: the share of jobs checked from now on
+    TEXT_REFRESH    NoMessage -> SwarmPeers: re-read the swarm's records (tests)
+    BLOCK_STEP      HiddenStep + hidden bytes -> HiddenShape + output bytes: a session's
+                    next tokens through a block server's span (its compute process,
+                    built from BlockEngineOptions)
+    BLOCK_FORWARD   HiddenPass + hidden bytes -> HiddenShape + output bytes (no cache)
+    BLOCK_CLOSE     BlockRequest -> NoMessage: drop the caches of the sessions it names
+    BLOCK_MEASURE   BlockRequest -> Throughput: the span's tokens per second
+
+Only pydantic: the child imports this before the engine, the worker without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.params import MAX_N, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageParams
+from protocol.text import FinishReason, ServedSpan, ServerCheck, TextModel, TextParams
+
+__all__ = [
+    "BLOCK_CLOSE",
+    "BLOCK_FORWARD",
+    "BLOCK_MEASURE",
+    "BLOCK_STEP",
+    "IMAGE",
+    "TEXT_CONFIGURE",
+    "TEXT_GENERATE",
+    "TEXT_INFO",
+    "TEXT_REFRESH",
+    "TEXT_STATS",
+    "BlockEngineOptions",
+    "BlockRequest",
+    "CheckRate",
+    "EngineCall",
+    "EngineMessage",
+    "EngineStats",
+    "GenerateText",
+    "GeneratedText",
+    "HiddenPass",
+    "HiddenShape",
+    "HiddenStep",
+    "ImageEngineOptions",
+    "ImageProgress",
+    "ImageResult",
+    "NoMessage",
+    "SwarmPeers",
+    "TextChunk",
+    "Throughput",
+]
+
+
+class EngineMessage(BaseModel):
+    """Base of the messages: both ends run the same code, so an unknown field is a bug."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoMessage(EngineMessage):
+    """An empty request or result; as a call's progress type, that it emits none."""
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+ProgressT = TypeVar("ProgressT", bound=BaseModel)
+ResultT = TypeVar("ResultT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class EngineCall(Generic[RequestT, ProgressT, ResultT]):
+    """One kind of call: its name on the wire and the model of each message."""
+
+    kind: str
+    request: type[RequestT]
+    result: type[ResultT]
+    # None: the engine emits no progress during this call; one would be a protocol error
+    progress: type[ProgressT] | None = None
+
+
+class ImageEngineOptions(EngineMessage):
+    """How the image engine is built (the options of `Sandbox.create`, dumped by alias)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    # a folder, a .safetensors file or a hub id (see worker.image.model_source)
+    model: str = Field(min_length=1)
+    # the diffusers config folder of a single-file model
+    model_config_dir: str | None = Field(default=None, alias="model_config")
+    # the name written into PNGs and results; None = the folder name, file stem or hub id
+    model_name: str | None = Field(default=None, min_length=1)
+    # torch intra-op threads; None keeps torch's default
+    threads: int | None = None
+    # the GPU memory the engine may use; None = all of it
+    max_vram_bytes: int | None = None
+
+
+class ImageProgress(EngineMessage):
+    """Image `image` of `n` has finished sampling step `step` of `steps`."""
+
+    image: int = Field(ge=0, lt=MAX_N)
+    step: int = Field(ge=0, le=MAX_STEPS)
+    steps: int = Field(ge=1, le=MAX_STEPS)
+    n: int = Field(ge=1, le=MAX_N)
+
+
+class ImageResult(EngineMessage):
+    """What the engine made; the PNGs travel beside it as blobs, one per seed."""
+
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED + MAX_N)]] = Field(
+        min_length=1, max_length=MAX_N
+    )
+    model: str = Field(min_length=1)
+    width: int = Field(ge=MIN_SIDE, le=MAX_SIDE)
+    height: int = Field(ge=MIN_SIDE, le=MAX_SIDE)
+
+
+IMAGE: EngineCall[ImageParams, ImageProgress, ImageResult] = EngineCall(
+    "image", ImageParams, ImageResult, ImageProgress
+)
+
+
+class GenerateText(EngineMessage):
+    """One text job for the gateway's engine."""
+
+    params: TextParams
+
+
+class TextChunk(EngineMessage):
+    """Text generated since the last chunk."""
+
+    text: str
+
+
+class GeneratedText(EngineMessage):
+    """A finished text job: the text, usage, who served it and the spot checks made."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    # from the start to the first generated token (prefill included), and in all
+    first_token_seconds: float = Field(ge=0.0)
+    seconds: float = Field(ge=0.0)
+    spans: list[ServedSpan]
+    checks: list[ServerCheck]
+
+
+class EngineStats(EngineMessage):
+    """What the gateway engine's spot checks found and cost since it started
+    (`worker.llm.gateway.core.CheckStats`), and the checked peers it bans now."""
+
+    # block-tokens the servers computed for jobs, and the checkers computed
+    served_block_tokens: int = Field(ge=0)
+    checked_block_tokens: int = Field(ge=0)
+    jobs: int = Field(ge=0)
+    checked_jobs: int = Field(ge=0)
+    # jobs in which a check found some server wrong
+    caught_jobs: int = Field(ge=0)
+    # every check made, oldest first
+    checks: list[ServerCheck]
+    banned: list[str]
+
+
+class CheckRate(EngineMessage):
+    """The share of jobs spot-checked from now on."""
+
+    check_rate: float = Field(ge=0.0, le=1.0)
+
+
+class SwarmPeers(EngineMessage):
+    """The peer ids of the swarm's valid records."""
+
+    records: list[str]
+
+
+TEXT_INFO: EngineCall[NoMessage, NoMessage, TextModel] = EngineCall("info", NoMessage, TextModel)
+TEXT_GENERATE: EngineCall[GenerateText, TextChunk, GeneratedText] = EngineCall(
+    "generate", GenerateText, GeneratedText, TextChunk
+)
+TEXT_STATS: EngineCall[NoMessage, NoMessage, EngineStats] = EngineCall(
+    "stats", NoMessage, EngineStats
+)
+TEXT_CONFIGURE: EngineCall[CheckRate, NoMessage, NoMessage] = EngineCall(
+    "configure", CheckRate, NoMessage
+)
+TEXT_REFRESH: EngineCall[NoMessage, NoMessage, SwarmPeers] = EngineCall(
+    "refresh", NoMessage, SwarmPeers
+)
+
+
+class BlockEngineOptions(EngineMessage):
+    """How a block server's compute process is built."""
+
+    model_dir: str = Field(min_length=1)
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+    # a torch dtype name for the layers, or None to keep the stored one
+    dtype: str | None = None
+    threads: int = Field(ge=1)
+
+
+class BlockRequest(EngineMessage):
+    """Every request to the compute process may name sessions whose caches to drop first."""
+
+    close: list[str] = []
+
+
+class HiddenPass(BlockRequest):
+    """Hidden states (the blob: row-major bytes of `dtype`, `shape`) through blocks
+    [start, end). The server checked the bytes against the shape; the compute checks again."""
+
+    dtype: str
+    shape: list[int]
+    start: int
+    end: int
+
+
+class HiddenStep(HiddenPass):
+    """A session's next tokens, after `past` tokens already in its cache."""
+
+    session: str
+    past: int = Field(default=0, ge=0)
+
+
+class HiddenShape(EngineMessage):
+    """The shape of the float32 row-major output beside it (the blob)."""
+
+    shape: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=8)
+
+
+class Throughput(EngineMessage):
+    tokens_per_second: float = Field(ge=0.0)
+
+
+BLOCK_STEP: EngineCall[HiddenStep, NoMessage, HiddenShape] = EngineCall(
+    "step", HiddenStep, HiddenShape
+)
+BLOCK_FORWARD: EngineCall[HiddenPass, NoMessage, HiddenShape] = EngineCall(
+    "forward", HiddenPass, HiddenShape
+)
+BLOCK_CLOSE: EngineCall[BlockRequest, NoMessage, NoMessage] = EngineCall(
+    "close", BlockRequest, NoMessage
+)
+BLOCK_MEASURE: EngineCall[BlockRequest, NoMessage, Throughput] = EngineCall(
+    "measure", BlockRequest, Throughput
+)
