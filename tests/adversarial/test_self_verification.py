@@ -186,7 +186,7 @@ class _ThroughProxy:
     `address` in X-Forwarded-For."""
 
     def __init__(self, inner: AsyncTransport, address: str) -> None:
-        self._inner = inner
+        self.network = inner
         self._address = address
 
     def _forwarded(self, request: Request) -> Request:
@@ -195,18 +195,21 @@ class _ThroughProxy:
         )
 
     async def send(self, request: Request) -> Response:
-        return await self._inner.send(self._forwarded(request))
+        return await self.network.send(self._forwarded(request))
 
     def stream(self, request: Request) -> AbstractAsyncContextManager[StreamedResponse]:
-        return self._inner.stream(self._forwarded(request))
+        return self.network.stream(self._forwarded(request))
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        await self.network.aclose()
 
 
 async def _behind_proxy(worker: FakeWorker, address: str) -> FakeWorker:
     """The worker's requests arrive through the operator's proxy, which names `address`."""
-    worker.link.transport = _ThroughProxy(worker.link.transport, address)
+    network = worker.link.transport
+    if isinstance(network, _ThroughProxy):  # moved house: the old proxy is gone
+        network = network.network
+    worker.link.transport = _ThroughProxy(network, address)
     await worker.link.register()
     return worker
 
