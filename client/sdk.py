@@ -358,7 +358,8 @@ def _write_files(directory: Path, named: dict[str, bytes]) -> list[Path]:
 
 class Client(SyncFace[AsyncClient]):
     """The synchronous SDK: AsyncClient's calls, run on a private event loop thread (so
-    callbacks such as `on_text` run on that thread)."""
+    callbacks such as `on_text` run on that thread, and so does `transport`: one bound to
+    another loop, such as tests/inmemory.py's, cannot serve it)."""
 
     def __init__(
         self,

@@ -96,7 +96,7 @@ class AsyncApi:
             yield answer
 
 
-class endpoint(Generic[P, T]):  # noqa: N801 (used like a decorator)
+class endpoint(Generic[P, T]):  # (lower case: it reads like a function, as `property`)
     """A face's method that sends the call `route` builds: `me = endpoint(routes.me)`."""
 
     def __init__(self, route: Callable[P, Call[T]]) -> None:

@@ -9,7 +9,7 @@ JSON request that names the uploads and gets the job paid. Every call but `chall
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -66,6 +66,8 @@ __all__ = [
     "upload_image",
 ]
 
+# what a challenge's nonce will sign: a registration or a peer-id proof
+Purpose = Literal["register", "peer"]
 # seconds a call may take beyond a long-poll's wait, and for the big ones
 POLL_MARGIN = 30.0
 UPLOAD_SECONDS = 300.0
@@ -84,9 +86,9 @@ class _Ignored(BaseModel):
     pass
 
 
-def challenge(purpose: str) -> Call[str]:
+def challenge(purpose: Purpose) -> Call[str]:
     """A single-use nonce to sign (`register` or `peer`), valid for about a minute."""
-    message = ChallengeRequest.model_construct(purpose=purpose)  # type: ignore[arg-type]
+    message = ChallengeRequest.model_construct(purpose=purpose)
     request = Request("POST", "/api/v1/workers/challenge", json=body(message))
     return Call(request, lambda content: Challenge.model_validate_json(content).nonce)
 

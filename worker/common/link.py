@@ -108,7 +108,7 @@ class CoordinatorLink(AsyncApi):
         """The worker token registration gave (sent as X-Worker-Token)."""
         return self.core.worker_token
 
-    async def challenge(self, purpose: str) -> str:
+    async def challenge(self, purpose: routes.Purpose) -> str:
         """A single-use nonce to sign (`register` or `peer`), valid for about a minute."""
         try:
             return await self.send(routes.challenge(purpose))
