@@ -1,6 +1,8 @@
 """The Python SDK and the `idlegrid` command line.
 
-sdk.py          AsyncClient and Client: accounts, submit, stream, download
+api/            the typed client of the coordinator's API: routes, transports, faces
+                (shared with the worker, whose link is a face of it)
+sdk.py          AsyncClient and Client (faces of api/): accounts, submit, stream, download
 follow.py       following a job through coordinator restarts: streams, backoff, patience
 cli.py          `idlegrid` and its client subcommands; plugs in the others
 chat_cli.py     `idlegrid chat` and `idlegrid complete`

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
-
-import aiohttp
 
 from client.errors import ApiError, CoordinatorUnreachable, RateLimited, WaitTimeout
 
@@ -75,11 +73,11 @@ class Patience:
 
 
 async def read_events(
-    response: aiohttp.ClientResponse, patience: Patience
+    lines: AsyncIterator[bytes], patience: Patience
 ) -> AsyncGenerator[tuple[str, Any], None]:
     """(event name, decoded data) of each server-sent event; every line is an answer."""
     event, data = "message", []
-    async for raw in response.content:
+    async for raw in lines:
         patience.contact()
         line = raw.decode().rstrip("\r\n")
         if line.startswith("event:"):

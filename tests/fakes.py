@@ -14,6 +14,7 @@ from typing import Any
 
 from PIL import Image
 
+from client.api import AsyncTransport
 from client.sdk import AsyncClient
 from protocol.engine import IMAGE, ImageProgress, ImageResult
 from protocol.messages import LeasedJob
@@ -52,9 +53,19 @@ def job_pngs(job: LeasedJob, offset: int = 0, compress_level: int = 1) -> list[b
 
 
 class FakeWorker:
-    def __init__(self, url: str, name: str = "fake", api_key: str | None = None) -> None:
+    """A registered worker whose link (`transport`: the network by default; e.g. an
+    in-memory one of tests/inmemory.py) the test drives by hand."""
+
+    def __init__(
+        self,
+        url: str,
+        name: str = "fake",
+        api_key: str | None = None,
+        *,
+        transport: AsyncTransport | None = None,
+    ) -> None:
         self.identity = Identity.generate()
-        self.link = CoordinatorLink(url, self.identity, name, api_key)
+        self.link = CoordinatorLink(url, self.identity, name, api_key, transport=transport)
 
     async def __aenter__(self) -> FakeWorker:
         await self.link.register()

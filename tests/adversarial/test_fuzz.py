@@ -38,7 +38,7 @@ async def _credentials(url: str) -> dict[str, str]:
     link = CoordinatorLink(url, Identity.generate(), "fuzz-worker", key)
     try:
         await link.register()
-        token = link._token  # noqa: SLF001 - the header the worker sends, for the fuzzer
+        token = link.token
     finally:
         await link.aclose()
     assert token is not None

@@ -103,9 +103,9 @@ async def _put_image(url: str, worker: FakeWorker, job: LeasedJob, body: bytes) 
     """Upload `body` as image 0 of the job, correctly signed."""
     seed = job.params.seeds()[0]
     signed = worker.link.signed_image(job, 0, seed, sha256_hex(body))
-    assert worker.link._token is not None
+    assert worker.link.token is not None
     headers = {
-        "X-Worker-Token": worker.link._token,
+        "X-Worker-Token": worker.link.token,
         "Content-Type": "image/png",
         IMAGE_SEED_HEADER: str(seed),
         IMAGE_SHA256_HEADER: signed["sha256"],

@@ -94,7 +94,7 @@ async def test_a_flood_of_any_mutating_or_streaming_request_is_limited(
                 headers["apikey"] = (await r.json())["api_key"]
         if who == "worker":
             async with FakeWorker(app.url, "mallory") as worker:
-                headers["X-Worker-Token"] = worker.link._token or ""
+                headers["X-Worker-Token"] = worker.link.token or ""
         statuses = []
         for _ in range(BURST + 2):
             async with http.request(method, app.url + path, json={}, headers=headers) as resp:

@@ -167,7 +167,7 @@ class _Impostor:
 
 
 async def _post_peer_link(worker: FakeWorker, body: dict[str, Any]) -> tuple[int, Any]:
-    headers = {"X-Worker-Token": worker.link._token or ""}
+    headers = {"X-Worker-Token": worker.link.token or ""}
     async with (
         aiohttp.ClientSession() as http,
         http.post(worker.link.base_url + PEERS, json=body, headers=headers) as resp,

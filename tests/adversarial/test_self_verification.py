@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 
-import aiohttp
 import pytest
 
+from client.api import AsyncTransport, Request, Response, StreamedResponse
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from protocol.messages import LeasedJob
@@ -180,10 +181,35 @@ async def test_one_malicious_verifier_cannot_pause_an_honest_newcomer(
     assert audit["unbalanced_entries"] == 0 and audit["sum"] == 0
 
 
+class _ThroughProxy:
+    """A transport whose requests arrive through the operator's proxy, which names
+    `address` in X-Forwarded-For."""
+
+    def __init__(self, inner: AsyncTransport, address: str) -> None:
+        self.network = inner
+        self._address = address
+
+    def _forwarded(self, request: Request) -> Request:
+        return dataclasses.replace(
+            request, headers={**request.headers, "X-Forwarded-For": self._address}
+        )
+
+    async def send(self, request: Request) -> Response:
+        return await self.network.send(self._forwarded(request))
+
+    def stream(self, request: Request) -> AbstractAsyncContextManager[StreamedResponse]:
+        return self.network.stream(self._forwarded(request))
+
+    async def aclose(self) -> None:
+        await self.network.aclose()
+
+
 async def _behind_proxy(worker: FakeWorker, address: str) -> FakeWorker:
     """The worker's requests arrive through the operator's proxy, which names `address`."""
-    await worker.link._session.close()
-    worker.link._session = aiohttp.ClientSession(headers={"X-Forwarded-For": address})
+    network = worker.link.transport
+    if isinstance(network, _ThroughProxy):  # moved house: the old proxy is gone
+        network = network.network
+    worker.link.transport = _ThroughProxy(network, address)
     await worker.link.register()
     return worker
 

@@ -132,7 +132,7 @@ async def test_two_processes_share_the_port_job_changes_and_rate_limits(
         async with FakeWorker(url, "streamer") as worker:
             job = await worker.link.pop(CAPS, wait=10)
             assert job is not None and job.id == job_id
-            token = worker.link._token
+            token = worker.link.token
             assert token is not None
             async with (
                 aiohttp.ClientSession() as http,
@@ -162,7 +162,7 @@ async def test_two_processes_share_the_port_job_changes_and_rate_limits(
 
         # the pop limit (burst 6 per worker) holds across both processes together
         async with FakeWorker(url, "limited") as limited:
-            token = limited.link._token
+            token = limited.link.token
             assert token is not None
             pop = f"{url}/api/v1/workers/pop"
             headers, body = {"X-Worker-Token": token}, {**POP, "wait": 0}

@@ -1,6 +1,6 @@
 """What every worker service shares.
 
-    link.py       HTTP link to the coordinator (and retrying while it is away)
+    link.py       link to the coordinator: a face of the typed client (client.api); retrying
     identity.py   the Ed25519 identity file, locked by one process
     service.py    the pop-and-serve loop, run until SIGINT/SIGTERM (the first one drains)
     donor.py      donor controls: idle-only, schedule, jobs per hour (the gate before a pop)

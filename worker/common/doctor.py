@@ -240,31 +240,35 @@ def compatible(ours: str, theirs: str) -> bool:
 
 async def check_coordinator(url: str, wait: float = COORDINATOR_TIMEOUT) -> list[Check]:
     """`GET /healthz`: reachable, its release compatible with ours, its clock near ours."""
-    import aiohttp
     from pydantic import ValidationError
 
-    from protocol.messages import Health
+    from client.api import AsyncApi, routes
     from protocol.version import VERSION
+    from worker.common.link import WorkerErrors
+    from worker.errors import CoordinatorUnavailable
 
-    health_url = url.rstrip("/") + "/healthz"
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=wait)) as session:
+    probe = routes.health()
+    async with AsyncApi(url, None, WorkerErrors(), timeout=wait, connect_timeout=wait) as api:
+        request = api.core.prepare(probe.request)
+        health_url = request.url
+        try:
             sent = time.time()
-            async with session.get(health_url) as response:
-                received = time.time()
-                body = await response.read()
-                date = response.headers.get("Date")
-                status = response.status
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return [
-            Check(
-                "coordinator",
-                "FAIL",
-                f"cannot reach {health_url}: {exc or type(exc).__name__}",
-                "check the URL (--coordinator), that the coordinator runs, and the network "
-                "or firewall in between",
-            )
-        ]
+            response = await api.exchange(request)
+            received = time.time()
+        except CoordinatorUnavailable as exc:
+            # what the transport met (the network's error), else the timeout
+            cause = exc.__cause__ or exc
+            cause = cause.__cause__ or cause
+            return [
+                Check(
+                    "coordinator",
+                    "FAIL",
+                    f"cannot reach {health_url}: {cause or type(cause).__name__}",
+                    "check the URL (--coordinator), that the coordinator runs, and the network "
+                    "or firewall in between",
+                )
+            ]
+    body, date, status = response.content, response.headers.get("Date"), response.status
     if status != 200:
         return [
             Check(
@@ -275,7 +279,7 @@ async def check_coordinator(url: str, wait: float = COORDINATOR_TIMEOUT) -> list
             )
         ]
     try:
-        health = Health.model_validate_json(body)
+        health = probe.decode(body)
     except ValidationError:
         return [
             Check(

@@ -122,13 +122,13 @@ async def world(sqlite_only_config: CoordinatorConfig) -> AsyncIterator[World]:
             text_leased = await alice.submit_text(TEXT)
             text_job = await victim.link.pop_text([MODEL], wait=5)
             assert text_job is not None and text_job.id == text_leased.id
-        assert victim.link._token and thief.link._token and victim.link.worker_id
+        assert victim.link.token and thief.link.token and victim.link.worker_id
         yield World(
             app,
             alice_key,
             mallory_key,
-            victim.link._token,
-            thief.link._token,
+            victim.link.token,
+            thief.link.token,
             done.id,
             leased.id,
             victim.link.worker_id,

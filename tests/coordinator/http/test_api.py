@@ -144,7 +144,7 @@ async def test_worker_cannot_submit_for_a_job_not_leased_to_it(live: LiveApp) ->
             await thief.link.progress(job.id, 0, 1, 4)
         # a signature by another key over the right bytes is refused too
         image = thief.link.signed_image(job, 0, 11, sha256_hex(png(11)))
-        token = honest.link._token
+        token = honest.link.token
         assert token is not None
         headers = {
             "X-Worker-Token": token,

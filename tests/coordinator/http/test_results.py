@@ -88,9 +88,9 @@ def _zeros_bomb(width: int, height: int, megabytes: int) -> bytes:
 
 
 def _headers(worker: FakeWorker, image: dict[str, Any]) -> dict[str, str]:
-    assert worker.link._token is not None
+    assert worker.link.token is not None
     return {
-        "X-Worker-Token": worker.link._token,
+        "X-Worker-Token": worker.link.token,
         "Content-Type": "image/png",
         IMAGE_SEED_HEADER: str(image["seed"]),
         IMAGE_SHA256_HEADER: image["sha256"],
@@ -148,13 +148,13 @@ async def _finish_with_other_hash(
 async def _finalize(
     live: LiveApp, worker: FakeWorker, job: LeasedJob, images: list[dict[str, Any]]
 ) -> tuple[int, Any]:
-    assert worker.link._token is not None
+    assert worker.link.token is not None
     async with (
         aiohttp.ClientSession() as http,
         http.post(
             f"{live.url}/api/v1/jobs/{job.id}/result",
             json={"images": images},
-            headers={"X-Worker-Token": worker.link._token},
+            headers={"X-Worker-Token": worker.link.token},
         ) as resp,
     ):
         return resp.status, await resp.json()
