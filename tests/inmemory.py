@@ -48,11 +48,19 @@ log = logging.getLogger(__name__)
 URL_IN_MEMORY = "http://coordinator.invalid"
 
 
+class _NoSendfile:
+    """The connection's transport, as far as `web.FileResponse` looks at it: there is no
+    socket to sendfile to, so aiohttp falls back to writing the file through the pipe."""
+
+    def is_closing(self) -> bool:  # the first thing `loop.sendfile` asks
+        raise NotImplementedError("the in-memory transport has no socket to sendfile to")
+
+
 class _Connection:
     """What aiohttp's Request reads of the connection a request arrived on."""
 
     ssl_context = None
-    transport = None
+    transport = _NoSendfile()
     max_field_size = 8190
     max_line_length = 8190
     max_headers = 128
