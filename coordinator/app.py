@@ -25,6 +25,7 @@ from coordinator.http import (  # noqa: F401
     network,
     openai,
     results,
+    samplers,
     text,
     workers,
 )
