@@ -26,6 +26,7 @@ from coordinator.http import (  # noqa: F401
     network,
     openai,
     results,
+    samplers,
     text,
     workers,
 )

@@ -81,24 +81,23 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
 
 def _engine(url: str) -> tuple[AsyncEngine, str | None]:
-    """The engine, and for SQLite the database file. SQLite: one inline connection for every
-    transaction (see coordinator.db.inline_sqlite); PostgreSQL: a pool of asyncpg ones."""
+    """The engine, and for SQLite the database file. SQLite: one sqlite3 connection, run on
+    the event loop, for every transaction (see coordinator.db.inline_sqlite); PostgreSQL: a
+    pool of asyncpg ones."""
     if not url.startswith("sqlite"):
         return create_async_engine(url, pool_pre_ping=True), None
     path = make_url(url).database or ":memory:"
-    engine = create_async_engine(
-        url, async_creator=inline_sqlite.connect(path), pool_size=1, max_overflow=0
-    )
+    engine = create_async_engine(inline_sqlite.engine_url(url), pool_size=1, max_overflow=0)
     _configure_sqlite(engine)
     return engine, path
 
 
 def _sqlite3_of(conn: AsyncConnection) -> sqlite3.Connection:
-    """The sqlite3 connection under a transaction's inline connection (already checked
-    out: reading it needs no await)."""
+    """The sqlite3 connection of a transaction (already checked out: reading it needs no
+    await)."""
     sync: Any = conn.sync_connection
-    inline: inline_sqlite.InlineConnection = sync.connection.driver_connection
-    return inline._conn
+    driver: sqlite3.Connection = sync.connection.driver_connection
+    return driver
 
 
 def _sqlite_rows(path: str, sql: str, build: Callable[[list[Any]], T]) -> T:

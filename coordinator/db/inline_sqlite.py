@@ -1,12 +1,26 @@
-"""SQLite on the event loop's own thread, behind SQLAlchemy's aiosqlite dialect.
+"""SQLite on the event loop's own thread: a small SQLAlchemy dialect, `sqlite+idlegrid`.
 
 aiosqlite runs every call (cursor, execute, fetch, close, commit) on a helper thread and
 hops back to the event loop for each: measured here, about 0.5 ms per statement, ten times
-what SQLite itself takes for the queue's small indexed statements. So the coordinator's
-SQLite engine hands SQLAlchemy (through `create_async_engine(async_creator=...)`) this
-connection instead: the same interface, but each call runs sqlite3 at once and returns an
-already finished awaitable. Statements are microseconds (WAL, synchronous=NORMAL: a commit
-does not wait for the disk), so running them inline costs less than one thread hop.
+what SQLite itself takes for the queue's small indexed statements. Statements are
+microseconds (WAL, synchronous=NORMAL: a commit does not wait for the disk), so running
+them inline costs less than one thread hop.
+
+How, with nothing private of SQLAlchemy or aiosqlite: SQLAlchemy's asyncio extension runs
+the engine's synchronous code in a greenlet and leaves it only where the driver awaits
+(`sqlalchemy.util.await_only`). This dialect is SQLAlchemy's pysqlite dialect (the standard
+library's sqlite3) declared async (`Dialect.is_async`) and registered under
+`sqlite.idlegrid` with `sqlalchemy.dialects.registry`, the documented way to add a dialect,
+so `create_async_engine` takes it. Its DBAPI is sqlite3 itself but for `connect`, whose
+connection (`Connection`, a thin PEP 249 facade) runs every call at once on the loop's
+thread. `AsyncConnection.execute` refuses a driver that never awaits (its guard against a
+blocking driver under asyncio), so a statement ends by awaiting an awaitable that is already
+finished: two greenlet switches, no trip through the event loop. The dialect's
+`get_driver_connection` is the sqlite3 connection itself, which coordinator.db.raw runs its
+hot statements on. The one name with an underscore here is a method SQLAlchemy calls on
+an async driver's cursor (`Cursor._async_soft_close`); nothing of SQLAlchemy's or aiosqlite's
+is read or patched. The pool is the asyncio queue pool: a transaction waiting for the
+connection yields to the loop.
 
 Two rules keep the loop from ever blocking on a lock: the engine has one connection (a
 second transaction waits for the pool, which yields, instead of waiting on SQLite's busy
@@ -14,83 +28,82 @@ lock), and long reads (the shared queue ranking) run on a helper thread with a s
 connection of their own (`Database.read_rows`). Another process on the same file (a second
 coordinator) can still make a write wait up to busy_timeout; SQLite is the embedded
 single-process default.
+
+`engine_url(url)` turns any SQLite URL (`sqlite+aiosqlite:///file.db`, the configured
+default, or `sqlite:///file.db`) into this dialect's; `begin_immediate` is the engine's
+"begin" event.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import Callable, Generator, Iterable
-from typing import Any, cast
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from typing import Any
 
-__all__ = ["InlineConnection", "begin_immediate", "connect"]
+from sqlalchemy import URL, make_url, pool
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy.util import await_only
+
+__all__ = ["DRIVER", "Connection", "InlineSQLiteDialect", "begin_immediate", "engine_url"]
+
+DRIVER = "idlegrid"
+
+Parameters = Sequence[Any] | Mapping[str, Any]
 
 
 class _Done:
-    """An awaitable that is already finished (what each call returns)."""
+    """An awaitable that is already finished."""
 
-    __slots__ = ("_value",)
+    __slots__ = ()
 
-    def __init__(self, value: Any) -> None:
-        self._value = value
-
-    def __await__(self) -> Generator[Any, None, Any]:
+    def __await__(self) -> Generator[Any, None, None]:
         yield from ()
-        return self._value
 
 
-def _run(call: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    """Run `call` now; the result (or exception) comes out of the awaitable."""
-    try:
-        value = call(*args, **kw)
-    except BaseException as error:  # re-raised where the caller awaits it
-        return _Failed(error)
-    return _Done(value)
+_DONE = _Done()
 
 
-class _Failed:
-    __slots__ = ("_error",)
+class Cursor:
+    """A sqlite3 cursor whose statements tell SQLAlchemy's asyncio layer they awaited."""
 
-    def __init__(self, error: BaseException) -> None:
-        self._error = error
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        yield from ()
-        raise self._error
-
-
-class _Cursor:
-    """aiosqlite's Cursor interface over a sqlite3 cursor, run inline."""
+    __slots__ = ("_cursor",)
 
     def __init__(self, cursor: sqlite3.Cursor) -> None:
         self._cursor = cursor
 
-    def __aenter__(self) -> Any:
-        return _Done(self)
+    def execute(self, sql: str, parameters: Parameters = ()) -> Cursor:
+        self._cursor.execute(sql, parameters)
+        await_only(_DONE)
+        return self
 
-    def __aexit__(self, *exc: object) -> Any:
-        return _run(self._cursor.close)
-
-    def execute(self, sql: str, parameters: Iterable[Any] = ()) -> Any:
-        return _run(self._cursor.execute, sql, parameters)
-
-    def executemany(self, sql: str, parameters: Iterable[Iterable[Any]]) -> Any:
-        return _run(self._cursor.executemany, sql, parameters)
-
-    def fetchall(self) -> Any:
-        return _run(self._cursor.fetchall)
+    def executemany(self, sql: str, parameters: Iterable[Parameters]) -> Cursor:
+        self._cursor.executemany(sql, parameters)
+        await_only(_DONE)
+        return self
 
     def fetchone(self) -> Any:
-        return _run(self._cursor.fetchone)
+        return self._cursor.fetchone()
 
-    def fetchmany(self, size: int | None = None) -> Any:
-        return _run(self._cursor.fetchmany, size or self._cursor.arraysize)
+    def fetchmany(self, size: int | None = None) -> list[Any]:
+        return self._cursor.fetchmany(self._cursor.arraysize if size is None else size)
 
-    def close(self) -> Any:
-        return _run(self._cursor.close)
+    def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
 
-    def setinputsizes(self, *sizes: Any) -> Any:
-        return _Done(None)
+    def close(self) -> None:
+        self._cursor.close()
+
+    async def _async_soft_close(self) -> None:
+        """SQLAlchemy's asyncio layer calls this on an async driver's cursor before handing
+        a result to sync code (SQLAlchemy >= 2.0.44), so that closing it later needs no
+        await. sqlite3's close never waits: nothing to do."""
+
+    def setinputsizes(self, *sizes: Any) -> None:
+        pass
+
+    def setoutputsize(self, *size: Any) -> None:
+        pass
 
     @property
     def description(self) -> Any:
@@ -113,65 +126,82 @@ class _Cursor:
         self._cursor.arraysize = value
 
 
-class _Queue:
-    """Stands in for aiosqlite's work queue, which SQLAlchemy uses to set the isolation
-    level: run the function now and finish the future."""
+class Connection:
+    """The DBAPI connection SQLAlchemy holds: a sqlite3 connection, run inline."""
 
-    def put_nowait(self, item: tuple[asyncio.Future[Any], Callable[[], Any]]) -> None:
-        future, function = item
-        try:
-            future.set_result(function())
-        except Exception as error:
-            future.set_exception(error)
+    __slots__ = ("sqlite",)
 
+    def __init__(self, sqlite: sqlite3.Connection) -> None:
+        self.sqlite = sqlite
 
-class InlineConnection:
-    """aiosqlite's Connection interface over a sqlite3 connection, run inline."""
+    def cursor(self) -> Cursor:
+        return Cursor(self.sqlite.cursor())
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        # SQLAlchemy checks these aiosqlite attributes
-        self._connection: sqlite3.Connection | None = conn
-        self._tx = _Queue()
+    def commit(self) -> None:
+        self.sqlite.commit()
 
-    def cursor(self) -> _Cursor:
-        return _Cursor(self._conn.cursor())
+    def rollback(self) -> None:
+        self.sqlite.rollback()
 
-    def commit(self) -> Any:
-        return _run(self._conn.commit)
+    def close(self) -> None:
+        self.sqlite.close()
 
-    def rollback(self) -> Any:
-        return _run(self._conn.rollback)
-
-    def close(self) -> Any:
-        self._connection = None
-        return _run(self._conn.close)
-
-    def stop(self) -> None:
-        self._connection = None
-        self._conn.close()
-
-    def create_function(self, *args: Any, **kw: Any) -> Any:
-        return _run(self._conn.create_function, *args, **kw)
+    def create_function(self, *args: Any, **kw: Any) -> None:
+        self.sqlite.create_function(*args, **kw)
 
     @property
     def isolation_level(self) -> str | None:
-        return self._conn.isolation_level
+        return self.sqlite.isolation_level
 
     @isolation_level.setter
     def isolation_level(self, value: str | None) -> None:
-        cast(Any, self._conn).isolation_level = value
+        self.sqlite.isolation_level = value  # type: ignore[assignment]
 
 
-def begin_immediate(conn: InlineConnection) -> None:
+class _DBAPI:
+    """The sqlite3 module, but `connect` gives a `Connection`."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sqlite3, name)
+
+    @staticmethod
+    def connect(*args: Any, **kw: Any) -> Connection:
+        return Connection(sqlite3.connect(*args, **kw))
+
+
+class InlineSQLiteDialect(SQLiteDialect_pysqlite):
+    """pysqlite for `create_async_engine`: sqlite3 called on the event loop's thread."""
+
+    driver = DRIVER
+    is_async = True
+    supports_statement_cache = True
+    # a connection the garbage collector finds is closed; sqlite3's close never waits
+    has_terminate = True
+
+    @classmethod
+    def import_dbapi(cls) -> Any:
+        return _DBAPI()
+
+    @classmethod
+    def get_pool_class(cls, url: URL) -> type[pool.Pool]:
+        return pool.AsyncAdaptedQueuePool
+
+    def get_driver_connection(self, connection: Any) -> sqlite3.Connection:
+        adapted: Connection = connection
+        return adapted.sqlite
+
+    def do_terminate(self, dbapi_connection: Any) -> None:
+        dbapi_connection.close()
+
+
+registry.register(f"sqlite.{DRIVER}", __name__, InlineSQLiteDialect.__name__)
+
+
+def engine_url(url: str | URL) -> URL:
+    """`url` (a SQLite URL with any driver) with this dialect as its driver."""
+    return make_url(url).set(drivername=f"sqlite+{DRIVER}")
+
+
+def begin_immediate(conn: sqlite3.Connection) -> None:
     """BEGIN IMMEDIATE on `conn` now (the engine's "begin" event)."""
-    conn._conn.execute("BEGIN IMMEDIATE")
-
-
-def connect(path: str) -> Callable[[], Any]:
-    """An `async_creator` for create_async_engine: new inline connections to `path`."""
-
-    async def create() -> InlineConnection:
-        return InlineConnection(sqlite3.connect(path, check_same_thread=False))
-
-    return create
+    conn.execute("BEGIN IMMEDIATE")

@@ -1,9 +1,11 @@
-"""The web page: GET / is coordinator/static/index.html, GET /static/{name} the files beside it.
+"""The web page: GET / is coordinator/static/index.html, GET /static/{name} the files beside it,
+GET /static/page/{name} the page's ES modules (coordinator/static/page/, imported by app.js).
 
-Only files that exist directly in that directory are served (a name is looked up in its
-listing, never joined onto a path), with a Content-Security-Policy that allows nothing but
-this origin's own scripts, styles and connections, and images from blob:/data: URLs (the
-page fetches result images with the API key header and shows them as blobs).
+Only files that exist directly in those directories are served (a name is looked up in the
+directory's listing, never joined onto a path), with a Content-Security-Policy that allows
+nothing but this origin's own scripts (module scripts included), styles and connections, and
+images from blob:/data: URLs (the page fetches result images with the API key header and
+shows them as blobs).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from aiohttp import web
 from coordinator.errors import NotFound
 from coordinator.http.api import API, Call
 
-__all__ = ["PAGE_CSP", "STATIC_DIR", "serve_static"]
+__all__ = ["MODULES_DIR", "PAGE_CSP", "STATIC_DIR", "serve_static"]
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+MODULES_DIR = STATIC_DIR / "page"
 
 PAGE_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
@@ -39,10 +42,10 @@ _TYPES = {
 }
 
 
-def _read(name: str) -> bytes | None:
-    """The bytes of the static file `name`, or None unless it is a file listed there."""
+def _read(folder: Path, name: str) -> bytes | None:
+    """The bytes of the file `name` in `folder`, or None unless it is a file listed there."""
     try:
-        listed = {entry.name: entry for entry in STATIC_DIR.iterdir() if entry.is_file()}
+        listed = {entry.name: entry for entry in folder.iterdir() if entry.is_file()}
     except FileNotFoundError:
         return None
     entry = listed.get(name)
@@ -50,10 +53,14 @@ def _read(name: str) -> bytes | None:
 
 
 async def serve_static(
-    request: web.Request, name: str, csp: str = PAGE_CSP, where: str = "/"
+    request: web.Request,
+    name: str,
+    csp: str = PAGE_CSP,
+    where: str = "/",
+    folder: Path = STATIC_DIR,
 ) -> web.Response:
-    """The static file `name` under the policy `csp` (404 naming `where` the page is)."""
-    body = await asyncio.to_thread(_read, name)
+    """The file `name` of `folder` under the policy `csp` (404 naming `where` the page is)."""
+    body = await asyncio.to_thread(_read, folder, name)
     content_type = _TYPES.get(Path(name).suffix.lower())
     if body is None or content_type is None:
         raise NotFound(f"no file {name!r} here; the page is at {where}")
@@ -86,3 +93,14 @@ async def index_page(request: web.Request, call: Call[None]) -> web.StreamRespon
 )
 async def static_file(request: web.Request, call: Call[None]) -> web.StreamResponse:
     return await serve_static(request, request.match_info["name"])
+
+
+@API.route(
+    "GET",
+    "/static/page/{name}",
+    summary="The web page's JavaScript modules",
+    produces="text/javascript",
+    errors=(404,),
+)
+async def page_module(request: web.Request, call: Call) -> web.StreamResponse:
+    return await serve_static(request, request.match_info["name"], folder=MODULES_DIR)

@@ -31,8 +31,9 @@ from playwright.sync_api import (
 )
 
 from client.sdk import Client
+from coordinator.http.web import MODULES_DIR
 from protocol.params import ImageParams
-from protocol.samplers import SAMPLERS
+from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS
 from tests.e2e.test_image_network import horde, image_worker_args
 from tests.e2e.test_text_network import Swarm
 from tests.procs import Proc
@@ -171,7 +172,8 @@ def test_page_and_static_files_are_served_with_a_strict_policy(grid: Grid) -> No
     policy = headers["Content-Security-Policy"]
     assert "default-src 'self'" in policy and "img-src 'self' blob: data:" in policy
     assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
-    assert b'<script src="/static/app.js"' in body
+    # the page is ES modules: app.js imports the rest from /static/page/
+    assert b'<script type="module" src="/static/app.js"></script>' in body
     revalidated = urllib.request.Request(f"{grid.url}/", headers={"If-None-Match": headers["ETag"]})
     with pytest.raises(urllib.error.HTTPError) as unchanged:
         urllib.request.urlopen(revalidated, timeout=10)
@@ -181,15 +183,24 @@ def test_page_and_static_files_are_served_with_a_strict_policy(grid: Grid) -> No
     assert not re.search(rb"<script(?![^>]*\bsrc=)[^>]*>", body)
     assert not re.search(rb"\s(style|on\w+)=", body) and b"<style" not in body
     assert not re.search(rb"https?://", body)
-    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+    modules = sorted(f"page/{p.name}" for p in MODULES_DIR.glob("*.js"))
+    assert len(modules) >= 8, modules
+    for name, kind in (
+        ("app.js", "text/javascript"),
+        ("style.css", "text/css"),
+        *((module, "text/javascript") for module in modules),
+    ):
         status, headers, asset = _get(f"{grid.url}/static/{name}")
         assert status == 200 and headers["Content-Type"].startswith(kind), (name, headers)
         assert headers["Cache-Control"] == "no-cache"
+        assert headers["Content-Security-Policy"] == policy, name
         assert not re.search(rb"https?://", asset), name
         # the DOM is built from nodes and text, never parsed from strings
         assert b"innerHTML" not in asset and b"eval(" not in asset, name
-    for name in ("..%2Fhttp%2Fweb.py", "%2E%2E%2Fapp.py", "nope.js", "..", ".hidden"):
+    for name in ("..%2Fhttp%2Fweb.py", "%2E%2E%2Fapp.py", "nope.js", "..", ".hidden", "page"):
         assert _get(f"{grid.url}/static/{name}")[0] == 404, name
+    for name in ("..%2Fapp.js", "..%2Findex.html", "nope.js", "..", "."):
+        assert _get(f"{grid.url}/static/page/{name}")[0] == 404, name
 
 
 def test_register_shows_the_key_once_then_signs_out(
@@ -232,7 +243,9 @@ def test_generate_rate_download_share_and_reuse(grid: Grid, browser: Browser, sh
     page = session.open()
     session.sign_in(key)
     start_kudos = page.locator("#who-kudos").inner_text()
-    assert page.locator("#gen-sampler option").all_inner_texts() == list(SAMPLERS)
+    # the samplers come from GET /api/v1/samplers (protocol/samplers.py), the default chosen
+    expect(page.locator("#gen-sampler option")).to_have_text(list(SAMPLERS))
+    expect(page.locator("#gen-sampler")).to_have_value(DEFAULT_SAMPLER)
 
     prompt = "a lighthouse on a cliff, oil painting"
     page.get_by_label("Prompt", exact=True).fill(prompt)
