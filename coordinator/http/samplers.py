@@ -40,5 +40,5 @@ _LIST = SamplerList(
     summary="The samplers an image job may name, with their cost factors and the default",
     response=SamplerList,
 )
-async def samplers(request: web.Request, call: Call) -> SamplerList:
+async def samplers(request: web.Request, call: Call[None]) -> SamplerList:
     return _LIST

@@ -102,5 +102,5 @@ async def static_file(request: web.Request, call: Call[None]) -> web.StreamRespo
     produces="text/javascript",
     errors=(404,),
 )
-async def page_module(request: web.Request, call: Call) -> web.StreamResponse:
+async def page_module(request: web.Request, call: Call[None]) -> web.StreamResponse:
     return await serve_static(request, request.match_info["name"], folder=MODULES_DIR)
