@@ -410,7 +410,13 @@ def test_dispute_an_ai_horde_workers_image(grid: Grid, browser: Browser, shots: 
     """An AI Horde worker (its /api/v2 side, played here) makes an image; the requester
     sees that it is unsigned and disputes it from the gallery: the kudos come back."""
     key, owner = _register(grid.url, "doubter"), _register(grid.url, "bridge-owner")
-    body = {"prompt": "a bridge", "width": 64, "height": 64, "steps": 4, "model": "horde-only"}
+    body: dict[str, Any] = {
+        "prompt": "a bridge",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "model": "horde-only",
+    }
     with Client(grid.url, key) as me:
         job = me.submit_image(ImageParams(**body))
         before = me.me().kudos

@@ -22,7 +22,9 @@ TYPED = "tests.sandbox.engines:TypedImageEngine"
 
 
 def params(prompt: str, **fields: int) -> ImageParams:
-    return ImageParams(prompt=prompt, width=64, height=64, steps=2, seed=7, **fields)
+    return ImageParams.model_validate(
+        {"prompt": prompt, "width": 64, "height": 64, "steps": 2, "seed": 7, **fields}
+    )
 
 
 async def started(engine: str, tmp_path: Path) -> Sandbox:

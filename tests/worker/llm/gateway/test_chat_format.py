@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -53,7 +54,7 @@ def test_without_a_template_uses_role_lines(tokenizer: PreTrainedTokenizerBase) 
     ],
 )  # fmt: skip
 def test_bad_messages_name_index_and_field(
-    tokenizer: PreTrainedTokenizerBase, messages: object, field: str, says: str
+    tokenizer: PreTrainedTokenizerBase, messages: Any, field: str, says: str
 ) -> None:
     with pytest.raises(InvalidGenerationInput) as caught:
         render_chat(tokenizer, messages)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import LlamaForCausalLM
 
 from client.sdk import Client
 from tests.procs import Proc
@@ -134,7 +134,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iter
 
 
 @pytest.fixture(scope="module")
-def full_model(tiny_models: Path) -> torch.nn.Module:
+def full_model(tiny_models: Path) -> LlamaForCausalLM:
     """The whole tiny LM, as the reference (one thread, like the servers)."""
     torch.set_num_threads(1)
-    return AutoModelForCausalLM.from_pretrained(tiny_models / "llm").eval()
+    model: LlamaForCausalLM = LlamaForCausalLM.from_pretrained(tiny_models / "llm")
+    model.eval()
+    return model

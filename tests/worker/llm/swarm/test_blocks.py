@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from worker.errors import ModelError, UnsupportedArchitecture
 from worker.llm.swarm.blocks import BlockSpan, ModelInfo, new_cache
@@ -18,20 +19,20 @@ def llm(tiny_models: Path) -> Path:
     return tiny_models / "llm"
 
 
-def _reference(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference(model: LlamaForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Last hidden state after the final norm, and logits, of the full model."""
     with torch.no_grad():
         out = model(ids, output_hidden_states=True)
     return out.hidden_states[-1], out.logits
 
 
-def _head(model: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _head(model: LlamaForCausalLM, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         normed = model.model.norm(hidden)
         return normed, model.lm_head(normed)
 
 
-def test_model_info_reads_headers_only(llm: Path, full_model: torch.nn.Module) -> None:
+def test_model_info_reads_headers_only(llm: Path, full_model: LlamaForCausalLM) -> None:
     info = ModelInfo.read(llm)
     assert info.name == "llm"
     assert info.architecture == "LlamaForCausalLM"
@@ -40,7 +41,7 @@ def test_model_info_reads_headers_only(llm: Path, full_model: torch.nn.Module) -
     assert ModelInfo.read(llm, "renamed").name == "renamed"
 
 
-def test_two_chained_spans_equal_the_full_model(llm: Path, full_model: torch.nn.Module) -> None:
+def test_two_chained_spans_equal_the_full_model(llm: Path, full_model: LlamaForCausalLM) -> None:
     first, second = BlockSpan.load(llm, 0, 2), BlockSpan.load(llm, 2, 4)
     assert len(first.layers) == len(second.layers) == 2
     generator = torch.Generator().manual_seed(0)
@@ -50,7 +51,7 @@ def test_two_chained_spans_equal_the_full_model(llm: Path, full_model: torch.nn.
 
     # prefill of 6 tokens, then single-token steps, sharing one cache per span
     caches = (new_cache(), new_cache())
-    outputs = []
+    outputs: list[torch.Tensor] = []
     chunks = [embeddings[:, :6]] + [embeddings[:, i : i + 1] for i in range(6, 12)]
     for chunk in chunks:
         outputs.append(second.forward(first.forward(chunk, caches[0]), caches[1]))
@@ -66,14 +67,16 @@ def test_two_chained_spans_equal_the_full_model(llm: Path, full_model: torch.nn.
     assert (logits - ref_logits).abs().max() < 1e-5
 
 
-def test_a_sub_range_of_a_span_and_a_stateless_pass(llm: Path, full_model: torch.nn.Module) -> None:
+def test_a_sub_range_of_a_span_and_a_stateless_pass(
+    llm: Path, full_model: LlamaForCausalLM
+) -> None:
     whole, head = BlockSpan.load(llm, 0, 4), BlockSpan.load(llm, 0, 1)
     ids = torch.arange(3, 10)[None]
     embeddings = full_model.model.embed_tokens(ids).detach()
     ref_hidden, _ = _reference(full_model, ids)
     # blocks 1:4 of a 0:4 span after block 0 of another server, with caches and steps
     caches = (new_cache(), new_cache())
-    outputs = []
+    outputs: list[torch.Tensor] = []
     for chunk in (embeddings[:, :4], embeddings[:, 4:5], embeddings[:, 5:]):
         past = sum(o.shape[1] for o in outputs)
         middle = head.forward(chunk, caches[0])

@@ -149,17 +149,18 @@ def test_coverage_sums_throughput_of_live_servers() -> None:
 # -- through a real DHT ---------------------------------------------------------------------
 
 
-class _BogusSignature(RecordValidatorBase):
+class _BogusSignature(RecordValidatorBase):  # type: ignore[misc]  # hivemind is untyped
     """What a forger can do without the owner's private key: attach a made-up signature."""
 
     def validate(self, record: DHTRecord) -> bool:
         return True
 
     def sign_value(self, record: DHTRecord) -> bytes:
-        return record.value + b"[signature:" + b"A" * 64 + b"]"
+        value: bytes = record.value
+        return value + b"[signature:" + b"A" * 64 + b"]"
 
 
-class _Blind(RecordValidatorBase):
+class _Blind(RecordValidatorBase):  # type: ignore[misc]  # hivemind is untyped
     """A reader that checks no signature: it sees whatever the DHT holds."""
 
     def validate(self, record: DHTRecord) -> bool:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from client.sdk import Client
-from protocol.text import TextParams
+from protocol.text import ChatMessage, TextParams
 from tests.procs import Proc
 from tests.worker.llm.swarm.conftest import Cluster, Server
 from worker.errors import MissingBlocks
@@ -187,7 +187,12 @@ def test_killed_server_mid_answer_gives_the_same_text(
     expected = tokenizer.decode(want, skip_special_tokens=True)
     spares = [servers["bravo"], servers["charlie"]]
     before = {s.name: _sessions(s) for s in spares}
-    params = TextParams(model="smollm2", messages=STORY, max_tokens=STORY_TOKENS, temperature=0.0)
+    params = TextParams(
+        model="smollm2",
+        messages=[ChatMessage.model_validate(m) for m in STORY],
+        max_tokens=STORY_TOKENS,
+        temperature=0.0,
+    )
     first = threading.Event()
     outcome: dict[str, object] = {}
     with Client(real_cluster.url, real_cluster.api_key) as grid:

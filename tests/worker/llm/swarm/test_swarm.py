@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from tests.procs import assert_confined, sandboxed_engine
 from tests.worker.llm.swarm.conftest import Cluster, Server
@@ -64,17 +65,19 @@ async def swarm_client(model: str, peer: Server, **options: Any) -> AsyncIterato
         await client.aclose()
 
 
-def _embed(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _embed(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model.model.embed_tokens(ids)
+        embedded: torch.Tensor = model.model.embed_tokens(ids)
+    return embedded
 
 
-def _last_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _last_logits(model: LlamaForCausalLM, hidden: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model.lm_head(model.model.norm(hidden[:, -1]))[0]
+        logits: torch.Tensor = model.lm_head(model.model.norm(hidden[:, -1]))
+    return logits[0]
 
 
-def local_greedy(model: torch.nn.Module, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+def local_greedy(model: LlamaForCausalLM, steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and last-position logits of the full model, recomputed from scratch."""
     ids = PROMPT
     tokens, logits = [], []
@@ -89,7 +92,7 @@ def local_greedy(model: torch.nn.Module, steps: int) -> tuple[list[int], list[to
 
 async def swarm_greedy(
     session: InferenceSession,
-    model: torch.nn.Module,
+    model: LlamaForCausalLM,
     steps: int,
     before_step: Callable[[int], Awaitable[None]] | None = None,
 ) -> tuple[list[int], list[torch.Tensor]]:
@@ -114,7 +117,7 @@ def assert_same_generation(
 
 
 async def test_two_servers_give_the_local_models_logits(
-    servers: dict[str, Server], full_model: torch.nn.Module
+    servers: dict[str, Server], full_model: LlamaForCausalLM
 ) -> None:
     alpha, bravo = servers["alpha"], servers["bravo"]
     assert (alpha.start, alpha.end, bravo.start, bravo.end) == (0, 2, 2, 4)
@@ -134,7 +137,7 @@ async def test_two_servers_give_the_local_models_logits(
 
 
 async def test_stateless_forward_through_the_swarm(
-    servers: dict[str, Server], full_model: torch.nn.Module
+    servers: dict[str, Server], full_model: LlamaForCausalLM
 ) -> None:
     async with swarm_client("llm", servers["alpha"]) as client:
         hidden = await client.forward(_embed(full_model, PROMPT))
@@ -153,7 +156,7 @@ async def _wait_free_cache(client: SwarmClient, server: Server, tokens: int) -> 
 
 
 async def test_sessions_beyond_a_peers_cache_share_are_refused(
-    servers: dict[str, Server], full_model: torch.nn.Module
+    servers: dict[str, Server], full_model: LlamaForCausalLM
 ) -> None:
     alpha = servers["alpha"]
     async with swarm_client("llm", alpha, retry_budget=1.5) as client:
@@ -176,7 +179,7 @@ async def test_sessions_beyond_a_peers_cache_share_are_refused(
 
 
 async def test_an_idle_session_is_closed_and_the_client_replays_it(
-    servers: dict[str, Server], full_model: torch.nn.Module
+    servers: dict[str, Server], full_model: LlamaForCausalLM
 ) -> None:
     alpha, bravo = servers["alpha"], servers["bravo"]
     steps = 6
@@ -204,7 +207,7 @@ def test_a_server_without_blocks_takes_the_uncovered_range(servers: dict[str, Se
 
 
 async def test_a_killed_server_is_replaced_mid_generation(
-    servers: dict[str, Server], full_model: torch.nn.Module
+    servers: dict[str, Server], full_model: LlamaForCausalLM
 ) -> None:
     papa = servers["papa"]
     by_peer = {servers[n].peer_id: servers[n] for n in ("quebec", "romeo")}
@@ -238,7 +241,7 @@ async def test_a_killed_server_is_replaced_mid_generation(
 
 
 async def test_without_a_replacement_missing_blocks_names_them(
-    servers: dict[str, Server], full_model: torch.nn.Module
+    servers: dict[str, Server], full_model: LlamaForCausalLM
 ) -> None:
     papa = servers["papa"]
     async with swarm_client("relay", papa, retry_budget=2.0, ping_timeout=1.0) as client:
@@ -276,7 +279,7 @@ def test_a_servers_layer_compute_runs_confined(servers: dict[str, Server]) -> No
 
 
 async def test_a_leaving_server_finishes_open_sessions_and_takes_no_new_ones(
-    cluster: Cluster, full_model: torch.nn.Module
+    cluster: Cluster, full_model: LlamaForCausalLM
 ) -> None:
     """The first SIGTERM: the record says LEAVING at once, a new session is refused, the open
     one keeps stepping; the server stops when it closes (long before --drain-seconds)."""
@@ -322,7 +325,7 @@ def test_sigterm_stops_a_server_without_orphans(servers: dict[str, Server]) -> N
 
 def _running(process: psutil.Process) -> bool:
     try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        return bool(process.is_running() and process.status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 
