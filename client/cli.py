@@ -25,6 +25,7 @@ from client.sdk import AsyncClient
 from protocol.errors import ValidationFailed
 from protocol.params import ImageParams
 from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS
+from protocol.settings import SettingsParser
 from protocol.validation import parse
 
 __all__ = ["main"]
@@ -287,7 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="idlegrid",
         description="idlegrid: generate images and chat on a volunteer compute network.",
     )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # (SettingsParser: the commands that declare environment variables read them)
+    parser_class: type[argparse.ArgumentParser] = SettingsParser
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=parser_class
+    )
 
     account = subparsers.add_parser("account", help="register an account, show its kudos")
     account_sub = account.add_subparsers(dest="account_command", required=True, metavar="ACTION")

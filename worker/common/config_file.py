@@ -24,14 +24,14 @@ defaults for the length of that one parse, and leaves the parser as it was after
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import sys
 import tomllib
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from protocol.settings import SettingsError, SettingsParser
 
 __all__ = [
     "CONFIG_FLAG",
@@ -42,12 +42,14 @@ __all__ = [
 ]
 
 CONFIG_FLAG = "--config"
+# IDLEGRID_WORKER_FLAG for every worker command, IDLEGRID_WORKER_KIND_FLAG for one
+ENV_PREFIX = "IDLEGRID_WORKER_"
 # keys that work but are better kept elsewhere: key -> where
 _DISCOURAGED = {"api-key": "the environment variable IDLEGRID_API_KEY"}
 _UNCONFIGURABLE = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
 
 
-class ConfigFileError(ValueError):
+class ConfigFileError(SettingsError):
     """The `--config` file cannot be used; the message names the file, the key and the fix.
 
     (Bad input from the operator: the command exits 2.)
@@ -64,34 +66,30 @@ class _Plan:
     discouraged: list[str] = field(default_factory=list)
 
 
-class ConfigFileParser(argparse.ArgumentParser):
-    """A command parser whose `--config FILE` supplies defaults (see the module docstring).
+class ConfigFileParser(SettingsParser):
+    """A command parser whose `--config FILE` supplies defaults (see the module docstring),
+    below the environment's (protocol.settings).
 
     `idlegrid worker KIND` parsers are made with this class (`parser_class=` of the `worker`
-    subparsers); only those that call `add_config_flag` read a file.
+    subparsers); only those that call `add_config_flag` read a file and the environment.
     """
 
     config_kinds: argparse._SubParsersAction[argparse.ArgumentParser] | None = None
+    # the owner's API key had this variable before every flag had one
+    env_aliases = {"--api-key": "IDLEGRID_API_KEY"}
 
-    def parse_known_args(
-        self, args: Iterable[str] | None = None, namespace: Any = None
-    ) -> tuple[Any, list[str]]:
-        arg_list = list(sys.argv[1:] if args is None else args)
-        path = self._config_path(arg_list) if self.config_kinds is not None else None
+    def file_values(self, args: list[str]) -> dict[argparse.Action, Any]:
+        path = self._config_path(args) if self.config_kinds is not None else None
         if path is None:
-            return super().parse_known_args(arg_list, namespace)
-        try:
-            plan = self._plan(path, arg_list)
-        except ConfigFileError as exc:
-            self.exit(2, f"error: {exc}\n")
+            return {}
+        plan = self._plan(path, args)
         for key in plan.discouraged:
             print(
                 f"warning: {path}: {key} is better kept in {_DISCOURAGED[key]} than in a "
                 "file that others may read or copy",
                 file=sys.stderr,
             )
-        with _applied(self, plan.values):
-            return super().parse_known_args(arg_list, namespace)
+        return plan.values
 
     # -- finding the file and what it says --------------------------------------------------
 
@@ -184,6 +182,8 @@ def add_config_flag(
         "for one command, top-level keys apply to every command with that flag",
     )
     parser.config_kinds = kinds
+    kind = parser.prog.split()[-1].upper()
+    parser.env_prefixes = (ENV_PREFIX, f"{ENV_PREFIX}{kind}_")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -233,28 +233,6 @@ def _configurable(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]
             if option.startswith("--"):
                 actions[option[2:]] = action
     return actions
-
-
-@contextlib.contextmanager
-def _applied(parser: argparse.ArgumentParser, values: dict[argparse.Action, Any]) -> Iterator[None]:
-    """The file's values as the actions' defaults (and required flags no longer required)
-    for one parse; the parser is left as it was."""
-    saved = [(action, action.default, action.required) for action in values]
-    groups = [(group, group.required) for group in parser._mutually_exclusive_groups]
-    try:
-        for action, value in values.items():
-            action.default = value
-            action.required = False
-        for group in parser._mutually_exclusive_groups:
-            if any(action in values for action in group._group_actions):
-                group.required = False
-        yield
-    finally:
-        for action, default, required in saved:
-            action.default = default
-            action.required = required
-        for group, required in groups:
-            group.required = required
 
 
 def _check_exclusive(parser: argparse.ArgumentParser, plan: _Plan, args: list[str]) -> None:

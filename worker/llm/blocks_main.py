@@ -10,12 +10,12 @@ import argparse
 import asyncio
 import logging
 import re
-import signal
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from protocol.signals import StopSignals
 from worker.common.cli import (
     add_identity_flags,
     add_log_level_flag,
@@ -256,63 +256,53 @@ async def _serve_blocks(config: BlockServerConfig, command: _Command) -> int:
 
     task = asyncio.current_task()
     assert task is not None
-    loop = asyncio.get_running_loop()
-    leave = asyncio.Event()
     server: BlockServer | None = None
 
-    def on_signal() -> None:
+    def on_signal(count: int) -> None:
         # the first signal while serving drains; one while starting, or a second, stops now
-        if server is None or leave.is_set():
+        if server is None or count > 1:
             task.cancel()
-        else:
-            leave.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal)
     link = CoordinatorLink(command.coordinator, command.identity, command.name, command.api_key)
-    try:
-        await link.register()
-        await report_confinement(link, "swarm-blocks", config.unsandboxed)
-        # our own libp2p key, so that we can prove the peer id is ours when we link it
-        peer_key = PeerKey.generate()
-        # (the server hands it to p2pd, and vouches with it for its DHT records' key)
-        server = await BlockServer.create(replace(config, peer_key=peer_key))
-        assert server.peer_id == peer_key.peer_id, "p2pd did not take our libp2p key"
-        await link.link_peer(peer_key)
-        for maddr in await server.visible_maddrs():
-            print(
-                READY_LINE.format(
-                    name=command.name,
-                    start=server.start,
-                    end=server.end,
-                    model=server.model.name,
-                    maddr=maddr,
-                ),
-                flush=True,
-            )
-        await leave.wait()
-        log.info("leaving (signal again to stop at once)")
-        await server.drain(command.drain_seconds)
-        log.info("stopping")
-    except asyncio.CancelledError:
-        log.info("stopping")
-    except (CoordinatorUnavailable, CoordinatorRejected) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ModelError as exc:
-        print(f"error: --model: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            # a second signal must not interrupt the shutdown (it would orphan the DHT)
-            loop.add_signal_handler(signum, _ignore)
+    with StopSignals(on_signal) as signals:
         try:
-            if server is not None:
-                await server.aclose()
+            await link.register()
+            await report_confinement(link, "swarm-blocks", config.unsandboxed)
+            # our own libp2p key, so that we can prove the peer id is ours when we link it
+            peer_key = PeerKey.generate()
+            # (the server hands it to p2pd, and vouches with it for its DHT records' key)
+            server = await BlockServer.create(replace(config, peer_key=peer_key))
+            assert server.peer_id == peer_key.peer_id, "p2pd did not take our libp2p key"
+            await link.link_peer(peer_key)
+            for maddr in await server.visible_maddrs():
+                print(
+                    READY_LINE.format(
+                        name=command.name,
+                        start=server.start,
+                        end=server.end,
+                        model=server.model.name,
+                        maddr=maddr,
+                    ),
+                    flush=True,
+                )
+            await signals.stop.wait()
+            log.info("leaving (signal again to stop at once)")
+            await server.drain(command.drain_seconds)
+            log.info("stopping")
+        except asyncio.CancelledError:
+            log.info("stopping")
+        except (CoordinatorUnavailable, CoordinatorRejected) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except ModelError as exc:
+            print(f"error: --model: {exc}", file=sys.stderr)
+            return 2
         finally:
-            await link.aclose()
+            # a second signal must not interrupt the shutdown (it would orphan the DHT)
+            signals.ignore_more()
+            try:
+                if server is not None:
+                    await server.aclose()
+            finally:
+                await link.aclose()
     return 0
-
-
-def _ignore() -> None:
-    log.info("already stopping")
