@@ -145,7 +145,8 @@ def add_flags(
         text = flag.help
         for word, value in (words or {}).items():
             text = text.replace("{" + word + "}", value)
-        options: dict[str, Any] = {"help": text, "dest": name}
+        dest = info.alias or name  # an alias where the name is pydantic's (model_config)
+        options: dict[str, Any] = {"help": text, "dest": dest}
         if flag.metavar is not None:
             options["metavar"] = flag.metavar
         if flag.required:
@@ -168,7 +169,7 @@ def add_flags(
             options["type"] = flag.parse or _scalar_type(kind)
         if "default" not in options and kind is not bool:
             options["default"] = default
-        action = target.add_argument(flag_name(name), **options)
+        action = target.add_argument(flag_name(dest), **options)
         if not flag.stored:
             _COMMAND_LINE_ONLY.add(action)
 
@@ -182,23 +183,29 @@ def _scalar_type(kind: Any) -> Callable[[str], Any] | None:
 def validated(model: type[M], args: argparse.Namespace, **extra: Any) -> M:
     """The model from the parsed flags (and `extra` fields); SettingsError naming the flag,
     its environment variables and the fix."""
-    values = {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
+    dests = {info.alias or name: name for name, info in model.model_fields.items()}
+    values = {dest: getattr(args, dest) for dest in dests if hasattr(args, dest)}
     values.update(extra)
     try:
         return model.model_validate(values)
     except ValidationError as exc:
         prefixes: tuple[str, ...] = getattr(args, "_env_prefixes", ())
         problems = []
-        for field, message in describe(exc, model):
-            name = field.split(".")[0].split("[")[0]
-            flag = flag_name(name)
-            info = model.model_fields.get(name)
+        for error, (field, message) in zip(exc.errors(), describe(exc, model), strict=True):
+            if not error["loc"]:  # a check of several settings: its message names them
+                problems.append(message)
+                continue
+            dest = field.split(".")[0].split("[")[0]
+            flag = flag_name(dest)
+            info = model.model_fields.get(dests.get(dest, dest))
             meta = next((m for m in info.metadata if isinstance(m, Flag)), None) if info else None
             if meta is not None and meta.secret:
                 message = message.split(" (got ")[0]
             stored_too = meta is None or meta.stored
-            envs = " or ".join(env_name(p, flag) for p in prefixes if stored_too)
-            where = f"{flag} (or {envs})" if envs else flag
+            also = [env_name(p, flag) for p in prefixes] if stored_too else []
+            if stored_too and getattr(args, "config", None) is not None:
+                also.append(f"{flag[2:]} in {args.config}")
+            where = f"{flag} (or {' or '.join(also)})" if also else flag
             problems.append(f"{where}: {message}")
         raise SettingsError("; ".join(problems)) from None
 
