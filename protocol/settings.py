@@ -48,6 +48,7 @@ __all__ = [
     "applied_defaults",
     "env_name",
     "flag_name",
+    "resolve_option",
     "stored",
     "validated",
 ]
@@ -236,13 +237,41 @@ class SettingsParser(argparse.ArgumentParser):
             return super().parse_known_args(arg_list, namespace)
         try:
             values = self.file_values(arg_list)
-            values.update(self.env_values())
+            for action, value in self.env_values().items():
+                values.update(self._excluding(action, value))
         except SettingsError as exc:
             self.exit(2, f"error: {exc}\n")
+        self.exclude_given(values, arg_list)
         with applied_defaults(self, values):
             parsed, rest = super().parse_known_args(arg_list, namespace)
         parsed._env_prefixes = self.env_prefixes
         return parsed, rest
+
+    def _excluding(self, action: argparse.Action, value: Any) -> dict[argparse.Action, Any]:
+        """`action`'s value, with the flags it excludes back at their defaults (a variable
+        that says `--initial-peers` replaces a file's `new-swarm = true`)."""
+        out = {action: value}
+        for group in self._mutually_exclusive_groups:
+            if action in group._group_actions:
+                out.update((other, other.default) for other in group._group_actions)
+                out[action] = value
+        return out
+
+    def exclude_given(self, values: dict[argparse.Action, Any], args: list[str]) -> None:
+        """A flag given on the command line replaces the flags it excludes (from the
+        environment or the file)."""
+        given = set()
+        for token in args:
+            if token == "--":
+                break
+            action = resolve_option(self, token.partition("=")[0])
+            if action is not None:
+                given.add(action)
+        for group in self._mutually_exclusive_groups:
+            if any(action in given for action in group._group_actions):
+                for action in group._group_actions:
+                    if action not in given:
+                        values.pop(action, None)
 
     def file_values(self, args: list[str]) -> dict[argparse.Action, Any]:
         """Values from a config file named in `args` (none here; see worker.common)."""
@@ -261,6 +290,19 @@ class SettingsParser(argparse.ArgumentParser):
                 if name in self.environ:
                     found[action] = _from_text(action, self.environ[name], name)
         return found
+
+
+def resolve_option(parser: argparse.ArgumentParser, name: str) -> argparse.Action | None:
+    """The optional action `name` means, as argparse resolves it (exact or unique prefix)."""
+    if not name.startswith("--"):
+        return None
+    by_option = parser._option_string_actions
+    if name in by_option:
+        return by_option[name]
+    if not parser.allow_abbrev:
+        return None
+    matches = {action for option, action in by_option.items() if option.startswith(name)}
+    return matches.pop() if len(matches) == 1 else None
 
 
 _KINDS: dict[Any, str] = {int: "not a whole number", float: "not a number"}

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.settings import SettingsError, SettingsParser
+from protocol.settings import SettingsError, SettingsParser, resolve_option
 
 __all__ = [
     "CONFIG_FLAG",
@@ -100,7 +100,7 @@ class ConfigFileParser(SettingsParser):
             if token == "--":
                 break
             name, has_value, value = token.partition("=")
-            action = _resolve(self, name)
+            action = resolve_option(self, name)
             if action is None or CONFIG_FLAG not in action.option_strings:
                 continue
             if has_value:
@@ -210,19 +210,6 @@ def read_config_file(path: Path) -> dict[str, Any]:
 # -- argparse actions ---------------------------------------------------------------------
 
 
-def _resolve(parser: argparse.ArgumentParser, name: str) -> argparse.Action | None:
-    """The optional action `name` means, as argparse resolves it (exact or unique prefix)."""
-    if not name.startswith("--"):
-        return None
-    by_option = parser._option_string_actions
-    if name in by_option:
-        return by_option[name]
-    if not parser.allow_abbrev:
-        return None
-    matches = {action for option, action in by_option.items() if option.startswith(name)}
-    return matches.pop() if len(matches) == 1 else None
-
-
 def _configurable(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """The parser's flags a file may set, by long name without dashes (`max-pixels`)."""
     actions: dict[str, argparse.Action] = {}
@@ -235,23 +222,12 @@ def _configurable(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]
     return actions
 
 
-def _check_exclusive(parser: argparse.ArgumentParser, plan: _Plan, args: list[str]) -> None:
+def _check_exclusive(parser: SettingsParser, plan: _Plan, args: list[str]) -> None:
     """Flags that exclude each other: at most one from the file, and one given on the
     command line replaces the file's (`--initial-peers` overrides `new-swarm = true`)."""
-    given = set()
-    for token in args:
-        if token == "--":
-            break
-        action = _resolve(parser, token.partition("=")[0])
-        if action is not None:
-            given.add(action)
+    parser.exclude_given(plan.values, args)
     for group in parser._mutually_exclusive_groups:
         members = group._group_actions
-        if any(action in given for action in members):
-            for action in members:
-                if action not in given:
-                    plan.values.pop(action, None)
-            continue
         chosen = [a for a in members if a in plan.values and plan.values[a] != a.default]
         if len(chosen) > 1:
             names = " and ".join(_key(action) for action in chosen)
