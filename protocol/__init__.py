@@ -11,6 +11,9 @@ Pure: no I/O, no torch; every other package imports it and it imports none of th
     signing.py     Ed25519 identities, canonical JSON, what gets signed
     peer_ids.py    libp2p peer ids: the key behind one, and checking its signature
     infotext.py    the AUTOMATIC1111 `parameters` text stored in PNGs
+    settings.py    one declaration per setting: a command's flags, environment variables
+                   and config-file keys from a pydantic model (no I/O: see its docstring)
+    signals.py     SIGINT/SIGTERM -> stop, for every service (installs handlers only)
     errors.py      ProtocolError and its subclasses
 """
 

@@ -28,6 +28,8 @@ import argparse
 import contextlib
 import json
 import os
+import re
+import sys
 import types
 import typing
 import weakref
@@ -55,6 +57,8 @@ __all__ = [
 
 M = TypeVar("M", bound=BaseModel)
 
+# the namespace attribute that tells `validated` which variables the parser read
+ENV_PREFIXES = "settings_env_prefixes"
 # actions of `Flag(stored=False)` fields
 _COMMAND_LINE_ONLY: weakref.WeakSet[argparse.Action] = weakref.WeakSet()
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -95,15 +99,6 @@ def flag_name(field: str) -> str:
 def env_name(prefix: str, flag: str) -> str:
     """`IDLEGRID_COORDINATOR_` and `--trust-hold` -> `IDLEGRID_COORDINATOR_TRUST_HOLD`."""
     return prefix + flag.lstrip("-").upper().replace("-", "_")
-
-
-def _flag_of(annotation: Any) -> tuple[Flag | None, Any]:
-    flag = None
-    base = annotation
-    if typing.get_origin(annotation) is typing.Annotated:
-        base, *extras = typing.get_args(annotation)
-        flag = next((e for e in extras if isinstance(e, Flag)), None)
-    return flag, base
 
 
 def _unoptional(kind: Any) -> Any:
@@ -181,16 +176,15 @@ def _scalar_type(kind: Any) -> Callable[[str], Any] | None:
     return None
 
 
-def validated(model: type[M], args: argparse.Namespace, **extra: Any) -> M:
-    """The model from the parsed flags (and `extra` fields); SettingsError naming the flag,
-    its environment variables and the fix."""
+def validated(model: type[M], args: argparse.Namespace) -> M:
+    """The model from the parsed flags; SettingsError naming the flag, its environment
+    variables (and config-file key) and the fix."""
     dests = {info.alias or name: name for name, info in model.model_fields.items()}
     values = {dest: getattr(args, dest) for dest in dests if hasattr(args, dest)}
-    values.update(extra)
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        prefixes: tuple[str, ...] = getattr(args, "_env_prefixes", ())
+        prefixes: tuple[str, ...] = getattr(args, ENV_PREFIXES, ())
         problems = []
         for error, (field, message) in zip(exc.errors(), describe(exc, model), strict=True):
             if not error["loc"]:  # a check of several settings: its message names them
@@ -200,13 +194,22 @@ def validated(model: type[M], args: argparse.Namespace, **extra: Any) -> M:
             flag = flag_name(dest)
             info = model.model_fields.get(dests.get(dest, dest))
             meta = next((m for m in info.metadata if isinstance(m, Flag)), None) if info else None
+            # the value after the flag, as on the command line: a check's message starts
+            # with it ('alice=0': use ...), a limit's ends with it (... (got 0))
+            value = None
+            if quoted := re.fullmatch(r"('.*?'|\".*?\"): (.*)", message, re.DOTALL):
+                value, message = quoted.groups()
+            elif message.endswith(")") and " (got " in message:
+                message, _, value = message[:-1].rpartition(" (got ")
             if meta is not None and meta.secret:
-                message = message.split(" (got ")[0]
+                value = None
             stored_too = meta is None or meta.stored
             also = [env_name(p, flag) for p in prefixes] if stored_too else []
             if stored_too and getattr(args, "config", None) is not None:
                 also.append(f"{flag[2:]} in {args.config}")
-            where = f"{flag} (or {' or '.join(also)})" if also else flag
+            where = flag if value is None else f"{flag} {value}"
+            if also:
+                where += f" (or {' or '.join(also)})"
             problems.append(f"{where}: {message}")
         raise SettingsError("; ".join(problems)) from None
 
@@ -230,8 +233,6 @@ class SettingsParser(argparse.ArgumentParser):
     def parse_known_args(
         self, args: Iterable[str] | None = None, namespace: Any = None
     ) -> tuple[Any, list[str]]:
-        import sys
-
         arg_list = list(sys.argv[1:] if args is None else args)
         if not self.env_prefixes:
             return super().parse_known_args(arg_list, namespace)
@@ -244,7 +245,7 @@ class SettingsParser(argparse.ArgumentParser):
         self.exclude_given(values, arg_list)
         with applied_defaults(self, values):
             parsed, rest = super().parse_known_args(arg_list, namespace)
-        parsed._env_prefixes = self.env_prefixes
+        setattr(parsed, ENV_PREFIXES, self.env_prefixes)  # for `validated`'s messages
         return parsed, rest
 
     def _excluding(self, action: argparse.Action, value: Any) -> dict[argparse.Action, Any]:

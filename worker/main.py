@@ -1,9 +1,11 @@
 """`idlegrid worker image|blocks|gateway ...` and `idlegrid models tiny|smollm2 ...`.
 
 The `idlegrid.commands` entry point (`register_commands`) plugs these into the one
-`idlegrid` command. Each command's flags live beside its service (`worker.image.main`,
-`worker.llm.blocks_main`, `worker.llm.gateway.main`, `worker.models.main`); heavy imports
-(torch, diffusers) happen inside the commands, so `idlegrid --help` stays fast.
+`idlegrid` command. Each command's settings class lives beside its service
+(`worker.image.main.ImageSettings`, `worker.llm.blocks_main.BlocksSettings`,
+`worker.llm.gateway.main.GatewaySettings`; protocol.settings makes their flags,
+IDLEGRID_WORKER_* variables and `--config` keys); heavy imports (torch, diffusers) happen
+inside the commands, so `idlegrid --help` stays fast.
 """
 
 from __future__ import annotations

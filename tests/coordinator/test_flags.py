@@ -121,19 +121,22 @@ def test_the_speed_check_is_a_flag_and_inf_turns_it_off() -> None:
     [
         (
             ["--processes", "0"],
-            "--processes (or IDLEGRID_COORDINATOR_PROCESSES): input should "
-            "be greater than or equal to 1 (got 0)",
+            "--processes 0 (or IDLEGRID_COORDINATOR_PROCESSES): input should "
+            "be greater than or equal to 1",
         ),
-        (["--trust-hold", "1.5"], "--trust-hold (or IDLEGRID_COORDINATOR_TRUST_HOLD)"),
+        (["--trust-hold", "1.5"], "--trust-hold 1.5 (or IDLEGRID_COORDINATOR_TRUST_HOLD)"),
         (["--poll-fallback", "0"], "--poll-fallback"),
         (["--rate-limit", "nope=1/1"], "unknown scope 'nope'; use one of submit"),
         (["--rate-limit", "submit=fast"], "write SCOPE=RATE/BURST"),
         (["--trusted-proxy", "nope"], "'nope' is not an IP address or network"),
-        (["--registration", "maybe"], "'maybe': use one of open, invite, closed"),
+        (
+            ["--registration", "maybe"],
+            "--registration 'maybe' (or IDLEGRID_COORDINATOR_REGISTRATION): use one of open",
+        ),
         (["--lease-ttl-factor", "0.5"], "--lease-ttl-factor"),
         (["--max-dispute-share", "2"], "--max-dispute-share"),
-        (["--make-invites", "0"], "--make-invites: input should be greater than or equal to 1"),
-        (["--mint", "alice=0"], "--mint: 'alice=0': use USER=KUDOS"),
+        (["--make-invites", "0"], "--make-invites 0: input should be greater than or equal to 1"),
+        (["--mint", "alice=0"], "--mint 'alice=0': use USER=KUDOS"),
     ],
 )
 def test_bad_values_name_the_flag_and_the_fix(argv: list[str], says: str) -> None:

@@ -1,4 +1,5 @@
-"""`--config FILE`: a worker command's flags, read from a TOML file.
+"""`--config FILE` and the environment: a worker command's flags, from a TOML file and
+from IDLEGRID_WORKER_* variables.
 
 A donor who runs a worker for months wants its settings in a file, not in a shell history.
 The file's keys are the command's long flag names, with dashes or underscores
@@ -15,10 +16,18 @@ section no command has, a value of the wrong type, and a file that cannot be rea
 each stop the command with exit status 2 and a message naming the file, the key and the fix:
 a typo must never be silently ignored.
 
+The environment sits between the two: `IDLEGRID_WORKER_FLAG` for every worker command
+that has the flag and `IDLEGRID_WORKER_KIND_FLAG` for one (`IDLEGRID_WORKER_IMAGE_MAX_PIXELS`,
+overriding `IDLEGRID_WORKER_MAX_PIXELS`), and the older `IDLEGRID_API_KEY` below both. So
+a value comes from the command line, else the environment, else the file's section, else
+its top level, else the flag's default. (protocol.settings reads the environment; a list
+is a JSON list or one value, an on/off flag 1/0, true/false, yes/no or on/off.)
+
 Why here rather than in argparse defaults: the file has to be known before the command's
 own parser runs, so that values from the file also satisfy required flags (`--coordinator`,
-`--model`). `ConfigFileParser` finds `--config` among its arguments, turns the file into
-defaults for the length of that one parse, and leaves the parser as it was afterwards.
+`--model`). `ConfigFileParser` finds `--config` among its arguments, turns the file and the
+environment into defaults for the length of that one parse (protocol.settings
+`SettingsParser`), and leaves the parser as it was afterwards.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.settings import SettingsError, SettingsParser, resolve_option
+from protocol.settings import SettingsError, SettingsParser, resolve_option, stored
 
 __all__ = [
     "CONFIG_FLAG",
@@ -179,7 +188,9 @@ def add_config_flag(
         metavar="FILE",
         help="TOML file of flags: keys are the long flag names (max-pixels = 262144); "
         "flags given here override it; [image], [blocks], [gateway] sections hold values "
-        "for one command, top-level keys apply to every command with that flag",
+        "for one command, top-level keys apply to every command with that flag. "
+        "IDLEGRID_WORKER_FLAG_NAME and IDLEGRID_WORKER_KIND_FLAG_NAME environment "
+        "variables override the file",
     )
     parser.config_kinds = kinds
     kind = parser.prog.split()[-1].upper()
@@ -214,7 +225,11 @@ def _configurable(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]
     """The parser's flags a file may set, by long name without dashes (`max-pixels`)."""
     actions: dict[str, argparse.Action] = {}
     for action in parser._actions:
-        if isinstance(action, _UNCONFIGURABLE) or CONFIG_FLAG in action.option_strings:
+        if (
+            isinstance(action, _UNCONFIGURABLE)
+            or CONFIG_FLAG in action.option_strings
+            or not stored(action)
+        ):
             continue
         for option in action.option_strings:
             if option.startswith("--"):

@@ -173,7 +173,7 @@ def test_the_old_api_key_variable_still_works_and_is_never_echoed(
         (
             "image",
             ["--max-steps", "0"],
-            "--max-steps (or IDLEGRID_WORKER_MAX_STEPS or "
+            "--max-steps 0 (or IDLEGRID_WORKER_MAX_STEPS or "
             "IDLEGRID_WORKER_IMAGE_MAX_STEPS): input should be greater than or equal to 1",
         ),
         ("image", ["--max-ram", "-1"], "--max-ram"),
