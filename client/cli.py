@@ -22,10 +22,10 @@ from client.errors import ApiError, ClientError
 from client.follow import WAIT_TIMEOUT
 from client.progress import ProgressLine
 from client.sdk import AsyncClient
+from protocol.config_file import ConfigFileParser
 from protocol.errors import ValidationFailed
 from protocol.params import ImageParams
 from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS
-from protocol.settings import SettingsParser
 from protocol.validation import parse
 
 __all__ = ["main"]
@@ -288,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="idlegrid",
         description="idlegrid: generate images and chat on a volunteer compute network.",
     )
-    # (SettingsParser: the commands that declare environment variables read them)
-    parser_class: type[argparse.ArgumentParser] = SettingsParser
+    # (ConfigFileParser: the commands that call add_config_flag read --config FILE and the
+    # environment)
+    parser_class: type[argparse.ArgumentParser] = ConfigFileParser
     subparsers = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=parser_class
     )

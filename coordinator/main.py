@@ -35,7 +35,8 @@ from coordinator.config import CoordinatorConfig
 from coordinator.network_flags import NETWORK, run_operator_actions
 from coordinator.settings import ECONOMY, ENV_PREFIX, CoordinatorSettings
 from coordinator.store import Store
-from protocol.settings import SettingsError, SettingsParser, add_flags, env_name, validated
+from protocol.config_file import add_config_flag
+from protocol.settings import SettingsError, add_flags, env_name, validated
 from protocol.signals import StopSignals, caught_signals
 
 __all__ = ["register_commands"]
@@ -48,15 +49,21 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "coordinator",
         help="run the coordinator service (job queue, accounts, kudos ledger)",
         description="Run the coordinator: the job queue, accounts, kudos ledger and results "
-        "store. Every flag can also be set in the environment: "
-        f"{ENV_PREFIX}FLAG_NAME (e.g. {env_name(ENV_PREFIX, '--trust-hold')}=0.3); "
-        "a flag given wins.",
+        "store. Every flag can also be set in the environment, "
+        f"{ENV_PREFIX}FLAG_NAME (e.g. {env_name(ENV_PREFIX, '--trust-hold')}=0.3), and in "
+        "a --config file; a flag given wins over the environment, which wins over the file.",
     )
     # the economy's flags before the open network's (argparse lists groups as made)
     groups = {title: parser.add_argument_group(title) for title in (ECONOMY, NETWORK)}
     add_flags(parser, CoordinatorSettings, groups)
-    if isinstance(parser, SettingsParser):
-        parser.env_prefixes = (ENV_PREFIX,)
+    add_config_flag(
+        parser,
+        subparsers,
+        help="TOML file of flags: keys are the long flag names (trust-hold = 0.3, "
+        'trust-worker = ["..."]), at the top level or in a [coordinator] section; the '
+        "environment and flags given here override it",
+        env_prefixes=(ENV_PREFIX,),
+    )
     parser.set_defaults(run=_run)
 
 

@@ -2,10 +2,11 @@
 
 `CoordinatorSettings` is the command's one settings class: the fields below (service,
 kudos economy, processes) and the open-network ones of coordinator.network_flags. Each
-field is a flag (`--trust-hold`) and an environment variable with the prefix `ENV_PREFIX`
-(`IDLEGRID_COORDINATOR_TRUST_HOLD`); a flag given beats the variable, which beats the
-default. `config()` turns them into the CoordinatorConfig the service runs with; only
-coordinator.main calls it.
+field is a flag (`--trust-hold`), an environment variable with the prefix `ENV_PREFIX`
+(`IDLEGRID_COORDINATOR_TRUST_HOLD`) and a `--config` file key (`trust-hold = 0.3`, at the
+top level or in `[coordinator]`); a flag given beats the variable, which beats the file,
+which beats the default. `config()` turns them into the CoordinatorConfig the service
+runs with; only coordinator.main calls it.
 """
 
 from __future__ import annotations

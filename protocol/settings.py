@@ -10,16 +10,16 @@ the model into argparse flags: the flag is the field's name with dashes (`max_pi
 (`IDLEGRID_WORKER_IMAGE_MAX_PIXELS`), a config-file key the flag without dashes.
 
 Where a value comes from, first match wins: the command line, the environment, the
-config file (worker commands' `--config FILE`), the default. `SettingsParser` does this in
+config file (`--config FILE`: protocol.config_file), the default. `SettingsParser` does this in
 one parse: the environment's and the file's values become the flags' defaults for that
 parse (so they also satisfy required flags), and the flags given override them. `validated`
 then builds the model from the parsed flags; a value pydantic refuses stops the command
 with a message naming the flag, its environment variable and the fix.
 
 Why in protocol, which does no I/O: the coordinator and the worker may not import each
-other, and both need it. It reads no file and opens no socket; the environment is a
-mapping handed in (`SettingsParser.environ`, by default `os.environ`, read only when a
-command with environment variables is parsed).
+other, and both need it. This module reads no file and opens no socket; the environment
+is a mapping (`SettingsParser.environ`, by default `os.environ`), read only when a command
+with environment variables is parsed.
 """
 
 from __future__ import annotations

@@ -173,3 +173,60 @@ def test_the_description_names_the_environment_prefix(
     with pytest.raises(SystemExit):
         build_parser().parse_args(["coordinator", "--help"])
     assert "IDLEGRID_COORDINATOR_TRUST_HOLD" in capsys.readouterr().out
+
+
+def test_a_config_file_below_the_environment_and_the_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text(
+        'data-dir = "/srv/from-file"\n'
+        "trust-hold = 0.4\n"
+        "port = 1\n"
+        "[coordinator]\n"  # the section wins over the top level
+        "port = 9100\n"
+        'trust-worker = ["aa"]\n'
+        'rate-limit = ["submit=1/2"]\n'
+        "allow-same-ip-checks = true\n"
+    )
+    settings = _settings("--config", str(config))
+    assert (settings.port, settings.trust_hold, settings.trust_worker) == (9100, 0.4, ["aa"])
+    from_file = settings.config()
+    assert from_file.data_dir == Path("/srv/from-file")
+    assert from_file.rate_limits["submit"] == RateLimit(1, 2, 5, 10)
+    assert from_file.verify_distinct_ip is False
+    monkeypatch.setenv(f"{ENV}TRUST_HOLD", "0.5")
+    assert _settings("--config", str(config)).trust_hold == 0.5
+    assert _settings("--config", str(config), "--trust-hold", "0.6").trust_hold == 0.6
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("prot = 1\n", "unknown key 'prot'"),
+        ("port = 'x'\n", "port must be a whole number, got a string: write e.g. port = 8470"),
+        ("[worker]\nport = 1\n", "unknown section [worker]: use [coordinator]"),
+        # operator actions are never settings
+        ('mint = ["alice=5"]\n', "unknown key 'mint'"),
+        ("make-invites = 3\n", "unknown key 'make-invites'"),
+    ],
+)
+def test_a_bad_config_file_exits_2_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, says: str
+) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text(text)
+    with pytest.raises(SystemExit) as exited:
+        _settings("--data-dir", "/srv", "--config", str(config))
+    assert exited.value.code == 2
+    assert f"error: {config}: {says}" in capsys.readouterr().err
+
+
+def test_a_bad_value_from_the_file_names_the_flag_and_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text("[coordinator]\nprocesses = 0\n")
+    with pytest.raises(SettingsError) as bad:
+        _config("--config", str(config))
+    assert f"--processes 0 (or IDLEGRID_COORDINATOR_PROCESSES or processes in {config})" in str(
+        bad.value
+    )
