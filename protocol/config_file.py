@@ -112,6 +112,16 @@ class ConfigFileParser(SettingsParser):
                 found = Path(args[index + 1])
         return found
 
+    def known_env_names(self) -> set[str]:
+        """The variables of every command that reads this file (`IDLEGRID_WORKER_BLOCKS_...`
+        is no typo for `idlegrid worker image`)."""
+        known = super().known_env_names()
+        if self.config_kinds is not None:
+            for parser in self._sections().values():
+                assert isinstance(parser, SettingsParser)
+                known |= SettingsParser.known_env_names(parser)
+        return known
+
     def _sections(self) -> dict[str, argparse.ArgumentParser]:
         """The commands that read the file, by section name (`image`, `coordinator`, ...)."""
         assert self.config_kinds is not None

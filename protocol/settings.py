@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import os
 import re
@@ -278,15 +279,34 @@ class SettingsParser(argparse.ArgumentParser):
         """Values from a config file named in `args` (none here; see worker.common)."""
         return {}
 
-    def env_values(self) -> dict[argparse.Action, Any]:
-        """The flags set in the environment, converted as on the command line."""
-        found: dict[argparse.Action, Any] = {}
+    def env_names(self) -> dict[argparse.Action, list[str]]:
+        """Each flag's environment variables, lowest precedence first."""
+        names: dict[argparse.Action, list[str]] = {}
         for action in self._actions:
             longs = [o for o in action.option_strings if o.startswith("--")]
             if not longs or action.dest in ("help", "config") or not stored(action):
                 continue
-            names = [self.env_aliases[longs[0]]] if longs[0] in self.env_aliases else []
-            names += [env_name(prefix, longs[0]) for prefix in self.env_prefixes]
+            names[action] = [self.env_aliases[longs[0]]] if longs[0] in self.env_aliases else []
+            names[action] += [env_name(prefix, longs[0]) for prefix in self.env_prefixes]
+        return names
+
+    def known_env_names(self) -> set[str]:
+        """Every variable with this parser's prefixes that some command reads (a subclass
+        whose prefixes other commands share adds theirs)."""
+        return {name for names in self.env_names().values() for name in names}
+
+    def env_values(self) -> dict[argparse.Action, Any]:
+        """The flags set in the environment, converted as on the command line; a variable
+        with the prefix that names no setting is a SettingsError (a typo is never ignored)."""
+        prefix = min(self.env_prefixes, key=len)
+        known = self.known_env_names()
+        for name in sorted(self.environ):
+            if name.startswith(prefix) and name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {close[0]}?" if close else "see --help for the flags"
+                raise SettingsError(f"{name} names no setting of {self.prog}: {hint}")
+        found: dict[argparse.Action, Any] = {}
+        for action, names in self.env_names().items():
             for name in names:
                 if name in self.environ:
                     found[action] = _from_text(action, self.environ[name], name)

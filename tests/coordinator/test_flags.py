@@ -157,14 +157,14 @@ def test_a_bad_environment_variable_is_named(
     assert "--port" in err
 
 
+@pytest.mark.parametrize(("variable", "value"), [("MAKE_INVITES", "5"), ("MINT", "alice=5")])
 def test_operator_actions_are_never_read_from_the_environment(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str, value: str
 ) -> None:
-    monkeypatch.setenv(f"{ENV}MAKE_INVITES", "5")
-    monkeypatch.setenv(f"{ENV}MINT", '["alice=5"]')
-    settings = _settings("--data-dir", "/srv/idlegrid")
-    assert settings.make_invites is None
-    assert settings.mint == []
+    monkeypatch.setenv(f"{ENV}{variable}", value)
+    with pytest.raises(SystemExit):
+        _settings("--data-dir", "/srv/idlegrid")
+    assert f"{ENV}{variable} names no setting" in capsys.readouterr().err
 
 
 def test_the_description_names_the_environment_prefix(
@@ -230,3 +230,13 @@ def test_a_bad_value_from_the_file_names_the_flag_and_the_key(tmp_path: Path) ->
     assert f"--processes 0 (or IDLEGRID_COORDINATOR_PROCESSES or processes in {config})" in str(
         bad.value
     )
+
+
+def test_a_misspelt_variable_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(f"{ENV}PROT", "9000")
+    with pytest.raises(SystemExit) as exited:
+        _config()
+    assert exited.value.code == 2
+    assert "IDLEGRID_COORDINATOR_PROT names no setting" in capsys.readouterr().err

@@ -212,3 +212,19 @@ def test_a_bad_environment_variable_exits_2_naming_it(
     with pytest.raises(SystemExit):
         _settings("image")
     assert "IDLEGRID_WORKER_WHEN must be one of 'always', 'idle'" in capsys.readouterr().err
+
+
+def test_a_misspelt_variable_is_an_error_but_another_commands_is_not(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("IDLEGRID_WORKER_BLOCKS_NUM_BLOCKS", "2")  # blocks' own
+    monkeypatch.setenv("IDLEGRID_WORKER_NAT_PORT_MAP", "1")  # only blocks has it
+    assert _settings("image").max_steps == 150
+    assert _settings("blocks").num_blocks == 2
+    monkeypatch.setenv("IDLEGRID_WORKER_IMAGE_MAX_STEP", "40")
+    with pytest.raises(SystemExit) as exited:
+        _settings("image")
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "IDLEGRID_WORKER_IMAGE_MAX_STEP names no setting" in err
+    assert "did you mean IDLEGRID_WORKER_IMAGE_MAX_STEPS?" in err
