@@ -22,6 +22,7 @@ from client.errors import ApiError, ClientError
 from client.follow import WAIT_TIMEOUT
 from client.progress import ProgressLine
 from client.sdk import AsyncClient
+from protocol.config_file import ConfigFileParser
 from protocol.errors import ValidationFailed
 from protocol.params import ImageParams
 from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS
@@ -287,7 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="idlegrid",
         description="idlegrid: generate images and chat on a volunteer compute network.",
     )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # (ConfigFileParser: the commands that call add_config_flag read --config FILE and the
+    # environment)
+    parser_class: type[argparse.ArgumentParser] = ConfigFileParser
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=parser_class
+    )
 
     account = subparsers.add_parser("account", help="register an account, show its kudos")
     account_sub = account.add_subparsers(dest="account_command", required=True, metavar="ACTION")

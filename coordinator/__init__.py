@@ -2,7 +2,9 @@
 
     config.py           CoordinatorConfig, the one configuration object
     app.py              create_app(config): the aiohttp application and its lifecycle
-    main.py             `idlegrid coordinator` flags -> config -> serve
+    settings.py         CoordinatorSettings: every flag / IDLEGRID_COORDINATOR_* variable
+    network_flags.py    ... its open-network part; `--mint` and `--make-invites`
+    main.py             `idlegrid coordinator` flags -> settings -> config -> serve
     api.py              route table: validation, auth, error mapping, OpenAPI
     routes_accounts.py  accounts, health, OpenAPI document
     routes_jobs.py      submit / status / SSE events / images

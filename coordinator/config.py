@@ -1,4 +1,5 @@
-"""The coordinator's one configuration object. Only `coordinator.main` builds it."""
+"""The coordinator's one configuration object. Only `coordinator.main` builds it, from the
+command's settings (coordinator.settings); tests build it directly."""
 
 from __future__ import annotations
 

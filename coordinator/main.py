@@ -26,17 +26,19 @@ import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
-from types import FrameType
 
 from aiohttp import web
 from sqlalchemy.engine import make_url
 
-from coordinator import network_flags
 from coordinator.app import create_app
-from coordinator.config import DEFAULT_RATE_LIMITS, CoordinatorConfig, RateLimit
-from coordinator.files import FILE_STORES, file_store_problem
+from coordinator.config import CoordinatorConfig
+from coordinator.files import file_store_problem
+from coordinator.network_flags import NETWORK, run_operator_actions
+from coordinator.settings import ECONOMY, ENV_PREFIX, CoordinatorSettings
 from coordinator.store import Store
+from protocol.config_file import add_config_flag
+from protocol.settings import SettingsError, add_flags, env_name, validated
+from protocol.signals import StopSignals, caught_signals
 
 __all__ = ["register_commands"]
 
@@ -47,214 +49,38 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     parser = subparsers.add_parser(
         "coordinator",
         help="run the coordinator service (job queue, accounts, kudos ledger)",
-        description="Run the coordinator: the job queue, accounts, kudos ledger and results store.",
+        description="Run the coordinator: the job queue, accounts, kudos ledger and results "
+        "store. Every flag can also be set in the environment, "
+        f"{ENV_PREFIX}FLAG_NAME (e.g. {env_name(ENV_PREFIX, '--trust-hold')}=0.3), and in "
+        "a --config file; a flag given wins over the environment, which wins over the file.",
     )
-    defaults = CoordinatorConfig(data_dir=Path("."))
-    parser.add_argument("--host", default=defaults.host, help="interface (default %(default)s)")
-    parser.add_argument(
-        "--port", type=int, default=defaults.port, help="port, 0 = any free (default %(default)s)"
+    # the economy's flags before the open network's (argparse lists groups as made)
+    groups = {title: parser.add_argument_group(title) for title in (ECONOMY, NETWORK)}
+    add_flags(parser, CoordinatorSettings, groups)
+    add_config_flag(
+        parser,
+        subparsers,
+        help="TOML file of flags: keys are the long flag names (trust-hold = 0.3, "
+        'trust-worker = ["..."]), at the top level or in a [coordinator] section; the '
+        "environment and flags given here override it",
+        env_prefixes=(ENV_PREFIX,),
     )
-    parser.add_argument(
-        "--data-dir", type=Path, required=True, help="results and the SQLite file go here"
-    )
-    parser.add_argument(
-        "--database-url",
-        help="SQLAlchemy async URL, e.g. postgresql+asyncpg://user@host/db "
-        "(default: SQLite in --data-dir)",
-    )
-    parser.add_argument(
-        "--file-store",
-        choices=FILE_STORES,
-        default=defaults.file_store,
-        help="where result images and uploads are kept: files in --data-dir, or rows in the "
-        "database (PostgreSQL; for coordinators on several machines) (default %(default)s)",
-    )
-    parser.add_argument(
-        "--lease-timeout",
-        type=float,
-        help="seconds a worker has to finish or report progress "
-        "(default: derived from the job's size)",
-    )
-    parser.add_argument(
-        "--grant",
-        type=int,
-        default=defaults.new_account_grant,
-        help="kudos for new accounts (default %(default)s)",
-    )
-    economy = parser.add_argument_group("kudos economy (see README: The kudos economy)")
-    economy.add_argument(
-        "--trust-worker",
-        action="append",
-        default=[],
-        metavar="PUBLIC_KEY",
-        help="a worker public key (hex) trusted from the start; repeatable",
-    )
-    economy.add_argument(
-        "--trust-account",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="workers registered with this account's API key start trusted; repeatable",
-    )
-    economy.add_argument(
-        "--spot-check-rate",
-        type=float,
-        default=defaults.spot_check_rate,
-        help="chance that an untrusted worker's job is re-run by a trusted one "
-        "(default %(default)s)",
-    )
-    economy.add_argument(
-        "--trust-hold",
-        type=float,
-        default=defaults.trust_hold_fraction,
-        help="fraction of an untrusted worker's earnings held until verified (default %(default)s)",
-    )
-    economy.add_argument(
-        "--horde-hold",
-        type=float,
-        default=defaults.horde_hold_seconds,
-        metavar="SECONDS",
-        help="how long an AI Horde worker's pay is held (its results are unsigned and never "
-        "checked) before it is paid, unless the requester disputes the job "
-        "(default %(default)s)",
-    )
-    economy.add_argument(
-        "--uptime-period",
-        type=float,
-        default=defaults.uptime_period,
-        help="seconds of uninterrupted serving that earn --uptime-reward (default %(default)s)",
-    )
-    economy.add_argument(
-        "--uptime-reward",
-        type=int,
-        default=defaults.uptime_reward,
-        help="kudos per uptime period (default %(default)s)",
-    )
-    economy.add_argument(
-        "--rating-reward",
-        type=int,
-        default=defaults.rating_reward,
-        help="kudos a rating earns the rater (default %(default)s)",
-    )
-    economy.add_argument(
-        "--seconds-per-doubling",
-        type=float,
-        default=defaults.priority_seconds_per_doubling,
-        help="queue head start, in seconds of waiting, per doubling of the requester's kudos "
-        "(default %(default)s)",
-    )
-    economy.add_argument(
-        "--rate-limit",
-        action="append",
-        default=[],
-        metavar="SCOPE=RATE/BURST[,IP_RATE/IP_BURST]",
-        help="requests per second and burst per API key (and per IP) for SCOPE, one of "
-        f"{', '.join(DEFAULT_RATE_LIMITS)}; e.g. submit=10/100,50/500; repeatable",
-    )
-    parser.add_argument(
-        "--processes",
-        type=int,
-        default=1,
-        help="coordinator processes serving the port (SO_REUSEPORT); more than 1 needs a "
-        "PostgreSQL --database-url (default %(default)s)",
-    )
-    parser.add_argument(
-        "--poll-fallback",
-        type=float,
-        default=defaults.poll_fallback,
-        help="seconds after which waiting event streams and long-polls re-read the database "
-        "even without a notification (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-streams-per-key",
-        type=int,
-        default=defaults.max_streams_per_key,
-        help="open event streams allowed per API key, per process (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-streams-per-ip",
-        type=int,
-        default=defaults.max_streams_per_ip,
-        help="open event streams allowed per client address, per process (default %(default)s)",
-    )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
-    network_flags.add_arguments(parser)
     parser.set_defaults(run=_run)
-
-
-def _rate_limits(specs: list[str]) -> dict[str, RateLimit]:
-    limits = dict(DEFAULT_RATE_LIMITS)
-    for spec in specs:
-        try:
-            scope, _, values = spec.partition("=")
-            key_part, _, ip_part = values.partition(",")
-            rate, burst = (float(v) for v in key_part.split("/"))
-            ip_rate, ip_burst = (
-                (float(v) for v in ip_part.split("/")) if ip_part else (rate * 5, burst * 5)
-            )
-        except ValueError:
-            raise SystemExit(
-                f"--rate-limit {spec!r}: write SCOPE=RATE/BURST[,IP_RATE/IP_BURST], "
-                "e.g. submit=10/100,50/500"
-            ) from None
-        if scope not in DEFAULT_RATE_LIMITS:
-            raise SystemExit(
-                f"--rate-limit {spec!r}: unknown scope {scope!r}; "
-                f"use one of {', '.join(DEFAULT_RATE_LIMITS)}"
-            )
-        if min(rate, burst, ip_rate, ip_burst) <= 0:
-            raise SystemExit(f"--rate-limit {spec!r}: rates and bursts must be positive")
-        limits[scope] = RateLimit(rate, burst, ip_rate, ip_burst)
-    return limits
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s {who}%(name)s: %(message)s"
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT.format(who=""))
-    if args.processes < 1:
-        raise SystemExit("--processes must be at least 1")
-    if min(args.max_streams_per_key, args.max_streams_per_ip) < 1:
-        raise SystemExit("--max-streams-per-key and --max-streams-per-ip must be at least 1")
-    if args.poll_fallback <= 0:
-        raise SystemExit("--poll-fallback must be a positive number of seconds")
-    if args.lease_timeout is not None and args.lease_timeout <= 0:
-        raise SystemExit("--lease-timeout must be a positive number of seconds")
-    for flag, value in (
-        ("--spot-check-rate", args.spot_check_rate),
-        ("--trust-hold", args.trust_hold),
-    ):
-        if not 0 <= value <= 1:
-            raise SystemExit(f"{flag} must be between 0 and 1, got {value}")
-    if args.uptime_period <= 0:
-        raise SystemExit("--uptime-period must be a positive number of seconds")
-    if args.horde_hold < 0:
-        raise SystemExit("--horde-hold must be 0 or more seconds")
-    config = CoordinatorConfig(
-        data_dir=args.data_dir,
-        host=args.host,
-        port=args.port,
-        database_url=args.database_url,
-        file_store=args.file_store,
-        lease_timeout=args.lease_timeout,
-        new_account_grant=args.grant,
-        trusted_workers=frozenset(args.trust_worker),
-        trusted_accounts=frozenset(args.trust_account),
-        spot_check_rate=args.spot_check_rate,
-        trust_hold_fraction=args.trust_hold,
-        horde_hold_seconds=args.horde_hold,
-        uptime_period=args.uptime_period,
-        uptime_reward=args.uptime_reward,
-        rating_reward=args.rating_reward,
-        priority_seconds_per_doubling=args.seconds_per_doubling,
-        rate_limits=_rate_limits(args.rate_limit),
-        poll_fallback=args.poll_fallback,
-        processes=args.processes,
-        max_streams_per_key=args.max_streams_per_key,
-        max_streams_per_ip=args.max_streams_per_ip,
-        **network_flags.settings(args),
-    )
+    try:
+        settings = validated(CoordinatorSettings, args)
+    except SettingsError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    log_level = settings.log_level.upper()
+    logging.basicConfig(level=log_level, format=LOG_FORMAT.format(who=""))
+    config = settings.config()
+    if run_operator_actions(settings, config):
+        return 0
     if problem := file_store_problem(config):
         raise SystemExit(problem)
     if config.processes == 1:
@@ -267,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
             "pass --database-url postgresql+asyncpg://USER@HOST/DB, or use --processes 1 "
             "(SQLite is for one coordinator process)"
         )
-    return _supervise(config, args.log_level.upper())
+    return _supervise(config, log_level)
 
 
 def _listening(host: str, port: int) -> None:
@@ -292,18 +118,16 @@ async def serve(
         _listening(config.host, port)
     else:
         ready(port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    orphaned = None if parent is None else asyncio.create_task(_orphaned(parent, stop))
-    try:
-        await stop.wait()
-    finally:
-        log.info("shutting down")
-        if orphaned is not None:
-            orphaned.cancel()
-        await runner.cleanup()
+    with StopSignals() as signals:
+        stop = signals.stop
+        orphaned = None if parent is None else asyncio.create_task(_orphaned(parent, stop))
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down")
+            if orphaned is not None:
+                orphaned.cancel()
+            await runner.cleanup()
 
 
 async def _orphaned(parent: int, stop: asyncio.Event) -> None:
@@ -423,21 +247,14 @@ def _supervise(config: CoordinatorConfig, log_level: str) -> int:
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
-    stopping: list[int] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stopping.append(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-    children = _Children(config, log_level)
     try:
-        return _watch(config, children, wake_r, stopping)
+        with caught_signals(wake_w) as stopping:
+            children = _Children(config, log_level)
+            try:
+                return _watch(config, children, wake_r, stopping)
+            finally:
+                children.stop()
     finally:
-        children.stop()
-        signal.set_wakeup_fd(old_wakeup)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         wake_r.close()
         wake_w.close()
         holder.close()

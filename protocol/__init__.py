@@ -1,6 +1,8 @@
 """Typed messages, validation, kudos costs and signing shared by every idlegrid part.
 
-Pure: no I/O, no torch; every other package imports it and it imports none of them.
+Pure: no I/O, no torch; every other package imports it and it imports none of them. (The
+exceptions, documented where they are: a command's settings read the environment and its
+`--config` file while its flags are parsed, and services install signal handlers.)
 
     params.py      ImageParams: what to generate, with its hard limits
     samplers.py    sampler names as AUTOMATIC1111 users know them, and cost factors
@@ -12,6 +14,11 @@ Pure: no I/O, no torch; every other package imports it and it imports none of th
     signing.py     Ed25519 identities, canonical JSON, what gets signed
     peer_ids.py    libp2p peer ids: the key behind one, and checking its signature
     infotext.py    the AUTOMATIC1111 `parameters` text stored in PNGs
+    settings.py    one declaration per setting: a command's flags, environment variables
+                   and config-file keys from a pydantic model (no I/O: see its docstring)
+    config_file.py `--config FILE`: a command's flags from a TOML file (the one file
+                   protocol reads: see its docstring)
+    signals.py     SIGINT/SIGTERM -> stop, for every service (installs handlers only)
     errors.py      ProtocolError and its subclasses
 """
 

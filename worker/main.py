@@ -1,16 +1,18 @@
 """`idlegrid worker image|blocks|gateway ...` and `idlegrid models tiny|smollm2 ...`.
 
 The `idlegrid.commands` entry point (`register_commands`) plugs these into the one
-`idlegrid` command. Each command's flags live beside its service (`worker.image.main`,
-`worker.llm.blocks_main`, `worker.llm.gateway.main`, `worker.models.main`); heavy imports
-(torch, diffusers) happen inside the commands, so `idlegrid --help` stays fast.
+`idlegrid` command. Each command's settings class lives beside its service
+(`worker.image.main.ImageSettings`, `worker.llm.blocks_main.BlocksSettings`,
+`worker.llm.gateway.main.GatewaySettings`; protocol.settings makes their flags,
+IDLEGRID_WORKER_* variables and `--config` keys); heavy imports (torch, diffusers) happen
+inside the commands, so `idlegrid --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from worker.common.config_file import ConfigFileParser
+from worker.common.config_file import WorkerParser
 from worker.common.controls_cli import add_status_command
 from worker.common.doctor import ModelRules, add_doctor_command
 from worker.image.main import add_image_command
@@ -24,8 +26,8 @@ __all__ = ["register_commands"]
 
 def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     worker = subparsers.add_parser("worker", help="donate this machine: serve jobs and earn kudos")
-    # (ConfigFileParser: the commands that call add_config_flag take --config FILE)
-    parser_class: type[argparse.ArgumentParser] = ConfigFileParser
+    # (WorkerParser: the commands that call add_config_flag take --config FILE)
+    parser_class: type[argparse.ArgumentParser] = WorkerParser
     kinds = worker.add_subparsers(
         dest="worker_kind", required=True, metavar="KIND", parser_class=parser_class
     )

@@ -1,431 +1,52 @@
-"""`--config FILE`: a worker command's flags, read from a TOML file.
+"""`--config FILE` and the environment for the `idlegrid worker KIND` commands.
 
-A donor who runs a worker for months wants its settings in a file, not in a shell history.
-The file's keys are the command's long flag names, with dashes or underscores
-(`max-pixels = 262144`, `max_pixels = 262144`); values have the flag's type (a string, an
-integer, a number, `true`/`false` for on/off flags, a list of strings for flags that take
-several values). Flags given on the command line override the file.
+The file's format and checks are protocol.config_file's (the coordinator reads its file the
+same way): keys are long flag names, top-level keys apply to every worker command with that
+flag, and the sections `[image]`, `[blocks]`, `[gateway]` and `[doctor]` to one.
 
-One file may serve several commands: top-level keys apply to every command that has that
-flag, and the optional sections `[image]`, `[blocks]` and `[gateway]` (one per command with
-`--config`, so also `[doctor]`) hold values for one command only (a section's value
-overrides a top-level one). Paths are relative to the working directory, as on the command
-line, and `~` is expanded for path flags. A key no command knows, a
-section no command has, a value of the wrong type, and a file that cannot be read or parsed
-each stop the command with exit status 2 and a message naming the file, the key and the fix:
-a typo must never be silently ignored.
-
-Why here rather than in argparse defaults: the file has to be known before the command's
-own parser runs, so that values from the file also satisfy required flags (`--coordinator`,
-`--model`). `ConfigFileParser` finds `--config` among its arguments, turns the file into
-defaults for the length of that one parse, and leaves the parser as it was afterwards.
+The environment sits between the command line and the file: `IDLEGRID_WORKER_FLAG` for every
+worker command that has the flag and `IDLEGRID_WORKER_KIND_FLAG` for one
+(`IDLEGRID_WORKER_IMAGE_MAX_PIXELS`, overriding `IDLEGRID_WORKER_MAX_PIXELS`), and the older
+`IDLEGRID_API_KEY` below both. So a value comes from the command line, else the environment,
+else the file's section, else its top level, else the flag's default.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import difflib
-import sys
-import tomllib
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-__all__ = [
-    "CONFIG_FLAG",
-    "ConfigFileError",
-    "ConfigFileParser",
-    "add_config_flag",
-    "read_config_file",
-]
+from protocol import config_file
+from protocol.config_file import ConfigFileError, ConfigFileParser, read_config_file
 
-CONFIG_FLAG = "--config"
-# keys that work but are better kept elsewhere: key -> where
-_DISCOURAGED = {"api-key": "the environment variable IDLEGRID_API_KEY"}
-_UNCONFIGURABLE = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
+__all__ = ["ENV_PREFIX", "ConfigFileError", "WorkerParser", "add_config_flag", "read_config_file"]
+
+# IDLEGRID_WORKER_FLAG for every worker command, IDLEGRID_WORKER_KIND_FLAG for one
+ENV_PREFIX = "IDLEGRID_WORKER_"
 
 
-class ConfigFileError(ValueError):
-    """The `--config` file cannot be used; the message names the file, the key and the fix.
+class WorkerParser(ConfigFileParser):
+    """The parser of each `idlegrid worker KIND` command (`parser_class=` of the `worker`
+    subparsers)."""
 
-    (Bad input from the operator: the command exits 2.)
-    """
-
-
-@dataclass
-class _Plan:
-    """What one parse takes from the file."""
-
-    path: Path
-    # the file's value of each of this command's actions, converted to the flag's type
-    values: dict[argparse.Action, Any] = field(default_factory=dict)
-    discouraged: list[str] = field(default_factory=list)
-
-
-class ConfigFileParser(argparse.ArgumentParser):
-    """A command parser whose `--config FILE` supplies defaults (see the module docstring).
-
-    `idlegrid worker KIND` parsers are made with this class (`parser_class=` of the `worker`
-    subparsers); only those that call `add_config_flag` read a file.
-    """
-
-    config_kinds: argparse._SubParsersAction[argparse.ArgumentParser] | None = None
-
-    def parse_known_args(
-        self, args: Iterable[str] | None = None, namespace: Any = None
-    ) -> tuple[Any, list[str]]:
-        arg_list = list(sys.argv[1:] if args is None else args)
-        path = self._config_path(arg_list) if self.config_kinds is not None else None
-        if path is None:
-            return super().parse_known_args(arg_list, namespace)
-        try:
-            plan = self._plan(path, arg_list)
-        except ConfigFileError as exc:
-            self.exit(2, f"error: {exc}\n")
-        for key in plan.discouraged:
-            print(
-                f"warning: {path}: {key} is better kept in {_DISCOURAGED[key]} than in a "
-                "file that others may read or copy",
-                file=sys.stderr,
-            )
-        with _applied(self, plan.values):
-            return super().parse_known_args(arg_list, namespace)
-
-    # -- finding the file and what it says --------------------------------------------------
-
-    def _config_path(self, args: list[str]) -> Path | None:
-        """The last `--config FILE` (or `--config=FILE`, or an unambiguous abbreviation)."""
-        found: Path | None = None
-        for index, token in enumerate(args):
-            if token == "--":
-                break
-            name, has_value, value = token.partition("=")
-            action = _resolve(self, name)
-            if action is None or CONFIG_FLAG not in action.option_strings:
-                continue
-            if has_value:
-                found = Path(value)
-            elif index + 1 < len(args):
-                found = Path(args[index + 1])
-        return found
-
-    def _sections(self) -> dict[str, argparse.ArgumentParser]:
-        """The commands that read the file, by section name (`image`, `blocks`, ...)."""
-        assert self.config_kinds is not None
-        return {
-            name: parser
-            for name, parser in self.config_kinds.choices.items()
-            if isinstance(parser, ConfigFileParser) and parser.config_kinds is not None
-        }
-
-    def _plan(self, path: Path, args: list[str]) -> _Plan:
-        data = read_config_file(path)
-        sections = self._sections()
-        mine = next(name for name, parser in sections.items() if parser is self)
-        top = {key: value for key, value in data.items() if not isinstance(value, dict)}
-        tables = {key: value for key, value in data.items() if isinstance(value, dict)}
-        for name in tables:
-            if name not in sections:
-                known = ", ".join(f"[{section}]" for section in sections)
-                raise ConfigFileError(
-                    f"{path}: unknown section [{name}]: use {known}, or top-level keys "
-                    "for every command"
-                )
-        # Check every key of the file, not only this command's: a typo in another
-        # command's section is found the first time any of them starts.
-        top_keys = _normalized(path, top, "")
-        every: dict[str, argparse.Action] = {}
-        for parser in sections.values():
-            every.update(_configurable(parser))
-        for key in top_keys:
-            if key not in every:
-                raise _unknown(path, key, "", every)
-        per_section: dict[str, dict[str, Any]] = {}
-        for name, parser in sections.items():
-            actions = _configurable(parser)
-            own = _normalized(path, tables.get(name, {}), name)
-            for key in own:
-                if key not in actions:
-                    raise _unknown(path, key, name, actions)
-            merged = {k: v for k, v in top_keys.items() if k in actions} | own
-            per_section[name] = {
-                key: _convert(path, key, name if key in own else "", actions[key], value)
-                for key, value in merged.items()
-            }
-        actions = _configurable(self)
-        plan = _Plan(path)
-        plan.values = {actions[key]: value for key, value in per_section[mine].items()}
-        plan.discouraged = sorted(key for key in per_section[mine] if key in _DISCOURAGED)
-        _check_exclusive(self, plan, args)
-        return plan
+    # the owner's API key had this variable before every flag had one ...
+    env_aliases = {"--api-key": "IDLEGRID_API_KEY"}
+    # ... and is better kept there than in a file others may read
+    discouraged = {"api-key": "the environment variable IDLEGRID_API_KEY"}
 
 
 def add_config_flag(
     parser: argparse.ArgumentParser, kinds: argparse._SubParsersAction[argparse.ArgumentParser]
 ) -> None:
-    """Give a `worker KIND` command `--config FILE`; call it after adding the other flags.
-
-    `kinds` is the `worker` subparsers action: its other commands with `--config` name the
-    file's other sections.
-    """
-    if not isinstance(parser, ConfigFileParser):
-        raise TypeError(
-            f"{parser.prog} is not a ConfigFileParser: create the `worker` subparsers with "
-            "add_subparsers(parser_class=ConfigFileParser)"
-        )
-    parser.add_argument(
-        CONFIG_FLAG,
-        type=Path,
-        metavar="FILE",
+    """Give a `worker KIND` command `--config FILE` and its IDLEGRID_WORKER_* variables;
+    call it after adding the other flags. `kinds` is the `worker` subparsers action."""
+    kind = parser.prog.split()[-1].upper()
+    config_file.add_config_flag(
+        parser,
+        kinds,
         help="TOML file of flags: keys are the long flag names (max-pixels = 262144); "
         "flags given here override it; [image], [blocks], [gateway] sections hold values "
-        "for one command, top-level keys apply to every command with that flag",
+        "for one command, top-level keys apply to every command with that flag. "
+        "IDLEGRID_WORKER_FLAG_NAME and IDLEGRID_WORKER_KIND_FLAG_NAME environment "
+        "variables override the file",
+        env_prefixes=(ENV_PREFIX, f"{ENV_PREFIX}{kind}_"),
     )
-    parser.config_kinds = kinds
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """The parsed TOML file; ConfigFileError naming the file and the fix."""
-    try:
-        with path.open("rb") as file:
-            return tomllib.load(file)
-    except FileNotFoundError:
-        raise ConfigFileError(
-            f"{path}: no such file: check the path given to {CONFIG_FLAG}"
-        ) from None
-    except OSError as exc:
-        raise ConfigFileError(
-            f"{path}: cannot read it ({exc.strerror}): check the path given to {CONFIG_FLAG} "
-            "and that this user may read it"
-        ) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigFileError(
-            f"{path}: not valid TOML ({exc}): write one `key = value` per line, "
-            'e.g. max-pixels = 262144 or coordinator = "https://grid.example"'
-        ) from None
-
-
-# -- argparse actions ---------------------------------------------------------------------
-
-
-def _resolve(parser: argparse.ArgumentParser, name: str) -> argparse.Action | None:
-    """The optional action `name` means, as argparse resolves it (exact or unique prefix)."""
-    if not name.startswith("--"):
-        return None
-    by_option = parser._option_string_actions
-    if name in by_option:
-        return by_option[name]
-    if not parser.allow_abbrev:
-        return None
-    matches = {action for option, action in by_option.items() if option.startswith(name)}
-    return matches.pop() if len(matches) == 1 else None
-
-
-def _configurable(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """The parser's flags a file may set, by long name without dashes (`max-pixels`)."""
-    actions: dict[str, argparse.Action] = {}
-    for action in parser._actions:
-        if isinstance(action, _UNCONFIGURABLE) or CONFIG_FLAG in action.option_strings:
-            continue
-        for option in action.option_strings:
-            if option.startswith("--"):
-                actions[option[2:]] = action
-    return actions
-
-
-@contextlib.contextmanager
-def _applied(parser: argparse.ArgumentParser, values: dict[argparse.Action, Any]) -> Iterator[None]:
-    """The file's values as the actions' defaults (and required flags no longer required)
-    for one parse; the parser is left as it was."""
-    saved = [(action, action.default, action.required) for action in values]
-    groups = [(group, group.required) for group in parser._mutually_exclusive_groups]
-    try:
-        for action, value in values.items():
-            action.default = value
-            action.required = False
-        for group in parser._mutually_exclusive_groups:
-            if any(action in values for action in group._group_actions):
-                group.required = False
-        yield
-    finally:
-        for action, default, required in saved:
-            action.default = default
-            action.required = required
-        for group, required in groups:
-            group.required = required
-
-
-def _check_exclusive(parser: argparse.ArgumentParser, plan: _Plan, args: list[str]) -> None:
-    """Flags that exclude each other: at most one from the file, and one given on the
-    command line replaces the file's (`--initial-peers` overrides `new-swarm = true`)."""
-    given = set()
-    for token in args:
-        if token == "--":
-            break
-        action = _resolve(parser, token.partition("=")[0])
-        if action is not None:
-            given.add(action)
-    for group in parser._mutually_exclusive_groups:
-        members = group._group_actions
-        if any(action in given for action in members):
-            for action in members:
-                if action not in given:
-                    plan.values.pop(action, None)
-            continue
-        chosen = [a for a in members if a in plan.values and plan.values[a] != a.default]
-        if len(chosen) > 1:
-            names = " and ".join(_key(action) for action in chosen)
-            raise ConfigFileError(f"{plan.path}: {names} exclude each other: keep only one of them")
-        for action in members:
-            if action in plan.values and action not in chosen:
-                plan.values.pop(action)  # e.g. new-swarm = false: as if absent
-
-
-def _key(action: argparse.Action) -> str:
-    return next(option[2:] for option in action.option_strings if option.startswith("--"))
-
-
-# -- keys and values ----------------------------------------------------------------------
-
-
-def _where(section: str) -> str:
-    return f" in [{section}]" if section else ""
-
-
-def _normalized(path: Path, table: dict[str, Any], section: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        name = key.replace("_", "-")
-        if name in out:
-            raise ConfigFileError(
-                f"{path}: {key!r}{_where(section)} repeats another spelling of {name}: "
-                "keep one of them"
-            )
-        out[name] = value
-    return out
-
-
-def _unknown(
-    path: Path, key: str, section: str, actions: dict[str, argparse.Action]
-) -> ConfigFileError:
-    if key.lstrip("-") == CONFIG_FLAG[2:]:
-        return ConfigFileError(f"{path}: a config file cannot name another one: remove {key!r}")
-    close = difflib.get_close_matches(key, actions, n=1)
-    hint = f"did you mean {close[0]!r}?" if close else "see --help for the flags"
-    command = f"`idlegrid worker {section}`" if section else "any worker command"
-    return ConfigFileError(
-        f"{path}: unknown key {key!r}{_where(section)}: it is no flag of {command}; {hint}"
-    )
-
-
-def _convert(path: Path, key: str, section: str, action: argparse.Action, value: Any) -> Any:
-    """`value` as the flag's parsed value; ConfigFileError naming the key and an example."""
-    where = f"{path}: {key}{_where(section)}"
-    if isinstance(action, argparse.BooleanOptionalAction):
-        return _need_bool(where, key, value)
-    if action.nargs == 0:  # store_true, store_false, store_const
-        return action.const if _need_bool(where, key, value) else action.default
-    if isinstance(action, argparse._CountAction):
-        if type(value) is not int or value < 0:
-            raise ConfigFileError(f"{where} must be a whole number of times, e.g. {key} = 1")
-        return value
-    many = (
-        isinstance(action, argparse._AppendAction)
-        or action.nargs in ("+", "*")
-        or (isinstance(action.nargs, int) and action.nargs > 1)
-    )
-    if not many:
-        return _scalar(where, key, action, value)
-    if not isinstance(value, list):
-        raise ConfigFileError(
-            f"{where} takes a list, got {_kind(value)}: write {key} = [{_example(action)}]"
-        )
-    if action.nargs == "+" and not value:
-        raise ConfigFileError(f"{where} needs at least one value: {key} = [{_example(action)}]")
-    if isinstance(action.nargs, int) and len(value) != action.nargs:
-        raise ConfigFileError(f"{where} takes exactly {action.nargs} values")
-    return [_scalar(where, key, action, item) for item in value]
-
-
-def _need_bool(where: str, key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigFileError(
-            f"{where} is an on/off flag and takes true or false, got {_kind(value)}: "
-            f"write {key} = true"
-        )
-    return value
-
-
-def _scalar(where: str, key: str, action: argparse.Action, value: Any) -> Any:
-    kind = action.type
-    converted: Any
-    if kind is int:
-        if type(value) is not int:
-            raise _wrong(where, key, action, value, "a whole number")
-        converted = value
-    elif kind is float:
-        if type(value) not in (int, float):
-            raise _wrong(where, key, action, value, "a number")
-        converted = float(value)
-    elif kind is None or kind is str:
-        if not isinstance(value, str):
-            raise _wrong(where, key, action, value, "a string")
-        converted = value
-    elif kind is Path:
-        if not isinstance(value, str):
-            raise _wrong(where, key, action, value, "a path string")
-        # what the shell does to `~` on the command line
-        converted = Path(value).expanduser()
-    else:
-        # a custom argparse type: give it the text the command line would have given
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise _wrong(where, key, action, value, "a string or a number")
-        assert callable(kind)
-        try:
-            converted = kind(str(value))
-        except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
-            raise ConfigFileError(f"{where}: {exc}") from None
-    if action.choices is not None and converted not in action.choices:
-        allowed = ", ".join(repr(choice) for choice in action.choices)
-        raise ConfigFileError(f"{where} must be one of {allowed}")
-    return converted
-
-
-def _wrong(
-    where: str, key: str, action: argparse.Action, value: Any, expected: str
-) -> ConfigFileError:
-    # never the value itself: it may be a secret (api-key)
-    return ConfigFileError(
-        f"{where} must be {expected}, got {_kind(value)}: write e.g. {key} = {_example(action)}"
-    )
-
-
-def _example(action: argparse.Action) -> str:
-    """A value of the flag's type for error messages: its default where it has one."""
-    default = action.default
-    if isinstance(default, list) and default:
-        default = default[0]
-    number = isinstance(default, int | float) and not isinstance(default, bool)
-    if action.type is int:
-        return str(default) if type(default) is int else "1"
-    if action.type is float:
-        return repr(float(default)) if number else "1.0"
-    if number:
-        return str(default)
-    if isinstance(default, str | Path):
-        return f'"{default}"'
-    return '"..."'
-
-
-def _kind(value: Any) -> str:
-    names = {bool: "true/false", int: "a whole number", float: "a number", str: "a string"}
-    name = names.get(type(value))
-    if name is not None:
-        return name
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a table"
-    return "a date or time"

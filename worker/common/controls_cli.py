@@ -14,15 +14,18 @@ import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict
+
+from protocol.settings import Flag
 from worker.common.cli import _data_home
 
 if TYPE_CHECKING:
     from worker.common.donor import DonorSettings, TimeRange
     from worker.common.status import WorkerStatus
 
-__all__ = ["add_donor_flags", "add_status_command", "donor_settings", "status_outputs"]
+__all__ = ["DONOR", "DonorFlags", "add_status_command", "status_outputs"]
 
 
 def _schedule(text: str) -> tuple[TimeRange, ...]:
@@ -55,63 +58,82 @@ def _percent(text: str) -> float:
     return value
 
 
-def add_donor_flags(parser: argparse.ArgumentParser) -> None:
-    """`--when`, `--idle-*`, `--schedule` and `--max-jobs-per-hour`."""
-    group = parser.add_argument_group("donor controls (when this machine takes jobs)")
-    group.add_argument(
-        "--when",
-        choices=("always", "idle"),
-        default="always",
-        help="always, or only while nobody uses the machine (default %(default)s)",
-    )
-    group.add_argument(
-        "--idle-minutes",
-        type=_positive(float),
-        metavar="N",
-        default=5.0,
-        help="with --when idle: minutes without keyboard/mouse input (default %(default)s)",
-    )
-    group.add_argument(
-        "--idle-cpu-percent",
-        type=_percent,
-        metavar="PCT",
-        default=30.0,
-        help="with --when idle: most CPU other programs may use (default %(default)s)",
-    )
-    group.add_argument(
-        "--idle-gpu-percent",
-        type=_percent,
-        metavar="PCT",
-        default=10.0,
-        help="with --when idle: most GPU other programs may use, read through NVML "
-        "when pynvml is installed (default %(default)s)",
-    )
-    group.add_argument(
-        "--schedule",
-        type=_schedule,
-        metavar="RANGES",
-        help="take jobs only in these local times, e.g. 22:00-08:00 or "
-        "22:00-08:00,12:00-13:00 (default: any time)",
-    )
-    group.add_argument(
-        "--max-jobs-per-hour",
-        type=_positive(int),
-        metavar="N",
-        help="take at most N jobs in any hour (default: no limit)",
-    )
+DONOR = "donor controls (when this machine takes jobs)"
 
 
-def donor_settings(args: argparse.Namespace) -> DonorSettings:
-    from worker.common.donor import DonorSettings
+class DonorFlags(BaseModel):
+    """`--when`, `--idle-*`, `--schedule` and `--max-jobs-per-hour`: the donor-control
+    settings of the commands that take jobs (protocol.settings)."""
 
-    return DonorSettings(
-        when=args.when,
-        idle_minutes=args.idle_minutes,
-        idle_cpu_percent=args.idle_cpu_percent,
-        idle_gpu_percent=args.idle_gpu_percent,
-        schedule=args.schedule or (),
-        max_jobs_per_hour=args.max_jobs_per_hour,
-    )
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    when: Annotated[
+        Literal["always", "idle"],
+        Flag(
+            "always, or only while nobody uses the machine (default %(default)s)",
+            group=DONOR,
+            choices=("always", "idle"),
+        ),
+    ] = "always"
+    idle_minutes: Annotated[
+        float,
+        Flag(
+            "with --when idle: minutes without keyboard/mouse input (default %(default)s)",
+            metavar="N",
+            group=DONOR,
+            parse=_positive(float),
+        ),
+    ] = 5.0
+    idle_cpu_percent: Annotated[
+        float,
+        Flag(
+            "with --when idle: most CPU other programs may use (default %(default)s)",
+            metavar="PCT",
+            group=DONOR,
+            parse=_percent,
+        ),
+    ] = 30.0
+    idle_gpu_percent: Annotated[
+        float,
+        Flag(
+            "with --when idle: most GPU other programs may use, read through NVML "
+            "when pynvml is installed (default %(default)s)",
+            metavar="PCT",
+            group=DONOR,
+            parse=_percent,
+        ),
+    ] = 10.0
+    schedule: Annotated[
+        tuple[Any, ...] | None,
+        Flag(
+            "take jobs only in these local times, e.g. 22:00-08:00 or "
+            "22:00-08:00,12:00-13:00 (default: any time)",
+            metavar="RANGES",
+            group=DONOR,
+            parse=_schedule,
+        ),
+    ] = None
+    max_jobs_per_hour: Annotated[
+        int | None,
+        Flag(
+            "take at most N jobs in any hour (default: no limit)",
+            metavar="N",
+            group=DONOR,
+            parse=_positive(int),
+        ),
+    ] = None
+
+    def donor_settings(self) -> DonorSettings:
+        from worker.common.donor import DonorSettings
+
+        return DonorSettings(
+            when=self.when,
+            idle_minutes=self.idle_minutes,
+            idle_cpu_percent=self.idle_cpu_percent,
+            idle_gpu_percent=self.idle_gpu_percent,
+            schedule=self.schedule or (),
+            max_jobs_per_hour=self.max_jobs_per_hour,
+        )
 
 
 @contextlib.contextmanager

@@ -8,15 +8,16 @@ coordinator (the engine info's `sandboxed: false`), whose operator may refuse su
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
+
+from protocol.settings import Flag
 
 if TYPE_CHECKING:
     from worker.common.link import CoordinatorLink
 
-__all__ = ["add_sandbox_flag", "confinement_allowed", "report_confinement"]
+__all__ = ["Unsandboxed", "confinement_allowed", "report_confinement"]
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,14 @@ _WARNING = (
 )
 
 
-def add_sandbox_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--unsandboxed",
-        action="store_true",
-        help="run without confinement when this machine cannot provide it (unsafe; "
-        "reported to the coordinator)",
-    )
+# the `--unsandboxed` setting of every worker command (protocol.settings)
+Unsandboxed = Annotated[
+    bool,
+    Flag(
+        "run without confinement when this machine cannot provide it (unsafe; "
+        "reported to the coordinator)"
+    ),
+]
 
 
 def confinement_allowed(unsandboxed: bool) -> bool:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
+from protocol.signals import StopSignals
 from worker.common.link import CoordinatorLink, retrying
 from worker.common.status import WorkerStatus
 from worker.errors import CoordinatorRejected, CoordinatorUnavailable
@@ -163,12 +163,8 @@ async def run_until_signalled(
     the first signal starts the drain (the service finishes its job and returns) and the
     second cancels."""
     task = asyncio.ensure_future(service)
-    loop = asyncio.get_running_loop()
-    signalled = False
 
-    def on_signal() -> None:
-        nonlocal signalled
-        signalled = True
+    def on_signal(count: int) -> None:
         if drain is not None and not drain.draining:
             drain.start()
             return
@@ -176,13 +172,9 @@ async def run_until_signalled(
             log.info("second signal: giving the job in hand back and stopping now")
         task.cancel()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal)
-    try:
-        await task
-    except asyncio.CancelledError:
-        return True
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-    return signalled
+    with StopSignals(on_signal) as signals:
+        try:
+            await task
+        except asyncio.CancelledError:
+            return True
+    return signals.count > 0

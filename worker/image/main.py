@@ -12,26 +12,79 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
+from pydantic import ConfigDict, Field
+
+from protocol.settings import Flag, SettingsError, add_flags, validated
 from worker.common.cli import (
-    add_identity_flags,
-    add_log_level_flag,
-    api_key,
+    LOG_LEVEL,
+    ApiKey,
+    CoordinatorUrl,
+    IdentityFile,
+    LogLevel,
+    WorkerName,
     claim_identity_from_flags,
     configure_logging,
 )
 from worker.common.config_file import add_config_flag
-from worker.common.controls_cli import add_donor_flags, donor_settings, status_outputs
-from worker.common.sandboxing import add_sandbox_flag, confinement_allowed
+from worker.common.controls_cli import DonorFlags, status_outputs
+from worker.common.sandboxing import Unsandboxed, confinement_allowed
 
 if TYPE_CHECKING:
     from protocol.signing import Identity
     from worker.image.config import ImageWorkerConfig
 
-__all__ = ["add_image_command"]
+__all__ = ["ImageSettings", "add_image_command"]
 
 log = logging.getLogger(__name__)
+
+
+class ImageSettings(DonorFlags):
+    """Every setting of `idlegrid worker image` (protocol.settings)."""
+
+    # (model_* names are the flags', not pydantic's)
+    model_config = ConfigDict(protected_namespaces=())
+
+    coordinator: CoordinatorUrl
+    model: Annotated[
+        str, Flag("diffusers folder, .safetensors file or Hugging Face id", required=True)
+    ]
+    model_config_dir: Annotated[
+        Path | None, Flag("local diffusers config folder for a single .safetensors file")
+    ] = Field(None, alias="model_config")
+    model_name: Annotated[
+        str | None, Flag("name announced to the coordinator (default: from --model)")
+    ] = None
+    name: WorkerName = None
+    identity: IdentityFile = None
+    api_key: ApiKey = None
+    max_pixels: Annotated[
+        int, Field(ge=1), Flag("largest width x height accepted (default %(default)s)")
+    ] = 1024 * 1024
+    max_steps: Annotated[int, Field(ge=1), Flag("most steps accepted (default %(default)s)")] = 150
+    threads: Annotated[
+        int | None,
+        Field(ge=1),
+        Flag("torch CPU threads in the engine (default: torch's choice)"),
+    ] = None
+    job_timeout: Annotated[
+        float,
+        Field(gt=0),
+        Flag("seconds before a stuck job is killed (default %(default)s)"),
+    ] = 900.0
+    max_ram: Annotated[
+        float | None,
+        Field(gt=0),
+        Flag("memory the engine may use, in GiB (default: no cap)", metavar="GIB"),
+    ] = None
+    max_vram: Annotated[
+        float | None,
+        Field(gt=0),
+        Flag("GPU memory the engine may use, in GiB (default: all of it)", metavar="GIB"),
+    ] = None
+    unsandboxed: Unsandboxed = False
+    log_level: LogLevel = LOG_LEVEL
 
 
 def add_image_command(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -40,76 +93,29 @@ def add_image_command(kinds: argparse._SubParsersAction[argparse.ArgumentParser]
         help="serve image generation (Stable Diffusion)",
         description="Serve Stable Diffusion image jobs from a coordinator.",
     )
-    image.add_argument("--coordinator", required=True, help="coordinator URL")
-    image.add_argument(
-        "--model", required=True, help="diffusers folder, .safetensors file or Hugging Face id"
-    )
-    image.add_argument(
-        "--model-config",
-        type=Path,
-        help="local diffusers config folder for a single .safetensors file",
-    )
-    image.add_argument(
-        "--model-name", help="name announced to the coordinator (default: from --model)"
-    )
-    add_identity_flags(image, "image")
-    image.add_argument(
-        "--api-key", help="owner's API key; earnings go to that account (env IDLEGRID_API_KEY)"
-    )
-    image.add_argument(
-        "--max-pixels",
-        type=int,
-        default=1024 * 1024,
-        help="largest width x height accepted (default %(default)s)",
-    )
-    image.add_argument(
-        "--max-steps", type=int, default=150, help="most steps accepted (default %(default)s)"
-    )
-    image.add_argument(
-        "--threads", type=int, help="torch CPU threads in the engine (default: torch's choice)"
-    )
-    image.add_argument(
-        "--job-timeout",
-        type=float,
-        default=900.0,
-        help="seconds before a stuck job is killed (default %(default)s)",
-    )
-    image.add_argument(
-        "--max-ram",
-        type=float,
-        metavar="GIB",
-        help="memory the engine may use, in GiB (default: no cap)",
-    )
-    image.add_argument(
-        "--max-vram",
-        type=float,
-        metavar="GIB",
-        help="GPU memory the engine may use, in GiB (default: all of it)",
-    )
-    add_sandbox_flag(image)
-    add_donor_flags(image)
-    add_log_level_flag(image)
+    add_flags(image, ImageSettings, words={"kind": "image"})
     add_config_flag(image, kinds)
     image.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    configure_logging(args)
+    try:
+        settings = validated(ImageSettings, args)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
     from worker.errors import ModelError
     from worker.image.config import ImageWorkerConfig
     from worker.image.model_source import download_hub_model, resolve_model
 
-    for flag, value in (("--max-ram", args.max_ram), ("--max-vram", args.max_vram)):
-        if value is not None and value <= 0:
-            print(f"error: {flag} must be a positive number of GiB, got {value}", file=sys.stderr)
-            return 2
     hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
     try:
-        source = resolve_model(args.model, args.model_config)
+        source = resolve_model(settings.model, settings.model_config_dir)
     except ModelError as exc:
         print(f"error: --model: {exc}", file=sys.stderr)
         return 2
-    if not confinement_allowed(args.unsandboxed):
+    if not confinement_allowed(settings.unsandboxed):
         return 2
     try:
         # outside the sandbox: the engine has no network and gets the folder read-only
@@ -117,25 +123,25 @@ def _run(args: argparse.Namespace) -> int:
     except ModelError as exc:
         print(f"error: --model: {exc}", file=sys.stderr)
         return 2
-    claimed = claim_identity_from_flags(args, "image")
+    claimed = claim_identity_from_flags(settings.name, settings.identity, "image")
     if claimed is None:
         return 2
     config = ImageWorkerConfig(
-        coordinator=args.coordinator,
+        coordinator=settings.coordinator,
         model=source.location,
         model_config=source.config_dir,
-        model_name=args.model_name or source.name,
+        model_name=settings.model_name or source.name,
         name=claimed.name,
         identity_file=claimed.file,
-        api_key=api_key(args),
-        max_pixels=args.max_pixels,
-        max_steps=args.max_steps,
-        threads=args.threads,
-        job_timeout=args.job_timeout,
-        donor=donor_settings(args),
-        unsandboxed=args.unsandboxed,
-        max_ram_bytes=None if args.max_ram is None else int(args.max_ram * 2**30),
-        max_vram_bytes=None if args.max_vram is None else int(args.max_vram * 2**30),
+        api_key=settings.api_key,
+        max_pixels=settings.max_pixels,
+        max_steps=settings.max_steps,
+        threads=settings.threads,
+        job_timeout=settings.job_timeout,
+        donor=settings.donor_settings(),
+        unsandboxed=settings.unsandboxed,
+        max_ram_bytes=None if settings.max_ram is None else int(settings.max_ram * 2**30),
+        max_vram_bytes=None if settings.max_vram is None else int(settings.max_vram * 2**30),
     )
     with claimed:
         return asyncio.run(_serve(config, claimed.identity))

@@ -45,13 +45,12 @@ def _run_tiny(args: argparse.Namespace) -> int:
 
 
 def _run_smollm2(args: argparse.Namespace) -> int:
-    import signal
-
+    from protocol.signals import exit_on_sigterm
     from worker.errors import ConversionFailed, MissingExtra, ModelNotFound
     from worker.models.smollm2 import convert_smollm2
 
     # SIGTERM unwinds like Ctrl-C, so the temporary folder is removed
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    exit_on_sigterm()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "idlegrid"
     try:
         out = convert_smollm2(args.dir, cache, args.gguf)

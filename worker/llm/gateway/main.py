@@ -7,26 +7,94 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
+from pydantic import ConfigDict, Field
+
+from protocol.settings import Flag, SettingsError, add_flags, validated
 from worker.common.cli import (
-    add_identity_flags,
-    add_log_level_flag,
-    api_key,
+    LOG_LEVEL,
+    ApiKey,
+    CoordinatorUrl,
+    IdentityFile,
+    LogLevel,
+    WorkerName,
     claim_identity_from_flags,
     configure_logging,
 )
 from worker.common.config_file import add_config_flag
-from worker.common.controls_cli import add_donor_flags, donor_settings
-from worker.common.sandboxing import add_sandbox_flag, confinement_allowed
+from worker.common.controls_cli import DonorFlags
+from worker.common.sandboxing import Unsandboxed, confinement_allowed
 
 if TYPE_CHECKING:
     from protocol.signing import Identity
     from worker.llm.gateway.config import GatewayConfig
 
-__all__ = ["add_gateway_command"]
+__all__ = ["GatewaySettings", "add_gateway_command"]
 
 log = logging.getLogger(__name__)
+
+
+class GatewaySettings(DonorFlags):
+    """Every setting of `idlegrid worker gateway` (protocol.settings)."""
+
+    # (model_* names are the flags', not pydantic's)
+    model_config = ConfigDict(protected_namespaces=())
+
+    coordinator: CoordinatorUrl
+    model: Annotated[Path, Flag("local model folder (config, tokenizer, weights)", required=True)]
+    model_name: Annotated[str | None, Flag("model name in the swarm (default: folder name)")] = None
+    initial_peers: Annotated[
+        list[str],
+        Flag(
+            "multiaddrs of swarm peers, e.g. the ones block servers print",
+            metavar="MADDR",
+            nargs="+",
+            required=True,
+        ),
+    ]
+    host_maddr: Annotated[
+        list[str],
+        Flag(
+            "where this gateway's DHT node listens (default %(default)s)",
+            metavar="MADDR",
+            nargs="+",
+        ),
+    ] = ["/ip4/127.0.0.1/tcp/0"]
+    name: WorkerName = None
+    identity: IdentityFile = None
+    api_key: ApiKey = None
+    threads: Annotated[int | None, Field(ge=1), Flag("torch CPU threads (default: torch's)")] = None
+    max_context: Annotated[
+        int | None, Field(ge=1), Flag("context length offered (default: the model's)")
+    ] = None
+    check_rate: Annotated[
+        float,
+        Field(ge=0, le=1),
+        Flag(
+            "share of jobs whose block servers are spot-checked on other servers, 0..1 "
+            "(default %(default)s: an always-wrong server is caught within 20 jobs with "
+            "99.9%% probability at ~9%% extra compute; 0 = off)"
+        ),
+    ] = 0.3
+    check_tolerance: Annotated[
+        float,
+        Field(gt=0, lt=1),
+        Flag(
+            "worst relative distance between two servers' hidden states that still counts "
+            "as equal (default %(default)s; bfloat16 against float32 differs by up to ~0.04)"
+        ),
+    ] = 0.1
+    check_ban_seconds: Annotated[
+        float,
+        Field(ge=0),
+        Flag(
+            "seconds a server found returning wrong hidden states is left out of routes "
+            "(default %(default)s)"
+        ),
+    ] = 3600.0
+    log_level: LogLevel = LOG_LEVEL
+    unsandboxed: Unsandboxed = False
 
 
 def add_gateway_command(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,103 +104,45 @@ def add_gateway_command(kinds: argparse._SubParsersAction[argparse.ArgumentParse
         description="Pop text jobs from a coordinator and generate them through block "
         "servers found in the swarm; holds only the model's embeddings and LM head.",
     )
-    gateway.add_argument("--coordinator", required=True, help="coordinator URL")
-    gateway.add_argument(
-        "--model", required=True, type=Path, help="local model folder (config, tokenizer, weights)"
-    )
-    gateway.add_argument("--model-name", help="model name in the swarm (default: folder name)")
-    gateway.add_argument(
-        "--initial-peers",
-        nargs="+",
-        required=True,
-        metavar="MADDR",
-        help="multiaddrs of swarm peers, e.g. the ones block servers print",
-    )
-    gateway.add_argument(
-        "--host-maddr",
-        nargs="+",
-        default=["/ip4/127.0.0.1/tcp/0"],
-        metavar="MADDR",
-        help="where this gateway's DHT node listens (default %(default)s)",
-    )
-    add_identity_flags(gateway, "gateway")
-    gateway.add_argument(
-        "--api-key", help="owner's API key; earnings go to that account (env IDLEGRID_API_KEY)"
-    )
-    gateway.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    gateway.add_argument(
-        "--max-context", type=int, help="context length offered (default: the model's)"
-    )
-    gateway.add_argument(
-        "--check-rate",
-        type=float,
-        default=0.3,
-        help="share of jobs whose block servers are spot-checked on other servers, 0..1 "
-        "(default %(default)s: an always-wrong server is caught within 20 jobs with 99.9%% "
-        "probability at ~9%% extra compute; 0 = off)",
-    )
-    gateway.add_argument(
-        "--check-tolerance",
-        type=float,
-        default=0.1,
-        help="worst relative distance between two servers' hidden states that still counts "
-        "as equal (default %(default)s; bfloat16 against float32 differs by up to ~0.04)",
-    )
-    gateway.add_argument(
-        "--check-ban-seconds",
-        type=float,
-        default=3600.0,
-        help="seconds a server found returning wrong hidden states is left out of routes "
-        "(default %(default)s)",
-    )
-    add_log_level_flag(gateway)
-    add_sandbox_flag(gateway)
-    add_donor_flags(gateway)
+    add_flags(gateway, GatewaySettings, words={"kind": "gateway"})
     add_config_flag(gateway, kinds)
     gateway.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    configure_logging(args)
+    try:
+        settings = validated(GatewaySettings, args)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
     from worker.llm.gateway.config import GatewayConfig
 
-    model = args.model.resolve()
+    model = settings.model.resolve()
     if not (model / "config.json").is_file():
         print(f"error: --model: {model} has no config.json; give a model folder", file=sys.stderr)
         return 2
-    if args.threads is not None and args.threads < 1:
-        print("error: --threads: use 1 or more", file=sys.stderr)
+    if not confinement_allowed(settings.unsandboxed):
         return 2
-    if not 0 <= args.check_rate <= 1:
-        print("error: --check-rate: use a number from 0 (off) to 1 (every job)", file=sys.stderr)
-        return 2
-    if not 0 < args.check_tolerance < 1:
-        print("error: --check-tolerance: use a number between 0 and 1, e.g. 0.1", file=sys.stderr)
-        return 2
-    if not args.check_ban_seconds >= 0:
-        print("error: --check-ban-seconds: use 0 or more seconds", file=sys.stderr)
-        return 2
-    if not confinement_allowed(args.unsandboxed):
-        return 2
-    claimed = claim_identity_from_flags(args, "gateway")
+    claimed = claim_identity_from_flags(settings.name, settings.identity, "gateway")
     if claimed is None:
         return 2
     config = GatewayConfig(
-        coordinator=args.coordinator,
+        coordinator=settings.coordinator,
         model=model,
-        model_name=args.model_name or model.name,
+        model_name=settings.model_name or model.name,
         name=claimed.name,
         identity_file=claimed.file,
-        initial_peers=tuple(args.initial_peers),
-        host_maddrs=tuple(args.host_maddr),
-        api_key=api_key(args),
-        threads=args.threads,
-        max_context=args.max_context,
-        check_rate=args.check_rate,
-        check_tolerance=args.check_tolerance,
-        check_ban_seconds=args.check_ban_seconds,
-        unsandboxed=args.unsandboxed,
-        donor=donor_settings(args),
+        initial_peers=tuple(settings.initial_peers),
+        host_maddrs=tuple(settings.host_maddr),
+        api_key=settings.api_key,
+        threads=settings.threads,
+        max_context=settings.max_context,
+        check_rate=settings.check_rate,
+        check_tolerance=settings.check_tolerance,
+        check_ban_seconds=settings.check_ban_seconds,
+        unsandboxed=settings.unsandboxed,
+        donor=settings.donor_settings(),
     )
     with claimed:
         return asyncio.run(_serve(config, claimed.identity))
