@@ -17,15 +17,17 @@ Lite send through AI Horde's v2 API): each is off by default. `sampler_order` li
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -36,6 +38,7 @@ __all__ = [
     "BUILTIN_TEXT_MODELS",
     "MAX_CHARS_PER_TOKEN",
     "MAX_NEW_TOKENS",
+    "KOBOLD_FIELDS",
     "KOBOLD_SAMPLER_ORDER",
     "SAMPLER_IDS",
     "ChatMessage",
@@ -186,6 +189,17 @@ class TextParams(_Request):
         default=False, description="a space before the output if the prompt ends in none"
     )
 
+    # (no return annotation: the serialization schema stays TextParams' own)
+    @model_serializer(mode="wrap")
+    def _unused_kobold_fields_left_out(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        # KoboldAI's fields at their "off" defaults are left out, so a job that uses none
+        # is stored, hashed (params_hash) and leased exactly as before they existed
+        data: dict[str, Any] = handler(self)
+        for name in KOBOLD_FIELDS:
+            if name in data and getattr(self, name) == _KOBOLD_DEFAULTS[name]:
+                del data[name]
+        return data
+
     @model_validator(mode="after")
     def _one_input(self) -> TextParams:
         if (self.messages is None) == (self.prompt is None):
@@ -205,6 +219,13 @@ class TextParams(_Request):
                 f"the answer (got {value})"
             )
         return value
+
+
+# TextParams' KoboldAI fields and their "off" defaults
+KOBOLD_FIELDS = tuple(TextParams.model_fields)[
+    tuple(TextParams.model_fields).index("max_context_length") :
+]
+_KOBOLD_DEFAULTS = {name: TextParams.model_fields[name].default for name in KOBOLD_FIELDS}
 
 
 def sampler_order_problem(order: Sequence[int]) -> str | None:

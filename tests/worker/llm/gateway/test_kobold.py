@@ -170,3 +170,15 @@ async def test_output_flags_apply_to_the_final_text(tiny_core: GenerationCore) -
     assert formatted == format_output(
         plain, "Hello there", remove_blank_lines=True, remove_special=True, add_space=True
     )
+
+
+def test_unused_kobold_fields_leave_the_params_as_they_were() -> None:
+    """A job using none of KoboldAI's fields is stored, hashed and leased as before they
+    existed (gateways of the previous version parse it); used fields are sent."""
+    plain = TextParams(prompt="x", temperature=0.0)
+    before = {"model", "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k"}
+    before |= {"repetition_penalty", "stop", "seed"}
+    assert set(plain.model_dump(mode="json")) == before
+    used = TextParams(prompt="x", min_p=0.1, singleline=True)
+    assert set(used.model_dump(mode="json")) == before | {"min_p", "singleline"}
+    assert TextParams.model_validate_json(used.model_dump_json()) == used
