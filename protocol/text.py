@@ -66,6 +66,7 @@ __all__ = [
 MAX_NEW_TOKENS = 4096
 MAX_PROMPT_CHARS = 200_000
 MAX_MESSAGES = 256
+MAX_CONTEXT_TOKENS = 1_048_576
 MAX_STOPS = 16
 MAX_STOP_CHARS = 128
 
@@ -112,13 +113,13 @@ ContextLength = Annotated[
     int,
     Field(
         ge=2,
-        le=1_048_576,
+        le=MAX_CONTEXT_TOKENS,
         description="tokens: the prompt keeps its last max_context_length - max_tokens "
         "tokens (none: a prompt longer than the model's context is refused)",
     ),
 ]
 RepPenRange = Annotated[
-    int, Field(ge=0, le=1_048_576, description="penalise only the last tokens; 0 = all")
+    int, Field(ge=0, le=MAX_CONTEXT_TOKENS, description="penalise only the last tokens; 0 = all")
 ]
 RepPenSlope = Annotated[
     float, Field(ge=0.0, le=10.0, description="with rep_pen_range: 0 = the same penalty")
@@ -266,7 +267,7 @@ class TextModel(_Request):
     name: str = Field(min_length=1, max_length=128)
     blocks: int = Field(ge=1, le=1024, description="decoder blocks (num_hidden_layers)")
     parameters: int = Field(ge=1, description="total parameter count")
-    max_context: int = Field(ge=16, le=1_048_576, description="tokens, prompt included")
+    max_context: int = Field(ge=16, le=MAX_CONTEXT_TOKENS, description="tokens, prompt included")
 
     def sizes(self) -> str:
         return f"blocks {self.blocks}, parameters {self.parameters}, context {self.max_context}"

@@ -61,7 +61,12 @@ from protocol.horde import (
     split_prompt,
 )
 from protocol.params import MAX_SEED, ImageParams
-from protocol.text import KOBOLD_SAMPLER_ORDER, MAX_PROMPT_CHARS, TextParams
+from protocol.text import (
+    KOBOLD_SAMPLER_ORDER,
+    MAX_CONTEXT_TOKENS,
+    MAX_PROMPT_CHARS,
+    TextParams,
+)
 from protocol.validation import parse
 from protocol.version import VERSION
 
@@ -383,7 +388,8 @@ def text_params(body: TextRequestV2) -> TextParams:
     values: dict[str, object] = {
         "prompt": prompt,
         "max_tokens": p.max_length,
-        "max_context_length": p.max_context_length,
+        # beyond any model's context it makes no difference (the model's context cuts)
+        "max_context_length": min(p.max_context_length, MAX_CONTEXT_TOKENS),
         "model": body.models[0] if body.models else None,
         "sampler_order": list(KOBOLD_SAMPLER_ORDER),
     }

@@ -20,7 +20,12 @@ from transformers import AutoTokenizer
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from protocol.signing import Identity
-from protocol.text import BUILTIN_TEXT_MODELS, KOBOLD_SAMPLER_ORDER, LeasedTextJob
+from protocol.text import (
+    BUILTIN_TEXT_MODELS,
+    KOBOLD_SAMPLER_ORDER,
+    MAX_CONTEXT_TOKENS,
+    LeasedTextJob,
+)
 from tests.conftest import LiveApp
 from tests.worker.llm.gateway.test_kobold import LocalSwarm, long_text
 from worker.common.link import CoordinatorLink
@@ -235,6 +240,12 @@ async def test_kobold_fields_reach_the_job_and_bad_values_are_named(
         assert default is not None
         assert default.params.sampler_order == list(KOBOLD_SAMPLER_ORDER)
         assert default.params.max_context_length == 1024  # AI Horde's default
+        # a context beyond any model's is never refused: the model's context cuts
+        huge = {"prompt": "Hi", "params": {"max_context_length": 10**9}}
+        async with http.post(url, json=huge, headers=headers) as r:
+            assert r.status == 202
+        roomy = await gateway.pop_text([MODEL], wait=5)
+        assert roomy is not None and roomy.params.max_context_length == MAX_CONTEXT_TOKENS
 
         bad = {
             "rep_pen": 3.5,

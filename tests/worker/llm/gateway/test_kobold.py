@@ -159,7 +159,8 @@ async def test_a_4000_token_prompt_with_max_context_length_512_is_answered(
 
 
 async def test_output_flags_apply_to_the_final_text(tiny_core: GenerationCore) -> None:
-    base = TextParams(prompt="Hello there", max_tokens=24, temperature=0.0, seed=3)
+    # (this seed's text starts without a space, so frmtadsnsp adds one)
+    base = TextParams(prompt="Hello there", max_tokens=48, temperature=1.5, seed=2)
 
     async def ignore(delta: str) -> None:
         return None
@@ -170,6 +171,7 @@ async def test_output_flags_apply_to_the_final_text(tiny_core: GenerationCore) -
     assert formatted == format_output(
         plain, "Hello there", remove_blank_lines=True, remove_special=True, add_space=True
     )
+    assert formatted != plain
 
 
 def test_unused_kobold_fields_leave_the_params_as_they_were() -> None:
