@@ -3,7 +3,8 @@
 Written from AI Horde's published API models (Haidra-Org/AI-Horde, horde/apis/models) and
 what its clients require (Haidra-Org/horde-sdk): field names, types (kudos are floats, an
 image's seed is a string, a user id an integer) and defaults are theirs. Requests ignore
-fields we do not use, as AI Horde does; responses carry every field its clients require.
+fields we do not use, as AI Horde does (but KoboldAI options we cannot honour, `NOT_HONOURED`,
+are refused unless off); responses carry every field its clients require.
 The mapping onto idlegrid's own jobs is in coordinator.http.horde.
 """
 

@@ -377,7 +377,8 @@ def text_params(body: TextRequestV2) -> TextParams:
             [("params.n", "must be 1")],
         )
     refused = [
-        (f"params.{name}", "is not supported here; leave it out") for name in p.not_honoured()
+        (f"params.{name}", "is not supported here; leave it out or send its off value")
+        for name in p.not_honoured()
     ]
     if refused:
         raise BadRequest("; ".join(f"{f}: {m}" for f, m in refused), refused)
