@@ -3,7 +3,8 @@
 Written from AI Horde's published API models (Haidra-Org/AI-Horde, horde/apis/models) and
 what its clients require (Haidra-Org/horde-sdk): field names, types (kudos are floats, an
 image's seed is a string, a user id an integer) and defaults are theirs. Requests ignore
-fields we do not use, as AI Horde does; responses carry every field its clients require.
+fields we do not use, as AI Horde does (but KoboldAI options we cannot honour, `NOT_HONOURED`,
+are refused unless off); responses carry every field its clients require.
 The mapping onto idlegrid's own jobs is in coordinator.http.horde.
 """
 
@@ -24,6 +25,7 @@ __all__ = [
     "DryRun",
     "GenerationSubmitted",
     "Heartbeat",
+    "NOT_HONOURED",
     "HordeError",
     "ImageGeneration",
     "ImageParamsV2",
@@ -178,15 +180,69 @@ class RequestStatusImage(RequestStatusCheck):
 
 
 class TextParamsV2(_In):
+    """KoboldAI's generation parameters, as AI Horde's clients send them (None: not sent).
+
+    Each known field is validated by `TextParams` (a 400 names it, as `params.<name>`);
+    the fields of `NOT_HONOURED` are refused unless they have their "off" value."""
+
+    # kept so that the fields of NOT_HONOURED can be checked (others are ignored)
+    model_config = ConfigDict(extra="allow")
+
     n: int = 1
     max_length: int = 80
-    # unused (the model's context decides); bounded so that no number is out of range
-    max_context_length: int = Field(default=1024, ge=1, le=1 << 24)
+    max_context_length: int = Field(
+        default=1024, description="tokens: the prompt keeps its last (this - max_length)"
+    )
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     rep_pen: float | None = None
+    rep_pen_range: int | None = None
+    rep_pen_slope: float | None = None
+    top_a: float | None = None
+    tfs: float | None = None
+    typical: float | None = None
+    min_p: float | None = None
+    smoothing_factor: float | None = None
+    dynatemp_range: float | None = None
+    dynatemp_exponent: float | None = None
+    sampler_order: list[int] | None = None
     stop_sequence: list[str] | None = None
+    use_default_badwordsids: bool | None = None
+    singleline: bool | None = None
+    frmttriminc: bool | None = None
+    frmtrmblln: bool | None = None
+    frmtrmspch: bool | None = None
+    frmtadsnsp: bool | None = None
+    sampler_seed: int | None = Field(default=None, description="KoboldAI's seed (SillyTavern)")
+
+    def not_honoured(self) -> list[str]:
+        """The fields sent with a value we cannot honour (`NOT_HONOURED`)."""
+        extra = self.model_extra or {}
+        return [
+            name
+            for name, off in NOT_HONOURED.items()
+            if name in extra and extra[name] not in (None, *off)
+        ]
+
+
+# KoboldAI/KoboldCpp options clients may send that we do not do: accepted only with
+# these "off" values (SillyTavern sends mirostat 0 and an empty grammar, for instance)
+NOT_HONOURED: dict[str, tuple[object, ...]] = {
+    "mirostat": (0,),
+    "grammar": ("",),
+    "soft_prompt": ("",),
+    "gui_settings": (False,),
+    "use_world_info": (False,),
+    "use_memory": (False,),
+    "use_authors_note": (False,),
+    "dry_multiplier": (0,),
+    "xtc_probability": (0,),
+    "nsigma": (0,),
+    "presence_penalty": (0,),
+    "logit_bias": ({},),
+    "banned_tokens": ([],),
+}
 
 
 class TextRequestV2(_In):

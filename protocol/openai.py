@@ -11,7 +11,25 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protocol.params import MAX_SEED
-from protocol.text import MAX_MESSAGES, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, ChatMessage, TextParams
+from protocol.text import (
+    MAX_MESSAGES,
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_CHARS,
+    ChatMessage,
+    ContextLength,
+    DynatempExponent,
+    DynatempRange,
+    MinP,
+    RepPenRange,
+    RepPenSlope,
+    SamplerOrder,
+    SmoothingFactor,
+    TailFree,
+    TextParams,
+    TopA,
+    Typical,
+)
+from protocol.validation import parse
 
 __all__ = [
     "ChatCompletion",
@@ -24,6 +42,22 @@ __all__ = [
 ]
 
 DEFAULT_MAX_TOKENS = 256
+
+# the KoboldAI samplers _Sampling takes under TextParams' own names
+_KOBOLD_EXTRAS = (
+    "max_context_length",
+    "rep_pen_range",
+    "rep_pen_slope",
+    "top_a",
+    "tfs",
+    "typical",
+    "min_p",
+    "smoothing_factor",
+    "dynatemp_range",
+    "dynatemp_exponent",
+    "sampler_order",
+    "use_default_badwordsids",
+)
 
 
 class _Request(BaseModel):
@@ -68,6 +102,19 @@ class _Sampling(_Request):
     # extensions (vLLM and others accept the same names)
     top_k: int | None = Field(default=None, ge=0, le=1000)
     repetition_penalty: float | None = Field(default=None, ge=0.5, le=2.0)
+    # KoboldAI's samplers (KoboldCpp's OpenAI route takes the same names; README)
+    max_context_length: ContextLength | None = None
+    rep_pen_range: RepPenRange | None = None
+    rep_pen_slope: RepPenSlope | None = None
+    top_a: TopA | None = None
+    tfs: TailFree | None = None
+    typical: Typical | None = None
+    min_p: MinP | None = None
+    smoothing_factor: SmoothingFactor | None = None
+    dynatemp_range: DynatempRange | None = None
+    dynatemp_exponent: DynatempExponent | None = None
+    sampler_order: SamplerOrder | None = None
+    use_default_badwordsids: bool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -93,7 +140,11 @@ class _Sampling(_Request):
             value = getattr(self, name)
             if value is not None:
                 values[name] = float(value) if name != "top_k" else value
-        return TextParams(**values)
+        for name in _KOBOLD_EXTRAS:
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
+        # checks across fields (max_context_length must exceed max_tokens) name the field
+        return parse(TextParams, values)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -101,10 +152,10 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
 
     def text_params(self) -> TextParams:
-        params = self._text_params(messages=[m.as_chat() for m in self.messages])
+        inputs: dict[str, Any] = {"messages": [m.as_chat() for m in self.messages]}
         if self.max_completion_tokens is not None:
-            params = params.model_copy(update={"max_tokens": self.max_completion_tokens})
-        return params
+            inputs["max_tokens"] = self.max_completion_tokens
+        return self._text_params(**inputs)
 
 
 class CompletionRequest(_Sampling):

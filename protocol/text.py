@@ -8,13 +8,28 @@ text is at most `text_cap(max_tokens)` characters, streamed or final.
 A model's sizes (`TextModel`) price its work, so they come from the coordinator's
 catalog; a gateway offers what it runs and is refused unless that matches the catalog.
 `BUILTIN_TEXT_MODELS` are the models `idlegrid models` builds.
+
+Besides the plain samplers, `TextParams` has KoboldAI's (what SillyTavern and KoboldAI
+Lite send through AI Horde's v2 API): each is off by default. `sampler_order` lists
+`SAMPLER_IDS`; `max_context_length` cuts the prompt to its last tokens on the gateway.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from protocol.params import MAX_SEED
 
@@ -23,6 +38,9 @@ __all__ = [
     "BUILTIN_TEXT_MODELS",
     "MAX_CHARS_PER_TOKEN",
     "MAX_NEW_TOKENS",
+    "KOBOLD_FIELDS",
+    "KOBOLD_SAMPLER_ORDER",
+    "SAMPLER_IDS",
     "ChatMessage",
     "LeasedTextJob",
     "PeerLink",
@@ -40,6 +58,7 @@ __all__ = [
     "TextResultAccepted",
     "TextResultSubmit",
     "TextStatus",
+    "sampler_order_problem",
     "text_cap",
     "token_bound",
 ]
@@ -47,6 +66,22 @@ __all__ = [
 MAX_NEW_TOKENS = 4096
 MAX_PROMPT_CHARS = 200_000
 MAX_MESSAGES = 256
+MAX_CONTEXT_TOKENS = 1_048_576
+MAX_STOPS = 16
+MAX_STOP_CHARS = 128
+
+# KoboldAI's sampler ids, as `sampler_order` lists them
+SAMPLER_IDS = {
+    0: "top_k",
+    1: "top_a",
+    2: "top_p",
+    3: "tfs",
+    4: "typical",
+    5: "temperature",
+    6: "rep_pen",
+}
+# KoboldAI Lite's and KoboldCpp's default order (what AI Horde's text workers use)
+KOBOLD_SAMPLER_ORDER = (6, 0, 1, 3, 4, 2, 5)
 # template tokens a chat format may add around one message (role markers, separators)
 TEMPLATE_TOKENS_PER_MESSAGE = 32
 TEMPLATE_TOKENS_FIXED = 32
@@ -73,6 +108,54 @@ class ChatMessage(_Request):
     content: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
+# KoboldAI's sampler fields (TextParams; the OpenAI route takes them as extras)
+ContextLength = Annotated[
+    int,
+    Field(
+        ge=2,
+        le=MAX_CONTEXT_TOKENS,
+        description="tokens: the prompt keeps its last max_context_length - max_tokens "
+        "tokens (none: a prompt longer than the model's context is refused)",
+    ),
+]
+RepPenRange = Annotated[
+    int, Field(ge=0, le=MAX_CONTEXT_TOKENS, description="penalise only the last tokens; 0 = all")
+]
+RepPenSlope = Annotated[
+    float, Field(ge=0.0, le=10.0, description="with rep_pen_range: 0 = the same penalty")
+]
+TopA = Annotated[float, Field(ge=0.0, le=1.0, description="0 = off")]
+TailFree = Annotated[float, Field(ge=0.0, le=1.0, description="tail-free sampling; 1 = off")]
+Typical = Annotated[float, Field(ge=0.0, le=1.0, description="1 = off")]
+MinP = Annotated[float, Field(ge=0.0, le=1.0, description="0 = off")]
+SmoothingFactor = Annotated[
+    float, Field(ge=0.0, le=10.0, description="quadratic sampling; 0 = off")
+]
+DynatempRange = Annotated[
+    float, Field(ge=0.0, le=5.0, description="dynamic temperature +-range; 0 = off")
+]
+DynatempExponent = Annotated[float, Field(ge=0.0, le=5.0, description="1 = linear")]
+
+
+def _valid_order(order: list[int]) -> list[int]:
+    problem = sampler_order_problem(order)
+    if problem:
+        raise ValueError(problem)
+    return order
+
+
+SamplerOrder = Annotated[
+    list[int],
+    Field(
+        min_length=6,
+        max_length=7,
+        description="KoboldAI's sampler ids (0 top_k, 1 top_a, 2 top_p, 3 tfs, 4 typical, "
+        "5 temperature, 6 rep_pen), each once; none: rep_pen, temperature, top_k, top_p...",
+    ),
+    AfterValidator(_valid_order),
+]
+
+
 class TextParams(_Request):
     """What to generate. Exactly one of `messages` (chat) and `prompt` (completion)."""
 
@@ -80,21 +163,79 @@ class TextParams(_Request):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
     prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
     max_tokens: int = Field(default=128, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0, description="0 = greedy")
+    temperature: float = Field(default=0.7, ge=0.0, le=5.0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=1000, description="0 = off")
-    repetition_penalty: float = Field(default=1.0, ge=0.5, le=2.0, description="1 = off")
-    stop: list[str] = Field(default=[], max_length=4)
+    repetition_penalty: float = Field(default=1.0, ge=0.5, le=3.0, description="1 = off")
+    stop: list[str] = Field(default=[], max_length=MAX_STOPS)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    # KoboldAI's samplers and options (README: KoboldAI samplers); the defaults are off
+    max_context_length: ContextLength | None = None
+    rep_pen_range: RepPenRange = 0
+    rep_pen_slope: RepPenSlope = 0.0
+    top_a: TopA = 0.0
+    tfs: TailFree = 1.0
+    typical: Typical = 1.0
+    min_p: MinP = 0.0
+    smoothing_factor: SmoothingFactor = 0.0
+    dynatemp_range: DynatempRange = 0.0
+    dynatemp_exponent: DynatempExponent = 1.0
+    sampler_order: SamplerOrder | None = None
+    use_default_badwordsids: bool = Field(default=False, description="ban end-of-sequence")
+    singleline: bool = Field(default=False, description="end at the first newline")
+    frmttriminc: bool = Field(default=False, description="trim an incomplete last sentence")
+    frmtrmblln: bool = Field(default=False, description="collapse blank lines")
+    frmtrmspch: bool = Field(default=False, description="remove #/@%}{+=~|\\^<>")
+    frmtadsnsp: bool = Field(
+        default=False, description="a space before the output if the prompt ends in none"
+    )
+
+    # (no return annotation: the serialization schema stays TextParams' own)
+    @model_serializer(mode="wrap")
+    def _unused_kobold_fields_left_out(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        # KoboldAI's fields at their "off" defaults are left out, so a job that uses none
+        # is stored, hashed (params_hash) and leased exactly as before they existed
+        data: dict[str, Any] = handler(self)
+        for name in KOBOLD_FIELDS:
+            if name in data and getattr(self, name) == _KOBOLD_DEFAULTS[name]:
+                del data[name]
+        return data
 
     @model_validator(mode="after")
     def _one_input(self) -> TextParams:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of 'messages' (chat) and 'prompt' (completion)")
         for i, stop in enumerate(self.stop):
-            if not 1 <= len(stop) <= 64:
-                raise ValueError(f"stop[{i}] must be 1-64 characters")
+            if not 1 <= len(stop) <= MAX_STOP_CHARS:
+                raise ValueError(f"stop[{i}] must be 1-{MAX_STOP_CHARS} characters")
         return self
+
+    @field_validator("max_context_length")
+    @classmethod
+    def _room_for_the_prompt(cls, value: int | None, info: ValidationInfo) -> int | None:
+        max_tokens = info.data.get("max_tokens")
+        if value is not None and isinstance(max_tokens, int) and value <= max_tokens:
+            raise ValueError(
+                f"must exceed the tokens to generate ({max_tokens}): it holds the prompt and "
+                f"the answer (got {value})"
+            )
+        return value
+
+
+# TextParams' KoboldAI fields and their "off" defaults
+KOBOLD_FIELDS = tuple(TextParams.model_fields)[
+    tuple(TextParams.model_fields).index("max_context_length") :
+]
+_KOBOLD_DEFAULTS = {name: TextParams.model_fields[name].default for name in KOBOLD_FIELDS}
+
+
+def sampler_order_problem(order: Sequence[int]) -> str | None:
+    """What is wrong with a `sampler_order` (None when it is fine): it must list each of
+    KoboldAI's ids 0-6 once, or 0-5 once (then the repetition penalty comes first)."""
+    if sorted(order) not in (list(range(6)), list(range(7))):
+        ids = ", ".join(f"{i} {name}" for i, name in SAMPLER_IDS.items())
+        return f"must list each of the ids 0-6 once ({ids}), or 0-5 once; got {list(order)}"
+    return None
 
 
 def token_bound(params: TextParams) -> int:
@@ -106,6 +247,12 @@ def token_bound(params: TextParams) -> int:
         prompt = sum(len(m.content.encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in params.messages)
     else:
         prompt = len((params.prompt or "").encode())
+    if params.max_context_length is not None:
+        # the gateway keeps only the prompt's last max_context_length - max_tokens tokens
+        return (
+            min(prompt + TEMPLATE_TOKENS_FIXED, params.max_context_length - params.max_tokens)
+            + params.max_tokens
+        )
     return prompt + TEMPLATE_TOKENS_FIXED + params.max_tokens
 
 
@@ -120,7 +267,7 @@ class TextModel(_Request):
     name: str = Field(min_length=1, max_length=128)
     blocks: int = Field(ge=1, le=1024, description="decoder blocks (num_hidden_layers)")
     parameters: int = Field(ge=1, description="total parameter count")
-    max_context: int = Field(ge=16, le=1_048_576, description="tokens, prompt included")
+    max_context: int = Field(ge=16, le=MAX_CONTEXT_TOKENS, description="tokens, prompt included")
 
     def sizes(self) -> str:
         return f"blocks {self.blocks}, parameters {self.parameters}, context {self.max_context}"

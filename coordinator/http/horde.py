@@ -61,13 +61,38 @@ from protocol.horde import (
     split_prompt,
 )
 from protocol.params import MAX_SEED, ImageParams
-from protocol.text import TextParams
+from protocol.text import (
+    KOBOLD_SAMPLER_ORDER,
+    MAX_CONTEXT_TOKENS,
+    MAX_PROMPT_CHARS,
+    TextParams,
+)
 from protocol.validation import parse
 from protocol.version import VERSION
 
 __all__ = ["image_params", "text_params"]
 
 M = TypeVar("M", bound=BaseModel)
+
+# KoboldAI's fields that TextParams has under the same name
+_KOBOLD_FIELDS = (
+    "rep_pen_range",
+    "rep_pen_slope",
+    "top_a",
+    "tfs",
+    "typical",
+    "min_p",
+    "smoothing_factor",
+    "dynatemp_range",
+    "dynatemp_exponent",
+    "sampler_order",
+    "use_default_badwordsids",
+    "singleline",
+    "frmttriminc",
+    "frmtrmblln",
+    "frmtrmspch",
+    "frmtadsnsp",
+)
 
 # where our validation names a field, AI Horde's request names it
 _V2_FIELDS = {
@@ -87,6 +112,8 @@ _V2_FIELDS = {
     "top_k": "params.top_k",
     "repetition_penalty": "params.rep_pen",
     "stop": "params.stop_sequence",
+    "max_context_length": "params.max_context_length",
+    **{name: f"params.{name}" for name in _KOBOLD_FIELDS},
 }
 
 
@@ -349,10 +376,23 @@ def text_params(body: TextRequestV2) -> TextParams:
             "params.n: one generation per request here; send several requests",
             [("params.n", "must be 1")],
         )
+    refused = [
+        (f"params.{name}", "is not supported here; leave it out or send its off value")
+        for name in p.not_honoured()
+    ]
+    if refused:
+        raise BadRequest("; ".join(f"{f}: {m}" for f, m in refused), refused)
+    prompt = body.prompt
+    if len(prompt) > MAX_PROMPT_CHARS:
+        # only the prompt's last tokens are used (max_context_length): never refused for length
+        prompt = prompt[-MAX_PROMPT_CHARS:]
     values: dict[str, object] = {
-        "prompt": body.prompt,
+        "prompt": prompt,
         "max_tokens": p.max_length,
+        # beyond any model's context it makes no difference (the model's context cuts)
+        "max_context_length": min(p.max_context_length, MAX_CONTEXT_TOKENS),
         "model": body.models[0] if body.models else None,
+        "sampler_order": list(KOBOLD_SAMPLER_ORDER),
     }
     for ours, theirs in (
         ("temperature", p.temperature),
@@ -363,6 +403,14 @@ def text_params(body: TextRequestV2) -> TextParams:
     ):
         if theirs is not None:
             values[ours] = theirs
+    if p.sampler_seed is not None and p.sampler_seed >= 0:  # KoboldAI's -1: a random seed
+        if p.sampler_seed > MAX_SEED:
+            problem = [("params.sampler_seed", f"must be at most {MAX_SEED} (-1: random)")]
+            raise BadRequest(f"{problem[0][0]}: {problem[0][1]}", problem)
+        values["seed"] = p.sampler_seed
+    for name in _KOBOLD_FIELDS:
+        if getattr(p, name) is not None:
+            values[name] = getattr(p, name)
     params: TextParams = _v2_parse(TextParams, values)
     return params
 

@@ -218,6 +218,34 @@ def test_ai_horde_text_request_runs_on_the_swarm(swarm: Swarm, tiny_models: Path
     assert generation["model"] == MODEL and generation["worker_name"] == "gateway"
 
 
+def test_a_long_koboldai_prompt_is_cut_to_max_context_length(
+    swarm: Swarm, tiny_models: Path
+) -> None:
+    """A 4 000-token prompt with max_context_length 512 (the tiny model's whole context):
+    the gateway keeps its BOS and last 512 - 16 - 1 tokens, and the greedy answer through
+    the swarm is local generate's on those tokens."""
+    from tests.e2e.test_image_network import horde
+
+    prompt = " ".join(f"line {i}: the queue holds {i * 7 % 13} items." for i in range(200))
+    ids = prompt_ids(tiny_models, prompt)
+    assert len(ids) >= 4000
+    params = {"max_length": 16, "max_context_length": 512, "temperature": 0}
+    ask = {"prompt": prompt, "params": params, "models": [MODEL]}
+    status, created = horde(swarm.url, "POST", "/generate/text/async", swarm.alice, ask)
+    assert status == 202, created
+    deadline = time.monotonic() + 120
+    while True:
+        status, done = horde(swarm.url, "GET", f"/generate/text/status/{created['id']}", "")
+        assert status == 200, done
+        if done["done"]:
+            break
+        assert time.monotonic() < deadline, done
+        time.sleep(0.2)
+    (generation,) = done["generations"]
+    kept = ids[:1] + ids[-(512 - 16 - 1) :]
+    assert generation["text"] == local_greedy(tiny_models, kept, 16)
+
+
 def test_openai_client_plain_and_streaming(swarm: Swarm, tiny_models: Path) -> None:
     from openai import OpenAI
 

@@ -29,6 +29,7 @@ from protocol.text import ServerCheck, TextModel, TextParams
 from worker.errors import MissingBlocks, SwarmStepFailed
 from worker.llm.gateway.chat_format import render_chat
 from worker.llm.gateway.generation import GenerationResult, OnText, SamplingParams, generate
+from worker.llm.gateway.kobold import fit_context, format_output
 from worker.llm.gateway.lm_head import LMHead
 from worker.llm.swarm.checks import check_hop
 from worker.llm.swarm.routing import SwarmClient, SwarmClientConfig
@@ -41,6 +42,7 @@ __all__ = [
     "GenerationCore",
     "PromptTooLong",
     "offered_model",
+    "sampling_params",
 ]
 
 log = logging.getLogger(__name__)
@@ -159,21 +161,31 @@ class GenerationCore:
     async def run(self, params: TextParams, on_text: OnText) -> Generated:
         """Generate a text job's answer; PromptTooLong if it cannot fit the context."""
         prompt_ids = self.prompt_ids(params)
+        if params.max_context_length is not None:
+            # KoboldAI's max_context_length: the prompt keeps its last tokens
+            budget = min(params.max_context_length, self.model.max_context) - params.max_tokens
+            if budget >= 1:
+                bos = getattr(self.tokenizer, "bos_token_id", None)
+                prompt_ids = fit_context(prompt_ids, budget, bos)
         if len(prompt_ids) + params.max_tokens > self.model.max_context:
             raise PromptTooLong(
                 f"the prompt is {len(prompt_ids)} tokens; with max_tokens {params.max_tokens} "
                 f"it exceeds the {self.model.max_context}-token context of {self.model.name}"
             )
-        sampling = SamplingParams(
-            max_new_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            repetition_penalty=params.repetition_penalty,
-            stop=tuple(params.stop),
-            seed=params.seed,
+        generated = await self.generate(
+            prompt_ids, params.max_tokens, sampling_params(params), on_text
         )
-        return await self.generate(prompt_ids, params.max_tokens, sampling, on_text)
+        text = format_output(
+            generated.result.text,
+            params.prompt or "",
+            trim_incomplete=params.frmttriminc,
+            remove_blank_lines=params.frmtrmblln,
+            remove_special=params.frmtrmspch,
+            add_space=params.frmtadsnsp,
+        )
+        if text != generated.result.text:
+            generated.result = dataclasses.replace(generated.result, text=text)
+        return generated
 
     async def generate(
         self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams, on_text: OnText
@@ -254,6 +266,30 @@ class GenerationCore:
                 )
                 self.swarm.ban(check.peer_id)
         return found
+
+
+def sampling_params(params: TextParams) -> SamplingParams:
+    """How the gateway samples a job (`singleline` ends the text at its first newline)."""
+    return SamplingParams(
+        max_new_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        repetition_penalty=params.repetition_penalty,
+        stop=(*params.stop, "\n") if params.singleline else tuple(params.stop),
+        seed=params.seed,
+        rep_pen_range=params.rep_pen_range,
+        rep_pen_slope=params.rep_pen_slope,
+        top_a=params.top_a,
+        tfs=params.tfs,
+        typical=params.typical,
+        min_p=params.min_p,
+        smoothing_factor=params.smoothing_factor,
+        dynatemp_range=params.dynatemp_range,
+        dynatemp_exponent=params.dynatemp_exponent,
+        sampler_order=None if params.sampler_order is None else tuple(params.sampler_order),
+        ban_eos=params.use_default_badwordsids,
+    )
 
 
 def offered_model(model_name: str, head: LMHead, max_context: int | None) -> TextModel:

@@ -3,10 +3,11 @@
 `generate` embeds the prompt with the gateway's `LMHead`, sends it through the decoder
 blocks in one `step` (a swarm inference session in production, a local reference in tests),
 turns the last block's output into logits, picks a token and repeats one token per step.
-The sampling chain follows transformers' `generate` exactly, in the same order:
+By default the sampling chain follows transformers' `generate` exactly, in the same order:
 repetition penalty -> temperature -> top-k -> top-p -> multinomial draw from a
 `torch.Generator` seeded with `SamplingParams.seed` (so `torch.manual_seed(seed)` followed
-by transformers' `generate(do_sample=True, ...)` picks the same tokens on CPU).
+by transformers' `generate(do_sample=True, ...)` picks the same tokens on CPU). KoboldAI's
+samplers (`worker.llm.gateway.samplers`) run in `SamplingParams.sampler_order` when given.
 
 Text is streamed through an awaitable `on_text(delta)` callback. A delta never ends in an
 incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives) nor in text that
@@ -24,7 +25,20 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from protocol.text import sampler_order_problem
 from worker.errors import InvalidGenerationInput
+from worker.llm.gateway.samplers import (
+    apply_dynamic_temperature,
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_smoothing,
+    apply_tail_free,
+    apply_top_a,
+    apply_top_k,
+    apply_top_p,
+    apply_typical,
+    ban_tokens,
+)
 
 __all__ = [
     "GenerationResult",
@@ -47,6 +61,9 @@ OnText = Callable[[str], Awaitable[None]]
 """Receives each new piece of generated text (never empty)."""
 
 REPLACEMENT_CHAR = "\ufffd"
+
+# without a sampler_order: transformers' order (its unknown samplers after it)
+DEFAULT_ORDER = (6, 5, 0, 2, 1, 3, 4)
 
 
 class TokenHead(Protocol):
@@ -78,6 +95,20 @@ class SamplingParams:
     stop: Sequence[str] = ()
     # seeds the sampler; None draws a fresh random seed
     seed: int | None = None
+    # KoboldAI's samplers (README: KoboldAI samplers); the defaults are off
+    rep_pen_range: int = 0  # penalise only the last tokens; 0 = all
+    rep_pen_slope: float = 0.0  # with rep_pen_range: 0 = the same penalty everywhere
+    top_a: float = 0.0
+    tfs: float = 1.0
+    typical: float = 1.0
+    min_p: float = 0.0
+    smoothing_factor: float = 0.0
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    # KoboldAI's sampler ids in the order to apply them; None = DEFAULT_ORDER
+    sampler_order: tuple[int, ...] | None = None
+    # never pick an end-of-sequence token (KoboldAI's use_default_badwordsids)
+    ban_eos: bool = False
 
     def __post_init__(self) -> None:
         if type(self.max_new_tokens) is not int or self.max_new_tokens < 1:
@@ -112,6 +143,34 @@ class SamplingParams:
             raise InvalidGenerationInput(
                 "seed", f"is {self.seed!r}; use a whole number in [0, 2**64) or leave it out"
             )
+        self._check_kobold()
+
+    def _check_kobold(self) -> None:
+        if type(self.rep_pen_range) is not int or self.rep_pen_range < 0:
+            raise InvalidGenerationInput(
+                "rep_pen_range", f"is {self.rep_pen_range!r}; use a whole number >= 0 (0 = all)"
+            )
+        for name, low, high, off in (
+            ("rep_pen_slope", 0.0, None, "0 = flat"),
+            ("top_a", 0.0, 1.0, "0 = off"),
+            ("tfs", 0.0, 1.0, "1 = off"),
+            ("typical", 0.0, 1.0, "1 = off"),
+            ("min_p", 0.0, 1.0, "0 = off"),
+            ("smoothing_factor", 0.0, None, "0 = off"),
+            ("dynatemp_range", 0.0, None, "0 = off"),
+            ("dynatemp_exponent", 0.0, None, "1 = linear"),
+        ):
+            value = getattr(self, name)
+            if not _is_number(value) or value < low or (high is not None and value > high):
+                where = f"in [{low}, {high}]" if high is not None else f">= {low}"
+                raise InvalidGenerationInput(name, f"is {value!r}; use a number {where} ({off})")
+        if self.sampler_order is not None:
+            order: object = self.sampler_order
+            if not isinstance(order, tuple) or any(type(i) is not int for i in order):
+                raise InvalidGenerationInput("sampler_order", f"is {order!r}; use a tuple of ids")
+            problem = sampler_order_problem(self.sampler_order)
+            if problem:
+                raise InvalidGenerationInput("sampler_order", problem)
 
 
 @dataclass(frozen=True)
@@ -164,8 +223,11 @@ async def generate(
     hidden = await step(head.embed(context))
     tokens: list[int] = []
     finish_reason: Literal["stop", "length"] = "length"
+    banned = frozenset(eos_ids) if params.ban_eos else frozenset()
     while True:
-        token = await asyncio.to_thread(next_token, head, hidden, context, params, generator)
+        token = await asyncio.to_thread(
+            next_token, head, hidden, context, params, generator, banned
+        )
         if not tokens:
             first_token_seconds = time.perf_counter() - started
         tokens.append(token)
@@ -206,10 +268,12 @@ def next_token(
     context: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator,
+    banned: frozenset[int] = frozenset(),
 ) -> int:
-    """The token after `context` [1, L], given the last block's outputs `hidden` [1, n, H]."""
+    """The token after `context` [1, L], given the last block's outputs `hidden` [1, n, H];
+    never one of `banned`."""
     scores = head.logits(hidden[:, -1:, :])[:, -1, :].float()
-    scores = process_scores(scores, context, params)
+    scores = process_scores(scores, context, params, banned)
     if params.temperature == 0:
         return int(scores.argmax(dim=-1).item())
     probs = torch.softmax(scores, dim=-1)
@@ -217,46 +281,56 @@ def next_token(
 
 
 def process_scores(
-    scores: torch.Tensor, context: torch.Tensor, params: SamplingParams
+    scores: torch.Tensor,
+    context: torch.Tensor,
+    params: SamplingParams,
+    banned: frozenset[int] = frozenset(),
 ) -> torch.Tensor:
-    """Apply the penalty and warpers to float32 logits [1, V] in transformers' order."""
-    if params.repetition_penalty != 1.0:
-        scores = apply_repetition_penalty(scores, context, params.repetition_penalty)
+    """Apply the samplers to float32 logits [1, V] in `params.sampler_order` (KoboldAI's
+    ids; by default transformers' order). Temperature 0 is greedy: only the repetition
+    penalty (and `banned`) apply. An order of the ids 0-5 puts the penalty first."""
+    if banned:
+        scores = ban_tokens(scores, banned)
+    order = params.sampler_order or DEFAULT_ORDER
     if params.temperature == 0:
-        return scores
-    if params.temperature != 1.0:
-        scores = scores / params.temperature
-    if params.top_k > 0:
-        scores = apply_top_k(scores, params.top_k)
-    if params.top_p < 1.0:
-        scores = apply_top_p(scores, params.top_p)
+        return _apply(6, scores, context, params)
+    if 6 not in order:
+        scores = _apply(6, scores, context, params)
+    for sampler in order:
+        scores = _apply(sampler, scores, context, params)
     return scores
 
 
-def apply_repetition_penalty(
-    scores: torch.Tensor, context: torch.Tensor, penalty: float
+def _apply(
+    sampler: int, scores: torch.Tensor, context: torch.Tensor, params: SamplingParams
 ) -> torch.Tensor:
-    """Divide positive (multiply negative) logits of tokens in `context` [1, L] by `penalty`."""
-    seen = torch.gather(scores, 1, context)
-    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return scores.scatter(1, context, seen)
-
-
-def apply_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Keep the `top_k` highest logits (ties with the k-th included), -inf the rest."""
-    k = min(top_k, scores.shape[-1])
-    threshold = torch.topk(scores, k)[0][..., -1, None]
-    return scores.masked_fill(scores < threshold, -float("inf"))
-
-
-def apply_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the most likely tokens whose probabilities add up to `top_p` (at least one)."""
-    sorted_scores, sorted_indices = torch.sort(scores, descending=False)
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= 1 - top_p
-    remove_sorted[..., -1:] = False
-    remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
-    return scores.masked_fill(remove, -float("inf"))
+    """One of KoboldAI's samplers, by id; a sampler at its "off" value changes nothing."""
+    p = params
+    if sampler == 0 and p.top_k > 0:
+        return apply_top_k(scores, p.top_k)
+    if sampler == 1 and p.top_a > 0:
+        return apply_top_a(scores, p.top_a)
+    if sampler == 2:
+        if p.top_p < 1.0:
+            scores = apply_top_p(scores, p.top_p)
+        return apply_min_p(scores, p.min_p) if p.min_p > 0 else scores
+    if sampler == 3 and p.tfs < 1.0:
+        return apply_tail_free(scores, p.tfs)
+    if sampler == 4 and p.typical < 1.0:
+        return apply_typical(scores, p.typical)
+    if sampler == 5:
+        if p.smoothing_factor > 0:
+            scores = apply_smoothing(scores, p.smoothing_factor)
+        if p.dynatemp_range > 0:
+            return apply_dynamic_temperature(
+                scores, p.temperature, p.dynatemp_range, p.dynatemp_exponent
+            )
+        return scores / p.temperature if p.temperature != 1.0 else scores
+    if sampler == 6 and p.repetition_penalty != 1.0:
+        return apply_repetition_penalty(
+            scores, context, p.repetition_penalty, p.rep_pen_range, p.rep_pen_slope
+        )
+    return scores
 
 
 # -- streaming text -------------------------------------------------------------------------
