@@ -96,7 +96,13 @@ def core(tiny_models: Path) -> GenerationCore:
     llm = tiny_models / "llm"
     settings = CoreSettings(model=llm, model_name="llm", initial_peers=(), check_rate=0.0)
     tokenizer = AutoTokenizer.from_pretrained(llm, local_files_only=True)
-    return GenerationCore(settings, LMHead.load(llm), tokenizer, LocalSwarm(llm))  # type: ignore[arg-type]
+    return GenerationCore(
+        settings,
+        LMHead.load(llm),
+        tokenizer,
+        swarm=None,  # type: ignore[arg-type]  # no swarm: the blocks run here
+        open_session=LocalSwarm(llm).session,  # type: ignore[arg-type]
+    )
 
 
 @pytest.fixture

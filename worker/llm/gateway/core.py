@@ -19,6 +19,8 @@ import contextlib
 import dataclasses
 import logging
 import random
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,10 @@ class Generated:
     checks: list[ServerCheck]
 
 
+# (max_length, servers to avoid) -> a session to step through
+OpenSession = Callable[[int, frozenset[str]], AbstractAsyncContextManager[InferenceSession]]
+
+
 class GenerationCore:
     def __init__(
         self,
@@ -114,11 +120,16 @@ class GenerationCore:
         head: LMHead,
         tokenizer: Any,
         swarm: SwarmClient,
+        open_session: OpenSession | None = None,
     ) -> None:
         self.settings = settings
         self.head = head
         self.tokenizer = tokenizer
         self.swarm = swarm
+        # an inference session over `swarm` (tests run the blocks in-process instead)
+        self.open_session: OpenSession = open_session or (
+            lambda max_length, avoid: InferenceSession(swarm, max_length, avoid)
+        )
         self.model = offered_model(settings.model_name, head, settings.max_context)
         self.rng = random.Random(settings.seed)
         self.stats = CheckStats()
@@ -200,7 +211,7 @@ class GenerationCore:
         self.stats.jobs += 1
         for generation in range(MAX_GENERATIONS):
             max_length = len(prompt_ids) + max_tokens
-            async with InferenceSession(self.swarm, max_length, frozenset(avoid)) as session:
+            async with self.open_session(max_length, frozenset(avoid)) as session:
                 result = await generate(
                     self.head,
                     session.step,

@@ -129,7 +129,13 @@ def tiny_core(tiny_models: Path) -> GenerationCore:
     llm = tiny_models / "llm"
     settings = CoreSettings(model=llm, model_name="llm", initial_peers=(), check_rate=0.0)
     tokenizer = AutoTokenizer.from_pretrained(llm, local_files_only=True)
-    return GenerationCore(settings, LMHead.load(llm), tokenizer, LocalSwarm(llm))  # type: ignore[arg-type]
+    return GenerationCore(
+        settings,
+        LMHead.load(llm),
+        tokenizer,
+        swarm=None,  # type: ignore[arg-type]  # no swarm: the blocks run here
+        open_session=LocalSwarm(llm).session,  # type: ignore[arg-type]
+    )
 
 
 async def test_a_4000_token_prompt_with_max_context_length_512_is_answered(
