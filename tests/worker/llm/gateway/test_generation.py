@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
+    LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -46,8 +50,9 @@ def llm_dir(tiny_models: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(llm_dir: Path):
-    return AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
+def tokenizer(llm_dir: Path) -> PreTrainedTokenizerBase:
+    loaded: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
+    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +61,24 @@ def head(llm_dir: Path) -> LMHead:
 
 
 @pytest.fixture(scope="module")
-def model(llm_dir: Path):
-    return AutoModelForCausalLM.from_pretrained(llm_dir, local_files_only=True).eval()
+def model(llm_dir: Path) -> LlamaForCausalLM:
+    loaded: LlamaForCausalLM = LlamaForCausalLM.from_pretrained(llm_dir, local_files_only=True)
+    loaded.eval()
+    return loaded
 
 
-def prompt_ids(tokenizer, text: str) -> torch.Tensor:
-    return tokenizer(text, return_tensors="pt").input_ids
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    ids: torch.Tensor = tokenizer(text, return_tensors="pt").input_ids
+    return ids
 
 
-def hf_new_tokens(model, ids: torch.Tensor, max_new_tokens: int, **kwargs) -> list[int]:
+def hf_new_tokens(
+    model: LlamaForCausalLM, ids: torch.Tensor, max_new_tokens: int, **kwargs: float
+) -> list[int]:
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, **kwargs)
-    return out[0, ids.shape[1] :].tolist()
+    tokens: list[int] = out[0, ids.shape[1] :].tolist()
+    return tokens
 
 
 class RecordingHead:
@@ -110,7 +121,7 @@ async def passthrough(hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-def char_tokens(tokenizer, text: str) -> list[int]:
+def char_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """One token per byte-level piece of each character, so tokens split words and bytes."""
     ids: list[int] = []
     for char in text:
@@ -119,7 +130,11 @@ def char_tokens(tokenizer, text: str) -> list[int]:
 
 
 async def run_scripted(
-    tokenizer, script: list[int], **params
+    tokenizer: PreTrainedTokenizerBase,
+    script: list[int],
+    *,
+    stop: Sequence[str] = (),
+    max_new_tokens: int = SamplingParams.max_new_tokens,
 ) -> tuple[GenerationResult, list[str], ScriptedHead]:
     fake = ScriptedHead(script, len(tokenizer), tokenizer.eos_token_id)
     deltas: list[str] = []
@@ -131,7 +146,7 @@ async def run_scripted(
         fake,
         passthrough,
         [tokenizer.bos_token_id],
-        SamplingParams(temperature=0, **params),
+        SamplingParams(max_new_tokens, temperature=0, stop=stop),
         tokenizer,
         on_text,
     )
@@ -141,7 +156,7 @@ async def run_scripted(
 # -- LMHead ---------------------------------------------------------------------------------
 
 
-def test_head_reads_only_embeddings_norm_and_head(head: LMHead, model) -> None:
+def test_head_reads_only_embeddings_norm_and_head(head: LMHead, model: LlamaForCausalLM) -> None:
     assert head.loaded_keys == ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
     assert not any(key.startswith("model.layers.") for key in head.loaded_keys)
     assert head.param_count == model.num_parameters()
@@ -169,7 +184,9 @@ def _truncate_to_header(path: Path) -> None:
         file.truncate(8 + length)
 
 
-def test_sharded_checkpoint_layers_are_never_read(llm_dir: Path, tmp_path: Path, head) -> None:
+def test_sharded_checkpoint_layers_are_never_read(
+    llm_dir: Path, tmp_path: Path, head: LMHead
+) -> None:
     with safe_open(str(llm_dir / "model.safetensors"), framework="pt") as file:
         tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
     layers = {k: v for k, v in tensors.items() if k.startswith("model.layers.")}
@@ -223,7 +240,7 @@ def test_unsupported_architecture_names_the_supported_ones(llm_dir: Path, tmp_pa
 
 
 def test_chunked_steps_after_a_cached_prefix_match_the_full_model(
-    llm_dir: Path, head: LMHead, model
+    llm_dir: Path, head: LMHead, model: LlamaForCausalLM
 ) -> None:
     ids = torch.randint(3, head.vocab_size, (1, 13), generator=torch.Generator().manual_seed(1))
     blocks = LocalBlocks.load(llm_dir)
@@ -238,17 +255,18 @@ def test_chunked_steps_after_a_cached_prefix_match_the_full_model(
     torch.testing.assert_close(again, expected, rtol=0, atol=1e-4)
 
 
-def _tiny_family(kind: str):
-    common = dict(
-        vocab_size=120,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=kind == "qwen2",
-    )
+def _tiny_family(kind: str) -> PreTrainedModel:
+    # the same sizes for every family's config, whose parameters have many types
+    common: dict[str, Any] = {
+        "vocab_size": 120,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": kind == "qwen2",
+    }
     if kind == "mistral":
         return MistralForCausalLM(MistralConfig(**common, sliding_window=4))
     if kind == "qwen2":
@@ -277,7 +295,11 @@ def test_other_families_match_their_full_model(kind: str, tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("text", PROMPTS)
 async def test_greedy_equals_transformers_generate(
-    text: str, llm_dir: Path, head: LMHead, model, tokenizer
+    text: str,
+    llm_dir: Path,
+    head: LMHead,
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
 ) -> None:
     ids = prompt_ids(tokenizer, text)
     recorder = RecordingHead(head)
@@ -310,7 +332,11 @@ SAMPLERS = [
 
 @pytest.mark.parametrize("params", SAMPLERS, ids=lambda p: f"seed{p.seed}")
 async def test_seeded_sampling_equals_transformers_sampling(
-    params: SamplingParams, llm_dir: Path, head: LMHead, model, tokenizer
+    params: SamplingParams,
+    llm_dir: Path,
+    head: LMHead,
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
 ) -> None:
     ids = prompt_ids(tokenizer, PROMPTS[0])
     result = await generate(head, LocalBlocks.load(llm_dir), ids, params, tokenizer)
@@ -329,7 +355,9 @@ async def test_seeded_sampling_equals_transformers_sampling(
     assert result.token_ids == expected
 
 
-async def test_seeds_reproduce_and_differ(llm_dir: Path, head: LMHead, tokenizer) -> None:
+async def test_seeds_reproduce_and_differ(
+    llm_dir: Path, head: LMHead, tokenizer: PreTrainedTokenizerBase
+) -> None:
     ids = prompt_ids(tokenizer, PROMPTS[1])
 
     async def sample(seed: int | None) -> list[int]:
@@ -343,7 +371,9 @@ async def test_seeds_reproduce_and_differ(llm_dir: Path, head: LMHead, tokenizer
     assert unseeded[0] != unseeded[1]
 
 
-async def test_top_k_one_is_greedy(llm_dir: Path, head: LMHead, tokenizer) -> None:
+async def test_top_k_one_is_greedy(
+    llm_dir: Path, head: LMHead, tokenizer: PreTrainedTokenizerBase
+) -> None:
     ids = prompt_ids(tokenizer, PROMPTS[2])
     greedy = await generate(
         head, LocalBlocks.load(llm_dir), ids, SamplingParams(16, temperature=0), tokenizer
@@ -392,7 +422,9 @@ def test_top_p_equals_transformers(top_p: float) -> None:
 # -- stopping and streaming (scripted fake head) ---------------------------------------------
 
 
-async def test_stop_string_cuts_text_and_is_never_streamed(tokenizer) -> None:
+async def test_stop_string_cuts_text_and_is_never_streamed(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
     script = char_tokens(tokenizer, "one two END three four")
     result, deltas, fake = await run_scripted(tokenizer, script, stop=["END", "zzz"])
     assert result.text == "one two "
@@ -405,7 +437,7 @@ async def test_stop_string_cuts_text_and_is_never_streamed(tokenizer) -> None:
     assert len(deltas) > 3
 
 
-async def test_false_start_of_a_stop_string_is_released(tokenizer) -> None:
+async def test_false_start_of_a_stop_string_is_released(tokenizer: PreTrainedTokenizerBase) -> None:
     script = char_tokens(tokenizer, "a ENDING b")
     result, deltas, _ = await run_scripted(
         tokenizer, script, stop=["ENDS"], max_new_tokens=len(script)
@@ -417,7 +449,7 @@ async def test_false_start_of_a_stop_string_is_released(tokenizer) -> None:
     assert deltas[:3] == ["a", " ", "ENDI"]
 
 
-async def test_multibyte_characters_are_never_split(tokenizer) -> None:
+async def test_multibyte_characters_are_never_split(tokenizer: PreTrainedTokenizerBase) -> None:
     text = "héllo 中文 world ✓"
     script = char_tokens(tokenizer, text)
     assert len(script) > len(text)  # several tokens (bytes) for some characters
@@ -428,7 +460,7 @@ async def test_multibyte_characters_are_never_split(tokenizer) -> None:
     assert "中" in deltas and "文" in deltas
 
 
-async def test_max_new_tokens_and_eos(tokenizer) -> None:
+async def test_max_new_tokens_and_eos(tokenizer: PreTrainedTokenizerBase) -> None:
     script = char_tokens(tokenizer, "abcdefghij")
     result, deltas, fake = await run_scripted(tokenizer, script, max_new_tokens=4)
     assert (result.text, result.finish_reason, result.completion_tokens) == ("abcd", "length", 4)
@@ -455,19 +487,21 @@ async def test_max_new_tokens_and_eos(tokenizer) -> None:
         ({"seed": -1}, "seed"),
     ],
 )
-def test_bad_sampling_params_name_the_field(params: dict, field: str) -> None:
+def test_bad_sampling_params_name_the_field(params: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidGenerationInput) as caught:
         SamplingParams(**params)
     assert caught.value.field == field
     assert str(caught.value).startswith(f"{field}: ")
 
 
-async def test_empty_prompt_is_rejected(head: LMHead, tokenizer) -> None:
+async def test_empty_prompt_is_rejected(head: LMHead, tokenizer: PreTrainedTokenizerBase) -> None:
     with pytest.raises(InvalidGenerationInput, match="prompt_ids"):
         await generate(head, passthrough, [], SamplingParams(), tokenizer)
 
 
-def test_a_sampled_nul_goes_out_as_the_replacement_character(tokenizer) -> None:
+def test_a_sampled_nul_goes_out_as_the_replacement_character(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
     """The coordinator refuses text holding NUL (no database stores it as text); a gateway
     whose model samples it (garbage from a lying server can) must still deliver the job."""
     from worker.llm.gateway.generation import REPLACEMENT_CHAR, _StreamingText

@@ -8,6 +8,9 @@ repetition penalty's range and slope), independently of the torch code under tes
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any, cast
+
 import numpy as np
 import pytest
 import torch
@@ -44,7 +47,8 @@ def fixed_logits(seed: int = 7, scale: float = 3.0) -> torch.Tensor:
     return (torch.randn(1, VOCAB, generator=generator) * scale).float()
 
 
-CONTEXT = torch.tensor([[3, 9, 3, 17, 40, 9, 5, 63, 21, 3, 11, 30]])
+# transformers' processors take the context as a LongTensor (int64, as torch.tensor makes it)
+CONTEXT = cast(torch.LongTensor, torch.tensor([[3, 9, 3, 17, 40, 9, 5, 63, 21, 3, 11, 30]]))
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -209,22 +213,18 @@ def test_sampler_order_changes_the_result_as_it_should() -> None:
     """Temperature before top-p flattens the distribution that top-p cuts, so more tokens
     stay than with top-p first; each result is its two references in that order."""
     scores = fixed_logits()
-    base = {"temperature": 3.0, "top_p": 0.6}
-    hot_first = SamplingParams(**base, sampler_order=(6, 5, 2, 0, 1, 3, 4))
-    cut_first = SamplingParams(**base, sampler_order=(6, 2, 5, 0, 1, 3, 4))
+    base = SamplingParams(temperature=3.0, top_p=0.6)
+    hot_first = replace(base, sampler_order=(6, 5, 2, 0, 1, 3, 4))
+    cut_first = replace(base, sampler_order=(6, 2, 5, 0, 1, 3, 4))
     a = process_scores(scores, CONTEXT, hot_first)
     b = process_scores(scores, CONTEXT, cut_first)
     same(a, TopPLogitsWarper(0.6)(CONTEXT, TemperatureLogitsWarper(3.0)(CONTEXT, scores.clone())))
     same(b, TemperatureLogitsWarper(3.0)(CONTEXT, TopPLogitsWarper(0.6)(CONTEXT, scores.clone())))
     assert kept(a) > kept(b)
     # top-k after top-a cuts from what top-a left; before, top-a judges the top k alone
-    params = {"top_k": 10, "top_a": 0.9, "temperature": 1.0}
-    k_first = process_scores(
-        scores, CONTEXT, SamplingParams(**params, sampler_order=(0, 1, 2, 3, 4, 5, 6))
-    )
-    a_first = process_scores(
-        scores, CONTEXT, SamplingParams(**params, sampler_order=(1, 0, 2, 3, 4, 5, 6))
-    )
+    params = SamplingParams(top_k=10, top_a=0.9, temperature=1.0)
+    k_first = process_scores(scores, CONTEXT, replace(params, sampler_order=(0, 1, 2, 3, 4, 5, 6)))
+    a_first = process_scores(scores, CONTEXT, replace(params, sampler_order=(1, 0, 2, 3, 4, 5, 6)))
     same(k_first, apply_top_a(apply_top_k(scores, 10), 0.9))
     same(a_first, apply_top_k(apply_top_a(scores, 0.9), 10))
 
@@ -235,9 +235,9 @@ def test_repetition_penalty_position_in_the_order() -> None:
     scores = fixed_logits()
     favourites = torch.topk(scores, 2).indices  # [1, 2]: the context repeats them
     assert bool((scores[0, favourites[0]] > 0).all())
-    params = {"temperature": 1.0, "top_k": 3, "repetition_penalty": 3.0}
+    params = SamplingParams(temperature=1.0, top_k=3, repetition_penalty=3.0)
     first, last, six = (
-        process_scores(scores, favourites, SamplingParams(**params, sampler_order=order))
+        process_scores(scores, favourites, replace(params, sampler_order=order))
         for order in ((6, 0, 1, 2, 3, 4, 5), (0, 1, 2, 3, 4, 5, 6), (0, 1, 2, 3, 4, 5))
     )
     penalised = apply_repetition_penalty(scores, favourites, 3.0)
@@ -298,7 +298,7 @@ def test_off_values_change_nothing() -> None:
         ({"sampler_order": [6, 0, 1, 3, 4, 2, 5]}, "sampler_order"),
     ],
 )
-def test_bad_kobold_params_name_the_field(params: dict, field: str) -> None:
+def test_bad_kobold_params_name_the_field(params: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidGenerationInput) as caught:
         SamplingParams(**params)
     assert caught.value.field == field
