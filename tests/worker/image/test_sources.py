@@ -17,6 +17,7 @@ from protocol.engine import IMAGE
 from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams, sampled_steps
 from sandbox import Sandbox, SandboxPolicy
+from sandbox.errors import EngineFailed
 from tests.reference import plain_img2img, plain_inpaint, plain_pipeline
 from worker.errors import InvalidGenerationInput
 from worker.image.engine import ImageEngine
@@ -282,6 +283,11 @@ async def test_source_and_mask_cross_the_sandbox_as_binary_input(
     )
     async with await Sandbox.create(ENGINE, {"model": str(tiny_sd)}, policy) as sandbox:
         result = await sandbox.run(IMAGE, params, blobs=inputs)
+        # a refusal reaches the worker naming the field; the engine stays up
+        with pytest.raises(EngineFailed, match="source_mask: is 40x40 pixels") as caught:
+            await sandbox.run(IMAGE, params, blobs=[inputs[0], _encode(_mask(40, 40))])
+        assert caught.value.error_type == "InvalidGenerationInput"
+        assert sandbox.restarts == 0
     _, expected, _ = _run(engine, inputs, **params.model_dump(exclude={"seed"}), seed=11)
     assert result.data.seeds == [11]
     # (pixels, not bytes: torch's thread count may differ between the two processes)
