@@ -7,9 +7,10 @@ engine sees a request, the worker before it believes a progress message or a res
 malformed message from a hostile engine is an error naming the field, never a KeyError deep
 in the worker.
 
-    IMAGE           ImageParams -> ImageResult (+ one PNG per image), emitting
-                    ImageProgress after each sampling step; the engine is built from
-                    ImageEngineOptions
+    IMAGE           ImageParams (+ binary input: none for txt2img, else the source
+                    image, then the mask if there is one) -> ImageResult (+ one PNG per
+                    image), emitting ImageProgress after each sampling step; the engine
+                    is built from ImageEngineOptions
     TEXT_INFO       NoMessage -> TextModel: the model the text gateway's engine serves
     TEXT_GENERATE   GenerateText -> GeneratedText, emitting TextChunk as text is made
     TEXT_STATS      NoMessage -> EngineStats: its spot checks so far, the peers it bans
@@ -111,7 +112,8 @@ class ImageEngineOptions(EngineMessage):
 
 
 class ImageProgress(EngineMessage):
-    """Image `image` of `n` has finished sampling step `step` of `steps`."""
+    """Image `image` of `n` has finished sampling step `step` of `steps` (the steps
+    sampled: with a source image, `protocol.params.sampled_steps`)."""
 
     image: int = Field(ge=0, lt=MAX_N)
     step: int = Field(ge=0, le=MAX_STEPS)

@@ -18,9 +18,16 @@ def parameters_text(params: ImageParams, seed: int, model: str) -> str:
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
-    lines.append(
+    settings = (
         f"Steps: {params.steps}, Sampler: {params.sampler}, "
         f"CFG scale: {_fmt_number(params.cfg_scale)}, Seed: {seed}, "
         f"Size: {params.width}x{params.height}, Model: {model}"
     )
+    if params.source_processing != "txt2img":
+        # A1111's key for img2img and inpainting; the second is AI Horde's name of the mode
+        settings += (
+            f", Denoising strength: {_fmt_number(params.denoising_strength)}"
+            f", Source processing: {params.source_processing}"
+        )
+    lines.append(settings)
     return "\n".join(lines)

@@ -6,22 +6,28 @@ These are hard protocol limits; a coordinator narrows them further by configurat
 
 from __future__ import annotations
 
-from typing import Annotated
+import math
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS
 
 __all__ = [
+    "DEFAULT_DENOISING_STRENGTH",
     "MAX_MODEL_NAME",
     "MAX_N",
     "MAX_SEED",
     "MAX_SIDE",
+    "MAX_SOURCE_BYTES",
+    "MAX_SOURCE_PIXELS",
     "MAX_STEPS",
     "MAX_WORKER_MODELS",
     "MIN_SIDE",
     "ImageParams",
     "ModelName",
+    "SourceProcessing",
+    "sampled_steps",
 ]
 
 MIN_SIDE = 64
@@ -36,6 +42,15 @@ MAX_PROMPT_CHARS = 4000
 MAX_MODEL_NAME = 100
 MAX_WORKER_MODELS = 256
 ModelName = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_NAME)]
+
+# What a job does with a source image (AI Horde's `source_processing` values, less "remix"):
+# "txt2img" takes none; the others need one (sent beside the job, see protocol.engine.IMAGE).
+SourceProcessing = Literal["txt2img", "img2img", "inpainting", "outpainting"]
+DEFAULT_DENOISING_STRENGTH = 0.75
+# A source image or mask: its encoded size and its declared pixels, both read before any
+# pixel is decoded (AI Horde accepts 3072x3072 sources; a little more room than that).
+MAX_SOURCE_BYTES = 32 * 1024 * 1024
+MAX_SOURCE_PIXELS = 4096 * 4096
 
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, description="pixels, a multiple of 8")]
 
@@ -56,6 +71,24 @@ class ImageParams(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_N, description="number of images")
     model: str | None = Field(
         default=None, max_length=MAX_MODEL_NAME, description="model name; any model if absent"
+    )
+    # Left out of dumps at their defaults, so a text-to-image job serialises, hashes and
+    # signs as it did before these fields existed (protocol.signing.params_hash).
+    source_processing: SourceProcessing = Field(
+        default="txt2img",
+        exclude_if=lambda value: value == "txt2img",
+        description="what to do with the source image: img2img, inpainting (repaint where "
+        "the mask is white, or the source transparent) or outpainting (fill the "
+        "transparent areas); txt2img takes none",
+    )
+    denoising_strength: float = Field(
+        default=DEFAULT_DENOISING_STRENGTH,
+        validate_default=True,  # (checked against steps even when left out)
+        ge=0.01,
+        le=1.0,
+        exclude_if=lambda value: value == DEFAULT_DENOISING_STRENGTH,
+        description="how much of a source image is repainted: 1.0 all of it; "
+        "int(steps x strength) sampling steps run",
     )
 
     @field_validator("prompt")
@@ -81,6 +114,20 @@ class ImageParams(BaseModel):
             raise ValueError(f"unknown sampler {value!r}; choose one of: {known}")
         return value
 
+    @field_validator("denoising_strength")
+    @classmethod
+    def _some_steps_run(cls, value: float, info: ValidationInfo) -> float:
+        steps = info.data.get("steps")
+        if info.data.get("source_processing", "txt2img") == "txt2img" or steps is None:
+            return value
+        if min(int(steps * value), steps) < 1:
+            needed = math.ceil(1 / value)
+            raise ValueError(
+                f"{value} x steps {steps} runs no sampling step (int(steps x strength) = 0); "
+                f"use at least {needed} steps or a larger denoising_strength"
+            )
+        return value
+
     @property
     def pixels(self) -> int:
         return self.width * self.height
@@ -90,3 +137,11 @@ class ImageParams(BaseModel):
         if self.seed is None:
             raise ValueError("seed is not set yet")
         return [self.seed + i for i in range(self.n)]
+
+
+def sampled_steps(params: ImageParams) -> int:
+    """The sampling steps a job runs: `steps` from noise; with a source image, diffusers'
+    `min(int(steps x denoising_strength), steps)` (the rest of the schedule is skipped)."""
+    if params.source_processing == "txt2img":
+        return params.steps
+    return min(int(params.steps * params.denoising_strength), params.steps)

@@ -1,9 +1,16 @@
 """The reference every image test compares against: plain diffusers, no idlegrid code
-in the generation path (only the sampler-name table, to pick the same scheduler)."""
+in the generation path (only the sampler-name table, to pick the same scheduler).
+
+With a source image, the contract of issue 21: diffusers' img2img or inpaint pipeline built
+on the same components, the source converted to RGB and LANCZOS-resized to width x height
+(the mask too: greyscale, white = repaint), `strength=denoising_strength`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import numpy as np
@@ -13,11 +20,18 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     StableDiffusionPipeline,
 )
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
+    StableDiffusionImg2ImgPipeline,
+)
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import (
+    StableDiffusionInpaintPipeline,
+)
+from PIL import Image
 
 from protocol.params import ImageParams
 from worker.image.samplers import SCHEDULER_SPECS
 
-__all__ = ["plain_image", "plain_pipeline"]
+__all__ = ["plain_image", "plain_img2img", "plain_inpaint", "plain_pipeline"]
 
 
 def plain_pipeline(sd: Path) -> StableDiffusionPipeline:
@@ -26,23 +40,76 @@ def plain_pipeline(sd: Path) -> StableDiffusionPipeline:
     return pipe
 
 
-def plain_image(pipe: StableDiffusionPipeline, params: ImageParams, seed: int) -> np.ndarray:
-    """Image `seed` of `params` as RGB pixels; leaves the pipeline's scheduler as it was."""
+@contextmanager
+def _scheduler_of(pipe: StableDiffusionPipeline, params: ImageParams) -> Iterator[Any]:
+    """The job's scheduler, for one run; the pipeline's own is put back after."""
     class_name, options = SCHEDULER_SPECS[params.sampler]
     original = pipe.scheduler
-    pipe.scheduler = getattr(diffusers, class_name).from_config(original.config, **options)
+    scheduler = getattr(diffusers, class_name).from_config(original.config, **options)
+    pipe.scheduler = scheduler
     try:
-        out = pipe(
-            prompt=params.prompt,
-            negative_prompt=params.negative_prompt or None,
-            width=params.width,
-            height=params.height,
-            num_inference_steps=params.steps,
-            guidance_scale=params.cfg_scale,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            num_images_per_prompt=1,
-            output_type="pil",
-        )
+        yield scheduler
     finally:
         pipe.scheduler = original
+
+
+def _common(params: ImageParams, seed: int) -> dict[str, Any]:
+    return {
+        "prompt": params.prompt,
+        "negative_prompt": params.negative_prompt or None,
+        "num_inference_steps": params.steps,
+        "guidance_scale": params.cfg_scale,
+        "generator": torch.Generator("cpu").manual_seed(seed),
+        "num_images_per_prompt": 1,
+        "output_type": "pil",
+    }
+
+
+def plain_image(pipe: StableDiffusionPipeline, params: ImageParams, seed: int) -> np.ndarray:
+    """Image `seed` of `params` as RGB pixels; leaves the pipeline's scheduler as it was."""
+    with _scheduler_of(pipe, params):
+        out = pipe(width=params.width, height=params.height, **_common(params, seed))
+    return np.asarray(out.images[0])
+
+
+def _sized(image: Image.Image, mode: str, params: ImageParams) -> Image.Image:
+    return image.convert(mode).resize((params.width, params.height), Image.Resampling.LANCZOS)
+
+
+def plain_img2img(
+    pipe: StableDiffusionPipeline, params: ImageParams, seed: int, source: Image.Image
+) -> np.ndarray:
+    """Image `seed` of an img2img job from `source`, with diffusers' img2img pipeline on
+    `pipe`'s components."""
+    with _scheduler_of(pipe, params) as scheduler:
+        img2img = StableDiffusionImg2ImgPipeline(**{**pipe.components, "scheduler": scheduler})
+        img2img.set_progress_bar_config(disable=True)
+        out = img2img(
+            image=_sized(source, "RGB", params),
+            strength=params.denoising_strength,
+            **_common(params, seed),
+        )
+    return np.asarray(out.images[0])
+
+
+def plain_inpaint(
+    pipe: StableDiffusionPipeline,
+    params: ImageParams,
+    seed: int,
+    source: Image.Image,
+    mask: Image.Image,
+) -> np.ndarray:
+    """Image `seed` of an inpainting job: `mask` (white = repaint) over `source`, with
+    diffusers' inpaint pipeline on `pipe`'s components (either kind of UNet)."""
+    with _scheduler_of(pipe, params) as scheduler:
+        inpaint = StableDiffusionInpaintPipeline(**{**pipe.components, "scheduler": scheduler})
+        inpaint.set_progress_bar_config(disable=True)
+        out = inpaint(
+            image=_sized(source, "RGB", params),
+            mask_image=_sized(mask, "L", params),
+            width=params.width,
+            height=params.height,
+            strength=params.denoising_strength,
+            **_common(params, seed),
+        )
     return np.asarray(out.images[0])

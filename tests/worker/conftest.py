@@ -16,6 +16,12 @@ def tiny_sd(tiny_models: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd_inpaint(tiny_models: Path) -> Path:
+    """The tiny pipeline as an inpainting checkpoint (9-channel UNet)."""
+    return tiny_models / "sd-inpaint"
+
+
+@pytest.fixture(scope="session")
 def tiny_sd_single_file(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny pipeline as one original-format (SD-1) safetensors file."""
     out = tmp_path_factory.mktemp("single-file") / "tiny-sd1.safetensors"

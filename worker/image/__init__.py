@@ -4,10 +4,13 @@
     config.py         ImageWorkerConfig, the service's one configuration object
     worker.py         ImageWorker: pop -> sandboxed engine -> signed result; survives crashes
     engine.py         ImageEngine, hosted in the sandbox child process (torch, diffusers)
+    sources.py        a job's source image and mask: decoded within caps, AI Horde's mask
+                      conventions, resized for the img2img and inpaint pipelines
     samplers.py       AUTOMATIC1111 sampler names -> diffusers schedulers
     model_source.py   resolves --model safely (safetensors only, never pickle)
 
-Only the sandbox child imports `engine.py` (by name, `worker.image.worker.ENGINE`).
+Only the sandbox child imports `engine.py` and `sources.py` (by name,
+`worker.image.worker.ENGINE`).
 """
 
 __all__: list[str] = []

@@ -47,6 +47,10 @@ class ImageWorkerConfig:
     pop_wait: float = 10.0
     # at most one progress report per this many seconds (the last step is never sent)
     progress_interval: float = 0.25
+    # while the engine works, report again (the last step) after this many seconds without
+    # a report, so that phases without sampling steps keep the lease (None = a third of
+    # the job's lease)
+    heartbeat_interval: float | None = None
     # donor controls: when jobs may be taken (--when, --schedule, --max-jobs-per-hour, ...)
     donor: DonorSettings = field(default_factory=DonorSettings)
     # seconds between looks at the donor controls while they hold the worker back

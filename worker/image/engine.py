@@ -4,6 +4,14 @@ The sandbox creates one `ImageEngine` per process (loading the pipeline once; im
 torch and diffusers alone takes seconds) and calls `handle` for each job. Image i of a job
 is made with a fresh CPU generator seeded `seed + i`, so it is reproducible bit for bit and
 independent of the device, of `n`, and of which other images share the job.
+
+A job with a source image (`params.source_processing`, the bytes beside it, shaped by
+`worker.image.sources`) runs diffusers' own pipeline for it, built on the loaded components
+(never a second copy of the weights): `StableDiffusionImg2ImgPipeline` for img2img,
+`StableDiffusionInpaintPipeline` for inpainting and outpainting, whether the checkpoint is
+an inpainting one (9-channel UNet: mask and masked image as conditioning) or a plain one
+(4 channels: the known area's latents are blended back in after each step). An inpainting
+checkpoint serves only inpainting and outpainting.
 """
 
 from __future__ import annotations
@@ -20,18 +28,33 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     StableDiffusionPipeline,
 )
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
+    StableDiffusionImg2ImgPipeline,
+)
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import (
+    StableDiffusionInpaintPipeline,
+)
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from protocol.engine import IMAGE, ImageEngineOptions, ImageProgress, ImageResult
 from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
-from protocol.params import ImageParams
+from protocol.params import ImageParams, sampled_steps
 from sandbox.calls import CallTable, Emit
-from worker.errors import ModelNotFound
+from worker.errors import InvalidGenerationInput, ModelNotFound
 from worker.image.model_source import ModelSource, resolve_model
 from worker.image.samplers import make_scheduler
+from worker.image.sources import Sources, prepare_sources
 
-__all__ = ["ImageEngine", "encode_png", "load_pipeline"]
+__all__ = ["INPAINT_UNET_CHANNELS", "ImageEngine", "encode_png", "load_pipeline"]
+
+# the UNet input of an inpainting checkpoint: noisy latent, mask and masked image latent
+INPAINT_UNET_CHANNELS = 9
+
+# any of the three pipelines the engine runs
+_Pipeline = (
+    StableDiffusionPipeline | StableDiffusionImg2ImgPipeline | StableDiffusionInpaintPipeline
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,59 +112,111 @@ class ImageEngine:
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
+        self.inpainting_checkpoint = pipe.unet.config.in_channels == INPAINT_UNET_CHANNELS
+        # the same modules under the pipelines for source images (built on first use)
+        self._img2img: StableDiffusionImg2ImgPipeline | None = None
+        self._inpaint: StableDiffusionInpaintPipeline | None = None
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self.calls = CallTable()
-        self.calls.add(IMAGE, self.image)
+        self.calls.add_binary(IMAGE, self.image)
         logger.info("loaded %s (%s) on %s", self.model_name, self.source.kind, self.device)
 
     def handle(
-        self, kind: str, payload: Mapping[str, object], emit: Callable[[dict[str, object]], None]
+        self,
+        kind: str,
+        payload: Mapping[str, object],
+        emit: Callable[[dict[str, object]], None],
+        blobs: list[bytes] | None = None,
     ) -> tuple[dict[str, object], list[bytes]]:
         """`Engine.handle`: validates `payload` as the call's request (see `image`)."""
-        return self.calls.handle(kind, payload, emit)
+        return self.calls.handle(kind, payload, emit, blobs)
 
     def image(
-        self, params: ImageParams, emit: Emit[ImageProgress]
+        self, params: ImageParams, inputs: list[bytes], emit: Emit[ImageProgress]
     ) -> tuple[ImageResult, list[bytes]]:
         """Run one job; returns its ImageResult and one PNG per image, emitting an
-        ImageProgress as each sampling step finishes."""
+        ImageProgress as each sampling step finishes. `inputs`: the source image and
+        mask, if the job has them (see `protocol.engine.IMAGE`)."""
         if params.seed is None:
             raise ValueError("payload has no seed; the caller must choose it before the job")
-        blobs = [self._one_image(params, i, emit) for i in range(params.n)]
+        self._check_checkpoint(params)
+        sources = prepare_sources(params, inputs)
+        blobs = [self._one_image(params, sources, i, emit) for i in range(params.n)]
         result = ImageResult(
             seeds=params.seeds(), model=self.model_name, width=params.width, height=params.height
         )
         return result, blobs
 
-    def _one_image(self, params: ImageParams, index: int, emit: Emit[ImageProgress]) -> bytes:
+    def _check_checkpoint(self, params: ImageParams) -> None:
+        if self.inpainting_checkpoint and params.source_processing not in (
+            "inpainting",
+            "outpainting",
+        ):
+            raise InvalidGenerationInput(
+                "source_processing",
+                f"{self.model_name} is an inpainting checkpoint: it serves only "
+                f"'inpainting' and 'outpainting' jobs, not {params.source_processing!r}",
+            )
+
+    def _pipeline(self, sources: Sources | None) -> _Pipeline:
+        """The pipeline for the job, on the loaded modules, with the current scheduler."""
+        if sources is None:
+            return self.pipe
+        pipe: _Pipeline
+        components = {**self.pipe.components, "requires_safety_checker": False}
+        if sources.mask is None:
+            if self._img2img is None:
+                self._img2img = StableDiffusionImg2ImgPipeline(**components)
+                self._img2img.set_progress_bar_config(disable=True)
+            pipe = self._img2img
+        else:
+            if self._inpaint is None:
+                self._inpaint = StableDiffusionInpaintPipeline(**components)
+                self._inpaint.set_progress_bar_config(disable=True)
+            pipe = self._inpaint
+        pipe.scheduler = self.pipe.scheduler
+        return pipe
+
+    def _one_image(
+        self, params: ImageParams, sources: Sources | None, index: int, emit: Emit[ImageProgress]
+    ) -> bytes:
         assert params.seed is not None
         seed = params.seed + index
         self.pipe.scheduler = make_scheduler(params.sampler, self.base_scheduler_config)
+        # with a source image, diffusers skips the start of the schedule
+        steps = sampled_steps(params)
         reported = 0
 
         def on_step_end(
-            pipe: StableDiffusionPipeline, step: int, timestep: Any, kwargs: dict[str, Any]
+            pipe: _Pipeline, step: int, timestep: Any, kwargs: dict[str, Any]
         ) -> dict[str, Any]:
             nonlocal reported
             # Second-order samplers (Heun, DPM2) run about two loop iterations per step;
-            # report progress in the user's steps, each step once.
-            done = (step + 1) * params.steps // max(pipe.num_timesteps, 1)
+            # report progress in the steps sampled, each step once.
+            done = (step + 1) * steps // max(pipe.num_timesteps, 1)
             if done > reported:
                 reported = done
-                emit(ImageProgress(image=index, step=done, steps=params.steps, n=params.n))
+                emit(ImageProgress(image=index, step=done, steps=steps, n=params.n))
             return kwargs
 
-        result = self.pipe(
-            prompt=params.prompt,
-            negative_prompt=params.negative_prompt or None,
-            width=params.width,
-            height=params.height,
-            num_inference_steps=params.steps,
-            guidance_scale=params.cfg_scale,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            num_images_per_prompt=1,
-            output_type="pil",
-            callback_on_step_end=on_step_end,
-        )
+        arguments: dict[str, Any] = {
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt or None,
+            "num_inference_steps": params.steps,
+            "guidance_scale": params.cfg_scale,
+            "generator": torch.Generator("cpu").manual_seed(seed),
+            "num_images_per_prompt": 1,
+            "output_type": "pil",
+            "callback_on_step_end": on_step_end,
+        }
+        if sources is None or sources.mask is not None:
+            arguments.update(width=params.width, height=params.height)
+        if sources is not None:
+            # (the image already has the job's size: the pipelines do not resize it again)
+            arguments.update(image=sources.image, strength=params.denoising_strength)
+            if sources.mask is not None:
+                arguments.update(mask_image=sources.mask)
+        result = self._pipeline(sources)(**arguments)
+        assert not isinstance(result, tuple)  # (return_dict is left True)
         image = result.images[0]
         return encode_png(image, parameters_text(params, seed, self.model_name))

@@ -5,6 +5,7 @@ signed results. Engine crashes and hangs give the job back and restart the engin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from importlib import metadata
@@ -13,6 +14,7 @@ from typing import Any
 
 from protocol.engine import IMAGE, ImageEngineOptions, ImageProgress
 from protocol.messages import LeasedJob
+from protocol.params import sampled_steps
 from protocol.signing import params_hash
 from sandbox import Sandbox, SandboxPolicy
 from sandbox.errors import EngineCrashed, EngineFailed, EngineTimedOut
@@ -104,19 +106,37 @@ class ImageWorker:
         started = time.monotonic()
         # Jobs shorter than one interval finish without any progress traffic.
         last_report = started
+        # where the engine is: (image, step, steps), repeated by the heartbeat
+        position = (0, 0, sampled_steps(job.params))
+
+        async def report(image: int, step: int, steps: int) -> None:
+            nonlocal last_report
+            last_report = time.monotonic()
+            try:
+                await self.link.progress(job.id, image, step, steps)
+            except (CoordinatorUnavailable, LeaseLost) as exc:
+                log.warning("progress report for job %s failed: %s", job.id, exc)
 
         async def on_progress(event: ImageProgress) -> None:
-            nonlocal last_report
+            nonlocal position
+            position = (event.image, event.step, event.steps)
             now = time.monotonic()
             # The result follows the last step at once, so reporting it would only delay it.
             if now - last_report < self.config.progress_interval or event.step == event.steps:
                 return
-            last_report = now
-            try:
-                await self.link.progress(job.id, event.image, event.step, event.steps)
-            except (CoordinatorUnavailable, LeaseLost) as exc:
-                log.warning("progress report for job %s failed: %s", job.id, exc)
+            await report(*position)
 
+        async def heartbeat() -> None:
+            # Encoding a source image and decoding the result report no sampling step
+            # and can take longer than a lease on a slow machine: while the engine works,
+            # repeat the last position whenever nothing was reported for an interval.
+            interval = self.heartbeat_interval(job)
+            while True:
+                await asyncio.sleep(max(0.0, last_report + interval - time.monotonic()))
+                if time.monotonic() - last_report >= interval:
+                    await report(*position)
+
+        beating = asyncio.create_task(heartbeat())
         try:
             # (EngineMisbehaved, a malformed message from the engine, is an EngineCrashed)
             result = await self.sandbox.run(IMAGE, job.params, on_progress=on_progress)
@@ -129,6 +149,10 @@ class ImageWorker:
         except asyncio.CancelledError:
             await asyncio.shield(self._give_back(job, "worker shutting down"))
             raise
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
         seeds = result.data.seeds
         try:
             accepted = await retrying("submit", lambda: self.link.submit(job, seeds, result.blobs))
@@ -149,6 +173,13 @@ class ImageWorker:
             time.monotonic() - started,
             accepted.kudos_earned,
         )
+
+    def heartbeat_interval(self, job: LeasedJob) -> float:
+        """Seconds without a report after which the worker reports again while its engine
+        works: the configured interval, else a third of the job's lease."""
+        if self.config.heartbeat_interval is not None:
+            return self.config.heartbeat_interval
+        return max(job.lease_seconds / 3, self.config.progress_interval, 0.1)
 
     async def _give_back(self, job: LeasedJob, reason: str) -> None:
         try:

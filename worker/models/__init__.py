@@ -1,7 +1,7 @@
 """`idlegrid models ...`: builders and converters of model folders, run offline.
 
     main.py           `idlegrid models tiny|smollm2 DIR`: flags (registered by worker.main)
-    tiny_models.py    deterministic tiny random SD and Llama models for tests and demos
+    tiny_models.py    deterministic tiny random SD (plain and inpainting) and Llama models
     smollm2.py        SmolLM2-135M-Instruct's GGUF -> a safetensors Llama folder
 
 The runtime never imports this package (an import-linter contract checks it); only

@@ -18,7 +18,9 @@ def add_models_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     models = subparsers.add_parser("models", help="build or inspect models")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     tiny = models_sub.add_parser(
-        "tiny", help="write deterministic tiny random models (DIR/sd, DIR/llm) for tests and demos"
+        "tiny",
+        help="write deterministic tiny random models (DIR/sd, DIR/sd-inpaint, DIR/llm) for tests "
+        "and demos",
     )
     tiny.add_argument("dir", type=Path, help="output directory")
     tiny.set_defaults(run=_run_tiny)
@@ -40,7 +42,7 @@ def _run_tiny(args: argparse.Namespace) -> int:
     from worker.models.tiny_models import build_tiny_models
 
     build_tiny_models(args.dir)
-    print(f"tiny models written to {args.dir / 'sd'} and {args.dir / 'llm'}")
+    print(f"tiny models written to {args.dir}: sd, sd-inpaint and llm")
     return 0
 
 

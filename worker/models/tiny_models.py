@@ -1,7 +1,7 @@
 """Tiny random models built offline, for tests and the demo.
 
-`build_tiny_models(out_dir)` writes two deterministic model folders, weights in safetensors
-only:
+`build_tiny_models(out_dir)` writes three deterministic model folders, weights in
+safetensors only:
 
 - `out_dir/sd`: a diffusers-format Stable Diffusion 1 pipeline (UNet with SD-1 block names,
   4-level VAE, 2-layer CLIP text encoder, hand-written CLIP BPE vocabulary, Euler scheduler
@@ -9,6 +9,9 @@ only:
   512x512, so a test image has the latent a real one has (64x64 at 512x512, 128x128 at
   1024x1024) and takes seconds, not minutes. `write_single_file_checkpoint` turns it into
   an original (CompVis / SD-1) single `.safetensors` file, to exercise `from_single_file`.
+- `out_dir/sd-inpaint`: the same pipeline as an inpainting checkpoint
+  (`StableDiffusionInpaintPipeline`): its UNet takes 9 channels, the noisy latent, the
+  mask and the masked image's latent, as SD 1's inpainting models do.
 - `out_dir/llm`: a Llama-family causal LM with a byte-level BPE tokenizer trained on a
   seeded synthetic corpus, and a chat template.
 
@@ -30,6 +33,9 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionMode
 # (from its module: mypy resolves `diffusers.StableDiffusionPipeline` to a placeholder class)
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     StableDiffusionPipeline,
+)
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import (
+    StableDiffusionInpaintPipeline,
 )
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -143,8 +149,9 @@ def _write_clip_tokenizer(directory: Path) -> None:
     )
 
 
-def build_tiny_sd(out_dir: Path) -> None:
-    """Write a tiny diffusers-format StableDiffusionPipeline folder to `out_dir`."""
+def build_tiny_sd(out_dir: Path, *, inpainting: bool = False) -> None:
+    """Write a tiny diffusers-format StableDiffusionPipeline folder to `out_dir`; with
+    `inpainting`, a StableDiffusionInpaintPipeline (9-channel UNet) instead."""
     staging_tokenizer = out_dir / "tokenizer"
     _write_clip_tokenizer(staging_tokenizer)
     tokenizer = CLIPTokenizer.from_pretrained(staging_tokenizer, local_files_only=True)
@@ -152,7 +159,8 @@ def build_tiny_sd(out_dir: Path) -> None:
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(
         sample_size=64,  # latent side; with the VAE's factor 8 the default image is 512x512
-        in_channels=4,
+        # latent (4), mask (1) and masked image latent (4) for an inpainting UNet
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -208,7 +216,8 @@ def build_tiny_sd(out_dir: Path) -> None:
         "safety_checker": None,
         "feature_extractor": None,
     }
-    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = pipeline_class(**components, requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # save_pretrained re-serialises the tokenizer (with load-time keys such as `is_local`);
     # keep the hand-written files as the single source instead.
@@ -293,8 +302,10 @@ def build_tiny_llm(out_dir: Path) -> None:
 
 
 def build_tiny_models(out_dir: Path) -> None:
-    """Write `out_dir/sd` (Stable Diffusion 1 pipeline) and `out_dir/llm` (Llama LM)."""
+    """Write `out_dir/sd` (Stable Diffusion 1 pipeline), `out_dir/sd-inpaint` (its
+    inpainting form) and `out_dir/llm` (Llama LM)."""
     build_tiny_sd(out_dir / "sd")
+    build_tiny_sd(out_dir / "sd-inpaint", inpainting=True)
     build_tiny_llm(out_dir / "llm")
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from PIL import Image
 from safetensors import safe_open
 from transformers import AutoTokenizer, BatchEncoding, CLIPTokenizer, LlamaForCausalLM
 
@@ -49,6 +50,7 @@ def test_build_writes_only_safetensors_weights(tiny_models: Path) -> None:
     suffixes = {p.suffix for p in tiny_models.rglob("*") if p.is_file() and p.name != ".complete"}
     assert suffixes <= {".json", ".txt", ".safetensors", ".jinja"}
     assert (tiny_models / "sd" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tiny_models / "sd-inpaint" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (tiny_models / "llm" / "model.safetensors").is_file()
 
 
@@ -93,6 +95,35 @@ def test_sd_has_sd1_latent_geometry(tiny_sd: Path) -> None:
         image = pipe.vae.decode(latent).sample
     assert latent.shape == (1, 4, 8, 6)
     assert image.shape == (1, 3, 64, 48)
+
+
+def test_sd_inpaint_is_the_same_model_with_a_9_channel_unet(
+    tiny_sd: Path, tiny_sd_inpaint: Path
+) -> None:
+    """An inpainting checkpoint as SD 1's are: the UNet also takes the mask and the masked
+    image's latent; everything else is the plain model's."""
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        tiny_sd_inpaint, use_safetensors=True, local_files_only=True
+    )
+    assert pipe.unet.config.in_channels == 9
+    assert pipe.unet.config.out_channels == 4
+    index = json.loads((tiny_sd_inpaint / "model_index.json").read_text(encoding="utf-8"))
+    assert index["_class_name"] == "StableDiffusionInpaintPipeline"
+    for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (tiny_sd_inpaint / part).read_bytes() == (tiny_sd / part).read_bytes()
+    assert _files(tiny_sd_inpaint / "tokenizer") == _files(tiny_sd / "tokenizer")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        "a photo of a red cat",
+        image=Image.new("RGB", (64, 64), "gray"),
+        mask_image=Image.new("L", (64, 64), 255),
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="np",
+    )
+    assert np.asarray(out.images).shape == (1, 64, 64, 3)
 
 
 def test_llm_loads_chats_and_generates(tiny_models: Path) -> None:
