@@ -106,7 +106,49 @@ class HordeError(_Out):
 # --- images -----------------------------------------------------------------------------
 
 
+def _not_off(extra: dict[str, Any] | None, table: dict[str, tuple[object, ...]]) -> list[str]:
+    """The fields of `table` sent (in a model's extra fields) with a value we cannot honour:
+    anything but their "off" values (None always counts as off)."""
+    extra = extra or {}
+    return [
+        name for name, off in table.items() if name in extra and extra[name] not in (None, *off)
+    ]
+
+
+# AI Horde's image options we do not serve yet: accepted only with these "off" values (clients
+# send many at their defaults), otherwise a 400 names them; never silently dropped
+IMAGE_PARAMS_NOT_HONOURED: dict[str, tuple[object, ...]] = {
+    "post_processing": ([],),
+    "hires_fix": (False,),
+    "tiling": (False,),
+    "clip_skip": (1,),
+    "control_type": ("", "none"),
+    "image_is_control": (False,),
+    "return_control_map": (False,),
+    "loras": ([],),
+    "tis": ([],),
+    "special": ({},),
+    "workflow": ("",),
+    "transparent": (False,),
+    "extra_texts": ([],),
+    # our images of one request use seed, seed + 1, ...: AI Horde's seed_variation 1
+    "seed_variation": (1,),
+}
+IMAGE_REQUEST_NOT_HONOURED: dict[str, tuple[object, ...]] = {
+    "source_image": ("",),
+    "source_mask": ("",),
+    "extra_source_images": ([],),
+    "censor_nsfw": (False,),
+    "workers": ([],),
+    "webhook": ("",),
+    "style": ("",),
+}
+
+
 class ImageParamsV2(_In):
+    # kept so that the fields of IMAGE_PARAMS_NOT_HONOURED can be checked (others are ignored)
+    model_config = ConfigDict(extra="allow")
+
     sampler_name: str = "k_euler_a"
     cfg_scale: float = 7.5
     seed: str | None = Field(default=None, description="any text; numbers are used as they are")
@@ -122,10 +164,19 @@ class ImageParamsV2(_In):
         # clients send numbers too
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
+    def not_honoured(self) -> list[str]:
+        """The fields sent with a value we cannot honour (`IMAGE_PARAMS_NOT_HONOURED`)."""
+        return _not_off(self.model_extra, IMAGE_PARAMS_NOT_HONOURED)
+
 
 class ImageRequestV2(_In):
+    # kept so that the fields of IMAGE_REQUEST_NOT_HONOURED can be checked
+    model_config = ConfigDict(extra="allow")
+
     prompt: str = Field(description="'positive ### negative'")
     params: ImageParamsV2 = ImageParamsV2()
+    # AI Horde's vocabulary; only meaningful with a source image (refused above until served)
+    source_processing: Literal["img2img", "inpainting", "outpainting", "remix"] = "img2img"
     models: list[ModelName] = Field(default=[], max_length=MAX_WORKER_MODELS)
     r2: bool = Field(default=True, description="images as download URLs (else base64 WebP)")
     trusted_workers: bool = Field(
@@ -133,6 +184,12 @@ class ImageRequestV2(_In):
     )
     shared: bool = False
     dry_run: bool = False
+
+    def not_honoured(self) -> list[str]:
+        """AI Horde's fields, here and in `params`, sent with a value we cannot honour."""
+        return _not_off(self.model_extra, IMAGE_REQUEST_NOT_HONOURED) + [
+            f"params.{name}" for name in self.params.not_honoured()
+        ]
 
 
 class RequestAsync(_Out):
@@ -218,12 +275,7 @@ class TextParamsV2(_In):
 
     def not_honoured(self) -> list[str]:
         """The fields sent with a value we cannot honour (`NOT_HONOURED`)."""
-        extra = self.model_extra or {}
-        return [
-            name
-            for name, off in NOT_HONOURED.items()
-            if name in extra and extra[name] not in (None, *off)
-        ]
+        return _not_off(self.model_extra, NOT_HONOURED)
 
 
 # KoboldAI/KoboldCpp options clients may send that we do not do: accepted only with

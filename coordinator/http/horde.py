@@ -154,6 +154,7 @@ async def _image_model(request: web.Request, models: list[str]) -> str | None:
 
 
 async def image_params(request: web.Request, body: ImageRequestV2) -> ImageParams:
+    refuse_not_honoured(body.not_honoured())
     p = body.params
     sampler = HORDE_SAMPLERS.get(p.sampler_name)
     if sampler is None:
@@ -369,6 +370,15 @@ async def image_file(request: web.Request, call: Call[None]) -> web.StreamRespon
 # --- text -------------------------------------------------------------------------------
 
 
+def refuse_not_honoured(fields: list[str]) -> None:
+    """A 400 naming each AI Horde field sent with a value we cannot honour yet."""
+    refused = [
+        (name, "is not supported here yet; leave it out or send its off value") for name in fields
+    ]
+    if refused:
+        raise BadRequest("; ".join(f"{f}: {m}" for f, m in refused), refused)
+
+
 def text_params(body: TextRequestV2) -> TextParams:
     p = body.params
     if p.n != 1:
@@ -376,12 +386,7 @@ def text_params(body: TextRequestV2) -> TextParams:
             "params.n: one generation per request here; send several requests",
             [("params.n", "must be 1")],
         )
-    refused = [
-        (f"params.{name}", "is not supported here; leave it out or send its off value")
-        for name in p.not_honoured()
-    ]
-    if refused:
-        raise BadRequest("; ".join(f"{f}: {m}" for f, m in refused), refused)
+    refuse_not_honoured([f"params.{name}" for name in p.not_honoured()])
     prompt = body.prompt
     if len(prompt) > MAX_PROMPT_CHARS:
         # only the prompt's last tokens are used (max_context_length): never refused for length

@@ -111,6 +111,13 @@ async def queue_image(
     """Queue an image job for `account` (anonymous: None) from any door: the anonymous
     limits, the seed fixed now, the cost reserved, the workers woken. With `idempotent`,
     a replay gets the first job (coordinator.http.idempotency)."""
+    if params.source_processing != "txt2img":
+        # engines can (worker.image.sources) but nothing delivers source images yet
+        message = (
+            f"{params.source_processing!r} needs a source image, which this coordinator "
+            "does not take yet; use 'txt2img'"
+        )
+        raise BadRequest(f"source_processing: {message}", [("source_processing", message)])
     store = request.app[STORE]
     account = account or await store.anonymous_account(client_ip(request))
     if account.anonymous:
