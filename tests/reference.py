@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 # (from its module: mypy resolves `diffusers.StableDiffusionPipeline` to a placeholder class)
+from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     StableDiffusionPipeline,
 )
@@ -112,4 +113,5 @@ def plain_inpaint(
             strength=params.denoising_strength,
             **_common(params, seed),
         )
+    assert isinstance(out, StableDiffusionPipelineOutput)
     return np.asarray(out.images[0])

@@ -4,13 +4,18 @@ import io
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+
+# (from its module: mypy resolves `diffusers.StableDiffusionPipeline` to a placeholder class)
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    StableDiffusionPipeline,
+)
 from PIL import Image
+from PIL.PngImagePlugin import PngImageFile
 
 from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams
@@ -51,7 +56,9 @@ def _pixels(png: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def _run(engine: ImageEngine, **fields: Any) -> tuple[dict[str, Any], list[bytes], list[dict]]:
+def _run(
+    engine: ImageEngine, **fields: Any
+) -> tuple[dict[str, Any], list[bytes], list[dict[str, Any]]]:
     events: list[dict[str, Any]] = []
     data, blobs = engine.handle("image", {**BASE, **fields}, events.append)
     return data, blobs, events
@@ -134,10 +141,12 @@ def test_make_scheduler_follows_the_spec_table(plain_pipe: StableDiffusionPipeli
     for name, (class_name, options) in SCHEDULER_SPECS.items():
         scheduler = make_scheduler(name, base)
         assert type(scheduler).__name__ == class_name
-        assert scheduler.config.beta_start == 0.00085
-        assert scheduler.config.beta_schedule == "scaled_linear"
+        # every diffusers scheduler is also a ConfigMixin; SchedulerMixin does not say so
+        config: dict[str, Any] = dict(cast(Any, scheduler).config)
+        assert config["beta_start"] == 0.00085
+        assert config["beta_schedule"] == "scaled_linear"
         for key, value in options.items():
-            assert scheduler.config[key] == value, (name, key)
+            assert config[key] == value, (name, key)
     with pytest.raises(KeyError, match="unknown sampler 'Euler b'"):
         make_scheduler("Euler b", base)
 
@@ -158,7 +167,7 @@ def test_png_carries_the_parameters_text(engine: ImageEngine) -> None:
     _, blobs, _ = _run(engine, **fields)
     params = ImageParams.model_validate({**BASE, **fields})
     for i, png in enumerate(blobs):
-        with Image.open(io.BytesIO(png)) as image:
+        with PngImageFile(io.BytesIO(png)) as image:
             assert image.format == "PNG"
             assert image.text[PNG_PARAMETERS_KEY] == parameters_text(params, 99 + i, "sd")
     assert "Negative prompt: ugly" in parameters_text(params, 99, "sd")
@@ -168,7 +177,7 @@ def test_png_bytes_are_deterministic(engine: ImageEngine) -> None:
     _, first, _ = _run(engine, seed=21, prompt="ünïcödé prompt ✓")
     _, second, _ = _run(engine, seed=21, prompt="ünïcödé prompt ✓")
     assert first == second
-    with Image.open(io.BytesIO(first[0])) as image:
+    with PngImageFile(io.BytesIO(first[0])) as image:
         assert image.text[PNG_PARAMETERS_KEY].startswith("ünïcödé prompt ✓\n")
 
 
@@ -190,7 +199,7 @@ def test_single_file_engine_matches_folder_engine(
     _, reference, _ = _run(engine, seed=8, sampler="DDIM")
     assert data["model"] == "tiny-sd1"
     np.testing.assert_array_equal(_pixels(blobs[0]), _pixels(reference[0]))
-    with Image.open(io.BytesIO(blobs[0])) as image:
+    with PngImageFile(io.BytesIO(blobs[0])) as image:
         assert image.text[PNG_PARAMETERS_KEY].endswith("Model: tiny-sd1")
 
 
@@ -200,7 +209,7 @@ def test_model_name_option_overrides_the_derived_name(tiny_sd: Path) -> None:
     )
     data, blobs, _ = _run(named, seed=2, steps=1)
     assert data["model"] == "tiny-v1"
-    with Image.open(io.BytesIO(blobs[0])) as image:
+    with PngImageFile(io.BytesIO(blobs[0])) as image:
         assert image.text[PNG_PARAMETERS_KEY].endswith("Model: tiny-v1")
 
 

@@ -10,8 +10,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from diffusers import StableDiffusionPipeline
+
+# (from its module: mypy resolves `diffusers.StableDiffusionPipeline` to a placeholder class)
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    StableDiffusionPipeline,
+)
 from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngImageFile
 
 from protocol.engine import IMAGE
 from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
@@ -202,7 +207,7 @@ def test_png_records_the_denoising_strength(engine: ImageEngine) -> None:
     fields = {"source_processing": "img2img", "denoising_strength": 0.5}
     _, blobs, _ = _run(engine, [_encode(_source())], **fields)
     params = ImageParams.model_validate({**BASE, **fields})
-    with Image.open(io.BytesIO(blobs[0])) as image:
+    with PngImageFile(io.BytesIO(blobs[0])) as image:
         text = image.text[PNG_PARAMETERS_KEY]
     assert text == parameters_text(params, 11, "sd")
     assert text.endswith(", Denoising strength: 0.5, Source processing: img2img")
