@@ -64,7 +64,7 @@ async def _reap_forever(app: web.Application) -> None:
             except OSError:
                 log.exception("pruning old uploads failed; retrying later")
         try:
-            if released := await store.release_held():
+            if released := await store.image_jobs.release_held():
                 log.info("paid AI Horde workers for %d jobs whose hold ended", released)
         except Exception:
             log.exception("releasing held pay failed; retrying")
@@ -90,11 +90,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store = await Store.open(config, clock=app[CLOCK])
     app[SIGNALS] = signals = Signals(app[CLOCK])
     bridge: NotifyBridge | None = None
-    if store.dialect == "postgresql":
+    if store.db.dialect == "postgresql":
         # Every coordinator on this database (--processes N, or other hosts) shares the
         # rate-limit buckets and hears the others' job changes.
         app[LIMITER] = RateLimiter(
-            config.rate_limits, clock=app[CLOCK].monotonic, buckets=PostgresBuckets(store.engine)
+            config.rate_limits, clock=app[CLOCK].monotonic, buckets=PostgresBuckets(store.db.engine)
         )
         bridge = NotifyBridge(signals, config.resolved_database_url, config.notify_channel)
         await bridge.start()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from coordinator.economy import kudos
 from coordinator.http.api import API, Call
 from coordinator.http.state import STORE
 from protocol.messages import (
@@ -37,8 +36,10 @@ async def healthz(request: web.Request, call: Call) -> Health:
 async def create_account(request: web.Request, call: Call) -> AccountCreated:
     store = request.app[STORE]
     body: AccountCreate = call.body
-    account, api_key = await store.create_account(body.name, body.invite)
-    return AccountCreated(name=account.name, api_key=api_key, kudos=await store.balance(account.id))
+    account, api_key = await store.accounts.create_account(body.name, body.invite)
+    return AccountCreated(
+        name=account.name, api_key=api_key, kudos=await store.ledger.balance(account.id)
+    )
 
 
 @API.route(
@@ -50,7 +51,7 @@ async def create_account(request: web.Request, call: Call) -> AccountCreated:
 )
 async def show_account(request: web.Request, call: Call) -> AccountInfo:
     assert call.account is not None
-    return await kudos.account_info(request.app[STORE], call.account)
+    return await request.app[STORE].ledger.account_info(call.account)
 
 
 @API.route(
@@ -68,7 +69,9 @@ async def show_account(request: web.Request, call: Call) -> AccountInfo:
 async def create_invites(request: web.Request, call: Call) -> InvitesCreated:
     assert call.account is not None
     body: InviteCreate = call.body
-    return InvitesCreated(codes=await request.app[STORE].create_invites(body.count, call.account))
+    return InvitesCreated(
+        codes=await request.app[STORE].accounts.create_invites(body.count, call.account)
+    )
 
 
 @API.route("GET", "/api/v1/openapi.json", summary="This API's OpenAPI 3.1 description")

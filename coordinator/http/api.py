@@ -201,7 +201,7 @@ class Api:
             if route.auth in ("optional", "user"):
                 key = api_key_of(request)
                 if key is not None:
-                    call.account = await store.account_by_key(key)
+                    call.account = await store.accounts.account_by_key(key)
                     if call.account is None:
                         raise Unauthorized(
                             "unknown API key; register with `idlegrid account register`"
@@ -210,7 +210,7 @@ class Api:
                     raise Unauthorized("this needs an API key: send it in the `apikey` header")
             elif route.auth == "worker":
                 token = request.headers.get("X-Worker-Token", "")
-                call.worker = await store.worker_by_token(token) if token else None
+                call.worker = await store.workers.worker_by_token(token) if token else None
                 if call.worker is None:
                     raise Unauthorized("unknown worker token; register the worker again")
             if route.limit is not None:

@@ -6,7 +6,6 @@ import re
 
 from aiohttp import web
 
-from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound, UnsandboxedWorker
 from coordinator.http.api import API, Call, int_query, whole_number
 from coordinator.http.idempotency import header_key
@@ -44,11 +43,13 @@ MAX_HISTORY = 500
 async def quote_image(request: web.Request, call: Call) -> Quote:
     store = request.app[STORE]
     params: ImageParams = call.body
-    account = call.account or await store.anonymous_account()
+    account = call.account or await store.accounts.anonymous_account()
     if account.anonymous:
         check_anonymous_limits(request, params)
     cost = image_cost(params)
-    return await kudos.quote(store, account, cost, await store.quote_place("image", account, cost))
+    return await store.ledger.quote(
+        account, cost, await store.image_jobs.quote_place(account, cost)
+    )
 
 
 @API.route(
@@ -64,7 +65,7 @@ async def quote_image(request: web.Request, call: Call) -> Quote:
 async def cancel_job(request: web.Request, call: Call) -> JobCancelled:
     store = request.app[STORE]
     job = await owned_job(store, request.match_info["job_id"], call.account, viewing=False)
-    refunded = await store.cancel_job(job.id)
+    refunded = await store.image_jobs.cancel(job.id)
     request.app[SIGNALS].job_changed(job.id)
     return JobCancelled(id=job.id, state="cancelled", refunded=refunded)
 
@@ -83,7 +84,7 @@ async def share_job(request: web.Request, call: Call) -> ShareState:
     store = request.app[STORE]
     job = await owned_job(store, request.match_info["job_id"], call.account, viewing=False)
     body: ShareUpdate = call.body
-    await store.set_shared(job.id, body.shared)
+    await store.image_jobs.set_shared(job.id, body.shared)
     return ShareState(id=job.id, shared=body.shared)
 
 
@@ -109,8 +110,8 @@ async def rate_image(request: web.Request, call: Call) -> RatingRecorded:
             [("index", "must be a whole number from 0")],
         )
     body: RatingCreate = call.body
-    return await kudos.rate_image(
-        request.app[STORE], call.account, request.match_info["job_id"], int(raw), body.score
+    return await request.app[STORE].ledger.rate_image(
+        call.account, request.match_info["job_id"], int(raw), body.score
     )
 
 
@@ -131,7 +132,7 @@ async def create_transfer(request: web.Request, call: Call) -> TransferDone:
     key = header_key(request, required=True)
     assert key is not None
     body: TransferCreate = call.body
-    return await kudos.transfer(request.app[STORE], call.account, body.to, body.amount, key)
+    return await request.app[STORE].ledger.transfer(call.account, body.to, body.amount, key)
 
 
 @API.route(
@@ -149,7 +150,7 @@ async def account_history(request: web.Request, call: Call) -> HistoryPage:
     assert call.account is not None
     limit = int_query(request, "limit", 50, 1, MAX_HISTORY)
     before = int_query(request, "before", None, 1, 2**62)
-    return await kudos.history(request.app[STORE], call.account, limit, before)
+    return await request.app[STORE].ledger.history(call.account, limit, before)
 
 
 @API.route(
@@ -163,7 +164,7 @@ async def show_worker(request: web.Request, call: Call) -> WorkerInfo:
     worker_id = request.match_info["worker_id"]
     if not re.fullmatch(r"[0-9a-f]{32}", worker_id):
         raise NotFound(f"no worker {worker_id}")
-    return await kudos.worker_info(request.app[STORE], worker_id)
+    return await request.app[STORE].ledger.worker_info(worker_id)
 
 
 @API.route(
@@ -183,5 +184,5 @@ async def report_engine(request: web.Request, call: Call) -> WorkerInfo:
     body: EngineInfo = call.body
     if request.app[CONFIG].require_sandbox and body.sandboxed is not True:
         raise UnsandboxedWorker()
-    await store.set_engine(call.worker, body.model_dump_json())
-    return await kudos.worker_info(store, call.worker.id)
+    await store.workers.set_engine(call.worker, body.model_dump_json())
+    return await store.ledger.worker_info(call.worker.id)

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
     auth="optional",
 )
 async def list_models(request: web.Request, call: Call) -> ModelList:
-    config, now = request.app[CONFIG], int(request.app[STORE].now())
+    config, now = request.app[CONFIG], int(request.app[STORE].db.now())
     models = sorted(config.text_models, key=lambda m: m.name != config.default_text_model)
     return ModelList(data=[OpenAIModel(id=m.name, created=now) for m in models])
 
@@ -121,7 +121,7 @@ async def _stream(
 async def chat_completions(request: web.Request, call: Call) -> web.StreamResponse | ChatCompletion:
     body: ChatCompletionRequest = call.body
     job = await submit(request, call.account, body.text_params())
-    completion_id, created = f"chatcmpl-{job.id}", int(request.app[STORE].now())
+    completion_id, created = f"chatcmpl-{job.id}", int(request.app[STORE].db.now())
     if body.stream:
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
@@ -167,7 +167,7 @@ async def chat_completions(request: web.Request, call: Call) -> web.StreamRespon
 async def completions(request: web.Request, call: Call) -> web.StreamResponse | Completion:
     body: CompletionRequest = call.body
     job = await submit(request, call.account, body.text_params())
-    completion_id, created = f"cmpl-{job.id}", int(request.app[STORE].now())
+    completion_id, created = f"cmpl-{job.id}", int(request.app[STORE].db.now())
     if body.stream:
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:

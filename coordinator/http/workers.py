@@ -15,7 +15,7 @@ from coordinator.http.jobs import job_status
 from coordinator.http.metrics import timed_pop
 from coordinator.http.polling import long_poll
 from coordinator.http.state import CONFIG, SIGNALS, STORE, UPLOADS
-from coordinator.jobs.image import Job
+from coordinator.jobs.image import ImageJob
 from protocol.errors import SignatureInvalid
 from protocol.messages import (
     Challenge,
@@ -50,7 +50,7 @@ DRAINING = "shutting down"
 )
 async def challenge(request: web.Request, call: Call) -> Challenge:
     body: ChallengeRequest = call.body
-    nonce, expires_at = await request.app[STORE].challenge(body.purpose)
+    nonce, expires_at = await request.app[STORE].workers.challenge(body.purpose)
     return Challenge(nonce=nonce, expires_at=expires_at)
 
 
@@ -82,7 +82,7 @@ async def register_worker(request: web.Request, call: Call) -> WorkerRegistered:
         )
     except SignatureInvalid:
         raise Unauthorized("registration signature does not match public_key") from None
-    worker, token = await request.app[STORE].register_worker(
+    worker, token = await request.app[STORE].workers.register_worker(
         body.name, body.public_key, call.account, client_ip(request), nonce=body.nonce
     )
     return WorkerRegistered(worker_id=worker.id, token=token)
@@ -106,11 +106,11 @@ async def pop(request: web.Request, call: Call) -> PopResponse:
     if request.app[CONFIG].require_sandbox and worker.sandboxed is not True:
         raise UnsandboxedWorker()
     # the poll is noted (uptime, address, offer) in the first attempt's transaction
-    polls = [store.poll_note(worker, client_ip(request), kind="image", models=body.models)]
+    polls = [store.workers.poll_note(worker, client_ip(request), kind="image", models=body.models)]
 
-    def attempt() -> Awaitable[Job | None]:
+    def attempt() -> Awaitable[ImageJob | None]:
         poll = polls.pop() if polls else None
-        return store.pop_job(worker, body.models, body.max_pixels, body.max_steps, poll)
+        return store.image_jobs.pop(worker, body.models, body.max_pixels, body.max_steps, poll)
 
     job = await long_poll(
         request,
@@ -147,7 +147,7 @@ async def pop(request: web.Request, call: Call) -> PopResponse:
 async def progress(request: web.Request, call: Call) -> LeaseExtended:
     assert call.worker is not None
     body: ProgressReport = call.body
-    job = await request.app[STORE].report_progress(
+    job = await request.app[STORE].image_jobs.report_progress(
         call.worker, request.match_info["job_id"], body.image, body.step, body.steps
     )
     request.app[SIGNALS].job_changed(job.id)
@@ -169,7 +169,7 @@ async def progress(request: web.Request, call: Call) -> LeaseExtended:
 async def fail(request: web.Request, call: Call) -> JobStatus:
     assert call.worker is not None
     reason: str = call.body.reason
-    job = await request.app[STORE].fail_image_job(
+    job = await request.app[STORE].image_jobs.fail(
         call.worker,
         request.match_info["job_id"],
         reason,

@@ -33,7 +33,7 @@ from coordinator.db.ledger import post_entry
 from coordinator.db.request_keys import Idempotent
 from coordinator.db.schema import jobs, text_models, text_outputs, worker_peers
 from coordinator.db.tx import now
-from coordinator.economy import text_checks, trust
+from coordinator.economy import payments, text_checks
 from coordinator.errors import BadRequest, Conflict
 from coordinator.jobs.lifecycle import Lifecycle
 from coordinator.workers import Worker
@@ -48,22 +48,7 @@ from protocol.text import (
     token_bound,
 )
 
-__all__ = [
-    "Settlement",
-    "TextJob",
-    "append_text",
-    "complete_text_job",
-    "create_text_job",
-    "fail_text_job",
-    "get_text_job",
-    "grant_parts",
-    "link_peer",
-    "offer_models",
-    "pop_text_job",
-    "served_models",
-    "split_kudos",
-    "text_queue_position",
-]
+__all__ = ["Settlement", "TextJob", "TextJobs", "grant_parts", "reserve_cost", "split_kudos"]
 
 # a block server may process a token more than once (history replayed after a failover)
 MAX_REPLAYS_PER_TOKEN = 4
@@ -179,118 +164,13 @@ def grant_parts(granted: int, shares: Sequence[int]) -> list[int]:
 # --- models and peers -------------------------------------------------------------------
 
 
-async def offer_models(store: Lifecycle, models: Sequence[TextModel]) -> None:
-    """Remember that a gateway offered these catalog models now (upsert of last_seen; the
-    sizes written are the catalog's: coordinator.economy.text_models.check_offer)."""
-    async with store.begin() as conn:
-        for model in models:
-            values = {
-                "blocks": model.blocks,
-                "parameters": model.parameters,
-                "max_context": model.max_context,
-                "last_seen": now(conn),
-            }
-            changed = await conn.execute(
-                update(text_models).where(text_models.c.name == model.name).values(values)
-            )
-            if changed.rowcount == 0:
-                await conn.execute(text_models.insert().values(name=model.name, **values))
-
-
-async def served_models(store: Lifecycle, max_age: float) -> list[str]:
-    """Names of the models a gateway offered within `max_age` seconds, most recent first."""
-    query = (
-        select(text_models.c.name)
-        .where(text_models.c.last_seen >= store.now() - max_age)
-        .order_by(text_models.c.last_seen.desc(), text_models.c.name)
-    )
-    async with store.begin() as conn:
-        return list((await conn.execute(query)).scalars())
-
-
-async def link_peer(store: Lifecycle, worker: Worker, peer_id: str, nonce: str) -> None:
-    """Link a hivemind peer id to `worker`, which proved it holds the peer id's libp2p key
-    by signing `nonce` (used up here). The proof is the last word: a link made earlier
-    by another worker (without the key, before proofs existed) moves to this one."""
-    async with store.begin() as conn:
-        await nonces.consume(conn, nonce, "peer")
-        row = (
-            await conn.execute(select(worker_peers).where(worker_peers.c.peer_id == peer_id))
-        ).first()
-        if row is None:
-            await conn.execute(
-                worker_peers.insert().values(
-                    peer_id=peer_id, worker_id=worker.id, linked_at=now(conn)
-                )
-            )
-        elif row.worker_id != worker.id:
-            await conn.execute(
-                update(worker_peers)
-                .where(worker_peers.c.peer_id == peer_id)
-                .values(worker_id=worker.id, linked_at=now(conn))
-            )
-
-
 # --- jobs -------------------------------------------------------------------------------
-
-
-def text_lease_seconds(store: Lifecycle, params: TextParams) -> float:
-    config = store.config
-    if config.lease_timeout is not None:
-        return config.lease_timeout
-    # the gateway extends the lease with every piece of text it streams
-    return config.lease_base_seconds
 
 
 def reserve_cost(params: TextParams, model: TextModel) -> int:
     """Kudos reserved at submit: every token the job could process, through every block
     plus the gateway's embeddings and head (counted as one more block)."""
     return text_cost(token_bound(params), model.blocks + 1, model.parameters)
-
-
-async def create_text_job(
-    store: Lifecycle,
-    account: Account,
-    params: TextParams,
-    model: TextModel,
-    horde: dict[str, object] | None = None,
-    idempotent: Idempotent | None = None,
-) -> TextJob:
-    """Queue a text job for `model` and reserve its upper-bound cost (once per `idempotent`
-    key: Lifecycle.queue_job); `horde`: the /api/v2 request's options, for jobs made there."""
-    row = await store.queue_job(
-        account,
-        reserve_cost(params, model),
-        {
-            "kind": "text",
-            "params": params.model_dump_json(),
-            "params_hash": params_hash(params),
-            "model": model.name,
-            "pixels": 0,
-            "steps": params.max_tokens,
-            "n": 1,
-            "lease_seconds": text_lease_seconds(store, params),
-            "steps_total": params.max_tokens,
-            "horde": None if horde is None else json.dumps(horde),
-        },
-        "lower max_tokens or shorten the prompt, or earn kudos by running a worker",
-        idempotent,
-    )
-    job = await get_text_job(store, row.id)
-    assert job is not None
-    return job
-
-
-async def get_text_job(store: Lifecycle, job_id: str) -> TextJob | None:
-    query = _text_query().where((jobs.c.id == job_id) & (jobs.c.kind == "text"))
-    async with store.begin() as conn:
-        row = (await conn.execute(query)).first()
-    return _text_job(row) if row else None
-
-
-async def text_queue_position(store: Lifecycle, job_id: str) -> tuple[int | None, float | None]:
-    """(queue position, ETA seconds): 0 = next text job to be popped; None once running."""
-    return await store.queue_info(job_id)
 
 
 async def _start_text(conn: AsyncConnection, row: Row[Any]) -> None:
@@ -301,15 +181,6 @@ async def _start_text(conn: AsyncConnection, row: Row[Any]) -> None:
             job_id=row.id, model=row.model, text="", prompt_tokens=0, completion_tokens=0
         )
     )
-
-
-async def pop_text_job(store: Lifecycle, worker: Worker, models: Sequence[str]) -> TextJob | None:
-    """Lease the best queued text job for one of `models` (see Lifecycle.pop)."""
-    fits = (jobs.c.kind == "text") & jobs.c.model.in_(list(models))
-    leased = await store.pop(worker, fits, take_checks=True, on_lease=_start_text)
-    if leased is None:
-        return None
-    return await get_text_job(store, leased.id)
 
 
 async def _text_at(conn: AsyncConnection, job_id: str, offset: int, size: int) -> str:
@@ -325,36 +196,6 @@ def _too_long(length: int, max_tokens: int) -> BadRequest:
         f"(max_tokens x {MAX_CHARS_PER_TOKEN}); this delta would make it {length}",
         [("text", f"the whole text must be at most {cap} characters")],
     )
-
-
-async def append_text(
-    store: Lifecycle, worker: Worker, job_id: str, offset: int, text: str
-) -> tuple[int, float]:
-    """Append streamed text at `offset` and extend the lease; returns (length, deadline).
-
-    Sending the same piece twice (a retry) is harmless; a gap or a different text is a 409;
-    text past the job's cap (`text_cap(max_tokens)`) is a 400 and extends nothing. The text
-    is appended in SQL, never read back whole.
-    """
-    stored = text_outputs.c.text
-    mine = text_outputs.c.job_id == job_id
-    async with store.begin() as conn:
-        leased = await store.extend(conn, worker, job_id)
-        # (SQLite and PostgreSQL both count characters: code points, as Python does)
-        length = (await conn.execute(select(func.length(stored)).where(mine))).scalar_one()
-        if offset == length:
-            max_tokens = int(leased.steps_total)  # a text job's steps are its max_tokens
-            if length + len(text) > text_cap(max_tokens):
-                raise _too_long(length + len(text), max_tokens)
-            await conn.execute(update(text_outputs).where(mine).values(text=stored + text))
-            length += len(text)
-        elif offset > length or await _text_at(conn, job_id, offset, len(text)) != text:
-            raise Conflict(
-                f"text at offset {offset} does not continue the {length} characters "
-                "received; resend from the returned length",
-                [("offset", f"must be {length}")],
-            )
-    return int(length), float(leased.lease_deadline)
 
 
 def _check_checks(result: TextResultSubmit, model: TextModel) -> list[tuple[str, str]]:
@@ -444,125 +285,264 @@ def _check_report(job: TextJob, result: TextResultSubmit, model: TextModel) -> N
         )
 
 
-async def complete_text_job(
-    store: Lifecycle, worker: Worker, job: TextJob, result: TextResultSubmit, model: TextModel
-) -> Settlement:
-    """Finish the job: store the text, charge the work done, pay the block servers' owners
-    (by block-tokens served) and the gateway's owner, refund the rest, apply the gateway's
-    spot checks of its servers and maybe schedule a check of the gateway -- one
-    transaction, one ledger entry per movement (refund, then each worker's pay from escrow).
+class TextJobs(Lifecycle):
+    """Text jobs: the lifecycle plus the models offered, block servers' peer links,
+    streamed text and settlement."""
 
-    A verification job (a trusted gateway re-running another's job) charges nobody: its
-    workers are paid from the grants account, at most what the checked job reserved, and
-    its text decides the check (coordinator.economy.text_checks)."""
-    _check_report(job, result, model)
-    async with store.begin() as conn:
-        row = await store.finish(conn, worker, job.id)
-        peers = {span.peer_id for span in result.spans}
-        linked = await text_checks.peer_workers(conn, peers)
-        unlinked = sorted(peers - linked.keys())
-        if unlinked:
-            raise BadRequest(
-                f"the usage report names block servers not linked to any worker "
-                f"({', '.join(unlinked[:3])}); block servers link their peer id when they "
-                "start (`idlegrid worker blocks --coordinator ...`), and only they are paid",
-                [("spans", f"peer {unlinked[0]} is not linked to a worker")],
-            )
-        checked = (
-            None
-            if row.verify_of is None
-            else (await conn.execute(select(jobs).where(jobs.c.id == row.verify_of))).one()
+    kind = "text"
+
+    async def offer_models(self, models: Sequence[TextModel]) -> None:
+        """Remember that a gateway offered these catalog models now (upsert of last_seen; the
+        sizes written are the catalog's: coordinator.economy.text_models.check_offer)."""
+        async with self._db.begin() as conn:
+            for model in models:
+                values = {
+                    "blocks": model.blocks,
+                    "parameters": model.parameters,
+                    "max_context": model.max_context,
+                    "last_seen": now(conn),
+                }
+                changed = await conn.execute(
+                    update(text_models).where(text_models.c.name == model.name).values(values)
+                )
+                if changed.rowcount == 0:
+                    await conn.execute(text_models.insert().values(name=model.name, **values))
+
+    async def served_models(self, max_age: float) -> list[str]:
+        """Names of the models a gateway offered within `max_age` seconds, most recent first."""
+        query = (
+            select(text_models.c.name)
+            .where(text_models.c.last_seen >= self._db.now() - max_age)
+            .order_by(text_models.c.last_seen.desc(), text_models.c.name)
         )
-        # block-tokens per paid worker, then the gateway's embeddings and head: one block
-        units: dict[tuple[str, int], int] = {}
-        for span in result.spans:
-            server = linked[span.peer_id]
-            payee = (server.id, int(server.account_id))
-            units[payee] = units.get(payee, 0) + span.tokens * (span.end - span.start)
-        processed = result.prompt_tokens + result.completion_tokens
-        # the requester pays for the tokens claimed through the model once: replays after
-        # a failover are paid to the servers that ran them, out of the same price
-        charged_units = min(sum(units.values()), processed * model.blocks) + processed
-        gateway = (worker.id, worker.account_id)
-        units[gateway] = units.get(gateway, 0) + processed
-        work = text_work(charged_units, 1, model.parameters)
-        cap = job.cost if checked is None else int(checked.cost)
-        cost = min(cap, max(1, math.ceil(work))) if charged_units else 0
-        payees = sorted(units)
-        shares = split_kudos(cost, [units[p] for p in payees])
-        if job.cost > cost:
-            await post_entry(
-                conn,
-                reason="refund",
-                key=f"refund:{job.id}",
-                job_id=job.id,
-                moves=[
-                    (store.system_account(ESCROW), cost - job.cost),
-                    (job.account_id, job.cost - cost),
-                ],
-            )
-        # what grants funded of the job reaches every payee as grants, in proportion
-        granted = grant_parts(await trust.job_grants(conn, job.id), shares)
-        paid: dict[int, int] = {}
-        for (worker_id, account_id), share, grant in zip(payees, shares, granted, strict=True):
-            # untrusted workers get part of it held pending verification (economy.trust)
-            await trust.pay_worker(
-                conn,
-                store.config,
-                worker_id,
-                account_id,
-                share,
-                job.id,
-                f"settle:{job.id}:{worker_id}",
-                reason="settle" if checked is None else "verify",
-                source=None if checked is None else store.system_account(GRANTS),
-                granted=grant,
-            )
-            if share:
-                paid[account_id] = paid.get(account_id, 0) + share
-        # the gateway's spot checks of the servers release or forfeit what is held
-        await text_checks.apply_server_checks(conn, store.config, worker.id, job.id, result.checks)
-        charged = cost if checked is None else 0
-        await conn.execute(
-            update(text_outputs)
-            .where(text_outputs.c.job_id == job.id)
-            .values(
-                text=result.text,
-                finish_reason=result.finish_reason,
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                spans=json.dumps([s.model_dump() for s in result.spans]),
-                charged=charged,
-                signature=result.signature,
-            )
+        async with self._db.begin() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def link_peer(self, worker: Worker, peer_id: str, nonce: str) -> None:
+        """Link a hivemind peer id to `worker`, which proved it holds the peer id's libp2p key
+        by signing `nonce` (used up here). The proof is the last word: a link made earlier
+        by another worker (without the key, before proofs existed) moves to this one."""
+        async with self._db.begin() as conn:
+            await nonces.consume(conn, nonce, "peer")
+            row = (
+                await conn.execute(select(worker_peers).where(worker_peers.c.peer_id == peer_id))
+            ).first()
+            if row is None:
+                await conn.execute(
+                    worker_peers.insert().values(
+                        peer_id=peer_id, worker_id=worker.id, linked_at=now(conn)
+                    )
+                )
+            elif row.worker_id != worker.id:
+                await conn.execute(
+                    update(worker_peers)
+                    .where(worker_peers.c.peer_id == peer_id)
+                    .values(worker_id=worker.id, linked_at=now(conn))
+                )
+
+    def _lease_seconds(self, params: TextParams) -> float:
+        config = self._db.config
+        if config.lease_timeout is not None:
+            return config.lease_timeout
+        # the gateway extends the lease with every piece of text it streams
+        return config.lease_base_seconds
+
+    async def create(
+        self,
+        account: Account,
+        params: TextParams,
+        model: TextModel,
+        horde: dict[str, object] | None = None,
+        idempotent: Idempotent | None = None,
+    ) -> TextJob:
+        """Queue a text job for `model` and reserve its upper-bound cost (once per `idempotent`
+        key: Lifecycle._queue); `horde`: the /api/v2 request's options, for jobs made there."""
+        row = await self._queue(
+            account,
+            reserve_cost(params, model),
+            {
+                "kind": "text",
+                "params": params.model_dump_json(),
+                "params_hash": params_hash(params),
+                "model": model.name,
+                "pixels": 0,
+                "steps": 0,
+                "n": 1,
+                "lease_seconds": self._lease_seconds(params),
+                "steps_total": 0,
+                "max_tokens": params.max_tokens,
+                "horde": None if horde is None else json.dumps(horde),
+            },
+            "lower max_tokens or shorten the prompt, or earn kudos by running a worker",
+            idempotent,
         )
-        if checked is None:
-            await text_checks.after_text_result(
-                conn,
-                store.config,
-                worker.id,
-                row,
-                float(row.finished_at),
-                store.system_account(VERIFICATION),
+        job = await self.get(row.id)
+        assert job is not None
+        return job
+
+    async def get(self, job_id: str) -> TextJob | None:
+        query = _text_query().where((jobs.c.id == job_id) & (jobs.c.kind == "text"))
+        async with self._db.begin() as conn:
+            row = (await conn.execute(query)).first()
+        return _text_job(row) if row else None
+
+    async def pop(self, worker: Worker, models: Sequence[str]) -> TextJob | None:
+        """Lease the best queued text job for one of `models` (see Lifecycle._pop)."""
+        fits = (jobs.c.kind == "text") & jobs.c.model.in_(list(models))
+        leased = await self._pop(worker, fits, take_checks=True, on_lease=_start_text)
+        if leased is None:
+            return None
+        return await self.get(leased.id)
+
+    async def append_text(
+        self, worker: Worker, job_id: str, offset: int, text: str
+    ) -> tuple[int, float]:
+        """Append streamed text at `offset` and extend the lease; returns (length, deadline).
+
+        Sending the same piece twice (a retry) is harmless; a gap or a different text is a 409;
+        text past the job's cap (`text_cap(max_tokens)`) is a 400 and extends nothing. The text
+        is appended in SQL, never read back whole.
+        """
+        stored = text_outputs.c.text
+        mine = text_outputs.c.job_id == job_id
+        async with self._db.begin() as conn:
+            leased = await self._extend(conn, worker, job_id)
+            # (SQLite and PostgreSQL both count characters: code points, as Python does)
+            length = (await conn.execute(select(func.length(stored)).where(mine))).scalar_one()
+            if offset == length:
+                max_tokens = int(leased.max_tokens)
+                if length + len(text) > text_cap(max_tokens):
+                    raise _too_long(length + len(text), max_tokens)
+                await conn.execute(update(text_outputs).where(mine).values(text=stored + text))
+                length += len(text)
+            elif offset > length or await _text_at(conn, job_id, offset, len(text)) != text:
+                raise Conflict(
+                    f"text at offset {offset} does not continue the {length} characters "
+                    "received; resend from the returned length",
+                    [("offset", f"must be {length}")],
+                )
+        return int(length), float(leased.lease_deadline)
+
+    async def complete(
+        self, worker: Worker, job: TextJob, result: TextResultSubmit, model: TextModel
+    ) -> Settlement:
+        """Finish the job: self the text, charge the work done, pay the block servers' owners
+        (by block-tokens served) and the gateway's owner, refund the rest, apply the gateway's
+        spot checks of its servers and maybe schedule a check of the gateway -- one
+        transaction, one ledger entry per movement (refund, then each worker's pay from escrow).
+
+        A verification job (a trusted gateway re-running another's job) charges nobody: its
+        workers are paid from the grants account, at most what the checked job reserved, and
+        its text decides the check (coordinator.economy.text_checks)."""
+        _check_report(job, result, model)
+        async with self._db.begin() as conn:
+            row = await self._finish(conn, worker, job.id)
+            peers = {span.peer_id for span in result.spans}
+            linked = await text_checks.peer_workers(conn, peers)
+            unlinked = sorted(peers - linked.keys())
+            if unlinked:
+                raise BadRequest(
+                    f"the usage report names block servers not linked to any worker "
+                    f"({', '.join(unlinked[:3])}); block servers link their peer id when they "
+                    "start (`idlegrid worker blocks --coordinator ...`), and only they are paid",
+                    [("spans", f"peer {unlinked[0]} is not linked to a worker")],
+                )
+            checked = (
+                None
+                if row.verify_of is None
+                else (await conn.execute(select(jobs).where(jobs.c.id == row.verify_of))).one()
             )
-        else:
-            await text_checks.record_text_check(conn, store.config, row, result.text)
-    store.ranking.changed("text")  # the throughput behind ETAs changed
-    return Settlement(
-        charged=charged,
-        refunded=job.cost - cost if checked is None else 0,
-        paid=paid,
-        verified=None if checked is None else checked.id,
-    )
+            # block-tokens per paid worker, then the gateway's embeddings and head: one block
+            units: dict[tuple[str, int], int] = {}
+            for span in result.spans:
+                server = linked[span.peer_id]
+                payee = (server.id, int(server.account_id))
+                units[payee] = units.get(payee, 0) + span.tokens * (span.end - span.start)
+            processed = result.prompt_tokens + result.completion_tokens
+            # the requester pays for the tokens claimed through the model once: replays after
+            # a failover are paid to the servers that ran them, out of the same price
+            charged_units = min(sum(units.values()), processed * model.blocks) + processed
+            gateway = (worker.id, worker.account_id)
+            units[gateway] = units.get(gateway, 0) + processed
+            work = text_work(charged_units, 1, model.parameters)
+            cap = job.cost if checked is None else int(checked.cost)
+            cost = min(cap, max(1, math.ceil(work))) if charged_units else 0
+            payees = sorted(units)
+            shares = split_kudos(cost, [units[p] for p in payees])
+            if job.cost > cost:
+                await post_entry(
+                    conn,
+                    reason="refund",
+                    key=f"refund:{job.id}",
+                    job_id=job.id,
+                    moves=[
+                        (self._db.system_account(ESCROW), cost - job.cost),
+                        (job.account_id, job.cost - cost),
+                    ],
+                )
+            # what grants funded of the job reaches every payee as grants, in proportion
+            granted = grant_parts(await payments.job_grants(conn, job.id), shares)
+            paid: dict[int, int] = {}
+            for (worker_id, account_id), share, grant in zip(payees, shares, granted, strict=True):
+                # untrusted workers get part of it held pending verification (economy.payments)
+                await payments.pay_worker(
+                    conn,
+                    self._db.config,
+                    payments.Pay(
+                        worker_id,
+                        account_id,
+                        share,
+                        job.id,
+                        f"settle:{job.id}:{worker_id}",
+                        reason="settle" if checked is None else "verify",
+                        source=None if checked is None else self._db.system_account(GRANTS),
+                        granted=grant,
+                    ),
+                )
+                if share:
+                    paid[account_id] = paid.get(account_id, 0) + share
+            # the gateway's spot checks of the servers release or forfeit what is held
+            await text_checks.apply_server_checks(
+                conn, self._db.config, worker.id, job.id, result.checks
+            )
+            charged = cost if checked is None else 0
+            await conn.execute(
+                update(text_outputs)
+                .where(text_outputs.c.job_id == job.id)
+                .values(
+                    text=result.text,
+                    finish_reason=result.finish_reason,
+                    prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                    spans=json.dumps([s.model_dump() for s in result.spans]),
+                    charged=charged,
+                    signature=result.signature,
+                )
+            )
+            if checked is None:
+                await text_checks.after_text_result(
+                    conn,
+                    self._db.config,
+                    worker.id,
+                    row,
+                    float(row.finished_at),
+                    self._db.system_account(VERIFICATION),
+                )
+            else:
+                await text_checks.record_text_check(conn, self._db.config, row, result.text)
+        self.ranking.changed("text")  # the throughput behind ETAs changed
+        return Settlement(
+            charged=charged,
+            refunded=job.cost - cost if checked is None else 0,
+            paid=paid,
+            verified=None if checked is None else checked.id,
+        )
 
-
-async def fail_text_job(
-    store: Lifecycle, worker: Worker, job_id: str, reason: str, retry: bool
-) -> TextJob:
-    """Give the job back to the queue, or (no retry, or out of attempts) fail and refund.
-    It does not count toward the gateway's --faulted-run: a gateway's failure is most
-    often one of its block servers' (checked separately, coordinator.economy.text_checks)."""
-    await store.fail_job(worker, job_id, reason, retry=retry, counts=False)
-    job = await get_text_job(store, job_id)
-    assert job is not None
-    return job
+    async def fail(self, worker: Worker, job_id: str, reason: str, retry: bool) -> TextJob:
+        """Give the job back to the queue, or (no retry, or out of attempts) fail and refund.
+        It does not count toward the gateway's --faulted-run: a gateway's failure is most
+        often one of its block servers' (checked separately, coordinator.economy.text_checks)."""
+        await self._fail(worker, job_id, reason, retry=retry, counts=False)
+        job = await self.get(job_id)
+        assert job is not None
+        return job
