@@ -17,9 +17,9 @@ pay is released, trust after `trust_after_checks`); a believed `wrong` (the seco
 and a referee agreed against it) is a failed one (`checks.fail_check`: suspicion, held pay
 forfeited, trust revoked, pause after `pause_after_suspicions`); `undecided` does nothing.
 One job gives each worker at most one verdict, `wrong` before `agree`: repeating a check in
-a report counts once. The coordinator checks beforehand (coordinator.jobs.text) that each
-check's blocks lie in the model and that `peer_id`, or the server it was checked against,
-served them in this job.
+a report counts once. The coordinator checks beforehand
+(coordinator.economy.text_settlement) that each check's blocks lie in the model and that
+`peer_id`, or the server it was checked against, served them in this job.
 
 **Gateways**, the way images are checked (coordinator.economy.checks): a finished text job
 of a gateway, with deterministic parameters (greedy, or seeded: every job is seeded at
@@ -31,7 +31,7 @@ near-tie late in a long generation; 0 = equal only). `checks.judge` applies the 
 two: agreement releases the gateway's held pay, two disagreements forfeit it with a
 suspicion and give the requester the verifier's text. A verification job costs the
 requester nothing: its gateway and servers are paid from the grants account, as grants
-(coordinator.jobs.text).
+(coordinator.economy.text_settlement).
 """
 
 from __future__ import annotations

@@ -6,19 +6,15 @@ same code as for images. What is text-only lives here: when gateways last offere
 catalog model (coordinator.economy.text_models holds the models and their sizes), the
 block servers' hivemind peer ids, the text streamed so far (capped by `max_tokens`), and
 the settlement that charges the requester for the work done and pays every block server's
-owner from the gateway's signed report -- one ledger entry, one transaction.
+owner from the gateway's signed report, in one transaction.
 
-The report is checked against what it could be: every span inside the model's blocks and
-served by a linked peer, the spans covering every block for the tokens claimed, every spot
-check of a server on blocks it served (coordinator.economy.text_checks applies them). The charge
-is the catalog's price of those tokens through the model once (replays are the network's
-cost), never more than the reservation.
+The settlement checks the gateway's report and pays from it
+(coordinator.economy.text_settlement).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,16 +24,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.accounts import Account
 from coordinator.db import nonces
-from coordinator.db.database import ESCROW, GRANTS, VERIFICATION
-from coordinator.db.ledger import post_entry
 from coordinator.db.request_keys import Idempotent
 from coordinator.db.schema import jobs, text_models, text_outputs, worker_peers
 from coordinator.db.tx import now
-from coordinator.economy import payments, text_checks
+from coordinator.economy import text_settlement
+from coordinator.economy.text_settlement import Settlement
 from coordinator.errors import BadRequest, Conflict
 from coordinator.jobs.lifecycle import Lifecycle
 from coordinator.workers import Worker
-from protocol.cost import text_cost, text_work
+from protocol.cost import text_cost
 from protocol.signing import params_hash
 from protocol.text import (
     MAX_CHARS_PER_TOKEN,
@@ -48,10 +43,7 @@ from protocol.text import (
     token_bound,
 )
 
-__all__ = ["Settlement", "TextJob", "TextJobs", "grant_parts", "reserve_cost", "split_kudos"]
-
-# a block server may process a token more than once (history replayed after a failover)
-MAX_REPLAYS_PER_TOKEN = 4
+__all__ = ["TextJob", "TextJobs", "reserve_cost"]
 
 
 @dataclass(frozen=True)
@@ -80,14 +72,6 @@ class TextJob:
     @property
     def finished(self) -> bool:
         return self.state in ("done", "failed", "cancelled")
-
-
-@dataclass(frozen=True)
-class Settlement:
-    charged: int
-    refunded: int
-    paid: dict[int, int]  # account id -> kudos
-    verified: str | None = None  # for a spot check: the job it re-ran
 
 
 def _text_query() -> Any:
@@ -125,42 +109,6 @@ def _text_job(row: Row[Any]) -> TextJob:
     )
 
 
-def split_kudos(total: int, weights: Sequence[float]) -> list[int]:
-    """Split `total` in proportion to `weights` (largest remainder; ties to the earliest)."""
-    if total < 0 or any(w < 0 for w in weights):
-        raise ValueError("total and weights must not be negative")
-    whole = sum(weights)
-    if not weights or whole == 0:
-        return [0] * len(weights)
-    exact = [total * w / whole for w in weights]
-    shares = [math.floor(x) for x in exact]
-    left = total - sum(shares)
-    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
-    for i in order[:left]:
-        shares[i] += 1
-    return shares
-
-
-def grant_parts(granted: int, shares: Sequence[int]) -> list[int]:
-    """Split `granted` (at most their sum) over `shares` in proportion, never more than a
-    share (integer largest remainder), so that the parts add up to `granted` exactly."""
-    whole = sum(shares)
-    if granted > whole or granted < 0:
-        raise ValueError(f"{granted} granted kudos do not fit in shares of {whole}")
-    if not whole:
-        return [0] * len(shares)
-    parts = [granted * share // whole for share in shares]
-    remainders = sorted(range(len(shares)), key=lambda i: (-(granted * shares[i] % whole), i))
-    left = granted - sum(parts)
-    for i in remainders:
-        if left == 0:
-            break
-        if parts[i] < shares[i]:
-            parts[i] += 1
-            left -= 1
-    return parts
-
-
 # --- models and peers -------------------------------------------------------------------
 
 
@@ -196,93 +144,6 @@ def _too_long(length: int, max_tokens: int) -> BadRequest:
         f"(max_tokens x {MAX_CHARS_PER_TOKEN}); this delta would make it {length}",
         [("text", f"the whole text must be at most {cap} characters")],
     )
-
-
-def _check_checks(result: TextResultSubmit, model: TextModel) -> list[tuple[str, str]]:
-    """The gateway's spot checks that the job could not have made: blocks outside the
-    model, blocks that neither the checked server nor its checkers served in this job, a
-    `wrong` that no referee decided."""
-    served: dict[str, list[tuple[int, int]]] = {}
-    for span in result.spans:
-        served.setdefault(span.peer_id, []).append((span.start, span.end))
-    problems: list[tuple[str, str]] = []
-    for i, check in enumerate(result.checks):
-        if check.end > model.blocks:
-            problems.append((f"checks[{i}].end", f"model {model.name} has {model.blocks} blocks"))
-        elif not any(
-            a <= check.start and check.end <= b
-            for peer in (check.peer_id, *check.checkers)
-            for a, b in served.get(peer, [])
-        ):
-            # (the checked server is usually the one that served the span; when the second
-            # server was the odd one out, it is the checked one and the server of the span
-            # is among its checkers)
-            problems.append(
-                (
-                    f"checks[{i}].peer_id",
-                    f"neither peer {check.peer_id} nor its checkers served a span holding "
-                    f"blocks {check.start}:{check.end} in this job's spans",
-                )
-            )
-        if check.verdict == "wrong" and len(check.checkers) < 2:
-            problems.append(
-                (
-                    f"checks[{i}].checkers",
-                    "a 'wrong' verdict names the second server and the referee that decided",
-                )
-            )
-    return problems
-
-
-def _check_report(job: TextJob, result: TextResultSubmit, model: TextModel) -> None:
-    """BadRequest naming every part of the report that the job could not have made."""
-    params = job.params
-    problems: list[tuple[str, str]] = []
-    if result.completion_tokens > params.max_tokens:
-        problems.append(("completion_tokens", f"must be at most {params.max_tokens}"))
-    if result.prompt_tokens + result.completion_tokens > token_bound(params):
-        problems.append(("prompt_tokens", "is more than the prompt can tokenize to"))
-    if len(result.text) > text_cap(params.max_tokens):
-        cap = text_cap(params.max_tokens)
-        problems.append(
-            ("text", f"must be at most {cap} characters (max_tokens x {MAX_CHARS_PER_TOKEN})")
-        )
-    processed = result.prompt_tokens + result.completion_tokens
-    # tokens each block ran, from the spans (a difference array: spans may be many)
-    change = [0] * (model.blocks + 1)
-    for i, span in enumerate(result.spans):
-        if span.end > model.blocks:
-            problems.append((f"spans[{i}].end", f"model {model.name} has {model.blocks} blocks"))
-            continue
-        change[span.start] += span.tokens
-        change[span.end] -= span.tokens
-    ran, block = [], 0
-    for step in change[:-1]:
-        block += step
-        ran.append(block)
-    # every block ran every token but the last one sampled (never fed back); failovers
-    # replay a server's history, so a block may run a token a few times
-    need, most = processed - 1, processed * MAX_REPLAYS_PER_TOKEN
-    short = next((b for b, tokens in enumerate(ran) if tokens < need), None)
-    if short is not None:
-        problems.append(
-            (
-                "spans",
-                f"must cover every block of {model.name} for the {need} tokens claimed "
-                f"(prompt + completion - 1), but block {short} ran {ran[short]}",
-            )
-        )
-    over = next((b for b, tokens in enumerate(ran) if tokens > most), None)
-    if over is not None:
-        problems.append(
-            ("spans", f"block {over} ran {ran[over]} tokens, more than the job could ({most})")
-        )
-    problems += _check_checks(result, model)
-    if problems:
-        raise BadRequest(
-            "the usage report does not fit the job: " + "; ".join(f"{f} {m}" for f, m in problems),
-            problems,
-        )
 
 
 class TextJobs(Lifecycle):
@@ -426,7 +287,7 @@ class TextJobs(Lifecycle):
     async def complete(
         self, worker: Worker, job: TextJob, result: TextResultSubmit, model: TextModel
     ) -> Settlement:
-        """Finish the job: self the text, charge the work done, pay the block servers' owners
+        """Finish the job: store the text, charge the work done, pay the block servers' owners
         (by block-tokens served) and the gateway's owner, refund the rest, apply the gateway's
         spot checks of its servers and maybe schedule a check of the gateway -- one
         transaction, one ledger entry per movement (refund, then each worker's pay from escrow).
@@ -434,78 +295,12 @@ class TextJobs(Lifecycle):
         A verification job (a trusted gateway re-running another's job) charges nobody: its
         workers are paid from the grants account, at most what the checked job reserved, and
         its text decides the check (coordinator.economy.text_checks)."""
-        _check_report(job, result, model)
+        text_settlement.check_report(job.params, result, model)
         async with self._db.begin() as conn:
             row = await self._finish(conn, worker, job.id)
-            peers = {span.peer_id for span in result.spans}
-            linked = await text_checks.peer_workers(conn, peers)
-            unlinked = sorted(peers - linked.keys())
-            if unlinked:
-                raise BadRequest(
-                    f"the usage report names block servers not linked to any worker "
-                    f"({', '.join(unlinked[:3])}); block servers link their peer id when they "
-                    "start (`idlegrid worker blocks --coordinator ...`), and only they are paid",
-                    [("spans", f"peer {unlinked[0]} is not linked to a worker")],
-                )
-            checked = (
-                None
-                if row.verify_of is None
-                else (await conn.execute(select(jobs).where(jobs.c.id == row.verify_of))).one()
+            settled = await text_settlement.settle(
+                conn, self._db.config, worker.id, worker.account_id, row, result, model
             )
-            # block-tokens per paid worker, then the gateway's embeddings and head: one block
-            units: dict[tuple[str, int], int] = {}
-            for span in result.spans:
-                server = linked[span.peer_id]
-                payee = (server.id, int(server.account_id))
-                units[payee] = units.get(payee, 0) + span.tokens * (span.end - span.start)
-            processed = result.prompt_tokens + result.completion_tokens
-            # the requester pays for the tokens claimed through the model once: replays after
-            # a failover are paid to the servers that ran them, out of the same price
-            charged_units = min(sum(units.values()), processed * model.blocks) + processed
-            gateway = (worker.id, worker.account_id)
-            units[gateway] = units.get(gateway, 0) + processed
-            work = text_work(charged_units, 1, model.parameters)
-            cap = job.cost if checked is None else int(checked.cost)
-            cost = min(cap, max(1, math.ceil(work))) if charged_units else 0
-            payees = sorted(units)
-            shares = split_kudos(cost, [units[p] for p in payees])
-            if job.cost > cost:
-                await post_entry(
-                    conn,
-                    reason="refund",
-                    key=f"refund:{job.id}",
-                    job_id=job.id,
-                    moves=[
-                        (self._db.system_account(ESCROW), cost - job.cost),
-                        (job.account_id, job.cost - cost),
-                    ],
-                )
-            # what grants funded of the job reaches every payee as grants, in proportion
-            granted = grant_parts(await payments.job_grants(conn, job.id), shares)
-            paid: dict[int, int] = {}
-            for (worker_id, account_id), share, grant in zip(payees, shares, granted, strict=True):
-                # untrusted workers get part of it held pending verification (economy.payments)
-                await payments.pay_worker(
-                    conn,
-                    self._db.config,
-                    payments.Pay(
-                        worker_id,
-                        account_id,
-                        share,
-                        job.id,
-                        f"settle:{job.id}:{worker_id}",
-                        reason="settle" if checked is None else "verify",
-                        source=None if checked is None else self._db.system_account(GRANTS),
-                        granted=grant,
-                    ),
-                )
-                if share:
-                    paid[account_id] = paid.get(account_id, 0) + share
-            # the gateway's spot checks of the servers release or forfeit what is held
-            await text_checks.apply_server_checks(
-                conn, self._db.config, worker.id, job.id, result.checks
-            )
-            charged = cost if checked is None else 0
             await conn.execute(
                 update(text_outputs)
                 .where(text_outputs.c.job_id == job.id)
@@ -515,28 +310,12 @@ class TextJobs(Lifecycle):
                     prompt_tokens=result.prompt_tokens,
                     completion_tokens=result.completion_tokens,
                     spans=json.dumps([s.model_dump() for s in result.spans]),
-                    charged=charged,
+                    charged=settled.charged,
                     signature=result.signature,
                 )
             )
-            if checked is None:
-                await text_checks.after_text_result(
-                    conn,
-                    self._db.config,
-                    worker.id,
-                    row,
-                    float(row.finished_at),
-                    self._db.system_account(VERIFICATION),
-                )
-            else:
-                await text_checks.record_text_check(conn, self._db.config, row, result.text)
         self.ranking.changed("text")  # the throughput behind ETAs changed
-        return Settlement(
-            charged=charged,
-            refunded=job.cost - cost if checked is None else 0,
-            paid=paid,
-            verified=None if checked is None else checked.id,
-        )
+        return settled
 
     async def fail(self, worker: Worker, job_id: str, reason: str, retry: bool) -> TextJob:
         """Give the job back to the queue, or (no retry, or out of attempts) fail and refund.

@@ -16,7 +16,7 @@ import pytest
 from client.errors import ApiError, JobFailed
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
-from coordinator.jobs.text import grant_parts, split_kudos
+from coordinator.economy.text_settlement import grant_parts, split_kudos
 from protocol.signing import Identity
 from protocol.text import BUILTIN_TEXT_MODELS, LeasedTextJob, TextModel, TextParams
 from tests.conftest import LiveApp
