@@ -51,6 +51,12 @@ Requeued = tuple[str, str, str | None]
 FINISHED = ("done", "failed", "cancelled")
 # queued jobs looked at per pop (another pop may take some of them first)
 POP_CANDIDATES = 4
+# the reaper's round (every `reap_interval`), built once: leased jobs of a kind past their lease
+_EXPIRED = select(jobs).where(
+    queue.LEASED
+    & (jobs.c.kind == bindparam("kind"))
+    & (jobs.c.lease_deadline < bindparam("at", type_=jobs.c.lease_deadline.type))
+)
 
 
 # `jobs.gave_back` holds one "[account id]" per give-back
@@ -519,8 +525,8 @@ class Lifecycle:
         """Requeue (or fail) every leased job of this kind whose lease ran out: (id, kind,
         model) of each."""
         async with self._db.begin() as conn:
-            ran_out = (jobs.c.kind == self.kind) & (jobs.c.lease_deadline < now(conn))
-            expired = (await conn.execute(select(jobs).where(queue.LEASED & ran_out))).all()
+            values = {"kind": self.kind, "at": now(conn)}
+            expired = (await conn.execute(_EXPIRED, values)).all()
             for row in expired:
                 reason = (
                     f"lease expired: the job ran past its time limit of "
