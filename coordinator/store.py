@@ -3,7 +3,7 @@ over the shared database handle (coordinator.db.database.Database: engine, trans
 clock, configuration):
 
     accounts     coordinator.accounts.Accounts       accounts, API keys, invite codes
-    workers      coordinator.workers.Workers         registration, tokens, polls, offers
+    workers      coordinator.workers.Workers         registration, tokens, polls, records
     ledger       coordinator.economy.kudos.Ledger    balances, audit, mint, transfers, ratings
     image_jobs   coordinator.jobs.image.ImageJobs    image jobs   } on the one lifecycle
     text_jobs    coordinator.jobs.text.TextJobs      text jobs    } (coordinator.jobs.lifecycle)

@@ -1,5 +1,5 @@
 """Workers: registration by public key (signed challenges), tokens, engine info, polling
-(uptime)."""
+(uptime), public records."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from coordinator.accounts import Account, hash_secret
 from coordinator.db import nonces
 from coordinator.db.database import Database, now
 from coordinator.db.ledger import open_balance
-from coordinator.db.schema import accounts, workers
+from coordinator.db.schema import accounts, ratings, workers
 from coordinator.economy import payments, suspicion
-from coordinator.errors import Forbidden
+from coordinator.errors import Forbidden, NotFound
+from protocol.messages import EngineInfo, WorkerInfo
 
 __all__ = ["Worker", "Workers"]
 
@@ -281,3 +282,32 @@ class Workers:
     async def worker_row(self, worker_id: str) -> Row[Any] | None:
         row: Row[Any] | None = await self._db.read_first(_BY_ID, {"worker_id": worker_id})
         return row
+
+    async def worker_info(self, worker_id: str) -> WorkerInfo:
+        """A worker's public record: trust, checks, jobs done, ratings, engine."""
+        async with self._db.begin() as conn:
+            row = (await conn.execute(select(workers).where(workers.c.id == worker_id))).first()
+            if row is None:
+                raise NotFound(f"no worker {worker_id}")
+            mean, count = (
+                await conn.execute(
+                    select(func.avg(ratings.c.score), func.count()).where(
+                        ratings.c.worker_id == worker_id
+                    )
+                )
+            ).one()
+        return WorkerInfo(
+            id=row.id,
+            name=row.name,
+            trusted=bool(row.trusted),
+            paused=bool(row.paused),
+            pause_reason=row.pause_reason,
+            suspicion=row.suspicion,
+            checks_passed=row.checks_passed,
+            checks_failed=row.checks_failed,
+            jobs_done=row.jobs_done,
+            rating=float(mean) if count else None,
+            ratings=int(count),
+            engine=EngineInfo.model_validate_json(row.engine) if row.engine else None,
+            last_seen=row.last_seen,
+        )

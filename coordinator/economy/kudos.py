@@ -1,6 +1,7 @@
-"""Money that moves between users: transfers, rating rewards, account summaries, history.
+"""The ledger as its users see it (`Ledger`, store.ledger): balances, the audit, minting,
+transfers, rating rewards, account summaries, history, quotes.
 
-Every function is one database transaction; every movement is a ledger entry with an
+Every method is one database transaction; every movement is a ledger entry with an
 idempotency key (see coordinator.db.ledger).
 
 Granted kudos (the new-account grant, rating rewards, uptime, spot-check pay, and pay for
@@ -47,13 +48,11 @@ from coordinator.economy.payments import PENDING_PREFIX
 from coordinator.errors import BadRequest, Conflict, InsufficientKudos, NotFound
 from protocol.messages import (
     AccountInfo,
-    EngineInfo,
     HistoryEntry,
     HistoryPage,
     Quote,
     RatingRecorded,
     TransferDone,
-    WorkerInfo,
 )
 from protocol.signing import canonical_json, sha256_hex
 
@@ -455,34 +454,6 @@ class Ledger:
         more = len(rows) > limit
         return HistoryPage(
             entries=entries, next_before=entries[-1].id if more and entries else None
-        )
-
-    async def worker_info(self, worker_id: str) -> WorkerInfo:
-        async with self._db.begin() as conn:
-            row = (await conn.execute(select(workers).where(workers.c.id == worker_id))).first()
-            if row is None:
-                raise NotFound(f"no worker {worker_id}")
-            mean, count = (
-                await conn.execute(
-                    select(func.avg(ratings.c.score), func.count()).where(
-                        ratings.c.worker_id == worker_id
-                    )
-                )
-            ).one()
-        return WorkerInfo(
-            id=row.id,
-            name=row.name,
-            trusted=bool(row.trusted),
-            paused=bool(row.paused),
-            pause_reason=row.pause_reason,
-            suspicion=row.suspicion,
-            checks_passed=row.checks_passed,
-            checks_failed=row.checks_failed,
-            jobs_done=row.jobs_done,
-            rating=float(mean) if count else None,
-            ratings=int(count),
-            engine=EngineInfo.model_validate_json(row.engine) if row.engine else None,
-            last_seen=row.last_seen,
         )
 
     async def quote(

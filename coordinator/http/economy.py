@@ -164,7 +164,7 @@ async def show_worker(request: web.Request, call: Call) -> WorkerInfo:
     worker_id = request.match_info["worker_id"]
     if not re.fullmatch(r"[0-9a-f]{32}", worker_id):
         raise NotFound(f"no worker {worker_id}")
-    return await request.app[STORE].ledger.worker_info(worker_id)
+    return await request.app[STORE].workers.worker_info(worker_id)
 
 
 @API.route(
@@ -185,4 +185,4 @@ async def report_engine(request: web.Request, call: Call) -> WorkerInfo:
     if request.app[CONFIG].require_sandbox and body.sandboxed is not True:
         raise UnsandboxedWorker()
     await store.workers.set_engine(call.worker, body.model_dump_json())
-    return await store.ledger.worker_info(call.worker.id)
+    return await store.workers.worker_info(call.worker.id)
