@@ -1,11 +1,10 @@
-"""Accounts: users, workers' earnings accounts, the anonymous account; API keys; balances;
+"""Accounts: users, workers' earnings accounts, the anonymous account; API keys;
 registration (`CoordinatorConfig.registration`: open, invite or closed) and invite codes."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,16 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.db.database import ANONYMOUS, GRANTS, Database, now
 from coordinator.db.ledger import (
-    audit_balances,
-    audit_grants,
-    balance,
     lock_spender,
-    minted_transferable,
     open_balance,
     post_entry,
-    transferable_supply,
 )
-from coordinator.db.schema import accounts, invites, ledger_entries, postings, workers
+from coordinator.db.schema import accounts, invites, workers
 from coordinator.errors import Conflict, Forbidden
 
 REGISTRATION_MODES = ("open", "invite", "closed")
@@ -68,13 +62,18 @@ def _account(row: Row[Any]) -> Account:
     return Account(id=row.id, name=row.name, kind=row.kind, floor=row.floor)
 
 
-class Accounts(Database):
+class Accounts:
+    """Creating and finding accounts; invite codes. Part of coordinator.store.Store."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
     async def create_account(self, name: str, invite: str | None = None) -> tuple[Account, str]:
         """A new user account with the configured grant; returns it and its API key.
 
         Forbidden when registration is closed, or invite-only and `invite` is not an unused
         code (the code is used up in the same transaction)."""
-        mode = self._config.registration
+        mode = self._db.config.registration
         if mode == "closed":
             raise Forbidden(
                 "registration is closed on this coordinator; ask its operator for an account"
@@ -86,9 +85,9 @@ class Accounts(Database):
                 [("invite", "is required here")],
             )
         api_key = new_api_key()
-        grant = self._config.new_account_grant
+        grant = self._db.config.new_account_grant
         try:
-            async with self.begin() as conn:
+            async with self._db.begin() as conn:
                 account_id = (
                     await conn.execute(
                         accounts.insert()
@@ -96,7 +95,7 @@ class Accounts(Database):
                             name=name,
                             kind="user",
                             api_key_hash=hash_secret(api_key),
-                            floor=self._config.account_floor,
+                            floor=self._db.config.account_floor,
                             created_at=now(conn),
                         )
                         .returning(accounts.c.id)
@@ -111,13 +110,13 @@ class Accounts(Database):
                         conn,
                         reason="grant",
                         key=f"grant:new-account:{account_id}",
-                        moves=[(self._system[GRANTS], -grant), (account_id, grant)],
+                        moves=[(self._db.system_account(GRANTS), -grant), (account_id, grant)],
                     )
         except IntegrityError:
             raise Conflict(
                 f"account name {name!r} is taken; choose another name", [("name", "is taken")]
             ) from None
-        return Account(account_id, name, "user", self._config.account_floor), api_key
+        return Account(account_id, name, "user", self._db.config.account_floor), api_key
 
     async def _use_invite(self, conn: AsyncConnection, code: str, account_id: int) -> None:
         used = await conn.execute(
@@ -136,7 +135,7 @@ class Accounts(Database):
         """`count` new single-use invite codes (shown once; stored hashed). `maker` None is
         the operator (no limit); a user may make `invites_per_account` in all."""
         codes = [secrets.token_urlsafe(16) for _ in range(count)]
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             if maker is not None:
                 await lock_spender(conn, maker.id)
                 made = (
@@ -146,7 +145,7 @@ class Accounts(Database):
                         .where(invites.c.account_id == maker.id)
                     )
                 ).scalar_one()
-                cap = self._config.invites_per_account
+                cap = self._db.config.invites_per_account
                 if cap and await self._invited_without_work(conn, maker.id):
                     raise Forbidden(
                         "an account invited by another user may make invite codes once one "
@@ -201,36 +200,13 @@ class Accounts(Database):
         ).first()
         return verified is None
 
-    async def mint(self, name: str, amount: int) -> int:
-        """The operator's explicit action (`idlegrid coordinator --mint USER=KUDOS`): give
-        the user `name` `amount` new transferable kudos, the one way they come into being
-        (README "Threat model: no kudos from nothing"). Returns the ledger entry's id."""
-        if amount <= 0:
-            raise ValueError(f"mint {amount} kudos: use a positive amount")
-        async with self.begin() as conn:
-            account_id = (
-                await conn.execute(
-                    select(accounts.c.id).where(
-                        (accounts.c.name == name) & (accounts.c.kind == "user")
-                    )
-                )
-            ).scalar_one_or_none()
-            if account_id is None:
-                raise ValueError(f"no user {name!r} to mint kudos for; check the name")
-            return await post_entry(
-                conn,
-                reason="mint",
-                key=f"mint:{account_id}:{uuid.uuid4()}",
-                moves=[(self._system[GRANTS], -amount), (int(account_id), amount)],
-            )
-
     async def account_by_key(self, api_key: str) -> Account | None:
-        row = await self.read_first(_BY_KEY, {"key_hash": hash_secret(api_key)})
+        row = await self._db.read_first(_BY_KEY, {"key_hash": hash_secret(api_key)})
         return _account(row) if row else None
 
     async def account_by_id(self, account_id: int) -> tuple[Account, float] | None:
         """A user account (not a system one) and when it was created."""
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             row = (
                 await conn.execute(
                     select(accounts).where(
@@ -243,60 +219,9 @@ class Accounts(Database):
     async def anonymous_account(self, requester: str | None = None) -> Account:
         """The shared anonymous account, as used by the client at IP `requester`."""
         return Account(
-            self._system[ANONYMOUS],
+            self._db.system_account(ANONYMOUS),
             ANONYMOUS,
             "anonymous",
-            self._config.anonymous_floor,
+            self._db.config.anonymous_floor,
             requester,
         )
-
-    async def balance(self, account_id: int) -> int:
-        async with self.begin() as conn:
-            return await balance(conn, account_id)
-
-    async def balances(self) -> dict[str, int]:
-        """Every account's balance by name, summed from the ledger (audits and tests)."""
-        query = (
-            select(accounts.c.name, func.coalesce(func.sum(postings.c.amount), 0))
-            .select_from(accounts.outerjoin(postings, postings.c.account_id == accounts.c.id))
-            .group_by(accounts.c.name)
-        )
-        async with self.begin() as conn:
-            return {name: int(total) for name, total in (await conn.execute(query)).all()}
-
-    async def ledger_audit(self) -> dict[str, int]:
-        """Totals used by tests and operators: every entry must sum to zero, every
-        balance row must equal its account's postings, its unspent grants must lie between
-        0 and its balance, and the transferable kudos (`transferable`) must not exceed
-        what the operator minted (`minted`): `transferable_excess` is 0 when they do not."""
-        per_entry = (
-            select(postings.c.entry_id, func.sum(postings.c.amount).label("total"))
-            .group_by(postings.c.entry_id)
-            .subquery()
-        )
-        async with self.begin() as conn:
-            unbalanced = (
-                await conn.execute(
-                    select(func.count()).select_from(per_entry).where(per_entry.c.total != 0)
-                )
-            ).scalar_one()
-            entries = (
-                await conn.execute(select(func.count()).select_from(ledger_entries))
-            ).scalar_one()
-            supply = (
-                await conn.execute(select(func.coalesce(func.sum(postings.c.amount), 0)))
-            ).scalar_one()
-            drift = await audit_balances(conn)
-            grants_off = await audit_grants(conn)
-            movable = await transferable_supply(conn)
-            minted = await minted_transferable(conn)
-        return {
-            "entries": int(entries),
-            "unbalanced_entries": int(unbalanced),
-            "sum": int(supply),
-            "balance_rows_off": len(drift),
-            "grants_off": len(grants_off),
-            "transferable": movable,
-            "minted": minted,
-            "transferable_excess": max(movable - minted, 0),
-        }

@@ -64,7 +64,7 @@ async def _reap_forever(app: web.Application) -> None:
             except Exception:
                 log.exception("pruning old uploads failed; retrying later")
         try:
-            if released := await store.release_held():
+            if released := await store.image_jobs.release_held():
                 log.info("paid AI Horde workers for %d jobs whose hold ended", released)
         except Exception:
             log.exception("releasing held pay failed; retrying")
@@ -85,14 +85,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     config.data_dir.mkdir(parents=True, exist_ok=True)
     app[STORE] = store = await Store.open(config, clock=app[CLOCK])
-    app[FILES] = open_file_store(config, store.engine)
+    app[FILES] = open_file_store(config, store.db.engine)
     app[SIGNALS] = signals = Signals(app[CLOCK])
     bridge: NotifyBridge | None = None
-    if store.dialect == "postgresql":
+    if store.db.dialect == "postgresql":
         # Every coordinator on this database (--processes N, or other hosts) shares the
         # rate-limit buckets and hears the others' job changes.
         app[LIMITER] = RateLimiter(
-            config.rate_limits, clock=app[CLOCK].monotonic, buckets=PostgresBuckets(store.engine)
+            config.rate_limits, clock=app[CLOCK].monotonic, buckets=PostgresBuckets(store.db.engine)
         )
         bridge = NotifyBridge(signals, config.resolved_database_url, config.notify_channel)
         await bridge.start()

@@ -287,7 +287,7 @@ async def _mint(config: CoordinatorConfig, gifts: list[tuple[str, int]]) -> list
     try:
         for name, amount in gifts:
             try:
-                await store.mint(name, amount)
+                await store.ledger.mint(name, amount)
             except ValueError as exc:
                 raise SystemExit(f"--mint {name}={amount}: {exc}") from None
         return gifts
@@ -298,6 +298,6 @@ async def _mint(config: CoordinatorConfig, gifts: list[tuple[str, int]]) -> list
 async def _make_invites(config: CoordinatorConfig, count: int) -> list[str]:
     store: Store = await Store.open(config)
     try:
-        return await store.create_invites(count)
+        return await store.accounts.create_invites(count)
     finally:
         await store.aclose()

@@ -1,5 +1,5 @@
 """Workers: registration by public key (signed challenges), tokens, engine info, polling
-(uptime)."""
+(uptime), public records."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from typing import Any
 from sqlalchemy import Row, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from coordinator.accounts import Account, Accounts, hash_secret
+from coordinator.accounts import Account, hash_secret
 from coordinator.db import nonces
-from coordinator.db.database import now
+from coordinator.db.database import Database, now
 from coordinator.db.ledger import open_balance
-from coordinator.db.schema import accounts, workers
-from coordinator.economy import trust
-from coordinator.errors import Forbidden
+from coordinator.db.schema import accounts, ratings, workers
+from coordinator.economy import payments, suspicion
+from coordinator.errors import Forbidden, NotFound
+from protocol.messages import EngineInfo, WorkerInfo
 
 __all__ = ["Worker", "Workers"]
 
@@ -82,10 +83,15 @@ def _offer(worker: Worker, kind: str, models: Sequence[str]) -> dict[str, Any]:
     return {"kind": kind, "models": json.dumps(list(models))}
 
 
-class Workers(Accounts):
+class Workers:
+    """Registering, finding and noting workers. Part of coordinator.store.Store."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
     async def challenge(self, purpose: str) -> tuple[str, float]:
         """A single-use nonce for a worker to sign (coordinator.db.nonces) and its expiry."""
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             return await nonces.issue(conn, purpose)
 
     async def register_worker(
@@ -101,7 +107,7 @@ class Workers(Accounts):
         registration `nonce` it signed (the HTTP route always has one; None is for callers
         inside the coordinator that registered nothing signed); returns a new token."""
         token = secrets.token_urlsafe(32)
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             if nonce is not None:
                 await nonces.consume(conn, nonce, "register")
             at = now(conn)
@@ -133,9 +139,9 @@ class Workers(Accounts):
                 "last_seen": at,
                 "ip": ip,
             }
-            # Seeded trust (see coordinator.economy.trust); re-registering never removes it.
-            if public_key in self._config.trusted_workers or (
-                owner is not None and owner.name in self._config.trusted_accounts
+            # Seeded trust (see coordinator.economy.checks); re-registering never removes it.
+            if public_key in self._db.config.trusted_workers or (
+                owner is not None and owner.name in self._db.config.trusted_accounts
             ):
                 values["trusted"] = 1
             if row is None or row.account_id != account_id:
@@ -148,10 +154,10 @@ class Workers(Accounts):
                         public_key=public_key,
                         created_at=at,
                         **values,
-                        **await trust.inherited_pause(conn, account_id),
+                        **await suspicion.inherited_pause(conn, account_id),
                     )
                 )
-                await trust.pending_account(conn, worker_id)
+                await payments.pending_account(conn, worker_id)
             else:
                 worker_id = row.id
                 await conn.execute(update(workers).where(workers.c.id == worker_id).values(values))
@@ -159,7 +165,7 @@ class Workers(Accounts):
         return _worker(saved), token
 
     async def worker_by_token(self, token: str) -> Worker | None:
-        row = await self.read_first(_BY_TOKEN, {"token_hash": hash_secret(token)})
+        row = await self._db.read_first(_BY_TOKEN, {"token_hash": hash_secret(token)})
         return None if row is None else _worker(row)
 
     async def record_poll(
@@ -172,7 +178,7 @@ class Workers(Accounts):
     ) -> int:
         """A worker asked for work (from `ip`) for `models` of `kind`: keep its uptime
         stretch, address and offer, pay uptime kudos when due."""
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             return await self.poll_note(worker, ip, kind=kind, models=models)(conn)
 
     def poll_note(
@@ -183,34 +189,36 @@ class Workers(Accounts):
         kind: str = "image",
         models: Sequence[str] = (),
     ) -> Callable[[AsyncConnection], Awaitable[int]]:
-        """`record_poll` to run in a transaction of the caller's: a pop's (Lifecycle.pop),
+        """`record_poll` to run in a transaction of the caller's: a pop's (Lifecycle._pop),
         so that a poll that leases a job costs one transaction, not two."""
         offer = _offer(worker, kind, models)
 
         async def note(conn: AsyncConnection) -> int:
-            return await trust.record_poll(conn, self._config, worker.id, now(conn), ip, offer)
+            return await payments.record_poll(
+                conn, self._db.config, worker.id, now(conn), ip, offer
+            )
 
         return note
 
     async def note_offer(self, worker: Worker, kind: str, models: Sequence[str]) -> None:
         """A gateway or block server is there, serving `models` of `kind` (the network view)."""
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             values = {"last_seen": now(conn), **_offer(worker, kind, models)}
             await conn.execute(update(workers).where(workers.c.id == worker.id).values(values))
 
     async def horde_worker(self, owner: Account, name: str) -> Worker | None:
         """The AI Horde worker `name` of `owner`, if it popped before (else `new_horde_worker`)."""
-        row = await self.read_first(_BY_PUBLIC_KEY, {"public_key": _horde_key(owner, name)})
+        row = await self._db.read_first(_BY_PUBLIC_KEY, {"public_key": _horde_key(owner, name)})
         return None if row is None else _worker(row)
 
     async def new_horde_worker(self, owner: Account, name: str, ip: str | None) -> Worker:
         """Create the AI Horde worker `name` of `owner` (on its first pop; the caller took
         the `worker` rate limit). It has no key: its results are unsigned, so it is never
         trusted and never spot-checked, and what it earns is held
-        (coordinator.economy.trust.hold_for_dispute). Forbidden past
+        (coordinator.economy.payments.hold_for_dispute). Forbidden past
         `max_workers_per_account`; paused from the start when its account is paused."""
         key = _horde_key(owner, name)
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             at = now(conn)
             row = (await conn.execute(select(workers).where(workers.c.public_key == key))).first()
             if row is None:
@@ -229,17 +237,17 @@ class Workers(Accounts):
                         ip=ip,
                         protocol="horde",
                         kind="image",
-                        **await trust.inherited_pause(conn, owner.id),
+                        **await suspicion.inherited_pause(conn, owner.id),
                     )
                 )
-                await trust.pending_account(conn, worker_id)
+                await payments.pending_account(conn, worker_id)
                 row = (await conn.execute(select(workers).where(workers.c.id == worker_id))).one()
         return _worker(row)
 
     async def _check_worker_cap(self, conn: AsyncConnection, account_id: int) -> None:
         """Forbidden when `account_id` has `max_workers_per_account` workers already: names
         cost nothing, so a cap keeps one account from spreading over unlimited identities."""
-        cap = self._config.max_workers_per_account
+        cap = self._db.config.max_workers_per_account
         count = (
             await conn.execute(
                 select(func.count()).select_from(workers).where(workers.c.account_id == account_id)
@@ -254,7 +262,7 @@ class Workers(Accounts):
             )
 
     async def set_engine(self, worker: Worker, engine_json: str) -> None:
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             await conn.execute(
                 update(workers).where(workers.c.id == worker.id).values(engine=engine_json)
             )
@@ -268,9 +276,38 @@ class Workers(Accounts):
         query = (
             select(workers).where(workers.c.account_id == account_id).order_by(workers.c.created_at)
         )
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             return list((await conn.execute(query)).all())
 
     async def worker_row(self, worker_id: str) -> Row[Any] | None:
-        row: Row[Any] | None = await self.read_first(_BY_ID, {"worker_id": worker_id})
+        row: Row[Any] | None = await self._db.read_first(_BY_ID, {"worker_id": worker_id})
         return row
+
+    async def worker_info(self, worker_id: str) -> WorkerInfo:
+        """A worker's public record: trust, checks, jobs done, ratings, engine."""
+        async with self._db.begin() as conn:
+            row = (await conn.execute(select(workers).where(workers.c.id == worker_id))).first()
+            if row is None:
+                raise NotFound(f"no worker {worker_id}")
+            mean, count = (
+                await conn.execute(
+                    select(func.avg(ratings.c.score), func.count()).where(
+                        ratings.c.worker_id == worker_id
+                    )
+                )
+            ).one()
+        return WorkerInfo(
+            id=row.id,
+            name=row.name,
+            trusted=bool(row.trusted),
+            paused=bool(row.paused),
+            pause_reason=row.pause_reason,
+            suspicion=row.suspicion,
+            checks_passed=row.checks_passed,
+            checks_failed=row.checks_failed,
+            jobs_done=row.jobs_done,
+            rating=float(mean) if count else None,
+            ratings=int(count),
+            engine=EngineInfo.model_validate_json(row.engine) if row.engine else None,
+            last_seen=row.last_seen,
+        )

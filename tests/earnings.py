@@ -11,4 +11,4 @@ __all__ = ["earn"]
 
 async def earn(store: Store, name: str, amount: int) -> None:
     """Give the user `name` `amount` transferable kudos (an operator's mint)."""
-    await store.mint(name, amount)
+    await store.ledger.mint(name, amount)

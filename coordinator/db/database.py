@@ -110,7 +110,8 @@ def _sqlite_rows(path: str, sql: str, build: Callable[[list[Any]], T]) -> T:
 
 
 class Database:
-    """Async access to the database. Create a store with `await Store.open(config)`."""
+    """The shared database handle every part of the store receives (coordinator.store):
+    engine, transactions, clock, configuration and the system accounts' ids."""
 
     def __init__(
         self, engine: tuple[AsyncEngine, str | None], config: CoordinatorConfig, clock: Clock
@@ -124,7 +125,7 @@ class Database:
         self._reads: Reads | None = None
 
     @classmethod
-    async def open(cls, config: CoordinatorConfig, clock: Clock = time.time) -> Any:
+    async def open(cls, config: CoordinatorConfig, clock: Clock = time.time) -> Database:
         db = cls(_engine(config.resolved_database_url), config, clock)
         try:
             async with db._engine.begin() as conn:
@@ -132,14 +133,10 @@ class Database:
             if db._sqlite_path not in (None, "", ":memory:"):
                 db._reads = Reads(str(db._sqlite_path), db._engine.dialect)
             await db._ensure_system_accounts()
-            await db._started()
         except BaseException:
             await db.aclose()
             raise
         return db
-
-    async def _started(self) -> None:
-        """Subclasses' start-up work, after migrations and system accounts."""
 
     async def aclose(self) -> None:
         if self._reads is not None:

@@ -21,7 +21,7 @@ here, by the reason of each entry, so that no path can forget it:
 - a "refund" credit to the job's requester gives back grants first, up to what that job
   still holds in `jobs.grant_spent` (so reserving and cancelling cannot turn a grant into
   earned kudos), and takes the same off `jobs.grant_funded` first;
-- the pay for a job (coordinator.economy.trust), and moves out of a worker's pending account
+- the pay for a job (coordinator.economy.payments), and moves out of a worker's pending account
   (releases, forfeits, disputes), say which part of each posting is grants (`granted`):
   what grants funded reaches workers as grants;
 - nothing else touches it: transfers may move only what is not grants

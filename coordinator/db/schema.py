@@ -38,7 +38,7 @@ __all__ = ["ACCOUNT_KINDS", "metadata", "migrate"]
 metadata = MetaData()
 
 # people with an API key, registered workers, the shared anonymous account, a worker's
-# earnings held until it passes a spot check (coordinator.economy.trust), and the ledger's
+# earnings held until it passes a spot check (coordinator.economy.checks), and the ledger's
 # own accounts (grants, escrow, verification)
 ACCOUNT_KINDS = ("user", "worker", "anonymous", "pending", "system")
 
@@ -106,7 +106,7 @@ workers = Table(
     Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
-    # --- trust (schema version 3; see coordinator.economy.trust) ---
+    # --- trust (schema version 3; see coordinator.economy.checks) ---
     # 1 = its results are believed without holding its earnings
     Column("trusted", Integer, nullable=False, server_default="0"),
     # failed spot checks and impossible speeds; enough of them pause the worker
@@ -145,7 +145,7 @@ jobs = Table(
     Column("state", String(16), nullable=False),
     Column("params", Text, nullable=False),
     Column("params_hash", String(64), nullable=False),
-    # capability filters copied out of params
+    # capability filters copied out of params (an image job's size; 0 for text jobs)
     Column("model", String(128)),
     Column("pixels", Integer, nullable=False),
     Column("steps", Integer, nullable=False),
@@ -196,6 +196,9 @@ jobs = Table(
     # "[account id]" of the owner of each worker that gave it back (or let its lease run
     # out), in order: an owner that gave it back twice is not offered it again
     Column("gave_back", Text, nullable=False, server_default=""),
+    # --- text jobs' own column (0007_job_max_tokens) ---
+    # a text job's max_tokens (None for image jobs, whose pixels/steps/n say their size)
+    Column("max_tokens", Integer),
     Index("ix_jobs_state", "state", "created_at"),
     Index("ix_jobs_account", "account_id", "state"),
     # the queue: the next job of a kind is the first row of this index that fits
@@ -226,7 +229,7 @@ jobs = Table(
         sqlite_where=text("state = 'queued' AND verify_of IS NOT NULL"),
         postgresql_where=text("state = 'queued' AND verify_of IS NOT NULL"),
     ),
-    # the checks of one job (quorum, independence of verifiers; coordinator.economy.trust)
+    # the checks of one job (quorum, independence of verifiers; coordinator.economy.checks)
     Index(
         "ix_jobs_verify_of",
         "verify_of",

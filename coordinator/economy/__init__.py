@@ -1,1 +1,15 @@
-"""Kudos beyond the ledger: quotes, transfers, ratings, trust and verification."""
+"""Kudos beyond the ledger's postings (coordinator.db.ledger):
+
+kudos.py            Ledger (store.ledger): balances, audit, mint, transfers, ratings,
+                    account summaries, history, quotes
+payments.py         paying workers (trust hold), releases, AI Horde holds and disputes,
+                    uptime kudos
+checks.py           spot checks: independence, scheduling, verdicts (quorum of two)
+suspicion.py        suspicion and the one way a worker (and its owner) is paused
+text_settlement.py  a finished text job's report checked, charged and paid out
+text_checks.py      text spot checks: gateways' checks of block servers, gateways re-run
+text_models.py      the text model catalog and gateways' offers
+verification.py     comparing a spot check's images with the original's
+"""
+
+__all__: list[str] = []

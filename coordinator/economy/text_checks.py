@@ -7,31 +7,31 @@ disagreement, has a third decide (protocol.text.ServerCheck). Its checks travel 
 signed usage report. They are believed only when they are independent and from someone
 believable:
 - the gateway is trusted (a seed of the operator's, or it earned it), and
-- the checked server's worker is independent (`trust.independent`: another worker, another
+- the checked server's worker is independent (`checks.independent`: another worker, another
   owner and, with `verify_distinct_ip`, another client IP) of the gateway and of every
   checker; every peer id named must be linked to a worker (an unlinked one counts for
   nothing).
 
-A believed `agree` is a passed check of the server's worker (`trust.pass_check`: its held
+A believed `agree` is a passed check of the server's worker (`checks.pass_check`: its held
 pay is released, trust after `trust_after_checks`); a believed `wrong` (the second server
-and a referee agreed against it) is a failed one (`trust.fail_check`: suspicion, held pay
+and a referee agreed against it) is a failed one (`checks.fail_check`: suspicion, held pay
 forfeited, trust revoked, pause after `pause_after_suspicions`); `undecided` does nothing.
 One job gives each worker at most one verdict, `wrong` before `agree`: repeating a check in
-a report counts once. The coordinator checks beforehand (coordinator.jobs.text) that each
-check's blocks lie in the model and that `peer_id`, or the server it was checked against,
-served them in this job.
+a report counts once. The coordinator checks beforehand
+(coordinator.economy.text_settlement) that each check's blocks lie in the model and that
+`peer_id`, or the server it was checked against, served them in this job.
 
-**Gateways**, the way images are checked (coordinator.economy.trust): a finished text job
+**Gateways**, the way images are checked (coordinator.economy.checks): a finished text job
 of a gateway, with deterministic parameters (greedy, or seeded: every job is seeded at
 submit), is re-run with the same parameters as a verification job (`verify_of`) with the
-gateway's `spot_check_rate`, by a trusted gateway independent of it (`trust.checks_for`).
+gateway's `spot_check_rate`, by a trusted gateway independent of it (`checks.checks_for`).
 Its text agrees with the original's when they are equal or share their first
 `text_check_prefix_chars` characters (floating-point drift across machines can flip a
-near-tie late in a long generation; 0 = equal only). `trust.judge` applies the quorum of
+near-tie late in a long generation; 0 = equal only). `checks.judge` applies the quorum of
 two: agreement releases the gateway's held pay, two disagreements forfeit it with a
 suspicion and give the requester the verifier's text. A verification job costs the
 requester nothing: its gateway and servers are paid from the grants account, as grants
-(coordinator.jobs.text).
+(coordinator.economy.text_settlement).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.config import CoordinatorConfig
 from coordinator.db.schema import jobs, text_outputs, worker_peers, workers
-from coordinator.economy import trust
+from coordinator.economy import checks as spot_checks
 from protocol.text import ServerCheck, TextParams
 
 __all__ = [
@@ -93,17 +93,17 @@ async def apply_server_checks(
         judges = [linked.get(peer) for peer in check.checkers]
         if served is None or any(judge is None for judge in judges):
             continue
-        if not all(trust.independent(config, served, other) for other in (gateway, *judges)):
+        if not all(spot_checks.independent(config, served, other) for other in (gateway, *judges)):
             continue
         if verdicts.get(served.id) != "wrong":
             verdicts[served.id] = check.verdict
     for worker_id, verdict in sorted(verdicts.items()):
         key = f"text:{job_id}:{worker_id}"
         if verdict == "agree":
-            await trust.pass_check(conn, config, worker_id, job_id, key)
+            await spot_checks.pass_check(conn, config, worker_id, job_id, key)
         else:
             why = f"two block servers agreed against it on text job {job_id}"
-            await trust.fail_check(conn, config, worker_id, job_id, key, why)
+            await spot_checks.fail_check(conn, config, worker_id, job_id, key, why)
     return verdicts
 
 
@@ -133,8 +133,10 @@ async def after_text_result(
     if params.temperature != 0 and params.seed is None:
         return
     gateway = (await conn.execute(select(workers).where(workers.c.id == gateway_id))).one()
-    if random.random() < trust.spot_check_rate(config, gateway):
-        await trust.queue_check_if_refereed(conn, config, gateway, job, now, verification_account)
+    if random.random() < spot_checks.spot_check_rate(config, gateway):
+        await spot_checks.queue_check_if_refereed(
+            conn, config, gateway, job, now, verification_account
+        )
 
 
 async def record_text_check(
@@ -147,6 +149,6 @@ async def record_text_check(
     mine = text_outputs.c.job_id == original.id
     text = (await conn.execute(select(text_outputs.c.text).where(mine))).scalar_one()
     agree = texts_agree(config, str(text), verified)
-    if await trust.judge(conn, config, check, original, agree):
+    if await spot_checks.judge(conn, config, check, original, agree):
         await conn.execute(update(text_outputs).where(mine).values(text=verified))
     return agree

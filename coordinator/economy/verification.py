@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["Outcome", "images_agree", "same_build"]
 
-# What one spot check found about the job it re-ran (coordinator.economy.trust acts on it):
+# What one spot check found about the job it re-ran (coordinator.economy.checks acts on it):
 # the images agree or not; or one side's image cannot be decoded (by the coordinator, with
 # the caps of coordinator.jobs.png_check), which counts against whoever made it.
 Outcome = Literal["agree", "disagree", "original unreadable", "check unreadable"]

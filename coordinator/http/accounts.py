@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from coordinator.economy import kudos
 from coordinator.http.api import API, Call, UserCall
 from coordinator.http.state import STORE
 from protocol.messages import (
@@ -36,8 +35,10 @@ async def healthz(request: web.Request, call: Call[None]) -> Health:
 async def create_account(request: web.Request, call: Call[AccountCreate]) -> AccountCreated:
     store = request.app[STORE]
     body = call.body
-    account, api_key = await store.create_account(body.name, body.invite)
-    return AccountCreated(name=account.name, api_key=api_key, kudos=await store.balance(account.id))
+    account, api_key = await store.accounts.create_account(body.name, body.invite)
+    return AccountCreated(
+        name=account.name, api_key=api_key, kudos=await store.ledger.balance(account.id)
+    )
 
 
 @API.route(
@@ -48,7 +49,7 @@ async def create_account(request: web.Request, call: Call[AccountCreate]) -> Acc
     auth="user",
 )
 async def show_account(request: web.Request, call: UserCall[None]) -> AccountInfo:
-    return await kudos.account_info(request.app[STORE], call.account)
+    return await request.app[STORE].ledger.account_info(call.account)
 
 
 @API.route(
@@ -64,7 +65,9 @@ async def show_account(request: web.Request, call: UserCall[None]) -> AccountInf
 )
 async def create_invites(request: web.Request, call: UserCall[InviteCreate]) -> InvitesCreated:
     body = call.body
-    return InvitesCreated(codes=await request.app[STORE].create_invites(body.count, call.account))
+    return InvitesCreated(
+        codes=await request.app[STORE].accounts.create_invites(body.count, call.account)
+    )
 
 
 @API.route("GET", "/api/v1/openapi.json", summary="This API's OpenAPI 3.1 description")

@@ -232,7 +232,7 @@ class Api:
             if route.auth in ("optional", "user"):
                 key = api_key_of(request)
                 if key is not None:
-                    caller = await request.app[STORE].account_by_key(key)
+                    caller = await request.app[STORE].accounts.account_by_key(key)
                     if caller is None:
                         raise Unauthorized(
                             "unknown API key; register with `idlegrid account register`"
@@ -241,7 +241,7 @@ class Api:
                     raise Unauthorized("this needs an API key: send it in the `apikey` header")
             elif route.auth == "worker":
                 token = request.headers.get("X-Worker-Token", "")
-                caller = await request.app[STORE].worker_by_token(token) if token else None
+                caller = await request.app[STORE].workers.worker_by_token(token) if token else None
                 if caller is None:
                     raise Unauthorized("unknown worker token; register the worker again")
             if route.limit is not None:

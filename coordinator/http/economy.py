@@ -7,7 +7,6 @@ from typing import Annotated
 
 from aiohttp import web
 
-from coordinator.economy import kudos
 from coordinator.errors import NotFound, UnsandboxedWorker
 from coordinator.http.api import API, Call, UserCall, WorkerCall
 from coordinator.http.idempotency import header_key
@@ -45,11 +44,13 @@ MAX_HISTORY = 500
 async def quote_image(request: web.Request, call: Call[ImageParams]) -> Quote:
     store = request.app[STORE]
     params = call.body
-    account = call.account or await store.anonymous_account()
+    account = call.account or await store.accounts.anonymous_account()
     if account.anonymous:
         check_anonymous_limits(request, params)
     cost = image_cost(params)
-    return await kudos.quote(store, account, cost, await store.quote_place("image", account, cost))
+    return await store.ledger.quote(
+        account, cost, await store.image_jobs.quote_place(account, cost)
+    )
 
 
 @API.route(
@@ -65,7 +66,7 @@ async def quote_image(request: web.Request, call: Call[ImageParams]) -> Quote:
 async def cancel_job(request: web.Request, call: Call[None]) -> JobCancelled:
     store = request.app[STORE]
     job = await owned_job(store, request.match_info["job_id"], call.account, viewing=False)
-    refunded = await store.cancel_job(job.id)
+    refunded = await store.image_jobs.cancel(job.id)
     request.app[SIGNALS].job_changed(job.id)
     return JobCancelled(id=job.id, state="cancelled", refunded=refunded)
 
@@ -83,7 +84,7 @@ async def share_job(request: web.Request, call: UserCall[ShareUpdate]) -> ShareS
     store = request.app[STORE]
     job = await owned_job(store, request.match_info["job_id"], call.account, viewing=False)
     body = call.body
-    await store.set_shared(job.id, body.shared)
+    await store.image_jobs.set_shared(job.id, body.shared)
     return ShareState(id=job.id, shared=body.shared)
 
 
@@ -105,8 +106,8 @@ async def rate_image(
     index: Annotated[int, WholeNumber("the image's index, from 0", 0, 10**9 - 1)],
 ) -> RatingRecorded:
     body = call.body
-    return await kudos.rate_image(
-        request.app[STORE], call.account, request.match_info["job_id"], index, body.score
+    return await request.app[STORE].ledger.rate_image(
+        call.account, request.match_info["job_id"], index, body.score
     )
 
 
@@ -124,7 +125,7 @@ async def rate_image(
 async def create_transfer(request: web.Request, call: UserCall[TransferCreate]) -> TransferDone:
     key = header_key(request, required=True)
     body = call.body
-    return await kudos.transfer(request.app[STORE], call.account, body.to, body.amount, key)
+    return await request.app[STORE].ledger.transfer(call.account, body.to, body.amount, key)
 
 
 @API.route(
@@ -142,7 +143,7 @@ async def account_history(
         int | None, WholeNumber("only entries older than this entry id", 1, 2**62)
     ] = None,
 ) -> HistoryPage:
-    return await kudos.history(request.app[STORE], call.account, limit, before)
+    return await request.app[STORE].ledger.history(call.account, limit, before)
 
 
 @API.route(
@@ -156,7 +157,7 @@ async def show_worker(request: web.Request, call: Call[None]) -> WorkerInfo:
     worker_id = request.match_info["worker_id"]
     if not re.fullmatch(r"[0-9a-f]{32}", worker_id):
         raise NotFound(f"no worker {worker_id}")
-    return await kudos.worker_info(request.app[STORE], worker_id)
+    return await request.app[STORE].workers.worker_info(worker_id)
 
 
 @API.route(
@@ -174,5 +175,5 @@ async def report_engine(request: web.Request, call: WorkerCall[EngineInfo]) -> W
     body = call.body
     if request.app[CONFIG].require_sandbox and body.sandboxed is not True:
         raise UnsandboxedWorker()
-    await store.set_engine(call.worker, body.model_dump_json())
-    return await kudos.worker_info(store, call.worker.id)
+    await store.workers.set_engine(call.worker, body.model_dump_json())
+    return await store.workers.worker_info(call.worker.id)

@@ -24,7 +24,6 @@ from typing import Annotated, Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
-from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound
 from coordinator.http.api import API, Call, UserCall
 from coordinator.http.jobs import owned_job, queue_image
@@ -35,9 +34,10 @@ from coordinator.http.text import choose_model, visible_text_job
 from coordinator.http.text import submit as submit_text
 from coordinator.jobs import text as text_jobs
 from coordinator.jobs.foreign_images import webp_base64
-from coordinator.jobs.network import ONLINE_SECONDS, worker_records
+from coordinator.jobs.lifecycle import Lifecycle
+from coordinator.jobs.network import ONLINE_SECONDS
 from coordinator.jobs.text import TextJob
-from coordinator.store import Account, Job, Store
+from coordinator.store import Account, ImageJob, Store
 from protocol.cost import image_cost
 from protocol.errors import ValidationFailed
 from protocol.horde import (
@@ -208,7 +208,7 @@ async def image_async(
         horde={"r2": body.r2, "client_agent": request.headers.get("Client-Agent", "")[:200]},
     )
     if body.shared and call.account is not None:
-        await request.app[STORE].set_shared(job.id, True)
+        await request.app[STORE].image_jobs.set_shared(job.id, True)
     return RequestAsync(id=job.id, kudos=float(job.cost))
 
 
@@ -216,11 +216,11 @@ def _job_id(request: web.Request) -> str:
     return request.match_info["id"].lower()
 
 
-async def _image_job(request: web.Request, account: Account | None) -> Job:
+async def _image_job(request: web.Request, account: Account | None) -> ImageJob:
     """A job made through /api/v2 is visible to whoever holds its id (AI Horde's rule);
     any other only as /api/v1 allows."""
     store = request.app[STORE]
-    job = await store.get_job(_job_id(request))
+    job = await store.image_jobs.get(_job_id(request))
     if job is not None and job.horde is not None and job.verify_of is None:
         return job
     try:
@@ -232,11 +232,11 @@ async def _image_job(request: web.Request, account: Account | None) -> Job:
 
 
 async def _check(
-    store: Store, job_id: str, state: str, n: int, cost: int, attempts: int, job: Any = None
+    jobs: Lifecycle, job_id: str, state: str, n: int, cost: int, attempts: int, job: Any = None
 ) -> dict[str, Any]:
     """`job`: the image job as just read, if the caller has it (saves reading it again)."""
     done = state in ("done", "failed", "cancelled")
-    position, eta = (None, None) if done else await store.queue_info(job_id, job)
+    position, eta = (None, None) if done else await jobs.queue_info(job_id, job)
     return {
         "finished": n if state == "done" else 0,
         "processing": n if state == "leased" else 0,
@@ -263,25 +263,25 @@ async def image_check(request: web.Request, call: Call[None]) -> RequestStatusCh
     job = await _image_job(request, call.account)
     store = request.app[STORE]
     n = job.params.n
-    check = await _check(store, job.id, job.state, n, job.cost, job.attempts, job)
+    check = await _check(store.image_jobs, job.id, job.state, n, job.cost, job.attempts, job)
     return RequestStatusCheck(**check)
 
 
 async def _worker_names(store: Store, worker_id: str | None) -> tuple[str, str, tuple[str, ...]]:
-    worker = await store.worker_by_id(worker_id) if worker_id else None
+    worker = await store.workers.worker_by_id(worker_id) if worker_id else None
     if worker is None:
         return "", "", ()
     return worker.id, worker.name, worker.models
 
 
-async def image_status(request: web.Request, job: Job) -> RequestStatusImage:
+async def image_status(request: web.Request, job: ImageJob) -> RequestStatusImage:
     store, files = request.app[STORE], request.app[FILES]
     generations = []
     if job.state == "done":
         worker_id, worker_name, models = await _worker_names(store, job.worker_id)
         model = job.params.model or (models[0] if models else "default")
         inline = job.horde is not None and job.horde.get("r2") is False
-        for record in await store.results(job.id):
+        for record in await store.image_jobs.results(job.id):
             if inline:
                 async with files.local_copy(record.sha256) as path:
                     img = await asyncio.to_thread(
@@ -303,7 +303,9 @@ async def image_status(request: web.Request, job: Job) -> RequestStatusImage:
                     model=model,
                 )
             )
-    check = await _check(store, job.id, job.state, job.params.n, job.cost, job.attempts, job)
+    check = await _check(
+        store.image_jobs, job.id, job.state, job.params.n, job.cost, job.attempts, job
+    )
     return RequestStatusImage(**check, generations=generations, shared=job.shared)
 
 
@@ -333,9 +335,9 @@ async def image_cancel(request: web.Request, call: Call[None]) -> RequestStatusI
     store = request.app[STORE]
     job = await _image_job(request, call.account)
     if not job.finished:
-        await store.cancel_job(job.id)
+        await store.image_jobs.cancel(job.id)
         request.app[SIGNALS].job_changed(job.id)
-        found = await store.get_job(job.id)
+        found = await store.image_jobs.get(job.id)
         assert found is not None
         job = found
     return await image_status(request, job)
@@ -352,7 +354,7 @@ async def image_cancel(request: web.Request, call: Call[None]) -> RequestStatusI
 async def image_file(request: web.Request, call: Call[None]) -> web.StreamResponse:
     store = request.app[STORE]
     digest = request.match_info["digest"].removesuffix(".png")
-    for record in await store.results(_job_id(request)):
+    for record in await store.image_jobs.results(_job_id(request)):
         if str(record.index) == request.match_info["index"] and record.sha256 == digest:
             return await request.app[FILES].response(
                 request,
@@ -450,7 +452,7 @@ async def _text_job(request: web.Request, account: Account | None, *, polling: b
     /api/v1 or the OpenAI routes, as /api/v1 allows."""
     store = request.app[STORE]
     if polling:
-        found = await text_jobs.get_text_job(store, _job_id(request))
+        found = await store.text_jobs.get(_job_id(request))
         if found is not None and found.horde:
             return found
     try:
@@ -476,9 +478,9 @@ async def text_status(request: web.Request, job: TextJob) -> RequestStatusText:
             )
         )
     cost = job.charged if job.charged is not None else job.cost
-    check = await _check(store, job.id, job.state, 1, cost, job.attempts)
+    check = await _check(store.text_jobs, job.id, job.state, 1, cost, job.attempts)
     if not job.finished:
-        position, eta = await text_jobs.text_queue_position(store, job.id)
+        position, eta = await store.text_jobs.queue_info(job.id)
         check.update(queue_position=position or 0, wait_time=0 if eta is None else int(eta))
     return RequestStatusText(**check, generations=generations)
 
@@ -508,7 +510,7 @@ async def text_cancel(request: web.Request, call: Call[None]) -> RequestStatusTe
     store = request.app[STORE]
     job = await _text_job(request, call.account, polling=False)
     if not job.finished:
-        await store.cancel_job(job.id)
+        await store.text_jobs.cancel(job.id)
         request.app[SIGNALS].job_changed(job.id)
         job = await _text_job(request, call.account, polling=False)
     return await text_status(request, job)
@@ -561,8 +563,8 @@ async def status_models(
 
 
 async def user_details(store: Store, account: Account, created_at: float) -> UserDetails:
-    info = await kudos.account_info(store, account)
-    owned = await store.account_workers(account.id)
+    info = await store.ledger.account_info(account)
+    owned = await store.workers.account_workers(account.id)
     return UserDetails(
         username=f"{account.name}#{account.id}",
         id=account.id,
@@ -596,7 +598,7 @@ async def user_details(store: Store, account: Account, created_at: float) -> Use
 )
 async def find_user(request: web.Request, call: UserCall[None]) -> UserDetails:
     store = request.app[STORE]
-    found = await store.account_by_id(call.account.id)
+    found = await store.accounts.account_by_id(call.account.id)
     if found is None:
         raise NotFound("User with this API key not found.").horde("UserNotFound")
     return await user_details(store, *found)
@@ -612,7 +614,9 @@ async def find_user(request: web.Request, call: UserCall[None]) -> UserDetails:
 async def show_user(request: web.Request, call: Call[None]) -> UserDetails:
     raw = request.match_info["user_id"]
     store = request.app[STORE]
-    found = await store.account_by_id(int(raw)) if raw.isdigit() and len(raw) < 12 else None
+    found = (
+        await store.accounts.account_by_id(int(raw)) if raw.isdigit() and len(raw) < 12 else None
+    )
     if found is None:
         raise NotFound(f"User with ID '{raw}' not found.").horde("UserNotFound")
     return await user_details(store, *found)
@@ -672,7 +676,7 @@ async def list_workers(
     name = name.lower()
     store = request.app[STORE]
     # shared by everyone asking within network_view_seconds, like /api/v1/network
-    at, rows = await request.app[VIEWS].get("workers", lambda: worker_records(store))
+    at, rows = await request.app[VIEWS].get("workers", lambda: store.network.worker_records())
     found = [worker_details(row, at, earned) for row, earned in rows]
     return web.json_response(
         [
@@ -692,7 +696,7 @@ async def list_workers(
 )
 async def show_worker(request: web.Request, call: Call[None]) -> WorkerDetails:
     worker_id = request.match_info["worker_id"].replace("-", "").lower()
-    at, rows = await worker_records(request.app[STORE], worker_id)
+    at, rows = await request.app[STORE].network.worker_records(worker_id)
     if not rows or rows[0][0].kind is None:
         raise NotFound(f"Worker with ID '{request.match_info['worker_id']}' not found.").horde(
             "WorkerNotFound"

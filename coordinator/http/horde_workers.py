@@ -6,14 +6,14 @@ jobs through the same queue as ours. Its results are unsigned and come from engi
 cannot reproduce, so: it is never trusted and never takes or gets spot checks; it only
 gets one-image jobs whose requester did not ask for signed results; what it earns is held
 for `--horde-hold` seconds and refunded if the requester disputes the job in that time
-(coordinator.economy.trust.hold_for_dispute). Its images are decoded under the same caps
+(coordinator.economy.payments.hold_for_dispute). Its images are decoded under the same caps
 as our own uploads and stored as PNG. A coordinator that requires sandboxed workers turns
 them away. (AI Horde's text workers cannot report block usage; they are not served.)
 
 A name costs nothing, so a new one is created through the `worker` rate limit of native
 registrations and counts toward `--max-workers-per-account`; a new name of an account
 whose worker is paused is paused too; every report that is not `ok` counts toward
-`--faulted-run` (coordinator.economy.trust).
+`--faulted-run` (coordinator.economy.suspicion).
 """
 
 from __future__ import annotations
@@ -69,17 +69,17 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
     body = call.body
     store = request.app[STORE]
     ip = client_ip(request)
-    worker = await store.horde_worker(owner, body.name)
+    worker = await store.workers.horde_worker(owner, body.name)
     if worker is None:
         # a new name is a new worker identity: the same limit as a native registration
         await request.app[LIMITER].check("worker", f"account:{owner.id}", ip)
-        worker = await store.new_horde_worker(owner, body.name, ip)
+        worker = await store.workers.new_horde_worker(owner, body.name, ip)
     # the poll is noted (uptime, address, offer) in the pop's transaction
-    poll = store.poll_note(worker, ip, kind="image", models=body.models)
+    poll = store.workers.poll_note(worker, ip, kind="image", models=body.models)
     job = await timed_pop(
         request,
         "image",
-        lambda: store.pop_job(worker, body.models, body.max_pixels, MAX_STEPS, poll),
+        lambda: store.image_jobs.pop(worker, body.models, body.max_pixels, MAX_STEPS, poll),
     )()
     if job is None:
         return PopResponseV2(id=None, ids=[], payload={}, model=None, skipped={})
@@ -123,10 +123,10 @@ async def horde_submit(request: web.Request, call: Call[SubmitRequestV2]) -> Gen
     owner = _owner(call.account)
     body = call.body
     store, signals = request.app[STORE], request.app[SIGNALS]
-    job = await store.get_job(body.id.lower())
+    job = await store.image_jobs.get(body.id.lower())
     if job is None:
         raise NotFound(f"Processing Job with ID {body.id} does not exist.").horde("InvalidJobID")
-    worker = await store.worker_by_id(job.worker_id) if job.worker_id else None
+    worker = await store.workers.worker_by_id(job.worker_id) if job.worker_id else None
     if worker is None or worker.signs or worker.account_id != owner.id:
         raise Forbidden(f"job {body.id} is not leased to a worker of yours").horde(
             "WrongCredentials"
@@ -138,7 +138,7 @@ async def horde_submit(request: web.Request, call: Call[SubmitRequestV2]) -> Gen
     if body.state != "ok":
         # faulted, censored (a blacked-out image) or refused: another worker tries, and
         # the give-back counts against this one (--faulted-run)
-        job = await store.fail_image_job(worker, job.id, f"AI Horde worker reported {body.state}")
+        job = await store.image_jobs.fail(worker, job.id, f"AI Horde worker reported {body.state}")
         signals.job_changed(job.id)
         if job.state == "queued":
             signals.job_queued("image", job.params.model)
@@ -156,6 +156,6 @@ async def horde_submit(request: web.Request, call: Call[SubmitRequestV2]) -> Gen
     png, digest = await asyncio.to_thread(decode)
     await files.put_bytes(png, digest)
     # unsigned: the signature column stays empty
-    _, held = await store.finish_job(worker, job, [ResultRecord(0, p.seed, digest, "")])
+    _, held = await store.image_jobs.finish(worker, job, [ResultRecord(0, p.seed, digest, "")])
     signals.job_changed(job.id)
     return GenerationSubmitted(reward=float(held))

@@ -9,7 +9,6 @@ from typing import Annotated, Any
 from aiohttp import web
 
 from coordinator.db.request_keys import Idempotent
-from coordinator.economy import kudos
 from coordinator.errors import BadRequest, NotFound
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call, UserCall
@@ -17,7 +16,7 @@ from coordinator.http.idempotency import submit_key
 from coordinator.http.params import WholeNumber
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.http.streams import follow, open_stream
-from coordinator.store import Account, Job, Store
+from coordinator.store import Account, ImageJob, Store
 from protocol.cost import image_cost
 from protocol.messages import (
     DisputeCreate,
@@ -88,7 +87,7 @@ async def submit_image(request: web.Request, call: Call[ImageJobRequest]) -> Ima
         signed_only=body.signed_only,
         idempotent=submit_key(request, call.account is None, body),
     )
-    position, eta = await request.app[STORE].queue_info(job.id, job)
+    position, eta = await request.app[STORE].image_jobs.queue_info(job.id, job)
     assert job.params.seed is not None
     return ImageJobCreated(
         id=job.id,
@@ -107,7 +106,7 @@ async def queue_image(
     signed_only: bool = False,
     horde: dict[str, Any] | None = None,
     idempotent: Idempotent | None = None,
-) -> Job:
+) -> ImageJob:
     """Queue an image job for `account` (anonymous: None) from any door: the anonymous
     limits, the seed fixed now, the cost reserved, the workers woken. With `idempotent`,
     a replay gets the first job (coordinator.http.idempotency)."""
@@ -119,12 +118,12 @@ async def queue_image(
         )
         raise BadRequest(f"source_processing: {message}", [("source_processing", message)])
     store = request.app[STORE]
-    account = account or await store.anonymous_account(client_ip(request))
+    account = account or await store.accounts.anonymous_account(client_ip(request))
     if account.anonymous:
         check_anonymous_limits(request, params)
     if params.seed is None:
         params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
-    job = await store.create_image_job(
+    job = await store.image_jobs.create(
         account,
         params,
         image_cost(params),
@@ -138,12 +137,12 @@ async def queue_image(
 
 async def owned_job(
     store: Store, job_id: str, account: Account | None, *, viewing: bool = True
-) -> Job:
+) -> ImageJob:
     """The job, if the caller may see it (`viewing`) or change it: the requester's key, or
     anyone holding the id of an anonymous job; for viewing also any registered user when
     the job is shared."""
-    job = await store.get_job(job_id)
-    anonymous = (await store.anonymous_account()).id
+    job = await store.image_jobs.get(job_id)
+    anonymous = (await store.accounts.anonymous_account()).id
     if job is None or job.verify_of is not None:
         raise NotFound(f"no job {job_id} visible to this API key")
     mine = job.account_id == anonymous or (account is not None and account.id == job.account_id)
@@ -153,12 +152,12 @@ async def owned_job(
     return job
 
 
-async def job_status(request: web.Request, job: Job) -> JobStatus:
+async def job_status(request: web.Request, job: ImageJob) -> JobStatus:
     store = request.app[STORE]
     images = []
-    records = await store.results(job.id) if job.state == "done" else []
+    records = await store.image_jobs.results(job.id) if job.state == "done" else []
     if records:
-        rated = await kudos.image_ratings(store, job.id)
+        rated = await store.ledger.image_ratings(job.id)
         for record in records:
             url = str(
                 request.url.with_path(f"/api/v1/jobs/{job.id}/images/{record.index}").with_query(
@@ -176,7 +175,9 @@ async def job_status(request: web.Request, job: Job) -> JobStatus:
                     ratings=count,
                 )
             )
-    position, eta = await store.queue_info(job.id, job) if not job.finished else (None, None)
+    position, eta = (
+        await store.image_jobs.queue_info(job.id, job) if not job.finished else (None, None)
+    )
     # whole seconds, so a stream does not send an event for every small drift
     eta = None if eta is None else float(round(eta))
     return JobStatus(
@@ -227,8 +228,8 @@ async def job_events(request: web.Request, call: Call[None]) -> web.StreamRespon
     store = request.app[STORE]
     job = await owned_job(store, request.match_info["job_id"], call.account)
 
-    async def read() -> Job:
-        found = await store.get_job(job.id)
+    async def read() -> ImageJob:
+        found = await store.image_jobs.get(job.id)
         assert found is not None
         return found
 
@@ -258,7 +259,7 @@ async def get_image(request: web.Request, call: Call[None]) -> web.StreamRespons
     store = request.app[STORE]
     job = await owned_job(store, request.match_info["job_id"], call.account)
     index = request.match_info["index"]
-    for record in await store.results(job.id):
+    for record in await store.image_jobs.results(job.id):
         if str(record.index) == index:
             return await request.app[FILES].response(
                 request,
@@ -292,7 +293,7 @@ async def list_jobs(
         int, WholeNumber("jobs to skip (next_offset of the page before)", 0, 10**9)
     ] = 0,
 ) -> JobList:
-    found = await request.app[STORE].account_jobs(call.account, limit + 1, offset)
+    found = await request.app[STORE].image_jobs.account_jobs(call.account, limit + 1, offset)
     statuses = [await job_status(request, job) for job in found[:limit]]
     return JobList(jobs=statuses, next_offset=offset + limit if len(found) > limit else None)
 
@@ -312,7 +313,7 @@ async def dispute(request: web.Request, call: UserCall[DisputeCreate]) -> Disput
     store = request.app[STORE]
     job = await owned_job(store, request.match_info["job_id"], call.account, viewing=False)
     body = call.body
-    refunded, unused = await store.dispute_job(job.id, body.reason or "no reason given")
+    refunded, unused = await store.image_jobs.dispute(job.id, body.reason or "no reason given")
     # whoever disputes does not keep the images
     for digest in unused:
         await request.app[FILES].remove(digest)

@@ -182,7 +182,7 @@ METRICS = web.AppKey("metrics", Metrics)
 
 async def _jobs(store: Store) -> dict[tuple[str, str], int]:
     query = select(jobs.c.kind, jobs.c.state, func.count()).group_by(jobs.c.kind, jobs.c.state)
-    rows = await store.read_rows(query, list)
+    rows = await store.db.read_rows(query, list)
     return {(str(kind), str(state)): int(count) for kind, state, count in rows}
 
 
@@ -194,7 +194,7 @@ async def _kudos(store: Store) -> dict[str, int]:
         .where(accounts.c.kind != "system")
         .group_by(accounts.c.kind)
     )
-    rows = await store.read_rows(query, list)
+    rows = await store.db.read_rows(query, list)
     return {str(kind): int(amount or 0) for kind, amount in rows}
 
 
@@ -214,10 +214,10 @@ async def _workers(store: Store) -> dict[tuple[str, str], int]:
     columns = (workers.c.kind, workers.c.engine, workers.c.trusted)
     query = (
         select(*columns, func.count())
-        .where(workers.c.last_seen >= store.now() - ONLINE_SECONDS)
+        .where(workers.c.last_seen >= store.db.now() - ONLINE_SECONDS)
         .group_by(*columns)
     )
-    rows = await store.read_rows(query, list)
+    rows = await store.db.read_rows(query, list)
     counts: dict[tuple[str, str], int] = {}
     for kind, engine, trusted, count in rows:
         key = (_worker_kind(kind, engine), "true" if trusted else "false")

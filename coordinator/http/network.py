@@ -16,7 +16,6 @@ from aiohttp import web
 from coordinator.http.api import API, Call
 from coordinator.http.params import WholeNumber
 from coordinator.http.state import STORE, VIEWS
-from coordinator.jobs.network import network_status
 from protocol.messages import NetworkStatus
 
 __all__ = ["MODELS_LISTED", "PAGE_MAX", "shared_network_status"]
@@ -29,12 +28,12 @@ MODELS_LISTED = 200
 
 
 async def shared_network_status(request: web.Request, *, online_only: bool) -> NetworkStatus:
-    """The network's view (coordinator.jobs.network.network_status), models capped at
+    """The network's view (coordinator.jobs.network.Network.status), models capped at
     MODELS_LISTED, shared by every request within `network_view_seconds`."""
 
     async def compute() -> NetworkStatus:
         store = request.app[STORE]
-        return await network_status(store, online_only=online_only, max_models=MODELS_LISTED)
+        return await store.network.status(online_only=online_only, max_models=MODELS_LISTED)
 
     return await request.app[VIEWS].get(f"network:{online_only}", compute)
 

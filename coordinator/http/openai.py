@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
     auth="optional",
 )
 async def list_models(request: web.Request, call: Call[None]) -> ModelList:
-    config, now = request.app[CONFIG], int(request.app[STORE].now())
+    config, now = request.app[CONFIG], int(request.app[STORE].db.now())
     models = sorted(config.text_models, key=lambda m: m.name != config.default_text_model)
     return ModelList(data=[OpenAIModel(id=m.name, created=now) for m in models])
 
@@ -123,7 +123,7 @@ async def chat_completions(
 ) -> web.StreamResponse | ChatCompletion:
     body = call.body
     job = await submit(request, call.account, body.text_params())
-    completion_id, created = f"chatcmpl-{job.id}", int(request.app[STORE].now())
+    completion_id, created = f"chatcmpl-{job.id}", int(request.app[STORE].db.now())
     if body.stream:
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
@@ -170,7 +170,7 @@ async def completions(
 ) -> web.StreamResponse | Completion:
     body = call.body
     job = await submit(request, call.account, body.text_params())
-    completion_id, created = f"cmpl-{job.id}", int(request.app[STORE].now())
+    completion_id, created = f"cmpl-{job.id}", int(request.app[STORE].db.now())
     if body.stream:
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from coordinator.errors import BadImage, BadRequest, BodyTooLarge, Conflict, Una
 from coordinator.http.api import API, WorkerCall
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.jobs.png_check import MAX_PNG_BYTES, byte_limit, check_png, read_pixels
-from coordinator.store import Job, ResultRecord, Worker
+from coordinator.store import ImageJob, ResultRecord, Worker
 from protocol.errors import SignatureInvalid
 from protocol.messages import (
     IMAGE_SEED_HEADER,
@@ -45,9 +45,9 @@ _HEX_64 = re.compile(r"[0-9a-f]{64}")
 _HEX_128 = re.compile(r"[0-9a-f]{128}")
 
 
-async def _leased_job(request: web.Request, worker: Worker) -> Job:
+async def _leased_job(request: web.Request, worker: Worker) -> ImageJob:
     job_id = request.match_info["job_id"]
-    job = await request.app[STORE].get_job(job_id)
+    job = await request.app[STORE].image_jobs.get(job_id)
     if job is None or job.state != "leased" or job.worker_id != worker.id:
         raise Conflict(
             f"job {job_id} is not leased to this worker; it may have been given to another"
@@ -55,7 +55,9 @@ async def _leased_job(request: web.Request, worker: Worker) -> Job:
     return job
 
 
-def _check_signature(worker: Worker, job: Job, sha256: str, signature: str, field: str) -> None:
+def _check_signature(
+    worker: Worker, job: ImageJob, sha256: str, signature: str, field: str
+) -> None:
     try:
         verify(worker.public_key, result_message(job.id, job.params_hash, sha256), signature)
     except SignatureInvalid:
@@ -65,7 +67,7 @@ def _check_signature(worker: Worker, job: Job, sha256: str, signature: str, fiel
         ) from None
 
 
-def _upload_headers(request: web.Request, job: Job, index: int) -> tuple[int, str, str]:
+def _upload_headers(request: web.Request, job: ImageJob, index: int) -> tuple[int, str, str]:
     """The upload's seed, SHA-256 and signature headers, checked for form and seed."""
     values = {}
     for name, pattern, what in (
@@ -87,7 +89,7 @@ def _upload_headers(request: web.Request, job: Job, index: int) -> tuple[int, st
     return seed, values[IMAGE_SHA256_HEADER], values[IMAGE_SIGNATURE_HEADER]
 
 
-def _image_index(request: web.Request, job: Job) -> int:
+def _image_index(request: web.Request, job: ImageJob) -> int:
     raw = request.match_info["index"]
     if not _DECIMAL.fullmatch(raw) or int(raw) >= job.params.n:
         raise BadRequest(
@@ -147,7 +149,7 @@ async def upload_image(request: web.Request, call: WorkerCall[None]) -> ImageUpl
 
 
 async def _checked_records(
-    request: web.Request, job: Job, worker: Worker, body: ResultSubmit
+    request: web.Request, job: ImageJob, worker: Worker, body: ResultSubmit
 ) -> list[ResultRecord]:
     """Verify every image of the result against its upload, or raise naming the field."""
     expected_seeds = job.params.seeds()
@@ -210,7 +212,7 @@ async def submit_result(request: web.Request, call: WorkerCall[ResultSubmit]) ->
     outcome = None
     if job.verify_of is not None:
         outcome = await _check_outcome(request, worker, job, [r.sha256 for r in records])
-    paid, held = await store.finish_job(worker, job, records, outcome)
+    paid, held = await store.image_jobs.finish(worker, job, records, outcome)
     await request.app[FILES].discard(job.id)
     signals.job_changed(job.id)
     if job.verify_of is not None:
@@ -221,19 +223,21 @@ async def submit_result(request: web.Request, call: WorkerCall[ResultSubmit]) ->
 
 
 async def _check_outcome(
-    request: web.Request, verifier: Worker, job: Job, digests: list[str]
+    request: web.Request, verifier: Worker, job: ImageJob, digests: list[str]
 ) -> Outcome:
     """What a spot check's images say about the original's (coordinator.economy.verification).
     Both sides are decoded with the job's size as a cap; one that cannot be decoded counts
     against whoever made it, so the check always concludes."""
     store, files, config = request.app[STORE], request.app[FILES], request.app[CONFIG]
-    original = await store.original_results(job)
+    original = await store.image_jobs.original_results(job)
     if len(original) != len(digests):
         return "original unreadable"
     assert job.verify_of is not None
-    checked = await store.get_job(job.verify_of)
-    mine = await store.worker_row(verifier.id)
-    theirs = await store.worker_row(checked.worker_id) if checked and checked.worker_id else None
+    checked = await store.image_jobs.get(job.verify_of)
+    mine = await store.workers.worker_row(verifier.id)
+    theirs = (
+        await store.workers.worker_row(checked.worker_id) if checked and checked.worker_id else None
+    )
     identical = same_build(
         mine.engine if mine is not None else None, theirs.engine if theirs is not None else None
     )

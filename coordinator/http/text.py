@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from coordinator.db.request_keys import Idempotent
-from coordinator.economy import kudos, text_models
+from coordinator.economy import text_models
 from coordinator.errors import (
     BadRequest,
     Conflict,
@@ -60,7 +60,7 @@ async def choose_model(request: web.Request, name: str | None, field: str) -> Te
     (gateways re-offer on every long-poll); 400 naming the models otherwise."""
     config = request.app[CONFIG]
     model = text_models.choose(config, name, field)
-    served = await text_jobs.served_models(request.app[STORE], config.text_model_seconds)
+    served = await request.app[STORE].text_jobs.served_models(config.text_model_seconds)
     if model.name not in served:
         which = f"model {model.name}" + (" (the default)" if name is None else "")
         fix = (
@@ -103,7 +103,7 @@ async def submit(
     """Validate against the catalog and the served models, fix the seed, queue and reserve
     (once per `idempotent` key); `horde`: the options of a request made through /api/v2."""
     store = request.app[STORE]
-    account = account or await store.anonymous_account(client_ip(request))
+    account = account or await store.accounts.anonymous_account(client_ip(request))
     model = await choose_model(request, params.model, "model")
     check_text_limits(request, params, model, account)
     updates: dict[str, object] = {"model": model.name}
@@ -111,15 +111,15 @@ async def submit(
         # fixed now so that a retry on another gateway samples the same text
         updates["seed"] = secrets.randbelow(MAX_SEED + 1)
     params = params.model_copy(update=updates)
-    job = await text_jobs.create_text_job(store, account, params, model, horde, idempotent)
+    job = await store.text_jobs.create(account, params, model, horde, idempotent)
     request.app[SIGNALS].job_queued("text", model.name)
     return job
 
 
 async def visible_text_job(store: Store, job_id: str, account: Account | None) -> TextJob:
     """The job, if the caller may see it: the requester's key, or anyone for anonymous jobs."""
-    job = await text_jobs.get_text_job(store, job_id)
-    anonymous = (await store.anonymous_account()).id
+    job = await store.text_jobs.get(job_id)
+    anonymous = (await store.accounts.anonymous_account()).id
     if job is None or (
         job.account_id != anonymous and (account is None or account.id != job.account_id)
     ):
@@ -128,9 +128,7 @@ async def visible_text_job(store: Store, job_id: str, account: Account | None) -
 
 
 async def text_status(store: Store, job: TextJob, *, with_text: bool = True) -> TextStatus:
-    position, eta = (
-        await text_jobs.text_queue_position(store, job.id) if not job.finished else (None, None)
-    )
+    position, eta = await store.text_jobs.queue_info(job.id) if not job.finished else (None, None)
     return TextStatus(
         id=job.id,
         state=job.state,
@@ -169,7 +167,7 @@ async def submit_text(request: web.Request, call: Call[TextParams]) -> TextJobCr
     return TextJobCreated(
         id=job.id,
         kudos_cost=job.cost,
-        queue_position=(await text_jobs.text_queue_position(request.app[STORE], job.id))[0],
+        queue_position=await request.app[STORE].text_jobs.queue_position(job.id),
     )
 
 
@@ -185,11 +183,11 @@ async def submit_text(request: web.Request, call: Call[TextParams]) -> TextJobCr
 async def quote_text(request: web.Request, call: Call[TextParams]) -> Quote:
     store = request.app[STORE]
     params = call.body
-    account = call.account or await store.anonymous_account()
+    account = call.account or await store.accounts.anonymous_account()
     model = await choose_model(request, params.model, "model")
     check_text_limits(request, params, model, account)
     cost = text_jobs.reserve_cost(params, model)
-    return await kudos.quote(store, account, cost, await store.quote_place("text", account, cost))
+    return await store.ledger.quote(account, cost, await store.text_jobs.quote_place(account, cost))
 
 
 @API.route(
@@ -219,7 +217,7 @@ async def get_text(request: web.Request, call: Call[None]) -> TextStatus:
 async def cancel_text(request: web.Request, call: Call[None]) -> JobCancelled:
     store = request.app[STORE]
     job = await visible_text_job(store, request.match_info["job_id"], call.account)
-    refunded = await store.cancel_job(job.id)
+    refunded = await store.text_jobs.cancel(job.id)
     request.app[SIGNALS].job_changed(job.id)
     return JobCancelled(id=job.id, state="cancelled", refunded=refunded)
 
@@ -229,7 +227,7 @@ def follow_text(request: web.Request, job: TextJob) -> AsyncIterator[TextJob]:
     store = request.app[STORE]
 
     async def read() -> TextJob:
-        found = await text_jobs.get_text_job(store, job.id)
+        found = await store.text_jobs.get(job.id)
         assert found is not None
         return found
 
@@ -301,8 +299,8 @@ async def link_peer(request: web.Request, call: WorkerCall[PeerLink]) -> PeerLin
             "peer_proof_message(nonce, its worker id, peer id) with its libp2p key",
             [("peer_signature", "must be made with the peer id's libp2p private key")],
         ) from None
-    await text_jobs.link_peer(request.app[STORE], worker, body.peer_id, body.nonce)
-    await request.app[STORE].note_offer(worker, "blocks", ())
+    await request.app[STORE].text_jobs.link_peer(worker, body.peer_id, body.nonce)
+    await request.app[STORE].workers.note_offer(worker, "blocks", ())
     return PeerLinked(peer_id=body.peer_id, worker_id=worker.id)
 
 
@@ -325,10 +323,10 @@ async def pop_text(request: web.Request, call: WorkerCall[TextPopRequest]) -> Te
         raise UnsandboxedWorker()
     # sizes set prices: a model outside the catalog or with other sizes gets no jobs
     offered = text_models.check_offer(request.app[CONFIG], body.models)
-    await text_jobs.offer_models(store, offered)
+    await store.text_jobs.offer_models(offered)
     names = [m.name for m in offered]
-    await store.note_offer(worker, "text", names)
-    attempt = timed_pop(request, "text", lambda: text_jobs.pop_text_job(store, worker, names))
+    await store.workers.note_offer(worker, "text", names)
+    attempt = timed_pop(request, "text", lambda: store.text_jobs.pop(worker, names))
     job = await long_poll(request, body.wait, attempt, "text", names)
     if job is None:
         return TextPopResponse(job=None)
@@ -359,8 +357,8 @@ async def pop_text(request: web.Request, call: WorkerCall[TextPopRequest]) -> Te
 async def text_delta(request: web.Request, call: WorkerCall[TextDelta]) -> TextDeltaAccepted:
     body = call.body
     job_id = request.match_info["job_id"]
-    length, deadline = await text_jobs.append_text(
-        request.app[STORE], call.worker, job_id, body.offset, body.text
+    length, deadline = await request.app[STORE].text_jobs.append_text(
+        call.worker, job_id, body.offset, body.text
     )
     request.app[SIGNALS].job_changed(job_id)
     return TextDeltaAccepted(id=job_id, length=length, lease_deadline=deadline)
@@ -383,7 +381,7 @@ async def text_result(
     store = request.app[STORE]
     worker = call.worker
     body = call.body
-    job = await text_jobs.get_text_job(store, request.match_info["job_id"])
+    job = await store.text_jobs.get(request.match_info["job_id"])
     if job is None or job.state != "leased" or job.worker_id != worker.id:
         raise Conflict(
             f"text job {request.match_info['job_id']} is not leased to this worker; "
@@ -405,7 +403,7 @@ async def text_result(
             f"model {job.model} left this coordinator's catalog; give the job back "
             f"(POST /api/v1/text/jobs/{job.id}/fail)"
         )
-    settled = await text_jobs.complete_text_job(store, worker, job, body, model)
+    settled = await store.text_jobs.complete(worker, job, body, model)
     signals = request.app[SIGNALS]
     signals.job_changed(job.id)
     if settled.verified is not None:
@@ -433,8 +431,8 @@ async def text_result(
 async def text_fail(request: web.Request, call: WorkerCall[TextFailure]) -> TextStatus:
     store = request.app[STORE]
     body = call.body
-    job = await text_jobs.fail_text_job(
-        store, call.worker, request.match_info["job_id"], body.reason, body.retry
+    job = await store.text_jobs.fail(
+        call.worker, request.match_info["job_id"], body.reason, body.retry
     )
     request.app[SIGNALS].job_changed(job.id)
     if job.state == "queued":

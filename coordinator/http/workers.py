@@ -14,7 +14,7 @@ from coordinator.http.jobs import job_status
 from coordinator.http.metrics import timed_pop
 from coordinator.http.polling import long_poll
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
-from coordinator.jobs.image import Job
+from coordinator.jobs.image import ImageJob
 from protocol.errors import SignatureInvalid
 from protocol.messages import (
     Challenge,
@@ -48,7 +48,7 @@ DRAINING = "shutting down"
 )
 async def challenge(request: web.Request, call: Call[ChallengeRequest]) -> Challenge:
     body = call.body
-    nonce, expires_at = await request.app[STORE].challenge(body.purpose)
+    nonce, expires_at = await request.app[STORE].workers.challenge(body.purpose)
     return Challenge(nonce=nonce, expires_at=expires_at)
 
 
@@ -79,7 +79,7 @@ async def register_worker(request: web.Request, call: Call[WorkerRegister]) -> W
         )
     except SignatureInvalid:
         raise Unauthorized("registration signature does not match public_key") from None
-    worker, token = await request.app[STORE].register_worker(
+    worker, token = await request.app[STORE].workers.register_worker(
         body.name, body.public_key, call.account, client_ip(request), nonce=body.nonce
     )
     return WorkerRegistered(worker_id=worker.id, token=token)
@@ -101,11 +101,11 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
     if request.app[CONFIG].require_sandbox and worker.sandboxed is not True:
         raise UnsandboxedWorker()
     # the poll is noted (uptime, address, offer) in the first attempt's transaction
-    polls = [store.poll_note(worker, client_ip(request), kind="image", models=body.models)]
+    polls = [store.workers.poll_note(worker, client_ip(request), kind="image", models=body.models)]
 
-    def attempt() -> Awaitable[Job | None]:
+    def attempt() -> Awaitable[ImageJob | None]:
         poll = polls.pop() if polls else None
-        return store.pop_job(worker, body.models, body.max_pixels, body.max_steps, poll)
+        return store.image_jobs.pop(worker, body.models, body.max_pixels, body.max_steps, poll)
 
     job = await long_poll(
         request,
@@ -140,7 +140,7 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
 )
 async def progress(request: web.Request, call: WorkerCall[ProgressReport]) -> LeaseExtended:
     body = call.body
-    job = await request.app[STORE].report_progress(
+    job = await request.app[STORE].image_jobs.report_progress(
         call.worker, request.match_info["job_id"], body.image, body.step, body.steps
     )
     request.app[SIGNALS].job_changed(job.id)
@@ -160,7 +160,7 @@ async def progress(request: web.Request, call: WorkerCall[ProgressReport]) -> Le
 )
 async def fail(request: web.Request, call: WorkerCall[FailureReport]) -> JobStatus:
     reason: str = call.body.reason
-    job = await request.app[STORE].fail_image_job(
+    job = await request.app[STORE].image_jobs.fail(
         call.worker,
         request.match_info["job_id"],
         reason,

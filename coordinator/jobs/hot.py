@@ -63,7 +63,7 @@ WORKER_SEEN = (
     .where(workers.c.id == bindparam("worker_id"))
     .values(last_seen=bindparam("at", type_=workers.c.last_seen.type))
 )
-# a worker as trust.checks_for and trust.related see it, its values bound at execution:
+# a worker as checks.checks_for and checks.related see it, its values bound at execution:
 # me_id, me_account, me_ip (an unknown IP, NULL, matches nothing there)
 ME = SimpleNamespace(
     id=bindparam("me_id", type_=workers.c.id.type),

@@ -1,5 +1,5 @@
 """Image jobs on the one lifecycle: what they add is their parameters, step progress, result
-rows (one signed PNG per image) and settlement through coordinator.economy.trust."""
+rows (one signed PNG per image) and settlement through coordinator.economy.payments and .checks."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from coordinator.db.database import VERIFICATION, now
 from coordinator.db.prepared import Shapes
 from coordinator.db.request_keys import Idempotent
 from coordinator.db.schema import jobs, results
-from coordinator.economy import trust
+from coordinator.economy import checks, payments
 from coordinator.economy.verification import Outcome
 from coordinator.errors import Conflict
 from coordinator.jobs import hot
@@ -26,11 +26,11 @@ from protocol.horde import SAMPLERS_WITHOUT_HORDE_NAME
 from protocol.params import ImageParams
 from protocol.signing import params_hash
 
-__all__ = ["ImageJobs", "Job", "ResultRecord"]
+__all__ = ["ImageJob", "ImageJobs", "ResultRecord"]
 
 
 @dataclass(frozen=True)
-class Job:
+class ImageJob:
     id: str
     account_id: int
     state: str
@@ -79,8 +79,8 @@ class ResultRecord:
     signature: str
 
 
-def _job(row: Row[Any]) -> Job:
-    return Job(
+def _job(row: Row[Any]) -> ImageJob:
+    return ImageJob(
         id=row.id,
         account_id=row.account_id,
         state=row.state,
@@ -130,7 +130,11 @@ _FITS: Shapes[ColumnElement[bool]] = Shapes()
 
 
 class ImageJobs(Lifecycle):
-    async def create_image_job(
+    """Image jobs: the lifecycle plus parameters, progress, result rows and settlement."""
+
+    kind = "image"
+
+    async def create(
         self,
         account: Account,
         params: ImageParams,
@@ -139,11 +143,11 @@ class ImageJobs(Lifecycle):
         signed_only: bool = False,
         horde: dict[str, Any] | None = None,
         idempotent: Idempotent | None = None,
-    ) -> Job:
+    ) -> ImageJob:
         """Queue an image job and reserve its cost from the requester. `signed_only` keeps
         it from workers whose results are unsigned (AI Horde workers); `horde` keeps the
         options of an /api/v2 request."""
-        row = await self.queue_job(
+        row = await self._queue(
             account,
             cost,
             {
@@ -154,7 +158,9 @@ class ImageJobs(Lifecycle):
                 "pixels": params.pixels,
                 "steps": params.steps,
                 "n": params.n,
-                "lease_seconds": self._config.lease_seconds(params.pixels, params.steps, params.n),
+                "lease_seconds": self._db.config.lease_seconds(
+                    params.pixels, params.steps, params.n
+                ),
                 "steps_total": params.steps,
                 "signed_only": 1 if signed_only else 0,
                 "horde": None if horde is None else json.dumps(horde),
@@ -164,24 +170,24 @@ class ImageJobs(Lifecycle):
         )
         return _job(row)
 
-    async def get_job(self, job_id: str) -> Job | None:
+    async def get(self, job_id: str) -> ImageJob | None:
         """The image job with this id (None for no job, or a job of another kind)."""
-        row = await self.read_first(hot.IMAGE_JOB_BY_ID, {"job_id": job_id})
+        row = await self._db.read_first(hot.IMAGE_JOB_BY_ID, {"job_id": job_id})
         return _job(row) if row else None
 
-    async def pop_job(
+    async def pop(
         self,
         worker: Worker,
         models: Sequence[str],
         max_pixels: int,
         max_steps: int,
         poll: PollNote | None = None,
-    ) -> Job | None:
-        """Lease the best queued image job that fits the worker, if any (see Lifecycle.pop;
+    ) -> ImageJob | None:
+        """Lease the best queued image job that fits the worker, if any (see Lifecycle._pop;
         `poll`: the worker's poll to note in the same transaction, Workers.poll_note)."""
         signs = worker.signs
         fits = _FITS.get(signs, lambda: _fits(signs))
-        row = await self.pop(
+        row = await self._pop(
             worker,
             fits,
             take_checks=True,
@@ -193,22 +199,24 @@ class ImageJobs(Lifecycle):
 
     async def report_progress(
         self, worker: Worker, job_id: str, image: int, step: int, steps: int
-    ) -> Job:
+    ) -> ImageJob:
         """Record progress and extend the lease by the job's lease length."""
-        async with self.begin() as conn:
-            row = await self.extend(conn, worker, job_id, image=image, step=step, steps_total=steps)
+        async with self._db.begin() as conn:
+            row = await self._extend(
+                conn, worker, job_id, image=image, step=step, steps_total=steps
+            )
         return _job(row)
 
-    async def complete_job(self, worker: Worker, job: Job, images: list[ResultRecord]) -> int:
+    async def complete(self, worker: Worker, job: ImageJob, images: list[ResultRecord]) -> int:
         """Mark done, store result rows and pay the worker, in one transaction; returns
         the kudos earned (paid now plus held pending)."""
-        paid, held = await self.finish_job(worker, job, images)
+        paid, held = await self.finish(worker, job, images)
         return paid + held
 
-    async def finish_job(
+    async def finish(
         self,
         worker: Worker,
-        job: Job,
+        job: ImageJob,
         images: list[ResultRecord],
         outcome: Outcome | None = None,
     ) -> tuple[int, int]:
@@ -216,8 +224,8 @@ class ImageJobs(Lifecycle):
         while the worker is untrusted), speed check and maybe a spot check. For a
         verification job pass its `outcome`: what comparing its images with the original's
         found. Returns (kudos paid now, kudos held pending)."""
-        async with self.begin() as conn:
-            row = await self.finish(conn, worker, job.id)
+        async with self._db.begin() as conn:
+            row = await self._finish(conn, worker, job.id)
             await raw.execute(
                 conn,
                 _INSERT_RESULT,
@@ -236,9 +244,9 @@ class ImageJobs(Lifecycle):
             if row.verify_of is not None:
                 if outcome is None:
                     raise ValueError(f"job {job.id} is a spot check: pass its outcome")
-                return await trust.record_check(
+                return await checks.record_check(
                     conn,
-                    self._config,
+                    self._db.config,
                     row,
                     worker.id,
                     worker.account_id,
@@ -247,27 +255,34 @@ class ImageJobs(Lifecycle):
                 )
             if not worker.signs:
                 # unsigned: nothing to check it against; the requester may dispute it
-                held = await trust.hold_for_dispute(conn, self._config, worker.id, row)
+                held = await payments.hold_for_dispute(conn, self._db.config, worker.id, row)
                 self.ranking.changed("image")
                 return 0, held
-            paid, held = await trust.pay_worker(
+            paid, held = await payments.pay_worker(
                 conn,
-                self._config,
-                worker.id,
-                worker.account_id,
-                job.cost,
-                job.id,
-                f"settle:{job.id}",
-                granted=await trust.job_grants(conn, job.id),
+                self._db.config,
+                payments.Pay(
+                    worker.id,
+                    worker.account_id,
+                    job.cost,
+                    job.id,
+                    f"settle:{job.id}",
+                    granted=await payments.job_grants(conn, job.id),
+                ),
             )
-            await trust.after_result(
-                conn, self._config, worker.id, row, row.finished_at, self._system[VERIFICATION]
+            await checks.after_result(
+                conn,
+                self._db.config,
+                worker.id,
+                row,
+                row.finished_at,
+                self._db.system_account(VERIFICATION),
             )
         # the throughput behind ETAs changed
         self.ranking.changed("image")
         return paid, held
 
-    async def account_jobs(self, account: Account, limit: int, offset: int) -> list[Job]:
+    async def account_jobs(self, account: Account, limit: int, offset: int) -> list[ImageJob]:
         """`account`'s image jobs, newest first (spot checks are not the account's)."""
         query = (
             select(jobs)
@@ -280,25 +295,25 @@ class ImageJobs(Lifecycle):
             .limit(limit)
             .offset(offset)
         )
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             return [_job(row) for row in (await conn.execute(query)).all()]
 
     async def release_held(self) -> int:
-        """Pay AI Horde workers whose held pay is due (trust.release_held); how many jobs."""
+        """Pay AI Horde workers whose held pay is due (payments.release_held); how many jobs."""
         released = 0
         while True:
-            async with self.begin() as conn:
-                count = await trust.release_held(conn, now(conn))
+            async with self._db.begin() as conn:
+                count = await payments.release_held(conn, now(conn))
             released += count
-            if count < trust.RELEASE_BATCH:
+            if count < payments.RELEASE_BATCH:
                 return released
 
-    async def dispute_job(self, job_id: str, why: str) -> tuple[int, list[str]]:
+    async def dispute(self, job_id: str, why: str) -> tuple[int, list[str]]:
         """The requester disputes an AI Horde worker's result while its pay is held
-        (trust.dispute): the kudos refunded, and the digests of its images that no other
+        (payments.dispute): the kudos refunded, and the digests of its images that no other
         result uses (the caller deletes those files). Conflict when nothing is held for it
         (any more); Forbidden past the account's dispute limits."""
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             row = (
                 await conn.execute(select(jobs).where(jobs.c.id == job_id).with_for_update())
             ).first()
@@ -312,7 +327,7 @@ class ImageJobs(Lifecycle):
                     await conn.execute(select(results.c.sha256).where(results.c.job_id == job_id))
                 ).scalars()
             )
-            refunded = await trust.dispute(conn, self._config, row, why)
+            refunded = await payments.dispute(conn, self._db.config, row, why)
             still_used = set(
                 (
                     await conn.execute(
@@ -322,12 +337,12 @@ class ImageJobs(Lifecycle):
             )
         return refunded, sorted(digests - still_used)
 
-    async def fail_image_job(
+    async def fail(
         self, worker: Worker, job_id: str, reason: str, *, counts: bool = True
-    ) -> Job:
-        return _job(await self.fail_job(worker, job_id, reason, counts=counts))
+    ) -> ImageJob:
+        return _job(await self._fail(worker, job_id, reason, counts=counts))
 
-    async def original_results(self, job: Job) -> list[ResultRecord]:
+    async def original_results(self, job: ImageJob) -> list[ResultRecord]:
         """For a verification job: the results of the job it re-runs."""
         if job.verify_of is None:
             return []
@@ -335,12 +350,12 @@ class ImageJobs(Lifecycle):
 
     async def results(self, job_id: str) -> list[ResultRecord]:
         query = select(results).where(results.c.job_id == job_id).order_by(results.c.idx)
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             rows = (await conn.execute(query)).all()
         return [ResultRecord(r.idx, r.seed, r.sha256, r.signature) for r in rows]
 
     async def set_shared(self, job_id: str, shared: bool) -> None:
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             await conn.execute(
                 update(jobs).where(jobs.c.id == job_id).values(shared=1 if shared else 0)
             )

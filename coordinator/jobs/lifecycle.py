@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Hashable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import ColumnElement, Row, Select, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -29,15 +29,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from coordinator.accounts import Account
 from coordinator.config import CoordinatorConfig
 from coordinator.db import raw, request_keys
-from coordinator.db.database import ESCROW, now
+from coordinator.db.database import ESCROW, Database, now
 from coordinator.db.ledger import balance, lock_balance, lock_spender, post_entry
 from coordinator.db.prepared import Shapes
 from coordinator.db.request_keys import Idempotent
 from coordinator.db.schema import jobs, ledger_entries, postings, workers
-from coordinator.economy import trust
+from coordinator.economy import checks, suspicion
 from coordinator.errors import Conflict, InsufficientKudos, NotFound, WorkerPaused
 from coordinator.jobs import hot, queue
-from coordinator.workers import Worker, Workers
+from coordinator.workers import Worker
 
 __all__ = ["Lifecycle", "OnLease", "Requeued", "lease_cap", "lease_end"]
 
@@ -51,6 +51,12 @@ Requeued = tuple[str, str, str | None]
 FINISHED = ("done", "failed", "cancelled")
 # queued jobs looked at per pop (another pop may take some of them first)
 POP_CANDIDATES = 4
+# the reaper's round (every `reap_interval`), built once: leased jobs of a kind past their lease
+_EXPIRED = select(jobs).where(
+    queue.LEASED
+    & (jobs.c.kind == bindparam("kind"))
+    & (jobs.c.lease_deadline < bindparam("at", type_=jobs.c.lease_deadline.type))
+)
 
 
 # `jobs.gave_back` holds one "[account id]" per give-back
@@ -73,7 +79,7 @@ def lease_cap(config: CoordinatorConfig, row: Row[Any]) -> float:
     new tokens), or its fixed lease if that is longer."""
     slow: float
     if row.kind == "text":
-        slow = row.steps / config.text_min_tokens_per_second
+        slow = row.max_tokens / config.text_min_tokens_per_second
     else:
         slow = row.pixels * row.steps * row.n / config.lease_pixel_steps_per_second
     return config.lease_ttl_factor * max(float(row.lease_seconds), config.lease_base_seconds + slow)
@@ -85,30 +91,23 @@ def lease_end(config: CoordinatorConfig, row: Row[Any]) -> float:
     return float(leased_at) + lease_cap(config, row)
 
 
-class Lifecycle(Workers):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.ranking = queue.Ranking(self)
+class Lifecycle:
+    """The lifecycle of one job kind (`kind`): what every kind shares, written once.
+    coordinator.jobs.image.ImageJobs and coordinator.jobs.text.TextJobs subclass it (one
+    level) with what they add; the store holds one of each (coordinator.store)."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, db: Database, ranking: queue.Ranking) -> None:
+        self._db = db
+        # the queue order and ETAs, shared by every kind (it keeps one snapshot per kind)
+        self.ranking = ranking
         # a pop's spot-check statement by the shape of its filter (they depend on the config)
         self._checks: Shapes[Select[Any]] = Shapes()
-        self.add_commit_hook(self._refresh_ranks)
-
-    async def _refresh_ranks(self, conn: AsyncConnection, touched: set[int]) -> None:
-        if touched:
-            await queue.refresh_ranks(conn, self._config, touched)
-
-    async def _started(self) -> None:
-        await super()._started()
-        # one account per transaction: other coordinators may be serving meanwhile
-        async with self.begin() as conn:
-            owners = await queue.queued_owners(conn)
-        for account_id, anonymous in owners:
-            async with self.begin() as conn:
-                await queue.rerank_account(conn, self._config.aging, account_id, anonymous)
 
     # --- queue ------------------------------------------------------------------------
 
-    async def queue_job(
+    async def _queue(
         self,
         account: Account,
         cost: int,
@@ -124,7 +123,7 @@ class Lifecycle(Workers):
         no second job, no second charge (coordinator.db.request_keys)."""
         for _ in range(2):
             try:
-                return await self._queue_job(account, cost, values, fix, idempotent)
+                return await self._queue_once(account, cost, values, fix, idempotent)
             except IntegrityError:
                 if idempotent is None:
                     raise
@@ -132,7 +131,7 @@ class Lifecycle(Workers):
         assert idempotent is not None
         raise Conflict(f"Idempotency-Key {idempotent.key!r} is in use by a concurrent request")
 
-    async def _queue_job(
+    async def _queue_once(
         self,
         account: Account,
         cost: int,
@@ -141,7 +140,7 @@ class Lifecycle(Workers):
         idempotent: Idempotent | None,
     ) -> Row[Any]:
         job_id = str(uuid.uuid4())
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             at = now(conn)
             await lock_spender(conn, account.id)
             if idempotent is not None:
@@ -168,7 +167,7 @@ class Lifecycle(Workers):
                     "cost": cost,
                     "priority_class": 0 if account.anonymous else 1,
                     "created_at": at,
-                    "rank": queue.rank_of(at, kudos, account.anonymous, self._config.aging),
+                    "rank": queue.rank_of(at, kudos, account.anonymous, self._db.config.aging),
                     "attempts": 0,
                     "image": 0,
                     "step": 0,
@@ -181,7 +180,7 @@ class Lifecycle(Workers):
                 reason="reserve",
                 key=f"reserve:{job_id}",
                 job_id=job_id,
-                moves=[(account.id, -cost), (self._system[ESCROW], cost)],
+                moves=[(account.id, -cost), (self._db.system_account(ESCROW), cost)],
             )
             if idempotent is not None:
                 await request_keys.remember(
@@ -205,7 +204,7 @@ class Lifecycle(Workers):
                 )
             )
         ).scalar_one()
-        limit = self._config.anonymous_reserved_per_ip
+        limit = self._db.config.anonymous_reserved_per_ip
         if int(held) + cost > limit:
             raise InsufficientKudos(
                 f"anonymous jobs from your address hold {held} kudos reserved in queued and "
@@ -216,15 +215,15 @@ class Lifecycle(Workers):
 
     async def queue_info(self, job_id: str, job: Any = None) -> tuple[int | None, float | None]:
         """(queue position, ETA seconds) of any job, from the shared ranking. `job`: the
-        job as just read, when the caller has it (a row, or a Job: see queue.eta_of)."""
+        job as just read, when the caller has it (a row, or an ImageJob: see queue.eta_of)."""
         row = job
         if row is None:
-            async with self.begin() as conn:
+            async with self._db.begin() as conn:
                 row = (await raw.execute(conn, hot.JOB_BY_ID, {"job_id": job_id})).first()
         if row is None:
             return None, None
         snapshot = await self.ranking.snapshot(row.kind)
-        at = self.now()
+        at = self._db.now()
         if row.state != "queued":
             return None, queue.eta_of(row, 0, snapshot.rate, at)
         place = snapshot.place(row.id, float(row.rank))
@@ -234,22 +233,21 @@ class Lifecycle(Workers):
         """0 = next to be popped; None when the job is not queued."""
         return (await self.queue_info(job_id))[0]
 
-    async def quote_place(
-        self, kind: str, account: Account, cost: int
-    ) -> tuple[int, int, float | None]:
-        """For a job not yet submitted: (queue length, position it would get, ETA seconds)."""
-        snapshot = await self.ranking.snapshot(kind)
-        async with self.begin() as conn:
+    async def quote_place(self, account: Account, cost: int) -> tuple[int, int, float | None]:
+        """For a job of this kind not yet submitted: (queue length, position it would get,
+        ETA seconds)."""
+        snapshot = await self.ranking.snapshot(self.kind)
+        async with self._db.begin() as conn:
             kudos = await queue.ranked_kudos(conn, account.id)
         # the reservation will lower the balance before the job is ranked
-        rank = queue.rank_of(self.now(), kudos - cost, account.anonymous, self._config.aging)
+        rank = queue.rank_of(self._db.now(), kudos - cost, account.anonymous, self._db.config.aging)
         place = snapshot.place(None, rank)
         eta = None if snapshot.rate is None else (snapshot.ahead(place) + cost) / snapshot.rate
         return snapshot.length, place, eta
 
     # --- lease ------------------------------------------------------------------------
 
-    async def pop(
+    async def _pop(
         self,
         worker: Worker,
         fits: ColumnElement[bool],
@@ -263,19 +261,23 @@ class Lifecycle(Workers):
         """Lease the best queued job matching `fits` to `worker`, if any; its row.
 
         Raises WorkerPaused for a paused worker. With `take_checks`, a trusted worker takes
-        pending spot checks it is independent for first (coordinator.economy.trust); every
+        pending spot checks it is independent for first (coordinator.economy.checks); every
         worker takes its owner's own jobs before others'; then rank order. `fits` may hold
         bind parameters, their values in `params`; give the same `shape` for every `fits`
         built the same way and the statements are built once (coordinator.db.prepared).
 
         `poll` (the first attempt of a request): note the worker's poll (uptime, address,
-        offer: trust.record_poll) in this transaction, after the lease (a worker's row after
+        offer: payments.record_poll) in this transaction, after the lease (a worker's row after
         its job's, as a result takes them), instead of a transaction of its own; a paused
         worker's poll is noted too, before WorkerPaused is raised."""
-        async with self.begin() as conn:
+        async with self._db.begin() as conn:
             me = (await raw.execute(conn, hot.WORKER_BY_ID, {"worker_id": worker.id})).one()
-            # paused by name, or through its owner (trust.account_paused)
-            why = me.pause_reason if me.paused else await trust.account_paused(conn, me.account_id)
+            # paused by name, or through its owner (suspicion.account_paused)
+            why = (
+                me.pause_reason
+                if me.paused
+                else await suspicion.account_paused(conn, me.account_id)
+            )
             if why is None:
                 return await self._lease(
                     conn, worker, fits, take_checks, on_lease, shape, params, me, poll
@@ -299,7 +301,7 @@ class Lifecycle(Workers):
         poll: PollNote | None,
     ) -> Row[Any] | None:
         """Pop's transaction for a worker that is not paused."""
-        skip_locked = self.dialect == "postgresql"
+        skip_locked = self._db.dialect == "postgresql"
         values = dict(params or {})
         # not a job its owner's workers gave back twice: that goes to another owner (a
         # bound parameter: the statement is built once per `shape`, for every worker)
@@ -343,20 +345,20 @@ class Lifecycle(Workers):
         return None
 
     def _checks_query(self, fits: ColumnElement[bool], shape: Hashable | None) -> Select[Any]:
-        """The spot checks a trusted worker may take (trust.checks_for), for the worker
+        """The spot checks a trusted worker may take (checks.checks_for), for the worker
         whose id, account and IP are the parameters me_id, me_account and me_ip."""
 
         def build() -> Select[Any]:
-            return trust.checks_for(self._config, hot.ME, queue.CHECKS & fits, POP_CANDIDATES)
+            return checks.checks_for(self._db.config, hot.ME, queue.CHECKS & fits, POP_CANDIDATES)
 
         return build() if shape is None else self._checks.get(shape, build)
 
     @staticmethod
-    def leased_to(worker: Worker, job_id: str) -> ColumnElement[bool]:
+    def _leased_to(worker: Worker, job_id: str) -> ColumnElement[bool]:
         return (jobs.c.id == job_id) & (jobs.c.state == "leased") & (jobs.c.worker_id == worker.id)
 
     @staticmethod
-    async def not_leased(conn: AsyncConnection, job_id: str) -> Exception:
+    async def _not_leased(conn: AsyncConnection, job_id: str) -> Exception:
         """The error for a worker acting on a job it does not hold (any more)."""
         row = (await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id))).first()
         if row is None:
@@ -366,46 +368,46 @@ class Lifecycle(Workers):
             "its lease may have expired and been given to another worker"
         )
 
-    async def extend(
+    async def _extend(
         self, conn: AsyncConnection, worker: Worker, job_id: str, **values: Any
     ) -> Row[Any]:
         """In the caller's transaction: extend `worker`'s lease on the job by its lease
         length but never past its cap (`lease_cap`), and set `values`; NotFound/Conflict
         when it does not hold the lease, Conflict once the cap has passed."""
-        row = (await conn.execute(select(jobs).where(self.leased_to(worker, job_id)))).first()
+        row = (await conn.execute(select(jobs).where(self._leased_to(worker, job_id)))).first()
         if row is None:
-            raise await self.not_leased(conn, job_id)
+            raise await self._not_leased(conn, job_id)
         at = now(conn)
-        end = lease_end(self._config, row)
+        end = lease_end(self._db.config, row)
         if at >= end:
             raise Conflict(
-                f"job {job_id} ran past its time limit of {lease_cap(self._config, row):.0f} s "
+                f"job {job_id} ran past its time limit of {lease_cap(self._db.config, row):.0f} s "
                 "after the pop; it goes back to the queue"
             )
         done = await conn.execute(
             update(jobs)
-            .where(self.leased_to(worker, job_id))
+            .where(self._leased_to(worker, job_id))
             .values(lease_deadline=min(at + row.lease_seconds, end), **values)
         )
         if done.rowcount != 1:
-            raise await self.not_leased(conn, job_id)
+            raise await self._not_leased(conn, job_id)
         return (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
 
-    async def finish(self, conn: AsyncConnection, worker: Worker, job_id: str) -> Row[Any]:
+    async def _finish(self, conn: AsyncConnection, worker: Worker, job_id: str) -> Row[Any]:
         """In the caller's transaction: mark `worker`'s leased job done; its row."""
         at = now(conn)
         done = await raw.execute(
             conn, hot.FINISH, {"job_id": job_id, "worker": worker.id, "at": at}
         )
         if done.rowcount != 1:
-            raise await self.not_leased(conn, job_id)
+            raise await self._not_leased(conn, job_id)
         await raw.execute(conn, hot.WORKER_DONE, {"worker_id": worker.id, "at": at})
         row: Row[Any] = (await raw.execute(conn, hot.JOB_BY_ID, {"job_id": job_id})).one()
         return row
 
     # --- give back, fail, cancel, reap -----------------------------------------------
 
-    async def refund_held(self, conn: AsyncConnection, job_id: str, account_id: int) -> int:
+    async def _refund_held(self, conn: AsyncConnection, job_id: str, account_id: int) -> int:
         """Return to the requester whatever of the job's reservation is still in escrow
         (a text job may have settled part of it); the kudos refunded."""
         held = (
@@ -414,7 +416,7 @@ class Lifecycle(Workers):
                 .select_from(postings.join(ledger_entries))
                 .where(
                     (ledger_entries.c.job_id == job_id)
-                    & (postings.c.account_id == self._system[ESCROW])
+                    & (postings.c.account_id == self._db.system_account(ESCROW))
                 )
             )
         ).scalar_one()
@@ -425,11 +427,11 @@ class Lifecycle(Workers):
                 reason="refund",
                 key=f"refund:{job_id}",
                 job_id=job_id,
-                moves=[(self._system[ESCROW], -refund), (account_id, refund)],
+                moves=[(self._db.system_account(ESCROW), -refund), (account_id, refund)],
             )
         return refund
 
-    async def requeue_or_fail(
+    async def _requeue_or_fail(
         self, conn: AsyncConnection, row: Row[Any], reason: str, *, retry: bool = True
     ) -> bool:
         """Give a leased job back to the queue or, without `retry` or after `max_attempts`,
@@ -445,7 +447,7 @@ class Lifecycle(Workers):
         # One owner's workers cannot fail a job for its requester (they pop it and give it
         # back at no cost): until two owners gave it back, it stays in the queue.
         one_owner = len(set(GIVEN_BACK_BY.findall(gave_back))) < 2
-        if retry and (attempts < self._config.max_attempts or one_owner):
+        if retry and (attempts < self._db.config.max_attempts or one_owner):
             await conn.execute(
                 update(jobs)
                 .where(guard)
@@ -475,30 +477,31 @@ class Lifecycle(Workers):
             )
         )
         if changed.rowcount == 1:
-            await self.refund_held(conn, row.id, row.account_id)
+            await self._refund_held(conn, row.id, row.account_id)
         return False
 
-    async def fail_job(
+    async def _fail(
         self, worker: Worker, job_id: str, reason: str, *, retry: bool = True, counts: bool = True
     ) -> Row[Any]:
         """The worker gives the job back (retry) or reports it cannot be done; its row.
         When it `counts` (not a drain, nor a failure the worker cannot help), it adds to the
-        worker's run of give-backs (trust.gave_back)."""
-        async with self.begin() as conn:
-            row = (await conn.execute(select(jobs).where(self.leased_to(worker, job_id)))).first()
+        worker's run of give-backs (suspicion.gave_back)."""
+        async with self._db.begin() as conn:
+            row = (await conn.execute(select(jobs).where(self._leased_to(worker, job_id)))).first()
             if row is None:
-                raise await self.not_leased(conn, job_id)
-            await trust.gave_back(conn, self._config, worker.id, counts=counts)
-            await self.requeue_or_fail(conn, row, f"worker reported: {reason}", retry=retry)
+                raise await self._not_leased(conn, job_id)
+            await suspicion.gave_back(conn, self._db.config, worker.id, counts=counts)
+            await self._requeue_or_fail(conn, row, f"worker reported: {reason}", retry=retry)
             return (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
 
-    async def cancel_job(self, job_id: str) -> int:
+    async def cancel(self, job_id: str) -> int:
         """Cancel a queued or running job and refund its reserved kudos, in one
         transaction; returns the kudos refunded. A worker holding the lease gets 409 later."""
-        async with self.begin() as conn:
-            row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
+        async with self._db.begin() as conn:
+            mine = (jobs.c.id == job_id) & (jobs.c.kind == self.kind)
+            row = (await conn.execute(select(jobs).where(mine))).first()
             if row is None:
-                raise NotFound(f"no job {job_id}")
+                raise NotFound(f"no {self.kind} job {job_id}")
             # balance row before job row, the order every writer keeps (a submit's rank
             # refresh updates the requester's queued jobs while holding their balance)
             await lock_balance(conn, row.account_id)
@@ -514,24 +517,22 @@ class Lifecycle(Workers):
             )
             if changed.rowcount != 1:
                 raise Conflict(f"job {job_id} is already {row.state}; nothing to cancel")
-            refund = await self.refund_held(conn, job_id, row.account_id)
+            refund = await self._refund_held(conn, job_id, row.account_id)
         self.ranking.changed(row.kind)
         return refund
 
     async def reap_expired(self) -> list[Requeued]:
-        """Requeue (or fail) every leased job whose lease ran out: (id, kind, model) of each."""
-        async with self.begin() as conn:
-            expired = (
-                await conn.execute(
-                    select(jobs).where(queue.LEASED & (jobs.c.lease_deadline < now(conn)))
-                )
-            ).all()
+        """Requeue (or fail) every leased job of this kind whose lease ran out: (id, kind,
+        model) of each."""
+        async with self._db.begin() as conn:
+            values = {"kind": self.kind, "at": now(conn)}
+            expired = (await conn.execute(_EXPIRED, values)).all()
             for row in expired:
                 reason = (
                     f"lease expired: the job ran past its time limit of "
-                    f"{lease_cap(self._config, row):.0f} s"
-                    if row.lease_deadline >= lease_end(self._config, row) - 1e-6
+                    f"{lease_cap(self._db.config, row):.0f} s"
+                    if row.lease_deadline >= lease_end(self._db.config, row) - 1e-6
                     else "lease expired: the worker went silent"
                 )
-                await self.requeue_or_fail(conn, row, reason)
+                await self._requeue_or_fail(conn, row, reason)
         return [(row.id, row.kind, row.model) for row in expired]

@@ -11,74 +11,19 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from coordinator.db.database import now
+from coordinator.db.database import Database, now
 from coordinator.db.schema import jobs, workers
-from coordinator.jobs.lifecycle import Lifecycle
 from protocol.messages import NetworkModel, NetworkQueue, NetworkStatus, NetworkWorker
 
-__all__ = ["LISTED_SECONDS", "ONLINE_SECONDS", "network_status", "worker_records"]
+__all__ = ["LISTED_SECONDS", "ONLINE_SECONDS", "Network"]
 
 # A worker that polled (or registered, or finished a job) this recently is online: the
-# window in which coordinator.economy.trust counts a trusted worker as around to referee.
+# window in which coordinator.economy.checks counts a trusted worker as around to referee.
 # Block servers talk to the coordinator only when they register and link their peer ids
 # (the swarm's DHT knows the live ones), so they count as online only for a while after.
 ONLINE_SECONDS = 600.0
 # workers seen within this long are listed (offline ones marked so)
 LISTED_SECONDS = 86400.0
-
-
-async def network_status(
-    store: Lifecycle, *, online_only: bool = False, max_models: int | None = None
-) -> NetworkStatus:
-    """Workers seen lately, the models the online ones offer with their queues (the
-    `max_models` most offered, then most wanted, if given), and the queue of each kind."""
-    async with store.begin() as conn:
-        at = now(conn)
-        since = at - (ONLINE_SECONDS if online_only else LISTED_SECONDS)
-        rows = (
-            await conn.execute(
-                select(workers)
-                .where(workers.c.kind.is_not(None) & (workers.c.last_seen >= since))
-                .order_by(workers.c.last_seen.desc())
-                .limit(1000)
-            )
-        ).all()
-        counts = (
-            await conn.execute(
-                select(jobs.c.kind, jobs.c.state, jobs.c.model, func.count())
-                .where(jobs.c.state.in_(("queued", "leased")) & jobs.c.verify_of.is_(None))
-                .group_by(jobs.c.kind, jobs.c.state, jobs.c.model)
-            )
-        ).all()
-    listed = [_worker(row, at) for row in rows]
-    offering: Counter[tuple[str, str]] = Counter()
-    for worker in listed:
-        if worker.online and worker.kind in ("image", "text"):
-            offering.update((worker.kind, model) for model in worker.models)
-    queued: Counter[tuple[str, str]] = Counter()
-    per_kind: dict[str, dict[str, int]] = {"image": {}, "text": {}}
-    for kind, state, model, count in counts:
-        if kind not in per_kind:
-            continue
-        per_kind[kind][state] = per_kind[kind].get(state, 0) + count
-        if state == "queued" and model is not None:
-            queued[(kind, model)] += count
-    named = set(offering) | set(queued)
-    if max_models is not None and len(named) > max_models:
-        # chosen before any model object is built: workers may offer tens of thousands
-        named = set(heapq.nsmallest(max_models, named, key=lambda k: (-offering[k], -queued[k], k)))
-    models = [
-        NetworkModel(
-            name=name, kind=kind, workers=offering[(kind, name)], queued=queued[(kind, name)]
-        )
-        for kind, name in sorted(named)
-    ]
-    image, text = per_kind["image"], per_kind["text"]
-    queue = [
-        NetworkQueue(kind="image", queued=image.get("queued", 0), running=image.get("leased", 0)),
-        NetworkQueue(kind="text", queued=text.get("queued", 0), running=text.get("leased", 0)),
-    ]
-    return NetworkStatus(workers=listed, models=models, queue=queue)
 
 
 def _worker(row: Any, at: float) -> NetworkWorker:
@@ -95,30 +40,94 @@ def _worker(row: Any, at: float) -> NetworkWorker:
     )
 
 
-async def worker_records(
-    store: Lifecycle, worker_id: str | None = None
-) -> tuple[float, list[tuple[Any, int]]]:
-    """(now, [(worker row, kudos its finished jobs cost)]): the online workers, or the one
-    worker `worker_id` whether online or not."""
-    async with store.begin() as conn:
-        at = now(conn)
-        query = select(workers)
-        if worker_id is None:
-            query = query.where(
-                workers.c.kind.is_not(None) & (workers.c.last_seen >= at - ONLINE_SECONDS)
-            )
-        else:
-            query = query.where(workers.c.id == worker_id)
-        rows = (await conn.execute(query.order_by(workers.c.name).limit(1000))).all()
-        earned = dict(
-            (
+class Network:
+    """The network view over the database. Part of coordinator.store.Store."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def status(
+        self, *, online_only: bool = False, max_models: int | None = None
+    ) -> NetworkStatus:
+        """Workers seen lately, the models the online ones offer with their queues (the
+        `max_models` most offered, then most wanted, if given), and the queue of each kind."""
+        async with self._db.begin() as conn:
+            at = now(conn)
+            since = at - (ONLINE_SECONDS if online_only else LISTED_SECONDS)
+            rows = (
                 await conn.execute(
-                    select(jobs.c.worker_id, func.coalesce(func.sum(jobs.c.cost), 0))
-                    .where(
-                        jobs.c.worker_id.in_([row.id for row in rows]) & (jobs.c.state == "done")
-                    )
-                    .group_by(jobs.c.worker_id)
+                    select(workers)
+                    .where(workers.c.kind.is_not(None) & (workers.c.last_seen >= since))
+                    .order_by(workers.c.last_seen.desc())
+                    .limit(1000)
                 )
             ).all()
-        )
-    return at, [(row, int(earned.get(row.id, 0))) for row in rows]
+            counts = (
+                await conn.execute(
+                    select(jobs.c.kind, jobs.c.state, jobs.c.model, func.count())
+                    .where(jobs.c.state.in_(("queued", "leased")) & jobs.c.verify_of.is_(None))
+                    .group_by(jobs.c.kind, jobs.c.state, jobs.c.model)
+                )
+            ).all()
+        listed = [_worker(row, at) for row in rows]
+        offering: Counter[tuple[str, str]] = Counter()
+        for worker in listed:
+            if worker.online and worker.kind in ("image", "text"):
+                offering.update((worker.kind, model) for model in worker.models)
+        queued: Counter[tuple[str, str]] = Counter()
+        per_kind: dict[str, dict[str, int]] = {"image": {}, "text": {}}
+        for kind, state, model, count in counts:
+            if kind not in per_kind:
+                continue
+            per_kind[kind][state] = per_kind[kind].get(state, 0) + count
+            if state == "queued" and model is not None:
+                queued[(kind, model)] += count
+        named = set(offering) | set(queued)
+        if max_models is not None and len(named) > max_models:
+            # chosen before any model object is built: workers may offer tens of thousands
+            named = set(
+                heapq.nsmallest(max_models, named, key=lambda k: (-offering[k], -queued[k], k))
+            )
+        models = [
+            NetworkModel(
+                name=name, kind=kind, workers=offering[(kind, name)], queued=queued[(kind, name)]
+            )
+            for kind, name in sorted(named)
+        ]
+        image, text = per_kind["image"], per_kind["text"]
+        queue = [
+            NetworkQueue(
+                kind="image", queued=image.get("queued", 0), running=image.get("leased", 0)
+            ),
+            NetworkQueue(kind="text", queued=text.get("queued", 0), running=text.get("leased", 0)),
+        ]
+        return NetworkStatus(workers=listed, models=models, queue=queue)
+
+    async def worker_records(
+        self, worker_id: str | None = None
+    ) -> tuple[float, list[tuple[Any, int]]]:
+        """(now, [(worker row, kudos its finished jobs cost)]): the online workers, or the one
+        worker `worker_id` whether online or not."""
+        async with self._db.begin() as conn:
+            at = now(conn)
+            query = select(workers)
+            if worker_id is None:
+                query = query.where(
+                    workers.c.kind.is_not(None) & (workers.c.last_seen >= at - ONLINE_SECONDS)
+                )
+            else:
+                query = query.where(workers.c.id == worker_id)
+            rows = (await conn.execute(query.order_by(workers.c.name).limit(1000))).all()
+            earned = dict(
+                (
+                    await conn.execute(
+                        select(jobs.c.worker_id, func.coalesce(func.sum(jobs.c.cost), 0))
+                        .where(
+                            jobs.c.worker_id.in_([row.id for row in rows])
+                            & (jobs.c.state == "done")
+                        )
+                        .group_by(jobs.c.worker_id)
+                    )
+                ).all()
+            )
+        return at, [(row, int(earned.get(row.id, 0))) for row in rows]

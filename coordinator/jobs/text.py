@@ -6,19 +6,15 @@ same code as for images. What is text-only lives here: when gateways last offere
 catalog model (coordinator.economy.text_models holds the models and their sizes), the
 block servers' hivemind peer ids, the text streamed so far (capped by `max_tokens`), and
 the settlement that charges the requester for the work done and pays every block server's
-owner from the gateway's signed report -- one ledger entry, one transaction.
+owner from the gateway's signed report, in one transaction.
 
-The report is checked against what it could be: every span inside the model's blocks and
-served by a linked peer, the spans covering every block for the tokens claimed, every spot
-check of a server on blocks it served (coordinator.economy.text_checks applies them). The charge
-is the catalog's price of those tokens through the model once (replays are the network's
-cost), never more than the reservation.
+The settlement checks the gateway's report and pays from it
+(coordinator.economy.text_settlement).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,16 +24,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.accounts import Account
 from coordinator.db import nonces
-from coordinator.db.database import ESCROW, GRANTS, VERIFICATION
-from coordinator.db.ledger import post_entry
 from coordinator.db.request_keys import Idempotent
 from coordinator.db.schema import jobs, text_models, text_outputs, worker_peers
 from coordinator.db.tx import now
-from coordinator.economy import text_checks, trust
+from coordinator.economy import text_settlement
+from coordinator.economy.text_settlement import Settlement
 from coordinator.errors import BadRequest, Conflict
 from coordinator.jobs.lifecycle import Lifecycle
 from coordinator.workers import Worker
-from protocol.cost import text_cost, text_work
+from protocol.cost import text_cost
 from protocol.signing import params_hash
 from protocol.text import (
     MAX_CHARS_PER_TOKEN,
@@ -48,25 +43,7 @@ from protocol.text import (
     token_bound,
 )
 
-__all__ = [
-    "Settlement",
-    "TextJob",
-    "append_text",
-    "complete_text_job",
-    "create_text_job",
-    "fail_text_job",
-    "get_text_job",
-    "grant_parts",
-    "link_peer",
-    "offer_models",
-    "pop_text_job",
-    "served_models",
-    "split_kudos",
-    "text_queue_position",
-]
-
-# a block server may process a token more than once (history replayed after a failover)
-MAX_REPLAYS_PER_TOKEN = 4
+__all__ = ["TextJob", "TextJobs", "reserve_cost"]
 
 
 @dataclass(frozen=True)
@@ -95,14 +72,6 @@ class TextJob:
     @property
     def finished(self) -> bool:
         return self.state in ("done", "failed", "cancelled")
-
-
-@dataclass(frozen=True)
-class Settlement:
-    charged: int
-    refunded: int
-    paid: dict[int, int]  # account id -> kudos
-    verified: str | None = None  # for a spot check: the job it re-ran
 
 
 def _text_query() -> Any:
@@ -140,157 +109,16 @@ def _text_job(row: Row[Any]) -> TextJob:
     )
 
 
-def split_kudos(total: int, weights: Sequence[float]) -> list[int]:
-    """Split `total` in proportion to `weights` (largest remainder; ties to the earliest)."""
-    if total < 0 or any(w < 0 for w in weights):
-        raise ValueError("total and weights must not be negative")
-    whole = sum(weights)
-    if not weights or whole == 0:
-        return [0] * len(weights)
-    exact = [total * w / whole for w in weights]
-    shares = [math.floor(x) for x in exact]
-    left = total - sum(shares)
-    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
-    for i in order[:left]:
-        shares[i] += 1
-    return shares
-
-
-def grant_parts(granted: int, shares: Sequence[int]) -> list[int]:
-    """Split `granted` (at most their sum) over `shares` in proportion, never more than a
-    share (integer largest remainder), so that the parts add up to `granted` exactly."""
-    whole = sum(shares)
-    if granted > whole or granted < 0:
-        raise ValueError(f"{granted} granted kudos do not fit in shares of {whole}")
-    if not whole:
-        return [0] * len(shares)
-    parts = [granted * share // whole for share in shares]
-    remainders = sorted(range(len(shares)), key=lambda i: (-(granted * shares[i] % whole), i))
-    left = granted - sum(parts)
-    for i in remainders:
-        if left == 0:
-            break
-        if parts[i] < shares[i]:
-            parts[i] += 1
-            left -= 1
-    return parts
-
-
 # --- models and peers -------------------------------------------------------------------
 
 
-async def offer_models(store: Lifecycle, models: Sequence[TextModel]) -> None:
-    """Remember that a gateway offered these catalog models now (upsert of last_seen; the
-    sizes written are the catalog's: coordinator.economy.text_models.check_offer)."""
-    async with store.begin() as conn:
-        for model in models:
-            values = {
-                "blocks": model.blocks,
-                "parameters": model.parameters,
-                "max_context": model.max_context,
-                "last_seen": now(conn),
-            }
-            changed = await conn.execute(
-                update(text_models).where(text_models.c.name == model.name).values(values)
-            )
-            if changed.rowcount == 0:
-                await conn.execute(text_models.insert().values(name=model.name, **values))
-
-
-async def served_models(store: Lifecycle, max_age: float) -> list[str]:
-    """Names of the models a gateway offered within `max_age` seconds, most recent first."""
-    query = (
-        select(text_models.c.name)
-        .where(text_models.c.last_seen >= store.now() - max_age)
-        .order_by(text_models.c.last_seen.desc(), text_models.c.name)
-    )
-    async with store.begin() as conn:
-        return list((await conn.execute(query)).scalars())
-
-
-async def link_peer(store: Lifecycle, worker: Worker, peer_id: str, nonce: str) -> None:
-    """Link a hivemind peer id to `worker`, which proved it holds the peer id's libp2p key
-    by signing `nonce` (used up here). The proof is the last word: a link made earlier
-    by another worker (without the key, before proofs existed) moves to this one."""
-    async with store.begin() as conn:
-        await nonces.consume(conn, nonce, "peer")
-        row = (
-            await conn.execute(select(worker_peers).where(worker_peers.c.peer_id == peer_id))
-        ).first()
-        if row is None:
-            await conn.execute(
-                worker_peers.insert().values(
-                    peer_id=peer_id, worker_id=worker.id, linked_at=now(conn)
-                )
-            )
-        elif row.worker_id != worker.id:
-            await conn.execute(
-                update(worker_peers)
-                .where(worker_peers.c.peer_id == peer_id)
-                .values(worker_id=worker.id, linked_at=now(conn))
-            )
-
-
 # --- jobs -------------------------------------------------------------------------------
-
-
-def text_lease_seconds(store: Lifecycle, params: TextParams) -> float:
-    config = store.config
-    if config.lease_timeout is not None:
-        return config.lease_timeout
-    # the gateway extends the lease with every piece of text it streams
-    return config.lease_base_seconds
 
 
 def reserve_cost(params: TextParams, model: TextModel) -> int:
     """Kudos reserved at submit: every token the job could process, through every block
     plus the gateway's embeddings and head (counted as one more block)."""
     return text_cost(token_bound(params), model.blocks + 1, model.parameters)
-
-
-async def create_text_job(
-    store: Lifecycle,
-    account: Account,
-    params: TextParams,
-    model: TextModel,
-    horde: dict[str, object] | None = None,
-    idempotent: Idempotent | None = None,
-) -> TextJob:
-    """Queue a text job for `model` and reserve its upper-bound cost (once per `idempotent`
-    key: Lifecycle.queue_job); `horde`: the /api/v2 request's options, for jobs made there."""
-    row = await store.queue_job(
-        account,
-        reserve_cost(params, model),
-        {
-            "kind": "text",
-            "params": params.model_dump_json(),
-            "params_hash": params_hash(params),
-            "model": model.name,
-            "pixels": 0,
-            "steps": params.max_tokens,
-            "n": 1,
-            "lease_seconds": text_lease_seconds(store, params),
-            "steps_total": params.max_tokens,
-            "horde": None if horde is None else json.dumps(horde),
-        },
-        "lower max_tokens or shorten the prompt, or earn kudos by running a worker",
-        idempotent,
-    )
-    job = await get_text_job(store, row.id)
-    assert job is not None
-    return job
-
-
-async def get_text_job(store: Lifecycle, job_id: str) -> TextJob | None:
-    query = _text_query().where((jobs.c.id == job_id) & (jobs.c.kind == "text"))
-    async with store.begin() as conn:
-        row = (await conn.execute(query)).first()
-    return _text_job(row) if row else None
-
-
-async def text_queue_position(store: Lifecycle, job_id: str) -> tuple[int | None, float | None]:
-    """(queue position, ETA seconds): 0 = next text job to be popped; None once running."""
-    return await store.queue_info(job_id)
 
 
 async def _start_text(conn: AsyncConnection, row: Row[Any]) -> None:
@@ -301,15 +129,6 @@ async def _start_text(conn: AsyncConnection, row: Row[Any]) -> None:
             job_id=row.id, model=row.model, text="", prompt_tokens=0, completion_tokens=0
         )
     )
-
-
-async def pop_text_job(store: Lifecycle, worker: Worker, models: Sequence[str]) -> TextJob | None:
-    """Lease the best queued text job for one of `models` (see Lifecycle.pop)."""
-    fits = (jobs.c.kind == "text") & jobs.c.model.in_(list(models))
-    leased = await store.pop(worker, fits, take_checks=True, on_lease=_start_text)
-    if leased is None:
-        return None
-    return await get_text_job(store, leased.id)
 
 
 async def _text_at(conn: AsyncConnection, job_id: str, offset: int, size: int) -> str:
@@ -327,242 +146,182 @@ def _too_long(length: int, max_tokens: int) -> BadRequest:
     )
 
 
-async def append_text(
-    store: Lifecycle, worker: Worker, job_id: str, offset: int, text: str
-) -> tuple[int, float]:
-    """Append streamed text at `offset` and extend the lease; returns (length, deadline).
+class TextJobs(Lifecycle):
+    """Text jobs: the lifecycle plus the models offered, block servers' peer links,
+    streamed text and settlement."""
 
-    Sending the same piece twice (a retry) is harmless; a gap or a different text is a 409;
-    text past the job's cap (`text_cap(max_tokens)`) is a 400 and extends nothing. The text
-    is appended in SQL, never read back whole.
-    """
-    stored = text_outputs.c.text
-    mine = text_outputs.c.job_id == job_id
-    async with store.begin() as conn:
-        leased = await store.extend(conn, worker, job_id)
-        # (SQLite and PostgreSQL both count characters: code points, as Python does)
-        length = (await conn.execute(select(func.length(stored)).where(mine))).scalar_one()
-        if offset == length:
-            max_tokens = int(leased.steps_total)  # a text job's steps are its max_tokens
-            if length + len(text) > text_cap(max_tokens):
-                raise _too_long(length + len(text), max_tokens)
-            await conn.execute(update(text_outputs).where(mine).values(text=stored + text))
-            length += len(text)
-        elif offset > length or await _text_at(conn, job_id, offset, len(text)) != text:
-            raise Conflict(
-                f"text at offset {offset} does not continue the {length} characters "
-                "received; resend from the returned length",
-                [("offset", f"must be {length}")],
+    kind = "text"
+
+    async def offer_models(self, models: Sequence[TextModel]) -> None:
+        """Remember that a gateway offered these catalog models now (upsert of last_seen; the
+        sizes written are the catalog's: coordinator.economy.text_models.check_offer)."""
+        async with self._db.begin() as conn:
+            for model in models:
+                values = {
+                    "blocks": model.blocks,
+                    "parameters": model.parameters,
+                    "max_context": model.max_context,
+                    "last_seen": now(conn),
+                }
+                changed = await conn.execute(
+                    update(text_models).where(text_models.c.name == model.name).values(values)
+                )
+                if changed.rowcount == 0:
+                    await conn.execute(text_models.insert().values(name=model.name, **values))
+
+    async def served_models(self, max_age: float) -> list[str]:
+        """Names of the models a gateway offered within `max_age` seconds, most recent first."""
+        query = (
+            select(text_models.c.name)
+            .where(text_models.c.last_seen >= self._db.now() - max_age)
+            .order_by(text_models.c.last_seen.desc(), text_models.c.name)
+        )
+        async with self._db.begin() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def link_peer(self, worker: Worker, peer_id: str, nonce: str) -> None:
+        """Link a hivemind peer id to `worker`, which proved it holds the peer id's libp2p key
+        by signing `nonce` (used up here). The proof is the last word: a link made earlier
+        by another worker (without the key, before proofs existed) moves to this one."""
+        async with self._db.begin() as conn:
+            await nonces.consume(conn, nonce, "peer")
+            row = (
+                await conn.execute(select(worker_peers).where(worker_peers.c.peer_id == peer_id))
+            ).first()
+            if row is None:
+                await conn.execute(
+                    worker_peers.insert().values(
+                        peer_id=peer_id, worker_id=worker.id, linked_at=now(conn)
+                    )
+                )
+            elif row.worker_id != worker.id:
+                await conn.execute(
+                    update(worker_peers)
+                    .where(worker_peers.c.peer_id == peer_id)
+                    .values(worker_id=worker.id, linked_at=now(conn))
+                )
+
+    def _lease_seconds(self, params: TextParams) -> float:
+        config = self._db.config
+        if config.lease_timeout is not None:
+            return config.lease_timeout
+        # the gateway extends the lease with every piece of text it streams
+        return config.lease_base_seconds
+
+    async def create(
+        self,
+        account: Account,
+        params: TextParams,
+        model: TextModel,
+        horde: dict[str, object] | None = None,
+        idempotent: Idempotent | None = None,
+    ) -> TextJob:
+        """Queue a text job for `model` and reserve its upper-bound cost (once per `idempotent`
+        key: Lifecycle._queue); `horde`: the /api/v2 request's options, for jobs made there."""
+        row = await self._queue(
+            account,
+            reserve_cost(params, model),
+            {
+                "kind": "text",
+                "params": params.model_dump_json(),
+                "params_hash": params_hash(params),
+                "model": model.name,
+                "pixels": 0,
+                "steps": 0,
+                "n": 1,
+                "lease_seconds": self._lease_seconds(params),
+                "steps_total": 0,
+                "max_tokens": params.max_tokens,
+                "horde": None if horde is None else json.dumps(horde),
+            },
+            "lower max_tokens or shorten the prompt, or earn kudos by running a worker",
+            idempotent,
+        )
+        job = await self.get(row.id)
+        assert job is not None
+        return job
+
+    async def get(self, job_id: str) -> TextJob | None:
+        query = _text_query().where((jobs.c.id == job_id) & (jobs.c.kind == "text"))
+        async with self._db.begin() as conn:
+            row = (await conn.execute(query)).first()
+        return _text_job(row) if row else None
+
+    async def pop(self, worker: Worker, models: Sequence[str]) -> TextJob | None:
+        """Lease the best queued text job for one of `models` (see Lifecycle._pop)."""
+        fits = (jobs.c.kind == "text") & jobs.c.model.in_(list(models))
+        leased = await self._pop(worker, fits, take_checks=True, on_lease=_start_text)
+        if leased is None:
+            return None
+        return await self.get(leased.id)
+
+    async def append_text(
+        self, worker: Worker, job_id: str, offset: int, text: str
+    ) -> tuple[int, float]:
+        """Append streamed text at `offset` and extend the lease; returns (length, deadline).
+
+        Sending the same piece twice (a retry) is harmless; a gap or a different text is a 409;
+        text past the job's cap (`text_cap(max_tokens)`) is a 400 and extends nothing. The text
+        is appended in SQL, never read back whole.
+        """
+        stored = text_outputs.c.text
+        mine = text_outputs.c.job_id == job_id
+        async with self._db.begin() as conn:
+            leased = await self._extend(conn, worker, job_id)
+            # (SQLite and PostgreSQL both count characters: code points, as Python does)
+            length = (await conn.execute(select(func.length(stored)).where(mine))).scalar_one()
+            if offset == length:
+                max_tokens = int(leased.max_tokens)
+                if length + len(text) > text_cap(max_tokens):
+                    raise _too_long(length + len(text), max_tokens)
+                await conn.execute(update(text_outputs).where(mine).values(text=stored + text))
+                length += len(text)
+            elif offset > length or await _text_at(conn, job_id, offset, len(text)) != text:
+                raise Conflict(
+                    f"text at offset {offset} does not continue the {length} characters "
+                    "received; resend from the returned length",
+                    [("offset", f"must be {length}")],
+                )
+        return int(length), float(leased.lease_deadline)
+
+    async def complete(
+        self, worker: Worker, job: TextJob, result: TextResultSubmit, model: TextModel
+    ) -> Settlement:
+        """Finish the job: store the text, charge the work done, pay the block servers' owners
+        (by block-tokens served) and the gateway's owner, refund the rest, apply the gateway's
+        spot checks of its servers and maybe schedule a check of the gateway -- one
+        transaction, one ledger entry per movement (refund, then each worker's pay from escrow).
+
+        A verification job (a trusted gateway re-running another's job) charges nobody: its
+        workers are paid from the grants account, at most what the checked job reserved, and
+        its text decides the check (coordinator.economy.text_checks)."""
+        text_settlement.check_report(job.params, result, model)
+        async with self._db.begin() as conn:
+            row = await self._finish(conn, worker, job.id)
+            settled = await text_settlement.settle(
+                conn, self._db.config, worker.id, worker.account_id, row, result, model
             )
-    return int(length), float(leased.lease_deadline)
-
-
-def _check_checks(result: TextResultSubmit, model: TextModel) -> list[tuple[str, str]]:
-    """The gateway's spot checks that the job could not have made: blocks outside the
-    model, blocks that neither the checked server nor its checkers served in this job, a
-    `wrong` that no referee decided."""
-    served: dict[str, list[tuple[int, int]]] = {}
-    for span in result.spans:
-        served.setdefault(span.peer_id, []).append((span.start, span.end))
-    problems: list[tuple[str, str]] = []
-    for i, check in enumerate(result.checks):
-        if check.end > model.blocks:
-            problems.append((f"checks[{i}].end", f"model {model.name} has {model.blocks} blocks"))
-        elif not any(
-            a <= check.start and check.end <= b
-            for peer in (check.peer_id, *check.checkers)
-            for a, b in served.get(peer, [])
-        ):
-            # (the checked server is usually the one that served the span; when the second
-            # server was the odd one out, it is the checked one and the server of the span
-            # is among its checkers)
-            problems.append(
-                (
-                    f"checks[{i}].peer_id",
-                    f"neither peer {check.peer_id} nor its checkers served a span holding "
-                    f"blocks {check.start}:{check.end} in this job's spans",
+            await conn.execute(
+                update(text_outputs)
+                .where(text_outputs.c.job_id == job.id)
+                .values(
+                    text=result.text,
+                    finish_reason=result.finish_reason,
+                    prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                    spans=json.dumps([s.model_dump() for s in result.spans]),
+                    charged=settled.charged,
+                    signature=result.signature,
                 )
             )
-        if check.verdict == "wrong" and len(check.checkers) < 2:
-            problems.append(
-                (
-                    f"checks[{i}].checkers",
-                    "a 'wrong' verdict names the second server and the referee that decided",
-                )
-            )
-    return problems
+        self.ranking.changed("text")  # the throughput behind ETAs changed
+        return settled
 
-
-def _check_report(job: TextJob, result: TextResultSubmit, model: TextModel) -> None:
-    """BadRequest naming every part of the report that the job could not have made."""
-    params = job.params
-    problems: list[tuple[str, str]] = []
-    if result.completion_tokens > params.max_tokens:
-        problems.append(("completion_tokens", f"must be at most {params.max_tokens}"))
-    if result.prompt_tokens + result.completion_tokens > token_bound(params):
-        problems.append(("prompt_tokens", "is more than the prompt can tokenize to"))
-    if len(result.text) > text_cap(params.max_tokens):
-        cap = text_cap(params.max_tokens)
-        problems.append(
-            ("text", f"must be at most {cap} characters (max_tokens x {MAX_CHARS_PER_TOKEN})")
-        )
-    processed = result.prompt_tokens + result.completion_tokens
-    # tokens each block ran, from the spans (a difference array: spans may be many)
-    change = [0] * (model.blocks + 1)
-    for i, span in enumerate(result.spans):
-        if span.end > model.blocks:
-            problems.append((f"spans[{i}].end", f"model {model.name} has {model.blocks} blocks"))
-            continue
-        change[span.start] += span.tokens
-        change[span.end] -= span.tokens
-    ran, block = [], 0
-    for step in change[:-1]:
-        block += step
-        ran.append(block)
-    # every block ran every token but the last one sampled (never fed back); failovers
-    # replay a server's history, so a block may run a token a few times
-    need, most = processed - 1, processed * MAX_REPLAYS_PER_TOKEN
-    short = next((b for b, tokens in enumerate(ran) if tokens < need), None)
-    if short is not None:
-        problems.append(
-            (
-                "spans",
-                f"must cover every block of {model.name} for the {need} tokens claimed "
-                f"(prompt + completion - 1), but block {short} ran {ran[short]}",
-            )
-        )
-    over = next((b for b, tokens in enumerate(ran) if tokens > most), None)
-    if over is not None:
-        problems.append(
-            ("spans", f"block {over} ran {ran[over]} tokens, more than the job could ({most})")
-        )
-    problems += _check_checks(result, model)
-    if problems:
-        raise BadRequest(
-            "the usage report does not fit the job: " + "; ".join(f"{f} {m}" for f, m in problems),
-            problems,
-        )
-
-
-async def complete_text_job(
-    store: Lifecycle, worker: Worker, job: TextJob, result: TextResultSubmit, model: TextModel
-) -> Settlement:
-    """Finish the job: store the text, charge the work done, pay the block servers' owners
-    (by block-tokens served) and the gateway's owner, refund the rest, apply the gateway's
-    spot checks of its servers and maybe schedule a check of the gateway -- one
-    transaction, one ledger entry per movement (refund, then each worker's pay from escrow).
-
-    A verification job (a trusted gateway re-running another's job) charges nobody: its
-    workers are paid from the grants account, at most what the checked job reserved, and
-    its text decides the check (coordinator.economy.text_checks)."""
-    _check_report(job, result, model)
-    async with store.begin() as conn:
-        row = await store.finish(conn, worker, job.id)
-        peers = {span.peer_id for span in result.spans}
-        linked = await text_checks.peer_workers(conn, peers)
-        unlinked = sorted(peers - linked.keys())
-        if unlinked:
-            raise BadRequest(
-                f"the usage report names block servers not linked to any worker "
-                f"({', '.join(unlinked[:3])}); block servers link their peer id when they "
-                "start (`idlegrid worker blocks --coordinator ...`), and only they are paid",
-                [("spans", f"peer {unlinked[0]} is not linked to a worker")],
-            )
-        checked = (
-            None
-            if row.verify_of is None
-            else (await conn.execute(select(jobs).where(jobs.c.id == row.verify_of))).one()
-        )
-        # block-tokens per paid worker, then the gateway's embeddings and head: one block
-        units: dict[tuple[str, int], int] = {}
-        for span in result.spans:
-            server = linked[span.peer_id]
-            payee = (server.id, int(server.account_id))
-            units[payee] = units.get(payee, 0) + span.tokens * (span.end - span.start)
-        processed = result.prompt_tokens + result.completion_tokens
-        # the requester pays for the tokens claimed through the model once: replays after
-        # a failover are paid to the servers that ran them, out of the same price
-        charged_units = min(sum(units.values()), processed * model.blocks) + processed
-        gateway = (worker.id, worker.account_id)
-        units[gateway] = units.get(gateway, 0) + processed
-        work = text_work(charged_units, 1, model.parameters)
-        cap = job.cost if checked is None else int(checked.cost)
-        cost = min(cap, max(1, math.ceil(work))) if charged_units else 0
-        payees = sorted(units)
-        shares = split_kudos(cost, [units[p] for p in payees])
-        if job.cost > cost:
-            await post_entry(
-                conn,
-                reason="refund",
-                key=f"refund:{job.id}",
-                job_id=job.id,
-                moves=[
-                    (store.system_account(ESCROW), cost - job.cost),
-                    (job.account_id, job.cost - cost),
-                ],
-            )
-        # what grants funded of the job reaches every payee as grants, in proportion
-        granted = grant_parts(await trust.job_grants(conn, job.id), shares)
-        paid: dict[int, int] = {}
-        for (worker_id, account_id), share, grant in zip(payees, shares, granted, strict=True):
-            # untrusted workers get part of it held pending verification (economy.trust)
-            await trust.pay_worker(
-                conn,
-                store.config,
-                worker_id,
-                account_id,
-                share,
-                job.id,
-                f"settle:{job.id}:{worker_id}",
-                reason="settle" if checked is None else "verify",
-                source=None if checked is None else store.system_account(GRANTS),
-                granted=grant,
-            )
-            if share:
-                paid[account_id] = paid.get(account_id, 0) + share
-        # the gateway's spot checks of the servers release or forfeit what is held
-        await text_checks.apply_server_checks(conn, store.config, worker.id, job.id, result.checks)
-        charged = cost if checked is None else 0
-        await conn.execute(
-            update(text_outputs)
-            .where(text_outputs.c.job_id == job.id)
-            .values(
-                text=result.text,
-                finish_reason=result.finish_reason,
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                spans=json.dumps([s.model_dump() for s in result.spans]),
-                charged=charged,
-                signature=result.signature,
-            )
-        )
-        if checked is None:
-            await text_checks.after_text_result(
-                conn,
-                store.config,
-                worker.id,
-                row,
-                float(row.finished_at),
-                store.system_account(VERIFICATION),
-            )
-        else:
-            await text_checks.record_text_check(conn, store.config, row, result.text)
-    store.ranking.changed("text")  # the throughput behind ETAs changed
-    return Settlement(
-        charged=charged,
-        refunded=job.cost - cost if checked is None else 0,
-        paid=paid,
-        verified=None if checked is None else checked.id,
-    )
-
-
-async def fail_text_job(
-    store: Lifecycle, worker: Worker, job_id: str, reason: str, retry: bool
-) -> TextJob:
-    """Give the job back to the queue, or (no retry, or out of attempts) fail and refund.
-    It does not count toward the gateway's --faulted-run: a gateway's failure is most
-    often one of its block servers' (checked separately, coordinator.economy.text_checks)."""
-    await store.fail_job(worker, job_id, reason, retry=retry, counts=False)
-    job = await get_text_job(store, job_id)
-    assert job is not None
-    return job
+    async def fail(self, worker: Worker, job_id: str, reason: str, retry: bool) -> TextJob:
+        """Give the job back to the queue, or (no retry, or out of attempts) fail and refund.
+        It does not count toward the gateway's --faulted-run: a gateway's failure is most
+        often one of its block servers' (checked separately, coordinator.economy.text_checks)."""
+        await self._fail(worker, job_id, reason, retry=retry, counts=False)
+        job = await self.get(job_id)
+        assert job is not None
+        return job

@@ -63,7 +63,7 @@ async def grid(coordinator_config: CoordinatorConfig) -> AsyncIterator[tuple[Liv
     )
     runner, app = await start_app(config)
     clock = Clock()
-    app.store.clock = clock
+    app.store.db.clock = clock
     try:
         yield app, clock
     finally:
@@ -139,7 +139,7 @@ async def _reasons(url: str, key: str) -> set[str]:
 
 
 async def _books_hold(app: LiveApp) -> None:
-    audit = await app.store.ledger_audit()
+    audit = await app.store.ledger.audit()
     assert (audit["unbalanced_entries"], audit["balance_rows_off"], audit["grants_off"]) == (
         0,
         0,
@@ -150,8 +150,8 @@ async def _books_hold(app: LiveApp) -> None:
 
 async def _end_holds(app: LiveApp, clock: Clock) -> None:
     """Let every held pay come due (AI Horde workers' dispute hold) and release it."""
-    clock.now += app.store.config.horde_hold_seconds + 1
-    await app.store.release_held()
+    clock.now += app.store.db.config.horde_hold_seconds + 1
+    await app.store.image_jobs.release_held()
 
 
 async def _poll_for(clock: Clock, seconds: float, poll: Callable[[], Awaitable[None]]) -> None:
@@ -311,6 +311,6 @@ async def test_pay_keeps_the_share_of_what_funded_the_job(grid: tuple[LiveApp, C
     # all as grants, the mixed one 15/25 grants: 8 of the 13 now (the held part's share is
     # rounded down), so 5 of its 10 transferable kudos arrive now and 5 wait, held
     assert await _me(app.url, owner) == (GRANT + 4 * 13, GRANT + 3 * 13 + 8, 5)
-    balances = await app.store.balances()
+    balances = await app.store.ledger.balances()
     assert balances[f"pending:{worker.link.worker_id}"] == 4 * 12
     await _books_hold(app)

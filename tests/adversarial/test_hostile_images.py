@@ -196,7 +196,7 @@ async def test_jobs_of_the_default_size_are_speed_checked(
     config = _config(coordinator_config, spot_check_rate=0.0, spot_check_min_rate=0.0)
     runner, app = await start_app(config)
     clock = [time.time()]
-    app.store.clock = lambda: clock[0]
+    app.store.db.clock = lambda: clock[0]
     try:
         operator, alice = await register_accounts(app.url, "operator", "alice")
         async with (

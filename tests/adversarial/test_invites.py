@@ -42,7 +42,7 @@ async def live(coordinator_config: CoordinatorConfig) -> AsyncIterator[LiveApp]:
 
 
 async def test_one_invite_code_does_not_become_an_army(live: LiveApp) -> None:
-    (operator_code,) = await live.store.create_invites(1)  # `--make-invites 1`
+    (operator_code,) = await live.store.accounts.create_invites(1)  # `--make-invites 1`
     codes, accounts, keys = [operator_code], 0, []
     refusals: list[tuple[int, str]] = []
     async with AsyncClient(live.url) as anon:
@@ -66,7 +66,7 @@ async def test_one_invite_code_does_not_become_an_army(live: LiveApp) -> None:
     # an invitee that did verified work (one of its workers passed a check) may invite
     async with FakeWorker(live.url, "donor", api_key=keys[-1]) as donor:
         # (the check itself: tests/coordinator/economy/test_trust)
-        async with live.store.begin() as conn:
+        async with live.store.db.begin() as conn:
             await conn.execute(
                 update(workers).where(workers.c.id == donor.link.worker_id).values(checks_passed=1)
             )

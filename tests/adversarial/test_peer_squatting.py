@@ -82,7 +82,7 @@ async def _peer_in_dht(dht: DHT) -> str:
 
 
 async def _linked_to(live: LiveApp, peer_id: str) -> str | None:
-    async with live.store.begin() as conn:
+    async with live.store.db.begin() as conn:
         row = (
             await conn.execute(
                 select(worker_peers.c.worker_id).where(worker_peers.c.peer_id == peer_id)
@@ -146,7 +146,9 @@ async def test_a_squatter_cannot_link_a_block_servers_peer_id(
             tap.release(PEERS)
             ready = await asyncio.to_thread(server.wait_for, READY, 60)
             assert ready.group(1) == peer_id
-            honest = await coordinator.store.worker_row(await _worker_named(coordinator, "honest"))
+            honest = await coordinator.store.workers.worker_row(
+                await _worker_named(coordinator, "honest")
+            )
             assert honest is not None
             # the proof wins over the old squat; the server serves on and is paid
             assert await _linked_to(coordinator, peer_id) == honest.id
@@ -176,7 +178,7 @@ async def _post_peer_link(worker: FakeWorker, body: dict[str, Any]) -> tuple[int
 
 
 async def _squat(live: LiveApp, peer_id: str, worker_id: str | None) -> None:
-    async with live.store.begin() as conn:
+    async with live.store.db.begin() as conn:
         await conn.execute(
             worker_peers.insert().values(peer_id=peer_id, worker_id=worker_id, linked_at=0.0)
         )
@@ -185,7 +187,7 @@ async def _squat(live: LiveApp, peer_id: str, worker_id: str | None) -> None:
 async def _worker_named(live: LiveApp, name: str) -> str:
     from coordinator.db.schema import workers
 
-    async with live.store.begin() as conn:
+    async with live.store.db.begin() as conn:
         return str(
             (await conn.execute(select(workers.c.id).where(workers.c.name == name))).scalar_one()
         )

@@ -31,7 +31,7 @@ async def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, An
 
 
 async def _owner(live: LiveApp, worker_id: str) -> int:
-    row = await live.store.worker_row(worker_id)
+    row = await live.store.workers.worker_row(worker_id)
     assert row is not None
     return int(row.account_id)
 
@@ -40,7 +40,7 @@ async def test_a_captured_registration_cannot_be_replayed(live: LiveApp) -> None
     async with AsyncClient(live.url) as anon:
         alice_key = (await anon.register("alice")).api_key
         mallory_key = (await anon.register("mallory")).api_key
-    alice = await live.store.account_by_key(alice_key)
+    alice = await live.store.accounts.account_by_key(alice_key)
     assert alice is not None
     async with Wiretap(live.url) as tap, FakeWorker(tap.url, "victim", alice_key) as victim:
         captured = tap.last(REGISTER)

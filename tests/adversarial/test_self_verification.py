@@ -118,7 +118,7 @@ async def test_a_persons_trusted_worker_never_checks_its_untrusted_sibling(
             assert await referee.link.pop(BIG_CAPS, wait=0) is None
         finally:
             await veteran.link.aclose()
-    audit = await app.store.ledger_audit()
+    audit = await app.store.ledger.audit()
     assert audit["unbalanced_entries"] == 0 and audit["sum"] == 0
 
 
@@ -177,7 +177,7 @@ async def test_one_malicious_verifier_cannot_pause_an_honest_newcomer(
         # the outvoted verifier takes the suspicion (and, at this setting, is paused)
         eves = await requester.worker(liar.link.worker_id)
         assert eves.suspicion == 1 and not eves.trusted and eves.paused
-    audit = await app.store.ledger_audit()
+    audit = await app.store.ledger.audit()
     assert audit["unbalanced_entries"] == 0 and audit["sum"] == 0
 
 

@@ -96,7 +96,7 @@ async def test_twenty_new_accounts_cannot_pool_their_grants(live: LiveApp) -> No
 
     async with AsyncClient(live.url, collector_key) as collector:
         assert (await collector.me()).kudos == GRANT
-    audit = await live.store.ledger_audit()
+    audit = await live.store.ledger.audit()
     assert (audit["unbalanced_entries"], audit["balance_rows_off"], audit["grants_off"]) == (
         0,
         0,

@@ -124,7 +124,7 @@ async def server(grid: dict[str, Any]) -> WorkerInfo:
 
 async def money(grid: dict[str, Any]) -> tuple[int, int, int]:
     """(bob's balance, what bob's server has held, the grants account)."""
-    balances = await grid["live"].store.balances()
+    balances = await grid["live"].store.ledger.balances()
     held = balances.get(f"pending:{grid['server'].worker_id}", 0)
     return balances["bob"], held, balances["system:grants"]
 
@@ -147,7 +147,7 @@ async def test_honest_work_checked_by_a_trusted_gateway_is_released(
     before = (await money(grid))[0]
     await serve(grid, "gateway", [])
     assert (await money(grid))[:2] == (before + 11, 0)
-    audit = await grid["live"].store.ledger_audit()
+    audit = await grid["live"].store.ledger.audit()
     assert audit["unbalanced_entries"] == 0 and audit["sum"] == 0
     # alice's grants paid every job: the servers' and gateways' pay, held or released, is
     # grants too (issue 26), so nothing anywhere became transferable
@@ -171,7 +171,7 @@ async def test_a_decided_wrong_forfeits_held_pay_and_pauses(grid: dict[str, Any]
     await serve(grid, "gateway", [check("wrong", CHECKER, REFEREE)] * 3)
     info = await server(grid)
     assert info.suspicion == 2 and info.paused and not info.trusted
-    audit = await grid["live"].store.ledger_audit()
+    audit = await grid["live"].store.ledger.audit()
     assert audit["unbalanced_entries"] == 0 and audit["sum"] == 0
 
 
@@ -219,7 +219,7 @@ async def test_checks_that_the_job_could_not_have_made_are_refused(grid: dict[st
 
 async def gateway_money(grid: dict[str, Any]) -> tuple[int, int, int, int]:
     """(alice's balance, mallory's, what mallory's untrusted gateway has held, grants)."""
-    balances = await grid["live"].store.balances()
+    balances = await grid["live"].store.ledger.balances()
     held = balances.get(f"pending:{grid['untrusted'].worker_id}", 0)
     return balances["alice"], balances["mallory"], held, balances["system:grants"]
 
@@ -249,7 +249,7 @@ async def test_an_untrusted_gateways_pay_is_released_by_an_independent_gateway(
     # released; alice paid nothing more; the check's 14 kudos of work came from grants
     assert after[:3] == (alice, mallory + held, 0) and after[3] == grants - 14
     assert (await grid["alice"].worker(grid["untrusted"].worker_id)).checks_passed == 1
-    audit = await grid["live"].store.ledger_audit()
+    audit = await grid["live"].store.ledger.audit()
     assert audit["unbalanced_entries"] == 0 and audit["sum"] == 0
 
 

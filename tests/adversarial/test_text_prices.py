@@ -123,7 +123,7 @@ async def test_a_request_without_model_gets_the_default_and_a_made_up_span_is_no
     # the most it can settle without servers: one token, through no block
     settled = await attacker.submit_text(job, "x", "stop", 0, 1, [])
     assert settled.kudos_charged == 1 and settled.kudos_earned <= 1
-    balances = await live.store.balances()
+    balances = await live.store.ledger.balances()
     assert balances["anonymous"] >= -llm_price(REQUEST)
-    audit = await live.store.ledger_audit()
+    audit = await live.store.ledger.audit()
     assert audit["unbalanced_entries"] == 0 and audit["sum"] == 0

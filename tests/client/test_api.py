@@ -180,7 +180,7 @@ async def test_an_image_job_end_to_end_in_memory(
         states = [(status.state, status.step) for status in seen]
         assert ("leased", 2) in states and states[-1][0] == "done"
         assert (await alice.me()).spent == result.kudos_cost
-        assert (await coordinator.store.balances())["alice"] == 100 - result.kudos_cost
+        assert (await coordinator.store.ledger.balances())["alice"] == 100 - result.kudos_cost
 
 
 async def test_a_text_job_streams_in_memory(coordinator: InMemoryCoordinator) -> None:

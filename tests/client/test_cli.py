@@ -113,7 +113,7 @@ async def test_dry_run_quotes_and_submits_nothing(live: LiveApp) -> None:
     assert (quote["kudos_cost"], quote["balance"], quote["queue_position"]) == (3, 100, 0)
     text = await _cli(live.url, key, "generate", "a cat", "--size", "256x256", "--dry-run")
     assert "cost:     3 kudos" in text.stdout and "nothing submitted" in text.stdout
-    assert (await live.store.ledger_audit())["entries"] == 1
+    assert (await live.store.ledger.audit())["entries"] == 1
 
 
 @pytest.mark.slow
@@ -195,6 +195,6 @@ async def test_complete_and_cancel_a_text_job_from_the_cli(live: LiveApp) -> Non
             queued = await grid.submit_text(TextParams(prompt="x", max_tokens=5))
         cancelled = await _cli(live.url, alice, "cancel", queued.id)
         assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout, cancelled.stderr
-        assert (await live.store.balances())["alice"] == 100 - result["kudos_spent"]
+        assert (await live.store.ledger.balances())["alice"] == 100 - result["kudos_spent"]
     finally:
         await gateway.aclose()

@@ -51,8 +51,8 @@ async def test_a_submit_cut_off_is_retried_without_a_second_charge(live: LiveApp
     (key,) = await register_accounts(live.url, "alice")
     async with _cutting_proxy(live.url, cuts=2) as url, AsyncClient(url, key) as alice:
         created = await alice.submit_image(SMALL)
-    alice_account = await live.store.account_by_key(key)
+    alice_account = await live.store.accounts.account_by_key(key)
     assert alice_account is not None
-    jobs = await live.store.account_jobs(alice_account, 10, 0)
+    jobs = await live.store.image_jobs.account_jobs(alice_account, 10, 0)
     assert [job.id for job in jobs] == [created.id]
-    assert await live.store.balance(alice_account.id) == 100 - created.kudos_cost
+    assert await live.store.ledger.balance(alice_account.id) == 100 - created.kudos_cost

@@ -34,7 +34,7 @@ from client.errors import ApiError, ClientError
 from client.sdk import AsyncClient
 from coordinator.config import DEFAULT_RATE_LIMITS, CoordinatorConfig
 from coordinator.db.schema import accounts, jobs, ledger_entries, postings, ratings, results
-from coordinator.economy.trust import GRANT_REASONS
+from coordinator.economy.payments import GRANT_REASONS
 from coordinator.store import Store
 from protocol.params import ImageParams
 from tests.fakes import CAPS, FakeWorker, job_pngs
@@ -257,7 +257,7 @@ async def _drain(
     deadline = time.monotonic() + DRAIN_SECONDS
     open_jobs = 0
     while time.monotonic() < deadline:
-        async with store.engine.begin() as conn:
+        async with store.db.engine.begin() as conn:
             open_jobs = (
                 await conn.execute(
                     select(func.count())
@@ -273,7 +273,7 @@ async def _drain(
                 job = await worker.link.pop(CAPS, wait=0.2)
                 if job is not None:
                     await worker.link.submit(job, job.params.seeds(), job_pngs(job))
-    async with store.engine.begin() as conn:
+    async with store.db.engine.begin() as conn:
         stuck = (
             await conn.execute(
                 select(jobs.c.id, jobs.c.state, jobs.c.pixels, jobs.c.steps, jobs.c.lease_deadline)
@@ -315,7 +315,7 @@ async def test_bank_invariants_hold_under_chaos(
         operator = await Store.open(config)
         try:
             for name in keys:
-                await operator.mint(name, MINT)
+                await operator.ledger.mint(name, MINT)
         finally:
             await operator.aclose()
         for i in range(WORKERS):
@@ -354,7 +354,7 @@ async def test_bank_invariants_hold_under_chaos(
 
 
 async def _check(store: Store, history: History) -> None:
-    audit = await store.ledger_audit()
+    audit = await store.ledger.audit()
     assert audit["unbalanced_entries"] == 0, audit
     assert audit["sum"] == 0, audit
     # the balance rows (what spending checks read) agree with the ledger, account by account
@@ -364,9 +364,9 @@ async def _check(store: Store, history: History) -> None:
     # no kudos from nothing: the transferable ones are exactly what the operator minted,
     # however the jobs that grants funded were paid, refunded, held and released
     assert audit["transferable"] == audit["minted"] == MINT * USERS, audit
-    async with store.engine.begin() as conn:
-        grants_id = store.system_account("system:grants")
-        escrow_id = store.system_account("system:escrow")
+    async with store.db.engine.begin() as conn:
+        grants_id = store.db.system_account("system:grants")
+        escrow_id = store.db.system_account("system:escrow")
         # kudos appear or vanish only through grant-like entries
         touching_grants = (
             await conn.execute(
@@ -457,7 +457,7 @@ async def _check(store: Store, history: History) -> None:
     for job_id in history.completed:
         assert states[job_id] == "done"
     # each acknowledged transfer key moved kudos exactly once
-    async with store.engine.begin() as conn:
+    async with store.db.engine.begin() as conn:
         keyed = Counter(
             (
                 await conn.execute(
@@ -472,7 +472,7 @@ async def _check(store: Store, history: History) -> None:
     assert all(count == 1 for count in keyed.values())
     names = {name: i for i, name in enumerate(sorted({s for s, _ in history.transfers}))}
     assert names is not None
-    async with store.engine.begin() as conn:
+    async with store.db.engine.begin() as conn:
         ids = dict((await conn.execute(select(accounts.c.name, accounts.c.id))).all())
     for (sender, key), (entry_id, _to, _amount) in history.transfers.items():
         assert keyed[f"transfer:{ids[sender]}:{key}"] == 1

@@ -41,9 +41,9 @@ def test_any_sqlite_url_gets_our_driver() -> None:
 
 
 async def test_statements_run_on_the_loops_thread_in_one_transaction(sqlite_store: Store) -> None:
-    assert sqlite_store.engine.dialect.driver == "idlegrid"
-    assert sqlite_store.engine.dialect.is_async
-    async with sqlite_store.begin() as conn:
+    assert sqlite_store.db.engine.dialect.driver == "idlegrid"
+    assert sqlite_store.db.engine.dialect.is_async
+    async with sqlite_store.db.begin() as conn:
         # SQLAlchemy's statements and coordinator.db.raw's share the one sqlite3 connection
         conn.info[RAW].create_function("thread_id", 0, threading.get_ident)
         ran_on = (await conn.execute(text("SELECT thread_id()"))).scalar_one()
@@ -60,7 +60,7 @@ async def test_a_second_transaction_waits_for_the_connection_and_the_loop_keeps_
     release = asyncio.Event()
 
     async def first() -> None:
-        async with sqlite_store.begin() as conn:
+        async with sqlite_store.db.begin() as conn:
             await conn.execute(accounts.update().values(floor=accounts.c.floor))
             order.append("first in")
             first_in.set()
@@ -69,7 +69,7 @@ async def test_a_second_transaction_waits_for_the_connection_and_the_loop_keeps_
 
     async def second() -> None:
         await first_in.wait()
-        async with sqlite_store.begin() as conn:
+        async with sqlite_store.db.begin() as conn:
             order.append("second in")
             await conn.execute(select(accounts.c.id))
 
@@ -84,10 +84,10 @@ async def test_a_second_transaction_waits_for_the_connection_and_the_loop_keeps_
 
 
 async def test_errors_are_sqlalchemys_and_roll_the_transaction_back(sqlite_store: Store) -> None:
-    await sqlite_store.create_account("alice")
+    await sqlite_store.accounts.create_account("alice")
 
     async def change_then_duplicate() -> None:
-        async with sqlite_store.begin() as conn:
+        async with sqlite_store.db.begin() as conn:
             await conn.execute(accounts.update().values(floor=-5).where(accounts.c.name == "alice"))
             await conn.execute(
                 accounts.insert().values(name="alice", kind="user", floor=0, created_at=0.0)
@@ -95,7 +95,7 @@ async def test_errors_are_sqlalchemys_and_roll_the_transaction_back(sqlite_store
 
     with pytest.raises(IntegrityError):
         await change_then_duplicate()
-    async with sqlite_store.begin() as conn:
+    async with sqlite_store.db.begin() as conn:
         floor = (
             await conn.execute(select(accounts.c.floor).where(accounts.c.name == "alice"))
         ).scalar_one()
@@ -117,7 +117,7 @@ def test_the_store_does_not_load_aiosqlite(tmp_path: Path) -> None:
                 port=0,
             )
             store = await Store.open(config)
-            await store.create_account("bob")
+            await store.accounts.create_account("bob")
             await store.aclose()
             print("aiosqlite" in sys.modules)
 

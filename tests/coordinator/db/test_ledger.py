@@ -15,24 +15,25 @@ from protocol.params import ImageParams
 
 
 async def test_an_unbalanced_entry_is_refused(store: Store) -> None:
-    account, _ = await store.create_account("alice")
-    async with store._engine.begin() as conn:
+    account, _ = await store.accounts.create_account("alice")
+    async with store.db.engine.begin() as conn:
         with pytest.raises(ValueError, match="does not balance"):
             await post_entry(conn, reason="bug", key="k1", moves=[(account.id, 5)])
-    async with store._engine.begin() as conn:
+    async with store.db.engine.begin() as conn:
         with pytest.raises(Conflict, match="already written"):
             await post_entry(
                 conn, reason="grant", key=f"grant:new-account:{account.id}", moves=[(account.id, 0)]
             )
-    assert await store.balance(account.id) == 100
+    assert await store.ledger.balance(account.id) == 100
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_random_operations_keep_the_books(store: Store, seed: int) -> None:
     rng = random.Random(seed)
-    users = [(await store.create_account(f"user{i}"))[0] for i in range(4)]
+    users = [(await store.accounts.create_account(f"user{i}"))[0] for i in range(4)]
     workers: list[Worker] = [
-        (await store.register_worker(f"w{i}", f"{i + 10:x}" * 32, None))[0] for i in range(3)
+        (await store.workers.register_worker(f"w{i}", f"{i + 10:x}" * 32, None))[0]
+        for i in range(3)
     ]
     leased: dict[str, tuple[Worker, object]] = {}
     paid: dict[str, int] = {}
@@ -48,12 +49,12 @@ async def test_random_operations_keep_the_books(store: Store, seed: int) -> None
                 seed=1,
             )
             with contextlib.suppress(InsufficientKudos):
-                await store.create_image_job(user, params, image_cost(params))
+                await store.image_jobs.create(user, params, image_cost(params))
         elif op == "pop":
             worker = rng.choice(workers)
             # three give-backs in a row pause a worker (--faulted-run): a fine outcome here
             with contextlib.suppress(WorkerPaused):
-                job = await store.pop_job(worker, ["m"], 10**7, 150)
+                job = await store.image_jobs.pop(worker, ["m"], 10**7, 150)
                 if job is not None:
                     leased[job.id] = (worker, job)
         elif leased:
@@ -62,22 +63,24 @@ async def test_random_operations_keep_the_books(store: Store, seed: int) -> None
             other = rng.choice(workers)  # sometimes the wrong worker tries
             try:
                 if op == "complete":
-                    await store.complete_job(other, job, [ResultRecord(0, 1, "0" * 64, "0" * 128)])  # type: ignore[arg-type]
+                    await store.image_jobs.complete(
+                        other, job, [ResultRecord(0, 1, "0" * 64, "0" * 128)]
+                    )  # type: ignore[arg-type]
                     paid[job_id] = paid.get(job_id, 0) + 1
                     del leased[job_id]
                 elif op == "fail":
-                    await store.fail_job(other, job_id, "boom")
+                    await store.image_jobs.fail(other, job_id, "boom")
                     del leased[job_id]
                 else:
-                    await store.report_progress(other, job_id, 0, 1, 2)
+                    await store.image_jobs.report_progress(other, job_id, 0, 1, 2)
             except Conflict:
                 assert other is not worker
-    audit = await store.ledger_audit()
+    audit = await store.ledger.audit()
     assert audit["unbalanced_entries"] == 0
     assert audit["sum"] == 0
     # unspent grants stay between 0 and the balance through reserves and refunds
     assert (audit["balance_rows_off"], audit["grants_off"]) == (0, 0)
-    balances = await store.balances()
+    balances = await store.ledger.balances()
     grants = -balances["system:grants"]
     assert grants == 100 * len(users)  # supply changed only by the recorded grants
     assert all(balances[u.name] >= 0 for u in users)  # never below the floor

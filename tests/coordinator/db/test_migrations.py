@@ -310,6 +310,48 @@ async def test_downgrade_to_base_and_back(engine: AsyncEngine) -> None:
         assert await conn.run_sync(_drift) == []
 
 
+async def test_an_old_text_jobs_max_tokens_moves_to_its_column_and_back(
+    engine: AsyncEngine,
+) -> None:
+    """0007_job_max_tokens: a text job queued before it (max_tokens in `steps` and
+    `steps_total`) has it in `max_tokens` after the upgrade; an image job keeps its steps;
+    the downgrade puts it back."""
+    old = {"kind": "text", "steps": 77, "steps_total": 77, "pixels": 0, "n": 1, "model": "m"}
+    image = {"kind": "image", "steps": 4, "steps_total": 4, "pixels": 4096, "n": 1, "model": None}
+    async with engine.begin() as conn:
+        await conn.run_sync(migrations.upgrade, "0006_identities")
+        await conn.execute(
+            text(
+                "INSERT INTO accounts (name, kind, floor, created_at) "
+                "VALUES ('alice', 'user', 0, 1.0)"
+            )
+        )
+        for job_id, row in (("text-1", old), ("image-1", image)):
+            await conn.execute(
+                text(
+                    "INSERT INTO jobs (id, kind, account_id, state, params, params_hash, model, "
+                    "pixels, steps, n, cost, priority_class, created_at, lease_seconds, "
+                    "attempts, image, step, steps_total) VALUES (:id, :kind, "
+                    "(SELECT id FROM accounts WHERE name = 'alice'), 'queued', '{}', 'h', :model, "
+                    ":pixels, :steps, :n, 5, 1, 1.0, 60.0, 0, 0, 0, :steps_total)"
+                ),
+                {"id": job_id, **row},
+            )
+    columns = "SELECT id, steps, steps_total, max_tokens FROM jobs ORDER BY id"
+    async with engine.begin() as conn:
+        assert await migrate(conn) == HEAD
+        rows = (await conn.execute(text(columns))).all()
+        assert [tuple(r) for r in rows] == [("image-1", 4, 4, None), ("text-1", 0, 0, 77)]
+    async with engine.begin() as conn:
+        await conn.run_sync(
+            lambda sync: command.downgrade(migrations.config(sync), "0006_identities")
+        )
+        back = (
+            await conn.execute(text("SELECT id, steps, steps_total FROM jobs ORDER BY id"))
+        ).all()
+        assert [tuple(r) for r in back] == [("image-1", 4, 4), ("text-1", 77, 77)]
+
+
 def test_revision_ids_number_on_from_the_head() -> None:
     assert HEAD == "0008_stored_files"
     assert (

@@ -36,12 +36,12 @@ async def clocked(coordinator_config: CoordinatorConfig) -> AsyncIterator[tuple[
 
 
 async def _consume(store: Store, nonce: str, purpose: str) -> None:
-    async with store.begin() as conn:
+    async with store.db.begin() as conn:
         await nonces.consume(conn, nonce, purpose)
 
 
 async def _count(store: Store) -> int:
-    async with store.begin() as conn:
+    async with store.db.begin() as conn:
         return int((await conn.execute(select(func.count()).select_from(nonces_table))).scalar())
 
 
@@ -49,7 +49,7 @@ async def test_a_nonce_is_used_once_for_its_purpose_before_it_expires(
     clocked: tuple[Store, Clock],
 ) -> None:
     store, clock = clocked
-    nonce, expires_at = await store.challenge("register")
+    nonce, expires_at = await store.workers.challenge("register")
     assert expires_at == clock.now + nonces.NONCE_SECONDS
     with pytest.raises(ChallengeRejected, match="register challenge nonce is unknown"):
         await _consume(store, "f" * 32, "register")
@@ -59,7 +59,7 @@ async def test_a_nonce_is_used_once_for_its_purpose_before_it_expires(
     with pytest.raises(ChallengeRejected, match="already used"):
         await _consume(store, nonce, "register")
 
-    late, _ = await store.challenge("peer")
+    late, _ = await store.workers.challenge("peer")
     clock.now += nonces.NONCE_SECONDS + 1
     with pytest.raises(ChallengeRejected, match="expired"):
         await _consume(store, late, "peer")
@@ -67,14 +67,14 @@ async def test_a_nonce_is_used_once_for_its_purpose_before_it_expires(
 
 async def test_a_failed_transaction_gives_its_nonce_back(clocked: tuple[Store, Clock]) -> None:
     store, _ = clocked
-    nonce, _ = await store.challenge("register")
+    nonce, _ = await store.workers.challenge("register")
     with pytest.raises(RuntimeError):
         await _consume_then_fail(store, nonce)
     await _consume(store, nonce, "register")
 
 
 async def _consume_then_fail(store: Store, nonce: str) -> None:
-    async with store.begin() as conn:
+    async with store.db.begin() as conn:
         await nonces.consume(conn, nonce, "register")
         raise RuntimeError("the registration failed after the nonce")
 
@@ -84,10 +84,10 @@ async def test_expired_nonces_are_reaped_as_new_ones_are_issued(
 ) -> None:
     store, clock = clocked
     for _ in range(5):
-        await store.challenge("register")
+        await store.workers.challenge("register")
     assert await _count(store) == 5
     clock.now += nonces.NONCE_SECONDS + 1
-    await store.challenge("register")
+    await store.workers.challenge("register")
     assert await _count(store) == 1
 
 
@@ -101,7 +101,7 @@ async def test_two_coordinators_racing_for_one_nonce_use_it_once(
     second = await Store.open(coordinator_config)
     try:
         for _ in range(20):
-            nonce, _ = await first.challenge("peer")
+            nonce, _ = await first.workers.challenge("peer")
             results = await asyncio.gather(
                 _consume(first, nonce, "peer"),
                 _consume(second, nonce, "peer"),

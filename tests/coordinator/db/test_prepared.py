@@ -35,17 +35,19 @@ async def test_a_read_sees_what_was_committed_not_a_transaction_in_progress(
     sqlite_only_config.data_dir.mkdir(parents=True, exist_ok=True)
     store = await Store.open(sqlite_only_config)
     try:
-        account, _ = await store.create_account("alice")
-        before = await store.read_first(BY_NAME, {"name": "alice"})
+        account, _ = await store.accounts.create_account("alice")
+        before = await store.db.read_first(BY_NAME, {"name": "alice"})
         assert (before.name, before.floor) == ("alice", account.floor)
-        async with store.begin() as conn:
+        async with store.db.begin() as conn:
             await conn.execute(update(accounts).where(accounts.c.id == account.id).values(floor=-5))
             # the store's own connection sees its change; a read does not, until it commits
-            during = await store.read_first(BY_NAME, {"name": "alice"})
+            during = await store.db.read_first(BY_NAME, {"name": "alice"})
             assert during.floor == account.floor
-        assert (await store.read_first(BY_NAME, {"name": "alice"})).floor == -5
-        assert await store.read_first(BY_NAME, {"name": "bob"}) is None
-        assert [row.name for row in await store.read_all(BY_NAME, {"name": "alice"})] == ["alice"]
+        assert (await store.db.read_first(BY_NAME, {"name": "alice"})).floor == -5
+        assert await store.db.read_first(BY_NAME, {"name": "bob"}) is None
+        assert [row.name for row in await store.db.read_all(BY_NAME, {"name": "alice"})] == [
+            "alice"
+        ]
     finally:
         await store.aclose()
 
@@ -53,9 +55,9 @@ async def test_a_read_sees_what_was_committed_not_a_transaction_in_progress(
 async def test_reads_refuse_statements_whose_values_sqlite_would_not_return_as_is(
     store: Store,
 ) -> None:
-    if not store.inline_reads:
+    if not store.db.inline_reads:
         pytest.skip("SQLite only")
-    reads = Reads(str(store.engine.url.database), store.engine.dialect)
+    reads = Reads(str(store.db.engine.url.database), store.db.engine.dialect)
     try:
         with pytest.raises(ValueError, match="type conversions"):
             reads.first(select(cast(literal(1), Boolean)), {})

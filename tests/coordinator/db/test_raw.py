@@ -23,10 +23,10 @@ ENTRY = ledger_entries.insert().returning(ledger_entries.c.id)
 
 
 async def test_rows_and_counts_match_sqlalchemy_in_the_same_transaction(store: Store) -> None:
-    account, _ = await store.create_account("alice")
-    async with store.begin() as conn:
+    account, _ = await store.accounts.create_account("alice")
+    async with store.db.begin() as conn:
         # SQLite takes the sqlite3 path; PostgreSQL SQLAlchemy's
-        assert (conn.info[raw.RAW] is not None) == (store.dialect == "sqlite")
+        assert (conn.info[raw.RAW] is not None) == (store.db.dialect == "sqlite")
         changed = await raw.execute(conn, SET_FLOOR, {"b_name": "alice", "b_floor": -7})
         assert changed.rowcount == 1
         # the change is in this transaction: SQLAlchemy on the same connection sees it
@@ -37,7 +37,7 @@ async def test_rows_and_counts_match_sqlalchemy_in_the_same_transaction(store: S
         assert (await raw.execute(conn, BY_NAME, {"name": "bob"})).first() is None
         missing = await raw.execute(conn, SET_FLOOR, {"b_name": "bob", "b_floor": 1})
         assert missing.rowcount == 0
-    async with store.begin() as conn:
+    async with store.db.begin() as conn:
         assert (await raw.execute(conn, BY_NAME, {"name": "alice"})).one().floor == -7
 
 
@@ -45,17 +45,17 @@ async def test_a_duplicate_key_is_sqlalchemys_integrity_error_and_rolls_back(
     store: Store,
 ) -> None:
     entry = {"reason": "grant", "job_id": None, "idempotency_key": "k1", "created_at": 1.0}
-    async with store.begin() as conn:
+    async with store.db.begin() as conn:
         first = (await raw.execute(conn, ENTRY, entry)).scalar_one()
 
     async def both() -> None:
-        async with store.begin() as conn:
+        async with store.db.begin() as conn:
             await raw.execute(conn, ENTRY, {**entry, "idempotency_key": "k2"})
             await raw.execute(conn, ENTRY, entry)
 
     with pytest.raises(IntegrityError):
         await both()
-    async with store.begin() as conn:
+    async with store.db.begin() as conn:
         keys = (await conn.execute(select(ledger_entries.c.idempotency_key))).scalars().all()
     # the failed transaction's first insert was rolled back with it
     assert "k1" in keys and "k2" not in keys

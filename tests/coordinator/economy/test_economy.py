@@ -66,7 +66,7 @@ async def test_quote_tells_cost_balance_queue_and_submits_nothing(live: LiveApp)
         assert quote.kudos_cost == image_cost(ImageParams(**MEDIUM)) == 3
         assert (quote.balance, quote.available, quote.affordable) == (100, 100, True)
         assert (quote.queue_length, quote.queue_position, quote.eta_seconds) == (0, 0, None)
-        assert (await live.store.ledger_audit())["entries"] == 1  # just the grant
+        assert (await live.store.ledger.audit())["entries"] == 1  # just the grant
         big = await alice.quote_image(ImageParams(prompt="x", width=2048, height=2048, n=10))
         assert not big.affordable
         # after some throughput there is an ETA, and queued jobs push the position back
@@ -114,9 +114,9 @@ async def test_cancel_refunds_queued_and_running_jobs(live: LiveApp) -> None:
         me = await alice.me()
         assert (me.kudos, me.reserved, me.spent) == (100, 0, 0)
         assert (await alice.job(running.id)).state == "cancelled"
-    audit = await live.store.ledger_audit()
+    audit = await live.store.ledger.audit()
     assert audit["unbalanced_entries"] == 0
-    assert (await live.store.balances())["system:escrow"] == 0
+    assert (await live.store.ledger.balances())["system:escrow"] == 0
 
 
 async def _operator(config: CoordinatorConfig, *args: str) -> subprocess.CompletedProcess[str]:
@@ -188,7 +188,7 @@ async def test_transfers_are_idempotent(
         body = await resp.json()
         assert resp.status == 400
         assert body["error"]["fields"][0]["field"] == "Idempotency-Key"
-    assert (await live.store.ledger_audit())["sum"] == 0
+    assert (await live.store.ledger.audit())["sum"] == 0
 
 
 async def test_account_show_and_history(live: LiveApp) -> None:
@@ -278,7 +278,7 @@ async def test_ratings_reward_once_and_aggregate(live: LiveApp) -> None:
         record = await alice.worker(worker.link.worker_id)
         assert record.ratings == 4 and record.rating == pytest.approx(27 / 4)
         assert (await bob.me()).kudos == 101  # bob earned 1 for rating
-    balances = await live.store.balances()
+    balances = await live.store.ledger.balances()
     assert balances["system:grants"] == -(3 * 100 + 4)
 
 
@@ -343,7 +343,7 @@ async def test_uptime_kudos_for_workers_that_stay_online_and_serve(make_app: App
     # t0 + 1000 is a multiple of the 10 s period, so the comments' times are exact
     t0 = math.floor(time.time() / 100) * 100 - 1000.0
     clock = [t0 + 1001.0]
-    app.store.clock = lambda: clock[0]
+    app.store.db.clock = lambda: clock[0]
     owner_key, farmer_key = await register_accounts(app.url, "owner", "farmer")
     async with (
         FakeWorker(app.url, "w1", owner_key) as worker,
@@ -360,7 +360,7 @@ async def test_uptime_kudos_for_workers_that_stay_online_and_serve(make_app: App
             clock[0] = t0 + t
             await worker.link.pop(CAPS, wait=0)
             await unchecked.link.pop(CAPS, wait=0)
-        balances = await app.store.balances()
+        balances = await app.store.ledger.balances()
         # online throughout the period [1010, 1020), but not [1000, 1010): 4 kudos, in full
         # (trusted), as grants like the anonymous job's pay (issue 26)
         assert balances["owner"] == 100 + 1 + 4
@@ -370,7 +370,7 @@ async def test_uptime_kudos_for_workers_that_stay_online_and_serve(make_app: App
         await worker.link.pop(CAPS, wait=0)
         clock[0] = t0 + 1042.0
         await worker.link.pop(CAPS, wait=0)
-        assert (await app.store.balances())["owner"] == 105
+        assert (await app.store.ledger.balances())["owner"] == 105
     history = [e for e in (await _history(app.url, owner_key)) if e["reason"] == "uptime"]
     assert len(history) == 1
     async with AsyncClient(app.url, owner_key) as owner:
@@ -391,37 +391,39 @@ async def _history(url: str, key: str) -> list[dict[str, Any]]:
 async def test_aging_lets_an_old_poor_job_beat_newer_rich_ones(make_app: AppFactory) -> None:
     app = await make_app(priority_seconds_per_doubling=2.0, new_account_grant=0)
     store: Store = app.store
-    poor, _ = await store.create_account("poor")
-    rich, _ = await store.create_account("rich")
-    async with store.begin() as conn:
+    poor, _ = await store.accounts.create_account("poor")
+    rich, _ = await store.accounts.create_account("rich")
+    async with store.db.begin() as conn:
         from coordinator.db.ledger import post_entry
 
         await post_entry(
             conn,
             reason="grant",
             key="grant:test:rich",
-            moves=[(store.system_account("system:grants"), -1023), (rich.id, 1023)],
+            moves=[(store.db.system_account("system:grants"), -1023), (rich.id, 1023)],
         )
     clock = [5000.0]
-    store.clock = lambda: clock[0]
+    store.db.clock = lambda: clock[0]
     params = ImageParams(**SMALL)
     free = ImageParams(**{**SMALL, "steps": 1, "width": 64})
     assert image_cost(free) == 1
     # the poor account may go 1 below zero for this test's one job
-    poor_job = await store.create_image_job(dataclasses.replace(poor, floor=-1), free, 1)
+    poor_job = await store.image_jobs.create(dataclasses.replace(poor, floor=-1), free, 1)
     # rich's head start is 2 s x log2(1 + ~1000) = ~20 s
     clock[0] = 5010.0
-    rich_early = await store.create_image_job(rich, params, 1)
+    rich_early = await store.image_jobs.create(rich, params, 1)
     clock[0] = 5030.0
-    rich_late = await store.create_image_job(rich, params, 1)
-    assert [await store.queue_position(j.id) for j in (rich_early, poor_job, rich_late)] == [
+    rich_late = await store.image_jobs.create(rich, params, 1)
+    assert [
+        await store.image_jobs.queue_position(j.id) for j in (rich_early, poor_job, rich_late)
+    ] == [
         0,
         1,
         2,
     ]
-    worker, _ = await store.register_worker("w", "e" * 64, None)
+    worker, _ = await store.workers.register_worker("w", "e" * 64, None)
     popped = []
-    while (job := await store.pop_job(worker, ["m"], 64 * 64, 10)) is not None:
+    while (job := await store.image_jobs.pop(worker, ["m"], 64 * 64, 10)) is not None:
         popped.append(job.id)
     assert popped == [rich_early.id, poor_job.id, rich_late.id]
 
@@ -447,7 +449,7 @@ async def test_closed_registration_refuses_with_403(make_app: AppFactory) -> Non
             await anon.register("alice")
     assert refused.value.status == 403
     assert "registration is closed on this coordinator" in refused.value.message
-    assert (await app.store.ledger_audit())["entries"] == 0
+    assert (await app.store.ledger.audit())["entries"] == 0
 
 
 async def test_invite_registration_takes_each_code_once(
@@ -495,7 +497,7 @@ async def test_invite_registration_takes_each_code_once(
             await grid.invite()
         assert "each account may make 1 invite codes and you made 1" in capped.value.message
         assert (await anon.register("carol", code)).name == "carol"
-    async with app.store.begin() as conn:
+    async with app.store.db.begin() as conn:
         stored = (await conn.execute(select(invites.c.code_hash))).scalars().all()
     assert first not in stored and len(stored) == 3  # only hashes are kept
 
@@ -520,13 +522,13 @@ async def test_one_address_cannot_drain_the_anonymous_account(make_app: AppFacto
 
 async def test_refunds_give_grants_back_as_grants(live: LiveApp) -> None:
     store = live.store
-    alice, _ = await store.create_account("alice")
+    alice, _ = await store.accounts.create_account("alice")
     await earn(store, "alice", 50)
     params = ImageParams(prompt="x", width=512, height=512, steps=20, n=6, seed=1)
     cost = image_cost(params)
     assert cost == 60
-    job = await store.create_image_job(alice, params, cost)
-    async with store.begin() as conn:
+    job = await store.image_jobs.create(alice, params, cost)
+    async with store.db.begin() as conn:
         spent = (
             await conn.execute(select(jobs.c.grant_spent).where(jobs.c.id == job.id))
         ).scalar_one()
@@ -538,13 +540,13 @@ async def test_refunds_give_grants_back_as_grants(live: LiveApp) -> None:
             reason="refund",
             key=f"refund:{job.id}",
             job_id=job.id,
-            moves=[(store.system_account("system:escrow"), -25), (alice.id, 25)],
+            moves=[(store.db.system_account("system:escrow"), -25), (alice.id, 25)],
         )
         assert await grants(conn, alice.id) == 65
-    second = await store.create_image_job(alice, params, cost)
-    assert await store.cancel_job(second.id) == 60
-    async with store.begin() as conn:
+    second = await store.image_jobs.create(alice, params, cost)
+    assert await store.image_jobs.cancel(second.id) == 60
+    async with store.db.begin() as conn:
         assert await grants(conn, alice.id) == 65  # 65 spent, 65 given back
         assert await balance(conn, alice.id) == 150 - 60 + 25
-    audit = await store.ledger_audit()
+    audit = await store.ledger.audit()
     assert (audit["balance_rows_off"], audit["grants_off"]) == (0, 0)

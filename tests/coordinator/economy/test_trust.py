@@ -105,9 +105,9 @@ async def test_a_cheating_worker_is_caught_by_spot_checks_and_paused(checked: Li
         assert paused.value.status == 403 and "paused" in str(paused.value)
         # nobody's job goes to it; the referee serves it instead
         assert (await referee.link.pop(CAPS, wait=5)) is not None
-    balances = await checked.store.balances()
+    balances = await checked.store.ledger.balances()
     assert balances[f"pending:{cheater.link.worker_id}"] == 0
-    audit = await checked.store.ledger_audit()
+    audit = await checked.store.ledger.audit()
     assert audit["unbalanced_entries"] == 0 and audit["sum"] == 0
 
 

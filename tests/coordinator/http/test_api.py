@@ -64,8 +64,8 @@ async def test_bad_image_requests_name_the_field_and_store_nothing(
     problems = {p["field"]: p["message"] for p in answer["error"]["fields"]}
     assert field in problems, answer
     assert fix in problems[field]
-    assert await live.store.queue_position("any") is None
-    assert (await live.store.ledger_audit())["entries"] == 0
+    assert await live.store.image_jobs.queue_position("any") is None
+    assert (await live.store.ledger.audit())["entries"] == 0
 
 
 async def test_malformed_and_oversized_bodies(live: LiveApp) -> None:
@@ -128,7 +128,7 @@ async def test_generate_through_a_worker_with_live_events(live: LiveApp, tmp_pat
         assert [p.read_bytes() for p in result.paths] == [png(11), png(12)]
         assert seen[-1].state == "done" and len(seen[-1].images) == 2
         assert (await alice.me()).kudos == 100 - result.kudos_cost
-    balances = await live.store.balances()
+    balances = await live.store.ledger.balances()
     assert balances[f"worker:{worker.identity.public_key[:16]}"] == result.kudos_cost
 
 
@@ -172,7 +172,7 @@ async def test_worker_cannot_submit_for_a_job_not_leased_to_it(live: LiveApp) ->
         await honest.link.submit(job, [11], [png(11)])
         with pytest.raises(LeaseLost):
             await honest.link.submit(job, [11], [png(11)])
-    assert (await live.store.ledger_audit())["unbalanced_entries"] == 0
+    assert (await live.store.ledger.audit())["unbalanced_entries"] == 0
 
 
 async def test_failed_job_is_requeued_for_another_worker(live: LiveApp) -> None:
@@ -236,8 +236,8 @@ async def test_registration_signs_a_fresh_challenge_and_the_account(live: LiveAp
     assert status == 401
     status, answer = await _post(register, signed, {"apikey": api_key})
     assert status == 200, answer
-    row = await live.store.worker_row(answer["worker_id"])
-    owner = await live.store.account_by_key(api_key)
+    row = await live.store.workers.worker_row(answer["worker_id"])
+    owner = await live.store.accounts.account_by_key(api_key)
     assert row is not None and owner is not None and row.account_id == owner.id
 
 

@@ -255,13 +255,17 @@ async def test_errors_cancel_and_dry_run_speak_ai_horde(live: LiveApp) -> None:
     await anonymous.error("GET", f"/v2/generate/check/{'ab' * 16}", None, 404, "RequestNotFound")
     dry = await carol.ok("POST", "/v2/generate/async", {**request(), "dry_run": True})
     assert set(dry) == {"kudos"} and dry["kudos"] > 0
-    assert await live.store.balance((await live.store.account_by_key(key)).id) == 100  # type: ignore[union-attr]
+    assert (
+        await live.store.ledger.balance((await live.store.accounts.account_by_key(key)).id) == 100
+    )  # type: ignore[union-attr]
     # cancel: done, not faulted, and the kudos back
     created = await carol.ok("POST", "/v2/generate/async", request(), 202)
-    assert await live.store.balance((await live.store.account_by_key(key)).id) < 100  # type: ignore[union-attr]
+    assert await live.store.ledger.balance((await live.store.accounts.account_by_key(key)).id) < 100  # type: ignore[union-attr]
     cancelled = shaped(await carol.ok("DELETE", f"/v2/generate/status/{created['id']}"), CHECK)
     assert cancelled["done"] is True and cancelled["generations"] == []
-    assert await live.store.balance((await live.store.account_by_key(key)).id) == 100  # type: ignore[union-attr]
+    assert (
+        await live.store.ledger.balance((await live.store.accounts.account_by_key(key)).id) == 100
+    )  # type: ignore[union-attr]
     # anonymous (AI Horde's ten zeros) may ask within the anonymous limits
     created = await anonymous.ok("POST", "/v2/generate/async", request(), 202)
     assert shaped(await anonymous.ok("GET", f"/v2/generate/check/{created['id']}"), CHECK)
@@ -335,13 +339,13 @@ async def test_an_ai_horde_worker_serves_our_queue_with_its_pay_held(
         assert "Sampler: Euler a" in stored.info["parameters"]
     # unsigned and never checked: held, and disputable by the requester through /api/v1
     store = live.store
-    balances = await store.balances()
+    balances = await store.ledger.balances()
     assert balances["bridge"] == 100
     v1 = await _v1(live.url, f"/api/v1/jobs/{wanted['id']}", alice_key)
     assert v1["signed"] is False and v1["disputable"] is True
     await _v1(live.url, f"/api/v1/jobs/{wanted['id']}/dispute", alice_key, {"reason": "noise"})
-    assert (await store.balances())["alice"] == balances["alice"] + int(wanted["kudos"])
-    assert (await store.worker_row(generation["worker_id"])).suspicion == 1  # type: ignore[union-attr]
+    assert (await store.ledger.balances())["alice"] == balances["alice"] + int(wanted["kudos"])
+    assert (await store.workers.worker_row(generation["worker_id"])).suspicion == 1  # type: ignore[union-attr]
     # a faulted report gives the next job back; an undisputed one is paid when the hold ends
     again = await alice.ok("POST", "/v2/generate/async", request(), 202)
     leased = await bridge.ok("POST", "/v2/generate/pop", pop)
@@ -352,14 +356,14 @@ async def test_an_ai_horde_worker_serves_our_queue_with_its_pay_held(
     await bridge.ok(
         "POST", "/v2/generate/submit", {**submit, "id": again["id"], "generation": webp((4, 4, 4))}
     )
-    assert await store.release_held() == 0  # held for horde_hold_seconds
+    assert await store.image_jobs.release_held() == 0  # held for horde_hold_seconds
     hold = live.app[CONFIG].horde_hold_seconds
     await reaper_round(clock, hold - 1)
-    assert (await store.balances())["bridge"] == 100
+    assert (await store.ledger.balances())["bridge"] == 100
     await reaper_round(clock, 2)  # the hold has ended: the reaper pays
-    assert (await store.balances())["bridge"] == 100 + int(again["kudos"])
-    assert await store.release_held() == 0  # once
-    audit = await store.ledger_audit()
+    assert (await store.ledger.balances())["bridge"] == 100 + int(again["kudos"])
+    assert await store.image_jobs.release_held() == 0  # once
+    audit = await store.ledger.audit()
     assert audit["unbalanced_entries"] == 0 and audit["sum"] == 0
 
 

@@ -76,7 +76,7 @@ async def postgres_engines(tmp_path: Path) -> AsyncIterator[tuple[Store, Store]]
 async def test_postgres_buckets_are_shared_between_pools(
     postgres_engines: tuple[Store, Store],
 ) -> None:
-    one, two = (PostgresBuckets(store.engine) for store in postgres_engines)
+    one, two = (PostgresBuckets(store.db.engine) for store in postgres_engines)
     take = Take("pop|key|worker:1", rate=0.01, burst=5.0)
     other = Take("pop|ip|127.0.0.1", rate=100.0, burst=1000.0)
     results = await asyncio.gather(*(b.take([take, other]) for b in (one, two) * 5))
@@ -95,7 +95,7 @@ async def test_postgres_buckets_refill_and_are_forgotten(
 ) -> None:
     store, _ = postgres_engines
     clock = MockClock(1000.0)  # small times: exact enough for approx()
-    buckets = PostgresBuckets(store.engine, clock)
+    buckets = PostgresBuckets(store.db.engine, clock)
     take = Take("submit|key|account:7", rate=20.0, burst=2.0)
     assert await buckets.take([take]) == [0.0]
     assert await buckets.take([take]) == [0.0]
@@ -109,16 +109,16 @@ async def test_postgres_buckets_refill_and_are_forgotten(
     assert await buckets.take([take]) == [0.0]
     assert (await buckets.take([take]))[0] > 0
     await buckets.forget(older_than=3600)
-    async with store.engine.begin() as conn:
+    async with store.db.engine.begin() as conn:
         count = (await conn.execute(select(func.count()).select_from(rate_buckets))).scalar_one()
     assert count == 1
     clock.advance(0.05)
     await buckets.forget(older_than=0.06)
-    async with store.engine.begin() as conn:
+    async with store.db.engine.begin() as conn:
         count = (await conn.execute(select(func.count()).select_from(rate_buckets))).scalar_one()
     assert count == 1
     await buckets.forget(older_than=0.04)
-    async with store.engine.begin() as conn:
+    async with store.db.engine.begin() as conn:
         count = (await conn.execute(select(func.count()).select_from(rate_buckets))).scalar_one()
     assert count == 0
 
@@ -129,7 +129,7 @@ async def test_shared_limiter_raises_with_retry_after(
 ) -> None:
     limits = {"rate": RateLimit(0.5, 2, 100, 100)}
     one, two = (
-        RateLimiter(limits, buckets=PostgresBuckets(store.engine)) for store in postgres_engines
+        RateLimiter(limits, buckets=PostgresBuckets(store.db.engine)) for store in postgres_engines
     )
     await one.check("rate", "account:1", "::1")
     await two.check("rate", "account:1", "::1")

@@ -287,7 +287,7 @@ async def test_bad_upload_is_refused_pays_nothing_and_the_job_can_still_finish(
         created = await alice.submit_image(ImageParams(**SMALL))
         job = await worker.link.pop(CAPS, wait=5)
         assert job is not None and job.id == created.id
-        entries = (await live.store.ledger_audit())["entries"]
+        entries = (await live.store.ledger.audit())["entries"]
 
         got, answer = await attempt(live, worker, job)
         assert got == status, answer
@@ -295,7 +295,7 @@ async def test_bad_upload_is_refused_pays_nothing_and_the_job_can_still_finish(
         assert field in fields, answer
         assert words in answer["error"]["message"], answer
         # nothing paid, no file of the refused upload left behind
-        assert (await live.store.ledger_audit())["entries"] == entries
+        assert (await live.store.ledger.audit())["entries"] == entries
         assert (await bob.me()).kudos == 100
         uploads = coordinator_config.data_dir / "uploads"
         assert not list(uploads.glob(".incoming-*"))
@@ -308,7 +308,7 @@ async def test_bad_upload_is_refused_pays_nothing_and_the_job_can_still_finish(
         assert await alice.image(job.id, 1) == job_pngs(job)[1]
         assert (await alice.me()).kudos == 100 - created.kudos_cost
     assert not list((coordinator_config.data_dir / "uploads").iterdir())
-    assert (await live.store.ledger_audit())["unbalanced_entries"] == 0
+    assert (await live.store.ledger.audit())["unbalanced_entries"] == 0
 
 
 async def test_largest_result_is_accepted_paid_and_served_with_nosniff(
@@ -344,7 +344,7 @@ async def test_largest_result_is_accepted_paid_and_served_with_nosniff(
             assert resp.headers["Content-Type"] == "image/png"
             assert resp.headers["X-Content-Type-Options"] == "nosniff"
             assert await resp.read() == pngs[9]
-    assert (await live.store.ledger_audit())["unbalanced_entries"] == 0
+    assert (await live.store.ledger.audit())["unbalanced_entries"] == 0
     assert not list((coordinator_config.data_dir / "uploads").iterdir())
 
 
@@ -404,4 +404,4 @@ async def test_refused_result_is_given_back_at_once(live: LiveApp, tmp_path: Pat
     finally:
         await image_worker.aclose()
         await worker.link.aclose()
-    assert (await live.store.ledger_audit())["unbalanced_entries"] == 0
+    assert (await live.store.ledger.audit())["unbalanced_entries"] == 0

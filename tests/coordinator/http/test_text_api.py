@@ -16,7 +16,7 @@ import pytest
 from client.errors import ApiError, JobFailed
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
-from coordinator.jobs.text import grant_parts, split_kudos
+from coordinator.economy.text_settlement import grant_parts, split_kudos
 from protocol.signing import Identity
 from protocol.text import BUILTIN_TEXT_MODELS, LeasedTextJob, TextModel, TextParams
 from tests.conftest import LiveApp
@@ -110,14 +110,14 @@ async def test_chat_job_streams_text_and_settles_in_one_entry(grid: dict[str, An
     # 746 x 70 (billions) / 4000 = 13.06 -> 14 kudos, split 596:150 -> 11 and 3
     assert accepted.kudos_charged == 14 and accepted.kudos_earned == 3
     assert final.kudos_cost == 14 and final.prompt_tokens == 50 and final.completion_tokens == 100
-    balances = await live.store.balances()
+    balances = await live.store.ledger.balances()
     assert balances["alice"] == 100 - 14
     # new workers are untrusted: half of their pay (rounded down) waits for verification
     server_id, gateway_id = grid["server"].link.worker_id, grid["gateway"].link.worker_id
     assert balances["bob"] == 100 + 11 - 5 and balances[f"pending:{server_id}"] == 5
     assert balances["donor"] == 100 + 3 - 1 and balances[f"pending:{gateway_id}"] == 1
     assert balances["system:escrow"] == 0
-    audit = await live.store.ledger_audit()
+    audit = await live.store.ledger.audit()
     assert audit["unbalanced_entries"] == 0 and audit["sum"] == 0
 
 
@@ -130,7 +130,7 @@ async def test_a_failed_job_refunds_and_the_requester_is_told(grid: dict[str, An
     assert status.state == "failed"
     with pytest.raises(JobFailed, match="blocks 2:4"):
         await asyncio.wait_for(requester, 10)
-    assert (await live.store.balances())["alice"] == 100
+    assert (await live.store.ledger.balances())["alice"] == 100
 
 
 async def test_a_retryable_failure_requeues_and_restarts_the_text(grid: dict[str, Any]) -> None:
@@ -160,7 +160,7 @@ async def test_quote_tells_the_reservation_without_submitting(grid: dict[str, An
     # (2 + 32 + 32 + 100 tokens) x (4 + 1 blocks) x 70 (billions) / 4000 = 14.5 -> 15
     assert quote["kudos_cost"] == 15 and quote["available"] == 100 and quote["affordable"]
     assert quote["queue_length"] == 0 and quote["queue_position"] == 0
-    assert (await live.store.balances())["alice"] == 100
+    assert (await live.store.ledger.balances())["alice"] == 100
     created = await grid["alice"].submit_text(params)
     assert created.kudos_cost == 15
 
@@ -169,12 +169,12 @@ async def test_cancel_refunds_and_stops_the_gateway(grid: dict[str, Any]) -> Non
     live, alice, gateway = grid["live"], grid["alice"], grid["gateway"]
     await offer(gateway)
     created = await alice.submit_text(TextParams(prompt="x", max_tokens=50))
-    assert (await live.store.balances())["alice"] == 100 - created.kudos_cost
+    assert (await live.store.ledger.balances())["alice"] == 100 - created.kudos_cost
     job = await gateway.pop()
     await gateway.link.text_delta(job.id, 0, "so far")
     cancelled = await alice.cancel_text(job.id)
     assert cancelled.refunded == created.kudos_cost
-    assert (await live.store.balances())["alice"] == 100
+    assert (await live.store.ledger.balances())["alice"] == 100
     # the gateway learns at its next piece of text, and cannot finish it
     with pytest.raises(LeaseLost):
         await gateway.link.text_delta(job.id, 6, " more")
@@ -186,7 +186,7 @@ async def test_cancel_refunds_and_stops_the_gateway(grid: dict[str, Any]) -> Non
     other = await alice.submit_text(TextParams(prompt="x", max_tokens=5))
     with pytest.raises(ApiError, match="no text job"):
         await grid["bob"].cancel_text(other.id)
-    assert (await live.store.ledger_audit())["unbalanced_entries"] == 0
+    assert (await live.store.ledger.audit())["unbalanced_entries"] == 0
 
 
 async def test_bad_reports_and_signatures_are_refused(grid: dict[str, Any]) -> None:
@@ -493,13 +493,13 @@ async def test_ai_horde_text_requests_run_on_the_same_queue(grid: dict[str, Any]
             f"{live.url}/api/v2/generate/text/async", json=body, headers=headers
         ) as r:
             second = await r.json()
-        before = (await live.store.balances())["alice"]
+        before = (await live.store.ledger.balances())["alice"]
         async with http.delete(
             f"{live.url}/api/v2/generate/text/status/{second['id']}", headers=headers
         ) as r:
             cancelled = await r.json()
         assert r.status == 200 and cancelled["done"] is True
-        assert (await live.store.balances())["alice"] == before + int(second["kudos"])
+        assert (await live.store.ledger.balances())["alice"] == before + int(second["kudos"])
 
 
 async def test_a_replayed_submit_makes_one_job_and_one_charge(grid: dict[str, Any]) -> None:
@@ -518,6 +518,6 @@ async def test_a_replayed_submit_makes_one_job_and_one_charge(grid: dict[str, An
     (first_status, first), (again_status, again) = [await submit("k-1", body) for _ in range(2)]
     assert first_status == again_status == 202
     assert again["id"] == first["id"] and again["kudos_cost"] == first["kudos_cost"]
-    assert (await live.store.balances())["alice"] == 100 - first["kudos_cost"]
+    assert (await live.store.ledger.balances())["alice"] == 100 - first["kudos_cost"]
     status, refused = await submit("k-1", {**body, "prompt": "twice"})
     assert status == 409 and refused["error"]["fields"][0]["field"] == "Idempotency-Key"

@@ -30,23 +30,23 @@ SMALL = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 
 
 
 async def _grant(store: Store, account: Account, amount: int, key: str) -> None:
-    async with store.begin() as conn:
+    async with store.db.begin() as conn:
         await post_entry(
             conn,
             reason="grant",
             key=key,
-            moves=[(store.system_account(GRANTS), -amount), (account.id, amount)],
+            moves=[(store.db.system_account(GRANTS), -amount), (account.id, amount)],
         )
 
 
 async def _worker(store: Store) -> Worker:
-    worker, _ = await store.register_worker("w", "a" * 64, None)
+    worker, _ = await store.workers.register_worker("w", "a" * 64, None)
     return worker
 
 
 async def _pop_all(store: Store, worker: Worker) -> list[str]:
     popped = []
-    while (job := await store.pop_job(worker, ["m"], 64 * 64, 10)) is not None:
+    while (job := await store.image_jobs.pop(worker, ["m"], 64 * 64, 10)) is not None:
         popped.append(job.id)
     return popped
 
@@ -56,37 +56,39 @@ async def test_the_database_pops_in_protocol_priority_order(store: Store) -> Non
     time, come out of the SQL queue in exactly the order protocol.priority defines."""
     rng = random.Random(11)
     clock = [10_000.0]
-    store.clock = lambda: clock[0]
-    accounts = [(await store.create_account(f"user{i}"))[0] for i in range(5)]
+    store.db.clock = lambda: clock[0]
+    accounts = [(await store.accounts.create_account(f"user{i}"))[0] for i in range(5)]
     for i, account in enumerate(accounts):
         await _grant(store, account, rng.choice([0, 3, 40, 900, 70_000]), f"grant:t:{i}")
-    anonymous = await store.anonymous_account()
-    kudos = {a.id: await store.balance(a.id) for a in accounts}
+    anonymous = await store.accounts.anonymous_account()
+    kudos = {a.id: await store.ledger.balance(a.id) for a in accounts}
     expected: list[Waiting] = []
     for _ in range(40):
         clock[0] += rng.uniform(0, 90)
         account = rng.choice([*accounts, anonymous])
         # cost 0: balances (and so ranks) stay what `kudos` says
-        job = await store.create_image_job(account, ImageParams(**SMALL), 0)
+        job = await store.image_jobs.create(account, ImageParams(**SMALL), 0)
         expected.append(
             Waiting(job.id, account.id, kudos.get(account.id, 0), clock[0], account.anonymous)
         )
     worker = await _worker(store)
-    assert await _pop_all(store, worker) == [w.job_id for w in order(expected, store.config.aging)]
+    assert await _pop_all(store, worker) == [
+        w.job_id for w in order(expected, store.db.config.aging)
+    ]
 
 
 async def test_ranks_follow_a_material_balance_change_only(store: Store) -> None:
     clock = [50_000.0]
-    store.clock = lambda: clock[0]
-    config = store.config
-    early, _ = await store.create_account("early")
-    late, _ = await store.create_account("late")
-    first = await store.create_image_job(early, ImageParams(**SMALL), 1)
+    store.db.clock = lambda: clock[0]
+    config = store.db.config
+    early, _ = await store.accounts.create_account("early")
+    late, _ = await store.accounts.create_account("late")
+    first = await store.image_jobs.create(early, ImageParams(**SMALL), 1)
     clock[0] += 30.0
-    second = await store.create_image_job(late, ImageParams(**SMALL), 1)
+    second = await store.image_jobs.create(late, ImageParams(**SMALL), 1)
     # a tiny grant moves `late`'s head start by far less than rank_refresh_seconds
     await _grant(store, late, 1, "grant:t:tiny")
-    async with store.begin() as conn:
+    async with store.db.begin() as conn:
         rank_before = (
             await conn.execute(select(jobs.c.rank).where(jobs.c.id == second.id))
         ).scalar_one()
@@ -97,7 +99,7 @@ async def test_ranks_follow_a_material_balance_change_only(store: Store) -> None
     assert ranked == 100
     # a big grant (x1000: ~10 doublings = 600 s of head start) re-ranks at once
     await _grant(store, late, 100_000, "grant:t:big")
-    async with store.begin() as conn:
+    async with store.db.begin() as conn:
         rank_after = (
             await conn.execute(select(jobs.c.rank).where(jobs.c.id == second.id))
         ).scalar_one()
@@ -107,35 +109,35 @@ async def test_ranks_follow_a_material_balance_change_only(store: Store) -> None
 
 
 async def test_balance_rows_agree_with_the_ledger(store: Store) -> None:
-    alice, _ = await store.create_account("alice")
-    bob, _ = await store.create_account("bob")
+    alice, _ = await store.accounts.create_account("alice")
+    bob, _ = await store.accounts.create_account("bob")
     worker = await _worker(store)
-    job = await store.create_image_job(alice, ImageParams(**SMALL), 7)
+    job = await store.image_jobs.create(alice, ImageParams(**SMALL), 7)
     await _grant(store, bob, 5, "grant:t:bob")
-    leased = await store.pop_job(worker, ["m"], 64 * 64, 10)
+    leased = await store.image_jobs.pop(worker, ["m"], 64 * 64, 10)
     assert leased is not None
-    await store.fail_image_job(worker, job.id, "engine crashed")
-    cancelled = await store.create_image_job(bob, ImageParams(**SMALL), 3)
-    await store.cancel_job(cancelled.id)
-    audit = await store.ledger_audit()
+    await store.image_jobs.fail(worker, job.id, "engine crashed")
+    cancelled = await store.image_jobs.create(bob, ImageParams(**SMALL), 3)
+    await store.image_jobs.cancel(cancelled.id)
+    audit = await store.ledger.audit()
     assert audit["balance_rows_off"] == 0 and audit["sum"] == 0
-    ledger = await store.balances()
-    assert await store.balance(alice.id) == ledger["alice"] == 93
-    assert await store.balance(bob.id) == ledger["bob"] == 105
+    ledger = await store.ledger.balances()
+    assert await store.ledger.balance(alice.id) == ledger["alice"] == 93
+    assert await store.ledger.balance(bob.id) == ledger["bob"] == 105
 
 
 async def test_positions_come_from_one_shared_snapshot(store: Store) -> None:
-    alice, _ = await store.create_account("alice")
-    ids = [(await store.create_image_job(alice, ImageParams(**SMALL), 1)).id for _ in range(5)]
-    assert [await store.queue_position(i) for i in ids] == [0, 1, 2, 3, 4]
-    snapshot = await store.ranking.snapshot("image")
+    alice, _ = await store.accounts.create_account("alice")
+    ids = [(await store.image_jobs.create(alice, ImageParams(**SMALL), 1)).id for _ in range(5)]
+    assert [await store.image_jobs.queue_position(i) for i in ids] == [0, 1, 2, 3, 4]
+    snapshot = await store.image_jobs.ranking.snapshot("image")
     # readers within the interval share it: no per-request ranking
     for job_id in ids:
-        await store.queue_info(job_id)
-    assert await store.ranking.snapshot("image") is snapshot
+        await store.image_jobs.queue_info(job_id)
+    assert await store.image_jobs.ranking.snapshot("image") is snapshot
     # a job queued since the snapshot gets its place from its rank
-    late = await store.create_image_job(alice, ImageParams(**SMALL), 1)
-    assert (await store.queue_info(late.id))[0] == 5
+    late = await store.image_jobs.create(alice, ImageParams(**SMALL), 1)
+    assert (await store.image_jobs.queue_info(late.id))[0] == 5
 
 
 async def test_a_pop_waiter_wakes_only_for_work_it_can_take() -> None:
@@ -197,9 +199,11 @@ async def test_event_streams_are_capped_and_leave_nothing_behind(
 
 async def _streams_capped(app: LiveApp) -> None:
     store = app.store
-    alice, key = await store.create_account("alice")
-    job = await store.create_image_job(alice, ImageParams(**SMALL), 1)
-    anon = await store.create_image_job(await store.anonymous_account(), ImageParams(**SMALL), 1)
+    alice, key = await store.accounts.create_account("alice")
+    job = await store.image_jobs.create(alice, ImageParams(**SMALL), 1)
+    anon = await store.image_jobs.create(
+        await store.accounts.anonymous_account(), ImageParams(**SMALL), 1
+    )
     headers = {"Authorization": f"Bearer {key}"}
     async with aiohttp.ClientSession() as http:
         url = f"{app.url}/api/v1/jobs/{job.id}/events"
@@ -217,9 +221,9 @@ async def _streams_capped(app: LiveApp) -> None:
         assert fourth.status == 200
         fifth = await http.get(anon_url)
         assert fifth.status == 429
-        await store.cancel_job(job.id)
+        await store.image_jobs.cancel(job.id)
         app.app[SIGNALS].job_changed(job.id)
-        await store.cancel_job(anon.id)
+        await store.image_jobs.cancel(anon.id)
         app.app[SIGNALS].job_changed(anon.id)
         for stream in (first, second, fourth):
             body = await asyncio.wait_for(stream.text(), 10)
@@ -236,8 +240,8 @@ async def test_a_quiet_stream_refreshes_and_keeps_alive_on_the_app_clock(
     """A queued job's stream re-reads it every stream_refresh_seconds and, while nothing
     changed, sends a keep-alive once KEEPALIVE_SECONDS pass: all on the app's clock."""
     store = clocked.store
-    alice, key = await store.create_account("alice")
-    job = await store.create_image_job(alice, ImageParams(**SMALL), 1)
+    alice, key = await store.accounts.create_account("alice")
+    job = await store.image_jobs.create(alice, ImageParams(**SMALL), 1)
     refresh = clocked.app[CONFIG].stream_refresh_seconds
     rounds = math.ceil(KEEPALIVE_SECONDS / refresh) - 1  # refreshes before a keep-alive is due
     headers = {"Authorization": f"Bearer {key}"}
@@ -254,7 +258,7 @@ async def test_a_quiet_stream_refreshes_and_keeps_alive_on_the_app_clock(
             await clock.wait_waiting(count=2)
         clock.advance(refresh)
         await clock.wait_waiting(count=2)
-        await store.cancel_job(job.id)
+        await store.image_jobs.cancel(job.id)
         clocked.app[SIGNALS].job_changed(job.id)
         # nothing was written before: one keep-alive, then the end
         rest = await stream.content.read()

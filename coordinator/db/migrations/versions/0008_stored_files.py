@@ -1,7 +1,7 @@
 """Stored files in the database, for coordinators on several machines.
 
 Revision ID: 0008_stored_files
-Revises: 0006_identities
+Revises: 0007_job_max_tokens
 Create Date: 2026-12-07
 
 Adds `stored_files`: result images and upload markers as rows of chunks, used with
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008_stored_files"
-down_revision: str | Sequence[str] | None = "0006_identities"
+down_revision: str | Sequence[str] | None = "0007_job_max_tokens"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
