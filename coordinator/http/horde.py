@@ -615,7 +615,9 @@ async def show_user(request: web.Request, call: Call[None]) -> UserDetails:
     raw = request.match_info["user_id"]
     store = request.app[STORE]
     found = (
-        await store.accounts.account_by_id(int(raw)) if raw.isdigit() and len(raw) < 12 else None
+        await store.accounts.account_by_id(int(raw))
+        if raw.isascii() and raw.isdigit() and len(raw) < 12
+        else None
     )
     if found is None:
         raise NotFound(f"User with ID '{raw}' not found.").horde("UserNotFound")

@@ -324,3 +324,12 @@ async def test_anonymous_event_streams_count_as_one_key_per_address(tmp_path: Pa
         assert [await open_stream(job_id) for job_id in ids[:4]] == [200] * 4
         assert await open_stream(ids[4]) == 429
         assert await open_stream(owned["id"], alice) == 200
+
+
+async def test_path_numbers_in_other_scripts_are_not_found_not_500(live: LiveApp) -> None:
+    """`"¹".isdigit()` is true but `int("¹")` fails: such ids are unknown (found by the
+    fuzz run), never a 500."""
+    async with aiohttp.ClientSession() as http:
+        for raw in ("%C2%B9", "%D9%A3", "%EF%BC%91"):  # ¹, Arabic-Indic 3, fullwidth 1
+            async with http.get(f"{live.url}/api/v2/users/{raw}") as resp:
+                assert resp.status == 404, (raw, await resp.text())
