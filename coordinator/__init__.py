@@ -1,35 +1,31 @@
 """The coordinator service: accounts, job queue, leases, kudos ledger, results store.
 
-    config.py           CoordinatorConfig, the one configuration object
-    app.py              create_app(config): the aiohttp application and its lifecycle
+    main.py             `idlegrid coordinator`: flags/env/TOML -> settings -> config -> serve
+                        (`--processes N` supervises N children)
     settings.py         CoordinatorSettings: every flag / IDLEGRID_COORDINATOR_* variable
     network_flags.py    ... its open-network part; `--mint` and `--make-invites`
-    main.py             `idlegrid coordinator` flags -> settings -> config -> serve
-    api.py              route table: validation, auth, error mapping, OpenAPI
-    routes_accounts.py  accounts, health, OpenAPI document
-    routes_jobs.py      submit / status / SSE events / images
-    routes_workers.py   worker register / pop / progress / fail
-    routes_results.py   image uploads (raw PNG) and the result that verifies and pays
-    routes_text.py      text jobs: submit / status / SSE text; gateway pop / delta / result;
-                        block servers' peer links
-    routes_openai.py    OpenAI-compatible /v1/models, /v1/chat/completions, /v1/completions
-    text_store.py       text jobs' transactions: models offered, streamed text, settlement
-    polling.py          the workers' long-poll
-    store.py            every database transaction
-    schema.py           tables and migrations (SQLite and PostgreSQL)
-    ledger.py           double-entry kudos postings
-    queue.py            queue order (protocol.priority) over the database, positions, ETAs
-    trust.py            paying workers (trust hold), spot checks, suspicion, uptime kudos
-    verification.py     comparing a spot check's images with the original's
-    economy.py          transfers, ratings, account summaries and history
-    ratelimit.py        token buckets per API key / worker and per IP
-    routes_economy.py   quotes, cancel, share, ratings, transfers, history, worker records
+    config.py           CoordinatorConfig, the one configuration object
+    app.py              create_app(config): the aiohttp application and its lifecycle
+    clock.py            the injected clock (tests pass a MockClock)
+    errors.py           CoordinatorError and its HTTP statuses
+    http/               the doors: the route table (api.py, typed inputs in params.py),
+                        /api/v1, AI Horde's /api/v2 (horde.py, horde_workers.py), OpenAI
+                        (openai.py), the web page (web.py, static/), /metrics, docs, event
+                        streams, long-polls, rate limits, request bodies
+    store.py            Store: holds accounts, workers, ledger, image_jobs, text_jobs and
+                        network over one Database
+    jobs/               one Lifecycle for both job kinds (image.py, text.py), the queue and
+                        its ranking, the hot path's statements, wake-ups, LISTEN/NOTIFY
     files/              stored result images and upload markers, in --data-dir or the
                         database (--file-store); streaming uploads to a local spool
-    png_check.py        an upload is a valid PNG of the job's size (bombs refused)
-    signals.py          in-process wake-ups for long-polls and streams
-    state.py            typed app state keys
-    errors.py           CoordinatorError and its HTTP statuses
+    workers.py          Workers: registration, tokens, engines, identities per account
+    economy/            the ledger as users see it (kudos.py), payments, spot checks,
+                        suspicion and pauses, text settlement and checks, verification,
+                        the text model catalog
+    accounts.py         Accounts: registration, invites, API keys, the operator's mint
+    db/                 Database (engine, transactions; SQLite through our own dialect,
+                        inline_sqlite.py), schema, double-entry ledger postings, Alembic
+                        migrations, the hot path's raw statements
 
 Never imports torch: it only moves parameters, bytes and kudos.
 """

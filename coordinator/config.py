@@ -130,7 +130,7 @@ class CoordinatorConfig:
     # ... and only workers that finished a job within this many seconds earn it
     uptime_serve_window: float = 86400.0
 
-    # --- trust and spot checks (see coordinator.economy.trust) ---
+    # --- trust and spot checks (see coordinator.economy.checks and .suspicion) ---
     # workers with these Ed25519 public keys (hex) are trusted from the start
     trusted_workers: frozenset[str] = frozenset()
     # workers registered with the API key of one of these accounts are trusted from the start
