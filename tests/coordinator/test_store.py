@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ from coordinator.store import GRANTS, Account, ResultRecord, Store, Worker
 from protocol.cost import image_cost
 from protocol.params import ImageParams
 
-SMALL = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 7}
+SMALL: dict[str, Any] = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 7}
 
 
 async def _user(store: Store, name: str) -> Account:

@@ -9,7 +9,7 @@ import pytest
 
 from coordinator.db.ledger import post_entry
 from coordinator.errors import Conflict, InsufficientKudos, WorkerPaused
-from coordinator.store import ResultRecord, Store, Worker
+from coordinator.store import ImageJob, ResultRecord, Store, Worker
 from protocol.cost import image_cost
 from protocol.params import ImageParams
 
@@ -35,7 +35,7 @@ async def test_random_operations_keep_the_books(store: Store, seed: int) -> None
         (await store.workers.register_worker(f"w{i}", f"{i + 10:x}" * 32, None))[0]
         for i in range(3)
     ]
-    leased: dict[str, tuple[Worker, object]] = {}
+    leased: dict[str, tuple[Worker, ImageJob]] = {}
     paid: dict[str, int] = {}
     for _ in range(120):
         op = rng.choice(["submit", "submit", "pop", "complete", "fail", "progress"])
@@ -65,7 +65,7 @@ async def test_random_operations_keep_the_books(store: Store, seed: int) -> None
                 if op == "complete":
                     await store.image_jobs.complete(
                         other, job, [ResultRecord(0, 1, "0" * 64, "0" * 128)]
-                    )  # type: ignore[arg-type]
+                    )
                     paid[job_id] = paid.get(job_id, 0) + 1
                     del leased[job_id]
                 elif op == "fail":

@@ -188,9 +188,11 @@ async def test_released_database_is_stamped_and_upgraded(
             ).fetchall()
         )
         assert len(expected) >= 6 and len(set(expected.values())) >= 4  # a telling fixture
-        rows = (await conn.execute(text("SELECT account_id, amount, ranked FROM balances"))).all()
-        assert {account: amount for account, amount, _ in rows} == expected
-        assert all(ranked == amount for _, amount, ranked in rows)
+        balances = (
+            await conn.execute(text("SELECT account_id, amount, ranked FROM balances"))
+        ).all()
+        assert {account: amount for account, amount, _ in balances} == expected
+        assert all(ranked == amount for _, amount, ranked in balances)
 
         # ranks: queued (and leased) jobs by submit time, finished ones untouched
         jobs = (await conn.execute(text("SELECT state, created_at, rank FROM jobs"))).all()

@@ -42,7 +42,7 @@ async def _consume(store: Store, nonce: str, purpose: str) -> None:
 
 async def _count(store: Store) -> int:
     async with store.db.begin() as conn:
-        return int((await conn.execute(select(func.count()).select_from(nonces_table))).scalar())
+        return (await conn.execute(select(func.count()).select_from(nonces_table))).scalar_one()
 
 
 async def test_a_nonce_is_used_once_for_its_purpose_before_it_expires(

@@ -20,7 +20,11 @@ def test_shapes_build_once_and_forget_the_least_recently_used() -> None:
     shapes: Shapes[str] = Shapes(size=2)
 
     def get(shape: str) -> str:
-        return shapes.get(shape, lambda: built.append(shape) or shape.upper())
+        def build() -> str:
+            built.append(shape)
+            return shape.upper()
+
+        return shapes.get(shape, build)
 
     assert [get("a"), get("b"), get("a")] == ["A", "B", "A"]
     get("c")  # drops b, the least recently used

@@ -29,9 +29,15 @@ from tests.earnings import earn
 from tests.fakes import CAPS, FakeWorker, job_pngs, png, register_accounts
 from worker.errors import CoordinatorRejected, LeaseLost
 
-SMALL = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 11}
+SMALL: dict[str, Any] = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 11}
 # 256x256, 20 steps: 3 kudos
-MEDIUM = {"prompt": "a blue cone", "width": 256, "height": 256, "steps": 20, "seed": 5}
+MEDIUM: dict[str, Any] = {
+    "prompt": "a blue cone",
+    "width": 256,
+    "height": 256,
+    "steps": 20,
+    "seed": 5,
+}
 
 AppFactory = Callable[..., Awaitable[LiveApp]]
 

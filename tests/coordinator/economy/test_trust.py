@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ from tests.fakes import CAPS, FakeWorker, job_pngs, png, register_accounts
 from worker.errors import CoordinatorRejected
 
 # 256x256, 20 steps: 3 kudos, of which an untrusted worker gets 2 now and 1 held
-MEDIUM = {"prompt": "a blue cone", "width": 256, "height": 256, "steps": 20}
+MEDIUM: dict[str, Any] = {"prompt": "a blue cone", "width": 256, "height": 256, "steps": 20}
 ENGINE = {"engine": "diffusers", "versions": {"torch": "2.13.0"}, "device": "cpu"}
 
 
