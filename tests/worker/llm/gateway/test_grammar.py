@@ -24,11 +24,12 @@ from transformers import AutoTokenizer
 from protocol.errors import ValidationFailed
 from protocol.text import JsonSchemaFormat, ResponseFormat, TextParams, schema_problem
 from protocol.validation import parse
-from tests.worker.llm.gateway.test_kobold import tiny_core  # noqa: F401  (fixture)
+from tests.worker.llm.gateway.test_kobold import LocalSwarm, tiny_core  # noqa: F401
 from worker.errors import InvalidGenerationInput
-from worker.llm.gateway.core import GenerationCore, sampling_params
+from worker.llm.gateway.core import CoreSettings, GenerationCore, sampling_params
 from worker.llm.gateway.generation import SamplingParams, process_scores
 from worker.llm.gateway.grammar import GrammarMask
+from worker.llm.gateway.lm_head import LMHead
 from worker.llm.gateway.samplers import apply_presence_frequency
 
 SCHEMA: dict[str, Any] = {
@@ -217,3 +218,50 @@ async def test_the_tiny_model_writes_schema_json_at_temperature_1(
         else:
             assert result.completion_tokens == 96
     assert stopped >= 3  # the schema keeps the answer short
+
+
+@pytest.fixture(scope="module")
+def smollm2_core() -> GenerationCore:
+    """SmolLM2 with all its blocks in this process."""
+    path = os.environ.get("IDLEGRID_TEST_SMOLLM2")
+    if not path or not Path(path).is_dir():
+        pytest.skip("IDLEGRID_TEST_SMOLLM2 is not set to SmolLM2's folder")
+    model = Path(path)
+    settings = CoreSettings(model=model, model_name="smollm2", initial_peers=(), check_rate=0.0)
+    return GenerationCore(
+        settings,
+        LMHead.load(model),
+        AutoTokenizer.from_pretrained(model, local_files_only=True),
+        swarm=None,  # type: ignore[arg-type]  # no swarm: the blocks run here
+        open_session=LocalSwarm(model).session,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.slow
+async def test_smollm2_writes_schema_json_greedy_and_sampled(
+    smollm2_core: GenerationCore,
+) -> None:
+    """SmolLM2 (its chat template, its byte-level BPE) under a schema."""
+    core = smollm2_core
+    validator = jsonschema_rs.validator_for(SCHEMA)
+
+    async def ignore(delta: str) -> None:
+        return None
+
+    stopped = 0
+    ask = "Describe a person called Ada as JSON with name, age, colour and tags."
+    for temperature, seed in ((0.0, 0), (1.0, 1), (1.0, 2)):
+        params = TextParams(
+            messages=[{"role": "user", "content": ask}],  # type: ignore[list-item]
+            max_tokens=64,
+            temperature=temperature,
+            seed=seed,
+            response_format=schema_format(),
+        )
+        result = (await core.run(params, ignore)).result
+        if result.finish_reason == "stop":
+            stopped += 1
+            assert validator.is_valid(json.loads(result.text)), result.text
+        else:
+            assert result.completion_tokens == 64
+    assert stopped >= 1
