@@ -105,7 +105,7 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = Field(default=None)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED - MAX_CHOICES)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = Field(default=None, max_length=256)

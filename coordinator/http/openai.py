@@ -36,6 +36,7 @@ from protocol.openai import (
     OpenAIModel,
     Usage,
 )
+from protocol.params import MAX_SEED
 from protocol.text import TextParams
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ def _usage(jobs: list[TextJob]) -> Usage:
 async def _submit_choices(
     request: web.Request, account: Account | None, params: TextParams, n: int, stream: bool
 ) -> list[TextJob]:
-    """One job per choice; choice i is seeded with seed + i (when a seed is given)."""
+    """One job per choice; choice i is seeded with seed + i (when a seed is given;
+    past the largest seed it wraps to 0)."""
     if stream and n > 1:
         raise BadRequest(
             "streaming gives one choice; set n to 1 or leave stream out",
@@ -75,10 +77,8 @@ async def _submit_choices(
         )
     jobs = []
     for i in range(n):
-        choice = (
-            params if params.seed is None else params.model_copy(update={"seed": params.seed + i})
-        )
-        jobs.append(await submit(request, account, choice))
+        seed = None if params.seed is None else (params.seed + i) % (MAX_SEED + 1)
+        jobs.append(await submit(request, account, params.model_copy(update={"seed": seed})))
     return jobs
 
 

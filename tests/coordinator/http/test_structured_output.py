@@ -16,6 +16,7 @@ import pytest
 from client.sdk import AsyncClient
 from coordinator.http.state import CONFIG
 from protocol.horde import ANONYMOUS_KEY
+from protocol.params import MAX_SEED
 from protocol.text import LeasedTextJob
 from tests.coordinator.http.test_kobold_samplers import (  # noqa: F401  (fixtures)
     MODEL,
@@ -51,8 +52,8 @@ async def test_a_strict_schema_validates_whenever_the_answer_stops(
     grid: dict[str, Any],  # noqa: F811
     core: GenerationCore,  # noqa: F811
 ) -> None:
-    """Three choices at temperature 1 (n=3: jobs seeded 40, 41, 42); each choice that
-    stops is JSON valid against the schema."""
+    """Three choices at temperature 1 (n=3: jobs seeded seed, seed + 1, seed + 2, wrapping
+    past the largest seed); each choice that stops is JSON valid against the schema."""
     live, gateway, key = grid["live"], grid["gateway"], grid["keys"]["alice"]
     async with client(live.url, key) as oai:
         request = asyncio.create_task(
@@ -62,7 +63,7 @@ async def test_a_strict_schema_validates_whenever_the_answer_stops(
                 temperature=1.0,
                 max_tokens=64,
                 n=3,
-                seed=40,
+                seed=MAX_SEED - 1,
                 presence_penalty=0.5,
                 frequency_penalty=0.25,
                 response_format={
@@ -73,7 +74,11 @@ async def test_a_strict_schema_validates_whenever_the_answer_stops(
         )
         jobs = await serve_all(gateway, core, 3)
         completion = await request
-    assert sorted(job.params.seed or 0 for job in jobs) == [40, 41, 42]
+    assert sorted(job.params.seed for job in jobs if job.params.seed is not None) == [
+        0,
+        MAX_SEED - 1,
+        MAX_SEED,
+    ]
     for job in jobs:
         params = job.params
         assert params.response_format is not None and params.response_format.json_schema
