@@ -22,7 +22,7 @@ uses none of these is exactly what it was before they existed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -37,6 +37,9 @@ from pydantic import (
 )
 
 from protocol.params import MAX_SEED
+
+if TYPE_CHECKING:  # (the type exists only in llguidance's stub)
+    from llguidance._lib import JsonCompileOptions
 
 __all__ = [
     "BUILTIN_DEFAULT_MODEL",
@@ -198,8 +201,10 @@ class ResponseFormat(_Request):
 def _json_grammar(schema: dict[str, Any]) -> str:
     from llguidance import LLMatcher
 
-    # compact JSON (no whitespace between tokens): sampled runs of it could fill max_tokens
-    return LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    # compact JSON (no whitespace between tokens): sampled runs of it could fill max_tokens;
+    # oneOf as anyOf (pydantic's discriminated unions: their branches exclude each other)
+    options: JsonCompileOptions = {"whitespace_flexible": False, "coerce_one_of": True}
+    return LLMatcher.grammar_from_json_schema(schema, defaults=options)
 
 
 def schema_problem(schema: dict[str, Any]) -> str | None:

@@ -129,11 +129,14 @@ def test_masked_scores_keep_only_the_allowed_tokens(tokenizer: Any) -> None:
 
 def test_schemas_llguidance_cannot_compile_are_named() -> None:
     assert schema_problem(SCHEMA) is None
+    # oneOf is taken as anyOf (pydantic's discriminated unions)
+    assert schema_problem({"oneOf": [{"type": "string"}, {"type": "integer"}]}) is None
     for bad, words in (
         ({"type": "strng"}, "strng"),
         ({"type": "string", "pattern": "(("}, "regex"),
         ({"$ref": "#/nowhere"}, "nowhere"),
         ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "Unsatisfiable"),
+        ({"not": {"type": "string"}}, "not"),
     ):
         problem = schema_problem(bad)
         assert problem is not None and words in problem, problem
