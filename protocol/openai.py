@@ -1,7 +1,9 @@
 """The OpenAI-compatible subset: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 
-Requests accept what OpenAI clients send for plain text generation and refuse, by name,
-what we do not do (tools, several choices, logprobs...), instead of silently ignoring it.
+Requests accept what OpenAI clients send for plain text generation, penalties and
+structured output (`response_format`), and refuse, by name, what we do not do (tools,
+logprobs...), instead of silently ignoring it. `n` choices are `n` text jobs, choice i
+seeded with `seed + i`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from protocol.text import (
     DynatempExponent,
     DynatempRange,
     MinP,
+    Penalty,
     RepPenRange,
     RepPenSlope,
+    ResponseFormat,
     SamplerOrder,
     SmoothingFactor,
     TailFree,
@@ -42,6 +46,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_TOKENS = 256
+# choices one request may ask for (each is a text job)
+MAX_CHOICES = 8
 
 # the KoboldAI samplers _Sampling takes under TextParams' own names
 _KOBOLD_EXTRAS = (
@@ -93,11 +99,15 @@ class _Sampling(_Request):
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    n: int = Field(
+        default=1, ge=1, le=MAX_CHOICES, description="choices: one text job each, seed + i"
+    )
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = Field(default=None)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     user: str | None = Field(default=None, max_length=256)
     # extensions (vLLM and others accept the same names)
     top_k: int | None = Field(default=None, ge=0, le=1000)
@@ -136,7 +146,14 @@ class _Sampling(_Request):
             "seed": self.seed,
             **inputs,
         }
-        for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
             value = getattr(self, name)
             if value is not None:
                 values[name] = float(value) if name != "top_k" else value
@@ -150,11 +167,16 @@ class _Sampling(_Request):
 class ChatCompletionRequest(_Sampling):
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    response_format: ResponseFormat | None = Field(
+        default=None, description="json_object or json_schema: constrained JSON output"
+    )
 
     def text_params(self) -> TextParams:
         inputs: dict[str, Any] = {"messages": [m.as_chat() for m in self.messages]}
         if self.max_completion_tokens is not None:
             inputs["max_tokens"] = self.max_completion_tokens
+        if self.response_format is not None and self.response_format.type != "text":
+            inputs["response_format"] = self.response_format
         return self._text_params(**inputs)
 
 

@@ -12,12 +12,17 @@ catalog; a gateway offers what it runs and is refused unless that matches the ca
 Besides the plain samplers, `TextParams` has KoboldAI's (what SillyTavern and KoboldAI
 Lite send through AI Horde's v2 API): each is off by default. `sampler_order` lists
 `SAMPLER_IDS`; `max_context_length` cuts the prompt to its last tokens on the gateway.
+OpenAI's extras are off by default too: `presence_penalty`, `frequency_penalty` and
+`response_format` (JSON output constrained by a grammar on the gateway: `ResponseFormat`,
+its JSON schema compiled by llguidance here already, so a bad one is refused at submit).
+A field at its default is left out when serialized (stored, hashed, leased): a job that
+uses none of these is exactly what it was before they existed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -33,18 +38,24 @@ from pydantic import (
 
 from protocol.params import MAX_SEED
 
+if TYPE_CHECKING:  # (the type exists only in llguidance's stub)
+    from llguidance._lib import JsonCompileOptions
+
 __all__ = [
     "BUILTIN_DEFAULT_MODEL",
     "BUILTIN_TEXT_MODELS",
     "MAX_CHARS_PER_TOKEN",
     "MAX_NEW_TOKENS",
     "KOBOLD_FIELDS",
+    "OPENAI_FIELDS",
     "KOBOLD_SAMPLER_ORDER",
     "SAMPLER_IDS",
     "ChatMessage",
+    "JsonSchemaFormat",
     "LeasedTextJob",
     "PeerLink",
     "PeerLinked",
+    "ResponseFormat",
     "ServedSpan",
     "ServerCheck",
     "TextDelta",
@@ -59,6 +70,7 @@ __all__ = [
     "TextResultSubmit",
     "TextStatus",
     "sampler_order_problem",
+    "schema_problem",
     "text_cap",
     "token_bound",
 ]
@@ -135,6 +147,75 @@ DynatempRange = Annotated[
     float, Field(ge=0.0, le=5.0, description="dynamic temperature +-range; 0 = off")
 ]
 DynatempExponent = Annotated[float, Field(ge=0.0, le=5.0, description="1 = linear")]
+# OpenAI's penalties: logit -= presence * (count > 0) + frequency * count, over the
+# tokens generated so far
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, description="0 = off")]
+
+MAX_SCHEMA_NAME = 64
+
+
+def _compilable(schema: dict[str, Any]) -> dict[str, Any]:
+    problem = schema_problem(schema)
+    if problem:
+        raise ValueError(f"cannot be compiled to a grammar: {problem}")
+    return schema
+
+
+class JsonSchemaFormat(_Request):
+    """OpenAI's `response_format.json_schema`: the output is JSON valid against `schema`."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, serialize_by_alias=True, validate_by_name=True
+    )
+
+    name: str = Field(min_length=1, max_length=MAX_SCHEMA_NAME, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(default=None, max_length=4096)
+    schema_: Annotated[dict[str, Any], AfterValidator(_compilable)] = Field(
+        alias="schema", description="a JSON Schema; the output always follows it"
+    )
+    strict: bool | None = Field(
+        default=None, description="accepted; the schema is always enforced (README)"
+    )
+
+
+class ResponseFormat(_Request):
+    """What the output must be: any text, a JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("give json_schema exactly when type is 'json_schema'")
+        return self
+
+    def grammar(self) -> str | None:
+        """The llguidance grammar the output must match (None: any text)."""
+        if self.type == "text":
+            return None
+        schema = self.json_schema.schema_ if self.json_schema is not None else {"type": "object"}
+        return _json_grammar(schema)
+
+
+def _json_grammar(schema: dict[str, Any]) -> str:
+    from llguidance import LLMatcher
+
+    # compact JSON (no whitespace between tokens): sampled runs of it could fill max_tokens;
+    # oneOf as anyOf (pydantic's discriminated unions: their branches exclude each other)
+    options: JsonCompileOptions = {"whitespace_flexible": False, "coerce_one_of": True}
+    return LLMatcher.grammar_from_json_schema(schema, defaults=options)
+
+
+def schema_problem(schema: dict[str, Any]) -> str | None:
+    """Why llguidance cannot compile `schema` (None: it can). Needs no tokenizer."""
+    from llguidance import LLMatcher
+
+    try:
+        grammar = _json_grammar(schema)
+    except ValueError as exc:
+        return str(exc)
+    return LLMatcher.validate_grammar(grammar) or None
 
 
 def _valid_order(order: list[int]) -> list[int]:
@@ -189,15 +270,22 @@ class TextParams(_Request):
     frmtadsnsp: bool = Field(
         default=False, description="a space before the output if the prompt ends in none"
     )
+    # OpenAI's extras (README: Structured output)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    response_format: ResponseFormat | None = Field(
+        default=None, description="JSON output, constrained by a grammar; none: any text"
+    )
 
     # (no return annotation: the serialization schema stays TextParams' own)
     @model_serializer(mode="wrap")
     def _unused_kobold_fields_left_out(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
-        # KoboldAI's fields at their "off" defaults are left out, so a job that uses none
-        # is stored, hashed (params_hash) and leased exactly as before they existed
+        # KoboldAI's and OpenAI's extra fields at their "off" defaults are left out, so a
+        # job that uses none is stored, hashed (params_hash) and leased exactly as before
+        # they existed
         data: dict[str, Any] = handler(self)
-        for name in KOBOLD_FIELDS:
-            if name in data and getattr(self, name) == _KOBOLD_DEFAULTS[name]:
+        for name, default in _OPTIONAL_DEFAULTS.items():
+            if name in data and getattr(self, name) == default:
                 del data[name]
         return data
 
@@ -222,11 +310,14 @@ class TextParams(_Request):
         return value
 
 
-# TextParams' KoboldAI fields and their "off" defaults
-KOBOLD_FIELDS = tuple(TextParams.model_fields)[
-    tuple(TextParams.model_fields).index("max_context_length") :
-]
-_KOBOLD_DEFAULTS = {name: TextParams.model_fields[name].default for name in KOBOLD_FIELDS}
+_FIELDS = tuple(TextParams.model_fields)
+# TextParams' KoboldAI fields, then OpenAI's extras
+KOBOLD_FIELDS = _FIELDS[_FIELDS.index("max_context_length") : _FIELDS.index("presence_penalty")]
+OPENAI_FIELDS = _FIELDS[_FIELDS.index("presence_penalty") :]
+# both, with their "off" defaults
+_OPTIONAL_DEFAULTS = {
+    name: TextParams.model_fields[name].default for name in KOBOLD_FIELDS + OPENAI_FIELDS
+}
 
 
 def sampler_order_problem(order: Sequence[int]) -> str | None:

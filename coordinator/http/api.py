@@ -117,7 +117,9 @@ def api_key_of(request: web.Request) -> str | None:
         return key
     authorization = request.headers.get("Authorization", "")
     if authorization.startswith("Bearer "):
-        return authorization.removeprefix("Bearer ").strip() or None
+        bearer = authorization.removeprefix("Bearer ").strip()
+        # OpenAI clients always send a key: AI Horde's anonymous one is no key
+        return bearer if bearer and bearer != ANONYMOUS_KEY else None
     return None
 
 

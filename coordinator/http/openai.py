@@ -2,11 +2,14 @@
 `base_url=<coordinator>/v1` and an idlegrid API key as the bearer token.
 
 A request queues a normal text job (same kudos, priority and refunds) and waits for it;
-with `stream: true` it relays the job's text as `chat.completion.chunk` events.
+with `stream: true` it relays the job's text as `chat.completion.chunk` events. `n` choices
+are `n` jobs, choice i seeded with `seed + i` (streamed: `n` must be 1). AI Horde's
+anonymous key `0000000000` as the bearer token is an anonymous request, as on /api/v2.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -14,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from coordinator.errors import JobFailed, StoreUnavailable
+from coordinator.errors import BadRequest, JobFailed, StoreUnavailable
 from coordinator.http.api import API, Call
 from coordinator.http.state import CONFIG, STORE
 from coordinator.http.streams import open_stream
@@ -33,6 +36,8 @@ from protocol.openai import (
     OpenAIModel,
     Usage,
 )
+from protocol.params import MAX_SEED
+from protocol.text import TextParams
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +56,34 @@ async def list_models(request: web.Request, call: Call[None]) -> ModelList:
     return ModelList(data=[OpenAIModel(id=m.name, created=now) for m in models])
 
 
-def _usage(job: TextJob) -> Usage:
+def _usage(jobs: list[TextJob]) -> Usage:
+    # the prompt counts once, as OpenAI counts it for n choices
+    prompt = max(job.prompt_tokens for job in jobs)
+    completion = sum(job.completion_tokens for job in jobs)
     return Usage(
-        prompt_tokens=job.prompt_tokens,
-        completion_tokens=job.completion_tokens,
-        total_tokens=job.prompt_tokens + job.completion_tokens,
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
+
+
+async def _submit_choices(
+    request: web.Request, account: Account | None, params: TextParams, n: int, stream: bool
+) -> list[TextJob]:
+    """One job per choice; choice i is seeded with seed + i (when a seed is given;
+    past the largest seed it wraps to 0)."""
+    if stream and n > 1:
+        raise BadRequest(
+            "streaming gives one choice; set n to 1 or leave stream out",
+            [("n", "must be 1 with stream: true")],
+        )
+    jobs = []
+    for i in range(n):
+        seed = None if params.seed is None else (params.seed + i) % (MAX_SEED + 1)
+        jobs.append(await submit(request, account, params.model_copy(update={"seed": seed})))
+    return jobs
+
+
+async def _all_finished(request: web.Request, jobs: list[TextJob]) -> list[TextJob]:
+    return list(await asyncio.gather(*(_finished(request, job) for job in jobs)))
 
 
 async def _finished(request: web.Request, job: TextJob) -> TextJob:
@@ -122,7 +149,8 @@ async def chat_completions(
     request: web.Request, call: Call[ChatCompletionRequest]
 ) -> web.StreamResponse | ChatCompletion:
     body = call.body
-    job = await submit(request, call.account, body.text_params())
+    jobs = await _submit_choices(request, call.account, body.text_params(), body.n, body.stream)
+    job = jobs[0]
     completion_id, created = f"chatcmpl-{job.id}", int(request.app[STORE].db.now())
     if body.stream:
 
@@ -141,18 +169,20 @@ async def chat_completions(
             }
 
         return await _stream(request, call.account, job, chunk)
-    job = await _finished(request, job)
+    jobs = await _all_finished(request, jobs)
     return ChatCompletion(
         id=completion_id,
         created=created,
         model=job.model,
         choices=[
             ChatChoice(
-                message=AssistantMessage(content=job.text),
-                finish_reason=job.finish_reason,
+                index=i,
+                message=AssistantMessage(content=choice.text),
+                finish_reason=choice.finish_reason,
             )
+            for i, choice in enumerate(jobs)
         ],
-        usage=_usage(job),
+        usage=_usage(jobs),
     )
 
 
@@ -169,7 +199,8 @@ async def completions(
     request: web.Request, call: Call[CompletionRequest]
 ) -> web.StreamResponse | Completion:
     body = call.body
-    job = await submit(request, call.account, body.text_params())
+    jobs = await _submit_choices(request, call.account, body.text_params(), body.n, body.stream)
+    job = jobs[0]
     completion_id, created = f"cmpl-{job.id}", int(request.app[STORE].db.now())
     if body.stream:
 
@@ -183,16 +214,14 @@ async def completions(
             }
 
         return await _stream(request, call.account, job, chunk)
-    job = await _finished(request, job)
+    jobs = await _all_finished(request, jobs)
     return Completion(
         id=completion_id,
         created=created,
         model=job.model,
         choices=[
-            CompletionChoice(
-                text=job.text,
-                finish_reason=job.finish_reason,
-            )
+            CompletionChoice(index=i, text=choice.text, finish_reason=choice.finish_reason)
+            for i, choice in enumerate(jobs)
         ],
-        usage=_usage(job),
+        usage=_usage(jobs),
     )

@@ -278,6 +278,47 @@ def test_openai_client_plain_and_streaming(swarm: Swarm, tiny_models: Path) -> N
     assert getattr(error.value, "status_code", None) == 400
 
 
+def test_openai_json_schema_through_the_swarm(swarm: Swarm) -> None:
+    """response_format through real processes: the confined engine masks the tiny model's
+    logits with the schema's grammar; stopped answers validate, at temperature 1 too."""
+    import jsonschema_rs
+    from openai import BadRequestError, OpenAI
+
+    openai = OpenAI(base_url=f"{swarm.url}/v1", api_key=swarm.alice, max_retries=0)
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "L"]}},
+        "required": ["ok", "size"],
+        "additionalProperties": False,
+    }
+    completion = openai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "JSON please"}],
+        max_tokens=32,
+        temperature=1.0,
+        seed=5,
+        n=2,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": schema, "strict": True},
+        },
+    )
+    assert len(completion.choices) == 2
+    validator = jsonschema_rs.validator_for(schema)
+    for choice in completion.choices:
+        assert choice.finish_reason == "stop"  # this schema's JSON is a few tokens long
+        assert validator.is_valid(json.loads(choice.message.content or ""))
+    with pytest.raises(BadRequestError, match=r"response_format\.json_schema\.schema"):
+        openai.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "JSON please"}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "bad", "schema": {"type": "strng"}},
+            },
+        )
+
+
 def test_chat_cli_keeps_the_conversation(swarm: Swarm) -> None:
     done = subprocess.run(
         [

@@ -244,7 +244,7 @@ async def test_bad_reports_and_signatures_are_refused(grid: dict[str, Any]) -> N
         ({"model": "tiny-llm", "messages": [{"role": "user"}]}, "messages[0].content"),
         ({"model": "tiny-llm", "messages": []}, "messages"),
         ({"model": "tiny-llm", "messages": "hi"}, "messages"),
-        ({"model": "tiny-llm", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+        ({"model": "tiny-llm", "messages": [{"role": "user", "content": "hi"}], "n": 9}, "n"),
         (
             {"model": "tiny-llm", "messages": [{"role": "user", "content": "hi"}], "tools": []},
             "tools",

@@ -6,6 +6,7 @@
                       spot-check the servers (redo without a wrong one), report usage
     lm_head.py        embeddings, final norm and LM head, loaded without the blocks
     generation.py     the generation loop and sampling (greedy, temperature, top-k/p, ...)
+    grammar.py        response_format: llguidance's grammar masks the logits each step
     chat_format.py    chat messages -> prompt (the tokenizer's template, or a default)
 
 The decoder blocks run on block servers, reached through `worker.llm.swarm.routing` and

@@ -300,6 +300,9 @@ def sampling_params(params: TextParams) -> SamplingParams:
         dynatemp_exponent=params.dynatemp_exponent,
         sampler_order=None if params.sampler_order is None else tuple(params.sampler_order),
         ban_eos=params.use_default_badwordsids,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        grammar=None if params.response_format is None else params.response_format.grammar(),
     )
 
 

@@ -53,7 +53,7 @@ ENGINE = "worker.llm.gateway.engine:GenerationEngine"
 # checks one result report carries (protocol.text.TextResultSubmit)
 MAX_CHECKS = 64
 # engine errors after which the job cannot be served here, whatever the retry
-_NOT_HERE = frozenset({"MissingBlocks", "PromptTooLong"})
+_NOT_HERE = frozenset({"MissingBlocks", "PromptTooLong", "InvalidGenerationInput"})
 
 
 class _TextSender:

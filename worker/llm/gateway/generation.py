@@ -7,7 +7,10 @@ By default the sampling chain follows transformers' `generate` exactly, in the s
 repetition penalty -> temperature -> top-k -> top-p -> multinomial draw from a
 `torch.Generator` seeded with `SamplingParams.seed` (so `torch.manual_seed(seed)` followed
 by transformers' `generate(do_sample=True, ...)` picks the same tokens on CPU). KoboldAI's
-samplers (`worker.llm.gateway.samplers`) run in `SamplingParams.sampler_order` when given.
+samplers (`worker.llm.gateway.samplers`) run in `SamplingParams.sampler_order` when given;
+OpenAI's presence and frequency penalties follow the repetition penalty. With a
+`SamplingParams.grammar` (`worker.llm.gateway.grammar`), the tokens it forbids are masked
+out of the logits before any sampler, and generation ends once the grammar is complete.
 
 Text is streamed through an awaitable `on_text(delta)` callback. A delta never ends in an
 incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives) nor in text that
@@ -27,9 +30,11 @@ import torch
 
 from protocol.text import sampler_order_problem
 from worker.errors import InvalidGenerationInput
+from worker.llm.gateway.grammar import GrammarMask
 from worker.llm.gateway.samplers import (
     apply_dynamic_temperature,
     apply_min_p,
+    apply_presence_frequency,
     apply_repetition_penalty,
     apply_smoothing,
     apply_tail_free,
@@ -109,6 +114,11 @@ class SamplingParams:
     sampler_order: tuple[int, ...] | None = None
     # never pick an end-of-sequence token (KoboldAI's use_default_badwordsids)
     ban_eos: bool = False
+    # OpenAI's penalties over the generated tokens; 0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # an llguidance grammar the text must match (protocol.text.ResponseFormat.grammar)
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if type(self.max_new_tokens) is not int or self.max_new_tokens < 1:
@@ -159,6 +169,8 @@ class SamplingParams:
             ("smoothing_factor", 0.0, None, "0 = off"),
             ("dynatemp_range", 0.0, None, "0 = off"),
             ("dynatemp_exponent", 0.0, None, "1 = linear"),
+            ("presence_penalty", -2.0, 2.0, "0 = off"),
+            ("frequency_penalty", -2.0, 2.0, "0 = off"),
         ):
             value = getattr(self, name)
             if not _is_number(value) or value < low or (high is not None and value > high):
@@ -224,9 +236,11 @@ async def generate(
     tokens: list[int] = []
     finish_reason: Literal["stop", "length"] = "length"
     banned = frozenset(eos_ids) if params.ban_eos else frozenset()
+    # (a fresh state each call: a redo of the job starts the grammar over)
+    grammar = None if params.grammar is None else GrammarMask(params.grammar, tokenizer, eos_ids)
     while True:
         token = await asyncio.to_thread(
-            next_token, head, hidden, context, params, generator, banned
+            next_token, head, hidden, context, params, generator, banned, grammar, len(prompt)
         )
         if not tokens:
             first_token_seconds = time.perf_counter() - started
@@ -234,10 +248,12 @@ async def generate(
         if token in eos_ids:
             finish_reason = "stop"
             break
+        if grammar is not None:
+            grammar.advance(token)
         delta = text.update(tokens)
         if delta and on_text is not None:
             await on_text(delta)
-        if text.stopped:
+        if text.stopped or (grammar is not None and grammar.done):
             finish_reason = "stop"
             break
         if len(tokens) >= params.max_new_tokens:
@@ -269,11 +285,16 @@ def next_token(
     params: SamplingParams,
     generator: torch.Generator,
     banned: frozenset[int] = frozenset(),
+    grammar: GrammarMask | None = None,
+    prompt_length: int = 0,
 ) -> int:
     """The token after `context` [1, L], given the last block's outputs `hidden` [1, n, H];
-    never one of `banned`."""
+    never one of `banned`, always one `grammar` allows. `context` starts with
+    `prompt_length` prompt tokens (the rest were generated)."""
     scores = head.logits(hidden[:, -1:, :])[:, -1, :].float()
-    scores = process_scores(scores, context, params, banned)
+    if grammar is not None:
+        scores = grammar.apply(scores)
+    scores = process_scores(scores, context, params, banned, prompt_length)
     if params.temperature == 0:
         return int(scores.argmax(dim=-1).item())
     probs = torch.softmax(scores, dim=-1)
@@ -285,24 +306,30 @@ def process_scores(
     context: torch.Tensor,
     params: SamplingParams,
     banned: frozenset[int] = frozenset(),
+    prompt_length: int = 0,
 ) -> torch.Tensor:
     """Apply the samplers to float32 logits [1, V] in `params.sampler_order` (KoboldAI's
-    ids; by default transformers' order). Temperature 0 is greedy: only the repetition
-    penalty (and `banned`) apply. An order of the ids 0-5 puts the penalty first."""
+    ids; by default transformers' order). Temperature 0 is greedy: only the penalties
+    (and `banned`) apply. An order of the ids 0-5 puts the penalties first. The presence
+    and frequency penalties count the tokens of `context` after `prompt_length`."""
     if banned:
         scores = ban_tokens(scores, banned)
     order = params.sampler_order or DEFAULT_ORDER
     if params.temperature == 0:
-        return _apply(6, scores, context, params)
+        return _apply(6, scores, context, params, prompt_length)
     if 6 not in order:
-        scores = _apply(6, scores, context, params)
+        scores = _apply(6, scores, context, params, prompt_length)
     for sampler in order:
-        scores = _apply(sampler, scores, context, params)
+        scores = _apply(sampler, scores, context, params, prompt_length)
     return scores
 
 
 def _apply(
-    sampler: int, scores: torch.Tensor, context: torch.Tensor, params: SamplingParams
+    sampler: int,
+    scores: torch.Tensor,
+    context: torch.Tensor,
+    params: SamplingParams,
+    prompt_length: int,
 ) -> torch.Tensor:
     """One of KoboldAI's samplers, by id; a sampler at its "off" value changes nothing."""
     p = params
@@ -326,10 +353,16 @@ def _apply(
                 scores, p.temperature, p.dynatemp_range, p.dynatemp_exponent
             )
         return scores / p.temperature if p.temperature != 1.0 else scores
-    if sampler == 6 and p.repetition_penalty != 1.0:
-        return apply_repetition_penalty(
-            scores, context, p.repetition_penalty, p.rep_pen_range, p.rep_pen_slope
-        )
+    if sampler == 6:
+        if p.repetition_penalty != 1.0:
+            scores = apply_repetition_penalty(
+                scores, context, p.repetition_penalty, p.rep_pen_range, p.rep_pen_slope
+            )
+        if p.presence_penalty != 0 or p.frequency_penalty != 0:
+            generated = context[:, prompt_length:]
+            scores = apply_presence_frequency(
+                scores, generated, p.presence_penalty, p.frequency_penalty
+            )
     return scores
 
 

@@ -4,7 +4,8 @@ Each takes the scores (and what it needs) and returns new scores; a removed toke
 is -inf. `generation.process_scores` applies them in a request's `sampler_order`, whose ids
 are KoboldAI's (`protocol.text.SAMPLER_IDS`): 0 top-k, 1 top-a, 2 top-p (then min-p),
 3 tail-free, 4 typical, 5 temperature (quadratic smoothing, then the fixed or dynamic
-temperature), 6 repetition penalty. The formulas, and where each is described, are in the
+temperature), 6 repetition penalty (then OpenAI's presence and frequency penalties,
+`apply_presence_frequency`). The formulas, and where each is described, are in the
 README's "KoboldAI samplers".
 """
 
@@ -18,6 +19,7 @@ import torch
 __all__ = [
     "apply_dynamic_temperature",
     "apply_min_p",
+    "apply_presence_frequency",
     "apply_repetition_penalty",
     "apply_smoothing",
     "apply_tail_free",
@@ -75,6 +77,17 @@ def apply_repetition_penalty(
     else:
         factors = torch.ones_like(scores).scatter(1, window, float(penalty))
     return torch.where(scores < 0, scores * factors, scores / factors)
+
+
+def apply_presence_frequency(
+    scores: torch.Tensor, generated: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's penalties: logit[j] -= frequency * c[j] + presence * (c[j] > 0), c[j] the
+    times token j occurs in `generated` [1, n] (the tokens generated so far)."""
+    counts = torch.zeros_like(scores).scatter_add_(
+        1, generated, torch.ones(generated.shape, dtype=scores.dtype)
+    )
+    return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
 
 
 def apply_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
