@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from protocol.settings import Flag, SettingsError, add_flags, validated
 from worker.common.cli import (
@@ -70,7 +70,6 @@ class GatewaySettings(DonorFlags):
     ] = None
     check_rate: Annotated[
         float,
-        Field(ge=0, le=1),
         Flag(
             "share of jobs whose block servers are spot-checked on other servers, 0..1 "
             "(default %(default)s: an always-wrong server is caught within 20 jobs with "
@@ -79,7 +78,6 @@ class GatewaySettings(DonorFlags):
     ] = 0.3
     check_tolerance: Annotated[
         float,
-        Field(gt=0, lt=1),
         Flag(
             "worst relative distance between two servers' hidden states that still counts "
             "as equal (default %(default)s; bfloat16 against float32 differs by up to ~0.04)"
@@ -87,13 +85,34 @@ class GatewaySettings(DonorFlags):
     ] = 0.1
     check_ban_seconds: Annotated[
         float,
-        Field(ge=0),
         Flag(
             "seconds a server found returning wrong hidden states is left out of routes "
             "(default %(default)s)"
         ),
     ] = 3600.0
     log_level: LogLevel = LOG_LEVEL
+
+    # the fix in each message (NaN fails every comparison, so it is refused too)
+    @field_validator("check_rate")
+    @classmethod
+    def _check_rate(cls, rate: float) -> float:
+        if not 0 <= rate <= 1:
+            raise ValueError(f"{str(rate)!r}: use a number from 0 (off) to 1 (every job)")
+        return rate
+
+    @field_validator("check_tolerance")
+    @classmethod
+    def _check_tolerance(cls, tolerance: float) -> float:
+        if not 0 < tolerance < 1:
+            raise ValueError(f"{str(tolerance)!r}: use a number between 0 and 1, e.g. 0.1")
+        return tolerance
+
+    @field_validator("check_ban_seconds")
+    @classmethod
+    def _check_ban_seconds(cls, seconds: float) -> float:
+        if not seconds >= 0:
+            raise ValueError(f"{str(seconds)!r}: use 0 or more seconds")
+        return seconds
     unsandboxed: Unsandboxed = False
 
 

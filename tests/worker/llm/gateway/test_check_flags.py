@@ -32,4 +32,4 @@ def test_bad_check_flags_exit_2_naming_the_flag(
         check=False,
     )
     assert done.returncode == 2
-    assert f"error: {flag}:" in done.stderr and fix in done.stderr
+    assert f"error: {flag} '{float(value)}'" in done.stderr and fix in done.stderr
