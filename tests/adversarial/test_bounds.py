@@ -69,7 +69,8 @@ def fields(answer: Any) -> str:
     """The field names of an error, v1 (`error.fields`) or AI Horde's (`errors`) shape."""
     if "error" in answer:
         return " ".join(f["field"] for f in answer["error"]["fields"])
-    return " ".join((answer.get("errors") or {}).keys()) + " " + answer["message"]
+    message: str = answer["message"]
+    return " ".join((answer.get("errors") or {}).keys()) + " " + message
 
 
 async def test_worker_model_lists_are_bounded_and_the_network_view_is_paged(
@@ -146,7 +147,10 @@ async def test_tiny_anonymous_inputs_get_a_400_naming_the_field(tmp_path: Path) 
     holding NaN, or a lone surrogate is a 400 naming the body."""
     async with coordinator(tmp_path) as live, aiohttp.ClientSession() as http:
         v2 = f"{live.url}/api/v2/generate/async"
-        base = {"prompt": "a cube", "params": {"width": 64, "height": 64, "steps": 4}}
+        base: dict[str, Any] = {
+            "prompt": "a cube",
+            "params": {"width": 64, "height": 64, "steps": 4},
+        }
         for seed in ("²", "1" * 5000, "٣", "12abc", 2**40, "4294967295"):
             body = {**base, "params": {**base["params"], "seed": seed}}
             status, answer = await call(http, "POST", v2, body, ANONYMOUS)
@@ -182,8 +186,8 @@ async def test_tiny_anonymous_inputs_get_a_400_naming_the_field(tmp_path: Path) 
             "/api/v2/generate/submit",
             "/v1/chat/completions",
         ):
-            for body in (deep, inside):
-                status, answer = await call(http, "POST", live.url + path, raw=body)
+            for nested_body in (deep, inside):
+                status, answer = await call(http, "POST", live.url + path, raw=nested_body)
                 assert status == 400, (path, answer)
                 assert "body" in fields(answer) and "64 levels" in json.dumps(answer), answer
         # 64 levels are fine (an ignored option of an AI Horde request)
@@ -278,7 +282,7 @@ async def test_v2_text_status_by_id_shows_only_v2_jobs(tmp_path: Path) -> None:
                 await openai
 
         stack.push_async_callback(stop_waiting)
-        popped = []
+        popped: list[str] = []
         async with asyncio.timeout(30):
             while len(popped) < 3:
                 job = await gateway.pop_text([LLM], wait=5)

@@ -32,9 +32,14 @@ from protocol.signing import sha256_hex
 from tests.conftest import LiveApp, start_app
 from tests.fakes import CAPS, FakeWorker, job_pngs, png, register_accounts
 
-SMALL = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "n": 1}
+SMALL: dict[str, Any] = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "n": 1}
 # the size that was never speed-checked: 512x512, 20 steps (5.2 million pixel-steps)
-DEFAULT_SIZE = {"prompt": "a quick sketch", "width": 512, "height": 512, "steps": 20}
+DEFAULT_SIZE: dict[str, Any] = {
+    "prompt": "a quick sketch",
+    "width": 512,
+    "height": 512,
+    "steps": 20,
+}
 HTML_IN_PNG = b"\x89PNG<html><script>alert(document.cookie)</script></html>"
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
-from protocol.messages import ImageParams, JobStatus
+from protocol.messages import JobStatus
+from protocol.params import ImageParams
 from protocol.text import BUILTIN_DEFAULT_MODEL, BUILTIN_TEXT_MODELS, TextParams, TextStatus
 from tests.clock import MockClock, reaper_round
 from tests.conftest import LiveApp, start_app

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import pytest
 
@@ -21,9 +22,9 @@ from tests.fakes import CAPS, FakeWorker, png, register_accounts
 from worker.common.link import Capabilities, CoordinatorLink
 
 # the job of the finding: 1024x1024, 20 steps, 40 kudos a round
-BIG = {"prompt": "a castle at dusk", "width": 1024, "height": 1024, "steps": 20}
+BIG: dict[str, Any] = {"prompt": "a castle at dusk", "width": 1024, "height": 1024, "steps": 20}
 BIG_CAPS = Capabilities(models=["tiny"], max_pixels=1024 * 1024, max_steps=50)
-MEDIUM = {"prompt": "a blue cone", "width": 256, "height": 256, "steps": 20}
+MEDIUM: dict[str, Any] = {"prompt": "a blue cone", "width": 256, "height": 256, "steps": 20}
 FAKE_SEED = 999  # the colour of the fake both of Mallory's workers send
 
 

@@ -14,7 +14,7 @@ from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from protocol.messages import WorkerInfo
 from protocol.signing import Identity
-from protocol.text import LeasedTextJob, TextModel, TextParams, TextResultAccepted
+from protocol.text import ChatMessage, LeasedTextJob, TextModel, TextParams, TextResultAccepted
 from tests.conftest import LiveApp, start_app
 from worker.common.link import CoordinatorLink
 from worker.errors import CoordinatorRejected
@@ -100,7 +100,7 @@ async def lease(grid: dict[str, Any], gateway: str) -> LeasedTextJob:
     """alice asks; `gateway` leases her job."""
     link: CoordinatorLink = grid[gateway]
     assert await link.pop_text([MODEL], wait=0) is None  # offers the model
-    params = TextParams(messages=[{"role": "user", "content": "hi"}], max_tokens=100)
+    params = TextParams(messages=[ChatMessage(role="user", content="hi")], max_tokens=100)
     await grid["alice"].submit_text(params)
     job = await link.pop_text([MODEL], wait=5)
     assert job is not None
@@ -112,7 +112,8 @@ async def serve(
 ) -> TextResultAccepted:
     """`gateway` runs a job of alice's on SERVED (all 4 blocks) and reports `checks`."""
     job = await lease(grid, gateway)
-    return await grid[gateway].submit_text(job, "Hello", "stop", 50, 100, SPANS, checks)
+    link: CoordinatorLink = grid[gateway]
+    return await link.submit_text(job, "Hello", "stop", 50, 100, SPANS, checks)
 
 
 async def server(grid: dict[str, Any]) -> WorkerInfo:

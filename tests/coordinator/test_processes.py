@@ -70,7 +70,9 @@ def _children(proc: Proc) -> list[psutil.Process]:
 
 def _gone(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        status: str = psutil.Process(pid).status()
+        zombie: str = psutil.STATUS_ZOMBIE
+        return status == zombie
     except psutil.NoSuchProcess:
         return True
 

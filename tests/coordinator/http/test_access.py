@@ -31,7 +31,13 @@ from tests.fakes import CAPS, FakeWorker, png
 from coordinator import app as _app  # noqa: F401  # isort: skip
 
 ROUTES = sorted(API.routes, key=lambda r: (r.path, r.method))
-SMALL = {"prompt": "victim's secret prompt", "width": 64, "height": 64, "steps": 4, "seed": 3}
+SMALL: dict[str, Any] = {
+    "prompt": "victim's secret prompt",
+    "width": 64,
+    "height": 64,
+    "steps": 4,
+    "seed": 3,
+}
 # the built-in tiny model of the operator's catalog (a worker cannot name its own)
 MODEL = next(m for m in BUILTIN_TEXT_MODELS if m.name == BUILTIN_DEFAULT_MODEL)
 TEXT = TextParams(prompt="victim's secret prompt", max_tokens=4)

@@ -24,7 +24,7 @@ from tests.fakes import CAPS, FakeWorker, png
 from worker.common.link import CoordinatorLink
 from worker.errors import CoordinatorRejected, LeaseLost
 
-GOOD = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 11}
+GOOD: dict[str, Any] = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 11}
 
 
 async def _post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:

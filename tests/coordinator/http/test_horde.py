@@ -219,11 +219,11 @@ async def test_an_ai_horde_client_gets_images_from_our_worker(live: LiveApp) -> 
     listed = [shaped(w, WORKER) for w in await anonymous.ok("GET", "/v2/workers?type=image")]
     # (each `FakeWorker` is a new identity: two workers named "ours", one job each)
     assert [(w["name"], w["requests_fulfilled"]) for w in listed] == [("ours", 1)] * 2
-    listed = listed[0]
-    assert listed["type"] == "image" and listed["models"] == ["tiny"]
+    first = listed[0]
+    assert first["type"] == "image" and first["models"] == ["tiny"]
     assert await anonymous.ok("GET", "/v2/workers?type=text") == []
-    one = shaped(await anonymous.ok("GET", f"/v2/workers/{listed['id']}"), WORKER)
-    assert one["id"] == listed["id"]
+    one = shaped(await anonymous.ok("GET", f"/v2/workers/{first['id']}"), WORKER)
+    assert one["id"] == first["id"]
     await anonymous.error("GET", f"/v2/workers/{'0' * 32}", None, 404, "WorkerNotFound")
     beat = await anonymous.ok("GET", "/v2/status/heartbeat")
     assert beat["message"] == "OK" and isinstance(beat["version"], str)
@@ -255,17 +255,15 @@ async def test_errors_cancel_and_dry_run_speak_ai_horde(live: LiveApp) -> None:
     await anonymous.error("GET", f"/v2/generate/check/{'ab' * 16}", None, 404, "RequestNotFound")
     dry = await carol.ok("POST", "/v2/generate/async", {**request(), "dry_run": True})
     assert set(dry) == {"kudos"} and dry["kudos"] > 0
-    assert (
-        await live.store.ledger.balance((await live.store.accounts.account_by_key(key)).id) == 100
-    )  # type: ignore[union-attr]
+    account = await live.store.accounts.account_by_key(key)
+    assert account is not None
+    assert await live.store.ledger.balance(account.id) == 100
     # cancel: done, not faulted, and the kudos back
     created = await carol.ok("POST", "/v2/generate/async", request(), 202)
-    assert await live.store.ledger.balance((await live.store.accounts.account_by_key(key)).id) < 100  # type: ignore[union-attr]
+    assert await live.store.ledger.balance(account.id) < 100
     cancelled = shaped(await carol.ok("DELETE", f"/v2/generate/status/{created['id']}"), CHECK)
     assert cancelled["done"] is True and cancelled["generations"] == []
-    assert (
-        await live.store.ledger.balance((await live.store.accounts.account_by_key(key)).id) == 100
-    )  # type: ignore[union-attr]
+    assert await live.store.ledger.balance(account.id) == 100
     # anonymous (AI Horde's ten zeros) may ask within the anonymous limits
     created = await anonymous.ok("POST", "/v2/generate/async", request(), 202)
     assert shaped(await anonymous.ok("GET", f"/v2/generate/check/{created['id']}"), CHECK)

@@ -109,16 +109,17 @@ def test_a_call_that_disagrees_with_auth_is_refused() -> None:
 
 def test_an_unclear_body_is_refused() -> None:
     api = Api("test", "0")
+    # the wrong annotations here are the point (type: ignore): the route must refuse them
     with _refused(r"Call\[BodyModel or None\]"):
 
         @api.route("GET", "/a", summary="s")
-        async def bare(request: web.Request, call: Call) -> Echo:
+        async def bare(request: web.Request, call: Call) -> Echo:  # type: ignore[type-arg]
             raise AssertionError
 
     with _refused("must be a pydantic model or None"):
 
         @api.route("POST", "/a", summary="s")
-        async def text(request: web.Request, call: Call[str]) -> Echo:
+        async def text(request: web.Request, call: Call[str]) -> Echo:  # type: ignore[type-var]
             raise AssertionError
 
     with _refused("a JSON body or a raw one, not both"):
@@ -150,7 +151,8 @@ def test_a_parameter_whose_type_disagrees_is_refused() -> None:
         async def unsure(
             request: web.Request,
             call: Call[None],
-            limit: Annotated[int, WholeNumber("n", 1, 5)] = None,
+            # the wrong default is the point: the route must refuse it
+            limit: Annotated[int, WholeNumber("n", 1, 5)] = None,  # type: ignore[assignment]
         ) -> Echo:
             raise AssertionError
 

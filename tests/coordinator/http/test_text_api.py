@@ -18,7 +18,13 @@ from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from coordinator.economy.text_settlement import grant_parts, split_kudos
 from protocol.signing import Identity
-from protocol.text import BUILTIN_TEXT_MODELS, LeasedTextJob, TextModel, TextParams
+from protocol.text import (
+    BUILTIN_TEXT_MODELS,
+    ChatMessage,
+    LeasedTextJob,
+    TextModel,
+    TextParams,
+)
 from tests.conftest import LiveApp
 from worker.common.link import CoordinatorLink
 from worker.errors import CoordinatorRejected, LeaseLost
@@ -89,7 +95,7 @@ async def offer(gateway: Party) -> None:
 async def test_chat_job_streams_text_and_settles_in_one_entry(grid: dict[str, Any]) -> None:
     live, alice, gateway = grid["live"], grid["alice"], grid["gateway"]
     await offer(gateway)
-    params = TextParams(messages=[{"role": "user", "content": "hi"}], max_tokens=100)
+    params = TextParams(messages=[ChatMessage(role="user", content="hi")], max_tokens=100)
     pieces: list[str] = []
     requester = asyncio.create_task(alice.complete(params, pieces.append))
     job = await gateway.pop()
@@ -149,7 +155,7 @@ async def test_a_retryable_failure_requeues_and_restarts_the_text(grid: dict[str
 async def test_quote_tells_the_reservation_without_submitting(grid: dict[str, Any]) -> None:
     live, gateway = grid["live"], grid["gateway"]
     await offer(gateway)
-    params = TextParams(messages=[{"role": "user", "content": "hi"}], max_tokens=100)
+    params = TextParams(messages=[ChatMessage(role="user", content="hi")], max_tokens=100)
     headers = {"apikey": grid["keys"]["alice"]}
     body = params.model_dump(exclude_none=True)
     async with (

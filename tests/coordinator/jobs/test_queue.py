@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import math
 import random
+from typing import Any
 
 import aiohttp
 import pytest
@@ -26,7 +27,7 @@ from tests.clock import MockClock
 from tests.conftest import LiveApp, start_app
 from tests.fakes import CAPS, FakeWorker
 
-SMALL = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 7}
+SMALL: dict[str, Any] = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 4, "seed": 7}
 
 
 async def _grant(store: Store, account: Account, amount: int, key: str) -> None:
