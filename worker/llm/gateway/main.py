@@ -113,6 +113,7 @@ class GatewaySettings(DonorFlags):
         if not seconds >= 0:
             raise ValueError(f"{str(seconds)!r}: use 0 or more seconds")
         return seconds
+
     unsandboxed: Unsandboxed = False
 
 
