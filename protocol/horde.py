@@ -14,7 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from protocol.params import MAX_MODEL_NAME, MAX_WORKER_MODELS, ModelName
+from protocol.params import (
+    DEFAULT_DENOISING_STRENGTH,
+    MAX_MODEL_NAME,
+    MAX_SOURCE_BASE64,
+    MAX_WORKER_MODELS,
+    ModelName,
+)
 from protocol.samplers import SAMPLERS
 
 __all__ = [
@@ -135,8 +141,6 @@ IMAGE_PARAMS_NOT_HONOURED: dict[str, tuple[object, ...]] = {
     "seed_variation": (1,),
 }
 IMAGE_REQUEST_NOT_HONOURED: dict[str, tuple[object, ...]] = {
-    "source_image": ("",),
-    "source_mask": ("",),
     "extra_source_images": ([],),
     "censor_nsfw": (False,),
     "workers": ([],),
@@ -157,6 +161,9 @@ class ImageParamsV2(_In):
     steps: int = 30
     n: int = 1
     karras: bool = False
+    denoising_strength: float = Field(
+        default=DEFAULT_DENOISING_STRENGTH, description="with a source image: how much is repainted"
+    )
 
     @field_validator("seed", mode="before")
     @classmethod
@@ -175,8 +182,18 @@ class ImageRequestV2(_In):
 
     prompt: str = Field(description="'positive ### negative'")
     params: ImageParamsV2 = ImageParamsV2()
-    # AI Horde's vocabulary; only meaningful with a source image (refused above until served)
+    # AI Horde's vocabulary; only meaningful with a source image ("remix" is refused)
     source_processing: Literal["img2img", "inpainting", "outpainting", "remix"] = "img2img"
+    source_image: str | None = Field(
+        default=None,
+        max_length=MAX_SOURCE_BASE64,
+        description="base64 WebP, PNG or JPEG to start from; empty or absent: txt2img",
+    )
+    source_mask: str | None = Field(
+        default=None,
+        max_length=MAX_SOURCE_BASE64,
+        description="base64 image the source's size, white = repaint (inpainting)",
+    )
     models: list[ModelName] = Field(default=[], max_length=MAX_WORKER_MODELS)
     r2: bool = Field(default=True, description="images as download URLs (else base64 WebP)")
     trusted_workers: bool = Field(

@@ -1,0 +1,150 @@
+"""Source images and masks through the doors (issue 21): AI Horde v2 `source_image` /
+`source_mask` and the same fields on v1, as base64; checked before anything is charged,
+stored content-addressed, their digests in the job's parameters."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import zlib
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from coordinator.http.state import FILES
+from tests.conftest import LiveApp
+from tests.coordinator.http.test_horde import Horde, request, webp
+from tests.fakes import register_accounts
+
+
+def encoded(image: Image.Image, kind: str = "PNG") -> str:
+    out = io.BytesIO()
+    image.save(out, format=kind)
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(base64.b64decode(text)).hexdigest()
+
+
+def png_bomb(side: int) -> str:
+    """A valid-looking PNG header declaring side x side pixels, with a little zero data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    data = zlib.compress(b"\0" * (1 << 20), 9)
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    return base64.b64encode(raw).decode()
+
+
+async def _kudos(horde: Horde) -> float:
+    return float((await horde.ok("GET", "/v2/find_user"))["kudos"])
+
+
+async def _v1(url: str, key: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{url}/api/v1/jobs/image", json=body, headers={"X-Api-Key": key}) as resp,
+    ):
+        answer: dict[str, object] = await resp.json()
+        return resp.status, answer
+
+
+async def test_a_v2_img2img_request_is_stored_with_its_digest(live: LiveApp) -> None:
+    (key,) = await register_accounts(live.url, "painter")
+    horde = Horde(live.url, key)
+    source = webp((200, 30, 30), (96, 80))
+    body = {**request(denoising_strength=0.5), "source_image": source}
+    created = await horde.ok("POST", "/v2/generate/async", body, 202)
+    job = await live.store.image_jobs.get(created["id"])
+    assert job is not None
+    assert job.params.source_processing == "img2img"
+    assert job.params.denoising_strength == 0.5
+    assert job.params.source_image == digest(source)
+    assert job.params.source_mask is None
+    assert await live.app[FILES].exists(digest(source))
+
+
+async def test_a_v2_inpainting_request_stores_the_mask(live: LiveApp) -> None:
+    (key,) = await register_accounts(live.url, "masker")
+    source, mask = encoded(Image.new("RGB", (64, 64), (9, 9, 9))), webp((255, 255, 255))
+    body = {
+        **request(),
+        "source_image": source,
+        "source_mask": mask,
+        "source_processing": "inpainting",
+    }
+    created = await Horde(live.url, key).ok("POST", "/v2/generate/async", body, 202)
+    job = await live.store.image_jobs.get(created["id"])
+    assert job is not None
+    assert (job.params.source_image, job.params.source_mask) == (digest(source), digest(mask))
+    assert await live.app[FILES].exists(digest(mask))
+
+
+async def test_v1_takes_the_same_fields(live: LiveApp) -> None:
+    (key,) = await register_accounts(live.url, "oneer")
+    source = encoded(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    body = {
+        "prompt": "a cube",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "source_processing": "img2img",
+        "denoising_strength": 0.6,
+        "source_image": source,
+    }
+    status, answer = await _v1(live.url, key, body)
+    assert status == 202, answer
+    job = await live.store.image_jobs.get(str(answer["id"]))
+    assert job is not None and job.params.source_image == digest(source)
+    assert await live.app[FILES].exists(digest(source))
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"source_image": "not base64!"}, "source_image"),
+        ({"source_image": base64.b64encode(b"plain text").decode()}, "source_image"),
+        ({"source_image": png_bomb(60000)}, "source_image"),
+        (
+            {
+                "source_image": webp((1, 1, 1)),
+                "source_mask": webp((255, 255, 255), (32, 32)),
+                "source_processing": "inpainting",
+            },
+            "source_mask",
+        ),
+        (
+            {"source_image": webp((1, 1, 1)), "source_processing": "inpainting"},
+            "source_mask",
+        ),
+        (
+            {"source_image": webp((1, 1, 1)), "source_mask": webp((255, 255, 255))},
+            "source_mask",  # img2img takes no mask
+        ),
+        ({"source_mask": webp((255, 255, 255))}, "source_mask"),  # a mask without a source
+    ],
+)
+async def test_a_bad_source_is_named_and_costs_nothing(
+    live: LiveApp, extra: dict[str, object], named: str
+) -> None:
+    (key,) = await register_accounts(live.url, "careless")
+    horde = Horde(live.url, key)
+    before = await _kudos(horde)
+    got, answer = await horde.call("POST", "/v2/generate/async", {**request(), **extra})
+    assert got == 400, answer
+    assert named in answer["errors"], answer
+    assert await _kudos(horde) == before
+    # the same on v1
+    body = {"prompt": "a cube", "width": 64, "height": 64, "steps": 4, **extra}
+    if "source_image" in extra:  # (v1's default is txt2img)
+        body.setdefault("source_processing", "img2img")
+    status, v1 = await _v1(live.url, key, body)
+    assert status == 400, v1
+    assert named in str(v1), v1
+    assert await _kudos(horde) == before
