@@ -431,6 +431,9 @@ class PopRequestV2(_In):
     amount: int = Field(default=1, ge=1, le=20)
     bridge_agent: str = Field(default="unknown:0:unknown", max_length=1000)
     threads: int = Field(default=1, ge=1, le=64)
+    # AI Horde's defaults: source images yes, inpainting and outpainting no
+    allow_img2img: bool = True
+    allow_painting: bool = False
 
 
 class PopPayload(_Out):
@@ -448,6 +451,8 @@ class PopPayload(_Out):
     clip_skip: int = 1
     post_processing: list[str] = []
     use_nsfw_censor: bool = False
+    # with a source image
+    denoising_strength: float | None = None
 
 
 class PopResponseV2(_Out):
@@ -459,6 +464,11 @@ class PopResponseV2(_Out):
     r2_upload: str | None = None
     r2_uploads: list[str] | None = None
     ttl: int | None = Field(default=None, description="seconds before the job is given away")
+    # a job with a source image: the image and mask inline, as base64 (as AI Horde sent
+    # them before its R2 downloads; its workers take both)
+    source_processing: str = "img2img"
+    source_image: str | None = None
+    source_mask: str | None = None
 
 
 class SubmitRequestV2(_In):

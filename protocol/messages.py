@@ -423,6 +423,10 @@ class PopRequest(_Request):
     models: list[ModelName] = Field(min_length=1, max_length=32)
     max_pixels: int = Field(ge=64 * 64, le=4096 * 4096)
     max_steps: int = Field(ge=1, le=MAX_STEPS)
+    img2img: bool = Field(default=False, description="takes jobs with a source image")
+    inpainting: bool = Field(
+        default=False, description="takes inpainting and outpainting jobs (a mask, or alpha)"
+    )
     wait: float = Field(default=10.0, ge=0.0, le=60.0, description="long-poll seconds")
 
 

@@ -13,10 +13,12 @@ import aiohttp
 import pytest
 from PIL import Image
 
+from client.api import worker_routes
 from coordinator.http.state import FILES
 from tests.conftest import LiveApp
 from tests.coordinator.http.test_horde import Horde, request, webp
-from tests.fakes import register_accounts
+from tests.fakes import CAPS, FakeWorker, register_accounts
+from worker.errors import CoordinatorRejected, LeaseLost
 
 
 def encoded(image: Image.Image, kind: str = "PNG") -> str:
@@ -49,7 +51,9 @@ async def _kudos(horde: Horde) -> float:
 async def _v1(url: str, key: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
     async with (
         aiohttp.ClientSession() as http,
-        http.post(f"{url}/api/v1/jobs/image", json=body, headers={"X-Api-Key": key}) as resp,
+        http.post(
+            f"{url}/api/v1/jobs/image", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as resp,
     ):
         answer: dict[str, object] = await resp.json()
         return resp.status, answer
@@ -148,3 +152,56 @@ async def test_a_bad_source_is_named_and_costs_nothing(
     assert status == 400, v1
     assert named in str(v1), v1
     assert await _kudos(horde) == before
+
+
+async def test_the_worker_holding_the_job_downloads_its_sources(live: LiveApp) -> None:
+    requester, donor, other = await register_accounts(live.url, "asker", "donor", "other")
+    source, mask = encoded(Image.new("RGBA", (64, 64), (5, 6, 7, 255))), webp((255, 0, 0))
+    body = {
+        **request(),
+        "source_image": source,
+        "source_mask": mask,
+        "source_processing": "inpainting",
+    }
+    await Horde(live.url, requester).ok("POST", "/v2/generate/async", body, 202)
+    async with (
+        FakeWorker(live.url, "holder", donor) as holder,
+        FakeWorker(live.url, "bystander", other) as bystander,
+    ):
+        # a worker that does not say it can is not given the job
+        assert await holder.link.pop(CAPS, wait=0) is None
+        img2img_only = CAPS.model_copy(update={"img2img": True})
+        assert await holder.link.pop(img2img_only, wait=0) is None
+        painter = CAPS.model_copy(update={"img2img": True, "inpainting": True})
+        job = await holder.link.pop(painter, wait=0)
+        assert job is not None
+        assert await holder.link.sources(job) == [base64.b64decode(source), base64.b64decode(mask)]
+        # the digests are in the signed params
+        assert (job.params.source_image, job.params.source_mask) == (digest(source), digest(mask))
+        # only the lessee, only the job's own digests
+        with pytest.raises(LeaseLost):
+            await bystander.link.sources(job)
+
+        with pytest.raises(CoordinatorRejected) as refused:
+            await holder.link.send(worker_routes.source(job.id, "0" * 64))
+        assert refused.value.status == 404
+
+
+async def test_an_img2img_job_waits_for_a_worker_that_takes_source_images(live: LiveApp) -> None:
+    requester, donor = await register_accounts(live.url, "asker", "donor")
+    horde = Horde(live.url, requester)
+    await horde.ok(
+        "POST", "/v2/generate/async", {**request(), "source_image": webp((1, 2, 3))}, 202
+    )
+    async with FakeWorker(live.url, "plain", donor) as worker:
+        assert await worker.link.pop(CAPS, wait=0) is None
+        # an AI Horde worker that turns img2img off is not given it either
+        bridge = Horde(live.url, donor)
+        pop = {"name": "bridge", "models": ["tiny"], "allow_img2img": False}
+        assert (await bridge.ok("POST", "/v2/generate/pop", pop))["id"] is None
+        # AI Horde's default takes it, with the source image inline
+        popped = await bridge.ok("POST", "/v2/generate/pop", {**pop, "allow_img2img": True})
+        assert popped["id"] is not None
+        assert popped["source_processing"] == "img2img"
+        assert popped["source_image"] == webp((1, 2, 3)) and popped["source_mask"] is None
+        assert popped["payload"]["denoising_strength"] == 0.75

@@ -1,0 +1,120 @@
+"""Source images end to end with real processes on loopback: a requester's img2img job (v1
+and AI Horde v2) reaches a real image worker, which downloads the source image by its
+digest and makes an image identical to diffusers' img2img pipeline (tests/reference.py)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from protocol.params import ImageParams
+from tests.e2e.test_image_network import Network, horde
+from tests.reference import plain_img2img, plain_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def source_network(tmp_path: Path, tiny_models: Path) -> Iterator[Network]:
+    net = Network(tmp_path, tiny_models, lease_timeout=30)
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+def _source() -> Image.Image:
+    """A 96x80 picture with some structure (resized to the job's size by both sides)."""
+    ramp = np.linspace(0, 255, 96, dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (80, 1)), np.full((80, 96), 90, np.uint8)], -1)
+    pixels = np.concatenate([pixels, np.tile(ramp[:80, None], (1, 96))[..., None]], -1)
+    return Image.fromarray(pixels, "RGB")
+
+
+def _v1(url: str, key: str, method: str, path: str, body: Any = None) -> bytes:
+    request = urllib.request.Request(
+        url + path,
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        data: bytes = response.read()
+        return data
+
+
+def _finished_image(url: str, key: str, job_id: str) -> np.ndarray:
+    deadline = time.monotonic() + 240
+    while True:
+        status = json.loads(_v1(url, key, "GET", f"/api/v1/jobs/{job_id}"))
+        if status["state"] == "done":
+            break
+        assert status["state"] in ("queued", "leased"), status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.3)
+    png = _v1(url, key, "GET", f"/api/v1/jobs/{job_id}/images/0")
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def test_img2img_through_both_doors_equals_diffusers_img2img(
+    source_network: Network, tiny_models: Path
+) -> None:
+    network = source_network
+    network.worker("painter")
+    alice = network.register("alice")
+    out = io.BytesIO()
+    _source().save(out, format="PNG")
+    source = base64.b64encode(out.getvalue()).decode()
+    v1_body = {
+        "prompt": "a lighthouse",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "seed": 21,
+        "source_processing": "img2img",
+        "denoising_strength": 0.5,
+        "source_image": source,
+    }
+    v1_job = json.loads(_v1(network.url, alice, "POST", "/api/v1/jobs/image", v1_body))["id"]
+    ask = {
+        "prompt": "a lighthouse",
+        "params": {
+            "sampler_name": "k_euler",
+            "seed": "21",
+            "width": 64,
+            "height": 64,
+            "steps": 4,
+            "denoising_strength": 0.5,
+        },
+        "source_image": source,
+    }
+    status, created = horde(network.url, "POST", "/generate/async", alice, ask)
+    assert status == 202, created
+    import torch
+
+    torch.set_num_threads(1)
+    pipe = plain_pipeline(tiny_models / "sd")
+    for job_id, sampler, cfg in ((v1_job, "Euler a", 7.0), (created["id"], "Euler", 7.5)):
+        params = ImageParams(
+            prompt="a lighthouse",
+            width=64,
+            height=64,
+            steps=4,
+            sampler=sampler,
+            cfg_scale=cfg,
+            source_processing="img2img",
+            denoising_strength=0.5,
+        )
+        expected = plain_img2img(pipe, params, 21, _source()).astype(int)
+        got = _finished_image(network.url, alice, job_id).astype(int)
+        assert np.abs(got - expected).max() <= 2, job_id
