@@ -71,7 +71,7 @@ def test_img2img_through_both_doors_equals_diffusers_img2img(
 ) -> None:
     network = source_network
     network.worker("painter")
-    alice = network.register("alice")
+    alice = network.register("alice")  # (the CLI's saved key too)
     out = io.BytesIO()
     _source().save(out, format="PNG")
     source = base64.b64encode(out.getvalue()).decode()
@@ -118,3 +118,35 @@ def test_img2img_through_both_doors_equals_diffusers_img2img(
         expected = plain_img2img(pipe, params, 21, _source()).astype(int)
         got = _finished_image(network.url, alice, job_id).astype(int)
         assert np.abs(got - expected).max() <= 2, job_id
+    # the CLI: without --size the image takes the source's size (96x80)
+    path = network.tmp / "source.png"
+    _source().save(path)
+    done = network.cli(
+        "generate",
+        "a lighthouse",
+        "--image",
+        str(path),
+        "--strength",
+        "0.5",
+        "--steps",
+        "4",
+        "--seed",
+        "21",
+        "-o",
+        str(network.tmp / "out"),
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    (written,) = json.loads(done.stdout)["paths"]
+    with Image.open(written) as image:
+        assert image.size == (96, 80)
+        got = np.asarray(image.convert("RGB")).astype(int)
+    params = ImageParams(
+        prompt="a lighthouse",
+        width=96,
+        height=80,
+        steps=4,
+        source_processing="img2img",
+        denoising_strength=0.5,
+    )
+    assert np.abs(got - plain_img2img(pipe, params, 21, _source()).astype(int)).max() <= 2
