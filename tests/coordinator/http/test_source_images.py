@@ -7,13 +7,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import zlib
 
 import aiohttp
+import numpy as np
 import pytest
 from PIL import Image
 
 from client.api import worker_routes
+from coordinator.http.bodies import body_limit
 from coordinator.http.state import FILES
 from tests.conftest import LiveApp
 from tests.coordinator.http.test_horde import Horde, request, webp
@@ -205,3 +208,34 @@ async def test_an_img2img_job_waits_for_a_worker_that_takes_source_images(live: 
         assert popped["source_processing"] == "img2img"
         assert popped["source_image"] == webp((1, 2, 3)) and popped["source_mask"] is None
         assert popped["payload"]["denoising_strength"] == 0.75
+
+
+def test_the_request_routes_take_a_2048_rgba_png_source_and_mask() -> None:
+    # an uncompressed 2048x2048 RGBA PNG (the largest a PNG of that size needs), twice,
+    # as base64, besides the rest of the request
+    raw = 2048 * (1 + 2048 * 4)
+    for path in ("/api/v1/jobs/image", "/api/v2/generate/async"):
+        assert body_limit("POST", path) > 2 * ((raw + raw // 100) * 4 // 3) + 64 * 1024
+
+
+async def test_a_512_noise_source_is_taken_whole(live: LiveApp) -> None:
+    """A source that does not compress at all (the body AI Horde's clients send for a
+    photo is smaller): accepted, stored byte for byte."""
+    (key,) = await register_accounts(live.url, "photographer")
+    noise = np.random.default_rng(7).integers(0, 256, (512, 512, 4), dtype=np.uint8)
+    source = encoded(Image.fromarray(noise, "RGBA"))
+    body = json.dumps({**request(), "source_image": source}).encode()
+    assert len(body) > 1024 * 1024
+    headers = {"apikey": key, "Content-Type": "application/json"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{live.url}/api/v2/generate/async", data=io.BytesIO(body), headers=headers
+        ) as resp,
+    ):
+        assert resp.status == 202, await resp.text()
+        created = await resp.json()
+    job = await live.store.image_jobs.get(created["id"])
+    assert job is not None and job.params.source_image == digest(source)
+    async with live.app[FILES].local_copy(digest(source)) as path:
+        assert path.read_bytes() == base64.b64decode(source)
