@@ -5,10 +5,12 @@ stored content-addressed, their digests in the job's parameters."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
 import zlib
+from collections.abc import AsyncIterator
 
 import aiohttp
 import numpy as np
@@ -16,11 +18,12 @@ import pytest
 from PIL import Image
 
 from client.api import worker_routes
+from coordinator.config import CoordinatorConfig
 from coordinator.http.bodies import body_limit
 from coordinator.http.state import FILES
-from tests.conftest import LiveApp
+from tests.conftest import LiveApp, start_app
 from tests.coordinator.http.test_horde import Horde, request, webp
-from tests.fakes import CAPS, FakeWorker, register_accounts
+from tests.fakes import CAPS, FakeWorker, png, register_accounts
 from worker.errors import CoordinatorRejected, LeaseLost
 
 
@@ -239,3 +242,44 @@ async def test_a_512_noise_source_is_taken_whole(live: LiveApp) -> None:
     assert job is not None and job.params.source_image == digest(source)
     async with live.app[FILES].local_copy(digest(source)) as path:
         assert path.read_bytes() == base64.b64decode(source)
+
+
+@pytest.fixture
+async def checked_network(coordinator_config: CoordinatorConfig) -> AsyncIterator[LiveApp]:
+    """Every untrusted result is spot-checked by the operator's (trusted) workers."""
+    config = dataclasses.replace(
+        coordinator_config,
+        spot_check_rate=1.0,
+        spot_check_min_rate=1.0,
+        max_pixel_steps_per_second=float("inf"),
+        trusted_accounts=frozenset({"operator"}),
+        verify_distinct_ip=False,  # everyone is on 127.0.0.1 here
+    )
+    runner, app = await start_app(config)
+    try:
+        yield app
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_spot_check_reruns_with_the_same_source(checked_network: LiveApp) -> None:
+    live = checked_network
+    requester, donor, operator = await register_accounts(live.url, "asker", "donor", "operator")
+    source = webp((40, 50, 60))
+    painter = CAPS.model_copy(update={"img2img": True})
+    await Horde(live.url, requester).ok(
+        "POST", "/v2/generate/async", {**request(), "source_image": source}, 202
+    )
+    async with (
+        FakeWorker(live.url, "newcomer", donor) as newcomer,
+        FakeWorker(live.url, "referee", operator) as referee,
+    ):
+        job = await newcomer.link.pop(painter, wait=0)
+        assert job is not None
+        await newcomer.link.submit(job, job.params.seeds(), [png(1)])
+        # the check goes only to a verifier that takes source images
+        assert await referee.link.pop(CAPS, wait=0) is None
+        check = await referee.link.pop(painter, wait=5)
+        assert check is not None and check.id != job.id
+        assert check.params == job.params and check.params_hash == job.params_hash
+        assert await referee.link.sources(check) == [base64.b64decode(source)]
