@@ -182,8 +182,11 @@ class ImageRequestV2(_In):
 
     prompt: str = Field(description="'positive ### negative'")
     params: ImageParamsV2 = ImageParamsV2()
-    # AI Horde's vocabulary; only meaningful with a source image ("remix" is refused)
-    source_processing: Literal["img2img", "inpainting", "outpainting", "remix"] = "img2img"
+    # AI Horde's vocabulary (and horde_sdk's "txt2img"); only meaningful with a source
+    # image ("remix" is refused)
+    source_processing: Literal["txt2img", "img2img", "inpainting", "outpainting", "remix"] = (
+        "img2img"
+    )
     source_image: str | None = Field(
         default=None,
         max_length=MAX_SOURCE_BASE64,

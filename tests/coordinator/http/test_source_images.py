@@ -138,6 +138,7 @@ async def test_v1_takes_the_same_fields(live: LiveApp) -> None:
             "source_mask",  # img2img takes no mask
         ),
         ({"source_mask": webp((255, 255, 255))}, "source_mask"),  # a mask without a source
+        ({"source_image": webp((1, 1, 1)), "source_processing": "txt2img"}, "source_image"),
     ],
 )
 async def test_a_bad_source_is_named_and_costs_nothing(
