@@ -1,6 +1,7 @@
-"""Source images end to end with real processes on loopback: a requester's img2img job (v1
-and AI Horde v2) reaches a real image worker, which downloads the source image by its
-digest and makes an image identical to diffusers' img2img pipeline (tests/reference.py)."""
+"""Source images end to end with real processes on loopback: a requester's img2img job (v1,
+AI Horde v2 and the CLI), inpainting and outpainting jobs reach a real image worker, which
+downloads the source image and mask by digest and makes images identical (|diff| <= 2) to
+diffusers' img2img and inpaint pipelines (tests/reference.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protocol.params import ImageParams
+from protocol.params import ImageParams, SourceProcessing
 from tests.e2e.test_image_network import Network, horde
-from tests.reference import plain_img2img, plain_pipeline
+from tests.reference import plain_img2img, plain_inpaint, plain_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +40,12 @@ def _source() -> Image.Image:
     pixels = np.stack([np.tile(ramp, (80, 1)), np.full((80, 96), 90, np.uint8)], -1)
     pixels = np.concatenate([pixels, np.tile(ramp[:80, None], (1, 96))[..., None]], -1)
     return Image.fromarray(pixels, "RGB")
+
+
+def _b64(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
 
 
 def _v1(url: str, key: str, method: str, path: str, body: Any = None) -> bytes:
@@ -72,9 +79,7 @@ def test_img2img_through_both_doors_equals_diffusers_img2img(
     network = source_network
     network.worker("painter")
     alice = network.register("alice")  # (the CLI's saved key too)
-    out = io.BytesIO()
-    _source().save(out, format="PNG")
-    source = base64.b64encode(out.getvalue()).decode()
+    source = _b64(_source())
     v1_body = {
         "prompt": "a lighthouse",
         "width": 64,
@@ -118,6 +123,34 @@ def test_img2img_through_both_doors_equals_diffusers_img2img(
         expected = plain_img2img(pipe, params, 21, _source()).astype(int)
         got = _finished_image(network.url, alice, job_id).astype(int)
         assert np.abs(got - expected).max() <= 2, job_id
+    # inpainting (a mask, white = repaint) and outpainting (the source's transparent part)
+    mask = Image.new("L", (96, 80), 0)
+    mask.paste(255, (24, 16, 72, 64))
+    holed = _source().convert("RGBA")
+    holed.paste((0, 0, 0, 0), (0, 0, 32, 80))
+    outpaint_mask = Image.new("L", (96, 80), 0)
+    outpaint_mask.paste(255, (0, 0, 32, 80))
+    cases: list[tuple[SourceProcessing, Image.Image, Image.Image | None, Image.Image]] = [
+        ("inpainting", _source(), mask, mask),
+        ("outpainting", holed, None, outpaint_mask),
+    ]
+    for mode, image, sent_mask, repaint in cases:
+        body: dict[str, Any] = {**v1_body, "source_processing": mode, "denoising_strength": 1.0}
+        body["source_image"] = _b64(image)
+        if sent_mask is not None:
+            body["source_mask"] = _b64(sent_mask)
+        job_id = json.loads(_v1(network.url, alice, "POST", "/api/v1/jobs/image", body))["id"]
+        params = ImageParams(
+            prompt="a lighthouse",
+            width=64,
+            height=64,
+            steps=4,
+            source_processing=mode,
+            denoising_strength=1.0,
+        )
+        expected = plain_inpaint(pipe, params, 21, image, repaint).astype(int)
+        got = _finished_image(network.url, alice, job_id).astype(int)
+        assert np.abs(got - expected).max() <= 2, mode
     # the CLI: without --size the image takes the source's size (96x80)
     path = network.tmp / "source.png"
     _source().save(path)
