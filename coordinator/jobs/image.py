@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, Row, bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.accounts import Account
 from coordinator.db import raw
@@ -326,7 +327,8 @@ class ImageJobs(Lifecycle):
     async def dispute(self, job_id: str, why: str) -> tuple[int, list[str]]:
         """The requester disputes an AI Horde worker's result while its pay is held
         (payments.dispute): the kudos refunded, and the digests of its images that no other
-        result uses (the caller deletes those files). Conflict when nothing is held for it
+        result, nor any job as its source image or mask, uses (the caller deletes those
+        files). Conflict when nothing is held for it
         (any more); Forbidden past the account's dispute limits."""
         async with self._db.begin() as conn:
             row = (
@@ -350,7 +352,20 @@ class ImageJobs(Lifecycle):
                     )
                 ).scalars()
             )
+            for digest in digests - still_used:
+                # the same bytes may be another job's source image or mask (a result sent
+                # back for img2img): that job still needs the file
+                if await self._is_source(conn, digest):
+                    still_used.add(digest)
         return refunded, sorted(digests - still_used)
+
+    @staticmethod
+    async def _is_source(conn: AsyncConnection, digest: str) -> bool:
+        named = jobs.c.params.contains(f'"source_image":"{digest}"') | jobs.c.params.contains(
+            f'"source_mask":"{digest}"'
+        )
+        found = await conn.execute(select(jobs.c.id).where(named).limit(1))
+        return found.first() is not None
 
     async def fail(
         self, worker: Worker, job_id: str, reason: str, *, counts: bool = True
