@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import logging
 import os
@@ -16,6 +17,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from client.chat_cli import add_text_commands
 from client.credentials import Credentials
 from client.errors import ApiError, ClientError
@@ -24,7 +27,7 @@ from client.progress import ProgressLine
 from client.sdk import AsyncClient
 from protocol.config_file import ConfigFileParser
 from protocol.errors import ValidationFailed
-from protocol.params import ImageParams
+from protocol.params import MAX_SIDE, MIN_SIDE, ImageParams
 from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS
 from protocol.validation import parse
 
@@ -44,6 +47,27 @@ def _parse_size(text: str) -> tuple[int, int]:
         width, height = (int(part) for part in text.lower().split("x"))
     except ValueError:
         raise UsageError(f"--size: {text!r} is not WIDTHxHEIGHT, e.g. 512x512") from None
+    return width, height
+
+
+def _read_image(path: Path, flag: str) -> tuple[bytes, tuple[int, int]]:
+    """The bytes of a PNG, WebP or JPEG file and its size (from its header; nothing decoded
+    here: the coordinator checks the image)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG", "WEBP", "JPEG"]) as image:
+            return data, image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise UsageError(f"{flag}: {path} is not a PNG, WebP or JPEG image") from None
+
+
+def _fitted_size(size: tuple[int, int]) -> tuple[int, int]:
+    """A source image's size as a job's: each side down to a multiple of 8, within
+    MIN_SIDE..MAX_SIDE."""
+    width, height = (min(MAX_SIDE, max(MIN_SIDE, side - side % 8)) for side in size)
     return width, height
 
 
@@ -214,7 +238,20 @@ async def _share(args: argparse.Namespace) -> int:
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    width, height = _parse_size(args.size)
+    source = mask = None
+    if args.image is not None:
+        source, source_size = _read_image(args.image, "--image")
+        if args.mask is not None:
+            mask, _ = _read_image(args.mask, "--mask")
+    elif args.mask is not None or args.strength is not None:
+        flag = "--mask" if args.mask is not None else "--strength"
+        raise UsageError(f"{flag} needs a source image: add --image FILE")
+    if args.size is not None:
+        width, height = _parse_size(args.size)
+    elif source is not None:
+        width, height = _fitted_size(source_size)
+    else:
+        width, height = 512, 512
     fields: dict[str, Any] = {
         "prompt": args.prompt,
         "negative_prompt": args.negative,
@@ -229,6 +266,10 @@ async def _generate(args: argparse.Namespace) -> int:
         fields["seed"] = args.seed
     if args.model:
         fields["model"] = args.model
+    if source is not None:
+        fields["source_processing"] = "img2img" if mask is None else "inpainting"
+        if args.strength is not None:
+            fields["denoising_strength"] = args.strength
     params = parse(ImageParams, fields)
     if args.dry_run:
         async with _client(args) as grid:
@@ -251,7 +292,9 @@ async def _generate(args: argparse.Namespace) -> int:
     progress = ProgressLine(enabled=None if not args.json else False)
     try:
         async with _client(args) as grid:
-            result = await grid.generate(params, args.output, on_progress=progress)
+            result = await grid.generate(
+                params, args.output, on_progress=progress, source_image=source, source_mask=mask
+            )
     finally:
         progress.close()
     if args.json:
@@ -373,7 +416,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"one of: {', '.join(SAMPLERS)} (default %(default)s)",
     )
     generate.add_argument(
-        "--size", default="512x512", help="WIDTHxHEIGHT, multiples of 8 (default %(default)s)"
+        "--size",
+        help="WIDTHxHEIGHT, multiples of 8 (default 512x512; with --image the image's size, "
+        "each side down to a multiple of 8)",
+    )
+    generate.add_argument(
+        "--image",
+        type=Path,
+        help="a source image (PNG, WebP or JPEG) to start from: img2img, or inpainting with --mask",
+    )
+    generate.add_argument(
+        "--strength",
+        type=float,
+        help="with --image: how much is repainted, 0.01..1 (default 0.75)",
+    )
+    generate.add_argument(
+        "--mask",
+        type=Path,
+        help="with --image: a mask the size of the image, white = repaint (inpainting)",
     )
     generate.add_argument("-n", type=int, default=1, help="number of images (default %(default)s)")
     generate.add_argument("--model", help="model name (default: whatever the workers serve)")

@@ -171,10 +171,18 @@ class AsyncClient(AsyncApi):
                     raise exc from None
 
     async def submit_image(
-        self, params: ImageParams, idempotency_key: str | None = None
+        self,
+        params: ImageParams,
+        idempotency_key: str | None = None,
+        *,
+        source_image: bytes | None = None,
+        source_mask: bytes | None = None,
     ) -> ImageJobCreated:
-        """Queue an image job (retried through restarts; see `_submit`)."""
-        return await self._submit(routes.submit_image(params, idempotency_key))
+        """Queue an image job (retried through restarts; see `_submit`); with a source
+        image (and mask) as raw PNG, WebP or JPEG bytes."""
+        return await self._submit(
+            routes.submit_image(params, idempotency_key, source_image, source_mask)
+        )
 
     async def submit_text(
         self, params: TextParams, idempotency_key: str | None = None
@@ -263,9 +271,15 @@ class AsyncClient(AsyncApi):
         params: ImageParams,
         out_dir: Path | str | None = None,
         on_progress: ProgressCallback | None = None,
+        *,
+        source_image: bytes | None = None,
+        source_mask: bytes | None = None,
     ) -> GenerationResult:
-        """Submit, wait and download. Files are named `<job id>-<index>.png` in `out_dir`."""
-        created = await self.submit_image(params)
+        """Submit, wait and download. Files are named `<job id>-<index>.png` in `out_dir`.
+        `source_image`, `source_mask`: as `submit_image` takes them."""
+        created = await self.submit_image(
+            params, source_image=source_image, source_mask=source_mask
+        )
         final = await self.wait(created.id, on_progress)
         if final.state != "done":
             raise JobFailed(created.id, final.state, final.error)

@@ -12,6 +12,7 @@ __all__ = [
     "KUDOS_PER_REFERENCE_IMAGE",
     "REFERENCE_PIXELS",
     "REFERENCE_STEPS",
+    "SOURCE_IMAGE_FACTOR",
     "image_cost",
     "text_cost",
     "text_work",
@@ -21,11 +22,18 @@ __all__ = [
 REFERENCE_PIXELS = 512 * 512
 REFERENCE_STEPS = 20
 KUDOS_PER_REFERENCE_IMAGE = 10
+# A job with a source image (img2img, inpainting, outpainting) costs half as much again:
+# AI Horde's published multiplier (its kudos_standalone: x1.5 with a source image, the
+# steps counted in full whatever the denoising strength).
+SOURCE_IMAGE_FACTOR = 1.5
 
 
 def image_cost(params: ImageParams) -> int:
-    """Kudos for a job: pixels x steps x sampler factor x images, at least 1."""
-    work = params.pixels * params.steps * sampler_factor(params.sampler) * params.n
+    """Kudos for a job: pixels x steps x sampler factor x images (x SOURCE_IMAGE_FACTOR
+    with a source image), at least 1."""
+    work: float = params.pixels * params.steps * sampler_factor(params.sampler) * params.n
+    if params.source_processing != "txt2img":
+        work *= SOURCE_IMAGE_FACTOR
     reference = REFERENCE_PIXELS * REFERENCE_STEPS
     return max(1, math.ceil(work * KUDOS_PER_REFERENCE_IMAGE / reference))
 

@@ -14,7 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from protocol.params import MAX_MODEL_NAME, MAX_WORKER_MODELS, ModelName
+from protocol.params import (
+    DEFAULT_DENOISING_STRENGTH,
+    MAX_MODEL_NAME,
+    MAX_SOURCE_BASE64,
+    MAX_WORKER_MODELS,
+    ModelName,
+)
 from protocol.samplers import SAMPLERS
 
 __all__ = [
@@ -135,8 +141,6 @@ IMAGE_PARAMS_NOT_HONOURED: dict[str, tuple[object, ...]] = {
     "seed_variation": (1,),
 }
 IMAGE_REQUEST_NOT_HONOURED: dict[str, tuple[object, ...]] = {
-    "source_image": ("",),
-    "source_mask": ("",),
     "extra_source_images": ([],),
     "censor_nsfw": (False,),
     "workers": ([],),
@@ -157,6 +161,9 @@ class ImageParamsV2(_In):
     steps: int = 30
     n: int = 1
     karras: bool = False
+    denoising_strength: float = Field(
+        default=DEFAULT_DENOISING_STRENGTH, description="with a source image: how much is repainted"
+    )
 
     @field_validator("seed", mode="before")
     @classmethod
@@ -175,8 +182,21 @@ class ImageRequestV2(_In):
 
     prompt: str = Field(description="'positive ### negative'")
     params: ImageParamsV2 = ImageParamsV2()
-    # AI Horde's vocabulary; only meaningful with a source image (refused above until served)
-    source_processing: Literal["img2img", "inpainting", "outpainting", "remix"] = "img2img"
+    # AI Horde's vocabulary (and horde_sdk's "txt2img"); only meaningful with a source
+    # image ("remix" is refused)
+    source_processing: Literal["txt2img", "img2img", "inpainting", "outpainting", "remix"] = (
+        "img2img"
+    )
+    source_image: str | None = Field(
+        default=None,
+        max_length=MAX_SOURCE_BASE64,
+        description="base64 WebP, PNG or JPEG to start from; empty or absent: txt2img",
+    )
+    source_mask: str | None = Field(
+        default=None,
+        max_length=MAX_SOURCE_BASE64,
+        description="base64 image the source's size, white = repaint (inpainting)",
+    )
     models: list[ModelName] = Field(default=[], max_length=MAX_WORKER_MODELS)
     r2: bool = Field(default=True, description="images as download URLs (else base64 WebP)")
     trusted_workers: bool = Field(
@@ -414,6 +434,9 @@ class PopRequestV2(_In):
     amount: int = Field(default=1, ge=1, le=20)
     bridge_agent: str = Field(default="unknown:0:unknown", max_length=1000)
     threads: int = Field(default=1, ge=1, le=64)
+    # AI Horde's defaults: source images yes, inpainting and outpainting no
+    allow_img2img: bool = True
+    allow_painting: bool = False
 
 
 class PopPayload(_Out):
@@ -431,6 +454,8 @@ class PopPayload(_Out):
     clip_skip: int = 1
     post_processing: list[str] = []
     use_nsfw_censor: bool = False
+    # with a source image
+    denoising_strength: float | None = None
 
 
 class PopResponseV2(_Out):
@@ -442,6 +467,11 @@ class PopResponseV2(_Out):
     r2_upload: str | None = None
     r2_uploads: list[str] | None = None
     ttl: int | None = Field(default=None, description="seconds before the job is given away")
+    # a job with a source image: the image and mask inline, as base64 (as AI Horde sent
+    # them before its R2 downloads; its workers take both)
+    source_processing: str = "img2img"
+    source_image: str | None = None
+    source_mask: str | None = None
 
 
 class SubmitRequestV2(_In):

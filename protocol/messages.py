@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.params import MAX_N, MAX_STEPS, ImageParams, ModelName
+from protocol.params import MAX_N, MAX_SOURCE_BASE64, MAX_STEPS, ImageParams, ModelName
 
 __all__ = [
     "AccountCreate",
@@ -278,9 +278,24 @@ class ImageJobRequest(ImageParams):
         description="only workers that sign their results (no AI Horde workers, whose results "
         "are unsigned and never checked)",
     )
+    # here the images themselves, as base64 (the job's parameters then hold their digests)
+    source_image: str | None = Field(
+        default=None,
+        max_length=MAX_SOURCE_BASE64,
+        description="base64 WebP, PNG or JPEG: the image img2img, inpainting and "
+        "outpainting start from (LANCZOS-resized to width x height)",
+    )
+    source_mask: str | None = Field(
+        default=None,
+        max_length=MAX_SOURCE_BASE64,
+        description="base64 image the size of the source: white = repaint (inpainting); "
+        "without it the source's transparent pixels are repainted",
+    )
 
     def params(self) -> ImageParams:
-        return ImageParams.model_validate(self.model_dump(exclude={"signed_only"}))
+        return ImageParams.model_validate(
+            self.model_dump(exclude={"signed_only", "source_image", "source_mask"})
+        )
 
 
 class JobList(_Response):
@@ -408,6 +423,10 @@ class PopRequest(_Request):
     models: list[ModelName] = Field(min_length=1, max_length=32)
     max_pixels: int = Field(ge=64 * 64, le=4096 * 4096)
     max_steps: int = Field(ge=1, le=MAX_STEPS)
+    img2img: bool = Field(default=False, description="takes jobs with a source image")
+    inpainting: bool = Field(
+        default=False, description="takes inpainting and outpainting jobs (a mask, or alpha)"
+    )
     wait: float = Field(default=10.0, ge=0.0, le=60.0, description="long-poll seconds")
 
 

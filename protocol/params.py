@@ -19,6 +19,7 @@ __all__ = [
     "MAX_N",
     "MAX_SEED",
     "MAX_SIDE",
+    "MAX_SOURCE_BASE64",
     "MAX_SOURCE_BYTES",
     "MAX_SOURCE_PIXELS",
     "MAX_STEPS",
@@ -26,6 +27,7 @@ __all__ = [
     "MIN_SIDE",
     "ImageParams",
     "ModelName",
+    "Sha256Hex",
     "SourceProcessing",
     "sampled_steps",
 ]
@@ -51,6 +53,10 @@ DEFAULT_DENOISING_STRENGTH = 0.75
 # pixel is decoded (AI Horde accepts 3072x3072 sources; a little more room than that).
 MAX_SOURCE_BYTES = 32 * 1024 * 1024
 MAX_SOURCE_PIXELS = 4096 * 4096
+# the longest base64 text of such an image (with room for a "data:image/png;base64," prefix)
+MAX_SOURCE_BASE64 = (MAX_SOURCE_BYTES + 2) // 3 * 4 + 64
+
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, description="pixels, a multiple of 8")]
 
@@ -89,6 +95,19 @@ class ImageParams(BaseModel):
         exclude_if=lambda value: value == DEFAULT_DENOISING_STRENGTH,
         description="how much of a source image is repainted: 1.0 all of it; "
         "int(steps x strength) sampling steps run",
+    )
+    # The SHA-256 (hex) of the stored source image and mask the coordinator took (a worker
+    # downloads them by digest); left out of dumps when absent, so they are signed with
+    # the parameters of a job that has them and change nothing for one that has not.
+    source_image: Sha256Hex | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="SHA-256 of the job's source image (set by the coordinator)",
+    )
+    source_mask: Sha256Hex | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="SHA-256 of the job's mask (set by the coordinator)",
     )
 
     @field_validator("prompt")

@@ -8,6 +8,7 @@ second job or pays twice.
 
 from __future__ import annotations
 
+import base64
 import uuid
 
 from client.api.core import Call, Request, body, call
@@ -122,11 +123,20 @@ def quote_image(params: ImageParams) -> Call[Quote]:
     return call(Request("POST", "/api/v1/quotes/image", json=_params(params)), Quote)
 
 
-def submit_image(params: ImageParams, idempotency_key: str | None = None) -> Call[ImageJobCreated]:
-    """Queue an image job."""
-    request = Request(
-        "POST", f"{JOBS}/image", json=_params(params), headers=_idempotent(idempotency_key)
-    )
+def submit_image(
+    params: ImageParams,
+    idempotency_key: str | None = None,
+    source_image: bytes | None = None,
+    source_mask: bytes | None = None,
+) -> Call[ImageJobCreated]:
+    """Queue an image job; with `source_image` (and `source_mask`: white = repaint) as the
+    raw bytes of a PNG, WebP or JPEG, sent as base64 (`params.source_processing` says what
+    to do with them)."""
+    fields = _params(params)
+    for name, data in (("source_image", source_image), ("source_mask", source_mask)):
+        if data is not None:
+            fields[name] = base64.b64encode(data).decode()
+    request = Request("POST", f"{JOBS}/image", json=fields, headers=_idempotent(idempotency_key))
     return call(request, ImageJobCreated)
 
 

@@ -61,6 +61,7 @@ __all__ = [
     "pop_text",
     "progress",
     "register",
+    "source",
     "submit_text",
     "text_delta",
     "upload_image",
@@ -80,6 +81,9 @@ class Capabilities(BaseModel):
     models: list[str]
     max_pixels: int
     max_steps: int
+    # jobs with a source image; with a mask (inpainting, outpainting)
+    img2img: bool = False
+    inpainting: bool = False
 
 
 class _Ignored(BaseModel):
@@ -130,6 +134,13 @@ def progress(job_id: str, image: int, step: int, steps: int) -> Call[LeaseExtend
     message = ProgressReport.model_construct(image=image, step=step, steps=steps)
     path = f"/api/v1/jobs/{job_id}/progress"
     return call(Request("POST", path, json=body(message), auth="worker"), LeaseExtended)
+
+
+def source(job_id: str, digest: str) -> Call[bytes]:
+    """A source image or mask of a job this worker holds, by SHA-256 (the digests in its
+    params), as raw bytes; the caller checks the digest."""
+    path = f"/api/v1/jobs/{job_id}/sources/{digest}"
+    return Call(Request("GET", path, timeout=UPLOAD_SECONDS, auth="worker"), bytes)
 
 
 def upload_image(job: LeasedJob, image: dict[str, Any], png: bytes) -> Call[ImageUploaded]:

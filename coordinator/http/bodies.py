@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from coordinator.errors import BadRequest
-from coordinator.jobs.png_check import MAX_PNG_BYTES
+from coordinator.jobs.png_check import MAX_PNG_BYTES, byte_limit
+from protocol.params import MAX_SIDE
 from protocol.text import MAX_CHARS_PER_TOKEN, MAX_NEW_TOKENS, MAX_PROMPT_CHARS
 
 __all__ = [
@@ -46,9 +47,12 @@ def _json_text(chars: int) -> int:
 # one image of the largest job, as an uncompressed PNG in base64 (what the v1 upload allows
 # as raw bytes: coordinator.jobs.png_check.byte_limit)
 _IMAGE = _base64(MAX_PNG_BYTES)
-# an image request: a source image and a mask of the largest size (AI Horde's
-# `source_image`, `source_mask`) besides the prompt and parameters
-_IMAGE_REQUEST = 2 * _IMAGE + DEFAULT_BODY_BYTES
+# a source image or mask as a requester may send it: an uncompressed RGBA PNG of the
+# largest job's size (2048x2048), in base64
+_SOURCE = _base64(byte_limit(MAX_SIDE, MAX_SIDE, channels=4))
+# an image request: a source image and a mask of that size (AI Horde's `source_image`,
+# `source_mask`) besides the prompt and parameters
+_IMAGE_REQUEST = 2 * _SOURCE + DEFAULT_BODY_BYTES
 # a prompt (or a conversation) of the longest length a text job takes
 _TEXT_REQUEST = _json_text(MAX_PROMPT_CHARS) + DEFAULT_BODY_BYTES
 

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from coordinator.errors import BadRequest, NotFound
 from coordinator.http.api import API, Call, UserCall
-from coordinator.http.jobs import owned_job, queue_image
+from coordinator.http.jobs import owned_job, queue_image, with_sources
 from coordinator.http.network import shared_network_status
 from coordinator.http.params import Choice, Text
 from coordinator.http.state import FILES, SIGNALS, STORE, VIEWS
@@ -36,6 +36,7 @@ from coordinator.jobs import text as text_jobs
 from coordinator.jobs.foreign_images import webp_base64
 from coordinator.jobs.lifecycle import Lifecycle
 from coordinator.jobs.network import ONLINE_SECONDS
+from coordinator.jobs.source_check import CheckedSources
 from coordinator.jobs.text import TextJob
 from coordinator.store import Account, ImageJob, Store
 from protocol.cost import image_cost
@@ -153,9 +154,18 @@ async def _image_model(request: web.Request, models: list[str]) -> str | None:
     return next((m for m in models if m in offered), models[0])
 
 
-async def image_params(request: web.Request, body: ImageRequestV2) -> ImageParams:
+async def image_params(
+    request: web.Request, body: ImageRequestV2
+) -> tuple[ImageParams, CheckedSources]:
+    """The job's parameters (with its sources' digests) and its checked source image and
+    mask; a 400 naming the field for anything we cannot honour."""
     refuse_not_honoured(body.not_honoured())
     p = body.params
+    # AI Horde: without a source image, source_processing means nothing (txt2img)
+    processing = body.source_processing if body.source_image else "txt2img"
+    if processing == "remix":
+        problem = "'remix' is not served here; use img2img, inpainting or outpainting"
+        raise BadRequest(f"source_processing: {problem}", [("source_processing", problem)])
     sampler = HORDE_SAMPLERS.get(p.sampler_name)
     if sampler is None:
         known = ", ".join(HORDE_SAMPLERS)
@@ -177,9 +187,11 @@ async def image_params(request: web.Request, body: ImageRequestV2) -> ImageParam
             "seed": _seed(p.seed),
             "n": p.n,
             "model": await _image_model(request, body.models),
+            "source_processing": processing,
+            **({} if processing == "txt2img" else {"denoising_strength": p.denoising_strength}),
         },
     )
-    return params
+    return await with_sources(params, body.source_image or None, body.source_mask or None)
 
 
 @API.route(
@@ -197,7 +209,7 @@ async def image_async(
     request: web.Request, call: Call[ImageRequestV2]
 ) -> RequestAsync | web.Response:
     body = call.body
-    params = await image_params(request, body)
+    params, sources = await image_params(request, body)
     if body.dry_run:
         return web.json_response(DryRun(kudos=float(image_cost(params))).model_dump())
     job = await queue_image(
@@ -206,6 +218,7 @@ async def image_async(
         params,
         signed_only=body.trusted_workers,
         horde={"r2": body.r2, "client_agent": request.headers.get("Client-Agent", "")[:200]},
+        sources=sources,
     )
     if body.shared and call.account is not None:
         await request.app[STORE].image_jobs.set_shared(job.id, True)

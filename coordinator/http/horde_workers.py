@@ -19,6 +19,7 @@ whose worker is paused is paused too; every report that is not `ok` counts towar
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 
 from aiohttp import web
@@ -79,7 +80,15 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
     job = await timed_pop(
         request,
         "image",
-        lambda: store.image_jobs.pop(worker, body.models, body.max_pixels, MAX_STEPS, poll),
+        lambda: store.image_jobs.pop(
+            worker,
+            body.models,
+            body.max_pixels,
+            MAX_STEPS,
+            poll,
+            img2img=body.allow_img2img,
+            inpainting=body.allow_img2img and body.allow_painting,
+        ),
     )()
     if job is None:
         return PopResponseV2(id=None, ids=[], payload={}, model=None, skipped={})
@@ -98,7 +107,9 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         width=p.width,
         height=p.height,
         ddim_steps=p.steps,
+        denoising_strength=None if p.source_image is None else p.denoising_strength,
     )
+    sources = [await _base64_file(request, d) for d in (p.source_image, p.source_mask)]
     return PopResponseV2(
         id=job.id,
         ids=[job.id],
@@ -106,7 +117,18 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         model=p.model or (body.models[0] if body.models else "stable_diffusion"),
         skipped={},
         ttl=int(job.lease_seconds),
+        source_processing=p.source_processing if p.source_image else "img2img",
+        source_image=sources[0],
+        source_mask=sources[1],
     )
+
+
+async def _base64_file(request: web.Request, digest: str | None) -> str | None:
+    """A stored source image or mask as base64 (None for none)."""
+    if digest is None:
+        return None
+    async with request.app[FILES].local_copy(digest) as path:
+        return await asyncio.to_thread(lambda: base64.b64encode(path.read_bytes()).decode())
 
 
 @API.route(

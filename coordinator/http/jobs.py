@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from typing import Annotated, Any
@@ -16,6 +17,7 @@ from coordinator.http.idempotency import submit_key
 from coordinator.http.params import WholeNumber
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.http.streams import follow, open_stream
+from coordinator.jobs.source_check import CheckedSources, check_sources
 from coordinator.store import Account, ImageJob, Store
 from protocol.cost import image_cost
 from protocol.messages import (
@@ -80,12 +82,16 @@ def check_anonymous_limits(request: web.Request, params: ImageParams) -> None:
 )
 async def submit_image(request: web.Request, call: Call[ImageJobRequest]) -> ImageJobCreated:
     body = call.body
+    params, sources = await with_sources(
+        body.params(), body.source_image or None, body.source_mask or None
+    )
     job = await queue_image(
         request,
         call.account,
-        body.params(),
+        params,
         signed_only=body.signed_only,
         idempotent=submit_key(request, call.account is None, body),
+        sources=sources,
     )
     position, eta = await request.app[STORE].image_jobs.queue_info(job.id, job)
     assert job.params.seed is not None
@@ -98,6 +104,21 @@ async def submit_image(request: web.Request, call: Call[ImageJobRequest]) -> Ima
     )
 
 
+async def with_sources(
+    params: ImageParams, source_image: str | None, source_mask: str | None
+) -> tuple[ImageParams, CheckedSources]:
+    """The parameters with the digests of the job's source image and mask (base64, as the
+    requester sent them), and the checked bytes to store; BadImage naming the field when
+    one is missing, extra or unusable (coordinator.jobs.source_check). Nothing is stored
+    or charged yet."""
+    sources = await asyncio.to_thread(
+        check_sources, params.source_processing, source_image, source_mask
+    )
+    digests = sources.digests + [None, None]
+    update = {"source_image": digests[0], "source_mask": digests[1]}
+    return ImageParams.model_validate({**params.model_dump(), **update}), sources
+
+
 async def queue_image(
     request: web.Request,
     account: Account | None,
@@ -106,21 +127,27 @@ async def queue_image(
     signed_only: bool = False,
     horde: dict[str, Any] | None = None,
     idempotent: Idempotent | None = None,
+    sources: CheckedSources | None = None,
 ) -> ImageJob:
     """Queue an image job for `account` (anonymous: None) from any door: the anonymous
-    limits, the seed fixed now, the cost reserved, the workers woken. With `idempotent`,
-    a replay gets the first job (coordinator.http.idempotency)."""
-    if params.source_processing != "txt2img":
-        # engines can (worker.image.sources) but nothing delivers source images yet
-        message = (
-            f"{params.source_processing!r} needs a source image, which this coordinator "
-            "does not take yet; use 'txt2img'"
-        )
-        raise BadRequest(f"source_processing: {message}", [("source_processing", message)])
+    limits, the source image and mask stored (`with_sources` checked them), the seed fixed
+    now, the cost reserved, the workers woken. With `idempotent`, a replay gets the first
+    job (coordinator.http.idempotency)."""
+    expected = [d for d in (params.source_image, params.source_mask) if d is not None]
+    if (params.source_processing != "txt2img" and not expected) or (
+        sources is not None and sources.digests != expected
+    ):  # pragma: no cover - every door checks its sources with with_sources
+        message = f"{params.source_processing!r} needs a source image; send source_image"
+        raise BadRequest(f"source_image: {message}", [("source_image", message)])
     store = request.app[STORE]
     account = account or await store.accounts.anonymous_account(client_ip(request))
     if account.anonymous:
         check_anonymous_limits(request, params)
+    if sources is not None:
+        # content-addressed: a retry or another job with the same image stores nothing new
+        for blob, digest in zip(sources.blobs, sources.digests, strict=True):
+            if not await request.app[FILES].exists(digest):
+                await request.app[FILES].put_bytes(blob, digest)
     if params.seed is None:
         params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
     job = await store.image_jobs.create(

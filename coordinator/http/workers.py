@@ -1,5 +1,5 @@
-"""The worker side: challenge, register, pop (long-poll), progress, failure (results:
-routes_results)."""
+"""The worker side: challenge, register, pop (long-poll), progress, a leased job's source
+images, failure (results: routes_results)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Awaitable
 
 from aiohttp import web
 
-from coordinator.errors import OutdatedWorker, Unauthorized, UnsandboxedWorker
+from coordinator.errors import Conflict, NotFound, OutdatedWorker, Unauthorized, UnsandboxedWorker
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call, WorkerCall, api_key_of
 from coordinator.http.jobs import job_status
@@ -105,7 +105,15 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
 
     def attempt() -> Awaitable[ImageJob | None]:
         poll = polls.pop() if polls else None
-        return store.image_jobs.pop(worker, body.models, body.max_pixels, body.max_steps, poll)
+        return store.image_jobs.pop(
+            worker,
+            body.models,
+            body.max_pixels,
+            body.max_steps,
+            poll,
+            img2img=body.img2img,
+            inpainting=body.inpainting,
+        )
 
     job = await long_poll(
         request,
@@ -146,6 +154,34 @@ async def progress(request: web.Request, call: WorkerCall[ProgressReport]) -> Le
     request.app[SIGNALS].job_changed(job.id)
     assert job.lease_deadline is not None
     return LeaseExtended(id=job.id, lease_deadline=job.lease_deadline)
+
+
+@API.route(
+    "GET",
+    "/api/v1/jobs/{job_id}/sources/{digest}",
+    summary="The source image or mask of a job this worker holds, by its SHA-256 (the "
+    "digests in the job's params), as the requester sent it (PNG, WebP or JPEG)",
+    auth="worker",
+    produces="application/octet-stream",
+    errors=(404, 409),
+    limit="progress",
+)
+async def job_source(request: web.Request, call: WorkerCall[None]) -> web.StreamResponse:
+    job_id, digest = request.match_info["job_id"], request.match_info["digest"]
+    job = await request.app[STORE].image_jobs.get(job_id)
+    if job is None or digest not in (job.params.source_image, job.params.source_mask):
+        raise NotFound(f"job {job_id} has no source image {digest}")
+    if job.state != "leased" or job.worker_id != call.worker.id:
+        raise Conflict(f"job {job_id} is not leased to this worker")
+    return await request.app[FILES].response(
+        request,
+        digest,
+        {
+            "Content-Type": "application/octet-stream",
+            "ETag": f'"{digest}"',
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
 
 
 @API.route(

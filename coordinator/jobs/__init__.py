@@ -11,6 +11,7 @@ signals.py          in-process wake-ups for long-polls and streams
 notify.py           the same across coordinator processes (PostgreSQL LISTEN/NOTIFY)
 png_check.py        an upload is a valid PNG of the job's size
 foreign_images.py   AI Horde workers' images (WebP/PNG) checked and re-encoded
+source_check.py     requesters' source images and masks (base64) checked before queueing
 """
 
 __all__: list[str] = []

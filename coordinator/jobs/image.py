@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, Row, bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.accounts import Account
 from coordinator.db import raw
@@ -106,15 +107,26 @@ def _job(row: Row[Any]) -> ImageJob:
     )
 
 
-def _fits(signs: bool) -> ColumnElement[bool]:
+def _source_processing(mode: str) -> ColumnElement[bool]:
+    # the params' compact JSON names it only when it is not txt2img (protocol.params); a
+    # prompt cannot fake it, its quotes are escaped
+    return jobs.c.params.contains(f'"source_processing":"{mode}"')
+
+
+def _fits(signs: bool, img2img: bool, inpainting: bool) -> ColumnElement[bool]:
     """The image jobs a worker may pop, its offer bound at execution: max_pixels, max_steps
-    and models (a job without a model fits any)."""
+    and models (a job without a model fits any); jobs with a source image only for a
+    worker that can serve them (`img2img`; `inpainting`: inpainting and outpainting)."""
     fits = (
         (jobs.c.kind == "image")
         & (jobs.c.pixels <= bindparam("max_pixels", type_=jobs.c.pixels.type))
         & (jobs.c.steps <= bindparam("max_steps", type_=jobs.c.steps.type))
         & (jobs.c.model.is_(None) | jobs.c.model.in_(bindparam("models", expanding=True)))
     )
+    if not img2img:
+        fits = fits & ~_source_processing("img2img")
+    if not inpainting:
+        fits = fits & ~_source_processing("inpainting") & ~_source_processing("outpainting")
     if not signs:
         # One image per job, a sampler AI Horde knows, and not for requesters who want
         # signed results.
@@ -125,7 +137,7 @@ def _fits(signs: bool) -> ColumnElement[bool]:
 
 
 _INSERT_RESULT = results.insert()
-# (whether the worker signs its results) -> its filter, built once
+# (whether the worker signs its results, img2img, inpainting) -> its filter, built once
 _FITS: Shapes[ColumnElement[bool]] = Shapes()
 
 
@@ -182,16 +194,20 @@ class ImageJobs(Lifecycle):
         max_pixels: int,
         max_steps: int,
         poll: PollNote | None = None,
+        *,
+        img2img: bool = False,
+        inpainting: bool = False,
     ) -> ImageJob | None:
         """Lease the best queued image job that fits the worker, if any (see Lifecycle._pop;
-        `poll`: the worker's poll to note in the same transaction, Workers.poll_note)."""
-        signs = worker.signs
-        fits = _FITS.get(signs, lambda: _fits(signs))
+        `poll`: the worker's poll to note in the same transaction, Workers.poll_note;
+        `img2img`, `inpainting`: whether it takes jobs with a source image, with a mask)."""
+        shape = (worker.signs, img2img, inpainting)
+        fits = _FITS.get(shape, lambda: _fits(*shape))
         row = await self._pop(
             worker,
             fits,
             take_checks=True,
-            shape=("image", signs),
+            shape=("image", *shape),
             params={"max_pixels": max_pixels, "max_steps": max_steps, "models": list(models)},
             poll=poll,
         )
@@ -311,7 +327,8 @@ class ImageJobs(Lifecycle):
     async def dispute(self, job_id: str, why: str) -> tuple[int, list[str]]:
         """The requester disputes an AI Horde worker's result while its pay is held
         (payments.dispute): the kudos refunded, and the digests of its images that no other
-        result uses (the caller deletes those files). Conflict when nothing is held for it
+        result, nor any job as its source image or mask, uses (the caller deletes those
+        files). Conflict when nothing is held for it
         (any more); Forbidden past the account's dispute limits."""
         async with self._db.begin() as conn:
             row = (
@@ -335,7 +352,20 @@ class ImageJobs(Lifecycle):
                     )
                 ).scalars()
             )
+            for digest in digests - still_used:
+                # the same bytes may be another job's source image or mask (a result sent
+                # back for img2img): that job still needs the file
+                if await self._is_source(conn, digest):
+                    still_used.add(digest)
         return refunded, sorted(digests - still_used)
+
+    @staticmethod
+    async def _is_source(conn: AsyncConnection, digest: str) -> bool:
+        named = jobs.c.params.contains(f'"source_image":"{digest}"') | jobs.c.params.contains(
+            f'"source_mask":"{digest}"'
+        )
+        found = await conn.execute(select(jobs.c.id).where(named).limit(1))
+        return found.first() is not None
 
     async def fail(
         self, worker: Worker, job_id: str, reason: str, *, counts: bool = True

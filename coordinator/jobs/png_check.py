@@ -41,11 +41,12 @@ _INFLATE_STEP = 1024 * 1024
 _METADATA_BYTES = 1024 * 1024
 
 
-def byte_limit(width: int, height: int) -> int:
-    """Largest accepted PNG of width x height pixels: the raw 8-bit RGB pixels with a filter
-    byte per row (a PNG that does not compress at all), plus generous room for deflate's
-    framing and metadata. Real images are several times smaller."""
-    raw = width * height * 3 + height
+def byte_limit(width: int, height: int, channels: int = 3) -> int:
+    """Largest accepted PNG of width x height pixels: the raw 8-bit pixels (RGB; `channels`
+    4 for RGBA) with a filter byte per row (a PNG that does not compress at all), plus
+    generous room for deflate's framing and metadata. Real images are several times
+    smaller."""
+    raw = width * height * channels + height
     return raw + raw // 100 + _METADATA_BYTES
 
 

@@ -41,6 +41,10 @@ def _idlegrid(*args: str) -> subprocess.CompletedProcess[str]:
         (["--steps", "0"], "steps: input should be greater than or equal to 1"),
         (["--sampler", "Euler z"], "unknown sampler 'Euler z'"),
         (["-n", "-1"], "n: input should be greater than or equal to 1"),
+        (["--mask", "m.png"], "--mask needs a source image: add --image FILE"),
+        (["--strength", "0.5"], "--strength needs a source image"),
+        (["--image", "/nonexistent/source.png"], "--image: cannot read /nonexistent/source.png"),
+        (["--image", __file__], "is not a PNG, WebP or JPEG image"),
     ],
 )
 def test_generate_refuses_bad_input_before_any_network(

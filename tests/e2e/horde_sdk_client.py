@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 
 URL, ALICE, BRIDGE = sys.argv[1], sys.argv[2], sys.argv[3]
 os.environ["AI_HORDE_URL"] = f"{URL}/api/"  # read when horde_sdk is imported
@@ -41,6 +42,8 @@ COLOUR = (30, 60, 90)
 simple = AIHordeAPISimpleClient()
 manual = AIHordeAPIManualClient()
 stop = threading.Event()
+# what the bridge saw of the last job's source image: (processing, image, mask, strength)
+seen: dict[str, Any] = {}
 print("heartbeat:", simple.heartbeat_request().version)
 
 
@@ -48,7 +51,12 @@ def bridge() -> None:
     """An AI Horde worker: pop, paint a solid image, submit it as base64 WebP."""
     while not stop.is_set():
         pop = ImageGenerateJobPopRequest(
-            apikey=BRIDGE, name="sdk-bridge", models=["stable_diffusion"], max_pixels=262144
+            apikey=BRIDGE,
+            name="sdk-bridge",
+            models=["stable_diffusion"],
+            max_pixels=262144,
+            allow_img2img=True,
+            allow_painting=True,
         )
         popped = manual.submit_request(pop, ImageGenerateJobPopResponse)
         assert isinstance(popped, ImageGenerateJobPopResponse), popped
@@ -56,6 +64,12 @@ def bridge() -> None:
             time.sleep(0.2)
             continue
         p = popped.payload
+        seen.update(
+            processing=str(popped.source_processing),
+            image=popped.source_image,
+            mask=popped.source_mask,
+            strength=p.denoising_strength,
+        )
         print("bridge popped:", p.sampler_name, p.seed, p.width, p.height, p.ddim_steps, p.prompt)
         out = io.BytesIO()
         Image.new("RGB", (p.width, p.height), COLOUR).save(out, format="WEBP", lossless=True)
@@ -88,6 +102,31 @@ for r2 in (True, False):
     image = simple.download_image_from_generation(generation)
     assert image.size == (64, 64) and image.convert("RGB").getpixel((3, 3)) == COLOUR
     print(f"image (r2={r2}):", job_id, generation.model, generation.img[:40])
+# img2img and inpainting: the source image and mask reach the bridge as they were sent
+source, mask = io.BytesIO(), io.BytesIO()
+Image.new("RGB", (64, 64), (200, 10, 10)).save(source, format="WEBP", lossless=True)
+Image.new("L", (64, 64), 255).save(mask, format="PNG")
+source_b64 = base64.b64encode(source.getvalue()).decode()
+mask_b64 = base64.b64encode(mask.getvalue()).decode()
+for processing, with_mask in (("img2img", None), ("inpainting", mask_b64)):
+    request = ImageGenerateAsyncRequest(
+        apikey=ALICE,
+        prompt="a lighthouse",
+        models=[],
+        params=ImageGenerationInputPayload(
+            width=64, height=64, steps=4, n=1, seed="4", denoising_strength=0.6
+        ),
+        source_image=source_b64,
+        source_processing=processing,
+        source_mask=with_mask,
+    )
+    status, job_id = simple.image_generate_request(request, timeout=60)
+    (generation,) = status.generations
+    assert generation.worker_name == "sdk-bridge", generation
+    assert seen["processing"].endswith(processing), seen["processing"]
+    assert seen["image"] == source_b64 and seen["mask"] == with_mask, processing
+    assert abs(float(seen["strength"]) - 0.6) < 1e-9, seen["strength"]
+    print(f"{processing}:", job_id)
 stop.set()
 me = manual.submit_request(FindUserRequest(apikey=ALICE), UserDetailsResponse)
 assert isinstance(me, UserDetailsResponse) and me.username == f"alice#{me.id_}", me

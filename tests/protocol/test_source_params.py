@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from protocol.cost import image_cost
 from protocol.errors import ValidationFailed
 from protocol.infotext import parameters_text
 from protocol.params import ImageParams, sampled_steps
@@ -120,3 +121,21 @@ def test_parameters_text_records_the_strength_only_with_a_source() -> None:
         "cat\nSteps: 4, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Model: tiny, "
         "Denoising strength: 0.75, Source processing: inpainting"
     )
+
+
+def test_source_digests_are_signed_and_absent_ones_change_nothing() -> None:
+    params = ImageParams(prompt="cat", seed=1)
+    assert params_hash(params.model_copy(update={"source_image": None})) == params_hash(params)
+    source = ImageParams(prompt="cat", seed=1, source_processing="img2img", source_image="a" * 64)
+    other = source.model_copy(update={"source_image": "b" * 64})
+    assert source.model_dump(mode="json")["source_image"] == "a" * 64
+    assert params_hash(source) != params_hash(other)
+    with pytest.raises(ValidationFailed, match="source_image"):
+        parse(ImageParams, {"prompt": "cat", "source_image": "not a digest"})
+
+
+def test_a_source_image_costs_ai_hordes_one_and_a_half() -> None:
+    base = ImageParams(prompt="cat", width=512, height=512, steps=20)
+    assert image_cost(base) == 10  # txt2img unchanged
+    assert image_cost(base.model_copy(update={"source_processing": "img2img"})) == 15
+    assert image_cost(base.model_copy(update={"source_processing": "inpainting"})) == 15

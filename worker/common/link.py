@@ -152,6 +152,21 @@ class CoordinatorLink(AsyncApi):
 
     finish = endpoint(routes.finish)
 
+    async def sources(self, job: LeasedJob) -> list[bytes]:
+        """The job's source image and mask (none for txt2img), each checked against the
+        digest its signed params name; CoordinatorRejected if the bytes do not match."""
+        blobs = []
+        for digest in (job.params.source_image, job.params.source_mask):
+            if digest is None:
+                continue
+            data = await self.send(routes.source(job.id, digest))
+            if sha256_hex(data) != digest:
+                raise CoordinatorRejected(
+                    200, f"the source {digest} of job {job.id} arrived with another SHA-256"
+                )
+            blobs.append(data)
+        return blobs
+
     async def submit(self, job: LeasedJob, seeds: list[int], pngs: list[bytes]) -> ResultAccepted:
         """Upload every image, then finish the job."""
         images = []

@@ -47,8 +47,13 @@ class ImageWorker:
         self.config = config
         self.sandbox = sandbox
         self.link = link
+        # the engine serves source images and masks (worker.image.sources)
         self.capabilities = Capabilities(
-            models=[config.model_name], max_pixels=config.max_pixels, max_steps=config.max_steps
+            models=[config.model_name],
+            max_pixels=config.max_pixels,
+            max_steps=config.max_steps,
+            img2img=True,
+            inpainting=True,
         )
         self.jobs_done = 0
         # donor controls (worker.common.donor); tests pass a gate with fake sources
@@ -136,10 +141,21 @@ class ImageWorker:
                 if time.monotonic() - last_report >= interval:
                     await report(*position)
 
+        try:
+            sources = await self.link.sources(job)
+        except LeaseLost as exc:
+            log.warning("job %s was taken back before its sources arrived: %s", job.id, exc)
+            return
+        except (CoordinatorRejected, CoordinatorUnavailable) as exc:
+            log.error("could not download the sources of job %s: %s", job.id, exc)
+            await self._give_back(job, f"source download failed: {exc}")
+            return
         beating = asyncio.create_task(heartbeat())
         try:
             # (EngineMisbehaved, a malformed message from the engine, is an EngineCrashed)
-            result = await self.sandbox.run(IMAGE, job.params, on_progress=on_progress)
+            result = await self.sandbox.run(
+                IMAGE, job.params, blobs=sources, on_progress=on_progress
+            )
         except (EngineCrashed, EngineTimedOut, EngineFailed) as exc:
             log.error("engine failed on job %s: %s", job.id, exc)
             await self._give_back(job, f"{type(exc).__name__}: {exc}")

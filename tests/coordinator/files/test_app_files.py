@@ -84,3 +84,34 @@ async def test_stored_inline_downloaded_and_deleted_by_a_dispute(
         assert resp.status == 200, await resp.text()
     assert not await files.exists(digest)
     assert list((tmp_path / "data").rglob("*.png")) == []
+
+
+async def test_a_result_sent_back_as_a_source_image_outlives_a_dispute(
+    live_files: LiveApp,
+) -> None:
+    """The source of an img2img job is stored content-addressed beside the results; when
+    its bytes are a disputed result's, the dispute does not delete the file the job needs."""
+    live = live_files
+    alice_key, owner_key = await register_accounts(live.url, "alice", "bridge")
+    alice, bridge = Horde(live.url, alice_key), Horde(live.url, owner_key)
+    wanted = await alice.ok("POST", "/v2/generate/async", request(), 202)
+    leased = await bridge.ok("POST", "/v2/generate/pop", POP)
+    submit = {"id": leased["id"], "seed": 11, "state": "ok", "generation": webp((9, 9, 9))}
+    await bridge.ok("POST", "/v2/generate/submit", submit)
+    url = f"{live.url}/api/v1/jobs/{wanted['id']}/images/0"
+    async with (
+        aiohttp.ClientSession(headers={"apikey": alice_key}) as http,
+        http.get(url) as resp,
+    ):
+        png = await resp.read()
+    again = {**request(), "source_image": base64.b64encode(png).decode()}
+    await alice.ok("POST", "/v2/generate/async", again, 202)
+    async with (
+        aiohttp.ClientSession(headers={"apikey": alice_key}) as http,
+        http.post(f"{live.url}/api/v1/jobs/{wanted['id']}/dispute", json={"reason": "x"}) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+    assert await live.app[FILES].size(sha256_hex(png)) == len(png)
+    # and the AI Horde worker that takes the img2img job gets it inline
+    popped = await bridge.ok("POST", "/v2/generate/pop", POP)
+    assert base64.b64decode(popped["source_image"]) == png

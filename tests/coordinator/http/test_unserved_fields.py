@@ -20,12 +20,8 @@ async def _kudos(horde: Horde) -> float:
 @pytest.mark.parametrize(
     ("extra", "params", "named"),
     [
-        ({"source_image": webp((9, 9, 9))}, {}, "source_image"),
-        (
-            {"source_image": webp((9, 9, 9)), "source_mask": webp((255, 255, 255))},
-            {},
-            "source_mask",
-        ),
+        ({"source_image": webp((9, 9, 9)), "source_processing": "remix"}, {}, "source_processing"),
+        ({"source_image": webp((9, 9, 9)), "extra_source_images": [{}]}, {}, "extra_source_images"),
         ({"source_processing": "sideways"}, {}, "source_processing"),
         ({}, {"post_processing": ["NoSuchUpscaler_x9"]}, "params.post_processing"),
         ({}, {"loras": [{"name": "1234", "model": 1.0}]}, "params.loras"),
@@ -64,12 +60,12 @@ async def test_off_values_of_those_fields_are_accepted(live: LiveApp) -> None:
     assert created["id"]
 
 
-async def test_v1_source_processing_is_refused_until_sources_are_delivered(live: LiveApp) -> None:
+async def test_v1_source_processing_without_a_source_image_is_refused(live: LiveApp) -> None:
     (key,) = await register_accounts(live.url, "early")
     async with AsyncClient(live.url, key) as grid:
         before = (await grid.me()).kudos
         params = ImageParams(prompt="a cube", width=64, height=64, steps=4)
         for mode in ("img2img", "inpainting", "outpainting"):
-            with pytest.raises(ApiError, match="source_processing"):
+            with pytest.raises(ApiError, match="source_image"):
                 await grid.submit_image(params.model_copy(update={"source_processing": mode}))
         assert (await grid.me()).kudos == before
