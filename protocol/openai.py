@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from protocol.params import MAX_SEED
 from protocol.text import (
@@ -42,6 +42,7 @@ __all__ = [
     "CompletionRequest",
     "ModelList",
     "OpenAIModel",
+    "StreamOptions",
     "Usage",
 ]
 
@@ -94,6 +95,12 @@ class OpenAIMessage(_Request):
         return ChatMessage(role=role, content=content)
 
 
+class StreamOptions(_Request):
+    include_usage: bool = Field(
+        default=False, description="a last chunk, before [DONE], with `usage` and no choices"
+    )
+
+
 class _Sampling(_Request):
     model: str = Field(min_length=1, max_length=128)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
@@ -103,7 +110,7 @@ class _Sampling(_Request):
         default=1, ge=1, le=MAX_CHOICES, description="choices: one text job each, seed + i"
     )
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = Field(default=None, description="with stream: true")
     stop: str | list[str] | None = Field(default=None)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     presence_penalty: Penalty | None = None
@@ -125,6 +132,15 @@ class _Sampling(_Request):
     dynatemp_exponent: DynatempExponent | None = None
     sampler_order: SamplerOrder | None = None
     use_default_badwordsids: bool | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _with_stream(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("needs stream: true; leave stream_options out or set stream")
+        return value
 
     @field_validator("stop")
     @classmethod

@@ -108,8 +108,10 @@ async def _stream(
     account: Account | None,
     job: TextJob,
     chunk: Callable[[str, str | None], dict[str, Any]],
+    include_usage: bool,
 ) -> web.StreamResponse:
-    """Relay a job's text as OpenAI stream chunks, then `data: [DONE]`."""
+    """Relay a job's text as OpenAI stream chunks, then (with `include_usage`) a chunk of
+    no choices and the usage, then `data: [DONE]`."""
     sent = 0
     async with open_stream(request, account, f"OpenAI stream of text job {job.id}") as stream:
         await stream.send(_json(chunk("", None)))
@@ -123,6 +125,9 @@ async def _stream(
             await stream.keepalive()
         if job.state == "done":
             await stream.send(_json(chunk("", job.finish_reason or "stop")))
+            if include_usage:
+                usage = _usage([job]).model_dump()
+                await stream.send(_json({**chunk("", None), "choices": [], "usage": usage}))
         else:
             message = (
                 f"text job {job.id} {job.state}: {job.error or 'no reason given'}"
@@ -168,7 +173,8 @@ async def chat_completions(
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
 
-        return await _stream(request, call.account, job, chunk)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return await _stream(request, call.account, job, chunk, include_usage)
     jobs = await _all_finished(request, jobs)
     return ChatCompletion(
         id=completion_id,
@@ -213,7 +219,8 @@ async def completions(
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
             }
 
-        return await _stream(request, call.account, job, chunk)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return await _stream(request, call.account, job, chunk, include_usage)
     jobs = await _all_finished(request, jobs)
     return Completion(
         id=completion_id,
