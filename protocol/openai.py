@@ -1,17 +1,38 @@
 """The OpenAI-compatible subset: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 
-Requests accept what OpenAI clients send for plain text generation, penalties and
-structured output (`response_format`), and refuse, by name, what we do not do (tools,
-logprobs...), instead of silently ignoring it. `n` choices are `n` text jobs, choice i
-seeded with `seed + i`.
+Requests accept what OpenAI clients send for plain text generation, penalties,
+structured output (`response_format`) and function tools (openai_tools.py), and refuse,
+by name, what we do not do (logprobs...), instead of silently ignoring it. `n` choices
+are `n` text jobs, choice i seeded with `seed + i`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
+from protocol.openai_tools import (
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    call_schema,
+    render_call,
+    render_result,
+    tools_prompt,
+)
 from protocol.params import MAX_SEED
 from protocol.text import (
     MAX_MESSAGES,
@@ -81,18 +102,52 @@ class TextPart(_Request):
 
 
 class OpenAIMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="text, or a list of text parts")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(
+        default=None,
+        validate_default=True,
+        description="text, or a list of text parts (none only with an assistant's tool_calls)",
+    )
     name: str | None = Field(default=None, max_length=64)
+    tool_calls: list[ToolCall] | None = Field(
+        default=None, max_length=MAX_TOOL_CALLS, description="an assistant's earlier calls"
+    )
+    tool_call_id: str | None = Field(
+        default=None, max_length=128, description="role tool: the call it answers"
+    )
+
+    @field_validator("content")
+    @classmethod
+    def _content(
+        cls, value: str | list[TextPart] | None, info: ValidationInfo
+    ) -> str | list[TextPart] | None:
+        if value is None and info.data.get("role") != "assistant":
+            raise ValueError("give the message's text (only an assistant's may be left out)")
+        return value
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> OpenAIMessage:
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool_call_id goes with role 'tool', and only with it")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls go only in an assistant's message")
+        if self.role == "assistant" and self.content is None and not self.tool_calls:
+            raise ValueError("an assistant's message needs content or tool_calls")
+        return self
 
     def as_chat(self) -> ChatMessage:
         content = (
             self.content
             if isinstance(self.content, str)
-            else "".join(part.text for part in self.content)
+            else "".join(part.text for part in self.content or [])
         )
-        role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role=role, content=content)
+        if self.tool_calls:
+            content = "\n".join([content, *map(render_call, self.tool_calls)]).strip()
+        if self.role == "tool":
+            return ChatMessage(role="user", content=render_result(self.tool_call_id, content))
+        if self.role == "developer":
+            return ChatMessage(role="system", content=content)
+        return ChatMessage(role=self.role, content=content)
 
 
 class StreamOptions(_Request):
@@ -186,13 +241,62 @@ class ChatCompletionRequest(_Sampling):
     response_format: ResponseFormat | None = Field(
         default=None, description="json_object or json_schema: constrained JSON output"
     )
+    tools: list[Tool] | None = Field(
+        default=None, min_length=1, max_length=MAX_TOOLS, description="README: Tools"
+    )
+    tool_choice: ToolChoice | None = Field(
+        default=None, description="auto (the default with tools), none, required or a name"
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="accepted; an answer makes at most one call"
+    )
+
+    @model_validator(mode="after")
+    def _tools_fit(self) -> ChatCompletionRequest:
+        choice = self.tool_choice
+        if choice is not None and not self.tools:
+            raise ValueError("tool_choice needs tools; leave tool_choice out or give tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+            t.function.name for t in self.tools or []
+        }:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, not one of the tools")
+        if self.tools and self.effective_tool_choice != "none":
+            if self.stream:
+                raise ValueError(
+                    "stream with tools is not supported; leave stream out or set "
+                    "tool_choice to 'none'"
+                )
+            if self.response_format is not None and self.response_format.type != "text":
+                raise ValueError(
+                    "response_format with tools: leave one out (or set tool_choice to 'none')"
+                )
+        return self
+
+    @property
+    def effective_tool_choice(self) -> ToolChoice:
+        return self.tool_choice or ("auto" if self.tools else "none")
 
     def text_params(self) -> TextParams:
-        inputs: dict[str, Any] = {"messages": [m.as_chat() for m in self.messages]}
+        messages = [m.as_chat() for m in self.messages]
+        inputs: dict[str, Any] = {"messages": messages}
         if self.max_completion_tokens is not None:
             inputs["max_tokens"] = self.max_completion_tokens
         if self.response_format is not None and self.response_format.type != "text":
             inputs["response_format"] = self.response_format
+        choice = self.effective_tool_choice
+        if self.tools and choice != "none":
+            section = tools_prompt(self.tools, choice)
+            if messages[0].role == "system":
+                first = messages[0].content + "\n\n" + section
+                messages[0] = ChatMessage(role="system", content=first)
+            else:
+                messages.insert(0, ChatMessage(role="system", content=section))
+            schema = call_schema(self.tools, choice)
+            if schema is not None:
+                inputs["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "tool_call", "schema": schema},
+                }
         return self._text_params(**inputs)
 
 
@@ -211,13 +315,22 @@ class Usage(_Response):
 
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    # (no return annotation: the serialization schema stays the model's own)
+    @model_serializer(mode="wrap")
+    def _no_calls_left_out(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        data: dict[str, Any] = handler(self)
+        if self.tool_calls is None:
+            del data["tool_calls"]
+        return data
 
 
 class ChatChoice(_Response):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletion(_Response):

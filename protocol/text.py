@@ -154,7 +154,7 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0, description="0 = off")]
 MAX_SCHEMA_NAME = 64
 
 
-def _compilable(schema: dict[str, Any]) -> dict[str, Any]:
+def compilable_schema(schema: dict[str, Any]) -> dict[str, Any]:
     problem = schema_problem(schema)
     if problem:
         raise ValueError(f"cannot be compiled to a grammar: {problem}")
@@ -170,7 +170,7 @@ class JsonSchemaFormat(_Request):
 
     name: str = Field(min_length=1, max_length=MAX_SCHEMA_NAME, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = Field(default=None, max_length=4096)
-    schema_: Annotated[dict[str, Any], AfterValidator(_compilable)] = Field(
+    schema_: Annotated[dict[str, Any], AfterValidator(compilable_schema)] = Field(
         alias="schema", description="a JSON Schema; the output always follows it"
     )
     strict: bool | None = Field(

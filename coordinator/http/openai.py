@@ -2,7 +2,8 @@
 `base_url=<coordinator>/v1` and an idlegrid API key as the bearer token.
 
 A request queues a normal text job (same kudos, priority and refunds) and waits for it;
-with `stream: true` it relays the job's text as `chat.completion.chunk` events. `n` choices
+with `stream: true` it relays the job's text as `chat.completion.chunk` events. With
+`tools`, an answer that is a call (protocol/openai_tools.py) becomes `tool_calls`. `n` choices
 are `n` jobs, choice i seeded with `seed + i` (streamed: `n` must be 1). AI Horde's
 anonymous key `0000000000` as the bearer token is an anonymous request, as on /api/v2.
 """
@@ -36,6 +37,7 @@ from protocol.openai import (
     OpenAIModel,
     Usage,
 )
+from protocol.openai_tools import Tool, parse_call
 from protocol.params import MAX_SEED
 from protocol.text import TextParams
 
@@ -176,20 +178,24 @@ async def chat_completions(
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return await _stream(request, call.account, job, chunk, include_usage)
     jobs = await _all_finished(request, jobs)
+    tools = body.tools if body.effective_tool_choice != "none" else None
     return ChatCompletion(
         id=completion_id,
         created=created,
         model=job.model,
-        choices=[
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content=choice.text),
-                finish_reason=choice.finish_reason,
-            )
-            for i, choice in enumerate(jobs)
-        ],
+        choices=[_chat_choice(i, choice, tools) for i, choice in enumerate(jobs)],
         usage=_usage(jobs),
     )
+
+
+def _chat_choice(index: int, job: TextJob, tools: list[Tool] | None) -> ChatChoice:
+    """A choice's answer: a tool call where it is one (README: Tools), else its text."""
+    call = parse_call(job.text, tools, f"call_{job.id}") if tools else None
+    if call is not None:
+        message = AssistantMessage(content=None, tool_calls=[call])
+        return ChatChoice(index=index, message=message, finish_reason="tool_calls")
+    message = AssistantMessage(content=job.text)
+    return ChatChoice(index=index, message=message, finish_reason=job.finish_reason)
 
 
 @API.route(
