@@ -1,9 +1,9 @@
 """The OpenAI-compatible subset: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 
 Requests accept what OpenAI clients send for plain text generation, penalties,
-structured output (`response_format`) and function tools (openai_tools.py), and refuse,
-by name, what we do not do (logprobs...), instead of silently ignoring it. `n` choices
-are `n` text jobs, choice i seeded with `seed + i`.
+structured output (`response_format`), function tools (openai_tools.py) and `logprobs`
+(chat), and refuse, by name, what we do not do, instead of silently ignoring it. `n`
+choices are `n` text jobs, choice i seeded with `seed + i`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from protocol.text import (
     MAX_MESSAGES,
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARS,
+    MAX_TOP_LOGPROBS,
     ChatMessage,
     ContextLength,
     DynatempExponent,
@@ -51,6 +52,7 @@ from protocol.text import (
     SmoothingFactor,
     TailFree,
     TextParams,
+    TokenLogprob,
     TopA,
     Typical,
 )
@@ -250,6 +252,18 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = Field(
         default=None, description="accepted; an answer makes at most one call"
     )
+    logprobs: bool | None = Field(default=None, description="each token's log-probability")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the k likeliest"
+    )
+
+    @model_validator(mode="after")
+    def _logprobs_fit(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true; set logprobs or leave it out")
+        if self.logprobs and self.stream:
+            raise ValueError("stream with logprobs is not supported; leave stream or logprobs out")
+        return self
 
     @model_validator(mode="after")
     def _tools_fit(self) -> ChatCompletionRequest:
@@ -283,6 +297,9 @@ class ChatCompletionRequest(_Sampling):
             inputs["max_tokens"] = self.max_completion_tokens
         if self.response_format is not None and self.response_format.type != "text":
             inputs["response_format"] = self.response_format
+        if self.logprobs:
+            inputs["logprobs"] = True
+            inputs["top_logprobs"] = self.top_logprobs or 0
         choice = self.effective_tool_choice
         if self.tools and choice != "none":
             section = tools_prompt(self.tools, choice)
@@ -327,10 +344,16 @@ class AssistantMessage(_Response):
         return data
 
 
+class ChoiceLogprobs(_Response):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(_Response):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length", "tool_calls"] | None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(_Response):

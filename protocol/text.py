@@ -68,6 +68,8 @@ __all__ = [
     "TextPopResponse",
     "TextResultAccepted",
     "TextResultSubmit",
+    "TokenLogprob",
+    "TopLogprob",
     "TextStatus",
     "sampler_order_problem",
     "schema_problem",
@@ -152,6 +154,8 @@ DynatempExponent = Annotated[float, Field(ge=0.0, le=5.0, description="1 = linea
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, description="0 = off")]
 
 MAX_SCHEMA_NAME = 64
+# alternatives reported per token with logprobs (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20
 
 
 def compilable_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -275,6 +279,10 @@ class TextParams(_Request):
     frequency_penalty: Penalty = 0.0
     response_format: ResponseFormat | None = Field(
         default=None, description="JSON output, constrained by a grammar; none: any text"
+    )
+    logprobs: bool = Field(default=False, description="report each token's log-probability")
+    top_logprobs: int = Field(
+        default=0, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the k likeliest too"
     )
 
     # (no return annotation: the serialization schema stays TextParams' own)
@@ -490,6 +498,20 @@ class ServerCheck(_Request):
         return self
 
 
+class TopLogprob(_Request):
+    """A token and its log-probability under the model (README: Logprobs)."""
+
+    token: str = Field(max_length=MAX_CHARS_PER_TOKEN)
+    logprob: float = Field(le=0.0)
+    bytes: list[int] = Field(max_length=4 * MAX_CHARS_PER_TOKEN)
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token, its log-probability and the likeliest tokens at its place."""
+
+    top_logprobs: list[TopLogprob] = Field(default=[], max_length=MAX_TOP_LOGPROBS)
+
+
 class TextResultSubmit(_Request):
     text: ModelText = Field(
         max_length=MAX_NEW_TOKENS * MAX_CHARS_PER_TOKEN,
@@ -503,6 +525,11 @@ class TextResultSubmit(_Request):
         default=[], max_length=64, description="the gateway's spot checks of block servers"
     )
     signature: str = Field(pattern=r"^[0-9a-f]{128}$", description="over text_result_message")
+    logprobs: list[TokenLogprob] | None = Field(
+        default=None,
+        max_length=MAX_NEW_TOKENS,
+        description="with params.logprobs: one per token of the text (not signed)",
+    )
 
 
 class TextResultAccepted(_Response):

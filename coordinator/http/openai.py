@@ -30,6 +30,7 @@ from protocol.openai import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -195,7 +196,10 @@ def _chat_choice(index: int, job: TextJob, tools: list[Tool] | None) -> ChatChoi
         message = AssistantMessage(content=None, tool_calls=[call])
         return ChatChoice(index=index, message=message, finish_reason="tool_calls")
     message = AssistantMessage(content=job.text)
-    return ChatChoice(index=index, message=message, finish_reason=job.finish_reason)
+    logprobs = None if job.logprobs is None else ChoiceLogprobs(content=job.logprobs)
+    return ChatChoice(
+        index=index, message=message, finish_reason=job.finish_reason, logprobs=logprobs
+    )
 
 
 @API.route(
