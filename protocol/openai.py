@@ -344,9 +344,36 @@ class AssistantMessage(_Response):
         return data
 
 
+class OpenAITopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="the token's text as UTF-8")
+
+
+class OpenAITokenLogprob(OpenAITopLogprob):
+    top_logprobs: list[OpenAITopLogprob]
+
+
 class ChoiceLogprobs(_Response):
-    content: list[TokenLogprob] | None
+    content: list[OpenAITokenLogprob] | None
     refusal: None = None
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob]) -> ChoiceLogprobs:
+        """OpenAI's shape of a job's logprobs (the bytes of each token added)."""
+
+        def top(token: str, logprob: float) -> OpenAITopLogprob:
+            return OpenAITopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+        return cls(
+            content=[
+                OpenAITokenLogprob(
+                    **top(e.token, e.logprob).model_dump(),
+                    top_logprobs=[top(t.token, t.logprob) for t in e.top_logprobs],
+                )
+                for e in entries
+            ]
+        )
 
 
 class ChatChoice(_Response):

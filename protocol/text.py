@@ -46,6 +46,7 @@ __all__ = [
     "BUILTIN_TEXT_MODELS",
     "MAX_CHARS_PER_TOKEN",
     "MAX_NEW_TOKENS",
+    "MAX_TOP_LOGPROBS",
     "KOBOLD_FIELDS",
     "OPENAI_FIELDS",
     "KOBOLD_SAMPLER_ORDER",
@@ -72,6 +73,7 @@ __all__ = [
     "TopLogprob",
     "TextStatus",
     "sampler_order_problem",
+    "compilable_schema",
     "schema_problem",
     "text_cap",
     "token_bound",
@@ -503,7 +505,6 @@ class TopLogprob(_Request):
 
     token: str = Field(max_length=MAX_CHARS_PER_TOKEN)
     logprob: float = Field(le=0.0)
-    bytes: list[int] = Field(max_length=4 * MAX_CHARS_PER_TOKEN)
 
 
 class TokenLogprob(TopLogprob):

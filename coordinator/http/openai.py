@@ -196,7 +196,7 @@ def _chat_choice(index: int, job: TextJob, tools: list[Tool] | None) -> ChatChoi
         message = AssistantMessage(content=None, tool_calls=[call])
         return ChatChoice(index=index, message=message, finish_reason="tool_calls")
     message = AssistantMessage(content=job.text)
-    logprobs = None if job.logprobs is None else ChoiceLogprobs(content=job.logprobs)
+    logprobs = None if job.logprobs is None else ChoiceLogprobs.of(job.logprobs)
     return ChatChoice(
         index=index, message=message, finish_reason=job.finish_reason, logprobs=logprobs
     )

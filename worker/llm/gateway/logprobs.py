@@ -53,7 +53,7 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
 
 def _entry(token: str, logprob: float) -> dict[str, Any]:
     token = token[:MAX_CHARS_PER_TOKEN]
-    return {"token": token, "logprob": min(logprob, 0.0), "bytes": list(token.encode())}
+    return {"token": token, "logprob": min(logprob, 0.0)}
 
 
 def report(tokenizer: Any, steps: Sequence[RawLogprob], text: str) -> list[TokenLogprob]:
