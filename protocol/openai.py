@@ -274,16 +274,11 @@ class ChatCompletionRequest(_Sampling):
             t.function.name for t in self.tools or []
         }:
             raise ValueError(f"tool_choice names {choice.function.name!r}, not one of the tools")
-        if self.tools and self.effective_tool_choice != "none":
-            if self.stream:
-                raise ValueError(
-                    "stream with tools is not supported; leave stream out or set "
-                    "tool_choice to 'none'"
-                )
-            if self.response_format is not None and self.response_format.type != "text":
-                raise ValueError(
-                    "response_format with tools: leave one out (or set tool_choice to 'none')"
-                )
+        constrained = self.response_format is not None and self.response_format.type != "text"
+        if self.tools and self.effective_tool_choice != "none" and constrained:
+            raise ValueError(
+                "response_format with tools: leave one out (or set tool_choice to 'none')"
+            )
         return self
 
     @property

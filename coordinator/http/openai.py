@@ -112,9 +112,11 @@ async def _stream(
     job: TextJob,
     chunk: Callable[[str, str | None], dict[str, Any]],
     include_usage: bool,
+    last: Callable[[TextJob], list[dict[str, Any]]] | None = None,
 ) -> web.StreamResponse:
     """Relay a job's text as OpenAI stream chunks, then (with `include_usage`) a chunk of
-    no choices and the usage, then `data: [DONE]`."""
+    no choices and the usage, then `data: [DONE]`. With `last`, no text is relayed while
+    the job runs: `last(job)` gives the chunks of the whole answer (a tool call)."""
     sent = 0
     async with open_stream(request, account, f"OpenAI stream of text job {job.id}") as stream:
         await stream.send(_json(chunk("", None)))
@@ -122,12 +124,13 @@ async def _stream(
             job = current
             # A requeued job restarts its text; what was relayed cannot be taken back, so
             # relay only text past what the client already has.
-            if len(job.text) > sent:
+            if last is None and len(job.text) > sent:
                 await stream.send(_json(chunk(job.text[sent:], None)))
                 sent = len(job.text)
             await stream.keepalive()
         if job.state == "done":
-            await stream.send(_json(chunk("", job.finish_reason or "stop")))
+            for payload in [chunk("", job.finish_reason or "stop")] if last is None else last(job):
+                await stream.send(_json(payload))
             if include_usage:
                 usage = _usage([job]).model_dump()
                 await stream.send(_json({**chunk("", None), "choices": [], "usage": usage}))
@@ -177,7 +180,9 @@ async def chat_completions(
             }
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return await _stream(request, call.account, job, chunk, include_usage)
+        tools = body.tools if body.effective_tool_choice != "none" else None
+        last = None if tools is None else _answer_chunks(chunk, tools)
+        return await _stream(request, call.account, job, chunk, include_usage, last)
     jobs = await _all_finished(request, jobs)
     tools = body.tools if body.effective_tool_choice != "none" else None
     return ChatCompletion(
@@ -187,6 +192,25 @@ async def chat_completions(
         choices=[_chat_choice(i, choice, tools) for i, choice in enumerate(jobs)],
         usage=_usage(jobs),
     )
+
+
+def _answer_chunks(
+    chunk: Callable[[str, str | None], dict[str, Any]], tools: list[Tool]
+) -> Callable[[TextJob], list[dict[str, Any]]]:
+    """A streamed answer with tools, sent whole once the job is done: the call as one
+    `tool_calls` delta, or the text as one content delta."""
+
+    def last(job: TextJob) -> list[dict[str, Any]]:
+        choice = _chat_choice(0, job, tools)
+        if choice.message.tool_calls is None:
+            return [chunk(job.text, None), chunk("", choice.finish_reason)]
+        (call,) = choice.message.tool_calls
+        delta = {"tool_calls": [{"index": 0, **call.model_dump()}]}
+        first = chunk("", None)
+        first["choices"][0]["delta"] = delta
+        return [first, chunk("", "tool_calls")]
+
+    return last
 
 
 def _chat_choice(index: int, job: TextJob, tools: list[Tool] | None) -> ChatChoice:

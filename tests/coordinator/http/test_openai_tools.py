@@ -140,6 +140,40 @@ async def test_required_calls_one_of_the_tools_and_history_is_rendered(
     assert assert_valid_calls(completion, {"time", "ping"}) in (0, 1)
 
 
+async def test_a_streamed_call_comes_whole_with_the_usage(
+    grid: dict[str, Any],  # noqa: F811
+    core: GenerationCore,  # noqa: F811
+) -> None:
+    live, gateway, key = grid["live"], grid["gateway"], grid["keys"]["alice"]
+    async with client(live.url, key) as oai:
+
+        async def collect() -> list[Any]:
+            stream = await oai.chat.completions.create(
+                model=MODEL.name,
+                messages=[{"role": "user", "content": "Time?"}],
+                tools=[TOOLS[1]],
+                tool_choice="required",
+                temperature=0.0,
+                max_tokens=48,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            return [chunk async for chunk in stream]
+
+        request = asyncio.create_task(collect())
+        await serve_all(gateway, core, 1)
+        chunks = await request
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    finish = [c.choices[0].finish_reason for c in chunks[:-1] if c.choices[0].finish_reason]
+    calls = [c.choices[0].delta.tool_calls for c in chunks[:-1] if c.choices[0].delta.tool_calls]
+    if finish == ["length"]:
+        return  # (the arguments did not fit max_tokens)
+    assert finish == ["tool_calls"] and len(calls) == 1, chunks
+    (call,) = calls[0]
+    assert call.index == 0 and call.function is not None and call.function.name == "time"
+    assert jsonschema_rs.validator_for(TIME).is_valid(json.loads(call.function.arguments or ""))
+
+
 async def test_tool_choice_none_answers_text(
     grid: dict[str, Any],  # noqa: F811
     core: GenerationCore,  # noqa: F811
@@ -169,7 +203,7 @@ async def test_bad_tool_requests_are_refused_by_name(grid: dict[str, Any]) -> No
     live, key = grid["live"], grid["keys"]["alice"]
     body: dict[str, Any] = {"model": MODEL.name, "messages": [{"role": "user", "content": "hi"}]}
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"tools": TOOLS, "stream": True}, "stream"),
+        ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
         ({"tool_choice": "auto"}, "tool_choice needs tools"),
         (
             {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
