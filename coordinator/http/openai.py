@@ -216,11 +216,13 @@ def _answer_chunks(
 def _chat_choice(index: int, job: TextJob, tools: list[Tool] | None) -> ChatChoice:
     """A choice's answer: a tool call where it is one (README: Tools), else its text."""
     call = parse_call(job.text, tools, f"call_{job.id}") if tools else None
+    logprobs = None if job.logprobs is None else ChoiceLogprobs.of(job.logprobs)
     if call is not None:
         message = AssistantMessage(content=None, tool_calls=[call])
-        return ChatChoice(index=index, message=message, finish_reason="tool_calls")
+        return ChatChoice(
+            index=index, message=message, finish_reason="tool_calls", logprobs=logprobs
+        )
     message = AssistantMessage(content=job.text)
-    logprobs = None if job.logprobs is None else ChoiceLogprobs.of(job.logprobs)
     return ChatChoice(
         index=index, message=message, finish_reason=job.finish_reason, logprobs=logprobs
     )
