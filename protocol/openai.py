@@ -72,6 +72,8 @@ __all__ = [
 DEFAULT_MAX_TOKENS = 256
 # choices one request may ask for (each is a text job)
 MAX_CHOICES = 8
+# the legacy completions' `logprobs` (alternatives per token), as OpenAI limits it
+MAX_LEGACY_LOGPROBS = 5
 
 # the KoboldAI samplers _Sampling takes under TextParams' own names
 _KOBOLD_EXTRAS = (
@@ -314,9 +316,24 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LEGACY_LOGPROBS,
+        description="each token's log-probability and this many likeliest alternatives",
+    )
+
+    @field_validator("logprobs")
+    @classmethod
+    def _not_streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("stream"):
+            raise ValueError("is not supported with stream; leave stream or logprobs out")
+        return value
 
     def text_params(self) -> TextParams:
-        return self._text_params(prompt=self.prompt)
+        if self.logprobs is None:
+            return self._text_params(prompt=self.prompt)
+        return self._text_params(prompt=self.prompt, logprobs=True, top_logprobs=self.logprobs)
 
 
 class Usage(_Response):
@@ -387,11 +404,33 @@ class ChatCompletion(_Response):
     usage: Usage
 
 
+class LegacyLogprobs(_Response):
+    """The legacy completions' logprobs: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob]) -> LegacyLogprobs:
+        offsets, at = [], 0
+        for entry in entries:
+            offsets.append(at)
+            at += len(entry.token)
+        return cls(
+            tokens=[e.token for e in entries],
+            token_logprobs=[e.logprob for e in entries],
+            top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+            text_offset=offsets,
+        )
+
+
 class CompletionChoice(_Response):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: LegacyLogprobs | None = None
 
 
 class Completion(_Response):

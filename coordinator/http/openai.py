@@ -34,6 +34,7 @@ from protocol.openai import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    LegacyLogprobs,
     ModelList,
     OpenAIModel,
     Usage,
@@ -263,7 +264,12 @@ async def completions(
         created=created,
         model=job.model,
         choices=[
-            CompletionChoice(index=i, text=choice.text, finish_reason=choice.finish_reason)
+            CompletionChoice(
+                index=i,
+                text=choice.text,
+                finish_reason=choice.finish_reason,
+                logprobs=None if choice.logprobs is None else LegacyLogprobs.of(choice.logprobs),
+            )
             for i, choice in enumerate(jobs)
         ],
         usage=_usage(jobs),

@@ -91,6 +91,30 @@ async def test_without_logprobs_there_are_none(
     assert "logprobs" not in plain.params.model_dump() and without.choices[0].logprobs is None
 
 
+async def test_legacy_completions_logprobs(
+    grid: dict[str, Any],  # noqa: F811
+    core: GenerationCore,  # noqa: F811
+) -> None:
+    live, gateway, key = grid["live"], grid["gateway"], grid["keys"]["alice"]
+    async with client(live.url, key) as oai:
+        request = asyncio.create_task(
+            oai.completions.create(
+                model=MODEL.name, prompt="Once upon", max_tokens=12, seed=2, logprobs=5
+            )
+        )
+        (job,) = await serve_all(gateway, core, 1)
+        completion = await request
+    assert job.params.top_logprobs == 5
+    (choice,) = completion.choices
+    logprobs = choice.logprobs
+    assert logprobs is not None and logprobs.tokens and logprobs.text_offset
+    assert "".join(logprobs.tokens) == choice.text
+    assert all(lp <= 0 for lp in logprobs.token_logprobs or [])
+    assert all(len(top) <= 5 for top in logprobs.top_logprobs or [])
+    offsets = [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    assert logprobs.text_offset == offsets
+
+
 async def test_bad_logprobs_requests_are_refused_by_name(grid: dict[str, Any]) -> None:  # noqa: F811
     live, key = grid["live"], grid["keys"]["alice"]
     body: dict[str, Any] = {"model": MODEL.name, "messages": [{"role": "user", "content": "hi"}]}
@@ -99,11 +123,23 @@ async def test_bad_logprobs_requests_are_refused_by_name(grid: dict[str, Any]) -
         ({"top_logprobs": 3}, "top_logprobs needs logprobs"),
         ({"logprobs": True, "stream": True}, "stream"),
     ]
+    legacy: list[tuple[dict[str, Any], str]] = [
+        ({"logprobs": 6}, "logprobs"),
+        ({"logprobs": 2, "stream": True}, "not supported with stream"),
+    ]
     async with aiohttp.ClientSession() as http:
         for extra, expected in cases:
             async with http.post(
                 f"{live.url}/v1/chat/completions",
                 json={**body, **extra},
+                headers={"Authorization": f"Bearer {key}"},
+            ) as r:
+                answer = await r.text()
+                assert r.status == 400 and expected in answer, (extra, answer)
+        for extra, expected in legacy:
+            async with http.post(
+                f"{live.url}/v1/completions",
+                json={"model": MODEL.name, "prompt": "hi", **extra},
                 headers={"Authorization": f"Bearer {key}"},
             ) as r:
                 answer = await r.text()
