@@ -34,7 +34,14 @@ from typing import Annotated, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.params import MAX_N, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageParams
-from protocol.text import FinishReason, ServedSpan, ServerCheck, TextModel, TextParams
+from protocol.text import (
+    FinishReason,
+    ServedSpan,
+    ServerCheck,
+    TextModel,
+    TextParams,
+    TokenLogprob,
+)
 
 __all__ = [
     "BLOCK_CLOSE",
@@ -161,6 +168,8 @@ class GeneratedText(EngineMessage):
     seconds: float = Field(ge=0.0)
     spans: list[ServedSpan]
     checks: list[ServerCheck]
+    # with params.logprobs (README: Logprobs)
+    logprobs: list[TokenLogprob] | None = None
 
 
 class EngineStats(EngineMessage):

@@ -46,6 +46,7 @@ __all__ = [
     "BUILTIN_TEXT_MODELS",
     "MAX_CHARS_PER_TOKEN",
     "MAX_NEW_TOKENS",
+    "MAX_TOP_LOGPROBS",
     "KOBOLD_FIELDS",
     "OPENAI_FIELDS",
     "KOBOLD_SAMPLER_ORDER",
@@ -68,8 +69,11 @@ __all__ = [
     "TextPopResponse",
     "TextResultAccepted",
     "TextResultSubmit",
+    "TokenLogprob",
+    "TopLogprob",
     "TextStatus",
     "sampler_order_problem",
+    "compilable_schema",
     "schema_problem",
     "text_cap",
     "token_bound",
@@ -152,9 +156,11 @@ DynatempExponent = Annotated[float, Field(ge=0.0, le=5.0, description="1 = linea
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, description="0 = off")]
 
 MAX_SCHEMA_NAME = 64
+# alternatives reported per token with logprobs (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20
 
 
-def _compilable(schema: dict[str, Any]) -> dict[str, Any]:
+def compilable_schema(schema: dict[str, Any]) -> dict[str, Any]:
     problem = schema_problem(schema)
     if problem:
         raise ValueError(f"cannot be compiled to a grammar: {problem}")
@@ -170,7 +176,7 @@ class JsonSchemaFormat(_Request):
 
     name: str = Field(min_length=1, max_length=MAX_SCHEMA_NAME, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = Field(default=None, max_length=4096)
-    schema_: Annotated[dict[str, Any], AfterValidator(_compilable)] = Field(
+    schema_: Annotated[dict[str, Any], AfterValidator(compilable_schema)] = Field(
         alias="schema", description="a JSON Schema; the output always follows it"
     )
     strict: bool | None = Field(
@@ -275,6 +281,10 @@ class TextParams(_Request):
     frequency_penalty: Penalty = 0.0
     response_format: ResponseFormat | None = Field(
         default=None, description="JSON output, constrained by a grammar; none: any text"
+    )
+    logprobs: bool = Field(default=False, description="report each token's log-probability")
+    top_logprobs: int = Field(
+        default=0, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the k likeliest too"
     )
 
     # (no return annotation: the serialization schema stays TextParams' own)
@@ -490,6 +500,19 @@ class ServerCheck(_Request):
         return self
 
 
+class TopLogprob(_Request):
+    """A token and its log-probability under the model (README: Logprobs)."""
+
+    token: str = Field(max_length=MAX_CHARS_PER_TOKEN)
+    logprob: float = Field(le=0.0)
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token, its log-probability and the likeliest tokens at its place."""
+
+    top_logprobs: list[TopLogprob] = Field(default=[], max_length=MAX_TOP_LOGPROBS)
+
+
 class TextResultSubmit(_Request):
     text: ModelText = Field(
         max_length=MAX_NEW_TOKENS * MAX_CHARS_PER_TOKEN,
@@ -503,6 +526,11 @@ class TextResultSubmit(_Request):
         default=[], max_length=64, description="the gateway's spot checks of block servers"
     )
     signature: str = Field(pattern=r"^[0-9a-f]{128}$", description="over text_result_message")
+    logprobs: list[TokenLogprob] | None = Field(
+        default=None,
+        max_length=MAX_NEW_TOKENS,
+        description="with params.logprobs: one per token of the text (not signed)",
+    )
 
 
 class TextResultAccepted(_Response):

@@ -219,6 +219,7 @@ def submit_text(
     spans: list[dict[str, Any]],
     checks: list[dict[str, Any]] | None,
     signature: str,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> Call[TextResultAccepted]:
     """Report a finished text job: its text, usage, who served it and the gateway's spot
     checks of those servers (protocol.text.ServerCheck), signed."""
@@ -230,6 +231,7 @@ def submit_text(
         spans=spans,  # type: ignore[arg-type]
         checks=checks or None,  # type: ignore[arg-type]
         signature=signature,
+        logprobs=logprobs,  # type: ignore[arg-type]
     )
     path = f"/api/v1/text/jobs/{job.id}/result"
     return call(Request("POST", path, json=body(message), auth="worker"), TextResultAccepted)

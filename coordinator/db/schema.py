@@ -309,6 +309,8 @@ text_outputs = Table(
     Column("spans", Text),
     Column("charged", BigInteger),
     Column("signature", String(128)),
+    # JSON list of protocol.text.TokenLogprob, for jobs that asked for logprobs
+    Column("logprobs", Text),
 )
 
 

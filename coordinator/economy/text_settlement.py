@@ -125,6 +125,21 @@ def _check_checks(result: TextResultSubmit, model: TextModel) -> list[tuple[str,
     return problems
 
 
+def _check_logprobs(params: TextParams, result: TextResultSubmit) -> list[tuple[str, str]]:
+    """Logprobs only where asked: one per completion token, top_logprobs alternatives each
+    (so at most max_tokens x 21 entries)."""
+    if result.logprobs is None:
+        return []
+    if not params.logprobs:
+        return [("logprobs", "must be left out: the job did not ask for them")]
+    if len(result.logprobs) != result.completion_tokens:
+        return [("logprobs", f"must hold one entry per token ({result.completion_tokens})")]
+    for i, entry in enumerate(result.logprobs):
+        if len(entry.top_logprobs) > params.top_logprobs:
+            return [(f"logprobs[{i}].top_logprobs", f"must be at most {params.top_logprobs}")]
+    return []
+
+
 def check_report(params: TextParams, result: TextResultSubmit, model: TextModel) -> None:
     """BadRequest naming every part of the report that the job could not have made."""
     problems: list[tuple[str, str]] = []
@@ -168,6 +183,7 @@ def check_report(params: TextParams, result: TextResultSubmit, model: TextModel)
             ("spans", f"block {over} ran {ran[over]} tokens, more than the job could ({most})")
         )
     problems += _check_checks(result, model)
+    problems += _check_logprobs(params, result)
     if problems:
         raise BadRequest(
             "the usage report does not fit the job: " + "; ".join(f"{f} {m}" for f, m in problems),

@@ -19,7 +19,7 @@ import numpy as np
 from coordinator.errors import BadRequest
 from coordinator.jobs.png_check import MAX_PNG_BYTES, byte_limit
 from protocol.params import MAX_SIDE
-from protocol.text import MAX_CHARS_PER_TOKEN, MAX_NEW_TOKENS, MAX_PROMPT_CHARS
+from protocol.text import MAX_CHARS_PER_TOKEN, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_TOP_LOGPROBS
 
 __all__ = [
     "BODY_LIMITS",
@@ -66,10 +66,12 @@ BODY_LIMITS: dict[tuple[str, str], int] = {
     ("POST", "/v1/chat/completions"): _TEXT_REQUEST,
     ("POST", "/v1/completions"): _TEXT_REQUEST,
     # a gateway's streamed text and its result: the longest text a job may hold, plus the
-    # usage report's spans (4096 of at most ~250 bytes)
+    # usage report's spans (4096 of at most ~250 bytes) and logprobs (each token and its
+    # top 20: ~40 bytes and the token's JSON text, 128 bytes an entry leaves room for most)
     ("POST", "/api/v1/text/jobs/{job_id}/delta"): _json_text(MAX_PROMPT_CHARS) + DEFAULT_BODY_BYTES,
     ("POST", "/api/v1/text/jobs/{job_id}/result"): _json_text(MAX_NEW_TOKENS * MAX_CHARS_PER_TOKEN)
     + 4096 * 256
+    + MAX_NEW_TOKENS * (MAX_TOP_LOGPROBS + 1) * 128
     + DEFAULT_BODY_BYTES,
 }
 

@@ -2,7 +2,8 @@
 `base_url=<coordinator>/v1` and an idlegrid API key as the bearer token.
 
 A request queues a normal text job (same kudos, priority and refunds) and waits for it;
-with `stream: true` it relays the job's text as `chat.completion.chunk` events. `n` choices
+with `stream: true` it relays the job's text as `chat.completion.chunk` events. With
+`tools`, an answer that is a call (protocol/openai_tools.py) becomes `tool_calls`. `n` choices
 are `n` jobs, choice i seeded with `seed + i` (streamed: `n` must be 1). AI Horde's
 anonymous key `0000000000` as the bearer token is an anonymous request, as on /api/v2.
 """
@@ -29,13 +30,16 @@ from protocol.openai import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     Completion,
     CompletionChoice,
     CompletionRequest,
+    LegacyLogprobs,
     ModelList,
     OpenAIModel,
     Usage,
 )
+from protocol.openai_tools import Tool, parse_call
 from protocol.params import MAX_SEED
 from protocol.text import TextParams
 
@@ -108,8 +112,12 @@ async def _stream(
     account: Account | None,
     job: TextJob,
     chunk: Callable[[str, str | None], dict[str, Any]],
+    include_usage: bool,
+    last: Callable[[TextJob], list[dict[str, Any]]] | None = None,
 ) -> web.StreamResponse:
-    """Relay a job's text as OpenAI stream chunks, then `data: [DONE]`."""
+    """Relay a job's text as OpenAI stream chunks, then (with `include_usage`) a chunk of
+    no choices and the usage, then `data: [DONE]`. With `last`, no text is relayed while
+    the job runs: `last(job)` gives the chunks of the whole answer (a tool call)."""
     sent = 0
     async with open_stream(request, account, f"OpenAI stream of text job {job.id}") as stream:
         await stream.send(_json(chunk("", None)))
@@ -117,12 +125,16 @@ async def _stream(
             job = current
             # A requeued job restarts its text; what was relayed cannot be taken back, so
             # relay only text past what the client already has.
-            if len(job.text) > sent:
+            if last is None and len(job.text) > sent:
                 await stream.send(_json(chunk(job.text[sent:], None)))
                 sent = len(job.text)
             await stream.keepalive()
         if job.state == "done":
-            await stream.send(_json(chunk("", job.finish_reason or "stop")))
+            for payload in [chunk("", job.finish_reason or "stop")] if last is None else last(job):
+                await stream.send(_json(payload))
+            if include_usage:
+                usage = _usage([job]).model_dump()
+                await stream.send(_json({**chunk("", None), "choices": [], "usage": usage}))
         else:
             message = (
                 f"text job {job.id} {job.state}: {job.error or 'no reason given'}"
@@ -168,21 +180,52 @@ async def chat_completions(
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
 
-        return await _stream(request, call.account, job, chunk)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        tools = body.tools if body.effective_tool_choice != "none" else None
+        last = None if tools is None else _answer_chunks(chunk, tools)
+        return await _stream(request, call.account, job, chunk, include_usage, last)
     jobs = await _all_finished(request, jobs)
+    tools = body.tools if body.effective_tool_choice != "none" else None
     return ChatCompletion(
         id=completion_id,
         created=created,
         model=job.model,
-        choices=[
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content=choice.text),
-                finish_reason=choice.finish_reason,
-            )
-            for i, choice in enumerate(jobs)
-        ],
+        choices=[_chat_choice(i, choice, tools) for i, choice in enumerate(jobs)],
         usage=_usage(jobs),
+    )
+
+
+def _answer_chunks(
+    chunk: Callable[[str, str | None], dict[str, Any]], tools: list[Tool]
+) -> Callable[[TextJob], list[dict[str, Any]]]:
+    """A streamed answer with tools, sent whole once the job is done: the call as one
+    `tool_calls` delta, or the text as one content delta."""
+
+    def last(job: TextJob) -> list[dict[str, Any]]:
+        choice = _chat_choice(0, job, tools)
+        if choice.message.tool_calls is None:
+            return [chunk(job.text, None), chunk("", choice.finish_reason)]
+        (call,) = choice.message.tool_calls
+        delta = {"tool_calls": [{"index": 0, **call.model_dump()}]}
+        first = chunk("", None)
+        first["choices"][0]["delta"] = delta
+        return [first, chunk("", "tool_calls")]
+
+    return last
+
+
+def _chat_choice(index: int, job: TextJob, tools: list[Tool] | None) -> ChatChoice:
+    """A choice's answer: a tool call where it is one (README: Tools), else its text."""
+    call = parse_call(job.text, tools, f"call_{job.id}") if tools else None
+    logprobs = None if job.logprobs is None else ChoiceLogprobs.of(job.logprobs)
+    if call is not None:
+        message = AssistantMessage(content=None, tool_calls=[call])
+        return ChatChoice(
+            index=index, message=message, finish_reason="tool_calls", logprobs=logprobs
+        )
+    message = AssistantMessage(content=job.text)
+    return ChatChoice(
+        index=index, message=message, finish_reason=job.finish_reason, logprobs=logprobs
     )
 
 
@@ -213,14 +256,20 @@ async def completions(
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
             }
 
-        return await _stream(request, call.account, job, chunk)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return await _stream(request, call.account, job, chunk, include_usage)
     jobs = await _all_finished(request, jobs)
     return Completion(
         id=completion_id,
         created=created,
         model=job.model,
         choices=[
-            CompletionChoice(index=i, text=choice.text, finish_reason=choice.finish_reason)
+            CompletionChoice(
+                index=i,
+                text=choice.text,
+                finish_reason=choice.finish_reason,
+                logprobs=None if choice.logprobs is None else LegacyLogprobs.of(choice.logprobs),
+            )
             for i, choice in enumerate(jobs)
         ],
         usage=_usage(jobs),

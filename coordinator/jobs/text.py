@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import TypeAdapter
 from sqlalchemy import Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -39,6 +40,7 @@ from protocol.text import (
     TextModel,
     TextParams,
     TextResultSubmit,
+    TokenLogprob,
     text_cap,
     token_bound,
 )
@@ -68,10 +70,15 @@ class TextJob:
     charged: int | None
     # made through AI Horde's /api/v2 (visible to whoever holds its id, as there)
     horde: bool = False
+    # with params.logprobs, once done (README: Logprobs)
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:
         return self.state in ("done", "failed", "cancelled")
+
+
+_LOGPROBS = TypeAdapter(list[TokenLogprob])
 
 
 def _text_query() -> Any:
@@ -82,6 +89,7 @@ def _text_query() -> Any:
         text_outputs.c.prompt_tokens,
         text_outputs.c.completion_tokens,
         text_outputs.c.charged,
+        text_outputs.c.logprobs,
     ).select_from(jobs.outerjoin(text_outputs, text_outputs.c.job_id == jobs.c.id))
 
 
@@ -106,6 +114,7 @@ def _text_job(row: Row[Any]) -> TextJob:
         completion_tokens=row.completion_tokens or 0,
         charged=row.charged,
         horde=row.horde is not None,
+        logprobs=None if row.logprobs is None else _LOGPROBS.validate_json(row.logprobs),
     )
 
 
@@ -312,6 +321,9 @@ class TextJobs(Lifecycle):
                     spans=json.dumps([s.model_dump() for s in result.spans]),
                     charged=settled.charged,
                     signature=result.signature,
+                    logprobs=None
+                    if result.logprobs is None
+                    else _LOGPROBS.dump_json(result.logprobs).decode(),
                 )
             )
         self.ranking.changed("text")  # the throughput behind ETAs changed

@@ -319,6 +319,42 @@ def test_openai_json_schema_through_the_swarm(swarm: Swarm) -> None:
         )
 
 
+def test_openai_tool_call_and_logprobs_through_the_swarm(swarm: Swarm) -> None:
+    """A named tool call and logprobs through real processes (the confined engine makes
+    the logprobs; the gateway relays them; the coordinator stores and returns them)."""
+    import jsonschema_rs
+    from openai import OpenAI
+
+    openai = OpenAI(base_url=f"{swarm.url}/v1", api_key=swarm.alice, max_retries=0)
+    schema = {
+        "type": "object",
+        "properties": {"size": {"enum": ["S", "M", "L"]}},
+        "required": ["size"],
+        "additionalProperties": False,
+    }
+    completion = openai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Pick a size"}],
+        max_tokens=96,
+        temperature=1.0,
+        seed=3,
+        tools=[{"type": "function", "function": {"name": "pick", "parameters": schema}}],
+        tool_choice={"type": "function", "function": {"name": "pick"}},
+        logprobs=True,
+        top_logprobs=5,
+    )
+    (choice,) = completion.choices
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls or []
+    assert call.type == "function" and call.function.name == "pick"
+    assert jsonschema_rs.validator_for(schema).is_valid(json.loads(call.function.arguments))
+    assert choice.logprobs is not None and choice.logprobs.content
+    assert all(len(entry.top_logprobs) == 5 for entry in choice.logprobs.content)
+    # the tokens are the text the model wrote: the call
+    text = "".join(e.token for e in choice.logprobs.content)
+    assert json.loads(text) == {"name": "pick", "arguments": json.loads(call.function.arguments)}
+
+
 def test_chat_cli_keeps_the_conversation(swarm: Swarm) -> None:
     done = subprocess.run(
         [

@@ -199,15 +199,25 @@ class CoordinatorLink(AsyncApi):
         completion_tokens: int,
         spans: list[dict[str, Any]],
         checks: list[dict[str, Any]] | None = None,
+        logprobs: list[dict[str, Any]] | None = None,
     ) -> TextResultAccepted:
         """Report a finished text job: its text, usage, who served it and the gateway's
-        spot checks of those servers (protocol.text.ServerCheck), signed."""
+        spot checks of those servers (protocol.text.ServerCheck), signed; with
+        params.logprobs, the tokens' log-probabilities (not signed)."""
         signature = self._identity.sign(
             text_result_message(job.id, job.params_hash, text, spans, checks)
         )
         return await self.send(
             routes.submit_text(
-                job, text, finish_reason, prompt_tokens, completion_tokens, spans, checks, signature
+                job,
+                text,
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+                spans,
+                checks,
+                signature,
+                logprobs,
             )
         )
 

@@ -31,6 +31,7 @@ from tests.worker.llm.gateway.test_kobold import LocalSwarm, long_text
 from worker.common.link import CoordinatorLink
 from worker.llm.gateway.core import CoreSettings, GenerationCore
 from worker.llm.gateway.lm_head import LMHead
+from worker.llm.gateway.logprobs import report
 from worker.llm.swarm.peer_proof import PeerKey
 
 MODEL = BUILTIN_TEXT_MODELS[0]  # the tiny model: 512 tokens of context
@@ -134,6 +135,11 @@ async def serve(gateway: CoordinatorLink, core: GenerationCore) -> LeasedTextJob
     result = generated.result
     tokens = result.prompt_tokens + result.completion_tokens - 1
     spans = [{"peer_id": PEER.peer_id, "start": 0, "end": MODEL.blocks, "tokens": tokens}]
+    logprobs = (
+        None
+        if result.logprobs is None
+        else [e.model_dump() for e in report(core.tokenizer, result.logprobs, result.text)]
+    )
     await gateway.submit_text(
         job,
         result.text,
@@ -141,6 +147,8 @@ async def serve(gateway: CoordinatorLink, core: GenerationCore) -> LeasedTextJob
         result.prompt_tokens,
         result.completion_tokens,
         spans,
+        None,
+        logprobs,
     )
     return job
 

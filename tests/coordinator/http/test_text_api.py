@@ -252,8 +252,12 @@ async def test_bad_reports_and_signatures_are_refused(grid: dict[str, Any]) -> N
         ({"model": "tiny-llm", "messages": "hi"}, "messages"),
         ({"model": "tiny-llm", "messages": [{"role": "user", "content": "hi"}], "n": 9}, "n"),
         (
-            {"model": "tiny-llm", "messages": [{"role": "user", "content": "hi"}], "tools": []},
-            "tools",
+            {
+                "model": "tiny-llm",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream_options": {"include_usage": True},
+            },
+            "stream_options",
         ),
     ],
 )
@@ -303,7 +307,8 @@ async def test_openai_chat_completions_plain_and_streaming(grid: dict[str, Any])
         serving = asyncio.create_task(serve("vwxyz"))
         chunks = []
         async with http.post(
-            f"{live.url}/v1/chat/completions", json={**body, "stream": True}
+            f"{live.url}/v1/chat/completions",
+            json={**body, "stream": True, "stream_options": {"include_usage": True}},
         ) as resp:
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             async for raw in resp.content:
@@ -315,8 +320,10 @@ async def test_openai_chat_completions_plain_and_streaming(grid: dict[str, Any])
     decoded = [json.loads(c) for c in chunks[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in decoded)
     assert decoded[0]["choices"][0]["delta"]["role"] == "assistant"
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in decoded)
-    assert text == "vwxyz" and decoded[-1]["choices"][0]["finish_reason"] == "length"
+    # include_usage: a last chunk of no choices and the usage, as OpenAI sends it
+    assert decoded[-1]["choices"] == [] and decoded[-1]["usage"] == completion["usage"]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in decoded[:-1])
+    assert text == "vwxyz" and decoded[-2]["choices"][0]["finish_reason"] == "length"
 
 
 async def test_no_served_model_and_anonymous_limits(grid: dict[str, Any]) -> None:

@@ -303,6 +303,7 @@ def sampling_params(params: TextParams) -> SamplingParams:
         presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,
         grammar=None if params.response_format is None else params.response_format.grammar(),
+        logprobs=params.top_logprobs if params.logprobs else None,
     )
 
 

@@ -39,6 +39,7 @@ from protocol.engine import (
 from protocol.text import ServedSpan, TextModel
 from sandbox.calls import CallTable, Emit
 from worker.llm.gateway.core import CoreSettings, GenerationCore
+from worker.llm.gateway.logprobs import report
 
 __all__ = ["GenerationEngine"]
 
@@ -94,6 +95,9 @@ class GenerationEngine:
             seconds=result.seconds,
             spans=spans,
             checks=generated.checks,
+            logprobs=None
+            if result.logprobs is None
+            else report(self.core.tokenizer, result.logprobs, result.text),
         )
         return answer, []
 

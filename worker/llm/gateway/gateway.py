@@ -248,6 +248,9 @@ class TextGateway:
                     result.completion_tokens,
                     [span.model_dump() for span in result.spans],
                     [check.model_dump() for check in result.checks[:MAX_CHECKS]],
+                    None
+                    if result.logprobs is None
+                    else [entry.model_dump() for entry in result.logprobs],
                 ),
             )
         except LeaseLost as exc:

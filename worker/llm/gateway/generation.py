@@ -31,6 +31,7 @@ import torch
 from protocol.text import sampler_order_problem
 from worker.errors import InvalidGenerationInput
 from worker.llm.gateway.grammar import GrammarMask
+from worker.llm.gateway.logprobs import RawLogprob, raw_logprobs
 from worker.llm.gateway.samplers import (
     apply_dynamic_temperature,
     apply_min_p,
@@ -119,6 +120,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # an llguidance grammar the text must match (protocol.text.ResponseFormat.grammar)
     grammar: str | None = None
+    # report the model's log-probabilities, with this many likeliest alternatives; None: off
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if type(self.max_new_tokens) is not int or self.max_new_tokens < 1:
@@ -200,6 +203,8 @@ class GenerationResult:
     # from the call to the first generated token (prefill included)
     first_token_seconds: float
     seconds: float
+    # with SamplingParams.logprobs: the model's log-probabilities at each step
+    logprobs: list[RawLogprob] | None = field(default=None, repr=False)
 
 
 async def generate(
@@ -238,10 +243,17 @@ async def generate(
     banned = frozenset(eos_ids) if params.ban_eos else frozenset()
     # (a fresh state each call: a redo of the job starts the grammar over)
     grammar = None if params.grammar is None else GrammarMask(params.grammar, tokenizer, eos_ids)
+    steps: list[RawLogprob] | None = None if params.logprobs is None else []
     while True:
         token = await asyncio.to_thread(
             next_token, head, hidden, context, params, generator, banned, grammar, len(prompt)
         )
+        if steps is not None and params.logprobs is not None:
+            steps.append(
+                await asyncio.to_thread(
+                    raw_logprobs, head.logits, hidden[:, -1:, :], token, params.logprobs
+                )
+            )
         if not tokens:
             first_token_seconds = time.perf_counter() - started
         tokens.append(token)
@@ -272,6 +284,7 @@ async def generate(
         finish_reason=finish_reason,
         first_token_seconds=first_token_seconds,
         seconds=time.perf_counter() - started,
+        logprobs=steps,
     )
 
 
