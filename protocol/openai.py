@@ -35,6 +35,7 @@ from protocol.openai_tools import (
 )
 from protocol.params import MAX_SEED
 from protocol.text import (
+    KOBOLD_SAMPLING_FIELDS,
     MAX_MESSAGES,
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARS,
@@ -76,20 +77,7 @@ MAX_CHOICES = 8
 MAX_LEGACY_LOGPROBS = 5
 
 # the KoboldAI samplers _Sampling takes under TextParams' own names
-_KOBOLD_EXTRAS = (
-    "max_context_length",
-    "rep_pen_range",
-    "rep_pen_slope",
-    "top_a",
-    "tfs",
-    "typical",
-    "min_p",
-    "smoothing_factor",
-    "dynatemp_range",
-    "dynatemp_exponent",
-    "sampler_order",
-    "use_default_badwordsids",
-)
+_KOBOLD_EXTRAS = ("max_context_length", *KOBOLD_SAMPLING_FIELDS)
 
 
 class _Request(BaseModel):

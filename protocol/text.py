@@ -50,6 +50,7 @@ __all__ = [
     "KOBOLD_FIELDS",
     "OPENAI_FIELDS",
     "KOBOLD_SAMPLER_ORDER",
+    "KOBOLD_SAMPLING_FIELDS",
     "SAMPLER_IDS",
     "ChatMessage",
     "JsonSchemaFormat",
@@ -98,6 +99,21 @@ SAMPLER_IDS = {
 }
 # KoboldAI Lite's and KoboldCpp's default order (what AI Horde's text workers use)
 KOBOLD_SAMPLER_ORDER = (6, 0, 1, 3, 4, 2, 5)
+# KoboldAI's sampling fields that TextParams has under the same names (AI Horde's v2 text API
+# sends them in `params`; the OpenAI route takes them as extra fields)
+KOBOLD_SAMPLING_FIELDS = (
+    "rep_pen_range",
+    "rep_pen_slope",
+    "top_a",
+    "tfs",
+    "typical",
+    "min_p",
+    "smoothing_factor",
+    "dynatemp_range",
+    "dynatemp_exponent",
+    "sampler_order",
+    "use_default_badwordsids",
+)
 # template tokens a chat format may add around one message (role markers, separators)
 TEMPLATE_TOKENS_PER_MESSAGE = 32
 TEMPLATE_TOKENS_FIXED = 32

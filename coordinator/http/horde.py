@@ -64,6 +64,7 @@ from protocol.horde import (
 from protocol.params import MAX_SEED, ImageParams
 from protocol.text import (
     KOBOLD_SAMPLER_ORDER,
+    KOBOLD_SAMPLING_FIELDS,
     MAX_CONTEXT_TOKENS,
     MAX_PROMPT_CHARS,
     TextParams,
@@ -77,17 +78,7 @@ M = TypeVar("M", bound=BaseModel)
 
 # KoboldAI's fields that TextParams has under the same name
 _KOBOLD_FIELDS = (
-    "rep_pen_range",
-    "rep_pen_slope",
-    "top_a",
-    "tfs",
-    "typical",
-    "min_p",
-    "smoothing_factor",
-    "dynatemp_range",
-    "dynatemp_exponent",
-    "sampler_order",
-    "use_default_badwordsids",
+    *KOBOLD_SAMPLING_FIELDS,
     "singleline",
     "frmttriminc",
     "frmtrmblln",
