@@ -29,7 +29,7 @@ Only pydantic: the child imports this before the engine, the worker without torc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,6 +55,7 @@ __all__ = [
     "TEXT_REFRESH",
     "TEXT_STATS",
     "BlockEngineOptions",
+    "BlockQuant",
     "BlockRequest",
     "CheckRate",
     "EngineCall",
@@ -69,6 +70,7 @@ __all__ = [
     "ImageProgress",
     "ImageResult",
     "NoMessage",
+    "QUANTS",
     "SwarmPeers",
     "TextChunk",
     "Throughput",
@@ -215,6 +217,11 @@ TEXT_REFRESH: EngineCall[NoMessage, NoMessage, SwarmPeers] = EngineCall(
 )
 
 
+# a block server's weight quantization (`--quant`; worker.llm.swarm.quant)
+BlockQuant = Literal["none", "int8"]
+QUANTS: tuple[str, ...] = get_args(BlockQuant)
+
+
 class BlockEngineOptions(EngineMessage):
     """How a block server's compute process is built."""
 
@@ -224,6 +231,8 @@ class BlockEngineOptions(EngineMessage):
     # a torch dtype name for the layers, or None to keep the stored one
     dtype: str | None = None
     threads: int = Field(ge=1)
+    # weight quantization (worker.llm.swarm.quant)
+    quant: BlockQuant = "none"
 
 
 class BlockRequest(EngineMessage):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from protocol.engine import QUANTS
 from protocol.settings import Flag, SettingsError, add_flags, validated
 from protocol.signals import StopSignals
 from worker.common.cli import (
@@ -84,6 +85,14 @@ class BlocksSettings(BaseModel):
     identity: IdentityFile = None
     api_key: ApiKey = None
     threads: Annotated[int, Field(ge=1), Flag("torch CPU threads (default %(default)s)")] = 1
+    quant: Annotated[
+        str,
+        Flag(
+            "weight quantization: int8 is weight-only int8 through torchao (about a quarter of "
+            "the memory; spot checks allow its noise) (default %(default)s)",
+            choices=QUANTS,
+        ),
+    ] = "none"
     announce_interval: Annotated[
         float, Field(gt=0), Flag("seconds between DHT announcements (default %(default)s)")
     ] = 10.0
@@ -214,6 +223,7 @@ def _run_blocks(args: argparse.Namespace) -> int:
         announce_maddrs=tuple(settings.announce_maddr or ()),
         nat_port_map=settings.nat_port_map,
         threads=settings.threads,
+        quant=settings.quant,
         announce_interval=settings.announce_interval,
         record_ttl=settings.record_ttl or 3 * settings.announce_interval,
         session_idle_timeout=settings.session_idle_timeout,

@@ -27,6 +27,7 @@ from worker.llm.architecture import (
     sliding_window,
 )
 from worker.llm.checkpoint import SafetensorsCheckpoint
+from worker.llm.swarm.quant import quantize_layers
 
 __all__ = ["BlockSpan", "ModelInfo", "new_cache"]
 
@@ -127,9 +128,15 @@ class BlockSpan:
 
     @classmethod
     def load(
-        cls, model_dir: Path, start: int, end: int, dtype: torch.dtype | None = None
+        cls,
+        model_dir: Path,
+        start: int,
+        end: int,
+        dtype: torch.dtype | None = None,
+        quant: str = "none",
     ) -> BlockSpan:
-        """Read layers [start, end) of `model_dir` (`dtype` None keeps the stored dtype)."""
+        """Read layers [start, end) of `model_dir` (`dtype` None keeps the stored dtype),
+        quantized as `quant` says (`worker.llm.swarm.quant`)."""
         model_dir = Path(model_dir)
         config = load_config(model_dir)
         architecture = architecture_for(config)
@@ -158,9 +165,15 @@ class BlockSpan:
             attention: Any = layer.self_attn
             attention.layer_idx = index - start
             layers.append(layer.requires_grad_(False).eval())
+        quantize_layers(layers, quant)
         rotary = architecture.rotary_embedding(config=config)
         log.info(
-            "loaded blocks %d:%d of %s in %.2fs", start, end, model_dir, time.perf_counter() - began
+            "loaded blocks %d:%d of %s in %.2fs (quantization: %s)",
+            start,
+            end,
+            model_dir,
+            time.perf_counter() - began,
+            quant,
         )
         return cls(config, layers, rotary, start, end)
 

@@ -15,7 +15,9 @@ the two hidden-state vectors, and its worst over the positions, must stay within
 `tolerance` (default 0.1). Honest servers on other machines, kernels or dtypes stay below
 that: all 30 blocks of SmolLM2 in bfloat16 against float32 differ by 1.9 % on average and
 4.1 % at worst (33 tokens); garbage lands far above it. A liar that perturbs every state
-by less than 10 % is not caught by this check.
+by less than 10 % is not caught by this check. Quantized servers announce their
+quantization, and a comparison allows each side its quantization's noise on top
+(`worker.llm.swarm.quant.pair_tolerance`: int8 adds 0.05 a side).
 
 Verdicts (protocol.text.ServerCheck): B agrees -> "agree". B disagrees -> a third server C
 of the same blocks (if any) recomputes the prefix too: the one C disagrees with, while C
@@ -37,6 +39,7 @@ import torch
 from protocol.text import ServerCheck
 from worker.errors import ServerFailed
 from worker.llm.swarm.placement import Hop
+from worker.llm.swarm.quant import pair_tolerance
 from worker.llm.swarm.records import ServerRecord, ServerState
 from worker.llm.swarm.session import HopStates
 from worker.llm.swarm.wire import MAX_UNARY_BYTES
@@ -99,14 +102,18 @@ def verdict(
     second: torch.Tensor,
     third: torch.Tensor | None,
     tolerance: float = DEFAULT_TOLERANCE,
+    quants: tuple[str, str, str] = ("none", "none", "none"),
 ) -> tuple[Verdict, str]:
     """Who is wrong, from server A's answer (`served`), B's (`second`) and C's (`third`, if
-    asked): ("agree", ""), ("wrong", "A" | "B") or ("undecided", "")."""
-    if agree(served, second, tolerance):
+    asked), whose quantizations are `quants`: ("agree", ""), ("wrong", "A" | "B") or
+    ("undecided", "")."""
+    a, b, c = quants
+    if agree(served, second, pair_tolerance(tolerance, a, b)):
         return "agree", ""
     if third is None:
         return "undecided", ""
-    with_a, with_b = agree(third, served, tolerance), agree(third, second, tolerance)
+    with_a = agree(third, served, pair_tolerance(tolerance, c, a))
+    with_b = agree(third, second, pair_tolerance(tolerance, c, b))
     if with_b and not with_a:
         return "wrong", "A"
     if with_a and not with_b:
@@ -132,7 +139,8 @@ async def check_hop(
     hop = states.hop
     length = pick_prefix(states.inputs.shape[1], states.inputs.shape[2], rng)
     inputs, served = states.inputs[:, :length], states.outputs[:, :length]
-    candidates = await _checkers(client, hop)
+    quants = await _quants(client, hop)
+    candidates = sorted(quants.keys() - {hop.peer_id})
     rng.shuffle(candidates)
     blocks = hop.end - hop.start
     answers: list[tuple[str, torch.Tensor]] = []
@@ -143,7 +151,9 @@ async def check_hop(
             log.info("checker %s of blocks %d:%d failed: %s", peer, hop.start, hop.end, exc)
             client.ban(peer)
             continue
-        if len(answers) == 1 and agree(served, answers[0][1], tolerance):
+        if len(answers) == 1 and agree(
+            served, answers[0][1], pair_tolerance(tolerance, quants[hop.peer_id], quants[peer])
+        ):
             break
         if len(answers) == 2:
             break
@@ -152,7 +162,13 @@ async def check_hop(
     cost = len(answers) * length * blocks
     second, second_states = answers[0]
     third, third_states = answers[1] if len(answers) > 1 else ("", None)
-    outcome, who = verdict(served, second_states, third_states, tolerance)
+    outcome, who = verdict(
+        served,
+        second_states,
+        third_states,
+        tolerance,
+        (quants[hop.peer_id], quants[second], quants.get(third, "none")),
+    )
     if who == "B":
         check = ServerCheck(
             peer_id=second,
@@ -169,17 +185,19 @@ async def check_hop(
     return CheckResult(check, cost)
 
 
-async def _checkers(client: Swarm, hop: Hop) -> list[str]:
-    """Online, unbanned servers other than hop's that cover all of its blocks."""
+async def _quants(client: Swarm, hop: Hop) -> dict[str, str]:
+    """The quantization of hop's server ("none" if its record is gone) and of every online,
+    unbanned other server that covers all of its blocks (the checkers to choose from)."""
     records = await client.records()
-    return sorted(
-        {
-            r.peer_id
-            for r in records
-            if r.state == ServerState.ONLINE
+    quants = {r.peer_id: r.quant for r in records if r.peer_id == hop.peer_id}
+    quants.setdefault(hop.peer_id, "none")
+    for r in records:
+        if (
+            r.state == ServerState.ONLINE
             and r.start <= hop.start
             and r.end >= hop.end
             and r.peer_id != hop.peer_id
             and not client.is_banned(r.peer_id)
-        }
-    )
+        ):
+            quants[r.peer_id] = r.quant
+    return quants

@@ -61,6 +61,8 @@ class ComputeSettings:
     # torch dtype name for the layers, or None to keep the stored one
     dtype: str | None
     threads: int
+    # weight quantization: "none" or "int8" (worker.llm.swarm.quant)
+    quant: str = "none"
     # False only for `--unsandboxed`: then the compute shares the server's user and files
     confine: bool = True
     # seconds to load the blocks, and for one step at most
@@ -95,6 +97,7 @@ class SpanCompute:
             end=settings.end,
             dtype=settings.dtype,
             threads=settings.threads,
+            quant=settings.quant,
         )
         return cls(await Sandbox.create(ENGINE, options.model_dump(mode="json"), policy))
 

@@ -77,6 +77,7 @@ class BlockEngine:
             settings.start,
             settings.end,
             None if dtype is None else _DTYPES[dtype],
+            settings.quant,
         )
         self.caches: dict[str, object] = {}  # session -> its attention cache
         self.calls = CallTable()

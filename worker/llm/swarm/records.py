@@ -40,6 +40,7 @@ from hivemind.utils import get_dht_time
 from protocol.errors import SignatureInvalid
 from protocol.peer_ids import verify_peer_signature
 from worker.llm.swarm.peer_proof import PeerKey
+from worker.llm.swarm.quant import QUANTS
 
 __all__ = [
     "MAX_THROUGHPUT",
@@ -91,10 +92,15 @@ class ServerRecord:
     state: ServerState
     # of this record format
     version: int = RECORD_VERSION
+    # weight quantization (worker.llm.swarm.quant): spot checks allow its noise
+    quant: str = "none"
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
         value["state"] = str(self.state)
+        if self.quant == "none":
+            # readers before quantization want exactly the other fields
+            del value["quant"]
         return value
 
 
@@ -151,7 +157,10 @@ def parse_record(
     if not isinstance(subkey, bytes) or not isinstance(value, Mapping):
         return None
     match = _SUBKEY.fullmatch(subkey)
-    if match is None or set(value) != set(_FIELDS):
+    if match is None or set(value) - {"quant"} != set(_FIELDS):
+        return None
+    quant = value.get("quant", "none")
+    if quant not in QUANTS:
         return None
     for name, types in _FIELDS.items():
         # bool is an int in Python; a record with true/false for a number is malformed
@@ -182,6 +191,7 @@ def parse_record(
         throughput=float(value["throughput"]),
         cache_tokens=value["cache_tokens"],
         state=state,
+        quant=quant,
     )
 
 

@@ -89,6 +89,8 @@ class BlockServerConfig:
     threads: int = 1
     # weights dtype, e.g. torch.bfloat16; None keeps the stored dtype
     dtype: torch.dtype | None = None
+    # weight quantization (`--quant`): "none" or "int8" (worker.llm.swarm.quant)
+    quant: str = "none"
     # seconds between refreshes of the DHT record, and how long a record lives
     announce_interval: float = 10.0
     record_ttl: float = 30.0
@@ -392,6 +394,7 @@ class BlockServer:
                 throughput=0.0,
                 cache_tokens=0,
                 state=ServerState.JOINING,
+                quant=config.quant,
             )
             await announcer.announce(joining, config.record_ttl)
             settings = ComputeSettings(
@@ -400,6 +403,7 @@ class BlockServer:
                 end=end,
                 dtype=None if config.dtype is None else str(config.dtype).removeprefix("torch."),
                 threads=config.threads,
+                quant=config.quant,
                 confine=not config.unsandboxed,
                 step_timeout=config.step_timeout,
             )
@@ -482,6 +486,7 @@ class BlockServer:
             throughput=self.throughput,
             cache_tokens=max(self.free_cache_tokens, 0),
             state=state,
+            quant=self.config.quant,
         )
 
     async def _announce(self, state: ServerState, ttl: float | None = None) -> None:
