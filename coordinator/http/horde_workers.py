@@ -30,6 +30,7 @@ from coordinator.http.api import API, Call
 from coordinator.http.metrics import timed_pop
 from coordinator.http.state import CONFIG, FILES, LIMITER, SIGNALS, STORE
 from coordinator.jobs.foreign_images import png_from_base64
+from coordinator.jobs.possible import Offer
 from coordinator.store import Account, ResultRecord
 from protocol.horde import (
     GenerationSubmitted,
@@ -76,7 +77,15 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         await request.app[LIMITER].check("worker", f"account:{owner.id}", ip)
         worker = await store.workers.new_horde_worker(owner, body.name, ip)
     # the poll is noted (uptime, address, offer) in the pop's transaction
-    poll = store.workers.poll_note(worker, ip, kind="image", models=body.models)
+    offer = Offer(
+        max_pixels=body.max_pixels,
+        max_steps=MAX_STEPS,
+        img2img=body.allow_img2img,
+        inpainting=body.allow_img2img and body.allow_painting,
+    )
+    poll = store.workers.poll_note(
+        worker, ip, kind="image", models=body.models, offer=offer.dumps()
+    )
     job = await timed_pop(
         request,
         "image",
@@ -86,8 +95,8 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
             body.max_pixels,
             MAX_STEPS,
             poll,
-            img2img=body.allow_img2img,
-            inpainting=body.allow_img2img and body.allow_painting,
+            img2img=offer.img2img,
+            inpainting=offer.inpainting,
         ),
     )()
     if job is None:
