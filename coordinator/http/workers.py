@@ -105,6 +105,7 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
     offer = Offer(
         max_pixels=body.max_pixels,
         max_steps=body.max_steps,
+        txt2img=body.txt2img,
         img2img=body.img2img,
         inpainting=body.inpainting,
     )
@@ -122,8 +123,9 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
             body.max_pixels,
             body.max_steps,
             poll,
-            img2img=body.img2img,
-            inpainting=body.inpainting,
+            img2img=offer.img2img,
+            inpainting=offer.inpainting,
+            txt2img=offer.txt2img,
         )
 
     job = await long_poll(

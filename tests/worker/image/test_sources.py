@@ -18,15 +18,18 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngImageFile
 
-from protocol.engine import IMAGE
+from protocol.engine import IMAGE, IMAGE_INFO
 from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams, sampled_steps
+from protocol.signing import Identity
 from sandbox import Sandbox, SandboxPolicy
 from sandbox.errors import EngineFailed
 from tests.reference import plain_img2img, plain_inpaint, plain_pipeline
+from worker.common.link import CoordinatorLink
 from worker.errors import InvalidGenerationInput
+from worker.image.config import ImageWorkerConfig
 from worker.image.engine import ImageEngine
-from worker.image.worker import ENGINE
+from worker.image.worker import ENGINE, ImageWorker
 
 pytestmark = [
     pytest.mark.filterwarnings(
@@ -267,7 +270,40 @@ def test_an_inpainting_checkpoint_serves_only_inpainting(inpaint_engine: ImageEn
         assert caught.value.field == "source_processing"
 
 
+def test_the_engine_says_whether_it_loaded_an_inpainting_checkpoint(
+    engine: ImageEngine, inpaint_engine: ImageEngine
+) -> None:
+    for loaded, name, inpainting in ((engine, "sd", False), (inpaint_engine, "sd-inpaint", True)):
+        answer, blobs = loaded.handle(IMAGE_INFO.kind, {}, lambda message: None)
+        assert answer == {"model": name, "inpainting": inpainting} and blobs == []
+
+
 # -- through the sandbox -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_worker_on_an_inpainting_checkpoint_offers_only_inpainting(
+    tiny_sd_inpaint: Path, tmp_path: Path
+) -> None:
+    """The worker asks its sandboxed engine what it loaded, and pops accordingly (the
+    coordinator's side: tests/coordinator/http/test_inpainting_only.py)."""
+    config = ImageWorkerConfig(
+        coordinator="http://127.0.0.1:9",  # (not contacted)
+        model=str(tiny_sd_inpaint),
+        model_config=None,
+        model_name="sd-inpaint",
+        name="painter",
+        identity_file=tmp_path / "id.key",
+        load_timeout=120,
+    )
+    link = CoordinatorLink(config.coordinator, Identity.generate(), config.name, None)
+    worker = await ImageWorker.create(config, link)
+    try:
+        offered = worker.capabilities
+        assert (offered.txt2img, offered.img2img, offered.inpainting) == (False, False, True)
+    finally:
+        await worker.aclose()
+        await link.aclose()
 
 
 async def test_source_and_mask_cross_the_sandbox_as_binary_input(
