@@ -5,6 +5,7 @@ components (tests/reference.py); bad inputs refused naming the field."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngImageFile
 
 from protocol.engine import IMAGE, IMAGE_INFO
-from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
+from protocol.infotext import MASK_SETTINGS, PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams, sampled_steps
 from protocol.signing import Identity
 from sandbox import Sandbox, SandboxPolicy
@@ -214,6 +215,59 @@ def test_png_records_the_denoising_strength(engine: ImageEngine) -> None:
         text = image.text[PNG_PARAMETERS_KEY]
     assert text == parameters_text(params, 11, "sd")
     assert text.endswith(", Denoising strength: 0.5, Source processing: img2img")
+
+
+# A1111's infotext: "Key: value" pairs separated by commas (values here hold no comma)
+_INFOTEXT_PAIR = re.compile(r"\s*([\w][\w \-/]*):\s*([^,]*)(?:,|$)")
+
+
+def _read_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, settings) as A1111 reads its `parameters` text."""
+    *lines, settings = text.split("\n")
+    negative = [line for line in lines if line.startswith("Negative prompt: ")]
+    prompt = "\n".join(line for line in lines if line not in negative)
+    pairs = dict(_INFOTEXT_PAIR.findall(settings))
+    return prompt, negative[0].removeprefix("Negative prompt: ") if negative else "", pairs
+
+
+def test_an_inpainted_result_is_made_again_from_its_png_text(engine: ImageEngine) -> None:
+    """The PNG's text holds every setting of the job (the mask settings as A1111 writes
+    them): read back the way A1111 reads it, with the same source and mask, it makes the
+    same PNG (outpainting writes the same keys: tests/protocol/test_source_params.py)."""
+    fields = {
+        "prompt": "a blue door",
+        "negative_prompt": "fog",
+        "steps": 4,
+        "sampler": "DDIM",
+        "cfg_scale": 5.5,
+        "seed": 23,
+        "height": 72,
+        "source_processing": "inpainting",
+        "denoising_strength": 0.5,
+    }
+    inputs = [_encode(_source()), _encode(_mask())]
+    _, blobs, _ = _run(engine, inputs, **fields)
+    with PngImageFile(io.BytesIO(blobs[0])) as image:
+        prompt, negative, settings = _read_infotext(image.text[PNG_PARAMETERS_KEY])
+    # our inpainting, in A1111's words: the mask as sent, not blurred, white repainted,
+    # starting from the source's own latents, over the whole picture
+    assert {key: settings[key] for key, _ in MASK_SETTINGS} == dict(MASK_SETTINGS)
+    width, height = settings["Size"].split("x")
+    again = {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "steps": int(settings["Steps"]),
+        "sampler": settings["Sampler"],
+        "cfg_scale": float(settings["CFG scale"]),
+        "seed": int(settings["Seed"]),
+        "width": int(width),
+        "height": int(height),
+        "source_processing": settings["Source processing"],
+        "denoising_strength": float(settings["Denoising strength"]),
+    }
+    assert again == {**BASE, **fields}
+    _, remade, _ = _run(engine, inputs, **again)
+    assert remade == blobs
 
 
 # -- refusals, each naming the field -------------------------------------------------------
