@@ -68,6 +68,11 @@ class CoordinatorConfig:
     lease_base_seconds: float = 60.0
     # pixel-steps per second assumed for the slowest acceptable worker (derived leases)
     lease_pixel_steps_per_second: float = 512 * 512 * 0.5
+    # sampler steps (at that pace) each VAE pass of an image counts as in a lease's cap
+    # (coordinator.jobs.lifecycle.lease_cap): the result's decode, a source image's encode.
+    # They report no step, and on a slow machine one takes as long as many steps (the tiny
+    # test model's 512x512 decode on 2 CPU cores: about 40 s, 20 steps at the pace above)
+    lease_vae_steps: float = 20.0
     # how often expired leases are looked for
     reap_interval: float = 1.0
     # a job that failed or lost its lease this many times is failed and refunded

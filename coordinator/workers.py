@@ -47,6 +47,8 @@ class Worker:
     # what it serves (image | text | blocks) and the models it offered, from its polls
     kind: str | None = None
     models: tuple[str, ...] = ()
+    # JSON coordinator.jobs.possible.Offer of its last image pop (None: not told yet)
+    offer: str | None = None
 
     @property
     def signs(self) -> bool:
@@ -68,6 +70,7 @@ def _worker(row: Row[Any]) -> Worker:
         protocol=row.protocol,
         kind=row.kind,
         models=tuple(json.loads(row.models)) if row.models else (),
+        offer=row.offer,
     )
 
 
@@ -76,11 +79,14 @@ def _horde_key(owner: Account, name: str) -> str:
     return "horde-" + hashlib.sha256(f"{owner.id}/{name}".encode()).hexdigest()[:58]
 
 
-def _offer(worker: Worker, kind: str, models: Sequence[str]) -> dict[str, Any]:
-    """The columns to write when `worker` offers `models` for `kind` (none if unchanged)."""
-    if worker.kind == kind and worker.models == tuple(models):
+def _offer(
+    worker: Worker, kind: str, models: Sequence[str], offer: str | None = None
+) -> dict[str, Any]:
+    """The columns to write when `worker` offers `models` for `kind`, and for an image
+    worker its `offer` (coordinator.jobs.possible.Offer as JSON): none if unchanged."""
+    if worker.kind == kind and worker.models == tuple(models) and worker.offer == offer:
         return {}
-    return {"kind": kind, "models": json.dumps(list(models))}
+    return {"kind": kind, "models": json.dumps(list(models)), "offer": offer}
 
 
 class Workers:
@@ -175,11 +181,13 @@ class Workers:
         *,
         kind: str = "image",
         models: Sequence[str] = (),
+        offer: str | None = None,
     ) -> int:
-        """A worker asked for work (from `ip`) for `models` of `kind`: keep its uptime
-        stretch, address and offer, pay uptime kudos when due."""
+        """A worker asked for work (from `ip`) for `models` of `kind` (an image worker: within
+        `offer`, coordinator.jobs.possible.Offer as JSON): keep its uptime stretch, address
+        and offer, pay uptime kudos when due."""
         async with self._db.begin() as conn:
-            return await self.poll_note(worker, ip, kind=kind, models=models)(conn)
+            return await self.poll_note(worker, ip, kind=kind, models=models, offer=offer)(conn)
 
     def poll_note(
         self,
@@ -188,14 +196,15 @@ class Workers:
         *,
         kind: str = "image",
         models: Sequence[str] = (),
+        offer: str | None = None,
     ) -> Callable[[AsyncConnection], Awaitable[int]]:
         """`record_poll` to run in a transaction of the caller's: a pop's (Lifecycle._pop),
         so that a poll that leases a job costs one transaction, not two."""
-        offer = _offer(worker, kind, models)
+        columns = _offer(worker, kind, models, offer)
 
         async def note(conn: AsyncConnection) -> int:
             return await payments.record_poll(
-                conn, self._db.config, worker.id, now(conn), ip, offer
+                conn, self._db.config, worker.id, now(conn), ip, columns
             )
 
         return note

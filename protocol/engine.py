@@ -11,6 +11,7 @@ in the worker.
                     image, then the mask if there is one) -> ImageResult (+ one PNG per
                     image), emitting ImageProgress after each sampling step; the engine
                     is built from ImageEngineOptions
+    IMAGE_INFO      NoMessage -> ImageEngineInfo: the checkpoint the image engine loaded
     TEXT_INFO       NoMessage -> TextModel: the model the text gateway's engine serves
     TEXT_GENERATE   GenerateText -> GeneratedText, emitting TextChunk as text is made
     TEXT_STATS      NoMessage -> EngineStats: its spot checks so far, the peers it bans
@@ -49,6 +50,7 @@ __all__ = [
     "BLOCK_MEASURE",
     "BLOCK_STEP",
     "IMAGE",
+    "IMAGE_INFO",
     "TEXT_CONFIGURE",
     "TEXT_GENERATE",
     "TEXT_INFO",
@@ -66,6 +68,7 @@ __all__ = [
     "HiddenPass",
     "HiddenShape",
     "HiddenStep",
+    "ImageEngineInfo",
     "ImageEngineOptions",
     "ImageProgress",
     "ImageResult",
@@ -143,6 +146,19 @@ class ImageResult(EngineMessage):
 
 IMAGE: EngineCall[ImageParams, ImageProgress, ImageResult] = EngineCall(
     "image", ImageParams, ImageResult, ImageProgress
+)
+
+
+class ImageEngineInfo(EngineMessage):
+    """The checkpoint the image engine loaded."""
+
+    model: str = Field(min_length=1)
+    # a 9-channel inpainting UNet: it serves only inpainting and outpainting jobs
+    inpainting: bool
+
+
+IMAGE_INFO: EngineCall[NoMessage, NoMessage, ImageEngineInfo] = EngineCall(
+    "image_info", NoMessage, ImageEngineInfo
 )
 
 

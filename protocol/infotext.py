@@ -1,12 +1,30 @@
-"""The AUTOMATIC1111-style `parameters` text stored in every PNG a worker makes."""
+"""The AUTOMATIC1111-style `parameters` text stored in every PNG a worker makes.
+
+With a source image it adds A1111's img2img keys, so that the result can be made again
+from its PNG (and the same source image and mask): `Denoising strength`, and for inpainting
+and outpainting the mask settings A1111 writes when a mask is used, at the values our
+engine (diffusers' inpaint pipeline) implements: `MASK_SETTINGS`.
+"""
 
 from __future__ import annotations
 
 from protocol.params import ImageParams
 
-__all__ = ["PNG_PARAMETERS_KEY", "parameters_text"]
+__all__ = ["MASK_SETTINGS", "PNG_PARAMETERS_KEY", "parameters_text"]
 
 PNG_PARAMETERS_KEY = "parameters"
+
+# A1111's inpainting options as our inpainting is: the mask used as sent, not blurred
+# (A1111 writes `Mask blur` whenever there is a mask); white (or transparent) repainted;
+# the masked area starts from the source's own latents, noised by the strength; the whole
+# picture at the job's size. A1111 leaves its defaults out of the text; they are written
+# here so that nothing about a result depends on a reader's defaults.
+MASK_SETTINGS = (
+    ("Mask blur", "0"),
+    ("Mask mode", "Inpaint masked"),
+    ("Masked content", "original"),
+    ("Inpaint area", "Whole picture"),
+)
 
 
 def _fmt_number(value: float) -> str:
@@ -25,9 +43,9 @@ def parameters_text(params: ImageParams, seed: int, model: str) -> str:
     )
     if params.source_processing != "txt2img":
         # A1111's key for img2img and inpainting; the second is AI Horde's name of the mode
-        settings += (
-            f", Denoising strength: {_fmt_number(params.denoising_strength)}"
-            f", Source processing: {params.source_processing}"
-        )
+        settings += f", Denoising strength: {_fmt_number(params.denoising_strength)}"
+        if params.source_processing in ("inpainting", "outpainting"):
+            settings += "".join(f", {key}: {value}" for key, value in MASK_SETTINGS)
+        settings += f", Source processing: {params.source_processing}"
     lines.append(settings)
     return "\n".join(lines)

@@ -427,6 +427,11 @@ class PopRequest(_Request):
     inpainting: bool = Field(
         default=False, description="takes inpainting and outpainting jobs (a mask, or alpha)"
     )
+    txt2img: bool = Field(
+        default=True,
+        description="takes jobs without a source image (false for an inpainting checkpoint, "
+        "which serves only inpainting and outpainting)",
+    )
     wait: float = Field(default=10.0, ge=0.0, le=60.0, description="long-poll seconds")
 
 

@@ -84,6 +84,8 @@ class Capabilities(BaseModel):
     # jobs with a source image; with a mask (inpainting, outpainting)
     img2img: bool = False
     inpainting: bool = False
+    # jobs without a source image (false for an inpainting checkpoint)
+    txt2img: bool = True
 
 
 class _Ignored(BaseModel):

@@ -133,6 +133,10 @@ workers = Table(
     # --- identities (0006_identities) ---
     # jobs it gave back in a row since its last finished job (`faulted_run` pauses it)
     Column("faulted_run", Integer, nullable=False, server_default="0"),
+    # --- offers (0010_worker_offers) ---
+    # JSON coordinator.jobs.possible.Offer of its last image pop: size and step limits and
+    # the source processing it takes (AI Horde's `is_possible`); None: not told yet
+    Column("offer", Text),
 )
 
 jobs = Table(

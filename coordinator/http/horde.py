@@ -36,6 +36,7 @@ from coordinator.jobs import text as text_jobs
 from coordinator.jobs.foreign_images import webp_base64
 from coordinator.jobs.lifecycle import Lifecycle
 from coordinator.jobs.network import ONLINE_SECONDS
+from coordinator.jobs.possible import NO_WORKER_WARNING, possible
 from coordinator.jobs.source_check import CheckedSources
 from coordinator.jobs.text import TextJob
 from coordinator.store import Account, ImageJob, Store
@@ -213,7 +214,19 @@ async def image_async(
     )
     if body.shared and call.account is not None:
         await request.app[STORE].image_jobs.set_shared(job.id, True)
-    return RequestAsync(id=job.id, kudos=float(job.cost))
+    warnings = [] if await _possible(request, job) else [NO_WORKER_WARNING]
+    return RequestAsync(id=job.id, kudos=float(job.cost), warnings=warnings)
+
+
+async def _possible(request: web.Request, job: ImageJob) -> bool:
+    """AI Horde's `is_possible`: whether an online worker could serve the job (a finished
+    one, or one a worker holds: true). The workers' offers are shared for
+    `network_view_seconds`."""
+    if job.finished or job.state == "leased":
+        return True
+    store = request.app[STORE]
+    offers = await request.app[VIEWS].get("image_offers", store.network.image_offers)
+    return possible(offers, job.params, job.signed_only)
 
 
 def _job_id(request: web.Request) -> str:
@@ -236,7 +249,15 @@ async def _image_job(request: web.Request, account: Account | None) -> ImageJob:
 
 
 async def _check(
-    jobs: Lifecycle, job_id: str, state: str, n: int, cost: int, attempts: int, job: Any = None
+    jobs: Lifecycle,
+    job_id: str,
+    state: str,
+    n: int,
+    cost: int,
+    attempts: int,
+    job: Any = None,
+    *,
+    is_possible: bool = True,
 ) -> dict[str, Any]:
     """`job`: the image job as just read, if the caller has it (saves reading it again)."""
     done = state in ("done", "failed", "cancelled")
@@ -251,7 +272,7 @@ async def _check(
         "wait_time": 0 if eta is None else int(eta),
         "queue_position": position or 0,
         "kudos": float(cost),
-        "is_possible": True,
+        "is_possible": is_possible,
     }
 
 
@@ -267,7 +288,16 @@ async def image_check(request: web.Request, call: Call[None]) -> RequestStatusCh
     job = await _image_job(request, call.account)
     store = request.app[STORE]
     n = job.params.n
-    check = await _check(store.image_jobs, job.id, job.state, n, job.cost, job.attempts, job)
+    check = await _check(
+        store.image_jobs,
+        job.id,
+        job.state,
+        n,
+        job.cost,
+        job.attempts,
+        job,
+        is_possible=await _possible(request, job),
+    )
     return RequestStatusCheck(**check)
 
 
@@ -308,7 +338,14 @@ async def image_status(request: web.Request, job: ImageJob) -> RequestStatusImag
                 )
             )
     check = await _check(
-        store.image_jobs, job.id, job.state, job.params.n, job.cost, job.attempts, job
+        store.image_jobs,
+        job.id,
+        job.state,
+        job.params.n,
+        job.cost,
+        job.attempts,
+        job,
+        is_possible=await _possible(request, job),
     )
     return RequestStatusImage(**check, generations=generations, shared=job.shared)
 

@@ -30,6 +30,7 @@ from coordinator.http.api import API, Call
 from coordinator.http.metrics import timed_pop
 from coordinator.http.state import CONFIG, FILES, LIMITER, SIGNALS, STORE
 from coordinator.jobs.foreign_images import png_from_base64
+from coordinator.jobs.possible import Offer
 from coordinator.store import Account, ResultRecord
 from protocol.horde import (
     GenerationSubmitted,
@@ -76,7 +77,19 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         await request.app[LIMITER].check("worker", f"account:{owner.id}", ip)
         worker = await store.workers.new_horde_worker(owner, body.name, ip)
     # the poll is noted (uptime, address, offer) in the pop's transaction
-    poll = store.workers.poll_note(worker, ip, kind="image", models=body.models)
+    # AI Horde gives a worker that offers only inpainting models nothing but inpainting
+    # and outpainting jobs (they would render anything else differently)
+    painter = bool(body.models) and all(map(_inpainting_model, body.models))
+    offer = Offer(
+        max_pixels=body.max_pixels,
+        max_steps=MAX_STEPS,
+        txt2img=not painter,
+        img2img=body.allow_img2img and not painter,
+        inpainting=body.allow_img2img and body.allow_painting,
+    )
+    poll = store.workers.poll_note(
+        worker, ip, kind="image", models=body.models, offer=offer.dumps()
+    )
     job = await timed_pop(
         request,
         "image",
@@ -86,8 +99,9 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
             body.max_pixels,
             MAX_STEPS,
             poll,
-            img2img=body.allow_img2img,
-            inpainting=body.allow_img2img and body.allow_painting,
+            img2img=offer.img2img,
+            inpainting=offer.inpainting,
+            txt2img=offer.txt2img,
         ),
     )()
     if job is None:
@@ -114,13 +128,27 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         id=job.id,
         ids=[job.id],
         payload=payload.model_dump(),
-        model=p.model or (body.models[0] if body.models else "stable_diffusion"),
+        model=p.model or _model_for(p.source_processing, body.models),
         skipped={},
         ttl=int(job.lease_seconds),
         source_processing=p.source_processing if p.source_image else "img2img",
         source_image=sources[0],
         source_mask=sources[1],
     )
+
+
+def _inpainting_model(name: str) -> bool:
+    """Whether `name` is an inpainting checkpoint, by AI Horde's names for them
+    (`stable_diffusion_inpainting`, "… Inpainting"): a worker's own engine is unknown."""
+    return "inpainting" in name.lower()
+
+
+def _model_for(processing: str, models: list[str]) -> str:
+    """The model an AI Horde worker runs a job that names none with: one of its inpainting
+    models for inpainting and outpainting (if it has one), else one of the others."""
+    painting = processing in ("inpainting", "outpainting")
+    suited = [m for m in models if _inpainting_model(m) == painting]
+    return (suited or models or ["stable_diffusion"])[0]
 
 
 async def _base64_file(request: web.Request, digest: str | None) -> str | None:

@@ -15,6 +15,7 @@ from coordinator.http.metrics import timed_pop
 from coordinator.http.polling import long_poll
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.jobs.image import ImageJob
+from coordinator.jobs.possible import Offer
 from protocol.errors import SignatureInvalid
 from protocol.messages import (
     Challenge,
@@ -101,7 +102,18 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
     if request.app[CONFIG].require_sandbox and worker.sandboxed is not True:
         raise UnsandboxedWorker()
     # the poll is noted (uptime, address, offer) in the first attempt's transaction
-    polls = [store.workers.poll_note(worker, client_ip(request), kind="image", models=body.models)]
+    offer = Offer(
+        max_pixels=body.max_pixels,
+        max_steps=body.max_steps,
+        txt2img=body.txt2img,
+        img2img=body.img2img,
+        inpainting=body.inpainting,
+    )
+    polls = [
+        store.workers.poll_note(
+            worker, client_ip(request), kind="image", models=body.models, offer=offer.dumps()
+        )
+    ]
 
     def attempt() -> Awaitable[ImageJob | None]:
         poll = polls.pop() if polls else None
@@ -111,8 +123,9 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
             body.max_pixels,
             body.max_steps,
             poll,
-            img2img=body.img2img,
-            inpainting=body.inpainting,
+            img2img=offer.img2img,
+            inpainting=offer.inpainting,
+            txt2img=offer.txt2img,
         )
 
     job = await long_poll(

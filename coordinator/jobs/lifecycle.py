@@ -17,6 +17,7 @@ update, so two coordinators (or a worker racing the reaper) cannot both win.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Hashable, Mapping
@@ -39,7 +40,7 @@ from coordinator.errors import Conflict, InsufficientKudos, NotFound, WorkerPaus
 from coordinator.jobs import hot, queue
 from coordinator.workers import Worker
 
-__all__ = ["Lifecycle", "OnLease", "Requeued", "lease_cap", "lease_end"]
+__all__ = ["VAE_PASSES", "Lifecycle", "OnLease", "Requeued", "lease_cap", "lease_end"]
 
 # kind-specific work done in the transaction that leases a job (e.g. reset streamed text)
 OnLease = Callable[[AsyncConnection, Row[Any]], Awaitable[None]]
@@ -73,15 +74,26 @@ def gave_back_twice(account_id: int) -> str:
     return f"{_owner_mark(account_id)}%{_owner_mark(account_id)}"
 
 
+# VAE passes per image besides its sampling steps, by source processing: the result's
+# decode; with a source image its encode; inpainting and outpainting also encode the masked
+# image (an inpainting checkpoint's conditioning)
+VAE_PASSES = {"txt2img": 1, "img2img": 2, "inpainting": 3, "outpainting": 3}
+
+
 def lease_cap(config: CoordinatorConfig, row: Row[Any]) -> float:
     """The most seconds a job stays leased after its pop, however often the worker reports:
-    `lease_ttl_factor` times its work at the slowest acceptable pace (image pixel-steps or
-    new tokens), or its fixed lease if that is longer."""
+    `lease_ttl_factor` times its work at the slowest acceptable pace, or its fixed lease if
+    that is longer. The work of an image job counts every phase: its sampling steps and
+    its VAE passes (`VAE_PASSES`, each `lease_vae_steps` steps) for each image; of a text
+    job, its new tokens."""
     slow: float
     if row.kind == "text":
         slow = row.max_tokens / config.text_min_tokens_per_second
     else:
-        slow = row.pixels * row.steps * row.n / config.lease_pixel_steps_per_second
+        processing = json.loads(row.params).get("source_processing", "txt2img")
+        passes = VAE_PASSES.get(processing, max(VAE_PASSES.values()))
+        steps = row.steps + passes * config.lease_vae_steps
+        slow = row.pixels * steps * row.n / config.lease_pixel_steps_per_second
     return config.lease_ttl_factor * max(float(row.lease_seconds), config.lease_base_seconds + slow)
 
 

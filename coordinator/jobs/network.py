@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from coordinator.db.database import Database, now
 from coordinator.db.schema import jobs, workers
+from coordinator.jobs.possible import Offer, WorkerOffer
 from protocol.messages import NetworkModel, NetworkQueue, NetworkStatus, NetworkWorker
 
 __all__ = ["LISTED_SECONDS", "ONLINE_SECONDS", "Network"]
@@ -102,6 +103,30 @@ class Network:
             NetworkQueue(kind="text", queued=text.get("queued", 0), running=text.get("leased", 0)),
         ]
         return NetworkStatus(workers=listed, models=models, queue=queue)
+
+    async def image_offers(self) -> list[WorkerOffer]:
+        """What the online, unpaused image workers offer (coordinator.jobs.possible)."""
+        async with self._db.begin() as conn:
+            at = now(conn)
+            rows = (
+                await conn.execute(
+                    select(workers.c.models, workers.c.protocol, workers.c.offer)
+                    .where(
+                        (workers.c.kind == "image")
+                        & (workers.c.paused == 0)
+                        & (workers.c.last_seen >= at - ONLINE_SECONDS)
+                    )
+                    .limit(1000)
+                )
+            ).all()
+        return [
+            WorkerOffer(
+                models=tuple(json.loads(row.models)) if row.models else (),
+                signs=row.protocol == "idlegrid",
+                offer=Offer.loads(row.offer),
+            )
+            for row in rows
+        ]
 
     async def worker_records(
         self, worker_id: str | None = None

@@ -56,13 +56,16 @@ def image_worker_args(url: str, models: Path, tmp: Path, name: str) -> list[str]
 
 class Network:
     def __init__(
-        self, tmp: Path, models: Path, lease_timeout: float, require_sandbox: bool = False
+        self, tmp: Path, models: Path, lease_timeout: float | None, require_sandbox: bool = False
     ) -> None:
+        """`lease_timeout`: a fixed lease for every job, or None for the coordinator's
+        default (derived from each job's size)."""
         self.tmp = tmp
         self.models = models
         self.procs: list[Proc] = []
         args = ["coordinator", "--port", "0", "--data-dir", str(tmp / "data")]
-        args += ["--lease-timeout", str(lease_timeout)]
+        if lease_timeout is not None:
+            args += ["--lease-timeout", str(lease_timeout)]
         if require_sandbox:
             args.append("--require-sandbox")
         self.coordinator = self.start("coordinator", args)

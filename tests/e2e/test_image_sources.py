@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngImageFile
 
 from protocol.params import ImageParams, SourceProcessing
 from tests.e2e.test_image_network import Network, horde
@@ -183,3 +184,68 @@ def test_img2img_through_both_doors_equals_diffusers_img2img(
         denoising_strength=0.5,
     )
     assert np.abs(got - plain_img2img(pipe, params, 21, _source()).astype(int)).max() <= 2
+
+
+@pytest.fixture
+def derived_leases(tmp_path: Path, tiny_models: Path) -> Iterator[Network]:
+    """The coordinator's own leases (derived from each job's size, no --lease-timeout)."""
+    net = Network(tmp_path, tiny_models, lease_timeout=None)
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+def test_img2img_at_512_through_ai_horde_equals_diffusers(
+    derived_leases: Network, tiny_models: Path
+) -> None:
+    """The default size through AI Horde's door, on the coordinator's default leases: a
+    photo-sized source (incompressible, a request body over 1 MB), one sampling step, and
+    nearly all the time in the source's VAE encode and the result's decode, which report no
+    step; the worker's heartbeat and the lease cap's count of those phases keep the lease,
+    so the job is done on the first attempt and equals diffusers' img2img."""
+    network = derived_leases
+    network.worker("painter")
+    alice = network.register("alice")
+    noise = np.random.default_rng(3).integers(0, 256, (450, 600, 3), dtype=np.uint8)
+    source = Image.fromarray(noise, "RGB")
+    ask = {
+        "prompt": "a lighthouse",
+        "params": {"seed": "5", "width": 512, "height": 512, "steps": 1, "denoising_strength": 1.0},
+        "source_image": _b64(source),
+    }
+    assert len(json.dumps(ask)) > 1024 * 1024
+    status, created = horde(network.url, "POST", "/generate/async", alice, ask)
+    assert status == 202, created
+    # the reference meanwhile, on the core the worker (one thread) leaves free
+    import torch
+
+    torch.set_num_threads(1)
+    params = ImageParams(
+        prompt="a lighthouse",
+        width=512,
+        height=512,
+        steps=1,
+        cfg_scale=7.5,  # (AI Horde's default)
+        seed=5,
+        source_processing="img2img",
+        denoising_strength=1.0,
+    )
+    expected = plain_img2img(plain_pipeline(tiny_models / "sd"), params, 5, source).astype(int)
+    deadline = time.monotonic() + 600
+    while True:
+        status, check = horde(network.url, "GET", f"/generate/check/{created['id']}", alice)
+        assert status == 200 and not check["faulted"], check
+        if check["done"]:
+            break
+        assert time.monotonic() < deadline, check
+        time.sleep(0.5)
+    assert check["restarted"] == 0, check  # no lease was lost on the way
+    status, done = horde(network.url, "GET", f"/generate/status/{created['id']}", alice)
+    (generation,) = done["generations"]
+    with urllib.request.urlopen(generation["img"], timeout=30) as response:
+        png = PngImageFile(io.BytesIO(response.read()))
+    assert png.size == (512, 512)
+    assert "Denoising strength: 1, Source processing: img2img" in png.text["parameters"]
+    got = np.asarray(png.convert("RGB")).astype(int)
+    assert np.abs(got - expected).max() <= 2

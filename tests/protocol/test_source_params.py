@@ -113,13 +113,23 @@ def test_sampled_steps_follow_diffusers(
     assert sampled_steps(params) == sampled
 
 
-def test_parameters_text_records_the_strength_only_with_a_source() -> None:
+def test_parameters_text_records_the_strength_and_mask_settings_only_with_a_source() -> None:
     plain = ImageParams(prompt="cat", steps=4, width=64, height=64)
     assert "Denoising" not in parameters_text(plain, 1, "tiny")
     inpaint = plain.model_copy(update={"source_processing": "inpainting"})
     assert parameters_text(inpaint, 1, "tiny") == (
         "cat\nSteps: 4, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Model: tiny, "
-        "Denoising strength: 0.75, Source processing: inpainting"
+        "Denoising strength: 0.75, Mask blur: 0, Mask mode: Inpaint masked, "
+        "Masked content: original, Inpaint area: Whole picture, Source processing: inpainting"
+    )
+    outpaint = plain.model_copy(update={"source_processing": "outpainting"})
+    assert parameters_text(outpaint, 1, "tiny").endswith(
+        "Denoising strength: 0.75, Mask blur: 0, Mask mode: Inpaint masked, "
+        "Masked content: original, Inpaint area: Whole picture, Source processing: outpainting"
+    )
+    img2img = plain.model_copy(update={"source_processing": "img2img", "denoising_strength": 0.5})
+    assert parameters_text(img2img, 1, "tiny").endswith(
+        "Model: tiny, Denoising strength: 0.5, Source processing: img2img"
     )
 
 

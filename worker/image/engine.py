@@ -37,7 +37,15 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint impo
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from protocol.engine import IMAGE, ImageEngineOptions, ImageProgress, ImageResult
+from protocol.engine import (
+    IMAGE,
+    IMAGE_INFO,
+    ImageEngineInfo,
+    ImageEngineOptions,
+    ImageProgress,
+    ImageResult,
+    NoMessage,
+)
 from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams, sampled_steps
 from sandbox.calls import CallTable, Emit
@@ -119,6 +127,7 @@ class ImageEngine:
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self.calls = CallTable()
         self.calls.add_binary(IMAGE, self.image)
+        self.calls.add(IMAGE_INFO, self.info)
         logger.info("loaded %s (%s) on %s", self.model_name, self.source.kind, self.device)
 
     def handle(
@@ -130,6 +139,13 @@ class ImageEngine:
     ) -> tuple[dict[str, object], list[bytes]]:
         """`Engine.handle`: validates `payload` as the call's request (see `image`)."""
         return self.calls.handle(kind, payload, emit, blobs)
+
+    def info(
+        self, request: NoMessage, emit: Emit[NoMessage]
+    ) -> tuple[ImageEngineInfo, list[bytes]]:
+        """What was loaded: the worker offers inpainting jobs only to an inpainting
+        checkpoint (`IMAGE_INFO`)."""
+        return ImageEngineInfo(model=self.model_name, inpainting=self.inpainting_checkpoint), []
 
     def image(
         self, params: ImageParams, inputs: list[bytes], emit: Emit[ImageProgress]

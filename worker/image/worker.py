@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from protocol.engine import IMAGE, ImageEngineOptions, ImageProgress
+from protocol.engine import IMAGE, IMAGE_INFO, ImageEngineOptions, ImageProgress, NoMessage
 from protocol.messages import LeasedJob
 from protocol.params import sampled_steps
 from protocol.signing import params_hash
@@ -43,16 +43,19 @@ class ImageWorker:
         link: CoordinatorLink,
         *,
         gate: Gate | None = None,
+        inpainting_checkpoint: bool = False,
     ) -> None:
         self.config = config
         self.sandbox = sandbox
         self.link = link
-        # the engine serves source images and masks (worker.image.sources)
+        # the engine serves source images and masks (worker.image.sources); an inpainting
+        # checkpoint (9-channel UNet) only inpainting and outpainting, as on AI Horde
         self.capabilities = Capabilities(
             models=[config.model_name],
             max_pixels=config.max_pixels,
             max_steps=config.max_steps,
-            img2img=True,
+            txt2img=not inpainting_checkpoint,
+            img2img=not inpainting_checkpoint,
             inpainting=True,
         )
         self.jobs_done = 0
@@ -74,7 +77,14 @@ class ImageWorker:
         sandbox = await Sandbox.create(
             ENGINE, options.model_dump(mode="json", by_alias=True), engine_policy(config)
         )
-        return cls(config, sandbox, link)
+        try:
+            loaded = (await sandbox.run(IMAGE_INFO, NoMessage())).data
+        except BaseException:
+            await sandbox.aclose()
+            raise
+        if loaded.inpainting:
+            log.info("%s is an inpainting checkpoint: serving only inpainting", loaded.model)
+        return cls(config, sandbox, link, inpainting_checkpoint=loaded.inpainting)
 
     async def aclose(self) -> None:
         await self.sandbox.aclose()

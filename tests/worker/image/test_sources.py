@@ -5,6 +5,7 @@ components (tests/reference.py); bad inputs refused naming the field."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,18 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngImageFile
 
-from protocol.engine import IMAGE
-from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
+from protocol.engine import IMAGE, IMAGE_INFO
+from protocol.infotext import MASK_SETTINGS, PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams, sampled_steps
+from protocol.signing import Identity
 from sandbox import Sandbox, SandboxPolicy
 from sandbox.errors import EngineFailed
 from tests.reference import plain_img2img, plain_inpaint, plain_pipeline
+from worker.common.link import CoordinatorLink
 from worker.errors import InvalidGenerationInput
+from worker.image.config import ImageWorkerConfig
 from worker.image.engine import ImageEngine
-from worker.image.worker import ENGINE
+from worker.image.worker import ENGINE, ImageWorker
 
 pytestmark = [
     pytest.mark.filterwarnings(
@@ -213,6 +217,59 @@ def test_png_records_the_denoising_strength(engine: ImageEngine) -> None:
     assert text.endswith(", Denoising strength: 0.5, Source processing: img2img")
 
 
+# A1111's infotext: "Key: value" pairs separated by commas (values here hold no comma)
+_INFOTEXT_PAIR = re.compile(r"\s*([\w][\w \-/]*):\s*([^,]*)(?:,|$)")
+
+
+def _read_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, settings) as A1111 reads its `parameters` text."""
+    *lines, settings = text.split("\n")
+    negative = [line for line in lines if line.startswith("Negative prompt: ")]
+    prompt = "\n".join(line for line in lines if line not in negative)
+    pairs = dict(_INFOTEXT_PAIR.findall(settings))
+    return prompt, negative[0].removeprefix("Negative prompt: ") if negative else "", pairs
+
+
+def test_an_inpainted_result_is_made_again_from_its_png_text(engine: ImageEngine) -> None:
+    """The PNG's text holds every setting of the job (the mask settings as A1111 writes
+    them): read back the way A1111 reads it, with the same source and mask, it makes the
+    same PNG (outpainting writes the same keys: tests/protocol/test_source_params.py)."""
+    fields = {
+        "prompt": "a blue door",
+        "negative_prompt": "fog",
+        "steps": 4,
+        "sampler": "DDIM",
+        "cfg_scale": 5.5,
+        "seed": 23,
+        "height": 72,
+        "source_processing": "inpainting",
+        "denoising_strength": 0.5,
+    }
+    inputs = [_encode(_source()), _encode(_mask())]
+    _, blobs, _ = _run(engine, inputs, **fields)
+    with PngImageFile(io.BytesIO(blobs[0])) as image:
+        prompt, negative, settings = _read_infotext(image.text[PNG_PARAMETERS_KEY])
+    # our inpainting, in A1111's words: the mask as sent, not blurred, white repainted,
+    # starting from the source's own latents, over the whole picture
+    assert {key: settings[key] for key, _ in MASK_SETTINGS} == dict(MASK_SETTINGS)
+    width, height = settings["Size"].split("x")
+    again = {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "steps": int(settings["Steps"]),
+        "sampler": settings["Sampler"],
+        "cfg_scale": float(settings["CFG scale"]),
+        "seed": int(settings["Seed"]),
+        "width": int(width),
+        "height": int(height),
+        "source_processing": settings["Source processing"],
+        "denoising_strength": float(settings["Denoising strength"]),
+    }
+    assert again == {**BASE, **fields}
+    _, remade, _ = _run(engine, inputs, **again)
+    assert remade == blobs
+
+
 # -- refusals, each naming the field -------------------------------------------------------
 
 
@@ -267,7 +324,40 @@ def test_an_inpainting_checkpoint_serves_only_inpainting(inpaint_engine: ImageEn
         assert caught.value.field == "source_processing"
 
 
+def test_the_engine_says_whether_it_loaded_an_inpainting_checkpoint(
+    engine: ImageEngine, inpaint_engine: ImageEngine
+) -> None:
+    for loaded, name, inpainting in ((engine, "sd", False), (inpaint_engine, "sd-inpaint", True)):
+        answer, blobs = loaded.handle(IMAGE_INFO.kind, {}, lambda message: None)
+        assert answer == {"model": name, "inpainting": inpainting} and blobs == []
+
+
 # -- through the sandbox -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_worker_on_an_inpainting_checkpoint_offers_only_inpainting(
+    tiny_sd_inpaint: Path, tmp_path: Path
+) -> None:
+    """The worker asks its sandboxed engine what it loaded, and pops accordingly (the
+    coordinator's side: tests/coordinator/http/test_inpainting_only.py)."""
+    config = ImageWorkerConfig(
+        coordinator="http://127.0.0.1:9",  # (not contacted)
+        model=str(tiny_sd_inpaint),
+        model_config=None,
+        model_name="sd-inpaint",
+        name="painter",
+        identity_file=tmp_path / "id.key",
+        load_timeout=120,
+    )
+    link = CoordinatorLink(config.coordinator, Identity.generate(), config.name, None)
+    worker = await ImageWorker.create(config, link)
+    try:
+        offered = worker.capabilities
+        assert (offered.txt2img, offered.img2img, offered.inpainting) == (False, False, True)
+    finally:
+        await worker.aclose()
+        await link.aclose()
 
 
 async def test_source_and_mask_cross_the_sandbox_as_binary_input(

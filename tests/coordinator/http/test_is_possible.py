@@ -1,0 +1,105 @@
+"""AI Horde's `is_possible` (issue 21): a request that no online worker could serve (its
+model, size, steps, source processing, or signed results) is queued all the same, with
+`is_possible: false` in check/status and AI Horde's `NoAvailableWorker` warning when it is
+made; true once a worker that fits polls. Through HTTP, with our workers and an AI Horde
+worker of different offers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.config import CoordinatorConfig
+from coordinator.economy import suspicion
+from tests.conftest import LiveApp, start_app
+from tests.coordinator.http.test_horde import CHECK, Horde, request, shaped, webp
+from tests.fakes import CAPS, FakeWorker, register_accounts
+
+IMG2IMG = {"source_image": webp((200, 30, 30)), "source_processing": "img2img"}
+INPAINTING = {
+    "source_image": webp((200, 30, 30)),
+    "source_mask": webp((255, 255, 255)),
+    "source_processing": "inpainting",
+}
+
+
+@pytest.fixture
+async def live(tmp_path: Path, database_url: str) -> AsyncIterator[LiveApp]:
+    # the workers' offers are read afresh for every answer (no shared view to wait out)
+    config = CoordinatorConfig(
+        data_dir=tmp_path / "data", database_url=database_url, port=0, network_view_seconds=0.0
+    )
+    runner, app = await start_app(config)
+    try:
+        yield app
+    finally:
+        await runner.cleanup()
+
+
+async def possible(horde: Horde, body: dict[str, Any]) -> bool:
+    """Queue `body`, read is_possible from its check and status, then cancel it (so that
+    no worker of the test pops it)."""
+    created = await horde.ok("POST", "/v2/generate/async", body, 202)
+    job = created["id"]
+    check = shaped(await horde.ok("GET", f"/v2/generate/check/{job}"), CHECK)
+    status = await horde.ok("GET", f"/v2/generate/status/{job}")
+    await horde.ok("DELETE", f"/v2/generate/status/{job}")
+    assert check["waiting"] >= 1 and status["is_possible"] is check["is_possible"]
+    warned = [w["code"] for w in created["warnings"]] == ["NoAvailableWorker"]
+    assert warned is not check["is_possible"], created
+    return bool(check["is_possible"])
+
+
+async def test_is_possible_follows_the_online_workers_offers(live: LiveApp) -> None:
+    requester, donor = await register_accounts(live.url, "asker", "donor")
+    horde = Horde(live.url, requester)
+    plain = request()
+    assert not await possible(horde, plain)  # nobody online
+
+    async with FakeWorker(live.url, "ours", donor) as ours:
+        # ours: model tiny, 512x512 pixels, 50 steps, no source images
+        assert await ours.link.pop(CAPS, wait=0) is None
+        assert await possible(horde, plain)
+        assert await possible(horde, {**plain, "trusted_workers": True})
+        assert not await possible(horde, {**plain, "models": ["another"]})
+        assert not await possible(horde, request(width=768, height=768))
+        assert not await possible(horde, request(steps=60))
+        assert not await possible(horde, {**plain, **IMG2IMG})
+        assert not await possible(horde, {**plain, **INPAINTING})
+
+        # an AI Horde worker: 1024x1024 pixels, img2img (its default) but no painting
+        bridge = Horde(live.url, donor)
+        popped = await bridge.ok(
+            "POST",
+            "/v2/generate/pop",
+            {"name": "bridge", "models": ["tiny"], "max_pixels": 1024 * 1024},
+        )
+        assert popped["id"] is None
+        assert await possible(horde, {**plain, **IMG2IMG})
+        assert await possible(horde, request(width=768, height=768))
+        assert not await possible(horde, {**plain, **INPAINTING})
+        # ... but it does not sign its results, and takes one image per job
+        assert not await possible(
+            horde, {**request(width=768, height=768), "trusted_workers": True}
+        )
+        assert not await possible(horde, request(width=768, height=768, n=2))
+
+        # ours again, now taking inpainting too
+        assert await ours.link.pop(CAPS.model_copy(update={"inpainting": True}), wait=0) is None
+        assert await possible(horde, {**plain, **INPAINTING})
+
+
+async def test_a_paused_worker_makes_nothing_possible(live: LiveApp) -> None:
+    requester, donor = await register_accounts(live.url, "asker", "donor")
+    horde = Horde(live.url, requester)
+    async with FakeWorker(live.url, "ours", donor) as ours:
+        assert await ours.link.pop(CAPS, wait=0) is None
+        assert await possible(horde, request())
+        worker = await live.store.workers.worker_by_token(ours.link.token or "")
+        assert worker is not None
+        async with live.store.db.begin() as conn:
+            await suspicion.pause(conn, worker.id, "a test pauses it")
+        assert not await possible(horde, request())
