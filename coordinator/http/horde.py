@@ -440,13 +440,20 @@ async def text_async(
     request: web.Request, call: Call[TextRequestV2]
 ) -> RequestAsync | web.Response:
     body = call.body
+    refuse_not_honoured(["workers"] if body.workers else [])
     params = text_params(body)
     if body.dry_run:
         model = await choose_model(request, params.model, "models")
         cost = text_jobs.reserve_cost(params, model)
         return web.json_response(DryRun(kudos=float(cost)).model_dump())
     agent = request.headers.get("Client-Agent", "")[:200]
-    job = await submit_text(request, call.account, params, horde={"client_agent": agent})
+    job = await submit_text(
+        request,
+        call.account,
+        params,
+        horde={"client_agent": agent},
+        signed_only=body.trusted_workers,
+    )
     return RequestAsync(id=job.id, kudos=float(job.cost))
 
 

@@ -99,9 +99,12 @@ async def submit(
     params: TextParams,
     horde: dict[str, object] | None = None,
     idempotent: Idempotent | None = None,
+    *,
+    signed_only: bool = False,
 ) -> TextJob:
     """Validate against the catalog and the served models, fix the seed, queue and reserve
-    (once per `idempotent` key); `horde`: the options of a request made through /api/v2."""
+    (once per `idempotent` key); `horde`: the options of a request made through /api/v2
+    (`signed_only`: its trusted_workers, keeping AI Horde's text workers away)."""
     store = request.app[STORE]
     account = account or await store.accounts.anonymous_account(client_ip(request))
     model = await choose_model(request, params.model, "model")
@@ -111,7 +114,9 @@ async def submit(
         # fixed now so that a retry on another gateway samples the same text
         updates["seed"] = secrets.randbelow(MAX_SEED + 1)
     params = params.model_copy(update=updates)
-    job = await store.text_jobs.create(account, params, model, horde, idempotent)
+    job = await store.text_jobs.create(
+        account, params, model, horde, idempotent, signed_only=signed_only
+    )
     request.app[SIGNALS].job_queued("text", model.name)
     return job
 
