@@ -24,8 +24,8 @@ from typing import Annotated, Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
-from coordinator.errors import BadRequest, NotFound
-from coordinator.http.api import API, Call, UserCall
+from coordinator.errors import BadRequest, NotFound, Unauthorized
+from coordinator.http.api import API, Call
 from coordinator.http.jobs import owned_job, queue_image, with_sources
 from coordinator.http.network import shared_network_status
 from coordinator.http.params import Choice, Text
@@ -42,6 +42,7 @@ from coordinator.store import Account, ImageJob, Store
 from protocol.cost import image_cost
 from protocol.errors import ValidationFailed
 from protocol.horde import (
+    ANONYMOUS_KEY,
     HORDE_SAMPLERS,
     ActiveModel,
     DryRun,
@@ -599,16 +600,31 @@ async def user_details(store: Store, account: Account, created_at: float) -> Use
     )
 
 
+# AI Horde's anonymous user (the key 0000000000) is user 0
+ANONYMOUS_USER = {"username": "Anonymous#0", "id": 0}
+
+
+async def _anonymous_user(store: Store) -> UserDetails:
+    """The shared anonymous account as AI Horde shows its anonymous user."""
+    details = await user_details(store, await store.accounts.anonymous_account(), time.time())
+    return details.model_copy(update=ANONYMOUS_USER)
+
+
 @API.route(
     "GET",
     "/api/v2/find_user",
-    summary="AI Horde: the account of the `apikey` header",
+    summary="AI Horde: the account of the `apikey` header (the anonymous key "
+    "`0000000000`: the anonymous user, Anonymous#0)",
     response=UserDetails,
-    auth="user",
-    errors=(404,),
+    auth="optional",
+    errors=(401, 404),
 )
-async def find_user(request: web.Request, call: UserCall[None]) -> UserDetails:
+async def find_user(request: web.Request, call: Call[None]) -> UserDetails:
     store = request.app[STORE]
+    if call.account is None:
+        if request.headers.get("apikey") != ANONYMOUS_KEY:
+            raise Unauthorized("this needs an API key: send it in the `apikey` header")
+        return await _anonymous_user(store)
     found = await store.accounts.account_by_id(call.account.id)
     if found is None:
         raise NotFound("User with this API key not found.").horde("UserNotFound")
@@ -625,6 +641,8 @@ async def find_user(request: web.Request, call: UserCall[None]) -> UserDetails:
 async def show_user(request: web.Request, call: Call[None]) -> UserDetails:
     raw = request.match_info["user_id"]
     store = request.app[STORE]
+    if raw == "0":
+        return await _anonymous_user(store)
     found = (
         await store.accounts.account_by_id(int(raw))
         if raw.isascii() and raw.isdigit() and len(raw) < 12
