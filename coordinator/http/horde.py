@@ -30,7 +30,7 @@ from coordinator.http.jobs import owned_job, queue_image, with_sources
 from coordinator.http.network import shared_network_status
 from coordinator.http.params import Choice, Text
 from coordinator.http.state import FILES, SIGNALS, STORE, VIEWS
-from coordinator.http.text import choose_model, visible_text_job
+from coordinator.http.text import choose_model, first_served, visible_text_job
 from coordinator.http.text import submit as submit_text
 from coordinator.jobs import text as text_jobs
 from coordinator.jobs.foreign_images import webp_base64
@@ -403,6 +403,7 @@ def text_params(body: TextRequestV2) -> TextParams:
         "max_tokens": p.max_length,
         # beyond any model's context it makes no difference (the model's context cuts)
         "max_context_length": min(p.max_context_length, MAX_CONTEXT_TOKENS),
+        # (of several, text_async takes the first one served)
         "model": body.models[0] if body.models else None,
         "sampler_order": list(KOBOLD_SAMPLER_ORDER),
     }
@@ -443,6 +444,9 @@ async def text_async(
     body = call.body
     refuse_not_honoured(["workers"] if body.workers else [])
     params = text_params(body)
+    if len(body.models) > 1:
+        # any of them will do: the first one served now
+        params = params.model_copy(update={"model": await first_served(request, body.models)})
     if body.dry_run:
         model = await choose_model(request, params.model, "models")
         cost = text_jobs.reserve_cost(params, model)

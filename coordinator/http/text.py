@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
@@ -73,6 +73,16 @@ async def choose_model(request: web.Request, name: str | None, field: str) -> Te
             [(field, f"no gateway serves {model.name} now")],
         )
     return model
+
+
+async def first_served(request: web.Request, names: Sequence[str]) -> str | None:
+    """Of several acceptable model names (AI Horde's `models`), the first one a gateway or an
+    AI Horde text worker serves now; the first one when none is (choose_model names it)."""
+    if not names:
+        return None
+    config = request.app[CONFIG]
+    served = set(await request.app[STORE].text_jobs.served_models(config.text_model_seconds))
+    return next((name for name in names if name in served), names[0])
 
 
 def check_text_limits(
