@@ -21,6 +21,7 @@ from coordinator.http import (  # noqa: F401
     docs,
     economy,
     horde,
+    horde_text_workers,
     horde_workers,
     jobs,
     network,

@@ -320,7 +320,14 @@ NOT_HONOURED: dict[str, tuple[object, ...]] = {
 class TextRequestV2(_In):
     prompt: str
     params: TextParamsV2 = TextParamsV2()
-    models: list[ModelName] = Field(default=[], max_length=MAX_WORKER_MODELS)
+    models: list[ModelName] = Field(
+        default=[], max_length=MAX_WORKER_MODELS, description="the first one served is used"
+    )
+    trusted_workers: bool = Field(
+        default=False, description="only our gateways (signed results), no AI Horde workers"
+    )
+    # worker lists are not served: a non-empty one is refused (coordinator.http.horde)
+    workers: list[str] = Field(default=[], max_length=MAX_WORKER_MODELS)
     dry_run: bool = False
 
 

@@ -23,15 +23,14 @@ from pydantic import (
 
 from protocol.openai_tools import (
     MAX_TOOL_CALLS,
-    MAX_TOOLS,
     NamedToolChoice,
     Tool,
     ToolCall,
     ToolChoice,
     call_schema,
+    job_tools,
     render_call,
     render_result,
-    tools_prompt,
 )
 from protocol.params import MAX_SEED
 from protocol.text import (
@@ -39,6 +38,7 @@ from protocol.text import (
     MAX_MESSAGES,
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARS,
+    MAX_TOOLS,
     MAX_TOP_LOGPROBS,
     ChatMessage,
     ContextLength,
@@ -287,12 +287,9 @@ class ChatCompletionRequest(_Sampling):
             inputs["top_logprobs"] = self.top_logprobs or 0
         choice = self.effective_tool_choice
         if self.tools and choice != "none":
-            section = tools_prompt(self.tools, choice)
-            if messages[0].role == "system":
-                first = messages[0].content + "\n\n" + section
-                messages[0] = ChatMessage(role="system", content=first)
-            else:
-                messages.insert(0, ChatMessage(role="system", content=section))
+            # the gateway gives them to the model (its template's tools section, or the
+            # system prompt: README Tools)
+            inputs.update(job_tools(self.tools, choice))
             schema = call_schema(self.tools, choice)
             if schema is not None:
                 inputs["response_format"] = {

@@ -1,13 +1,16 @@
 """OpenAI's function tools over plain text generation (README: Tools).
 
-The tool definitions go into the system prompt, in the form `tools_prompt` writes: one
-JSON line per tool (name, description, parameters), then how to call one. The model calls a
-tool by answering with one JSON object, `{"name": ..., "arguments": {...}}` (`parse_call`
-reads it back). `tool_choice` "required" or a named function constrains the answer to that
-form with the JSON-schema grammar (`call_schema`), so the arguments always validate;
-"auto" leaves the model free, and an answer that is such an object naming a given tool is
-a call; "none" leaves the tools out of the prompt. History messages of role `tool` and
-assistant `tool_calls` are rendered as text in the same form.
+A job carries the tool definitions as sent (TextParams' `tools`, `tool_choice`: `job_tools`,
+`tools_of`). The gateway gives them to the model through its chat template when that has a
+tools section (transformers' `apply_chat_template(tools=...)`); otherwise they go into the
+system prompt, in the form `tools_prompt` writes: one JSON line per tool (name,
+description, parameters), then how to call one. The model calls a tool by answering with
+one JSON object, `{"name": ..., "arguments": {...}}` (`parse_call` reads it back, also
+inside the `<tool_call>` tags such templates teach). `tool_choice` "required" or a named
+function constrains the answer to that form with the JSON-schema grammar (`call_schema`),
+so the arguments always validate; "auto" leaves the model free, and an answer that is such
+an object naming a given tool is a call; "none" leaves the tools out of the prompt. History
+messages of role `tool` and assistant `tool_calls` are rendered as text in the same form.
 """
 
 from __future__ import annotations
@@ -15,11 +18,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from protocol.text import MAX_PROMPT_CHARS, compilable_schema
+from protocol.text import MAX_PROMPT_CHARS, TextParams, compilable_schema
 
-MAX_TOOLS = 64
 MAX_TOOL_CALLS = 16
 _NAME = r"^[A-Za-z0-9_-]{1,64}$"
 # JSON in prompts without spaces: fewer prompt tokens
@@ -112,6 +114,36 @@ def tools_prompt(tools: list[Tool], choice: ToolChoice) -> str:
     return "\n".join(lines)
 
 
+_TOOLS = TypeAdapter(list[Tool])
+_CHOICE: TypeAdapter[ToolChoice] = TypeAdapter(ToolChoice)
+
+
+def tools_of(params: TextParams) -> tuple[list[Tool], ToolChoice]:
+    """A job's tools and tool_choice (TextParams carries them as plain JSON, as sent:
+    `ToolsRequest.job_tools`); ValueError naming the field when they are not OpenAI's."""
+    if not params.tools:
+        return [], "none"
+    try:
+        tools = _TOOLS.validate_python(params.tools)
+    except ValidationError as exc:
+        raise ValueError(f"tools: not OpenAI's form ({exc.errors()[0]['msg']})") from None
+    try:
+        choice = _CHOICE.validate_python(params.tool_choice)
+    except ValidationError as exc:
+        raise ValueError(f"tool_choice: not OpenAI's form ({exc.errors()[0]['msg']})") from None
+    return ([], "none") if choice == "none" else (tools, choice)
+
+
+def job_tools(tools: list[Tool], choice: ToolChoice) -> dict[str, Any]:
+    """TextParams' `tools` and `tool_choice` for a request's tools (none for "none")."""
+    if not tools or choice == "none":
+        return {}
+    return {
+        "tools": [tool.model_dump(exclude_none=True) for tool in tools],
+        "tool_choice": choice if isinstance(choice, str) else choice.model_dump(),
+    }
+
+
 def render_call(call: ToolCall) -> str:
     """An assistant's earlier call, as the model would have written it."""
     try:
@@ -129,6 +161,9 @@ def render_result(tool_call_id: str | None, content: str) -> str:
 
 def _json_object(text: str) -> dict[str, Any] | None:
     body = text.strip()
+    # templates with a tools section (Hermes, Qwen) teach this wrapper
+    if body.startswith("<tool_call>") and body.endswith("</tool_call>"):
+        body = body.removeprefix("<tool_call>").removesuffix("</tool_call>").strip()
     if body.startswith("```"):
         body = body.removeprefix("```json").removeprefix("```").removesuffix("```").strip()
     try:
@@ -140,7 +175,7 @@ def _json_object(text: str) -> dict[str, Any] | None:
 
 def parse_call(text: str, tools: list[Tool], call_id: str) -> ToolCall | None:
     """The call an answer makes: exactly `{"name": <a given tool>, "arguments": {...}}`
-    (alone, or in a ``` fence); None: the answer is plain text."""
+    (alone, in a ``` fence, or in <tool_call> tags); None: the answer is plain text."""
     value = _json_object(text)
     if value is None or set(value) != {"name", "arguments"}:
         return None

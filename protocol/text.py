@@ -21,6 +21,7 @@ uses none of these is exactly what it was before they existed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -117,6 +118,11 @@ KOBOLD_SAMPLING_FIELDS = (
 # template tokens a chat format may add around one message (role markers, separators)
 TEMPLATE_TOKENS_PER_MESSAGE = 32
 TEMPLATE_TOKENS_FIXED = 32
+# with tools: what a chat template (or protocol.openai_tools.tools_prompt) writes around
+# their definitions, at most
+TEMPLATE_TOKENS_TOOLS = 1024
+# tools in one request
+MAX_TOOLS = 64
 # Characters one generated token may add to a job's text. A token decodes to at most one
 # character per byte of it (UTF-8, or U+FFFD per stray byte), so the bound is the longest
 # token of a vocabulary: 81 characters in SmolLM2's (a run of spaces), 9 in the tiny
@@ -302,6 +308,17 @@ class TextParams(_Request):
     top_logprobs: int = Field(
         default=0, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the k likeliest too"
     )
+    # OpenAI's function tools (README: Tools), for the gateway to give the model: through
+    # its chat template when that has a tools section, else in the system prompt
+    tools: list[dict[str, Any]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_TOOLS,
+        description="OpenAI's tool definitions ({type: function, function: {name, ...}})",
+    )
+    tool_choice: str | dict[str, Any] = Field(
+        default="auto", description="with tools: auto, required, or {type: function, ...}"
+    )
 
     # (no return annotation: the serialization schema stays TextParams' own)
     @model_serializer(mode="wrap")
@@ -314,6 +331,20 @@ class TextParams(_Request):
             if name in data and getattr(self, name) == default:
                 del data[name]
         return data
+
+    @model_validator(mode="after")
+    def _tools_are_openais(self) -> TextParams:
+        if self.tools is None:
+            if self.tool_choice != "auto":
+                raise ValueError("tool_choice needs tools; leave tool_choice out or give tools")
+            return self
+        if self.messages is None:
+            raise ValueError("tools need messages (chat); leave tools out of a prompt")
+        # (protocol.openai_tools imports this module)
+        from protocol.openai_tools import tools_of
+
+        tools_of(self)  # ValueError naming the field
+        return self
 
     @model_validator(mode="after")
     def _one_input(self) -> TextParams:
@@ -364,6 +395,11 @@ def token_bound(params: TextParams) -> int:
         prompt = sum(len(m.content.encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in params.messages)
     else:
         prompt = len((params.prompt or "").encode())
+    if params.tools:
+        # templates write the definitions as JSON, some indented: twice its plain bytes
+        # bound that, plus what they write around them
+        prompt += 2 * len(json.dumps(params.tools, ensure_ascii=False).encode())
+        prompt += TEMPLATE_TOKENS_TOOLS
     if params.max_context_length is not None:
         # the gateway keeps only the prompt's last max_context_length - max_tokens tokens
         return (

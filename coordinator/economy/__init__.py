@@ -7,6 +7,7 @@ payments.py         paying workers (trust hold), releases, AI Horde holds and di
 checks.py           spot checks: independence, scheduling, verdicts (quorum of two)
 suspicion.py        suspicion and the one way a worker (and its owner) is paused
 text_settlement.py  a finished text job's report checked, charged and paid out
+horde_text.py       an AI Horde text worker's text: tokens estimated, priced, held
 text_checks.py      text spot checks: gateways' checks of block servers, gateways re-run
 text_models.py      the text model catalog and gateways' offers
 verification.py     comparing a spot check's images with the original's

@@ -241,7 +241,7 @@ async def _check_dispute_limits(
     conn: AsyncConnection, config: CoordinatorConfig, account_id: int, at: float
 ) -> None:
     """Forbidden past `max_disputes_per_day` or `max_dispute_share` (rounded up) of the
-    account's finished image jobs: a dispute costs the requester nothing and suspects the
+    account's finished jobs (image and text): a dispute costs the requester nothing and suspects the
     worker, so unlimited disputes would be free images and a way to pause honest workers."""
     mine = jobs.c.account_id == account_id
     disputed_today = (
@@ -268,13 +268,13 @@ async def _check_dispute_limits(
             select(
                 func.count(),
                 func.coalesce(func.sum(case((jobs.c.verdict == "disputed", 1), else_=0)), 0),
-            ).where(mine & DONE & (jobs.c.kind == "image") & jobs.c.verify_of.is_(None))
+            ).where(mine & DONE & jobs.c.verify_of.is_(None))
         )
     ).one()
     allowed = math.ceil(config.max_dispute_share * finished - 1e-9)
     if int(disputed) + 1 > allowed:
         raise Forbidden(
-            f"you disputed {disputed} of your {finished} finished image jobs; at most "
+            f"you disputed {disputed} of your {finished} finished jobs; at most "
             f"{config.max_dispute_share:g} of them (rounded up) may be disputed here "
             "(--max-dispute-share); send signed_only: true so that only workers that sign "
             "their results serve you",

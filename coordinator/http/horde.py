@@ -24,13 +24,13 @@ from typing import Annotated, Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
-from coordinator.errors import BadRequest, NotFound
-from coordinator.http.api import API, Call, UserCall
+from coordinator.errors import BadRequest, NotFound, Unauthorized
+from coordinator.http.api import API, Call
 from coordinator.http.jobs import owned_job, queue_image, with_sources
 from coordinator.http.network import shared_network_status
 from coordinator.http.params import Choice, Text
 from coordinator.http.state import FILES, SIGNALS, STORE, VIEWS
-from coordinator.http.text import choose_model, visible_text_job
+from coordinator.http.text import choose_model, first_served, visible_text_job
 from coordinator.http.text import submit as submit_text
 from coordinator.jobs import text as text_jobs
 from coordinator.jobs.foreign_images import webp_base64
@@ -43,6 +43,7 @@ from coordinator.store import Account, ImageJob, Store
 from protocol.cost import image_cost
 from protocol.errors import ValidationFailed
 from protocol.horde import (
+    ANONYMOUS_KEY,
     HORDE_SAMPLERS,
     ActiveModel,
     DryRun,
@@ -439,6 +440,7 @@ def text_params(body: TextRequestV2) -> TextParams:
         "max_tokens": p.max_length,
         # beyond any model's context it makes no difference (the model's context cuts)
         "max_context_length": min(p.max_context_length, MAX_CONTEXT_TOKENS),
+        # (of several, text_async takes the first one served)
         "model": body.models[0] if body.models else None,
         "sampler_order": list(KOBOLD_SAMPLER_ORDER),
     }
@@ -477,13 +479,23 @@ async def text_async(
     request: web.Request, call: Call[TextRequestV2]
 ) -> RequestAsync | web.Response:
     body = call.body
+    refuse_not_honoured(["workers"] if body.workers else [])
     params = text_params(body)
+    if len(body.models) > 1:
+        # any of them will do: the first one served now
+        params = params.model_copy(update={"model": await first_served(request, body.models)})
     if body.dry_run:
         model = await choose_model(request, params.model, "models")
         cost = text_jobs.reserve_cost(params, model)
         return web.json_response(DryRun(kudos=float(cost)).model_dump())
     agent = request.headers.get("Client-Agent", "")[:200]
-    job = await submit_text(request, call.account, params, horde={"client_agent": agent})
+    job = await submit_text(
+        request,
+        call.account,
+        params,
+        horde={"client_agent": agent},
+        signed_only=body.trusted_workers,
+    )
     return RequestAsync(id=job.id, kudos=float(job.cost))
 
 
@@ -629,16 +641,31 @@ async def user_details(store: Store, account: Account, created_at: float) -> Use
     )
 
 
+# AI Horde's anonymous user (the key 0000000000) is user 0
+ANONYMOUS_USER = {"username": "Anonymous#0", "id": 0}
+
+
+async def _anonymous_user(store: Store) -> UserDetails:
+    """The shared anonymous account as AI Horde shows its anonymous user."""
+    details = await user_details(store, await store.accounts.anonymous_account(), time.time())
+    return details.model_copy(update=ANONYMOUS_USER)
+
+
 @API.route(
     "GET",
     "/api/v2/find_user",
-    summary="AI Horde: the account of the `apikey` header",
+    summary="AI Horde: the account of the `apikey` header (the anonymous key "
+    "`0000000000`: the anonymous user, Anonymous#0)",
     response=UserDetails,
-    auth="user",
-    errors=(404,),
+    auth="optional",
+    errors=(401, 404),
 )
-async def find_user(request: web.Request, call: UserCall[None]) -> UserDetails:
+async def find_user(request: web.Request, call: Call[None]) -> UserDetails:
     store = request.app[STORE]
+    if call.account is None:
+        if request.headers.get("apikey") != ANONYMOUS_KEY:
+            raise Unauthorized("this needs an API key: send it in the `apikey` header")
+        return await _anonymous_user(store)
     found = await store.accounts.account_by_id(call.account.id)
     if found is None:
         raise NotFound("User with this API key not found.").horde("UserNotFound")
@@ -655,6 +682,8 @@ async def find_user(request: web.Request, call: UserCall[None]) -> UserDetails:
 async def show_user(request: web.Request, call: Call[None]) -> UserDetails:
     raw = request.match_info["user_id"]
     store = request.app[STORE]
+    if raw == "0":
+        return await _anonymous_user(store)
     found = (
         await store.accounts.account_by_id(int(raw))
         if raw.isascii() and raw.isdigit() and len(raw) < 12

@@ -8,7 +8,7 @@ gets one-image jobs whose requester did not ask for signed results; what it earn
 for `--horde-hold` seconds and refunded if the requester disputes the job in that time
 (coordinator.economy.payments.hold_for_dispute). Its images are decoded under the same caps
 as our own uploads and stored as PNG. A coordinator that requires sandboxed workers turns
-them away. (AI Horde's text workers cannot report block usage; they are not served.)
+them away. AI Horde's text workers are served alike (coordinator.http.horde_text_workers).
 
 A name costs nothing, so a new one is created through the `worker` rate limit of native
 registrations and counts toward `--max-workers-per-account`; a new name of an account
@@ -32,6 +32,7 @@ from coordinator.http.state import CONFIG, FILES, LIMITER, SIGNALS, STORE
 from coordinator.jobs.foreign_images import png_from_base64
 from coordinator.jobs.possible import Offer
 from coordinator.store import Account, ResultRecord
+from coordinator.workers import Worker
 from protocol.horde import (
     GenerationSubmitted,
     PopPayload,
@@ -43,15 +44,32 @@ from protocol.horde import (
 from protocol.infotext import parameters_text
 from protocol.params import MAX_STEPS
 
-__all__ = ["horde_pop", "horde_submit"]
+__all__ = ["horde_owner", "horde_pop", "horde_submit", "named_worker"]
 
 
-def _owner(account: Account | None) -> Account:
+def horde_owner(account: Account | None) -> Account:
+    """The account an AI Horde worker's `apikey` names (anonymous: 403)."""
     if account is None:
         raise Forbidden(
             "anonymous users cannot run workers; send your API key in the `apikey` header"
         ).horde("AnonForbiddenWorker")
     return account
+
+
+async def named_worker(request: web.Request, account: Account | None, name: str) -> Worker:
+    """The AI Horde worker `name` of the caller's account, created on its first pop (through
+    the `worker` rate limit of native registrations)."""
+    owner = horde_owner(account)
+    if request.app[CONFIG].require_sandbox:
+        raise UnsandboxedWorker()
+    store = request.app[STORE]
+    worker = await store.workers.horde_worker(owner, name)
+    if worker is None:
+        # a new name is a new worker identity: the same limit as a native registration
+        ip = client_ip(request)
+        await request.app[LIMITER].check("worker", f"account:{owner.id}", ip)
+        worker = await store.workers.new_horde_worker(owner, name, ip)
+    return worker
 
 
 @API.route(
@@ -65,17 +83,10 @@ def _owner(account: Account | None) -> Account:
     limit="pop",
 )
 async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopResponseV2:
-    owner = _owner(call.account)
-    if request.app[CONFIG].require_sandbox:
-        raise UnsandboxedWorker()
     body = call.body
     store = request.app[STORE]
     ip = client_ip(request)
-    worker = await store.workers.horde_worker(owner, body.name)
-    if worker is None:
-        # a new name is a new worker identity: the same limit as a native registration
-        await request.app[LIMITER].check("worker", f"account:{owner.id}", ip)
-        worker = await store.workers.new_horde_worker(owner, body.name, ip)
+    worker = await named_worker(request, call.account, body.name)
     # the poll is noted (uptime, address, offer) in the pop's transaction
     # AI Horde gives a worker that offers only inpainting models nothing but inpainting
     # and outpainting jobs (they would render anything else differently)
@@ -170,7 +181,7 @@ async def _base64_file(request: web.Request, digest: str | None) -> str | None:
     limit="result",
 )
 async def horde_submit(request: web.Request, call: Call[SubmitRequestV2]) -> GenerationSubmitted:
-    owner = _owner(call.account)
+    owner = horde_owner(call.account)
     body = call.body
     store, signals = request.app[STORE], request.app[SIGNALS]
     job = await store.image_jobs.get(body.id.lower())

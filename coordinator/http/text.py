@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
@@ -75,6 +75,16 @@ async def choose_model(request: web.Request, name: str | None, field: str) -> Te
     return model
 
 
+async def first_served(request: web.Request, names: Sequence[str]) -> str | None:
+    """Of several acceptable model names (AI Horde's `models`), the first one a gateway or an
+    AI Horde text worker serves now; the first one when none is (choose_model names it)."""
+    if not names:
+        return None
+    config = request.app[CONFIG]
+    served = set(await request.app[STORE].text_jobs.served_models(config.text_model_seconds))
+    return next((name for name in names if name in served), names[0])
+
+
 def check_text_limits(
     request: web.Request, params: TextParams, model: TextModel, account: Account
 ) -> None:
@@ -99,9 +109,12 @@ async def submit(
     params: TextParams,
     horde: dict[str, object] | None = None,
     idempotent: Idempotent | None = None,
+    *,
+    signed_only: bool = False,
 ) -> TextJob:
     """Validate against the catalog and the served models, fix the seed, queue and reserve
-    (once per `idempotent` key); `horde`: the options of a request made through /api/v2."""
+    (once per `idempotent` key); `horde`: the options of a request made through /api/v2
+    (`signed_only`: its trusted_workers, keeping AI Horde's text workers away)."""
     store = request.app[STORE]
     account = account or await store.accounts.anonymous_account(client_ip(request))
     model = await choose_model(request, params.model, "model")
@@ -111,7 +124,9 @@ async def submit(
         # fixed now so that a retry on another gateway samples the same text
         updates["seed"] = secrets.randbelow(MAX_SEED + 1)
     params = params.model_copy(update=updates)
-    job = await store.text_jobs.create(account, params, model, horde, idempotent)
+    job = await store.text_jobs.create(
+        account, params, model, horde, idempotent, signed_only=signed_only
+    )
     request.app[SIGNALS].job_queued("text", model.name)
     return job
 

@@ -28,10 +28,10 @@ from coordinator.db import nonces
 from coordinator.db.request_keys import Idempotent
 from coordinator.db.schema import jobs, text_models, text_outputs, worker_peers
 from coordinator.db.tx import now
-from coordinator.economy import text_settlement
+from coordinator.economy import horde_text, payments, text_settlement
 from coordinator.economy.text_settlement import Settlement
 from coordinator.errors import BadRequest, Conflict
-from coordinator.jobs.lifecycle import Lifecycle
+from coordinator.jobs.lifecycle import Lifecycle, PollNote
 from coordinator.workers import Worker
 from protocol.cost import text_cost
 from protocol.signing import params_hash
@@ -72,6 +72,8 @@ class TextJob:
     horde: bool = False
     # with params.logprobs, once done (README: Logprobs)
     logprobs: list[TokenLogprob] | None = None
+    # an AI Horde text worker's pay for it is held until then (None: nothing held)
+    held_until: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -115,6 +117,7 @@ def _text_job(row: Row[Any]) -> TextJob:
         charged=row.charged,
         horde=row.horde is not None,
         logprobs=None if row.logprobs is None else _LOGPROBS.validate_json(row.logprobs),
+        held_until=row.held_until,
     )
 
 
@@ -224,9 +227,13 @@ class TextJobs(Lifecycle):
         model: TextModel,
         horde: dict[str, object] | None = None,
         idempotent: Idempotent | None = None,
+        *,
+        signed_only: bool = False,
     ) -> TextJob:
         """Queue a text job for `model` and reserve its upper-bound cost (once per `idempotent`
-        key: Lifecycle._queue); `horde`: the /api/v2 request's options, for jobs made there."""
+        key: Lifecycle._queue); `horde`: the /api/v2 request's options, for jobs made there.
+        Only a job made through /api/v2 without `signed_only` (AI Horde's trusted_workers)
+        may go to an AI Horde text worker (`pop_unsigned`)."""
         row = await self._queue(
             account,
             reserve_cost(params, model),
@@ -242,6 +249,7 @@ class TextJobs(Lifecycle):
                 "steps_total": 0,
                 "max_tokens": params.max_tokens,
                 "horde": None if horde is None else json.dumps(horde),
+                "signed_only": 1 if signed_only or horde is None else 0,
             },
             "lower max_tokens or shorten the prompt, or earn kudos by running a worker",
             idempotent,
@@ -263,6 +271,88 @@ class TextJobs(Lifecycle):
         if leased is None:
             return None
         return await self.get(leased.id)
+
+    async def pop_unsigned(
+        self,
+        worker: Worker,
+        models: Sequence[str],
+        max_length: int,
+        max_context: int,
+        poll: PollNote | None = None,
+    ) -> TextJob | None:
+        """For an AI Horde text worker: lease the best queued job for one of `models` made
+        through /api/v2 without trusted_workers (`create`), that asks for at most
+        `max_length` tokens and leaves room for a prompt in `max_context`."""
+        fits = (
+            (jobs.c.kind == "text")
+            & jobs.c.model.in_(list(models))
+            & (jobs.c.signed_only == 0)
+            & jobs.c.horde.is_not(None)
+            & (jobs.c.max_tokens <= max_length)
+            & (jobs.c.max_tokens < max_context)
+        )
+        leased = await self._pop(worker, fits, on_lease=_start_text, poll=poll)
+        return None if leased is None else await self.get(leased.id)
+
+    async def finish_unsigned(
+        self,
+        worker: Worker,
+        job: TextJob,
+        text: str,
+        finish_reason: str,
+        tokens: tuple[int, int],
+        price: int,
+    ) -> int:
+        """An AI Horde text worker's text: done, the unused reservation refunded and `price`
+        held for dispute (coordinator.economy.horde_text), in one transaction; the kudos held.
+        `tokens`: the (prompt, completion) tokens estimated."""
+        async with self._db.begin() as conn:
+            row = await self._finish(conn, worker, job.id)
+            held = await horde_text.hold(conn, self._db.config, worker.id, row, price)
+            await conn.execute(
+                update(text_outputs)
+                .where(text_outputs.c.job_id == job.id)
+                .values(
+                    text=text,
+                    finish_reason=finish_reason,
+                    prompt_tokens=tokens[0],
+                    completion_tokens=tokens[1],
+                    charged=price,
+                )
+            )
+        self.ranking.changed("text")
+        return held
+
+    async def give_back(self, worker: Worker, job_id: str, reason: str) -> TextJob:
+        """An AI Horde text worker reports it could not do the job: requeued (or failed and
+        refunded when out of attempts); it counts toward the worker's --faulted-run."""
+        await self._fail(worker, job_id, reason, retry=True, counts=True)
+        job = await self.get(job_id)
+        assert job is not None
+        return job
+
+    async def dispute(self, job_id: str, why: str) -> int:
+        """The requester disputes an AI Horde text worker's text while its pay is held
+        (payments.dispute): the kudos refunded; the text is deleted (whoever disputes does
+        not keep it). Conflict when nothing is held for it (any more)."""
+        async with self._db.begin() as conn:
+            row = (
+                await conn.execute(
+                    select(jobs)
+                    .where((jobs.c.id == job_id) & (jobs.c.kind == "text"))
+                    .with_for_update()
+                )
+            ).first()
+            if row is None or row.held_until is None:
+                raise Conflict(
+                    f"nothing is held for text job {job_id}: only texts of AI Horde workers "
+                    "(unsigned) can be disputed, and only until their pay is released"
+                )
+            refunded = await payments.dispute(conn, self._db.config, row, why)
+            await conn.execute(
+                update(text_outputs).where(text_outputs.c.job_id == job_id).values(text="")
+            )
+        return refunded
 
     async def append_text(
         self, worker: Worker, job_id: str, offset: int, text: str

@@ -214,7 +214,11 @@ async def test_an_ai_horde_client_gets_images_from_our_worker(live: LiveApp) -> 
     assert shaped(await anonymous.ok("GET", f"/v2/users/{me['id']}"), USER)["id"] == me["id"]
     await anonymous.error("GET", "/v2/users/999999", None, 404, "UserNotFound")
     await anonymous.error("GET", "/v2/users/abc", None, 404, "UserNotFound")
-    await anonymous.error("GET", "/v2/find_user", None, 401, "InvalidAPIKey")
+    # the anonymous key is AI Horde's anonymous user; no key at all is a 401
+    nobody = shaped(await anonymous.ok("GET", "/v2/find_user"), USER)
+    assert (nobody["username"], nobody["id"], nobody["worker_count"]) == ("Anonymous#0", 0, 0)
+    assert shaped(await anonymous.ok("GET", "/v2/users/0"), USER) == nobody
+    await Horde(live.url, "").error("GET", "/v2/find_user", None, 401, "InvalidAPIKey")
     # workers
     listed = [shaped(w, WORKER) for w in await anonymous.ok("GET", "/v2/workers?type=image")]
     # (each `FakeWorker` is a new identity: two workers named "ours", one job each)

@@ -11,8 +11,10 @@ import aiohttp
 import jsonschema_rs
 import pytest
 from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMessageParam
+from pydantic import ValidationError
 
-from protocol.openai_tools import Tool, parse_call
+from protocol.openai_tools import Tool, parse_call, tools_of
+from protocol.text import ChatMessage, TextParams, token_bound
 from tests.coordinator.http.test_kobold_samplers import (  # noqa: F401  (fixtures)
     MODEL,
     coordinator_config,
@@ -20,6 +22,7 @@ from tests.coordinator.http.test_kobold_samplers import (  # noqa: F401  (fixtur
     grid,
 )
 from tests.coordinator.http.test_structured_output import client, serve_all
+from worker.llm.gateway.chat_format import render_chat
 from worker.llm.gateway.core import GenerationCore
 
 WEATHER: dict[str, Any] = {
@@ -46,6 +49,13 @@ TOOLS: list[ChatCompletionFunctionToolParam] = [
 ]
 PING: ChatCompletionFunctionToolParam = {"type": "function", "function": {"name": "ping"}}
 SCHEMAS = {"weather": WEATHER, "time": TIME, "ping": {"type": "object", "properties": {}}}
+
+
+def prompt(gateway: GenerationCore, params: TextParams) -> str:
+    """The prompt the gateway gives the model for a chat job."""
+    assert params.messages is not None
+    messages = [m.model_dump() for m in params.messages]
+    return render_chat(gateway.tokenizer, messages, *tools_of(params))
 
 
 def assert_valid_calls(completion: Any, names: set[str]) -> int:
@@ -86,11 +96,14 @@ async def test_a_named_tool_call_validates_at_temperature_1(
         )
         jobs = await serve_all(gateway, core, 3)
         completion = await request
-    # the tools are in the system prompt; the answer is constrained to a call
+    # the job carries the tools as sent; the tiny model's template has no tools section, so
+    # the gateway puts them in its system prompt; the answer is constrained to a call
     for job in jobs:
-        messages = job.params.messages
-        assert messages is not None and messages[0].role == "system"
-        assert '{"name":"weather","description":"The weather"' in messages[0].content
+        assert job.params.tools is not None
+        assert [t["function"]["name"] for t in job.params.tools] == ["weather", "time"]
+        assert job.params.tool_choice == {"type": "function", "function": {"name": "weather"}}
+        assert "<|system|>\nYou can call these tools" in prompt(core, job.params)
+        assert '{"name":"weather","description":"The weather"' in prompt(core, job.params)
         assert job.params.response_format is not None
     assert assert_valid_calls(completion, {"weather"}) >= 1, completion
 
@@ -132,8 +145,8 @@ async def test_required_calls_one_of_the_tools_and_history_is_rendered(
         (job,) = await serve_all(gateway, core, 1)
         completion = await request
     messages = job.params.messages
-    assert messages is not None
-    assert messages[0].content.startswith("You help.\n\nYou can call these tools")
+    assert messages is not None and messages[0].content == "You help."
+    assert "<|system|>\nYou help.\n\nYou can call these tools" in prompt(core, job.params)
     assert messages[2].role == "assistant"
     assert json.loads(messages[2].content) == {"name": "time", "arguments": {"zone": "utc"}}
     assert messages[3].role == "user" and messages[3].content.endswith("12:00")
@@ -192,7 +205,7 @@ async def test_tool_choice_none_answers_text(
         )
         (job,) = await serve_all(gateway, core, 1)
         completion = await request
-    assert job.params.response_format is None
+    assert job.params.response_format is None and job.params.tools is None
     assert job.params.messages is not None and len(job.params.messages) == 1
     (choice,) = completion.choices
     assert choice.message.tool_calls is None and choice.message.content is not None
@@ -243,6 +256,8 @@ async def test_bad_tool_requests_are_refused_by_name(grid: dict[str, Any]) -> No
     [
         ('{"name": "time", "arguments": {"zone": "utc"}}', "time"),
         ('```json\n{"name": "time", "arguments": {}}\n```', "time"),
+        ('<tool_call>\n{"name": "time", "arguments": {}}\n</tool_call>', "time"),
+        ('<tool_call>{"name": "time", "arguments": {}}', None),
         ('{"name": "nope", "arguments": {}}', None),
         ('{"name": "time", "arguments": "x"}', None),
         ('{"name": "time", "arguments": {}, "more": 1}', None),
@@ -254,3 +269,22 @@ def test_auto_reads_a_call_only_in_the_documented_form(text: str, name: str | No
     tools = [Tool.model_validate(tool) for tool in TOOLS]
     call = parse_call(text, tools, "call_x")
     assert (call.function.name if call else None) == name
+
+
+def test_a_jobs_tools_are_checked_where_it_is_made() -> None:
+    chat = [ChatMessage(role="user", content="hi")]
+    bad = [{"type": "function", "function": {"name": "bad name"}}]
+    with pytest.raises(ValidationError, match="tools: not OpenAI's form"):
+        TextParams(messages=chat, tools=bad)
+    with pytest.raises(ValidationError, match="tools need messages"):
+        TextParams(prompt="hi", tools=[dict(PING)])
+    with pytest.raises(ValidationError, match="tool_choice needs tools"):
+        TextParams(messages=chat, tool_choice="required")
+    # a job without tools is stored and hashed as before they existed
+    plain = TextParams(messages=chat)
+    assert "tools" not in plain.model_dump() and "tool_choice" not in plain.model_dump()
+    # the reservation counts the definitions the template will write, and what it writes
+    # around them
+    with_tools = TextParams(messages=chat, tools=[dict(t) for t in TOOLS])
+    written = len(json.dumps(with_tools.tools).encode())
+    assert token_bound(with_tools) >= token_bound(plain) + written + 1024

@@ -534,3 +534,35 @@ async def test_a_replayed_submit_makes_one_job_and_one_charge(grid: dict[str, An
     assert (await live.store.ledger.balances())["alice"] == 100 - first["kudos_cost"]
     status, refused = await submit("k-1", {**body, "prompt": "twice"})
     assert status == 409 and refused["error"]["fields"][0]["field"] == "Idempotency-Key"
+
+
+async def test_ai_horde_text_models_take_the_first_one_served(grid: dict[str, Any]) -> None:
+    """AI Horde's `models` lists the acceptable models: the first one a worker serves now is
+    used, whatever its place; none served is a 400 naming the first."""
+    live, gateway, key = grid["live"], grid["gateway"], grid["keys"]["alice"]
+    headers = {"apikey": key}
+    url = f"{live.url}/api/v2/generate/text/async"
+    body = {"prompt": "Once upon a time", "params": {"max_length": 20}}
+
+    async def model_of(models: list[str]) -> str:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url, json={**body, "models": models}, headers=headers) as r,
+        ):
+            assert r.status == 202, await r.text()
+            job = await live.store.text_jobs.get((await r.json())["id"])
+        assert job is not None
+        await live.store.text_jobs.cancel(job.id)
+        return str(job.model)
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url, json={**body, "models": ["other", "tiny-llm"]}, headers=headers) as r,
+    ):
+        assert r.status == 400 and "no gateway is serving model other" in await r.text()
+    await offer(gateway)  # tiny-llm is served, other is not
+    assert await model_of(["other", "unknown", "tiny-llm"]) == "tiny-llm"
+    assert await model_of(["tiny-llm", "other"]) == "tiny-llm"
+    assert await gateway.link.pop_text([OTHER], wait=0) is None  # now both are
+    assert await model_of(["other", "tiny-llm"]) == "other"
+    assert await model_of(["unknown", "tiny-llm", "other"]) == "tiny-llm"

@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
+from protocol.openai_tools import tools_of
 from protocol.text import ServerCheck, TextModel, TextParams
-from worker.errors import MissingBlocks, SwarmStepFailed
+from worker.errors import InvalidGenerationInput, MissingBlocks, SwarmStepFailed
 from worker.llm.gateway.chat_format import render_chat
 from worker.llm.gateway.generation import GenerationResult, OnText, SamplingParams, generate
 from worker.llm.gateway.kobold import fit_context, format_output
@@ -162,7 +163,12 @@ class GenerationCore:
 
     def prompt_ids(self, params: TextParams) -> list[int]:
         if params.messages is not None:
-            text = render_chat(self.tokenizer, [m.model_dump() for m in params.messages])
+            try:
+                tools, choice = tools_of(params)
+            except ValueError as exc:
+                raise InvalidGenerationInput("tools", str(exc)) from None
+            messages = [m.model_dump() for m in params.messages]
+            text = render_chat(self.tokenizer, messages, tools, choice)
             # a chat template writes its own special tokens
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
