@@ -562,13 +562,33 @@ def test_source_image_and_painted_mask_make_an_inpainting_job(
     assert page.get_by_label("Width").input_value() == "64"
     assert page.get_by_label("Height").input_value() == "96"
     expect(page.locator("#source-mode")).to_contain_text("img2img")
+    page.get_by_label("Prompt", exact=True).fill("a kite")
+    page.get_by_label("Steps").fill("4")
+    # the coordinator's answer beside the field it names: 4 x 0.1 runs no step
+    page.get_by_label("Denoising strength").fill("0.1")
+    expect(page.locator("#gen-strength-error")).to_contain_text("no sampling step")
     page.get_by_label("Denoising strength").fill("0.5")
-    # a mask of another size is refused
-    small = io.BytesIO()
-    Image.new("L", (32, 32), 255).save(small, format="PNG")
-    wrong_size = FilePayload(name="m.png", mimeType="image/png", buffer=small.getvalue())
-    page.get_by_label("Or upload a mask").set_input_files(wrong_size)
-    expect(page.locator("#gen-mask-problem")).to_contain_text("must be the source image's size")
+    expect(page.locator("#gen-strength-error")).to_be_empty()
+
+    # a mask of another size is refused; one the source's size is taken (white = repaint)
+    mask_input = page.get_by_label("Or upload a mask")
+    for size in ((32, 32), (64, 96)):
+        top = Image.new("L", size, 0)
+        top.paste(255, (0, 0, size[0], 24))
+        upload = io.BytesIO()
+        top.save(upload, format="PNG")
+        payload = FilePayload(name="m.png", mimeType="image/png", buffer=upload.getvalue())
+        if size == (32, 32):
+            mask_input.set_input_files(payload)
+            expect(page.locator("#gen-mask-problem")).to_contain_text("the source image's size")
+            # something painted, then cleared
+            _drag(page, "#mask-canvas", [(0.5, 0.8), (0.6, 0.8)])
+            expect(page.locator("#source-mode")).to_contain_text("Inpainting")
+            page.get_by_role("button", name="Clear mask").click()
+            expect(page.locator("#source-mode")).to_contain_text("img2img")
+        else:
+            mask_input.set_input_files(payload)
+            expect(page.locator("#gen-mask-problem")).to_be_empty()
 
     # paint a band across the middle, then erase its centre
     page.get_by_label("Brush size").fill("40")
@@ -576,8 +596,6 @@ def test_source_image_and_painted_mask_make_an_inpainting_job(
     expect(page.locator("#source-mode")).to_contain_text("Inpainting")
     page.get_by_label("Erase").check()
     _drag(page, "#mask-canvas", [(0.5, 0.5), (0.5, 0.5)])
-    page.get_by_label("Prompt", exact=True).fill("a kite")
-    page.get_by_label("Steps").fill("4")
     page.get_by_label("Seed").fill("7")
     page.get_by_label("Image model").select_option("sd")
     expect(page.locator("#quote")).to_contain_text("Costs")
@@ -593,13 +611,16 @@ def test_source_image_and_painted_mask_make_an_inpainting_job(
     assert params["source_processing"] == "inpainting"
     assert params["denoising_strength"] == 0.5
     assert (params["width"], params["height"]) == (64, 96)
-    # the source went as its own bytes; the mask is what was painted, at the source's size
+    # the source went as its own bytes; the mask is what was uploaded and painted, at the
+    # source's size
     assert _stored_file(grid, params["source_image"]) == source
     mask = Image.open(io.BytesIO(_stored_file(grid, params["source_mask"]))).convert("L")
     assert mask.size == (64, 96)
     assert mask.getpixel((16, 48)) == 255 and mask.getpixel((48, 48)) == 255  # painted
     assert mask.getpixel((32, 48)) == 0  # erased
-    assert mask.getpixel((32, 10)) == 0 and mask.getpixel((32, 86)) == 0  # never painted
+    assert mask.getpixel((32, 10)) == 255 and mask.getpixel((63, 23)) == 255  # uploaded
+    assert mask.getpixel((32, 30)) == 0 and mask.getpixel((32, 86)) == 0  # never painted
+    assert mask.getpixel((35, 77)) == 0  # painted, then cleared
     assert mask.getpixel((0, 48)) == 0 and mask.getpixel((63, 48)) == 0  # past the band's ends
     session.close(key)
 
