@@ -702,6 +702,13 @@ def test_chat_settings_regenerate_copy_and_a_kept_conversation(
     assert stored["messages"][1]["job"] == second_job
     session.screenshot("chat-settings")
 
+    # a regenerate the coordinator refuses keeps the last answer, and says why
+    page.get_by_label("Max tokens").fill("100000")
+    page.get_by_role("button", name="Regenerate").click()
+    expect(page.locator(".msg.error")).to_contain_text("The last answer is kept")
+    expect(page.locator(".msg.assistant")).to_have_attribute("data-job", second_job)
+    expect(page.locator("#chat-error")).to_contain_text("max_tokens")
+
     # a setting out of range is marked before anything is sent; "New chat" forgets it all
     page.get_by_label("Temperature").fill("3")
     page.get_by_role("button", name="Regenerate").click()

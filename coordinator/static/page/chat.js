@@ -138,6 +138,8 @@ async function answer(body) {
   let reply = "";
   let job = null;
   let outcome = "answered";
+  // "New chat" while this streams starts another conversation: the answer stays out of it
+  const conversation = state.chat;
   try {
     const messages = state.chat.map(({ role, content }) => ({ role, content }));
     const system = $("chat-system").value.trim();
@@ -180,8 +182,10 @@ async function answer(body) {
       showError(form(), $("chat-error"), error);
     }
   } finally {
-    if (reply) state.chat.push({ role: "assistant", content: reply, job });
-    save();
+    if (reply && state.chat === conversation) {
+      conversation.push({ role: "assistant", content: reply, job });
+      save();
+    }
     log.removeAttribute("aria-busy");
     state.chatAbort = null;
     showButtons();
@@ -201,10 +205,11 @@ async function send(text) {
     return;
   }
   $("chat-input").value = "";
-  state.chat.push({ role: "user", content: text });
-  bubble(state.chat.at(-1));
+  const conversation = state.chat;
+  conversation.push({ role: "user", content: text });
+  bubble(conversation.at(-1));
   save();
-  if (await answer(body) === "failed") {
+  if (await answer(body) === "failed" && state.chat === conversation) {
     // the message goes back to the input, to send again
     state.chat.pop();
     save();
@@ -222,13 +227,21 @@ async function regenerate() {
     $("chat-error").textContent = "Fix the marked settings.";
     return;
   }
-  const last = state.chat.at(-1)?.role === "assistant" ? state.chat.pop() : null;
+  const conversation = state.chat;
+  const last = conversation.at(-1)?.role === "assistant" ? conversation.pop() : null;
   render();
-  if (await answer(body) === "failed") {
-    if (last) state.chat.push(last);
+  const outcome = await answer(body);
+  if (state.chat !== conversation) return;
+  const replaced = conversation.at(-1)?.role === "assistant";
+  if (!replaced && last) {
+    // failed, or stopped before a word came
+    conversation.push(last);
     save();
     render();
+  }
+  if (outcome === "failed") {
     const kept = last ? " The last answer is kept." : "";
+    render();
     bubble({ role: "error", content: `${$("chat-error").textContent}${kept}` });
   }
 }
