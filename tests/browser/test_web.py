@@ -622,6 +622,13 @@ def test_source_image_and_painted_mask_make_an_inpainting_job(
     assert mask.getpixel((32, 30)) == 0 and mask.getpixel((32, 86)) == 0  # never painted
     assert mask.getpixel((35, 77)) == 0  # painted, then cleared
     assert mask.getpixel((0, 48)) == 0 and mask.getpixel((63, 48)) == 0  # past the band's ends
+
+    # reusing its settings asks for the source image again (the page never had it back)
+    page.get_by_role("button", name="Remove image").click()
+    expect(page.locator("#source-editor")).to_be_hidden()
+    card.get_by_role("button", name="Reuse settings").click()
+    expect(page.locator("#gen-source-problem")).to_contain_text("made from a source image")
+    expect(page.get_by_label("Denoising strength")).to_have_value("0.5")
     session.close(key)
 
 

@@ -8,7 +8,7 @@ import { state } from "./state.js";
 import { selectTab } from "./tabs.js";
 import { refreshAccount } from "./account.js";
 import { describeStatus, imageCard, loadGallery } from "./gallery.js";
-import { offerSources, setUpSource, sourceFields, sourceParams } from "./source.js";
+import { offerSources, reuseSource, setUpSource, sourceFields, sourceParams } from "./source.js";
 
 const QUOTE_DELAY_MS = 350;
 
@@ -215,6 +215,7 @@ export function reuse(params, seed) {
     model.append(h("option", { value: params.model }, params.model));
   }
   model.value = params.model || "";
+  reuseSource(params);
   selectTab("images");
   history.replaceState(null, "", "#images");
   clearErrors(form(), $("generate-error"));

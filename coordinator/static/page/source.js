@@ -317,6 +317,22 @@ export function offerSources(net) {
     : inpainting ? "" : "No online worker paints masks now: img2img only.";
 }
 
+/** A gallery image's source settings, for "Reuse settings": the strength; the page never
+ *  had the source image itself (the coordinator keeps it for workers), so it asks for it. */
+export function reuseSource(params) {
+  const processing = params.source_processing || "txt2img";
+  if (processing === "txt2img") {
+    if (source.file) removeSource();
+    return;
+  }
+  $("gen-strength").value = params.denoising_strength ?? 0.75;
+  showMode();
+  if (!source.file) {
+    problem("source", `That image was made from a source image (${processing}): choose it ` +
+      "again (and paint its mask) to make it again.");
+  }
+}
+
 /** `onChange` runs whenever what the job would ask for changes (the price may). */
 export function setUpSource(onChange) {
   source.onChange = onChange;
