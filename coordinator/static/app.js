@@ -11,8 +11,10 @@
 //   page/tabs.js      the tabs and the address's #fragment
 //   page/account.js   sign in, register, sign out; balance, history, transfers
 //   page/generate.js  the image form: samplers, models, price, progress
+//   page/source.js    the image form's source image, strength and painted mask
 //   page/gallery.js   the jobs list and each image's card
-//   page/chat.js      the chat tab
+//   page/chat.js      the chat tab: settings, streaming, regenerate, copy
+//   page/chat_store.js the conversation and chat settings kept in localStorage
 //   page/network.js   the network tab
 //
 // Modules import each other's functions (account <-> gallery <-> generate); they call them

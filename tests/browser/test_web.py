@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
+import sqlite3
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +27,16 @@ from playwright.sync_api import (
     Browser,
     BrowserContext,
     ConsoleMessage,
+    FilePayload,
     Page,
     Playwright,
+    Route,
     expect,
     sync_playwright,
 )
 
 from client.sdk import Client
+from coordinator.files.local import LocalFiles
 from coordinator.http.web import MODULES_DIR
 from protocol.params import ImageParams
 from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS
@@ -484,3 +490,239 @@ def test_keyboard_labels_and_phone_layout(grid: Grid, browser: Browser, shots: P
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     session.screenshot("phone")
     session.close()
+
+
+def _stored_file(grid: Grid, digest: str) -> bytes:
+    """A file the coordinator stored (its local file store under the data dir)."""
+    return LocalFiles(grid.tmp / "data").path(digest).read_bytes()
+
+
+def _job_params(grid: Grid, job_id: str) -> dict[str, Any]:
+    """A job's parameters as the coordinator stored them."""
+    database = grid.tmp / "data" / "idlegrid.db"
+    with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        (params,) = db.execute("SELECT params FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    loaded: dict[str, Any] = json.loads(params)
+    return loaded
+
+
+def _drag(page: Page, selector: str, points: list[tuple[float, float]]) -> None:
+    """Press the mouse on `selector` at the first point, move through the rest, release;
+    points are fractions of its width and height."""
+    target = page.locator(selector)
+    target.scroll_into_view_if_needed()
+    box = target.bounding_box()
+    assert box is not None
+    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for x, y in at[1:]:
+        page.mouse.move(x, y, steps=6)
+    page.mouse.up()
+
+
+def test_source_image_and_painted_mask_make_an_inpainting_job(
+    grid: Grid, browser: Browser, shots: Path, tmp_path: Path
+) -> None:
+    key = _register(grid.url, "mask-painter")
+    session = Session(browser, grid.url, shots, viewport={"width": 1400, "height": 1000})
+    page = session.open()
+    session.sign_in(key)
+    source_input = page.get_by_label("Source image", exact=True)
+
+    # what is not a usable image is refused beside the input, before anything is sent
+    source_input.set_input_files({"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hi"})
+    expect(page.locator("#gen-source-problem")).to_contain_text("not a PNG, WebP or JPEG")
+    broken = FilePayload(name="broken.png", mimeType="image/png", buffer=PNG_SIGNATURE + b"no")
+    source_input.set_input_files(broken)
+    expect(page.locator("#gen-source-problem")).to_contain_text("could not be read as an image")
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as f:
+        f.truncate(32 * 1024 * 1024 + 1)  # sparse: nothing is written
+    source_input.set_input_files(huge)
+    expect(page.locator("#gen-source-problem")).to_contain_text("over the 32 MB")
+    expect(page.locator("#source-editor")).to_be_hidden()
+
+    # a photo its EXIF orientation turns is shown turned, and sent as what is shown
+    photo, exif = io.BytesIO(), Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to show
+    Image.new("RGB", (96, 64), (200, 40, 40)).save(photo, format="JPEG", exif=exif.tobytes())
+    turned = FilePayload(name="photo.jpg", mimeType="image/jpeg", buffer=photo.getvalue())
+    source_input.set_input_files(turned)
+    expect(page.locator("#source-size")).to_contain_text("64x96 pixels")
+    expect(page.locator("#source-size")).to_contain_text("sent as a PNG of what is shown")
+
+    # a 64x96 source: the job takes its size; strength 0.5
+    out = io.BytesIO()
+    Image.new("RGB", (64, 96), (30, 120, 200)).save(out, format="PNG")
+    source = out.getvalue()
+    source_input.set_input_files({"name": "sky.png", "mimeType": "image/png", "buffer": source})
+    expect(page.locator("#source-editor")).to_be_visible()
+    expect(page.locator("#gen-source-problem")).to_be_empty()
+    assert page.get_by_label("Width").input_value() == "64"
+    assert page.get_by_label("Height").input_value() == "96"
+    expect(page.locator("#source-mode")).to_contain_text("img2img")
+    page.get_by_label("Prompt", exact=True).fill("a kite")
+    page.get_by_label("Steps").fill("4")
+    # the coordinator's answer beside the field it names: 4 x 0.1 runs no step
+    page.get_by_label("Denoising strength").fill("0.1")
+    expect(page.locator("#gen-strength-error")).to_contain_text("no sampling step")
+    page.get_by_label("Denoising strength").fill("0.5")
+    expect(page.locator("#gen-strength-error")).to_be_empty()
+
+    # a mask of another size is refused; one the source's size is taken (white = repaint)
+    mask_input = page.get_by_label("Or upload a mask")
+    for size in ((32, 32), (64, 96)):
+        top = Image.new("L", size, 0)
+        top.paste(255, (0, 0, size[0], 24))
+        upload = io.BytesIO()
+        top.save(upload, format="PNG")
+        payload = FilePayload(name="m.png", mimeType="image/png", buffer=upload.getvalue())
+        if size == (32, 32):
+            mask_input.set_input_files(payload)
+            expect(page.locator("#gen-mask-problem")).to_contain_text("the source image's size")
+            # something painted, then cleared
+            _drag(page, "#mask-canvas", [(0.5, 0.8), (0.6, 0.8)])
+            expect(page.locator("#source-mode")).to_contain_text("Inpainting")
+            page.get_by_role("button", name="Clear mask").click()
+            expect(page.locator("#source-mode")).to_contain_text("img2img")
+        else:
+            mask_input.set_input_files(payload)
+            expect(page.locator("#gen-mask-problem")).to_be_empty()
+
+    # paint a band across the middle, then erase its centre
+    page.get_by_label("Brush size").fill("40")
+    _drag(page, "#mask-canvas", [(0.1, 0.5), (0.9, 0.5)])
+    expect(page.locator("#source-mode")).to_contain_text("Inpainting")
+    page.get_by_label("Erase").check()
+    _drag(page, "#mask-canvas", [(0.5, 0.5), (0.5, 0.5)])
+    page.get_by_label("Seed").fill("7")
+    page.get_by_label("Image model").select_option("sd")
+    expect(page.locator("#quote")).to_contain_text("Costs")
+    session.screenshot("inpainting-form", full_page=False)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#progress-text")).to_contain_text("Done: 1 image", timeout=120_000)
+
+    card = page.locator("#gallery .image-card").first
+    expect(card.locator("pre")).to_contain_text("Source processing: inpainting")
+    job_id = card.get_attribute("data-job")
+    assert job_id
+    params = _job_params(grid, job_id)
+    assert params["source_processing"] == "inpainting"
+    assert params["denoising_strength"] == 0.5
+    assert (params["width"], params["height"]) == (64, 96)
+    # the source went as its own bytes; the mask is what was uploaded and painted, at the
+    # source's size
+    assert _stored_file(grid, params["source_image"]) == source
+    mask = Image.open(io.BytesIO(_stored_file(grid, params["source_mask"]))).convert("L")
+    assert mask.size == (64, 96)
+    assert mask.getpixel((16, 48)) == 255 and mask.getpixel((48, 48)) == 255  # painted
+    assert mask.getpixel((32, 48)) == 0  # erased
+    assert mask.getpixel((32, 10)) == 255 and mask.getpixel((63, 23)) == 255  # uploaded
+    assert mask.getpixel((32, 30)) == 0 and mask.getpixel((32, 86)) == 0  # never painted
+    assert mask.getpixel((35, 77)) == 0  # painted, then cleared
+    assert mask.getpixel((0, 48)) == 0 and mask.getpixel((63, 48)) == 0  # past the band's ends
+
+    # reusing its settings asks for the source image again (the page never had it back)
+    page.get_by_role("button", name="Remove image").click()
+    expect(page.locator("#source-editor")).to_be_hidden()
+    card.get_by_role("button", name="Reuse settings").click()
+    expect(page.locator("#gen-source-problem")).to_contain_text("made from a source image")
+    expect(page.get_by_label("Denoising strength")).to_have_value("0.5")
+    session.close(key)
+
+
+def test_source_images_are_offered_only_when_a_worker_takes_them(
+    grid: Grid, browser: Browser, shots: Path
+) -> None:
+    """When the network view says what its workers take, the form follows it."""
+    session = Session(browser, grid.url, shots)
+
+    def without_sources(route: Route) -> None:
+        net = route.fetch().json()
+        for worker in net["workers"]:
+            worker.update(img2img=False, inpainting=False)
+        route.fulfill(json=net)
+
+    session.page.route("**/api/v1/network", without_sources)
+    page = session.open()
+    expect(page.locator("#source-offer")).to_contain_text("No online worker takes source images")
+    expect(page.get_by_label("Source image", exact=True)).to_be_disabled()
+    session.close()
+
+
+def test_chat_settings_regenerate_copy_and_a_kept_conversation(
+    grid: Grid, browser: Browser, shots: Path
+) -> None:
+    session = Session(browser, grid.url, shots, permissions=["clipboard-read", "clipboard-write"])
+    page = session.open("/#chat")
+    session.sign_in(grid.alice)
+    expect(page.get_by_label("Chat model")).to_have_value("llm")
+    page.get_by_label("System prompt").fill("You answer in one word.")
+    page.get_by_label("Temperature").fill("1.5")
+    page.get_by_label("Max tokens").fill("6")
+    page.get_by_label("Stop strings").fill("zzqx\n\\n\\n")
+    page.get_by_label("Message").fill("Name a colour.")
+    page.get_by_role("button", name="Send", exact=True).click()
+    send = page.get_by_role("button", name="Send", exact=True)
+    expect(send).to_be_enabled(timeout=120_000)
+    answer = page.locator(".msg.assistant")
+    expect(answer).to_have_count(1)
+    first_job = answer.get_attribute("data-job")
+    assert first_job
+    # the settings reached the job
+    params = _job_params(grid, first_job)
+    assert params["messages"] == [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    assert params["temperature"] == 1.5 and params["max_tokens"] == 6
+    assert params["stop"] == ["zzqx", "\n\n"]
+    first_text = answer.locator(".text").inner_text()
+
+    # copy an answer
+    answer.get_by_role("button", name="Copy").click()
+    expect(answer.get_by_role("button", name="Copied")).to_be_visible()
+    assert page.evaluate("navigator.clipboard.readText()") == first_text
+
+    # a reload keeps the conversation and the settings
+    page.reload()
+    expect(page.locator(".msg.user .text")).to_have_text(["Name a colour."])
+    expect(page.locator(".msg.assistant .text")).to_have_text([first_text])
+    expect(page.get_by_label("System prompt")).to_have_value("You answer in one word.")
+    expect(page.get_by_label("Temperature")).to_have_value("1.5")
+    expect(page.get_by_label("Stop strings")).to_have_value("zzqx\n\\n\\n")
+
+    # regenerate replaces the last answer with another job's
+    page.get_by_role("button", name="Regenerate").click()
+    expect(page.get_by_role("button", name="Regenerate")).to_be_enabled(timeout=120_000)
+    expect(page.locator(".msg")).to_have_count(2)
+    second_job = page.locator(".msg.assistant").get_attribute("data-job")
+    assert second_job and second_job != first_job
+    params = _job_params(grid, second_job)
+    assert [m["content"] for m in params["messages"]] == [
+        "You answer in one word.",
+        "Name a colour.",
+    ]
+    stored = json.loads(page.evaluate("localStorage.getItem('idlegrid.chat')"))
+    assert [m["role"] for m in stored["messages"]] == ["user", "assistant"]
+    assert stored["messages"][1]["job"] == second_job
+    session.screenshot("chat-settings")
+
+    # a regenerate the coordinator refuses keeps the last answer, and says why
+    page.get_by_label("Max tokens").fill("100000")
+    page.get_by_role("button", name="Regenerate").click()
+    expect(page.locator(".msg.error")).to_contain_text("The last answer is kept")
+    expect(page.locator(".msg.assistant")).to_have_attribute("data-job", second_job)
+    expect(page.locator("#chat-error")).to_contain_text("max_tokens")
+
+    # a setting out of range is marked before anything is sent; "New chat" forgets it all
+    page.get_by_label("Temperature").fill("3")
+    page.get_by_role("button", name="Regenerate").click()
+    expect(page.locator("#chat-temperature-error")).to_contain_text("from 0")
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator(".msg")).to_have_count(0)
+    page.reload()
+    expect(page.get_by_label("Chat model")).to_have_value("llm")
+    expect(page.locator(".msg")).to_have_count(0)
+    session.close(grid.alice)

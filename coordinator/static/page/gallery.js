@@ -41,6 +41,10 @@ function parametersText(params, seed) {
     `Seed: ${seed}`, `Size: ${params.width}x${params.height}`,
   ];
   if (params.model) parts.push(`Model: ${params.model}`);
+  if (params.source_processing && params.source_processing !== "txt2img") {
+    parts.push(`Denoising strength: ${params.denoising_strength ?? 0.75}`,
+      `Source processing: ${params.source_processing}`);
+  }
   lines.push(parts.join(", "));
   return lines.join("\n");
 }

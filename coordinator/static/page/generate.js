@@ -8,6 +8,7 @@ import { state } from "./state.js";
 import { selectTab } from "./tabs.js";
 import { refreshAccount } from "./account.js";
 import { describeStatus, imageCard, loadGallery } from "./gallery.js";
+import { offerSources, reuseSource, setUpSource, sourceFields, sourceParams } from "./source.js";
 
 const QUOTE_DELAY_MS = 350;
 
@@ -48,6 +49,7 @@ function readParams({ mark }) {
     }
   }
   if ($("gen-model").value) params.model = $("gen-model").value;
+  Object.assign(params, sourceParams());
   return ok ? params : null;
 }
 
@@ -132,6 +134,7 @@ export async function loadSamplers() {
 }
 
 export function setUpGenerate() {
+  setUpSource(scheduleQuote);
   form().addEventListener("input", scheduleQuote);
   form().addEventListener("change", scheduleQuote);
   form().addEventListener("submit", async (event) => {
@@ -147,7 +150,7 @@ export function setUpGenerate() {
     button.disabled = true;
     let created;
     try {
-      const body = { ...params, signed_only: $("gen-signed-only").checked };
+      const body = { ...params, ...(await sourceFields()), signed_only: $("gen-signed-only").checked };
       created = await api("POST", "/api/v1/jobs/image", { body });
     } catch (error) {
       showError(form(), $("generate-error"), error);
@@ -212,6 +215,7 @@ export function reuse(params, seed) {
     model.append(h("option", { value: params.model }, params.model));
   }
   model.value = params.model || "";
+  reuseSource(params);
   selectTab("images");
   history.replaceState(null, "", "#images");
   clearErrors(form(), $("generate-error"));
@@ -228,6 +232,7 @@ export async function loadImageModels() {
   } catch (_) {
     return;
   }
+  offerSources(net);
   const select = $("gen-model");
   const chosen = select.value;
   const names = net.models.filter((m) => m.kind === "image").map((m) => m.name);
