@@ -325,6 +325,14 @@ class NetworkWorker(_Response):
     models: list[str]
     jobs_done: int
     last_seen: float
+    img2img: bool | None = Field(
+        default=None,
+        description="an image worker: whether its last pop took jobs with a source image "
+        "(None: not an image worker, or it has not said)",
+    )
+    inpainting: bool | None = Field(
+        default=None, description="likewise, jobs with a mask (inpainting, outpainting)"
+    )
 
 
 class NetworkModel(_Response):

@@ -28,6 +28,7 @@ LISTED_SECONDS = 86400.0
 
 
 def _worker(row: Any, at: float) -> NetworkWorker:
+    offer = Offer.loads(row.offer) if row.kind == "image" else None
     return NetworkWorker(
         id=row.id,
         name=row.name,
@@ -38,6 +39,8 @@ def _worker(row: Any, at: float) -> NetworkWorker:
         models=json.loads(row.models) if row.models else [],
         jobs_done=row.jobs_done,
         last_seen=row.last_seen,
+        img2img=None if offer is None else offer.img2img,
+        inpainting=None if offer is None else offer.inpainting,
     )
 
 

@@ -91,6 +91,11 @@ async def test_is_possible_follows_the_online_workers_offers(live: LiveApp) -> N
         assert await ours.link.pop(CAPS.model_copy(update={"inpainting": True}), wait=0) is None
         assert await possible(horde, {**plain, **INPAINTING})
 
+        # the network view says what each image worker takes (the web page offers uploads)
+        network = await horde.ok("GET", "/v1/network")
+        takes = {w["name"]: (w["img2img"], w["inpainting"]) for w in network["workers"]}
+        assert takes == {"ours": (False, True), "bridge": (True, False)}, takes
+
 
 async def test_a_paused_worker_makes_nothing_possible(live: LiveApp) -> None:
     requester, donor = await register_accounts(live.url, "asker", "donor")
