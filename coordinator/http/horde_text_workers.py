@@ -94,8 +94,7 @@ async def horde_text_pop(request: web.Request, call: Call[TextPopRequestV2]) -> 
         if model is not None:
             theirs.setdefault(model.name, name)
     served = [m for m in config.text_models if m.name in theirs]
-    # they serve these whole now: requests may name them (choose_model)
-    await store.text_jobs.offer_models(served)
+    # (the offer noted with the poll lets /api/v2 requests name these: choose_model)
     poll = store.workers.poll_note(worker, client_ip(request), kind="text", models=list(theirs))
     job = await timed_pop(
         request,

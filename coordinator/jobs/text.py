@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from coordinator.accounts import Account
 from coordinator.db import nonces
 from coordinator.db.request_keys import Idempotent
-from coordinator.db.schema import jobs, text_models, text_outputs, worker_peers
+from coordinator.db.schema import jobs, text_models, text_outputs, worker_peers, workers
 from coordinator.db.tx import now
 from coordinator.economy import horde_text, payments, text_settlement
 from coordinator.economy.text_settlement import Settlement
@@ -181,15 +181,28 @@ class TextJobs(Lifecycle):
                 if changed.rowcount == 0:
                     await conn.execute(text_models.insert().values(name=model.name, **values))
 
-    async def served_models(self, max_age: float) -> list[str]:
-        """Names of the models a gateway offered within `max_age` seconds, most recent first."""
+    async def served_models(self, max_age: float, *, horde_workers: bool = False) -> list[str]:
+        """Names of the models a gateway offered within `max_age` seconds, most recent first;
+        with `horde_workers`, then those AI Horde text workers popped for in that time (they
+        serve only jobs made through /api/v2 without trusted_workers)."""
+        since = self._db.now() - max_age
         query = (
             select(text_models.c.name)
-            .where(text_models.c.last_seen >= self._db.now() - max_age)
+            .where(text_models.c.last_seen >= since)
             .order_by(text_models.c.last_seen.desc(), text_models.c.name)
         )
+        bridges = select(workers.c.models).where(
+            (workers.c.protocol == "horde")
+            & (workers.c.kind == "text")
+            & (workers.c.last_seen >= since)
+            & workers.c.models.is_not(None)
+        )
         async with self._db.begin() as conn:
-            return list((await conn.execute(query)).scalars())
+            names = list((await conn.execute(query)).scalars())
+            if horde_workers:
+                for offered in (await conn.execute(bridges)).scalars():
+                    names += [n for n in json.loads(offered) if n not in names]
+        return names
 
     async def link_peer(self, worker: Worker, peer_id: str, nonce: str) -> None:
         """Link a hivemind peer id to `worker`, which proved it holds the peer id's libp2p key

@@ -16,14 +16,17 @@ from typing import Any
 import aiohttp
 import pytest
 
+from client.errors import ApiError
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from coordinator.http.state import CONFIG
+from protocol.signing import Identity
 from protocol.text import TextModel, TextParams
 from tests.clock import MockClock, reaper_round
 from tests.conftest import LiveApp
 from tests.coordinator.http.test_horde import Horde, shaped
 from tests.fakes import register_accounts
+from worker.common.link import CoordinatorLink
 
 # big enough that a few tokens cost whole kudos: 5 x 100 / 4000 = 0.125 kudos a token
 MODEL = TextModel(name="tiny-llm", blocks=4, parameters=100_000_000_000, max_context=2048)
@@ -88,13 +91,23 @@ async def test_an_ai_horde_text_worker_serves_our_queue_with_its_pay_held(
     await Horde(live.url).error("POST", "/v2/generate/text/pop", POP, 403, "AnonForbiddenWorker")
     empty = await bridge.ok("POST", "/v2/generate/text/pop", POP)
     assert empty["id"] is None and empty["ids"] == [] and "skipped" in empty
-    # jobs it must never get: trusted workers asked for, a job made through /api/v1, more
-    # tokens than it generates
-    await alice.ok("POST", "/v2/generate/text/async", {**request(), "trusted_workers": True}, 202)
+    # served by the bridge alone, the model takes only the requests it may serve
+    async with AsyncClient(live.url, alice_key) as client:
+        with pytest.raises(ApiError, match="no gateway is serving model tiny-llm"):
+            await client.submit_text(TextParams(prompt="Once upon a time", max_tokens=20))
+    trusted = {**request(), "trusted_workers": True}
+    await alice.error("POST", "/v2/generate/text/async", trusted, 400, "BadRequest")
+    # jobs it must never get, once a gateway serves the model too: trusted workers asked
+    # for, a job made through /api/v1, more tokens than it generates
+    gateway = CoordinatorLink(live.url, Identity.generate(), "gateway", owner_key)
+    await gateway.register()
+    assert await gateway.pop_text([MODEL], wait=0) is None
+    await alice.ok("POST", "/v2/generate/text/async", trusted, 202)
     async with AsyncClient(live.url, alice_key) as client:
         await client.submit_text(TextParams(prompt="Once upon a time", max_tokens=20))
     await alice.ok("POST", "/v2/generate/text/async", request(max_length=100), 202)
     assert (await bridge.ok("POST", "/v2/generate/text/pop", POP))["id"] is None
+    await gateway.aclose()
     # worker lists are not served: named, not dropped
     listed = {**request(), "workers": ["a-worker-id"]}
     assert "workers" in await alice.error(
