@@ -173,6 +173,12 @@ async def horde_text_submit(
             f"{params.max_tokens} may hold at most {cap}",
             [("generation", f"must be at most {cap} characters")],
         )
+    if "\x00" in body.generation:
+        # (lone surrogates are refused with the body: coordinator.http.api)
+        raise BadRequest(
+            "generation holds a NUL character, which no text has (PostgreSQL cannot store it)",
+            [("generation", "must be text without NUL characters")],
+        )
     model = text_models.find(request.app[CONFIG], job.model)
     if model is None:
         raise Conflict(f"model {job.model} left this coordinator's catalog; send state faulted")

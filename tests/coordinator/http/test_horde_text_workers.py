@@ -132,6 +132,11 @@ async def test_an_ai_horde_text_worker_serves_our_queue_with_its_pay_held(
     await bridge.error(
         "POST", "/v2/generate/text/submit", {**submit, "state": "great"}, 400, "BadRequest"
     )
+    for hostile, says in (("a\x00b", "generation"), ("a\ud800b", "surrogate")):
+        message = await bridge.error(
+            "POST", "/v2/generate/text/submit", {**submit, "generation": hostile}, 400, "BadRequest"
+        )
+        assert says in message
     await bridge.error(
         "POST",
         "/v2/generate/text/submit",
