@@ -171,6 +171,7 @@ async def text_status(store: Store, job: TextJob, *, with_text: bool = True) -> 
         kudos_cost=job.charged if job.charged is not None else job.cost,
         attempts=job.attempts,
         error=job.error if job.state in ("failed", "queued") else None,
+        disputable=job.held_until is not None,
     )
 
 

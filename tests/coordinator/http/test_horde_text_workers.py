@@ -166,6 +166,9 @@ async def test_an_ai_horde_text_worker_serves_our_queue_with_its_pay_held(
     assert (await _me(live.url, owner_key))[0] == 100
 
     # disputable by the requester while held: the kudos back, the text gone, a suspicion
+    v1 = f"{live.url}/api/v1/text/jobs/{wanted['id']}"
+    async with aiohttp.ClientSession() as http, http.get(v1, headers={"apikey": alice_key}) as r:
+        assert (await r.json())["disputable"] is True
     async with (
         aiohttp.ClientSession() as http,
         http.post(
@@ -179,6 +182,8 @@ async def test_an_ai_horde_text_worker_serves_our_queue_with_its_pay_held(
     assert (await _me(live.url, alice_key))[0] == before[0] + int(wanted["kudos"])
     status = await alice.ok("GET", f"/v2/generate/text/status/{wanted['id']}")
     assert status["generations"][0]["text"] == ""
+    async with aiohttp.ClientSession() as http, http.get(v1, headers={"apikey": alice_key}) as r:
+        assert (await r.json())["disputable"] is False
     worker = await live.store.workers.worker_row(generation["worker_id"])
     assert worker is not None and worker.suspicion == 1
 
