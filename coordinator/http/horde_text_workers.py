@@ -24,7 +24,7 @@ from coordinator.http.horde_workers import horde_owner, named_worker
 from coordinator.http.metrics import timed_pop
 from coordinator.http.state import CONFIG, SIGNALS, STORE
 from coordinator.http.text import visible_text_job
-from coordinator.jobs.text import TextJob
+from coordinator.jobs.text import HORDE_SECONDS_PER_TOKEN, TextJob
 from protocol.horde import GenerationSubmitted
 from protocol.horde_text import TextPopRequestV2, TextPopResponseV2, TextSubmitRequestV2
 from protocol.messages import DisputeCreate, DisputeRecorded
@@ -114,7 +114,7 @@ async def horde_text_pop(request: web.Request, call: Call[TextPopRequestV2]) -> 
         payload=kobold_payload(job.params, context),
         model=theirs[job.model],
         skipped={},
-        ttl=int(job.lease_seconds),
+        ttl=int(job.lease_seconds + job.params.max_tokens * HORDE_SECONDS_PER_TOKEN),
     )
 
 

@@ -45,7 +45,7 @@ from protocol.text import (
     token_bound,
 )
 
-__all__ = ["TextJob", "TextJobs", "reserve_cost"]
+__all__ = ["HORDE_SECONDS_PER_TOKEN", "TextJob", "TextJobs", "reserve_cost"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,19 @@ async def _start_text(conn: AsyncConnection, row: Row[Any]) -> None:
             job_id=row.id, model=row.model, text="", prompt_tokens=0, completion_tokens=0
         )
     )
+
+
+# an AI Horde text worker streams nothing, so nothing extends its lease: it gets this long
+# for every token it may generate, beyond the lease's base
+HORDE_SECONDS_PER_TOKEN = 0.5
+
+
+async def _start_unsigned(conn: AsyncConnection, row: Row[Any]) -> None:
+    """`_start_text`, and the lease of an AI Horde text worker made long enough for the
+    whole text (HORDE_SECONDS_PER_TOKEN)."""
+    await _start_text(conn, row)
+    deadline = float(row.lease_deadline) + int(row.max_tokens) * HORDE_SECONDS_PER_TOKEN
+    await conn.execute(update(jobs).where(jobs.c.id == row.id).values(lease_deadline=deadline))
 
 
 async def _text_at(conn: AsyncConnection, job_id: str, offset: int, size: int) -> str:
@@ -304,7 +317,7 @@ class TextJobs(Lifecycle):
             & (jobs.c.max_tokens <= max_length)
             & (jobs.c.max_tokens < max_context)
         )
-        leased = await self._pop(worker, fits, on_lease=_start_text, poll=poll)
+        leased = await self._pop(worker, fits, on_lease=_start_unsigned, poll=poll)
         return None if leased is None else await self.get(leased.id)
 
     async def finish_unsigned(

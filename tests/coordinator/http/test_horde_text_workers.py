@@ -123,6 +123,11 @@ async def test_an_ai_horde_text_worker_serves_our_queue_with_its_pay_held(
     assert payload["max_context_length"] == 1024 and payload["n"] == 1
     assert payload["rep_pen"] == 1.1 and payload["temperature"] == 0.5
     assert payload["stop_sequence"] == ["\nYou:"] and isinstance(payload["sampler_seed"], int)
+    # nothing it does extends its lease: it gets time for every token, and is told so
+    job = await live.store.text_jobs.get(leased["id"])
+    assert job is not None and job.lease_deadline is not None
+    assert leased["ttl"] == int(live.app[CONFIG].lease_base_seconds + 40 * 0.5)
+    assert job.lease_deadline == pytest.approx(clock() + leased["ttl"], abs=1)
 
     # bad submits: 400 naming the problem, 403 for another account, 404 for no such job
     submit = {"id": leased["id"], "seed": 0, "state": "ok"}
