@@ -457,6 +457,10 @@ class TextStatus(_Response):
     kudos_cost: int = Field(description="reserved while running; the charge once done")
     attempts: int = 0
     error: str | None = None
+    disputable: bool = Field(
+        default=False,
+        description="an AI Horde text worker's text whose pay is held: POST .../dispute",
+    )
 
     @property
     def finished(self) -> bool:

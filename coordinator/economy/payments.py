@@ -238,12 +238,14 @@ async def release_held(conn: AsyncConnection, now: float) -> int:
 
 
 async def _check_dispute_limits(
-    conn: AsyncConnection, config: CoordinatorConfig, account_id: int, at: float
+    conn: AsyncConnection, config: CoordinatorConfig, account_id: int, at: float, kind: str
 ) -> None:
     """Forbidden past `max_disputes_per_day` or `max_dispute_share` (rounded up) of the
-    account's finished jobs (image and text): a dispute costs the requester nothing and suspects the
-    worker, so unlimited disputes would be free images and a way to pause honest workers."""
+    account's finished jobs of `kind` (image, text): a dispute costs the requester nothing and
+    suspects the worker, so unlimited disputes would be free work and a way to pause honest
+    workers."""
     mine = jobs.c.account_id == account_id
+    signed = "signed_only: true" if kind == "image" else "trusted_workers: true on /api/v2"
     disputed_today = (
         await conn.execute(
             select(func.count())
@@ -260,7 +262,7 @@ async def _check_dispute_limits(
         raise Forbidden(
             f"you disputed {disputed_today} results in the last 24 hours, the most allowed "
             f"here (--max-disputes-per-day {config.max_disputes_per_day}); try again later, "
-            "or send signed_only: true so that only workers that sign their results serve you",
+            f"or send {signed} so that only workers that sign their results serve you",
             [("job_id", "dispute limit reached")],
         )
     finished, disputed = (
@@ -268,15 +270,15 @@ async def _check_dispute_limits(
             select(
                 func.count(),
                 func.coalesce(func.sum(case((jobs.c.verdict == "disputed", 1), else_=0)), 0),
-            ).where(mine & DONE & jobs.c.verify_of.is_(None))
+            ).where(mine & DONE & (jobs.c.kind == kind) & jobs.c.verify_of.is_(None))
         )
     ).one()
     allowed = math.ceil(config.max_dispute_share * finished - 1e-9)
     if int(disputed) + 1 > allowed:
         raise Forbidden(
-            f"you disputed {disputed} of your {finished} finished jobs; at most "
+            f"you disputed {disputed} of your {finished} finished {kind} jobs; at most "
             f"{config.max_dispute_share:g} of them (rounded up) may be disputed here "
-            "(--max-dispute-share); send signed_only: true so that only workers that sign "
+            f"(--max-dispute-share); send {signed} so that only workers that sign "
             "their results serve you",
             [("job_id", "dispute share reached")],
         )
@@ -288,7 +290,7 @@ async def dispute(conn: AsyncConnection, config: CoordinatorConfig, job: Row[Any
     kudos stay grants), the job's verdict is `disputed`, its images are gone (the caller
     deletes the files: whoever disputes does not keep them) and the worker takes a
     suspicion. Returns the kudos refunded."""
-    await _check_dispute_limits(conn, config, job.account_id, now(conn))
+    await _check_dispute_limits(conn, config, job.account_id, now(conn), str(job.kind))
     refunded = await _held_move(conn, job, "refund", job.account_id)
     await conn.execute(update(jobs).where(jobs.c.id == job.id).values(verdict="disputed"))
     await conn.execute(results.delete().where(results.c.job_id == job.id))

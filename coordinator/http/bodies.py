@@ -69,6 +69,9 @@ BODY_LIMITS: dict[tuple[str, str], int] = {
     # usage report's spans (4096 of at most ~250 bytes) and logprobs (each token and its
     # top 20: ~40 bytes and the token's JSON text, 128 bytes an entry leaves room for most)
     ("POST", "/api/v1/text/jobs/{job_id}/delta"): _json_text(MAX_PROMPT_CHARS) + DEFAULT_BODY_BYTES,
+    # an AI Horde text worker's text: the longest a job may hold
+    ("POST", "/api/v2/generate/text/submit"): _json_text(MAX_NEW_TOKENS * MAX_CHARS_PER_TOKEN)
+    + DEFAULT_BODY_BYTES,
     ("POST", "/api/v1/text/jobs/{job_id}/result"): _json_text(MAX_NEW_TOKENS * MAX_CHARS_PER_TOKEN)
     + 4096 * 256
     + MAX_NEW_TOKENS * (MAX_TOP_LOGPROBS + 1) * 128

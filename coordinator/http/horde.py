@@ -481,11 +481,13 @@ async def text_async(
     body = call.body
     refuse_not_honoured(["workers"] if body.workers else [])
     params = text_params(body)
+    bridges = not body.trusted_workers  # AI Horde's text workers may serve it
     if len(body.models) > 1:
         # any of them will do: the first one served now
-        params = params.model_copy(update={"model": await first_served(request, body.models)})
+        chosen = await first_served(request, body.models, horde_workers=bridges)
+        params = params.model_copy(update={"model": chosen})
     if body.dry_run:
-        model = await choose_model(request, params.model, "models")
+        model = await choose_model(request, params.model, "models", horde_workers=bridges)
         cost = text_jobs.reserve_cost(params, model)
         return web.json_response(DryRun(kudos=float(cost)).model_dump())
     agent = request.headers.get("Client-Agent", "")[:200]

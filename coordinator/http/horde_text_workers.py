@@ -24,7 +24,7 @@ from coordinator.http.horde_workers import horde_owner, named_worker
 from coordinator.http.metrics import timed_pop
 from coordinator.http.state import CONFIG, SIGNALS, STORE
 from coordinator.http.text import visible_text_job
-from coordinator.jobs.text import TextJob
+from coordinator.jobs.text import HORDE_SECONDS_PER_TOKEN, TextJob
 from protocol.horde import GenerationSubmitted
 from protocol.horde_text import TextPopRequestV2, TextPopResponseV2, TextSubmitRequestV2
 from protocol.messages import DisputeCreate, DisputeRecorded
@@ -94,8 +94,7 @@ async def horde_text_pop(request: web.Request, call: Call[TextPopRequestV2]) -> 
         if model is not None:
             theirs.setdefault(model.name, name)
     served = [m for m in config.text_models if m.name in theirs]
-    # they serve these whole now: requests may name them (choose_model)
-    await store.text_jobs.offer_models(served)
+    # (the offer noted with the poll lets /api/v2 requests name these: choose_model)
     poll = store.workers.poll_note(worker, client_ip(request), kind="text", models=list(theirs))
     job = await timed_pop(
         request,
@@ -115,7 +114,7 @@ async def horde_text_pop(request: web.Request, call: Call[TextPopRequestV2]) -> 
         payload=kobold_payload(job.params, context),
         model=theirs[job.model],
         skipped={},
-        ttl=int(job.lease_seconds),
+        ttl=int(job.lease_seconds + job.params.max_tokens * HORDE_SECONDS_PER_TOKEN),
     )
 
 
@@ -173,6 +172,12 @@ async def horde_text_submit(
             f"generation holds {len(body.generation)} characters; a job of max_length "
             f"{params.max_tokens} may hold at most {cap}",
             [("generation", f"must be at most {cap} characters")],
+        )
+    if "\x00" in body.generation:
+        # (lone surrogates are refused with the body: coordinator.http.api)
+        raise BadRequest(
+            "generation holds a NUL character, which no text has (PostgreSQL cannot store it)",
+            [("generation", "must be text without NUL characters")],
         )
     model = text_models.find(request.app[CONFIG], job.model)
     if model is None:

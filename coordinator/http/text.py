@@ -55,12 +55,17 @@ from protocol.text import (
 log = logging.getLogger(__name__)
 
 
-async def choose_model(request: web.Request, name: str | None, field: str) -> TextModel:
+async def choose_model(
+    request: web.Request, name: str | None, field: str, *, horde_workers: bool = False
+) -> TextModel:
     """The catalog model a request names (or the default), if a gateway serves it now
-    (gateways re-offer on every long-poll); 400 naming the models otherwise."""
+    (gateways re-offer on every long-poll), or with `horde_workers` an AI Horde text worker
+    (for /api/v2 requests they may serve); 400 naming the models otherwise."""
     config = request.app[CONFIG]
     model = text_models.choose(config, name, field)
-    served = await request.app[STORE].text_jobs.served_models(config.text_model_seconds)
+    served = await request.app[STORE].text_jobs.served_models(
+        config.text_model_seconds, horde_workers=horde_workers
+    )
     if model.name not in served:
         which = f"model {model.name}" + (" (the default)" if name is None else "")
         fix = (
@@ -75,13 +80,20 @@ async def choose_model(request: web.Request, name: str | None, field: str) -> Te
     return model
 
 
-async def first_served(request: web.Request, names: Sequence[str]) -> str | None:
-    """Of several acceptable model names (AI Horde's `models`), the first one a gateway or an
-    AI Horde text worker serves now; the first one when none is (choose_model names it)."""
+async def first_served(
+    request: web.Request, names: Sequence[str], *, horde_workers: bool = False
+) -> str | None:
+    """Of several acceptable model names (AI Horde's `models`), the first one a gateway (or
+    with `horde_workers` an AI Horde text worker) serves now; the first one when none is
+    (choose_model names it)."""
     if not names:
         return None
     config = request.app[CONFIG]
-    served = set(await request.app[STORE].text_jobs.served_models(config.text_model_seconds))
+    served = set(
+        await request.app[STORE].text_jobs.served_models(
+            config.text_model_seconds, horde_workers=horde_workers
+        )
+    )
     return next((name for name in names if name in served), names[0])
 
 
@@ -117,7 +129,9 @@ async def submit(
     (`signed_only`: its trusted_workers, keeping AI Horde's text workers away)."""
     store = request.app[STORE]
     account = account or await store.accounts.anonymous_account(client_ip(request))
-    model = await choose_model(request, params.model, "model")
+    # AI Horde's text workers serve only /api/v2 jobs without trusted_workers
+    bridges = horde is not None and not signed_only
+    model = await choose_model(request, params.model, "model", horde_workers=bridges)
     check_text_limits(request, params, model, account)
     updates: dict[str, object] = {"model": model.name}
     if params.seed is None:
@@ -157,6 +171,7 @@ async def text_status(store: Store, job: TextJob, *, with_text: bool = True) -> 
         kudos_cost=job.charged if job.charged is not None else job.cost,
         attempts=job.attempts,
         error=job.error if job.state in ("failed", "queued") else None,
+        disputable=job.held_until is not None,
     )
 
 

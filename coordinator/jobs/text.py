@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from coordinator.accounts import Account
 from coordinator.db import nonces
 from coordinator.db.request_keys import Idempotent
-from coordinator.db.schema import jobs, text_models, text_outputs, worker_peers
+from coordinator.db.schema import jobs, text_models, text_outputs, worker_peers, workers
 from coordinator.db.tx import now
 from coordinator.economy import horde_text, payments, text_settlement
 from coordinator.economy.text_settlement import Settlement
@@ -45,7 +45,7 @@ from protocol.text import (
     token_bound,
 )
 
-__all__ = ["TextJob", "TextJobs", "reserve_cost"]
+__all__ = ["HORDE_SECONDS_PER_TOKEN", "TextJob", "TextJobs", "reserve_cost"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,19 @@ async def _start_text(conn: AsyncConnection, row: Row[Any]) -> None:
     )
 
 
+# an AI Horde text worker streams nothing, so nothing extends its lease: it gets this long
+# for every token it may generate, beyond the lease's base
+HORDE_SECONDS_PER_TOKEN = 0.5
+
+
+async def _start_unsigned(conn: AsyncConnection, row: Row[Any]) -> None:
+    """`_start_text`, and the lease of an AI Horde text worker made long enough for the
+    whole text (HORDE_SECONDS_PER_TOKEN)."""
+    await _start_text(conn, row)
+    deadline = float(row.lease_deadline) + int(row.max_tokens) * HORDE_SECONDS_PER_TOKEN
+    await conn.execute(update(jobs).where(jobs.c.id == row.id).values(lease_deadline=deadline))
+
+
 async def _text_at(conn: AsyncConnection, job_id: str, offset: int, size: int) -> str:
     """`size` characters of the job's text from `offset` (SQL counts from 1)."""
     query = select(func.substr(text_outputs.c.text, offset + 1, size))
@@ -181,15 +194,28 @@ class TextJobs(Lifecycle):
                 if changed.rowcount == 0:
                     await conn.execute(text_models.insert().values(name=model.name, **values))
 
-    async def served_models(self, max_age: float) -> list[str]:
-        """Names of the models a gateway offered within `max_age` seconds, most recent first."""
+    async def served_models(self, max_age: float, *, horde_workers: bool = False) -> list[str]:
+        """Names of the models a gateway offered within `max_age` seconds, most recent first;
+        with `horde_workers`, then those AI Horde text workers popped for in that time (they
+        serve only jobs made through /api/v2 without trusted_workers)."""
+        since = self._db.now() - max_age
         query = (
             select(text_models.c.name)
-            .where(text_models.c.last_seen >= self._db.now() - max_age)
+            .where(text_models.c.last_seen >= since)
             .order_by(text_models.c.last_seen.desc(), text_models.c.name)
         )
+        bridges = select(workers.c.models).where(
+            (workers.c.protocol == "horde")
+            & (workers.c.kind == "text")
+            & (workers.c.last_seen >= since)
+            & workers.c.models.is_not(None)
+        )
         async with self._db.begin() as conn:
-            return list((await conn.execute(query)).scalars())
+            names = list((await conn.execute(query)).scalars())
+            if horde_workers:
+                for offered in (await conn.execute(bridges)).scalars():
+                    names += [n for n in json.loads(offered) if n not in names]
+        return names
 
     async def link_peer(self, worker: Worker, peer_id: str, nonce: str) -> None:
         """Link a hivemind peer id to `worker`, which proved it holds the peer id's libp2p key
@@ -291,7 +317,7 @@ class TextJobs(Lifecycle):
             & (jobs.c.max_tokens <= max_length)
             & (jobs.c.max_tokens < max_context)
         )
-        leased = await self._pop(worker, fits, on_lease=_start_text, poll=poll)
+        leased = await self._pop(worker, fits, on_lease=_start_unsigned, poll=poll)
         return None if leased is None else await self.get(leased.id)
 
     async def finish_unsigned(

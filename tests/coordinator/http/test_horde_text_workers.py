@@ -16,14 +16,17 @@ from typing import Any
 import aiohttp
 import pytest
 
+from client.errors import ApiError
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from coordinator.http.state import CONFIG
+from protocol.signing import Identity
 from protocol.text import TextModel, TextParams
 from tests.clock import MockClock, reaper_round
 from tests.conftest import LiveApp
 from tests.coordinator.http.test_horde import Horde, shaped
 from tests.fakes import register_accounts
+from worker.common.link import CoordinatorLink
 
 # big enough that a few tokens cost whole kudos: 5 x 100 / 4000 = 0.125 kudos a token
 MODEL = TextModel(name="tiny-llm", blocks=4, parameters=100_000_000_000, max_context=2048)
@@ -88,13 +91,23 @@ async def test_an_ai_horde_text_worker_serves_our_queue_with_its_pay_held(
     await Horde(live.url).error("POST", "/v2/generate/text/pop", POP, 403, "AnonForbiddenWorker")
     empty = await bridge.ok("POST", "/v2/generate/text/pop", POP)
     assert empty["id"] is None and empty["ids"] == [] and "skipped" in empty
-    # jobs it must never get: trusted workers asked for, a job made through /api/v1, more
-    # tokens than it generates
-    await alice.ok("POST", "/v2/generate/text/async", {**request(), "trusted_workers": True}, 202)
+    # served by the bridge alone, the model takes only the requests it may serve
+    async with AsyncClient(live.url, alice_key) as client:
+        with pytest.raises(ApiError, match="no gateway is serving model tiny-llm"):
+            await client.submit_text(TextParams(prompt="Once upon a time", max_tokens=20))
+    trusted = {**request(), "trusted_workers": True}
+    await alice.error("POST", "/v2/generate/text/async", trusted, 400, "BadRequest")
+    # jobs it must never get, once a gateway serves the model too: trusted workers asked
+    # for, a job made through /api/v1, more tokens than it generates
+    gateway = CoordinatorLink(live.url, Identity.generate(), "gateway", owner_key)
+    await gateway.register()
+    assert await gateway.pop_text([MODEL], wait=0) is None
+    await alice.ok("POST", "/v2/generate/text/async", trusted, 202)
     async with AsyncClient(live.url, alice_key) as client:
         await client.submit_text(TextParams(prompt="Once upon a time", max_tokens=20))
     await alice.ok("POST", "/v2/generate/text/async", request(max_length=100), 202)
     assert (await bridge.ok("POST", "/v2/generate/text/pop", POP))["id"] is None
+    await gateway.aclose()
     # worker lists are not served: named, not dropped
     listed = {**request(), "workers": ["a-worker-id"]}
     assert "workers" in await alice.error(
@@ -110,6 +123,11 @@ async def test_an_ai_horde_text_worker_serves_our_queue_with_its_pay_held(
     assert payload["max_context_length"] == 1024 and payload["n"] == 1
     assert payload["rep_pen"] == 1.1 and payload["temperature"] == 0.5
     assert payload["stop_sequence"] == ["\nYou:"] and isinstance(payload["sampler_seed"], int)
+    # nothing it does extends its lease: it gets time for every token, and is told so
+    job = await live.store.text_jobs.get(leased["id"])
+    assert job is not None and job.lease_deadline is not None
+    assert leased["ttl"] == int(live.app[CONFIG].lease_base_seconds + 40 * 0.5)
+    assert job.lease_deadline == pytest.approx(clock() + leased["ttl"], abs=1)
 
     # bad submits: 400 naming the problem, 403 for another account, 404 for no such job
     submit = {"id": leased["id"], "seed": 0, "state": "ok"}
@@ -119,6 +137,11 @@ async def test_an_ai_horde_text_worker_serves_our_queue_with_its_pay_held(
     await bridge.error(
         "POST", "/v2/generate/text/submit", {**submit, "state": "great"}, 400, "BadRequest"
     )
+    for hostile, says in (("a\x00b", "generation"), ("a\ud800b", "surrogate")):
+        message = await bridge.error(
+            "POST", "/v2/generate/text/submit", {**submit, "generation": hostile}, 400, "BadRequest"
+        )
+        assert says in message
     await bridge.error(
         "POST",
         "/v2/generate/text/submit",
@@ -148,6 +171,9 @@ async def test_an_ai_horde_text_worker_serves_our_queue_with_its_pay_held(
     assert (await _me(live.url, owner_key))[0] == 100
 
     # disputable by the requester while held: the kudos back, the text gone, a suspicion
+    v1 = f"{live.url}/api/v1/text/jobs/{wanted['id']}"
+    async with aiohttp.ClientSession() as http, http.get(v1, headers={"apikey": alice_key}) as r:
+        assert (await r.json())["disputable"] is True
     async with (
         aiohttp.ClientSession() as http,
         http.post(
@@ -161,6 +187,8 @@ async def test_an_ai_horde_text_worker_serves_our_queue_with_its_pay_held(
     assert (await _me(live.url, alice_key))[0] == before[0] + int(wanted["kudos"])
     status = await alice.ok("GET", f"/v2/generate/text/status/{wanted['id']}")
     assert status["generations"][0]["text"] == ""
+    async with aiohttp.ClientSession() as http, http.get(v1, headers={"apikey": alice_key}) as r:
+        assert (await r.json())["disputable"] is False
     worker = await live.store.workers.worker_row(generation["worker_id"])
     assert worker is not None and worker.suspicion == 1
 
