@@ -182,6 +182,11 @@ class ImageJobCreated(_Response):
     seed: int
     queue_position: int | None
     eta_seconds: float | None = Field(default=None, description="null when unknown")
+    warnings: list[str] = Field(
+        default=[],
+        description="e.g. why no online worker could serve the job now (it stays queued "
+        "until one can)",
+    )
 
 
 class Quote(_Response):

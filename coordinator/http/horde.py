@@ -29,6 +29,7 @@ from coordinator.http.api import API, Call
 from coordinator.http.jobs import owned_job, queue_image, with_sources
 from coordinator.http.network import shared_network_status
 from coordinator.http.params import Choice, Text
+from coordinator.http.possible import unservable_job
 from coordinator.http.state import FILES, SIGNALS, STORE, VIEWS
 from coordinator.http.text import choose_model, first_served, visible_text_job
 from coordinator.http.text import submit as submit_text
@@ -36,7 +37,7 @@ from coordinator.jobs import text as text_jobs
 from coordinator.jobs.foreign_images import webp_base64
 from coordinator.jobs.lifecycle import Lifecycle
 from coordinator.jobs.network import ONLINE_SECONDS
-from coordinator.jobs.possible import NO_WORKER_WARNING, possible
+from coordinator.jobs.possible import no_worker_warning
 from coordinator.jobs.source_check import CheckedSources
 from coordinator.jobs.text import TextJob
 from coordinator.store import Account, ImageJob, Store
@@ -215,19 +216,9 @@ async def image_async(
     )
     if body.shared and call.account is not None:
         await request.app[STORE].image_jobs.set_shared(job.id, True)
-    warnings = [] if await _possible(request, job) else [NO_WORKER_WARNING]
+    reason = await unservable_job(request, job)
+    warnings = [] if reason is None else [no_worker_warning(reason)]
     return RequestAsync(id=job.id, kudos=float(job.cost), warnings=warnings)
-
-
-async def _possible(request: web.Request, job: ImageJob) -> bool:
-    """AI Horde's `is_possible`: whether an online worker could serve the job (a finished
-    one, or one a worker holds: true). The workers' offers are shared for
-    `network_view_seconds`."""
-    if job.finished or job.state == "leased":
-        return True
-    store = request.app[STORE]
-    offers = await request.app[VIEWS].get("image_offers", store.network.image_offers)
-    return possible(offers, job.params, job.signed_only)
 
 
 def _job_id(request: web.Request) -> str:
@@ -297,7 +288,7 @@ async def image_check(request: web.Request, call: Call[None]) -> RequestStatusCh
         job.cost,
         job.attempts,
         job,
-        is_possible=await _possible(request, job),
+        is_possible=await unservable_job(request, job) is None,
     )
     return RequestStatusCheck(**check)
 
@@ -346,7 +337,7 @@ async def image_status(request: web.Request, job: ImageJob) -> RequestStatusImag
         job.cost,
         job.attempts,
         job,
-        is_possible=await _possible(request, job),
+        is_possible=await unservable_job(request, job) is None,
     )
     return RequestStatusImage(**check, generations=generations, shared=job.shared)
 

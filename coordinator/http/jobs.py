@@ -15,6 +15,7 @@ from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call, UserCall
 from coordinator.http.idempotency import submit_key
 from coordinator.http.params import WholeNumber
+from coordinator.http.possible import unservable_job
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.http.streams import follow, open_stream
 from coordinator.jobs.source_check import CheckedSources, check_sources
@@ -95,12 +96,14 @@ async def submit_image(request: web.Request, call: Call[ImageJobRequest]) -> Ima
     )
     position, eta = await request.app[STORE].image_jobs.queue_info(job.id, job)
     assert job.params.seed is not None
+    unservable = await unservable_job(request, job)
     return ImageJobCreated(
         id=job.id,
         kudos_cost=job.cost,
         seed=job.params.seed,
         queue_position=position,
         eta_seconds=eta,
+        warnings=[] if unservable is None else [f"{unservable}; the job waits until one can"],
     )
 
 

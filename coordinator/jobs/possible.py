@@ -7,27 +7,28 @@ the offers of the online, unpaused image workers with the rules of the pop itsel
 (coordinator.jobs.image._fits, which says the same in SQL): a job that no offer fits is
 still queued (such a worker may come), and AI Horde's clients are told so, as AI Horde
 tells them (`is_possible: false` in check/status, a `NoAvailableWorker` warning when the
-request is made).
+request is made; on /api/v1 a warning), with the reason `unservable` finds.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 from protocol.horde import SAMPLERS_WITHOUT_HORDE_NAME
 from protocol.params import ImageParams
 
-__all__ = ["NO_WORKER_WARNING", "Offer", "WorkerOffer", "fits", "possible"]
+__all__ = ["Offer", "WorkerOffer", "fits", "no_worker_warning", "possible", "unservable"]
 
-# AI Horde's warning on a request no online worker can serve (its code and meaning)
-NO_WORKER_WARNING = {
-    "code": "NoAvailableWorker",
-    "message": "No online worker can serve this request now (its model, size, steps or "
-    "source image); it stays queued until one comes. Choose another model or a smaller "
-    "request to have it served sooner.",
-}
+
+def no_worker_warning(reason: str) -> dict[str, str]:
+    """AI Horde's warning on a request no online worker can serve (its code), with why."""
+    return {
+        "code": "NoAvailableWorker",
+        "message": f"No online worker can serve this request now: {reason}. It stays queued "
+        "until one comes; change the request to have it served sooner.",
+    }
 
 
 @dataclass(frozen=True)
@@ -75,24 +76,73 @@ class WorkerOffer:
     offer: Offer | None
 
 
+def _requirements(
+    params: ImageParams, signed_only: bool
+) -> list[tuple[Callable[[WorkerOffer], bool], str]]:
+    """What a worker must meet to pop a job of `params` (coordinator.jobs.image._fits),
+    each with the reason to give when no online worker meets it (and those before it). An
+    offer not told yet (None) may well meet those it would say."""
+
+    def offered(test: Callable[[Offer], bool]) -> Callable[[WorkerOffer], bool]:
+        return lambda worker: worker.offer is None or test(worker.offer)
+
+    def unsigned_may(worker: WorkerOffer) -> bool:
+        return worker.signs or not (
+            signed_only or params.n != 1 or params.sampler in SAMPLERS_WITHOUT_HORDE_NAME
+        )
+
+    processing = params.source_processing
+    unsigned_rule = (
+        "signs its results"
+        if signed_only
+        else "takes more than one image per job"
+        if params.n != 1
+        else f"samples with {params.sampler}"
+    )
+    return [
+        (
+            lambda worker: params.model is None or params.model in worker.models,
+            f"no online worker offers the model {params.model!r}",
+        ),
+        (
+            offered(lambda offer: offer.takes(processing)),
+            f"no online worker {'with that model ' if params.model else ''}takes "
+            + ("text-to-image" if processing == "txt2img" else processing)
+            + " jobs",
+        ),
+        (
+            offered(lambda offer: params.pixels <= offer.max_pixels),
+            f"no online worker that takes them makes {params.width}x{params.height} images",
+        ),
+        (
+            offered(lambda offer: params.steps <= offer.max_steps),
+            f"no online worker that takes them runs {params.steps} steps",
+        ),
+        (unsigned_may, f"no online worker that takes them {unsigned_rule}"),
+    ]
+
+
+def unservable(
+    workers: Iterable[WorkerOffer], params: ImageParams, signed_only: bool
+) -> str | None:
+    """None when one of `workers` (the online ones) could serve a job of `params`; else
+    why not: the first requirement that none of the workers meeting the ones before it
+    meets."""
+    left = list(workers)
+    if not left:
+        return "no image worker is online"
+    for meets, reason in _requirements(params, signed_only):
+        left = [worker for worker in left if meets(worker)]
+        if not left:
+            return reason
+    return None
+
+
 def fits(worker: WorkerOffer, params: ImageParams, signed_only: bool) -> bool:
     """Whether `worker` may pop a job of `params` (coordinator.jobs.image._fits)."""
-    if params.model is not None and params.model not in worker.models:
-        return False
-    if not worker.signs and (
-        signed_only or params.n != 1 or params.sampler in SAMPLERS_WITHOUT_HORDE_NAME
-    ):
-        return False
-    offer = worker.offer
-    if offer is None:
-        return True  # not told yet: it may well
-    return (
-        params.pixels <= offer.max_pixels
-        and params.steps <= offer.max_steps
-        and offer.takes(params.source_processing)
-    )
+    return unservable([worker], params, signed_only) is None
 
 
 def possible(workers: Iterable[WorkerOffer], params: ImageParams, signed_only: bool) -> bool:
     """Whether any of `workers` (the online ones) could serve a job of `params`."""
-    return any(fits(worker, params, signed_only) for worker in workers)
+    return unservable(workers, params, signed_only) is None

@@ -1,8 +1,8 @@
 """AI Horde's `is_possible` (issue 21): a request that no online worker could serve (its
 model, size, steps, source processing, or signed results) is queued all the same, with
 `is_possible: false` in check/status and AI Horde's `NoAvailableWorker` warning when it is
-made; true once a worker that fits polls. Through HTTP, with our workers and an AI Horde
-worker of different offers."""
+made, v1's warning, each saying why; true once a worker that fits polls. Through HTTP,
+with our workers and an AI Horde worker of different offers."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
+from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from coordinator.economy import suspicion
+from protocol.params import ImageParams
 from tests.conftest import LiveApp, start_app
 from tests.coordinator.http.test_horde import CHECK, Horde, request, shaped, webp
 from tests.fakes import CAPS, FakeWorker, register_accounts
@@ -108,3 +110,35 @@ async def test_a_paused_worker_makes_nothing_possible(live: LiveApp) -> None:
         async with live.store.db.begin() as conn:
             await suspicion.pause(conn, worker.id, "a test pauses it")
         assert not await possible(horde, request())
+
+
+async def _warned(horde: Horde, body: dict[str, Any]) -> str:
+    created = await horde.ok("POST", "/v2/generate/async", body, 202)
+    await horde.ok("DELETE", f"/v2/generate/status/{created['id']}")
+    (warning,) = created["warnings"]
+    assert warning["code"] == "NoAvailableWorker"
+    return str(warning["message"])
+
+
+async def test_the_warnings_say_why_on_both_doors(live: LiveApp) -> None:
+    requester, donor = await register_accounts(live.url, "asker", "donor")
+    horde = Horde(live.url, requester)
+    assert "no image worker is online" in await _warned(horde, request())
+    async with FakeWorker(live.url, "ours", donor) as ours:
+        assert await ours.link.pop(CAPS, wait=0) is None
+        assert "offers the model 'another'" in await _warned(
+            horde, {**request(), "models": ["another"]}
+        )
+        assert "no online worker with that model takes img2img jobs" in await _warned(
+            horde, {**request(), **IMG2IMG}
+        )
+        assert "makes 768x768 images" in await _warned(horde, request(width=768, height=768))
+        # v1: a warning with the reason; none when a worker could
+        async with AsyncClient(live.url, requester) as client:
+            params = ImageParams(prompt="x", width=64, height=64, steps=60, model="tiny")
+            created = await client.submit_image(params)
+            assert created.warnings == [
+                "no online worker that takes them runs 60 steps; the job waits until one can"
+            ]
+            fine = await client.submit_image(params.model_copy(update={"steps": 4}))
+            assert fine.warnings == []
