@@ -293,7 +293,12 @@ async def _generate(args: argparse.Namespace) -> int:
     try:
         async with _client(args) as grid:
             result = await grid.generate(
-                params, args.output, on_progress=progress, source_image=source, source_mask=mask
+                params,
+                args.output,
+                on_progress=progress,
+                source_image=source,
+                source_mask=mask,
+                on_warning=lambda warning: print(f"warning: {warning}", file=sys.stderr),
             )
     finally:
         progress.close()

@@ -53,6 +53,9 @@ class GenerationResult:
     kudos_cost: int
     paths: list[Path] = field(default_factory=list)
     images: list[bytes] = field(default_factory=list)
+    # what the coordinator warned of when the job was made (e.g. no online worker could
+    # serve it then)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -274,12 +277,18 @@ class AsyncClient(AsyncApi):
         *,
         source_image: bytes | None = None,
         source_mask: bytes | None = None,
+        on_warning: Callable[[str], None] | None = None,
     ) -> GenerationResult:
         """Submit, wait and download. Files are named `<job id>-<index>.png` in `out_dir`.
-        `source_image`, `source_mask`: as `submit_image` takes them."""
+        `source_image`, `source_mask`: as `submit_image` takes them; `on_warning` is called
+        with each of the coordinator's warnings as soon as the job is made (they are in the
+        result too)."""
         created = await self.submit_image(
             params, source_image=source_image, source_mask=source_mask
         )
+        for warning in created.warnings:
+            if on_warning is not None:
+                on_warning(warning)
         final = await self.wait(created.id, on_progress)
         if final.state != "done":
             raise JobFailed(created.id, final.state, final.error)
@@ -297,6 +306,7 @@ class AsyncClient(AsyncApi):
             kudos_cost=final.kudos_cost,
             paths=paths,
             images=images,
+            warnings=list(created.warnings),
         )
 
     async def text_events(

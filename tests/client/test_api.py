@@ -167,7 +167,16 @@ async def test_an_image_job_end_to_end_in_memory(
         AsyncClient(url, key, transport=coordinator.transport()) as alice,
         FakeWorker(url, transport=coordinator.transport()) as worker,
     ):
-        making = asyncio.create_task(alice.generate(SMALL, tmp_path, on_progress=seen.append))
+        warned: list[str] = []
+        making = asyncio.create_task(
+            alice.generate(SMALL, tmp_path, on_progress=seen.append, on_warning=warned.append)
+        )
+        # made before any worker offered anything: the coordinator says so, and it waits
+        for _ in range(500):
+            if warned:
+                break
+            await asyncio.sleep(0.01)
+        assert warned == ["no image worker is online; the job waits until one can"]
         job = await worker.link.pop(CAPS, wait=10)
         assert job is not None and job.params.prompt == SMALL.prompt
         await worker.link.progress(job.id, 0, 2, 4)
@@ -176,6 +185,7 @@ async def test_an_image_job_end_to_end_in_memory(
         result = await making
         assert result.job_id == job.id == accepted.id and result.images == pngs
         assert [path.read_bytes() for path in result.paths] == pngs
+        assert result.warnings == warned
         # the statuses came through the job's event stream as they happened
         states = [(status.state, status.step) for status in seen]
         assert ("leased", 2) in states and states[-1][0] == "done"
