@@ -11,6 +11,16 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.params import MAX_N, MAX_SOURCE_BASE64, MAX_STEPS, ImageParams, ModelName
+from protocol.postprocess import POST_PROCESSORS
+
+PostProcessorName = Literal[
+    "GFPGAN",
+    "RealESRGAN_x2plus",
+    "RealESRGAN_x4plus",
+    "RealESRGAN_x4plus_anime_6B",
+    "NMKD_Siax",
+    "4x_AnimeSharp",
+]
 
 __all__ = [
     "AccountCreate",
@@ -426,6 +436,12 @@ class PopRequest(_Request):
     img2img: bool = Field(default=False, description="takes jobs with a source image")
     inpainting: bool = Field(
         default=False, description="takes inpainting and outpainting jobs (a mask, or alpha)"
+    )
+    post_processors: list[PostProcessorName] = Field(
+        default=[],
+        max_length=len(POST_PROCESSORS),
+        description="AI Horde post-processors it holds (GFPGAN, RealESRGAN_x4plus, ...): "
+        "jobs naming others are not offered",
     )
     wait: float = Field(default=10.0, ge=0.0, le=60.0, description="long-poll seconds")
 

@@ -84,6 +84,8 @@ class Capabilities(BaseModel):
     # jobs with a source image; with a mask (inpainting, outpainting)
     img2img: bool = False
     inpainting: bool = False
+    # AI Horde post-processors it holds (protocol.postprocess)
+    post_processors: list[str] = []
 
 
 class _Ignored(BaseModel):

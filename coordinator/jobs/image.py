@@ -25,6 +25,7 @@ from coordinator.jobs.lifecycle import Lifecycle, PollNote
 from coordinator.workers import Worker
 from protocol.horde import SAMPLERS_WITHOUT_HORDE_NAME
 from protocol.params import ImageParams
+from protocol.postprocess import POST_PROCESSORS
 from protocol.signing import params_hash
 
 __all__ = ["ImageJob", "ImageJobs", "ResultRecord"]
@@ -113,10 +114,13 @@ def _source_processing(mode: str) -> ColumnElement[bool]:
     return jobs.c.params.contains(f'"source_processing":"{mode}"')
 
 
-def _fits(signs: bool, img2img: bool, inpainting: bool) -> ColumnElement[bool]:
+def _fits(
+    signs: bool, img2img: bool, inpainting: bool, post_processors: frozenset[str]
+) -> ColumnElement[bool]:
     """The image jobs a worker may pop, its offer bound at execution: max_pixels, max_steps
     and models (a job without a model fits any); jobs with a source image only for a
-    worker that can serve them (`img2img`; `inpainting`: inpainting and outpainting)."""
+    worker that can serve them (`img2img`; `inpainting`: inpainting and outpainting);
+    jobs naming a post-processor only for a worker holding it."""
     fits = (
         (jobs.c.kind == "image")
         & (jobs.c.pixels <= bindparam("max_pixels", type_=jobs.c.pixels.type))
@@ -127,6 +131,11 @@ def _fits(signs: bool, img2img: bool, inpainting: bool) -> ColumnElement[bool]:
         fits = fits & ~_source_processing("img2img")
     if not inpainting:
         fits = fits & ~_source_processing("inpainting") & ~_source_processing("outpainting")
+    for name in POST_PROCESSORS:
+        if name not in post_processors:
+            # in the params' JSON a name in quotes is a value (a prompt's quotes are
+            # escaped); a model of that name would only keep its jobs from this worker
+            fits = fits & ~jobs.c.params.contains(f'"{name}"')
     if not signs:
         # One image per job, a sampler AI Horde knows, and not for requesters who want
         # signed results.
@@ -137,7 +146,8 @@ def _fits(signs: bool, img2img: bool, inpainting: bool) -> ColumnElement[bool]:
 
 
 _INSERT_RESULT = results.insert()
-# (whether the worker signs its results, img2img, inpainting) -> its filter, built once
+# (whether the worker signs its results, img2img, inpainting, post-processors) -> its
+# filter, built once
 _FITS: Shapes[ColumnElement[bool]] = Shapes()
 
 
@@ -197,11 +207,13 @@ class ImageJobs(Lifecycle):
         *,
         img2img: bool = False,
         inpainting: bool = False,
+        post_processors: frozenset[str] = frozenset(),
     ) -> ImageJob | None:
         """Lease the best queued image job that fits the worker, if any (see Lifecycle._pop;
         `poll`: the worker's poll to note in the same transaction, Workers.poll_note;
-        `img2img`, `inpainting`: whether it takes jobs with a source image, with a mask)."""
-        shape = (worker.signs, img2img, inpainting)
+        `img2img`, `inpainting`: whether it takes jobs with a source image, with a mask;
+        `post_processors`: the AI Horde post-processors it holds)."""
+        shape = (worker.signs, img2img, inpainting, post_processors)
         fits = _FITS.get(shape, lambda: _fits(*shape))
         row = await self._pop(
             worker,

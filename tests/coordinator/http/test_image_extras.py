@@ -1,0 +1,103 @@
+"""Hires fix and post-processing through the coordinator (issue 24 part B): AI Horde's
+fields are taken and priced, jobs naming post-processors go only to workers holding them,
+and the result must have the upscaled size."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+import pytest
+
+from client.errors import ApiError
+from client.sdk import AsyncClient
+from protocol.cost import image_cost
+from protocol.messages import PopRequest, PostProcessorName
+from protocol.params import ImageParams
+from protocol.postprocess import POST_PROCESSORS
+from tests.conftest import LiveApp
+from tests.coordinator.http.test_horde import Horde, request
+from tests.fakes import CAPS, FakeWorker, png, register_accounts
+from worker.errors import CoordinatorRejected
+
+EXTRAS = {
+    "hires_fix": True,
+    "hires_fix_denoising_strength": 0.4,
+    "post_processing": ["RealESRGAN_x2plus", "GFPGAN"],
+    "facefixer_strength": 0.5,
+}
+
+
+def test_the_wire_names_are_the_protocol_names() -> None:
+    assert set(get_args(PostProcessorName)) == set(POST_PROCESSORS)
+    assert PopRequest(models=["m"], max_pixels=4096, max_steps=1).post_processors == []
+
+
+def test_prices_follow_ai_horde_multipliers() -> None:
+    plain = ImageParams(prompt="x", steps=20)
+    assert image_cost(plain) == 10
+    # GFPGAN x1, an upscaler x1.05; the hires fix adds int(20 x 0.5) second-pass steps
+    assert image_cost(plain.model_copy(update={"post_processing": ["GFPGAN"]})) == 10
+    assert image_cost(plain.model_copy(update={"post_processing": ["NMKD_Siax"]})) == 11
+    hires = ImageParams(prompt="x", steps=20, hires_fix=True, hires_fix_denoising_strength=0.5)
+    assert image_cost(hires) == 15
+
+
+async def test_a_v2_request_with_extras_is_priced_and_served_by_a_worker_holding_them(
+    live: LiveApp,
+) -> None:
+    requester, donor = await register_accounts(live.url, "asker", "donor")
+    horde = Horde(live.url, requester)
+    created = await horde.ok("POST", "/v2/generate/async", request(**EXTRAS), 202)
+    job = await live.store.image_jobs.get(created["id"])
+    assert job is not None
+    p = job.params
+    assert (p.hires_fix, p.hires_fix_denoising_strength) == (True, 0.4)
+    assert (p.post_processing, p.facefixer_strength) == (["RealESRGAN_x2plus", "GFPGAN"], 0.5)
+    assert created["kudos"] == image_cost(p) and p.output_size == (128, 128)
+    async with FakeWorker(live.url, "holder", donor) as worker:
+        assert await worker.link.pop(CAPS, wait=0) is None
+        only_gfpgan = CAPS.model_copy(update={"post_processors": ["GFPGAN"]})
+        assert await worker.link.pop(only_gfpgan, wait=0) is None
+        both = CAPS.model_copy(update={"post_processors": ["GFPGAN", "RealESRGAN_x2plus"]})
+        leased = await worker.link.pop(both, wait=0)
+        assert leased is not None and leased.id == job.id
+        seed = leased.params.seeds()[0]
+        # an image of the requested size is not the upscaled one
+        with pytest.raises(CoordinatorRejected, match="128x128"):
+            await worker.link.submit(leased, [seed], [png(1, 64, 64)])
+        accepted = await worker.link.submit(leased, [seed], [png(1, 128, 128)])
+    assert accepted.id == job.id
+
+
+async def test_an_ai_horde_worker_gets_the_extras_unless_it_refuses_post_processing(
+    live: LiveApp,
+) -> None:
+    requester, donor = await register_accounts(live.url, "asker", "bridge")
+    await Horde(live.url, requester).ok("POST", "/v2/generate/async", request(**EXTRAS), 202)
+    bridge = Horde(live.url, donor)
+    pop = {"name": "bridge", "models": ["tiny"], "allow_post_processing": False}
+    assert (await bridge.ok("POST", "/v2/generate/pop", pop))["id"] is None
+    popped = await bridge.ok("POST", "/v2/generate/pop", {**pop, "allow_post_processing": True})
+    payload = popped["payload"]
+    assert payload["hires_fix"] is True and payload["hires_fix_denoising_strength"] == 0.4
+    # face fixers first, as AI Horde's workers run them
+    assert payload["post_processing"] == ["GFPGAN", "RealESRGAN_x2plus"]
+    assert payload["facefixer_strength"] == 0.5
+
+
+async def test_refused_post_processors_are_named(live: LiveApp) -> None:
+    (key,) = await register_accounts(live.url, "picky")
+    got, answer = await Horde(live.url, key).call(
+        "POST", "/v2/generate/async", request(post_processing=["CodeFormers"])
+    )
+    assert got == 400
+    assert "S-Lab" in answer["errors"]["params.post_processing"]
+    async with AsyncClient(live.url, key) as grid:
+        too_big = ImageParams.model_construct(
+            **{
+                **ImageParams(prompt="x", width=1024, height=576).model_dump(),
+                "post_processing": ["NMKD_Siax"],
+            }
+        )
+        with pytest.raises(ApiError, match="4096x2304, over 2048"):
+            await grid.submit_image(too_big)
