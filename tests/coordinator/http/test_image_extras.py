@@ -16,6 +16,7 @@ from protocol.params import ImageParams
 from protocol.postprocess import POST_PROCESSORS
 from tests.conftest import LiveApp
 from tests.coordinator.http.test_horde import Horde, request
+from tests.coordinator.http.test_source_images import checked_network  # noqa: F401 (fixture)
 from tests.fakes import CAPS, FakeWorker, png, register_accounts
 from worker.errors import CoordinatorRejected
 
@@ -101,3 +102,29 @@ async def test_refused_post_processors_are_named(live: LiveApp) -> None:
         )
         with pytest.raises(ApiError, match="4096x2304, over 2048"):
             await grid.submit_image(too_big)
+
+
+async def test_a_spot_check_goes_to_a_referee_holding_the_post_processors(
+    checked_network: LiveApp,  # noqa: F811 (the fixture)
+) -> None:
+    live = checked_network
+    requester, donor, operator = await register_accounts(live.url, "asker", "donor", "operator")
+    await Horde(live.url, requester).ok(
+        "POST", "/v2/generate/async", request(post_processing=["RealESRGAN_x2plus"]), 202
+    )
+    upscaling = CAPS.model_copy(update={"post_processors": ["RealESRGAN_x2plus"]})
+    async with (
+        FakeWorker(live.url, "newcomer", donor) as newcomer,
+        FakeWorker(live.url, "referee", operator) as referee,
+        AsyncClient(live.url, requester) as grid,
+    ):
+        job = await newcomer.link.pop(upscaling, wait=0)
+        assert job is not None
+        await newcomer.link.submit(job, job.params.seeds(), [png(1, 128, 128)])
+        assert await referee.link.pop(CAPS, wait=0) is None
+        check = await referee.link.pop(upscaling, wait=5)
+        assert check is not None and check.params == job.params
+        # the same picture, compared at the upscaled size
+        await referee.link.submit(check, check.params.seeds(), [png(1, 128, 128, 9)])
+        assert newcomer.link.worker_id is not None
+        assert (await grid.worker(newcomer.link.worker_id)).checks_passed == 1
