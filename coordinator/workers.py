@@ -47,6 +47,8 @@ class Worker:
     # what it serves (image | text | blocks) and the models it offered, from its polls
     kind: str | None = None
     models: tuple[str, ...] = ()
+    # the AI Horde post-processors it held at its last poll
+    post_processors: tuple[str, ...] = ()
 
     @property
     def signs(self) -> bool:
@@ -68,7 +70,14 @@ def _worker(row: Row[Any]) -> Worker:
         protocol=row.protocol,
         kind=row.kind,
         models=tuple(json.loads(row.models)) if row.models else (),
+        post_processors=_post_processors(row),
     )
+
+
+def _post_processors(row: Row[Any]) -> tuple[str, ...]:
+    # (reads that select only some columns leave it out: then it counts as unchanged)
+    held = getattr(row, "post_processors", None)
+    return tuple(json.loads(held)) if held else ()
 
 
 def _horde_key(owner: Account, name: str) -> str:
@@ -76,11 +85,23 @@ def _horde_key(owner: Account, name: str) -> str:
     return "horde-" + hashlib.sha256(f"{owner.id}/{name}".encode()).hexdigest()[:58]
 
 
-def _offer(worker: Worker, kind: str, models: Sequence[str]) -> dict[str, Any]:
-    """The columns to write when `worker` offers `models` for `kind` (none if unchanged)."""
-    if worker.kind == kind and worker.models == tuple(models):
+def _offer(
+    worker: Worker, kind: str, models: Sequence[str], post_processors: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The columns to write when `worker` offers `models` for `kind`, holding
+    `post_processors` (none if unchanged)."""
+    held = sorted(post_processors)
+    if (
+        worker.kind == kind
+        and worker.models == tuple(models)
+        and worker.post_processors == tuple(held)
+    ):
         return {}
-    return {"kind": kind, "models": json.dumps(list(models))}
+    return {
+        "kind": kind,
+        "models": json.dumps(list(models)),
+        "post_processors": json.dumps(held) if held else None,
+    }
 
 
 class Workers:
@@ -188,10 +209,11 @@ class Workers:
         *,
         kind: str = "image",
         models: Sequence[str] = (),
+        post_processors: Sequence[str] = (),
     ) -> Callable[[AsyncConnection], Awaitable[int]]:
         """`record_poll` to run in a transaction of the caller's: a pop's (Lifecycle._pop),
         so that a poll that leases a job costs one transaction, not two."""
-        offer = _offer(worker, kind, models)
+        offer = _offer(worker, kind, models, post_processors)
 
         async def note(conn: AsyncConnection) -> int:
             return await payments.record_poll(

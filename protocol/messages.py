@@ -333,6 +333,7 @@ class NetworkWorker(_Response):
     trusted: bool
     online: bool = Field(description="polled within the last few minutes")
     models: list[str]
+    post_processors: list[str] = Field(default=[], description="AI Horde post-processors held")
     jobs_done: int
     last_seen: float
 
@@ -355,6 +356,9 @@ class NetworkStatus(_Response):
     workers: list[NetworkWorker] = Field(description="a page of them, most recently seen first")
     models: list[NetworkModel]
     queue: list[NetworkQueue]
+    post_processors: list[str] = Field(
+        default=[], description="the AI Horde post-processors some online image worker holds"
+    )
     next_offset: int | None = Field(
         default=None, description="pass as ?offset= for the next page of workers; null = end"
     )

@@ -133,6 +133,9 @@ workers = Table(
     # --- identities (0006_identities) ---
     # jobs it gave back in a row since its last finished job (`faulted_run` pauses it)
     Column("faulted_run", Integer, nullable=False, server_default="0"),
+    # --- image extras (0010_upscale) ---
+    # JSON list of the AI Horde post-processors it held at its last poll (None: none)
+    Column("post_processors", Text),
 )
 
 jobs = Table(

@@ -276,7 +276,17 @@ async def image_check(request: web.Request, call: Call[None]) -> RequestStatusCh
     store = request.app[STORE]
     n = job.params.n
     check = await _check(store.image_jobs, job.id, job.state, n, job.cost, job.attempts, job)
+    check["is_possible"] = await _possible(request, job)
     return RequestStatusCheck(**check)
+
+
+async def _possible(request: web.Request, job: ImageJob) -> bool:
+    """AI Horde's `is_possible`: false while no online worker holds the post-processors a
+    queued job names (it waits for one)."""
+    if job.state != "queued" or not job.params.post_processing:
+        return True
+    held = (await shared_network_status(request, online_only=True)).post_processors
+    return set(job.params.post_processing) <= set(held)
 
 
 async def _worker_names(store: Store, worker_id: str | None) -> tuple[str, str, tuple[str, ...]]:
@@ -316,6 +326,7 @@ async def image_status(request: web.Request, job: ImageJob) -> RequestStatusImag
     check = await _check(
         store.image_jobs, job.id, job.state, job.params.n, job.cost, job.attempts, job
     )
+    check["is_possible"] = await _possible(request, job)
     return RequestStatusImage(**check, generations=generations, shared=job.shared)
 
 

@@ -77,7 +77,10 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         await request.app[LIMITER].check("worker", f"account:{owner.id}", ip)
         worker = await store.workers.new_horde_worker(owner, body.name, ip)
     # the poll is noted (uptime, address, offer) in the pop's transaction
-    poll = store.workers.poll_note(worker, ip, kind="image", models=body.models)
+    held = POST_PROCESSORS if body.allow_post_processing else ()
+    poll = store.workers.poll_note(
+        worker, ip, kind="image", models=body.models, post_processors=held
+    )
     job = await timed_pop(
         request,
         "image",
@@ -90,7 +93,7 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
             img2img=body.allow_img2img,
             inpainting=body.allow_img2img and body.allow_painting,
             # AI Horde's workers hold every post-processor it knows when they allow them
-            post_processors=frozenset(POST_PROCESSORS if body.allow_post_processing else ()),
+            post_processors=frozenset(held),
         ),
     )()
     if job is None:

@@ -101,7 +101,15 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
     if request.app[CONFIG].require_sandbox and worker.sandboxed is not True:
         raise UnsandboxedWorker()
     # the poll is noted (uptime, address, offer) in the first attempt's transaction
-    polls = [store.workers.poll_note(worker, client_ip(request), kind="image", models=body.models)]
+    polls = [
+        store.workers.poll_note(
+            worker,
+            client_ip(request),
+            kind="image",
+            models=body.models,
+            post_processors=body.post_processors,
+        )
+    ]
 
     def attempt() -> Awaitable[ImageJob | None]:
         poll = polls.pop() if polls else None

@@ -35,6 +35,7 @@ def _worker(row: Any, at: float) -> NetworkWorker:
         trusted=bool(row.trusted),
         online=at - row.last_seen <= ONLINE_SECONDS,
         models=json.loads(row.models) if row.models else [],
+        post_processors=json.loads(row.post_processors) if row.post_processors else [],
         jobs_done=row.jobs_done,
         last_seen=row.last_seen,
     )
@@ -101,7 +102,15 @@ class Network:
             ),
             NetworkQueue(kind="text", queued=text.get("queued", 0), running=text.get("leased", 0)),
         ]
-        return NetworkStatus(workers=listed, models=models, queue=queue)
+        held = {
+            name
+            for worker in listed
+            if worker.online and worker.kind == "image"
+            for name in worker.post_processors
+        }
+        return NetworkStatus(
+            workers=listed, models=models, queue=queue, post_processors=sorted(held)
+        )
 
     async def worker_records(
         self, worker_id: str | None = None

@@ -4,17 +4,19 @@ and the result must have the upscaled size."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import get_args
 
 import pytest
 
 from client.errors import ApiError
 from client.sdk import AsyncClient
+from coordinator.config import CoordinatorConfig
 from protocol.cost import image_cost
 from protocol.messages import PopRequest, PostProcessorName
 from protocol.params import ImageParams
 from protocol.postprocess import POST_PROCESSORS
-from tests.conftest import LiveApp
+from tests.conftest import LiveApp, start_app
 from tests.coordinator.http.test_horde import Horde, request
 from tests.coordinator.http.test_source_images import checked_network  # noqa: F401 (fixture)
 from tests.fakes import CAPS, FakeWorker, png, register_accounts
@@ -128,3 +130,29 @@ async def test_a_spot_check_goes_to_a_referee_holding_the_post_processors(
         await referee.link.submit(check, check.params.seeds(), [png(1, 128, 128, 9)])
         assert newcomer.link.worker_id is not None
         assert (await grid.worker(newcomer.link.worker_id)).checks_passed == 1
+
+
+async def test_is_possible_once_an_online_worker_holds_the_post_processors(
+    coordinator_config: CoordinatorConfig,
+) -> None:
+    config = dataclasses.replace(coordinator_config, network_view_seconds=0.0)
+    runner, live = await start_app(config)
+    try:
+        requester, donor = await register_accounts(live.url, "asker", "donor")
+        horde = Horde(live.url, requester)
+        created = await horde.ok(
+            "POST", "/v2/generate/async", request(post_processing=["GFPGAN"]), 202
+        )
+        path = f"/v2/generate/check/{created['id']}"
+        assert (await horde.ok("GET", path))["is_possible"] is False
+        async with FakeWorker(live.url, "elsewhere", donor) as worker:
+            # (another model: it holds GFPGAN and is online, but does not take the job)
+            caps = CAPS.model_copy(update={"models": ["other"], "post_processors": ["GFPGAN"]})
+            assert await worker.link.pop(caps, wait=0) is None
+            assert (await horde.ok("GET", path))["is_possible"] is True
+            status = await horde.ok("GET", f"/v2/generate/status/{created['id']}")
+            assert status["is_possible"] is True
+            network = await horde.call("GET", "/v1/network")
+            assert network[1]["post_processors"] == ["GFPGAN"]
+    finally:
+        await runner.cleanup()
