@@ -207,3 +207,16 @@ def test_post_processor_files_and_weights(upscalers: Path, tmp_path: Path) -> No
     (tmp_path / "NMKD_Siax.ckpt").unlink()
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
         PostProcessors.load(tmp_path, CPU)
+
+
+def test_worker_flag_refuses_a_folder_without_weights(
+    tiny_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from client.cli import main
+
+    (tmp_path / "GFPGAN.pt").write_bytes(b"pickle")
+    args = ["worker", "image", "--coordinator", "http://127.0.0.1:9", "--model", str(tiny_sd)]
+    assert main([*args, "--post-processors", str(tmp_path / "none")]) == 2
+    assert "--post-processors" in capsys.readouterr().err
+    assert main([*args, "--post-processors", str(tmp_path)]) == 2
+    assert "GFPGAN.pt is a pickle" in capsys.readouterr().err
