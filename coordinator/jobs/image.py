@@ -24,7 +24,7 @@ from coordinator.jobs import hot
 from coordinator.jobs.lifecycle import Lifecycle, PollNote
 from coordinator.workers import Worker
 from protocol.horde import SAMPLERS_WITHOUT_HORDE_NAME
-from protocol.params import ImageParams
+from protocol.params import ImageParams, sampled_steps
 from protocol.postprocess import POST_PROCESSORS
 from protocol.signing import params_hash
 
@@ -180,8 +180,9 @@ class ImageJobs(Lifecycle):
                 "pixels": params.pixels,
                 "steps": params.steps,
                 "n": params.n,
+                # (a hires fix samples a second pass: its lease covers both)
                 "lease_seconds": self._db.config.lease_seconds(
-                    params.pixels, params.steps, params.n
+                    params.pixels, max(params.steps, sampled_steps(params)), params.n
                 ),
                 "steps_total": params.steps,
                 "signed_only": 1 if signed_only else 0,

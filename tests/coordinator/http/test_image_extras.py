@@ -12,6 +12,7 @@ import pytest
 from client.errors import ApiError
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
+from coordinator.http.state import CONFIG
 from protocol.cost import image_cost
 from protocol.messages import PopRequest, PostProcessorName
 from protocol.params import ImageParams
@@ -57,6 +58,8 @@ async def test_a_v2_request_with_extras_is_priced_and_served_by_a_worker_holding
     assert (p.hires_fix, p.hires_fix_denoising_strength) == (True, 0.4)
     assert (p.post_processing, p.facefixer_strength) == (["RealESRGAN_x2plus", "GFPGAN"], 0.5)
     assert created["kudos"] == image_cost(p) and p.output_size == (128, 128)
+    # the lease covers both passes of the hires fix: 4 + int(4 x 0.4) steps
+    assert job.lease_seconds == live.app[CONFIG].lease_seconds(64 * 64, 5, 1)
     async with FakeWorker(live.url, "holder", donor) as worker:
         assert await worker.link.pop(CAPS, wait=0) is None
         only_gfpgan = CAPS.model_copy(update={"post_processors": ["GFPGAN"]})
