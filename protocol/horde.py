@@ -163,10 +163,11 @@ class ImageParamsV2(_In):
     denoising_strength: float = Field(
         default=DEFAULT_DENOISING_STRENGTH, description="with a source image: how much is repainted"
     )
-    hires_fix: bool = False
-    hires_fix_denoising_strength: float = DEFAULT_HIRES_STRENGTH
-    post_processing: list[str] = Field(default=[], max_length=8)
-    facefixer_strength: float = DEFAULT_FACEFIXER_STRENGTH
+    # (clients send null for "not set": AI Horde's defaults then)
+    hires_fix: bool | None = False
+    hires_fix_denoising_strength: float | None = DEFAULT_HIRES_STRENGTH
+    post_processing: list[str] | None = Field(default=[], max_length=8)
+    facefixer_strength: float | None = DEFAULT_FACEFIXER_STRENGTH
 
     @field_validator("seed", mode="before")
     @classmethod

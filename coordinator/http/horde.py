@@ -62,6 +62,7 @@ from protocol.horde import (
     split_prompt,
 )
 from protocol.params import MAX_SEED, ImageParams
+from protocol.postprocess import DEFAULT_FACEFIXER_STRENGTH, DEFAULT_HIRES_STRENGTH
 from protocol.text import (
     KOBOLD_SAMPLER_ORDER,
     KOBOLD_SAMPLING_FIELDS,
@@ -184,10 +185,14 @@ async def image_params(
             "model": await _image_model(request, body.models),
             "source_processing": processing,
             **({} if processing == "txt2img" else {"denoising_strength": p.denoising_strength}),
-            "hires_fix": p.hires_fix,
-            "hires_fix_denoising_strength": p.hires_fix_denoising_strength,
-            "post_processing": p.post_processing,
-            "facefixer_strength": p.facefixer_strength,
+            "hires_fix": bool(p.hires_fix),
+            "hires_fix_denoising_strength": DEFAULT_HIRES_STRENGTH
+            if p.hires_fix_denoising_strength is None
+            else p.hires_fix_denoising_strength,
+            "post_processing": p.post_processing or [],
+            "facefixer_strength": DEFAULT_FACEFIXER_STRENGTH
+            if p.facefixer_strength is None
+            else p.facefixer_strength,
         },
     )
     return await with_sources(params, body.source_image or None, body.source_mask or None)

@@ -52,6 +52,9 @@ async def test_off_values_of_those_fields_are_accepted(live: LiveApp) -> None:
         "loras": [],
         "tis": [],
         "hires_fix": False,
+        # clients send null for what they leave unset
+        "hires_fix_denoising_strength": None,
+        "facefixer_strength": None,
         "clip_skip": 1,
         "control_type": None,
         "seed_variation": 1,
