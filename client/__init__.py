@@ -6,6 +6,7 @@ sdk.py          AsyncClient and Client (faces of api/): accounts, submit, stream
 follow.py       following a job through coordinator restarts: streams, backoff, patience
 cli.py          `idlegrid` and its client subcommands; plugs in the others
 chat_cli.py     `idlegrid chat` and `idlegrid complete`
+image_extras.py `idlegrid generate`'s flags for the hires fix, upscalers and face fixers
 progress.py     live progress line on a terminal
 credentials.py  saved API keys per coordinator
 errors.py       ClientError and its subclasses

@@ -23,6 +23,7 @@ from client.chat_cli import add_text_commands
 from client.credentials import Credentials
 from client.errors import ApiError, ClientError
 from client.follow import WAIT_TIMEOUT
+from client.image_extras import add_extras_flags, extras_fields
 from client.progress import ProgressLine
 from client.sdk import AsyncClient
 from protocol.config_file import ConfigFileParser
@@ -270,6 +271,7 @@ async def _generate(args: argparse.Namespace) -> int:
         fields["source_processing"] = "img2img" if mask is None else "inpainting"
         if args.strength is not None:
             fields["denoising_strength"] = args.strength
+    fields.update(extras_fields(args, UsageError))
     params = parse(ImageParams, fields)
     if args.dry_run:
         async with _client(args) as grid:
@@ -440,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="with --image: a mask the size of the image, white = repaint (inpainting)",
     )
+    add_extras_flags(generate)
     generate.add_argument("-n", type=int, default=1, help="number of images (default %(default)s)")
     generate.add_argument("--model", help="model name (default: whatever the workers serve)")
     generate.add_argument(

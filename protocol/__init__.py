@@ -5,6 +5,8 @@ exceptions, documented where they are: a command's settings read the environment
 `--config` file while its flags are parsed, and services install signal handlers.)
 
     params.py      ImageParams: what to generate, with its hard limits
+    postprocess.py AI Horde's post-processors (names, prices, sizes) and the hires fix's
+                   first-pass size
     samplers.py    sampler names as AUTOMATIC1111 users know them, and cost factors
     messages.py    request/response models of the HTTP API
     engine.py      EngineCall: the typed calls between a worker and its sandboxed engine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from protocol.params import ImageParams
+from protocol.postprocess import POST_PROCESSOR_FACTORS
 from protocol.samplers import sampler_factor
 
 __all__ = [
@@ -30,10 +31,16 @@ SOURCE_IMAGE_FACTOR = 1.5
 
 def image_cost(params: ImageParams) -> int:
     """Kudos for a job: pixels x steps x sampler factor x images (x SOURCE_IMAGE_FACTOR
-    with a source image), at least 1."""
-    work: float = params.pixels * params.steps * sampler_factor(params.sampler) * params.n
+    with a source image; the hires fix adds its second pass's steps at full size; each
+    post-processor multiplies by AI Horde's factor, POST_PROCESSOR_FACTORS), at least 1."""
+    steps = params.steps
+    if params.hires_fix:
+        steps += int(params.steps * params.hires_fix_denoising_strength)
+    work: float = params.pixels * steps * sampler_factor(params.sampler) * params.n
     if params.source_processing != "txt2img":
         work *= SOURCE_IMAGE_FACTOR
+    for name in params.post_processing:
+        work *= POST_PROCESSOR_FACTORS[name]
     reference = REFERENCE_PIXELS * REFERENCE_STEPS
     return max(1, math.ceil(work * KUDOS_PER_REFERENCE_IMAGE / reference))
 

@@ -121,6 +121,8 @@ class ImageEngineOptions(EngineMessage):
     threads: int | None = None
     # the GPU memory the engine may use; None = all of it
     max_vram_bytes: int | None = None
+    # the donor's post-processor weights (worker.image.postprocess); None = none
+    post_processors: str | None = None
 
 
 class ImageProgress(EngineMessage):
@@ -128,8 +130,9 @@ class ImageProgress(EngineMessage):
     sampled: with a source image, `protocol.params.sampled_steps`)."""
 
     image: int = Field(ge=0, lt=MAX_N)
-    step: int = Field(ge=0, le=MAX_STEPS)
-    steps: int = Field(ge=1, le=MAX_STEPS)
+    # (a hires fix samples up to twice `steps`: both passes)
+    step: int = Field(ge=0, le=MAX_STEPS * 2)
+    steps: int = Field(ge=1, le=MAX_STEPS * 2)
     n: int = Field(ge=1, le=MAX_N)
 
 

@@ -21,6 +21,7 @@ from protocol.params import (
     MAX_WORKER_MODELS,
     ModelName,
 )
+from protocol.postprocess import DEFAULT_FACEFIXER_STRENGTH, DEFAULT_HIRES_STRENGTH
 from protocol.samplers import SAMPLERS
 
 __all__ = [
@@ -124,8 +125,6 @@ def _not_off(extra: dict[str, Any] | None, table: dict[str, tuple[object, ...]])
 # AI Horde's image options we do not serve yet: accepted only with these "off" values (clients
 # send many at their defaults), otherwise a 400 names them; never silently dropped
 IMAGE_PARAMS_NOT_HONOURED: dict[str, tuple[object, ...]] = {
-    "post_processing": ([],),
-    "hires_fix": (False,),
     "tiling": (False,),
     "clip_skip": (1,),
     "control_type": ("", "none"),
@@ -164,6 +163,11 @@ class ImageParamsV2(_In):
     denoising_strength: float = Field(
         default=DEFAULT_DENOISING_STRENGTH, description="with a source image: how much is repainted"
     )
+    # (clients send null for "not set": AI Horde's defaults then)
+    hires_fix: bool | None = False
+    hires_fix_denoising_strength: float | None = DEFAULT_HIRES_STRENGTH
+    post_processing: list[str] | None = Field(default=[], max_length=8)
+    facefixer_strength: float | None = DEFAULT_FACEFIXER_STRENGTH
 
     @field_validator("seed", mode="before")
     @classmethod
@@ -444,6 +448,7 @@ class PopRequestV2(_In):
     # AI Horde's defaults: source images yes, inpainting and outpainting no
     allow_img2img: bool = True
     allow_painting: bool = False
+    allow_post_processing: bool = True
 
 
 class PopPayload(_Out):
@@ -461,6 +466,8 @@ class PopPayload(_Out):
     clip_skip: int = 1
     post_processing: list[str] = []
     use_nsfw_censor: bool = False
+    hires_fix_denoising_strength: float | None = None
+    facefixer_strength: float | None = None
     # with a source image
     denoising_strength: float | None = None
 

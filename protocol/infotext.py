@@ -9,6 +9,7 @@ engine (diffusers' inpaint pipeline) implements: `MASK_SETTINGS`.
 from __future__ import annotations
 
 from protocol.params import ImageParams
+from protocol.postprocess import FACE_FIXERS, ordered
 
 __all__ = ["MASK_SETTINGS", "PNG_PARAMETERS_KEY", "parameters_text"]
 
@@ -31,15 +32,26 @@ def _fmt_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def parameters_text(params: ImageParams, seed: int, model: str) -> str:
-    """Render the text AUTOMATIC1111 writes, so its tools and users can read our PNGs."""
+def _quoted(value: str) -> str:
+    # A1111 quotes a value holding a comma (its reader splits the line on them)
+    return f'"{value}"' if "," in value else value
+
+
+def parameters_text(
+    params: ImageParams, seed: int, model: str, first_pass: tuple[int, int] | None = None
+) -> str:
+    """Render the text AUTOMATIC1111 writes, so its tools and users can read our PNGs.
+
+    `first_pass`: the size a hires fix sampled first (then `Size` is that size, as in
+    A1111, and `Hires resize` the job's); None when the job ran no second pass."""
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
+    width, height = first_pass or (params.width, params.height)
     settings = (
         f"Steps: {params.steps}, Sampler: {params.sampler}, "
         f"CFG scale: {_fmt_number(params.cfg_scale)}, Seed: {seed}, "
-        f"Size: {params.width}x{params.height}, Model: {model}"
+        f"Size: {width}x{height}, Model: {model}"
     )
     if params.source_processing != "txt2img":
         # A1111's key for img2img and inpainting; the second is AI Horde's name of the mode
@@ -47,5 +59,16 @@ def parameters_text(params: ImageParams, seed: int, model: str) -> str:
         if params.source_processing in ("inpainting", "outpainting"):
             settings += "".join(f", {key}: {value}" for key, value in MASK_SETTINGS)
         settings += f", Source processing: {params.source_processing}"
+    if first_pass is not None:
+        scale = round(params.width / width, 4)
+        settings += (
+            f", Denoising strength: {_fmt_number(params.hires_fix_denoising_strength)}"
+            f", Hires upscale: {_fmt_number(scale)}, Hires resize: {params.width}x{params.height}"
+            f", Hires steps: {params.steps}, Hires upscaler: Latent"
+        )
+    if params.post_processing:
+        settings += f", Postprocessing: {_quoted(', '.join(ordered(params.post_processing)))}"
+        if any(name in FACE_FIXERS for name in params.post_processing):
+            settings += f", Face restoration strength: {_fmt_number(params.facefixer_strength)}"
     lines.append(settings)
     return "\n".join(lines)

@@ -11,6 +11,16 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.params import MAX_N, MAX_SOURCE_BASE64, MAX_STEPS, ImageParams, ModelName
+from protocol.postprocess import POST_PROCESSORS
+
+PostProcessorName = Literal[
+    "GFPGAN",
+    "RealESRGAN_x2plus",
+    "RealESRGAN_x4plus",
+    "RealESRGAN_x4plus_anime_6B",
+    "NMKD_Siax",
+    "4x_AnimeSharp",
+]
 
 __all__ = [
     "AccountCreate",
@@ -328,6 +338,7 @@ class NetworkWorker(_Response):
     trusted: bool
     online: bool = Field(description="polled within the last few minutes")
     models: list[str]
+    post_processors: list[str] = Field(default=[], description="AI Horde post-processors held")
     jobs_done: int
     last_seen: float
     img2img: bool | None = Field(
@@ -358,6 +369,9 @@ class NetworkStatus(_Response):
     workers: list[NetworkWorker] = Field(description="a page of them, most recently seen first")
     models: list[NetworkModel]
     queue: list[NetworkQueue]
+    post_processors: list[str] = Field(
+        default=[], description="the AI Horde post-processors some online image worker holds"
+    )
     next_offset: int | None = Field(
         default=None, description="pass as ?offset= for the next page of workers; null = end"
     )
@@ -444,6 +458,12 @@ class PopRequest(_Request):
         default=True,
         description="takes jobs without a source image (false for an inpainting checkpoint, "
         "which serves only inpainting and outpainting)",
+    )
+    post_processors: list[PostProcessorName] = Field(
+        default=[],
+        max_length=len(POST_PROCESSORS),
+        description="AI Horde post-processors it holds (GFPGAN, RealESRGAN_x4plus, ...): "
+        "jobs naming others are not offered",
     )
     wait: float = Field(default=10.0, ge=0.0, le=60.0, description="long-poll seconds")
 

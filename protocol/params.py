@@ -11,6 +11,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from protocol.postprocess import (
+    DEFAULT_FACEFIXER_STRENGTH,
+    DEFAULT_HIRES_STRENGTH,
+    check_post_processing,
+    upscale_factor,
+)
 from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS
 
 __all__ = [
@@ -109,6 +115,36 @@ class ImageParams(BaseModel):
         exclude_if=lambda value: value is None,
         description="SHA-256 of the job's mask (set by the coordinator)",
     )
+    # Image extras (protocol.postprocess), left out of dumps when off, as above.
+    hires_fix: bool = Field(
+        default=False,
+        exclude_if=lambda value: value is False,
+        description="txt2img only: a first pass at the model's native size, its latents "
+        "upscaled to width x height and sampled again (A1111's hires fix)",
+    )
+    hires_fix_denoising_strength: float = Field(
+        default=DEFAULT_HIRES_STRENGTH,
+        validate_default=True,
+        ge=0.01,
+        le=1.0,
+        exclude_if=lambda value: value == DEFAULT_HIRES_STRENGTH,
+        description="the hires fix's second pass: int(steps x strength) steps run",
+    )
+    post_processing: list[str] = Field(
+        default=[],
+        max_length=4,
+        exclude_if=lambda value: not value,
+        description="AI Horde's post-processors: GFPGAN (face fixer, run first) and at "
+        "most one upscaler (RealESRGAN_x2plus, RealESRGAN_x4plus, "
+        "RealESRGAN_x4plus_anime_6B, NMKD_Siax, 4x_AnimeSharp)",
+    )
+    facefixer_strength: float = Field(
+        default=DEFAULT_FACEFIXER_STRENGTH,
+        ge=0.0,
+        le=1.0,
+        exclude_if=lambda value: value == DEFAULT_FACEFIXER_STRENGTH,
+        description="how much of the face fixer's result is kept (A1111's GFPGAN visibility)",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -147,6 +183,49 @@ class ImageParams(BaseModel):
             )
         return value
 
+    @field_validator("hires_fix")
+    @classmethod
+    def _hires_txt2img(cls, value: bool, info: ValidationInfo) -> bool:
+        processing = info.data.get("source_processing", "txt2img")
+        if value and processing != "txt2img":
+            raise ValueError(
+                f"the hires fix makes a txt2img image; it cannot be used with {processing!r} "
+                "(leave hires_fix out, or send no source image)"
+            )
+        return value
+
+    @field_validator("hires_fix_denoising_strength")
+    @classmethod
+    def _hires_steps_run(cls, value: float, info: ValidationInfo) -> float:
+        steps = info.data.get("steps")
+        if info.data.get("hires_fix") and steps is not None and int(steps * value) < 1:
+            raise ValueError(
+                f"{value} x steps {steps} runs no second-pass step; use at least "
+                f"{math.ceil(1 / value)} steps or a larger hires_fix_denoising_strength"
+            )
+        return value
+
+    @field_validator("post_processing")
+    @classmethod
+    def _served_post_processing(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        problem = check_post_processing(value)
+        if problem:
+            raise ValueError(problem)
+        factor = upscale_factor(value)
+        width, height = info.data.get("width"), info.data.get("height")
+        if width and height and max(width, height) * factor > MAX_SIDE:
+            raise ValueError(
+                f"the {factor}x upscaled image would be {width * factor}x{height * factor}, "
+                f"over {MAX_SIDE} pixels a side; ask for a smaller image or a 2x upscaler"
+            )
+        return value
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The size of the images the job returns (its upscaler multiplies both sides)."""
+        factor = upscale_factor(self.post_processing)
+        return self.width * factor, self.height * factor
+
     @property
     def pixels(self) -> int:
         return self.width * self.height
@@ -160,7 +239,11 @@ class ImageParams(BaseModel):
 
 def sampled_steps(params: ImageParams) -> int:
     """The sampling steps a job runs: `steps` from noise; with a source image, diffusers'
-    `min(int(steps x denoising_strength), steps)` (the rest of the schedule is skipped)."""
+    `min(int(steps x denoising_strength), steps)` (the rest of the schedule is skipped);
+    with the hires fix, `steps` plus int(steps x hires_fix_denoising_strength) (the second
+    pass; a worker whose model is native at the job's size runs only the first)."""
     if params.source_processing == "txt2img":
+        if params.hires_fix:
+            return params.steps + int(params.steps * params.hires_fix_denoising_strength)
         return params.steps
     return min(int(params.steps * params.denoising_strength), params.steps)

@@ -92,7 +92,7 @@ class FakeImageEngine:
     def image(
         self, params: ImageParams, emit: Emit[ImageProgress]
     ) -> tuple[ImageResult, list[bytes]]:
-        width, height = self.size or (params.width, params.height)
+        width, height = self.size or params.output_size
         seeds = params.seeds()
         result = ImageResult(seeds=seeds, model="fake", width=params.width, height=params.height)
         return result, [png(seed, width, height) for seed in seeds]

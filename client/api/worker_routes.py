@@ -86,6 +86,8 @@ class Capabilities(BaseModel):
     inpainting: bool = False
     # jobs without a source image (false for an inpainting checkpoint)
     txt2img: bool = True
+    # AI Horde post-processors it holds (protocol.postprocess)
+    post_processors: list[str] = []
 
 
 class _Ignored(BaseModel):

@@ -65,6 +65,7 @@ from protocol.horde import (
     split_prompt,
 )
 from protocol.params import MAX_SEED, ImageParams
+from protocol.postprocess import DEFAULT_FACEFIXER_STRENGTH, DEFAULT_HIRES_STRENGTH
 from protocol.text import (
     KOBOLD_SAMPLER_ORDER,
     KOBOLD_SAMPLING_FIELDS,
@@ -101,6 +102,10 @@ _V2_FIELDS = {
     "seed": "params.seed",
     "n": "params.n",
     "model": "models",
+    "hires_fix": "params.hires_fix",
+    "hires_fix_denoising_strength": "params.hires_fix_denoising_strength",
+    "post_processing": "params.post_processing",
+    "facefixer_strength": "params.facefixer_strength",
     "max_tokens": "params.max_length",
     "temperature": "params.temperature",
     "top_p": "params.top_p",
@@ -183,6 +188,14 @@ async def image_params(
             "model": await _image_model(request, body.models),
             "source_processing": processing,
             **({} if processing == "txt2img" else {"denoising_strength": p.denoising_strength}),
+            "hires_fix": bool(p.hires_fix),
+            "hires_fix_denoising_strength": DEFAULT_HIRES_STRENGTH
+            if p.hires_fix_denoising_strength is None
+            else p.hires_fix_denoising_strength,
+            "post_processing": p.post_processing or [],
+            "facefixer_strength": DEFAULT_FACEFIXER_STRENGTH
+            if p.facefixer_strength is None
+            else p.facefixer_strength,
         },
     )
     return await with_sources(params, body.source_image or None, body.source_mask or None)
@@ -310,9 +323,7 @@ async def image_status(request: web.Request, job: ImageJob) -> RequestStatusImag
         for record in await store.image_jobs.results(job.id):
             if inline:
                 async with files.local_copy(record.sha256) as path:
-                    img = await asyncio.to_thread(
-                        webp_base64, path, job.params.width, job.params.height
-                    )
+                    img = await asyncio.to_thread(webp_base64, path, *job.params.output_size)
             else:
                 img = str(
                     request.url.with_path(

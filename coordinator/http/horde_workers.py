@@ -43,6 +43,7 @@ from protocol.horde import (
 )
 from protocol.infotext import parameters_text
 from protocol.params import MAX_STEPS
+from protocol.postprocess import POST_PROCESSORS, first_pass_size, ordered
 
 __all__ = ["horde_owner", "horde_pop", "horde_submit", "named_worker"]
 
@@ -91,12 +92,15 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
     # AI Horde gives a worker that offers only inpainting models nothing but inpainting
     # and outpainting jobs (they would render anything else differently)
     painter = bool(body.models) and all(map(_inpainting_model, body.models))
+    # AI Horde's workers hold every post-processor it knows when they allow them
+    held = POST_PROCESSORS if body.allow_post_processing else ()
     offer = Offer(
         max_pixels=body.max_pixels,
         max_steps=MAX_STEPS,
         txt2img=not painter,
         img2img=body.allow_img2img and not painter,
         inpainting=body.allow_img2img and body.allow_painting,
+        post_processors=tuple(sorted(held)),
     )
     poll = store.workers.poll_note(
         worker, ip, kind="image", models=body.models, offer=offer.dumps()
@@ -113,6 +117,7 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
             img2img=offer.img2img,
             inpainting=offer.inpainting,
             txt2img=offer.txt2img,
+            post_processors=frozenset(offer.post_processors),
         ),
     )()
     if job is None:
@@ -133,6 +138,10 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         height=p.height,
         ddim_steps=p.steps,
         denoising_strength=None if p.source_image is None else p.denoising_strength,
+        hires_fix=p.hires_fix,
+        hires_fix_denoising_strength=p.hires_fix_denoising_strength if p.hires_fix else None,
+        post_processing=ordered(p.post_processing),
+        facefixer_strength=p.facefixer_strength if p.post_processing else None,
     )
     sources = [await _base64_file(request, d) for d in (p.source_image, p.source_mask)]
     return PopResponseV2(
@@ -207,11 +216,14 @@ async def horde_submit(request: web.Request, call: Call[SubmitRequestV2]) -> Gen
     p = job.params
     assert p.seed is not None
     model = p.model or (worker.models[0] if worker.models else "unknown")
-    files, text = request.app[FILES], parameters_text(p, p.seed, model)
+    # (an AI Horde worker's first pass is AI Horde's rule at SD 1's native 512)
+    first = first_pass_size(p.width, p.height, 512) if p.hires_fix else None
+    first = None if first == (p.width, p.height) else first
+    files, text = request.app[FILES], parameters_text(p, p.seed, model, first)
 
     def decode() -> tuple[bytes, str]:
         """In one thread hop (a hop costs more than a small image's work)."""
-        png = png_from_base64(body.generation, p.width, p.height, text)
+        png = png_from_base64(body.generation, *p.output_size, text)
         return png, hashlib.sha256(png).hexdigest()
 
     png, digest = await asyncio.to_thread(decode)

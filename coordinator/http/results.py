@@ -126,7 +126,7 @@ async def upload_image(request: web.Request, call: WorkerCall[None]) -> ImageUpl
             f"Content-Type is {request.content_type}; send the PNG's bytes as image/png",
             [("Content-Type", "must be image/png")],
         )
-    width, height = job.params.width, job.params.height
+    width, height = job.params.output_size  # (an upscaler makes it larger)
     limit = min(byte_limit(width, height), MAX_PNG_BYTES)
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(
@@ -241,7 +241,7 @@ async def _check_outcome(
     identical = same_build(
         mine.engine if mine is not None else None, theirs.engine if theirs is not None else None
     )
-    width, height = job.params.width, job.params.height
+    width, height = job.params.output_size
     for record, digest in zip(original, digests, strict=True):
         try:
             async with files.local_copy(record.sha256) as path:

@@ -108,6 +108,7 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
         txt2img=body.txt2img,
         img2img=body.img2img,
         inpainting=body.inpainting,
+        post_processors=tuple(sorted(set(body.post_processors))),
     )
     polls = [
         store.workers.poll_note(
@@ -126,6 +127,7 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
             img2img=offer.img2img,
             inpainting=offer.inpainting,
             txt2img=offer.txt2img,
+            post_processors=frozenset(offer.post_processors),
         )
 
     job = await long_poll(

@@ -24,7 +24,8 @@ from coordinator.jobs import hot
 from coordinator.jobs.lifecycle import Lifecycle, PollNote
 from coordinator.workers import Worker
 from protocol.horde import SAMPLERS_WITHOUT_HORDE_NAME
-from protocol.params import ImageParams
+from protocol.params import ImageParams, sampled_steps
+from protocol.postprocess import POST_PROCESSORS
 from protocol.signing import params_hash
 
 __all__ = ["ImageJob", "ImageJobs", "ResultRecord"]
@@ -113,12 +114,19 @@ def _source_processing(mode: str) -> ColumnElement[bool]:
     return jobs.c.params.contains(f'"source_processing":"{mode}"')
 
 
-def _fits(signs: bool, img2img: bool, inpainting: bool, txt2img: bool) -> ColumnElement[bool]:
+def _fits(
+    signs: bool,
+    img2img: bool,
+    inpainting: bool,
+    txt2img: bool,
+    post_processors: frozenset[str],
+) -> ColumnElement[bool]:
     """The image jobs a worker may pop, its offer bound at execution: max_pixels, max_steps
     and models (a job without a model fits any); jobs with a source image only for a
     worker that can serve them (`img2img`; `inpainting`: inpainting and outpainting), and
     jobs without one only for a worker that takes them (`txt2img`; not an inpainting
-    checkpoint). coordinator.jobs.possible says the same in Python."""
+    checkpoint); jobs naming a post-processor only for a worker holding it.
+    coordinator.jobs.possible says the same in Python."""
     fits = (
         (jobs.c.kind == "image")
         & (jobs.c.pixels <= bindparam("max_pixels", type_=jobs.c.pixels.type))
@@ -135,6 +143,11 @@ def _fits(signs: bool, img2img: bool, inpainting: bool, txt2img: bool) -> Column
             | _source_processing("inpainting")
             | _source_processing("outpainting")
         )
+    for name in POST_PROCESSORS:
+        if name not in post_processors:
+            # in the params' JSON a name in quotes is a value (a prompt's quotes are
+            # escaped); a model of that name would only keep its jobs from this worker
+            fits = fits & ~jobs.c.params.contains(f'"{name}"')
     if not signs:
         # One image per job, a sampler AI Horde knows, and not for requesters who want
         # signed results.
@@ -145,7 +158,8 @@ def _fits(signs: bool, img2img: bool, inpainting: bool, txt2img: bool) -> Column
 
 
 _INSERT_RESULT = results.insert()
-# (whether the worker signs its results, img2img, inpainting, txt2img) -> its filter, built once
+# (whether the worker signs its results, img2img, inpainting, txt2img, post-processors)
+# -> its filter, built once
 _FITS: Shapes[ColumnElement[bool]] = Shapes()
 
 
@@ -178,8 +192,9 @@ class ImageJobs(Lifecycle):
                 "pixels": params.pixels,
                 "steps": params.steps,
                 "n": params.n,
+                # (a hires fix samples a second pass: its lease covers both)
                 "lease_seconds": self._db.config.lease_seconds(
-                    params.pixels, params.steps, params.n
+                    params.pixels, max(params.steps, sampled_steps(params)), params.n
                 ),
                 "steps_total": params.steps,
                 "signed_only": 1 if signed_only else 0,
@@ -206,12 +221,14 @@ class ImageJobs(Lifecycle):
         img2img: bool = False,
         inpainting: bool = False,
         txt2img: bool = True,
+        post_processors: frozenset[str] = frozenset(),
     ) -> ImageJob | None:
         """Lease the best queued image job that fits the worker, if any (see Lifecycle._pop;
         `poll`: the worker's poll to note in the same transaction, Workers.poll_note;
         `img2img`, `inpainting`: whether it takes jobs with a source image, with a mask;
-        `txt2img`: jobs without one)."""
-        shape = (worker.signs, img2img, inpainting, txt2img)
+        `txt2img`: jobs without one; `post_processors`: the AI Horde post-processors it
+        holds)."""
+        shape = (worker.signs, img2img, inpainting, txt2img, post_processors)
         fits = _FITS.get(shape, lambda: _fits(*shape))
         row = await self._pop(
             worker,

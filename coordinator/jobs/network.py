@@ -37,6 +37,7 @@ def _worker(row: Any, at: float) -> NetworkWorker:
         trusted=bool(row.trusted),
         online=at - row.last_seen <= ONLINE_SECONDS,
         models=json.loads(row.models) if row.models else [],
+        post_processors=[] if offer is None else list(offer.post_processors),
         jobs_done=row.jobs_done,
         last_seen=row.last_seen,
         img2img=None if offer is None else offer.img2img,
@@ -105,7 +106,15 @@ class Network:
             ),
             NetworkQueue(kind="text", queued=text.get("queued", 0), running=text.get("leased", 0)),
         ]
-        return NetworkStatus(workers=listed, models=models, queue=queue)
+        held = {
+            name
+            for worker in listed
+            if worker.online and worker.kind == "image"
+            for name in worker.post_processors
+        }
+        return NetworkStatus(
+            workers=listed, models=models, queue=queue, post_processors=sorted(held)
+        )
 
     async def image_offers(self) -> list[WorkerOffer]:
         """What the online, unpaused image workers offer (coordinator.jobs.possible)."""

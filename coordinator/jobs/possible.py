@@ -42,6 +42,8 @@ class Offer:
     txt2img: bool = True
     img2img: bool = False
     inpainting: bool = False
+    # the AI Horde post-processors it holds (protocol.postprocess), sorted
+    post_processors: tuple[str, ...] = ()
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -52,8 +54,10 @@ class Offer:
         if not text:
             return None
         try:
-            return cls(**json.loads(text))
-        except (ValueError, TypeError):
+            fields = json.loads(text)
+            fields["post_processors"] = tuple(fields.get("post_processors", ()))
+            return cls(**fields)
+        except (ValueError, TypeError, AttributeError):
             return None
 
     def takes(self, processing: str) -> bool:
@@ -119,6 +123,11 @@ def _requirements(
             f"no online worker that takes them runs {params.steps} steps",
         ),
         (unsigned_may, f"no online worker that takes them {unsigned_rule}"),
+        (
+            offered(lambda offer: set(params.post_processing) <= set(offer.post_processors)),
+            "no online worker that takes them holds the post-processors "
+            + ", ".join(params.post_processing),
+        ),
     ]
 
 

@@ -7,9 +7,13 @@
     sources.py        a job's source image and mask: decoded within caps, AI Horde's mask
                       conventions, resized for the img2img and inpaint pipelines
     samplers.py       AUTOMATIC1111 sampler names -> diffusers schedulers
+    hires.py          the hires fix: native-size pass, latents upscaled, img2img pass
+    postprocess.py    GFPGAN and the RRDBNet upscalers on a finished image (spandrel)
+    spandrel_archs.py spandrel's architectures without its registry (no torchvision)
+    post_files.py     --post-processors DIR: which post-processors a donor's folder holds
     model_source.py   resolves --model safely (safetensors only, never pickle)
 
-Only the sandbox child imports `engine.py` and `sources.py` (by name,
+Only the sandbox child imports `engine.py`, `sources.py`, `hires.py` and `postprocess.py` (by name,
 `worker.image.worker.ENGINE`).
 """
 

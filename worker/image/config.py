@@ -27,6 +27,10 @@ class ImageWorkerConfig:
     identity_file: Path
     # the owner's API key: earnings go to that account (else to a per-worker account)
     api_key: str | None = None
+    # the donor's post-processor weights (--post-processors DIR) and the names found in it
+    # (worker.image.post_files); the worker advertises exactly these
+    post_processors_dir: Path | None = None
+    post_processors: tuple[str, ...] = ()
     # largest job accepted, in pixels per image and in steps
     max_pixels: int = 1024 * 1024
     max_steps: int = MAX_STEPS

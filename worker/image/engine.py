@@ -12,6 +12,10 @@ A job with a source image (`params.source_processing`, the bytes beside it, shap
 an inpainting one (9-channel UNet: mask and masked image as conditioning) or a plain one
 (4 channels: the known area's latents are blended back in after each step). An inpainting
 checkpoint serves only inpainting and outpainting.
+
+Image extras: the hires fix (`worker.image.hires`: txt2img at the native size, latents
+upscaled, img2img on the same modules) and the donor's post-processors
+(`worker.image.postprocess`: GFPGAN, then an upscaler) on each finished image.
 """
 
 from __future__ import annotations
@@ -50,7 +54,9 @@ from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams, sampled_steps
 from sandbox.calls import CallTable, Emit
 from worker.errors import InvalidGenerationInput, ModelNotFound
+from worker.image.hires import hires_first_pass, hires_image
 from worker.image.model_source import ModelSource, resolve_model
+from worker.image.postprocess import PostProcessors
 from worker.image.samplers import make_scheduler
 from worker.image.sources import Sources, prepare_sources
 
@@ -125,6 +131,8 @@ class ImageEngine:
         self._img2img: StableDiffusionImg2ImgPipeline | None = None
         self._inpaint: StableDiffusionInpaintPipeline | None = None
         self.base_scheduler_config = dict(pipe.scheduler.config)
+        folder = settings.post_processors
+        self.post = PostProcessors.load(Path(folder) if folder else None, self.device)
         self.calls = CallTable()
         self.calls.add_binary(IMAGE, self.image)
         self.calls.add(IMAGE_INFO, self.info)
@@ -156,10 +164,18 @@ class ImageEngine:
         if params.seed is None:
             raise ValueError("payload has no seed; the caller must choose it before the job")
         self._check_checkpoint(params)
+        missing = self.post.check(params)
+        if missing:
+            raise InvalidGenerationInput(
+                "post_processing",
+                f"this worker holds no weights for {', '.join(missing)}; "
+                "start it with --post-processors DIR holding them",
+            )
         sources = prepare_sources(params, inputs)
         blobs = [self._one_image(params, sources, i, emit) for i in range(params.n)]
+        width, height = params.output_size
         result = ImageResult(
-            seeds=params.seeds(), model=self.model_name, width=params.width, height=params.height
+            seeds=params.seeds(), model=self.model_name, width=width, height=height
         )
         return result, blobs
 
@@ -181,10 +197,7 @@ class ImageEngine:
         pipe: _Pipeline
         components = {**self.pipe.components, "requires_safety_checker": False}
         if sources.mask is None:
-            if self._img2img is None:
-                self._img2img = StableDiffusionImg2ImgPipeline(**components)
-                self._img2img.set_progress_bar_config(disable=True)
-            pipe = self._img2img
+            pipe = self._img2img_pipeline()
         else:
             if self._inpaint is None:
                 self._inpaint = StableDiffusionInpaintPipeline(**components)
@@ -193,6 +206,14 @@ class ImageEngine:
         pipe.scheduler = self.pipe.scheduler
         return pipe
 
+    def _img2img_pipeline(self) -> StableDiffusionImg2ImgPipeline:
+        if self._img2img is None:
+            components = {**self.pipe.components, "requires_safety_checker": False}
+            self._img2img = StableDiffusionImg2ImgPipeline(**components)
+            self._img2img.set_progress_bar_config(disable=True)
+        self._img2img.scheduler = self.pipe.scheduler
+        return self._img2img
+
     def _one_image(
         self, params: ImageParams, sources: Sources | None, index: int, emit: Emit[ImageProgress]
     ) -> bytes:
@@ -200,20 +221,26 @@ class ImageEngine:
         seed = params.seed + index
         self.pipe.scheduler = make_scheduler(params.sampler, self.base_scheduler_config)
         # with a source image, diffusers skips the start of the schedule
-        steps = sampled_steps(params)
+        first_pass = (
+            hires_first_pass(self.pipe, params.width, params.height) if params.hires_fix else None
+        )
+        steps = sampled_steps(params) if first_pass or not params.hires_fix else params.steps
         reported = 0
 
-        def on_step_end(
-            pipe: _Pipeline, step: int, timestep: Any, kwargs: dict[str, Any]
-        ) -> dict[str, Any]:
-            nonlocal reported
-            # Second-order samplers (Heun, DPM2) run about two loop iterations per step;
-            # report progress in the steps sampled, each step once.
-            done = (step + 1) * steps // max(pipe.num_timesteps, 1)
-            if done > reported:
-                reported = done
-                emit(ImageProgress(image=index, step=done, steps=steps, n=params.n))
-            return kwargs
+        def progress(offset: int, pass_steps: int) -> Any:
+            def on_step_end(
+                pipe: _Pipeline, step: int, timestep: Any, kwargs: dict[str, Any]
+            ) -> dict[str, Any]:
+                nonlocal reported
+                # Second-order samplers (Heun, DPM2) run about two loop iterations per
+                # step; report progress in the steps sampled, each step once.
+                done = offset + (step + 1) * pass_steps // max(pipe.num_timesteps, 1)
+                if done > reported:
+                    reported = done
+                    emit(ImageProgress(image=index, step=done, steps=steps, n=params.n))
+                return kwargs
+
+            return on_step_end
 
         arguments: dict[str, Any] = {
             "prompt": params.prompt,
@@ -223,8 +250,19 @@ class ImageEngine:
             "generator": torch.Generator("cpu").manual_seed(seed),
             "num_images_per_prompt": 1,
             "output_type": "pil",
-            "callback_on_step_end": on_step_end,
         }
+        if first_pass is not None:
+            image = hires_image(
+                self.pipe,
+                self._img2img_pipeline(),
+                arguments,
+                first_pass,
+                (params.width, params.height),
+                params.hires_fix_denoising_strength,
+                (progress(0, params.steps), progress(params.steps, steps - params.steps)),
+            )
+            return self._finish(image, params, seed, first_pass)
+        arguments["callback_on_step_end"] = progress(0, steps)
         if sources is None or sources.mask is not None:
             arguments.update(width=params.width, height=params.height)
         if sources is not None:
@@ -234,5 +272,16 @@ class ImageEngine:
                 arguments.update(mask_image=sources.mask)
         result = self._pipeline(sources)(**arguments)
         assert not isinstance(result, tuple)  # (return_dict is left True)
-        image = result.images[0]
-        return encode_png(image, parameters_text(params, seed, self.model_name))
+        return self._finish(result.images[0], params, seed, None)
+
+    def _finish(
+        self,
+        image: Image.Image,
+        params: ImageParams,
+        seed: int,
+        first_pass: tuple[int, int] | None,
+    ) -> bytes:
+        """The post-processed image as a PNG with its parameters text."""
+        if params.post_processing:
+            image = self.post.apply(image, params, seed)
+        return encode_png(image, parameters_text(params, seed, self.model_name, first_pass))

@@ -59,6 +59,14 @@ class ImageSettings(DonorFlags):
     name: WorkerName = None
     identity: IdentityFile = None
     api_key: ApiKey = None
+    post_processors: Annotated[
+        Path | None,
+        Flag(
+            "folder of post-processor weights named after AI Horde's names "
+            "(GFPGAN.safetensors, RealESRGAN_x4plus.pth, ...); the worker offers those",
+            metavar="DIR",
+        ),
+    ] = None
     max_pixels: Annotated[
         int, Field(ge=1), Flag("largest width x height accepted (default %(default)s)")
     ] = 1024 * 1024
@@ -108,6 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     from worker.errors import ModelError
     from worker.image.config import ImageWorkerConfig
     from worker.image.model_source import download_hub_model, resolve_model
+    from worker.image.post_files import post_processor_files
 
     hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
     try:
@@ -115,6 +124,13 @@ def _run(args: argparse.Namespace) -> int:
     except ModelError as exc:
         print(f"error: --model: {exc}", file=sys.stderr)
         return 2
+    post_processors: dict[str, Path] = {}
+    if settings.post_processors is not None:
+        try:
+            post_processors = post_processor_files(settings.post_processors)
+        except ModelError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if not confinement_allowed(settings.unsandboxed):
         return 2
     try:
@@ -134,6 +150,8 @@ def _run(args: argparse.Namespace) -> int:
         name=claimed.name,
         identity_file=claimed.file,
         api_key=settings.api_key,
+        post_processors_dir=settings.post_processors,
+        post_processors=tuple(post_processors),
         max_pixels=settings.max_pixels,
         max_steps=settings.max_steps,
         threads=settings.threads,

@@ -57,6 +57,7 @@ class ImageWorker:
             txt2img=not inpainting_checkpoint,
             img2img=not inpainting_checkpoint,
             inpainting=True,
+            post_processors=list(config.post_processors),
         )
         self.jobs_done = 0
         # donor controls (worker.common.donor); tests pass a gate with fake sources
@@ -73,6 +74,9 @@ class ImageWorker:
             model_name=config.model_name,
             threads=config.threads,
             max_vram_bytes=config.max_vram_bytes,
+            post_processors=(
+                str(config.post_processors_dir) if config.post_processors_dir else None
+            ),
         )
         sandbox = await Sandbox.create(
             ENGINE, options.model_dump(mode="json", by_alias=True), engine_policy(config)
@@ -221,6 +225,8 @@ def engine_policy(config: ImageWorkerConfig) -> SandboxPolicy:
     model_files = [Path(config.model)]
     if config.model_config is not None:
         model_files.append(config.model_config)
+    if config.post_processors_dir is not None:
+        model_files.append(config.post_processors_dir)
     return SandboxPolicy(
         start_timeout=config.load_timeout,
         job_timeout=config.job_timeout,
