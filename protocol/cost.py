@@ -9,6 +9,7 @@ from protocol.samplers import sampler_factor
 
 __all__ = [
     "BLOCK_TOKENS_PER_KUDO_AT_1B",
+    "CONTROLNET_FACTOR",
     "KUDOS_PER_REFERENCE_IMAGE",
     "REFERENCE_PIXELS",
     "REFERENCE_STEPS",
@@ -26,14 +27,19 @@ KUDOS_PER_REFERENCE_IMAGE = 10
 # AI Horde's published multiplier (its kudos_standalone: x1.5 with a source image, the
 # steps counted in full whatever the denoising strength).
 SOURCE_IMAGE_FACTOR = 1.5
+# A ControlNet job costs three times as much (AI Horde's kudos_standalone: x3 when it uses
+# ControlNet, on top of the x1.5 for its source image).
+CONTROLNET_FACTOR = 3
 
 
 def image_cost(params: ImageParams) -> int:
     """Kudos for a job: pixels x steps x sampler factor x images (x SOURCE_IMAGE_FACTOR
-    with a source image), at least 1."""
+    with a source image, x CONTROLNET_FACTOR with ControlNet), at least 1."""
     work: float = params.pixels * params.steps * sampler_factor(params.sampler) * params.n
     if params.source_processing != "txt2img":
         work *= SOURCE_IMAGE_FACTOR
+    if params.control_type is not None:
+        work *= CONTROLNET_FACTOR
     reference = REFERENCE_PIXELS * REFERENCE_STEPS
     return max(1, math.ceil(work * KUDOS_PER_REFERENCE_IMAGE / reference))
 

@@ -33,6 +33,7 @@ from typing import Annotated, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.control import ControlType
 from protocol.params import MAX_N, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageParams
 from protocol.text import (
     FinishReason,
@@ -116,6 +117,8 @@ class ImageEngineOptions(EngineMessage):
     threads: int | None = None
     # the GPU memory the engine may use; None = all of it
     max_vram_bytes: int | None = None
+    # ControlNet: the control model of each type (worker.image.control)
+    controlnets: dict[ControlType, str] = {}
 
 
 class ImageProgress(EngineMessage):

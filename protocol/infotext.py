@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from protocol.control import control_infotext
 from protocol.params import ImageParams
 
 __all__ = ["PNG_PARAMETERS_KEY", "parameters_text"]
@@ -13,8 +14,11 @@ def _fmt_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def parameters_text(params: ImageParams, seed: int, model: str) -> str:
-    """Render the text AUTOMATIC1111 writes, so its tools and users can read our PNGs."""
+def parameters_text(
+    params: ImageParams, seed: int, model: str, *, control_model: str | None = None
+) -> str:
+    """Render the text AUTOMATIC1111 writes, so its tools and users can read our PNGs.
+    `control_model`: the ControlNet model's name, for a job with a `control_type`."""
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
@@ -23,7 +27,12 @@ def parameters_text(params: ImageParams, seed: int, model: str) -> str:
         f"CFG scale: {_fmt_number(params.cfg_scale)}, Seed: {seed}, "
         f"Size: {params.width}x{params.height}, Model: {model}"
     )
-    if params.source_processing != "txt2img":
+    if params.control_type is not None:
+        # (sampled from noise, as A1111's txt2img with ControlNet)
+        settings += ", " + control_infotext(
+            params.control_type, params.image_is_control, control_model or params.control_type
+        )
+    elif params.source_processing != "txt2img":
         # A1111's key for img2img and inpainting; the second is AI Horde's name of the mode
         settings += (
             f", Denoising strength: {_fmt_number(params.denoising_strength)}"
