@@ -128,9 +128,6 @@ IMAGE_PARAMS_NOT_HONOURED: dict[str, tuple[object, ...]] = {
     "hires_fix": (False,),
     "tiling": (False,),
     "clip_skip": (1,),
-    "control_type": ("", "none"),
-    "image_is_control": (False,),
-    "return_control_map": (False,),
     "loras": ([],),
     "tis": ([],),
     "special": ({},),
@@ -164,6 +161,12 @@ class ImageParamsV2(_In):
     denoising_strength: float = Field(
         default=DEFAULT_DENOISING_STRENGTH, description="with a source image: how much is repainted"
     )
+    # ControlNet (protocol.control); "" and "none" are off, as for AI Horde's clients
+    control_type: str | None = Field(
+        default=None, description="ControlNet: canny, hed, depth, ... (needs a source_image)"
+    )
+    image_is_control: bool = False
+    return_control_map: bool = False
 
     @field_validator("seed", mode="before")
     @classmethod

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from client.api.core import Call, Request, body, call
+from protocol.control import ControlType
 from protocol.messages import (
     IMAGE_SEED_HEADER,
     IMAGE_SHA256_HEADER,
@@ -84,6 +85,9 @@ class Capabilities(BaseModel):
     # jobs with a source image; with a mask (inpainting, outpainting)
     img2img: bool = False
     inpainting: bool = False
+    # ControlNet types it has models for; those it can make control maps for
+    controlnets: list[ControlType] = []
+    control_annotators: list[ControlType] = []
 
 
 class _Ignored(BaseModel):

@@ -98,6 +98,9 @@ _V2_FIELDS = {
     "seed": "params.seed",
     "n": "params.n",
     "model": "models",
+    "control_type": "params.control_type",
+    "image_is_control": "params.image_is_control",
+    "return_control_map": "params.return_control_map",
     "max_tokens": "params.max_length",
     "temperature": "params.temperature",
     "top_p": "params.top_p",
@@ -165,6 +168,9 @@ async def image_params(
             [("params.sampler_name", f"must be one of {known}")],
         ).horde("UnsupportedSampler")
     prompt, negative = split_prompt(body.prompt)
+    control_type = None if p.control_type in (None, "", "none") else p.control_type
+    # ControlNet samples from noise: AI Horde's denoising_strength does not apply
+    strength = processing != "txt2img" and control_type is None
     params: ImageParams = _v2_parse(
         ImageParams,
         {
@@ -179,7 +185,10 @@ async def image_params(
             "n": p.n,
             "model": await _image_model(request, body.models),
             "source_processing": processing,
-            **({} if processing == "txt2img" else {"denoising_strength": p.denoising_strength}),
+            **({"denoising_strength": p.denoising_strength} if strength else {}),
+            **({"control_type": control_type} if control_type is not None else {}),
+            **({"image_is_control": True} if p.image_is_control else {}),
+            **({"return_control_map": True} if p.return_control_map else {}),
         },
     )
     return await with_sources(params, body.source_image or None, body.source_mask or None)

@@ -113,6 +113,8 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
             poll,
             img2img=body.img2img,
             inpainting=body.inpainting,
+            controlnets=body.controlnets,
+            control_annotators=body.control_annotators,
         )
 
     job = await long_poll(

@@ -23,6 +23,7 @@ from coordinator.errors import Conflict
 from coordinator.jobs import hot
 from coordinator.jobs.lifecycle import Lifecycle, PollNote
 from coordinator.workers import Worker
+from protocol.control import CONTROL_TYPES
 from protocol.horde import SAMPLERS_WITHOUT_HORDE_NAME
 from protocol.params import ImageParams
 from protocol.signing import params_hash
@@ -113,10 +114,18 @@ def _source_processing(mode: str) -> ColumnElement[bool]:
     return jobs.c.params.contains(f'"source_processing":"{mode}"')
 
 
-def _fits(signs: bool, img2img: bool, inpainting: bool) -> ColumnElement[bool]:
+def _fits(
+    signs: bool,
+    img2img: bool,
+    inpainting: bool,
+    controlnets: tuple[str, ...] = (),
+    annotators: tuple[str, ...] = (),
+) -> ColumnElement[bool]:
     """The image jobs a worker may pop, its offer bound at execution: max_pixels, max_steps
     and models (a job without a model fits any); jobs with a source image only for a
-    worker that can serve them (`img2img`; `inpainting`: inpainting and outpainting)."""
+    worker that can serve them (`img2img`; `inpainting`: inpainting and outpainting);
+    ControlNet jobs only of the `controlnets` types, and only with a ready control map
+    (image_is_control) unless the type is among its `annotators`."""
     fits = (
         (jobs.c.kind == "image")
         & (jobs.c.pixels <= bindparam("max_pixels", type_=jobs.c.pixels.type))
@@ -127,6 +136,13 @@ def _fits(signs: bool, img2img: bool, inpainting: bool) -> ColumnElement[bool]:
         fits = fits & ~_source_processing("img2img")
     if not inpainting:
         fits = fits & ~_source_processing("inpainting") & ~_source_processing("outpainting")
+    for control_type in CONTROL_TYPES:
+        # (the params' compact JSON names them only when on, as for source_processing)
+        control = jobs.c.params.contains(f'"control_type":"{control_type}"')
+        if control_type not in controlnets:
+            fits = fits & ~control
+        elif control_type not in annotators:
+            fits = fits & ~(control & ~jobs.c.params.contains('"image_is_control":true'))
     if not signs:
         # One image per job, a sampler AI Horde knows, and not for requesters who want
         # signed results.
@@ -137,7 +153,8 @@ def _fits(signs: bool, img2img: bool, inpainting: bool) -> ColumnElement[bool]:
 
 
 _INSERT_RESULT = results.insert()
-# (whether the worker signs its results, img2img, inpainting) -> its filter, built once
+# (whether the worker signs its results, img2img, inpainting, its control types and
+# annotators) -> its filter, built once
 _FITS: Shapes[ColumnElement[bool]] = Shapes()
 
 
@@ -197,11 +214,21 @@ class ImageJobs(Lifecycle):
         *,
         img2img: bool = False,
         inpainting: bool = False,
+        controlnets: Sequence[str] = (),
+        control_annotators: Sequence[str] = (),
     ) -> ImageJob | None:
         """Lease the best queued image job that fits the worker, if any (see Lifecycle._pop;
         `poll`: the worker's poll to note in the same transaction, Workers.poll_note;
-        `img2img`, `inpainting`: whether it takes jobs with a source image, with a mask)."""
-        shape = (worker.signs, img2img, inpainting)
+        `img2img`, `inpainting`: whether it takes jobs with a source image, with a mask;
+        `controlnets`, `control_annotators`: the ControlNet types it serves, and those it
+        makes control maps for)."""
+        shape = (
+            worker.signs,
+            img2img,
+            inpainting,
+            tuple(sorted(set(controlnets))),
+            tuple(sorted(set(control_annotators) & set(controlnets))),
+        )
         fits = _FITS.get(shape, lambda: _fits(*shape))
         row = await self._pop(
             worker,

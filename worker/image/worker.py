@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from protocol.control import ANNOTATORS_WITHOUT_WEIGHTS
 from protocol.engine import IMAGE, ImageEngineOptions, ImageProgress
 from protocol.messages import LeasedJob
 from protocol.params import sampled_steps
@@ -54,6 +55,10 @@ class ImageWorker:
             max_steps=config.max_steps,
             img2img=True,
             inpainting=True,
+            # ControlNet: the types it has a model for; of those, the ones whose control map
+            # it can make (the others only from a ready map: image_is_control)
+            controlnets=sorted(config.controlnets),
+            control_annotators=sorted(set(config.controlnets) & ANNOTATORS_WITHOUT_WEIGHTS),
         )
         self.jobs_done = 0
         # donor controls (worker.common.donor); tests pass a gate with fake sources
@@ -70,6 +75,7 @@ class ImageWorker:
             model_name=config.model_name,
             threads=config.threads,
             max_vram_bytes=config.max_vram_bytes,
+            controlnets={kind: str(path) for kind, path in config.controlnets.items()},
         )
         sandbox = await Sandbox.create(
             ENGINE, options.model_dump(mode="json", by_alias=True), engine_policy(config)
@@ -208,7 +214,7 @@ class ImageWorker:
 
 def engine_policy(config: ImageWorkerConfig) -> SandboxPolicy:
     """The engine's confinement: no network, the model read-only, nothing else of ours."""
-    model_files = [Path(config.model)]
+    model_files = [Path(config.model), *config.controlnets.values()]
     if config.model_config is not None:
         model_files.append(config.model_config)
     return SandboxPolicy(
@@ -243,7 +249,14 @@ def engine_info(sandboxed: bool = True) -> dict[str, Any]:
     worker.image.engine); both are read here without importing torch.
     """
     versions = {}
-    for package in ("torch", "diffusers", "transformers", "numpy", "pillow"):
+    for package in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "numpy",
+        "pillow",
+        "opencv-python-headless",  # (the canny control maps)
+    ):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

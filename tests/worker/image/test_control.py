@@ -31,6 +31,7 @@ from tests.reference import plain_image, plain_pipeline
 from worker.errors import InvalidGenerationInput, ModelNotFound, UnsafeWeights
 from worker.image.control import load_controlnet
 from worker.image.engine import ImageEngine
+from worker.image.main import controlnets
 from worker.models.tiny_controlnet import build_tiny_controlnet
 
 pytestmark = [
@@ -216,3 +217,18 @@ def test_control_models_load_only_from_safetensors_that_fit(
         load_controlnet(wrong, plain_pipe)
     with pytest.raises(ModelNotFound, match="no ControlNet model"):
         load_controlnet(tmp_path / "missing", plain_pipe)
+
+
+def test_controlnet_flag_values(tmp_path: Path) -> None:
+    model = tmp_path / "control-canny"
+    model.mkdir()
+    assert controlnets([f"canny={model}", f"depth={model}"]) == {"canny": model, "depth": model}
+    for spec, needle in [
+        ("canny", "TYPE=PATH"),
+        (f"sketch={model}", "unknown control type; use one of canny, hed"),
+        (f"canny={tmp_path / 'nothing'}", "does not exist"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            controlnets([spec])
+    with pytest.raises(ValueError, match="given twice"):
+        controlnets([f"canny={model}", f"canny={model}"])

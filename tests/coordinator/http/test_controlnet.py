@@ -1,0 +1,113 @@
+"""ControlNet through the doors (issue 24): AI Horde's `control_type`, `image_is_control`
+and `return_control_map` become the job's parameters, priced x3 on top of the source
+image's x1.5; a job goes only to a worker that advertises its control type (and, unless the
+map is ready, can make the map); what cannot be honoured is a 400 naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol.cost import image_cost
+from protocol.params import ImageParams
+from tests.conftest import LiveApp
+from tests.coordinator.http.test_horde import Horde, request, webp
+from tests.fakes import CAPS, FakeWorker, png, register_accounts
+
+
+async def test_a_v2_canny_request_is_priced_and_queued_as_controlnet(live: LiveApp) -> None:
+    (key,) = await register_accounts(live.url, "tracer")
+    horde = Horde(live.url, key)
+    body = {**request(control_type="canny"), "source_image": webp((9, 80, 9))}
+    quoted = await horde.ok("POST", "/v2/generate/async", {**body, "dry_run": True}, 200)
+    expected = ImageParams(
+        prompt="a red cube",
+        width=64,
+        height=64,
+        steps=4,
+        source_processing="img2img",
+        control_type="canny",
+    )
+    assert quoted["kudos"] == image_cost(expected)
+    created = await horde.ok("POST", "/v2/generate/async", body, 202)
+    job = await live.store.image_jobs.get(created["id"])
+    assert job is not None
+    assert job.params.control_type == "canny"
+    assert job.params.source_processing == "img2img"
+    assert not job.params.image_is_control and not job.params.return_control_map
+
+
+def test_the_controlnet_price_multiplies_the_source_image_price() -> None:
+    # x1.5 for the source image, then x3 for ControlNet (AI Horde's kudos_standalone)
+    base = {"prompt": "x", "steps": 20, "source_processing": "img2img"}
+    source = image_cost(ImageParams.model_validate(base))
+    control = image_cost(ImageParams.model_validate({**base, "control_type": "depth"}))
+    assert (source, control) == (15, 45)
+
+
+@pytest.mark.parametrize(
+    ("params", "extra", "named"),
+    [
+        ({"image_is_control": True}, {"source_image": webp((1, 1, 1))}, "params.image_is_control"),
+        ({"return_control_map": True}, {}, "params.return_control_map"),
+        ({"control_type": "sketchy"}, {"source_image": webp((1, 1, 1))}, "params.control_type"),
+        (
+            {"control_type": "canny"},
+            {
+                "source_image": webp((1, 1, 1)),
+                "source_mask": webp((255, 255, 255)),
+                "source_processing": "inpainting",
+            },
+            "params.control_type",
+        ),
+        (
+            {"control_type": "canny", "image_is_control": True, "return_control_map": True},
+            {"source_image": webp((1, 1, 1))},
+            "params.return_control_map",
+        ),
+    ],
+)
+async def test_control_settings_that_cannot_be_honoured_are_named(
+    live: LiveApp, params: dict[str, object], extra: dict[str, object], named: str
+) -> None:
+    (key,) = await register_accounts(live.url, "odd")
+    got, answer = await Horde(live.url, key).call(
+        "POST", "/v2/generate/async", {**request(**params), **extra}
+    )
+    assert got == 400, answer
+    assert named in answer["errors"], answer
+
+
+async def test_a_control_job_goes_only_to_a_worker_that_can_serve_it(live: LiveApp) -> None:
+    requester, donor = await register_accounts(live.url, "asker", "donor")
+    horde = Horde(live.url, requester)
+    source = {"source_image": webp((200, 10, 10))}
+    depth_map = {**request(control_type="depth", image_is_control=True), **source}
+    depth = await horde.ok(
+        "POST", "/v2/generate/async", {**request(control_type="depth"), **source}, 202
+    )
+    ready = await horde.ok("POST", "/v2/generate/async", depth_map, 202)
+    canny = await horde.ok(
+        "POST", "/v2/generate/async", {**request(control_type="canny"), **source}, 202
+    )
+    sources = CAPS.model_copy(update={"img2img": True})
+    async with FakeWorker(live.url, "donor", donor) as worker:
+        # no control models: no control job (an AI Horde worker neither)
+        assert await worker.link.pop(sources, wait=0) is None
+        bridge = {"name": "bridge", "models": ["tiny"], "allow_img2img": True}
+        assert (await Horde(live.url, donor).ok("POST", "/v2/generate/pop", bridge))["id"] is None
+        # a depth model without its annotator: only the job whose map is ready
+        depth_only = sources.model_copy(update={"controlnets": ["depth"]})
+        job = await worker.link.pop(depth_only, wait=0)
+        assert job is not None and job.id == ready["id"]
+        await worker.link.submit(job, job.params.seeds(), [png(1)])
+        assert await worker.link.pop(depth_only, wait=0) is None
+        # canny's map needs no weights: a worker with the model makes it
+        canny_worker = sources.model_copy(
+            update={"controlnets": ["canny", "depth"], "control_annotators": ["canny"]}
+        )
+        job = await worker.link.pop(canny_worker, wait=0)
+        assert job is not None and job.id == canny["id"]
+        await worker.link.submit(job, job.params.seeds(), [png(2)])
+        assert await worker.link.pop(canny_worker, wait=0) is None
+    still = await live.store.image_jobs.get(depth["id"])
+    assert still is not None and still.state == "queued"
