@@ -14,9 +14,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.controlnets.controlnet import ControlNetModel
-from diffusers.pipelines.controlnet.pipeline_controlnet import (
-    StableDiffusionControlNetPipeline,
-)
 
 # (from its module: mypy resolves `diffusers.StableDiffusionPipeline` to a placeholder class)
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
@@ -27,7 +24,7 @@ from safetensors.torch import save_file
 
 from protocol.infotext import PNG_PARAMETERS_KEY
 from protocol.params import ImageParams
-from tests.reference import plain_image, plain_pipeline
+from tests.reference import plain_controlnet, plain_image, plain_pipeline
 from worker.errors import InvalidGenerationInput, ModelNotFound, UnsafeWeights
 from worker.image.control import load_controlnet
 from worker.image.engine import ImageEngine
@@ -109,23 +106,8 @@ def _canny(image: Image.Image) -> Image.Image:
 def _reference(
     pipe: StableDiffusionPipeline, controlnet: ControlNetModel, control: Image.Image, seed: int
 ) -> np.ndarray:
-    """diffusers alone: its ControlNet pipeline on the same components, Euler scheduler."""
-    control_pipe = StableDiffusionControlNetPipeline(
-        **{**pipe.components, "requires_safety_checker": False}, controlnet=controlnet
-    )
-    control_pipe.set_progress_bar_config(disable=True)
-    control_pipe.scheduler = pipe.scheduler  # (the tiny model's own: Euler)
-    out = control_pipe(
-        prompt=BASE["prompt"],
-        image=control,
-        width=64,
-        height=64,
-        num_inference_steps=4,
-        guidance_scale=7.0,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="pil",
-    )
-    return np.asarray(out.images[0])
+    params = ImageParams.model_validate(BASE)
+    return plain_controlnet(pipe, params, seed, controlnet, control)
 
 
 def _run(engine: ImageEngine, **fields: Any) -> tuple[list[bytes], list[dict[str, Any]]]:
