@@ -5,11 +5,15 @@ map is ready, can make the map); what cannot be honoured is a 400 naming the fie
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import AsyncIterator
+
 import pytest
 
+from coordinator.config import CoordinatorConfig
 from protocol.cost import image_cost
 from protocol.params import ImageParams
-from tests.conftest import LiveApp
+from tests.conftest import LiveApp, start_app
 from tests.coordinator.http.test_horde import Horde, request, webp
 from tests.fakes import CAPS, FakeWorker, png, register_accounts
 
@@ -111,3 +115,44 @@ async def test_a_control_job_goes_only_to_a_worker_that_can_serve_it(live: LiveA
         assert await worker.link.pop(canny_worker, wait=0) is None
     still = await live.store.image_jobs.get(depth["id"])
     assert still is not None and still.state == "queued"
+
+
+@pytest.fixture
+async def checked(coordinator_config: CoordinatorConfig) -> AsyncIterator[LiveApp]:
+    """Every untrusted result is spot-checked by the operator's (trusted) workers."""
+    config = dataclasses.replace(
+        coordinator_config,
+        spot_check_rate=1.0,
+        spot_check_min_rate=1.0,
+        max_pixel_steps_per_second=float("inf"),
+        trusted_accounts=frozenset({"operator"}),
+        verify_distinct_ip=False,  # everyone is on 127.0.0.1 here
+    )
+    runner, app = await start_app(config)
+    try:
+        yield app
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_spot_check_reruns_a_control_job_on_a_verifier_that_can(checked: LiveApp) -> None:
+    live = checked
+    requester, donor, operator = await register_accounts(live.url, "asker", "donor", "operator")
+    body = {**request(control_type="canny"), "source_image": webp((40, 50, 60))}
+    await Horde(live.url, requester).ok("POST", "/v2/generate/async", body, 202)
+    sources = CAPS.model_copy(update={"img2img": True})
+    canny = sources.model_copy(update={"controlnets": ["canny"], "control_annotators": ["canny"]})
+    async with (
+        FakeWorker(live.url, "newcomer", donor) as newcomer,
+        FakeWorker(live.url, "referee", operator) as referee,
+    ):
+        job = await newcomer.link.pop(canny, wait=0)
+        assert job is not None
+        await newcomer.link.submit(job, job.params.seeds(), [png(1)])
+        # the check goes only to a verifier with the control model and its annotator
+        assert await referee.link.pop(sources, wait=0) is None
+        no_annotator = sources.model_copy(update={"controlnets": ["canny"]})
+        assert await referee.link.pop(no_annotator, wait=0) is None
+        check = await referee.link.pop(canny, wait=5)
+        assert check is not None and check.id != job.id
+        assert check.params == job.params and check.params.control_type == "canny"
