@@ -23,12 +23,16 @@ from coordinator.economy import payments, suspicion
 from coordinator.errors import Forbidden, NotFound
 from protocol.messages import EngineInfo, WorkerInfo
 
-__all__ = ["Worker", "Workers"]
+__all__ = ["Controls", "Worker", "Workers"]
 
 # built once (coordinator.db.prepared): every request of a worker runs it
 _BY_TOKEN = select(workers).where(workers.c.token_hash == bindparam("token_hash"))
 _BY_PUBLIC_KEY = select(workers).where(workers.c.public_key == bindparam("public_key"))
 _BY_ID = select(workers).where(workers.c.id == bindparam("worker_id"))
+
+
+# (control types, annotators) an image worker advertises
+Controls = tuple[tuple[str, ...], tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class Worker:
     # what it serves (image | text | blocks) and the models it offered, from its polls
     kind: str | None = None
     models: tuple[str, ...] = ()
+    # the ControlNet types it serves, and those it makes control maps for (its last poll)
+    controls: Controls = ((), ())
 
     @property
     def signs(self) -> bool:
@@ -68,7 +74,15 @@ def _worker(row: Row[Any]) -> Worker:
         protocol=row.protocol,
         kind=row.kind,
         models=tuple(json.loads(row.models)) if row.models else (),
+        controls=_controls(row.controls),
     )
+
+
+def _controls(text: str | None) -> Controls:
+    if not text:
+        return (), ()
+    types, annotators = json.loads(text)
+    return tuple(types), tuple(annotators)
 
 
 def _horde_key(owner: Account, name: str) -> str:
@@ -76,11 +90,18 @@ def _horde_key(owner: Account, name: str) -> str:
     return "horde-" + hashlib.sha256(f"{owner.id}/{name}".encode()).hexdigest()[:58]
 
 
-def _offer(worker: Worker, kind: str, models: Sequence[str]) -> dict[str, Any]:
-    """The columns to write when `worker` offers `models` for `kind` (none if unchanged)."""
-    if worker.kind == kind and worker.models == tuple(models):
+def _offer(
+    worker: Worker, kind: str, models: Sequence[str], controls: Controls = ((), ())
+) -> dict[str, Any]:
+    """The columns to write when `worker` offers `models` (and ControlNet `controls`) for
+    `kind` (none if unchanged)."""
+    if worker.kind == kind and worker.models == tuple(models) and worker.controls == controls:
         return {}
-    return {"kind": kind, "models": json.dumps(list(models))}
+    return {
+        "kind": kind,
+        "models": json.dumps(list(models)),
+        "controls": json.dumps([list(controls[0]), list(controls[1])]) if controls[0] else None,
+    }
 
 
 class Workers:
@@ -188,10 +209,12 @@ class Workers:
         *,
         kind: str = "image",
         models: Sequence[str] = (),
+        controls: Controls = ((), ()),
     ) -> Callable[[AsyncConnection], Awaitable[int]]:
         """`record_poll` to run in a transaction of the caller's: a pop's (Lifecycle._pop),
-        so that a poll that leases a job costs one transaction, not two."""
-        offer = _offer(worker, kind, models)
+        so that a poll that leases a job costs one transaction, not two (`controls`: an
+        image worker's ControlNet types and annotators)."""
+        offer = _offer(worker, kind, models, controls)
 
         async def note(conn: AsyncConnection) -> int:
             return await payments.record_poll(
@@ -199,6 +222,23 @@ class Workers:
             )
 
         return note
+
+    async def serves_control(self, control_type: str, annotator: bool, within: float) -> bool:
+        """Whether an image worker that polled in the last `within` seconds serves ControlNet
+        `control_type` (with `annotator`: and makes its control maps)."""
+        async with self._db.begin() as conn:
+            since = now(conn) - within
+            query = select(workers.c.controls).where(
+                (workers.c.kind == "image")
+                & workers.c.controls.is_not(None)
+                & (workers.c.last_seen >= since)
+                & (workers.c.paused == 0)
+            )
+            offers = [_controls(text) for text in (await conn.execute(query)).scalars()]
+        return any(
+            control_type in types and (not annotator or control_type in annotators)
+            for types, annotators in offers
+        )
 
     async def note_offer(self, worker: Worker, kind: str, models: Sequence[str]) -> None:
         """A gateway or block server is there, serving `models` of `kind` (the network view)."""

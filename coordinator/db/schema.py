@@ -133,6 +133,9 @@ workers = Table(
     # --- identities (0006_identities) ---
     # jobs it gave back in a row since its last finished job (`faulted_run` pauses it)
     Column("faulted_run", Integer, nullable=False, server_default="0"),
+    # --- ControlNet (0010_controlnet) ---
+    # JSON [control types, annotators] of its last image poll (NULL: it serves none)
+    Column("controls", Text),
 )
 
 jobs = Table(

@@ -245,9 +245,17 @@ async def _image_job(request: web.Request, account: Account | None) -> ImageJob:
 
 
 async def _check(
-    jobs: Lifecycle, job_id: str, state: str, n: int, cost: int, attempts: int, job: Any = None
+    jobs: Lifecycle,
+    job_id: str,
+    state: str,
+    n: int,
+    cost: int,
+    attempts: int,
+    job: Any = None,
+    possible: bool = True,
 ) -> dict[str, Any]:
-    """`job`: the image job as just read, if the caller has it (saves reading it again)."""
+    """`job`: the image job as just read, if the caller has it (saves reading it again);
+    `possible`: AI Horde's is_possible (`_possible`)."""
     done = state in ("done", "failed", "cancelled")
     position, eta = (None, None) if done else await jobs.queue_info(job_id, job)
     return {
@@ -260,8 +268,19 @@ async def _check(
         "wait_time": 0 if eta is None else int(eta),
         "queue_position": position or 0,
         "kudos": float(cost),
-        "is_possible": True,
+        "is_possible": possible,
     }
+
+
+async def _possible(request: web.Request, job: ImageJob) -> bool:
+    """AI Horde's is_possible: false while no online worker serves the waiting job's
+    ControlNet type (and makes its control map, unless the map is ready)."""
+    params = job.params
+    if params.control_type is None or job.finished:
+        return True
+    return await request.app[STORE].workers.serves_control(
+        params.control_type, not params.image_is_control, ONLINE_SECONDS
+    )
 
 
 @API.route(
@@ -276,7 +295,10 @@ async def image_check(request: web.Request, call: Call[None]) -> RequestStatusCh
     job = await _image_job(request, call.account)
     store = request.app[STORE]
     n = job.params.n
-    check = await _check(store.image_jobs, job.id, job.state, n, job.cost, job.attempts, job)
+    possible = await _possible(request, job)
+    check = await _check(
+        store.image_jobs, job.id, job.state, n, job.cost, job.attempts, job, possible
+    )
     return RequestStatusCheck(**check)
 
 
@@ -316,8 +338,9 @@ async def image_status(request: web.Request, job: ImageJob) -> RequestStatusImag
                     model=model,
                 )
             )
+    possible = await _possible(request, job)
     check = await _check(
-        store.image_jobs, job.id, job.state, job.params.n, job.cost, job.attempts, job
+        store.image_jobs, job.id, job.state, job.params.n, job.cost, job.attempts, job, possible
     )
     return RequestStatusImage(**check, generations=generations, shared=job.shared)
 

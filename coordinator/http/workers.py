@@ -101,7 +101,14 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
     if request.app[CONFIG].require_sandbox and worker.sandboxed is not True:
         raise UnsandboxedWorker()
     # the poll is noted (uptime, address, offer) in the first attempt's transaction
-    polls = [store.workers.poll_note(worker, client_ip(request), kind="image", models=body.models)]
+    controls = (
+        tuple(sorted(set(body.controlnets))),
+        tuple(sorted(set(body.control_annotators) & set(body.controlnets))),
+    )
+    note = store.workers.poll_note(
+        worker, client_ip(request), kind="image", models=body.models, controls=controls
+    )
+    polls = [note]
 
     def attempt() -> Awaitable[ImageJob | None]:
         poll = polls.pop() if polls else None

@@ -156,3 +156,35 @@ async def test_a_spot_check_reruns_a_control_job_on_a_verifier_that_can(checked:
         check = await referee.link.pop(canny, wait=5)
         assert check is not None and check.id != job.id
         assert check.params == job.params and check.params.control_type == "canny"
+
+
+async def test_is_possible_says_whether_an_online_worker_serves_the_control_type(
+    live: LiveApp,
+) -> None:
+    requester, donor = await register_accounts(live.url, "asker", "donor")
+    horde = Horde(live.url, requester)
+    source = {"source_image": webp((7, 8, 9))}
+    hed = await horde.ok(
+        "POST", "/v2/generate/async", {**request(control_type="hed"), **source}, 202
+    )
+    ready = {**request(control_type="hed", image_is_control=True), **source}
+    hed_map = await horde.ok("POST", "/v2/generate/async", ready, 202)
+    plain = await horde.ok("POST", "/v2/generate/async", request(), 202)
+
+    async def possible(job: dict[str, object]) -> tuple[bool, bool]:
+        check = await horde.ok("GET", f"/v2/generate/check/{job['id']}")
+        status = await horde.ok("GET", f"/v2/generate/status/{job['id']}")
+        return check["is_possible"], status["is_possible"]
+
+    assert await possible(hed) == (False, False)
+    assert await possible(hed_map) == (False, False)
+    assert await possible(plain) == (True, True)
+    async with FakeWorker(live.url, "donor", donor) as worker:
+        # a hed model without its annotator: only the job with a ready map is possible
+        offer = CAPS.model_copy(update={"img2img": True, "controlnets": ["hed"], "models": ["x"]})
+        assert await worker.link.pop(offer, wait=0) is None
+        assert await possible(hed) == (False, False)
+        assert await possible(hed_map) == (True, True)
+        # the offer is the last poll's: without the model, nothing is possible any more
+        assert await worker.link.pop(offer.model_copy(update={"controlnets": []}), wait=0) is None
+        assert await possible(hed_map) == (False, False)
