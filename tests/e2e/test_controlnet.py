@@ -1,7 +1,8 @@
 """ControlNet end to end with real processes on loopback (issue 24): a worker started with
-`--controlnet canny=DIR --controlnet depth=FILE` serves a CLI `--control canny` job and an
-AI Horde `image_is_control` job, each identical (|diff| <= 2) to diffusers' ControlNet
-pipeline with the same map and seed, and returns a canny map when asked."""
+`--controlnet canny=DIR --controlnet depth=FILE` (a single file in the original layout)
+serves a CLI `--control canny` job and an AI Horde `image_is_control` job, each identical
+(|diff| <= 2) to diffusers' ControlNet pipeline with the same map and seed, and returns a
+canny map when asked."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def test_controlnet_jobs_through_a_real_worker_equal_diffusers(
     network = control_network
     canny_dir = build_tiny_controlnet(tiny_models / "sd", network.tmp / "control-canny")
     depth_file = network.tmp / "control-depth.safetensors"
-    build_tiny_controlnet(tiny_models / "sd", depth_file, single_file=True)
+    build_tiny_controlnet(tiny_models / "sd", depth_file, single_file=True, original=True)
     args = network.worker_args("controller")
     args += ["--controlnet", f"canny={canny_dir}", "--controlnet", f"depth={depth_file}"]
     network.start("controller", args).wait_for("ready", 180)

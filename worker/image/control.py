@@ -2,8 +2,10 @@
 diffusers' `StableDiffusionControlNetPipeline` built on the loaded components.
 
 The donor names one control model per control type (`--controlnet TYPE=PATH`): a diffusers
-`ControlNetModel` folder, or one `.safetensors` file with diffusers' parameter names (its
-config is the base model's UNet's, as for the ControlNets trained on SD 1.5). Pickle
+`ControlNetModel` folder, or one `.safetensors` file, with diffusers' parameter names or the
+original ones (lllyasviel's, as A1111 and ComfyUI use them; diffusers' converter renames
+them); a single file's config is the base model's UNet's, as for the ControlNets trained on
+SD 1.5. Pickle
 weights are refused. Models load with the engine, so a bad path fails at start.
 
 The control map is made from the job's source image, already LANCZOS-resized to the job's
@@ -24,6 +26,7 @@ from typing import cast
 import cv2
 import numpy as np
 import torch
+from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from diffusers.models.controlnets.controlnet import ControlNetModel
 from diffusers.pipelines.controlnet.pipeline_controlnet import (
     StableDiffusionControlNetPipeline,
@@ -32,7 +35,6 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     StableDiffusionPipeline,
 )
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from protocol.control import (
@@ -63,8 +65,8 @@ class ControlJob:
 
 
 def load_controlnet(path: Path, base: StableDiffusionPipeline) -> ControlNetModel:
-    """The ControlNetModel at `path` (a diffusers folder, or a .safetensors file with
-    diffusers' names and the base UNet's config), in float32 on the CPU."""
+    """The ControlNetModel at `path` (a diffusers folder, or a .safetensors file in either
+    layout, configured like the base UNet), in float32 on the CPU."""
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFound(
@@ -81,20 +83,17 @@ def load_controlnet(path: Path, base: StableDiffusionPipeline) -> ControlNetMode
             f"{path.name}: only .safetensors ControlNet weights are loaded (pickle files can "
             "run code); convert it to safetensors"
         )
-    with safe_open(str(path), framework="pt") as weights:
-        diffusers_names = _DIFFUSERS_KEY in weights.keys()  # noqa: SIM118 - not a dict
-    if not diffusers_names:
-        raise ModelNotFound(
-            f"{path.name} has the original (lllyasviel) parameter names, which are not loaded "
-            "yet; pass a diffusers ControlNetModel folder (or a file saved from one)"
-        )
     model: ControlNetModel = ControlNetModel.from_unet(base.unet, load_weights_from_unet=False)
+    state = load_file(str(path))
     try:
-        model.load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as exc:
+        if _DIFFUSERS_KEY not in state:
+            # the original (lllyasviel, A1111) layout: diffusers' own converter renames it
+            state = convert_controlnet_checkpoint(state, dict(model.config))
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, ValueError, IndexError) as exc:
         raise ModelNotFound(
             f"{path.name} does not fit the model's UNet (a ControlNet for another base "
-            f"model?): {str(exc).splitlines()[0]}"
+            f"model, or not a ControlNet?): {str(exc).splitlines()[0]}"
         ) from None
     cast(torch.nn.Module, model).to(torch.float32)
     return model

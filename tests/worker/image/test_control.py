@@ -20,6 +20,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     StableDiffusionPipeline,
 )
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from protocol.infotext import PNG_PARAMETERS_KEY
@@ -189,16 +190,32 @@ def test_control_models_load_only_from_safetensors_that_fit(
     pickle.write_bytes(b"not loaded")
     with pytest.raises(UnsafeWeights, match="safetensors"):
         load_controlnet(pickle, plain_pipe)
-    original = tmp_path / "control_v11p_sd15_canny.safetensors"
-    save_file({"control_model.input_hint_block.0.weight": torch.zeros(1)}, str(original))
-    with pytest.raises(ModelNotFound, match="original"):
-        load_controlnet(original, plain_pipe)
     wrong = tmp_path / "wrong.safetensors"
     save_file({"controlnet_cond_embedding.conv_in.weight": torch.zeros(1)}, str(wrong))
     with pytest.raises(ModelNotFound, match="does not fit"):
         load_controlnet(wrong, plain_pipe)
     with pytest.raises(ModelNotFound, match="no ControlNet model"):
         load_controlnet(tmp_path / "missing", plain_pipe)
+    not_controlnet = tmp_path / "control_v11p_sd15_canny.safetensors"
+    save_file({"control_model.input_hint_block.0.weight": torch.zeros(1)}, str(not_controlnet))
+    with pytest.raises(ModelNotFound, match="does not fit"):
+        load_controlnet(not_controlnet, plain_pipe)
+
+
+def test_a_single_file_in_the_original_layout_loads_the_same_weights(
+    tiny_sd: Path, tmp_path: Path, plain_pipe: StableDiffusionPipeline, controlnet_dir: Path
+) -> None:
+    original = build_tiny_controlnet(
+        tiny_sd, tmp_path / "control.safetensors", single_file=True, original=True
+    )
+    with safe_open(str(original), framework="pt") as weights:
+        names = set(weights.keys())  # noqa: SIM118 - not a dict
+    assert "control_model.input_hint_block.14.weight" in names
+    assert "control_model.zero_convs.0.0.weight" in names
+    loaded = load_controlnet(original, plain_pipe).state_dict()
+    expected = load_controlnet(controlnet_dir, plain_pipe).state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[key], expected[key]) for key in loaded)
 
 
 def test_controlnet_flag_values(tmp_path: Path) -> None:
