@@ -5,6 +5,7 @@ exceptions, documented where they are: a command's settings read the environment
 `--config` file while its flags are parsed, and services install signal handlers.)
 
     params.py      ImageParams: what to generate, with its hard limits
+    control.py     ControlNet: AI Horde's control types, what serving one needs, its checks
     samplers.py    sampler names as AUTOMATIC1111 users know them, and cost factors
     messages.py    request/response models of the HTTP API
     engine.py      EngineCall: the typed calls between a worker and its sandboxed engine

@@ -5,11 +5,14 @@ map is ready, can make the map); what cannot be honoured is a 400 naming the fie
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
 
+from client.errors import ApiError
+from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from protocol.cost import image_cost
 from protocol.params import ImageParams
@@ -209,3 +212,26 @@ async def test_an_ai_horde_worker_that_allows_controlnet_gets_the_fields(live: L
     assert payload["return_control_map"] is False
     # sampled from noise: AI Horde's denoising_strength is not the job's
     assert payload["denoising_strength"] == 1.0
+
+
+async def test_the_sdk_sends_control_fields_with_the_source_image(live: LiveApp) -> None:
+    (key,) = await register_accounts(live.url, "scripter")
+    params = ImageParams(
+        prompt="a cube",
+        width=64,
+        height=64,
+        steps=4,
+        source_processing="img2img",
+        control_type="scribble",
+        image_is_control=True,
+    )
+    async with AsyncClient(live.url, key) as grid:
+        created = await grid.submit_image(params, source_image=base64.b64decode(webp((1, 2, 3))))
+        job = await live.store.image_jobs.get(created.id)
+        assert job is not None
+        assert (job.params.control_type, job.params.image_is_control) == ("scribble", True)
+        assert created.kudos_cost == image_cost(params)
+        # v1 names what does not apply: ControlNet samples from noise
+        strength = params.model_copy(update={"denoising_strength": 0.5})
+        with pytest.raises(ApiError, match="denoising_strength does not apply"):
+            await grid.submit_image(strength, source_image=base64.b64decode(webp((1, 2, 3))))
