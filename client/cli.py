@@ -27,6 +27,7 @@ from client.image_extras import add_extras_flags, extras_fields
 from client.progress import ProgressLine
 from client.sdk import AsyncClient
 from protocol.config_file import ConfigFileParser
+from protocol.control import CONTROL_TYPES
 from protocol.errors import ValidationFailed
 from protocol.params import MAX_SIDE, MIN_SIDE, ImageParams
 from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS
@@ -238,9 +239,39 @@ async def _share(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """ControlNet's fields from --control, --control-image, --image-is-control and
+    --return-control-map ({} without them); UsageError naming a flag that lacks another."""
+    if args.control is None:
+        for flag, given in (
+            ("--control-image", args.control_image is not None),
+            ("--image-is-control", args.image_is_control),
+            ("--return-control-map", args.return_control_map),
+        ):
+            if given:
+                raise UsageError(f"{flag} needs a control type: add --control TYPE")
+        return {}
+    if args.control_image is None:
+        raise UsageError("--control needs the image to guide by: add --control-image FILE")
+    if args.image is not None:
+        raise UsageError("--image and --control-image are both source images: give one")
+    if args.mask is not None:
+        raise UsageError("--mask does not go with --control: ControlNet takes no mask")
+    if args.strength is not None:
+        raise UsageError("--strength does not apply with --control: it samples from noise")
+    return {
+        "control_type": args.control,
+        **({"image_is_control": True} if args.image_is_control else {}),
+        **({"return_control_map": True} if args.return_control_map else {}),
+    }
+
+
 async def _generate(args: argparse.Namespace) -> int:
     source = mask = None
-    if args.image is not None:
+    control = _control_fields(args)
+    if control:
+        source, source_size = _read_image(args.control_image, "--control-image")
+    elif args.image is not None:
         source, source_size = _read_image(args.image, "--image")
         if args.mask is not None:
             mask, _ = _read_image(args.mask, "--mask")
@@ -272,6 +303,7 @@ async def _generate(args: argparse.Namespace) -> int:
         if args.strength is not None:
             fields["denoising_strength"] = args.strength
     fields.update(extras_fields(args, UsageError))
+    fields.update(control)
     params = parse(ImageParams, fields)
     if args.dry_run:
         async with _client(args) as grid:
@@ -443,6 +475,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --image: a mask the size of the image, white = repaint (inpainting)",
     )
     add_extras_flags(generate)
+    generate.add_argument(
+        "--control",
+        choices=CONTROL_TYPES,
+        metavar="TYPE",
+        help="ControlNet: guide the image by a map made from --control-image; TYPE is one "
+        f"of {', '.join(CONTROL_TYPES)}",
+    )
+    generate.add_argument(
+        "--control-image",
+        type=Path,
+        help="with --control: the image (PNG, WebP or JPEG) the control map is made from "
+        "(its size without --size)",
+    )
+    generate.add_argument(
+        "--image-is-control",
+        action="store_true",
+        help="with --control: --control-image already is the control map",
+    )
+    generate.add_argument(
+        "--return-control-map",
+        action="store_true",
+        help="with --control: return the control map made from --control-image, no image",
+    )
     generate.add_argument("-n", type=int, default=1, help="number of images (default %(default)s)")
     generate.add_argument("--model", help="model name (default: whatever the workers serve)")
     generate.add_argument(

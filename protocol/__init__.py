@@ -5,6 +5,7 @@ exceptions, documented where they are: a command's settings read the environment
 `--config` file while its flags are parsed, and services install signal handlers.)
 
     params.py      ImageParams: what to generate, with its hard limits
+    control.py     ControlNet: AI Horde's control types, what serving one needs, its checks
     postprocess.py AI Horde's post-processors (names, prices, sizes) and the hires fix's
                    first-pass size
     samplers.py    sampler names as AUTOMATIC1111 users know them, and cost factors

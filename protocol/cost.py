@@ -10,6 +10,7 @@ from protocol.samplers import sampler_factor
 
 __all__ = [
     "BLOCK_TOKENS_PER_KUDO_AT_1B",
+    "CONTROLNET_FACTOR",
     "KUDOS_PER_REFERENCE_IMAGE",
     "REFERENCE_PIXELS",
     "REFERENCE_STEPS",
@@ -27,18 +28,24 @@ KUDOS_PER_REFERENCE_IMAGE = 10
 # AI Horde's published multiplier (its kudos_standalone: x1.5 with a source image, the
 # steps counted in full whatever the denoising strength).
 SOURCE_IMAGE_FACTOR = 1.5
+# A ControlNet job costs three times as much (AI Horde's kudos_standalone: x3 when it uses
+# ControlNet, on top of the x1.5 for its source image).
+CONTROLNET_FACTOR = 3
 
 
 def image_cost(params: ImageParams) -> int:
     """Kudos for a job: pixels x steps x sampler factor x images (x SOURCE_IMAGE_FACTOR
     with a source image; the hires fix adds its second pass's steps at full size; each
-    post-processor multiplies by AI Horde's factor, POST_PROCESSOR_FACTORS), at least 1."""
+    post-processor multiplies by AI Horde's factor, POST_PROCESSOR_FACTORS; x
+    CONTROLNET_FACTOR with ControlNet), at least 1."""
     steps = params.steps
     if params.hires_fix:
         steps += int(params.steps * params.hires_fix_denoising_strength)
     work: float = params.pixels * steps * sampler_factor(params.sampler) * params.n
     if params.source_processing != "txt2img":
         work *= SOURCE_IMAGE_FACTOR
+    if params.control_type is not None:
+        work *= CONTROLNET_FACTOR
     for name in params.post_processing:
         work *= POST_PROCESSOR_FACTORS[name]
     reference = REFERENCE_PIXELS * REFERENCE_STEPS

@@ -34,6 +34,7 @@ from typing import Annotated, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.control import ControlType
 from protocol.params import MAX_N, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageParams
 from protocol.text import (
     FinishReason,
@@ -123,6 +124,8 @@ class ImageEngineOptions(EngineMessage):
     max_vram_bytes: int | None = None
     # the donor's post-processor weights (worker.image.postprocess); None = none
     post_processors: str | None = None
+    # ControlNet: the control model of each type (worker.image.control)
+    controlnets: dict[ControlType, str] = {}
 
 
 class ImageProgress(EngineMessage):

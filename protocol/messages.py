@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.control import CONTROL_TYPES, ControlType
 from protocol.params import MAX_N, MAX_SOURCE_BASE64, MAX_STEPS, ImageParams, ModelName
 from protocol.postprocess import POST_PROCESSORS
 
@@ -464,6 +465,17 @@ class PopRequest(_Request):
         max_length=len(POST_PROCESSORS),
         description="AI Horde post-processors it holds (GFPGAN, RealESRGAN_x4plus, ...): "
         "jobs naming others are not offered",
+    )
+    controlnets: list[ControlType] = Field(
+        default=[],
+        max_length=len(CONTROL_TYPES),
+        description="ControlNet: the control types it has a model for (jobs with a ready "
+        "control map: image_is_control)",
+    )
+    control_annotators: list[ControlType] = Field(
+        default=[],
+        max_length=len(CONTROL_TYPES),
+        description="of those, the control types whose map it makes from a source image",
     )
     wait: float = Field(default=10.0, ge=0.0, le=60.0, description="long-poll seconds")
 

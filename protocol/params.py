@@ -7,10 +7,11 @@ These are hard protocol limits; a coordinator narrows them further by configurat
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from protocol.control import ControlType, control_problem
 from protocol.postprocess import (
     DEFAULT_FACEFIXER_STRENGTH,
     DEFAULT_HIRES_STRENGTH,
@@ -145,6 +146,23 @@ class ImageParams(BaseModel):
         exclude_if=lambda value: value == DEFAULT_FACEFIXER_STRENGTH,
         description="how much of the face fixer's result is kept (A1111's GFPGAN visibility)",
     )
+    # ControlNet (protocol.control), left out of dumps when off
+    control_type: ControlType | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="ControlNet: the control model guiding the image, fed a map made from "
+        "the source image (source_processing 'img2img'); the image is sampled from noise",
+    )
+    image_is_control: bool = Field(
+        default=False,
+        exclude_if=lambda value: not value,
+        description="the source image already is the control map (no preprocessing)",
+    )
+    return_control_map: bool = Field(
+        default=False,
+        exclude_if=lambda value: not value,
+        description="return the control map made from the source image, not an image",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -226,6 +244,29 @@ class ImageParams(BaseModel):
         factor = upscale_factor(self.post_processing)
         return self.width * factor, self.height * factor
 
+    @field_validator("control_type", "image_is_control", "return_control_map")
+    @classmethod
+    def _control_fits(cls, value: object, info: ValidationInfo) -> object:
+        # (each runs only when sent: every default is "off")
+        field = info.field_name or ""
+        data: dict[str, object] = {"control_type": None, **info.data, field: value}
+        if field == "control_type" and value is not None:
+            strength = data.get("denoising_strength", DEFAULT_DENOISING_STRENGTH)
+            if strength != DEFAULT_DENOISING_STRENGTH:
+                raise ValueError(
+                    "with a control_type the image is sampled from noise, so "
+                    "denoising_strength does not apply; leave it out"
+                )
+        problem = control_problem(
+            cast("ControlType | None", data["control_type"]),  # (validated before)
+            data.get("image_is_control", False) is True,
+            data.get("return_control_map", False) is True,
+            str(data.get("source_processing", "txt2img")),
+        )
+        if problem is not None and problem[0] == field:
+            raise ValueError(problem[1])
+        return value
+
     @property
     def pixels(self) -> int:
         return self.width * self.height
@@ -241,9 +282,12 @@ def sampled_steps(params: ImageParams) -> int:
     """The sampling steps a job runs: `steps` from noise; with a source image, diffusers'
     `min(int(steps x denoising_strength), steps)` (the rest of the schedule is skipped);
     with the hires fix, `steps` plus int(steps x hires_fix_denoising_strength) (the second
-    pass; a worker whose model is native at the job's size runs only the first)."""
+    pass; a worker whose model is native at the job's size runs only the first); with
+    ControlNet, `steps` from noise."""
     if params.source_processing == "txt2img":
         if params.hires_fix:
             return params.steps + int(params.steps * params.hires_fix_denoising_strength)
+        return params.steps
+    if params.control_type is not None:
         return params.steps
     return min(int(params.steps * params.denoising_strength), params.steps)

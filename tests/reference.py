@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 # (from its module: mypy resolves `diffusers.StableDiffusionPipeline` to a placeholder class)
+from diffusers.models.controlnets.controlnet import ControlNetModel
+from diffusers.pipelines.controlnet.pipeline_controlnet import StableDiffusionControlNetPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     StableDiffusionPipeline,
@@ -32,7 +34,7 @@ from PIL import Image
 from protocol.params import ImageParams
 from worker.image.samplers import SCHEDULER_SPECS
 
-__all__ = ["plain_image", "plain_img2img", "plain_inpaint", "plain_pipeline"]
+__all__ = ["plain_controlnet", "plain_image", "plain_img2img", "plain_inpaint", "plain_pipeline"]
 
 
 def plain_pipeline(sd: Path) -> StableDiffusionPipeline:
@@ -112,6 +114,26 @@ def plain_inpaint(
             height=params.height,
             strength=params.denoising_strength,
             **_common(params, seed),
+        )
+    assert isinstance(out, StableDiffusionPipelineOutput)
+    return np.asarray(out.images[0])
+
+
+def plain_controlnet(
+    pipe: StableDiffusionPipeline,
+    params: ImageParams,
+    seed: int,
+    controlnet: ControlNetModel,
+    control: Image.Image,
+) -> np.ndarray:
+    """Image `seed` of a ControlNet job guided by the control map `control` (the job's
+    size), with diffusers' ControlNet pipeline on `pipe`'s components, from noise."""
+    with _scheduler_of(pipe, params) as scheduler:
+        components = {**pipe.components, "scheduler": scheduler}
+        control_pipe = StableDiffusionControlNetPipeline(**components, controlnet=controlnet)
+        control_pipe.set_progress_bar_config(disable=True)
+        out = control_pipe(
+            image=control, width=params.width, height=params.height, **_common(params, seed)
         )
     assert isinstance(out, StableDiffusionPipelineOutput)
     return np.asarray(out.images[0])

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from client.api.core import Call, Request, body, call
+from protocol.control import ControlType
 from protocol.messages import (
     IMAGE_SEED_HEADER,
     IMAGE_SHA256_HEADER,
@@ -88,6 +89,9 @@ class Capabilities(BaseModel):
     txt2img: bool = True
     # AI Horde post-processors it holds (protocol.postprocess)
     post_processors: list[str] = []
+    # ControlNet types it has models for; those it can make control maps for
+    controlnets: list[ControlType] = []
+    control_annotators: list[ControlType] = []
 
 
 class _Ignored(BaseModel):

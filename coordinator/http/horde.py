@@ -106,6 +106,9 @@ _V2_FIELDS = {
     "hires_fix_denoising_strength": "params.hires_fix_denoising_strength",
     "post_processing": "params.post_processing",
     "facefixer_strength": "params.facefixer_strength",
+    "control_type": "params.control_type",
+    "image_is_control": "params.image_is_control",
+    "return_control_map": "params.return_control_map",
     "max_tokens": "params.max_length",
     "temperature": "params.temperature",
     "top_p": "params.top_p",
@@ -173,6 +176,9 @@ async def image_params(
             [("params.sampler_name", f"must be one of {known}")],
         ).horde("UnsupportedSampler")
     prompt, negative = split_prompt(body.prompt)
+    control_type = None if p.control_type in (None, "", "none") else p.control_type
+    # ControlNet samples from noise: AI Horde's denoising_strength does not apply
+    strength = processing != "txt2img" and control_type is None
     params: ImageParams = _v2_parse(
         ImageParams,
         {
@@ -187,7 +193,10 @@ async def image_params(
             "n": p.n,
             "model": await _image_model(request, body.models),
             "source_processing": processing,
-            **({} if processing == "txt2img" else {"denoising_strength": p.denoising_strength}),
+            **({"denoising_strength": p.denoising_strength} if strength else {}),
+            **({"control_type": control_type} if control_type is not None else {}),
+            **({"image_is_control": True} if p.image_is_control else {}),
+            **({"return_control_map": True} if p.return_control_map else {}),
             "hires_fix": bool(p.hires_fix),
             "hires_fix_denoising_strength": DEFAULT_HIRES_STRENGTH
             if p.hires_fix_denoising_strength is None
@@ -264,7 +273,8 @@ async def _check(
     *,
     is_possible: bool = True,
 ) -> dict[str, Any]:
-    """`job`: the image job as just read, if the caller has it (saves reading it again)."""
+    """`job`: the image job as just read, if the caller has it (saves reading it again);
+    `is_possible`: AI Horde's (coordinator.http.possible)."""
     done = state in ("done", "failed", "cancelled")
     position, eta = (None, None) if done else await jobs.queue_info(job_id, job)
     return {

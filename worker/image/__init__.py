@@ -6,6 +6,8 @@
     engine.py         ImageEngine, hosted in the sandbox child process (torch, diffusers)
     sources.py        a job's source image and mask: decoded within caps, AI Horde's mask
                       conventions, resized for the img2img and inpaint pipelines
+    control.py        ControlNet: the donor's control models, a job's control map (canny,
+                      or a ready map), diffusers' ControlNet pipeline on the loaded modules
     samplers.py       AUTOMATIC1111 sampler names -> diffusers schedulers
     hires.py          the hires fix: native-size pass, latents upscaled, img2img pass
     postprocess.py    GFPGAN and the RRDBNet upscalers on a finished image (spandrel)
@@ -13,7 +15,8 @@
     post_files.py     --post-processors DIR: which post-processors a donor's folder holds
     model_source.py   resolves --model safely (safetensors only, never pickle)
 
-Only the sandbox child imports `engine.py`, `sources.py`, `hires.py` and `postprocess.py` (by name,
+Only the sandbox child imports `engine.py`, `sources.py`, `hires.py`, `postprocess.py` and
+`control.py` (by name,
 `worker.image.worker.ENGINE`).
 """
 

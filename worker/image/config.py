@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol.control import ControlType
 from protocol.params import MAX_STEPS
 from worker.common.donor import DonorSettings
 
@@ -59,3 +60,5 @@ class ImageWorkerConfig:
     donor: DonorSettings = field(default_factory=DonorSettings)
     # seconds between looks at the donor controls while they hold the worker back
     gate_poll: float = 1.0
+    # --controlnet TYPE=PATH: the ControlNet model of each control type it serves
+    controlnets: dict[ControlType, Path] = field(default_factory=dict)

@@ -11,7 +11,8 @@ A job with a source image (`params.source_processing`, the bytes beside it, shap
 `StableDiffusionInpaintPipeline` for inpainting and outpainting, whether the checkpoint is
 an inpainting one (9-channel UNet: mask and masked image as conditioning) or a plain one
 (4 channels: the known area's latents are blended back in after each step). An inpainting
-checkpoint serves only inpainting and outpainting.
+checkpoint serves only inpainting and outpainting. A ControlNet job (`params.control_type`)
+runs `StableDiffusionControlNetPipeline` on the same modules (`worker.image.control`).
 
 Image extras: the hires fix (`worker.image.hires`: txt2img at the native size, latents
 upscaled, img2img on the same modules) and the donor's post-processors
@@ -27,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.pipelines.controlnet.pipeline_controlnet import (
+    StableDiffusionControlNetPipeline,
+)
 
 # (from its module: mypy resolves `diffusers.StableDiffusionPipeline` to a placeholder class)
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
@@ -54,6 +58,7 @@ from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams, sampled_steps
 from sandbox.calls import CallTable, Emit
 from worker.errors import InvalidGenerationInput, ModelNotFound
+from worker.image.control import ControlJob, ControlNets
 from worker.image.hires import hires_first_pass, hires_image
 from worker.image.model_source import ModelSource, resolve_model
 from worker.image.postprocess import PostProcessors
@@ -65,9 +70,12 @@ __all__ = ["INPAINT_UNET_CHANNELS", "ImageEngine", "encode_png", "load_pipeline"
 # the UNet input of an inpainting checkpoint: noisy latent, mask and masked image latent
 INPAINT_UNET_CHANNELS = 9
 
-# any of the three pipelines the engine runs
+# any of the pipelines the engine runs
 _Pipeline = (
-    StableDiffusionPipeline | StableDiffusionImg2ImgPipeline | StableDiffusionInpaintPipeline
+    StableDiffusionPipeline
+    | StableDiffusionImg2ImgPipeline
+    | StableDiffusionInpaintPipeline
+    | StableDiffusionControlNetPipeline
 )
 
 logger = logging.getLogger(__name__)
@@ -133,6 +141,7 @@ class ImageEngine:
         self.base_scheduler_config = dict(pipe.scheduler.config)
         folder = settings.post_processors
         self.post = PostProcessors.load(Path(folder) if folder else None, self.device)
+        self.controls = ControlNets(settings.controlnets, pipe)
         self.calls = CallTable()
         self.calls.add_binary(IMAGE, self.image)
         self.calls.add(IMAGE_INFO, self.info)
@@ -172,7 +181,13 @@ class ImageEngine:
                 "start it with --post-processors DIR holding them",
             )
         sources = prepare_sources(params, inputs)
-        blobs = [self._one_image(params, sources, i, emit) for i in range(params.n)]
+        control = None
+        if params.control_type is not None and sources is not None:
+            control = self.controls.job(params, sources.image)
+        if control is not None and params.return_control_map:
+            blobs = [self._control_map_png(params, control, seed) for seed in params.seeds()]
+        else:
+            blobs = [self._one_image(params, sources, control, i, emit) for i in range(params.n)]
         width, height = params.output_size
         result = ImageResult(
             seeds=params.seeds(), model=self.model_name, width=width, height=height
@@ -214,8 +229,17 @@ class ImageEngine:
         self._img2img.scheduler = self.pipe.scheduler
         return self._img2img
 
+    def _control_map_png(self, params: ImageParams, control: ControlJob, seed: int) -> bytes:
+        text = parameters_text(params, seed, self.model_name, control_model=control.model_name)
+        return encode_png(control.image, text)
+
     def _one_image(
-        self, params: ImageParams, sources: Sources | None, index: int, emit: Emit[ImageProgress]
+        self,
+        params: ImageParams,
+        sources: Sources | None,
+        control: ControlJob | None,
+        index: int,
+        emit: Emit[ImageProgress],
     ) -> bytes:
         assert params.seed is not None
         seed = params.seed + index
@@ -261,18 +285,26 @@ class ImageEngine:
                 params.hires_fix_denoising_strength,
                 (progress(0, params.steps), progress(params.steps, steps - params.steps)),
             )
-            return self._finish(image, params, seed, first_pass)
+            return self._finish(image, params, seed, first_pass, None)
         arguments["callback_on_step_end"] = progress(0, steps)
-        if sources is None or sources.mask is not None:
+        if sources is None or sources.mask is not None or control is not None:
             arguments.update(width=params.width, height=params.height)
-        if sources is not None:
+        if control is not None:
+            # sampled from noise, guided by the control map
+            arguments.update(image=control.image)
+        elif sources is not None:
             # (the image already has the job's size: the pipelines do not resize it again)
             arguments.update(image=sources.image, strength=params.denoising_strength)
             if sources.mask is not None:
                 arguments.update(mask_image=sources.mask)
-        result = self._pipeline(sources)(**arguments)
+        if control is None:
+            pipe = self._pipeline(sources)
+        else:
+            pipe = control.pipeline
+            pipe.scheduler = self.pipe.scheduler
+        result = pipe(**arguments)
         assert not isinstance(result, tuple)  # (return_dict is left True)
-        return self._finish(result.images[0], params, seed, None)
+        return self._finish(result.images[0], params, seed, None, control)
 
     def _finish(
         self,
@@ -280,8 +312,13 @@ class ImageEngine:
         params: ImageParams,
         seed: int,
         first_pass: tuple[int, int] | None,
+        control: ControlJob | None,
     ) -> bytes:
         """The post-processed image as a PNG with its parameters text."""
         if params.post_processing:
             image = self.post.apply(image, params, seed)
-        return encode_png(image, parameters_text(params, seed, self.model_name, first_pass))
+        control_model = None if control is None else control.model_name
+        text = parameters_text(
+            params, seed, self.model_name, first_pass, control_model=control_model
+        )
+        return encode_png(image, text)

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
+from protocol.control import CONTROL_TYPES, ControlType
 from protocol.settings import Flag, SettingsError, add_flags, validated
 from worker.common.cli import (
     LOG_LEVEL,
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from protocol.signing import Identity
     from worker.image.config import ImageWorkerConfig
 
-__all__ = ["ImageSettings", "add_image_command"]
+__all__ = ["ImageSettings", "add_image_command", "controlnets"]
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,44 @@ class ImageSettings(DonorFlags):
         Field(gt=0),
         Flag("GPU memory the engine may use, in GiB (default: all of it)", metavar="GIB"),
     ] = None
+    controlnet: Annotated[
+        list[str],
+        Flag(
+            "a ControlNet control model for jobs of control type TYPE (canny, hed, depth, "
+            "...): a diffusers ControlNetModel folder or a .safetensors file; repeat the flag "
+            "for more types",
+            metavar="TYPE=PATH",
+        ),
+    ] = []
     unsandboxed: Unsandboxed = False
     log_level: LogLevel = LOG_LEVEL
+
+    @field_validator("controlnet")
+    @classmethod
+    def _control_models(cls, value: list[str]) -> list[str]:
+        controlnets(value)
+        return value
+
+
+def controlnets(specs: list[str]) -> dict[ControlType, Path]:
+    """`--controlnet TYPE=PATH` values as {type: absolute path}; ValueError naming the fix."""
+    models: dict[ControlType, Path] = {}
+    for spec in specs:
+        name, sep, location = spec.partition("=")
+        if not sep or not location:
+            raise ValueError(f"{spec!r}: write TYPE=PATH, e.g. canny=/models/control-canny")
+        control_type = next((t for t in CONTROL_TYPES if t == name.strip()), None)
+        if control_type is None:
+            raise ValueError(
+                f"{spec!r}: unknown control type; use one of {', '.join(CONTROL_TYPES)}"
+            )
+        if control_type in models:
+            raise ValueError(f"{spec!r}: {control_type} is given twice; give one model per type")
+        path = Path(location).expanduser().absolute()
+        if not path.exists():
+            raise ValueError(f"{spec!r}: {path} does not exist")
+        models[control_type] = path
+    return models
 
 
 def add_image_command(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -160,6 +197,7 @@ def _run(args: argparse.Namespace) -> int:
         unsandboxed=settings.unsandboxed,
         max_ram_bytes=None if settings.max_ram is None else int(settings.max_ram * 2**30),
         max_vram_bytes=None if settings.max_vram is None else int(settings.max_vram * 2**30),
+        controlnets=controlnets(settings.controlnet),
     )
     with claimed:
         return asyncio.run(_serve(config, claimed.identity))

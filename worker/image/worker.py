@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from protocol.control import ANNOTATORS_WITHOUT_WEIGHTS
 from protocol.engine import IMAGE, IMAGE_INFO, ImageEngineOptions, ImageProgress, NoMessage
 from protocol.messages import LeasedJob
 from protocol.params import sampled_steps
@@ -58,6 +59,10 @@ class ImageWorker:
             img2img=not inpainting_checkpoint,
             inpainting=True,
             post_processors=list(config.post_processors),
+            # ControlNet: the types it has a model for; of those, the ones whose control map
+            # it can make (the others only from a ready map: image_is_control)
+            controlnets=sorted(config.controlnets),
+            control_annotators=sorted(set(config.controlnets) & ANNOTATORS_WITHOUT_WEIGHTS),
         )
         self.jobs_done = 0
         # donor controls (worker.common.donor); tests pass a gate with fake sources
@@ -77,6 +82,7 @@ class ImageWorker:
             post_processors=(
                 str(config.post_processors_dir) if config.post_processors_dir else None
             ),
+            controlnets={kind: str(path) for kind, path in config.controlnets.items()},
         )
         sandbox = await Sandbox.create(
             ENGINE, options.model_dump(mode="json", by_alias=True), engine_policy(config)
@@ -222,7 +228,7 @@ class ImageWorker:
 
 def engine_policy(config: ImageWorkerConfig) -> SandboxPolicy:
     """The engine's confinement: no network, the model read-only, nothing else of ours."""
-    model_files = [Path(config.model)]
+    model_files = [Path(config.model), *config.controlnets.values()]
     if config.model_config is not None:
         model_files.append(config.model_config)
     if config.post_processors_dir is not None:
@@ -259,7 +265,14 @@ def engine_info(sandboxed: bool = True) -> dict[str, Any]:
     worker.image.engine); both are read here without importing torch.
     """
     versions = {}
-    for package in ("torch", "diffusers", "transformers", "numpy", "pillow"):
+    for package in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "numpy",
+        "pillow",
+        "opencv-python-headless",  # (the canny control maps)
+    ):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -2,6 +2,7 @@
 
     main.py           `idlegrid models tiny|smollm2 DIR`: flags (registered by worker.main)
     tiny_models.py    deterministic tiny random SD (plain and inpainting) and Llama models
+    tiny_controlnet.py  a tiny random ControlNet for the tiny SD model (tests)
     smollm2.py        SmolLM2-135M-Instruct's GGUF -> a safetensors Llama folder
 
 The runtime never imports this package (an import-linter contract checks it); only
