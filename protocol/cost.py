@@ -9,11 +9,13 @@ from protocol.samplers import sampler_factor
 
 __all__ = [
     "BLOCK_TOKENS_PER_KUDO_AT_1B",
+    "KUDOS_PER_PROMPT_WEIGHT",
     "KUDOS_PER_REFERENCE_IMAGE",
     "REFERENCE_PIXELS",
     "REFERENCE_STEPS",
     "SOURCE_IMAGE_FACTOR",
     "image_cost",
+    "prompt_weights",
     "text_cost",
     "text_work",
 ]
@@ -29,13 +31,45 @@ SOURCE_IMAGE_FACTOR = 1.5
 
 
 def image_cost(params: ImageParams) -> int:
-    """Kudos for a job: pixels x steps x sampler factor x images (x SOURCE_IMAGE_FACTOR
-    with a source image), at least 1."""
+    """Kudos for a job: pixels x steps x sampler factor x images, plus
+    KUDOS_PER_PROMPT_WEIGHT per weighted group and image (x SOURCE_IMAGE_FACTOR with a
+    source image), at least 1. clip_skip, tiling, karras and seed_variation cost nothing
+    extra, as on AI Horde."""
     work: float = params.pixels * params.steps * sampler_factor(params.sampler) * params.n
+    weights: float = (
+        (prompt_weights(params.prompt) + prompt_weights(params.negative_prompt))
+        * KUDOS_PER_PROMPT_WEIGHT
+        * params.n
+    )
     if params.source_processing != "txt2img":
         work *= SOURCE_IMAGE_FACTOR
+        weights *= SOURCE_IMAGE_FACTOR
     reference = REFERENCE_PIXELS * REFERENCE_STEPS
-    return max(1, math.ceil(work * KUDOS_PER_REFERENCE_IMAGE / reference))
+    return max(1, math.ceil(work * KUDOS_PER_REFERENCE_IMAGE / reference + weights))
+
+
+# AI Horde adds a kudo for each weighted group of a prompt (its `count_parentheses`: a ")"
+# closing an open "("), before its source-image factor, per image.
+KUDOS_PER_PROMPT_WEIGHT = 1
+
+
+def prompt_weights(prompt: str) -> int:
+    """The weighted groups AI Horde charges for: each ")" that closes an open "(" (nested
+    groups count once; escaped parentheses are not weights)."""
+    count = 0
+    open_group = False
+    escaped = False
+    for char in prompt:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "(":
+            open_group = True
+        elif char == ")" and open_group:
+            open_group = False
+            count += 1
+    return count
 
 
 # A block-token is one token through one transformer block. For a model of 1 billion

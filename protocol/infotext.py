@@ -18,8 +18,10 @@ def parameters_text(params: ImageParams, seed: int, model: str) -> str:
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
+    # A1111 names the Karras schedule apart from the sampler (but for its "… Karras" names)
+    schedule = ", Schedule type: Karras" if params.karras else ""
     settings = (
-        f"Steps: {params.steps}, Sampler: {params.sampler}, "
+        f"Steps: {params.steps}, Sampler: {params.sampler}{schedule}, "
         f"CFG scale: {_fmt_number(params.cfg_scale)}, Seed: {seed}, "
         f"Size: {params.width}x{params.height}, Model: {model}"
     )
@@ -29,5 +31,11 @@ def parameters_text(params: ImageParams, seed: int, model: str) -> str:
             f", Denoising strength: {_fmt_number(params.denoising_strength)}"
             f", Source processing: {params.source_processing}"
         )
+    # A1111's keys, written only when not at their defaults (as A1111 does); each image's
+    # own seed is above, so seed_variation needs no key
+    if params.clip_skip != 1:
+        settings += f", Clip skip: {params.clip_skip}"
+    if params.tiling:
+        settings += ", Tiling: True"
     lines.append(settings)
     return "\n".join(lines)

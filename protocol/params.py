@@ -11,13 +11,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS
+from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS, WITHOUT_KARRAS
 
 __all__ = [
     "DEFAULT_DENOISING_STRENGTH",
+    "MAX_CLIP_SKIP",
     "MAX_MODEL_NAME",
     "MAX_N",
     "MAX_SEED",
+    "MAX_SEED_VARIATION",
     "MAX_SIDE",
     "MAX_SOURCE_BASE64",
     "MAX_SOURCE_BYTES",
@@ -38,6 +40,9 @@ MAX_STEPS = 150
 MAX_N = 10
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000
+# AI Horde's bounds: CLIP layers skipped (1: none) and the seed step between images
+MAX_CLIP_SKIP = 12
+MAX_SEED_VARIATION = 1000
 # A model's name, and how many one worker may offer: AI Horde's image model reference has
 # about 250 models with names well under 100 characters. Bounded so that workers cannot
 # make the network's views (GET /api/v1/network) as large as they like.
@@ -62,7 +67,7 @@ Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, description="pixels, a mul
 
 
 class ImageParams(BaseModel):
-    """What to generate. Image i of a job uses seed + i."""
+    """What to generate. Image i of a job uses seed + i x seed_variation."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -110,6 +115,34 @@ class ImageParams(BaseModel):
         description="SHA-256 of the job's mask (set by the coordinator)",
     )
 
+    # AI Horde's extras; left out of dumps at their defaults (as the source fields above)
+    clip_skip: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_CLIP_SKIP,
+        exclude_if=lambda value: value == 1,
+        description="AUTOMATIC1111's 'Clip skip': 1 uses the text encoder's last layer, "
+        "n the output n - 1 layers before it (with the final layer norm)",
+    )
+    tiling: bool = Field(
+        default=False,
+        exclude_if=lambda value: not value,
+        description="seamless tiles: the UNet's and VAE's convolutions pad circularly",
+    )
+    karras: bool = Field(
+        default=False,
+        exclude_if=lambda value: not value,
+        description="Karras sigmas (AUTOMATIC1111's 'Schedule type: Karras'); not for "
+        + ", ".join(sorted(WITHOUT_KARRAS)),
+    )
+    seed_variation: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_SEED_VARIATION,
+        exclude_if=lambda value: value == 1,
+        description="AI Horde's: image i uses seed + i x seed_variation",
+    )
+
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
@@ -147,6 +180,17 @@ class ImageParams(BaseModel):
             )
         return value
 
+    @field_validator("karras")
+    @classmethod
+    def _sampler_takes_karras(cls, value: bool, info: ValidationInfo) -> bool:
+        sampler = info.data.get("sampler")
+        if value and sampler in WITHOUT_KARRAS:
+            raise ValueError(
+                f"sampler {sampler!r} takes no Karras sigmas; send karras false or choose "
+                "another sampler"
+            )
+        return value
+
     @property
     def pixels(self) -> int:
         return self.width * self.height
@@ -155,7 +199,7 @@ class ImageParams(BaseModel):
         """The seed of each image; only valid once `seed` is set."""
         if self.seed is None:
             raise ValueError("seed is not set yet")
-        return [self.seed + i for i in range(self.n)]
+        return [self.seed + i * self.seed_variation for i in range(self.n)]
 
 
 def sampled_steps(params: ImageParams) -> int:

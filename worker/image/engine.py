@@ -42,9 +42,11 @@ from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams, sampled_steps
 from sandbox.calls import CallTable, Emit
 from worker.errors import InvalidGenerationInput, ModelNotFound
+from worker.image.conditioning import Conditioning, TextEncoding, encode_job
 from worker.image.model_source import ModelSource, resolve_model
 from worker.image.samplers import make_scheduler
 from worker.image.sources import Sources, prepare_sources
+from worker.image.tiling import set_tiling
 
 __all__ = ["INPAINT_UNET_CHANNELS", "ImageEngine", "encode_png", "load_pipeline"]
 
@@ -117,6 +119,7 @@ class ImageEngine:
         self._img2img: StableDiffusionImg2ImgPipeline | None = None
         self._inpaint: StableDiffusionInpaintPipeline | None = None
         self.base_scheduler_config = dict(pipe.scheduler.config)
+        self.text = TextEncoding(pipe.tokenizer, pipe.text_encoder, self.device)
         self.calls = CallTable()
         self.calls.add_binary(IMAGE, self.image)
         logger.info("loaded %s (%s) on %s", self.model_name, self.source.kind, self.device)
@@ -140,8 +143,14 @@ class ImageEngine:
         if params.seed is None:
             raise ValueError("payload has no seed; the caller must choose it before the job")
         self._check_checkpoint(params)
+        self.text.check_clip_skip(params.clip_skip, self.model_name)
         sources = prepare_sources(params, inputs)
-        blobs = [self._one_image(params, sources, i, emit) for i in range(params.n)]
+        # A1111's prompt syntax and clip skip, encoded once for all the job's images
+        prompts = encode_job(
+            self.text, params.prompt, params.negative_prompt, params.steps, params.clip_skip
+        )
+        set_tiling((self.pipe.unet, self.pipe.vae), params.tiling)
+        blobs = [self._one_image(params, sources, prompts, i, emit) for i in range(params.n)]
         result = ImageResult(
             seeds=params.seeds(), model=self.model_name, width=params.width, height=params.height
         )
@@ -178,11 +187,18 @@ class ImageEngine:
         return pipe
 
     def _one_image(
-        self, params: ImageParams, sources: Sources | None, index: int, emit: Emit[ImageProgress]
+        self,
+        params: ImageParams,
+        sources: Sources | None,
+        prompts: tuple[Conditioning, Conditioning],
+        index: int,
+        emit: Emit[ImageProgress],
     ) -> bytes:
-        assert params.seed is not None
-        seed = params.seed + index
-        self.pipe.scheduler = make_scheduler(params.sampler, self.base_scheduler_config)
+        seed = params.seeds()[index]
+        self.pipe.scheduler = make_scheduler(
+            params.sampler, self.base_scheduler_config, karras=params.karras
+        )
+        positive, negative = prompts
         # with a source image, diffusers skips the start of the schedule
         steps = sampled_steps(params)
         reported = 0
@@ -197,11 +213,21 @@ class ImageEngine:
             if done > reported:
                 reported = done
                 emit(ImageProgress(image=index, step=done, steps=steps, n=params.n))
+            # prompt editing: the next loop iteration belongs to 0-based sampling step
+            # `done` (this one to `current`), which may read another text
+            current = step * steps // max(pipe.num_timesteps, 1)
+            now = (positive.index_at(current), negative.index_at(current))
+            then = (positive.index_at(done), negative.index_at(done))
+            if now != then:
+                embeds = positive.embeds[then[0]]
+                if pipe.do_classifier_free_guidance:
+                    embeds = torch.cat([negative.embeds[then[1]], embeds])
+                kwargs["prompt_embeds"] = embeds
             return kwargs
 
         arguments: dict[str, Any] = {
-            "prompt": params.prompt,
-            "negative_prompt": params.negative_prompt or None,
+            "prompt_embeds": positive.at(0),
+            "negative_prompt_embeds": negative.at(0),
             "num_inference_steps": params.steps,
             "guidance_scale": params.cfg_scale,
             "generator": torch.Generator("cpu").manual_seed(seed),

@@ -27,7 +27,8 @@ async def _kudos(horde: Horde) -> float:
         ({}, {"loras": [{"name": "1234", "model": 1.0}]}, "params.loras"),
         ({}, {"hires_fix": True}, "params.hires_fix"),
         ({}, {"control_type": "canny"}, "params.control_type"),
-        ({}, {"clip_skip": 2}, "params.clip_skip"),
+        ({}, {"clip_skip": 13}, "params.clip_skip"),
+        ({}, {"sampler_name": "DDIM", "karras": True}, "params.karras"),
         ({"workers": ["a" * 32]}, {}, "workers"),
     ],
 )
