@@ -46,14 +46,26 @@ BASE: dict[str, Any] = {
 }
 
 
+def give_the_norm_a_bias(text_encoder: Any) -> None:
+    """The random tiny text encoder's final layer norm has no bias, so its outputs average
+    0 and A1111's rescaling to the original mean would divide by about 0 (a trained CLIP's
+    do not): give it one, the same in the engine and in the reference."""
+    with torch.no_grad():
+        text_encoder.final_layer_norm.bias.copy_(torch.linspace(-0.2, 0.5, 32))
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_sd: Path) -> ImageEngine:
-    return ImageEngine({"model": str(tiny_sd), "model_config": None, "threads": None})
+    engine = ImageEngine({"model": str(tiny_sd), "model_config": None, "threads": None})
+    give_the_norm_a_bias(engine.pipe.text_encoder)
+    return engine
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_sd: Path) -> StableDiffusionPipeline:
-    return plain_pipeline(tiny_sd)
+    pipe = plain_pipeline(tiny_sd)
+    give_the_norm_a_bias(pipe.text_encoder)
+    return pipe
 
 
 def _engine_pixels(engine: ImageEngine, **fields: Any) -> list[np.ndarray]:
@@ -91,6 +103,19 @@ def _plain(
     with _euler(pipe, **(scheduler or {})):
         image = pipe(**{**defaults, **arguments}).images[0]
     return np.asarray(image).astype(np.int16)
+
+
+def _unet_inputs(engine: ImageEngine, **fields: Any) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """The job's image and the text embeddings its UNet received, call by call."""
+    seen: list[torch.Tensor] = []
+    hook = engine.pipe.unet.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["encoder_hidden_states"].clone()), with_kwargs=True
+    )
+    try:
+        (image,) = _engine_pixels(engine, **fields)
+    finally:
+        hook.remove()
+    return image, seen
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> None:
@@ -193,21 +218,27 @@ def test_euler_a_karras_uses_eulers_karras_sigmas() -> None:
 @pytest.mark.slow
 def test_weights_are_a1111s(engine: ImageEngine, pipe: StableDiffusionPipeline) -> None:
     prompt = "a photo of a (red:1.5) [cat]"
-    (got,) = _engine_pixels(engine, prompt=prompt)
+    got, seen = _unet_inputs(engine, prompt=prompt)
     head, red, cat = _tokens(pipe, "a photo of a "), _tokens(pipe, "red"), _tokens(pipe, "cat")
     weights = [1.0] * head + [1.5] * red + [1 / 1.1] * cat
     embeds = _chunk(pipe, "a photo of a red cat", weights)
-    _close(got, _plain(pipe, prompt_embeds=embeds, negative_prompt_embeds=_chunk(pipe, "")))
+    empty = _chunk(pipe, "")
+    _close(got, _plain(pipe, prompt_embeds=embeds, negative_prompt_embeds=empty))
+    # (the tiny model's pixels barely show the weights: the UNet's inputs do)
+    assert not torch.allclose(embeds, _chunk(pipe, "a photo of a red cat"), atol=1e-3)
+    for s in seen:
+        torch.testing.assert_close(s, torch.cat([empty, embeds]))
 
 
 @pytest.mark.slow
 def test_break_starts_a_chunk_and_the_negative_is_padded(
     engine: ImageEngine, pipe: StableDiffusionPipeline
 ) -> None:
-    (got,) = _engine_pixels(engine, prompt="a photo BREAK of a red cat")
+    got, seen = _unet_inputs(engine, prompt="a photo BREAK of a red cat")
     embeds = torch.cat([_chunk(pipe, "a photo"), _chunk(pipe, "of a red cat")], dim=1)
     negative = torch.cat([_chunk(pipe, ""), _chunk(pipe, "")], dim=1)
     _close(got, _plain(pipe, prompt_embeds=embeds, negative_prompt_embeds=negative))
+    torch.testing.assert_close(seen[0], torch.cat([negative, embeds]))
 
 
 @pytest.mark.slow
@@ -217,14 +248,7 @@ def test_prompt_editing_switches_after_the_step(
     # of 4 steps, 0 and 1 read "red" (A1111: while step <= 1), 2 and 3 read "blue"
     texts = ("a photo of a red cat", "a photo of a blue cat", "")
     red, blue, empty = (_chunk(pipe, t) for t in texts)
-    seen: list[torch.Tensor] = []
-    hook = engine.pipe.unet.register_forward_pre_hook(
-        lambda _m, _a, kw: seen.append(kw["encoder_hidden_states"].clone()), with_kwargs=True
-    )
-    try:
-        (got,) = _engine_pixels(engine, prompt="a photo of a [red:blue:1] cat", steps=4)
-    finally:
-        hook.remove()
+    got, seen = _unet_inputs(engine, prompt="a photo of a [red:blue:1] cat", steps=4)
     # (the tiny model's pixels barely show a late change: the UNet's inputs show it)
     assert [bool(torch.equal(s, torch.cat([empty, red]))) for s in seen] == [1, 1, 0, 0]
     assert [bool(torch.equal(s, torch.cat([empty, blue]))) for s in seen] == [0, 0, 1, 1]
