@@ -143,12 +143,6 @@ def _tokens(pipe: StableDiffusionPipeline, words: str) -> int:
 
 
 @pytest.mark.slow
-def test_plain_prompt_is_unchanged(engine: ImageEngine, pipe: StableDiffusionPipeline) -> None:
-    (got,) = _engine_pixels(engine, negative_prompt="blurry")
-    np.testing.assert_array_equal(got, _plain(pipe, negative_prompt="blurry"))
-
-
-@pytest.mark.slow
 def test_clip_skip_is_diffusers_clip_skip_minus_one(
     engine: ImageEngine, pipe: StableDiffusionPipeline
 ) -> None:
@@ -189,15 +183,19 @@ def test_tiling_pads_every_convolution_circularly(
     # and the next job is plain again
     (after,) = _engine_pixels(engine)
     np.testing.assert_array_equal(after, _plain(pipe))
+    assert np.abs(got - after).max() > 2
 
 
 @pytest.mark.slow
 def test_karras_and_seed_variation(engine: ImageEngine, pipe: StableDiffusionPipeline) -> None:
-    (got,) = _engine_pixels(engine, karras=True)
-    _close(got, _plain(pipe, {"use_karras_sigmas": True}))
-    pair = _engine_pixels(engine, n=2, seed_variation=5)
-    (alone,) = _engine_pixels(engine, seed=82)
-    np.testing.assert_array_equal(pair[1], alone)
+    # (a plain prompt's pixels are held to diffusers' in test_engine.py)
+    pair = _engine_pixels(engine, karras=True, n=2, seed_variation=5)
+    karras = {"use_karras_sigmas": True}
+    _close(pair[0], _plain(pipe, karras))
+    second = _plain(pipe, karras, generator=torch.Generator("cpu").manual_seed(77 + 5))
+    _close(pair[1], second)
+    # (the tiny model's pixels barely show the sigmas: the scheduler the job ran shows them)
+    assert engine.pipe.scheduler.config.use_karras_sigmas is True
 
 
 def test_euler_a_karras_uses_eulers_karras_sigmas() -> None:
