@@ -7,6 +7,7 @@ These are hard protocol limits; a coordinator narrows them further by configurat
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -62,6 +63,9 @@ MAX_SOURCE_PIXELS = 4096 * 4096
 MAX_SOURCE_BASE64 = (MAX_SOURCE_BYTES + 2) // 3 * 4 + 64
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+# the weight of an A1111 "(text:weight)" group (worker.image.prompt_syntax reads the same)
+_WEIGHT = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, description="pixels, a multiple of 8")]
 
@@ -148,6 +152,19 @@ class ImageParams(BaseModel):
     def _prompt_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must contain some text; write what the image should show")
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _weights_are_numbers(cls, value: str) -> str:
+        # A1111's "(word:1.2)": its parser takes any run of digits and dots as the weight
+        for weight in _WEIGHT.findall(value):
+            try:
+                float(weight)
+            except ValueError:
+                raise ValueError(
+                    f"weight {weight!r} is not a number; write one such as (word:1.2)"
+                ) from None
         return value
 
     @field_validator("width", "height")

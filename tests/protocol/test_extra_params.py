@@ -92,3 +92,12 @@ def test_weights_cost_a_kudo_each_per_image_and_the_rest_nothing() -> None:
     assert image_cost(ImageParams.model_validate({**PLAIN, **free})) == base
     weighted = {**PLAIN, "prompt": "a (cat:1.2)", "negative_prompt": "(dog)", "n": 2}
     assert image_cost(ImageParams.model_validate(weighted)) == 2 * base + 2 * 2
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_a_weight_that_is_not_a_number_is_refused_at_the_boundary(field: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        ImageParams.model_validate({**PLAIN, field: "a (cat:1.2.3) and (dog:1.5)"})
+    error = refused.value.errors()[0]
+    assert error["loc"] == (field,) and "'1.2.3' is not a number" in error["msg"]
+    ImageParams.model_validate({**PLAIN, field: "a (cat:1.2) [dog:cow:.5] (x: 2 )"})

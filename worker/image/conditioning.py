@@ -137,20 +137,23 @@ class TextEncoding:
             z = z * (original_mean / z.mean())
         return z
 
-    def encode(self, text: str, clip_skip: int) -> torch.Tensor:
-        """One text (no prompt editing left) as [1, 77 x chunks, dim]."""
+    def encode(self, text: str, clip_skip: int, field: str = "prompt") -> torch.Tensor:
+        """One text (no prompt editing left) as [1, 77 x chunks, dim]; `field` names it in
+        errors."""
         try:
             fragments = attention(text)
         except PromptSyntaxError as exc:
-            raise InvalidGenerationInput("prompt", str(exc)) from None
+            raise InvalidGenerationInput(field, str(exc)) from None
         with torch.no_grad():
             parts = [self.encode_chunk(i, w, clip_skip) for i, w in self.chunks(fragments)]
         return torch.cat(parts, dim=1)
 
-    def conditioning(self, prompt: str, steps: int, clip_skip: int) -> Conditioning:
+    def conditioning(
+        self, prompt: str, steps: int, clip_skip: int, field: str = "prompt"
+    ) -> Conditioning:
         entries = schedule(prompt, steps)
-        # the 0-based steps of A1111's 1-based schedule ends: text k while step <= end
-        embeds = {e.text: self.encode(e.text, clip_skip) for e in entries}
+        # (each distinct text encoded once)
+        embeds = {e.text: self.encode(e.text, clip_skip, field) for e in entries}
         return Conditioning(tuple(e.end for e in entries), tuple(embeds[e.text] for e in entries))
 
     def check_clip_skip(self, clip_skip: int, model: str) -> None:
@@ -174,7 +177,7 @@ def encode_job(
 ) -> tuple[Conditioning, Conditioning]:
     """The positive and negative conditionings of a job, of one length throughout."""
     positive = encoding.conditioning(prompt, steps, clip_skip)
-    negative_c = encoding.conditioning(negative, steps, clip_skip)
+    negative_c = encoding.conditioning(negative, steps, clip_skip, "negative_prompt")
     tokens = max(positive.tokens, negative_c.tokens)
     if all(e.shape[1] == tokens for e in (*positive.embeds, *negative_c.embeds)):
         return positive, negative_c

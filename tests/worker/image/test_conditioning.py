@@ -76,8 +76,10 @@ def test_clip_skip_beyond_the_encoder_is_named(text: TextEncoding) -> None:
 
 
 def test_a_weight_that_is_not_a_number_is_a_prompt_error(text: TextEncoding) -> None:
-    with pytest.raises(InvalidGenerationInput, match="prompt"):
-        text.encode("(cat:1.2.3)", 1)
+    with pytest.raises(InvalidGenerationInput, match="^prompt: '1.2.3'"):
+        encode_job(text, "(cat:1.2.3)", "", 4, 1)
+    with pytest.raises(InvalidGenerationInput, match="^negative_prompt: "):
+        encode_job(text, "a cat", "(dog:1..2)", 4, 1)
 
 
 def test_prompt_editing_encodes_each_text_once(text: TextEncoding) -> None:
