@@ -447,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--clip-skip",
         type=int,
+        metavar="N",
         help="A1111's Clip skip: 1 (default) the text encoder's last layer, N the output "
         "N-1 layers before it (1-12)",
     )
@@ -459,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--seed-variation",
         type=int,
+        metavar="N",
         help="image i uses seed + i x this (default 1; 1-1000)",
     )
     generate.add_argument("-n", type=int, default=1, help="number of images (default %(default)s)")
