@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from tests.worker.image.test_extras import give_the_norm_a_bias
+from tests.worker.image.test_prompt_extras import give_the_norm_a_bias
 from worker.errors import InvalidGenerationInput
 from worker.image.conditioning import COMMA_BACKTRACK, TextEncoding, encode_job
 from worker.image.prompt_syntax import attention

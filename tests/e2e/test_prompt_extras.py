@@ -1,7 +1,7 @@
 """The image extras end to end: the CLI asks for clip skip, tiling, Karras sigmas, a seed
 variation and A1111's prompt editing and BREAK; a real worker process makes the images,
 identical (|diff| <= 2) to the engine run in this process (whose extras the tests in
-tests/worker/image/test_extras.py hold to plain diffusers), with A1111's keys in the PNGs."""
+tests/worker/image/test_prompt_extras.py hold to plain diffusers), with A1111's keys in the PNGs."""
 
 from __future__ import annotations
 
