@@ -298,6 +298,15 @@ async def _generate(args: argparse.Namespace) -> int:
         fields["seed"] = args.seed
     if args.model:
         fields["model"] = args.model
+    # the extras, sent only when asked for (their defaults are the protocol's)
+    if args.clip_skip is not None:
+        fields["clip_skip"] = args.clip_skip
+    if args.seed_variation is not None:
+        fields["seed_variation"] = args.seed_variation
+    if args.tiling:
+        fields["tiling"] = True
+    if args.karras:
+        fields["karras"] = True
     if source is not None:
         fields["source_processing"] = "img2img" if mask is None else "inpainting"
         if args.strength is not None:
@@ -497,6 +506,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--return-control-map",
         action="store_true",
         help="with --control: return the control map made from --control-image, no image",
+    )
+    generate.add_argument(
+        "--clip-skip",
+        type=int,
+        metavar="N",
+        help="A1111's Clip skip: 1 (default) the text encoder's last layer, N the output "
+        "N-1 layers before it (1-12)",
+    )
+    generate.add_argument("--tiling", action="store_true", help="seamless tiles (circular padding)")
+    generate.add_argument(
+        "--karras",
+        action="store_true",
+        help="Karras sigmas for the sampler (not DDIM, PLMS, LCM)",
+    )
+    generate.add_argument(
+        "--seed-variation",
+        type=int,
+        metavar="N",
+        help="image i uses seed + i x this (default 1; 1-1000)",
     )
     generate.add_argument("-n", type=int, default=1, help="number of images (default %(default)s)")
     generate.add_argument("--model", help="model name (default: whatever the workers serve)")

@@ -11,11 +11,13 @@ from protocol.samplers import sampler_factor
 __all__ = [
     "BLOCK_TOKENS_PER_KUDO_AT_1B",
     "CONTROLNET_FACTOR",
+    "KUDOS_PER_PROMPT_WEIGHT",
     "KUDOS_PER_REFERENCE_IMAGE",
     "REFERENCE_PIXELS",
     "REFERENCE_STEPS",
     "SOURCE_IMAGE_FACTOR",
     "image_cost",
+    "prompt_weights",
     "text_cost",
     "text_work",
 ]
@@ -34,22 +36,54 @@ CONTROLNET_FACTOR = 3
 
 
 def image_cost(params: ImageParams) -> int:
-    """Kudos for a job: pixels x steps x sampler factor x images (x SOURCE_IMAGE_FACTOR
-    with a source image; the hires fix adds its second pass's steps at full size; each
+    """Kudos for a job: pixels x steps x sampler factor x images, plus
+    KUDOS_PER_PROMPT_WEIGHT per weighted group and image (x SOURCE_IMAGE_FACTOR with a
+    source image; the hires fix adds its second pass's steps at full size; each
     post-processor multiplies by AI Horde's factor, POST_PROCESSOR_FACTORS; x
-    CONTROLNET_FACTOR with ControlNet), at least 1."""
+    CONTROLNET_FACTOR with ControlNet), at least 1. clip_skip, tiling, karras and
+    seed_variation cost nothing extra, as on AI Horde."""
     steps = params.steps
     if params.hires_fix:
         steps += int(params.steps * params.hires_fix_denoising_strength)
     work: float = params.pixels * steps * sampler_factor(params.sampler) * params.n
+    weights: float = (
+        (prompt_weights(params.prompt) + prompt_weights(params.negative_prompt))
+        * KUDOS_PER_PROMPT_WEIGHT
+        * params.n
+    )
     if params.source_processing != "txt2img":
         work *= SOURCE_IMAGE_FACTOR
+        weights *= SOURCE_IMAGE_FACTOR
     if params.control_type is not None:
         work *= CONTROLNET_FACTOR
     for name in params.post_processing:
         work *= POST_PROCESSOR_FACTORS[name]
     reference = REFERENCE_PIXELS * REFERENCE_STEPS
-    return max(1, math.ceil(work * KUDOS_PER_REFERENCE_IMAGE / reference))
+    return max(1, math.ceil(work * KUDOS_PER_REFERENCE_IMAGE / reference + weights))
+
+
+# AI Horde adds a kudo for each weighted group of a prompt (its `count_parentheses`: a ")"
+# closing an open "("), before its source-image factor, per image.
+KUDOS_PER_PROMPT_WEIGHT = 1
+
+
+def prompt_weights(prompt: str) -> int:
+    """The weighted groups AI Horde charges for: each ")" that closes an open "(" (nested
+    groups count once; escaped parentheses are not weights)."""
+    count = 0
+    open_group = False
+    escaped = False
+    for char in prompt:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "(":
+            open_group = True
+        elif char == ")" and open_group:
+            open_group = False
+            count += 1
+    return count
 
 
 # A block-token is one token through one transformer block. For a model of 1 billion

@@ -72,6 +72,7 @@ HORDE_SAMPLERS: dict[str, tuple[str, str | None]] = {
     "k_dpmpp_sde": ("DPM++ SDE", "DPM++ SDE Karras"),
     "k_dpmpp_2m_sde": ("DPM++ 2M SDE", "DPM++ 2M SDE Karras"),
     "DDIM": ("DDIM", None),
+    "lcm": ("LCM", None),
 }
 
 
@@ -125,16 +126,12 @@ def _not_off(extra: dict[str, Any] | None, table: dict[str, tuple[object, ...]])
 # AI Horde's image options we do not serve yet: accepted only with these "off" values (clients
 # send many at their defaults), otherwise a 400 names them; never silently dropped
 IMAGE_PARAMS_NOT_HONOURED: dict[str, tuple[object, ...]] = {
-    "tiling": (False,),
-    "clip_skip": (1,),
     "loras": ([],),
     "tis": ([],),
     "special": ({},),
     "workflow": ("",),
     "transparent": (False,),
     "extra_texts": ([],),
-    # our images of one request use seed, seed + 1, ...: AI Horde's seed_variation 1
-    "seed_variation": (1,),
 }
 IMAGE_REQUEST_NOT_HONOURED: dict[str, tuple[object, ...]] = {
     "extra_source_images": ([],),
@@ -157,6 +154,12 @@ class ImageParamsV2(_In):
     steps: int = 30
     n: int = 1
     karras: bool = False
+    # (None, as clients may send, means the default: 1, false, 1)
+    clip_skip: int | None = None
+    tiling: bool | None = None
+    seed_variation: int | None = Field(
+        default=None, description="image i uses seed + i x this (absent: 1)"
+    )
     denoising_strength: float = Field(
         default=DEFAULT_DENOISING_STRENGTH, description="with a source image: how much is repainted"
     )

@@ -55,8 +55,10 @@ def parameters_text(
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
     width, height = first_pass or (params.width, params.height)
+    # A1111 names the Karras schedule apart from the sampler (but for its "… Karras" names)
+    schedule = ", Schedule type: Karras" if params.karras else ""
     settings = (
-        f"Steps: {params.steps}, Sampler: {params.sampler}, "
+        f"Steps: {params.steps}, Sampler: {params.sampler}{schedule}, "
         f"CFG scale: {_fmt_number(params.cfg_scale)}, Seed: {seed}, "
         f"Size: {width}x{height}, Model: {model}"
     )
@@ -82,5 +84,11 @@ def parameters_text(
         settings += f", Postprocessing: {_quoted(', '.join(ordered(params.post_processing)))}"
         if any(name in FACE_FIXERS for name in params.post_processing):
             settings += f", Face restoration strength: {_fmt_number(params.facefixer_strength)}"
+    # A1111's keys, written only when not at their defaults (as A1111 does); each image's
+    # own seed is above, so seed_variation needs no key
+    if params.clip_skip != 1:
+        settings += f", Clip skip: {params.clip_skip}"
+    if params.tiling:
+        settings += ", Tiling: True"
     lines.append(settings)
     return "\n".join(lines)

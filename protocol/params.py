@@ -7,6 +7,7 @@ These are hard protocol limits; a coordinator narrows them further by configurat
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -18,13 +19,15 @@ from protocol.postprocess import (
     check_post_processing,
     upscale_factor,
 )
-from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS
+from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS, WITHOUT_KARRAS
 
 __all__ = [
     "DEFAULT_DENOISING_STRENGTH",
+    "MAX_CLIP_SKIP",
     "MAX_MODEL_NAME",
     "MAX_N",
     "MAX_SEED",
+    "MAX_SEED_VARIATION",
     "MAX_SIDE",
     "MAX_SOURCE_BASE64",
     "MAX_SOURCE_BYTES",
@@ -45,6 +48,9 @@ MAX_STEPS = 150
 MAX_N = 10
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000
+# AI Horde's bounds: CLIP layers skipped (1: none) and the seed step between images
+MAX_CLIP_SKIP = 12
+MAX_SEED_VARIATION = 1000
 # A model's name, and how many one worker may offer: AI Horde's image model reference has
 # about 250 models with names well under 100 characters. Bounded so that workers cannot
 # make the network's views (GET /api/v1/network) as large as they like.
@@ -65,11 +71,14 @@ MAX_SOURCE_BASE64 = (MAX_SOURCE_BYTES + 2) // 3 * 4 + 64
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
+# the weight of an A1111 "(text:weight)" group (worker.image.prompt_syntax reads the same)
+_WEIGHT = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
+
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, description="pixels, a multiple of 8")]
 
 
 class ImageParams(BaseModel):
-    """What to generate. Image i of a job uses seed + i."""
+    """What to generate. Image i of a job uses seed + i x seed_variation."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -164,11 +173,52 @@ class ImageParams(BaseModel):
         description="return the control map made from the source image, not an image",
     )
 
+    # AI Horde's extras; left out of dumps at their defaults (as the source fields above)
+    clip_skip: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_CLIP_SKIP,
+        exclude_if=lambda value: value == 1,
+        description="AUTOMATIC1111's 'Clip skip': 1 uses the text encoder's last layer, "
+        "n the output n - 1 layers before it (with the final layer norm)",
+    )
+    tiling: bool = Field(
+        default=False,
+        exclude_if=lambda value: not value,
+        description="seamless tiles: the UNet's and VAE's convolutions pad circularly",
+    )
+    karras: bool = Field(
+        default=False,
+        exclude_if=lambda value: not value,
+        description="Karras sigmas (AUTOMATIC1111's 'Schedule type: Karras'); not for "
+        + ", ".join(sorted(WITHOUT_KARRAS)),
+    )
+    seed_variation: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_SEED_VARIATION,
+        exclude_if=lambda value: value == 1,
+        description="AI Horde's: image i uses seed + i x seed_variation",
+    )
+
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must contain some text; write what the image should show")
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _weights_are_numbers(cls, value: str) -> str:
+        # A1111's "(word:1.2)": its parser takes any run of digits and dots as the weight
+        for weight in _WEIGHT.findall(value):
+            try:
+                float(weight)
+            except ValueError:
+                raise ValueError(
+                    f"weight {weight!r} is not a number; write one such as (word:1.2)"
+                ) from None
         return value
 
     @field_validator("width", "height")
@@ -267,6 +317,17 @@ class ImageParams(BaseModel):
             raise ValueError(problem[1])
         return value
 
+    @field_validator("karras")
+    @classmethod
+    def _sampler_takes_karras(cls, value: bool, info: ValidationInfo) -> bool:
+        sampler = info.data.get("sampler")
+        if value and sampler in WITHOUT_KARRAS:
+            raise ValueError(
+                f"sampler {sampler!r} takes no Karras sigmas; send karras false or choose "
+                "another sampler"
+            )
+        return value
+
     @property
     def pixels(self) -> int:
         return self.width * self.height
@@ -275,7 +336,7 @@ class ImageParams(BaseModel):
         """The seed of each image; only valid once `seed` is set."""
         if self.seed is None:
             raise ValueError("seed is not set yet")
-        return [self.seed + i for i in range(self.n)]
+        return [self.seed + i * self.seed_variation for i in range(self.n)]
 
 
 def sampled_steps(params: ImageParams) -> int:

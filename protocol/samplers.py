@@ -7,7 +7,7 @@ model twice per step, so they count double in the cost formula.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_SAMPLER", "SAMPLERS", "sampler_factor"]
+__all__ = ["DEFAULT_SAMPLER", "SAMPLERS", "WITHOUT_KARRAS", "sampler_factor"]
 
 # name -> cost factor (model evaluations per step)
 SAMPLERS: dict[str, int] = {
@@ -27,7 +27,12 @@ SAMPLERS: dict[str, int] = {
     "LMS": 1,
     "LMS Karras": 1,
     "UniPC": 1,
+    # latent consistency: for LCM checkpoints and LoRAs (few steps, low CFG)
+    "LCM": 1,
 }
+
+# samplers that take no Karras sigmas (`karras`): their schedules are not sigma-based
+WITHOUT_KARRAS = frozenset({"DDIM", "PLMS", "LCM"})
 
 DEFAULT_SAMPLER = "Euler a"
 

@@ -138,7 +138,9 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
     payload = PopPayload(
         prompt=f"{p.prompt} ### {p.negative_prompt}" if p.negative_prompt else p.prompt,
         sampler_name=sampler[0],
-        karras=sampler[1],
+        karras=sampler[1] or p.karras,
+        tiling=p.tiling,
+        clip_skip=p.clip_skip,
         cfg_scale=p.cfg_scale,
         seed=str(p.seed),
         width=p.width,

@@ -45,6 +45,9 @@ def _idlegrid(*args: str) -> subprocess.CompletedProcess[str]:
         (["--strength", "0.5"], "--strength needs a source image"),
         (["--image", "/nonexistent/source.png"], "--image: cannot read /nonexistent/source.png"),
         (["--image", __file__], "is not a PNG, WebP or JPEG image"),
+        (["--clip-skip", "13"], "clip_skip: input should be less than or equal to 12"),
+        (["--seed-variation", "0"], "seed_variation: input should be greater than or equal to 1"),
+        (["--sampler", "DDIM", "--karras"], "karras: sampler 'DDIM' takes no Karras sigmas"),
     ],
 )
 def test_generate_refuses_bad_input_before_any_network(

@@ -58,12 +58,14 @@ from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams, sampled_steps
 from sandbox.calls import CallTable, Emit
 from worker.errors import InvalidGenerationInput, ModelNotFound
+from worker.image.conditioning import Conditioning, TextEncoding, encode_job
 from worker.image.control import ControlJob, ControlNets
 from worker.image.hires import hires_first_pass, hires_image
 from worker.image.model_source import ModelSource, resolve_model
 from worker.image.postprocess import PostProcessors
 from worker.image.samplers import make_scheduler
 from worker.image.sources import Sources, prepare_sources
+from worker.image.tiling import set_tiling
 
 __all__ = ["INPAINT_UNET_CHANNELS", "ImageEngine", "encode_png", "load_pipeline"]
 
@@ -142,6 +144,7 @@ class ImageEngine:
         folder = settings.post_processors
         self.post = PostProcessors.load(Path(folder) if folder else None, self.device)
         self.controls = ControlNets(settings.controlnets, pipe)
+        self.text = TextEncoding(pipe.tokenizer, pipe.text_encoder, self.device)
         self.calls = CallTable()
         self.calls.add_binary(IMAGE, self.image)
         self.calls.add(IMAGE_INFO, self.info)
@@ -180,6 +183,7 @@ class ImageEngine:
                 f"this worker holds no weights for {', '.join(missing)}; "
                 "start it with --post-processors DIR holding them",
             )
+        self.text.check_clip_skip(params.clip_skip, self.model_name)
         sources = prepare_sources(params, inputs)
         control = None
         if params.control_type is not None and sources is not None:
@@ -187,7 +191,14 @@ class ImageEngine:
         if control is not None and params.return_control_map:
             blobs = [self._control_map_png(params, control, seed) for seed in params.seeds()]
         else:
-            blobs = [self._one_image(params, sources, control, i, emit) for i in range(params.n)]
+            # A1111's prompt syntax and clip skip, encoded once for all the job's images
+            prompts = encode_job(
+                self.text, params.prompt, params.negative_prompt, params.steps, params.clip_skip
+            )
+            set_tiling((self.pipe.unet, self.pipe.vae), params.tiling)
+            blobs = [
+                self._one_image(params, sources, prompts, control, i, emit) for i in range(params.n)
+            ]
         width, height = params.output_size
         result = ImageResult(
             seeds=params.seeds(), model=self.model_name, width=width, height=height
@@ -237,13 +248,16 @@ class ImageEngine:
         self,
         params: ImageParams,
         sources: Sources | None,
+        prompts: tuple[Conditioning, Conditioning],
         control: ControlJob | None,
         index: int,
         emit: Emit[ImageProgress],
     ) -> bytes:
-        assert params.seed is not None
-        seed = params.seed + index
-        self.pipe.scheduler = make_scheduler(params.sampler, self.base_scheduler_config)
+        seed = params.seeds()[index]
+        self.pipe.scheduler = make_scheduler(
+            params.sampler, self.base_scheduler_config, karras=params.karras
+        )
+        positive, negative = prompts
         # with a source image, diffusers skips the start of the schedule
         first_pass = (
             hires_first_pass(self.pipe, params.width, params.height) if params.hires_fix else None
@@ -252,23 +266,36 @@ class ImageEngine:
         reported = 0
 
         def progress(offset: int, pass_steps: int) -> Any:
+            """The step callback of a pass of `pass_steps` sampling steps after `offset`."""
+
             def on_step_end(
                 pipe: _Pipeline, step: int, timestep: Any, kwargs: dict[str, Any]
             ) -> dict[str, Any]:
                 nonlocal reported
+                calls = max(pipe.num_timesteps, 1)
                 # Second-order samplers (Heun, DPM2) run about two loop iterations per
                 # step; report progress in the steps sampled, each step once.
-                done = offset + (step + 1) * pass_steps // max(pipe.num_timesteps, 1)
-                if done > reported:
-                    reported = done
-                    emit(ImageProgress(image=index, step=done, steps=steps, n=params.n))
+                done = (step + 1) * pass_steps // calls
+                if offset + done > reported:
+                    reported = offset + done
+                    emit(ImageProgress(image=index, step=reported, steps=steps, n=params.n))
+                # prompt editing: the next loop iteration belongs to the pass's 0-based
+                # sampling step `done` (this one to `current`), which may read another text
+                current = step * pass_steps // calls
+                now = (positive.index_at(current), negative.index_at(current))
+                then = (positive.index_at(done), negative.index_at(done))
+                if now != then:
+                    embeds = positive.embeds[then[0]]
+                    if pipe.do_classifier_free_guidance:
+                        embeds = torch.cat([negative.embeds[then[1]], embeds])
+                    kwargs["prompt_embeds"] = embeds
                 return kwargs
 
             return on_step_end
 
         arguments: dict[str, Any] = {
-            "prompt": params.prompt,
-            "negative_prompt": params.negative_prompt or None,
+            "prompt_embeds": positive.at(0),
+            "negative_prompt_embeds": negative.at(0),
             "num_inference_steps": params.steps,
             "guidance_scale": params.cfg_scale,
             "generator": torch.Generator("cpu").manual_seed(seed),

@@ -29,7 +29,8 @@ async def _kudos(horde: Horde) -> float:
         ({}, {"post_processing": ["NMKD_Siax", "4x_AnimeSharp"]}, "params.post_processing"),
         ({"source_image": webp((9, 9, 9))}, {"hires_fix": True}, "params.hires_fix"),
         ({}, {"control_type": "canny"}, "params.control_type"),
-        ({}, {"clip_skip": 2}, "params.clip_skip"),
+        ({}, {"clip_skip": 13}, "params.clip_skip"),
+        ({}, {"sampler_name": "DDIM", "karras": True}, "params.karras"),
         ({"workers": ["a" * 32]}, {}, "workers"),
     ],
 )
