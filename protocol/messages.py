@@ -340,6 +340,12 @@ class NetworkWorker(_Response):
     online: bool = Field(description="polled within the last few minutes")
     models: list[str]
     post_processors: list[str] = Field(default=[], description="AI Horde post-processors held")
+    controlnets: list[str] = Field(
+        default=[], description="ControlNet types it serves (from a ready control map)"
+    )
+    control_annotators: list[str] = Field(
+        default=[], description="of those, the types whose control map it makes from an image"
+    )
     jobs_done: int
     last_seen: float
     img2img: bool | None = Field(

@@ -38,6 +38,8 @@ def _worker(row: Any, at: float) -> NetworkWorker:
         online=at - row.last_seen <= ONLINE_SECONDS,
         models=json.loads(row.models) if row.models else [],
         post_processors=[] if offer is None else list(offer.post_processors),
+        controlnets=[] if offer is None else list(offer.controlnets),
+        control_annotators=[] if offer is None else list(offer.control_annotators),
         jobs_done=row.jobs_done,
         last_seen=row.last_seen,
         img2img=None if offer is None else offer.img2img,

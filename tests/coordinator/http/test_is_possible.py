@@ -97,6 +97,12 @@ async def test_is_possible_follows_the_online_workers_offers(live: LiveApp) -> N
         network = await horde.ok("GET", "/v1/network")
         takes = {w["name"]: (w["img2img"], w["inpainting"]) for w in network["workers"]}
         assert takes == {"ours": (False, True), "bridge": (True, False)}, takes
+        # ... and which ControlNet types (the page offers only what some worker serves)
+        control = {"controlnets": ["canny", "depth"], "control_annotators": ["canny"]}
+        assert await ours.link.pop(CAPS.model_copy(update=control), wait=0) is None
+        network = await horde.ok("GET", "/v1/network")
+        mine = next(w for w in network["workers"] if w["name"] == "ours")
+        assert (mine["controlnets"], mine["control_annotators"]) == (["canny", "depth"], ["canny"])
 
 
 async def test_a_paused_worker_makes_nothing_possible(live: LiveApp) -> None:
