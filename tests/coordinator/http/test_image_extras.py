@@ -19,6 +19,7 @@ from protocol.params import ImageParams
 from protocol.postprocess import POST_PROCESSORS
 from tests.conftest import LiveApp, start_app
 from tests.coordinator.http.test_horde import Horde, request
+from tests.coordinator.http.test_is_possible import possible
 from tests.coordinator.http.test_source_images import checked_network  # noqa: F401 (fixture)
 from tests.fakes import CAPS, FakeWorker, png, register_accounts
 from worker.errors import CoordinatorRejected
@@ -143,18 +144,16 @@ async def test_is_possible_once_an_online_worker_holds_the_post_processors(
     try:
         requester, donor = await register_accounts(live.url, "asker", "donor")
         horde = Horde(live.url, requester)
-        created = await horde.ok(
-            "POST", "/v2/generate/async", request(post_processing=["GFPGAN"]), 202
-        )
-        path = f"/v2/generate/check/{created['id']}"
-        assert (await horde.ok("GET", path))["is_possible"] is False
+        face_fixed = request(post_processing=["GFPGAN"])
+        assert not await possible(horde, face_fixed)
+        # (each pop notes the worker's offer before the job is queued, so it takes none)
         async with FakeWorker(live.url, "elsewhere", donor) as worker:
-            # (another model: it holds GFPGAN and is online, but does not take the job)
-            caps = CAPS.model_copy(update={"models": ["other"], "post_processors": ["GFPGAN"]})
+            # online with the model but without GFPGAN: still not possible
+            assert await worker.link.pop(CAPS, wait=0) is None
+            assert not await possible(horde, face_fixed)
+            caps = CAPS.model_copy(update={"post_processors": ["GFPGAN"]})
             assert await worker.link.pop(caps, wait=0) is None
-            assert (await horde.ok("GET", path))["is_possible"] is True
-            status = await horde.ok("GET", f"/v2/generate/status/{created['id']}")
-            assert status["is_possible"] is True
+            assert await possible(horde, face_fixed)
             network = await horde.call("GET", "/v1/network")
             assert network[1]["post_processors"] == ["GFPGAN"]
     finally:
