@@ -9,6 +9,8 @@ from protocol.samplers import sampler_factor
 
 __all__ = [
     "BLOCK_TOKENS_PER_KUDO_AT_1B",
+    "KUDOS_FOR_TIS",
+    "KUDOS_PER_LORA",
     "KUDOS_PER_REFERENCE_IMAGE",
     "REFERENCE_PIXELS",
     "REFERENCE_STEPS",
@@ -26,16 +28,21 @@ KUDOS_PER_REFERENCE_IMAGE = 10
 # AI Horde's published multiplier (its kudos_standalone: x1.5 with a source image, the
 # steps counted in full whatever the denoising strength).
 SOURCE_IMAGE_FACTOR = 1.5
+# AI Horde's add-ons: kudos per LoRA of a job, and once for any textual inversions
+KUDOS_PER_LORA = 3
+KUDOS_FOR_TIS = 1
 
 
 def image_cost(params: ImageParams) -> int:
     """Kudos for a job: pixels x steps x sampler factor x images (x SOURCE_IMAGE_FACTOR
-    with a source image), at least 1."""
+    with a source image), at least 1; plus KUDOS_PER_LORA per LoRA and KUDOS_FOR_TIS with
+    any textual inversion."""
     work: float = params.pixels * params.steps * sampler_factor(params.sampler) * params.n
     if params.source_processing != "txt2img":
         work *= SOURCE_IMAGE_FACTOR
     reference = REFERENCE_PIXELS * REFERENCE_STEPS
-    return max(1, math.ceil(work * KUDOS_PER_REFERENCE_IMAGE / reference))
+    adapters = KUDOS_PER_LORA * len(params.loras) + (KUDOS_FOR_TIS if params.tis else 0)
+    return max(1, math.ceil(work * KUDOS_PER_REFERENCE_IMAGE / reference)) + adapters
 
 
 # A block-token is one token through one transformer block. For a model of 1 billion

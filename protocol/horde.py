@@ -131,8 +131,6 @@ IMAGE_PARAMS_NOT_HONOURED: dict[str, tuple[object, ...]] = {
     "control_type": ("", "none"),
     "image_is_control": (False,),
     "return_control_map": (False,),
-    "loras": ([],),
-    "tis": ([],),
     "special": ({},),
     "workflow": ("",),
     "transparent": (False,),
@@ -164,6 +162,9 @@ class ImageParamsV2(_In):
     denoising_strength: float = Field(
         default=DEFAULT_DENOISING_STRENGTH, description="with a source image: how much is repainted"
     )
+    # CivitAI LoRAs and textual inversions, validated as protocol.loras.LoraSpec / TiSpec
+    loras: list[dict[str, Any]] | None = None
+    tis: list[dict[str, Any]] | None = None
 
     @field_validator("seed", mode="before")
     @classmethod

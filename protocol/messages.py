@@ -427,6 +427,7 @@ class PopRequest(_Request):
     inpainting: bool = Field(
         default=False, description="takes inpainting and outpainting jobs (a mask, or alpha)"
     )
+    loras: bool = Field(default=False, description="takes jobs with LoRAs or textual inversions")
     wait: float = Field(default=10.0, ge=0.0, le=60.0, description="long-poll seconds")
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from protocol.loras import MAX_LORAS, MAX_TIS, LoraSpec, TiSpec
 from protocol.samplers import DEFAULT_SAMPLER, SAMPLERS
 
 __all__ = [
@@ -108,6 +109,21 @@ class ImageParams(BaseModel):
         default=None,
         exclude_if=lambda value: value is None,
         description="SHA-256 of the job's mask (set by the coordinator)",
+    )
+
+    # LoRAs and textual inversions from CivitAI (protocol.loras); left out of dumps when
+    # empty, like the fields above
+    loras: list[LoraSpec] = Field(
+        default=[],
+        max_length=MAX_LORAS,
+        exclude_if=lambda value: not value,
+        description=f"at most {MAX_LORAS} CivitAI LoRAs",
+    )
+    tis: list[TiSpec] = Field(
+        default=[],
+        max_length=MAX_TIS,
+        exclude_if=lambda value: not value,
+        description=f"at most {MAX_TIS} CivitAI textual inversions",
     )
 
     @field_validator("prompt")

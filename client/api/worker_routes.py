@@ -84,6 +84,8 @@ class Capabilities(BaseModel):
     # jobs with a source image; with a mask (inpainting, outpainting)
     img2img: bool = False
     inpainting: bool = False
+    # jobs with LoRAs or textual inversions (protocol.loras)
+    loras: bool = False
 
 
 class _Ignored(BaseModel):

@@ -98,6 +98,8 @@ _V2_FIELDS = {
     "seed": "params.seed",
     "n": "params.n",
     "model": "models",
+    "loras": "params.loras",
+    "tis": "params.tis",
     "max_tokens": "params.max_length",
     "temperature": "params.temperature",
     "top_p": "params.top_p",
@@ -180,6 +182,8 @@ async def image_params(
             "model": await _image_model(request, body.models),
             "source_processing": processing,
             **({} if processing == "txt2img" else {"denoising_strength": p.denoising_strength}),
+            **({"loras": p.loras} if p.loras else {}),
+            **({"tis": p.tis} if p.tis else {}),
         },
     )
     return await with_sources(params, body.source_image or None, body.source_mask or None)

@@ -113,6 +113,7 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
             poll,
             img2img=body.img2img,
             inpainting=body.inpainting,
+            loras=body.loras,
         )
 
     job = await long_poll(

@@ -113,10 +113,11 @@ def _source_processing(mode: str) -> ColumnElement[bool]:
     return jobs.c.params.contains(f'"source_processing":"{mode}"')
 
 
-def _fits(signs: bool, img2img: bool, inpainting: bool) -> ColumnElement[bool]:
+def _fits(signs: bool, img2img: bool, inpainting: bool, loras: bool) -> ColumnElement[bool]:
     """The image jobs a worker may pop, its offer bound at execution: max_pixels, max_steps
     and models (a job without a model fits any); jobs with a source image only for a
-    worker that can serve them (`img2img`; `inpainting`: inpainting and outpainting)."""
+    worker that can serve them (`img2img`; `inpainting`: inpainting and outpainting), with
+    LoRAs or textual inversions only for one that takes them (`loras`)."""
     fits = (
         (jobs.c.kind == "image")
         & (jobs.c.pixels <= bindparam("max_pixels", type_=jobs.c.pixels.type))
@@ -127,6 +128,9 @@ def _fits(signs: bool, img2img: bool, inpainting: bool) -> ColumnElement[bool]:
         fits = fits & ~_source_processing("img2img")
     if not inpainting:
         fits = fits & ~_source_processing("inpainting") & ~_source_processing("outpainting")
+    if not loras:
+        # (named in the params' JSON only when not empty; a prompt's quotes are escaped)
+        fits = fits & ~jobs.c.params.contains('"loras":') & ~jobs.c.params.contains('"tis":')
     if not signs:
         # One image per job, a sampler AI Horde knows, and not for requesters who want
         # signed results.
@@ -137,7 +141,7 @@ def _fits(signs: bool, img2img: bool, inpainting: bool) -> ColumnElement[bool]:
 
 
 _INSERT_RESULT = results.insert()
-# (whether the worker signs its results, img2img, inpainting) -> its filter, built once
+# (whether the worker signs its results, img2img, inpainting, loras) -> its filter, built once
 _FITS: Shapes[ColumnElement[bool]] = Shapes()
 
 
@@ -197,11 +201,13 @@ class ImageJobs(Lifecycle):
         *,
         img2img: bool = False,
         inpainting: bool = False,
+        loras: bool = False,
     ) -> ImageJob | None:
         """Lease the best queued image job that fits the worker, if any (see Lifecycle._pop;
         `poll`: the worker's poll to note in the same transaction, Workers.poll_note;
-        `img2img`, `inpainting`: whether it takes jobs with a source image, with a mask)."""
-        shape = (worker.signs, img2img, inpainting)
+        `img2img`, `inpainting`, `loras`: whether it takes jobs with a source image, with a
+        mask, with LoRAs or textual inversions)."""
+        shape = (worker.signs, img2img, inpainting, loras)
         fits = _FITS.get(shape, lambda: _fits(*shape))
         row = await self._pop(
             worker,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from protocol.params import MAX_STEPS
 from worker.common.donor import DonorSettings
+from worker.image.adapters import AdapterSettings
 
 __all__ = ["ImageWorkerConfig"]
 
@@ -55,3 +56,5 @@ class ImageWorkerConfig:
     donor: DonorSettings = field(default_factory=DonorSettings)
     # seconds between looks at the donor controls while they hold the worker back
     gate_poll: float = 1.0
+    # LoRAs and textual inversions from CivitAI (None: --allow-loras no, none taken)
+    adapters: AdapterSettings | None = None

@@ -37,11 +37,13 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint impo
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from protocol.adapted import ADAPTED_IMAGE, AdaptedImage
 from protocol.engine import IMAGE, ImageEngineOptions, ImageProgress, ImageResult
 from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams, sampled_steps
 from sandbox.calls import CallTable, Emit
 from worker.errors import InvalidGenerationInput, ModelNotFound
+from worker.image.adapters_engine import EngineAdapters
 from worker.image.model_source import ModelSource, resolve_model
 from worker.image.samplers import make_scheduler
 from worker.image.sources import Sources, prepare_sources
@@ -119,6 +121,9 @@ class ImageEngine:
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self.calls = CallTable()
         self.calls.add_binary(IMAGE, self.image)
+        # LoRAs and textual inversions (worker.image.adapters_engine)
+        self.adapters = EngineAdapters(pipe)
+        self.calls.add_binary(ADAPTED_IMAGE, self.adapted_image)
         logger.info("loaded %s (%s) on %s", self.model_name, self.source.kind, self.device)
 
     def handle(
@@ -140,12 +145,20 @@ class ImageEngine:
         if params.seed is None:
             raise ValueError("payload has no seed; the caller must choose it before the job")
         self._check_checkpoint(params)
+        self.adapters.check(params)
         sources = prepare_sources(params, inputs)
         blobs = [self._one_image(params, sources, i, emit) for i in range(params.n)]
         result = ImageResult(
             seeds=params.seeds(), model=self.model_name, width=params.width, height=params.height
         )
         return result, blobs
+
+    def adapted_image(
+        self, request: AdaptedImage, inputs: list[bytes], emit: Emit[ImageProgress]
+    ) -> tuple[ImageResult, list[bytes]]:
+        """`image` with the LoRAs and textual inversions the worker downloaded."""
+        self.adapters.apply(request)
+        return self.image(request.params, inputs, emit)
 
     def _check_checkpoint(self, params: ImageParams) -> None:
         if self.inpainting_checkpoint and params.source_processing not in (

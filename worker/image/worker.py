@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from protocol.adapted import ADAPTED_IMAGE
 from protocol.engine import IMAGE, ImageEngineOptions, ImageProgress
 from protocol.messages import LeasedJob
 from protocol.params import sampled_steps
@@ -22,7 +23,8 @@ from worker.common.donor import build_gate
 from worker.common.link import Capabilities, CoordinatorLink, retrying
 from worker.common.service import Drain, Gate, serve_jobs
 from worker.common.status import WorkerStatus
-from worker.errors import CoordinatorRejected, CoordinatorUnavailable, LeaseLost
+from worker.errors import AdapterUnavailable, CoordinatorRejected, CoordinatorUnavailable, LeaseLost
+from worker.image.adapters import Adapters, PreparedJob
 from worker.image.config import ImageWorkerConfig
 
 __all__ = ["ENGINE", "ImageWorker", "engine_policy"]
@@ -43,6 +45,7 @@ class ImageWorker:
         link: CoordinatorLink,
         *,
         gate: Gate | None = None,
+        adapters: Adapters | None = None,
     ) -> None:
         self.config = config
         self.sandbox = sandbox
@@ -54,7 +57,10 @@ class ImageWorker:
             max_steps=config.max_steps,
             img2img=True,
             inpainting=True,
+            loras=adapters is not None,
         )
+        # LoRAs and textual inversions from CivitAI (None: not taken)
+        self.adapters = adapters
         self.jobs_done = 0
         # donor controls (worker.common.donor); tests pass a gate with fake sources
         self.gate = gate if gate is not None else build_gate(config.donor)
@@ -71,13 +77,26 @@ class ImageWorker:
             threads=config.threads,
             max_vram_bytes=config.max_vram_bytes,
         )
-        sandbox = await Sandbox.create(
-            ENGINE, options.model_dump(mode="json", by_alias=True), engine_policy(config)
-        )
-        return cls(config, sandbox, link)
+        adapters = None
+        if config.adapters is not None:
+            # (creates the cache folder, which the sandbox binds read-only)
+            adapters = await Adapters.create(config.adapters)
+        try:
+            sandbox = await Sandbox.create(
+                ENGINE, options.model_dump(mode="json", by_alias=True), engine_policy(config)
+            )
+        except BaseException:
+            if adapters is not None:
+                await adapters.aclose()
+            raise
+        return cls(config, sandbox, link, adapters=adapters)
 
     async def aclose(self) -> None:
-        await self.sandbox.aclose()
+        try:
+            await self.sandbox.aclose()
+        finally:
+            if self.adapters is not None:
+                await self.adapters.aclose()
 
     async def run(self) -> None:
         """Serve until cancelled."""
@@ -150,12 +169,26 @@ class ImageWorker:
             log.error("could not download the sources of job %s: %s", job.id, exc)
             await self._give_back(job, f"source download failed: {exc}")
             return
+        prepared: PreparedJob | None = None
+        if job.params.loras or job.params.tis:
+            try:
+                prepared = await self._prepare_adapters(job)
+            except AdapterUnavailable as exc:
+                # (AI Horde's gen_metadata code leads the reason: download_failed, ...)
+                log.error("job %s: %s", job.id, exc)
+                await self._give_back(job, str(exc))
+                return
         beating = asyncio.create_task(heartbeat())
         try:
             # (EngineMisbehaved, a malformed message from the engine, is an EngineCrashed)
-            result = await self.sandbox.run(
-                IMAGE, job.params, blobs=sources, on_progress=on_progress
-            )
+            if prepared is None:
+                result = await self.sandbox.run(
+                    IMAGE, job.params, blobs=sources, on_progress=on_progress
+                )
+            else:
+                result = await self.sandbox.run(
+                    ADAPTED_IMAGE, prepared.request, blobs=sources, on_progress=on_progress
+                )
         except (EngineCrashed, EngineTimedOut, EngineFailed) as exc:
             log.error("engine failed on job %s: %s", job.id, exc)
             await self._give_back(job, f"{type(exc).__name__}: {exc}")
@@ -190,6 +223,29 @@ class ImageWorker:
             accepted.kudos_earned,
         )
 
+    async def _prepare_adapters(self, job: LeasedJob) -> PreparedJob:
+        """The job's LoRAs and TIs, resolved and downloaded (AdapterUnavailable if not)."""
+        if self.adapters is None:
+            raise AdapterUnavailable("download_failed", "this worker takes no LoRAs")
+        # keep the lease while downloading: progress at step 0
+        position = (0, 0, sampled_steps(job.params))
+        preparing = asyncio.ensure_future(self.adapters.prepare(job.params))
+        interval = self.heartbeat_interval(job)
+        try:
+            while True:
+                done, _ = await asyncio.wait({preparing}, timeout=interval)
+                if done:
+                    return preparing.result()
+                try:
+                    await self.link.progress(job.id, *position)
+                except (CoordinatorUnavailable, LeaseLost) as exc:
+                    log.warning("progress report for job %s failed: %s", job.id, exc)
+        finally:
+            if not preparing.done():
+                preparing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await preparing
+
     def heartbeat_interval(self, job: LeasedJob) -> float:
         """Seconds without a report after which the worker reports again while its engine
         works: the configured interval, else a third of the job's lease."""
@@ -211,6 +267,9 @@ def engine_policy(config: ImageWorkerConfig) -> SandboxPolicy:
     model_files = [Path(config.model)]
     if config.model_config is not None:
         model_files.append(config.model_config)
+    if config.adapters is not None:
+        # downloaded by the worker (worker.image.adapters), read by the engine
+        model_files.append(config.adapters.cache_dir)
     return SandboxPolicy(
         start_timeout=config.load_timeout,
         job_timeout=config.job_timeout,
