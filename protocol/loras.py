@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "ADAPTER_FAILURES",
     "BASELINES",
     "CIVITAI_URL",
     "CIVITAI_BASELINES",
@@ -31,6 +32,9 @@ __all__ = [
 
 # CivitAI's own origin (a worker's --civitai-url)
 CIVITAI_URL = "https://civitai.com"
+# how a worker's failure report starts when a job's LoRA or TI cannot be used (AI Horde's
+# gen_metadata values): not the worker's fault, so not counted against it
+ADAPTER_FAILURES = ("download_failed:", "baseline_mismatch:")
 # AI Horde's limits per job
 MAX_LORAS = 5
 MAX_TIS = 20

@@ -13,7 +13,7 @@ import json
 import struct
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +137,8 @@ class CivitaiStandIn:
         self.downloads: Counter[int] = Counter()
         self.calls = 0
         self.tokens: list[str | None] = []
+        # stops serving (CivitAI unreachable); set by `standin`
+        self.shutdown: Callable[[], None] = lambda: None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -202,10 +204,19 @@ def standin(entries: list[Entry]) -> Iterator[CivitaiStandIn]:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    stopped = False
+
+    def shutdown() -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+
+    server.shutdown = shutdown
     try:
         yield server
     finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        shutdown()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()

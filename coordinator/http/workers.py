@@ -16,6 +16,7 @@ from coordinator.http.polling import long_poll
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.jobs.image import ImageJob
 from protocol.errors import SignatureInvalid
+from protocol.loras import ADAPTER_FAILURES
 from protocol.messages import (
     Challenge,
     ChallengeRequest,
@@ -197,11 +198,15 @@ async def job_source(request: web.Request, call: WorkerCall[None]) -> web.Stream
 )
 async def fail(request: web.Request, call: WorkerCall[FailureReport]) -> JobStatus:
     reason: str = call.body.reason
-    job = await request.app[STORE].image_jobs.fail(
-        call.worker,
-        request.match_info["job_id"],
-        reason,
-        counts=not reason.endswith(DRAINING),
+    store = request.app[STORE]
+    counts = not reason.endswith(DRAINING)
+    if counts and reason.startswith(ADAPTER_FAILURES):
+        # a LoRA that cannot be fetched or fits another checkpoint is not the worker's
+        # fault: said of a job that has them, it does not count towards a pause
+        leased = await store.image_jobs.get(request.match_info["job_id"])
+        counts = leased is None or not (leased.params.loras or leased.params.tis)
+    job = await store.image_jobs.fail(
+        call.worker, request.match_info["job_id"], reason, counts=counts
     )
     await request.app[FILES].discard(job.id)
     request.app[SIGNALS].job_changed(job.id)

@@ -215,7 +215,7 @@ def _adapter_settings(settings: ImageSettings) -> AdapterSettings | None:
         cache_dir=cache.resolve(),
         max_bytes=int(settings.lora_max_mb * 2**20),
         cache_bytes=int(settings.lora_cache_gb * 2**30),
-        baseline=typing.cast(Baseline, settings.baseline),
+        baseline=typing.cast("Baseline", settings.baseline),
     )
 
 
