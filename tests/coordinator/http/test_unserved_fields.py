@@ -24,7 +24,10 @@ async def _kudos(horde: Horde) -> float:
         ({"source_image": webp((9, 9, 9)), "extra_source_images": [{}]}, {}, "extra_source_images"),
         ({"source_processing": "sideways"}, {}, "source_processing"),
         ({}, {"post_processing": ["NoSuchUpscaler_x9"]}, "params.post_processing"),
-        ({}, {"loras": [{"name": "1234", "model": 1.0}]}, "params.loras"),
+        # LoRAs and TIs are served (protocol.loras), within AI Horde's limits
+        ({}, {"loras": [{"name": str(i)} for i in range(6)]}, "params.loras"),
+        ({}, {"loras": [{"name": "1234", "model": 9.0}]}, "params.loras[0].model"),
+        ({}, {"tis": [{"name": str(i)} for i in range(21)]}, "params.tis"),
         ({}, {"hires_fix": True}, "params.hires_fix"),
         ({}, {"control_type": "canny"}, "params.control_type"),
         ({}, {"clip_skip": 2}, "params.clip_skip"),
