@@ -10,10 +10,58 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.engine import EngineCall, ImageProgress, ImageResult
-from protocol.loras import MAX_LORAS, MAX_TIS
+from protocol.loras import MAX_LORAS, MAX_TIS, ResolvedAdapter
 from protocol.params import ImageParams
+from protocol.signing import canonical_json
 
-__all__ = ["ADAPTED_IMAGE", "AdaptedImage", "EngineLora", "EngineTi"]
+__all__ = [
+    "ADAPTED_IMAGE",
+    "AdaptedImage",
+    "EngineLora",
+    "EngineTi",
+    "adapters_message",
+    "pinned",
+    "resolved_matches",
+]
+
+
+def adapters_message(job_id: str, params_digest: str, adapters: list[ResolvedAdapter]) -> bytes:
+    """What a worker signs about the LoRAs and TIs it used for a job (beside its images)."""
+    return canonical_json(
+        {
+            "domain": "idlegrid/adapters/v1",
+            "job": job_id,
+            "params": params_digest,
+            "adapters": [adapter.model_dump(mode="json") for adapter in adapters],
+        }
+    )
+
+
+def resolved_matches(params: ImageParams, adapters: list[ResolvedAdapter]) -> bool:
+    """Whether `adapters` names the job's LoRAs, then its TIs, in order (and any pins)."""
+    wanted = [("lora", spec) for spec in params.loras] + [("ti", spec) for spec in params.tis]
+    if len(wanted) != len(adapters):
+        return False
+    for (kind, spec), got in zip(wanted, adapters, strict=True):
+        if got.kind != kind or got.name != spec.name:
+            return False
+        if spec.version_id is not None and got.version_id != spec.version_id:
+            return False
+        if spec.sha256 is not None and got.sha256 != spec.sha256:
+            return False
+    return True
+
+
+def pinned(params: ImageParams, adapters: list[ResolvedAdapter]) -> ImageParams:
+    """`params` with each LoRA and TI pinned to the version and file a result used (the
+    parameters of its verification re-run)."""
+    pins = [{"version_id": a.version_id, "sha256": a.sha256} for a in adapters]
+    loras = [spec.model_copy(update=pin) for spec, pin in zip(params.loras, pins, strict=False)]
+    tis = [
+        spec.model_copy(update=pin)
+        for spec, pin in zip(params.tis, pins[len(params.loras) :], strict=False)
+    ]
+    return params.model_copy(update={"loras": loras, "tis": tis})
 
 
 class EngineLora(BaseModel):

@@ -86,7 +86,14 @@ class _Spec(BaseModel):
         max_length=MAX_ADAPTER_NAME,
         description="a CivitAI model name, or its id (digits only; a version id with is_version)",
     )
-    # set on verification re-runs: the file the first result used (never by AI Horde clients)
+    # set on verification re-runs: the version and file the first result used (never by
+    # AI Horde's clients); `name` stays, as a TI's token and for the trigger words
+    version_id: int | None = Field(
+        default=None,
+        ge=0,
+        exclude_if=lambda value: value is None,
+        description="pins the CivitAI version (a verification re-run sets it)",
+    )
     sha256: _Sha256 | None = Field(
         default=None,
         exclude_if=lambda value: value is None,

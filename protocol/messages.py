@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.loras import MAX_LORAS, MAX_TIS, ResolvedAdapter
 from protocol.params import MAX_N, MAX_SOURCE_BASE64, MAX_STEPS, ImageParams, ModelName
 
 __all__ = [
@@ -475,6 +476,11 @@ class ResultSubmit(_Request):
     """Finishes a job whose images were all uploaded; the PNGs themselves are not sent here."""
 
     images: list[SubmittedImage] = Field(min_length=1, max_length=MAX_N)
+    # a job with LoRAs or TIs: the versions and files used (its LoRAs, then its TIs), signed
+    adapters: list[ResolvedAdapter] = Field(default=[], max_length=MAX_LORAS + MAX_TIS)
+    adapters_signature: str | None = Field(
+        default=None, pattern=HEX_128, description="over adapters_message(...)"
+    )
 
 
 class ResultAccepted(_Response):

@@ -390,6 +390,13 @@ class ImageJobs(Lifecycle):
             rows = (await conn.execute(query)).all()
         return [ResultRecord(r.idx, r.seed, r.sha256, r.signature) for r in rows]
 
+    async def set_adapters(self, worker: Worker, job_id: str, adapters: str) -> None:
+        """Keep the LoRAs and TIs (JSON) the result of a job leased to `worker` used."""
+        async with self._db.begin() as conn:
+            await conn.execute(
+                update(jobs).where(self._leased_to(worker, job_id)).values(adapters=adapters)
+            )
+
     async def set_shared(self, job_id: str, shared: bool) -> None:
         async with self._db.begin() as conn:
             await conn.execute(

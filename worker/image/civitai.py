@@ -90,10 +90,11 @@ class CivitaiApi:
     async def resolve(self, spec: LoraSpec | TiSpec, kind: Kind) -> CivitaiFile:
         """The version and file `spec` names; AdapterUnavailable when there is none."""
         name = spec.name
-        if isinstance(spec, LoraSpec) and spec.is_version:
-            if not name.isdigit():
+        pinned = spec.version_id
+        if pinned is not None or (isinstance(spec, LoraSpec) and spec.is_version):
+            if pinned is None and not name.isdigit():
                 raise _failed(f"{name!r} is not a version id (is_version needs digits)")
-            version = await self._get(f"model-versions/{name}")
+            version = await self._get(f"model-versions/{pinned if pinned is not None else name}")
             model = version.get("model") if isinstance(version, dict) else None
             model_name = str(model.get("name", name)) if isinstance(model, dict) else name
             model_type = model.get("type") if isinstance(model, dict) else None

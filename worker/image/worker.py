@@ -204,7 +204,10 @@ class ImageWorker:
                 await beating
         seeds = result.data.seeds
         try:
-            accepted = await retrying("submit", lambda: self.link.submit(job, seeds, result.blobs))
+            used = prepared.resolved if prepared is not None else None
+            accepted = await retrying(
+                "submit", lambda: self.link.submit(job, seeds, result.blobs, used)
+            )
         except LeaseLost as exc:
             log.warning("job %s was taken back before we finished: %s", job.id, exc)
             return

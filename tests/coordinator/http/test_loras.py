@@ -4,17 +4,24 @@ only to workers that take them."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import AsyncIterator
+
 import pytest
 
 from client.api.worker_routes import Capabilities
 from client.errors import ApiError
 from client.sdk import AsyncClient
+from coordinator.config import CoordinatorConfig
 from protocol.cost import image_cost
-from protocol.loras import LoraSpec, TiSpec
+from protocol.loras import LoraSpec, ResolvedAdapter, TiSpec
+from protocol.messages import LeasedJob
 from protocol.params import ImageParams
-from tests.conftest import LiveApp
+from protocol.signing import params_hash
+from tests.conftest import LiveApp, start_app
 from tests.coordinator.http.test_horde import Horde, request
-from tests.fakes import FakeWorker, register_accounts
+from tests.fakes import FakeWorker, png, register_accounts
+from worker.errors import CoordinatorRejected
 
 LORA = {"name": "Tiny Style", "model": 0.8, "clip": 0.5, "inject_trigger": "any"}
 TI = {"name": "222", "inject_ti": "negprompt", "strength": 0.5}
@@ -69,3 +76,88 @@ async def test_only_workers_that_take_loras_are_offered_them(live: LiveApp) -> N
         job = await taker.link.pop(Capabilities(**CAPS, loras=True), 0)
         assert job is not None and job.id == created.id
         assert job.params.tis == params.tis
+
+
+@pytest.fixture
+async def checked_network(coordinator_config: CoordinatorConfig) -> AsyncIterator[LiveApp]:
+    """Every untrusted result is spot-checked by the operator's (trusted) workers."""
+    config = dataclasses.replace(
+        coordinator_config,
+        spot_check_rate=1.0,
+        spot_check_min_rate=1.0,
+        max_pixel_steps_per_second=float("inf"),
+        trusted_accounts=frozenset({"operator"}),
+        verify_distinct_ip=False,  # everyone is on 127.0.0.1 here
+    )
+    runner, app = await start_app(config)
+    try:
+        yield app
+    finally:
+        await runner.cleanup()
+
+
+def _used(job: LeasedJob, sha: str = "ab" * 32) -> list[ResolvedAdapter]:
+    return [
+        ResolvedAdapter(kind="lora", name=spec.name, version_id=1000 + i, sha256=sha)
+        for i, spec in enumerate(job.params.loras)
+    ] + [
+        ResolvedAdapter(kind="ti", name=spec.name, version_id=7, sha256=sha)
+        for spec in job.params.tis
+    ]
+
+
+async def test_the_spot_check_reruns_the_versions_and_files_the_result_signed(
+    checked_network: LiveApp,
+) -> None:
+    live = checked_network
+    requester, donor, operator = await register_accounts(live.url, "asker", "donor", "operator")
+    async with AsyncClient(live.url, requester) as grid:
+        params = ImageParams.model_validate(
+            {
+                "prompt": "a cube",
+                "width": 64,
+                "height": 64,
+                "steps": 4,
+                "seed": 3,
+                "loras": [LORA, {"name": "9"}],
+                "tis": [TI],
+            }
+        )
+        await grid.submit_image(params)
+    caps = Capabilities(**CAPS, loras=True)
+    async with (
+        FakeWorker(live.url, "newcomer", donor) as newcomer,
+        FakeWorker(live.url, "referee", operator) as referee,
+    ):
+        job = await newcomer.link.pop(caps, wait=0)
+        assert job is not None
+        # a result must name what it used, in the job's order, signed
+        with pytest.raises(CoordinatorRejected, match="adapters"):
+            await newcomer.link.submit(job, job.params.seeds(), [png(1)])
+        with pytest.raises(CoordinatorRejected, match="adapters"):
+            await newcomer.link.submit(job, job.params.seeds(), [png(1)], _used(job)[::-1])
+        await newcomer.link.submit(job, job.params.seeds(), [png(1)], _used(job))
+        check = await referee.link.pop(caps, wait=5)
+        assert check is not None and check.id != job.id
+        pins = [(s.name, s.version_id, s.sha256) for s in [*check.params.loras, *check.params.tis]]
+        assert pins == [
+            ("Tiny Style", 1000, "ab" * 32),
+            ("9", 1001, "ab" * 32),
+            ("222", 7, "ab" * 32),
+        ]
+        # everything else as the original asked (strengths, trigger words, the TI's token)
+        unpinned = {"version_id": None, "sha256": None}
+        assert (
+            check.params.model_copy(
+                update={
+                    "loras": [s.model_copy(update=unpinned) for s in check.params.loras],
+                    "tis": [s.model_copy(update=unpinned) for s in check.params.tis],
+                }
+            )
+            == job.params
+        )
+        assert check.params_hash == params_hash(check.params) != job.params_hash
+        # the re-run must report the pinned files
+        with pytest.raises(CoordinatorRejected, match="adapters"):
+            await referee.link.submit(check, check.params.seeds(), [png(1)], _used(job, "cd" * 32))
+        await referee.link.submit(check, check.params.seeds(), [png(1)], _used(job))

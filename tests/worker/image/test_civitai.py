@@ -76,6 +76,24 @@ async def test_a_lora_by_id_by_name_and_by_version_is_one_cached_file(
     by_id = await adapters.prepare(job(loras=[{"name": "111", "model": 0.5, "clip": 0.25}]))
     by_name = await adapters.prepare(job(loras=[{"name": "tiny style"}]))
     by_version = await adapters.prepare(job(loras=[{"name": "1110", "is_version": True}]))
+    # a verification re-run: pinned to the version and file, the name kept (a TI's token)
+    pinned = await adapters.prepare(
+        job(
+            loras=[
+                {
+                    "name": "Tiny Style",
+                    "version_id": 1110,
+                    "sha256": hashlib.sha256(LORA).hexdigest(),
+                }
+            ],
+            tis=[{"name": "mytoken", "version_id": 2220}],
+        )
+    )
+    assert [(r.name, r.version_id) for r in pinned.resolved] == [
+        ("Tiny Style", 1110),
+        ("mytoken", 2220),
+    ]
+    assert pinned.request.tis[0].token == "mytoken"
     sha = hashlib.sha256(LORA).hexdigest()
     for prepared in (by_id, by_name, by_version):
         assert [(r.kind, r.version_id, r.sha256) for r in prepared.resolved] == [
