@@ -8,8 +8,14 @@
                       conventions, resized for the img2img and inpaint pipelines
     samplers.py       AUTOMATIC1111 sampler names -> diffusers schedulers
     model_source.py   resolves --model safely (safetensors only, never pickle)
+    adapters.py       a job's CivitAI LoRAs and TIs made ready before the engine runs:
+                      baseline and pin checks, trigger words, what was used
+    civitai.py        CivitAI's REST API v1: names and ids -> versions and files
+    lora_cache.py     downloads (size cap, SHA-256, safetensors header) in an LRU folder
+                      the sandbox binds read-only
+    adapters_engine.py  loading LoRAs and TIs into the pipeline (in the sandbox child)
 
-Only the sandbox child imports `engine.py` and `sources.py` (by name,
+Only the sandbox child imports `engine.py`, `adapters_engine.py` and `sources.py` (by name,
 `worker.image.worker.ENGINE`).
 """
 
