@@ -74,6 +74,9 @@ class EngineLora(BaseModel):
     adapter: str = Field(min_length=1)
     model: float
     clip: float
+    # the file's SHA-256 (written into the PNG as A1111's `Lora hashes`) and job name
+    sha256: str = ""
+    name: str = ""
 
 
 class EngineTi(BaseModel):
@@ -84,6 +87,8 @@ class EngineTi(BaseModel):
     path: str = Field(min_length=1)
     token: str = Field(min_length=1)
     strength: float = 1.0
+    # the file's SHA-256 (A1111's `TI hashes` in the PNG)
+    sha256: str = ""
 
 
 class AdaptedImage(BaseModel):

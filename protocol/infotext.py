@@ -13,8 +13,11 @@ def _fmt_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def parameters_text(params: ImageParams, seed: int, model: str) -> str:
-    """Render the text AUTOMATIC1111 writes, so its tools and users can read our PNGs."""
+def parameters_text(
+    params: ImageParams, seed: int, model: str, hashes: dict[str, str] | None = None
+) -> str:
+    """Render the text AUTOMATIC1111 writes, so its tools and users can read our PNGs.
+    `hashes`: A1111's `Lora hashes` / `TI hashes` values of a job with LoRAs or TIs."""
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
@@ -29,5 +32,7 @@ def parameters_text(params: ImageParams, seed: int, model: str) -> str:
             f", Denoising strength: {_fmt_number(params.denoising_strength)}"
             f", Source processing: {params.source_processing}"
         )
+    for key, value in (hashes or {}).items():
+        settings += f', {key}: "{value}"'
     lines.append(settings)
     return "\n".join(lines)

@@ -180,6 +180,8 @@ def _adapted_images_equal_plain_diffusers(
     assert np.abs(by_name.astype(int) - plain.astype(int)).mean() > 10
     with Image.open(result.paths[0]) as png:
         assert "a lighthouse, wtrclr" in png.info["parameters"]
+        sha = hashlib.sha256(lora.read_bytes()).hexdigest()
+        assert f'Lora hashes: "Tiny Watercolor: {sha[:10]}"' in png.info["parameters"]
     assert hashlib.sha256(lora.read_bytes()).hexdigest() in {
         p.stem for p in (network.tmp / "lora-cache").iterdir()
     }

@@ -93,7 +93,14 @@ class Adapters:
             file, path = await self._fetch(lora, "lora", paths)
             resolved.append(_resolved(file))
             loras.append(
-                EngineLora(path=str(path), adapter=f"lora{index}", model=lora.model, clip=lora.clip)
+                EngineLora(
+                    path=str(path),
+                    adapter=f"lora{index}",
+                    model=lora.model,
+                    clip=lora.clip,
+                    sha256=file.sha256,
+                    name=lora.name,
+                )
             )
             if lora.inject_trigger:
                 words = trigger_words(file.trained_words, lora.inject_trigger)
@@ -103,7 +110,9 @@ class Adapters:
         for ti in params.tis:
             file, path = await self._fetch(ti, "ti", paths)
             resolved.append(_resolved(file))
-            tis.append(EngineTi(path=str(path), token=ti.name, strength=ti.strength))
+            tis.append(
+                EngineTi(path=str(path), token=ti.name, strength=ti.strength, sha256=file.sha256)
+            )
             if ti.inject_ti == "prompt":
                 prompt = f"{ti.name}, {prompt}"
             elif ti.inject_ti == "negprompt":

@@ -64,6 +64,18 @@ class EngineAdapters:
             )
         self.clear()
 
+    def hashes(self) -> dict[str, str]:
+        """A1111's `Lora hashes` and `TI hashes` of what is loaded (name: first 10 hex digits
+        of the file's SHA-256, CivitAI's AutoV2), for the PNG's parameters."""
+        loras = [lora for lora in self._loaded[0] if lora.sha256]
+        tis = [ti for ti in self._loaded[1] if ti.sha256]
+        found = {}
+        if loras:
+            found["Lora hashes"] = ", ".join(f"{x.name}: {x.sha256[:10]}" for x in loras)
+        if tis:
+            found["TI hashes"] = ", ".join(f"{x.token}: {x.sha256[:10]}" for x in tis)
+        return found
+
     def clear(self) -> None:
         loras, tis = self._loaded
         if loras:

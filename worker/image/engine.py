@@ -232,4 +232,5 @@ class ImageEngine:
         result = self._pipeline(sources)(**arguments)
         assert not isinstance(result, tuple)  # (return_dict is left True)
         image = result.images[0]
-        return encode_png(image, parameters_text(params, seed, self.model_name))
+        hashes = self.adapters.hashes()
+        return encode_png(image, parameters_text(params, seed, self.model_name, hashes))

@@ -60,10 +60,17 @@ def test_adapted_images_equal_plain_diffusers_and_leave_no_trace(
     request = {
         "params": params,
         "loras": [
-            {"path": str(lora), "adapter": "lora0", "model": 0.8, "clip": 0.5},
+            {
+                "path": str(lora),
+                "adapter": "lora0",
+                "model": 0.8,
+                "clip": 0.5,
+                "name": "1",
+                "sha256": "ab" * 32,
+            },
             {"path": str(lora2), "adapter": "lora1", "model": 0.3, "clip": 1.0},
         ],
-        "tis": [{"path": str(ti), "token": "tinytok", "strength": 1.0}],
+        "tis": [{"path": str(ti), "token": "tinytok", "strength": 1.0, "sha256": "cd" * 32}],
     }
     _, (adapted_png,) = engine.handle("adapted_image", request, lambda _: None)
     _, (plain_png,) = engine.handle("image", BASE, lambda _: None)
@@ -88,3 +95,11 @@ def test_adapted_images_equal_plain_diffusers_and_leave_no_trace(
     # the LoRAs visibly change the image, and are gone for the next plain job
     assert np.abs(adapted.astype(int) - plain.astype(int)).mean() > 10
     assert np.array_equal(_pixels(plain_png), plain)
+    # A1111's hashes in the PNG's parameters (a plain job has none)
+    with Image.open(io.BytesIO(adapted_png)) as png:
+        assert (
+            'Lora hashes: "1: ababababab", TI hashes: "tinytok: cdcdcdcdcd"'
+            in png.info["parameters"]
+        )
+    with Image.open(io.BytesIO(plain_png)) as png:
+        assert "hashes" not in png.info["parameters"]
