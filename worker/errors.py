@@ -86,9 +86,11 @@ class AdapterUnavailable(WorkerError):
     (`download_failed`), or was made for another baseline (`baseline_mismatch`): that
     attempt fails with the reason, and the job goes to another worker."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, unreachable: bool = False) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+        # CivitAI (its API or its files) could not be reached at all
+        self.unreachable = unreachable
 
 
 class IdentityError(WorkerError):

@@ -11,6 +11,8 @@ prompt, or at the end of the negative prompt.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from worker.errors import AdapterUnavailable
 from worker.image.civitai import CivitaiApi, CivitaiFile, Kind
 from worker.image.lora_cache import LoraCache
 
-__all__ = ["AdapterSettings", "Adapters", "PreparedJob", "trigger_words"]
+__all__ = ["AdapterSettings", "Adapters", "Backoff", "PreparedJob", "trigger_words"]
 
 # seconds for one API call or one file download
 _API_TIMEOUT = 30.0
@@ -65,6 +67,36 @@ def trigger_words(words: tuple[str, ...], inject: str) -> list[str]:
     return matching or [words[0]]
 
 
+class Backoff:
+    """After CivitAI could not be reached, the worker takes no LoRA jobs for a while (`first`
+    seconds, doubling up to `cap` while it stays unreachable), so they go to workers that
+    can fetch them; plain jobs go on. `clock`: seconds, monotonic (tests pass their own)."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        first: float = 30.0,
+        cap: float = 600.0,
+    ) -> None:
+        self.clock = clock
+        self.first = first
+        self.cap = cap
+        self.pause = 0.0
+        self.until = 0.0
+
+    def failed(self) -> None:
+        self.pause = min(self.cap, self.pause * 2 if self.pause else self.first)
+        self.until = self.clock() + self.pause
+
+    def succeeded(self) -> None:
+        self.pause = 0.0
+        self.until = 0.0
+
+    @property
+    def open(self) -> bool:
+        return self.clock() >= self.until
+
+
 class Adapters:
     """Create with `await Adapters.create(settings)`; `aclose()` when done."""
 
@@ -73,6 +105,7 @@ class Adapters:
         self.session = session
         self.api = CivitaiApi(session, settings.civitai_url, settings.civitai_token)
         self.cache = LoraCache(settings.cache_dir, settings.max_bytes, settings.cache_bytes)
+        self.backoff = Backoff()
 
     @classmethod
     async def create(cls, settings: AdapterSettings) -> Adapters:
@@ -82,9 +115,24 @@ class Adapters:
     async def aclose(self) -> None:
         await self.session.close()
 
+    @property
+    def accepting(self) -> bool:
+        """Whether to take LoRA jobs now (not while CivitAI is unreachable: `Backoff`)."""
+        return self.backoff.open
+
     async def prepare(self, params: ImageParams) -> PreparedJob:
         """Resolve, check and fetch the job's LoRAs and TIs; AdapterUnavailable with the
         reason (download_failed, baseline_mismatch) when one cannot be used."""
+        try:
+            prepared = await self._prepare(params)
+        except AdapterUnavailable as exc:
+            if exc.unreachable:
+                self.backoff.failed()
+            raise
+        self.backoff.succeeded()
+        return prepared
+
+    async def _prepare(self, params: ImageParams) -> PreparedJob:
         prompt, negative = params.prompt, params.negative_prompt
         paths: list[Path] = []
         resolved: list[ResolvedAdapter] = []

@@ -79,7 +79,11 @@ class CivitaiApi:
                     raise _failed(f"CivitAI answered {response.status} to /api/v1/{path}")
                 body = await response.content.read(_MAX_JSON_BYTES + 1)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _failed(f"CivitAI's API at {self.url} is unreachable ({exc})") from None
+            raise AdapterUnavailable(
+                "download_failed",
+                f"CivitAI's API at {self.url} is unreachable ({exc})",
+                unreachable=True,
+            ) from None
         if len(body) > _MAX_JSON_BYTES:
             raise _failed(f"CivitAI's answer to /api/v1/{path} is too large")
         try:

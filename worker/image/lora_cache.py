@@ -130,7 +130,9 @@ class LoraCache:
                             digest.update(chunk)
                             out.write(chunk)
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise _failed(f"downloading {what} failed ({exc})") from None
+                    raise AdapterUnavailable(
+                        "download_failed", f"downloading {what} failed ({exc})", unreachable=True
+                    ) from None
             self._install(part, digest.hexdigest(), size, file, target, keep)
         finally:
             _discard(part)

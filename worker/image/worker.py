@@ -113,13 +113,19 @@ class ImageWorker:
         )
         await serve_jobs(
             self.link,
-            lambda: self.link.pop(self.capabilities, self.config.pop_wait),
+            lambda: self.link.pop(self.offer(), self.config.pop_wait),
             self.serve,
             gate=self.gate,
             drain=self.drain,
             status=self.status,
             gate_poll=self.config.gate_poll,
         )
+
+    def offer(self) -> Capabilities:
+        """What to pop now: no LoRA jobs while CivitAI is unreachable (adapters.Backoff)."""
+        if self.adapters is not None and not self.adapters.accepting:
+            return self.capabilities.model_copy(update={"loras": False})
+        return self.capabilities
 
     async def serve(self, job: LeasedJob) -> None:
         if params_hash(job.params) != job.params_hash:

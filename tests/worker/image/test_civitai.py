@@ -14,7 +14,7 @@ from protocol.loras import BASELINES, CIVITAI_BASELINES, baseline_of
 from protocol.params import ImageParams
 from tests.civitai import CivitaiStandIn, Entry, fake_safetensors, standin
 from worker.errors import AdapterUnavailable
-from worker.image.adapters import Adapters, AdapterSettings, trigger_words
+from worker.image.adapters import Adapters, AdapterSettings, Backoff, trigger_words
 
 LORA = fake_safetensors(4096, 1)
 TI = fake_safetensors(256, 2)
@@ -172,13 +172,41 @@ async def test_each_refusal_names_its_reason(
     assert not (adapters.settings.cache_dir / f"{bad}.safetensors").exists()
 
 
-async def test_an_unreachable_api_is_a_download_failure(tmp_path: Path) -> None:
-    with standin([]) as server:
+def _accepting(adapters: Adapters) -> bool:
+    # (a call: mypy would narrow a property it saw asserted)
+    return adapters.accepting
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_an_unreachable_api_is_a_download_failure_and_a_pause(tmp_path: Path) -> None:
+    with standin(list(ENTRIES)) as server:
         url = server.url
-    made = await Adapters.create(settings(url, tmp_path))
+        made = await Adapters.create(settings(url, tmp_path))
+        clock = FakeClock()
+        made.backoff = Backoff(clock, first=30, cap=100)
+        await made.prepare(job(loras=[{"name": "111"}]))
     try:
-        with pytest.raises(AdapterUnavailable, match="^download_failed: .*unreachable"):
-            await made.prepare(job(loras=[{"name": "111"}]))
+        assert _accepting(made)
+        for pause in (30, 60, 100, 100):  # doubling up to the cap
+            with pytest.raises(AdapterUnavailable, match="^download_failed: .*unreachable"):
+                await made.prepare(job(loras=[{"name": "222"}]))
+            # no LoRA jobs are taken for a while; plain ones go on (ImageWorker.offer)
+            assert not _accepting(made)
+            clock.now += pause - 1
+            assert not _accepting(made)
+            clock.now += 1
+            assert _accepting(made)
+        # a job prepared again ends the pause (Adapters.prepare)
+        made.backoff.failed()
+        made.backoff.succeeded()
+        assert _accepting(made) and made.backoff.pause == 0
     finally:
         await made.aclose()
 
