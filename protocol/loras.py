@@ -34,7 +34,7 @@ __all__ = [
 CIVITAI_URL = "https://civitai.com"
 # how a worker's failure report starts when a job's LoRA or TI cannot be used (AI Horde's
 # gen_metadata values): not the worker's fault, so not counted against it
-ADAPTER_FAILURES = ("download_failed:", "baseline_mismatch:")
+ADAPTER_FAILURES = ("download_failed:", "baseline_mismatch:", "parse_failed:")
 # AI Horde's limits per job
 MAX_LORAS = 5
 MAX_TIS = 20

@@ -16,7 +16,8 @@
     ├── CoordinatorRejected     the coordinator refused a request (4xx): fix the request
     ├── LeaseLost               the job is no longer leased to us (409): drop it
     ├── AdapterUnavailable      a job's LoRA or TI cannot be used here (`code`: AI Horde's
-    │                           gen_metadata value, download_failed or baseline_mismatch)
+    │                           gen_metadata value: download_failed, baseline_mismatch,
+    │                           parse_failed)
     └── SwarmError              the LLM swarm (worker/llm/swarm/)
         ├── MissingBlocks       no reachable server serves some blocks (retry later)
         ├── ServerFailed        one server failed or refused; the client routes around it

@@ -3,7 +3,8 @@ an image worker that resolves them through a CivitAI stand-in, the CLI and the S
 
 Images equal plain diffusers with `load_lora_weights` + `set_adapters` (not fused) and
 `load_textual_inversion`; a LoRA that cannot be used (wrong hash, too large, another
-baseline, CivitAI unreachable) fails the attempt with its reason and charges nothing.
+baseline, not loadable, CivitAI unreachable) fails the attempt with its reason and charges
+nothing.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def civitai(files: dict[str, bytes]) -> Iterator[CivitaiStandIn]:
         Entry(303, "Swapped", "LORA", 3030, files["lora"], sha256="CD" * 32),
         Entry(404, "Huge", "LORA", 4040, fake_safetensors(2 * 2**20)),
         Entry(505, "XL Only", "LORA", 5050, files["lora"], base_model="Pony"),
+        Entry(606, "Not A LoRA", "LORA", 6060, fake_safetensors(64)),
     ]
     with standin(entries) as server:
         yield server
@@ -196,6 +198,8 @@ def _unusable_loras_fail_clearly_and_charge_nothing(
             ("303", "download_failed: the file of '303' (version 3030) has SHA256"),
             ("404", "download_failed: '404' (version 4040) is 2 MB, over this worker's"),
             ("505", "baseline_mismatch: LoRA '505' (version 5050) is made for 'Pony' (sdxl)"),
+            # safetensors, but nothing diffusers can load: found in the engine
+            ("606", "parse_failed: LoRA '606' cannot be loaded"),
         ]
         for name, reason in cases:
             params = _cat(name)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from protocol.adapted import AdaptedImage, EngineLora, EngineTi
 from protocol.params import ImageParams
-from worker.errors import InvalidGenerationInput
+from worker.errors import AdapterUnavailable, InvalidGenerationInput
 
 __all__ = ["EngineAdapters"]
 
@@ -86,16 +86,30 @@ class EngineAdapters:
         self._for = None
 
     def _load(self, loras: tuple[EngineLora, ...], tis: tuple[EngineTi, ...]) -> None:
-        for lora in loras:
-            self.pipe.load_lora_weights(load_file(lora.path), adapter_name=lora.adapter)
-        if loras:
-            self.pipe.set_adapters(
-                [lora.adapter for lora in loras],
-                adapter_weights=[{"unet": lora.model, "text_encoder": lora.clip} for lora in loras],
-            )
+        try:
+            for lora in loras:
+                self.pipe.load_lora_weights(load_file(lora.path), adapter_name=lora.adapter)
+            if loras:
+                self.pipe.set_adapters(
+                    [lora.adapter for lora in loras],
+                    adapter_weights=[
+                        {"unet": lora.model, "text_encoder": lora.clip} for lora in loras
+                    ],
+                )
+        except Exception as exc:
+            # (a kind diffusers cannot load, or keys it does not know: the LoRA's fault)
+            names = ", ".join(repr(lora.name or lora.adapter) for lora in loras)
+            raise AdapterUnavailable(
+                "parse_failed", f"LoRA {names} cannot be loaded: {exc}"
+            ) from None
         for ti in tis:
             state = load_file(ti.path)
             if ti.strength != 1.0:
                 state = {key: value * ti.strength for key, value in state.items()}
-            self.pipe.load_textual_inversion(state, token=ti.token)
+            try:
+                self.pipe.load_textual_inversion(state, token=ti.token)
+            except Exception as exc:
+                raise AdapterUnavailable(
+                    "parse_failed", f"textual inversion {ti.token!r} cannot be loaded: {exc}"
+                ) from None
         log.info("loaded %d LoRAs and %d textual inversions", len(loras), len(tis))

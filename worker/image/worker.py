@@ -184,6 +184,9 @@ class ImageWorker:
                 log.error("job %s: %s", job.id, exc)
                 await self._give_back(job, str(exc))
                 return
+            except asyncio.CancelledError:
+                await asyncio.shield(self._give_back(job, "worker shutting down"))
+                raise
         beating = asyncio.create_task(heartbeat())
         try:
             # (EngineMisbehaved, a malformed message from the engine, is an EngineCrashed)
@@ -197,7 +200,11 @@ class ImageWorker:
                 )
         except (EngineCrashed, EngineTimedOut, EngineFailed) as exc:
             log.error("engine failed on job %s: %s", job.id, exc)
-            await self._give_back(job, f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, EngineFailed) and exc.error_type == AdapterUnavailable.__name__:
+                # a LoRA or TI the engine cannot load: its reason as AI Horde names it
+                await self._give_back(job, exc.message)
+            else:
+                await self._give_back(job, f"{type(exc).__name__}: {exc}")
             # Reload before asking for more work, so no lease runs out during the reload.
             await self.sandbox.ensure_running()
             return

@@ -10,12 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from protocol.params import ImageParams
 from tests.civitai import random_lora, random_ti
 from tests.reference import plain_image, plain_pipeline
-from worker.errors import InvalidGenerationInput
+from worker.errors import AdapterUnavailable, InvalidGenerationInput
 from worker.image.engine import ImageEngine
 
 pytestmark = [
@@ -57,7 +59,7 @@ def test_adapted_images_equal_plain_diffusers_and_leave_no_trace(
         "loras": [{"name": "1", "model": 0.8, "clip": 0.5}, {"name": "2", "model": 0.3}],
         "tis": [{"name": "tinytok"}],
     }
-    request = {
+    request: dict[str, Any] = {
         "params": params,
         "loras": [
             {
@@ -103,3 +105,15 @@ def test_adapted_images_equal_plain_diffusers_and_leave_no_trace(
         )
     with Image.open(io.BytesIO(plain_png)) as png:
         assert "hashes" not in png.info["parameters"]
+
+    # a file diffusers cannot load is the LoRA's fault (AI Horde's parse_failed) and leaves
+    # the engine serving plain jobs as before
+    bogus = tmp_path / "bogus.safetensors"
+    save_file({"not_a_lora.weight": torch.ones(3)}, bogus)
+    request["loras"] = [{"path": str(bogus), "adapter": "lora0", "model": 1.0, "clip": 1.0}]
+    request["tis"] = []
+    request["params"] = {**BASE, "loras": [{"name": "bogus"}]}
+    with pytest.raises(AdapterUnavailable, match="^parse_failed: LoRA 'lora0' cannot be loaded"):
+        engine.handle("adapted_image", request, lambda _: None)
+    _, (again,) = engine.handle("image", BASE, lambda _: None)
+    assert np.array_equal(_pixels(again), plain)
