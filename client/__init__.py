@@ -5,6 +5,7 @@ api/            the typed client of the coordinator's API: routes, transports, f
 sdk.py          AsyncClient and Client (faces of api/): accounts, submit, stream, download
 follow.py       following a job through coordinator restarts: streams, backoff, patience
 cli.py          `idlegrid` and its client subcommands; plugs in the others
+loras_cli.py    `generate --lora/--ti`
 chat_cli.py     `idlegrid chat` and `idlegrid complete`
 image_extras.py `idlegrid generate`'s flags for the hires fix, upscalers and face fixers
 progress.py     live progress line on a terminal

@@ -24,6 +24,7 @@ from client.credentials import Credentials
 from client.errors import ApiError, ClientError
 from client.follow import WAIT_TIMEOUT
 from client.image_extras import add_extras_flags, extras_fields
+from client.loras_cli import adapter_fields, add_adapter_flags
 from client.progress import ProgressLine
 from client.sdk import AsyncClient
 from protocol.config_file import ConfigFileParser
@@ -307,6 +308,7 @@ async def _generate(args: argparse.Namespace) -> int:
         fields["tiling"] = True
     if args.karras:
         fields["karras"] = True
+    fields.update(adapter_fields(args))
     if source is not None:
         fields["source_processing"] = "img2img" if mask is None else "inpainting"
         if args.strength is not None:
@@ -528,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("-n", type=int, default=1, help="number of images (default %(default)s)")
     generate.add_argument("--model", help="model name (default: whatever the workers serve)")
+    add_adapter_flags(generate)
     generate.add_argument(
         "-o", "--output", type=Path, default=Path("."), help="directory for the PNGs (default .)"
     )

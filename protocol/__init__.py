@@ -17,6 +17,8 @@ exceptions, documented where they are: a command's settings read the environment
     signing.py     Ed25519 identities, canonical JSON, what gets signed
     peer_ids.py    libp2p peer ids: the key behind one, and checking its signature
     infotext.py    the AUTOMATIC1111 `parameters` text stored in PNGs
+    loras.py       CivitAI LoRAs and textual inversions of a job; baselines
+    adapted.py     the engine call of a job with them; what a result signs about them
     settings.py    one declaration per setting: a command's flags, environment variables
                    and config-file keys from a pydantic model (no I/O: see its docstring)
     config_file.py `--config FILE`: a command's flags from a TOML file (the one file

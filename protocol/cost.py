@@ -11,6 +11,8 @@ from protocol.samplers import sampler_factor
 __all__ = [
     "BLOCK_TOKENS_PER_KUDO_AT_1B",
     "CONTROLNET_FACTOR",
+    "KUDOS_FOR_TIS",
+    "KUDOS_PER_LORA",
     "KUDOS_PER_PROMPT_WEIGHT",
     "KUDOS_PER_REFERENCE_IMAGE",
     "REFERENCE_PIXELS",
@@ -33,6 +35,9 @@ SOURCE_IMAGE_FACTOR = 1.5
 # A ControlNet job costs three times as much (AI Horde's kudos_standalone: x3 when it uses
 # ControlNet, on top of the x1.5 for its source image).
 CONTROLNET_FACTOR = 3
+# AI Horde's add-ons: kudos per LoRA of a job, and once for any textual inversions
+KUDOS_PER_LORA = 3
+KUDOS_FOR_TIS = 1
 
 
 def image_cost(params: ImageParams) -> int:
@@ -40,8 +45,9 @@ def image_cost(params: ImageParams) -> int:
     KUDOS_PER_PROMPT_WEIGHT per weighted group and image (x SOURCE_IMAGE_FACTOR with a
     source image; the hires fix adds its second pass's steps at full size; each
     post-processor multiplies by AI Horde's factor, POST_PROCESSOR_FACTORS; x
-    CONTROLNET_FACTOR with ControlNet), at least 1. clip_skip, tiling, karras and
-    seed_variation cost nothing extra, as on AI Horde."""
+    CONTROLNET_FACTOR with ControlNet), at least 1; plus KUDOS_PER_LORA per LoRA and
+    KUDOS_FOR_TIS with any textual inversion. clip_skip, tiling, karras and seed_variation
+    cost nothing extra, as on AI Horde."""
     steps = params.steps
     if params.hires_fix:
         steps += int(params.steps * params.hires_fix_denoising_strength)
@@ -59,7 +65,8 @@ def image_cost(params: ImageParams) -> int:
     for name in params.post_processing:
         work *= POST_PROCESSOR_FACTORS[name]
     reference = REFERENCE_PIXELS * REFERENCE_STEPS
-    return max(1, math.ceil(work * KUDOS_PER_REFERENCE_IMAGE / reference + weights))
+    adapters = KUDOS_PER_LORA * len(params.loras) + (KUDOS_FOR_TIS if params.tis else 0)
+    return max(1, math.ceil(work * KUDOS_PER_REFERENCE_IMAGE / reference + weights)) + adapters
 
 
 # AI Horde adds a kudo for each weighted group of a prompt (its `count_parentheses`: a ")"

@@ -126,8 +126,6 @@ def _not_off(extra: dict[str, Any] | None, table: dict[str, tuple[object, ...]])
 # AI Horde's image options we do not serve yet: accepted only with these "off" values (clients
 # send many at their defaults), otherwise a 400 names them; never silently dropped
 IMAGE_PARAMS_NOT_HONOURED: dict[str, tuple[object, ...]] = {
-    "loras": ([],),
-    "tis": ([],),
     "special": ({},),
     "workflow": ("",),
     "transparent": (False,),
@@ -174,6 +172,9 @@ class ImageParamsV2(_In):
     )
     image_is_control: bool = False
     return_control_map: bool = False
+    # CivitAI LoRAs and textual inversions, validated as protocol.loras.LoraSpec / TiSpec
+    loras: list[dict[str, Any]] | None = None
+    tis: list[dict[str, Any]] | None = None
 
     @field_validator("seed", mode="before")
     @classmethod

@@ -45,12 +45,14 @@ def parameters_text(
     first_pass: tuple[int, int] | None = None,
     *,
     control_model: str | None = None,
+    hashes: dict[str, str] | None = None,
 ) -> str:
     """Render the text AUTOMATIC1111 writes, so its tools and users can read our PNGs.
 
     `first_pass`: the size a hires fix sampled first (then `Size` is that size, as in
     A1111, and `Hires resize` the job's); None when the job ran no second pass.
-    `control_model`: the ControlNet model's name, for a job with a `control_type`."""
+    `control_model`: the ControlNet model's name, for a job with a `control_type`.
+    `hashes`: A1111's `Lora hashes` / `TI hashes` values of a job with LoRAs or TIs."""
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
@@ -90,5 +92,7 @@ def parameters_text(
         settings += f", Clip skip: {params.clip_skip}"
     if params.tiling:
         settings += ", Tiling: True"
+    for key, value in (hashes or {}).items():
+        settings += f', {key}: "{value}"'
     lines.append(settings)
     return "\n".join(lines)

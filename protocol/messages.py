@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.control import CONTROL_TYPES, ControlType
+from protocol.loras import MAX_LORAS, MAX_TIS, ResolvedAdapter
 from protocol.params import MAX_N, MAX_SOURCE_BASE64, MAX_STEPS, ImageParams, ModelName
 from protocol.postprocess import POST_PROCESSORS
 
@@ -483,6 +484,7 @@ class PopRequest(_Request):
         max_length=len(CONTROL_TYPES),
         description="of those, the control types whose map it makes from a source image",
     )
+    loras: bool = Field(default=False, description="takes jobs with LoRAs or textual inversions")
     wait: float = Field(default=10.0, ge=0.0, le=60.0, description="long-poll seconds")
 
 
@@ -530,6 +532,11 @@ class ResultSubmit(_Request):
     """Finishes a job whose images were all uploaded; the PNGs themselves are not sent here."""
 
     images: list[SubmittedImage] = Field(min_length=1, max_length=MAX_N)
+    # a job with LoRAs or TIs: the versions and files used (its LoRAs, then its TIs), signed
+    adapters: list[ResolvedAdapter] = Field(default=[], max_length=MAX_LORAS + MAX_TIS)
+    adapters_signature: str | None = Field(
+        default=None, pattern=HEX_128, description="over adapters_message(...)"
+    )
 
 
 class ResultAccepted(_Response):

@@ -13,6 +13,7 @@ from typing import Annotated, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from protocol.control import ControlType, control_problem
+from protocol.loras import MAX_LORAS, MAX_TIS, LoraSpec, TiSpec
 from protocol.postprocess import (
     DEFAULT_FACEFIXER_STRENGTH,
     DEFAULT_HIRES_STRENGTH,
@@ -199,6 +200,21 @@ class ImageParams(BaseModel):
         le=MAX_SEED_VARIATION,
         exclude_if=lambda value: value == 1,
         description="AI Horde's: image i uses seed + i x seed_variation",
+    )
+
+    # LoRAs and textual inversions from CivitAI (protocol.loras); left out of dumps when
+    # empty, like the fields above
+    loras: list[LoraSpec] = Field(
+        default=[],
+        max_length=MAX_LORAS,
+        exclude_if=lambda value: not value,
+        description=f"at most {MAX_LORAS} CivitAI LoRAs",
+    )
+    tis: list[TiSpec] = Field(
+        default=[],
+        max_length=MAX_TIS,
+        exclude_if=lambda value: not value,
+        description=f"at most {MAX_TIS} CivitAI textual inversions",
     )
 
     @field_validator("prompt")

@@ -15,6 +15,9 @@
     ├── CoordinatorUnavailable  the coordinator cannot be reached or failed (retry later)
     ├── CoordinatorRejected     the coordinator refused a request (4xx): fix the request
     ├── LeaseLost               the job is no longer leased to us (409): drop it
+    ├── AdapterUnavailable      a job's LoRA or TI cannot be used here (`code`: AI Horde's
+    │                           gen_metadata value: download_failed, baseline_mismatch,
+    │                           parse_failed)
     └── SwarmError              the LLM swarm (worker/llm/swarm/)
         ├── MissingBlocks       no reachable server serves some blocks (retry later)
         ├── ServerFailed        one server failed or refused; the client routes around it
@@ -28,6 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "AdapterUnavailable",
     "CoordinatorRejected",
     "CoordinatorUnavailable",
     "LeaseLost",
@@ -76,6 +80,18 @@ class LeaseLost(WorkerError):
 
 
 # -- identity (worker/common/identity.py) ---------------------------------------------------
+
+
+class AdapterUnavailable(WorkerError):
+    """A LoRA or textual inversion of a job could not be resolved, fetched or verified
+    (`download_failed`), or was made for another baseline (`baseline_mismatch`): that
+    attempt fails with the reason, and the job goes to another worker."""
+
+    def __init__(self, code: str, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        # CivitAI (its API or its files) could not be reached at all
+        self.unreachable = unreachable
 
 
 class IdentityError(WorkerError):

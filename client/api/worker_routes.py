@@ -92,6 +92,8 @@ class Capabilities(BaseModel):
     # ControlNet types it has models for; those it can make control maps for
     controlnets: list[ControlType] = []
     control_annotators: list[ControlType] = []
+    # jobs with LoRAs or textual inversions (protocol.loras)
+    loras: bool = False
 
 
 class _Ignored(BaseModel):
@@ -171,9 +173,18 @@ def upload_image(job: LeasedJob, image: dict[str, Any], png: bytes) -> Call[Imag
     return call(request, ImageUploaded)
 
 
-def finish(job: LeasedJob, images: list[dict[str, Any]]) -> Call[ResultAccepted]:
-    """Finish the job whose images are uploaded; get paid."""
-    message = ResultSubmit.model_construct(images=images)  # type: ignore[arg-type]
+def finish(
+    job: LeasedJob,
+    images: list[dict[str, Any]],
+    adapters: list[dict[str, Any]] | None = None,
+    adapters_signature: str | None = None,
+) -> Call[ResultAccepted]:
+    """Finish the job whose images are uploaded; get paid. A job with LoRAs or TIs also
+    names (and signs) the versions and files it used."""
+    extra: dict[str, Any] = {}
+    if adapters:
+        extra = {"adapters": adapters, "adapters_signature": adapters_signature}
+    message = ResultSubmit.model_construct(images=images, **extra)  # type: ignore[arg-type]
     request = Request(
         "POST",
         f"/api/v1/jobs/{job.id}/result",

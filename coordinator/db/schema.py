@@ -203,6 +203,10 @@ jobs = Table(
     # --- text jobs' own column (0007_job_max_tokens) ---
     # a text job's max_tokens (None for image jobs, whose pixels/steps/n say their size)
     Column("max_tokens", Integer),
+    # --- LoRAs (0011_lora_pins) ---
+    # JSON list of protocol.loras.ResolvedAdapter: the versions and files an image job's
+    # result used (signed by its worker); its verification re-run is pinned to them
+    Column("adapters", Text),
     Index("ix_jobs_state", "state", "created_at"),
     Index("ix_jobs_account", "account_id", "state"),
     # the queue: the next job of a kind is the first row of this index that fits

@@ -30,6 +30,7 @@ How it works (see README "The kudos economy" and "Threat model"):
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from typing import Any
@@ -62,8 +63,11 @@ from coordinator.economy.payments import (
 )
 from coordinator.economy.suspicion import suspect
 from coordinator.economy.verification import Outcome
+from protocol.adapted import pinned
+from protocol.loras import ResolvedAdapter
 from protocol.params import ImageParams
 from protocol.samplers import sampler_factor
+from protocol.signing import params_hash
 
 __all__ = [
     "after_result",
@@ -168,17 +172,30 @@ def spot_check_rate(config: CoordinatorConfig, worker: Row[Any]) -> float:
     return min(config.spot_check_rate, adaptive)
 
 
+def _pinned(original: Row[Any]) -> tuple[str, str]:
+    """The params (JSON) and params hash of a re-run of `original`: its own, or with LoRAs
+    and TIs, pinned to the versions and files its result used (protocol.adapted.pinned), so
+    a later change on CivitAI cannot convict an honest worker."""
+    if original.kind != "image" or not original.adapters:
+        return original.params, original.params_hash
+    used = [ResolvedAdapter.model_validate(a) for a in json.loads(original.adapters)]
+    params = pinned(ImageParams.model_validate_json(original.params), used)
+    params = ImageParams.model_validate_json(params.model_dump_json())
+    return params.model_dump_json(), params_hash(params)
+
+
 async def _queue_check(conn: AsyncConnection, original: Row[Any], account_id: int) -> None:
     """Queue a verification job re-running `original`, an image or a text job (same seed
     and parameters; only trusted workers pop it: coordinator.jobs.lifecycle)."""
+    params, digest = _pinned(original)
     await conn.execute(
         jobs.insert().values(
             id=str(uuid.uuid4()),
             kind=original.kind,
             account_id=account_id,
             state="queued",
-            params=original.params,
-            params_hash=original.params_hash,
+            params=params,
+            params_hash=digest,
             model=original.model,
             pixels=original.pixels,
             steps=original.steps,

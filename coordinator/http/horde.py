@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, TypeVar
@@ -113,6 +114,8 @@ _V2_FIELDS = {
     "control_type": "params.control_type",
     "image_is_control": "params.image_is_control",
     "return_control_map": "params.return_control_map",
+    "loras": "params.loras",
+    "tis": "params.tis",
     "max_tokens": "params.max_length",
     "temperature": "params.temperature",
     "top_p": "params.top_p",
@@ -124,12 +127,21 @@ _V2_FIELDS = {
 }
 
 
+def _v2_field(ours: str) -> str:
+    """AI Horde's name of one of our fields (keeping a path into it: loras[0].model)."""
+    head = re.split(r"[.\[]", ours, maxsplit=1)[0]
+    name = _V2_FIELDS.get(head)
+    if name is None:
+        return _V2_FIELDS.get(ours.split(".")[0], ours)
+    return name + ours[len(head) :] if head in ("loras", "tis") else name
+
+
 def _v2_parse(model: type[M], data: dict[str, object]) -> M:
     """Our own parameters from an AI Horde request; errors name AI Horde's fields."""
     try:
         return parse(model, data)
     except ValidationFailed as exc:
-        problems = [(_V2_FIELDS.get(field.split(".")[0], field), m) for field, m in exc.problems]
+        problems = [(_v2_field(field), m) for field, m in exc.problems]
         raise BadRequest("; ".join(f"{f}: {m}" for f, m in problems), problems) from None
 
 
@@ -214,6 +226,8 @@ async def image_params(
             "facefixer_strength": DEFAULT_FACEFIXER_STRENGTH
             if p.facefixer_strength is None
             else p.facefixer_strength,
+            **({"loras": p.loras} if p.loras else {}),
+            **({"tis": p.tis} if p.tis else {}),
         },
     )
     return await with_sources(params, body.source_image or None, body.source_mask or None)

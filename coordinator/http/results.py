@@ -22,6 +22,7 @@ from aiohttp import web
 from coordinator.economy.verification import Outcome, images_agree, same_build
 from coordinator.errors import BadImage, BadRequest, BodyTooLarge, Conflict, Unauthorized
 from coordinator.http.api import API, WorkerCall
+from coordinator.http.result_adapters import record_adapters
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.jobs.png_check import MAX_PNG_BYTES, byte_limit, check_png, read_pixels
 from coordinator.store import ImageJob, ResultRecord, Worker
@@ -209,6 +210,7 @@ async def submit_result(request: web.Request, call: WorkerCall[ResultSubmit]) ->
     worker = call.worker
     job = await _leased_job(request, worker)
     records = await _checked_records(request, job, worker, call.body)
+    await record_adapters(request, job, worker, call.body)
     outcome = None
     if job.verify_of is not None:
         outcome = await _check_outcome(request, worker, job, [r.sha256 for r in records])

@@ -17,6 +17,7 @@ from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.jobs.image import ImageJob
 from coordinator.jobs.possible import Offer
 from protocol.errors import SignatureInvalid
+from protocol.loras import ADAPTER_FAILURES
 from protocol.messages import (
     Challenge,
     ChallengeRequest,
@@ -111,6 +112,7 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
         post_processors=tuple(sorted(set(body.post_processors))),
         controlnets=tuple(sorted(set(body.controlnets))),
         control_annotators=tuple(sorted(set(body.control_annotators) & set(body.controlnets))),
+        loras=body.loras,
     )
     polls = [
         store.workers.poll_note(
@@ -132,6 +134,7 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
             post_processors=frozenset(offer.post_processors),
             controlnets=offer.controlnets,
             control_annotators=offer.control_annotators,
+            loras=offer.loras,
         )
 
     job = await long_poll(
@@ -215,11 +218,15 @@ async def job_source(request: web.Request, call: WorkerCall[None]) -> web.Stream
 )
 async def fail(request: web.Request, call: WorkerCall[FailureReport]) -> JobStatus:
     reason: str = call.body.reason
-    job = await request.app[STORE].image_jobs.fail(
-        call.worker,
-        request.match_info["job_id"],
-        reason,
-        counts=not reason.endswith(DRAINING),
+    store = request.app[STORE]
+    counts = not reason.endswith(DRAINING)
+    if counts and reason.startswith(ADAPTER_FAILURES):
+        # a LoRA that cannot be fetched or fits another checkpoint is not the worker's
+        # fault: said of a job that has them, it does not count towards a pause
+        leased = await store.image_jobs.get(request.match_info["job_id"])
+        counts = leased is None or not (leased.params.loras or leased.params.tis)
+    job = await store.image_jobs.fail(
+        call.worker, request.match_info["job_id"], reason, counts=counts
     )
     await request.app[FILES].discard(job.id)
     request.app[SIGNALS].job_changed(job.id)

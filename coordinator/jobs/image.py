@@ -123,6 +123,7 @@ def _fits(
     post_processors: frozenset[str],
     controlnets: tuple[str, ...] = (),
     annotators: tuple[str, ...] = (),
+    loras: bool = False,
 ) -> ColumnElement[bool]:
     """The image jobs a worker may pop, its offer bound at execution: max_pixels, max_steps
     and models (a job without a model fits any); jobs with a source image only for a
@@ -130,7 +131,8 @@ def _fits(
     jobs without one only for a worker that takes them (`txt2img`; not an inpainting
     checkpoint); jobs naming a post-processor only for a worker holding it; ControlNet
     jobs only of the `controlnets` types, and only with a ready control map
-    (image_is_control) unless the type is among its `annotators`.
+    (image_is_control) unless the type is among its `annotators`; with LoRAs or textual
+    inversions only for one that takes them (`loras`).
     coordinator.jobs.possible says the same in Python."""
     fits = (
         (jobs.c.kind == "image")
@@ -160,6 +162,9 @@ def _fits(
             fits = fits & ~control
         elif control_type not in annotators:
             fits = fits & ~(control & ~jobs.c.params.contains('"image_is_control":true'))
+    if not loras:
+        # (named in the params' JSON only when not empty; a prompt's quotes are escaped)
+        fits = fits & ~jobs.c.params.contains('"loras":') & ~jobs.c.params.contains('"tis":')
     if not signs:
         # One image per job, a sampler AI Horde knows, and not for requesters who want
         # signed results.
@@ -171,7 +176,7 @@ def _fits(
 
 _INSERT_RESULT = results.insert()
 # (whether the worker signs its results, img2img, inpainting, txt2img, post-processors,
-# its control types and annotators) -> its filter, built once
+# its control types and annotators, loras) -> its filter, built once
 _FITS: Shapes[ColumnElement[bool]] = Shapes()
 
 
@@ -236,13 +241,14 @@ class ImageJobs(Lifecycle):
         post_processors: frozenset[str] = frozenset(),
         controlnets: Sequence[str] = (),
         control_annotators: Sequence[str] = (),
+        loras: bool = False,
     ) -> ImageJob | None:
         """Lease the best queued image job that fits the worker, if any (see Lifecycle._pop;
         `poll`: the worker's poll to note in the same transaction, Workers.poll_note;
         `img2img`, `inpainting`: whether it takes jobs with a source image, with a mask;
         `txt2img`: jobs without one; `post_processors`: the AI Horde post-processors it
         holds; `controlnets`, `control_annotators`: the ControlNet types it serves, and
-        those it makes control maps for)."""
+        those it makes control maps for; `loras`: jobs with LoRAs or textual inversions)."""
         shape = (
             worker.signs,
             img2img,
@@ -251,6 +257,7 @@ class ImageJobs(Lifecycle):
             post_processors,
             tuple(sorted(set(controlnets))),
             tuple(sorted(set(control_annotators) & set(controlnets))),
+            loras,
         )
         fits = _FITS.get(shape, lambda: _fits(*shape))
         row = await self._pop(
@@ -433,6 +440,13 @@ class ImageJobs(Lifecycle):
         async with self._db.begin() as conn:
             rows = (await conn.execute(query)).all()
         return [ResultRecord(r.idx, r.seed, r.sha256, r.signature) for r in rows]
+
+    async def set_adapters(self, worker: Worker, job_id: str, adapters: str) -> None:
+        """Keep the LoRAs and TIs (JSON) the result of a job leased to `worker` used."""
+        async with self._db.begin() as conn:
+            await conn.execute(
+                update(jobs).where(self._leased_to(worker, job_id)).values(adapters=adapters)
+            )
 
     async def set_shared(self, job_id: str, shared: bool) -> None:
         async with self._db.begin() as conn:

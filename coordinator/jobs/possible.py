@@ -48,6 +48,8 @@ class Offer:
     # makes (protocol.control), sorted
     controlnets: tuple[str, ...] = ()
     control_annotators: tuple[str, ...] = ()
+    # jobs with LoRAs or textual inversions (fetched from CivitAI by the worker)
+    loras: bool = False
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -132,6 +134,10 @@ def _requirements(
             offered(lambda offer: set(params.post_processing) <= set(offer.post_processors)),
             "no online worker that takes them holds the post-processors "
             + ", ".join(params.post_processing),
+        ),
+        (
+            offered(lambda offer: offer.loras or not (params.loras or params.tis)),
+            "no online worker that takes them takes LoRAs or textual inversions",
         ),
         (
             offered(lambda offer: _serves_control(offer, params)),

@@ -278,6 +278,17 @@ def test_generate_rate_download_share_and_reuse(grid: Grid, browser: Browser, sh
         cost = me.quote_image(params).kudos_cost
     expect(page.locator("#quote")).to_contain_text(f"Costs {cost} kudo")
 
+    # CivitAI LoRAs and TIs: AI Horde's add-ons in the price (3 per LoRA, 1 for any TI), and
+    # a problem inside the list beside its input
+    page.get_by_label("LoRAs").fill("Tiny Style:0.8, 1234:1:0.5")
+    page.get_by_label("Textual inversions").fill("easynegative")
+    expect(page.locator("#quote")).to_contain_text(f"Costs {cost + 7} kudo")
+    page.get_by_label("LoRAs").fill("Tiny Style:9")
+    expect(page.locator("#gen-loras-error")).to_contain_text("less than or equal to 5")
+    page.get_by_label("LoRAs").fill("")
+    page.get_by_label("Textual inversions").fill("")
+    expect(page.locator("#quote")).to_contain_text(f"Costs {cost} kudo")
+
     # a bad field: the API's problem beside the input (quoted as the user types)
     page.get_by_label("Width").fill("100")
     expect(page.locator("#gen-width-error")).to_contain_text("multiple of 8")

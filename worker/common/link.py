@@ -21,6 +21,8 @@ from client.api.errors import TransportError
 from client.api.faces import AsyncApi, endpoint
 from client.api.transports import AsyncTransport
 from client.api.worker_routes import Capabilities
+from protocol.adapted import adapters_message
+from protocol.loras import ResolvedAdapter
 from protocol.messages import ErrorBody, ImageUploaded, LeasedJob, ResultAccepted, WorkerRegistered
 from protocol.signing import (
     Identity,
@@ -167,14 +169,25 @@ class CoordinatorLink(AsyncApi):
             blobs.append(data)
         return blobs
 
-    async def submit(self, job: LeasedJob, seeds: list[int], pngs: list[bytes]) -> ResultAccepted:
-        """Upload every image, then finish the job."""
+    async def submit(
+        self,
+        job: LeasedJob,
+        seeds: list[int],
+        pngs: list[bytes],
+        adapters: list[ResolvedAdapter] | None = None,
+    ) -> ResultAccepted:
+        """Upload every image, then finish the job (naming and signing the LoRAs and TIs
+        it used, `adapters`, if it has any)."""
         images = []
         for index, (seed, png) in enumerate(zip(seeds, pngs, strict=True)):
             image = self.signed_image(job, index, seed, sha256_hex(png))
             await self.send(routes.upload_image(job, image, png))
             images.append(image)
-        return await self.send(routes.finish(job, images))
+        if not adapters:
+            return await self.send(routes.finish(job, images))
+        signature = self._identity.sign(adapters_message(job.id, job.params_hash, adapters))
+        used = [adapter.model_dump(mode="json") for adapter in adapters]
+        return await self.send(routes.finish(job, images, used, signature))
 
     # --- block servers and text gateways ------------------------------------------------
 

@@ -14,9 +14,15 @@
     spandrel_archs.py spandrel's architectures without its registry (no torchvision)
     post_files.py     --post-processors DIR: which post-processors a donor's folder holds
     model_source.py   resolves --model safely (safetensors only, never pickle)
+    adapters.py       a job's CivitAI LoRAs and TIs made ready before the engine runs:
+                      baseline and pin checks, trigger words, what was used
+    civitai.py        CivitAI's REST API v1: names and ids -> versions and files
+    lora_cache.py     downloads (size cap, SHA-256, safetensors header) in an LRU folder
+                      the sandbox binds read-only
+    adapters_engine.py  loading LoRAs and TIs into the pipeline (in the sandbox child)
 
-Only the sandbox child imports `engine.py`, `sources.py`, `hires.py`, `postprocess.py` and
-`control.py` (by name,
+Only the sandbox child imports `engine.py`, `adapters_engine.py`, `sources.py`, `hires.py`,
+`postprocess.py` and `control.py` (by name,
 `worker.image.worker.ENGINE`).
 """
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from protocol.control import ControlType
 from protocol.params import MAX_STEPS
 from worker.common.donor import DonorSettings
+from worker.image.adapters import AdapterSettings
 
 __all__ = ["ImageWorkerConfig"]
 
@@ -62,3 +63,5 @@ class ImageWorkerConfig:
     gate_poll: float = 1.0
     # --controlnet TYPE=PATH: the ControlNet model of each control type it serves
     controlnets: dict[ControlType, Path] = field(default_factory=dict)
+    # LoRAs and textual inversions from CivitAI (None: --allow-loras no, none taken)
+    adapters: AdapterSettings | None = None

@@ -45,6 +45,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint impo
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from protocol.adapted import ADAPTED_IMAGE, AdaptedImage
 from protocol.engine import (
     IMAGE,
     IMAGE_INFO,
@@ -58,6 +59,7 @@ from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams, sampled_steps
 from sandbox.calls import CallTable, Emit
 from worker.errors import InvalidGenerationInput, ModelNotFound
+from worker.image.adapters_engine import EngineAdapters
 from worker.image.conditioning import Conditioning, TextEncoding, encode_job
 from worker.image.control import ControlJob, ControlNets
 from worker.image.hires import hires_first_pass, hires_image
@@ -148,6 +150,9 @@ class ImageEngine:
         self.calls = CallTable()
         self.calls.add_binary(IMAGE, self.image)
         self.calls.add(IMAGE_INFO, self.info)
+        # LoRAs and textual inversions (worker.image.adapters_engine)
+        self.adapters = EngineAdapters(pipe)
+        self.calls.add_binary(ADAPTED_IMAGE, self.adapted_image)
         logger.info("loaded %s (%s) on %s", self.model_name, self.source.kind, self.device)
 
     def handle(
@@ -184,6 +189,7 @@ class ImageEngine:
                 "start it with --post-processors DIR holding them",
             )
         self.text.check_clip_skip(params.clip_skip, self.model_name)
+        self.adapters.check(params)
         sources = prepare_sources(params, inputs)
         control = None
         if params.control_type is not None and sources is not None:
@@ -204,6 +210,13 @@ class ImageEngine:
             seeds=params.seeds(), model=self.model_name, width=width, height=height
         )
         return result, blobs
+
+    def adapted_image(
+        self, request: AdaptedImage, inputs: list[bytes], emit: Emit[ImageProgress]
+    ) -> tuple[ImageResult, list[bytes]]:
+        """`image` with the LoRAs and textual inversions the worker downloaded."""
+        self.adapters.apply(request)
+        return self.image(request.params, inputs, emit)
 
     def _check_checkpoint(self, params: ImageParams) -> None:
         if self.inpainting_checkpoint and params.source_processing not in (
@@ -346,6 +359,11 @@ class ImageEngine:
             image = self.post.apply(image, params, seed)
         control_model = None if control is None else control.model_name
         text = parameters_text(
-            params, seed, self.model_name, first_pass, control_model=control_model
+            params,
+            seed,
+            self.model_name,
+            first_pass,
+            control_model=control_model,
+            hashes=self.adapters.hashes(),
         )
         return encode_png(image, text)

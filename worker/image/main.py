@@ -11,12 +11,14 @@ import asyncio
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import ConfigDict, Field, field_validator
 
 from protocol.control import CONTROL_TYPES, ControlType
+from protocol.loras import BASELINES, CIVITAI_URL
 from protocol.settings import Flag, SettingsError, add_flags, validated
 from worker.common.cli import (
     LOG_LEVEL,
@@ -33,7 +35,9 @@ from worker.common.controls_cli import DonorFlags, status_outputs
 from worker.common.sandboxing import Unsandboxed, confinement_allowed
 
 if TYPE_CHECKING:
+    from protocol.loras import Baseline
     from protocol.signing import Identity
+    from worker.image.adapters import AdapterSettings
     from worker.image.config import ImageWorkerConfig
 
 __all__ = ["ImageSettings", "add_image_command", "controlnets"]
@@ -102,6 +106,57 @@ class ImageSettings(DonorFlags):
         ),
     ] = []
     unsandboxed: Unsandboxed = False
+    allow_loras: Annotated[
+        str,
+        Flag(
+            "take jobs with CivitAI LoRAs and textual inversions (default %(default)s)",
+            choices=("yes", "no"),
+            group="LoRAs and textual inversions",
+        ),
+    ] = "yes"
+    baseline: Annotated[
+        str,
+        Flag(
+            "the checkpoint's family: LoRAs made for another are refused (default %(default)s)",
+            choices=BASELINES,
+            group="LoRAs and textual inversions",
+        ),
+    ] = "sd1"
+    civitai_url: Annotated[
+        str, Flag("CivitAI's origin (default %(default)s)", group="LoRAs and textual inversions")
+    ] = CIVITAI_URL
+    civitai_token: Annotated[
+        str | None,
+        Flag(
+            "CivitAI API token, for gated files",
+            secret=True,
+            group="LoRAs and textual inversions",
+        ),
+    ] = None
+    lora_cache: Annotated[
+        Path | None,
+        Flag(
+            "folder of downloaded files (default ~/.cache/idlegrid/loras)",
+            group="LoRAs and textual inversions",
+        ),
+    ] = None
+    lora_max_mb: Annotated[
+        float,
+        Field(gt=0),
+        Flag(
+            "largest file fetched, in MB (default %(default)s)",
+            group="LoRAs and textual inversions",
+        ),
+    ] = 400.0
+    lora_cache_gb: Annotated[
+        float,
+        Field(gt=0),
+        Flag(
+            "cache size, least recently used files evicted (default %(default)s)",
+            metavar="GB",
+            group="LoRAs and textual inversions",
+        ),
+    ] = 10.0
     log_level: LogLevel = LOG_LEVEL
 
     @field_validator("controlnet")
@@ -198,9 +253,26 @@ def _run(args: argparse.Namespace) -> int:
         max_ram_bytes=None if settings.max_ram is None else int(settings.max_ram * 2**30),
         max_vram_bytes=None if settings.max_vram is None else int(settings.max_vram * 2**30),
         controlnets=controlnets(settings.controlnet),
+        adapters=_adapter_settings(settings),
     )
     with claimed:
         return asyncio.run(_serve(config, claimed.identity))
+
+
+def _adapter_settings(settings: ImageSettings) -> AdapterSettings | None:
+    from worker.image.adapters import AdapterSettings
+
+    if settings.allow_loras == "no":
+        return None
+    cache = settings.lora_cache or Path.home() / ".cache" / "idlegrid" / "loras"
+    return AdapterSettings(
+        civitai_url=settings.civitai_url,
+        civitai_token=settings.civitai_token,
+        cache_dir=cache.resolve(),
+        max_bytes=int(settings.lora_max_mb * 2**20),
+        cache_bytes=int(settings.lora_cache_gb * 2**30),
+        baseline=typing.cast("Baseline", settings.baseline),
+    )
 
 
 async def _serve(config: ImageWorkerConfig, identity: Identity) -> int:

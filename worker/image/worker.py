@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from protocol.adapted import ADAPTED_IMAGE
 from protocol.control import ANNOTATORS_WITHOUT_WEIGHTS
 from protocol.engine import IMAGE, IMAGE_INFO, ImageEngineOptions, ImageProgress, NoMessage
 from protocol.messages import LeasedJob
@@ -23,7 +24,8 @@ from worker.common.donor import build_gate
 from worker.common.link import Capabilities, CoordinatorLink, retrying
 from worker.common.service import Drain, Gate, serve_jobs
 from worker.common.status import WorkerStatus
-from worker.errors import CoordinatorRejected, CoordinatorUnavailable, LeaseLost
+from worker.errors import AdapterUnavailable, CoordinatorRejected, CoordinatorUnavailable, LeaseLost
+from worker.image.adapters import Adapters, PreparedJob
 from worker.image.config import ImageWorkerConfig
 
 __all__ = ["ENGINE", "ImageWorker", "engine_policy"]
@@ -45,6 +47,7 @@ class ImageWorker:
         *,
         gate: Gate | None = None,
         inpainting_checkpoint: bool = False,
+        adapters: Adapters | None = None,
     ) -> None:
         self.config = config
         self.sandbox = sandbox
@@ -63,7 +66,10 @@ class ImageWorker:
             # it can make (the others only from a ready map: image_is_control)
             controlnets=sorted(config.controlnets),
             control_annotators=sorted(set(config.controlnets) & ANNOTATORS_WITHOUT_WEIGHTS),
+            loras=adapters is not None,
         )
+        # LoRAs and textual inversions from CivitAI (None: not taken)
+        self.adapters = adapters
         self.jobs_done = 0
         # donor controls (worker.common.donor); tests pass a gate with fake sources
         self.gate = gate if gate is not None else build_gate(config.donor)
@@ -84,20 +90,37 @@ class ImageWorker:
             ),
             controlnets={kind: str(path) for kind, path in config.controlnets.items()},
         )
-        sandbox = await Sandbox.create(
-            ENGINE, options.model_dump(mode="json", by_alias=True), engine_policy(config)
-        )
+        adapters = None
+        if config.adapters is not None:
+            # (creates the cache folder, which the sandbox binds read-only)
+            adapters = await Adapters.create(config.adapters)
+        try:
+            sandbox = await Sandbox.create(
+                ENGINE, options.model_dump(mode="json", by_alias=True), engine_policy(config)
+            )
+        except BaseException:
+            if adapters is not None:
+                await adapters.aclose()
+            raise
         try:
             loaded = (await sandbox.run(IMAGE_INFO, NoMessage())).data
         except BaseException:
             await sandbox.aclose()
+            if adapters is not None:
+                await adapters.aclose()
             raise
         if loaded.inpainting:
             log.info("%s is an inpainting checkpoint: serving only inpainting", loaded.model)
-        return cls(config, sandbox, link, inpainting_checkpoint=loaded.inpainting)
+        return cls(
+            config, sandbox, link, inpainting_checkpoint=loaded.inpainting, adapters=adapters
+        )
 
     async def aclose(self) -> None:
-        await self.sandbox.aclose()
+        try:
+            await self.sandbox.aclose()
+        finally:
+            if self.adapters is not None:
+                await self.adapters.aclose()
 
     async def run(self) -> None:
         """Serve until cancelled."""
@@ -114,13 +137,19 @@ class ImageWorker:
         )
         await serve_jobs(
             self.link,
-            lambda: self.link.pop(self.capabilities, self.config.pop_wait),
+            lambda: self.link.pop(self.offer(), self.config.pop_wait),
             self.serve,
             gate=self.gate,
             drain=self.drain,
             status=self.status,
             gate_poll=self.config.gate_poll,
         )
+
+    def offer(self) -> Capabilities:
+        """What to pop now: no LoRA jobs while CivitAI is unreachable (adapters.Backoff)."""
+        if self.adapters is not None and not self.adapters.accepting:
+            return self.capabilities.model_copy(update={"loras": False})
+        return self.capabilities
 
     async def serve(self, job: LeasedJob) -> None:
         if params_hash(job.params) != job.params_hash:
@@ -170,15 +199,36 @@ class ImageWorker:
             log.error("could not download the sources of job %s: %s", job.id, exc)
             await self._give_back(job, f"source download failed: {exc}")
             return
+        prepared: PreparedJob | None = None
+        if job.params.loras or job.params.tis:
+            try:
+                prepared = await self._prepare_adapters(job)
+            except AdapterUnavailable as exc:
+                # (AI Horde's gen_metadata code leads the reason: download_failed, ...)
+                log.error("job %s: %s", job.id, exc)
+                await self._give_back(job, str(exc))
+                return
+            except asyncio.CancelledError:
+                await asyncio.shield(self._give_back(job, "worker shutting down"))
+                raise
         beating = asyncio.create_task(heartbeat())
         try:
             # (EngineMisbehaved, a malformed message from the engine, is an EngineCrashed)
-            result = await self.sandbox.run(
-                IMAGE, job.params, blobs=sources, on_progress=on_progress
-            )
+            if prepared is None:
+                result = await self.sandbox.run(
+                    IMAGE, job.params, blobs=sources, on_progress=on_progress
+                )
+            else:
+                result = await self.sandbox.run(
+                    ADAPTED_IMAGE, prepared.request, blobs=sources, on_progress=on_progress
+                )
         except (EngineCrashed, EngineTimedOut, EngineFailed) as exc:
             log.error("engine failed on job %s: %s", job.id, exc)
-            await self._give_back(job, f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, EngineFailed) and exc.error_type == AdapterUnavailable.__name__:
+                # a LoRA or TI the engine cannot load: its reason as AI Horde names it
+                await self._give_back(job, exc.message)
+            else:
+                await self._give_back(job, f"{type(exc).__name__}: {exc}")
             # Reload before asking for more work, so no lease runs out during the reload.
             await self.sandbox.ensure_running()
             return
@@ -191,7 +241,10 @@ class ImageWorker:
                 await beating
         seeds = result.data.seeds
         try:
-            accepted = await retrying("submit", lambda: self.link.submit(job, seeds, result.blobs))
+            used = prepared.resolved if prepared is not None else None
+            accepted = await retrying(
+                "submit", lambda: self.link.submit(job, seeds, result.blobs, used)
+            )
         except LeaseLost as exc:
             log.warning("job %s was taken back before we finished: %s", job.id, exc)
             return
@@ -209,6 +262,29 @@ class ImageWorker:
             time.monotonic() - started,
             accepted.kudos_earned,
         )
+
+    async def _prepare_adapters(self, job: LeasedJob) -> PreparedJob:
+        """The job's LoRAs and TIs, resolved and downloaded (AdapterUnavailable if not)."""
+        if self.adapters is None:
+            raise AdapterUnavailable("download_failed", "this worker takes no LoRAs")
+        # keep the lease while downloading: progress at step 0
+        position = (0, 0, sampled_steps(job.params))
+        preparing = asyncio.ensure_future(self.adapters.prepare(job.params))
+        interval = self.heartbeat_interval(job)
+        try:
+            while True:
+                done, _ = await asyncio.wait({preparing}, timeout=interval)
+                if done:
+                    return preparing.result()
+                try:
+                    await self.link.progress(job.id, *position)
+                except (CoordinatorUnavailable, LeaseLost) as exc:
+                    log.warning("progress report for job %s failed: %s", job.id, exc)
+        finally:
+            if not preparing.done():
+                preparing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await preparing
 
     def heartbeat_interval(self, job: LeasedJob) -> float:
         """Seconds without a report after which the worker reports again while its engine
@@ -233,6 +309,9 @@ def engine_policy(config: ImageWorkerConfig) -> SandboxPolicy:
         model_files.append(config.model_config)
     if config.post_processors_dir is not None:
         model_files.append(config.post_processors_dir)
+    if config.adapters is not None:
+        # downloaded by the worker (worker.image.adapters), read by the engine
+        model_files.append(config.adapters.cache_dir)
     return SandboxPolicy(
         start_timeout=config.load_timeout,
         job_timeout=config.job_timeout,

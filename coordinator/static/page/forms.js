@@ -13,8 +13,14 @@ export function showError(form, errorBox, error) {
   clearErrors(form, errorBox);
   const message = error instanceof ApiError ? error.message : `Something went wrong: ${error.message || error}`;
   if (error instanceof ApiError) {
-    for (const { field, message: problem } of error.fields) {
-      const small = form.querySelector(`.field-error[data-field="${CSS.escape(field)}"]`);
+    for (const { field: path, message: problem } of error.fields) {
+      // a path into a list field (loras[0].model) is shown at the list's input
+      let field = path;
+      let small = form.querySelector(`.field-error[data-field="${CSS.escape(field)}"]`);
+      if (!small) {
+        field = path.split(/[.[]/)[0];
+        small = form.querySelector(`.field-error[data-field="${CSS.escape(field)}"]`);
+      }
       if (!small) continue;
       small.textContent = problem;
       const input = form.elements.namedItem(field);

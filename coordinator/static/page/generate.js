@@ -50,7 +50,39 @@ function readParams({ mark }) {
   }
   if ($("gen-model").value) params.model = $("gen-model").value;
   Object.assign(params, sourceParams());
+  // CivitAI LoRAs and textual inversions: "name[:model[:clip]], ..." and "name[:strength], ..."
+  const loras = adapterList($("gen-loras").value, ["model", "clip"]);
+  if (loras.length) params.loras = loras;
+  const tis = adapterList($("gen-tis").value, ["strength"]);
+  if (tis.length) params.tis = tis;
   return ok ? params : null;
+}
+
+/** "a:0.8, 123:1:0.5" -> [{name: "a", model: 0.8}, ...]: trailing numbers are `keys` in order
+ * (as `idlegrid generate --lora`); the coordinator checks the rest. */
+function adapterList(text, keys) {
+  const specs = [];
+  for (const entry of text.split(",").map((e) => e.trim()).filter(Boolean)) {
+    const parts = entry.split(":");
+    const numbers = [];
+    while (parts.length > 1 && numbers.length < keys.length && parts.at(-1).trim() !== "" &&
+           Number.isFinite(Number(parts.at(-1)))) {
+      numbers.unshift(Number(parts.pop()));
+    }
+    const spec = { name: parts.join(":").trim() };
+    numbers.forEach((value, i) => { spec[keys[i]] = value; });
+    specs.push(spec);
+  }
+  return specs;
+}
+
+/** The form text of a job's LoRAs or TIs (the inverse of adapterList). */
+function adapterText(specs, keys) {
+  return (specs || []).map((spec) => {
+    const numbers = keys.map((key) => spec[key] ?? 1);
+    while (numbers.length && numbers.at(-1) === 1) numbers.pop();
+    return [spec.name, ...numbers].join(":");
+  }).join(", ");
 }
 
 let quoteTimer = null;
@@ -216,6 +248,8 @@ export function reuse(params, seed) {
   }
   model.value = params.model || "";
   reuseSource(params);
+  $("gen-loras").value = adapterText(params.loras, ["model", "clip"]);
+  $("gen-tis").value = adapterText(params.tis, ["strength"]);
   selectTab("images");
   history.replaceState(null, "", "#images");
   clearErrors(form(), $("generate-error"));
