@@ -19,6 +19,8 @@ in the worker.
     BLOCK_STEP      HiddenStep + hidden bytes -> HiddenShape + output bytes: a session's
                     next tokens through a block server's span (its compute process,
                     built from BlockEngineOptions)
+    BLOCK_STEPS     HiddenSteps + one hidden blob per step -> StepOutputs + one output blob
+                    per step: several sessions' steps as batched forwards
     BLOCK_FORWARD   HiddenPass + hidden bytes -> HiddenShape + output bytes (no cache)
     BLOCK_CLOSE     BlockRequest -> NoMessage: drop the caches of the sessions it names
     BLOCK_MEASURE   BlockRequest -> Throughput: the span's tokens per second
@@ -48,6 +50,7 @@ __all__ = [
     "BLOCK_FORWARD",
     "BLOCK_MEASURE",
     "BLOCK_STEP",
+    "BLOCK_STEPS",
     "IMAGE",
     "TEXT_CONFIGURE",
     "TEXT_GENERATE",
@@ -65,10 +68,14 @@ __all__ = [
     "HiddenPass",
     "HiddenShape",
     "HiddenStep",
+    "HiddenSteps",
     "ImageEngineOptions",
     "ImageProgress",
     "ImageResult",
     "NoMessage",
+    "SessionStep",
+    "StepOutput",
+    "StepOutputs",
     "SwarmPeers",
     "TextChunk",
     "Throughput",
@@ -255,12 +262,45 @@ class HiddenShape(EngineMessage):
     shape: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=8)
 
 
+class SessionStep(EngineMessage):
+    """One session's step in a `HiddenSteps` batch (its blob at the same index)."""
+
+    session: str
+    past: int = Field(ge=0)
+    dtype: str
+    shape: list[int]
+    start: int
+    end: int
+
+
+class HiddenSteps(BlockRequest):
+    """Several sessions' next tokens at once; steps of the same blocks and token count run
+    as one batched forward."""
+
+    steps: list[SessionStep] = Field(min_length=1)
+
+
+class StepOutput(EngineMessage):
+    """A step's output shape (its float32 blob beside it), or why it failed (empty blob)."""
+
+    shape: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=8)
+    # the ValueError of a step whose bytes or shape could not be read
+    error: str | None = None
+
+
+class StepOutputs(EngineMessage):
+    outputs: list[StepOutput]
+
+
 class Throughput(EngineMessage):
     tokens_per_second: float = Field(ge=0.0)
 
 
 BLOCK_STEP: EngineCall[HiddenStep, NoMessage, HiddenShape] = EngineCall(
     "step", HiddenStep, HiddenShape
+)
+BLOCK_STEPS: EngineCall[HiddenSteps, NoMessage, StepOutputs] = EngineCall(
+    "steps", HiddenSteps, StepOutputs
 )
 BLOCK_FORWARD: EngineCall[HiddenPass, NoMessage, HiddenShape] = EngineCall(
     "forward", HiddenPass, HiddenShape
