@@ -13,6 +13,10 @@ in the worker.
                     is built from ImageEngineOptions
     TEXT_INFO       NoMessage -> TextModel: the model the text gateway's engine serves
     TEXT_GENERATE   GenerateText -> GeneratedText, emitting TextChunk as text is made
+    TEXT_START      StartText -> NoMessage: begin a text job beside the others running
+    TEXT_POLL       PollText -> TextEvents: the running jobs' text, results and failures
+                    since the last poll (waits up to `wait` seconds for one)
+    TEXT_CANCEL     CancelText -> NoMessage: stop a running job
     TEXT_STATS      NoMessage -> EngineStats: its spot checks so far, the peers it bans
     TEXT_CONFIGURE  CheckRate -> NoMessage: the share of jobs checked from now on
     TEXT_REFRESH    NoMessage -> SwarmPeers: re-read the swarm's records (tests)
@@ -52,13 +56,17 @@ __all__ = [
     "BLOCK_STEP",
     "BLOCK_STEPS",
     "IMAGE",
+    "TEXT_CANCEL",
     "TEXT_CONFIGURE",
     "TEXT_GENERATE",
     "TEXT_INFO",
+    "TEXT_POLL",
     "TEXT_REFRESH",
+    "TEXT_START",
     "TEXT_STATS",
     "BlockEngineOptions",
     "BlockRequest",
+    "CancelText",
     "CheckRate",
     "EngineCall",
     "EngineMessage",
@@ -73,11 +81,15 @@ __all__ = [
     "ImageProgress",
     "ImageResult",
     "NoMessage",
+    "PollText",
     "SessionStep",
+    "StartText",
     "StepOutput",
     "StepOutputs",
     "SwarmPeers",
     "TextChunk",
+    "TextEvent",
+    "TextEvents",
     "Throughput",
 ]
 
@@ -201,6 +213,36 @@ class CheckRate(EngineMessage):
     check_rate: float = Field(ge=0.0, le=1.0)
 
 
+class StartText(EngineMessage):
+    """A text job to run beside the others (the gateway's job id names it in events)."""
+
+    job: str = Field(min_length=1, max_length=128)
+    params: TextParams
+
+
+class PollText(EngineMessage):
+    wait: float = Field(ge=0.0, le=60.0)
+
+
+class CancelText(EngineMessage):
+    job: str
+
+
+class TextEvent(EngineMessage):
+    """What happened to one running job: more `text`, its `result`, or its failure
+    (`error_type` and `error`, as an `EngineFailed` of TEXT_GENERATE would say)."""
+
+    job: str
+    text: str = ""
+    result: GeneratedText | None = None
+    error_type: str | None = None
+    error: str | None = None
+
+
+class TextEvents(EngineMessage):
+    events: list[TextEvent]
+
+
 class SwarmPeers(EngineMessage):
     """The peer ids of the swarm's valid records."""
 
@@ -210,6 +252,11 @@ class SwarmPeers(EngineMessage):
 TEXT_INFO: EngineCall[NoMessage, NoMessage, TextModel] = EngineCall("info", NoMessage, TextModel)
 TEXT_GENERATE: EngineCall[GenerateText, TextChunk, GeneratedText] = EngineCall(
     "generate", GenerateText, GeneratedText, TextChunk
+)
+TEXT_START: EngineCall[StartText, NoMessage, NoMessage] = EngineCall("start", StartText, NoMessage)
+TEXT_POLL: EngineCall[PollText, NoMessage, TextEvents] = EngineCall("poll", PollText, TextEvents)
+TEXT_CANCEL: EngineCall[CancelText, NoMessage, NoMessage] = EngineCall(
+    "cancel", CancelText, NoMessage
 )
 TEXT_STATS: EngineCall[NoMessage, NoMessage, EngineStats] = EngineCall(
     "stats", NoMessage, EngineStats

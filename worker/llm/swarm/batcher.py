@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from protocol.engine import SessionStep
 from worker.llm.swarm.compute import SpanCompute
 
 __all__ = ["BadStep", "StepBatcher"]
+
+log = logging.getLogger(__name__)
 
 
 class BadStep(ValueError):
@@ -139,6 +142,8 @@ class StepBatcher:
             while self._queue:
                 batch = self._take()
                 self.batch_sizes.append(len(batch))
+                if len(batch) > 1:
+                    log.debug("%d steps in one batch", len(batch))
                 try:
                     answers = await self._compute.steps(
                         [item.step for item in batch], [item.hidden for item in batch]
