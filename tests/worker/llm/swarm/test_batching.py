@@ -39,30 +39,19 @@ def chats() -> list[TextParams]:
 
 
 @pytest.fixture(scope="module")
-def swarm(cluster: Cluster) -> dict[str, Server]:
+def swarm(cluster: Cluster) -> tuple[dict[str, Server], Proc]:
+    """The three servers and the gateway (which starts beside the last two)."""
     debug = ("--log-level", "DEBUG")
     alpha = cluster.server("alpha", "--blocks", "0:2", "--new-swarm", *debug).ready()
     bravo = cluster.server("bravo", "--blocks", "2:4", "--initial-peers", alpha.maddr, *debug)
     charlie = cluster.server("charlie", "--blocks", "2:4", "--initial-peers", alpha.maddr, *debug)
-    bravo.ready(), charlie.ready()
-    return {s.name: s for s in (alpha, bravo, charlie)}
-
-
-@pytest.fixture(scope="module")
-def gateway(cluster: Cluster, swarm: dict[str, Server]) -> Proc:
     # no spot checks: a checked job's re-run would add sessions the failover test counts
-    proc = cluster.gateway(
-        "gateway",
-        swarm["alpha"],
-        "--max-sessions",
-        "4",
-        "--check-rate",
-        "0",
-        "--log-level",
-        "DEBUG",
+    gateway = cluster.gateway(
+        "gateway", alpha, "--max-sessions", "4", "--check-rate", "0", "--log-level", "DEBUG"
     )
-    proc.wait_for("idlegrid text gateway gateway ready", 120)
-    return proc
+    bravo.ready(), charlie.ready()
+    gateway.wait_for("idlegrid text gateway gateway ready", 120)
+    return {s.name: s for s in (alpha, bravo, charlie)}, gateway
 
 
 async def _all_at_once(
@@ -97,17 +86,18 @@ def _sessions(server: Server) -> int:
 
 
 async def test_chats_at_once_give_their_solo_text_and_survive_a_killed_server(
-    cluster: Cluster, swarm: dict[str, Server], gateway: Proc
+    cluster: Cluster, swarm: tuple[dict[str, Server], Proc]
 ) -> None:
+    servers, gateway = swarm
     async with AsyncClient(cluster.url, cluster.api_key) as grid:
         solo = [(await grid.complete(params, wait_timeout=120)).text for params in chats()]
     assert len(set(solo)) == len(solo)  # different chats
-    alpha = swarm["alpha"]
+    alpha = servers["alpha"]
     before = _batches(alpha)
     assert await _all_at_once(cluster) == solo
     assert _batches(alpha) > before, "the chats' steps were never batched"
 
-    spares = [swarm["bravo"], swarm["charlie"]]
+    spares = [servers["bravo"], servers["charlie"]]
     opened = {s.name: _sessions(s) for s in spares}
     killed: list[Server] = []
 
