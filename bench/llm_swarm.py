@@ -13,8 +13,15 @@ and prints the median first-token latency (prompt in, first token out, session o
 included; for `network`, submit to the first streamed text) and tokens per second after it,
 with ratios against the local baseline.
 
+Then `--chats N` (default 8) different chats at once against each alone (issue 25): N
+clients POST /v1/chat/completions at the same moment (different prompts, temperature 0);
+aggregate tokens/s = the sum of completion_tokens / the time from the first request to the
+last answer; the baseline is each of those chats alone (the table shows chat 0 alone and
+the median chat alone). Every answer must equal its solo answer. `--chats 0` skips it;
+`--chats-only` skips the local/swarm/network table.
+
     .venv/bin/python bench/llm_swarm.py [--model DIR] [--threads 1] [--runs 5] [--tokens 64]
-        [--prompt 16]
+        [--prompt 16] [--chats 8] [--chats-only]
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads of every process (default 1)"
     )
+    parser.add_argument("--chats", type=int, default=8, help="chats at once (0: skip)")
+    parser.add_argument("--chats-only", action="store_true", help="only the chats-at-once measure")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="idlegrid-bench-"))
@@ -112,15 +121,21 @@ def main() -> int:
             "gateway",
             ["worker", "gateway", "--model", str(llm), "--coordinator", url,
              "--initial-peers", maddr, "--name", "gateway", "--identity", str(work / "gw.key"),
-             "--threads", threads, "--log-level", "WARNING"],
+             "--threads", threads, "--log-level", "WARNING",
+             "--max-sessions", str(max(args.chats, 1))],
         )  # fmt: skip
         wait_line(log, r"(idlegrid text gateway \S+ ready)", proc, 120)
-        timings = asyncio.run(_measure(llm, maddr, url, args))
+        chats = asyncio.run(_chats_at_once(llm, url, args)) if args.chats else None
+        timings = None if args.chats_only else asyncio.run(_measure(llm, maddr, url, args))
     finally:
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(timeout=30)
 
+    if chats is not None:
+        _print_chats(llm, args, *chats)
+    if timings is None:
+        return 0
     local_first, local_rate = (statistics.median(t) for t in zip(*timings["local"], strict=True))
     print(
         f"\n{llm.name} (hidden {hidden}, {blocks} blocks), greedy, prompt {args.prompt} "
@@ -151,6 +166,98 @@ def main() -> int:
         "tokens/s; target: at most 25 ms and at least 110 tokens/s through the swarm"
     )
     return 0
+
+
+# different chats: the first CHATS are used (a fixed list, so runs compare)
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a CPU does in two sentences.",
+    "Give three tips for learning to cook.",
+    "What is photosynthesis?",
+    "Write a short poem about autumn leaves.",
+    "How do airplanes stay in the air?",
+    "Name three famous painters and one work of each.",
+    "What is the difference between weather and climate?",
+    "Describe a cat to someone who has never seen one.",
+    "Why is the sky blue?",
+    "Write a limerick about a programmer.",
+    "What are prime numbers?",
+    "Suggest a name for a bakery and explain it.",
+    "How does a bicycle work?",
+    "What should I pack for a weekend hike?",
+]
+
+
+async def _chats_at_once(
+    llm: Path, url: str, args: argparse.Namespace
+) -> tuple[list[tuple[str, int, float]], tuple[list[str], int, float]]:
+    """Each chat alone (text, completion tokens, seconds), then all at once (texts, total
+    completion tokens, seconds from the first request to the last answer)."""
+    import aiohttp
+
+    from client.sdk import AsyncClient
+
+    async with AsyncClient(url) as anonymous:
+        key = (await anonymous.register("chats")).api_key
+    prompts = [CHAT_PROMPTS[n % len(CHAT_PROMPTS)] + " " * (n // len(CHAT_PROMPTS))
+               for n in range(args.chats)]  # fmt: skip
+    headers = {"Authorization": f"Bearer {key}"}
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(url, headers=headers, timeout=timeout) as http:
+
+        async def chat(prompt: str) -> tuple[str, int, float]:
+            body = {
+                "model": llm.name,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": args.tokens,
+                "temperature": 0,
+            }
+            began = time.perf_counter()
+            async with http.post("/v1/chat/completions", json=body) as response:
+                answer = await response.json()
+                if response.status != 200:
+                    raise RuntimeError(f"chat failed: {response.status} {answer}")
+            done = time.perf_counter()
+            text = answer["choices"][0]["message"]["content"]
+            return text, int(answer["usage"]["completion_tokens"]), done - began
+
+        await chat(prompts[0])  # warm-up
+        alone = [await chat(prompt) for prompt in prompts]
+        began = time.perf_counter()
+        together = await asyncio.gather(*(chat(prompt) for prompt in prompts))
+        seconds = time.perf_counter() - began
+    return alone, ([t[0] for t in together], sum(t[1] for t in together), seconds)
+
+
+def _print_chats(
+    llm: Path,
+    args: argparse.Namespace,
+    alone: list[tuple[str, int, float]],
+    together: tuple[list[str], int, float],
+) -> None:
+    texts, tokens, seconds = together
+    rates = [count / took for _, count, took in alone]
+    aggregate = tokens / seconds
+    identical = sum(a[0] == b for a, b in zip(alone, texts, strict=True))
+    print(
+        f"\n{llm.name}: {args.chats} different chats at once vs alone, greedy, up to "
+        f"{args.tokens} new tokens each, /v1/chat/completions, {args.threads} torch "
+        "thread(s) in every process"
+    )
+    print(f"| {'measure':<40} | {'tokens':>6} | {'seconds':>8} | {'tokens/s':>8} |")
+    print(f"|{'-' * 42}|{'-' * 8}|{'-' * 10}|{'-' * 10}|")
+    print(f"| {'chat 0 alone (baseline)':<40} | {alone[0][1]:>6} | {alone[0][2]:>8.2f} | "
+          f"{rates[0]:>8.2f} |")  # fmt: skip
+    median = statistics.median(rates)
+    print(f"| {'median chat alone':<40} | {'':>6} | {'':>8} | {median:>8.2f} |")
+    label = f"{args.chats} chats at once, aggregate"
+    print(f"| {label:<40} | {tokens:>6} | {seconds:>8.2f} | {aggregate:>8.2f} |")
+    print(
+        f"\naggregate vs chat 0 alone: {aggregate / rates[0]:.2f}x, vs the median chat "
+        f"alone: {aggregate / median:.2f}x (target >= 4x); answers identical to their solo "
+        f"answer: {identical}/{args.chats}"
+    )
 
 
 async def _measure(

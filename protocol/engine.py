@@ -14,12 +14,18 @@ in the worker.
     IMAGE_INFO      NoMessage -> ImageEngineInfo: the checkpoint the image engine loaded
     TEXT_INFO       NoMessage -> TextModel: the model the text gateway's engine serves
     TEXT_GENERATE   GenerateText -> GeneratedText, emitting TextChunk as text is made
+    TEXT_START      StartText -> NoMessage: begin a text job beside the others running
+    TEXT_POLL       PollText -> TextEvents: the running jobs' text, results and failures
+                    since the last poll (waits up to `wait` seconds for one)
+    TEXT_CANCEL     CancelText -> NoMessage: stop a running job
     TEXT_STATS      NoMessage -> EngineStats: its spot checks so far, the peers it bans
     TEXT_CONFIGURE  CheckRate -> NoMessage: the share of jobs checked from now on
     TEXT_REFRESH    NoMessage -> SwarmPeers: re-read the swarm's records (tests)
     BLOCK_STEP      HiddenStep + hidden bytes -> HiddenShape + output bytes: a session's
                     next tokens through a block server's span (its compute process,
                     built from BlockEngineOptions)
+    BLOCK_STEPS     HiddenSteps + one hidden blob per step -> StepOutputs + one output blob
+                    per step: several sessions' steps as batched forwards
     BLOCK_FORWARD   HiddenPass + hidden bytes -> HiddenShape + output bytes (no cache)
     BLOCK_CLOSE     BlockRequest -> NoMessage: drop the caches of the sessions it names
     BLOCK_MEASURE   BlockRequest -> Throughput: the span's tokens per second
@@ -50,16 +56,21 @@ __all__ = [
     "BLOCK_FORWARD",
     "BLOCK_MEASURE",
     "BLOCK_STEP",
+    "BLOCK_STEPS",
     "IMAGE",
     "IMAGE_INFO",
+    "TEXT_CANCEL",
     "TEXT_CONFIGURE",
     "TEXT_GENERATE",
     "TEXT_INFO",
+    "TEXT_POLL",
     "TEXT_REFRESH",
+    "TEXT_START",
     "TEXT_STATS",
     "BlockEngineOptions",
     "BlockQuant",
     "BlockRequest",
+    "CancelText",
     "CheckRate",
     "EngineCall",
     "EngineMessage",
@@ -70,13 +81,21 @@ __all__ = [
     "HiddenShape",
     "HiddenStep",
     "ImageEngineInfo",
+    "HiddenSteps",
     "ImageEngineOptions",
     "ImageProgress",
     "ImageResult",
     "NoMessage",
     "QUANTS",
+    "PollText",
+    "SessionStep",
+    "StartText",
+    "StepOutput",
+    "StepOutputs",
     "SwarmPeers",
     "TextChunk",
+    "TextEvent",
+    "TextEvents",
     "Throughput",
 ]
 
@@ -218,6 +237,36 @@ class CheckRate(EngineMessage):
     check_rate: float = Field(ge=0.0, le=1.0)
 
 
+class StartText(EngineMessage):
+    """A text job to run beside the others (the gateway's job id names it in events)."""
+
+    job: str = Field(min_length=1, max_length=128)
+    params: TextParams
+
+
+class PollText(EngineMessage):
+    wait: float = Field(ge=0.0, le=60.0)
+
+
+class CancelText(EngineMessage):
+    job: str
+
+
+class TextEvent(EngineMessage):
+    """What happened to one running job: more `text`, its `result`, or its failure
+    (`error_type` and `error`, as an `EngineFailed` of TEXT_GENERATE would say)."""
+
+    job: str
+    text: str = ""
+    result: GeneratedText | None = None
+    error_type: str | None = None
+    error: str | None = None
+
+
+class TextEvents(EngineMessage):
+    events: list[TextEvent]
+
+
 class SwarmPeers(EngineMessage):
     """The peer ids of the swarm's valid records."""
 
@@ -227,6 +276,11 @@ class SwarmPeers(EngineMessage):
 TEXT_INFO: EngineCall[NoMessage, NoMessage, TextModel] = EngineCall("info", NoMessage, TextModel)
 TEXT_GENERATE: EngineCall[GenerateText, TextChunk, GeneratedText] = EngineCall(
     "generate", GenerateText, GeneratedText, TextChunk
+)
+TEXT_START: EngineCall[StartText, NoMessage, NoMessage] = EngineCall("start", StartText, NoMessage)
+TEXT_POLL: EngineCall[PollText, NoMessage, TextEvents] = EngineCall("poll", PollText, TextEvents)
+TEXT_CANCEL: EngineCall[CancelText, NoMessage, NoMessage] = EngineCall(
+    "cancel", CancelText, NoMessage
 )
 TEXT_STATS: EngineCall[NoMessage, NoMessage, EngineStats] = EngineCall(
     "stats", NoMessage, EngineStats
@@ -286,12 +340,45 @@ class HiddenShape(EngineMessage):
     shape: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=8)
 
 
+class SessionStep(EngineMessage):
+    """One session's step in a `HiddenSteps` batch (its blob at the same index)."""
+
+    session: str
+    past: int = Field(ge=0)
+    dtype: str
+    shape: list[int]
+    start: int
+    end: int
+
+
+class HiddenSteps(BlockRequest):
+    """Several sessions' next tokens at once; steps of the same blocks and token count run
+    as one batched forward."""
+
+    steps: list[SessionStep] = Field(min_length=1)
+
+
+class StepOutput(EngineMessage):
+    """A step's output shape (its float32 blob beside it), or why it failed (empty blob)."""
+
+    shape: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=8)
+    # the ValueError of a step whose bytes or shape could not be read
+    error: str | None = None
+
+
+class StepOutputs(EngineMessage):
+    outputs: list[StepOutput]
+
+
 class Throughput(EngineMessage):
     tokens_per_second: float = Field(ge=0.0)
 
 
 BLOCK_STEP: EngineCall[HiddenStep, NoMessage, HiddenShape] = EngineCall(
     "step", HiddenStep, HiddenShape
+)
+BLOCK_STEPS: EngineCall[HiddenSteps, NoMessage, StepOutputs] = EngineCall(
+    "steps", HiddenSteps, StepOutputs
 )
 BLOCK_FORWARD: EngineCall[HiddenPass, NoMessage, HiddenShape] = EngineCall(
     "forward", HiddenPass, HiddenShape

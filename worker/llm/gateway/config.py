@@ -47,6 +47,8 @@ class GatewayConfig:
     check_tolerance: float = 0.1
     # seconds a server found wrong is left out of this gateway's routes
     check_ban_seconds: float = 3600.0
+    # chats served at once (each its own job, lease, stream and swarm session)
+    max_sessions: int = 8
     # run the engine (swarm client, LM head, checks) unconfined (`--unsandboxed`)
     unsandboxed: bool = False
     # seconds one job's generation (with its checks and redos) may take in the engine

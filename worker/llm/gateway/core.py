@@ -32,6 +32,7 @@ from protocol.text import ServerCheck, TextModel, TextParams
 from worker.errors import InvalidGenerationInput, MissingBlocks, SwarmStepFailed
 from worker.llm.gateway.chat_format import render_chat
 from worker.llm.gateway.generation import GenerationResult, OnText, SamplingParams, generate
+from worker.llm.gateway.head_batch import BatchedHead
 from worker.llm.gateway.kobold import fit_context, format_output
 from worker.llm.gateway.lm_head import LMHead
 from worker.llm.swarm.checks import check_hop
@@ -125,6 +126,8 @@ class GenerationCore:
     ) -> None:
         self.settings = settings
         self.head = head
+        # the head as the jobs running at once share it (one matmul for their next tokens)
+        self.shared_head = BatchedHead(head)
         self.tokenizer = tokenizer
         self.swarm = swarm
         # an inference session over `swarm` (tests run the blocks in-process instead)
@@ -219,7 +222,7 @@ class GenerationCore:
             max_length = len(prompt_ids) + max_tokens
             async with self.open_session(max_length, frozenset(avoid)) as session:
                 result = await generate(
-                    self.head,
+                    self.shared_head,
                     session.step,
                     torch.tensor([prompt_ids]),
                     sampling,

@@ -9,6 +9,9 @@ request waits there for its coroutine.
 Calls (`protocol.engine`, served through a `sandbox.calls.CallTable`):
     TEXT_INFO       the model: name, blocks, parameters, max_context
     TEXT_GENERATE   one text job; emits TextChunk deltas while it generates
+    TEXT_START      one text job more, run beside the others (`running.RunningJobs`)
+    TEXT_POLL       the running jobs' text, results and failures since the last poll
+    TEXT_CANCEL     stop a running job
     TEXT_STATS      the spot checks so far (core.CheckStats) and the peers banned now
     TEXT_CONFIGURE  the share of jobs checked from now on
     TEXT_REFRESH    re-read the swarm's records (tests)
@@ -23,23 +26,31 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from protocol.engine import (
+    TEXT_CANCEL,
     TEXT_CONFIGURE,
     TEXT_GENERATE,
     TEXT_INFO,
+    TEXT_POLL,
     TEXT_REFRESH,
+    TEXT_START,
     TEXT_STATS,
+    CancelText,
     CheckRate,
     EngineStats,
     GeneratedText,
     GenerateText,
     NoMessage,
+    PollText,
+    StartText,
     SwarmPeers,
     TextChunk,
+    TextEvents,
 )
 from protocol.text import ServedSpan, TextModel
 from sandbox.calls import CallTable, Emit
-from worker.llm.gateway.core import CoreSettings, GenerationCore
+from worker.llm.gateway.core import CoreSettings, Generated, GenerationCore
 from worker.llm.gateway.logprobs import report
+from worker.llm.gateway.running import RunningJobs
 
 __all__ = ["GenerationEngine"]
 
@@ -56,7 +67,11 @@ class GenerationEngine:
         self.core = self._wait(GenerationCore.create(settings))
         self.calls = CallTable()
         self.calls.add(TEXT_INFO, self.info)
+        self.running = RunningJobs(self._loop, self.core, self._answer)
         self.calls.add(TEXT_GENERATE, self.generate)
+        self.calls.add(TEXT_START, self.start)
+        self.calls.add(TEXT_POLL, self.poll)
+        self.calls.add(TEXT_CANCEL, self.cancel)
         self.calls.add(TEXT_STATS, self.stats)
         self.calls.add(TEXT_CONFIGURE, self.configure)
         self.calls.add(TEXT_REFRESH, self.refresh)
@@ -80,13 +95,27 @@ class GenerationEngine:
             emit(TextChunk(text=delta))
 
         generated = self._wait(self.core.run(request.params, on_text))
+        return self._answer(generated), []
+
+    def start(self, request: StartText, emit: Emit[NoMessage]) -> tuple[NoMessage, list[bytes]]:
+        self.running.start(request.job, request.params)
+        return NoMessage(), []
+
+    def poll(self, request: PollText, emit: Emit[NoMessage]) -> tuple[TextEvents, list[bytes]]:
+        return TextEvents(events=self.running.poll(request.wait)), []
+
+    def cancel(self, request: CancelText, emit: Emit[NoMessage]) -> tuple[NoMessage, list[bytes]]:
+        self.running.cancel(request.job)
+        return NoMessage(), []
+
+    def _answer(self, generated: Generated) -> GeneratedText:
         result = generated.result
         spans = [
             ServedSpan(peer_id=peer, start=start, end=end, tokens=tokens)
             for (peer, start, end), tokens in generated.spans.items()
             if tokens > 0
         ]
-        answer = GeneratedText(
+        return GeneratedText(
             text=result.text,
             finish_reason=result.finish_reason,
             prompt_tokens=result.prompt_tokens,
@@ -99,7 +128,6 @@ class GenerationEngine:
             if result.logprobs is None
             else report(self.core.tokenizer, result.logprobs, result.text),
         )
-        return answer, []
 
     def stats(self, _: NoMessage, emit: Emit[NoMessage]) -> tuple[EngineStats, list[bytes]]:
         stats = self.core.stats

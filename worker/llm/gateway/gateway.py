@@ -1,6 +1,8 @@
 """The text gateway: pops text jobs, has its confined engine generate them through the swarm,
 streams the text back and reports which block server served which blocks for how many
-tokens, with the engine's spot checks of those servers.
+tokens, with the engine's spot checks of those servers. It serves up to `max_sessions`
+jobs at once: each its own pop, lease, stream and result report, all generated side by
+side in the one engine (`worker.llm.gateway.multiplex`), so the block servers batch them.
 
 The gateway is two processes. This one holds the coordinator link: the API key and the
 identity key that signs results. The engine (`worker.llm.gateway.engine`, started through
@@ -15,18 +17,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from protocol.engine import (
     TEXT_CONFIGURE,
-    TEXT_GENERATE,
     TEXT_INFO,
     TEXT_REFRESH,
     TEXT_STATS,
     CheckRate,
-    GenerateText,
     NoMessage,
-    TextChunk,
 )
 from protocol.signing import params_hash
 from protocol.text import LeasedTextJob, TextModel
@@ -44,6 +44,7 @@ from worker.errors import (
 )
 from worker.llm.gateway.config import GatewayConfig
 from worker.llm.gateway.core import CoreSettings
+from worker.llm.gateway.multiplex import EngineJobs
 
 __all__ = ["ENGINE", "TextGateway", "engine_policy"]
 
@@ -60,7 +61,7 @@ class _TextSender:
     """Streams text to the coordinator without slowing generation: at most one post per
     `interval` seconds and one in flight; text made meanwhile goes in the next post."""
 
-    def __init__(self, link: CoordinatorLink, job_id: str, interval: float) -> None:
+    def __init__(self, link: CoordinatorLink, job_id: str, interval: Callable[[], float]) -> None:
         self._link = link
         self._job_id = job_id
         self._interval = interval
@@ -81,7 +82,7 @@ class _TextSender:
     async def _send(self) -> None:
         loop = asyncio.get_running_loop()
         while self.pending and self.lost is None:
-            wait = self._last_post + self._interval - loop.time()
+            wait = self._last_post + self._interval() - loop.time()
             if wait > 0 and not self._hurry.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
@@ -133,6 +134,7 @@ class TextGateway:
         self.link = link
         self.engine = engine
         self.model = model
+        self.jobs = EngineJobs(engine)
         self.jobs_done = 0
         # run_until_signalled starts it on the first SIGINT/SIGTERM: the job in hand
         # finishes, a second signal gives it back
@@ -168,6 +170,7 @@ class TextGateway:
         return cls(config, link, engine, model)
 
     async def aclose(self) -> None:
+        await self.jobs.aclose()
         await self.engine.aclose()
 
     async def stats(self) -> dict[str, Any]:
@@ -194,29 +197,41 @@ class TextGateway:
             f"worker id {registered.worker_id}",
             flush=True,
         )
-        await serve_jobs(
-            self.link,
-            lambda: self.link.pop_text([self.model], self.config.pop_wait),
-            self.serve,
-            gate=build_gate(self.config.donor),
-            drain=self.drain,
-        )
+        gate = build_gate(self.config.donor)
+        # one pop-and-serve loop per chat served at once
+        async with asyncio.TaskGroup() as slots:
+            for slot in range(self.config.max_sessions):
+                slots.create_task(
+                    serve_jobs(
+                        self.link,
+                        lambda: self.link.pop_text([self.model], self.config.pop_wait),
+                        self.serve,
+                        gate=gate,
+                        drain=self.drain,
+                    ),
+                    name=f"slot {slot}",
+                )
 
     async def serve(self, job: LeasedTextJob) -> None:
         if params_hash(job.params) != job.params_hash:
             await self._give_back(job, "params hash mismatch: coordinator and gateway differ")
             return
-        sender = _TextSender(self.link, job.id, self.config.stream_interval)
-
-        def on_progress(chunk: TextChunk) -> None:
-            sender.add(chunk.text)
+        # the posts of all running jobs together stay near one per `stream_interval`
+        # (within the coordinator's per-worker rate of streamed text)
+        sender = _TextSender(
+            self.link, job.id, lambda: self.config.stream_interval * max(1, self.jobs.running)
+        )
 
         started = time.monotonic()
         try:
             # (EngineMisbehaved, a malformed message from the engine, is an EngineCrashed)
-            answer = await self.engine.run(
-                TEXT_GENERATE, GenerateText(params=job.params), on_progress=on_progress
-            )
+            async with asyncio.timeout(self.config.job_timeout):
+                result = await self.jobs.generate(job.id, job.params, sender.add)
+        except TimeoutError:
+            sender.cancel()
+            log.error("text job %s ran past %gs; given back", job.id, self.config.job_timeout)
+            await self._give_back(job, f"EngineTimedOut: ran past {self.config.job_timeout:g}s")
+            return
         except EngineFailed as exc:
             sender.cancel()
             retry = exc.error_type not in _NOT_HERE
@@ -236,7 +251,6 @@ class TextGateway:
             log.warning("text job %s was taken back while generating: %s", job.id, sender.lost)
             return
         await sender.flush()
-        result = answer.data
         try:
             accepted = await retrying(
                 "submit",

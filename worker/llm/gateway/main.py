@@ -90,6 +90,14 @@ class GatewaySettings(DonorFlags):
             "(default %(default)s)"
         ),
     ] = 3600.0
+    max_sessions: Annotated[
+        int,
+        Field(ge=1, le=256),
+        Flag(
+            "chats served at once, each its own job and swarm session; the block servers "
+            "batch their steps (default %(default)s)"
+        ),
+    ] = 8
     log_level: LogLevel = LOG_LEVEL
 
     # the fix in each message (NaN fails every comparison, so it is refused too)
@@ -161,6 +169,7 @@ def _run(args: argparse.Namespace) -> int:
         check_rate=settings.check_rate,
         check_tolerance=settings.check_tolerance,
         check_ban_seconds=settings.check_ban_seconds,
+        max_sessions=settings.max_sessions,
         unsandboxed=settings.unsandboxed,
         donor=settings.donor_settings(),
     )

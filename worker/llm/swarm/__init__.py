@@ -11,6 +11,10 @@
     peer_proof.py PeerKey: the server's own libp2p key (p2pd's identity), which proves its
                   peer id to the coordinator
     limits.py     PeerLimits: per-peer attention-cache share and open streams
+    batched.py    forward_batch: several sessions' steps (each its own cache) as one
+                  batched forward, their keys left-padded and masked
+    batcher.py    StepBatcher: the server's queue of steps, run in batches whenever the
+                  compute is free, prompts cut into chunks
     server.py     BlockServer: the handlers (inference, forward, info), bounded sessions,
                   announcements
     routing.py    SwarmClient: the DHT client, announcements, bans and round trips, routes

@@ -23,13 +23,18 @@ from protocol.engine import (
     BLOCK_FORWARD,
     BLOCK_MEASURE,
     BLOCK_STEP,
+    BLOCK_STEPS,
     BlockEngineOptions,
     BlockRequest,
     EngineCall,
     HiddenPass,
     HiddenShape,
     HiddenStep,
+    HiddenSteps,
     NoMessage,
+    SessionStep,
+    StepOutput,
+    StepOutputs,
 )
 from sandbox import CallResult, Sandbox, SandboxPolicy
 from sandbox.errors import EngineMisbehaved
@@ -128,6 +133,15 @@ class SpanCompute:
         )
         return await self._call(BLOCK_STEP, request, hidden)
 
+    async def steps(
+        self, steps: list[SessionStep], hiddens: list[bytes]
+    ) -> list[tuple[bytes, StepOutput]]:
+        """Several sessions' next tokens in one call (`worker.llm.swarm.batcher`): each
+        step's output bytes and shape, or its `error` (bytes it could not read)."""
+        request = HiddenSteps(steps=steps, close=self._take_closing())
+        result = await self._sandbox.run(BLOCK_STEPS, request, blobs=hiddens, check=_outputs)
+        return list(zip(result.blobs, result.data.outputs, strict=True))
+
     async def forward(
         self, hidden: bytes, dtype: str, shape: list[int], start: int, end: int
     ) -> tuple[bytes, list[int]]:
@@ -165,6 +179,17 @@ class SpanCompute:
 
     async def aclose(self) -> None:
         await self._sandbox.aclose()
+
+
+def _outputs(result: CallResult[StepOutputs]) -> None:
+    """EngineMisbehaved unless each step has a float32 output of its shape, or an error."""
+    outputs = result.data.outputs
+    sizes = [len(blob) for blob in result.blobs]
+    wanted = [0 if out.shape is None else 4 * math.prod(out.shape) for out in outputs]
+    if sizes != wanted or any((out.shape is None) == (out.error is None) for out in outputs):
+        raise EngineMisbehaved(
+            f"the compute process answered blobs of {sizes} bytes for outputs {outputs}"
+        )
 
 
 def _one_output(result: CallResult[HiddenShape]) -> None:

@@ -6,6 +6,10 @@ no files but the model (read-only). It holds the attention caches of the open se
 
 Calls (`protocol.engine`, through a `sandbox.calls.CallTable`):
     BLOCK_STEP     HiddenStep + [hidden bytes] -> HiddenShape + [output bytes]
+    BLOCK_STEPS    HiddenSteps + [hidden bytes per step] -> StepOutputs + [output per step]:
+                   steps of the same blocks and token count run as one batched forward
+                   (`worker.llm.swarm.batched`); a step whose bytes cannot be read fails
+                   alone
     BLOCK_FORWARD  HiddenPass + [hidden bytes] -> HiddenShape + [output bytes] (no cache)
     BLOCK_CLOSE    drops the caches of the sessions named
     BLOCK_MEASURE  -> Throughput
@@ -26,15 +30,20 @@ from protocol.engine import (
     BLOCK_FORWARD,
     BLOCK_MEASURE,
     BLOCK_STEP,
+    BLOCK_STEPS,
     BlockEngineOptions,
     BlockRequest,
     HiddenPass,
     HiddenShape,
     HiddenStep,
+    HiddenSteps,
     NoMessage,
+    StepOutput,
+    StepOutputs,
     Throughput,
 )
 from sandbox.calls import CallTable, Emit
+from worker.llm.swarm.batched import forward_batch
 from worker.llm.swarm.blocks import BlockSpan, new_cache
 from worker.llm.swarm.compute import hidden_sizes
 
@@ -82,6 +91,7 @@ class BlockEngine:
         self.caches: dict[str, object] = {}  # session -> its attention cache
         self.calls = CallTable()
         self.calls.add_binary(BLOCK_STEP, self.step)
+        self.calls.add_binary(BLOCK_STEPS, self.steps)
         self.calls.add_binary(BLOCK_FORWARD, self.forward)
         self.calls.add(BLOCK_CLOSE, self.close)
         self.calls.add(BLOCK_MEASURE, self.measure)
@@ -118,6 +128,46 @@ class BlockEngine:
         if cache is None:
             cache = self.caches[request.session] = new_cache()
         return self._run(request, blobs, cache, request.past)
+
+    def steps(
+        self, request: HiddenSteps, blobs: list[bytes], emit: Emit[NoMessage]
+    ) -> tuple[StepOutputs, list[bytes]]:
+        self._drop(request)
+        if len(blobs) != len(request.steps):
+            raise ValueError(f"send one tensor per step: {len(request.steps)}, not {len(blobs)}")
+        outputs: list[StepOutput | None] = [None] * len(blobs)
+        answers = [b""] * len(blobs)
+        groups: dict[tuple[int, int, int], list[tuple[int, torch.Tensor]]] = {}
+        for index, (step, blob) in enumerate(zip(request.steps, blobs, strict=True)):
+            try:
+                hidden = decode_hidden(blob, step.dtype, step.shape)
+                if hidden.dim() != 3 or hidden.shape[0] != 1:
+                    raise ValueError(f"a step takes [1, n, H], got {tuple(hidden.shape)}")
+            except ValueError as exc:
+                outputs[index] = StepOutput(error=str(exc))
+                continue
+            groups.setdefault((step.start, step.end, hidden.shape[1]), []).append((index, hidden))
+        for (start, end, _), members in groups.items():
+            caches = []
+            for index, _ in members:
+                session = request.steps[index].session
+                cache = self.caches.get(session)
+                if cache is None:
+                    cache = self.caches[session] = new_cache()
+                caches.append(cache)
+            results = forward_batch(
+                self.span,
+                [hidden for _, hidden in members],
+                caches,
+                [request.steps[index].past for index, _ in members],
+                start,
+                end,
+            )
+            for (index, _), output in zip(members, results, strict=True):
+                output = output.to(torch.float32).contiguous()
+                outputs[index] = StepOutput(shape=list(output.shape))
+                answers[index] = output.numpy().tobytes()
+        return StepOutputs(outputs=[output or StepOutput(error="") for output in outputs]), answers
 
     def forward(
         self, request: HiddenPass, blobs: list[bytes], emit: Emit[NoMessage]

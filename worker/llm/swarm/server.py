@@ -11,8 +11,10 @@ use is refused on its length, before it is read.
 Layer compute runs in a second, confined process (`worker.llm.swarm.compute`): this one
 keeps the network and the keys, checks each tensor's declared dtype, shape and byte count
 against the session, and hands the bytes over undecoded; the compute process decodes
-them, runs the layers and holds the caches. Steps of all sessions queue for it, one at a
-time, while the event loop keeps serving streams.
+them, runs the layers and holds the caches. Steps of all sessions queue for it in a
+`StepBatcher` (worker.llm.swarm.batcher): the decode steps waiting whenever it is free run
+as one batched forward, and prompts are cut into chunks of `prefill_chunk` tokens so one
+long prompt does not hold back everyone's next token; the event loop keeps serving streams.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from sandbox.errors import EngineCrashed, EngineFailed, EngineStartFailed, EngineTimedOut
 from worker.errors import ModelError
+from worker.llm.swarm.batcher import BadStep, StepBatcher
 from worker.llm.swarm.blocks import ModelInfo
 from worker.llm.swarm.compute import ComputeSettings, SpanCompute, hidden_sizes
 from worker.llm.swarm.dht import start_dht, stop_dht
@@ -111,6 +114,12 @@ class BlockServerConfig:
     unsandboxed: bool = False
     # seconds one step may take before the compute process is killed and restarted
     step_timeout: float = 300.0
+    # prompt tokens per compute call: longer prompts are cut, and other sessions' decode
+    # steps run between the pieces (worker.llm.swarm.batcher)
+    prefill_chunk: int = 128
+    # seconds an idle compute waits for more sessions' steps before running a batch (0:
+    # batch only what queued while it was busy, which adds no latency)
+    batch_window: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -341,6 +350,7 @@ class BlockServer:
         self._closed = False
         self._leaving = False
         self._sessions_changed = asyncio.Event()
+        self.batcher: StepBatcher | None = None
 
     @classmethod
     async def create(cls, config: BlockServerConfig) -> BlockServer:
@@ -430,6 +440,9 @@ class BlockServer:
         return server
 
     async def _start(self) -> None:
+        self.batcher = await StepBatcher.create(
+            self.compute, self.config.prefill_chunk, self.config.batch_window
+        )
         self._p2p = p2p = await self.dht.replicate_p2p()
         handlers = self._handlers
         await p2p.add_protobuf_handler(
@@ -606,9 +619,12 @@ class BlockServer:
                     hidden.buffer, hidden.dtype, hidden.shape, start, end
                 )
             else:
-                buffer, shape = await self.compute.step(
+                assert self.batcher is not None, "sessions open only once the server started"
+                buffer, shape = await self.batcher.step(
                     session.key, hidden.buffer, hidden.dtype, hidden.shape, past, start, end
                 )
+        except BadStep as exc:
+            raise Refused("bad_request", f"cannot read the hidden states: {exc}") from exc
         except EngineFailed as exc:
             if exc.error_type == "ValueError":  # the bytes or shape it was sent
                 raise Refused("bad_request", f"cannot read the hidden states: {exc}") from exc
@@ -668,6 +684,8 @@ class BlockServer:
             await self._p2p.shutdown()
         for session in list(self._sessions.values()):
             self.close_session(session)
+        if self.batcher is not None:
+            await self.batcher.aclose()
         await self.compute.aclose()
         await stop_dht(self.dht)
         log.info("block server stopped")
