@@ -18,6 +18,7 @@ prompt to be same length"), as diffusers needs one tensor for both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,16 @@ class Conditioning:
 class TextEncoding:
     """A pipeline's tokenizer and text encoder, used A1111's way (see the module)."""
 
-    def __init__(self, tokenizer: Any, text_encoder: Any, device: torch.device) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_encoder: Any,
+        device: torch.device,
+        convert: Callable[[str], str] | None = None,
+    ) -> None:
+        """`convert`: rewrites a text before it is tokenized (diffusers' `maybe_convert_prompt`,
+        which spells a multi-vector textual inversion's token as all of its tokens)."""
+        self.convert = convert or (lambda text: text)
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.device = device
@@ -91,7 +101,8 @@ class TextEncoding:
             if fragment.is_break:
                 close()
                 continue
-            ids = self.tokenizer(fragment.text, add_special_tokens=False, truncation=False)
+            text = self.convert(fragment.text)
+            ids = self.tokenizer(text, add_special_tokens=False, truncation=False)
             for token in ids.input_ids:
                 if token == self.comma:
                     last_comma = len(tokens)

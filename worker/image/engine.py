@@ -146,7 +146,14 @@ class ImageEngine:
         folder = settings.post_processors
         self.post = PostProcessors.load(Path(folder) if folder else None, self.device)
         self.controls = ControlNets(settings.controlnets, pipe)
-        self.text = TextEncoding(pipe.tokenizer, pipe.text_encoder, self.device)
+        # (a textual inversion of several vectors is spelled as all of its tokens, as diffusers'
+        # own prompt encoding does)
+        self.text = TextEncoding(
+            pipe.tokenizer,
+            pipe.text_encoder,
+            self.device,
+            convert=lambda text: str(pipe.maybe_convert_prompt(text, pipe.tokenizer)),
+        )
         self.calls = CallTable()
         self.calls.add_binary(IMAGE, self.image)
         self.calls.add(IMAGE_INFO, self.info)
