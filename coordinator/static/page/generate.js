@@ -9,6 +9,7 @@ import { selectTab } from "./tabs.js";
 import { refreshAccount } from "./account.js";
 import { describeStatus, imageCard, loadGallery } from "./gallery.js";
 import { offerSources, reuseSource, setUpSource, sourceFields, sourceParams } from "./source.js";
+import { extrasParams, offerExtras, reuseExtras, setUpExtras } from "./extras.js";
 
 const QUOTE_DELAY_MS = 350;
 
@@ -50,7 +51,16 @@ function readParams({ mark }) {
   }
   if ($("gen-model").value) params.model = $("gen-model").value;
   Object.assign(params, sourceParams());
+  const extras = extrasParams({ mark });
+  if (!extras) ok = false;
+  withoutStrength(Object.assign(params, extras));
   return ok ? params : null;
+}
+
+/** With ControlNet the image is sampled from noise: the source's strength is not sent. */
+function withoutStrength(params) {
+  if (params.control_type) delete params.denoising_strength;
+  return params;
 }
 
 let quoteTimer = null;
@@ -135,6 +145,7 @@ export async function loadSamplers() {
 
 export function setUpGenerate() {
   setUpSource(scheduleQuote);
+  setUpExtras();
   form().addEventListener("input", scheduleQuote);
   form().addEventListener("change", scheduleQuote);
   form().addEventListener("submit", async (event) => {
@@ -150,7 +161,9 @@ export function setUpGenerate() {
     button.disabled = true;
     let created;
     try {
-      const body = { ...params, ...(await sourceFields()), signed_only: $("gen-signed-only").checked };
+      const body = withoutStrength({
+        ...params, ...(await sourceFields()), signed_only: $("gen-signed-only").checked,
+      });
       created = await api("POST", "/api/v1/jobs/image", { body });
     } catch (error) {
       showError(form(), $("generate-error"), error);
@@ -216,6 +229,7 @@ export function reuse(params, seed) {
   }
   model.value = params.model || "";
   reuseSource(params);
+  reuseExtras(params);
   selectTab("images");
   history.replaceState(null, "", "#images");
   clearErrors(form(), $("generate-error"));
@@ -233,6 +247,7 @@ export async function loadImageModels() {
     return;
   }
   offerSources(net);
+  offerExtras(net);
   const select = $("gen-model");
   const chosen = select.value;
   const names = net.models.filter((m) => m.kind === "image").map((m) => m.name);
