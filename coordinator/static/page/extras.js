@@ -22,7 +22,9 @@ const CONTROL_TYPES = [
 const MAX_CLIP_SKIP = 12;
 const NOT_ONLINE = " (no online worker now)";
 
-// the ControlNet types whose map some online worker makes (else: ready maps only)
+// the ControlNet types some online worker serves, and those whose map one makes (the
+// others: ready maps only)
+let served = new Set();
 let annotated = new Set();
 
 /** `select`'s options: "None", then `names` (in that order), then its current choice if
@@ -43,7 +45,7 @@ function offer(select, names, label = (name) => name) {
 export function offerExtras(net) {
   const workers = (net?.workers || []).filter((w) => w.online && w.kind === "image");
   const held = new Set(net?.post_processors || workers.flatMap((w) => w.post_processors || []));
-  const controls = new Set(workers.flatMap((w) => w.controlnets || []));
+  served = new Set(workers.flatMap((w) => w.controlnets || []));
   annotated = new Set(workers.flatMap((w) => (w.control_annotators || [])
     .filter((type) => (w.controlnets || []).includes(type))));
 
@@ -55,7 +57,7 @@ export function offerExtras(net) {
   face.disabled = !held.has(FACE_FIXER) && !face.checked;
   $("gen-face-fix-hint").textContent = held.has(FACE_FIXER) ? "" : `No online worker holds ${FACE_FIXER} now.`;
 
-  const types = CONTROL_TYPES.filter((type) => controls.has(type));
+  const types = CONTROL_TYPES.filter((type) => served.has(type));
   offer($("gen-control"), types,
     (type) => (annotated.has(type) ? type : `${type} (ready control map only)`));
   $("extras-offer").textContent = types.length ? ""
@@ -77,8 +79,9 @@ function showControl() {
     isMap.disabled = returnMap.disabled = true;
     return;
   }
-  if (!annotated.has(type)) {
-    // no online worker makes this map: the source must be one
+  if (served.has(type) && !annotated.has(type)) {
+    // no online worker makes this map: the source must be one (a reused type no online
+    // worker serves keeps its setting)
     isMap.checked = true;
     isMap.disabled = true;
   } else {
