@@ -12,6 +12,7 @@
 //   page/account.js   sign in, register, sign out; balance, history, transfers
 //   page/generate.js  the image form: samplers, models, price, progress
 //   page/source.js    the image form's source image, strength and painted mask
+//   page/extras.js    the image form's extras (hires fix, upscaler, face fixer, ControlNet, ...)
 //   page/gallery.js   the jobs list and each image's card
 //   page/chat.js      the chat tab: settings, streaming, regenerate, copy
 //   page/chat_store.js the conversation and chat settings kept in localStorage

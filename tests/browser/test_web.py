@@ -662,6 +662,123 @@ def test_source_images_are_offered_only_when_a_worker_takes_them(
     session.close()
 
 
+def test_image_extras_are_offered_as_workers_serve_them_and_reach_the_job(
+    grid: Grid, browser: Browser, shots: Path
+) -> None:
+    """Upscalers, the face fixer and ControlNet types only as the network view says online
+    workers serve them (faked here); the extras reach the stored job, its card and "Reuse
+    settings"."""
+    key = grid.alice  # (registering is rate-limited per address: the module is at its limit)
+    held: dict[str, list[str]] = {
+        "post_processors": ["RealESRGAN_x4plus"],
+        "controlnets": ["depth"],
+        "control_annotators": [],
+    }
+
+    def serving(route: Route) -> None:
+        net = route.fetch().json()
+        for worker in net["workers"]:
+            if worker["kind"] == "image":
+                worker.update(held)
+        net["post_processors"] = held["post_processors"]
+        route.fulfill(json=net)
+
+    session = Session(browser, grid.url, shots, viewport={"width": 1400, "height": 1000})
+    session.page.route("**/api/v1/network", serving)
+    page = session.open()
+    session.sign_in(key)
+    # only the upscaler a worker holds; no face fixer; depth only with a ready map
+    expect(page.locator("#gen-upscaler option")).to_have_text(["None", "RealESRGAN_x4plus"])
+    expect(page.get_by_label("Face fixer (GFPGAN)")).to_be_disabled()
+    expect(page.locator("#gen-face-fix-hint")).to_contain_text("No online worker holds GFPGAN")
+    expect(page.locator("#gen-control option")).to_have_text(
+        ["None", "depth (ready control map only)"]
+    )
+    page.get_by_label("ControlNet", exact=True).select_option("depth")
+    expect(page.get_by_label("Image is the control map")).to_be_checked()
+    expect(page.get_by_label("Image is the control map")).to_be_disabled()
+    expect(page.get_by_label("Return the control map")).to_be_disabled()
+    page.get_by_label("ControlNet", exact=True).select_option("")
+
+    # what every worker serves, made by the tiny-SD worker
+    page.get_by_label("Prompt", exact=True).fill("a tiled floor")
+    page.get_by_label("Width").fill("64")
+    page.get_by_label("Height").fill("64")
+    page.get_by_label("Steps").fill("4")
+    page.get_by_label("Sampler").select_option("Euler")
+    page.get_by_label("Seed").fill("5")
+    page.get_by_label("Hires fix").check()
+    page.get_by_label("Hires strength").fill("0.5")
+    page.get_by_label("Clip skip").fill("2")
+    page.get_by_label("Seamless tiles").check()
+    page.get_by_label("Karras sigmas").check()
+    expect(page.locator("#quote")).to_contain_text("Costs")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#progress-text")).to_contain_text("Done: 1 image", timeout=120_000)
+    card = page.locator("#gallery .image-card").first
+    expect(card.locator("pre")).to_contain_text(
+        "Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64, Schedule type: Karras, "
+        "Hires fix: 0.5 strength, Clip skip: 2, Tiling: True"
+    )
+    job_id = card.get_attribute("data-job")
+    assert job_id
+    params = _job_params(grid, job_id)
+    assert params["hires_fix"] is True and params["hires_fix_denoising_strength"] == 0.5
+    assert params["clip_skip"] == 2 and params["tiling"] is True and params["karras"] is True
+    assert "post_processing" not in params and "control_type" not in params
+    for label in ("Hires fix", "Seamless tiles", "Karras sigmas"):
+        page.get_by_label(label).uncheck()
+    page.get_by_label("Clip skip").fill("1")
+    card.get_by_role("button", name="Reuse settings").click()
+    for label in ("Hires fix", "Seamless tiles", "Karras sigmas"):
+        expect(page.get_by_label(label)).to_be_checked()
+    expect(page.get_by_label("Hires strength")).to_have_value("0.5")
+    expect(page.get_by_label("Clip skip")).to_have_value("2")
+
+    # workers holding more: the face fixer, the 2x upscaler, canny with its map made
+    held.update(
+        post_processors=["GFPGAN", "RealESRGAN_x2plus"],
+        controlnets=["canny", "depth"],
+        control_annotators=["canny"],
+    )
+    page.reload()
+    expect(page.locator("#gen-upscaler option")).to_have_text(["None", "RealESRGAN_x2plus"])
+    expect(page.locator("#gen-control option")).to_have_text(
+        ["None", "canny", "depth (ready control map only)"]
+    )
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 120, 200)).save(out, format="PNG")
+    page.get_by_label("Source image", exact=True).set_input_files(
+        {"name": "edges.png", "mimeType": "image/png", "buffer": out.getvalue()}
+    )
+    expect(page.locator("#source-editor")).to_be_visible()
+    page.get_by_label("Prompt", exact=True).fill("a house")
+    page.get_by_label("Steps").fill("4")
+    page.get_by_label("Denoising strength").fill("0.5")  # not sent: sampled from noise
+    page.get_by_label("Face fixer (GFPGAN)").check()
+    page.get_by_label("Face fixer strength").fill("0.5")
+    page.get_by_label("Upscaler").select_option("RealESRGAN_x2plus")
+    page.get_by_label("ControlNet", exact=True).select_option("canny")
+    expect(page.get_by_label("Image is the control map")).to_be_enabled()
+    expect(page.get_by_label("Denoising strength")).to_be_disabled()
+    page.get_by_label("Return the control map").check()
+    expect(page.locator("#quote")).to_contain_text("Costs")
+    session.screenshot("image-extras", full_page=False)
+    with page.expect_response("**/api/v1/jobs/image") as created:
+        page.get_by_role("button", name="Generate").click()
+    job_id = created.value.json()["id"]
+    params = _job_params(grid, job_id)
+    assert params["post_processing"] == ["GFPGAN", "RealESRGAN_x2plus"]
+    assert params["facefixer_strength"] == 0.5
+    assert params["control_type"] == "canny" and params["return_control_map"] is True
+    assert params["source_processing"] == "img2img" and "image_is_control" not in params
+    assert params.get("denoising_strength", 0.75) == 0.75
+    # (no real worker serves these: the job waits until cancelled)
+    page.get_by_role("button", name="Cancel job").click()
+    expect(page.locator("#progress-text")).to_contain_text("Cancelled")
+    session.close(key)
+
+
 def test_chat_settings_regenerate_copy_and_a_kept_conversation(
     grid: Grid, browser: Browser, shots: Path
 ) -> None:

@@ -6,6 +6,7 @@ import { ApiError, api, request } from "./api.js";
 import { state } from "./state.js";
 import { refreshAccount } from "./account.js";
 import { reuse } from "./generate.js";
+import { extrasText } from "./extras.js";
 
 const GALLERY_PAGE = 20;
 
@@ -41,10 +42,11 @@ function parametersText(params, seed) {
     `Seed: ${seed}`, `Size: ${params.width}x${params.height}`,
   ];
   if (params.model) parts.push(`Model: ${params.model}`);
-  if (params.source_processing && params.source_processing !== "txt2img") {
+  if (params.source_processing && params.source_processing !== "txt2img" && !params.control_type) {
     parts.push(`Denoising strength: ${params.denoising_strength ?? 0.75}`,
       `Source processing: ${params.source_processing}`);
   }
+  parts.push(...extrasText(params));
   lines.push(parts.join(", "));
   return lines.join("\n");
 }

@@ -9,6 +9,7 @@ import { selectTab } from "./tabs.js";
 import { refreshAccount } from "./account.js";
 import { describeStatus, imageCard, loadGallery } from "./gallery.js";
 import { offerSources, reuseSource, setUpSource, sourceFields, sourceParams } from "./source.js";
+import { extrasParams, offerExtras, reuseExtras, setUpExtras } from "./extras.js";
 
 const QUOTE_DELAY_MS = 350;
 
@@ -55,7 +56,16 @@ function readParams({ mark }) {
   if (loras.length) params.loras = loras;
   const tis = adapterList($("gen-tis").value, ["strength"]);
   if (tis.length) params.tis = tis;
+  const extras = extrasParams({ mark });
+  if (!extras) ok = false;
+  withoutStrength(Object.assign(params, extras));
   return ok ? params : null;
+}
+
+/** With ControlNet the image is sampled from noise: the source's strength is not sent. */
+function withoutStrength(params) {
+  if (params.control_type) delete params.denoising_strength;
+  return params;
 }
 
 /** "a:0.8, 123:1:0.5" -> [{name: "a", model: 0.8}, ...]: trailing numbers are `keys` in order
@@ -167,6 +177,7 @@ export async function loadSamplers() {
 
 export function setUpGenerate() {
   setUpSource(scheduleQuote);
+  setUpExtras();
   form().addEventListener("input", scheduleQuote);
   form().addEventListener("change", scheduleQuote);
   form().addEventListener("submit", async (event) => {
@@ -182,7 +193,9 @@ export function setUpGenerate() {
     button.disabled = true;
     let created;
     try {
-      const body = { ...params, ...(await sourceFields()), signed_only: $("gen-signed-only").checked };
+      const body = withoutStrength({
+        ...params, ...(await sourceFields()), signed_only: $("gen-signed-only").checked,
+      });
       created = await api("POST", "/api/v1/jobs/image", { body });
     } catch (error) {
       showError(form(), $("generate-error"), error);
@@ -250,6 +263,7 @@ export function reuse(params, seed) {
   reuseSource(params);
   $("gen-loras").value = adapterText(params.loras, ["model", "clip"]);
   $("gen-tis").value = adapterText(params.tis, ["strength"]);
+  reuseExtras(params);
   selectTab("images");
   history.replaceState(null, "", "#images");
   clearErrors(form(), $("generate-error"));
@@ -267,6 +281,7 @@ export async function loadImageModels() {
     return;
   }
   offerSources(net);
+  offerExtras(net);
   const select = $("gen-model");
   const chosen = select.value;
   const names = net.models.filter((m) => m.kind === "image").map((m) => m.name);
