@@ -145,7 +145,7 @@ class ImageEngine:
         self.base_scheduler_config = dict(pipe.scheduler.config)
         folder = settings.post_processors
         self.post = PostProcessors.load(Path(folder) if folder else None, self.device)
-        self.controls = ControlNets(settings.controlnets, pipe)
+        self.controls = ControlNets(settings.controlnets, pipe, settings.annotators)
         self.text = TextEncoding(pipe.tokenizer, pipe.text_encoder, self.device)
         self.calls = CallTable()
         self.calls.add_binary(IMAGE, self.image)
