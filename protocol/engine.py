@@ -40,7 +40,7 @@ from typing import Annotated, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.control import ControlType
+from protocol.control import AnnotatorName, ControlType
 from protocol.params import MAX_N, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageParams
 from protocol.text import (
     FinishReason,
@@ -145,6 +145,8 @@ class ImageEngineOptions(EngineMessage):
     post_processors: str | None = None
     # ControlNet: the control model of each type (worker.image.control)
     controlnets: dict[ControlType, str] = {}
+    # the donor's annotator weights, by annotator (worker.image.hed)
+    annotators: dict[AnnotatorName, str] = {}
 
 
 class ImageProgress(EngineMessage):

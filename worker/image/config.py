@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol.control import ControlType
+from protocol.control import AnnotatorName, ControlType
 from protocol.params import MAX_STEPS
 from worker.common.donor import DonorSettings
 from worker.image.adapters import AdapterSettings
@@ -63,5 +63,7 @@ class ImageWorkerConfig:
     gate_poll: float = 1.0
     # --controlnet TYPE=PATH: the ControlNet model of each control type it serves
     controlnets: dict[ControlType, Path] = field(default_factory=dict)
+    # --annotator NAME=PATH: the annotator weights it makes control maps with (hed)
+    annotators: dict[AnnotatorName, Path] = field(default_factory=dict)
     # LoRAs and textual inversions from CivitAI (None: --allow-loras no, none taken)
     adapters: AdapterSettings | None = None

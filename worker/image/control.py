@@ -10,9 +10,11 @@ weights are refused. Models load with the engine, so a bad path fails at start.
 
 The control map is made from the job's source image, already LANCZOS-resized to the job's
 size (`worker.image.sources`): the canny annotator (OpenCV, `protocol.control`'s
-thresholds, on the RGB image as A1111's extension runs it), or the image itself with
-`image_is_control`. Other annotators need weights this engine does not load: a job that
-needs one is refused naming `control_type` (workers do not advertise them).
+thresholds, on the RGB image as A1111's extension runs it), the scribble threshold (no
+weights), HED's `hed` and `fakescribbles` maps from the donor's HED weights
+(`worker.image.hed`, `--annotator hed=PATH`, loaded with the engine), or the image itself
+with `image_is_control`. A job whose annotator this engine cannot run is refused naming
+`control_type` (workers do not advertise those types as annotated).
 """
 
 from __future__ import annotations
@@ -38,13 +40,17 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from protocol.control import (
-    ANNOTATORS_WITHOUT_WEIGHTS,
+    ANNOTATOR_TYPES,
     CANNY_HIGH_THRESHOLD,
     CANNY_LOW_THRESHOLD,
+    SCRIBBLE_THRESHOLD,
+    AnnotatorName,
     ControlType,
+    mappable_types,
 )
 from protocol.params import ImageParams
 from worker.errors import InvalidGenerationInput, ModelNotFound, UnsafeWeights
+from worker.image.hed import HedNetwork, fake_scribble, hed_edges, load_hed
 
 __all__ = ["ControlJob", "ControlNets", "control_map", "load_controlnet"]
 
@@ -99,18 +105,35 @@ def load_controlnet(path: Path, base: StableDiffusionPipeline) -> ControlNetMode
     return model
 
 
-def control_map(params: ImageParams, source: Image.Image) -> Image.Image:
-    """The control map of a job from its source image (RGB, already the job's size)."""
+def control_map(
+    params: ImageParams,
+    source: Image.Image,
+    annotators: Mapping[AnnotatorName, HedNetwork] | None = None,
+) -> Image.Image:
+    """The control map of a job from its source image (RGB, already the job's size), with
+    the annotators whose weights the engine holds."""
     image = source.convert("RGB")
     if params.image_is_control:
         return image
-    if params.control_type == "canny":
-        edges = cv2.Canny(np.asarray(image), CANNY_LOW_THRESHOLD, CANNY_HIGH_THRESHOLD)
-        return Image.fromarray(np.stack([edges] * 3, axis=-1))
-    served = ", ".join(sorted(ANNOTATORS_WITHOUT_WEIGHTS))
+    held = annotators or {}
+    control_type = params.control_type
+    lines: np.ndarray | None = None
+    if control_type == "canny":
+        lines = cv2.Canny(np.asarray(image), CANNY_LOW_THRESHOLD, CANNY_HIGH_THRESHOLD)
+    elif control_type == "scribble":
+        # a drawing: its dark strokes become white lines on black
+        darkest = np.asarray(image).min(axis=2)
+        lines = np.where(darkest < SCRIBBLE_THRESHOLD, 255, 0).astype(np.uint8)
+    elif control_type in ANNOTATOR_TYPES["hed"] and "hed" in held:
+        lines = hed_edges(held["hed"], image)
+        if control_type == "fakescribbles":
+            lines = fake_scribble(lines)
+    if lines is not None:
+        return Image.fromarray(np.stack([lines] * 3, axis=-1))
+    served = ", ".join(sorted(mappable_types(held)))
     raise InvalidGenerationInput(
         "control_type",
-        f"the {params.control_type!r} annotator needs weights this worker does not have "
+        f"the {control_type!r} annotator needs weights this worker does not have "
         f"(it makes {served} maps only); send a ready control map with image_is_control",
     )
 
@@ -118,8 +141,18 @@ def control_map(params: ImageParams, source: Image.Image) -> Image.Image:
 class ControlNets:
     """The donor's control models on the engine's device, and their pipelines."""
 
-    def __init__(self, paths: Mapping[ControlType, str], base: StableDiffusionPipeline) -> None:
+    def __init__(
+        self,
+        paths: Mapping[ControlType, str],
+        base: StableDiffusionPipeline,
+        annotators: Mapping[AnnotatorName, str] | None = None,
+    ) -> None:
         self.base = base
+        # the donor's annotator weights (--annotator NAME=PATH)
+        self.annotators: dict[AnnotatorName, HedNetwork] = {}
+        for annotator, location in (annotators or {}).items():
+            self.annotators[annotator] = load_hed(Path(location), base.device)
+            logger.info("loaded the %s annotator", annotator)
         self.models: dict[ControlType, tuple[ControlNetModel, str]] = {}
         for control_type, location in paths.items():
             path = Path(location)
@@ -143,7 +176,7 @@ class ControlNets:
                 f"{', '.join(self.models) or 'none'}); it should not have taken the job",
             )
         model, name = self.models[control_type]
-        image = control_map(params, source)
+        image = control_map(params, source, self.annotators)
         pipeline = self._pipelines.get(control_type)
         if pipeline is None:
             components = {**self.base.components, "requires_safety_checker": False}

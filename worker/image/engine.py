@@ -145,7 +145,7 @@ class ImageEngine:
         self.base_scheduler_config = dict(pipe.scheduler.config)
         folder = settings.post_processors
         self.post = PostProcessors.load(Path(folder) if folder else None, self.device)
-        self.controls = ControlNets(settings.controlnets, pipe)
+        self.controls = ControlNets(settings.controlnets, pipe, settings.annotators)
         # (a textual inversion of several vectors is spelled as all of its tokens, as diffusers'
         # own prompt encoding does)
         self.text = TextEncoding(

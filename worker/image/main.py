@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import ConfigDict, Field, field_validator
 
-from protocol.control import CONTROL_TYPES, ControlType
+from protocol.control import ANNOTATOR_TYPES, ANNOTATORS, CONTROL_TYPES, AnnotatorName, ControlType
 from protocol.loras import BASELINES, CIVITAI_URL
 from protocol.settings import Flag, SettingsError, add_flags, validated
 from worker.common.cli import (
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from worker.image.adapters import AdapterSettings
     from worker.image.config import ImageWorkerConfig
 
-__all__ = ["ImageSettings", "add_image_command", "controlnets"]
+__all__ = ["ImageSettings", "add_image_command", "annotators", "controlnets"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,15 @@ class ImageSettings(DonorFlags):
             metavar="TYPE=PATH",
         ),
     ] = []
+    annotator: Annotated[
+        list[str],
+        Flag(
+            "weights of a ControlNet annotator: hed=PATH (lllyasviel's ControlNetHED, "
+            ".safetensors or a weights-only .pth) makes hed and fakescribbles maps; repeat "
+            "the flag for more annotators",
+            metavar="NAME=PATH",
+        ),
+    ] = []
     unsandboxed: Unsandboxed = False
     allow_loras: Annotated[
         str,
@@ -165,6 +174,12 @@ class ImageSettings(DonorFlags):
         controlnets(value)
         return value
 
+    @field_validator("annotator")
+    @classmethod
+    def _annotators(cls, value: list[str]) -> list[str]:
+        annotators(value)
+        return value
+
 
 def controlnets(specs: list[str]) -> dict[ControlType, Path]:
     """`--controlnet TYPE=PATH` values as {type: absolute path}; ValueError naming the fix."""
@@ -185,6 +200,33 @@ def controlnets(specs: list[str]) -> dict[ControlType, Path]:
             raise ValueError(f"{spec!r}: {path} does not exist")
         models[control_type] = path
     return models
+
+
+def annotators(specs: list[str]) -> dict[AnnotatorName, Path]:
+    """`--annotator NAME=PATH` values as {name: absolute path}; ValueError naming the fix."""
+    weights: dict[AnnotatorName, Path] = {}
+    for spec in specs:
+        name, sep, location = spec.partition("=")
+        if not sep or not location:
+            raise ValueError(f"{spec!r}: write NAME=PATH, e.g. hed=/models/ControlNetHED.pth")
+        annotator = next((a for a in ANNOTATORS if a == name.strip()), None)
+        if annotator is None:
+            known = ", ".join(
+                f"{a} (for {', '.join(sorted(ANNOTATOR_TYPES[a]))})" for a in ANNOTATORS
+            )
+            raise ValueError(f"{spec!r}: unknown annotator; use one of {known}")
+        if annotator in weights:
+            raise ValueError(f"{spec!r}: {annotator} is given twice; give one file")
+        path = Path(location).expanduser().absolute()
+        if not path.is_file():
+            raise ValueError(f"{spec!r}: {path} is not a file")
+        if path.suffix not in (".safetensors", ".pth"):
+            raise ValueError(
+                f"{spec!r}: give a .safetensors or .pth file (a .pth is read with "
+                "torch.load(weights_only=True); other pickles are never loaded)"
+            )
+        weights[annotator] = path
+    return weights
 
 
 def add_image_command(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -253,6 +295,7 @@ def _run(args: argparse.Namespace) -> int:
         max_ram_bytes=None if settings.max_ram is None else int(settings.max_ram * 2**30),
         max_vram_bytes=None if settings.max_vram is None else int(settings.max_vram * 2**30),
         controlnets=controlnets(settings.controlnet),
+        annotators=annotators(settings.annotator),
         adapters=_adapter_settings(settings),
     )
     with claimed:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.adapted import ADAPTED_IMAGE
-from protocol.control import ANNOTATORS_WITHOUT_WEIGHTS
+from protocol.control import mappable_types
 from protocol.engine import IMAGE, IMAGE_INFO, ImageEngineOptions, ImageProgress, NoMessage
 from protocol.messages import LeasedJob
 from protocol.params import sampled_steps
@@ -65,7 +65,7 @@ class ImageWorker:
             # ControlNet: the types it has a model for; of those, the ones whose control map
             # it can make (the others only from a ready map: image_is_control)
             controlnets=sorted(config.controlnets),
-            control_annotators=sorted(set(config.controlnets) & ANNOTATORS_WITHOUT_WEIGHTS),
+            control_annotators=sorted(set(config.controlnets) & mappable_types(config.annotators)),
             loras=adapters is not None,
         )
         # LoRAs and textual inversions from CivitAI (None: not taken)
@@ -89,6 +89,7 @@ class ImageWorker:
                 str(config.post_processors_dir) if config.post_processors_dir else None
             ),
             controlnets={kind: str(path) for kind, path in config.controlnets.items()},
+            annotators={name: str(path) for name, path in config.annotators.items()},
         )
         adapters = None
         if config.adapters is not None:
@@ -304,7 +305,7 @@ class ImageWorker:
 
 def engine_policy(config: ImageWorkerConfig) -> SandboxPolicy:
     """The engine's confinement: no network, the model read-only, nothing else of ours."""
-    model_files = [Path(config.model), *config.controlnets.values()]
+    model_files = [Path(config.model), *config.controlnets.values(), *config.annotators.values()]
     if config.model_config is not None:
         model_files.append(config.model_config)
     if config.post_processors_dir is not None:
@@ -350,7 +351,7 @@ def engine_info(sandboxed: bool = True) -> dict[str, Any]:
         "transformers",
         "numpy",
         "pillow",
-        "opencv-python-headless",  # (the canny control maps)
+        "opencv-python-headless",  # (the canny, scribble and HED control maps)
     ):
         try:
             versions[package] = metadata.version(package)
