@@ -67,7 +67,9 @@ def extras(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Itera
     try:
         args = image_worker_args(network.url, tiny_models, tmp, "extras")
         args[args.index("--model") + 1] = str(model)
-        network.start("extras", [*args, "--post-processors", str(post)]).wait_for("ready", 180)
+        worker = network.start("extras", [*args, "--post-processors", str(post)])
+        worker.wait_for("ready", 180)
+        assert network.sandboxed(worker) is True
         key = network.register("alice")
         torch.set_num_threads(1)
         yield Extras(network, key, model, upscaler, gfpgan)
