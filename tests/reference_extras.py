@@ -60,7 +60,8 @@ def rrdbnet(scale: int, seed: int) -> torch.nn.Module:
 
 
 def gfpgan_model(seed: int) -> torch.nn.Module:
-    """A random-weight GFPGANv1Clean at its fixed 512x512 (GFPGAN v1.3/v1.4's shape)."""
+    """A random-weight GFPGANv1Clean at its fixed 512x512 (GFPGAN v1.3/v1.4's shape), with
+    noise strengths of 0.1."""
     torch.manual_seed(seed)
     gfpgan = spandrel_module("architectures.GFPGAN").GFPGAN
     model: torch.nn.Module = gfpgan(
@@ -75,6 +76,12 @@ def gfpgan_model(seed: int) -> torch.nn.Module:
         narrow=1,
         sft_half=True,
     )
+    # StyleGAN's noise strengths start at zero, which would make the decoder's noise (and
+    # so the seed) irrelevant; a trained GFPGAN's are not zero
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("stylegan_decoder.style_conv") and param.shape == (1,):
+                param.fill_(0.1)
     return model.eval()
 
 

@@ -1,5 +1,6 @@
 """Image extras in the engine (issue 24 part B): the hires fix against plain diffusers, the
-post-processors against spandrel's architectures called directly, on random weights."""
+upscalers against spandrel's architectures called directly, on random weights. GFPGAN is
+tested through a real worker (tests/e2e/test_image_extras.py): its weights are large."""
 
 from __future__ import annotations
 
@@ -21,13 +22,7 @@ from safetensors.torch import save_file
 from protocol.infotext import PNG_PARAMETERS_KEY
 from protocol.params import ImageParams
 from tests.reference import plain_image, plain_pipeline
-from tests.reference_extras import (
-    gfpgan_model,
-    plain_face_fix,
-    plain_hires,
-    plain_upscale,
-    rrdbnet,
-)
+from tests.reference_extras import plain_hires, plain_upscale, rrdbnet
 from worker.errors import InvalidGenerationInput, ModelNotFound, UnsafeWeights
 from worker.image.engine import ImageEngine
 from worker.image.post_files import post_processor_files
@@ -169,19 +164,6 @@ def test_two_x_upscale_to_1024(upscalers: Path) -> None:
     out = post.apply(image, params, seed=0)
     assert out.size == (1024, 1024)
     _close(np.asarray(out), np.asarray(plain_upscale(rrdbnet(2, seed=1), image)))
-
-
-@pytest.mark.slow
-def test_gfpgan_matches_spandrel() -> None:
-    model = gfpgan_model(seed=3)
-    post = PostProcessors({"GFPGAN": load_post_processor("GFPGAN", _state(model))}, CPU)
-    rng = np.random.default_rng(6)
-    crop = Image.fromarray(rng.integers(0, 256, (96, 80, 3), dtype=np.uint8))
-    params = ImageParams(prompt="x", post_processing=["GFPGAN"], facefixer_strength=0.6)
-    out = post.apply(crop, params, seed=11)
-    assert out.size == crop.size
-    _close(np.asarray(out), np.asarray(plain_face_fix(model, crop, 0.6, seed=11)))
-    assert np.abs(np.asarray(out).astype(int) - np.asarray(crop).astype(int)).max() > 10
 
 
 def test_post_processor_files_and_weights(upscalers: Path, tmp_path: Path) -> None:
