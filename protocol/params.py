@@ -331,6 +331,12 @@ class ImageParams(BaseModel):
         )
         if problem is not None and problem[0] == field:
             raise ValueError(problem[1])
+        if field == "return_control_map" and value is True and data.get("post_processing"):
+            # (post_processing is validated before the control fields)
+            raise ValueError(
+                "return_control_map returns the control map, which is not post-processed; "
+                "leave post_processing out, or return_control_map"
+            )
         return value
 
     @field_validator("karras")

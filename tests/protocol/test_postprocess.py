@@ -73,3 +73,16 @@ def test_parameters_text_records_the_extras() -> None:
         'Hires upscaler: Latent, Postprocessing: "GFPGAN, RealESRGAN_x2plus", '
         "Face restoration strength: 0.25"
     )
+
+
+def test_a_returned_control_map_is_not_post_processed() -> None:
+    control = {
+        "prompt": "p",
+        "source_processing": "img2img",
+        "control_type": "canny",
+        "return_control_map": True,
+    }
+    assert ImageParams.model_validate(control).return_control_map
+    with pytest.raises(ValidationError, match="return_control_map returns the control map") as err:
+        ImageParams.model_validate({**control, "post_processing": ["RealESRGAN_x2plus"]})
+    assert err.value.errors()[0]["loc"] == ("return_control_map",)
