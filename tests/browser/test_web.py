@@ -762,6 +762,9 @@ def test_image_extras_are_offered_as_workers_serve_them_and_reach_the_job(
     expect(page.get_by_label("Image is the control map")).to_be_enabled()
     expect(page.get_by_label("Denoising strength")).to_be_disabled()
     page.get_by_label("Return the control map").check()
+    # the map is returned as made, never post-processed: the coordinator refuses the pair
+    expect(page.locator("#quote")).to_contain_text("Fix the marked fields")
+    page.get_by_label("Return the control map").uncheck()
     expect(page.locator("#quote")).to_contain_text("Costs")
     session.screenshot("image-extras", full_page=False)
     with page.expect_response("**/api/v1/jobs/image") as created:
@@ -770,7 +773,7 @@ def test_image_extras_are_offered_as_workers_serve_them_and_reach_the_job(
     params = _job_params(grid, job_id)
     assert params["post_processing"] == ["GFPGAN", "RealESRGAN_x2plus"]
     assert params["facefixer_strength"] == 0.5
-    assert params["control_type"] == "canny" and params["return_control_map"] is True
+    assert params["control_type"] == "canny" and "return_control_map" not in params
     assert params["source_processing"] == "img2img" and "image_is_control" not in params
     assert params.get("denoising_strength", 0.75) == 0.75
     # (no real worker serves these: the job waits until cancelled)
