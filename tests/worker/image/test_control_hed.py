@@ -5,7 +5,6 @@ diffusers' ControlNet pipeline fed those maps; `--annotator` and what a worker a
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from protocol.params import ImageParams
 from tests.reference import plain_controlnet, plain_pipeline
+from tests.worker.image.test_control import BASE, TOLERANCE, _encode, _pixels
 from worker.errors import InvalidGenerationInput, ModelNotFound
 from worker.image.config import ImageWorkerConfig
 from worker.image.engine import ImageEngine
@@ -40,18 +40,6 @@ pytestmark = [
         "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
     ),
 ]
-
-BASE: dict[str, Any] = {
-    "prompt": "a photo of a red cat",
-    "width": 64,
-    "height": 64,
-    "steps": 4,
-    "cfg_scale": 7.0,
-    "seed": 11,
-    "sampler": "Euler",
-    "source_processing": "img2img",
-}
-TOLERANCE = 2
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +85,6 @@ def _source() -> Image.Image:
 def _sized() -> np.ndarray:
     image = _source().convert("RGB").resize((64, 64), Image.Resampling.LANCZOS)
     return np.asarray(image)
-
-
-def _encode(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _pixels(png: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(png)) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def _run(engine: ImageEngine, **fields: Any) -> list[bytes]:
