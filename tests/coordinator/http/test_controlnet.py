@@ -121,26 +121,10 @@ async def test_a_control_job_goes_only_to_a_worker_that_can_serve_it(live: LiveA
     assert still is not None and still.state == "queued"
 
 
-@pytest.fixture
-async def checked(coordinator_config: CoordinatorConfig) -> AsyncIterator[LiveApp]:
-    """Every untrusted result is spot-checked by the operator's (trusted) workers."""
-    config = dataclasses.replace(
-        coordinator_config,
-        spot_check_rate=1.0,
-        spot_check_min_rate=1.0,
-        max_pixel_steps_per_second=float("inf"),
-        trusted_accounts=frozenset({"operator"}),
-        verify_distinct_ip=False,  # everyone is on 127.0.0.1 here
-    )
-    runner, app = await start_app(config)
-    try:
-        yield app
-    finally:
-        await runner.cleanup()
-
-
-async def test_a_spot_check_reruns_a_control_job_on_a_verifier_that_can(checked: LiveApp) -> None:
-    live = checked
+async def test_a_spot_check_reruns_a_control_job_on_a_verifier_that_can(
+    checked_network: LiveApp,
+) -> None:
+    live = checked_network
     requester, donor, operator = await register_accounts(live.url, "asker", "donor", "operator")
     body = {**request(control_type="canny"), "source_image": webp((40, 50, 60))}
     await Horde(live.url, requester).ok("POST", "/v2/generate/async", body, 202)

@@ -20,7 +20,6 @@ from protocol.postprocess import POST_PROCESSORS
 from tests.conftest import LiveApp, start_app
 from tests.coordinator.http.test_horde import Horde, request
 from tests.coordinator.http.test_is_possible import possible
-from tests.coordinator.http.test_source_images import checked_network  # noqa: F401 (fixture)
 from tests.fakes import CAPS, FakeWorker, png, register_accounts
 from worker.errors import CoordinatorRejected
 
@@ -111,7 +110,7 @@ async def test_refused_post_processors_are_named(live: LiveApp) -> None:
 
 
 async def test_a_spot_check_goes_to_a_referee_holding_the_post_processors(
-    checked_network: LiveApp,  # noqa: F811 (the fixture)
+    checked_network: LiveApp,
 ) -> None:
     live = checked_network
     requester, donor, operator = await register_accounts(live.url, "asker", "donor", "operator")

@@ -4,21 +4,17 @@ only to workers that take them."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import AsyncIterator
-
 import pytest
 
 from client.api.worker_routes import Capabilities
 from client.errors import ApiError
 from client.sdk import AsyncClient
-from coordinator.config import CoordinatorConfig
 from protocol.cost import image_cost
 from protocol.loras import LoraSpec, ResolvedAdapter, TiSpec
 from protocol.messages import LeasedJob
 from protocol.params import ImageParams
 from protocol.signing import params_hash
-from tests.conftest import LiveApp, start_app
+from tests.conftest import LiveApp
 from tests.coordinator.http.test_horde import Horde, request
 from tests.fakes import FakeWorker, png, register_accounts
 from worker.errors import CoordinatorRejected
@@ -76,24 +72,6 @@ async def test_only_workers_that_take_loras_are_offered_them(live: LiveApp) -> N
         job = await taker.link.pop(Capabilities(**CAPS, loras=True), 0)
         assert job is not None and job.id == created.id
         assert job.params.tis == params.tis
-
-
-@pytest.fixture
-async def checked_network(coordinator_config: CoordinatorConfig) -> AsyncIterator[LiveApp]:
-    """Every untrusted result is spot-checked by the operator's (trusted) workers."""
-    config = dataclasses.replace(
-        coordinator_config,
-        spot_check_rate=1.0,
-        spot_check_min_rate=1.0,
-        max_pixel_steps_per_second=float("inf"),
-        trusted_accounts=frozenset({"operator"}),
-        verify_distinct_ip=False,  # everyone is on 127.0.0.1 here
-    )
-    runner, app = await start_app(config)
-    try:
-        yield app
-    finally:
-        await runner.cleanup()
 
 
 def _used(job: LeasedJob, sha: str = "ab" * 32) -> list[ResolvedAdapter]:

@@ -5,12 +5,10 @@ stored content-addressed, their digests in the job's parameters."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import io
 import json
 import zlib
-from collections.abc import AsyncIterator
 
 import aiohttp
 import numpy as np
@@ -18,10 +16,9 @@ import pytest
 from PIL import Image
 
 from client.api import worker_routes
-from coordinator.config import CoordinatorConfig
 from coordinator.http.bodies import body_limit
 from coordinator.http.state import FILES
-from tests.conftest import LiveApp, start_app
+from tests.conftest import LiveApp
 from tests.coordinator.http.test_horde import Horde, request, webp
 from tests.fakes import CAPS, FakeWorker, png, register_accounts
 from worker.errors import CoordinatorRejected, LeaseLost
@@ -243,24 +240,6 @@ async def test_a_512_noise_source_is_taken_whole(live: LiveApp) -> None:
     assert job is not None and job.params.source_image == digest(source)
     async with live.app[FILES].local_copy(digest(source)) as path:
         assert path.read_bytes() == base64.b64decode(source)
-
-
-@pytest.fixture
-async def checked_network(coordinator_config: CoordinatorConfig) -> AsyncIterator[LiveApp]:
-    """Every untrusted result is spot-checked by the operator's (trusted) workers."""
-    config = dataclasses.replace(
-        coordinator_config,
-        spot_check_rate=1.0,
-        spot_check_min_rate=1.0,
-        max_pixel_steps_per_second=float("inf"),
-        trusted_accounts=frozenset({"operator"}),
-        verify_distinct_ip=False,  # everyone is on 127.0.0.1 here
-    )
-    runner, app = await start_app(config)
-    try:
-        yield app
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_spot_check_reruns_with_the_same_source(checked_network: LiveApp) -> None:
