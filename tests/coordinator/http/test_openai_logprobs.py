@@ -3,7 +3,6 @@ in-process coordinator (127.0.0.1) and a gateway core on the tiny model."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any
 
@@ -16,7 +15,7 @@ from tests.coordinator.http.test_kobold_samplers import (  # noqa: F401  (fixtur
     core,
     grid,
 )
-from tests.coordinator.http.test_structured_output import client, serve_all
+from tests.coordinator.http.test_structured_output import answered, client
 from worker.llm.gateway.core import GenerationCore
 
 
@@ -28,7 +27,9 @@ async def test_logprobs_are_consistent_with_the_text(
 ) -> None:
     live, gateway, key = grid["live"], grid["gateway"], grid["keys"]["alice"]
     async with client(live.url, key) as oai:
-        request = asyncio.create_task(
+        completion, (job,) = await answered(
+            gateway,
+            core,
             oai.chat.completions.create(
                 model=MODEL.name,
                 messages=[{"role": "user", "content": "Tell me a story"}],
@@ -37,10 +38,8 @@ async def test_logprobs_are_consistent_with_the_text(
                 seed=5,
                 logprobs=True,
                 top_logprobs=20,
-            )
+            ),
         )
-        (job,) = await serve_all(gateway, core, 1)
-        completion = await request
     assert job.params.logprobs and job.params.top_logprobs == 20
     (choice,) = completion.choices
     assert choice.logprobs is not None and choice.logprobs.content is not None
@@ -67,23 +66,23 @@ async def test_without_logprobs_there_are_none(
 ) -> None:
     live, gateway, key = grid["live"], grid["gateway"], grid["keys"]["alice"]
     async with client(live.url, key) as oai:
-        request = asyncio.create_task(
+        completion, (job,) = await answered(
+            gateway,
+            core,
             oai.chat.completions.create(
                 model=MODEL.name,
                 messages=[{"role": "user", "content": "Hi"}],
                 max_tokens=4,
                 logprobs=True,
-            )
+            ),
         )
-        (job,) = await serve_all(gateway, core, 1)
-        completion = await request
-        request = asyncio.create_task(
+        without, (plain,) = await answered(
+            gateway,
+            core,
             oai.chat.completions.create(
                 model=MODEL.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
-            )
+            ),
         )
-        (plain,) = await serve_all(gateway, core, 1)
-        without = await request
     # logprobs alone: the chosen tokens, no alternatives
     content = completion.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content and all(entry.top_logprobs == [] for entry in content)
@@ -97,13 +96,13 @@ async def test_legacy_completions_logprobs(
 ) -> None:
     live, gateway, key = grid["live"], grid["gateway"], grid["keys"]["alice"]
     async with client(live.url, key) as oai:
-        request = asyncio.create_task(
+        completion, (job,) = await answered(
+            gateway,
+            core,
             oai.completions.create(
                 model=MODEL.name, prompt="Once upon", max_tokens=12, seed=2, logprobs=5
-            )
+            ),
         )
-        (job,) = await serve_all(gateway, core, 1)
-        completion = await request
     assert job.params.top_logprobs == 5
     (choice,) = completion.choices
     logprobs = choice.logprobs

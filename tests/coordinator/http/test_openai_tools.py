@@ -3,7 +3,6 @@ coordinator (127.0.0.1) and a gateway that runs the leased jobs on the tiny mode
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -21,7 +20,7 @@ from tests.coordinator.http.test_kobold_samplers import (  # noqa: F401  (fixtur
     core,
     grid,
 )
-from tests.coordinator.http.test_structured_output import client, serve_all
+from tests.coordinator.http.test_structured_output import answered, client
 from worker.llm.gateway.chat_format import render_chat
 from worker.llm.gateway.core import GenerationCore
 
@@ -82,7 +81,9 @@ async def test_a_named_tool_call_validates_at_temperature_1(
 ) -> None:
     live, gateway, key = grid["live"], grid["gateway"], grid["keys"]["alice"]
     async with client(live.url, key) as oai:
-        request = asyncio.create_task(
+        completion, jobs = await answered(
+            gateway,
+            core,
             oai.chat.completions.create(
                 model=MODEL.name,
                 messages=[{"role": "user", "content": "Weather in Oslo?"}],
@@ -92,10 +93,9 @@ async def test_a_named_tool_call_validates_at_temperature_1(
                 max_tokens=48,
                 n=3,
                 seed=11,
-            )
+            ),
+            n=3,
         )
-        jobs = await serve_all(gateway, core, 3)
-        completion = await request
     # the job carries the tools as sent; the tiny model's template has no tools section, so
     # the gateway puts them in its system prompt; the answer is constrained to a call
     for job in jobs:
@@ -131,7 +131,9 @@ async def test_required_calls_one_of_the_tools_and_history_is_rendered(
         {"role": "user", "content": "And the weather?"},
     ]
     async with client(live.url, key) as oai:
-        request = asyncio.create_task(
+        completion, (job,) = await answered(
+            gateway,
+            core,
             oai.chat.completions.create(
                 model=MODEL.name,
                 messages=history,
@@ -140,10 +142,8 @@ async def test_required_calls_one_of_the_tools_and_history_is_rendered(
                 tool_choice="required",
                 temperature=0.0,
                 max_tokens=48,
-            )
+            ),
         )
-        (job,) = await serve_all(gateway, core, 1)
-        completion = await request
     messages = job.params.messages
     assert messages is not None and messages[0].content == "You help."
     assert "<|system|>\nYou help.\n\nYou can call these tools" in prompt(core, job.params)
@@ -173,9 +173,7 @@ async def test_a_streamed_call_comes_whole_with_the_usage(
             )
             return [chunk async for chunk in stream]
 
-        request = asyncio.create_task(collect())
-        await serve_all(gateway, core, 1)
-        chunks = await request
+        chunks, _ = await answered(gateway, core, collect())
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     finish = [c.choices[0].finish_reason for c in chunks[:-1] if c.choices[0].finish_reason]
     calls = [c.choices[0].delta.tool_calls for c in chunks[:-1] if c.choices[0].delta.tool_calls]
@@ -193,7 +191,9 @@ async def test_tool_choice_none_answers_text(
 ) -> None:
     live, gateway, key = grid["live"], grid["gateway"], grid["keys"]["alice"]
     async with client(live.url, key) as oai:
-        request = asyncio.create_task(
+        completion, (job,) = await answered(
+            gateway,
+            core,
             oai.chat.completions.create(
                 model=MODEL.name,
                 messages=[{"role": "user", "content": "Hello"}],
@@ -201,10 +201,8 @@ async def test_tool_choice_none_answers_text(
                 tool_choice="none",
                 max_tokens=8,
                 seed=1,
-            )
+            ),
         )
-        (job,) = await serve_all(gateway, core, 1)
-        completion = await request
     assert job.params.response_format is None and job.params.tools is None
     assert job.params.messages is not None and len(job.params.messages) == 1
     (choice,) = completion.choices

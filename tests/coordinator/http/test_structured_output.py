@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import aiohttp
 import jsonschema_rs
@@ -39,6 +40,8 @@ SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
+T = TypeVar("T")
+
 
 def client(live_url: str, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{live_url}/v1", api_key=key, max_retries=0, timeout=60)
@@ -46,6 +49,18 @@ def client(live_url: str, key: str) -> openai.AsyncOpenAI:
 
 async def serve_all(gateway: CoordinatorLink, core: GenerationCore, n: int) -> list[LeasedTextJob]:  # noqa: F811
     return [await serve(gateway, core) for _ in range(n)]
+
+
+async def answered(
+    gateway: CoordinatorLink,
+    core: GenerationCore,  # noqa: F811
+    request: Awaitable[T],
+    n: int = 1,
+) -> tuple[T, list[LeasedTextJob]]:
+    """`request`'s answer once the gateway has served the `n` jobs it makes, and the jobs."""
+    task = asyncio.ensure_future(request)
+    jobs = await serve_all(gateway, core, n)
+    return await task, jobs
 
 
 async def test_a_strict_schema_validates_whenever_the_answer_stops(
@@ -56,7 +71,9 @@ async def test_a_strict_schema_validates_whenever_the_answer_stops(
     past the largest seed); each choice that stops is JSON valid against the schema."""
     live, gateway, key = grid["live"], grid["gateway"], grid["keys"]["alice"]
     async with client(live.url, key) as oai:
-        request = asyncio.create_task(
+        completion, jobs = await answered(
+            gateway,
+            core,
             oai.chat.completions.create(
                 model=MODEL.name,
                 messages=[{"role": "user", "content": "The weather, as JSON"}],
@@ -70,10 +87,9 @@ async def test_a_strict_schema_validates_whenever_the_answer_stops(
                     "type": "json_schema",
                     "json_schema": {"name": "weather", "schema": SCHEMA, "strict": True},
                 },
-            )
+            ),
+            n=3,
         )
-        jobs = await serve_all(gateway, core, 3)
-        completion = await request
     assert sorted(job.params.seed for job in jobs if job.params.seed is not None) == [
         0,
         MAX_SEED - 1,
@@ -104,17 +120,17 @@ async def test_json_object_mode_answers_an_object(
 ) -> None:
     live, gateway, key = grid["live"], grid["gateway"], grid["keys"]["alice"]
     async with client(live.url, key) as oai:
-        request = asyncio.create_task(
+        completion, (job,) = await answered(
+            gateway,
+            core,
             oai.chat.completions.create(
                 model=MODEL.name,
                 messages=[{"role": "user", "content": "Anything, as JSON"}],
                 temperature=0.0,
                 max_tokens=48,
                 response_format={"type": "json_object"},
-            )
+            ),
         )
-        (job,) = await serve_all(gateway, core, 1)
-        completion = await request
     assert job.params.response_format is not None
     assert job.params.response_format.type == "json_object"
     (choice,) = completion.choices
@@ -171,11 +187,11 @@ async def test_the_anonymous_key_is_an_anonymous_request(
     """AI Horde's anonymous key works as the bearer token, with the anonymous limits."""
     live, gateway = grid["live"], grid["gateway"]
     async with client(live.url, ANONYMOUS_KEY) as oai:
-        request = asyncio.create_task(
-            oai.completions.create(model=MODEL.name, prompt="Hello", max_tokens=8, seed=3)
+        completion, (job,) = await answered(
+            gateway,
+            core,
+            oai.completions.create(model=MODEL.name, prompt="Hello", max_tokens=8, seed=3),
         )
-        (job,) = await serve_all(gateway, core, 1)
-        completion = await request
         # an anonymous job: anyone may read it without a key
         async with AsyncClient(live.url) as anyone:
             status = await anyone.text_job(job.id)
