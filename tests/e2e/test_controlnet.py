@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -25,15 +24,6 @@ from worker.image.control import load_controlnet
 from worker.models.tiny_controlnet import build_tiny_controlnet
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def control_network(tmp_path: Path, tiny_models: Path) -> Iterator[Network]:
-    net = Network(tmp_path, tiny_models, lease_timeout=30)
-    try:
-        yield net
-    finally:
-        net.close()
 
 
 def _source() -> Image.Image:
@@ -60,9 +50,9 @@ def _b64(image: Image.Image) -> str:
 
 
 def test_controlnet_jobs_through_a_real_worker_equal_diffusers(
-    control_network: Network, tiny_models: Path
+    image_network: Network, tiny_models: Path
 ) -> None:
-    network = control_network
+    network = image_network
     canny_dir = build_tiny_controlnet(tiny_models / "sd", network.tmp / "control-canny")
     depth_file = network.tmp / "control-depth.safetensors"
     build_tiny_controlnet(tiny_models / "sd", depth_file, single_file=True, original=True)

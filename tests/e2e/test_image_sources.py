@@ -26,15 +26,6 @@ from tests.reference import plain_img2img, plain_inpaint, plain_pipeline
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def source_network(tmp_path: Path, tiny_models: Path) -> Iterator[Network]:
-    net = Network(tmp_path, tiny_models, lease_timeout=30)
-    try:
-        yield net
-    finally:
-        net.close()
-
-
 def _source() -> Image.Image:
     """A 96x80 picture with some structure (resized to the job's size by both sides)."""
     ramp = np.linspace(0, 255, 96, dtype=np.uint8)
@@ -75,9 +66,9 @@ def _finished_image(url: str, key: str, job_id: str) -> np.ndarray:
 
 
 def test_img2img_through_both_doors_equals_diffusers_img2img(
-    source_network: Network, tiny_models: Path
+    image_network: Network, tiny_models: Path
 ) -> None:
-    network = source_network
+    network = image_network
     network.worker("painter")
     alice = network.register("alice")  # (the CLI's saved key too)
     source = _b64(_source())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,23 +18,14 @@ from tests.e2e.test_image_network import Network
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def network(tmp_path: Path, tiny_models: Path) -> Iterator[Network]:
-    net = Network(tmp_path, tiny_models, lease_timeout=30)
-    try:
-        yield net
-    finally:
-        net.close()
-
-
 PROMPT = "a lighthouse [in a storm:at dawn:2] BREAK oil painting"
 
 
-def test_cli_extras_reach_a_real_worker(network: Network, tiny_models: Path) -> None:
-    network.worker("painter")
-    network.register("alice")
-    out = network.tmp / "out"
-    done = network.cli(
+def test_cli_extras_reach_a_real_worker(image_network: Network, tiny_models: Path) -> None:
+    image_network.worker("painter")
+    image_network.register("alice")
+    out = image_network.tmp / "out"
+    done = image_network.cli(
         "generate",
         PROMPT,
         "--negative",
