@@ -50,6 +50,10 @@ class Offer:
     control_annotators: tuple[str, ...] = ()
     # jobs with LoRAs or textual inversions (fetched from CivitAI by the worker)
     loras: bool = False
+    # the checkpoint's hash and family it reported (the pop checked the hash against the
+    # image model reference, coordinator.economy.image_models)
+    checkpoint_sha256: str | None = None
+    baseline: str | None = None
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))

@@ -297,6 +297,8 @@ def _run(args: argparse.Namespace) -> int:
         controlnets=controlnets(settings.controlnet),
         annotators=annotators(settings.annotator),
         adapters=_adapter_settings(settings),
+        baseline=typing.cast("Baseline", settings.baseline),
+        checkpoint_hash_cache=Path.home() / ".cache" / "idlegrid" / "checkpoint-hashes.json",
     )
     with claimed:
         return asyncio.run(_serve(config, claimed.identity))
