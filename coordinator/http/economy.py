@@ -49,6 +49,8 @@ async def quote_image(request: web.Request, call: Call[ImageParams]) -> Quote:
         check_anonymous_limits(request, params)
     if "width" not in params.model_fields_set and "height" not in params.model_fields_set:
         params = image_models.with_default_size(request.app[CONFIG], params)
+    # (the model's limits; a quote has no nsfw flag: an NSFW model is quoted too)
+    image_models.check_job(request.app[CONFIG], params, nsfw=True)
     cost = image_models.price(request.app[CONFIG], params)
     return await store.ledger.quote(
         account, cost, await store.image_jobs.quote_place(account, cost)

@@ -252,6 +252,7 @@ async def image_async(
     body = call.body
     params, sources = await image_params(request, body)
     if body.dry_run:
+        image_models.check_job(request.app[CONFIG], params, body.nsfw, "params.")
         kudos = image_models.price(request.app[CONFIG], params)
         return web.json_response(DryRun(kudos=float(kudos)).model_dump())
     job = await queue_image(

@@ -162,8 +162,11 @@ async def test_jobs_are_held_to_their_models_limits(catalogued: LiveApp) -> None
     # AI Horde's door: the same limits, named where its clients put them
     horde = Horde(live.url, asker)
     body: dict[str, Any] = {"prompt": "a cube", "models": ["Tiny XL"], "params": {"steps": 40}}
-    message = await horde.error("POST", "/v2/generate/async", body, 400, "BadRequest")
-    assert "params.steps" in message
+    for dry in (False, True):
+        message = await horde.error(
+            "POST", "/v2/generate/async", {**body, "dry_run": dry}, 400, "BadRequest"
+        )
+        assert "params.steps" in message
     body = {"prompt": "a cube", "models": ["Naughty"], "params": {"steps": 4}}
     assert "nsfw" in await horde.error("POST", "/v2/generate/async", body, 400, "BadRequest")
     created = await horde.ok("POST", "/v2/generate/async", {**body, "nsfw": True}, 202)
