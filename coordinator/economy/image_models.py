@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from coordinator.config import CoordinatorConfig
 from coordinator.economy.text_models import parse_catalog
 from coordinator.errors import BadRequest
-from protocol.cost import image_cost
+from protocol.cost import BASELINE_FACTORS, image_cost
 from protocol.image_models import ImageModel
 from protocol.loras import BASELINES, Baseline
 from protocol.params import MAX_SIDE, MIN_SIDE, ImageParams
@@ -42,6 +42,7 @@ __all__ = [
     "check_job",
     "check_pop",
     "find",
+    "named_only",
     "parse_image_models",
     "price",
     "uncatalogued_allowed",
@@ -159,6 +160,16 @@ def baseline(config: CoordinatorConfig, params: ImageParams) -> Baseline:
     requesters pay."""
     model = find(config, params.model)
     return "sd1" if model is None else model.baseline
+
+
+def named_only(config: CoordinatorConfig, models: Sequence[str]) -> bool:
+    """Whether a worker offering `models` gets only jobs naming one of them: when each is a
+    catalog model costing more than sd1 (SDXL), since a job naming no model is priced as
+    sd1 and would pay it less than its work costs."""
+    baselines = [find(config, name) for name in models]
+    return bool(baselines) and all(
+        m is not None and BASELINE_FACTORS[m.baseline] > BASELINE_FACTORS["sd1"] for m in baselines
+    )
 
 
 def price(config: CoordinatorConfig, params: ImageParams) -> int:

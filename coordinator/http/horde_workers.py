@@ -109,6 +109,7 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         post_processors=tuple(sorted(held)),
         controlnets=tuple(sorted(controls)),
         control_annotators=tuple(sorted(controls)),
+        named_only=image_models.named_only(request.app[CONFIG], body.models),
     )
     poll = store.workers.poll_note(
         worker, ip, kind="image", models=body.models, offer=offer.dumps()
@@ -128,6 +129,7 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
             post_processors=frozenset(offer.post_processors),
             controlnets=offer.controlnets,
             control_annotators=offer.control_annotators,
+            named_only=offer.named_only,
         ),
     )()
     if job is None:

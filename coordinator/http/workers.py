@@ -116,6 +116,7 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
         loras=body.loras,
         checkpoint_sha256=body.checkpoint_sha256,
         baseline=body.baseline,
+        named_only=image_models.named_only(request.app[CONFIG], body.models),
     )
     # a catalog name only with its checkpoint; others only where the operator allows them
     image_models.check_pop(request.app[CONFIG], body.models, body.checkpoint_sha256)
@@ -140,6 +141,7 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
             controlnets=offer.controlnets,
             control_annotators=offer.control_annotators,
             loras=offer.loras,
+            named_only=offer.named_only,
         )
 
     job = await long_poll(

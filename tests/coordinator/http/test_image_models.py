@@ -210,11 +210,13 @@ async def test_an_sdxl_job_costs_twice_from_reservation_to_settlement(
         async with AsyncClient(live.url, asker) as grid:
             before = (await grid.me()).kudos
             quote = await grid.quote_image(params)
+            # a job naming no model is priced as sd1: an SDXL-only worker does not take it
+            unnamed = await grid.submit_image(plain)
             created = await grid.submit_image(params)
             cost = created.kudos_cost
             assert cost == quote.kudos_cost == image_cost(params, "sdxl")
             assert image_cost(plain) == 2 and cost == 4
-            assert (await grid.me()).kudos == before - cost
+            assert (await grid.me()).kudos == before - cost - unnamed.kudos_cost
             dry = await Horde(live.url, asker).ok(
                 "POST",
                 "/v2/generate/async",
@@ -233,7 +235,8 @@ async def test_an_sdxl_job_costs_twice_from_reservation_to_settlement(
             accepted = await worker.link.submit(job, job.params.seeds(), [png(1, 256, 256)])
         assert accepted.kudos_earned + accepted.kudos_held == cost
         async with AsyncClient(live.url, asker) as grid:
-            assert (await grid.me()).kudos == before - cost
+            assert (await grid.me()).kudos == before - cost - unnamed.kudos_cost
+            assert (await grid.job(unnamed.id)).state == "queued"
         audit = await live.store.ledger.audit()
         assert audit["unbalanced_entries"] == 0 and audit["balance_rows_off"] == 0
         assert audit["transferable_excess"] == 0
