@@ -151,8 +151,9 @@ async def test_jobs_are_held_to_their_models_limits(catalogued: LiveApp) -> None
     # an NSFW model only for NSFW requests
     status, answer = await _post(url, {**base, "model": "Naughty"}, asker)
     assert status == 400 and "nsfw=true" in _fields(answer)["nsfw"]
-    status, answer = await _post(url, {**base, "model": "Naughty", "nsfw": True}, asker)
-    assert status == 202, answer
+    async with AsyncClient(live.url, asker) as grid:
+        naughty = ImageParams(prompt="a cube", width=64, height=64, steps=4, model="Naughty")
+        await grid.submit_image(naughty, nsfw=True)
     # a request that gives no size gets the model's default
     status, answer = await _post(url, base, asker)
     assert status == 202, answer
