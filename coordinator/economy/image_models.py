@@ -141,9 +141,24 @@ def _image_model(where: str, entry: Any) -> ImageModel:
 
 
 def find(config: CoordinatorConfig, name: str | None) -> ImageModel | None:
-    if name is None:
+    if name is None or not config.image_models:
         return None
-    return next((m for m in config.image_models if m.name == name), None)
+    return _index(config.image_models).get(name)
+
+
+# id(the config's models) -> (those models, by name): every pop looks its names up
+_INDEXES: dict[int, tuple[tuple[ImageModel, ...], dict[str, ImageModel]]] = {}
+
+
+def _index(models: tuple[ImageModel, ...]) -> dict[str, ImageModel]:
+    known = _INDEXES.get(id(models))
+    if known is not None and known[0] is models:
+        return known[1]
+    index = {m.name: m for m in models}
+    if len(_INDEXES) > 8:  # (one config per process; tests make more)
+        _INDEXES.clear()
+    _INDEXES[id(models)] = (models, index)
+    return index
 
 
 def uncatalogued_allowed(config: CoordinatorConfig) -> bool:

@@ -324,6 +324,7 @@ async def _serve(config: ImageWorkerConfig, identity: Identity) -> int:
     from sandbox.errors import EngineStartFailed
     from worker.common.link import CoordinatorLink
     from worker.common.service import run_until_signalled
+    from worker.errors import CoordinatorRejected
     from worker.image.worker import ImageWorker
 
     link = CoordinatorLink(config.coordinator, identity, config.name, config.api_key)
@@ -338,6 +339,10 @@ async def _serve(config: ImageWorkerConfig, identity: Identity) -> int:
             with status_outputs(worker.status, config.identity_file):
                 if await run_until_signalled(worker.run(), worker.drain):
                     log.info("stopping after %d jobs", worker.jobs_done)
+        except CoordinatorRejected as exc:
+            # e.g. a model of the coordinator's image model reference with another checkpoint
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         finally:
             await worker.aclose()
     finally:
