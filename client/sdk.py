@@ -180,11 +180,13 @@ class AsyncClient(AsyncApi):
         *,
         source_image: bytes | None = None,
         source_mask: bytes | None = None,
+        nsfw: bool = False,
     ) -> ImageJobCreated:
         """Queue an image job (retried through restarts; see `_submit`); with a source
-        image (and mask) as raw PNG, WebP or JPEG bytes."""
+        image (and mask) as raw PNG, WebP or JPEG bytes; `nsfw`: the request is NSFW (for
+        a model the image model reference marks nsfw)."""
         return await self._submit(
-            routes.submit_image(params, idempotency_key, source_image, source_mask)
+            routes.submit_image(params, idempotency_key, source_image, source_mask, nsfw)
         )
 
     async def submit_text(

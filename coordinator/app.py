@@ -23,6 +23,7 @@ from coordinator.http import (  # noqa: F401
     horde,
     horde_text_workers,
     horde_workers,
+    image_models,
     jobs,
     network,
     openai,

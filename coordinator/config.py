@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol.image_models import ImageModel
 from protocol.priority import Aging
 from protocol.text import BUILTIN_DEFAULT_MODEL, BUILTIN_TEXT_MODELS, TextModel
 
@@ -174,6 +175,12 @@ class CoordinatorConfig:
     text_models: tuple[TextModel, ...] = BUILTIN_TEXT_MODELS
     # the model of requests that name none
     default_text_model: str = BUILTIN_DEFAULT_MODEL
+    # the image model reference (`[[image_models]]` of `--models FILE`; coordinator.economy
+    # .image_models): names pinned to a checkpoint hash, with limits, nsfw and baseline
+    image_models: tuple[ImageModel, ...] = ()
+    # whether workers may serve image models the reference does not list
+    # (--allow-uncatalogued-models); None: only while it lists no image model
+    allow_uncatalogued_models: bool | None = None
 
     # registration and grants
     # who may create an account: "open" (anyone), "invite" (with a single-use invite code),

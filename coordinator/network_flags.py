@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from coordinator.accounts import REGISTRATION_MODES
 from coordinator.config import CoordinatorConfig
-from coordinator.economy.text_models import parse_catalog
+from coordinator.economy.image_models import catalog_fields
 from coordinator.http.addresses import parse_networks
 from coordinator.store import Store
 from protocol.settings import Flag
@@ -39,11 +39,22 @@ class NetworkSettings(BaseModel):
         Flag(
             "TOML file of the text models gateways may serve and their sizes, which set "
             f"their price (README: Text models); default: built-in {_BUILT_IN}, "
-            f"default model {_D.default_text_model}",
+            f"default model {_D.default_text_model}; and the image model reference "
+            "(README: Image model reference)",
             metavar="FILE",
             group=NETWORK,
         ),
     ] = None
+
+    allow_uncatalogued_models: Annotated[
+        Literal["auto", "yes", "no"],
+        Flag(
+            "whether image workers may serve models the file's [[image_models]] do not "
+            "list: yes, no, or auto (yes while it lists none) (default %(default)s)",
+            choices=("auto", "yes", "no"),
+            group=NETWORK,
+        ),
+    ] = "auto"
 
     # --- registration and grants ---
     registration: Annotated[
@@ -239,22 +250,24 @@ def network_config(settings: NetworkSettings) -> dict[str, Any]:
         "max_dispute_share": settings.max_dispute_share,
         "trusted_proxies": tuple(settings.trusted_proxy),
         "lease_ttl_factor": settings.lease_ttl_factor,
+        "allow_uncatalogued_models": {"auto": None, "yes": True, "no": False}[
+            settings.allow_uncatalogued_models
+        ],
     }
     if settings.models is not None:
-        fields.update(_text_models(settings.models))
+        fields.update(_catalog(settings.models))
     return fields
 
 
-def _text_models(path: Path) -> dict[str, Any]:
+def _catalog(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SystemExit(f"--models {path}: cannot read it ({exc}); give a TOML file") from None
     try:
-        models, default = parse_catalog(text)
+        return catalog_fields(text)
     except ValueError as exc:
         raise SystemExit(f"--models {path}: {exc}") from None
-    return {"text_models": models, "default_text_model": default}
 
 
 # --- operator actions: change the database and exit ---------------------------------------

@@ -18,6 +18,7 @@ exceptions, documented where they are: a command's settings read the environment
     peer_ids.py    libp2p peer ids: the key behind one, and checking its signature
     infotext.py    the AUTOMATIC1111 `parameters` text stored in PNGs
     loras.py       CivitAI LoRAs and textual inversions of a job; baselines
+    image_models.py  an image model of the operator's reference (hash, limits, baseline)
     adapted.py     the engine call of a job with them; what a result signs about them
     settings.py    one declaration per setting: a command's flags, environment variables
                    and config-file keys from a pydantic model (no I/O: see its docstring)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+from protocol.loras import Baseline
 from protocol.params import ImageParams
 from protocol.postprocess import POST_PROCESSOR_FACTORS
 from protocol.samplers import sampler_factor
 
 __all__ = [
+    "BASELINE_FACTORS",
     "BLOCK_TOKENS_PER_KUDO_AT_1B",
     "CONTROLNET_FACTOR",
     "KUDOS_FOR_TIS",
@@ -35,13 +37,18 @@ SOURCE_IMAGE_FACTOR = 1.5
 # A ControlNet job costs three times as much (AI Horde's kudos_standalone: x3 when it uses
 # ControlNet, on top of the x1.5 for its source image).
 CONTROLNET_FACTOR = 3
+# A job's work costs this much more on a checkpoint of this baseline (AI Horde's
+# kudos_standalone: x2 for SDXL); the baseline is the catalog's for the model the job names
+# (coordinator.economy.image_models.baseline), so it is known when the cost is reserved.
+BASELINE_FACTORS: dict[Baseline, float] = {"sd1": 1.0, "sd2": 1.0, "sdxl": 2.0}
 # AI Horde's add-ons: kudos per LoRA of a job, and once for any textual inversions
 KUDOS_PER_LORA = 3
 KUDOS_FOR_TIS = 1
 
 
-def image_cost(params: ImageParams) -> int:
-    """Kudos for a job: pixels x steps x sampler factor x images, plus
+def image_cost(params: ImageParams, baseline: Baseline = "sd1") -> int:
+    """Kudos for a job: pixels x steps x sampler factor x images x the baseline's factor
+    (BASELINE_FACTORS), plus
     KUDOS_PER_PROMPT_WEIGHT per weighted group and image (x SOURCE_IMAGE_FACTOR with a
     source image; the hires fix adds its second pass's steps at full size; each
     post-processor multiplies by AI Horde's factor, POST_PROCESSOR_FACTORS; x
@@ -51,7 +58,13 @@ def image_cost(params: ImageParams) -> int:
     steps = params.steps
     if params.hires_fix:
         steps += int(params.steps * params.hires_fix_denoising_strength)
-    work: float = params.pixels * steps * sampler_factor(params.sampler) * params.n
+    work: float = (
+        params.pixels
+        * steps
+        * sampler_factor(params.sampler)
+        * params.n
+        * BASELINE_FACTORS[baseline]
+    )
     weights: float = (
         (prompt_weights(params.prompt) + prompt_weights(params.negative_prompt))
         * KUDOS_PER_PROMPT_WEIGHT

@@ -213,6 +213,9 @@ class ImageRequestV2(_In):
     trusted_workers: bool = Field(
         default=False, description="only workers that sign their results (no AI Horde workers)"
     )
+    nsfw: bool = Field(
+        default=False, description="the request is NSFW: needed to name an NSFW model"
+    )
     shared: bool = False
     dry_run: bool = False
 

@@ -11,7 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.control import CONTROL_TYPES, ControlType
-from protocol.loras import MAX_LORAS, MAX_TIS, ResolvedAdapter
+from protocol.image_models import ImageModel
+from protocol.loras import MAX_LORAS, MAX_TIS, Baseline, ResolvedAdapter
 from protocol.params import MAX_N, MAX_SOURCE_BASE64, MAX_STEPS, ImageParams, ModelName
 from protocol.postprocess import POST_PROCESSORS
 
@@ -295,6 +296,11 @@ class ImageJobRequest(ImageParams):
         description="only workers that sign their results (no AI Horde workers, whose results "
         "are unsigned and never checked)",
     )
+    nsfw: bool = Field(
+        default=False,
+        description="the request is NSFW (AI Horde's `nsfw`): needed to name a model the "
+        "image model reference marks nsfw",
+    )
     # here the images themselves, as base64 (the job's parameters then hold their digests)
     source_image: str | None = Field(
         default=None,
@@ -311,8 +317,17 @@ class ImageJobRequest(ImageParams):
 
     def params(self) -> ImageParams:
         return ImageParams.model_validate(
-            self.model_dump(exclude={"signed_only", "source_image", "source_mask"})
+            self.model_dump(exclude={"signed_only", "nsfw", "source_image", "source_mask"})
         )
+
+
+class ImageModelList(_Response):
+    """The coordinator's image model reference (GET /api/v1/models/image)."""
+
+    models: list[ImageModel]
+    uncatalogued: bool = Field(
+        description="whether workers may also serve models the reference does not list"
+    )
 
 
 class JobList(_Response):
@@ -436,6 +451,15 @@ class EngineInfo(_Request):
         description="the engine runs confined (false: the worker's owner passed "
         "--unsandboxed; null: not reported, an older worker)",
     )
+    checkpoint_sha256: str | None = Field(
+        default=None,
+        pattern=HEX_64,
+        description="an image worker's checkpoint hash (worker.image.checkpoint_hash): "
+        "identical pixels are expected only between workers of the same checkpoint",
+    )
+    baseline: Baseline | None = Field(
+        default=None, description="an image worker's checkpoint family (sd1, sd2, sdxl)"
+    )
 
 
 class WorkerInfo(_Response):
@@ -485,6 +509,15 @@ class PopRequest(_Request):
         description="of those, the control types whose map it makes from a source image",
     )
     loras: bool = Field(default=False, description="takes jobs with LoRAs or textual inversions")
+    checkpoint_sha256: str | None = Field(
+        default=None,
+        pattern=HEX_64,
+        description="the checkpoint's hash (worker.image.checkpoint_hash): a model of the "
+        "coordinator's image model reference is popped only with the hash it pins",
+    )
+    baseline: Baseline | None = Field(
+        default=None, description="the checkpoint's family (sd1, sd2, sdxl), as the worker sees it"
+    )
     wait: float = Field(default=10.0, ge=0.0, le=60.0, description="long-poll seconds")
 
 

@@ -128,11 +128,15 @@ def submit_image(
     idempotency_key: str | None = None,
     source_image: bytes | None = None,
     source_mask: bytes | None = None,
+    nsfw: bool = False,
 ) -> Call[ImageJobCreated]:
     """Queue an image job; with `source_image` (and `source_mask`: white = repaint) as the
     raw bytes of a PNG, WebP or JPEG, sent as base64 (`params.source_processing` says what
-    to do with them)."""
+    to do with them); `nsfw`: the request is NSFW (needed for a model the coordinator's
+    image model reference marks nsfw)."""
     fields = _params(params)
+    if nsfw:
+        fields["nsfw"] = True
     for name, data in (("source_image", source_image), ("source_mask", source_mask)):
         if data is not None:
             fields[name] = base64.b64encode(data).decode()

@@ -94,6 +94,10 @@ class Capabilities(BaseModel):
     control_annotators: list[ControlType] = []
     # jobs with LoRAs or textual inversions (protocol.loras)
     loras: bool = False
+    # the checkpoint's hash (worker.image.checkpoint_hash) and family, checked against the
+    # coordinator's image model reference
+    checkpoint_sha256: str | None = None
+    baseline: str | None = None
 
 
 class _Ignored(BaseModel):

@@ -10,6 +10,7 @@ text_settlement.py  a finished text job's report checked, charged and paid out
 horde_text.py       an AI Horde text worker's text: tokens estimated, priced, held
 text_checks.py      text spot checks: gateways' checks of block servers, gateways re-run
 text_models.py      the text model catalog and gateways' offers
+image_models.py     the image model reference: checkpoint hashes at pop, limits, prices
 verification.py     comparing a spot check's images with the original's
 """
 

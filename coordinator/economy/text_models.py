@@ -4,7 +4,8 @@ A model's blocks and parameters price every token of it (protocol.cost), so they
 from the coordinator's catalog (`CoordinatorConfig.text_models`: built-in, or
 `idlegrid coordinator --models FILE`), never from a worker. Requests name a catalog model
 or get the default; a gateway may offer only catalog models with exactly their sizes;
-settlement prices with the catalog. `parse_catalog` reads the TOML file:
+settlement prices with the catalog. `parse_catalog` reads the TOML file (its image models,
+`[[image_models]]`: coordinator.economy.image_models):
 
     default = "smollm2"          # the model of requests that name none
 
@@ -96,9 +97,12 @@ def parse_catalog(text: str) -> tuple[tuple[TextModel, ...], str]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"not valid TOML ({exc})") from None
-    unknown = sorted(set(data) - {"default", "models"})
+    # (its [[image_models]]: coordinator.economy.image_models)
+    unknown = sorted(set(data) - {"default", "models", "image_models"})
     if unknown:
-        raise ValueError(f"{unknown[0]}: unknown key; the file has `default` and [[models]]")
+        raise ValueError(
+            f"{unknown[0]}: unknown key; the file has `default`, [[models]] and [[image_models]]"
+        )
     entries = data.get("models")
     if not isinstance(entries, list) or not entries:
         raise ValueError(

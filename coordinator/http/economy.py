@@ -7,13 +7,13 @@ from typing import Annotated
 
 from aiohttp import web
 
+from coordinator.economy import image_models
 from coordinator.errors import NotFound, UnsandboxedWorker
 from coordinator.http.api import API, Call, UserCall, WorkerCall
 from coordinator.http.idempotency import header_key
 from coordinator.http.jobs import check_anonymous_limits, owned_job
 from coordinator.http.params import WholeNumber
 from coordinator.http.state import CONFIG, SIGNALS, STORE
-from protocol.cost import image_cost
 from protocol.messages import (
     EngineInfo,
     HistoryPage,
@@ -47,7 +47,11 @@ async def quote_image(request: web.Request, call: Call[ImageParams]) -> Quote:
     account = call.account or await store.accounts.anonymous_account()
     if account.anonymous:
         check_anonymous_limits(request, params)
-    cost = image_cost(params)
+    if "width" not in params.model_fields_set and "height" not in params.model_fields_set:
+        params = image_models.with_default_size(request.app[CONFIG], params)
+    # (the model's limits; a quote has no nsfw flag: an NSFW model is quoted too)
+    image_models.check_job(request.app[CONFIG], params, nsfw=True)
+    cost = image_models.price(request.app[CONFIG], params)
     return await store.ledger.quote(
         account, cost, await store.image_jobs.quote_place(account, cost)
     )

@@ -25,13 +25,14 @@ from typing import Annotated, Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
+from coordinator.economy import image_models
 from coordinator.errors import BadRequest, NotFound, Unauthorized
 from coordinator.http.api import API, Call
 from coordinator.http.jobs import owned_job, queue_image, with_sources
 from coordinator.http.network import shared_network_status
 from coordinator.http.params import Choice, Text
 from coordinator.http.possible import unservable_job
-from coordinator.http.state import FILES, SIGNALS, STORE, VIEWS
+from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE, VIEWS
 from coordinator.http.text import choose_model, first_served, visible_text_job
 from coordinator.http.text import submit as submit_text
 from coordinator.jobs import text as text_jobs
@@ -42,7 +43,6 @@ from coordinator.jobs.possible import no_worker_warning
 from coordinator.jobs.source_check import CheckedSources
 from coordinator.jobs.text import TextJob
 from coordinator.store import Account, ImageJob, Store
-from protocol.cost import image_cost
 from protocol.errors import ValidationFailed
 from protocol.horde import (
     ANONYMOUS_KEY,
@@ -230,6 +230,8 @@ async def image_params(
             **({"tis": p.tis} if p.tis else {}),
         },
     )
+    if "width" not in p.model_fields_set and "height" not in p.model_fields_set:
+        params = image_models.with_default_size(request.app[CONFIG], params)
     return await with_sources(params, body.source_image or None, body.source_mask or None)
 
 
@@ -250,11 +252,15 @@ async def image_async(
     body = call.body
     params, sources = await image_params(request, body)
     if body.dry_run:
-        return web.json_response(DryRun(kudos=float(image_cost(params))).model_dump())
+        image_models.check_job(request.app[CONFIG], params, body.nsfw, "params.")
+        kudos = image_models.price(request.app[CONFIG], params)
+        return web.json_response(DryRun(kudos=float(kudos)).model_dump())
     job = await queue_image(
         request,
         call.account,
         params,
+        nsfw=body.nsfw,
+        prefix="params.",
         signed_only=body.trusted_workers,
         horde={"r2": body.r2, "client_agent": request.headers.get("Client-Agent", "")[:200]},
         sources=sources,
@@ -634,8 +640,24 @@ async def status_models(
     kind: Annotated[
         str, Choice("image (the default) or text", ("image", "text"), name="type")
     ] = "image",
+    state: Annotated[
+        str,
+        Choice(
+            "AI Horde's model_state: known (image models of the reference only), custom "
+            "(the others), all (the default)",
+            ("known", "custom", "all"),
+            name="model_state",
+        ),
+    ] = "all",
 ) -> web.Response:
     view = await shared_network_status(request, online_only=True)
+    config = request.app[CONFIG]
+
+    def listed(name: str) -> bool:
+        if state == "all" or kind != "image":
+            return True
+        return (image_models.find(config, name) is not None) == (state == "known")
+
     models = [
         ActiveModel(
             name=m.name,
@@ -647,7 +669,7 @@ async def status_models(
             type=m.kind,
         ).model_dump()
         for m in view.models
-        if m.kind == kind
+        if m.kind == kind and listed(m.name)
     ]
     return web.json_response(models)
 

@@ -24,6 +24,7 @@ import hashlib
 
 from aiohttp import web
 
+from coordinator.economy import image_models
 from coordinator.errors import BadRequest, Forbidden, NotFound, UnsandboxedWorker
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call
@@ -88,6 +89,8 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
     body = call.body
     store = request.app[STORE]
     ip = client_ip(request)
+    # before the worker is made: a refused pop leaves nothing behind
+    image_models.check_pop(request.app[CONFIG], body.models, None, horde=True)
     worker = await named_worker(request, call.account, body.name)
     # the poll is noted (uptime, address, offer) in the pop's transaction
     # AI Horde gives a worker that offers only inpainting models nothing but inpainting
@@ -106,6 +109,7 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         post_processors=tuple(sorted(held)),
         controlnets=tuple(sorted(controls)),
         control_annotators=tuple(sorted(controls)),
+        named_only=image_models.named_only(request.app[CONFIG], body.models),
     )
     poll = store.workers.poll_note(
         worker, ip, kind="image", models=body.models, offer=offer.dumps()
@@ -125,6 +129,7 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
             post_processors=frozenset(offer.post_processors),
             controlnets=offer.controlnets,
             control_annotators=offer.control_annotators,
+            named_only=offer.named_only,
         ),
     )()
     if job is None:

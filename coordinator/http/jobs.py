@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from aiohttp import web
 
 from coordinator.db.request_keys import Idempotent
+from coordinator.economy import image_models
 from coordinator.errors import BadRequest, NotFound
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call, UserCall
@@ -20,7 +21,6 @@ from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
 from coordinator.http.streams import follow, open_stream
 from coordinator.jobs.source_check import CheckedSources, check_sources
 from coordinator.store import Account, ImageJob, Store
-from protocol.cost import image_cost
 from protocol.messages import (
     DisputeCreate,
     DisputeRecorded,
@@ -83,13 +83,17 @@ def check_anonymous_limits(request: web.Request, params: ImageParams) -> None:
 )
 async def submit_image(request: web.Request, call: Call[ImageJobRequest]) -> ImageJobCreated:
     body = call.body
+    params = body.params()
+    if "width" not in body.model_fields_set and "height" not in body.model_fields_set:
+        params = image_models.with_default_size(request.app[CONFIG], params)
     params, sources = await with_sources(
-        body.params(), body.source_image or None, body.source_mask or None
+        params, body.source_image or None, body.source_mask or None
     )
     job = await queue_image(
         request,
         call.account,
         params,
+        nsfw=body.nsfw,
         signed_only=body.signed_only,
         idempotent=submit_key(request, call.account is None, body),
         sources=sources,
@@ -127,6 +131,8 @@ async def queue_image(
     account: Account | None,
     params: ImageParams,
     *,
+    nsfw: bool = False,
+    prefix: str = "",
     signed_only: bool = False,
     horde: dict[str, Any] | None = None,
     idempotent: Idempotent | None = None,
@@ -135,7 +141,10 @@ async def queue_image(
     """Queue an image job for `account` (anonymous: None) from any door: the anonymous
     limits, the source image and mask stored (`with_sources` checked them), the seed fixed
     now, the cost reserved, the workers woken. With `idempotent`, a replay gets the first
-    job (coordinator.http.idempotency)."""
+    job (coordinator.http.idempotency). A job naming a model of the image model reference
+    is held to its limits (`nsfw`: the request says it is NSFW; `prefix`: where the door
+    keeps width and steps, coordinator.economy.image_models.check_job)."""
+    image_models.check_job(request.app[CONFIG], params, nsfw, prefix)
     expected = [d for d in (params.source_image, params.source_mask) if d is not None]
     if (params.source_processing != "txt2img" and not expected) or (
         sources is not None and sources.digests != expected
@@ -156,7 +165,7 @@ async def queue_image(
     job = await store.image_jobs.create(
         account,
         params,
-        image_cost(params),
+        image_models.price(request.app[CONFIG], params),
         signed_only=signed_only,
         horde=horde,
         idempotent=idempotent,

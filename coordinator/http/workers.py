@@ -7,6 +7,7 @@ from collections.abc import Awaitable
 
 from aiohttp import web
 
+from coordinator.economy import image_models
 from coordinator.errors import Conflict, NotFound, OutdatedWorker, Unauthorized, UnsandboxedWorker
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call, WorkerCall, api_key_of
@@ -113,7 +114,12 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
         controlnets=tuple(sorted(set(body.controlnets))),
         control_annotators=tuple(sorted(set(body.control_annotators) & set(body.controlnets))),
         loras=body.loras,
+        checkpoint_sha256=body.checkpoint_sha256,
+        baseline=body.baseline,
+        named_only=image_models.named_only(request.app[CONFIG], body.models),
     )
+    # a catalog name only with its checkpoint; others only where the operator allows them
+    image_models.check_pop(request.app[CONFIG], body.models, body.checkpoint_sha256)
     polls = [
         store.workers.poll_note(
             worker, client_ip(request), kind="image", models=body.models, offer=offer.dumps()
@@ -135,6 +141,7 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
             controlnets=offer.controlnets,
             control_annotators=offer.control_annotators,
             loras=offer.loras,
+            named_only=offer.named_only,
         )
 
     job = await long_poll(

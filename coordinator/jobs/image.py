@@ -124,6 +124,7 @@ def _fits(
     controlnets: tuple[str, ...] = (),
     annotators: tuple[str, ...] = (),
     loras: bool = False,
+    named_only: bool = False,
 ) -> ColumnElement[bool]:
     """The image jobs a worker may pop, its offer bound at execution: max_pixels, max_steps
     and models (a job without a model fits any); jobs with a source image only for a
@@ -132,7 +133,9 @@ def _fits(
     checkpoint); jobs naming a post-processor only for a worker holding it; ControlNet
     jobs only of the `controlnets` types, and only with a ready control map
     (image_is_control) unless the type is among its `annotators`; with LoRAs or textual
-    inversions only for one that takes them (`loras`).
+    inversions only for one that takes them (`loras`); jobs naming no model not for a
+    worker whose models cost more than a job naming none pays (`named_only`,
+    coordinator.economy.image_models.named_only).
     coordinator.jobs.possible says the same in Python."""
     fits = (
         (jobs.c.kind == "image")
@@ -165,6 +168,8 @@ def _fits(
     if not loras:
         # (named in the params' JSON only when not empty; a prompt's quotes are escaped)
         fits = fits & ~jobs.c.params.contains('"loras":') & ~jobs.c.params.contains('"tis":')
+    if named_only:
+        fits = fits & jobs.c.model.is_not(None)
     if not signs:
         # One image per job, a sampler AI Horde knows, and not for requesters who want
         # signed results.
@@ -242,13 +247,15 @@ class ImageJobs(Lifecycle):
         controlnets: Sequence[str] = (),
         control_annotators: Sequence[str] = (),
         loras: bool = False,
+        named_only: bool = False,
     ) -> ImageJob | None:
         """Lease the best queued image job that fits the worker, if any (see Lifecycle._pop;
         `poll`: the worker's poll to note in the same transaction, Workers.poll_note;
         `img2img`, `inpainting`: whether it takes jobs with a source image, with a mask;
         `txt2img`: jobs without one; `post_processors`: the AI Horde post-processors it
         holds; `controlnets`, `control_annotators`: the ControlNet types it serves, and
-        those it makes control maps for; `loras`: jobs with LoRAs or textual inversions)."""
+        those it makes control maps for; `loras`: jobs with LoRAs or textual inversions;
+        `named_only`: only jobs naming one of its models)."""
         shape = (
             worker.signs,
             img2img,
@@ -258,6 +265,7 @@ class ImageJobs(Lifecycle):
             tuple(sorted(set(controlnets))),
             tuple(sorted(set(control_annotators) & set(controlnets))),
             loras,
+            named_only,
         )
         fits = _FITS.get(shape, lambda: _fits(*shape))
         row = await self._pop(

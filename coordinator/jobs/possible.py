@@ -50,6 +50,13 @@ class Offer:
     control_annotators: tuple[str, ...] = ()
     # jobs with LoRAs or textual inversions (fetched from CivitAI by the worker)
     loras: bool = False
+    # the checkpoint's hash and family it reported (the pop checked the hash against the
+    # image model reference, coordinator.economy.image_models)
+    checkpoint_sha256: str | None = None
+    baseline: str | None = None
+    # only jobs naming one of its models (a job naming none is priced below its models':
+    # coordinator.economy.image_models.named_only)
+    named_only: bool = False
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -112,8 +119,13 @@ def _requirements(
     )
     return [
         (
-            lambda worker: params.model is None or params.model in worker.models,
-            f"no online worker offers the model {params.model!r}",
+            lambda worker: (
+                params.model in worker.models
+                or (params.model is None and not (worker.offer and worker.offer.named_only))
+            ),
+            f"no online worker offers the model {params.model!r}"
+            if params.model is not None
+            else "the online workers serve only jobs that name their model",
         ),
         (
             offered(lambda offer: offer.takes(processing)),

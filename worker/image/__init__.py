@@ -14,6 +14,7 @@
     spandrel_archs.py spandrel's architectures without its registry (no torchvision)
     post_files.py     --post-processors DIR: which post-processors a donor's folder holds
     model_source.py   resolves --model safely (safetensors only, never pickle)
+    checkpoint_hash.py  the checkpoint's SHA-256 the image model reference pins (cached)
     adapters.py       a job's CivitAI LoRAs and TIs made ready before the engine runs:
                       baseline and pin checks, trigger words, what was used
     civitai.py        CivitAI's REST API v1: names and ids -> versions and files

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.control import AnnotatorName, ControlType
+from protocol.loras import Baseline
 from protocol.params import MAX_STEPS
 from worker.common.donor import DonorSettings
 from worker.image.adapters import AdapterSettings
@@ -67,3 +68,8 @@ class ImageWorkerConfig:
     annotators: dict[AnnotatorName, Path] = field(default_factory=dict)
     # LoRAs and textual inversions from CivitAI (None: --allow-loras no, none taken)
     adapters: AdapterSettings | None = None
+    # the checkpoint's family (--baseline), reported with every pop
+    baseline: Baseline = "sd1"
+    # the JSON file caching checkpoint file hashes (worker.image.checkpoint_hash; None:
+    # hash every start)
+    checkpoint_hash_cache: Path | None = None

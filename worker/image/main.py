@@ -297,6 +297,8 @@ def _run(args: argparse.Namespace) -> int:
         controlnets=controlnets(settings.controlnet),
         annotators=annotators(settings.annotator),
         adapters=_adapter_settings(settings),
+        baseline=typing.cast("Baseline", settings.baseline),
+        checkpoint_hash_cache=Path.home() / ".cache" / "idlegrid" / "checkpoint-hashes.json",
     )
     with claimed:
         return asyncio.run(_serve(config, claimed.identity))
@@ -322,6 +324,7 @@ async def _serve(config: ImageWorkerConfig, identity: Identity) -> int:
     from sandbox.errors import EngineStartFailed
     from worker.common.link import CoordinatorLink
     from worker.common.service import run_until_signalled
+    from worker.errors import CoordinatorRejected
     from worker.image.worker import ImageWorker
 
     link = CoordinatorLink(config.coordinator, identity, config.name, config.api_key)
@@ -336,6 +339,10 @@ async def _serve(config: ImageWorkerConfig, identity: Identity) -> int:
             with status_outputs(worker.status, config.identity_file):
                 if await run_until_signalled(worker.run(), worker.drain):
                     log.info("stopping after %d jobs", worker.jobs_done)
+        except CoordinatorRejected as exc:
+            # e.g. a model of the coordinator's image model reference with another checkpoint
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         finally:
             await worker.aclose()
     finally:

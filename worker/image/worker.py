@@ -26,6 +26,7 @@ from worker.common.service import Drain, Gate, serve_jobs
 from worker.common.status import WorkerStatus
 from worker.errors import AdapterUnavailable, CoordinatorRejected, CoordinatorUnavailable, LeaseLost
 from worker.image.adapters import Adapters, PreparedJob
+from worker.image.checkpoint_hash import model_sha256
 from worker.image.config import ImageWorkerConfig
 
 __all__ = ["ENGINE", "ImageWorker", "engine_policy"]
@@ -48,6 +49,7 @@ class ImageWorker:
         gate: Gate | None = None,
         inpainting_checkpoint: bool = False,
         adapters: Adapters | None = None,
+        checkpoint_sha256: str | None = None,
     ) -> None:
         self.config = config
         self.sandbox = sandbox
@@ -67,6 +69,9 @@ class ImageWorker:
             controlnets=sorted(config.controlnets),
             control_annotators=sorted(set(config.controlnets) & mappable_types(config.annotators)),
             loras=adapters is not None,
+            # checked against the coordinator's image model reference
+            checkpoint_sha256=checkpoint_sha256,
+            baseline=config.baseline,
         )
         # LoRAs and textual inversions from CivitAI (None: not taken)
         self.adapters = adapters
@@ -79,6 +84,11 @@ class ImageWorker:
 
     @classmethod
     async def create(cls, config: ImageWorkerConfig, link: CoordinatorLink) -> ImageWorker:
+        # (a restart with unchanged files reads them from the cache, not the disk)
+        checkpoint = await asyncio.to_thread(
+            model_sha256, config.model, config.checkpoint_hash_cache
+        )
+        log.info("checkpoint %s has SHA-256 %s", config.model, checkpoint)
         options = ImageEngineOptions(
             model=config.model,
             model_config=str(config.model_config) if config.model_config else None,
@@ -113,7 +123,12 @@ class ImageWorker:
         if loaded.inpainting:
             log.info("%s is an inpainting checkpoint: serving only inpainting", loaded.model)
         return cls(
-            config, sandbox, link, inpainting_checkpoint=loaded.inpainting, adapters=adapters
+            config,
+            sandbox,
+            link,
+            inpainting_checkpoint=loaded.inpainting,
+            adapters=adapters,
+            checkpoint_sha256=checkpoint,
         )
 
     async def aclose(self) -> None:
@@ -128,7 +143,13 @@ class ImageWorker:
         registered = await retrying("register", self.link.register)
         log.info("registered as worker %s", registered.worker_id)
         try:
-            await self.link.report_engine(engine_info(sandboxed=not self.config.unsandboxed))
+            await self.link.report_engine(
+                engine_info(
+                    sandboxed=not self.config.unsandboxed,
+                    checkpoint_sha256=self.capabilities.checkpoint_sha256,
+                    baseline=self.config.baseline,
+                )
+            )
         except (CoordinatorRejected, CoordinatorUnavailable) as exc:
             log.warning("could not report the engine build (spot checks will be lenient): %s", exc)
         print(
@@ -338,8 +359,11 @@ def _nvidia_gpu() -> str | None:
     return None
 
 
-def engine_info(sandboxed: bool = True) -> dict[str, Any]:
-    """The engine build as spot checks compare it: package versions, device, dtype.
+def engine_info(
+    sandboxed: bool = True, checkpoint_sha256: str | None = None, baseline: str | None = None
+) -> dict[str, Any]:
+    """The engine build as spot checks compare it: package versions, device, dtype, and
+    the checkpoint (its hash and family, when known).
 
     The engine runs on CUDA when torch is a CUDA build and a GPU is present (see
     worker.image.engine); both are read here without importing torch.
@@ -366,4 +390,6 @@ def engine_info(sandboxed: bool = True) -> dict[str, Any]:
         "device": device,
         "dtype": "float32",
         "sandboxed": sandboxed,
+        **({"checkpoint_sha256": checkpoint_sha256} if checkpoint_sha256 else {}),
+        **({"baseline": baseline} if baseline else {}),
     }

@@ -28,6 +28,7 @@ from sandbox.errors import EngineFailed
 from tests.reference import plain_img2img, plain_inpaint, plain_pipeline
 from worker.common.link import CoordinatorLink
 from worker.errors import InvalidGenerationInput
+from worker.image.checkpoint_hash import checkpoint_sha256
 from worker.image.config import ImageWorkerConfig
 from worker.image.engine import ImageEngine
 from worker.image.worker import ENGINE, ImageWorker
@@ -355,6 +356,10 @@ async def test_a_worker_on_an_inpainting_checkpoint_offers_only_inpainting(
     try:
         offered = worker.capabilities
         assert (offered.txt2img, offered.img2img, offered.inpainting) == (False, False, True)
+        # ... and reports its checkpoint for the image model reference (worker.image
+        # .checkpoint_hash)
+        assert offered.checkpoint_sha256 == checkpoint_sha256(tiny_sd_inpaint)
+        assert offered.baseline == "sd1"
     finally:
         await worker.aclose()
         await link.aclose()
