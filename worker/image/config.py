@@ -67,3 +67,8 @@ class ImageWorkerConfig:
     annotators: dict[AnnotatorName, Path] = field(default_factory=dict)
     # LoRAs and textual inversions from CivitAI (None: --allow-loras no, none taken)
     adapters: AdapterSettings | None = None
+    # live previews (worker.image.preview): the engine makes one every this many sampling
+    # steps (0 = never); one is sent at most every `preview_interval` seconds, and only
+    # while the coordinator says a requester watches the job with previews on
+    preview_every: int = 5
+    preview_interval: float = 1.0

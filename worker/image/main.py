@@ -115,6 +115,15 @@ class ImageSettings(DonorFlags):
         ),
     ] = []
     unsandboxed: Unsandboxed = False
+    preview_every: Annotated[
+        int,
+        Field(ge=0, le=150),
+        Flag(
+            "a live preview every N sampling steps, sent only while a requester watches "
+            "the job with previews on; 0 = never (default %(default)s)",
+            metavar="N",
+        ),
+    ] = 5
     allow_loras: Annotated[
         str,
         Flag(
@@ -297,6 +306,7 @@ def _run(args: argparse.Namespace) -> int:
         controlnets=controlnets(settings.controlnet),
         annotators=annotators(settings.annotator),
         adapters=_adapter_settings(settings),
+        preview_every=settings.preview_every,
     )
     with claimed:
         return asyncio.run(_serve(config, claimed.identity))

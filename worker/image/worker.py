@@ -28,7 +28,7 @@ from worker.errors import AdapterUnavailable, CoordinatorRejected, CoordinatorUn
 from worker.image.adapters import Adapters, PreparedJob
 from worker.image.config import ImageWorkerConfig
 
-__all__ = ["ENGINE", "ImageWorker", "engine_policy"]
+__all__ = ["ENGINE", "ImageWorker", "PreviewGate", "engine_policy"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class ImageWorker:
             ),
             controlnets={kind: str(path) for kind, path in config.controlnets.items()},
             annotators={name: str(path) for name, path in config.annotators.items()},
+            preview_every=config.preview_every,
         )
         adapters = None
         if config.adapters is not None:
@@ -164,18 +165,27 @@ class ImageWorker:
         # where the engine is: (image, step, steps), repeated by the heartbeat
         position = (0, 0, sampled_steps(job.params))
 
-        async def report(image: int, step: int, steps: int) -> None:
+        # live previews: sent only while the coordinator says someone watches with them on
+        previews = PreviewGate(self.config.preview_interval)
+
+        async def report(image: int, step: int, steps: int, preview: str | None = None) -> None:
             nonlocal last_report
             last_report = time.monotonic()
             try:
-                await self.link.progress(job.id, image, step, steps)
+                extended = await self.link.progress(job.id, image, step, steps, preview)
             except (CoordinatorUnavailable, LeaseLost) as exc:
                 log.warning("progress report for job %s failed: %s", job.id, exc)
+                return
+            previews.wanted = extended.previews
 
         async def on_progress(event: ImageProgress) -> None:
             nonlocal position
             position = (event.image, event.step, event.steps)
             now = time.monotonic()
+            preview = previews.take(event.preview, now)
+            if preview is not None:
+                await report(*position, preview)
+                return
             # The result follows the last step at once, so reporting it would only delay it.
             if now - last_report < self.config.progress_interval or event.step == event.steps:
                 return
@@ -301,6 +311,26 @@ class ImageWorker:
         except (CoordinatorUnavailable, LeaseLost, CoordinatorRejected, TimeoutError) as exc:
             # The lease will expire on its own and the job will be requeued then.
             log.warning("could not give job %s back: %s", job.id, exc)
+
+
+class PreviewGate:
+    """Which of the engine's previews of a job to send: none until the coordinator says
+    a requester watches with previews on (`wanted`, from each LeaseExtended), then at most
+    one per `interval` seconds."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.wanted = False
+        self._sent: float | None = None
+
+    def take(self, preview: str | None, now: float) -> str | None:
+        """`preview` if it should go now (and counts it as sent), else None."""
+        if preview is None or not self.wanted:
+            return None
+        if self._sent is not None and now - self._sent < self.interval:
+            return None
+        self._sent = now
+        return preview
 
 
 def engine_policy(config: ImageWorkerConfig) -> SandboxPolicy:
