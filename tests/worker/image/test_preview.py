@@ -3,6 +3,7 @@ gate that decides which previews are sent, and the real engine emitting them."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image
 
 from protocol.engine import ImageProgress
 from protocol.preview import PREVIEW_MAX_BYTES, PREVIEW_MAX_SIDE, decode_preview
+from protocol.signing import Identity
 from worker.image.preview import Previewer, baseline_of, encode_preview, latent_rgb
 from worker.image.worker import PreviewGate
 
@@ -27,7 +29,8 @@ def _latent(channel: int, value: float, size: int = 8) -> torch.Tensor:
 
 
 def _colour(latent: torch.Tensor, baseline: Any) -> np.ndarray:
-    return latent_rgb(latent, baseline)[0, 0].astype(int)
+    colour: np.ndarray = latent_rgb(latent, baseline)[0, 0].astype(int)
+    return colour
 
 
 def test_latent_rgb_is_a_uint8_picture_of_the_latent_size() -> None:
@@ -131,3 +134,70 @@ def test_the_engine_emits_decodable_previews_every_k_steps(tiny_sd: Path) -> Non
             with Image.open(io.BytesIO(base64.b64decode(event.preview))) as image:
                 # the latent size: 64 pixels / the VAE's factor of 8
                 assert image.format == "JPEG" and image.size == (8, 8)
+
+
+@pytest.mark.slow
+async def test_previews_travel_from_the_sandboxed_engine_to_the_stream_that_asked(
+    tiny_sd: Path, tmp_path: Path
+) -> None:
+    """The whole road: the real engine in its sandbox makes previews, the real worker sends
+    them once the coordinator says a stream with previews watches, the stream gets them
+    before the result; a stream that did not ask gets none."""
+    from client.sdk import AsyncClient
+    from coordinator.config import CoordinatorConfig
+    from protocol.messages import JobStatus
+    from protocol.params import ImageParams
+    from protocol.preview import JobPreview
+    from tests.conftest import start_app
+    from tests.preview_streams import Collected
+    from worker.common.link import CoordinatorLink
+    from worker.image.config import ImageWorkerConfig
+    from worker.image.worker import ImageWorker
+
+    runner, live = await start_app(CoordinatorConfig(data_dir=tmp_path / "data", port=0))
+    config = ImageWorkerConfig(
+        coordinator=live.url,
+        model=str(tiny_sd),
+        model_config=None,
+        model_name="sd",
+        name="previewer",
+        identity_file=tmp_path / "id.key",
+        threads=1,
+        load_timeout=120,
+        progress_interval=0.0,
+        preview_every=1,
+        preview_interval=0.0,
+    )
+    link = CoordinatorLink(live.url, Identity.generate(), config.name, None)
+    worker = await ImageWorker.create(config, link)
+    watched, plain = Collected(), Collected()
+
+    try:
+        await link.register()
+        async with AsyncClient(live.url) as requester:
+            params = ImageParams(prompt="a red barn", width=64, height=64, steps=8, seed=4)
+            created = await requester.submit_image(params)
+            async with asyncio.TaskGroup() as streams:
+                streams.create_task(watched.read(requester.image_events(created.id, previews=True)))
+                streams.create_task(plain.read(requester.image_events(created.id)))
+                # both streams open (one watching with previews) before the job runs
+                async with asyncio.timeout(10):
+                    await watched.opened.wait()
+                    await plain.opened.wait()
+                job = await link.pop(worker.capabilities, 5)
+                assert job is not None and job.id == created.id
+                await worker.serve(job)
+    finally:
+        await worker.aclose()
+        await link.aclose()
+        await runner.cleanup()
+    seen, unseen = watched.items, plain.items
+    previews = [item for item in seen if isinstance(item, JobPreview)]
+    # step 1 learns that previews are wanted; from step 2 on each one goes, the last never
+    assert [p.step for p in previews] == list(range(2, params.steps))
+    for preview in previews:
+        with Image.open(io.BytesIO(base64.b64decode(preview.data))) as image:
+            assert image.format == "JPEG" and image.size == (8, 8)
+    assert isinstance(seen[-1], JobStatus) and seen[-1].state == "done"
+    statuses = [item for item in unseen if isinstance(item, JobStatus)]
+    assert statuses == unseen and statuses[-1].state == "done"
