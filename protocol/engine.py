@@ -151,6 +151,8 @@ class ImageEngineOptions(EngineMessage):
     annotators: dict[AnnotatorName, str] = {}
     # a live preview every this many sampling steps (worker.image.preview); 0 = none
     preview_every: int = Field(default=0, ge=0, le=MAX_STEPS)
+    # the donor's TAESD for them (an AutoencoderTiny folder); None = the linear factors
+    preview_decoder: str | None = None
 
 
 class ImageProgress(EngineMessage):

@@ -72,3 +72,6 @@ class ImageWorkerConfig:
     # while the coordinator says a requester watches the job with previews on
     preview_every: int = 5
     preview_interval: float = 1.0
+    # --preview-decoder DIR: TAESD (an AutoencoderTiny folder) makes them instead of the
+    # linear factors (None)
+    preview_decoder: Path | None = None

@@ -65,7 +65,7 @@ from worker.image.control import ControlJob, ControlNets
 from worker.image.hires import hires_first_pass, hires_image
 from worker.image.model_source import ModelSource, resolve_model
 from worker.image.postprocess import PostProcessors
-from worker.image.preview import Previewer, baseline_of
+from worker.image.preview import Previewer
 from worker.image.samplers import make_scheduler
 from worker.image.sources import Sources, prepare_sources
 from worker.image.tiling import set_tiling
@@ -144,7 +144,9 @@ class ImageEngine:
         self._img2img: StableDiffusionImg2ImgPipeline | None = None
         self._inpaint: StableDiffusionInpaintPipeline | None = None
         self.base_scheduler_config = dict(pipe.scheduler.config)
-        self.previewer = Previewer(baseline_of(pipe), settings.preview_every)
+        self.previewer = Previewer.build(
+            pipe, settings.preview_every, settings.preview_decoder, self.device
+        )
         folder = settings.post_processors
         self.post = PostProcessors.load(Path(folder) if folder else None, self.device)
         self.controls = ControlNets(settings.controlnets, pipe, settings.annotators)

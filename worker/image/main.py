@@ -124,6 +124,15 @@ class ImageSettings(DonorFlags):
             metavar="N",
         ),
     ] = 5
+    preview_decoder: Annotated[
+        Path | None,
+        Flag(
+            "TAESD for the live previews: a diffusers AutoencoderTiny folder (safetensors) "
+            "matching the checkpoint (taesd for SD 1.x/2.x, taesdxl for SDXL); default: the "
+            "cheaper linear approximation",
+            metavar="DIR",
+        ),
+    ] = None
     allow_loras: Annotated[
         str,
         Flag(
@@ -274,6 +283,14 @@ def _run(args: argparse.Namespace) -> int:
         except ModelError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    decoder = settings.preview_decoder
+    if decoder is not None and not (decoder / "diffusion_pytorch_model.safetensors").is_file():
+        print(
+            f"error: --preview-decoder: {decoder} holds no diffusion_pytorch_model.safetensors; "
+            "give a diffusers AutoencoderTiny folder (e.g. madebyollin/taesd) in safetensors",
+            file=sys.stderr,
+        )
+        return 2
     if not confinement_allowed(settings.unsandboxed):
         return 2
     try:
@@ -307,6 +324,7 @@ def _run(args: argparse.Namespace) -> int:
         annotators=annotators(settings.annotator),
         adapters=_adapter_settings(settings),
         preview_every=settings.preview_every,
+        preview_decoder=settings.preview_decoder.resolve() if settings.preview_decoder else None,
     )
     with claimed:
         return asyncio.run(_serve(config, claimed.identity))

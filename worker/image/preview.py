@@ -18,6 +18,11 @@ about [-1, 1] and becomes a colour by (x + 1) / 2. The channels read roughly as 
 luminance, magenta-green, red-cyan, yellow-blue (`tests/worker/image/test_preview.py`
 checks those directions).
 
+TAESD instead: with the donor's `--preview-decoder DIR` (a diffusers `AutoencoderTiny`
+folder in safetensors, e.g. madebyollin's taesd for SD 1.x/2.x or taesdxl for SDXL; the
+donor picks the one that matches the checkpoint) the latents go through that tiny decoder
+instead: a full-size picture (shrunk to PREVIEW_MAX_SIDE) for some milliseconds more.
+
 `Previewer` is what the engine's step callback calls: every `every` sampling steps it
 returns the first image's latents as a base64 JPEG (`protocol.preview`), else None.
 """
@@ -27,16 +32,26 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
+from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
 from PIL import Image
 
 from protocol.loras import Baseline
 from protocol.preview import PREVIEW_MAX_BYTES, PREVIEW_MAX_SIDE
 
-__all__ = ["LATENT_RGB", "Previewer", "baseline_of", "encode_preview", "latent_rgb"]
+__all__ = [
+    "LATENT_RGB",
+    "Previewer",
+    "baseline_of",
+    "encode_preview",
+    "latent_rgb",
+    "load_decoder",
+    "tiny_decode",
+]
 
 # latent channel -> (R, G, B) weights, and the RGB bias (see the module docstring)
 _SD1_FACTORS = (
@@ -86,6 +101,29 @@ def latent_rgb(latent: torch.Tensor, baseline: Baseline) -> np.ndarray:
     return colour.to(torch.uint8).numpy()
 
 
+def load_decoder(folder: Path, device: torch.device) -> AutoencoderTiny:
+    """The donor's TAESD (an `AutoencoderTiny` folder), safetensors only, float32."""
+    loaded = AutoencoderTiny.from_pretrained(
+        str(folder), use_safetensors=True, local_files_only=True, dtype=torch.float32
+    )
+    decoder = cast(AutoencoderTiny, loaded)
+    cast(torch.nn.Module, decoder).to(device)
+    decoder.eval()
+    return decoder
+
+
+def tiny_decode(decoder: AutoencoderTiny, latent: torch.Tensor) -> np.ndarray:
+    """One image's latents (channels, height, width; as the pipeline samples them: TAESD
+    takes them scaled) through TAESD, as an RGB uint8 array (8x the latent size)."""
+    parameter = next(decoder.parameters())
+    with torch.no_grad():
+        output = decoder.decode(latent[None].to(parameter.device, parameter.dtype))
+    decoded: torch.Tensor = output.sample[0]
+    # (diffusers' AutoencoderTiny answers in [-1, 1], as the full VAE does)
+    colour = ((decoded.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0).mul(255.0).round()
+    return colour.to(torch.uint8).permute(1, 2, 0).numpy()
+
+
 def encode_preview(rgb: np.ndarray) -> bytes:
     """A JPEG of at most PREVIEW_MAX_SIDE pixels a side and PREVIEW_MAX_BYTES bytes."""
     image = Image.fromarray(rgb, "RGB")
@@ -108,6 +146,14 @@ class Previewer:
 
     baseline: Baseline
     every: int
+    # the donor's TAESD (load_decoder); None: the linear factors
+    decoder: AutoencoderTiny | None = None
+
+    @classmethod
+    def build(cls, pipe: Any, every: int, decoder: str | None, device: torch.device) -> Previewer:
+        """The previewer of a loaded pipeline, with TAESD from folder `decoder` if given."""
+        tiny = None if decoder is None or every <= 0 else load_decoder(Path(decoder), device)
+        return cls(baseline_of(pipe), every, tiny)
 
     def __call__(self, step: int, steps: int, kwargs: dict[str, Any]) -> str | None:
         """The preview after sampling step `step` (1-based) of `steps`, as base64, when one
@@ -119,5 +165,8 @@ class Previewer:
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != 4:
             return None
         # (with classifier-free guidance the callback's latents are the images', not doubled)
-        data = encode_preview(latent_rgb(latents[0], self.baseline))
+        if self.decoder is not None:
+            data = encode_preview(tiny_decode(self.decoder, latents[0]))
+        else:
+            data = encode_preview(latent_rgb(latents[0], self.baseline))
         return base64.b64encode(data).decode("ascii")

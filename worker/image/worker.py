@@ -91,6 +91,7 @@ class ImageWorker:
             controlnets={kind: str(path) for kind, path in config.controlnets.items()},
             annotators={name: str(path) for name, path in config.annotators.items()},
             preview_every=config.preview_every,
+            preview_decoder=str(config.preview_decoder) if config.preview_decoder else None,
         )
         adapters = None
         if config.adapters is not None:
@@ -340,6 +341,8 @@ def engine_policy(config: ImageWorkerConfig) -> SandboxPolicy:
         model_files.append(config.model_config)
     if config.post_processors_dir is not None:
         model_files.append(config.post_processors_dir)
+    if config.preview_decoder is not None:
+        model_files.append(config.preview_decoder)
     if config.adapters is not None:
         # downloaded by the worker (worker.image.adapters), read by the engine
         model_files.append(config.adapters.cache_dir)

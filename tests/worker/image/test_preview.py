@@ -201,3 +201,40 @@ async def test_previews_travel_from_the_sandboxed_engine_to_the_stream_that_aske
     assert isinstance(seen[-1], JobStatus) and seen[-1].state == "done"
     statuses = [item for item in unseen if isinstance(item, JobStatus)]
     assert statuses == unseen and statuses[-1].state == "done"
+
+
+@pytest.mark.slow
+def test_with_a_preview_decoder_previews_are_taesd_pictures_of_the_image_size(
+    tiny_sd: Path, tmp_path: Path
+) -> None:
+    """The donor's TAESD (a tiny random AutoencoderTiny here, in safetensors) makes the
+    previews instead of the linear factors: pictures of the image's size, not the latents'."""
+    from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
+
+    from worker.image.engine import ImageEngine
+
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny(
+        encoder_block_out_channels=(4, 4, 4, 4),
+        decoder_block_out_channels=(4, 4, 4, 4),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    )
+    tiny.save_pretrained(tmp_path / "taesd", safe_serialization=True)
+    engine = ImageEngine(
+        {
+            "model": str(tiny_sd),
+            "threads": 1,
+            "preview_every": 2,
+            "preview_decoder": str(tmp_path / "taesd"),
+        }
+    )
+    assert engine.previewer.decoder is not None
+    events: list[dict[str, object]] = []
+    fields = {"prompt": "a red cat", "width": 64, "height": 64, "steps": 3, "seed": 3}
+    engine.handle("image", fields, events.append)
+    previews = [ImageProgress.model_validate(e).preview for e in events]
+    made = [p for p in previews if p is not None]
+    assert len(made) == 1
+    with Image.open(io.BytesIO(base64.b64decode(made[0]))) as image:
+        assert image.format == "JPEG" and image.size == (64, 64)
