@@ -14,11 +14,14 @@ coordinator's app in-process).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from pydantic import ValidationError
 
 from client.api import routes
 from client.api.core import Call, Request, Response
@@ -273,8 +276,11 @@ class AsyncClient(AsyncApi):
         async with aclosing(follow) as items:
             async for kind, data in items:
                 if kind == "preview":
-                    if previews:
-                        yield JobPreview.model_validate(data)
+                    # a preview is a courtesy: one this SDK cannot read (a newer
+                    # coordinator's format) is skipped, never the end of the wait
+                    with contextlib.suppress(ValidationError):
+                        if previews:
+                            yield JobPreview.model_validate(data)
                     continue
                 status = JobStatus.model_validate(data)
                 yield status
