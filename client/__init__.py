@@ -9,6 +9,7 @@ loras_cli.py    `generate --lora/--ti`
 chat_cli.py     `idlegrid chat` and `idlegrid complete`
 image_extras.py `idlegrid generate`'s flags for the hires fix, upscalers and face fixers
 progress.py     live progress line on a terminal
+preview_file.py `generate --preview FILE`: the latest live preview, replaced atomically
 credentials.py  saved API keys per coordinator
 errors.py       ClientError and its subclasses
 """

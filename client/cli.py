@@ -25,6 +25,7 @@ from client.errors import ApiError, ClientError
 from client.follow import WAIT_TIMEOUT
 from client.image_extras import add_extras_flags, extras_fields
 from client.loras_cli import adapter_fields, add_adapter_flags
+from client.preview_file import PreviewFile
 from client.progress import ProgressLine
 from client.sdk import AsyncClient
 from protocol.config_file import ConfigFileParser
@@ -335,6 +336,7 @@ async def _generate(args: argparse.Namespace) -> int:
             )
         return 0
     progress = ProgressLine(enabled=None if not args.json else False)
+    preview = None if args.preview is None else PreviewFile(args.preview)
     try:
         async with _client(args) as grid:
             result = await grid.generate(
@@ -344,6 +346,7 @@ async def _generate(args: argparse.Namespace) -> int:
                 source_image=source,
                 source_mask=mask,
                 on_warning=lambda warning: print(f"warning: {warning}", file=sys.stderr),
+                on_preview=preview,
             )
     finally:
         progress.close()
@@ -533,6 +536,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_flags(generate)
     generate.add_argument(
         "-o", "--output", type=Path, default=Path("."), help="directory for the PNGs (default .)"
+    )
+    generate.add_argument(
+        "--preview",
+        type=Path,
+        metavar="FILE",
+        help="keep the latest live preview of the image being sampled in FILE (replaced "
+        "as each arrives; a small JPEG, or PNG/WebP by FILE's suffix)",
     )
     generate.add_argument(
         "--dry-run",

@@ -14,11 +14,14 @@ coordinator's app in-process).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from pydantic import ValidationError
 
 from client.api import routes
 from client.api.core import Call, Request, Response
@@ -38,12 +41,14 @@ from client.errors import (
 from client.follow import READ_TIMEOUT, WAIT_TIMEOUT, Patience, read_events, retryable
 from protocol.messages import ErrorBody, ImageJobCreated, JobStatus
 from protocol.params import ImageParams
+from protocol.preview import JobPreview
 from protocol.text import TextJobCreated, TextParams, TextStatus
 
 __all__ = ["AsyncClient", "Client", "GenerationResult", "SdkErrors", "TextEvent"]
 
 T = TypeVar("T")
 ProgressCallback = Callable[[JobStatus], Awaitable[None] | None]
+PreviewCallback = Callable[[JobPreview], Awaitable[None] | None]
 
 
 @dataclass(frozen=True)
@@ -197,11 +202,18 @@ class AsyncClient(AsyncApi):
 
     # --- following a job ----------------------------------------------------------------
 
-    async def _stream(self, path: str, patience: Patience) -> AsyncGenerator[tuple[str, Any], None]:
+    async def _stream(
+        self, path: str, patience: Patience, params: dict[str, str] | None = None
+    ) -> AsyncGenerator[tuple[str, Any], None]:
         """One event stream: (event, data) until it ends. Waiting for it to open is bounded
         by `patience`; once open, a silence longer than READ_TIMEOUT breaks it."""
         request = self.core.prepare(
-            Request("GET", f"{path}/events", headers={"Accept": "text/event-stream"})
+            Request(
+                "GET",
+                f"{path}/events",
+                headers={"Accept": "text/event-stream"},
+                params=params or {},
+            )
         )
         try:
             async with asyncio.timeout_at(patience.deadline) as opening:
@@ -219,6 +231,7 @@ class AsyncClient(AsyncApi):
         job_id: str,
         read: Callable[[], Awaitable[JobStatus | TextStatus]],
         wait_timeout: float | None,
+        params: dict[str, str] | None = None,
     ) -> AsyncGenerator[tuple[str, Any], None]:
         """(event, data) of the job's event stream at `path`/events for as long as the caller
         reads. A stream that ends is followed by a fresh ("status", data) from `read()` and
@@ -227,7 +240,7 @@ class AsyncClient(AsyncApi):
         patience = Patience(job_id, self.wait_timeout if wait_timeout is None else wait_timeout)
         while True:
             try:
-                async with aclosing(self._stream(path, patience)) as events:
+                async with aclosing(self._stream(path, patience, params)) as events:
                     async for item in events:
                         yield item
                 async with asyncio.timeout_at(patience.deadline):
@@ -244,11 +257,33 @@ class AsyncClient(AsyncApi):
     ) -> AsyncGenerator[JobStatus, None]:
         """Every status change of a job, from its server-sent event stream, until it ends;
         rides out dropped streams and coordinator restarts (see `wait`)."""
+        async with aclosing(self.image_events(job_id, wait_timeout=wait_timeout)) as items:
+            async for item in items:
+                if isinstance(item, JobStatus):
+                    yield item
+
+    async def image_events(
+        self, job_id: str, *, previews: bool = False, wait_timeout: float | None = None
+    ) -> AsyncGenerator[JobStatus | JobPreview, None]:
+        """`events`, and with `previews` the job's live previews between them (JobPreview:
+        a small picture of the image being sampled, every few steps while a worker runs
+        it, when the worker makes them)."""
         follow = self._follow(
-            f"{routes.JOBS}/{job_id}", job_id, lambda: self.job(job_id), wait_timeout
+            f"{routes.JOBS}/{job_id}",
+            job_id,
+            lambda: self.job(job_id),
+            wait_timeout,
+            {"previews": "true"} if previews else None,
         )
         async with aclosing(follow) as items:
-            async for _, data in items:
+            async for kind, data in items:
+                if kind == "preview":
+                    # a preview is a courtesy: one this SDK cannot read (a newer
+                    # coordinator's format) is skipped, never the end of the wait
+                    with contextlib.suppress(ValidationError):
+                        if previews:
+                            yield JobPreview.model_validate(data)
+                    continue
                 status = JobStatus.model_validate(data)
                 yield status
                 if status.finished:
@@ -260,15 +295,23 @@ class AsyncClient(AsyncApi):
         on_progress: ProgressCallback | None = None,
         *,
         wait_timeout: float | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> JobStatus:
         """Follow a job until it ends. Reconnects when the stream drops and retries through
         coordinator restarts and 503s with backoff; raises WaitTimeout (naming the job) when
-        the coordinator has not answered for `wait_timeout` s (default: the client's)."""
-        async with aclosing(self.events(job_id, wait_timeout=wait_timeout)) as statuses:
-            async for status in statuses:
-                await _call_back(on_progress, status)
-                if status.finished:
-                    return status
+        the coordinator has not answered for `wait_timeout` s (default: the client's).
+        With `on_preview`, the stream asks for live previews and passes each one to it."""
+        events = self.image_events(
+            job_id, previews=on_preview is not None, wait_timeout=wait_timeout
+        )
+        async with aclosing(events) as items:
+            async for item in items:
+                if isinstance(item, JobPreview):
+                    await _call_back(on_preview, item)
+                    continue
+                await _call_back(on_progress, item)
+                if item.finished:
+                    return item
         raise ClientError(f"the events of job {job_id} ended before the job did")
 
     async def generate(
@@ -280,18 +323,19 @@ class AsyncClient(AsyncApi):
         source_image: bytes | None = None,
         source_mask: bytes | None = None,
         on_warning: Callable[[str], None] | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> GenerationResult:
         """Submit, wait and download. Files are named `<job id>-<index>.png` in `out_dir`.
         `source_image`, `source_mask`: as `submit_image` takes them; `on_warning` is called
         with each of the coordinator's warnings as soon as the job is made (they are in the
-        result too)."""
+        result too); `on_preview` with each live preview (see `wait`)."""
         created = await self.submit_image(
             params, source_image=source_image, source_mask=source_mask
         )
         for warning in created.warnings:
             if on_warning is not None:
                 on_warning(warning)
-        final = await self.wait(created.id, on_progress)
+        final = await self.wait(created.id, on_progress, on_preview=on_preview)
         if final.state != "done":
             raise JobFailed(created.id, final.state, final.error)
         images = [await self.image(created.id, info.index) for info in final.images]

@@ -36,10 +36,20 @@ from coordinator.http.api import API, error_middleware
 from coordinator.http.bodies import DEFAULT_BODY_BYTES
 from coordinator.http.metrics import METRICS, Metrics, metrics_middleware
 from coordinator.http.ratelimit import PostgresBuckets, RateLimiter
-from coordinator.http.state import CLOCK, CONFIG, FILES, LIMITER, SIGNALS, STORE, VIEWS
+from coordinator.http.state import (
+    CLOCK,
+    CONFIG,
+    FILES,
+    LIMITER,
+    PREVIEWS,
+    SIGNALS,
+    STORE,
+    VIEWS,
+)
 from coordinator.http.streams import STREAMS, StreamCounts
 from coordinator.http.views import SharedViews
 from coordinator.jobs.notify import NotifyBridge
+from coordinator.jobs.previews import Previews
 from coordinator.jobs.signals import Signals
 from coordinator.store import Store
 
@@ -131,6 +141,7 @@ def create_app(config: CoordinatorConfig, clock: Clock = SYSTEM_CLOCK) -> web.Ap
     app[CLOCK] = clock
     app[LIMITER] = RateLimiter(config.rate_limits, clock=clock.monotonic)
     app[VIEWS] = SharedViews(config.network_view_seconds)
+    app[PREVIEWS] = Previews()
     app[STREAMS] = streams = StreamCounts()
     app[METRICS] = Metrics(streams)
     app.cleanup_ctx.append(_lifecycle)

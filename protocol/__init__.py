@@ -20,6 +20,7 @@ exceptions, documented where they are: a command's settings read the environment
     loras.py       CivitAI LoRAs and textual inversions of a job; baselines
     image_models.py  an image model of the operator's reference (hash, limits, baseline)
     adapted.py     the engine call of a job with them; what a result signs about them
+    preview.py     live previews: their bounds, formats and the `preview` event
     settings.py    one declaration per setting: a command's flags, environment variables
                    and config-file keys from a pydantic model (no I/O: see its docstring)
     config_file.py `--config FILE`: a command's flags from a TOML file (the one file

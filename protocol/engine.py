@@ -9,8 +9,9 @@ in the worker.
 
     IMAGE           ImageParams (+ binary input: none for txt2img, else the source
                     image, then the mask if there is one) -> ImageResult (+ one PNG per
-                    image), emitting ImageProgress after each sampling step; the engine
-                    is built from ImageEngineOptions
+                    image), emitting ImageProgress after each sampling step (with a
+                    preview every `preview_every` steps); the engine is built from
+                    ImageEngineOptions
     IMAGE_INFO      NoMessage -> ImageEngineInfo: the checkpoint the image engine loaded
     TEXT_INFO       NoMessage -> TextModel: the model the text gateway's engine serves
     TEXT_GENERATE   GenerateText -> GeneratedText, emitting TextChunk as text is made
@@ -42,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.control import AnnotatorName, ControlType
 from protocol.params import MAX_N, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageParams
+from protocol.preview import PREVIEW_BASE64_CHARS
 from protocol.text import (
     FinishReason,
     ServedSpan,
@@ -147,6 +149,10 @@ class ImageEngineOptions(EngineMessage):
     controlnets: dict[ControlType, str] = {}
     # the donor's annotator weights, by annotator (worker.image.hed)
     annotators: dict[AnnotatorName, str] = {}
+    # a live preview every this many sampling steps (worker.image.preview); 0 = none
+    preview_every: int = Field(default=0, ge=0, le=MAX_STEPS)
+    # the donor's TAESD for them (an AutoencoderTiny folder); None = the linear factors
+    preview_decoder: str | None = None
 
 
 class ImageProgress(EngineMessage):
@@ -158,6 +164,8 @@ class ImageProgress(EngineMessage):
     step: int = Field(ge=0, le=MAX_STEPS * 2)
     steps: int = Field(ge=1, le=MAX_STEPS * 2)
     n: int = Field(ge=1, le=MAX_N)
+    # every `preview_every` steps: the image so far, base64 of a small JPEG (protocol.preview)
+    preview: str | None = Field(default=None, max_length=PREVIEW_BASE64_CHARS)
 
 
 class ImageResult(EngineMessage):

@@ -15,6 +15,7 @@ from protocol.image_models import ImageModel
 from protocol.loras import MAX_LORAS, MAX_TIS, Baseline, ResolvedAdapter
 from protocol.params import MAX_N, MAX_SOURCE_BASE64, MAX_STEPS, ImageParams, ModelName
 from protocol.postprocess import POST_PROCESSORS
+from protocol.preview import PREVIEW_BASE64_CHARS
 
 PostProcessorName = Literal[
     "GFPGAN",
@@ -537,6 +538,13 @@ class ProgressReport(_Request):
     image: int = Field(ge=0, lt=MAX_N)
     step: int = Field(ge=0, le=MAX_STEPS * 2)
     steps: int = Field(ge=1, le=MAX_STEPS * 2)
+    # a live preview of the image at this step (protocol.preview), sent only while the
+    # last LeaseExtended said `previews`
+    preview: str | None = Field(
+        default=None,
+        max_length=PREVIEW_BASE64_CHARS,
+        description="base64 of a small JPEG, PNG or WebP picture of the image so far",
+    )
 
 
 # An image is uploaded on its own (`PUT /api/v1/jobs/{job_id}/images/{index}`, body = the
@@ -605,6 +613,8 @@ class ErrorBody(_Response):
 class LeaseExtended(_Response):
     id: str
     lease_deadline: float
+    # a requester watches the job with live previews on: attach them to progress reports
+    previews: bool = False
 
 
 class Health(_Response):

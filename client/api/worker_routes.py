@@ -143,9 +143,12 @@ def pop(capabilities: Capabilities, wait: float) -> Call[LeasedJob | None]:
     return Call(request, lambda content: PopResponse.model_validate_json(content).job)
 
 
-def progress(job_id: str, image: int, step: int, steps: int) -> Call[LeaseExtended]:
-    """Report a step of a leased job; extends the lease."""
-    message = ProgressReport.model_construct(image=image, step=step, steps=steps)
+def progress(
+    job_id: str, image: int, step: int, steps: int, preview: str | None = None
+) -> Call[LeaseExtended]:
+    """Report a step of a leased job, with a live preview (base64) if one is wanted;
+    extends the lease."""
+    message = ProgressReport.model_construct(image=image, step=step, steps=steps, preview=preview)
     path = f"/api/v1/jobs/{job_id}/progress"
     return call(Request("POST", path, json=body(message), auth="worker"), LeaseExtended)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from typing import Annotated, Any
@@ -15,9 +16,9 @@ from coordinator.errors import BadRequest, NotFound
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call, UserCall
 from coordinator.http.idempotency import submit_key
-from coordinator.http.params import WholeNumber
+from coordinator.http.params import Choice, WholeNumber
 from coordinator.http.possible import unservable_job
-from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
+from coordinator.http.state import CONFIG, FILES, PREVIEWS, SIGNALS, STORE
 from coordinator.http.streams import follow, open_stream
 from coordinator.jobs.source_check import CheckedSources, check_sources
 from coordinator.store import Account, ImageJob, Store
@@ -257,13 +258,25 @@ async def get_job(request: web.Request, call: Call[None]) -> JobStatus:
 @API.route(
     "GET",
     "/api/v1/jobs/{job_id}/events",
-    summary="Server-sent events: a `status` event (a JobStatus) on every change, until done",
+    summary="Server-sent events: a `status` event (a JobStatus) on every change, until done; "
+    "with ?previews=true also a `preview` event (a JobPreview: a small picture of the image "
+    "being sampled) every few steps while a worker runs it",
     auth="optional",
     produces="text/event-stream",
     errors=(404,),
     limit="stream",
 )
-async def job_events(request: web.Request, call: Call[None]) -> web.StreamResponse:
+async def job_events(
+    request: web.Request,
+    call: Call[None],
+    previews: Annotated[
+        str,
+        Choice(
+            "true: also send `preview` events, live pictures of the image being sampled",
+            ("true", "false"),
+        ),
+    ] = "false",
+) -> web.StreamResponse:
     store = request.app[STORE]
     job = await owned_job(store, request.match_info["job_id"], call.account)
 
@@ -273,16 +286,27 @@ async def job_events(request: web.Request, call: Call[None]) -> web.StreamRespon
         return found
 
     last: JobStatus | None = None
+    shown = 0
+    held = request.app[PREVIEWS]
+    watching: contextlib.AbstractContextManager[None] = (
+        held.watching(job.id) if previews == "true" else contextlib.nullcontext()
+    )
     async with open_stream(request, call.account, f"event stream of job {job.id}") as stream:
-        async for current in follow(
-            request, job.id, read, lambda j: j.finished, lambda j: j.state == "queued"
-        ):
-            status = await job_status(request, current)
-            if status != last:
-                await stream.send(status.model_dump_json(), "status")
-                last = status
-            else:
-                await stream.keepalive()
+        with watching:
+            async for current in follow(
+                request, job.id, read, lambda j: j.finished, lambda j: j.state == "queued"
+            ):
+                status = await job_status(request, current)
+                sent = status != last
+                if sent:
+                    await stream.send(status.model_dump_json(), "status")
+                    last = status
+                latest = None if current.finished else held.latest(job.id, shown)
+                if previews == "true" and latest is not None:
+                    shown, preview = latest
+                    await stream.send(preview.model_dump_json(), "preview")
+                elif not sent:
+                    await stream.keepalive()
     return stream.response
 
 

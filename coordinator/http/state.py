@@ -9,10 +9,11 @@ from coordinator.config import CoordinatorConfig
 from coordinator.files import FileStore
 from coordinator.http.ratelimit import RateLimiter
 from coordinator.http.views import SharedViews
+from coordinator.jobs.previews import Previews
 from coordinator.jobs.signals import Signals
 from coordinator.store import Store
 
-__all__ = ["CLOCK", "CONFIG", "FILES", "LIMITER", "SIGNALS", "STORE", "VIEWS"]
+__all__ = ["CLOCK", "CONFIG", "FILES", "LIMITER", "PREVIEWS", "SIGNALS", "STORE", "VIEWS"]
 
 CONFIG = web.AppKey("config", CoordinatorConfig)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
@@ -21,3 +22,4 @@ FILES = web.AppKey("files", FileStore)
 SIGNALS = web.AppKey("signals", Signals)
 LIMITER = web.AppKey("limiter", RateLimiter)
 VIEWS = web.AppKey("views", SharedViews)
+PREVIEWS = web.AppKey("previews", Previews)

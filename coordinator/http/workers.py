@@ -8,15 +8,23 @@ from collections.abc import Awaitable
 from aiohttp import web
 
 from coordinator.economy import image_models
-from coordinator.errors import Conflict, NotFound, OutdatedWorker, Unauthorized, UnsandboxedWorker
+from coordinator.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    OutdatedWorker,
+    Unauthorized,
+    UnsandboxedWorker,
+)
 from coordinator.http.addresses import client_ip
 from coordinator.http.api import API, Call, WorkerCall, api_key_of
 from coordinator.http.jobs import job_status
 from coordinator.http.metrics import timed_pop
 from coordinator.http.polling import long_poll
-from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
+from coordinator.http.state import CONFIG, FILES, PREVIEWS, SIGNALS, STORE
 from coordinator.jobs.image import ImageJob
 from coordinator.jobs.possible import Offer
+from coordinator.jobs.previews import check_preview
 from protocol.errors import SignatureInvalid
 from protocol.loras import ADAPTER_FAILURES
 from protocol.messages import (
@@ -32,6 +40,7 @@ from protocol.messages import (
     WorkerRegister,
     WorkerRegistered,
 )
+from protocol.preview import JobPreview, PreviewType
 from protocol.signing import account_binding, registration_message, verify
 
 # how a worker's give-back reason ends when it hands the job back because it is stopping
@@ -177,12 +186,38 @@ async def pop(request: web.Request, call: WorkerCall[PopRequest]) -> PopResponse
 )
 async def progress(request: web.Request, call: WorkerCall[ProgressReport]) -> LeaseExtended:
     body = call.body
+    # (checked before anything is recorded: a bad preview refuses the whole report)
+    kind = None if body.preview is None else preview_type(body.preview)
     job = await request.app[STORE].image_jobs.report_progress(
         call.worker, request.match_info["job_id"], body.image, body.step, body.steps
     )
+    previews = request.app[PREVIEWS]
+    if kind is not None and body.preview is not None:
+        # kept only while a requester watches with previews on; never stored or paid
+        previews.put(
+            job.id,
+            JobPreview(
+                image=body.image,
+                step=body.step,
+                steps=body.steps,
+                content_type=kind,
+                data=body.preview,
+            ),
+        )
     request.app[SIGNALS].job_changed(job.id)
     assert job.lease_deadline is not None
-    return LeaseExtended(id=job.id, lease_deadline=job.lease_deadline)
+    return LeaseExtended(
+        id=job.id, lease_deadline=job.lease_deadline, previews=previews.wanted(job.id)
+    )
+
+
+def preview_type(text: str) -> PreviewType:
+    """The media type of a progress report's preview; BadRequest naming `preview` if it is
+    no small JPEG, PNG or WebP picture."""
+    try:
+        return check_preview(text)
+    except ValueError as exc:
+        raise BadRequest(f"preview: {exc}", [("preview", str(exc))]) from None
 
 
 @API.route(

@@ -12,6 +12,7 @@ notify.py           the same across coordinator processes (PostgreSQL LISTEN/NOT
 png_check.py        an upload is a valid PNG of the job's size
 foreign_images.py   AI Horde workers' images (WebP/PNG) checked and re-encoded
 source_check.py     requesters' source images and masks (base64) checked before queueing
+previews.py         live previews of running image jobs (in memory, while watched)
 possible.py         workers' offers: could any online worker serve a job (is_possible)
 """
 

@@ -299,7 +299,8 @@ def test_generate_rate_download_share_and_reuse(grid: Grid, browser: Browser, sh
 
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#progress-text")).to_contain_text("Done: 4 images", timeout=120_000)
-    events = [headers for url, headers in session.requests if url.endswith("/events")]
+    # (the page asks for live previews: /events?previews=true)
+    events = [headers for url, headers in session.requests if "/events" in url]
     assert events and events[0].get("apikey") == key, "the progress came from the event stream"
 
     cards = page.locator("#gallery .image-card")
@@ -367,6 +368,58 @@ def test_generate_rate_download_share_and_reuse(grid: Grid, browser: Browser, sh
     expect(shared.locator("pre")).to_have_text([parameters(1234 + i) for i in range(4)])
     expect(shared.locator("img").first).to_be_visible()
     viewer.close(viewer_key)
+
+
+def test_a_live_preview_shows_under_the_progress_bar(
+    grid: Grid, browser: Browser, shots: Path
+) -> None:
+    """The page asks for previews and shows the latest in place. The painter's jobs are too
+    short for a real preview, so the job's stream and status are answered by the test
+    (a leased job with one preview) until it lets the real ones through."""
+    key = _register(grid.url, "preview-watcher")
+    session = Session(browser, grid.url, shots)
+    page = session.open()
+    session.sign_in(key)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (220, 30, 30)).save(buffer, format="JPEG")
+    preview = {
+        "image": 0,
+        "step": 5,
+        "steps": 20,
+        "content_type": "image/jpeg",
+        "data": base64.b64encode(buffer.getvalue()).decode(),
+    }
+    job_url = re.compile(r".*/api/v1/jobs/[0-9a-f-]{36}(/events\?previews=true)?$")
+
+    def leased(route: Route) -> None:
+        job_id = route.request.url.split("/api/v1/jobs/")[1].split("/")[0]
+        status = {"id": job_id, "state": "leased", "image": 0, "step": 5, "steps": 20, "n": 1}
+        if "/events" in route.request.url:
+            body = f"event: status\ndata: {json.dumps(status)}\n\n"
+            body += f"event: preview\ndata: {json.dumps(preview)}\n\n"
+            route.fulfill(status=200, content_type="text/event-stream", body=body)
+        else:
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(status))
+
+    page.route(job_url, leased)
+    page.get_by_label("Prompt", exact=True).fill("a red lighthouse")
+    page.get_by_label("Width").fill("64")
+    page.get_by_label("Height").fill("64")
+    page.get_by_label("Steps").fill("4")
+    page.get_by_role("button", name="Generate").click()
+    shown = page.locator("#progress-preview")
+    expect(shown).to_be_visible()
+    expect(shown).to_have_attribute("alt", "Preview of image 1, step 5 of 20")
+    assert shown.evaluate("img => img.complete && img.naturalWidth") == 8
+    expect(page.locator("#progress-text")).to_contain_text("step 5 of 20")
+    session.screenshot("live-preview", full_page=False)
+    events = [url for url, _ in session.requests if "/events" in url]
+    assert events and all(url.endswith("/events?previews=true") for url in events)
+    # the real stream and status again: the job is done and the preview gone
+    page.unroute(job_url)
+    expect(page.locator("#progress-text")).to_contain_text("Done: 1 image", timeout=120_000)
+    expect(shown).to_be_hidden()
+    session.close(key)
 
 
 def test_chat_streams_the_reply(grid: Grid, browser: Browser, shots: Path) -> None:

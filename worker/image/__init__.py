@@ -9,6 +9,7 @@
     control.py        ControlNet: the donor's control models, a job's control map (canny,
                       or a ready map), diffusers' ControlNet pipeline on the loaded modules
     samplers.py       AUTOMATIC1111 sampler names -> diffusers schedulers
+    preview.py        live previews: latents -> RGB by the published linear factors, JPEG
     hires.py          the hires fix: native-size pass, latents upscaled, img2img pass
     postprocess.py    GFPGAN and the RRDBNet upscalers on a finished image (spandrel)
     spandrel_archs.py spandrel's architectures without its registry (no torchvision)
@@ -23,7 +24,7 @@
     adapters_engine.py  loading LoRAs and TIs into the pipeline (in the sandbox child)
 
 Only the sandbox child imports `engine.py`, `adapters_engine.py`, `sources.py`, `hires.py`,
-`postprocess.py` and `control.py` (by name,
+`postprocess.py`, `preview.py` and `control.py` (by name,
 `worker.image.worker.ENGINE`).
 """
 

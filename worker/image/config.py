@@ -73,3 +73,11 @@ class ImageWorkerConfig:
     # the JSON file caching checkpoint file hashes (worker.image.checkpoint_hash; None:
     # hash every start)
     checkpoint_hash_cache: Path | None = None
+    # live previews (worker.image.preview): the engine makes one every this many sampling
+    # steps (0 = never); one is sent at most every `preview_interval` seconds, and only
+    # while the coordinator says a requester watches the job with previews on
+    preview_every: int = 5
+    preview_interval: float = 1.0
+    # --preview-decoder DIR: TAESD (an AutoencoderTiny folder) makes them instead of the
+    # linear factors (None)
+    preview_decoder: Path | None = None

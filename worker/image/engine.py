@@ -65,6 +65,7 @@ from worker.image.control import ControlJob, ControlNets
 from worker.image.hires import hires_first_pass, hires_image
 from worker.image.model_source import ModelSource, resolve_model
 from worker.image.postprocess import PostProcessors
+from worker.image.preview import Previewer
 from worker.image.samplers import make_scheduler
 from worker.image.sources import Sources, prepare_sources
 from worker.image.tiling import set_tiling
@@ -143,6 +144,9 @@ class ImageEngine:
         self._img2img: StableDiffusionImg2ImgPipeline | None = None
         self._inpaint: StableDiffusionInpaintPipeline | None = None
         self.base_scheduler_config = dict(pipe.scheduler.config)
+        self.previewer = Previewer.build(
+            pipe, settings.preview_every, settings.preview_decoder, self.device
+        )
         folder = settings.post_processors
         self.post = PostProcessors.load(Path(folder) if folder else None, self.device)
         self.controls = ControlNets(settings.controlnets, pipe, settings.annotators)
@@ -298,7 +302,12 @@ class ImageEngine:
                 done = (step + 1) * pass_steps // calls
                 if offset + done > reported:
                     reported = offset + done
-                    emit(ImageProgress(image=index, step=reported, steps=steps, n=params.n))
+                    preview = self.previewer(reported, steps, kwargs)
+                    emit(
+                        ImageProgress(
+                            image=index, step=reported, steps=steps, n=params.n, preview=preview
+                        )
+                    )
                 # prompt editing: the next loop iteration belongs to the pass's 0-based
                 # sampling step `done` (this one to `current`), which may read another text
                 current = step * pass_steps // calls
@@ -321,6 +330,8 @@ class ImageEngine:
             "generator": torch.Generator("cpu").manual_seed(seed),
             "num_images_per_prompt": 1,
             "output_type": "pil",
+            # (the live previews read them: worker.image.preview)
+            "callback_on_step_end_tensor_inputs": ["latents"],
         }
         if first_pass is not None:
             image = hires_image(

@@ -115,6 +115,24 @@ class ImageSettings(DonorFlags):
         ),
     ] = []
     unsandboxed: Unsandboxed = False
+    preview_every: Annotated[
+        int,
+        Field(ge=0, le=150),
+        Flag(
+            "a live preview every N sampling steps, sent only while a requester watches "
+            "the job with previews on; 0 = never (default %(default)s)",
+            metavar="N",
+        ),
+    ] = 5
+    preview_decoder: Annotated[
+        Path | None,
+        Flag(
+            "TAESD for the live previews: a diffusers AutoencoderTiny folder (safetensors) "
+            "matching the checkpoint (taesd for SD 1.x/2.x, taesdxl for SDXL); default: the "
+            "cheaper linear approximation",
+            metavar="DIR",
+        ),
+    ] = None
     allow_loras: Annotated[
         str,
         Flag(
@@ -265,6 +283,14 @@ def _run(args: argparse.Namespace) -> int:
         except ModelError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    decoder = settings.preview_decoder
+    if decoder is not None and not (decoder / "diffusion_pytorch_model.safetensors").is_file():
+        print(
+            f"error: --preview-decoder: {decoder} holds no diffusion_pytorch_model.safetensors; "
+            "give a diffusers AutoencoderTiny folder (e.g. madebyollin/taesd) in safetensors",
+            file=sys.stderr,
+        )
+        return 2
     if not confinement_allowed(settings.unsandboxed):
         return 2
     try:
@@ -299,6 +325,8 @@ def _run(args: argparse.Namespace) -> int:
         adapters=_adapter_settings(settings),
         baseline=typing.cast("Baseline", settings.baseline),
         checkpoint_hash_cache=Path.home() / ".cache" / "idlegrid" / "checkpoint-hashes.json",
+        preview_every=settings.preview_every,
+        preview_decoder=settings.preview_decoder.resolve() if settings.preview_decoder else None,
     )
     with claimed:
         return asyncio.run(_serve(config, claimed.identity))

@@ -29,7 +29,7 @@ from worker.image.adapters import Adapters, PreparedJob
 from worker.image.checkpoint_hash import model_sha256
 from worker.image.config import ImageWorkerConfig
 
-__all__ = ["ENGINE", "ImageWorker", "engine_policy"]
+__all__ = ["ENGINE", "ImageWorker", "PreviewGate", "engine_policy"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class ImageWorker:
             ),
             controlnets={kind: str(path) for kind, path in config.controlnets.items()},
             annotators={name: str(path) for name, path in config.annotators.items()},
+            preview_every=config.preview_every,
+            preview_decoder=str(config.preview_decoder) if config.preview_decoder else None,
         )
         adapters = None
         if config.adapters is not None:
@@ -185,18 +187,27 @@ class ImageWorker:
         # where the engine is: (image, step, steps), repeated by the heartbeat
         position = (0, 0, sampled_steps(job.params))
 
-        async def report(image: int, step: int, steps: int) -> None:
+        # live previews: sent only while the coordinator says someone watches with them on
+        previews = PreviewGate(self.config.preview_interval)
+
+        async def report(image: int, step: int, steps: int, preview: str | None = None) -> None:
             nonlocal last_report
             last_report = time.monotonic()
             try:
-                await self.link.progress(job.id, image, step, steps)
+                extended = await self.link.progress(job.id, image, step, steps, preview)
             except (CoordinatorUnavailable, LeaseLost) as exc:
                 log.warning("progress report for job %s failed: %s", job.id, exc)
+                return
+            previews.wanted = extended.previews
 
         async def on_progress(event: ImageProgress) -> None:
             nonlocal position
             position = (event.image, event.step, event.steps)
             now = time.monotonic()
+            preview = previews.take(event.preview, now)
+            if preview is not None:
+                await report(*position, preview)
+                return
             # The result follows the last step at once, so reporting it would only delay it.
             if now - last_report < self.config.progress_interval or event.step == event.steps:
                 return
@@ -324,6 +335,26 @@ class ImageWorker:
             log.warning("could not give job %s back: %s", job.id, exc)
 
 
+class PreviewGate:
+    """Which of the engine's previews of a job to send: none until the coordinator says
+    a requester watches with previews on (`wanted`, from each LeaseExtended), then at most
+    one per `interval` seconds."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.wanted = False
+        self._sent: float | None = None
+
+    def take(self, preview: str | None, now: float) -> str | None:
+        """`preview` if it should go now (and counts it as sent), else None."""
+        if preview is None or not self.wanted:
+            return None
+        if self._sent is not None and now - self._sent < self.interval:
+            return None
+        self._sent = now
+        return preview
+
+
 def engine_policy(config: ImageWorkerConfig) -> SandboxPolicy:
     """The engine's confinement: no network, the model read-only, nothing else of ours."""
     model_files = [Path(config.model), *config.controlnets.values(), *config.annotators.values()]
@@ -331,6 +362,8 @@ def engine_policy(config: ImageWorkerConfig) -> SandboxPolicy:
         model_files.append(config.model_config)
     if config.post_processors_dir is not None:
         model_files.append(config.post_processors_dir)
+    if config.preview_decoder is not None:
+        model_files.append(config.preview_decoder)
     if config.adapters is not None:
         # downloaded by the worker (worker.image.adapters), read by the engine
         model_files.append(config.adapters.cache_dir)

@@ -105,17 +105,20 @@ function sleep(ms, signal) {
 export const finished = (job) => ["done", "failed", "cancelled"].includes(job.state);
 
 /** Follow a job's `status` events until it finishes; falls back to polling when the
- *  stream is refused (too many open) or ends early (a coordinator restart). */
-export async function followJob(id, onStatus, signal) {
+ *  stream is refused (too many open) or ends early (a coordinator restart). With
+ *  `onPreview`, the stream asks for live previews (`preview` events) and hands each on. */
+export async function followJob(id, onStatus, signal, onPreview = null) {
   const path = `/api/v1/jobs/${encodeURIComponent(id)}`;
+  const events = onPreview ? `${path}/events?previews=true` : `${path}/events`;
   let last = null;
   for (let attempt = 0; ; attempt++) {
     if (attempt < 5) {
       try {
-        const response = await request("GET", `${path}/events`, {
+        const response = await request("GET", events, {
           signal, headers: { Accept: "text/event-stream" },
         });
         await readEvents(response, (name, data) => {
+          if (name === "preview" && onPreview) onPreview(JSON.parse(data));
           if (name !== "status") return true;
           last = JSON.parse(data);
           onStatus(last);

@@ -155,6 +155,16 @@ function showProgress(job) {
     bar.value = 0;
   }
   $("progress-text").textContent = describeStatus(job);
+  if (job.state !== "leased") $("progress-preview").hidden = true;
+}
+
+/** A live preview (a small JPEG of the image being sampled) in place of the last one. */
+function showPreview(preview) {
+  const image = $("progress-preview");
+  // (the coordinator checked the type and the base64 of the picture)
+  image.src = `data:${preview.content_type};base64,${preview.data}`;
+  image.alt = `Preview of image ${preview.image + 1}, step ${preview.step} of ${preview.steps}`;
+  image.hidden = false;
 }
 
 /** The sampler choice, from the coordinator (protocol/samplers.py), its default selected;
@@ -208,12 +218,13 @@ export function setUpGenerate() {
     const job = { id: created.id, params: { ...params, seed: created.seed }, created_at: Date.now() / 1000 };
     state.sessionJobs.unshift(job);
     $("progress").hidden = false;
+    $("progress-preview").hidden = true;
     $("results").replaceChildren();
     $("gen-cancel").hidden = false;
     showProgress({ state: "queued", queue_position: created.queue_position, eta_seconds: created.eta_seconds });
     refreshAccount();
     try {
-      const done = await followJob(created.id, showProgress, abort.signal);
+      const done = await followJob(created.id, showProgress, abort.signal, showPreview);
       Object.assign(job, done, { params: done.params || job.params });
       if (done.state === "done" && !state.key) {
         // signed in, the gallery shows them
