@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.control import AnnotatorName, ControlType
+from protocol.loras import Baseline
 from protocol.params import MAX_STEPS
 from worker.common.donor import DonorSettings
 from worker.image.adapters import AdapterSettings
@@ -67,3 +68,6 @@ class ImageWorkerConfig:
     annotators: dict[AnnotatorName, Path] = field(default_factory=dict)
     # LoRAs and textual inversions from CivitAI (None: --allow-loras no, none taken)
     adapters: AdapterSettings | None = None
+    # --baseline: the family the operator says the model is (None: the one the engine finds
+    # in it; another than that one is a start-up error)
+    baseline: Baseline | None = None

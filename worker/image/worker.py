@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from protocol.adapted import ADAPTED_IMAGE
 from protocol.control import mappable_types
 from protocol.engine import IMAGE, IMAGE_INFO, ImageEngineOptions, ImageProgress, NoMessage
+from protocol.loras import Baseline
 from protocol.messages import LeasedJob
 from protocol.params import sampled_steps
 from protocol.signing import params_hash
@@ -24,16 +26,25 @@ from worker.common.donor import build_gate
 from worker.common.link import Capabilities, CoordinatorLink, retrying
 from worker.common.service import Drain, Gate, serve_jobs
 from worker.common.status import WorkerStatus
-from worker.errors import AdapterUnavailable, CoordinatorRejected, CoordinatorUnavailable, LeaseLost
+from worker.errors import (
+    AdapterUnavailable,
+    BaselineConflict,
+    CoordinatorRejected,
+    CoordinatorUnavailable,
+    LeaseLost,
+)
 from worker.image.adapters import Adapters, PreparedJob
 from worker.image.config import ImageWorkerConfig
 
-__all__ = ["ENGINE", "ImageWorker", "engine_policy"]
+__all__ = ["ENGINE", "LORA_BASELINES", "ImageWorker", "engine_policy"]
 
 log = logging.getLogger(__name__)
 
 # the engine class the sandbox child imports (the parent never imports it)
 ENGINE = "worker.image.engine:ImageEngine"
+# the baselines whose checkpoints take LoRAs and textual inversions (SDXL's two text
+# encoders need both halves of a TI and a clip strength for each: not yet)
+LORA_BASELINES: tuple[Baseline, ...] = ("sd1", "sd2")
 
 
 class ImageWorker:
@@ -48,6 +59,7 @@ class ImageWorker:
         gate: Gate | None = None,
         inpainting_checkpoint: bool = False,
         adapters: Adapters | None = None,
+        baseline: Baseline = "sd1",
     ) -> None:
         self.config = config
         self.sandbox = sandbox
@@ -66,7 +78,8 @@ class ImageWorker:
             # it can make (the others only from a ready map: image_is_control)
             controlnets=sorted(config.controlnets),
             control_annotators=sorted(set(config.controlnets) & mappable_types(config.annotators)),
-            loras=adapters is not None,
+            # (not on SDXL yet: worker.image.baselines)
+            loras=adapters is not None and baseline in LORA_BASELINES,
         )
         # LoRAs and textual inversions from CivitAI (None: not taken)
         self.adapters = adapters
@@ -105,6 +118,12 @@ class ImageWorker:
             raise
         try:
             loaded = (await sandbox.run(IMAGE_INFO, NoMessage())).data
+            if config.baseline is not None and config.baseline != loaded.baseline:
+                raise BaselineConflict(
+                    f"--baseline {config.baseline}: {loaded.model} is an {loaded.baseline} "
+                    f"checkpoint (its architecture says so); give --baseline {loaded.baseline} "
+                    "or leave the flag out"
+                )
         except BaseException:
             await sandbox.aclose()
             if adapters is not None:
@@ -112,8 +131,21 @@ class ImageWorker:
             raise
         if loaded.inpainting:
             log.info("%s is an inpainting checkpoint: serving only inpainting", loaded.model)
+        if adapters is not None:
+            adapters.settings = replace(adapters.settings, baseline=loaded.baseline)
+            if loaded.baseline not in LORA_BASELINES:
+                log.warning(
+                    "%s is an %s checkpoint: it takes no LoRAs or textual inversions yet",
+                    loaded.model,
+                    loaded.baseline,
+                )
         return cls(
-            config, sandbox, link, inpainting_checkpoint=loaded.inpainting, adapters=adapters
+            config,
+            sandbox,
+            link,
+            inpainting_checkpoint=loaded.inpainting,
+            adapters=adapters,
+            baseline=loaded.baseline,
         )
 
     async def aclose(self) -> None:
