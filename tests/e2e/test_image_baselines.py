@@ -78,6 +78,12 @@ def test_sdxl_and_sd2_workers_follow_their_models(tmp_path: Path, tiny_models: P
                     {"prompt": "a red cat", "negative_prompt": "blurry", "model": "sdxl", **SIZE}
                 )
                 xl_image = _pixels(grid.generate(xl_params, out).paths[0])
+                # an SDXL worker's offer takes no LoRAs: such a job waits, and says why
+                xl_lora = ImageParams.model_validate(
+                    {**xl_params.model_dump(), "loras": [{"name": "202"}]}
+                )
+                waiting = grid.submit_image(xl_lora)
+                grid.cancel(waiting.id)
                 sd2_params = _sd2()
                 sd2_image = _pixels(grid.generate(sd2_params, out).paths[0])
                 lora_image = _pixels(grid.generate(_sd2("202"), out).paths[0])
@@ -87,6 +93,7 @@ def test_sdxl_and_sd2_workers_follow_their_models(tmp_path: Path, tiny_models: P
                 grid.cancel(wrong.id)
     finally:
         network.close()
+    assert any("takes LoRAs or textual inversions" in w for w in waiting.warnings)
     assert "baseline_mismatch: LoRA '101' (version 1010) is made for 'SD 1.5' (sd1)" in reason
     assert "this worker's checkpoint is sd2" in reason
 

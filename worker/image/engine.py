@@ -34,6 +34,8 @@ import torch
 from diffusers.pipelines.controlnet.pipeline_controlnet import (
     StableDiffusionControlNetPipeline,
 )
+
+# (from its module: mypy resolves `diffusers.StableDiffusionPipeline` to a placeholder class)
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     StableDiffusionPipeline,
 )
