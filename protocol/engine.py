@@ -42,6 +42,7 @@ from typing import Annotated, Generic, Literal, TypeVar, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.control import AnnotatorName, ControlType
+from protocol.loras import Baseline
 from protocol.params import MAX_N, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageParams
 from protocol.preview import PREVIEW_BASE64_CHARS
 from protocol.text import (
@@ -190,6 +191,8 @@ class ImageEngineInfo(EngineMessage):
     model: str = Field(min_length=1)
     # a 9-channel inpainting UNet: it serves only inpainting and outpainting jobs
     inpainting: bool
+    # the model's family, as LoRAs are made for it (worker.image.baselines)
+    baseline: Baseline = "sd1"
 
 
 IMAGE_INFO: EngineCall[NoMessage, NoMessage, ImageEngineInfo] = EngineCall(

@@ -29,12 +29,33 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import (
     StableDiffusionInpaintPipeline,
 )
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    StableDiffusionXLPipeline,
+)
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+    StableDiffusionXLImg2ImgPipeline,
+)
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint import (
+    StableDiffusionXLInpaintPipeline,
+)
 from PIL import Image
 
 from protocol.params import ImageParams
 from worker.image.samplers import SCHEDULER_SPECS
 
-__all__ = ["plain_controlnet", "plain_image", "plain_img2img", "plain_inpaint", "plain_pipeline"]
+__all__ = [
+    "plain_controlnet",
+    "plain_image",
+    "plain_img2img",
+    "plain_inpaint",
+    "plain_pipeline",
+    "plain_xl_pipeline",
+    "plain_xl_source",
+    "scheduler_of",
+]
+
+# SD 1.x / 2.x or SDXL
+_Pipe = StableDiffusionPipeline | StableDiffusionXLPipeline
 
 
 def plain_pipeline(sd: Path) -> StableDiffusionPipeline:
@@ -43,8 +64,16 @@ def plain_pipeline(sd: Path) -> StableDiffusionPipeline:
     return pipe
 
 
+def plain_xl_pipeline(sdxl: Path) -> StableDiffusionXLPipeline:
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        sdxl, use_safetensors=True, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @contextmanager
-def _scheduler_of(pipe: StableDiffusionPipeline, params: ImageParams) -> Iterator[Any]:
+def scheduler_of(pipe: _Pipe, params: ImageParams) -> Iterator[Any]:
     """The job's scheduler, for one run; the pipeline's own is put back after."""
     class_name, options = SCHEDULER_SPECS[params.sampler]
     original = pipe.scheduler
@@ -68,9 +97,9 @@ def _common(params: ImageParams, seed: int) -> dict[str, Any]:
     }
 
 
-def plain_image(pipe: StableDiffusionPipeline, params: ImageParams, seed: int) -> np.ndarray:
+def plain_image(pipe: _Pipe, params: ImageParams, seed: int) -> np.ndarray:
     """Image `seed` of `params` as RGB pixels; leaves the pipeline's scheduler as it was."""
-    with _scheduler_of(pipe, params):
+    with scheduler_of(pipe, params):
         out = pipe(width=params.width, height=params.height, **_common(params, seed))
     return np.asarray(out.images[0])
 
@@ -84,7 +113,7 @@ def plain_img2img(
 ) -> np.ndarray:
     """Image `seed` of an img2img job from `source`, with diffusers' img2img pipeline on
     `pipe`'s components."""
-    with _scheduler_of(pipe, params) as scheduler:
+    with scheduler_of(pipe, params) as scheduler:
         img2img = StableDiffusionImg2ImgPipeline(**{**pipe.components, "scheduler": scheduler})
         img2img.set_progress_bar_config(disable=True)
         out = img2img(
@@ -104,7 +133,7 @@ def plain_inpaint(
 ) -> np.ndarray:
     """Image `seed` of an inpainting job: `mask` (white = repaint) over `source`, with
     diffusers' inpaint pipeline on `pipe`'s components (either kind of UNet)."""
-    with _scheduler_of(pipe, params) as scheduler:
+    with scheduler_of(pipe, params) as scheduler:
         inpaint = StableDiffusionInpaintPipeline(**{**pipe.components, "scheduler": scheduler})
         inpaint.set_progress_bar_config(disable=True)
         out = inpaint(
@@ -128,7 +157,7 @@ def plain_controlnet(
 ) -> np.ndarray:
     """Image `seed` of a ControlNet job guided by the control map `control` (the job's
     size), with diffusers' ControlNet pipeline on `pipe`'s components, from noise."""
-    with _scheduler_of(pipe, params) as scheduler:
+    with scheduler_of(pipe, params) as scheduler:
         components = {**pipe.components, "scheduler": scheduler}
         control_pipe = StableDiffusionControlNetPipeline(**components, controlnet=controlnet)
         control_pipe.set_progress_bar_config(disable=True)
@@ -136,4 +165,29 @@ def plain_controlnet(
             image=control, width=params.width, height=params.height, **_common(params, seed)
         )
     assert isinstance(out, StableDiffusionPipelineOutput)
+    return np.asarray(out.images[0])
+
+
+def plain_xl_source(
+    pipe: StableDiffusionXLPipeline,
+    params: ImageParams,
+    seed: int,
+    source: Image.Image,
+    mask: Image.Image | None = None,
+) -> np.ndarray:
+    """Image `seed` of an SDXL img2img job (or, with `mask`, inpainting job) from `source`,
+    with diffusers' SDXL img2img or inpaint pipeline on `pipe`'s components."""
+    with scheduler_of(pipe, params) as scheduler:
+        components = {**pipe.components, "scheduler": scheduler}
+        image = _sized(source, "RGB", params)
+        common = {**_common(params, seed), "strength": params.denoising_strength}
+        if mask is None:
+            img2img = StableDiffusionXLImg2ImgPipeline(**components)
+            img2img.set_progress_bar_config(disable=True)
+            out = img2img(image=image, **common)
+        else:
+            inpaint = StableDiffusionXLInpaintPipeline(**components)
+            inpaint.set_progress_bar_config(disable=True)
+            size = {"width": params.width, "height": params.height}
+            out = inpaint(image=image, mask_image=_sized(mask, "L", params), **size, **common)
     return np.asarray(out.images[0])

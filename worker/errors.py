@@ -5,7 +5,9 @@
     │   ├── UnsafeWeights       pickle-based weights (.ckpt, .bin, .pt, ...): never loaded
     │   ├── ModelNotFound       no usable model at that path, or not a model at all
     │   ├── ModelConfigMissing  a single-file checkpoint without `--model-config DIR`
-    │   ├── UnsupportedArchitecture  an LLM family we do not serve (names the supported)
+    │   ├── UnsupportedArchitecture  an LLM family or image pipeline we do not serve
+    │   │                       (names the supported)
+    │   ├── BaselineConflict    `--baseline` names another family than the model's
     │   └── ConversionFailed    `idlegrid models smollm2` could not fetch, verify or convert
     ├── IdentityError           the identity file cannot be used (names the file and the fix)
     │   ├── IdentityInUse       another live process holds its lock
@@ -132,7 +134,12 @@ __all__ += ["IdentityError", "IdentityFileInvalid", "IdentityInUse"]
 
 
 class UnsupportedArchitecture(ModelError):
-    """The model's `model_type` is not one the LLM gateway and block servers can run."""
+    """The model's `model_type` is not one the LLM gateway and block servers can run, or
+    the image model's pipeline (or a flag beside it) is not one the image engine serves."""
+
+
+class BaselineConflict(ModelError):
+    """`--baseline` names another family than the one the engine found in the model."""
 
 
 class InvalidGenerationInput(WorkerError):
@@ -143,7 +150,7 @@ class InvalidGenerationInput(WorkerError):
         self.field = field
 
 
-__all__ += ["InvalidGenerationInput", "UnsupportedArchitecture"]
+__all__ += ["BaselineConflict", "InvalidGenerationInput", "UnsupportedArchitecture"]
 
 
 # -- LLM swarm (worker/llm/swarm/) ------------------------------------------------------

@@ -22,6 +22,18 @@ def tiny_sd_inpaint(tiny_models: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2(tiny_models: Path) -> Path:
+    """An SD 2 (768-v) shaped pipeline: OpenCLIP-style text encoder, v-prediction."""
+    return tiny_models / "sd2"
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_models: Path) -> Path:
+    """An SDXL pipeline: two text encoders, pooled text and size conditioning."""
+    return tiny_models / "sdxl"
+
+
+@pytest.fixture(scope="session")
 def tiny_sd_single_file(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny pipeline as one original-format (SD-1) safetensors file."""
     out = tmp_path_factory.mktemp("single-file") / "tiny-sd1.safetensors"

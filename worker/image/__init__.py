@@ -4,6 +4,10 @@
     config.py         ImageWorkerConfig, the service's one configuration object
     worker.py         ImageWorker: pop -> sandboxed engine -> signed result; survives crashes
     engine.py         ImageEngine, hosted in the sandbox child process (torch, diffusers)
+    baselines.py      the model's family (SD 1.x, SD 2, SDXL): its pipelines, its baseline,
+                      its prompt encoding
+    conditioning.py   prompts encoded A1111's way (weights, chunks, editing; SDXL's two
+                      encoders)
     sources.py        a job's source image and mask: decoded within caps, AI Horde's mask
                       conventions, resized for the img2img and inpaint pipelines
     control.py        ControlNet: the donor's control models, a job's control map (canny,
@@ -23,8 +27,8 @@
                       the sandbox binds read-only
     adapters_engine.py  loading LoRAs and TIs into the pipeline (in the sandbox child)
 
-Only the sandbox child imports `engine.py`, `adapters_engine.py`, `sources.py`, `hires.py`,
-`postprocess.py`, `preview.py` and `control.py` (by name,
+Only the sandbox child imports `engine.py`, `baselines.py`, `adapters_engine.py`,
+`sources.py`, `hires.py`, `postprocess.py`, `preview.py` and `control.py` (by name,
 `worker.image.worker.ENGINE`).
 """
 

@@ -43,8 +43,9 @@ class AdapterSettings:
     # largest file accepted (--lora-max-mb) and the cache's cap (--lora-cache-gb)
     max_bytes: int
     cache_bytes: int
-    # the checkpoint's baseline: LoRAs made for another are refused
-    baseline: Baseline
+    # the checkpoint's baseline: LoRAs made for another are refused (None until the engine
+    # has found it in the model: ImageWorker.create sets it)
+    baseline: Baseline | None = None
 
 
 @dataclass(frozen=True)

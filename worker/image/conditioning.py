@@ -14,6 +14,14 @@ A prompt of at most 75 tokens without syntax gives exactly the tensor diffusers'
 a longer one is no longer cut at 75 tokens. The positive and negative conditionings of a
 job are padded to one length with the empty prompt's chunk (A1111's "pad prompt/negative
 prompt to be same length"), as diffusers needs one tensor for both.
+
+SDXL (`DualTextEncoding`) does the same with each of its two text encoders, as A1111 does:
+each encodes the chunks made with its own tokenizer, from the penultimate layer without the
+final layer norm (diffusers' SDXL `encode_prompt`; `clip_skip` n takes the output n layers
+before the last, diffusers' `clip_skip=n - 1`), weighted per encoder; the two are
+concatenated along the features. The pooled text is the second encoder's projected output
+of the first chunk, unweighted (A1111's). An empty negative prompt is zeros, embeddings and
+pooled text alike (A1111 for SDXL, and diffusers' `force_zeros_for_empty_prompt`).
 """
 
 from __future__ import annotations
@@ -32,7 +40,15 @@ from worker.image.prompt_syntax import (
     schedule,
 )
 
-__all__ = ["COMMA_BACKTRACK", "Conditioning", "TextEncoding", "encode_job"]
+__all__ = [
+    "COMMA_BACKTRACK",
+    "Conditioning",
+    "DualTextEncoding",
+    "TextEncoding",
+    "encode_job",
+    "prompt_arguments",
+    "switched_inputs",
+]
 
 # A1111's `comma_padding_backtrack` default: how far back a full chunk looks for a comma
 COMMA_BACKTRACK = 20
@@ -45,6 +61,8 @@ class Conditioning:
 
     ends: tuple[int, ...]
     embeds: tuple[torch.Tensor, ...]
+    # SDXL: the pooled text ([1, dim]) beside each of `embeds`; None for SD 1 and 2
+    pooled: tuple[torch.Tensor, ...] | None = None
 
     def index_at(self, step: int) -> int:
         for k, end in enumerate(self.ends):
@@ -69,10 +87,14 @@ class TextEncoding:
         text_encoder: Any,
         device: torch.device,
         convert: Callable[[str], str] | None = None,
+        *,
+        penultimate: bool = False,
     ) -> None:
         """`convert`: rewrites a text before it is tokenized (diffusers' `maybe_convert_prompt`,
-        which spells a multi-vector textual inversion's token as all of its tokens)."""
+        which spells a multi-vector textual inversion's token as all of its tokens);
+        `penultimate`: SDXL's layers (see the module)."""
         self.convert = convert or (lambda text: text)
+        self.penultimate = penultimate
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.device = device
@@ -129,10 +151,20 @@ class TextEncoding:
         # (A1111 pads before the EOS: the same ids where the pad token is EOS, as in SD 1.x)
         return [self.bos, *tokens, self.eos, *[self.pad] * fill]
 
-    def encode_chunk(self, ids: list[int], weights: list[float], clip_skip: int) -> torch.Tensor:
+    def encode_chunk(
+        self, ids: list[int], weights: list[float], clip_skip: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The chunk's weighted hidden states, and its pooled text if the encoder has a
+        projection (SDXL's second)."""
         input_ids = torch.tensor([ids], dtype=torch.long).to(self.device)
         z: torch.Tensor
-        if clip_skip == 1:
+        pooled: torch.Tensor | None = None
+        if self.penultimate:
+            output = self.text_encoder(input_ids, output_hidden_states=True)
+            z = output.hidden_states[-(clip_skip + 1)]
+            if output[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
+                pooled = output[0]
+        elif clip_skip == 1:
             z = self.text_encoder(input_ids, attention_mask=None)[0]
         else:
             output = self.text_encoder(input_ids, attention_mask=None, output_hidden_states=True)
@@ -146,18 +178,24 @@ class TextEncoding:
             scale = torch.tensor(weights, dtype=z.dtype, device=z.device)
             z = z * scale.reshape(1, -1, 1)
             z = z * (original_mean / z.mean())
-        return z
+        return z, pooled
 
-    def encode(self, text: str, clip_skip: int, field: str = "prompt") -> torch.Tensor:
-        """One text (no prompt editing left) as [1, 77 x chunks, dim]; `field` names it in
-        errors."""
+    def encoded_chunks(
+        self, text: str, clip_skip: int, field: str = "prompt"
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each chunk of one text (no prompt editing left) encoded; `field` names the text
+        in errors."""
         try:
             fragments = attention(text)
         except PromptSyntaxError as exc:
             raise InvalidGenerationInput(field, str(exc)) from None
         with torch.no_grad():
-            parts = [self.encode_chunk(i, w, clip_skip) for i, w in self.chunks(fragments)]
-        return torch.cat(parts, dim=1)
+            return [self.encode_chunk(i, w, clip_skip) for i, w in self.chunks(fragments)]
+
+    def encode(self, text: str, clip_skip: int, field: str = "prompt") -> torch.Tensor:
+        """One text (no prompt editing left) as [1, 77 x chunks, dim]; `field` names it in
+        errors."""
+        return torch.cat([z for z, _ in self.encoded_chunks(text, clip_skip, field)], dim=1)
 
     def conditioning(
         self, prompt: str, steps: int, clip_skip: int, field: str = "prompt"
@@ -175,16 +213,75 @@ class TextEncoding:
             )
 
 
+class DualTextEncoding:
+    """SDXL's two tokenizers and text encoders, used A1111's way (see the module)."""
+
+    def __init__(self, first: TextEncoding, second: TextEncoding) -> None:
+        self.first = first
+        self.second = second
+
+    def encode_pooled(
+        self, text: str, clip_skip: int, field: str = "prompt"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One text as ([1, 77 x chunks, dim 1 + dim 2], pooled [1, projection dim])."""
+        parts = []
+        for encoding in (self.first, self.second):
+            chunks = encoding.encoded_chunks(text, clip_skip, field)
+            parts.append(chunks)
+        first, second = parts
+        # (the two tokenizers share CLIP's vocabulary, so they cut the same chunks; should
+        # they not, the shorter is filled with the empty text's chunk)
+        for chunks, encoding in ((first, self.first), (second, self.second)):
+            while len(chunks) < max(len(first), len(second)):
+                chunks.append(encoding.encoded_chunks("", clip_skip)[0])
+        pooled = second[0][1]
+        if pooled is None:
+            raise ValueError("SDXL's second text encoder has no projection (pooled text)")
+        embeds = [torch.cat([a, b], dim=-1) for (a, _), (b, _) in zip(first, second, strict=True)]
+        return torch.cat(embeds, dim=1), pooled
+
+    def encode(self, text: str, clip_skip: int, field: str = "prompt") -> torch.Tensor:
+        return self.encode_pooled(text, clip_skip, field)[0]
+
+    def conditioning(
+        self, prompt: str, steps: int, clip_skip: int, field: str = "prompt"
+    ) -> Conditioning:
+        entries = schedule(prompt, steps)
+        encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for entry in entries:
+            if entry.text in encoded:
+                continue
+            embeds, pooled = self.encode_pooled(entry.text, clip_skip, field)
+            if field == "negative_prompt" and entry.text == "":
+                embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+            encoded[entry.text] = (embeds, pooled)
+        return Conditioning(
+            tuple(e.end for e in entries),
+            tuple(encoded[e.text][0] for e in entries),
+            tuple(encoded[e.text][1] for e in entries),
+        )
+
+    def check_clip_skip(self, clip_skip: int, model: str) -> None:
+        self.first.check_clip_skip(clip_skip, model)
+        self.second.check_clip_skip(clip_skip, model)
+
+
 def _padded(conditioning: Conditioning, tokens: int, empty: torch.Tensor) -> Conditioning:
     embeds = []
     for e in conditioning.embeds:
         missing = (tokens - e.shape[1]) // empty.shape[1]
-        embeds.append(torch.cat([e, *[empty] * missing], dim=1) if missing else e)
-    return Conditioning(conditioning.ends, tuple(embeds))
+        # (SDXL's empty negative prompt is zeros at any length)
+        filler = empty if e.any() else torch.zeros_like(empty)
+        embeds.append(torch.cat([e, *[filler] * missing], dim=1) if missing else e)
+    return Conditioning(conditioning.ends, tuple(embeds), conditioning.pooled)
 
 
 def encode_job(
-    encoding: TextEncoding, prompt: str, negative: str, steps: int, clip_skip: int
+    encoding: TextEncoding | DualTextEncoding,
+    prompt: str,
+    negative: str,
+    steps: int,
+    clip_skip: int,
 ) -> tuple[Conditioning, Conditioning]:
     """The positive and negative conditionings of a job, of one length throughout."""
     positive = encoding.conditioning(prompt, steps, clip_skip)
@@ -194,3 +291,29 @@ def encode_job(
         return positive, negative_c
     empty = encoding.encode("", clip_skip)
     return _padded(positive, tokens, empty), _padded(negative_c, tokens, empty)
+
+
+def prompt_arguments(positive: Conditioning, negative: Conditioning) -> dict[str, torch.Tensor]:
+    """The prompt keywords of a diffusers pipeline call (those of the first sampling step)."""
+    arguments = {"prompt_embeds": positive.at(0), "negative_prompt_embeds": negative.at(0)}
+    if positive.pooled is not None and negative.pooled is not None:
+        arguments["pooled_prompt_embeds"] = positive.pooled[positive.index_at(0)]
+        arguments["negative_pooled_prompt_embeds"] = negative.pooled[negative.index_at(0)]
+    return arguments
+
+
+def switched_inputs(
+    positive: Conditioning, negative: Conditioning, indices: tuple[int, int], guided: bool
+) -> dict[str, torch.Tensor]:
+    """What a step callback hands the pipeline when prompt editing moves to the schedule's
+    entries `indices` (positive, negative): the embeddings (under classifier-free guidance
+    the negative first, as the pipelines concatenate them) and SDXL's pooled text."""
+
+    def pair(values: tuple[torch.Tensor, ...], others: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        chosen = values[indices[0]]
+        return torch.cat([others[indices[1]], chosen]) if guided else chosen
+
+    inputs = {"prompt_embeds": pair(positive.embeds, negative.embeds)}
+    if positive.pooled is not None and negative.pooled is not None:
+        inputs["add_text_embeds"] = pair(positive.pooled, negative.pooled)
+    return inputs

@@ -68,8 +68,9 @@ class ImageWorkerConfig:
     annotators: dict[AnnotatorName, Path] = field(default_factory=dict)
     # LoRAs and textual inversions from CivitAI (None: --allow-loras no, none taken)
     adapters: AdapterSettings | None = None
-    # the checkpoint's family (--baseline), reported with every pop
-    baseline: Baseline = "sd1"
+    # --baseline: the family the operator says the model is (None: the one the engine finds
+    # in it; another than that one is a start-up error)
+    baseline: Baseline | None = None
     # the JSON file caching checkpoint file hashes (worker.image.checkpoint_hash; None:
     # hash every start)
     checkpoint_hash_cache: Path | None = None

@@ -14,6 +14,9 @@ an inpainting one (9-channel UNet: mask and masked image as conditioning) or a p
 checkpoint serves only inpainting and outpainting. A ControlNet job (`params.control_type`)
 runs `StableDiffusionControlNetPipeline` on the same modules (`worker.image.control`).
 
+The pipeline follows the model (`worker.image.baselines`): SD 1.x and SD 2 as above, SDXL
+with diffusers' SDXL pipelines (txt2img, img2img, inpainting; no ControlNet yet).
+
 Image extras: the hires fix (`worker.image.hires`: txt2img at the native size, latents
 upscaled, img2img on the same modules) and the donor's post-processors
 (`worker.image.postprocess`: GFPGAN, then an upscaler) on each finished image.
@@ -25,7 +28,7 @@ import io
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers.pipelines.controlnet.pipeline_controlnet import (
@@ -35,12 +38,6 @@ from diffusers.pipelines.controlnet.pipeline_controlnet import (
 # (from its module: mypy resolves `diffusers.StableDiffusionPipeline` to a placeholder class)
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     StableDiffusionPipeline,
-)
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
-    StableDiffusionImg2ImgPipeline,
-)
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import (
-    StableDiffusionInpaintPipeline,
 )
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -58,12 +55,20 @@ from protocol.engine import (
 from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams, sampled_steps
 from sandbox.calls import CallTable, Emit
-from worker.errors import InvalidGenerationInput, ModelNotFound
+from worker.errors import InvalidGenerationInput, UnsupportedArchitecture
 from worker.image.adapters_engine import EngineAdapters
-from worker.image.conditioning import Conditioning, TextEncoding, encode_job
+from worker.image.baselines import (
+    BasePipeline,
+    SourcePipeline,
+    baseline_of,
+    load_pipeline,
+    source_pipeline,
+    text_encoding,
+)
+from worker.image.conditioning import Conditioning, encode_job, prompt_arguments, switched_inputs
 from worker.image.control import ControlJob, ControlNets
 from worker.image.hires import hires_first_pass, hires_image
-from worker.image.model_source import ModelSource, resolve_model
+from worker.image.model_source import resolve_model
 from worker.image.postprocess import PostProcessors
 from worker.image.preview import Previewer
 from worker.image.samplers import make_scheduler
@@ -76,35 +81,9 @@ __all__ = ["INPAINT_UNET_CHANNELS", "ImageEngine", "encode_png", "load_pipeline"
 INPAINT_UNET_CHANNELS = 9
 
 # any of the pipelines the engine runs
-_Pipeline = (
-    StableDiffusionPipeline
-    | StableDiffusionImg2ImgPipeline
-    | StableDiffusionInpaintPipeline
-    | StableDiffusionControlNetPipeline
-)
+_Pipeline = BasePipeline | SourcePipeline | StableDiffusionControlNetPipeline
 
 logger = logging.getLogger(__name__)
-
-
-def load_pipeline(source: ModelSource) -> StableDiffusionPipeline:
-    """Load the pipeline `source` describes, safetensors only, in float32 on the CPU."""
-    if source.kind == "folder":
-        return StableDiffusionPipeline.from_pretrained(
-            source.location, use_safetensors=True, local_files_only=True, dtype=torch.float32
-        )
-    if source.kind == "single_file":
-        return StableDiffusionPipeline.from_single_file(
-            source.location,
-            config=str(source.config_dir),
-            local_files_only=True,
-            dtype=torch.float32,
-        )
-    # The worker downloads hub models before the engine starts (download_hub_model): the
-    # engine has no network, so a hub id here means nothing was downloaded.
-    raise ModelNotFound(
-        f"{source.location!r} is not a local folder or file; the worker downloads hub models "
-        "before starting the engine, so pass the id to `idlegrid worker image --model`"
-    )
 
 
 def encode_png(image: Image.Image, parameters: str) -> bytes:
@@ -137,34 +116,40 @@ class ImageEngine:
             torch.cuda.set_per_process_memory_fraction(min(1.0, max_vram / total))
         pipe = load_pipeline(self.source)
         pipe.to(self.device)
-        pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
+        self.baseline = baseline_of(pipe)
+        if self.baseline == "sdxl" and settings.controlnets:
+            raise UnsupportedArchitecture(
+                f"{self.model_name} is an SDXL checkpoint: this worker serves ControlNet only "
+                "on SD 1.x and 2.x checkpoints; start it without --controlnet"
+            )
         self.inpainting_checkpoint = pipe.unet.config.in_channels == INPAINT_UNET_CHANNELS
         # the same modules under the pipelines for source images (built on first use)
-        self._img2img: StableDiffusionImg2ImgPipeline | None = None
-        self._inpaint: StableDiffusionInpaintPipeline | None = None
+        self._img2img: SourcePipeline | None = None
+        self._inpaint: SourcePipeline | None = None
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self.previewer = Previewer.build(
-            pipe, settings.preview_every, settings.preview_decoder, self.device
+            self.baseline, settings.preview_every, settings.preview_decoder, self.device
         )
         folder = settings.post_processors
         self.post = PostProcessors.load(Path(folder) if folder else None, self.device)
-        self.controls = ControlNets(settings.controlnets, pipe, settings.annotators)
-        # (a textual inversion of several vectors is spelled as all of its tokens, as diffusers'
-        # own prompt encoding does)
-        self.text = TextEncoding(
-            pipe.tokenizer,
-            pipe.text_encoder,
-            self.device,
-            convert=lambda text: str(pipe.maybe_convert_prompt(text, pipe.tokenizer)),
-        )
+        # (an SDXL engine has none: refused above)
+        sd_pipe = cast(StableDiffusionPipeline, pipe)
+        self.controls = ControlNets(settings.controlnets, sd_pipe, settings.annotators)
+        self.text = text_encoding(pipe, self.device)
         self.calls = CallTable()
         self.calls.add_binary(IMAGE, self.image)
         self.calls.add(IMAGE_INFO, self.info)
         # LoRAs and textual inversions (worker.image.adapters_engine)
         self.adapters = EngineAdapters(pipe)
         self.calls.add_binary(ADAPTED_IMAGE, self.adapted_image)
-        logger.info("loaded %s (%s) on %s", self.model_name, self.source.kind, self.device)
+        logger.info(
+            "loaded %s (%s, %s) on %s",
+            self.model_name,
+            self.baseline,
+            self.source.kind,
+            self.device,
+        )
 
     def handle(
         self,
@@ -181,7 +166,10 @@ class ImageEngine:
     ) -> tuple[ImageEngineInfo, list[bytes]]:
         """What was loaded: the worker offers inpainting jobs only to an inpainting
         checkpoint (`IMAGE_INFO`)."""
-        return ImageEngineInfo(model=self.model_name, inpainting=self.inpainting_checkpoint), []
+        info = ImageEngineInfo(
+            model=self.model_name, inpainting=self.inpainting_checkpoint, baseline=self.baseline
+        )
+        return info, []
 
     def image(
         self, params: ImageParams, inputs: list[bytes], emit: Emit[ImageProgress]
@@ -226,6 +214,12 @@ class ImageEngine:
         self, request: AdaptedImage, inputs: list[bytes], emit: Emit[ImageProgress]
     ) -> tuple[ImageResult, list[bytes]]:
         """`image` with the LoRAs and textual inversions the worker downloaded."""
+        if self.baseline == "sdxl":
+            raise InvalidGenerationInput(
+                "loras",
+                f"{self.model_name} is an SDXL checkpoint: this worker takes LoRAs and textual "
+                "inversions only on SD 1.x and 2.x checkpoints; it should not have taken the job",
+            )
         self.adapters.apply(request)
         return self.image(request.params, inputs, emit)
 
@@ -245,22 +239,18 @@ class ImageEngine:
         if sources is None:
             return self.pipe
         pipe: _Pipeline
-        components = {**self.pipe.components, "requires_safety_checker": False}
         if sources.mask is None:
             pipe = self._img2img_pipeline()
         else:
             if self._inpaint is None:
-                self._inpaint = StableDiffusionInpaintPipeline(**components)
-                self._inpaint.set_progress_bar_config(disable=True)
+                self._inpaint = source_pipeline(self.pipe, inpaint=True)
             pipe = self._inpaint
         pipe.scheduler = self.pipe.scheduler
         return pipe
 
-    def _img2img_pipeline(self) -> StableDiffusionImg2ImgPipeline:
+    def _img2img_pipeline(self) -> SourcePipeline:
         if self._img2img is None:
-            components = {**self.pipe.components, "requires_safety_checker": False}
-            self._img2img = StableDiffusionImg2ImgPipeline(**components)
-            self._img2img.set_progress_bar_config(disable=True)
+            self._img2img = source_pipeline(self.pipe, inpaint=False)
         self._img2img.scheduler = self.pipe.scheduler
         return self._img2img
 
@@ -314,17 +304,14 @@ class ImageEngine:
                 now = (positive.index_at(current), negative.index_at(current))
                 then = (positive.index_at(done), negative.index_at(done))
                 if now != then:
-                    embeds = positive.embeds[then[0]]
-                    if pipe.do_classifier_free_guidance:
-                        embeds = torch.cat([negative.embeds[then[1]], embeds])
-                    kwargs["prompt_embeds"] = embeds
+                    guided = pipe.do_classifier_free_guidance
+                    kwargs.update(switched_inputs(positive, negative, then, guided))
                 return kwargs
 
             return on_step_end
 
         arguments: dict[str, Any] = {
-            "prompt_embeds": positive.at(0),
-            "negative_prompt_embeds": negative.at(0),
+            **prompt_arguments(positive, negative),
             "num_inference_steps": params.steps,
             "guidance_scale": params.cfg_scale,
             "generator": torch.Generator("cpu").manual_seed(seed),

@@ -142,13 +142,14 @@ class ImageSettings(DonorFlags):
         ),
     ] = "yes"
     baseline: Annotated[
-        str,
+        str | None,
         Flag(
-            "the checkpoint's family: LoRAs made for another are refused (default %(default)s)",
+            "the checkpoint's family, which LoRAs must be made for (default: found in the "
+            "model; a different one is an error)",
             choices=BASELINES,
             group="LoRAs and textual inversions",
         ),
-    ] = "sd1"
+    ] = None
     civitai_url: Annotated[
         str, Flag("CivitAI's origin (default %(default)s)", group="LoRAs and textual inversions")
     ] = CIVITAI_URL
@@ -323,7 +324,7 @@ def _run(args: argparse.Namespace) -> int:
         controlnets=controlnets(settings.controlnet),
         annotators=annotators(settings.annotator),
         adapters=_adapter_settings(settings),
-        baseline=typing.cast("Baseline", settings.baseline),
+        baseline=typing.cast("Baseline | None", settings.baseline),
         checkpoint_hash_cache=Path.home() / ".cache" / "idlegrid" / "checkpoint-hashes.json",
         preview_every=settings.preview_every,
         preview_decoder=settings.preview_decoder.resolve() if settings.preview_decoder else None,
@@ -344,7 +345,6 @@ def _adapter_settings(settings: ImageSettings) -> AdapterSettings | None:
         cache_dir=cache.resolve(),
         max_bytes=int(settings.lora_max_mb * 2**20),
         cache_bytes=int(settings.lora_cache_gb * 2**30),
-        baseline=typing.cast("Baseline", settings.baseline),
     )
 
 
@@ -352,7 +352,7 @@ async def _serve(config: ImageWorkerConfig, identity: Identity) -> int:
     from sandbox.errors import EngineStartFailed
     from worker.common.link import CoordinatorLink
     from worker.common.service import run_until_signalled
-    from worker.errors import CoordinatorRejected
+    from worker.errors import CoordinatorRejected, ModelError
     from worker.image.worker import ImageWorker
 
     link = CoordinatorLink(config.coordinator, identity, config.name, config.api_key)
@@ -363,6 +363,9 @@ async def _serve(config: ImageWorkerConfig, identity: Identity) -> int:
         except EngineStartFailed as exc:
             print(f"error: the engine could not load the model: {exc}", file=sys.stderr)
             return 1
+        except ModelError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         try:
             with status_outputs(worker.status, config.identity_file):
                 if await run_until_signalled(worker.run(), worker.drain):

@@ -46,7 +46,6 @@ from protocol.preview import PREVIEW_MAX_BYTES, PREVIEW_MAX_SIDE
 __all__ = [
     "LATENT_RGB",
     "Previewer",
-    "baseline_of",
     "encode_preview",
     "latent_rgb",
     "load_decoder",
@@ -74,18 +73,7 @@ LATENT_RGB: dict[Baseline, tuple[tuple[tuple[float, float, float], ...], tuple[f
     "sdxl": (_SDXL_FACTORS, _SDXL_BIAS),
 }
 
-# the SDXL VAE's latent scaling factor (SD 1.x and 2.x: 0.18215)
-_SDXL_SCALING = 0.13025
 JPEG_QUALITY = 80
-
-
-def baseline_of(pipe: Any) -> Baseline:
-    """The latent space of a loaded pipeline: SDXL has a second text encoder and its own
-    VAE scaling; SD 1.x and 2.x share one VAE (so one set of factors)."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl"
-    scaling = float(getattr(pipe.vae.config, "scaling_factor", 0.18215))
-    return "sdxl" if abs(scaling - _SDXL_SCALING) < 1e-4 else "sd1"
 
 
 def latent_rgb(latent: torch.Tensor, baseline: Baseline) -> np.ndarray:
@@ -150,10 +138,13 @@ class Previewer:
     decoder: AutoencoderTiny | None = None
 
     @classmethod
-    def build(cls, pipe: Any, every: int, decoder: str | None, device: torch.device) -> Previewer:
-        """The previewer of a loaded pipeline, with TAESD from folder `decoder` if given."""
+    def build(
+        cls, baseline: Baseline, every: int, decoder: str | None, device: torch.device
+    ) -> Previewer:
+        """The previewer of `baseline` latents (worker.image.baselines finds the loaded
+        pipeline's), with TAESD from folder `decoder` if given."""
         tiny = None if decoder is None or every <= 0 else load_decoder(Path(decoder), device)
-        return cls(baseline_of(pipe), every, tiny)
+        return cls(baseline, every, tiny)
 
     def __call__(self, step: int, steps: int, kwargs: dict[str, Any]) -> str | None:
         """The preview after sampling step `step` (1-based) of `steps`, as base64, when one

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from protocol.adapted import ADAPTED_IMAGE
 from protocol.control import mappable_types
 from protocol.engine import IMAGE, IMAGE_INFO, ImageEngineOptions, ImageProgress, NoMessage
+from protocol.loras import Baseline
 from protocol.messages import LeasedJob
 from protocol.params import sampled_steps
 from protocol.signing import params_hash
@@ -24,17 +26,26 @@ from worker.common.donor import build_gate
 from worker.common.link import Capabilities, CoordinatorLink, retrying
 from worker.common.service import Drain, Gate, serve_jobs
 from worker.common.status import WorkerStatus
-from worker.errors import AdapterUnavailable, CoordinatorRejected, CoordinatorUnavailable, LeaseLost
+from worker.errors import (
+    AdapterUnavailable,
+    BaselineConflict,
+    CoordinatorRejected,
+    CoordinatorUnavailable,
+    LeaseLost,
+)
 from worker.image.adapters import Adapters, PreparedJob
 from worker.image.checkpoint_hash import model_sha256
 from worker.image.config import ImageWorkerConfig
 
-__all__ = ["ENGINE", "ImageWorker", "PreviewGate", "engine_policy"]
+__all__ = ["ENGINE", "LORA_BASELINES", "ImageWorker", "PreviewGate", "engine_policy"]
 
 log = logging.getLogger(__name__)
 
 # the engine class the sandbox child imports (the parent never imports it)
 ENGINE = "worker.image.engine:ImageEngine"
+# the baselines whose checkpoints take LoRAs and textual inversions (SDXL's two text
+# encoders need both halves of a TI and a clip strength for each: not yet)
+LORA_BASELINES: tuple[Baseline, ...] = ("sd1", "sd2")
 
 
 class ImageWorker:
@@ -50,6 +61,7 @@ class ImageWorker:
         inpainting_checkpoint: bool = False,
         adapters: Adapters | None = None,
         checkpoint_sha256: str | None = None,
+        baseline: Baseline = "sd1",
     ) -> None:
         self.config = config
         self.sandbox = sandbox
@@ -68,10 +80,11 @@ class ImageWorker:
             # it can make (the others only from a ready map: image_is_control)
             controlnets=sorted(config.controlnets),
             control_annotators=sorted(set(config.controlnets) & mappable_types(config.annotators)),
-            loras=adapters is not None,
+            # (not on SDXL yet: worker.image.baselines)
+            loras=adapters is not None and baseline in LORA_BASELINES,
             # checked against the coordinator's image model reference
             checkpoint_sha256=checkpoint_sha256,
-            baseline=config.baseline,
+            baseline=baseline,
         )
         # LoRAs and textual inversions from CivitAI (None: not taken)
         self.adapters = adapters
@@ -117,6 +130,12 @@ class ImageWorker:
             raise
         try:
             loaded = (await sandbox.run(IMAGE_INFO, NoMessage())).data
+            if config.baseline is not None and config.baseline != loaded.baseline:
+                raise BaselineConflict(
+                    f"--baseline {config.baseline}: {loaded.model} is an {loaded.baseline} "
+                    f"checkpoint (its architecture says so); give --baseline {loaded.baseline} "
+                    "or leave the flag out"
+                )
         except BaseException:
             await sandbox.aclose()
             if adapters is not None:
@@ -124,6 +143,14 @@ class ImageWorker:
             raise
         if loaded.inpainting:
             log.info("%s is an inpainting checkpoint: serving only inpainting", loaded.model)
+        if adapters is not None:
+            adapters.settings = replace(adapters.settings, baseline=loaded.baseline)
+            if loaded.baseline not in LORA_BASELINES:
+                log.warning(
+                    "%s is an %s checkpoint: it takes no LoRAs or textual inversions yet",
+                    loaded.model,
+                    loaded.baseline,
+                )
         return cls(
             config,
             sandbox,
@@ -131,6 +158,7 @@ class ImageWorker:
             inpainting_checkpoint=loaded.inpainting,
             adapters=adapters,
             checkpoint_sha256=checkpoint,
+            baseline=loaded.baseline,
         )
 
     async def aclose(self) -> None:
@@ -149,7 +177,7 @@ class ImageWorker:
                 engine_info(
                     sandboxed=not self.config.unsandboxed,
                     checkpoint_sha256=self.capabilities.checkpoint_sha256,
-                    baseline=self.config.baseline,
+                    baseline=self.capabilities.baseline,
                 )
             )
         except (CoordinatorRejected, CoordinatorUnavailable) as exc:

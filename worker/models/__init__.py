@@ -1,7 +1,7 @@
 """`idlegrid models ...`: builders and converters of model folders, run offline.
 
     main.py           `idlegrid models tiny|smollm2 DIR`: flags (registered by worker.main)
-    tiny_models.py    deterministic tiny random SD (plain and inpainting) and Llama models
+    tiny_models.py    deterministic tiny random SD 1 (plain, inpainting), SD 2, SDXL, Llama
     tiny_controlnet.py  a tiny random ControlNet for the tiny SD model (tests)
     smollm2.py        SmolLM2-135M-Instruct's GGUF -> a safetensors Llama folder
 

@@ -1,6 +1,6 @@
 """Tiny random models built offline, for tests and the demo.
 
-`build_tiny_models(out_dir)` writes three deterministic model folders, weights in
+`build_tiny_models(out_dir)` writes five deterministic model folders, weights in
 safetensors only:
 
 - `out_dir/sd`: a diffusers-format Stable Diffusion 1 pipeline (UNet with SD-1 block names,
@@ -12,6 +12,11 @@ safetensors only:
 - `out_dir/sd-inpaint`: the same pipeline as an inpainting checkpoint
   (`StableDiffusionInpaintPipeline`): its UNet takes 9 channels, the noisy latent, the
   mask and the masked image's latent, as SD 1's inpainting models do.
+- `out_dir/sd2`: an SD 2 (768-v) shaped pipeline: OpenCLIP-style text encoder (gelu
+  activation, a tokenizer padding with "!"), linear attention projections, v-prediction.
+- `out_dir/sdxl`: a StableDiffusionXLPipeline built the way diffusers' SDXL tests build
+  theirs: two text encoders (the second with a projection: the pooled text), a UNet with
+  size conditioning ("text_time" added embeddings); the tiny SD VAE (factor 8).
 - `out_dir/llm`: a Llama-family causal LM with a byte-level BPE tokenizer trained on a
   seeded synthetic corpus, and a chat template.
 
@@ -37,12 +42,16 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import (
     StableDiffusionInpaintPipeline,
 )
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    StableDiffusionXLPipeline,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPTokenizer,
     GenerationConfig,
     LlamaConfig,
@@ -55,6 +64,7 @@ __all__ = [
     "build_tiny_llm",
     "build_tiny_models",
     "build_tiny_sd",
+    "build_tiny_sdxl",
     "bytes_to_unicode",
     "write_single_file_checkpoint",
 ]
@@ -128,7 +138,9 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def _write_clip_tokenizer(directory: Path) -> None:
+def _write_clip_tokenizer(directory: Path, pad_token: str = CLIP_EOS) -> None:
+    """`pad_token`: SD 1's tokenizer pads with the end token, SD 2's and SDXL's second one
+    with "!"."""
     vocab, merges = _clip_vocab_and_merges()
     directory.mkdir(parents=True, exist_ok=True)
     _write_json(directory / "vocab.json", vocab)
@@ -144,16 +156,74 @@ def _write_clip_tokenizer(directory: Path) -> None:
             "bos_token": CLIP_BOS,
             "eos_token": CLIP_EOS,
             "unk_token": CLIP_EOS,
-            "pad_token": CLIP_EOS,
+            "pad_token": pad_token,
         },
     )
 
 
-def build_tiny_sd(out_dir: Path, *, inpainting: bool = False) -> None:
+def _tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
+    torch.manual_seed(SEED)
+    # Four levels, three of them downsampling, as in SD's VAE: the latent is 1/8 of the
+    # image per side. Channels follow SD's 1:2:4:4 (128, 256, 512, 512) at 1/16 the width;
+    # norm_num_groups must divide each of them (SD's 32 would not).
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=512,  # only used by tiled decoding, as in SD 1's VAE config
+        scaling_factor=scaling_factor,
+    )
+
+
+def _tiny_clip_config(tokenizer: CLIPTokenizer, hidden_act: str = "quick_gelu") -> CLIPTextConfig:
+    """`hidden_act`: OpenAI's CLIP (SD 1, SDXL's first encoder) uses quick_gelu, OpenCLIP
+    (SD 2, SDXL's second encoder) gelu."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=32,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        hidden_act=hidden_act,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _sd_scheduler(**options: Any) -> EulerDiscreteScheduler:
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        **options,
+    )
+
+
+def _keep_hand_written_tokenizers(out_dir: Path, pads: dict[str, str]) -> None:
+    # save_pretrained re-serialises the tokenizers (with load-time keys such as `is_local`);
+    # keep the hand-written files as the single source instead.
+    for folder, pad in pads.items():
+        shutil.rmtree(out_dir / folder)
+        _write_clip_tokenizer(out_dir / folder, pad)
+
+
+def build_tiny_sd(out_dir: Path, *, inpainting: bool = False, sd2: bool = False) -> None:
     """Write a tiny diffusers-format StableDiffusionPipeline folder to `out_dir`; with
-    `inpainting`, a StableDiffusionInpaintPipeline (9-channel UNet) instead."""
+    `inpainting`, a StableDiffusionInpaintPipeline (9-channel UNet) instead; with `sd2`, an
+    SD 2 (768-v) shaped one: an OpenCLIP-style text encoder (gelu), a tokenizer padding
+    with "!", linear attention projections and a v-prediction scheduler."""
+    pad = "!" if sd2 else CLIP_EOS
     staging_tokenizer = out_dir / "tokenizer"
-    _write_clip_tokenizer(staging_tokenizer)
+    _write_clip_tokenizer(staging_tokenizer, pad)
     tokenizer = CLIPTokenizer.from_pretrained(staging_tokenizer, local_files_only=True)
 
     torch.manual_seed(SEED)
@@ -168,43 +238,12 @@ def build_tiny_sd(out_dir: Path, *, inpainting: bool = False) -> None:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=8,
+        use_linear_projection=sd2,
     )
+    vae = _tiny_vae()
     torch.manual_seed(SEED)
-    # Four levels, three of them downsampling, as in SD's VAE: the latent is 1/8 of the
-    # image per side. Channels follow SD's 1:2:4:4 (128, 256, 512, 512) at 1/16 the width;
-    # norm_num_groups must divide each of them (SD's 32 would not).
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=512,  # only used by tiled decoding, as in SD 1's VAE config
-    )
-    torch.manual_seed(SEED)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            projection_dim=32,
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-    )
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer, "gelu" if sd2 else "quick_gelu"))
+    scheduler = _sd_scheduler(prediction_type="v_prediction") if sd2 else _sd_scheduler()
     # (a dict: diffusers annotates these parameters too narrowly, e.g. no None, an enum for
     # the scheduler)
     components: dict[str, Any] = {
@@ -219,10 +258,59 @@ def build_tiny_sd(out_dir: Path, *, inpainting: bool = False) -> None:
     pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
     pipe = pipeline_class(**components, requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    # save_pretrained re-serialises the tokenizer (with load-time keys such as `is_local`);
-    # keep the hand-written files as the single source instead.
-    shutil.rmtree(out_dir / "tokenizer")
+    _keep_hand_written_tokenizers(out_dir, {"tokenizer": pad})
+
+
+def build_tiny_sdxl(out_dir: Path) -> None:
+    """Write a tiny diffusers-format StableDiffusionXLPipeline folder to `out_dir`, shaped
+    as diffusers' own SDXL tests shape theirs: two text encoders (the second with a
+    projection, whose pooled output joins the size conditioning), their hidden states
+    concatenated as the UNet's context, and a UNet with "text_time" added embeddings. The
+    VAE is the tiny SD one (scale factor 8) with SDXL's latent scaling."""
     _write_clip_tokenizer(out_dir / "tokenizer")
+    _write_clip_tokenizer(out_dir / "tokenizer_2", "!")
+    tokenizer = CLIPTokenizer.from_pretrained(out_dir / "tokenizer", local_files_only=True)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(out_dir / "tokenizer_2", local_files_only=True)
+    torch.manual_seed(SEED)
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
+    torch.manual_seed(SEED + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer_2, "gelu"))
+    time_embed_dim = 8
+    pooled_dim = int(text_encoder_2.config.projection_dim or 0)
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        sample_size=128,  # latent side: the default image is 1024x1024, as SDXL's
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        # the two encoders' hidden states side by side
+        cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # six size numbers (original size, crop corner, target size), each embedded, and
+        # the pooled text
+        projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+    )
+    components: dict[str, Any] = {
+        "vae": _tiny_vae(scaling_factor=0.13025),
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "unet": unet,
+        "scheduler": _sd_scheduler(timestep_spacing="leading"),
+    }
+    pipe = StableDiffusionXLPipeline(
+        **components, force_zeros_for_empty_prompt=True, add_watermarker=False
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    _keep_hand_written_tokenizers(out_dir, {"tokenizer": CLIP_EOS, "tokenizer_2": "!"})
 
 
 # -- Llama-family LM ---------------------------------------------------------------------
@@ -303,9 +391,12 @@ def build_tiny_llm(out_dir: Path) -> None:
 
 def build_tiny_models(out_dir: Path) -> None:
     """Write `out_dir/sd` (Stable Diffusion 1 pipeline), `out_dir/sd-inpaint` (its
-    inpainting form) and `out_dir/llm` (Llama LM)."""
+    inpainting form), `out_dir/sd2` (SD 2, v-prediction), `out_dir/sdxl` (SDXL) and
+    `out_dir/llm` (Llama LM)."""
     build_tiny_sd(out_dir / "sd")
     build_tiny_sd(out_dir / "sd-inpaint", inpainting=True)
+    build_tiny_sd(out_dir / "sd2", sd2=True)
+    build_tiny_sdxl(out_dir / "sdxl")
     build_tiny_llm(out_dir / "llm")
 
 

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import io
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from PIL import Image
 from protocol.engine import ImageProgress
 from protocol.preview import PREVIEW_MAX_BYTES, PREVIEW_MAX_SIDE, decode_preview
 from protocol.signing import Identity
-from worker.image.preview import Previewer, baseline_of, encode_preview, latent_rgb
+from worker.image.preview import Previewer, encode_preview, latent_rgb
 from worker.image.worker import PreviewGate
 
 
@@ -96,14 +95,6 @@ def test_previewer_cadence_skips_the_last_step_and_can_be_off() -> None:
     preview = every_two(2, 6, latents)
     assert preview is not None
     assert decode_preview(preview)[1] == "image/jpeg"
-
-
-def test_baseline_of_a_pipeline() -> None:
-    vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215))
-    assert baseline_of(SimpleNamespace(vae=vae)) == "sd1"
-    assert baseline_of(SimpleNamespace(vae=vae, text_encoder_2=object())) == "sdxl"
-    xl_vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.13025))
-    assert baseline_of(SimpleNamespace(vae=xl_vae)) == "sdxl"
 
 
 def test_preview_gate_sends_only_when_wanted_and_at_most_once_an_interval() -> None:

@@ -330,7 +330,8 @@ def test_the_engine_says_whether_it_loaded_an_inpainting_checkpoint(
 ) -> None:
     for loaded, name, inpainting in ((engine, "sd", False), (inpaint_engine, "sd-inpaint", True)):
         answer, blobs = loaded.handle(IMAGE_INFO.kind, {}, lambda message: None)
-        assert answer == {"model": name, "inpainting": inpainting} and blobs == []
+        expected = {"model": name, "inpainting": inpainting, "baseline": "sd1"}
+        assert answer == expected and blobs == []
 
 
 # -- through the sandbox -------------------------------------------------------------------
