@@ -224,8 +224,9 @@ async def generate(
 ) -> GenerationResult:
     """Generate a continuation of `prompt_ids` (one sequence, no padding).
 
-    With `speculation`, its step (which must be `step`'s session) is used instead, several
-    tokens at a time, where `speculation_off(params)` allows it.
+    With `speculation`, the steps after the prompt go through its step (the same session
+    as `step`, able to roll back), several tokens at a time, where `speculation_off(params)`
+    allows it.
 
     `step` must keep its attention cache between calls: it receives the whole prompt once,
     then each generated token alone. `tokenizer` is a transformers tokenizer; its decode
