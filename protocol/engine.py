@@ -341,7 +341,8 @@ class HiddenPass(BlockRequest):
 
 
 class HiddenStep(HiddenPass):
-    """A session's next tokens, after `past` tokens already in its cache."""
+    """A session's next tokens, after the first `past` tokens of its cache (a cache holding
+    more is cut to `past` first: a rollback)."""
 
     session: str
     past: int = Field(default=0, ge=0)
@@ -354,7 +355,8 @@ class HiddenShape(EngineMessage):
 
 
 class SessionStep(EngineMessage):
-    """One session's step in a `HiddenSteps` batch (its blob at the same index)."""
+    """One session's step in a `HiddenSteps` batch (its blob at the same index); `past` as
+    in `HiddenStep` (the cache is cut to it first)."""
 
     session: str
     past: int = Field(ge=0)

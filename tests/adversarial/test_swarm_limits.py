@@ -174,7 +174,7 @@ async def test_a_peer_cannot_open_unbounded_streams(
     await _served(honest)
 
 
-async def test_an_oversized_frame_is_refused_before_it_is_read(
+async def test_an_oversized_frame_or_a_rollback_outside_the_session_is_refused(
     target: BlockServer,
     attacker: SwarmClient,
     streams: Callable[[], _Stream],
@@ -201,4 +201,25 @@ async def test_an_oversized_frame_is_refused_before_it_is_read(
     refused = await stream.send(hidden=torch.zeros(1, 100, 64))
     assert refused.get("code") == "too_large", refused
 
+    await _rollbacks_outside_the_session_are_refused(streams)
     await _served(honest)
+
+
+async def _rollbacks_outside_the_session_are_refused(streams: Callable[[], _Stream]) -> None:
+    """start_position (worker.llm.swarm.wire) cuts a session back; one beyond what it
+    holds, not a whole number, or leaving more than max_length tokens ends the stream."""
+    stream = streams()
+    assert await stream.open(16, "cut") == {}
+    assert await stream.send(hidden=torch.zeros(1, 4, 64)) == {}
+    assert await stream.send({"start_position": 2}) == {"position": 2}  # a cut alone
+    assert await stream.send({"start_position": 1}, torch.zeros(1, 15, 64)) == {"position": 16}
+    for cut, tokens, wrong in (
+        (17, 1, "start_position must be a whole number from 0 to the session's 16 tokens"),
+        (True, 1, "got True"),
+        (3, 14, "3 + 14 tokens exceed the session's max_length 16"),
+    ):
+        stream = streams()
+        assert await stream.open(16, f"cut-{cut}-{tokens}") == {}
+        await stream.send(hidden=torch.zeros(1, 16, 64))
+        refused = await stream.send({"start_position": cut}, torch.zeros(1, tokens, 64))
+        assert refused.get("code") == "bad_request" and wrong in refused["error"], refused

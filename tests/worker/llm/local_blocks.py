@@ -21,6 +21,7 @@ from worker.llm.architecture import (
     sliding_window,
 )
 from worker.llm.checkpoint import SafetensorsCheckpoint
+from worker.llm.swarm.blocks import truncate_cache
 
 __all__ = ["LocalBlocks"]
 
@@ -94,6 +95,14 @@ class LocalBlocks:
         self.position += new
         return hidden
 
-    async def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+    async def __call__(
+        self, hidden: torch.Tensor, start_position: int | None = None
+    ) -> torch.Tensor:
+        """A step; `start_position` cuts the cache back first (as a session's step does)."""
         # Runs on the caller's thread: this is a test and benchmark tool, not a server.
+        if start_position is not None and start_position != self.position:
+            if not 0 <= start_position < self.position:
+                raise ValueError(f"cannot roll back to {start_position} of {self.position}")
+            truncate_cache(self.cache, start_position)
+            self.position = start_position
         return self.forward(hidden)

@@ -8,6 +8,7 @@
     running.py        RunningJobs: the engine's side of it, jobs as tasks on its event loop
     lm_head.py        embeddings, final norm and LM head, loaded without the blocks
     generation.py     the generation loop and sampling (greedy, temperature, top-k/p, ...)
+    speculative.py    speculative decoding: drafts by prompt lookup, the acceptance rule
     grammar.py        response_format: llguidance's grammar masks the logits each step
     chat_format.py    chat messages -> prompt (the tokenizer's template, or a default)
 

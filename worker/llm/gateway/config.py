@@ -49,6 +49,9 @@ class GatewayConfig:
     check_ban_seconds: float = 3600.0
     # chats served at once (each its own job, lease, stream and swarm session)
     max_sessions: int = 8
+    # most tokens drafted per step for speculative decoding (worker.llm.gateway.speculative);
+    # 0 = plain decoding
+    draft_tokens: int = 8
     # run the engine (swarm client, LM head, checks) unconfined (`--unsandboxed`)
     unsandboxed: bool = False
     # seconds one job's generation (with its checks and redos) may take in the engine

@@ -35,6 +35,7 @@ from worker.llm.gateway.generation import GenerationResult, OnText, SamplingPara
 from worker.llm.gateway.head_batch import BatchedHead
 from worker.llm.gateway.kobold import fit_context, format_output
 from worker.llm.gateway.lm_head import LMHead
+from worker.llm.gateway.speculative import DraftSettings, Speculation
 from worker.llm.swarm.checks import check_hop
 from worker.llm.swarm.routing import SwarmClient, SwarmClientConfig
 from worker.llm.swarm.session import InferenceSession
@@ -72,6 +73,8 @@ class CoreSettings:
     check_rate: float = 0.3
     check_tolerance: float = 0.1
     check_ban_seconds: float = 3600.0
+    # most tokens drafted per step (worker.llm.gateway.speculative); 0 = plain decoding
+    draft_tokens: int = 8
     # seeds the check-or-not draws (benchmarks); None = random
     seed: int | None = None
 
@@ -229,6 +232,7 @@ class GenerationCore:
                     self.tokenizer,
                     # a redo's text replaces the streamed text when the result is submitted
                     on_text if generation == 0 else None,
+                    self._speculation(session),
                 )
             for usage in session.usage:
                 key = (usage.peer_id, usage.start, usage.end)
@@ -253,6 +257,12 @@ class GenerationCore:
         raise SwarmStepFailed(
             f"servers found wrong in each of {MAX_GENERATIONS} generations of this job"
         )
+
+    def _speculation(self, session: InferenceSession) -> Speculation | None:
+        tokens = self.settings.draft_tokens
+        if tokens == 0:
+            return None
+        return Speculation(session.step, DraftSettings(max_draft=tokens, start=min(4, tokens)))
 
     async def _check(self, session: InferenceSession) -> list[ServerCheck]:
         """Spot-check every server of a finished session; ban the ones found wrong."""

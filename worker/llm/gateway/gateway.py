@@ -156,6 +156,7 @@ class TextGateway:
             check_rate=config.check_rate,
             check_tolerance=config.check_tolerance,
             check_ban_seconds=config.check_ban_seconds,
+            draft_tokens=config.draft_tokens,
             seed=seed,
         )
         try:

@@ -12,6 +12,10 @@ OpenAI's presence and frequency penalties follow the repetition penalty. With a
 `SamplingParams.grammar` (`worker.llm.gateway.grammar`), the tokens it forbids are masked
 out of the logits before any sampler, and generation ends once the grammar is complete.
 
+With a `Speculation` (`worker.llm.gateway.speculative`), tokens are drafted from the
+conversation and verified several at a time, the caches cut back to what was kept; it is
+off where a grammar or logprobs are asked for.
+
 Text is streamed through an awaitable `on_text(delta)` callback. A delta never ends in an
 incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives) nor in text that
 could be the start of a stop string, so deltas never need to be taken back: their
@@ -45,6 +49,7 @@ from worker.llm.gateway.samplers import (
     apply_typical,
     ban_tokens,
 )
+from worker.llm.gateway.speculative import DraftLength, PromptLookup, Speculation, verify
 
 __all__ = [
     "GenerationResult",
@@ -58,6 +63,7 @@ __all__ = [
     "generate",
     "next_token",
     "process_scores",
+    "speculation_off",
 ]
 
 Step = Callable[[torch.Tensor], Awaitable[torch.Tensor]]
@@ -214,8 +220,13 @@ async def generate(
     params: SamplingParams,
     tokenizer: Any,
     on_text: OnText | None = None,
+    speculation: Speculation | None = None,
 ) -> GenerationResult:
     """Generate a continuation of `prompt_ids` (one sequence, no padding).
+
+    With `speculation`, the steps after the prompt go through its step (the same session
+    as `step`, able to roll back), several tokens at a time, where `speculation_off(params)`
+    allows it.
 
     `step` must keep its attention cache between calls: it receives the whole prompt once,
     then each generated token alone. `tokenizer` is a transformers tokenizer; its decode
@@ -244,35 +255,67 @@ async def generate(
     # (a fresh state each call: a redo of the job starts the grammar over)
     grammar = None if params.grammar is None else GrammarMask(params.grammar, tokenizer, eos_ids)
     steps: list[RawLogprob] | None = None if params.logprobs is None else []
-    while True:
-        token = await asyncio.to_thread(
-            next_token, head, hidden, context, params, generator, banned, grammar, len(prompt)
+    if speculation is not None and speculation_off(params) is None:
+        lookup = PromptLookup(
+            prompt, speculation.settings.ngram_min, speculation.settings.ngram_max
         )
-        if steps is not None and params.logprobs is not None:
-            steps.append(
-                await asyncio.to_thread(
-                    raw_logprobs, head.logits, hidden[:, -1:, :], token, params.logprobs
-                )
+        length = DraftLength(speculation.settings)
+    else:
+        speculation = None
+    drafts: list[int] = []  # drafted tokens sent after the first token of the last step
+    wasted = 0  # drafted tokens rejected so far
+    done = False
+    while not done:
+        if drafts:
+            picked = await asyncio.to_thread(
+                _verified, head, hidden, context, params, generator, banned, len(prompt), drafts
             )
-        if not tokens:
-            first_token_seconds = time.perf_counter() - started
-        tokens.append(token)
-        if token in eos_ids:
-            finish_reason = "stop"
+            length.update(len(drafts), len(picked) - 1)
+            wasted += len(drafts) + 1 - len(picked)
+        else:
+            picked = [
+                await asyncio.to_thread(
+                    next_token, head, hidden, context, params, generator, banned, grammar,
+                    len(prompt),
+                )
+            ]  # fmt: skip
+        for token in picked:
+            if steps is not None and params.logprobs is not None:
+                steps.append(
+                    await asyncio.to_thread(
+                        raw_logprobs, head.logits, hidden[:, -1:, :], token, params.logprobs
+                    )
+                )
+            if not tokens:
+                first_token_seconds = time.perf_counter() - started
+            tokens.append(token)
+            done = True
+            if token in eos_ids:
+                finish_reason = "stop"
+                break
+            if grammar is not None:
+                grammar.advance(token)
+            delta = text.update(tokens)
+            if delta and on_text is not None:
+                await on_text(delta)
+            if text.stopped or (grammar is not None and grammar.done):
+                finish_reason = "stop"
+                break
+            if len(tokens) >= params.max_new_tokens:
+                break
+            done = False
+        if done:
             break
-        if grammar is not None:
-            grammar.advance(token)
-        delta = text.update(tokens)
-        if delta and on_text is not None:
-            await on_text(delta)
-        if text.stopped or (grammar is not None and grammar.done):
-            finish_reason = "stop"
-            break
-        if len(tokens) >= params.max_new_tokens:
-            break
-        new = torch.tensor([[token]], dtype=torch.long)
-        context = torch.cat([context, new], dim=1)
-        hidden = await step(head.embed(new))
+        context = torch.cat([context, torch.tensor([picked], dtype=torch.long)], dim=1)
+        if speculation is None:
+            hidden = await step(head.embed(context[:, -1:]))
+            continue
+        lookup.extend(picked)
+        # never past max_new_tokens, and rejected drafts never more than the tokens processed
+        room = min(params.max_new_tokens - len(tokens) - 1, context.shape[1] - wasted)
+        drafts = lookup.draft(min(length.next(), room))
+        new = torch.tensor([[picked[-1], *drafts]], dtype=torch.long)
+        hidden = await speculation.step(head.embed(new), context.shape[1] - 1)
     delta = text.finish()
     if delta and on_text is not None:
         await on_text(delta)
@@ -289,6 +332,43 @@ async def generate(
 
 
 # -- sampling -------------------------------------------------------------------------------
+
+
+def speculation_off(params: SamplingParams) -> str | None:
+    """Why speculative decoding cannot serve `params` (the field), or None if it can.
+
+    Every sampler is a function of one position's logits and the tokens before it, so a
+    draft's position is sampled as plain decoding would; a grammar (its matcher would
+    have to step back over rejected drafts) and logprobs (reported per plain step) are not
+    done speculatively."""
+    if params.grammar is not None:
+        return "response_format"
+    if params.logprobs is not None:
+        return "logprobs"
+    return None
+
+
+def _verified(
+    head: TokenHead,
+    hidden: torch.Tensor,
+    context: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    banned: frozenset[int],
+    prompt_length: int,
+    drafts: list[int],
+) -> list[int]:
+    """`speculative.verify` over a step's outputs `hidden` [1, 1 + len(drafts), H]; the
+    step's first token is the last of `context`."""
+    logits = head.logits(hidden).float()
+
+    def scores_at(row: int, kept: list[int]) -> torch.Tensor:
+        before = context
+        if kept:
+            before = torch.cat([context, torch.tensor([kept], dtype=torch.long)], dim=1)
+        return process_scores(logits[:, row, :], before, params, banned, prompt_length)
+
+    return verify(scores_at, drafts, params.temperature != 0, generator)
 
 
 def next_token(

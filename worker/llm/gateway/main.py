@@ -98,6 +98,14 @@ class GatewaySettings(DonorFlags):
             "batch their steps (default %(default)s)"
         ),
     ] = 8
+    draft_tokens: Annotated[
+        int,
+        Field(ge=0, le=32),
+        Flag(
+            "most tokens drafted per step by prompt lookup for speculative decoding, "
+            "verified by the swarm in one step (default %(default)s; 0 = off)"
+        ),
+    ] = 8
     log_level: LogLevel = LOG_LEVEL
 
     # the fix in each message (NaN fails every comparison, so it is refused too)
@@ -170,6 +178,7 @@ def _run(args: argparse.Namespace) -> int:
         check_tolerance=settings.check_tolerance,
         check_ban_seconds=settings.check_ban_seconds,
         max_sessions=settings.max_sessions,
+        draft_tokens=settings.draft_tokens,
         unsandboxed=settings.unsandboxed,
         donor=settings.donor_settings(),
     )

@@ -29,7 +29,7 @@ from worker.llm.architecture import (
 from worker.llm.checkpoint import SafetensorsCheckpoint
 from worker.llm.swarm.quant import quantize_layers
 
-__all__ = ["BlockSpan", "ModelInfo", "new_cache"]
+__all__ = ["BlockSpan", "ModelInfo", "cache_length", "new_cache", "truncate_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,22 @@ def new_cache() -> Any:
     from transformers import DynamicCache
 
     return DynamicCache()
+
+
+def cache_length(cache: Any) -> int:
+    """Tokens held by a `new_cache()` (the longest of its layers; unused layers hold none)."""
+    return max((int(layer.get_seq_length()) for layer in cache.layers), default=0)
+
+
+def truncate_cache(cache: Any, length: int) -> None:
+    """Cut a `new_cache()` to its first `length` tokens (a rollback: speculative decoding's
+    rejected drafts, a conversation cut back to a common prefix)."""
+    if length < 0:
+        raise ValueError(f"cannot cut a cache to {length} tokens")
+    for layer in cache.layers:
+        extra = int(layer.get_seq_length()) - length
+        if extra > 0:
+            layer.crop(-extra)
 
 
 class BlockSpan:

@@ -14,7 +14,9 @@ Calls (`protocol.engine`, through a `sandbox.calls.CallTable`):
     BLOCK_CLOSE    drops the caches of the sessions named
     BLOCK_MEASURE  -> Throughput
 Every request may also name in `close` sessions to drop first. Outputs are float32,
-row-major, with their shape in the answer.
+row-major, with their shape in the answer. A step's `past` is where its tokens start: a
+session cache holding more is cut to `past` tokens first (a rollback, see
+`worker.llm.swarm.wire`); one holding fewer is an error.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from protocol.engine import (
 )
 from sandbox.calls import CallTable, Emit
 from worker.llm.swarm.batched import forward_batch
-from worker.llm.swarm.blocks import BlockSpan, new_cache
+from worker.llm.swarm.blocks import BlockSpan, cache_length, new_cache, truncate_cache
 from worker.llm.swarm.compute import hidden_sizes
 
 __all__ = ["BlockEngine", "decode_hidden"]
@@ -124,10 +126,21 @@ class BlockEngine:
         self, request: HiddenStep, blobs: list[bytes], emit: Emit[NoMessage]
     ) -> tuple[HiddenShape, list[bytes]]:
         self._drop(request)
-        cache = self.caches.get(request.session)
-        if cache is None:
-            cache = self.caches[request.session] = new_cache()
+        cache = self._cache(request.session, request.past)
         return self._run(request, blobs, cache, request.past)
+
+    def _cache(self, session: str, past: int) -> object:
+        """The session's cache holding exactly its first `past` tokens (cut if it holds
+        more); ValueError if it holds fewer."""
+        cache = self.caches.get(session)
+        if cache is None:
+            cache = self.caches[session] = new_cache()
+        held = cache_length(cache)
+        if held < past:
+            raise ValueError(f"the session's cache holds {held} tokens, not the {past} stepped on")
+        if held > past:
+            truncate_cache(cache, past)
+        return cache
 
     def steps(
         self, request: HiddenSteps, blobs: list[bytes], emit: Emit[NoMessage]
@@ -137,33 +150,28 @@ class BlockEngine:
             raise ValueError(f"send one tensor per step: {len(request.steps)}, not {len(blobs)}")
         outputs: list[StepOutput | None] = [None] * len(blobs)
         answers = [b""] * len(blobs)
-        groups: dict[tuple[int, int, int], list[tuple[int, torch.Tensor]]] = {}
+        groups: dict[tuple[int, int, int], list[tuple[int, torch.Tensor, object]]] = {}
         for index, (step, blob) in enumerate(zip(request.steps, blobs, strict=True)):
             try:
                 hidden = decode_hidden(blob, step.dtype, step.shape)
                 if hidden.dim() != 3 or hidden.shape[0] != 1:
                     raise ValueError(f"a step takes [1, n, H], got {tuple(hidden.shape)}")
+                cache = self._cache(step.session, step.past)
             except ValueError as exc:
                 outputs[index] = StepOutput(error=str(exc))
                 continue
-            groups.setdefault((step.start, step.end, hidden.shape[1]), []).append((index, hidden))
+            group = groups.setdefault((step.start, step.end, hidden.shape[1]), [])
+            group.append((index, hidden, cache))
         for (start, end, _), members in groups.items():
-            caches = []
-            for index, _ in members:
-                session = request.steps[index].session
-                cache = self.caches.get(session)
-                if cache is None:
-                    cache = self.caches[session] = new_cache()
-                caches.append(cache)
             results = forward_batch(
                 self.span,
-                [hidden for _, hidden in members],
-                caches,
-                [request.steps[index].past for index, _ in members],
+                [hidden for _, hidden, _ in members],
+                [cache for _, _, cache in members],
+                [request.steps[index].past for index, _, _ in members],
                 start,
                 end,
             )
-            for (index, _), output in zip(members, results, strict=True):
+            for (index, _, _), output in zip(members, results, strict=True):
                 output = output.to(torch.float32).contiguous()
                 outputs[index] = StepOutput(shape=list(output.shape))
                 answers[index] = output.numpy().tobytes()

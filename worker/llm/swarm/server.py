@@ -6,7 +6,8 @@ server's `cache_tokens` budget until it closes, one peer may hold at most
 `peer_cache_share` of that budget and `max_streams_per_peer` streams (`PeerLimits`), and a
 stream that does no work for `session_idle_timeout` seconds is closed (requests without
 hidden states are answered but do not keep it open). A frame longer than the session can
-use is refused on its length, before it is read.
+use (its `max_length`: a rollback may free what it holds) is refused on its length, before
+it is read. A request's `start_position` cuts the session back first (`worker.llm.swarm.wire`).
 
 Layer compute runs in a second, confined process (`worker.llm.swarm.compute`): this one
 keeps the network and the keys, checks each tensor's declared dtype, shape and byte count
@@ -190,6 +191,21 @@ class _Session:
     position: int = 0
 
 
+def start_position(session: _Session, metadata: dict[str, Any]) -> int | None:
+    """A request's `start_position` (None if it has none); Refused unless it is a whole
+    number from 0 to the tokens the session holds."""
+    if "start_position" not in metadata:
+        return None
+    cut = metadata["start_position"]
+    if not isinstance(cut, int) or isinstance(cut, bool) or not 0 <= cut <= session.position:
+        raise Refused(
+            "bad_request",
+            f"start_position must be a whole number from 0 to the session's "
+            f"{session.position} tokens, got {cut!r}",
+        )
+    return cut
+
+
 # After its last answer a stream reads (and drops) what the peer already sent, for at most
 # this long and this much, before closing: closing a socket with unread data resets the
 # connection, and the reset can overtake the answer just written (a refusal then never
@@ -250,7 +266,7 @@ class _Handlers:
                     return
                 except FrameTooLarge as exc:
                     message = (
-                        f"{exc}: send at most the session's remaining tokens of hidden states "
+                        f"{exc}: send at most the session's max_length tokens of hidden states "
                         "(float32 or narrower) per request"
                     )
                     await self._send(writer, error_response("too_large", message))
@@ -263,13 +279,19 @@ class _Handlers:
                 if request is None:
                     return
                 try:
+                    metadata = unpack(request.metadata)
                     if session is None:
-                        session = server.open_session(peer, unpack(request.metadata))
+                        session = server.open_session(peer, metadata)
                         deadline = loop.time() + idle
+                    cut = start_position(session, metadata)
                     if request.tensors:
-                        output = await server.run_step(session, request.tensors[0])
+                        output = await server.run_step(session, request.tensors[0], cut)
                         response = runtime_pb2.ExpertResponse(tensors=[output])
                         deadline = loop.time() + idle
+                    elif cut is not None:
+                        # only a rollback: the compute cuts the cache at the next step
+                        session.position = cut
+                        response = runtime_pb2.ExpertResponse()
                     else:
                         # answered, but it does no work: it does not keep the session open
                         response = runtime_pb2.ExpertResponse()
@@ -281,6 +303,8 @@ class _Handlers:
                     message = "this server failed on the step; route around it"
                     await self._send(writer, error_response("failed", message))
                     return
+                if cut is not None:
+                    response.metadata = pack({"position": session.position})
                 if not await self._send(writer, response):
                     return
         finally:
@@ -582,25 +606,25 @@ class BlockServer:
             log.debug("closed session %s", session.id)
 
     def frame_limit(self, session: _Session | None) -> int:
-        """The longest rpc_inference frame worth reading: hidden states for the tokens left
-        in `session`, or before one is open, for the most tokens one peer may reserve."""
-        if session is None:
-            tokens = self.limits.peer_quota
-        else:
-            tokens = session.max_length - session.position
+        """The longest rpc_inference frame worth reading: hidden states for the session's
+        `max_length` tokens (a request may roll it back to 0 first), or before one is open,
+        for the most tokens one peer may reserve."""
+        tokens = self.limits.peer_quota if session is None else session.max_length
         return frame_limit(tokens, self.model.hidden_size)
 
     async def run_step(
-        self, session: _Session, serialized: runtime_pb2.Tensor
+        self, session: _Session, serialized: runtime_pb2.Tensor, cut: int | None = None
     ) -> runtime_pb2.Tensor:
+        """The session's next tokens; `cut` (a checked `start_position`) rolls it back first."""
         hidden = _hidden_in(serialized, self.model.hidden_size, batch_one=True)
         new = hidden.shape[1]
-        if session.position + new > session.max_length:
+        past = session.position if cut is None else cut
+        if past + new > session.max_length:
             raise Refused(
                 "bad_request",
-                f"{session.position} + {new} tokens exceed the session's max_length "
-                f"{session.max_length}",
+                f"{past} + {new} tokens exceed the session's max_length {session.max_length}",
             )
+        session.position = past
         if session.generation != self.compute.generation:
             raise Refused(
                 "failed", "this server's compute restarted and lost the session; replay elsewhere"

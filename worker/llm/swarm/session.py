@@ -12,6 +12,14 @@ names them.
 A session also keeps what each hop was given and answered (`served`), so that
 `worker.llm.swarm.checks` can recompute some of it on other servers; a session opened with
 `avoid` routes around the servers it names.
+
+Rollback: `step(hidden, start_position=N)` first cuts the session back to its first N
+tokens (speculative decoding drops rejected drafts so; a new turn can cut back to a common
+prefix). Each server gets `start_position` with the step (`worker.llm.swarm.wire`) and must
+answer the position it reached. What the session recorded is kept as steps with their
+start positions: `served` overlays them (a later step replaces the positions it covers), so
+a spot check sees exactly what the kept positions were answered, and a replay sends the
+same steps with the same start positions (same chunks, same kernels, the same cache).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from hivemind.proto import runtime_pb2
 from worker.errors import MissingBlocks, ServerFailed, SwarmStepFailed
 from worker.llm.swarm.placement import Hop
 from worker.llm.swarm.routing import SwarmClient, output_of
-from worker.llm.swarm.wire import BlockServicer, pack
+from worker.llm.swarm.wire import BlockServicer, pack, unpack
 
 __all__ = ["HopStates", "InferenceSession", "SpanUsage"]
 
@@ -64,6 +72,52 @@ class HopStates:
     outputs: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """One step to one hop: its inputs [1, n, H] for positions start..start+n-1 and (once
+    answered) the outputs."""
+
+    start: int
+    inputs: torch.Tensor
+    outputs: torch.Tensor | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.inputs.shape[1]
+
+
+def _overlay(steps: list[_Sent], length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Inputs and outputs of positions 0..length-1 from steps in order, each replacing the
+    positions it covers (None if they cover none)."""
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    held = 0
+    for sent in steps:
+        assert sent.outputs is not None
+        inputs, outputs = _cut(inputs, held, sent.start), _cut(outputs, held, sent.start)
+        inputs.append(sent.inputs)
+        outputs.append(sent.outputs)
+        held = sent.end
+    inputs, outputs = _cut(inputs, held, length), _cut(outputs, held, length)
+    if not inputs:
+        return None
+    return torch.cat(inputs, dim=1), torch.cat(outputs, dim=1)
+
+
+def _cut(chunks: list[torch.Tensor], held: int, length: int) -> list[torch.Tensor]:
+    """`chunks` (holding `held` positions along dim 1) cut to their first `length`."""
+    while chunks and held > length:
+        last = chunks[-1]
+        size = last.shape[1]
+        if held - size >= length:
+            chunks = chunks[:-1]
+            held -= size
+        else:
+            chunks = [*chunks[:-1], last[:, : size - (held - length)]]
+            held = length
+    return chunks
+
+
 class _Stream:
     """One open rpc_inference stream to one server: requests in, responses out, in order."""
 
@@ -72,6 +126,8 @@ class _Stream:
         self._client = client
         self._queue: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         self._responses: AsyncGenerator[runtime_pb2.ExpertResponse, None] | None = None
+        # the metadata of the last response received
+        self.metadata: dict[str, object] = {}
 
     async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while True:
@@ -122,7 +178,9 @@ class _Stream:
         finally:
             if not waiter.done():
                 waiter.cancel()
-        return output_of(self.hop.peer_id, response)
+        output = output_of(self.hop.peer_id, response)
+        self.metadata = unpack(response.metadata)
+        return output
 
     async def aclose(self) -> None:
         self._queue.put_nowait(None)
@@ -137,6 +195,8 @@ class _HopState:
     stream: _Stream | None = None
     # requests sent so far on the current stream (the first one opens the session)
     sent: int = 0
+    # tokens the server holds for the current stream, as far as our requests say
+    held: int = 0
 
 
 @dataclass
@@ -153,11 +213,11 @@ class InferenceSession:
     # tokens processed so far
     position: int = 0
     _hops: list[_HopState] = field(default_factory=list)
-    # inputs sent to each block boundary of the route, one tensor per step (for replays)
-    _history: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # inputs sent to each block boundary of the route, step by step (for replays)
+    _history: dict[int, list[_Sent]] = field(default_factory=dict)
     _usage: dict[Hop, int] = field(default_factory=dict)
     # per hop, the inputs it was given and the outputs it answered, step by step
-    _served: dict[Hop, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
+    _served: dict[Hop, list[_Sent]] = field(default_factory=dict)
     _closed: bool = False
     _streams_opened: int = 0
     # why a step failed: the session cannot continue after that
@@ -202,22 +262,21 @@ class InferenceSession:
 
     @property
     def served(self) -> list[HopStates]:
-        """What each server was given and answered (replays included), from position 0."""
-        return [
-            HopStates(hop, torch.cat(inputs, dim=1), torch.cat(outputs, dim=1))
-            for hop, (inputs, outputs) in self._served.items()
-            if inputs
-        ]
+        """What each server was given and answered (replays included) for the positions the
+        session holds, from position 0 (rolled-back positions left out)."""
+        states = []
+        for hop, steps in self._served.items():
+            overlaid = _overlay(steps, self.position)
+            if overlaid is not None:
+                states.append(HopStates(hop, *overlaid))
+        return states
 
-    def _record(self, hop: Hop, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
-        given, answered = self._served.setdefault(hop, ([], []))
-        given.extend(inputs)
-        answered.extend(outputs)
-
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+    async def step(self, hidden: torch.Tensor, start_position: int | None = None) -> torch.Tensor:
         """Hidden states [1, n, H] of the next n tokens -> last block's outputs [1, n, H].
 
-        The outputs are before the model's final norm.
+        The outputs are before the model's final norm. `start_position` N (at most
+        `position`) rolls the session back to its first N tokens first: these n tokens are
+        positions N.. (default: `position`, nothing rolled back).
         """
         if self._closed or not self._hops:
             raise RuntimeError("use the session inside `async with InferenceSession(client, ...)`")
@@ -228,24 +287,40 @@ class InferenceSession:
                 f"expected hidden size {self.client.hidden_size}, got {hidden.shape[2]}"
             )
         new = hidden.shape[1]
-        if self.position + new > self.max_length:
+        start = self.position if start_position is None else start_position
+        if not 0 <= start <= self.position:
             raise ValueError(
-                f"{self.position} + {new} tokens exceed the session's max_length {self.max_length}"
+                f"start_position {start_position} is outside the session's {self.position} tokens"
+            )
+        if start + new > self.max_length:
+            raise ValueError(
+                f"{start} + {new} tokens exceed the session's max_length {self.max_length}"
             )
         if self._failed is not None:
             raise SwarmStepFailed(
                 f"this session failed earlier ({self._failed}); open a new one"
             ) from self._failed
+        if start < self.position:
+            self._roll_back(start)
         try:
-            output = await self._step(hidden.detach().cpu().contiguous())
+            output = await self._step(hidden.detach().cpu().contiguous(), start)
         except BaseException as exc:
             # some servers may have run this step and others not: the caches disagree now
             self._failed = exc
             raise
-        self.position += new
+        self.position = start + new
         return output
 
-    async def _step(self, x: torch.Tensor) -> torch.Tensor:
+    def _roll_back(self, position: int) -> None:
+        """Forget the recorded steps that start at or after `position` (later steps replace
+        them); the servers cut their caches with the next step's start_position."""
+        for boundary, steps in self._history.items():
+            self._history[boundary] = [sent for sent in steps if sent.start < position]
+        for hop, steps in self._served.items():
+            self._served[hop] = [sent for sent in steps if sent.start < position]
+        self.position = position
+
+    async def _step(self, x: torch.Tensor, start: int) -> torch.Tensor:
         new = x.shape[1]
         # the retry budget starts at the first failure, however long detecting it took
         deadline: float | None = None
@@ -253,47 +328,70 @@ class InferenceSession:
         while index < len(self._hops):
             state = self._hops[index]
             try:
-                y = await self._call(state, x)
+                y = await self._call(state, x, start)
             except ServerFailed as exc:
                 if deadline is None:
                     deadline = time.monotonic() + self.client.config.retry_budget
                 await self._replace(index, exc, deadline)
                 continue
-            self._history.setdefault(state.hop.start, []).append(x)
+            self._history.setdefault(state.hop.start, []).append(_Sent(start, x))
             self._count(state.hop, new)
-            self._record(state.hop, [x], [y])
+            self._served.setdefault(state.hop, []).append(_Sent(start, x, y))
             x = y
             index += 1
         return x
 
-    def _request(self, state: _HopState, x: torch.Tensor) -> runtime_pb2.ExpertRequest:
+    def _request(
+        self, state: _HopState, x: torch.Tensor, start: int
+    ) -> tuple[runtime_pb2.ExpertRequest, bool]:
+        """The request of a step at `start`, and whether it rolls the server back."""
         request = runtime_pb2.ExpertRequest(tensors=[serialize_torch_tensor(x)])
+        metadata: dict[str, object] = {}
         if state.sent == 0:
-            request.metadata = pack(
-                {
-                    "model": self.client.config.model_name,
-                    "session_id": f"{self.id}.{self._streams_opened}",
-                    "max_length": self.max_length,
-                    "start": state.hop.start,
-                    "end": state.hop.end,
-                }
-            )
+            metadata = {
+                "model": self.client.config.model_name,
+                "session_id": f"{self.id}.{self._streams_opened}",
+                "max_length": self.max_length,
+                "start": state.hop.start,
+                "end": state.hop.end,
+            }
+        rolls_back = start != state.held
+        if rolls_back:
+            metadata["start_position"] = start
+        if metadata:
+            request.metadata = pack(metadata)
         state.sent += 1
-        return request
+        state.held = start + x.shape[1]
+        return request, rolls_back
+
+    @staticmethod
+    def _check_position(state: _HopState, stream: _Stream, position: int) -> None:
+        """ServerFailed unless the server says it reached `position` (after a rollback)."""
+        if stream.metadata.get("position") != position:
+            raise ServerFailed(
+                state.hop.peer_id,
+                f"answered position {stream.metadata.get('position')!r} after a rollback, not "
+                f"{position} (a server without start_position support)",
+                code="bad_response",
+            )
 
     async def _ensure_stream(self, state: _HopState) -> _Stream:
         if state.stream is None:
             stream = _Stream(self.client, state.hop)
             await stream.open()
             state.stream = stream
-            state.sent = 0
+            state.sent = state.held = 0
             self._streams_opened += 1
         return state.stream
 
-    async def _call(self, state: _HopState, x: torch.Tensor) -> torch.Tensor:
+    async def _call(self, state: _HopState, x: torch.Tensor, start: int) -> torch.Tensor:
         stream = await self._ensure_stream(state)
-        stream.send(self._request(state, x))
-        return await stream.receive()
+        request, rolls_back = self._request(state, x, start)
+        stream.send(request)
+        output = await stream.receive()
+        if rolls_back:
+            self._check_position(state, stream, state.held)
+        return output
 
     def _count(self, hop: Hop, tokens: int) -> None:
         self._usage[hop] = self._usage.get(hop, 0) + tokens
@@ -350,11 +448,21 @@ class InferenceSession:
             if not chunks:
                 return
             stream = await self._ensure_stream(state)
-            for chunk in chunks:  # pipelined: all requests first, then all answers
-                stream.send(self._request(state, chunk))
-            outputs = [await stream.receive() for _ in chunks]
-            self._count(state.hop, sum(chunk.shape[1] for chunk in chunks))
+            requests = [self._request(state, sent.inputs, sent.start) for sent in chunks]
+            for request, _ in requests:  # pipelined: all requests first, then all answers
+                stream.send(request)
+            outputs = []
+            for sent, (_, rolls_back) in zip(chunks, requests, strict=True):
+                outputs.append(await stream.receive())
+                if rolls_back:
+                    self._check_position(state, stream, sent.end)
+            self._count(state.hop, sum(sent.inputs.shape[1] for sent in chunks))
             # a replay starts from position 0: it replaces what this hop answered before
-            self._served[state.hop] = (list(chunks), outputs)
+            self._served[state.hop] = [
+                _Sent(sent.start, sent.inputs, output)
+                for sent, output in zip(chunks, outputs, strict=True)
+            ]
             if position + 1 < len(states):
-                self._history[state.hop.end] = chunks = outputs
+                self._history[state.hop.end] = chunks = [
+                    _Sent(sent.start, output) for sent, output in zip(chunks, outputs, strict=True)
+                ]

@@ -8,10 +8,18 @@ Wire protocol (on the server's libp2p peer, handlers named `BlockServicer.rpc_*`
                    [1, n, H] gets one response with the outputs of block `end - 1` for those
                    n tokens; the server keeps the session's attention cache between requests.
                    A response whose metadata has {"error", "code"} ends the session. Closing
-                   the stream frees the session. Frames are hivemind's (a marker byte, an
-                   8-byte length, the protobuf); the server reads them itself
-                   (`read_request`) so that it can refuse a frame longer than
-                   `frame_limit` on its length alone, before reading or parsing it.
+                   the stream frees the session.
+                   Rollback: any request may carry {"start_position": N} in its metadata,
+                   0 <= N <= the tokens the session holds: the session's cache is cut to its
+                   first N tokens, and the request's hidden states (if any) are positions
+                   N, N+1, ... (N + n <= max_length). The answer then carries
+                   {"position": N + n}, so a client can tell a server that ignored the field.
+                   A request with start_position and no tensor only cuts (empty answer).
+                   Speculative decoding drops rejected draft tokens with it; a new turn of
+                   a conversation can cut back to the common prefix.
+                   Frames are hivemind's (a marker byte, an 8-byte length, the protobuf);
+                   the server reads them itself (`read_request`) so that it can refuse a
+                   frame longer than `frame_limit` on its length alone, before reading it.
     rpc_forward    unary, stateless: metadata {model, start, end}, tensor [B, n, H] -> outputs.
     rpc_info       unary ping: ExpertUID(uid=model) -> msgpack {peer_id, start, end, ...}.
 

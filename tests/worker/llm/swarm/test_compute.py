@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from protocol.engine import SessionStep
 from sandbox import Sandbox, SandboxPolicy
 from sandbox.errors import EngineFailed, EngineMisbehaved
 from worker.llm.swarm.blocks import BlockSpan, new_cache
@@ -50,6 +51,26 @@ async def test_steps_and_passes_equal_the_span_run_here(
         got.append(_out(answer))
     for mine, theirs in zip(got, want, strict=True):
         torch.testing.assert_close(mine, theirs)
+    # a step at past 3 cuts the cache back first (a rollback), in both call paths; a past
+    # beyond the cache is the step's error
+    other = _hidden(2, 2)
+    with torch.no_grad():
+        cut = new_cache()
+        span.forward(prompt[:, :3], cut, past=0)
+        rolled = span.forward(other, cut, past=3)
+    answer = await compute.step("s1", other.numpy().tobytes(), "float32", [1, 2, 64], 3, 1, 3)
+    torch.testing.assert_close(_out(answer), rolled)
+    steps = [
+        SessionStep(session=s, past=p, dtype="float32", shape=[1, 1, 64], start=1, end=3)
+        for s, p in (("s1", 4), ("s1", 9))
+    ]
+    answers = await compute.steps(steps[:1], [token.numpy().tobytes()])
+    with torch.no_grad():
+        cut = new_cache()
+        span.forward(torch.cat([prompt[:, :3], other[:, :1]], dim=1), cut, past=0)
+        torch.testing.assert_close(_out((answers[0][0], [1, 1, 64])), span.forward(token, cut))
+    ((blob, output),) = await compute.steps(steps[1:], [token.numpy().tobytes()])
+    assert blob == b"" and output.error is not None and "holds 5 tokens" in output.error
     stateless = _out(await compute.forward(prompt.numpy().tobytes(), "float32", [1, 5, 64], 1, 3))
     torch.testing.assert_close(stateless, want[0])
     compute.close("s1")

@@ -9,6 +9,7 @@ plus a text gateway. None of them is given --model-name: the folder's name is th
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -27,6 +28,8 @@ from tests.worker.llm.swarm.conftest import Cluster, Server
 from worker.errors import MissingBlocks
 from worker.llm.gateway.generation import SamplingParams, generate
 from worker.llm.gateway.lm_head import LMHead
+from worker.llm.gateway.speculative import Speculation
+from worker.llm.swarm.checks import check_hop
 from worker.llm.swarm.placement import Hop
 from worker.llm.swarm.routing import SwarmClient, SwarmClientConfig
 from worker.llm.swarm.session import InferenceSession
@@ -147,6 +150,49 @@ async def test_swarm_greedy_equals_transformers_generate(
     assert len(route) == 2
     assert got.token_ids == want
     assert got.text == ANSWER == tokenizer.decode(want, skip_special_tokens=True)
+
+
+ECHO = [
+    {
+        "role": "user",
+        "content": "Repeat this paragraph exactly:\n\nThe quick brown fox jumps over the lazy "
+        "dog. It was a sunny day in the small town, and everyone was outside enjoying the "
+        "warm weather. Children played in the park while their parents talked.",
+    }
+]
+
+
+@pytest.mark.slow
+async def test_speculative_decoding_through_the_swarm_gives_plain_decodings_tokens(
+    servers: dict[str, Server], reference: tuple[Any, Any], smollm2: Path
+) -> None:
+    """Greedy, an echo prompt: drafts kept and rejected (caches rolled back) on real
+    servers, the same tokens as plain decoding, and the spot check of the 15:30 server
+    (recomputed by the other one) still agrees with what the rolled-back session kept."""
+    tokenizer = reference[1]
+    prompt = chat_ids(tokenizer, ECHO)
+    head = LMHead.load(smollm2)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    config = SwarmClientConfig(model_name="smollm2", initial_peers=(servers["alpha"].maddr,))
+    async with await SwarmClient.create(config) as client:
+        async with InferenceSession(client, len(prompt) + 40) as session:
+            plain = await generate(head, session.step, prompt, params, tokenizer)
+        steps: list[tuple[int, int]] = []  # (start_position, position before)
+        async with InferenceSession(client, len(prompt) + 40) as session:
+
+            async def step(hidden: torch.Tensor, start_position: int | None = None) -> torch.Tensor:
+                steps.append((session.position if start_position is None else start_position,
+                              session.position))  # fmt: skip
+                return await session.step(hidden, start_position)
+
+            fast = await generate(head, step, prompt, params, tokenizer, None, Speculation(step))
+            served = session.served
+            check = await check_hop(client, served[-1], random.Random(0))
+    assert fast.token_ids == plain.token_ids
+    assert len(steps) < len(plain.token_ids) / 2, f"{len(steps)} steps for {len(plain.token_ids)}"
+    assert any(start < before for start, before in steps), "no draft was rejected"
+    assert [states.hop.start for states in served] == [0, 15]
+    assert check is not None and check.check.verdict == "agree"
 
 
 @pytest.mark.slow

@@ -201,6 +201,43 @@ async def test_an_idle_session_is_closed_and_the_client_replays_it(
     assert usage == {(alpha.peer_id, 0): total + 8, (bravo.peer_id, 2): total + 8}
 
 
+async def test_rolled_back_drafts_leave_the_caches_as_plain_decoding_even_after_a_replay(
+    servers: dict[str, Server], full_model: LlamaForCausalLM
+) -> None:
+    """Each step sends the next token and two wrong drafts, and the next step cuts them off
+    (start_position): the logits stay the plain ones, also after both servers dropped the
+    idle session and the client replayed its rolled-back steps; what the session recorded
+    for spot checks is what a stateless pass over the kept inputs gives."""
+    alpha, bravo = servers["alpha"], servers["bravo"]
+    steps = 6
+    async with (
+        swarm_client("llm", alpha) as client,
+        InferenceSession(client, max_length=64) as session,
+    ):
+        logits = [_last_logits(full_model, await session.step(_embed(full_model, PROMPT)))]
+        tokens = [int(logits[-1].argmax())]
+        for step in range(steps):
+            if step == 3:  # both servers drop the session after 2 s without requests
+                await _wait_free_cache(client, alpha, 256)
+                await _wait_free_cache(client, bravo, 256)
+            kept = PROMPT.shape[1] + step  # the drafts of the last step are cut off
+            drafted = torch.tensor([[tokens[-1], 9, 10]])
+            hidden = await session.step(_embed(full_model, drafted), start_position=kept)
+            assert session.position == kept + 3
+            logits.append(_last_logits(full_model, hidden[:, :1]))
+            tokens.append(int(logits[-1].argmax()))
+        served = session.served
+        recomputed = [await client.forward_hop(states.hop, states.inputs) for states in served]
+    assert_same_generation((tokens, logits), local_greedy(full_model, steps))
+    assert [states.hop.start for states in served] == [0, 2]
+    for states, again in zip(served, recomputed, strict=True):
+        # the prompt, a token per step, and the last step's two drafts
+        assert states.inputs.shape[1] == states.outputs.shape[1] == PROMPT.shape[1] + steps + 2
+        assert (states.outputs - again).abs().max() < 1e-4
+    ids = torch.cat([PROMPT, torch.tensor([tokens[:steps]]), torch.tensor([[9, 10]])], dim=1)
+    assert torch.equal(served[0].inputs, _embed(full_model, ids))
+
+
 def test_a_server_without_blocks_takes_the_uncovered_range(servers: dict[str, Server]) -> None:
     assert (servers["papa"].start, servers["papa"].end) == (0, 2)
     assert (servers["quebec"].start, servers["quebec"].end) == (2, 4)
