@@ -41,8 +41,11 @@ from protocol.text import (
 
 __all__ = ["Settlement", "check_report", "grant_parts", "settle", "split_kudos"]
 
-# a block server may process a token more than once (history replayed after a failover)
-MAX_REPLAYS_PER_TOKEN = 4
+# a block server may process a token more than once: a speculative step's rejected drafts
+# (the gateway reports at most as many as the tokens kept) and the history replayed after
+# a failover, drafts included. The requester pays for each token once whatever the spans
+# say (`_price`); this only bounds how a report may skew the servers' shares.
+MAX_REPLAYS_PER_TOKEN = 8
 
 
 @dataclass(frozen=True)
