@@ -14,6 +14,10 @@ an inpainting one (9-channel UNet: mask and masked image as conditioning) or a p
 checkpoint serves only inpainting and outpainting. A ControlNet job (`params.control_type`)
 runs `StableDiffusionControlNetPipeline` on the same modules (`worker.image.control`).
 
+The images of a job run as one UNet batch when they fit (`worker.image.batch`), on the
+pipeline placed with or without `--low-vram` (`worker.image.low_vram`); the result reports
+the job's peak memory (`worker.image.memory`).
+
 Image extras: the hires fix (`worker.image.hires`: txt2img at the native size, latents
 upscaled, img2img on the same modules) and the donor's post-processors
 (`worker.image.postprocess`: GFPGAN, then an upscaler) on each finished image.
@@ -60,9 +64,12 @@ from protocol.params import ImageParams, sampled_steps
 from sandbox.calls import CallTable, Emit
 from worker.errors import InvalidGenerationInput, ModelNotFound
 from worker.image.adapters_engine import EngineAdapters
+from worker.image.batch import BatchProgress, chunks, generators, repeat_embeds
 from worker.image.conditioning import Conditioning, TextEncoding, encode_job
 from worker.image.control import ControlJob, ControlNets
 from worker.image.hires import hires_first_pass, hires_image
+from worker.image.low_vram import place_pipeline
+from worker.image.memory import PeakMemory
 from worker.image.model_source import ModelSource, resolve_model
 from worker.image.postprocess import PostProcessors
 from worker.image.samplers import make_scheduler
@@ -134,8 +141,17 @@ class ImageEngine:
         if max_vram and self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, max_vram / total))
+        if settings.low_vram and settings.controlnets and self.device.type == "cuda":
+            raise ValueError(
+                "ControlNet with --low-vram on CUDA is not supported (the control models are "
+                "not offloaded); drop --low-vram or the --controlnet flags"
+            )
+        self.memory = PeakMemory(self.device)
+        self.memory.start()
+        # width x height x images of one UNet batch (worker.image.batch)
+        self.max_batch_pixels = settings.max_batch_pixels
         pipe = load_pipeline(self.source)
-        pipe.to(self.device)
+        self.dtype = place_pipeline(pipe, self.device, low_vram=settings.low_vram)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.inpainting_checkpoint = pipe.unet.config.in_channels == INPAINT_UNET_CHANNELS
@@ -160,6 +176,7 @@ class ImageEngine:
         # LoRAs and textual inversions (worker.image.adapters_engine)
         self.adapters = EngineAdapters(pipe)
         self.calls.add_binary(ADAPTED_IMAGE, self.adapted_image)
+        self.loaded_peak = self.memory.peak()
         logger.info("loaded %s (%s) on %s", self.model_name, self.source.kind, self.device)
 
     def handle(
@@ -177,7 +194,13 @@ class ImageEngine:
     ) -> tuple[ImageEngineInfo, list[bytes]]:
         """What was loaded: the worker offers inpainting jobs only to an inpainting
         checkpoint (`IMAGE_INFO`)."""
-        return ImageEngineInfo(model=self.model_name, inpainting=self.inpainting_checkpoint), []
+        info = ImageEngineInfo(
+            model=self.model_name,
+            inpainting=self.inpainting_checkpoint,
+            dtype=str(self.dtype).removeprefix("torch."),
+            peak_memory_bytes=self.loaded_peak,
+        )
+        return info, []
 
     def image(
         self, params: ImageParams, inputs: list[bytes], emit: Emit[ImageProgress]
@@ -187,6 +210,7 @@ class ImageEngine:
         mask, if the job has them (see `protocol.engine.IMAGE`)."""
         if params.seed is None:
             raise ValueError("payload has no seed; the caller must choose it before the job")
+        self.memory.start()
         self._check_checkpoint(params)
         missing = self.post.check(params)
         if missing:
@@ -209,12 +233,16 @@ class ImageEngine:
                 self.text, params.prompt, params.negative_prompt, params.steps, params.clip_skip
             )
             set_tiling((self.pipe.unet, self.pipe.vae), params.tiling)
-            blobs = [
-                self._one_image(params, sources, prompts, control, i, emit) for i in range(params.n)
-            ]
+            blobs = []
+            for images in chunks(params.n, params.width * params.height, self.max_batch_pixels):
+                blobs += self._images(params, sources, prompts, control, images, emit)
         width, height = params.output_size
         result = ImageResult(
-            seeds=params.seeds(), model=self.model_name, width=width, height=height
+            seeds=params.seeds(),
+            model=self.model_name,
+            width=width,
+            height=height,
+            peak_memory_bytes=self.memory.peak(),
         )
         return result, blobs
 
@@ -264,16 +292,17 @@ class ImageEngine:
         text = parameters_text(params, seed, self.model_name, control_model=control.model_name)
         return encode_png(control.image, text)
 
-    def _one_image(
+    def _images(
         self,
         params: ImageParams,
         sources: Sources | None,
         prompts: tuple[Conditioning, Conditioning],
         control: ControlJob | None,
-        index: int,
+        images: range,
         emit: Emit[ImageProgress],
-    ) -> bytes:
-        seed = params.seeds()[index]
+    ) -> list[bytes]:
+        """The PNGs of the job's images `images`, sampled as one batch."""
+        seeds = [params.seeds()[i] for i in images]
         self.pipe.scheduler = make_scheduler(
             params.sampler, self.base_scheduler_config, karras=params.karras
         )
@@ -284,6 +313,7 @@ class ImageEngine:
         )
         steps = sampled_steps(params) if first_pass or not params.hires_fix else params.steps
         reported = 0
+        batch = BatchProgress(images, steps, params.n)
 
         def progress(offset: int, pass_steps: int) -> Any:
             """The step callback of a pass of `pass_steps` sampling steps after `offset`."""
@@ -298,16 +328,18 @@ class ImageEngine:
                 done = (step + 1) * pass_steps // calls
                 if offset + done > reported:
                     reported = offset + done
-                    emit(ImageProgress(image=index, step=reported, steps=steps, n=params.n))
+                    emit(batch.event(reported))
                 # prompt editing: the next loop iteration belongs to the pass's 0-based
                 # sampling step `done` (this one to `current`), which may read another text
                 current = step * pass_steps // calls
                 now = (positive.index_at(current), negative.index_at(current))
                 then = (positive.index_at(done), negative.index_at(done))
                 if now != then:
-                    embeds = positive.embeds[then[0]]
+                    # (diffusers repeats the embeddings per image, negatives first)
+                    embeds = repeat_embeds(positive.embeds[then[0]], len(images))
                     if pipe.do_classifier_free_guidance:
-                        embeds = torch.cat([negative.embeds[then[1]], embeds])
+                        negatives = repeat_embeds(negative.embeds[then[1]], len(images))
+                        embeds = torch.cat([negatives, embeds])
                     kwargs["prompt_embeds"] = embeds
                 return kwargs
 
@@ -318,12 +350,12 @@ class ImageEngine:
             "negative_prompt_embeds": negative.at(0),
             "num_inference_steps": params.steps,
             "guidance_scale": params.cfg_scale,
-            "generator": torch.Generator("cpu").manual_seed(seed),
-            "num_images_per_prompt": 1,
+            "generator": generators(seeds),
+            "num_images_per_prompt": len(images),
             "output_type": "pil",
         }
         if first_pass is not None:
-            image = hires_image(
+            made = hires_image(
                 self.pipe,
                 self._img2img_pipeline(),
                 arguments,
@@ -332,7 +364,10 @@ class ImageEngine:
                 params.hires_fix_denoising_strength,
                 (progress(0, params.steps), progress(params.steps, steps - params.steps)),
             )
-            return self._finish(image, params, seed, first_pass, None)
+            return [
+                self._finish(image, params, seed, first_pass, None)
+                for image, seed in zip(made, seeds, strict=True)
+            ]
         arguments["callback_on_step_end"] = progress(0, steps)
         if sources is None or sources.mask is not None or control is not None:
             arguments.update(width=params.width, height=params.height)
@@ -340,10 +375,12 @@ class ImageEngine:
             # sampled from noise, guided by the control map
             arguments.update(image=control.image)
         elif sources is not None:
-            # (the image already has the job's size: the pipelines do not resize it again)
-            arguments.update(image=sources.image, strength=params.denoising_strength)
+            # (the image already has the job's size: the pipelines do not resize it again;
+            # one copy per image, so that each image's VAE sample comes from its generator)
+            copies = len(images)
+            arguments.update(image=[sources.image] * copies, strength=params.denoising_strength)
             if sources.mask is not None:
-                arguments.update(mask_image=sources.mask)
+                arguments.update(mask_image=[sources.mask] * copies)
         if control is None:
             pipe = self._pipeline(sources)
         else:
@@ -351,7 +388,10 @@ class ImageEngine:
             pipe.scheduler = self.pipe.scheduler
         result = pipe(**arguments)
         assert not isinstance(result, tuple)  # (return_dict is left True)
-        return self._finish(result.images[0], params, seed, None, control)
+        return [
+            self._finish(image, params, seed, None, control)
+            for image, seed in zip(result.images, seeds, strict=True)
+        ]
 
     def _finish(
         self,
