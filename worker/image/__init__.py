@@ -10,6 +10,9 @@
                       or a ready map), diffusers' ControlNet pipeline on the loaded modules
     samplers.py       AUTOMATIC1111 sampler names -> diffusers schedulers
     hires.py          the hires fix: native-size pass, latents upscaled, img2img pass
+    batch.py          a job's images as UNet batches (one generator each), their progress
+    low_vram.py       the pipeline on its device; --low-vram's slicing, tiling, offload
+    memory.py         the engine's peak memory during a job (CUDA, or the CPU's peak RSS)
     postprocess.py    GFPGAN and the RRDBNet upscalers on a finished image (spandrel)
     spandrel_archs.py spandrel's architectures without its registry (no torchvision)
     post_files.py     --post-processors DIR: which post-processors a donor's folder holds
@@ -22,7 +25,7 @@
     adapters_engine.py  loading LoRAs and TIs into the pipeline (in the sandbox child)
 
 Only the sandbox child imports `engine.py`, `adapters_engine.py`, `sources.py`, `hires.py`,
-`postprocess.py` and `control.py` (by name,
+`postprocess.py`, `control.py`, `batch.py`, `low_vram.py` and `memory.py` (by name,
 `worker.image.worker.ENGINE`).
 """
 

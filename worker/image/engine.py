@@ -2,8 +2,9 @@
 
 The sandbox creates one `ImageEngine` per process (loading the pipeline once; importing
 torch and diffusers alone takes seconds) and calls `handle` for each job. Image i of a job
-is made with a fresh CPU generator seeded `seed + i`, so it is reproducible bit for bit and
-independent of the device, of `n`, and of which other images share the job.
+is made with a fresh CPU generator seeded `seed + i`, so it is reproducible bit for bit on
+the same settings and independent of the device; batched with other images of its job, it
+may differ by a level in the last bits (`worker.image.batch`).
 
 A job with a source image (`params.source_processing`, the bytes beside it, shaped by
 `worker.image.sources`) runs diffusers' own pipeline for it, built on the loaded components
