@@ -14,9 +14,12 @@ import torch
 from diffusers.models.attention_processor import SlicedAttnProcessor
 from PIL import Image
 
+from client.cli import build_parser
 from protocol.messages import EngineInfo
+from protocol.settings import validated
 from worker.image.batch import BatchProgress, chunks
 from worker.image.engine import ImageEngine
+from worker.image.main import ImageSettings
 from worker.image.memory import PeakMemory
 from worker.image.worker import engine_info
 
@@ -197,6 +200,15 @@ def test_the_cpu_peak_is_the_jobs_not_the_process_lifetimes() -> None:
     memory.start()
     later = memory.peak()
     assert later is not None and later <= peak - 200 * 2**20
+
+
+def test_the_flags_parse() -> None:
+    common = ["worker", "image", "--coordinator", "http://127.0.0.1:1", "--model", "m"]
+    default = validated(ImageSettings, build_parser().parse_args(common))
+    assert (default.low_vram, default.max_batch_pixels) == (False, 1024 * 1024)
+    flags = ["--low-vram", "--max-batch-pixels", "0"]
+    settings = validated(ImageSettings, build_parser().parse_args([*common, *flags]))
+    assert (settings.low_vram, settings.max_batch_pixels) == (True, 0)
 
 
 def test_the_build_report_names_low_vram_and_batching() -> None:
