@@ -9,6 +9,7 @@ memory the engine reported for the job (CUDA's peak allocation, or the process's
 on the CPU: worker.image.memory).
 
     .venv/bin/python bench/image_batch.py [--model DIR] [--sizes 512,768] [--n 4] [--runs 3]
+        [--no-low-vram]
 
 `--model` defaults to the tiny SD model (`$IDLEGRID_TEST_MODELS/sd`, built if needed).
 """
@@ -85,6 +86,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--no-low-vram", action="store_true", help="skip the --low-vram runs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -104,6 +106,8 @@ def main() -> int:
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, options in CONFIGS.items():
+            if args.no_low_vram and options.get("low_vram"):
+                continue
             out = Path(tmp) / str(len(results))
             out.mkdir()
             command = [sys.executable, __file__, "--child", json.dumps(options), "--out", str(out)]
