@@ -144,6 +144,12 @@ class ImageEngineOptions(EngineMessage):
     threads: int | None = None
     # the GPU memory the engine may use; None = all of it
     max_vram_bytes: int | None = None
+    # --low-vram: attention slicing, VAE slicing and tiling; on CUDA also model CPU offload
+    # (accelerate) and float16 weights (worker.image.low_vram)
+    low_vram: bool = False
+    # the images of a job run as one UNet batch while width x height x images stays within
+    # this many pixels, else in chunks (worker.image.batch); 0 = one image at a time
+    max_batch_pixels: int = Field(default=1024 * 1024, ge=0)
     # the donor's post-processor weights (worker.image.postprocess); None = none
     post_processors: str | None = None
     # ControlNet: the control model of each type (worker.image.control)
@@ -178,6 +184,9 @@ class ImageResult(EngineMessage):
     model: str = Field(min_length=1)
     width: int = Field(ge=MIN_SIDE, le=MAX_SIDE)
     height: int = Field(ge=MIN_SIDE, le=MAX_SIDE)
+    # the engine's peak memory during the job, in bytes: CUDA's peak allocation, or on the
+    # CPU the process's peak resident set (worker.image.memory); None = not measurable
+    peak_memory_bytes: int | None = Field(default=None, ge=0)
 
 
 IMAGE: EngineCall[ImageParams, ImageProgress, ImageResult] = EngineCall(
@@ -193,6 +202,11 @@ class ImageEngineInfo(EngineMessage):
     inpainting: bool
     # the model's family, as LoRAs are made for it (worker.image.baselines)
     baseline: Baseline = "sd1"
+    # the weights' dtype (float16 only with --low-vram on CUDA), as spot checks compare it
+    dtype: str = "float32"
+    # the engine's peak memory so far, in bytes (see ImageResult.peak_memory_bytes): after
+    # the start, what loading the model took
+    peak_memory_bytes: int | None = Field(default=None, ge=0)
 
 
 IMAGE_INFO: EngineCall[NoMessage, NoMessage, ImageEngineInfo] = EngineCall(

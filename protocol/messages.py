@@ -461,6 +461,18 @@ class EngineInfo(_Request):
     baseline: Baseline | None = Field(
         default=None, description="an image worker's checkpoint family (sd1, sd2, sdxl)"
     )
+    # (both change the last bits of pixels, so they are part of the build)
+    low_vram: bool | None = Field(
+        default=None,
+        description="the image engine runs with --low-vram (sliced attention; float16 "
+        "on CUDA); null: not reported",
+    )
+    max_batch_pixels: int | None = Field(
+        default=None,
+        ge=0,
+        description="the image engine batches a job's images up to this many pixels "
+        "(--max-batch-pixels); null: not reported, one image at a time",
+    )
 
 
 class WorkerInfo(_Response):

@@ -15,6 +15,9 @@
     samplers.py       AUTOMATIC1111 sampler names -> diffusers schedulers
     preview.py        live previews: latents -> RGB by the published linear factors, JPEG
     hires.py          the hires fix: native-size pass, latents upscaled, img2img pass
+    batch.py          a job's images as UNet batches (one generator each), their progress
+    low_vram.py       the pipeline on its device; --low-vram's slicing, tiling, offload
+    memory.py         the engine's peak memory during a job (CUDA, or the CPU's peak RSS)
     postprocess.py    GFPGAN and the RRDBNet upscalers on a finished image (spandrel)
     spandrel_archs.py spandrel's architectures without its registry (no torchvision)
     post_files.py     --post-processors DIR: which post-processors a donor's folder holds
@@ -28,7 +31,8 @@
     adapters_engine.py  loading LoRAs and TIs into the pipeline (in the sandbox child)
 
 Only the sandbox child imports `engine.py`, `baselines.py`, `adapters_engine.py`,
-`sources.py`, `hires.py`, `postprocess.py`, `preview.py` and `control.py` (by name,
+`sources.py`, `hires.py`, `postprocess.py`, `preview.py`, `control.py`, `batch.py`,
+`low_vram.py` and `memory.py` (by name,
 `worker.image.worker.ENGINE`).
 """
 

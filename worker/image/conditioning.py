@@ -303,15 +303,24 @@ def prompt_arguments(positive: Conditioning, negative: Conditioning) -> dict[str
 
 
 def switched_inputs(
-    positive: Conditioning, negative: Conditioning, indices: tuple[int, int], guided: bool
+    positive: Conditioning,
+    negative: Conditioning,
+    indices: tuple[int, int],
+    guided: bool,
+    images: int = 1,
 ) -> dict[str, torch.Tensor]:
     """What a step callback hands the pipeline when prompt editing moves to the schedule's
-    entries `indices` (positive, negative): the embeddings (under classifier-free guidance
-    the negative first, as the pipelines concatenate them) and SDXL's pooled text."""
+    entries `indices` (positive, negative) for a batch of `images`: the embeddings, once
+    per image (under classifier-free guidance the negatives first, as the pipelines
+    concatenate them) and SDXL's pooled text."""
+
+    def per_image(value: torch.Tensor) -> torch.Tensor:
+        # (as diffusers' `encode_prompt` repeats them for `num_images_per_prompt`)
+        return value.repeat(images, *([1] * (value.dim() - 1)))
 
     def pair(values: tuple[torch.Tensor, ...], others: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        chosen = values[indices[0]]
-        return torch.cat([others[indices[1]], chosen]) if guided else chosen
+        chosen = per_image(values[indices[0]])
+        return torch.cat([per_image(others[indices[1]]), chosen]) if guided else chosen
 
     inputs = {"prompt_embeds": pair(positive.embeds, negative.embeds)}
     if positive.pooled is not None and negative.pooled is not None:

@@ -46,6 +46,12 @@ class ImageWorkerConfig:
     max_ram_bytes: int | None = None
     # the GPU memory the engine may use, in bytes (--max-vram; None = all of it)
     max_vram_bytes: int | None = None
+    # --low-vram: attention slicing, VAE slicing and tiling; on CUDA also float16 weights and
+    # model CPU offload (worker.image.low_vram)
+    low_vram: bool = False
+    # --max-batch-pixels: a job's images run as one UNet batch while width x height x images
+    # stays within this, else in chunks; 0 = one at a time (worker.image.batch)
+    max_batch_pixels: int = 1024 * 1024
     # seconds one job may run in the engine before it is killed and the job given back
     job_timeout: float = 900.0
     # seconds the engine may take to load the model

@@ -2,8 +2,9 @@
 
 The sandbox creates one `ImageEngine` per process (loading the pipeline once; importing
 torch and diffusers alone takes seconds) and calls `handle` for each job. Image i of a job
-is made with a fresh CPU generator seeded `seed + i`, so it is reproducible bit for bit and
-independent of the device, of `n`, and of which other images share the job.
+is made with a fresh CPU generator seeded `seed + i`, so it is reproducible bit for bit on
+the same settings and independent of the device; batched with other images of its job, it
+may differ by a level in the last bits (`worker.image.batch`).
 
 A job with a source image (`params.source_processing`, the bytes beside it, shaped by
 `worker.image.sources`) runs diffusers' own pipeline for it, built on the loaded components
@@ -16,6 +17,9 @@ runs `StableDiffusionControlNetPipeline` on the same modules (`worker.image.cont
 
 The pipeline follows the model (`worker.image.baselines`): SD 1.x and SD 2 as above, SDXL
 with diffusers' SDXL pipelines (txt2img, img2img, inpainting; no ControlNet yet).
+The images of a job run as one UNet batch when they fit (`worker.image.batch`), on the
+pipeline placed with or without `--low-vram` (`worker.image.low_vram`); the result reports
+the job's peak memory (`worker.image.memory`).
 
 Image extras: the hires fix (`worker.image.hires`: txt2img at the native size, latents
 upscaled, img2img on the same modules) and the donor's post-processors
@@ -65,9 +69,12 @@ from worker.image.baselines import (
     source_pipeline,
     text_encoding,
 )
+from worker.image.batch import BatchProgress, chunks, generators
 from worker.image.conditioning import Conditioning, encode_job, prompt_arguments, switched_inputs
 from worker.image.control import ControlJob, ControlNets
 from worker.image.hires import hires_first_pass, hires_image
+from worker.image.low_vram import place_pipeline
+from worker.image.memory import PeakMemory
 from worker.image.model_source import resolve_model
 from worker.image.postprocess import PostProcessors
 from worker.image.preview import Previewer
@@ -114,8 +121,17 @@ class ImageEngine:
         if max_vram and self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, max_vram / total))
+        if settings.low_vram and settings.controlnets and self.device.type == "cuda":
+            raise ValueError(
+                "ControlNet with --low-vram on CUDA is not supported (the control models are "
+                "not offloaded); drop --low-vram or the --controlnet flags"
+            )
+        self.memory = PeakMemory(self.device)
+        self.memory.start()
+        # width x height x images of one UNet batch (worker.image.batch)
+        self.max_batch_pixels = settings.max_batch_pixels
         pipe = load_pipeline(self.source)
-        pipe.to(self.device)
+        self.dtype = place_pipeline(pipe, self.device, low_vram=settings.low_vram)
         self.pipe = pipe
         self.baseline = baseline_of(pipe)
         if self.baseline == "sdxl" and settings.controlnets:
@@ -150,6 +166,7 @@ class ImageEngine:
             self.source.kind,
             self.device,
         )
+        self.loaded_peak = self.memory.peak()
 
     def handle(
         self,
@@ -167,7 +184,11 @@ class ImageEngine:
         """What was loaded: the worker offers inpainting jobs only to an inpainting
         checkpoint (`IMAGE_INFO`)."""
         info = ImageEngineInfo(
-            model=self.model_name, inpainting=self.inpainting_checkpoint, baseline=self.baseline
+            model=self.model_name,
+            inpainting=self.inpainting_checkpoint,
+            baseline=self.baseline,
+            dtype=str(self.dtype).removeprefix("torch."),
+            peak_memory_bytes=self.loaded_peak,
         )
         return info, []
 
@@ -179,6 +200,7 @@ class ImageEngine:
         mask, if the job has them (see `protocol.engine.IMAGE`)."""
         if params.seed is None:
             raise ValueError("payload has no seed; the caller must choose it before the job")
+        self.memory.start()
         self._check_checkpoint(params)
         missing = self.post.check(params)
         if missing:
@@ -201,12 +223,16 @@ class ImageEngine:
                 self.text, params.prompt, params.negative_prompt, params.steps, params.clip_skip
             )
             set_tiling((self.pipe.unet, self.pipe.vae), params.tiling)
-            blobs = [
-                self._one_image(params, sources, prompts, control, i, emit) for i in range(params.n)
-            ]
+            blobs = []
+            for images in chunks(params.n, params.width * params.height, self.max_batch_pixels):
+                blobs += self._images(params, sources, prompts, control, images, emit)
         width, height = params.output_size
         result = ImageResult(
-            seeds=params.seeds(), model=self.model_name, width=width, height=height
+            seeds=params.seeds(),
+            model=self.model_name,
+            width=width,
+            height=height,
+            peak_memory_bytes=self.memory.peak(),
         )
         return result, blobs
 
@@ -258,16 +284,17 @@ class ImageEngine:
         text = parameters_text(params, seed, self.model_name, control_model=control.model_name)
         return encode_png(control.image, text)
 
-    def _one_image(
+    def _images(
         self,
         params: ImageParams,
         sources: Sources | None,
         prompts: tuple[Conditioning, Conditioning],
         control: ControlJob | None,
-        index: int,
+        images: range,
         emit: Emit[ImageProgress],
-    ) -> bytes:
-        seed = params.seeds()[index]
+    ) -> list[bytes]:
+        """The PNGs of the job's images `images`, sampled as one batch."""
+        seeds = [params.seeds()[i] for i in images]
         self.pipe.scheduler = make_scheduler(
             params.sampler, self.base_scheduler_config, karras=params.karras
         )
@@ -278,6 +305,7 @@ class ImageEngine:
         )
         steps = sampled_steps(params) if first_pass or not params.hires_fix else params.steps
         reported = 0
+        batch = BatchProgress(images, steps, params.n)
 
         def progress(offset: int, pass_steps: int) -> Any:
             """The step callback of a pass of `pass_steps` sampling steps after `offset`."""
@@ -292,12 +320,8 @@ class ImageEngine:
                 done = (step + 1) * pass_steps // calls
                 if offset + done > reported:
                     reported = offset + done
-                    preview = self.previewer(reported, steps, kwargs)
-                    emit(
-                        ImageProgress(
-                            image=index, step=reported, steps=steps, n=params.n, preview=preview
-                        )
-                    )
+                    # (a batch's preview: its first image)
+                    emit(batch.event(reported, self.previewer(reported, steps, kwargs)))
                 # prompt editing: the next loop iteration belongs to the pass's 0-based
                 # sampling step `done` (this one to `current`), which may read another text
                 current = step * pass_steps // calls
@@ -305,7 +329,7 @@ class ImageEngine:
                 then = (positive.index_at(done), negative.index_at(done))
                 if now != then:
                     guided = pipe.do_classifier_free_guidance
-                    kwargs.update(switched_inputs(positive, negative, then, guided))
+                    kwargs.update(switched_inputs(positive, negative, then, guided, len(images)))
                 return kwargs
 
             return on_step_end
@@ -314,14 +338,14 @@ class ImageEngine:
             **prompt_arguments(positive, negative),
             "num_inference_steps": params.steps,
             "guidance_scale": params.cfg_scale,
-            "generator": torch.Generator("cpu").manual_seed(seed),
-            "num_images_per_prompt": 1,
+            "generator": generators(seeds),
+            "num_images_per_prompt": len(images),
             "output_type": "pil",
             # (the live previews read them: worker.image.preview)
             "callback_on_step_end_tensor_inputs": ["latents"],
         }
         if first_pass is not None:
-            image = hires_image(
+            made = hires_image(
                 self.pipe,
                 self._img2img_pipeline(),
                 arguments,
@@ -330,7 +354,10 @@ class ImageEngine:
                 params.hires_fix_denoising_strength,
                 (progress(0, params.steps), progress(params.steps, steps - params.steps)),
             )
-            return self._finish(image, params, seed, first_pass, None)
+            return [
+                self._finish(image, params, seed, first_pass, None)
+                for image, seed in zip(made, seeds, strict=True)
+            ]
         arguments["callback_on_step_end"] = progress(0, steps)
         if sources is None or sources.mask is not None or control is not None:
             arguments.update(width=params.width, height=params.height)
@@ -338,10 +365,12 @@ class ImageEngine:
             # sampled from noise, guided by the control map
             arguments.update(image=control.image)
         elif sources is not None:
-            # (the image already has the job's size: the pipelines do not resize it again)
-            arguments.update(image=sources.image, strength=params.denoising_strength)
+            # (the image already has the job's size: the pipelines do not resize it again;
+            # one copy per image, so that each image's VAE sample comes from its generator)
+            copies = len(images)
+            arguments.update(image=[sources.image] * copies, strength=params.denoising_strength)
             if sources.mask is not None:
-                arguments.update(mask_image=sources.mask)
+                arguments.update(mask_image=[sources.mask] * copies)
         if control is None:
             pipe = self._pipeline(sources)
         else:
@@ -349,7 +378,10 @@ class ImageEngine:
             pipe.scheduler = self.pipe.scheduler
         result = pipe(**arguments)
         assert not isinstance(result, tuple)  # (return_dict is left True)
-        return self._finish(result.images[0], params, seed, None, control)
+        return [
+            self._finish(image, params, seed, None, control)
+            for image, seed in zip(result.images, seeds, strict=True)
+        ]
 
     def _finish(
         self,

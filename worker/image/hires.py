@@ -10,7 +10,8 @@ As AUTOMATIC1111 does it with its default upscaler ("Latent"):
    with `steps` and `hires_fix_denoising_strength`, so int(steps x strength) steps run.
 
 Both passes draw from the same CPU generator, seeded with the image's seed: the first pass
-draws its noise, the second pass continues from the generator's state.
+draws its noise, the second pass continues from the generator's state. A batch of images
+(worker.image.batch) has one generator per image through both passes.
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ def hires_image(
     size: tuple[int, int],
     strength: float,
     callbacks: tuple[Any, Any],
-) -> Image.Image:
+) -> list[Image.Image]:
     """Both passes of a hires fix. `arguments`: those of a txt2img call (prompt, steps,
     guidance, generator, ...) without width, height and the step callback; `callbacks`:
-    the step callback of each pass."""
+    the step callback of each pass. Returns the batch's images (`arguments`'
+    num_images_per_prompt, one generator each)."""
     first_call = {
         **arguments,
         "width": first[0],
@@ -70,5 +72,5 @@ def hires_image(
         "strength": strength,
         "callback_on_step_end": callbacks[1],
     }
-    image: Image.Image = img2img(**second_call).images[0]
-    return image
+    images: list[Image.Image] = img2img(**second_call).images
+    return images

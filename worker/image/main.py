@@ -96,6 +96,21 @@ class ImageSettings(DonorFlags):
         Field(gt=0),
         Flag("GPU memory the engine may use, in GiB (default: all of it)", metavar="GIB"),
     ] = None
+    low_vram: Annotated[
+        bool,
+        Flag(
+            "save memory at some speed: attention slicing, VAE slicing and tiling; on CUDA "
+            "also float16 weights and model CPU offload"
+        ),
+    ] = False
+    max_batch_pixels: Annotated[
+        int,
+        Field(ge=0),
+        Flag(
+            "render a job's images as one batch while width x height x images stays within "
+            "this, else in chunks; 0 = one at a time (default %(default)s)"
+        ),
+    ] = 1024 * 1024
     controlnet: Annotated[
         list[str],
         Flag(
@@ -321,6 +336,8 @@ def _run(args: argparse.Namespace) -> int:
         unsandboxed=settings.unsandboxed,
         max_ram_bytes=None if settings.max_ram is None else int(settings.max_ram * 2**30),
         max_vram_bytes=None if settings.max_vram is None else int(settings.max_vram * 2**30),
+        low_vram=settings.low_vram,
+        max_batch_pixels=settings.max_batch_pixels,
         controlnets=controlnets(settings.controlnet),
         annotators=annotators(settings.annotator),
         adapters=_adapter_settings(settings),

@@ -108,6 +108,8 @@ class ImageWorker:
             model_name=config.model_name,
             threads=config.threads,
             max_vram_bytes=config.max_vram_bytes,
+            low_vram=config.low_vram,
+            max_batch_pixels=config.max_batch_pixels,
             post_processors=(
                 str(config.post_processors_dir) if config.post_processors_dir else None
             ),
@@ -141,6 +143,13 @@ class ImageWorker:
             if adapters is not None:
                 await adapters.aclose()
             raise
+        peak = loaded.peak_memory_bytes
+        log.info(
+            "engine loaded %s (%s), peak memory %s",
+            loaded.model,
+            loaded.dtype,
+            "unknown" if peak is None else f"{peak / 2**20:.0f} MiB",
+        )
         if loaded.inpainting:
             log.info("%s is an inpainting checkpoint: serving only inpainting", loaded.model)
         if adapters is not None:
@@ -178,6 +187,8 @@ class ImageWorker:
                     sandboxed=not self.config.unsandboxed,
                     checkpoint_sha256=self.capabilities.checkpoint_sha256,
                     baseline=self.capabilities.baseline,
+                    low_vram=self.config.low_vram,
+                    max_batch_pixels=self.config.max_batch_pixels,
                 )
             )
         except (CoordinatorRejected, CoordinatorUnavailable) as exc:
@@ -317,10 +328,12 @@ class ImageWorker:
             return
         self.jobs_done += 1
         self.status.job_paid(accepted.kudos_earned)
+        peak = result.data.peak_memory_bytes
         log.info(
-            "job %s done in %.2fs, earned %d kudos",
+            "job %s done in %.2fs, peak memory %s, earned %d kudos",
             job.id,
             time.monotonic() - started,
+            "unknown" if peak is None else f"{peak / 2**20:.0f} MiB",
             accepted.kudos_earned,
         )
 
@@ -421,10 +434,17 @@ def _nvidia_gpu() -> str | None:
 
 
 def engine_info(
-    sandboxed: bool = True, checkpoint_sha256: str | None = None, baseline: str | None = None
+    sandboxed: bool = True,
+    *,
+    checkpoint_sha256: str | None = None,
+    baseline: str | None = None,
+    low_vram: bool = False,
+    max_batch_pixels: int = 1024 * 1024,
 ) -> dict[str, Any]:
-    """The engine build as spot checks compare it: package versions, device, dtype, and
-    the checkpoint (its hash and family, when known).
+    """The engine build as spot checks compare it: package versions, device, dtype, the
+    checkpoint (its hash and family, when known), and what changes the last bits of
+    pixels: `--low-vram` (sliced attention; float16 on CUDA) and `--max-batch-pixels` (how
+    a job's images are batched: worker.image.batch).
 
     The engine runs on CUDA when torch is a CUDA build and a GPU is present (see
     worker.image.engine); both are read here without importing torch.
@@ -449,8 +469,10 @@ def engine_info(
         "engine": "diffusers",
         "versions": versions,
         "device": device,
-        "dtype": "float32",
+        "dtype": "float16" if low_vram and device != "cpu" else "float32",
         "sandboxed": sandboxed,
         **({"checkpoint_sha256": checkpoint_sha256} if checkpoint_sha256 else {}),
         **({"baseline": baseline} if baseline else {}),
+        "low_vram": low_vram,
+        "max_batch_pixels": max_batch_pixels,
     }

@@ -38,6 +38,9 @@ pytestmark = [
 ]
 
 BASE = {"prompt": "a photo of a red cat", "width": 64, "height": 64, "steps": 3, "cfg_scale": 7.0}
+# the images of a job run as one batch, whose matrix products may round differently in the
+# last bits than one image's (worker.image.batch): at most this many levels of 255
+BATCH_TOLERANCE = 2
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +77,12 @@ def test_engine_matches_plain_diffusers(
     fields = {"seed": 1234, "n": 2, "sampler": "Euler a", "negative_prompt": "blurry dog"}
     data, blobs, _ = _run(engine, **fields)
     params = ImageParams.model_validate({**BASE, **fields})
+    assert data.pop("peak_memory_bytes") > 0
     assert data == {"seeds": [1234, 1235], "model": "sd", "width": 64, "height": 64}
     assert len(blobs) == 2
     for i, png in enumerate(blobs):
-        np.testing.assert_array_equal(_pixels(png), plain_image(plain_pipe, params, 1234 + i))
+        expected = plain_image(plain_pipe, params, 1234 + i).astype(int)
+        assert np.abs(_pixels(png) - expected).max() <= BATCH_TOLERANCE
     assert not np.array_equal(_pixels(blobs[0]), _pixels(blobs[1]))
 
 
@@ -85,7 +90,8 @@ def test_engine_matches_plain_diffusers(
 def test_image_i_depends_only_on_seed_plus_i(engine: ImageEngine) -> None:
     _, pair, _ = _run(engine, seed=10, n=2)
     _, single, _ = _run(engine, seed=11, n=1)
-    np.testing.assert_array_equal(_pixels(pair[1]), _pixels(single[0]))
+    diff = np.abs(_pixels(pair[1]).astype(int) - _pixels(single[0])).max()
+    assert diff <= BATCH_TOLERANCE
 
 
 @pytest.mark.slow
@@ -155,10 +161,11 @@ def test_make_scheduler_follows_the_spec_table(plain_pipe: StableDiffusionPipeli
 @pytest.mark.parametrize("sampler", ["Euler", "Heun"])
 def test_progress_reports_each_step_once(engine: ImageEngine, sampler: str) -> None:
     _, _, events = _run(engine, seed=3, n=2, steps=3, sampler=sampler)
+    # both images advance together: each batch step is reported as the position the same
+    # work (2 image-steps) reaches one image at a time (worker.image.batch.BatchProgress)
     assert events == [
         {"image": image, "step": step, "steps": 3, "n": 2}
-        for image in range(2)
-        for step in range(1, 4)
+        for image, step in [(0, 2), (1, 1), (1, 3)]
     ]
 
 
