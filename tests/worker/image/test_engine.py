@@ -164,7 +164,7 @@ def test_progress_reports_each_step_once(engine: ImageEngine, sampler: str) -> N
     # both images advance together: each batch step is reported as the position the same
     # work (2 image-steps) reaches one image at a time (worker.image.batch.BatchProgress)
     assert events == [
-        {"image": image, "step": step, "steps": 3, "n": 2}
+        {"image": image, "step": step, "steps": 3, "n": 2, "preview": None}
         for image, step in [(0, 2), (1, 1), (1, 3)]
     ]
 
