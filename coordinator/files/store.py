@@ -25,7 +25,7 @@ from pathlib import Path
 
 from aiohttp import StreamReader, web
 
-from coordinator.files.spool import Spooled, prune_temporary, spool
+from coordinator.files.spool import Check, Spooled, prune_temporary, spool
 
 __all__ = ["FileStore", "marker_name", "markers_of_job", "result_name"]
 
@@ -65,9 +65,12 @@ class FileStore(ABC):
 
     # --- uploads -----------------------------------------------------------------------
 
-    def spool(self, body: StreamReader, limit: int) -> AbstractAsyncContextManager[Spooled]:
-        """Receive an upload into a local temporary file (coordinator.files.spool)."""
-        return spool(self._spool_dir, body, limit)
+    def spool(
+        self, body: StreamReader, limit: int, check: Check | None = None
+    ) -> AbstractAsyncContextManager[Spooled]:
+        """Receive an upload into a local temporary file (coordinator.files.spool), and
+        run `check` on it in the same thread hop."""
+        return spool(self._spool_dir, body, limit, check)
 
     @abstractmethod
     async def keep(self, spooled: Spooled) -> None:
