@@ -34,7 +34,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.expression import Executable
 
-__all__ = ["RAW", "Result", "execute"]
+__all__ = ["RAW", "Result", "execute", "sqlalchemy_error"]
 
 # the transaction's sqlite3 connection, or None (PostgreSQL): set by Database.begin
 RAW = "idlegrid.raw_sqlite"
@@ -159,6 +159,13 @@ def _find(statement: Executable, dialect: Dialect, params: Mapping[str, Any]) ->
     return found
 
 
+def sqlalchemy_error(error: sqlite3.Error, sql: str) -> exc.DBAPIError:
+    """sqlite3's `error` as SQLAlchemy raises it (IntegrityError for a duplicate key)."""
+    if isinstance(error, sqlite3.IntegrityError):
+        return exc.IntegrityError(sql, None, error)
+    return exc.OperationalError(sql, None, error)
+
+
 async def execute(
     conn: AsyncConnection,
     statement: Executable,
@@ -192,10 +199,8 @@ def _run(
         else:
             cursor = raw.execute(found.sql, found.values(rows_in[0]))
         fetched = cursor.fetchall() if found.row is not None else []
-    except sqlite3.IntegrityError as error:
-        raise exc.IntegrityError(found.sql, None, error) from error
     except sqlite3.Error as error:
-        raise exc.OperationalError(found.sql, None, error) from error
+        raise sqlalchemy_error(error, found.sql) from error
     make = found.row
     rows = [make(*row) for row in fetched] if make is not None else []
     return Result(rows, cursor.rowcount)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -104,6 +104,14 @@ class FileStore(ABC):
     @abstractmethod
     async def put_bytes(self, data: bytes, digest: str) -> None:
         """Store `data` (whose SHA-256 is `digest`) durably as a result file."""
+
+    async def put_made(self, make: Callable[[], tuple[bytes, str]]) -> str:
+        """Store the result file `make` (blocking: e.g. decoding an image) returns, as
+        (bytes, their SHA-256) run in a thread; the digest. A back end that writes in a
+        thread does both in one hop (a hop costs more than a small image's work)."""
+        data, digest = await asyncio.to_thread(make)
+        await self.put_bytes(data, digest)
+        return digest
 
     @abstractmethod
     async def size(self, digest: str) -> int | None:

@@ -251,3 +251,16 @@ def test_the_database_store_needs_postgresql(tmp_path: Path) -> None:
     assert file_store_problem(CoordinatorConfig(data_dir=tmp_path)) is None
     shared = CoordinatorConfig(data_dir=tmp_path, file_store="database", database_url=POSTGRES_URL)
     assert file_store_problem(shared) is None
+
+
+async def test_a_made_file_is_stored_under_its_digest(files: FileStore) -> None:
+    def refused() -> tuple[bytes, str]:
+        raise ValueError("not an image")
+
+    with pytest.raises(ValueError, match="not an image"):
+        await files.put_made(refused)
+    # made and written (one thread hop on disk), content-addressed as put_bytes
+    assert await files.put_made(lambda: (SMALL, _digest(SMALL))) == _digest(SMALL)
+    assert await files.size(_digest(SMALL)) == len(SMALL)
+    async with files.local_copy(_digest(SMALL)) as path:
+        assert path.read_bytes() == SMALL
