@@ -29,6 +29,7 @@ from coordinator.db.ledger import open_balance
 from coordinator.db.raw import RAW
 from coordinator.db.schema import accounts, migrate
 from coordinator.db.sqlite_reads import Reads
+from coordinator.db.sqlite_tx import NOMINAL, Held
 from coordinator.db.tx import NOW, SYSTEM, TOUCHED, now
 
 __all__ = [
@@ -76,7 +77,10 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     def _on_begin(conn: Any) -> None:
         # Take the write lock up front: a deferred transaction that reads and then writes
         # can fail with SQLITE_BUSY instead of waiting. (Straight to sqlite3: a statement
-        # through SQLAlchemy costs more than the BEGIN.)
+        # through SQLAlchemy costs more than the BEGIN.) Not for the held connection's
+        # nominal transaction: the store's transactions begin themselves (sqlite_tx).
+        if conn.info.pop(NOMINAL, False):
+            return
         inline_sqlite.begin_immediate(conn.connection.driver_connection)
 
 
@@ -90,14 +94,6 @@ def _engine(url: str) -> tuple[AsyncEngine, str | None]:
     engine = create_async_engine(inline_sqlite.engine_url(url), pool_size=1, max_overflow=0)
     _configure_sqlite(engine)
     return engine, path
-
-
-def _sqlite3_of(conn: AsyncConnection) -> sqlite3.Connection:
-    """The sqlite3 connection of a transaction (already checked out: reading it needs no
-    await)."""
-    sync: Any = conn.sync_connection
-    driver: sqlite3.Connection = sync.connection.driver_connection
-    return driver
 
 
 def _sqlite_rows(path: str, sql: str, build: Callable[[list[Any]], T]) -> T:
@@ -123,6 +119,8 @@ class Database:
         self._system_ids: frozenset[int] = frozenset()
         self._commit_hooks: list[CommitHook] = []
         self._reads: Reads | None = None
+        # SQLite: the one connection, held between the store's transactions
+        self._held = None if self._sqlite_path is None else Held(self._engine)
 
     @classmethod
     async def open(cls, config: CoordinatorConfig, clock: Clock = time.time) -> Database:
@@ -141,6 +139,8 @@ class Database:
     async def aclose(self) -> None:
         if self._reads is not None:
             self._reads.close()
+        if self._held is not None:
+            await self._held.close()
         await self._engine.dispose()
 
     async def read_first(self, query: Select[Any], params: Mapping[str, Any]) -> Any:
@@ -181,16 +181,29 @@ class Database:
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
         """One transaction; commit hooks run inside it just before it commits."""
+        if self._held is not None:
+            # SQLite: BEGIN IMMEDIATE and COMMIT on the held connection (sqlite_tx)
+            async with self._held.transaction() as (conn, driver):
+                # the transaction's sqlite3 connection, for coordinator.db.raw
+                self._start(conn, driver)
+                yield conn
+                await self._before_commit(conn)
+            return
         async with self._engine.begin() as conn:
-            conn.info[NOW] = self.clock()
-            conn.info[TOUCHED] = set()
-            conn.info[SYSTEM] = self._system_ids
-            # the transaction's sqlite3 connection, for coordinator.db.raw (SQLite only)
-            conn.info[RAW] = None if self._sqlite_path is None else _sqlite3_of(conn)
+            self._start(conn, None)
             yield conn
-            touched: set[int] = conn.info[TOUCHED]
-            for hook in self._commit_hooks:
-                await hook(conn, touched)
+            await self._before_commit(conn)
+
+    def _start(self, conn: AsyncConnection, driver: sqlite3.Connection | None) -> None:
+        conn.info[NOW] = self.clock()
+        conn.info[TOUCHED] = set()
+        conn.info[SYSTEM] = self._system_ids
+        conn.info[RAW] = driver
+
+    async def _before_commit(self, conn: AsyncConnection) -> None:
+        touched: set[int] = conn.info[TOUCHED]
+        for hook in self._commit_hooks:
+            await hook(conn, touched)
 
     def add_commit_hook(self, hook: CommitHook) -> None:
         self._commit_hooks.append(hook)

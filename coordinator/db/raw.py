@@ -11,8 +11,9 @@ order of its parameters, and returns a small result (`first`, `scalar_one`,
 `scalar_one_or_none`, `all`, `rowcount`) whose rows are named tuples, as SQLAlchemy's are.
 
 Only statements that need nothing else of SQLAlchemy's execution are taken this way: no
-type conversion of a column read, no Python-side column default, no list parameter (an
-expanding IN); parameters get the dialect's conversions (a Float column's float()). Any
+type conversion of a column read, no Python-side column default; a list parameter (an
+expanding IN) is rendered once per length of its list, as SQLAlchemy renders it per execution;
+parameters get the dialect's conversions (a Float column's float()). Any
 other statement, and every statement on PostgreSQL, goes through `conn.execute` as before
 (the result offers the same methods). sqlite3's errors come out as SQLAlchemy's
 (IntegrityError for a duplicate idempotency key), so callers catch the same exceptions on
@@ -33,7 +34,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.expression import Executable
 
-__all__ = ["RAW", "Result", "execute"]
+__all__ = ["RAW", "Result", "execute", "sqlalchemy_error"]
 
 # the transaction's sqlite3 connection, or None (PostgreSQL): set by Database.begin
 RAW = "idlegrid.raw_sqlite"
@@ -78,14 +79,22 @@ def _not_one(rows: list[Any]) -> exc.InvalidRequestError:
 
 
 class _Compiled:
-    def __init__(self, statement: Executable, dialect: Dialect, keys: Sequence[str]) -> None:
+    def __init__(
+        self,
+        statement: Executable,
+        dialect: Dialect,
+        keys: Sequence[str],
+        lengths: Mapping[str, int],
+    ) -> None:
         compiled = cast(ClauseElement, statement).compile(dialect=dialect, column_keys=list(keys))
         assert isinstance(compiled, SQLCompiler)
         self.statement = statement
-        # None: SQLAlchemy must run it (conversions or Python-side defaults)
+        expanding = {bind.key for bind in compiled.post_compile_params if bind.expanding}
+        # False: SQLAlchemy must run it (conversions or Python-side defaults)
         self.usable = not (
-            # an expanding IN (a list parameter) is rendered per execution by SQLAlchemy
-            compiled.post_compile_params
+            # a list parameter not given as a list (SQLAlchemy says what is wrong)
+            expanding != set(lengths)
+            or any(not bind.expanding for bind in compiled.post_compile_params)
             or compiled.literal_execute_params
             or compiled.insert_prefetch
             or compiled.update_prefetch
@@ -94,13 +103,26 @@ class _Compiled:
                 for entry in compiled._result_columns
             )
         )
-        self.sql = compiled.string
         self.defaults = {
             name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required
         }
+        convert = dict(cast(dict[str, Callable[[Any], Any]], compiled._bind_processors))
+        self.sql = compiled.string
         self.order = list(compiled.positiontup or ())
+        # an expanding IN's value i is the parameter name_{i+1}: (name, i)
+        self.items: dict[str, tuple[str, int]] = {}
+        if self.usable and expanding:
+            # rendered once for these list lengths, as SQLAlchemy renders it per execution
+            dummy: dict[str, Any] = {name: None for name in self.order}
+            dummy.update({name: [None] * length for name, length in lengths.items()})
+            state = compiled.construct_expanded_state(dummy)
+            self.sql = state.statement
+            self.order = list(state.positiontup or ())
+            convert.update(state.processors)
+            for name, expanded in state.parameter_expansion.items():
+                for i, item in enumerate(expanded):
+                    self.items[item] = (name, i)
         # SQLAlchemy's conversions of parameters (e.g. a Float column's float())
-        convert = cast(dict[str, Callable[[Any], Any]], compiled._bind_processors)
         self.converters = [
             (i, convert[name]) for i, name in enumerate(self.order) if name in convert
         ]
@@ -109,36 +131,58 @@ class _Compiled:
 
     def values(self, params: Mapping[str, Any]) -> list[Any]:
         merged = {**self.defaults, **params}
-        values = [merged[name] for name in self.order]
+        if self.items:
+            items = self.items
+            values = [
+                merged[items[name][0]][items[name][1]] if name in items else merged[name]
+                for name in self.order
+            ]
+        else:
+            values = [merged[name] for name in self.order]
         for i, convert in self.converters:
             values[i] = convert(values[i])
         return values
 
 
-_compiled: dict[tuple[int, tuple[str, ...]], _Compiled] = {}
+_compiled: dict[tuple[int, tuple[str, ...], tuple[tuple[str, int], ...]], _Compiled] = {}
 
 
-def _find(statement: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Compiled:
-    found = _compiled.get((id(statement), keys))
+def _find(statement: Executable, dialect: Dialect, params: Mapping[str, Any]) -> _Compiled:
+    # a list parameter (an expanding IN) is rendered once per length
+    lengths = tuple(
+        (name, len(value)) for name, value in params.items() if isinstance(value, list | tuple)
+    )
+    key = (id(statement), tuple(sorted(params)), lengths)
+    found = _compiled.get(key)
     if found is None or found.statement is not statement:
-        found = _compiled[(id(statement), keys)] = _Compiled(statement, dialect, keys)
+        found = _compiled[key] = _Compiled(statement, dialect, key[1], dict(lengths))
     return found
+
+
+def sqlalchemy_error(error: sqlite3.Error, sql: str) -> exc.DBAPIError:
+    """sqlite3's `error` as SQLAlchemy raises it (IntegrityError for a duplicate key)."""
+    if isinstance(error, sqlite3.IntegrityError):
+        return exc.IntegrityError(sql, None, error)
+    return exc.OperationalError(sql, None, error)
 
 
 async def execute(
     conn: AsyncConnection,
     statement: Executable,
     params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    *,
+    built_once: bool = True,
 ) -> Result:
     """Run `statement` (built once) in `conn`'s transaction with `params` (a list: many
-    rows, as executemany) and return its rows."""
-    raw: sqlite3.Connection | None = conn.info.get(RAW)
+    rows, as executemany) and return its rows. A statement built for this one execution
+    (`built_once` False) goes through SQLAlchemy: its compiled form is not kept."""
+    raw: sqlite3.Connection | None = conn.info.get(RAW) if built_once else None
     many = isinstance(params, Sequence) and not isinstance(params, Mapping)
     rows_in: Sequence[Mapping[str, Any]] = (
         params if many else [params or {}]  # type: ignore[list-item,assignment]
     )
     if raw is not None and rows_in:
-        found = _find(statement, conn.dialect, tuple(sorted(rows_in[0])))
+        found = _find(statement, conn.dialect, rows_in[0])
         if found.usable:
             return _run(raw, found, rows_in, many)
     result = await conn.execute(statement, params)
@@ -155,10 +199,8 @@ def _run(
         else:
             cursor = raw.execute(found.sql, found.values(rows_in[0]))
         fetched = cursor.fetchall() if found.row is not None else []
-    except sqlite3.IntegrityError as error:
-        raise exc.IntegrityError(found.sql, None, error) from error
     except sqlite3.Error as error:
-        raise exc.OperationalError(found.sql, None, error) from error
+        raise sqlalchemy_error(error, found.sql) from error
     make = found.row
     rows = [make(*row) for row in fetched] if make is not None else []
     return Result(rows, cursor.rowcount)

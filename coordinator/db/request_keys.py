@@ -11,14 +11,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from coordinator.db import raw
 from coordinator.db.schema import request_keys
 from coordinator.db.tx import now
 from coordinator.errors import Conflict
 
 __all__ = ["Idempotent", "remember", "replayed"]
+
+
+# built once (coordinator.db.raw)
+_SEEN = select(request_keys.c.request_hash, request_keys.c.response).where(
+    (request_keys.c.account_id == bindparam("account_id"))
+    & (request_keys.c.key == bindparam("key"))
+)
+_REMEMBER = request_keys.insert()  # its columns are the keys of the parameters
 
 
 @dataclass(frozen=True)
@@ -34,13 +43,7 @@ async def replayed(
 ) -> str | None:
     """The stored answer to `account_id`'s earlier request with `key`, or None if there is
     none. Conflict when that request had another body (`digest`); `what` names it."""
-    seen = (
-        await conn.execute(
-            select(request_keys.c.request_hash, request_keys.c.response).where(
-                (request_keys.c.account_id == account_id) & (request_keys.c.key == key)
-            )
-        )
-    ).first()
+    seen = (await raw.execute(conn, _SEEN, {"account_id": account_id, "key": key})).first()
     if seen is None:
         return None
     if seen.request_hash != digest:
@@ -56,12 +59,14 @@ async def remember(
     conn: AsyncConnection, account_id: int, key: str, digest: str, response: str
 ) -> None:
     """Store the answer to the request with `key` in the caller's transaction."""
-    await conn.execute(
-        request_keys.insert().values(
-            account_id=account_id,
-            key=key,
-            request_hash=digest,
-            response=response,
-            created_at=now(conn),
-        )
+    await raw.execute(
+        conn,
+        _REMEMBER,
+        {
+            "account_id": account_id,
+            "key": key,
+            "request_hash": digest,
+            "response": response,
+            "created_at": now(conn),
+        },
     )

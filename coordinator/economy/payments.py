@@ -86,6 +86,12 @@ _TRUSTED = select(workers.c.trusted).where(workers.c.id == bindparam("worker_id"
 _SET_WORKER = update(workers).where(workers.c.id == bindparam("worker_id"))  # SET: the params
 
 _GRANT_FUNDED = select(jobs.c.grant_funded).where(jobs.c.id == bindparam("job_id"))
+# until when a job's AI Horde pay is held (None: released or refunded)
+_HELD_UNTIL = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("job_id"))
+    .values(held_until=bindparam("held_until", type_=jobs.c.held_until.type))
+)
 
 
 async def system_id(conn: AsyncConnection, name: str) -> int:
@@ -193,7 +199,7 @@ async def hold_for_dispute(
             granted={pending: await job_grants(conn, job.id)},
         )
     held_until = job.finished_at + config.horde_hold_seconds
-    await conn.execute(update(jobs).where(jobs.c.id == job.id).values(held_until=held_until))
+    await raw.execute(conn, _HELD_UNTIL, {"job_id": job.id, "held_until": held_until})
     return int(job.cost)
 
 
@@ -215,7 +221,7 @@ async def _held_move(conn: AsyncConnection, job: Any, reason: str, to: int) -> i
             moves=[(pending, -job.cost), (to, job.cost)],
             granted=moved,
         )
-    await conn.execute(update(jobs).where(jobs.c.id == job.id).values(held_until=None))
+    await raw.execute(conn, _HELD_UNTIL, {"job_id": job.id, "held_until": None})
     return int(job.cost)
 
 

@@ -15,15 +15,23 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.config import CoordinatorConfig
+from coordinator.db import raw
 from coordinator.db.schema import workers
 
 __all__ = ["account_paused", "gave_back", "inherited_pause", "pause", "suspect"]
 
 log = logging.getLogger(__name__)
+
+# why a worker of the account is paused, if one is (built once: coordinator.db.raw)
+_PAUSED = (
+    select(workers.c.pause_reason)
+    .where((workers.c.account_id == bindparam("account_id")) & (workers.c.paused == 1))
+    .limit(1)
+)
 
 
 async def pause(conn: AsyncConnection, worker_id: str, reason: str) -> None:
@@ -38,13 +46,7 @@ async def pause(conn: AsyncConnection, worker_id: str, reason: str) -> None:
 async def account_paused(conn: AsyncConnection, account_id: int) -> str | None:
     """Why a worker of `account_id` is paused, if one is: a pause belongs to the owner as
     well as the name, so a new name (or another worker) of that owner gets no jobs either."""
-    reason = (
-        await conn.execute(
-            select(workers.c.pause_reason)
-            .where((workers.c.account_id == account_id) & (workers.c.paused == 1))
-            .limit(1)
-        )
-    ).first()
+    reason = (await raw.execute(conn, _PAUSED, {"account_id": account_id})).first()
     return None if reason is None else str(reason[0] or "paused")
 
 

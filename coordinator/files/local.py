@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -98,6 +98,14 @@ class LocalFiles(FileStore):
 
     async def put_bytes(self, data: bytes, digest: str) -> None:
         await asyncio.to_thread(self._write, data, self.path(digest))
+
+    async def put_made(self, make: Callable[[], tuple[bytes, str]]) -> str:
+        def made() -> str:  # one thread hop for making and writing
+            data, digest = make()
+            self._write(data, self.path(digest))
+            return digest
+
+        return await asyncio.to_thread(made)
 
     @staticmethod
     def _write(data: bytes, target: Path) -> None:

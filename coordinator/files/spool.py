@@ -12,7 +12,7 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -21,7 +21,7 @@ from aiohttp import StreamReader
 
 from coordinator.errors import BodyTooLarge
 
-__all__ = ["TEMPORARY_PREFIX", "Spooled", "prune_temporary", "spool"]
+__all__ = ["TEMPORARY_PREFIX", "Check", "Spooled", "prune_temporary", "spool"]
 
 # write (and hash) the body in pieces of about this size, in a thread
 _FLUSH_BYTES = 1024 * 1024
@@ -30,13 +30,19 @@ _FLUSH_BYTES = 1024 * 1024
 TEMPORARY_PREFIX = ".incoming-"
 
 
+# a check of a spooled file run in the thread that writes its last piece (blocking)
+Check = Callable[[Path], None]
+
+
 @dataclass(frozen=True)
 class Spooled:
-    """A received body on disk."""
+    """A received body on disk; `refused`: what the spool's `check` raised, if it did (the
+    caller raises it when it has nothing to say first)."""
 
     path: Path
     sha256: str
     size: int
+    refused: Exception | None = None
 
 
 class _Sink:
@@ -58,10 +64,27 @@ class _Sink:
         return self._hasher.hexdigest()
 
 
+def _finish_and_check(
+    sink: _Sink, data: bytes, path: Path, check: Check | None
+) -> tuple[str, Exception | None]:
+    digest = sink.finish(data)
+    if check is None:
+        return digest, None
+    try:
+        check(path)
+    except Exception as refused:
+        return digest, refused
+    return digest, None
+
+
 @contextlib.asynccontextmanager
-async def spool(root: Path, body: StreamReader, limit: int) -> AsyncIterator[Spooled]:
+async def spool(
+    root: Path, body: StreamReader, limit: int, check: Check | None = None
+) -> AsyncIterator[Spooled]:
     """Stream `body` into a temporary file under `root` (at most `limit` bytes, else
-    BodyTooLarge); the file is removed on leaving the block unless it was moved away."""
+    BodyTooLarge); the file is removed on leaving the block unless it was moved away.
+    `check` (blocking: e.g. decoding the image) runs on the complete file in the same
+    thread hop as its last write; what it raises comes as `Spooled.refused`."""
     fd, name = tempfile.mkstemp(dir=root, prefix=TEMPORARY_PREFIX)
     path = Path(name)
     try:
@@ -80,9 +103,12 @@ async def spool(root: Path, body: StreamReader, limit: int) -> AsyncIterator[Spo
                 if len(pending) >= _FLUSH_BYTES:
                     await asyncio.to_thread(sink.write, bytes(pending))
                     pending.clear()
-            # (one thread hop for both: a hop costs more than a small image's write)
-            digest = await asyncio.to_thread(sink.finish, bytes(pending))
-        yield Spooled(path, digest, size)
+            # (one thread hop for the last write, the sync and the check: a hop costs
+            # more than a small image's write)
+            digest, refused = await asyncio.to_thread(
+                _finish_and_check, sink, bytes(pending), path, check
+            )
+        yield Spooled(path, digest, size, refused)
     finally:
         # (a quick local unlink; no thread, so it also runs when we are cancelled)
         with contextlib.suppress(FileNotFoundError):

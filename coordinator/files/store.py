@@ -19,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from aiohttp import StreamReader, web
 
-from coordinator.files.spool import Spooled, prune_temporary, spool
+from coordinator.files.spool import Check, Spooled, prune_temporary, spool
 
 __all__ = ["FileStore", "marker_name", "markers_of_job", "result_name"]
 
@@ -65,9 +65,12 @@ class FileStore(ABC):
 
     # --- uploads -----------------------------------------------------------------------
 
-    def spool(self, body: StreamReader, limit: int) -> AbstractAsyncContextManager[Spooled]:
-        """Receive an upload into a local temporary file (coordinator.files.spool)."""
-        return spool(self._spool_dir, body, limit)
+    def spool(
+        self, body: StreamReader, limit: int, check: Check | None = None
+    ) -> AbstractAsyncContextManager[Spooled]:
+        """Receive an upload into a local temporary file (coordinator.files.spool), and
+        run `check` on it in the same thread hop."""
+        return spool(self._spool_dir, body, limit, check)
 
     @abstractmethod
     async def keep(self, spooled: Spooled) -> None:
@@ -101,6 +104,14 @@ class FileStore(ABC):
     @abstractmethod
     async def put_bytes(self, data: bytes, digest: str) -> None:
         """Store `data` (whose SHA-256 is `digest`) durably as a result file."""
+
+    async def put_made(self, make: Callable[[], tuple[bytes, str]]) -> str:
+        """Store the result file `make` (blocking: e.g. decoding an image) returns, as
+        (bytes, their SHA-256) run in a thread; the digest. A back end that writes in a
+        thread does both in one hop (a hop costs more than a small image's work)."""
+        data, digest = await asyncio.to_thread(make)
+        await self.put_bytes(data, digest)
+        return digest
 
     @abstractmethod
     async def size(self, digest: str) -> int | None:

@@ -94,6 +94,8 @@ _CHUNK = 1 << 20
 def _too_deep(raw: bytes) -> bool:
     """More than MAX_JSON_DEPTH levels of arrays and objects? Found without recursion, in
     linear time at C speed: strings removed, then the running depth of the brackets left."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return False  # (most bodies) fewer openers than levels, strings' ones included
     brackets = np.frombuffer(_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS), np.uint8)
     depth = 0
     for start in range(0, len(brackets), _CHUNK):

@@ -119,9 +119,12 @@ async def with_sources(
     requester sent them), and the checked bytes to store; BadImage naming the field when
     one is missing, extra or unusable (coordinator.jobs.source_check). Nothing is stored
     or charged yet."""
-    sources = await asyncio.to_thread(
-        check_sources, params.source_processing, source_image, source_mask
-    )
+    if source_image or source_mask or params.source_processing != "txt2img":
+        sources = await asyncio.to_thread(
+            check_sources, params.source_processing, source_image, source_mask
+        )
+    else:  # nothing to decode: no thread hop
+        sources = check_sources(params.source_processing, None, None)
     digests = sources.digests + [None, None]
     update = {"source_image": digests[0], "source_mask": digests[1]}
     return ImageParams.model_validate({**params.model_dump(), **update}), sources

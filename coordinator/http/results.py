@@ -14,6 +14,7 @@ Nothing is paid for an image that was refused, and a refused upload leaves no fi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 
@@ -136,13 +137,16 @@ async def upload_image(request: web.Request, call: WorkerCall[None]) -> ImageUpl
             [("body", f"must be at most {limit} bytes")],
         )
     files = request.app[FILES]
-    async with files.spool(request.content, limit) as spooled:
+    # the PNG is decoded in the thread that writes the upload's end (one hop, not two)
+    check = functools.partial(check_png, width=width, height=height)
+    async with files.spool(request.content, limit, check) as spooled:
         if spooled.sha256 != sha256:
             raise BadRequest(
                 f"{IMAGE_SHA256_HEADER} does not match the body (its SHA-256 is {spooled.sha256})",
                 [(IMAGE_SHA256_HEADER, "must be the SHA-256 of the body")],
             )
-        await asyncio.to_thread(check_png, spooled.path, width, height)
+        if spooled.refused is not None:
+            raise spooled.refused
         # Content-addressed, so storing it before the job is paid is harmless.
         await files.keep(spooled)
     await files.mark(job.id, worker.id, index, sha256)

@@ -116,6 +116,8 @@ class Lifecycle:
         self.ranking = ranking
         # a pop's spot-check statement by the shape of its filter (they depend on the config)
         self._checks: Shapes[Select[Any]] = Shapes()
+        # a pop's filter with "not given back twice by the worker's owner", by its shape
+        self._not_given_back: Shapes[ColumnElement[bool]] = Shapes()
 
     # --- queue ------------------------------------------------------------------------
 
@@ -317,14 +319,23 @@ class Lifecycle:
         values = dict(params or {})
         # not a job its owner's workers gave back twice: that goes to another owner (a
         # bound parameter: the statement is built once per `shape`, for every worker)
-        fits = fits & ~jobs.c.gave_back.contains(bindparam("me_gave_back"))
+        fitting = fits
+
+        def build() -> ColumnElement[bool]:
+            return fitting & ~jobs.c.gave_back.contains(bindparam("me_gave_back"))
+
+        fits = build() if shape is None else self._not_given_back.get(shape, build)
         values["me_gave_back"] = gave_back_twice(me.account_id)
         found: list[str] = []
         if take_checks and me.trusted:
             # only checks it is independent for: not its owner's, nor (by default) its IP's
             checks = self._checks_query(fits, shape)
             me_values = {"me_id": me.id, "me_account": me.account_id, "me_ip": me.ip}
-            found += list((await conn.execute(checks, {**values, **me_values})).scalars())
+            found += (
+                await raw.execute(
+                    conn, checks, {**values, **me_values}, built_once=shape is not None
+                )
+            ).scalars()
         best = await queue.candidates(
             conn,
             fits,

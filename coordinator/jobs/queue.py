@@ -83,6 +83,20 @@ _BALANCE_LOCKED = (
     .with_for_update()
 )
 
+# (an UPDATE's parameter may not be named as a column)
+_OF = bindparam("b_account", type_=balances.c.account_id.type)
+# registered requests only: an anonymous job's rank never depends on kudos
+_RERANK = (
+    update(jobs)
+    .where((jobs.c.account_id == _OF) & (jobs.c.state == "queued") & (jobs.c.priority_class == 1))
+    .values(rank=jobs.c.created_at - bindparam("head_start", type_=jobs.c.rank.type))
+)
+_RANKED_AT = (
+    update(balances)
+    .where(balances.c.account_id == _OF)
+    .values(ranked=bindparam("kudos", type_=balances.c.ranked.type))
+)
+
 
 async def ranked_kudos(conn: AsyncConnection, account_id: int) -> int:
     """The balance the ranks of `account_id`'s queued jobs are computed from."""
@@ -109,19 +123,9 @@ async def refresh_ranks(
 
 async def rerank(conn: AsyncConnection, account_id: int, kudos: int, aging: Aging) -> None:
     """Rank `account_id`'s queued jobs by `kudos` and remember that balance as `ranked`."""
-    # registered requests only: an anonymous job's rank never depends on kudos
-    await conn.execute(
-        update(jobs)
-        .where(
-            (jobs.c.account_id == account_id)
-            & (jobs.c.state == "queued")
-            & (jobs.c.priority_class == 1)
-        )
-        .values(rank=jobs.c.created_at - _head_start(kudos, aging))
-    )
-    await conn.execute(
-        update(balances).where(balances.c.account_id == account_id).values(ranked=kudos)
-    )
+    values = {"b_account": account_id, "head_start": _head_start(kudos, aging), "kudos": kudos}
+    await raw.execute(conn, _RERANK, values)
+    await raw.execute(conn, _RANKED_AT, values)
 
 
 async def queued_owners(conn: AsyncConnection) -> list[tuple[int, bool]]:
@@ -201,7 +205,9 @@ async def candidates(
     )
     values = {**(params or {}), "owner": owner}
     for query in queries:
-        found: list[Any] = list((await conn.execute(query, values)).all())
+        found: list[Any] = (
+            await raw.execute(conn, query, values, built_once=shape is not None)
+        ).all()
         if found:
             return found
     return []

@@ -60,3 +60,31 @@ async def test_a_duplicate_key_is_sqlalchemys_integrity_error_and_rolls_back(
     # the failed transaction's first insert was rolled back with it
     assert "k1" in keys and "k2" not in keys
     assert first is not None
+
+
+NAMED = (
+    select(accounts.c.name)
+    .where(accounts.c.name.in_(bindparam("names", expanding=True)) & (accounts.c.floor <= 0))
+    .order_by(accounts.c.name)
+)
+
+
+@pytest.mark.parametrize(
+    "names", [["alice"], ["alice", "carol", "nobody"], [], ["carol", "alice"]], ids=str
+)
+async def test_a_list_parameter_gets_sqlalchemys_rows_for_every_length(
+    store: Store, names: list[str]
+) -> None:
+    # an expanding IN: rendered once per length of the list on the sqlite3 path
+    for name in ("alice", "bob", "carol"):
+        await store.accounts.create_account(name)
+    async with store.db.begin() as conn:
+        through_sqlalchemy = (await conn.execute(NAMED, {"names": names})).scalars().all()
+        for _ in range(2):  # the second time from the kept compiled form
+            assert (await raw.execute(conn, NAMED, {"names": names})).scalars() == list(
+                through_sqlalchemy
+            )
+        expected = sorted(set(names) & {"alice", "bob", "carol"})
+        assert list(through_sqlalchemy) == expected
+        if store.db.dialect == "sqlite":  # it did take the sqlite3 path
+            assert raw._find(NAMED, conn.dialect, {"names": names}).usable

@@ -84,7 +84,8 @@ async def files(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 @pytest.fixture
 async def server(files: FileStore) -> AsyncIterator[str]:
     """GET /files/{digest}: a download; PUT /files?keep=0|1: an upload spooled (at most
-    BIG's size) and kept or dropped, answering its digest."""
+    BIG's size) and kept or dropped, answering its digest; with check=1 checked to be BIG
+    in the spool's thread (422 if not)."""
 
     async def download(request: web.Request) -> web.StreamResponse:
         try:
@@ -93,9 +94,20 @@ async def server(files: FileStore) -> AsyncIterator[str]:
             raise web.HTTPNotFound() from None
 
     async def upload(request: web.Request) -> web.Response:
+        checked: list[bytes] = []
+
+        def check(path: Path) -> None:  # (?check=1) what the spool's thread sees, whole
+            checked.append(path.read_bytes())
+            if checked[0] != BIG:
+                raise ValueError("not BIG")
+
         try:
-            async with files.spool(request.content, len(BIG)) as spooled:
+            wanted = check if request.query.get("check") == "1" else None
+            async with files.spool(request.content, len(BIG), wanted) as spooled:
                 assert spooled.path.stat().st_size == spooled.size
+                if spooled.refused is not None:
+                    return web.Response(status=422, text=str(spooled.refused))
+                assert len(checked) == (wanted is not None)
                 if request.query["keep"] == "1":
                     await files.keep(spooled)
         except BodyTooLarge:
@@ -171,6 +183,12 @@ async def test_an_upload_is_kept_or_dropped(files: FileStore, server: str, tmp_p
         async with http.put(f"{server}/files?keep=1", data=io.BytesIO(BIG + b"!")) as resp:
             assert resp.status == 413
         assert not await files.exists(_digest(BIG + b"!"))
+        # the spool's check sees the whole file; what it raises comes back, nothing kept
+        async with http.put(f"{server}/files?keep=1&check=1", data=io.BytesIO(BIG)) as resp:
+            assert resp.status == 200 and await resp.text() == f"{_digest(BIG)} {len(BIG)}"
+        async with http.put(f"{server}/files?keep=1&check=1", data=SMALL) as resp:
+            assert resp.status == 422 and await resp.text() == "not BIG"
+        assert not await files.exists(_digest(SMALL))
     # no temporary file is left behind, whatever became of the upload
     assert _temporary(tmp_path) == []
 
@@ -233,3 +251,16 @@ def test_the_database_store_needs_postgresql(tmp_path: Path) -> None:
     assert file_store_problem(CoordinatorConfig(data_dir=tmp_path)) is None
     shared = CoordinatorConfig(data_dir=tmp_path, file_store="database", database_url=POSTGRES_URL)
     assert file_store_problem(shared) is None
+
+
+async def test_a_made_file_is_stored_under_its_digest(files: FileStore) -> None:
+    def refused() -> tuple[bytes, str]:
+        raise ValueError("not an image")
+
+    with pytest.raises(ValueError, match="not an image"):
+        await files.put_made(refused)
+    # made and written (one thread hop on disk), content-addressed as put_bytes
+    assert await files.put_made(lambda: (SMALL, _digest(SMALL))) == _digest(SMALL)
+    assert await files.size(_digest(SMALL)) == len(SMALL)
+    async with files.local_copy(_digest(SMALL)) as path:
+        assert path.read_bytes() == SMALL
