@@ -49,6 +49,9 @@ class GatewayConfig:
     check_ban_seconds: float = 3600.0
     # chats served at once (each its own job, lease, stream and swarm session)
     max_sessions: int = 8
+    # seconds a finished chat's swarm session is kept for the same requester's next turn
+    # (worker.llm.gateway.kept); below the servers' default 60 s idle timeout; 0 = off
+    session_keep: float = 30.0
     # run the engine (swarm client, LM head, checks) unconfined (`--unsandboxed`)
     unsandboxed: bool = False
     # seconds one job's generation (with its checks and redos) may take in the engine

@@ -34,7 +34,7 @@ from hivemind.proto import runtime_pb2
 from worker.errors import MissingBlocks, ServerFailed, SwarmStepFailed
 from worker.llm.swarm.placement import Hop
 from worker.llm.swarm.routing import SwarmClient, output_of
-from worker.llm.swarm.wire import BlockServicer, pack
+from worker.llm.swarm.wire import BlockServicer, pack, unpack
 
 __all__ = ["HopStates", "InferenceSession", "SpanUsage"]
 
@@ -92,7 +92,11 @@ class _Stream:
         self._queue.put_nowait(request)
 
     async def receive(self) -> torch.Tensor:
-        """The next response's hidden states; ServerFailed if the server fails or vanishes.
+        """The next response's hidden states; ServerFailed if the server fails or vanishes."""
+        return output_of(self.hop.peer_id, await self.response())
+
+    async def response(self) -> runtime_pb2.ExpertResponse:
+        """The next response; ServerFailed if the server fails or vanishes.
 
         A server whose machine vanished may never close the connection, so while a response
         is slow the server is probed with a ping: a server that is only busy computing still
@@ -122,7 +126,7 @@ class _Stream:
         finally:
             if not waiter.done():
                 waiter.cancel()
-        return output_of(self.hop.peer_id, response)
+        return response
 
     async def aclose(self) -> None:
         self._queue.put_nowait(None)
@@ -187,6 +191,28 @@ class InferenceSession:
             if state.stream is not None:
                 await state.stream.aclose()
                 state.stream = None
+
+    async def extend(self, max_length: int) -> bool:
+        """Ask every server of the route for room up to `max_length` tokens (a kept
+        conversation's next turn; it also tells whether they still hold the session). False
+        if one has no room or dropped the session: then open a new session."""
+        if self._closed or self._failed is not None:
+            return False
+        request = runtime_pb2.ExpertRequest(metadata=pack({"max_length": max_length}))
+        for state in self._hops:
+            if state.stream is None:
+                return False
+            state.stream.send(request)
+            try:
+                answer = unpack((await state.stream.response()).metadata)
+            except ServerFailed as exc:
+                log.info("a kept session cannot grow on %s: %s", state.hop.peer_id, exc)
+                return False
+            room = answer.get("max_length")
+            if not isinstance(room, int) or room < max_length:
+                return False
+        self.max_length = max(self.max_length, max_length)
+        return True
 
     @property
     def route(self) -> list[Hop]:
