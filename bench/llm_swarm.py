@@ -135,7 +135,7 @@ def main() -> int:
             "gateway",
             ["worker", "gateway", "--model", str(llm), "--coordinator", url,
              "--initial-peers", maddr, "--name", "gateway", "--identity", str(work / "gw.key"),
-             "--threads", threads, "--log-level", "WARNING",
+             "--threads", threads, "--log-level", "INFO" if args.turns else "WARNING",
              "--max-sessions", str(max(args.chats, 1))],
         )  # fmt: skip
         wait_line(log, r"(idlegrid text gateway \S+ ready)", proc, 120)
@@ -151,6 +151,11 @@ def main() -> int:
         _print_chats(llm, args, *chats)
     if turns is not None:
         _print_turns(llm, args, turns)
+        said = (work / "gateway.log").read_text(errors="replace")
+        print(
+            f"the gateway's log: {said.count('reusing a kept session')} kept sessions reused, "
+            f"{said.count('could not be reused')} fallbacks to a fresh session"
+        )
     if timings is None:
         return 0
     local_first, local_rate = (statistics.median(t) for t in zip(*timings["local"], strict=True))
