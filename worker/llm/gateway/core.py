@@ -266,6 +266,13 @@ class GenerationCore:
                 prompt_ids, max_length, frozenset(avoid), requester if generation == 0 else None
             )
             before = {(u.peer_id, u.start, u.end): u.tokens for u in session.usage}
+            # a kept session's servers computed the held tokens for an earlier job and kept
+            # them since: the report counts them for this job too, as if prefilled again
+            # (the coordinator wants every block to cover the whole prompt; the requester
+            # pays what a fresh session costs, and the servers are paid for holding it)
+            for hop in session.route if held else ():
+                key = (hop.peer_id, hop.start, hop.end)
+                spans[key] = spans.get(key, 0) + held
             try:
                 result = await generate(
                     self.shared_head,
