@@ -11,7 +11,8 @@ names them.
 
 A session also keeps what each hop was given and answered (`served`), so that
 `worker.llm.swarm.checks` can recompute some of it on other servers; a session opened with
-`avoid` routes around the servers it names.
+`avoid` routes around the servers it names. `extend` asks the servers for room for more
+tokens (a kept conversation's next turn, `worker.llm.gateway.kept`).
 """
 
 from __future__ import annotations
