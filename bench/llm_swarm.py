@@ -18,10 +18,17 @@ clients POST /v1/chat/completions at the same moment (different prompts, tempera
 aggregate tokens/s = the sum of completion_tokens / the time from the first request to the
 last answer; the baseline is each of those chats alone (the table shows chat 0 alone and
 the median chat alone). Every answer must equal its solo answer. `--chats 0` skips it;
-`--chats-only` skips the local/swarm/network table.
+`--chats-only` skips the local/swarm/network table. The table also gives each chat's time
+per token (its seconds from request to answer / its completion tokens), p50 and p95.
+
+`--turns N` (issue 25, conversation reuse) runs N conversations of two turns with a
+`--history` tokens long first message (streamed /v1/chat/completions, temperature 0):
+the first token's latency of turn 1, of turn 2 by the same account (the gateway kept the
+session: only the new tokens are prefilled), and of the same turn 2 by another account
+(a fresh session, the whole history prefilled), with ratios against turn 1.
 
     .venv/bin/python bench/llm_swarm.py [--model DIR] [--threads 1] [--runs 5] [--tokens 64]
-        [--prompt 16] [--chats 8] [--chats-only]
+        [--prompt 16] [--chats 8] [--chats-only] [--turns 3] [--history 1000]
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from processes import wait_line
 
@@ -63,6 +71,10 @@ def main() -> int:
     )
     parser.add_argument("--chats", type=int, default=8, help="chats at once (0: skip)")
     parser.add_argument("--chats-only", action="store_true", help="only the chats-at-once measure")
+    parser.add_argument(
+        "--turns", type=int, default=0, help="two-turn conversations to time (0: skip)"
+    )
+    parser.add_argument("--history", type=int, default=1000, help="first message's tokens")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="idlegrid-bench-"))
@@ -105,6 +117,8 @@ def main() -> int:
         ready = r"serving blocks \d+:\d+ of \S+ at (\S+)"
         server = ["worker", "blocks", "--model", str(llm), "--coordinator", url]
         server += ["--threads", threads, "--log-level", "WARNING"]
+        # every chat at once is one stream from the gateway's peer to each server
+        server += ["--max-streams-per-peer", str(max(8, args.chats))]
         proc, log = start(
             "first",
             [*server, "--blocks", f"0:{half}", "--new-swarm", "--name", "first",
@@ -121,11 +135,12 @@ def main() -> int:
             "gateway",
             ["worker", "gateway", "--model", str(llm), "--coordinator", url,
              "--initial-peers", maddr, "--name", "gateway", "--identity", str(work / "gw.key"),
-             "--threads", threads, "--log-level", "WARNING",
+             "--threads", threads, "--log-level", "INFO" if args.turns else "WARNING",
              "--max-sessions", str(max(args.chats, 1))],
         )  # fmt: skip
         wait_line(log, r"(idlegrid text gateway \S+ ready)", proc, 120)
         chats = asyncio.run(_chats_at_once(llm, url, args)) if args.chats else None
+        turns = asyncio.run(_second_turns(llm, url, args)) if args.turns else None
         timings = None if args.chats_only else asyncio.run(_measure(llm, maddr, url, args))
     finally:
         for proc in reversed(procs):
@@ -134,6 +149,13 @@ def main() -> int:
 
     if chats is not None:
         _print_chats(llm, args, *chats)
+    if turns is not None:
+        _print_turns(llm, args, turns)
+        said = (work / "gateway.log").read_text(errors="replace")
+        print(
+            f"the gateway's log: {said.count('reusing a kept session')} kept sessions reused, "
+            f"{said.count('could not be reused')} fallbacks to a fresh session"
+        )
     if timings is None:
         return 0
     local_first, local_rate = (statistics.median(t) for t in zip(*timings["local"], strict=True))
@@ -191,7 +213,7 @@ CHAT_PROMPTS = [
 
 async def _chats_at_once(
     llm: Path, url: str, args: argparse.Namespace
-) -> tuple[list[tuple[str, int, float]], tuple[list[str], int, float]]:
+) -> tuple[list[tuple[str, int, float]], tuple[list[str], int, float, list[int], list[float]]]:
     """Each chat alone (text, completion tokens, seconds), then all at once (texts, total
     completion tokens, seconds from the first request to the last answer)."""
     import aiohttp
@@ -227,16 +249,22 @@ async def _chats_at_once(
         began = time.perf_counter()
         together = await asyncio.gather(*(chat(prompt) for prompt in prompts))
         seconds = time.perf_counter() - began
-    return alone, ([t[0] for t in together], sum(t[1] for t in together), seconds)
+    return alone, (
+        [t[0] for t in together],
+        sum(t[1] for t in together),
+        seconds,
+        [t[1] for t in together],
+        [t[2] for t in together],
+    )
 
 
 def _print_chats(
     llm: Path,
     args: argparse.Namespace,
     alone: list[tuple[str, int, float]],
-    together: tuple[list[str], int, float],
+    together: tuple[list[str], int, float, list[int], list[float]],
 ) -> None:
-    texts, tokens, seconds = together
+    texts, tokens, seconds, counts, times = together
     rates = [count / took for _, count, took in alone]
     aggregate = tokens / seconds
     identical = sum(a[0] == b for a, b in zip(alone, texts, strict=True))
@@ -253,6 +281,12 @@ def _print_chats(
     print(f"| {'median chat alone':<40} | {'':>6} | {'':>8} | {median:>8.2f} |")
     label = f"{args.chats} chats at once, aggregate"
     print(f"| {label:<40} | {tokens:>6} | {seconds:>8.2f} | {aggregate:>8.2f} |")
+    per_token = sorted(took / max(count, 1) for count, took in zip(counts, times, strict=True))
+    p50, p95 = _percentile(per_token, 50), _percentile(per_token, 95)
+    print(
+        f"\ntime per token at once (a chat's seconds / its completion tokens): p50 "
+        f"{p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms"
+    )
     print(
         f"\naggregate vs chat 0 alone: {aggregate / rates[0]:.2f}x, vs the median chat "
         f"alone: {aggregate / median:.2f}x (target >= 4x); answers identical to their solo "
@@ -341,6 +375,113 @@ async def _measure(
         await client.aclose()
         await grid.aclose()
     return timings
+
+
+def _percentile(ordered: list[float], percent: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    rank = max(1, -(-len(ordered) * percent // 100))
+    return ordered[int(rank) - 1]
+
+
+# the first turn's message: notes long enough for --history tokens, then a question
+NOTES = (
+    "Meeting notes, day {n}: the team reviewed the garden plan. Tomatoes go by the south "
+    "fence, beans along the trellis, and herbs near the kitchen door. Watering happens at "
+    "dawn; the compost is turned every Sunday. Next, the budget: seeds cost twelve euros, "
+    "tools thirty, and the new hose eighteen. "
+)
+
+
+def _history(tokenizer: Any, tokens: int, run: int) -> str:
+    """A first message of about `tokens` tokens (different in every run)."""
+    count = tokenizer
+    text = f"Conversation {run}. "
+    n = 0
+    while len(count(text, add_special_tokens=False)["input_ids"]) < tokens - 20:
+        text += NOTES.format(n=n)
+        n += 1
+    return text + "Summarize these notes in one sentence."
+
+
+async def _second_turns(
+    llm: Path, url: str, args: argparse.Namespace
+) -> list[tuple[float, float, float, bool]]:
+    """Per conversation: first-token seconds of turn 1, of turn 2 (same account: the kept
+    session), of turn 2 by another account (a fresh session); whether both turn 2s agree."""
+    import aiohttp
+    from transformers import AutoTokenizer
+
+    from client.sdk import AsyncClient
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llm))
+    async with AsyncClient(url) as anonymous:
+        keys = [(await anonymous.register(f"turns{i}")).api_key for i in range(2)]
+    timeout = aiohttp.ClientTimeout(total=3600)
+    results = []
+    async with aiohttp.ClientSession(url, timeout=timeout) as http:
+
+        async def turn(key: str, messages: list[dict[str, str]]) -> tuple[str, float]:
+            body = {
+                "model": llm.name,
+                "messages": messages,
+                "max_tokens": 24,
+                "temperature": 0,
+                "stream": True,
+            }
+            began = time.perf_counter()
+            first = 0.0
+            text = ""
+            headers = {"Authorization": f"Bearer {key}"}
+            async with http.post("/v1/chat/completions", json=body, headers=headers) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"chat failed: {response.status} {await response.text()}")
+                async for raw in response.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    for choice in json.loads(line[6:]).get("choices", []):
+                        piece = (choice.get("delta") or {}).get("content") or ""
+                        if piece and not first:
+                            first = time.perf_counter() - began
+                        text += piece
+            return text, first
+
+        await turn(keys[0], [{"role": "user", "content": "Hello!"}])  # warm-up
+        for run in range(args.turns):
+            messages = [{"role": "user", "content": _history(tokenizer, args.history, run)}]
+            answer, first_turn = await turn(keys[0], messages)
+            messages += [
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": "Which plant goes by the south fence?"},
+            ]
+            kept_text, kept = await turn(keys[0], messages)
+            fresh_text, fresh = await turn(keys[1], messages)
+            results.append((first_turn, kept, fresh, kept_text == fresh_text))
+    return results
+
+
+def _print_turns(
+    llm: Path, args: argparse.Namespace, turns: list[tuple[float, float, float, bool]]
+) -> None:
+    first, kept, fresh = (statistics.median(t[i] for t in turns) for i in range(3))
+    print(
+        f"\n{llm.name}: second turn of a chat with a {args.history}-token first message, "
+        f"first-token latency (streamed /v1/chat/completions, greedy), median of "
+        f"{len(turns)} conversations, {args.threads} torch thread(s) in every process"
+    )
+    print(f"| {'turn':<46} | {'first token ms':>14} | {'vs turn 1':>9} |")
+    print(f"|{'-' * 48}|{'-' * 16}|{'-' * 11}|")
+    for label, value in (
+        ("turn 1 (baseline: the whole history prefilled)", first),
+        ("turn 2, same account: kept session", kept),
+        ("turn 2, another account: fresh session", fresh),
+    ):
+        print(f"| {label:<46} | {value * 1000:>14.0f} | {value / first:>9.2f} |")
+    same = sum(t[3] for t in turns)
+    print(
+        f"\nturn 2 kept vs turn 1: {kept / first:.2f}x (target <= 0.5x); kept and fresh "
+        f"turn 2 texts identical: {same}/{len(turns)}"
+    )
 
 
 if __name__ == "__main__":

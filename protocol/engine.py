@@ -218,6 +218,8 @@ class GenerateText(EngineMessage):
     """One text job for the gateway's engine."""
 
     params: TextParams
+    # the coordinator's opaque tag of who asked (LeasedTextJob.requester): reuse key
+    requester: str | None = Field(default=None, max_length=128)
 
 
 class TextChunk(EngineMessage):
@@ -269,6 +271,8 @@ class StartText(EngineMessage):
 
     job: str = Field(min_length=1, max_length=128)
     params: TextParams
+    # the coordinator's opaque tag of who asked (LeasedTextJob.requester): reuse key
+    requester: str | None = Field(default=None, max_length=128)
 
 
 class PollText(EngineMessage):

@@ -484,6 +484,10 @@ class LeasedTextJob(_Response):
     params_hash: str
     lease_seconds: float
     lease_deadline: float
+    # who asked, as an opaque tag the same for one account's jobs on this worker and
+    # different on every other worker (no account id): a gateway reuses one requester's
+    # kept attention caches only for that requester's next turn. None for anonymous jobs.
+    requester: str | None = Field(default=None, max_length=128)
 
 
 class TextPopResponse(_Response):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -10,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
+from coordinator.db.database import ANONYMOUS
 from coordinator.db.request_keys import Idempotent
 from coordinator.economy import text_models
 from coordinator.errors import (
@@ -370,8 +373,22 @@ async def pop_text(request: web.Request, call: WorkerCall[TextPopRequest]) -> Te
             params_hash=job.params_hash,
             lease_seconds=job.lease_seconds,
             lease_deadline=job.lease_deadline,
+            requester=None
+            if job.account_id == store.db.system_account(ANONYMOUS)
+            else requester_tag(worker.id, job.account_id),
         )
     )
+
+
+# keys the requester tags of this coordinator process (a restart only ends reuse early)
+_REQUESTER_KEY = secrets.token_bytes(32)
+
+
+def requester_tag(worker_id: str, account_id: int) -> str:
+    """Who asked, as one gateway may know it (LeasedTextJob.requester): the same for one
+    account's jobs on that worker, unlinkable across workers and to the account id."""
+    message = f"{worker_id}:{account_id}".encode()
+    return hmac.new(_REQUESTER_KEY, message, hashlib.sha256).hexdigest()[:32]
 
 
 @API.route(

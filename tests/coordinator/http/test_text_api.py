@@ -566,3 +566,30 @@ async def test_ai_horde_text_models_take_the_first_one_served(grid: dict[str, An
     assert await gateway.link.pop_text([OTHER], wait=0) is None  # now both are
     assert await model_of(["other", "tiny-llm"]) == "other"
     assert await model_of(["unknown", "tiny-llm", "other"]) == "tiny-llm"
+
+
+async def test_a_leased_job_tags_its_requester_for_that_gateway_only(
+    grid: dict[str, Any],
+) -> None:
+    """Conversation reuse is keyed by this tag (worker.llm.gateway.kept): one account's jobs
+    share it on one gateway; other accounts, other gateways and anonymous jobs do not."""
+    gateway, live = grid["gateway"], grid["live"]
+    other = Party(live.url, "gateway-2", grid["keys"]["donor"])
+    await other.link.register()
+    await offer(gateway)
+    params = TextParams(prompt="x", max_tokens=10)
+
+    async def tag(requester: AsyncClient, party: Party) -> str | None:
+        await requester.submit_text(params)
+        return (await party.pop()).requester
+
+    try:
+        alice = await tag(grid["alice"], gateway)
+        assert alice is not None and len(alice) == 32
+        assert await tag(grid["alice"], gateway) == alice
+        assert await tag(grid["bob"], gateway) not in (None, alice)
+        assert await tag(grid["alice"], other) not in (None, alice)
+        async with AsyncClient(live.url) as anon:
+            assert await tag(anon, gateway) is None
+    finally:
+        await other.link.aclose()

@@ -6,6 +6,7 @@
                       spot-check the servers (redo without a wrong one), report usage
     multiplex.py      EngineJobs: several jobs at once in the one engine (start, poll, cancel)
     running.py        RunningJobs: the engine's side of it, jobs as tasks on its event loop
+    kept.py           KeptSessions: finished chats' sessions kept for their requester's next turn
     lm_head.py        embeddings, final norm and LM head, loaded without the blocks
     generation.py     the generation loop and sampling (greedy, temperature, top-k/p, ...)
     speculative.py    speculative decoding: drafts by prompt lookup, the acceptance rule

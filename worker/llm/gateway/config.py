@@ -52,6 +52,9 @@ class GatewayConfig:
     # most tokens drafted per step for speculative decoding (worker.llm.gateway.speculative);
     # 0 = plain decoding
     draft_tokens: int = 8
+    # seconds a finished chat's swarm session is kept for the same requester's next turn
+    # (worker.llm.gateway.kept); below the servers' default 60 s idle timeout; 0 = off
+    session_keep: float = 30.0
     # run the engine (swarm client, LM head, checks) unconfined (`--unsandboxed`)
     unsandboxed: bool = False
     # seconds one job's generation (with its checks and redos) may take in the engine

@@ -31,8 +31,15 @@ from protocol.openai_tools import tools_of
 from protocol.text import ServerCheck, TextModel, TextParams
 from worker.errors import InvalidGenerationInput, MissingBlocks, SwarmStepFailed
 from worker.llm.gateway.chat_format import render_chat
-from worker.llm.gateway.generation import GenerationResult, OnText, SamplingParams, generate
+from worker.llm.gateway.generation import (
+    GenerationResult,
+    OnText,
+    SamplingParams,
+    Step,
+    generate,
+)
 from worker.llm.gateway.head_batch import BatchedHead
+from worker.llm.gateway.kept import Close, KeptSessions
 from worker.llm.gateway.kobold import fit_context, format_output
 from worker.llm.gateway.lm_head import LMHead
 from worker.llm.gateway.speculative import DraftSettings, Speculation
@@ -75,6 +82,10 @@ class CoreSettings:
     check_ban_seconds: float = 3600.0
     # most tokens drafted per step (worker.llm.gateway.speculative); 0 = plain decoding
     draft_tokens: int = 8
+    # seconds a finished job's session is kept for its requester's next turn (0 = off)
+    session_keep: float = 0.0
+    # jobs run at once; kept sessions use only the slots they leave free
+    max_sessions: int = 8
     # seeds the check-or-not draws (benchmarks); None = random
     seed: int | None = None
 
@@ -140,6 +151,10 @@ class GenerationCore:
         self.model = offered_model(settings.model_name, head, settings.max_context)
         self.rng = random.Random(settings.seed)
         self.stats = CheckStats()
+        # sessions kept for their requester's next turn (`--session-keep`)
+        self.kept = KeptSessions(settings.session_keep, settings.max_sessions)
+        # jobs generating now
+        self._active = 0
 
     @classmethod
     async def create(cls, settings: CoreSettings) -> GenerationCore:
@@ -165,6 +180,7 @@ class GenerationCore:
         return cls(settings, head, tokenizer, swarm)
 
     async def aclose(self) -> None:
+        await self.kept.aclose()
         await self.swarm.aclose()
 
     def prompt_ids(self, params: TextParams) -> list[int]:
@@ -181,8 +197,12 @@ class GenerationCore:
             ids = self.tokenizer(params.prompt or "")["input_ids"]
         return [int(i) for i in ids]
 
-    async def run(self, params: TextParams, on_text: OnText) -> Generated:
-        """Generate a text job's answer; PromptTooLong if it cannot fit the context."""
+    async def run(
+        self, params: TextParams, on_text: OnText, requester: str | None = None
+    ) -> Generated:
+        """Generate a text job's answer; PromptTooLong if it cannot fit the context.
+        `requester` (the coordinator's opaque tag of who asked) lets the job reuse that
+        requester's kept session (`worker.llm.gateway.kept`)."""
         prompt_ids = self.prompt_ids(params)
         if params.max_context_length is not None:
             # KoboldAI's max_context_length: the prompt keeps its last tokens
@@ -196,7 +216,7 @@ class GenerationCore:
                 f"it exceeds the {self.model.max_context}-token context of {self.model.name}"
             )
         generated = await self.generate(
-            prompt_ids, params.max_tokens, sampling_params(params), on_text
+            prompt_ids, params.max_tokens, sampling_params(params), on_text, requester
         )
         text = format_output(
             generated.result.text,
@@ -211,11 +231,32 @@ class GenerationCore:
         return generated
 
     async def generate(
-        self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams, on_text: OnText
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        sampling: SamplingParams,
+        on_text: OnText,
+        requester: str | None = None,
     ) -> Generated:
         """Generate through the swarm, spot-check the servers (`check_rate` of the jobs) and
         generate again without any server found wrong that the answer went through.
-        SwarmStepFailed if every generation went through a wrong server."""
+        SwarmStepFailed if every generation went through a wrong server. With a
+        `requester`, a session it kept may carry the prompt's start, and the job's session
+        is kept for its next turn."""
+        self._active += 1
+        try:
+            return await self._generate(prompt_ids, max_tokens, sampling, on_text, requester)
+        finally:
+            self._active -= 1
+
+    async def _generate(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        sampling: SamplingParams,
+        on_text: OnText,
+        requester: str | None,
+    ) -> Generated:
         avoid: set[str] = set()
         spans: dict[tuple[str, int, int], int] = {}
         checks: list[ServerCheck] = []
@@ -223,10 +264,22 @@ class GenerationCore:
         self.stats.jobs += 1
         for generation in range(MAX_GENERATIONS):
             max_length = len(prompt_ids) + max_tokens
-            async with self.open_session(max_length, frozenset(avoid)) as session:
+            # (a redo starts afresh: the kept session may hold a wrong server's answers)
+            session, close, held = await self._open(
+                prompt_ids, max_length, frozenset(avoid), requester if generation == 0 else None
+            )
+            before = {(u.peer_id, u.start, u.end): u.tokens for u in session.usage}
+            # a kept session's servers computed the held tokens for an earlier job and kept
+            # them since: the report counts them for this job too, as if prefilled again
+            # (the coordinator wants every block to cover the whole prompt; the requester
+            # pays what a fresh session costs, and the servers are paid for holding it)
+            for hop in session.route if held else ():
+                key = (hop.peer_id, hop.start, hop.end)
+                spans[key] = spans.get(key, 0) + held
+            try:
                 result = await generate(
                     self.shared_head,
-                    session.step,
+                    _after(held, session),
                     torch.tensor([prompt_ids]),
                     sampling,
                     self.tokenizer,
@@ -234,16 +287,25 @@ class GenerationCore:
                     on_text if generation == 0 else None,
                     self._speculation(session),
                 )
+            except BaseException:
+                await close()
+                raise
             for usage in session.usage:
                 key = (usage.peer_id, usage.start, usage.end)
-                spans[key] = spans.get(key, 0) + usage.tokens
-                self.stats.served_block_tokens += usage.tokens * (usage.end - usage.start)
+                tokens = usage.tokens - before.get(key, 0)
+                spans[key] = spans.get(key, 0) + tokens
+                self.stats.served_block_tokens += tokens * (usage.end - usage.start)
             if self.rng.random() >= self.settings.check_rate:
+                await self._keep(requester, prompt_ids, result, session, close)
                 return Generated(result, spans, checks)
             if not checked:
                 checked = True
                 self.stats.checked_jobs += 1
-            found = await self._check(session)
+            try:
+                found = await self._check(session)
+            except BaseException:
+                await close()
+                raise
             checks += found
             wrong = {check.peer_id for check in found if check.verdict == "wrong"}
             used = {states.hop.peer_id for states in session.served}
@@ -251,7 +313,9 @@ class GenerationCore:
                 caught = True
                 self.stats.caught_jobs += 1
             if not wrong & used:
+                await self._keep(requester, prompt_ids, result, session, close)
                 return Generated(result, spans, checks)
+            await close()
             log.warning("redoing a job without the servers found wrong: %s", sorted(wrong))
             avoid |= wrong
         raise SwarmStepFailed(
@@ -263,6 +327,46 @@ class GenerationCore:
         if tokens == 0:
             return None
         return Speculation(session.step, DraftSettings(max_draft=tokens, start=min(4, tokens)))
+
+    async def _open(
+        self, prompt_ids: list[int], max_length: int, avoid: frozenset[str], requester: str | None
+    ) -> tuple[InferenceSession, Close, int]:
+        """A session for a job, its closer, and how many of the prompt's tokens it holds:
+        the requester's kept session if one holds the prompt's start (and its servers
+        still have it and room for the rest), else a new one."""
+        taken = await self.kept.take(requester, prompt_ids)
+        if taken is not None:
+            session, close, held = taken
+            usable = not any(self.swarm.is_banned(hop.peer_id) for hop in session.route)
+            if usable and await session.extend(max_length):
+                self.kept.stats.reused += 1
+                self.kept.stats.reused_tokens += held
+                self.kept.stats.prefilled.append(len(prompt_ids) - held)
+                log.info(
+                    "reusing a kept session: it holds %d of %d prompt tokens", held, len(prompt_ids)
+                )
+                return session, close, held
+            self.kept.stats.fallbacks += 1
+            log.info("a kept session could not be reused (dropped, full or banned); a new one")
+            await close()
+        # kept sessions use only idle slots: running jobs (this one too) come first
+        await self.kept.make_room(self.settings.max_sessions - self._active)
+        stack = contextlib.AsyncExitStack()
+        session = await stack.enter_async_context(self.open_session(max_length, avoid))
+        self.kept.stats.prefilled.append(len(prompt_ids))
+        return session, stack.aclose, 0
+
+    async def _keep(
+        self,
+        requester: str | None,
+        prompt_ids: list[int],
+        result: GenerationResult,
+        session: InferenceSession,
+        close: Close,
+    ) -> None:
+        # the servers hold the prompt and every token but the last (picked, never sent)
+        held = [*prompt_ids, *result.token_ids[:-1]]
+        await self.kept.put(requester, held, session, close)
 
     async def _check(self, session: InferenceSession) -> list[ServerCheck]:
         """Spot-check every server of a finished session; ban the ones found wrong."""
@@ -296,6 +400,22 @@ class GenerationCore:
                 )
                 self.swarm.ban(check.peer_id)
         return found
+
+
+def _after(held: int, session: InferenceSession) -> Step:
+    """`session.step`, except that its first call (the whole prompt) sends only the
+    positions from `held` on, cutting a kept session back to them first: the session's
+    servers hold those already (and maybe more, which the cut drops)."""
+    first = True
+
+    async def stepped(hidden: torch.Tensor) -> torch.Tensor:
+        nonlocal first
+        if first:
+            first = False
+            return await session.step(hidden[:, held:], start_position=held)
+        return await session.step(hidden)
+
+    return stepped if held else session.step
 
 
 def sampling_params(params: TextParams) -> SamplingParams:

@@ -94,11 +94,11 @@ class GenerationEngine:
         async def on_text(delta: str) -> None:
             emit(TextChunk(text=delta))
 
-        generated = self._wait(self.core.run(request.params, on_text))
+        generated = self._wait(self.core.run(request.params, on_text, request.requester))
         return self._answer(generated), []
 
     def start(self, request: StartText, emit: Emit[NoMessage]) -> tuple[NoMessage, list[bytes]]:
-        self.running.start(request.job, request.params)
+        self.running.start(request.job, request.params, request.requester)
         return NoMessage(), []
 
     def poll(self, request: PollText, emit: Emit[NoMessage]) -> tuple[TextEvents, list[bytes]]:

@@ -157,6 +157,8 @@ class TextGateway:
             check_tolerance=config.check_tolerance,
             check_ban_seconds=config.check_ban_seconds,
             draft_tokens=config.draft_tokens,
+            session_keep=config.session_keep,
+            max_sessions=config.max_sessions,
             seed=seed,
         )
         try:
@@ -227,7 +229,7 @@ class TextGateway:
         try:
             # (EngineMisbehaved, a malformed message from the engine, is an EngineCrashed)
             async with asyncio.timeout(self.config.job_timeout):
-                result = await self.jobs.generate(job.id, job.params, sender.add)
+                result = await self.jobs.generate(job.id, job.params, sender.add, job.requester)
         except TimeoutError:
             sender.cancel()
             log.error("text job %s ran past %gs; given back", job.id, self.config.job_timeout)

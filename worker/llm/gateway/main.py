@@ -106,6 +106,15 @@ class GatewaySettings(DonorFlags):
             "verified by the swarm in one step (default %(default)s; 0 = off)"
         ),
     ] = 8
+    session_keep: Annotated[
+        float,
+        Field(ge=0, le=3600),
+        Flag(
+            "seconds a finished chat's swarm session (the servers' attention caches) is kept "
+            "for the same requester's next turn, which then prefills only its new tokens; "
+            "keep it below the servers' --session-idle-timeout (default %(default)s; 0 = off)"
+        ),
+    ] = 30.0
     log_level: LogLevel = LOG_LEVEL
 
     # the fix in each message (NaN fails every comparison, so it is refused too)
@@ -179,6 +188,7 @@ def _run(args: argparse.Namespace) -> int:
         check_ban_seconds=settings.check_ban_seconds,
         max_sessions=settings.max_sessions,
         draft_tokens=settings.draft_tokens,
+        session_keep=settings.session_keep,
         unsandboxed=settings.unsandboxed,
         donor=settings.donor_settings(),
     )

@@ -56,7 +56,11 @@ class EngineJobs:
         return len(self._jobs)
 
     async def generate(
-        self, job_id: str, params: TextParams, on_text: Callable[[str], None]
+        self,
+        job_id: str,
+        params: TextParams,
+        on_text: Callable[[str], None],
+        requester: str | None = None,
     ) -> GeneratedText:
         """The job's answer; `on_text` gets its text as it is made. Raises EngineFailed,
         EngineCrashed or EngineTimedOut as a TEXT_GENERATE call would. Cancelling it
@@ -65,7 +69,8 @@ class EngineJobs:
             raise ValueError(f"job {job_id} is running already")
         job = self._jobs[job_id] = _Job(on_text)
         try:
-            await self._engine.run(TEXT_START, StartText(job=job_id, params=params))
+            start = StartText(job=job_id, params=params, requester=requester)
+            await self._engine.run(TEXT_START, start)
             if self._poller is None or self._poller.done():
                 self._poller = asyncio.create_task(self._poll(), name="engine-poll")
             return await job.done

@@ -37,9 +37,10 @@ class RunningJobs:
         self._events: list[TextEvent] = []
         self._ready = threading.Condition()
 
-    def start(self, job: str, params: TextParams) -> None:
+    def start(self, job: str, params: TextParams, requester: str | None = None) -> None:
         """ValueError if `job` is running already."""
-        asyncio.run_coroutine_threadsafe(self._spawn(job, params), self._loop).result()
+        spawn = self._spawn(job, params, requester)
+        asyncio.run_coroutine_threadsafe(spawn, self._loop).result()
 
     def cancel(self, job: str) -> None:
         asyncio.run_coroutine_threadsafe(self._cancel(job), self._loop).result()
@@ -51,10 +52,11 @@ class RunningJobs:
             events, self._events = self._events, []
         return events
 
-    async def _spawn(self, job: str, params: TextParams) -> None:
+    async def _spawn(self, job: str, params: TextParams, requester: str | None) -> None:
         if job in self._tasks:
             raise ValueError(f"job {job} is running already")
-        self._tasks[job] = asyncio.create_task(self._run(job, params), name=f"job {job}")
+        run = self._run(job, params, requester)
+        self._tasks[job] = asyncio.create_task(run, name=f"job {job}")
 
     async def _cancel(self, job: str) -> None:
         task = self._tasks.get(job)
@@ -71,12 +73,12 @@ class RunningJobs:
                 self._events.append(event)
             self._ready.notify_all()
 
-    async def _run(self, job: str, params: TextParams) -> None:
+    async def _run(self, job: str, params: TextParams, requester: str | None) -> None:
         async def on_text(delta: str) -> None:
             self._push(TextEvent(job=job, text=delta))
 
         try:
-            generated = await self._core.run(params, on_text)
+            generated = await self._core.run(params, on_text, requester)
             event = TextEvent(job=job, result=self._answer(generated))
         except asyncio.CancelledError:
             event = TextEvent(job=job, error_type="Cancelled", error="the gateway cancelled it")

@@ -9,6 +9,13 @@ routes; `route_until` waits (with backoff) for servers to cover a range of block
 `MissingBlocks` names the blocks nobody covers. `forward` is a stateless pass that reroutes
 around a failed server.
 
+The route stays warm between jobs: with `keep_warm`, a background task re-reads the
+announcements every `records_max_age` seconds and re-measures round trips before they age
+out, so the first token after a pause plans its route from memory (no DHT lookup, no
+ping). Records up to `records_max_stale` old are used as they are; a server that left
+meanwhile fails its first step, is banned and replaced (`route_until` reads the DHT again
+when the remaining servers leave blocks uncovered).
+
 Sessions, which keep attention caches on the servers of a route and replay to a
 replacement, are `worker.llm.swarm.session`'s; this module never imports it.
 """
@@ -16,6 +23,7 @@ replacement, are `worker.llm.swarm.session`'s; this module never imports it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -65,6 +73,10 @@ class SwarmClientConfig:
     ban_seconds: float = 30.0
     # announcements younger than this are reused when planning a route
     records_max_age: float = 5.0
+    # re-read the announcements and re-measure round trips in the background, so a route
+    # after a pause needs no lookup; then records up to `records_max_stale` old are used
+    keep_warm: bool = True
+    records_max_stale: float = 60.0
     # measured round trips are reused for this long
     ping_max_age: float = 60.0
     # a server that does not answer a ping within this is left out
@@ -92,6 +104,9 @@ class SwarmClient:
         self._banned: dict[str, float] = {}  # peer -> banned until (monotonic)
         self.num_blocks: int = config.num_blocks or 0
         self.hidden_size: int | None = None
+        self._warmer: asyncio.Task[None] | None = None
+        # DHT reads of the announcements made while planning routes (not in the background)
+        self.lookups = 0
 
     @classmethod
     async def create(cls, config: SwarmClientConfig) -> SwarmClient:
@@ -107,12 +122,18 @@ class SwarmClient:
             p2p = await dht.replicate_p2p()
             client = cls(config, dht, p2p)
             await client.records(refresh=True)
+            if config.keep_warm:
+                client._warmer = asyncio.create_task(client._keep_warm(), name="warm-route")
         except BaseException:
             await stop_dht(dht)
             raise
         return client
 
     async def aclose(self) -> None:
+        if self._warmer is not None:
+            self._warmer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warmer
         await self.p2p.shutdown()
         await stop_dht(self.dht)
 
@@ -130,17 +151,44 @@ class SwarmClient:
     # -- announcements and routes ---------------------------------------------------------
 
     async def records(self, refresh: bool = False) -> list[ServerRecord]:
-        """The model's valid announcements (cached for `records_max_age` seconds)."""
+        """The model's valid announcements (cached for `records_max_age` seconds, or
+        `records_max_stale` while kept warm)."""
         async with self._records_lock:
             age = time.monotonic() - self._records_at
-            if refresh or age > self.config.records_max_age:
-                records = await read_records(
-                    self.dht, self.config.model_name, self.config.num_blocks
-                )
-                self._learn_model(records)
-                self._records = [r for r in records if r.num_blocks == self.num_blocks]
-                self._records_at = time.monotonic()
+            warm = self._warmer is not None and not self._warmer.done()
+            if refresh or age > (
+                self.config.records_max_stale if warm else self.config.records_max_age
+            ):
+                self.lookups += 1
+                await self._read_records()
             return self._records
+
+    async def _read_records(self) -> None:
+        records = await read_records(self.dht, self.config.model_name, self.config.num_blocks)
+        self._learn_model(records)
+        self._records = [r for r in records if r.num_blocks == self.num_blocks]
+        self._records_at = time.monotonic()
+
+    async def _keep_warm(self) -> None:
+        """Keep the announcements and the round trips to the announced servers fresh."""
+        period = self.config.records_max_age
+        while True:
+            await asyncio.sleep(period)
+            try:
+                async with self._records_lock:
+                    await self._read_records()
+                records, now = self._records, time.monotonic()
+                stale = [
+                    r.peer_id
+                    for r in records
+                    if not self.is_banned(r.peer_id)
+                    and now - self._rtt.get(r.peer_id, (0.0, float("-inf")))[1]
+                    > self.config.ping_max_age - 2 * period
+                ]
+                # (a server that does not answer is left for the next route to find out)
+                await asyncio.gather(*(self.info(peer) for peer in stale), return_exceptions=True)
+            except Exception:
+                log.debug("keeping the route warm failed; will retry", exc_info=True)
 
     def _learn_model(self, records: list[ServerRecord]) -> None:
         if not records:

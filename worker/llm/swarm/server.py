@@ -5,9 +5,10 @@ the handlers (`_Handlers`). Sessions are bounded: each reserves `max_length` tok
 server's `cache_tokens` budget until it closes, one peer may hold at most
 `peer_cache_share` of that budget and `max_streams_per_peer` streams (`PeerLimits`), and a
 stream that does no work for `session_idle_timeout` seconds is closed (requests without
-hidden states are answered but do not keep it open). A frame longer than the session can
-use (its `max_length`: a rollback may free what it holds) is refused on its length, before
-it is read. A request's `start_position` cuts the session back first (`worker.llm.swarm.wire`).
+hidden states are answered but do not keep it open; one may grow the session's
+`max_length`, see `extend_session`). A frame longer than the session can use (its
+`max_length`: a rollback may free what it holds) is refused on its length, before it is
+read. A request's `start_position` cuts the session back first (`worker.llm.swarm.wire`).
 
 Layer compute runs in a second, confined process (`worker.llm.swarm.compute`): this one
 keeps the network and the keys, checks each tensor's declared dtype, shape and byte count
@@ -294,7 +295,7 @@ class _Handlers:
                         response = runtime_pb2.ExpertResponse()
                     else:
                         # answered, but it does no work: it does not keep the session open
-                        response = runtime_pb2.ExpertResponse()
+                        response = server.extend_session(session, unpack(request.metadata))
                 except Refused as exc:
                     await self._send(writer, error_response(exc.code, str(exc)))
                     return
@@ -604,6 +605,19 @@ class BlockServer:
             self.compute.close(session.key)
             self._sessions_changed.set()
             log.debug("closed session %s", session.id)
+
+    def extend_session(
+        self, session: _Session, metadata: dict[str, Any]
+    ) -> runtime_pb2.ExpertResponse:
+        """A request without hidden states may ask for a larger `max_length` (a kept
+        conversation's next turn, worker.llm.gateway.kept): reserved if the peer's share and
+        the cache have room, else left as it was. The answer names the session's max_length."""
+        wanted = metadata.get("max_length")
+        if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > session.max_length:
+            with contextlib.suppress(Refused):
+                self.limits.reserve(session.peer, wanted - session.max_length)
+                session.max_length = wanted
+        return runtime_pb2.ExpertResponse(metadata=pack({"max_length": session.max_length}))
 
     def frame_limit(self, session: _Session | None) -> int:
         """The longest rpc_inference frame worth reading: hidden states for the session's

@@ -20,6 +20,9 @@ answer the position it reached. What the session recorded is kept as steps with 
 start positions: `served` overlays them (a later step replaces the positions it covers), so
 a spot check sees exactly what the kept positions were answered, and a replay sends the
 same steps with the same start positions (same chunks, same kernels, the same cache).
+
+`avoid` routes around the servers it names. `extend` asks the servers for room for more
+tokens (a kept conversation's next turn, `worker.llm.gateway.kept`).
 """
 
 from __future__ import annotations
@@ -148,7 +151,11 @@ class _Stream:
         self._queue.put_nowait(request)
 
     async def receive(self) -> torch.Tensor:
-        """The next response's hidden states; ServerFailed if the server fails or vanishes.
+        """The next response's hidden states; ServerFailed if the server fails or vanishes."""
+        return output_of(self.hop.peer_id, await self.response())
+
+    async def response(self) -> runtime_pb2.ExpertResponse:
+        """The next response; ServerFailed if the server fails or vanishes.
 
         A server whose machine vanished may never close the connection, so while a response
         is slow the server is probed with a ping: a server that is only busy computing still
@@ -178,9 +185,8 @@ class _Stream:
         finally:
             if not waiter.done():
                 waiter.cancel()
-        output = output_of(self.hop.peer_id, response)
         self.metadata = unpack(response.metadata)
-        return output
+        return response
 
     async def aclose(self) -> None:
         self._queue.put_nowait(None)
@@ -247,6 +253,28 @@ class InferenceSession:
             if state.stream is not None:
                 await state.stream.aclose()
                 state.stream = None
+
+    async def extend(self, max_length: int) -> bool:
+        """Ask every server of the route for room up to `max_length` tokens (a kept
+        conversation's next turn; it also tells whether they still hold the session). False
+        if one has no room or dropped the session: then open a new session."""
+        if self._closed or self._failed is not None:
+            return False
+        request = runtime_pb2.ExpertRequest(metadata=pack({"max_length": max_length}))
+        for state in self._hops:
+            if state.stream is None:
+                return False
+            state.stream.send(request)
+            try:
+                answer = unpack((await state.stream.response()).metadata)
+            except ServerFailed as exc:
+                log.info("a kept session cannot grow on %s: %s", state.hop.peer_id, exc)
+                return False
+            room = answer.get("max_length")
+            if not isinstance(room, int) or room < max_length:
+                return False
+        self.max_length = max(self.max_length, max_length)
+        return True
 
     @property
     def route(self) -> list[Hop]:

@@ -28,6 +28,8 @@ from transformers import LlamaForCausalLM
 from tests.procs import assert_confined, sandboxed_engine
 from tests.worker.llm.swarm.conftest import Cluster, Server
 from worker.errors import MissingBlocks, SwarmStepFailed
+from worker.llm.gateway.core import CoreSettings, GenerationCore
+from worker.llm.gateway.generation import SamplingParams
 from worker.llm.swarm.placement import Hop
 from worker.llm.swarm.records import ServerState
 from worker.llm.swarm.routing import SwarmClient, SwarmClientConfig
@@ -393,3 +395,116 @@ def test_bad_flags_exit_2_naming_the_flag(cluster: Cluster, tmp_path: Path) -> N
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, err
         assert re.search(pattern, err), err
+
+
+# -- conversation reuse and warm routes (issue 25) ----------------------------------------
+
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0, ban_eos=True)
+TURN_1 = [1, 17, 42, 256, 7, 99, 3, 12]
+
+
+async def _quiet(_: str) -> None:
+    pass
+
+
+@contextlib.asynccontextmanager
+async def gateway_core(
+    peer: Server, tiny_models: Path, session_keep: float
+) -> AsyncIterator[GenerationCore]:
+    settings = CoreSettings(
+        model=tiny_models / "llm",
+        model_name="llm",
+        initial_peers=(peer.maddr,),
+        threads=1,
+        check_rate=0.0,
+        session_keep=session_keep,
+    )
+    core = await GenerationCore.create(settings)
+    try:
+        yield core
+    finally:
+        await core.aclose()
+
+
+async def test_a_second_turn_reuses_its_requesters_kept_session(
+    servers: dict[str, Server], tiny_models: Path
+) -> None:
+    alpha = servers["alpha"]
+    async with gateway_core(alpha, tiny_models, session_keep=30) as core:
+        first = await core.generate(TURN_1, 8, GREEDY, _quiet, requester="alice")
+        assert len(core.kept) == 1
+        # the next turn: the conversation so far (the answer included), then new words
+        turn_2 = [*TURN_1, *first.result.token_ids, 5, 6, 7]
+        held = len(TURN_1) + 8 - 1  # the last answer token was never sent
+        second = await core.generate(turn_2, 8, GREEDY, _quiet, requester="alice")
+        stats = core.kept.stats
+        assert (stats.reused, stats.reused_tokens) == (1, held)
+        assert stats.prefilled == [len(TURN_1), len(turn_2) - held]
+        # the report covers every block for the whole prompt, as the coordinator checks:
+        # the held tokens count for the servers that kept them
+        assert set(second.spans.values()) == {len(turn_2) + 8 - 1}
+
+        # another requester with the same conversation gets a session of its own
+        fresh = await core.generate(turn_2, 8, GREEDY, _quiet, requester="bob")
+        assert stats.reused == 1 and stats.prefilled[-1] == len(turn_2)
+        assert fresh.result.token_ids == second.result.token_ids
+        assert fresh.result.text == second.result.text
+        # alice's kept session (her second turn) is still there, next to bob's
+        assert len(core.kept) == 2
+        # a turn that leaves alice's conversation partway reuses their common start: the
+        # first step cuts the kept session back to it (and the text is a fresh session's)
+        edited = [*TURN_1[:4], 5, 6]
+        cut = await core.generate(edited, 8, GREEDY, _quiet, requester="alice")
+        assert (stats.reused, stats.prefilled[-1]) == (2, 2)
+        plain = await core.generate(edited, 8, GREEDY, _quiet)
+        assert cut.result.token_ids == plain.result.token_ids
+        # a prompt that shares nothing with her kept session closes it
+        await core.generate([2, 3, 4], 8, GREEDY, _quiet, requester="alice")
+        assert stats.closed == 1
+
+
+async def test_a_kept_session_dropped_by_its_servers_falls_back_and_one_expires(
+    servers: dict[str, Server], tiny_models: Path
+) -> None:
+    alpha, bravo = servers["alpha"], servers["bravo"]
+    async with gateway_core(alpha, tiny_models, session_keep=30) as core:
+        first = await core.generate(TURN_1, 8, GREEDY, _quiet, requester="alice")
+        # the servers drop sessions idle for 2 s, before the gateway's 30 s are up
+        await _wait_free_cache(core.swarm, alpha, 256)
+        await _wait_free_cache(core.swarm, bravo, 256)
+        turn_2 = [*TURN_1, *first.result.token_ids, 5, 6, 7]
+        second = await core.generate(turn_2, 8, GREEDY, _quiet, requester="alice")
+        assert (core.kept.stats.reused, core.kept.stats.fallbacks) == (0, 1)
+        assert core.kept.stats.prefilled[-1] == len(turn_2)
+        fresh = await core.generate(turn_2, 8, GREEDY, _quiet)
+        assert fresh.result.token_ids == second.result.token_ids
+        await core.kept.aclose()
+
+    async with gateway_core(alpha, tiny_models, session_keep=0.5) as core:
+        await core.generate(TURN_1, 8, GREEDY, _quiet, requester="alice")
+        assert (await core.swarm.info(alpha.peer_id))["cache_tokens"] == 256 - 16
+        async with asyncio.timeout(10):
+            while True:
+                if not core.kept:
+                    break
+                await asyncio.sleep(0.05)
+        # the gateway closed it (the servers would have only after their 2 s)
+        assert core.kept.stats.closed == 1
+        await _wait_free_cache(core.swarm, alpha, 256)
+
+
+async def test_a_warm_route_needs_no_lookup_after_a_pause(servers: dict[str, Server]) -> None:
+    for warm in (True, False):
+        async with swarm_client(
+            "llm", servers["alpha"], records_max_age=0.2, keep_warm=warm
+        ) as client:
+            assert client.lookups == 1  # joining
+            read_at = client._records_at
+            async with asyncio.timeout(10):  # a pause: the records age past records_max_age
+                while True:
+                    aged = time.monotonic() - read_at > 0.5
+                    if aged and not (warm and client._records_at == read_at):
+                        break
+                    await asyncio.sleep(0.05)
+            await client.route()
+            assert client.lookups == (1 if warm else 2)
