@@ -115,6 +115,7 @@ def test_a_call_table_dumps_the_models_and_refuses_binary_input_it_does_not_take
     data, blobs = engine.handle("image", payload, events.append)
     expected = {"seeds": [7], "model": "typed", "width": 64, "height": 64}
     assert data == {**expected, "peak_memory_bytes": None}
-    assert events == [{"image": 0, "step": 1, "steps": 2, "n": 1}] and blobs == [b"png"]
+    assert events == [{"image": 0, "step": 1, "steps": 2, "n": 1, "preview": None}]
+    assert blobs == [b"png"]
     with pytest.raises(ValueError, match="'image' call takes no binary input"):
         engine.calls.handle("image", payload, events.append, [b"tensor"])

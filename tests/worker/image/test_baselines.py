@@ -8,7 +8,7 @@ import io
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -85,7 +85,8 @@ def test_engine_info_reports_the_baseline(
     xl_engine: ImageEngine, tiny_sd: Path, tiny_sd2: Path
 ) -> None:
     data, _ = xl_engine.handle("image_info", {}, lambda _: None)
-    assert data == {"model": "sdxl", "inpainting": False, "baseline": "sdxl"}
+    assert cast(int, data.pop("peak_memory_bytes")) > 0
+    assert data == {"model": "sdxl", "inpainting": False, "baseline": "sdxl", "dtype": "float32"}
     for folder, baseline in ((tiny_sd, "sd1"), (tiny_sd2, "sd2")):
         data, _ = ImageEngine({"model": str(folder)}).handle("image_info", {}, lambda _: None)
         assert data["baseline"] == baseline

@@ -130,7 +130,8 @@ def test_a_batch_of_three_makes_the_one_by_one_pixels(
     assert data["seeds"] == [40, 41, 42]
     assert not np.array_equal(together[0], together[1])
     assert [(e["image"], e["step"]) for e in events] == [(0, 3), (1, 2), (2, 1), (2, 4)]
-    assert alone_events[-1] == events[-1] == {"image": 2, "step": 4, "steps": 4, "n": 3}
+    last = {"image": 2, "step": 4, "steps": 4, "n": 3, "preview": None}
+    assert alone_events[-1] == events[-1] == last
 
 
 @pytest.mark.slow
