@@ -36,19 +36,26 @@ def fake_safetensors(size: int = 64, fill: int = 0) -> bytes:
 
 def random_lora(sd: Path, out: Path, seed: int = 0, rank: int = 4, scale: float = 0.5) -> Path:
     """A kohya-format LoRA (CivitAI's usual kind) for the tiny pipeline at `sd`: random
-    down/up matrices for every attention projection of the UNet and text encoder."""
+    down/up matrices for every attention projection of the UNet and text encoder (an SDXL
+    pipeline's two: `lora_te1_` and `lora_te2_`, as kohya names them)."""
     import torch
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     unet = UNet2DConditionModel.from_pretrained(sd / "unet")
-    text = CLIPTextModel.from_pretrained(sd / "text_encoder")
-    modules = [("lora_unet_", name, m) for name, m in unet.named_modules()] + [
-        ("lora_te_", name, m) for name, m in text.named_modules()
-    ]
+    modules = [("lora_unet_", name, m) for name, m in unet.named_modules()]
+    if (sd / "text_encoder_2").is_dir():
+        encoders = [
+            ("lora_te1_", CLIPTextModel.from_pretrained(sd / "text_encoder")),
+            ("lora_te2_", CLIPTextModelWithProjection.from_pretrained(sd / "text_encoder_2")),
+        ]
+    else:
+        encoders = [("lora_te_", CLIPTextModel.from_pretrained(sd / "text_encoder"))]
+    for prefix, text in encoders:
+        modules += [(prefix, name, m) for name, m in text.named_modules()]
     for prefix, name, module in modules:
         if not isinstance(module, torch.nn.Linear):
             continue
@@ -67,13 +74,24 @@ def random_lora(sd: Path, out: Path, seed: int = 0, rank: int = 4, scale: float 
 
 
 def random_ti(sd: Path, out: Path, seed: int = 0, vectors: int = 2) -> Path:
-    """An A1111-format embedding (`emb_params`) for the tiny text encoder."""
+    """An A1111-format embedding (`emb_params`) for the tiny text encoder; for an SDXL
+    pipeline, CivitAI's SDXL form: `clip_l` for its first text encoder, `clip_g` for its
+    second."""
     import torch
     from safetensors.torch import save_file
 
-    hidden = json.loads((sd / "text_encoder" / "config.json").read_text())["hidden_size"]
+    def hidden(encoder: str) -> int:
+        return int(json.loads((sd / encoder / "config.json").read_text())["hidden_size"])
+
     generator = torch.Generator().manual_seed(seed)
-    save_file({"emb_params": torch.randn(vectors, hidden, generator=generator)}, out)
+    if (sd / "text_encoder_2").is_dir():
+        tensors = {
+            key: torch.randn(vectors, hidden(encoder), generator=generator)
+            for key, encoder in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"))
+        }
+    else:
+        tensors = {"emb_params": torch.randn(vectors, hidden("text_encoder"), generator=generator)}
+    save_file(tensors, out)
     return out
 
 

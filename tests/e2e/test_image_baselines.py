@@ -2,8 +2,10 @@
 on each model (each found its model's family itself), the SDK and a CivitAI stand-in.
 
 Images equal plain diffusers' pipeline of the family (`StableDiffusionXLPipeline`,
-`StableDiffusionPipeline` with SD 2's v-prediction scheduler); the detected baseline is the
-one LoRAs are checked against; a `--baseline` that contradicts the model stops the worker.
+`StableDiffusionPipeline` with SD 2's v-prediction scheduler), LoRAs and textual inversions
+included (on SDXL: the clip strength for both text encoders, an embedding's `clip_l` and
+`clip_g` in each); the detected baseline is the one LoRAs are checked against; a
+`--baseline` that contradicts the model stops the worker.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file
 
 from client.sdk import Client
 from protocol.params import ImageParams
-from tests.civitai import Entry, random_lora, standin
+from tests.civitai import Entry, random_lora, random_ti, standin
 from tests.e2e.test_image_loras import _error_of
 from tests.e2e.test_image_network import Network, image_worker_args
 from tests.reference import plain_image, plain_pipeline, plain_xl_pipeline
@@ -59,9 +62,13 @@ def _pixels(path: Path | str) -> np.ndarray:
 def test_sdxl_and_sd2_workers_follow_their_models(tmp_path: Path, tiny_models: Path) -> None:
     sd1_lora = random_lora(tiny_models / "sd", tmp_path / "sd1.safetensors", seed=5)
     sd2_lora = random_lora(tiny_models / "sd2", tmp_path / "sd2.safetensors", seed=6)
+    xl_lora = random_lora(tiny_models / "sdxl", tmp_path / "xl.safetensors", seed=8)
+    xl_ti = random_ti(tiny_models / "sdxl", tmp_path / "xl-ti.safetensors", seed=9)
     entries = [
         Entry(101, "For SD 1.5", "LORA", 1010, sd1_lora.read_bytes()),
         Entry(202, "For SD 2.1", "LORA", 2020, sd2_lora.read_bytes(), base_model="SD 2.1"),
+        Entry(303, "For Pony", "LORA", 3030, xl_lora.read_bytes(), base_model="Pony"),
+        Entry(404, "xltok", "TextualInversion", 4040, xl_ti.read_bytes(), base_model="SDXL 1.0"),
     ]
     network = Network(tmp_path, tiny_models, lease_timeout=5)
     try:
@@ -78,12 +85,16 @@ def test_sdxl_and_sd2_workers_follow_their_models(tmp_path: Path, tiny_models: P
                     {"prompt": "a red cat", "negative_prompt": "blurry", "model": "sdxl", **SIZE}
                 )
                 xl_image = _pixels(grid.generate(xl_params, out).paths[0])
-                # an SDXL worker's offer takes no LoRAs: such a job waits, and says why
-                xl_lora = ImageParams.model_validate(
-                    {**xl_params.model_dump(), "loras": [{"name": "202"}]}
+                # SDXL takes LoRAs and textual inversions too
+                xl_adapted = ImageParams.model_validate(
+                    {
+                        **xl_params.model_dump(),
+                        "prompt": "xltok a red cat",
+                        "loras": [{"name": "303", "model": 0.8, "clip": 0.5}],
+                        "tis": [{"name": "xltok"}],
+                    }
                 )
-                waiting = grid.submit_image(xl_lora)
-                grid.cancel(waiting.id)
+                xl_adapted_image = _pixels(grid.generate(xl_adapted, out).paths[0])
                 sd2_params = _sd2()
                 sd2_image = _pixels(grid.generate(sd2_params, out).paths[0])
                 lora_image = _pixels(grid.generate(_sd2("202"), out).paths[0])
@@ -93,15 +104,30 @@ def test_sdxl_and_sd2_workers_follow_their_models(tmp_path: Path, tiny_models: P
                 grid.cancel(wrong.id)
     finally:
         network.close()
-    assert any("takes LoRAs or textual inversions" in w for w in waiting.warnings)
     assert "baseline_mismatch: LoRA '101' (version 1010) is made for 'SD 1.5' (sd1)" in reason
     assert "this worker's checkpoint is sd2" in reason
 
     import torch
 
     torch.set_num_threads(1)
-    xl_expected = plain_image(plain_xl_pipeline(tiny_models / "sdxl"), xl_params, 7)
+    xl_pipe = plain_xl_pipeline(tiny_models / "sdxl")
+    xl_expected = plain_image(xl_pipe, xl_params, 7)
     assert np.abs(xl_image - xl_expected.astype(int)).max() <= TOLERANCE
+    xl_pipe.load_lora_weights(str(xl_lora), adapter_name="x")
+    xl_pipe.set_adapters(
+        ["x"], adapter_weights=[{"unet": 0.8, "text_encoder": 0.5, "text_encoder_2": 0.5}]
+    )
+    embedding = load_file(xl_ti)
+    for half, encoder, tokenizer in (
+        ("clip_l", xl_pipe.text_encoder, xl_pipe.tokenizer),
+        ("clip_g", xl_pipe.text_encoder_2, xl_pipe.tokenizer_2),
+    ):
+        xl_pipe.load_textual_inversion(
+            embedding[half], token="xltok", text_encoder=encoder, tokenizer=tokenizer
+        )
+    xl_adapted_expected = plain_image(xl_pipe, xl_adapted, 7).astype(int)
+    assert np.abs(xl_adapted_image - xl_adapted_expected).max() <= TOLERANCE
+    assert np.abs(xl_adapted_image - xl_image).mean() > 10  # visibly changed
     pipe = plain_pipeline(tiny_models / "sd2")
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert np.abs(sd2_image - plain_image(pipe, sd2_params, 7).astype(int)).max() <= TOLERANCE

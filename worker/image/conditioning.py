@@ -214,7 +214,10 @@ class TextEncoding:
 
 
 class DualTextEncoding:
-    """SDXL's two tokenizers and text encoders, used A1111's way (see the module)."""
+    """SDXL's two tokenizers and text encoders, used A1111's way (see the module). Each
+    `TextEncoding` converts the text for its own tokenizer (`convert`): an SDXL textual
+    inversion adds its token to both, with as many vectors in each as its `clip_l` and
+    `clip_g` tensors have (worker.image.adapters_engine)."""
 
     def __init__(self, first: TextEncoding, second: TextEncoding) -> None:
         self.first = first

@@ -240,12 +240,6 @@ class ImageEngine:
         self, request: AdaptedImage, inputs: list[bytes], emit: Emit[ImageProgress]
     ) -> tuple[ImageResult, list[bytes]]:
         """`image` with the LoRAs and textual inversions the worker downloaded."""
-        if self.baseline == "sdxl":
-            raise InvalidGenerationInput(
-                "loras",
-                f"{self.model_name} is an SDXL checkpoint: this worker takes LoRAs and textual "
-                "inversions only on SD 1.x and 2.x checkpoints; it should not have taken the job",
-            )
         self.adapters.apply(request)
         return self.image(request.params, inputs, emit)
 

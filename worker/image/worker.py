@@ -43,9 +43,9 @@ log = logging.getLogger(__name__)
 
 # the engine class the sandbox child imports (the parent never imports it)
 ENGINE = "worker.image.engine:ImageEngine"
-# the baselines whose checkpoints take LoRAs and textual inversions (SDXL's two text
-# encoders need both halves of a TI and a clip strength for each: not yet)
-LORA_BASELINES: tuple[Baseline, ...] = ("sd1", "sd2")
+# the baselines whose checkpoints take LoRAs and textual inversions (all of them:
+# worker.image.adapters_engine)
+LORA_BASELINES: tuple[Baseline, ...] = ("sd1", "sd2", "sdxl")
 
 
 class ImageWorker:
@@ -80,7 +80,6 @@ class ImageWorker:
             # it can make (the others only from a ready map: image_is_control)
             controlnets=sorted(config.controlnets),
             control_annotators=sorted(set(config.controlnets) & mappable_types(config.annotators)),
-            # (not on SDXL yet: worker.image.baselines)
             loras=adapters is not None and baseline in LORA_BASELINES,
             # checked against the coordinator's image model reference
             checkpoint_sha256=checkpoint_sha256,
