@@ -62,8 +62,11 @@ class ImageWorker:
         adapters: Adapters | None = None,
         checkpoint_sha256: str | None = None,
         baseline: Baseline = "sd1",
+        refiner_sha256: str | None = None,
     ) -> None:
         self.config = config
+        # the --refiner checkpoint's hash (worker.image.checkpoint_hash), in the engine info
+        self.refiner_sha256 = refiner_sha256
         self.sandbox = sandbox
         self.link = link
         # the engine serves source images and masks (worker.image.sources); an inpainting
@@ -102,6 +105,12 @@ class ImageWorker:
             model_sha256, config.model, config.checkpoint_hash_cache
         )
         log.info("checkpoint %s has SHA-256 %s", config.model, checkpoint)
+        refiner = None
+        if config.refiner is not None:
+            refiner = await asyncio.to_thread(
+                model_sha256, str(config.refiner), config.checkpoint_hash_cache
+            )
+            log.info("refiner %s has SHA-256 %s", config.refiner, refiner)
         options = ImageEngineOptions(
             model=config.model,
             model_config=str(config.model_config) if config.model_config else None,
@@ -117,6 +126,9 @@ class ImageWorker:
             annotators={name: str(path) for name, path in config.annotators.items()},
             preview_every=config.preview_every,
             preview_decoder=str(config.preview_decoder) if config.preview_decoder else None,
+            refiner=None if config.refiner is None else str(config.refiner),
+            refiner_config=None if config.refiner_config is None else str(config.refiner_config),
+            refiner_switch=config.refiner_switch,
         )
         adapters = None
         if config.adapters is not None:
@@ -168,6 +180,7 @@ class ImageWorker:
             adapters=adapters,
             checkpoint_sha256=checkpoint,
             baseline=loaded.baseline,
+            refiner_sha256=refiner,
         )
 
     async def aclose(self) -> None:
@@ -189,6 +202,7 @@ class ImageWorker:
                     baseline=self.capabilities.baseline,
                     low_vram=self.config.low_vram,
                     max_batch_pixels=self.config.max_batch_pixels,
+                    refiner=self._refiner_info(),
                 )
             )
         except (CoordinatorRejected, CoordinatorUnavailable) as exc:
@@ -207,6 +221,17 @@ class ImageWorker:
             status=self.status,
             gate_poll=self.config.gate_poll,
         )
+
+    def _refiner_info(self) -> dict[str, object] | None:
+        """The refiner in the engine build: workers with and without one (or with another
+        one, or another switch point) make other pixels for the same txt2img job."""
+        if self.config.refiner is None:
+            return None
+        return {
+            "name": self.config.refiner.name,
+            "sha256": self.refiner_sha256,
+            "switch": self.config.refiner_switch,
+        }
 
     def offer(self) -> Capabilities:
         """What to pop now: no LoRA jobs while CivitAI is unreachable (adapters.Backoff)."""
@@ -405,6 +430,10 @@ def engine_policy(config: ImageWorkerConfig) -> SandboxPolicy:
         model_files.append(config.post_processors_dir)
     if config.preview_decoder is not None:
         model_files.append(config.preview_decoder)
+    if config.refiner is not None:
+        model_files.append(config.refiner)
+    if config.refiner_config is not None:
+        model_files.append(config.refiner_config)
     if config.adapters is not None:
         # downloaded by the worker (worker.image.adapters), read by the engine
         model_files.append(config.adapters.cache_dir)
@@ -440,11 +469,13 @@ def engine_info(
     baseline: str | None = None,
     low_vram: bool = False,
     max_batch_pixels: int = 1024 * 1024,
+    refiner: dict[str, object] | None = None,
 ) -> dict[str, Any]:
     """The engine build as spot checks compare it: package versions, device, dtype, the
     checkpoint (its hash and family, when known), and what changes the last bits of
     pixels: `--low-vram` (sliced attention; float16 on CUDA) and `--max-batch-pixels` (how
-    a job's images are batched: worker.image.batch).
+    a job's images are batched: worker.image.batch), and the SDXL refiner (`--refiner`: its
+    name, hash and switch point; absent without one).
 
     The engine runs on CUDA when torch is a CUDA build and a GPU is present (see
     worker.image.engine); both are read here without importing torch.
@@ -475,4 +506,5 @@ def engine_info(
         **({"baseline": baseline} if baseline else {}),
         "low_vram": low_vram,
         "max_batch_pixels": max_batch_pixels,
+        **({"refiner": refiner} if refiner else {}),
     }
