@@ -128,6 +128,12 @@ class ImageEngine:
                 "ControlNet with --low-vram on CUDA is not supported (the control models are "
                 "not offloaded); drop --low-vram or the --controlnet flags"
             )
+        if settings.low_vram and settings.refiner and self.device.type == "cuda":
+            raise ValueError(
+                "--refiner with --low-vram on CUDA is not supported (the refiner shares "
+                "modules with the base, which model CPU offload cannot hook twice); drop "
+                "--low-vram or --refiner"
+            )
         self.memory = PeakMemory(self.device)
         self.memory.start()
         # width x height x images of one UNet batch (worker.image.batch)
