@@ -69,19 +69,31 @@ def _pixels(png: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB")).astype(int)
 
 
-def _plain_ensemble(
-    base: StableDiffusionXLPipeline, refiner_dir: Path, params: ImageParams, seed: int
-) -> np.ndarray:
-    """diffusers' documented recipe: base with denoising_end, refiner with denoising_start,
-    sharing the base's second text encoder and VAE; one generator through both."""
+@pytest.fixture(scope="module")
+def plain_refiner(
+    base_pipe: StableDiffusionXLPipeline, tiny_sdxl_refiner: Path
+) -> StableDiffusionXLImg2ImgPipeline:
+    """diffusers' documented way: the refiner given the base's second text encoder and VAE."""
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-        refiner_dir,
-        text_encoder_2=base.text_encoder_2,
-        vae=base.vae,
+        tiny_sdxl_refiner,
+        text_encoder_2=base_pipe.text_encoder_2,
+        vae=base_pipe.vae,
         use_safetensors=True,
         local_files_only=True,
     )
     refiner.set_progress_bar_config(disable=True)
+    return refiner
+
+
+def _plain_ensemble(
+    base: StableDiffusionXLPipeline,
+    refiner: StableDiffusionXLImg2ImgPipeline,
+    params: ImageParams,
+    seed: int,
+    refiner_prompt: str | None = None,
+) -> np.ndarray:
+    """diffusers' documented recipe: base with denoising_end, refiner with denoising_start
+    (with `refiner_prompt` if given); one generator through both."""
     generator = torch.Generator("cpu").manual_seed(seed)
     common = {
         "prompt": params.prompt,
@@ -99,18 +111,22 @@ def _plain_ensemble(
             output_type="latent",
         ).images
     with scheduler_of(refiner, params):  # type: ignore[arg-type]
+        if refiner_prompt is not None:
+            common["prompt"] = refiner_prompt
         image = refiner(**common, image=latents, denoising_start=SWITCH).images[0]
     return np.asarray(image).astype(int)
 
 
 def test_txt2img_is_base_then_refiner_as_in_diffusers(
-    engine: ImageEngine, base_pipe: StableDiffusionXLPipeline, tiny_sdxl_refiner: Path
+    engine: ImageEngine,
+    base_pipe: StableDiffusionXLPipeline,
+    plain_refiner: StableDiffusionXLImg2ImgPipeline,
 ) -> None:
     params = ImageParams.model_validate(BASE)
     events: list[dict[str, object]] = []
     _, blobs = engine.handle("image", BASE, events.append)
     got = _pixels(blobs[0])
-    expected = _plain_ensemble(base_pipe, tiny_sdxl_refiner, params, 11)
+    expected = _plain_ensemble(base_pipe, plain_refiner, params, 11)
     assert np.abs(got - expected).max() <= TOLERANCE
     # the refiner visibly changes the image: the base alone over the whole schedule differs
     # on average by more than the bound above allows anywhere (4.1 when written)
@@ -124,6 +140,18 @@ def test_txt2img_is_base_then_refiner_as_in_diffusers(
     with Image.open(io.BytesIO(blobs[0])) as image:
         text = image.info[PNG_PARAMETERS_KEY]
     assert 'Refiner: "sdxl-refiner", Refiner switch at: "0.5"' in text
+    # prompt editing counts the job's steps in both passes: here the text changes as the
+    # refiner takes over (steps 0-1 the base's, 2-4 the refiner's)
+    # (strong guidance: the tiny refiner's text barely shows at 7)
+    edited = {**BASE, "prompt": "[a photo of a red cat:a blue dog:1]", "cfg_scale": 30}
+    _, blobs = engine.handle("image", edited, lambda _: None)
+    strong = params.model_copy(update={"cfg_scale": 30.0})
+    refined = _plain_ensemble(base_pipe, plain_refiner, strong, 11, "a blue dog")
+    assert np.abs(_pixels(blobs[0]) - refined).max() <= TOLERANCE
+    unedited = _plain_ensemble(base_pipe, plain_refiner, strong, 11)
+    # (the edit shows: an engine within the bound of the unedited image could not also be
+    # within it of the edited one; 6 when written)
+    assert np.abs(refined - unedited).max() > 2 * TOLERANCE
 
 
 def test_the_refiner_shares_the_bases_modules_and_is_in_the_engine_info(
@@ -133,6 +161,12 @@ def test_the_refiner_shares_the_bases_modules_and_is_in_the_engine_info(
     assert refiner is not None
     assert refiner.shared == ("vae", "text_encoder_2")
     assert refiner.pipe.vae is engine.pipe.vae
+    # a plain prompt is exactly the refiner pipeline's own encode_prompt
+    with torch.no_grad():
+        embeds, _, pooled, _ = refiner.pipe.encode_prompt("a red cat", device=engine.device)
+        ours = refiner.encoding(engine.device).encode_pooled("a red cat", 1)
+    assert torch.equal(ours[0], embeds)
+    assert torch.equal(ours[1], pooled)
     data, _ = engine.handle("image_info", {}, lambda _: None)
     assert data["refiner"] == "sdxl-refiner"
     assert data["refiner_switch"] == SWITCH
@@ -141,6 +175,13 @@ def test_the_refiner_shares_the_bases_modules_and_is_in_the_engine_info(
     build = engine_info(refiner={"name": "sdxl-refiner", "sha256": "ab" * 32, "switch": 0.8})
     assert build["refiner"] == {"name": "sdxl-refiner", "sha256": "ab" * 32, "switch": 0.8}
     assert "refiner" not in engine_info()
+
+
+def test_a_batch_is_refined_image_by_image(engine: ImageEngine) -> None:
+    _, single = engine.handle("image", {**BASE, "seed": 12}, lambda _: None)
+    _, batch = engine.handle("image", {**BASE, "n": 2}, lambda _: None)
+    assert len(batch) == 2
+    assert np.abs(_pixels(batch[1]) - _pixels(single[0])).max() <= TOLERANCE
 
 
 def test_img2img_jobs_run_on_the_base_alone(
