@@ -281,8 +281,7 @@ def build_tiny_sdxl(out_dir: Path) -> None:
     tokenizer_2 = CLIPTokenizer.from_pretrained(out_dir / "tokenizer_2", local_files_only=True)
     torch.manual_seed(SEED)
     text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
-    torch.manual_seed(SEED + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer_2, "gelu"))
+    text_encoder_2 = _tiny_xl_second_encoder(tokenizer_2)
     torch.manual_seed(SEED)
     # six size numbers (original size, crop corner, target size), each embedded
     unet = _tiny_xl_unet(
@@ -302,6 +301,12 @@ def build_tiny_sdxl(out_dir: Path) -> None:
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     _keep_hand_written_tokenizers(out_dir, {"tokenizer": CLIP_EOS, "tokenizer_2": "!"})
+
+
+def _tiny_xl_second_encoder(tokenizer_2: CLIPTokenizer) -> CLIPTextModelWithProjection:
+    """SDXL's second (OpenCLIP-style, projected) text encoder; the same weights each call."""
+    torch.manual_seed(SEED + 1)
+    return CLIPTextModelWithProjection(_tiny_clip_config(tokenizer_2, "gelu"))
 
 
 def _tiny_xl_unet(
@@ -329,18 +334,17 @@ def _tiny_xl_unet(
     )
 
 
-def build_tiny_sdxl_refiner(out_dir: Path, sdxl_dir: Path) -> None:
+def build_tiny_sdxl_refiner(out_dir: Path) -> None:
     """Write a tiny SDXL refiner (StableDiffusionXLImg2ImgPipeline) to `out_dir`, as
     diffusers' refiner tests shape theirs (no first text encoder, `requires_aesthetics_score`):
-    the second text encoder and VAE of the tiny SDXL in `sdxl_dir` (as the real refiner
-    shares them with its base) and its own random UNet, whose context is the second
-    encoder's hidden states alone and whose added conditioning is original size, crop
-    corner and aesthetic score (five numbers) with the pooled text."""
-    tokenizer_2 = CLIPTokenizer.from_pretrained(sdxl_dir / "tokenizer_2", local_files_only=True)
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-        sdxl_dir / "text_encoder_2", local_files_only=True, use_safetensors=True
-    )
-    vae = AutoencoderKL.from_pretrained(sdxl_dir / "vae", local_files_only=True)
+    the tiny SDXL's second text encoder and VAE, the same weights (as the published refiner
+    has its base's), and its own random UNet, whose context is the second encoder's hidden
+    states alone and whose added conditioning is original size, crop corner and aesthetic
+    score (five numbers) with the pooled text."""
+    _write_clip_tokenizer(out_dir / "tokenizer_2", "!")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(out_dir / "tokenizer_2", local_files_only=True)
+    text_encoder_2 = _tiny_xl_second_encoder(tokenizer_2)
+    vae = _tiny_vae(scaling_factor=0.13025)
     torch.manual_seed(SEED + 2)
     unet = _tiny_xl_unet(text_encoder_2.config.hidden_size, 5, text_encoder_2)
     components: dict[str, Any] = {
@@ -447,7 +451,7 @@ def build_tiny_models(out_dir: Path) -> None:
     build_tiny_sd(out_dir / "sd-inpaint", inpainting=True)
     build_tiny_sd(out_dir / "sd2", sd2=True)
     build_tiny_sdxl(out_dir / "sdxl")
-    build_tiny_sdxl_refiner(out_dir / "sdxl-refiner", out_dir / "sdxl")
+    build_tiny_sdxl_refiner(out_dir / "sdxl-refiner")
     build_tiny_llm(out_dir / "llm")
 
 
