@@ -464,6 +464,7 @@ class ImageEngine:
         refiner.pipe.scheduler = make_scheduler(
             params.sampler, refiner.scheduler_config, karras=params.karras
         )
+        set_tiling((refiner.pipe.unet, refiner.pipe.vae), params.tiling)
         second = {
             **{k: v for k, v in arguments.items() if "prompt_embeds" not in k},
             **arguments_at(*texts, ran),
