@@ -202,7 +202,8 @@ class ImageWorker:
                     baseline=self.capabilities.baseline,
                     low_vram=self.config.low_vram,
                     max_batch_pixels=self.config.max_batch_pixels,
-                    refiner=self._refiner_info(),
+                    refiner_sha256=self.refiner_sha256,
+                    refiner_switch=self.config.refiner_switch if self.config.refiner else None,
                 )
             )
         except (CoordinatorRejected, CoordinatorUnavailable) as exc:
@@ -221,17 +222,6 @@ class ImageWorker:
             status=self.status,
             gate_poll=self.config.gate_poll,
         )
-
-    def _refiner_info(self) -> dict[str, object] | None:
-        """The refiner in the engine build: workers with and without one (or with another
-        one, or another switch point) make other pixels for the same txt2img job."""
-        if self.config.refiner is None:
-            return None
-        return {
-            "name": self.config.refiner.name,
-            "sha256": self.refiner_sha256,
-            "switch": self.config.refiner_switch,
-        }
 
     def offer(self) -> Capabilities:
         """What to pop now: no LoRA jobs while CivitAI is unreachable (adapters.Backoff)."""
@@ -469,13 +459,15 @@ def engine_info(
     baseline: str | None = None,
     low_vram: bool = False,
     max_batch_pixels: int = 1024 * 1024,
-    refiner: dict[str, object] | None = None,
+    refiner_sha256: str | None = None,
+    refiner_switch: float | None = None,
 ) -> dict[str, Any]:
     """The engine build as spot checks compare it: package versions, device, dtype, the
     checkpoint (its hash and family, when known), and what changes the last bits of
     pixels: `--low-vram` (sliced attention; float16 on CUDA) and `--max-batch-pixels` (how
     a job's images are batched: worker.image.batch), and the SDXL refiner (`--refiner`: its
-    name, hash and switch point; absent without one).
+    hash and switch point; absent without one: workers with and without one, or with
+    another, make other pixels for the same txt2img job).
 
     The engine runs on CUDA when torch is a CUDA build and a GPU is present (see
     worker.image.engine); both are read here without importing torch.
@@ -506,5 +498,6 @@ def engine_info(
         **({"baseline": baseline} if baseline else {}),
         "low_vram": low_vram,
         "max_batch_pixels": max_batch_pixels,
-        **({"refiner": refiner} if refiner else {}),
+        **({"refiner_sha256": refiner_sha256} if refiner_sha256 else {}),
+        **({"refiner_switch": refiner_switch} if refiner_switch is not None else {}),
     }

@@ -20,6 +20,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2im
 from PIL import Image
 
 from protocol.infotext import PNG_PARAMETERS_KEY
+from protocol.messages import EngineInfo
 from protocol.params import ImageParams
 from tests.reference import plain_image, plain_xl_pipeline, scheduler_of
 from worker.errors import UnsupportedArchitecture
@@ -172,9 +173,12 @@ def test_the_refiner_shares_the_bases_modules_and_is_in_the_engine_info(
     assert data["refiner_switch"] == SWITCH
     # the worker's engine build (spot checks) names it, so that a worker with a refiner is
     # never held to the pixels of one without
-    build = engine_info(refiner={"name": "sdxl-refiner", "sha256": "ab" * 32, "switch": 0.8})
-    assert build["refiner"] == {"name": "sdxl-refiner", "sha256": "ab" * 32, "switch": 0.8}
-    assert "refiner" not in engine_info()
+    build = engine_info(refiner_sha256="ab" * 32, refiner_switch=0.8)
+    assert (build["refiner_sha256"], build["refiner_switch"]) == ("ab" * 32, 0.8)
+    # (as the coordinator reads it; and another build than the one without a refiner)
+    reported = EngineInfo.model_validate(build)
+    assert reported != EngineInfo.model_validate(engine_info())
+    assert "refiner_sha256" not in engine_info()
 
 
 def test_a_batch_is_refined_image_by_image(engine: ImageEngine) -> None:
