@@ -160,6 +160,11 @@ class ImageEngineOptions(EngineMessage):
     preview_every: int = Field(default=0, ge=0, le=MAX_STEPS)
     # the donor's TAESD for them (an AutoencoderTiny folder); None = the linear factors
     preview_decoder: str | None = None
+    # an SDXL refiner for txt2img jobs (worker.image.refiner): a folder or a .safetensors
+    # file with its config folder, and the fraction of the schedule the base runs
+    refiner: str | None = None
+    refiner_config: str | None = None
+    refiner_switch: float = Field(default=0.8, gt=0.0, lt=1.0)
 
 
 class ImageProgress(EngineMessage):
@@ -207,6 +212,9 @@ class ImageEngineInfo(EngineMessage):
     # the engine's peak memory so far, in bytes (see ImageResult.peak_memory_bytes): after
     # the start, what loading the model took
     peak_memory_bytes: int | None = Field(default=None, ge=0)
+    # the SDXL refiner's name (worker.image.refiner) and its switch point; None = none
+    refiner: str | None = None
+    refiner_switch: float | None = None
 
 
 IMAGE_INFO: EngineCall[NoMessage, NoMessage, ImageEngineInfo] = EngineCall(

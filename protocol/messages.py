@@ -473,6 +473,20 @@ class EngineInfo(_Request):
         description="the image engine batches a job's images up to this many pixels "
         "(--max-batch-pixels); null: not reported, one image at a time",
     )
+    # (a refiner finishes SDXL txt2img jobs: other pixels than the base alone)
+    refiner_sha256: str | None = Field(
+        default=None,
+        pattern=HEX_64,
+        description="the hash of the image worker's SDXL refiner (--refiner, "
+        "worker.image.refiner; as checkpoint_sha256); null: none",
+    )
+    refiner_switch: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="the fraction of the schedule its base samples before the refiner "
+        "(--refiner-switch); null: no refiner",
+    )
 
 
 class WorkerInfo(_Response):

@@ -24,10 +24,10 @@ POSTGRES_URL = os.environ.get(
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """DIR with sd/, sd-inpaint/, sd2/, sdxl/ and llm/: prebuilt by scripts/test, else
-    built here."""
+    """DIR with sd/, sd-inpaint/, sd2/, sdxl/, sdxl-refiner/ and llm/: prebuilt by
+    scripts/test, else built here."""
     prebuilt = os.environ.get("IDLEGRID_TEST_MODELS")
-    if prebuilt and (Path(prebuilt) / "sdxl" / "model_index.json").exists():
+    if prebuilt and (Path(prebuilt) / "sdxl-refiner" / "model_index.json").exists():
         return Path(prebuilt)
     from worker.models.tiny_models import build_tiny_models
 

@@ -34,6 +34,12 @@ def tiny_sdxl(tiny_models: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_refiner(tiny_models: Path) -> Path:
+    """An SDXL refiner: the second text encoder alone, an aesthetic score."""
+    return tiny_models / "sdxl-refiner"
+
+
+@pytest.fixture(scope="session")
 def tiny_sd_single_file(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny pipeline as one original-format (SD-1) safetensors file."""
     out = tmp_path_factory.mktemp("single-file") / "tiny-sd1.safetensors"

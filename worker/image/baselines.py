@@ -84,7 +84,7 @@ def _family(source: ModelSource) -> type[BasePipeline]:
         raise UnsupportedArchitecture(
             f"{source.location} is an SDXL refiner ({name}: one text encoder, OpenCLIP's): it "
             "refines another model's latents and cannot make images alone; serve an SDXL "
-            "base model"
+            "base model as --model and give this one as --refiner"
         )
     if present("text_encoder_2"):
         return StableDiffusionXLPipeline

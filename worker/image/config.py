@@ -88,3 +88,9 @@ class ImageWorkerConfig:
     # --preview-decoder DIR: TAESD (an AutoencoderTiny folder) makes them instead of the
     # linear factors (None)
     preview_decoder: Path | None = None
+    # --refiner PATH: an SDXL refiner for plain txt2img jobs (worker.image.refiner), its
+    # config folder when it is a single file, and --refiner-switch (the fraction of the
+    # schedule the base samples)
+    refiner: Path | None = None
+    refiner_config: Path | None = None
+    refiner_switch: float = 0.8

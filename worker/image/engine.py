@@ -16,7 +16,8 @@ checkpoint serves only inpainting and outpainting. A ControlNet job (`params.con
 runs `StableDiffusionControlNetPipeline` on the same modules (`worker.image.control`).
 
 The pipeline follows the model (`worker.image.baselines`): SD 1.x and SD 2 as above, SDXL
-with diffusers' SDXL pipelines (txt2img, img2img, inpainting; no ControlNet yet).
+with diffusers' SDXL pipelines (txt2img, img2img, inpainting; no ControlNet yet), and an
+optional SDXL refiner for plain txt2img jobs (`worker.image.refiner`).
 The images of a job run as one UNet batch when they fit (`worker.image.batch`), on the
 pipeline placed with or without `--low-vram` (`worker.image.low_vram`); the result reports
 the job's peak memory (`worker.image.memory`).
@@ -78,6 +79,7 @@ from worker.image.memory import PeakMemory
 from worker.image.model_source import resolve_model
 from worker.image.postprocess import PostProcessors
 from worker.image.preview import Previewer
+from worker.image.refiner import Refiner, arguments_at, base_steps, load_refiner
 from worker.image.samplers import make_scheduler
 from worker.image.sources import Sources, prepare_sources
 from worker.image.tiling import set_tiling
@@ -126,6 +128,12 @@ class ImageEngine:
                 "ControlNet with --low-vram on CUDA is not supported (the control models are "
                 "not offloaded); drop --low-vram or the --controlnet flags"
             )
+        if settings.low_vram and settings.refiner and self.device.type == "cuda":
+            raise ValueError(
+                "--refiner with --low-vram on CUDA is not supported (the refiner shares "
+                "modules with the base, which model CPU offload cannot hook twice); drop "
+                "--low-vram or --refiner"
+            )
         self.memory = PeakMemory(self.device)
         self.memory.start()
         # width x height x images of one UNet batch (worker.image.batch)
@@ -153,6 +161,17 @@ class ImageEngine:
         sd_pipe = cast(StableDiffusionPipeline, pipe)
         self.controls = ControlNets(settings.controlnets, sd_pipe, settings.annotators)
         self.text = text_encoding(pipe, self.device)
+        self.refiner: Refiner | None = None
+        if settings.refiner is not None:
+            refiner_config = settings.refiner_config
+            self.refiner = load_refiner(
+                resolve_model(settings.refiner, Path(refiner_config) if refiner_config else None),
+                pipe,
+                settings.refiner_switch,
+                self.baseline,
+                self.model_name,
+            )
+            place_pipeline(self.refiner.pipe, self.device, low_vram=settings.low_vram)
         self.calls = CallTable()
         self.calls.add_binary(IMAGE, self.image)
         self.calls.add(IMAGE_INFO, self.info)
@@ -189,6 +208,8 @@ class ImageEngine:
             baseline=self.baseline,
             dtype=str(self.dtype).removeprefix("torch."),
             peak_memory_bytes=self.loaded_peak,
+            refiner=None if self.refiner is None else self.refiner.name,
+            refiner_switch=None if self.refiner is None else self.refiner.switch,
         )
         return info, []
 
@@ -301,8 +322,15 @@ class ImageEngine:
         reported = 0
         batch = BatchProgress(images, steps, params.n)
 
-        def progress(offset: int, pass_steps: int) -> Any:
-            """The step callback of a pass of `pass_steps` sampling steps after `offset`."""
+        def progress(
+            offset: int,
+            pass_steps: int,
+            texts: tuple[Conditioning, Conditioning] = prompts,
+            edit_offset: int = 0,
+        ) -> Any:
+            """The step callback of a pass of `pass_steps` sampling steps after `offset`;
+            prompt editing reads `texts` at the pass's step plus `edit_offset`."""
+            positive, negative = texts
 
             def on_step_end(
                 pipe: _Pipeline, step: int, timestep: Any, kwargs: dict[str, Any]
@@ -318,9 +346,12 @@ class ImageEngine:
                     emit(batch.event(reported, self.previewer(reported, steps, kwargs)))
                 # prompt editing: the next loop iteration belongs to the pass's 0-based
                 # sampling step `done` (this one to `current`), which may read another text
-                current = step * pass_steps // calls
+                current = edit_offset + step * pass_steps // calls
                 now = (positive.index_at(current), negative.index_at(current))
-                then = (positive.index_at(done), negative.index_at(done))
+                then = (
+                    positive.index_at(edit_offset + done),
+                    negative.index_at(edit_offset + done),
+                )
                 if now != then:
                     guided = pipe.do_classifier_free_guidance
                     kwargs.update(switched_inputs(positive, negative, then, guided, len(images)))
@@ -352,6 +383,12 @@ class ImageEngine:
                 self._finish(image, params, seed, first_pass, None)
                 for image, seed in zip(made, seeds, strict=True)
             ]
+        if self._refines(params, sources, control):
+            made = self._refined(params, arguments, prompts, progress)
+            return [
+                self._finish(image, params, seed, None, None, refined=True)
+                for image, seed in zip(made, seeds, strict=True)
+            ]
         arguments["callback_on_step_end"] = progress(0, steps)
         if sources is None or sources.mask is not None or control is not None:
             arguments.update(width=params.width, height=params.height)
@@ -377,6 +414,62 @@ class ImageEngine:
             for image, seed in zip(result.images, seeds, strict=True)
         ]
 
+    def _refines(
+        self, params: ImageParams, sources: Sources | None, control: ControlJob | None
+    ) -> bool:
+        """Whether the refiner takes over the job: plain txt2img only (worker.image.refiner)."""
+        return (
+            self.refiner is not None
+            and sources is None
+            and control is None
+            and not params.loras
+            and not params.tis
+        )
+
+    def _refined(
+        self,
+        params: ImageParams,
+        arguments: dict[str, Any],
+        prompts: tuple[Conditioning, Conditioning],
+        progress: Callable[..., Any],
+    ) -> list[Image.Image]:
+        """The base's first part of the schedule as latents, then the refiner's rest."""
+        refiner = self.refiner
+        assert refiner is not None
+        switch = refiner.switch
+        ran = base_steps(self.pipe.scheduler, params.steps, switch)
+        first = {
+            **arguments,
+            "width": params.width,
+            "height": params.height,
+            "denoising_end": switch,
+            "output_type": "latent",
+            "callback_on_step_end": progress(0, ran),
+        }
+        latents = self.pipe(**first).images
+        # (encoded per job: the refiner's text encoder may differ from the base's)
+        texts = encode_job(
+            refiner.encoding(self.device),
+            params.prompt,
+            params.negative_prompt,
+            params.steps,
+            params.clip_skip,
+        )
+        refiner.pipe.scheduler = make_scheduler(
+            params.sampler, refiner.scheduler_config, karras=params.karras
+        )
+        set_tiling((refiner.pipe.unet, refiner.pipe.vae), params.tiling)
+        second = {
+            **{k: v for k, v in arguments.items() if "prompt_embeds" not in k},
+            **arguments_at(*texts, ran),
+            "image": latents,
+            "denoising_start": switch,
+            "output_type": "pil",
+            "callback_on_step_end": progress(ran, params.steps - ran, texts, ran),
+        }
+        images: list[Image.Image] = refiner.pipe(**second).images
+        return images
+
     def _finish(
         self,
         image: Image.Image,
@@ -384,6 +477,8 @@ class ImageEngine:
         seed: int,
         first_pass: tuple[int, int] | None,
         control: ControlJob | None,
+        *,
+        refined: bool = False,
     ) -> bytes:
         """The post-processed image as a PNG with its parameters text."""
         if params.post_processing:
@@ -395,6 +490,9 @@ class ImageEngine:
             self.model_name,
             first_pass,
             control_model=control_model,
-            hashes=self.adapters.hashes(),
+            hashes={
+                **self.adapters.hashes(),
+                **(self.refiner.infotext() if refined and self.refiner else {}),
+            },
         )
         return encode_png(image, text)

@@ -148,6 +148,28 @@ class ImageSettings(DonorFlags):
             metavar="DIR",
         ),
     ] = None
+    refiner: Annotated[
+        str | None,
+        Flag(
+            "an SDXL refiner (diffusers folder, .safetensors file or Hugging Face id, e.g. "
+            "stabilityai/stable-diffusion-xl-refiner-1.0) that finishes plain txt2img jobs "
+            "of an SDXL --model",
+            metavar="PATH",
+        ),
+    ] = None
+    refiner_config: Annotated[
+        Path | None,
+        Flag("local diffusers config folder for a single-file --refiner", metavar="DIR"),
+    ] = None
+    refiner_switch: Annotated[
+        float,
+        Field(gt=0.0, lt=1.0),
+        Flag(
+            "the fraction of the noise schedule the base model samples before the refiner "
+            "takes over (default %(default)s)",
+            metavar="F",
+        ),
+    ] = 0.8
     allow_loras: Annotated[
         str,
         Flag(
@@ -315,6 +337,14 @@ def _run(args: argparse.Namespace) -> int:
     except ModelError as exc:
         print(f"error: --model: {exc}", file=sys.stderr)
         return 2
+    refiner = None
+    if settings.refiner is not None:
+        try:
+            refiner = resolve_model(settings.refiner, settings.refiner_config)
+            refiner = download_hub_model(refiner, hf_home / "idlegrid")
+        except ModelError as exc:
+            print(f"error: --refiner: {exc}", file=sys.stderr)
+            return 2
     claimed = claim_identity_from_flags(settings.name, settings.identity, "image")
     if claimed is None:
         return 2
@@ -345,6 +375,9 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint_hash_cache=Path.home() / ".cache" / "idlegrid" / "checkpoint-hashes.json",
         preview_every=settings.preview_every,
         preview_decoder=settings.preview_decoder.resolve() if settings.preview_decoder else None,
+        refiner=None if refiner is None else Path(refiner.location),
+        refiner_config=None if refiner is None else refiner.config_dir,
+        refiner_switch=settings.refiner_switch,
     )
     with claimed:
         return asyncio.run(_serve(config, claimed.identity))

@@ -62,8 +62,11 @@ class ImageWorker:
         adapters: Adapters | None = None,
         checkpoint_sha256: str | None = None,
         baseline: Baseline = "sd1",
+        refiner_sha256: str | None = None,
     ) -> None:
         self.config = config
+        # the --refiner checkpoint's hash (worker.image.checkpoint_hash), in the engine info
+        self.refiner_sha256 = refiner_sha256
         self.sandbox = sandbox
         self.link = link
         # the engine serves source images and masks (worker.image.sources); an inpainting
@@ -101,6 +104,12 @@ class ImageWorker:
             model_sha256, config.model, config.checkpoint_hash_cache
         )
         log.info("checkpoint %s has SHA-256 %s", config.model, checkpoint)
+        refiner = None
+        if config.refiner is not None:
+            refiner = await asyncio.to_thread(
+                model_sha256, str(config.refiner), config.checkpoint_hash_cache
+            )
+            log.info("refiner %s has SHA-256 %s", config.refiner, refiner)
         options = ImageEngineOptions(
             model=config.model,
             model_config=str(config.model_config) if config.model_config else None,
@@ -116,6 +125,9 @@ class ImageWorker:
             annotators={name: str(path) for name, path in config.annotators.items()},
             preview_every=config.preview_every,
             preview_decoder=str(config.preview_decoder) if config.preview_decoder else None,
+            refiner=None if config.refiner is None else str(config.refiner),
+            refiner_config=None if config.refiner_config is None else str(config.refiner_config),
+            refiner_switch=config.refiner_switch,
         )
         adapters = None
         if config.adapters is not None:
@@ -167,6 +179,7 @@ class ImageWorker:
             adapters=adapters,
             checkpoint_sha256=checkpoint,
             baseline=loaded.baseline,
+            refiner_sha256=refiner,
         )
 
     async def aclose(self) -> None:
@@ -188,6 +201,8 @@ class ImageWorker:
                     baseline=self.capabilities.baseline,
                     low_vram=self.config.low_vram,
                     max_batch_pixels=self.config.max_batch_pixels,
+                    refiner_sha256=self.refiner_sha256,
+                    refiner_switch=self.config.refiner_switch if self.config.refiner else None,
                 )
             )
         except (CoordinatorRejected, CoordinatorUnavailable) as exc:
@@ -404,6 +419,10 @@ def engine_policy(config: ImageWorkerConfig) -> SandboxPolicy:
         model_files.append(config.post_processors_dir)
     if config.preview_decoder is not None:
         model_files.append(config.preview_decoder)
+    if config.refiner is not None:
+        model_files.append(config.refiner)
+    if config.refiner_config is not None:
+        model_files.append(config.refiner_config)
     if config.adapters is not None:
         # downloaded by the worker (worker.image.adapters), read by the engine
         model_files.append(config.adapters.cache_dir)
@@ -439,11 +458,15 @@ def engine_info(
     baseline: str | None = None,
     low_vram: bool = False,
     max_batch_pixels: int = 1024 * 1024,
+    refiner_sha256: str | None = None,
+    refiner_switch: float | None = None,
 ) -> dict[str, Any]:
     """The engine build as spot checks compare it: package versions, device, dtype, the
     checkpoint (its hash and family, when known), and what changes the last bits of
     pixels: `--low-vram` (sliced attention; float16 on CUDA) and `--max-batch-pixels` (how
-    a job's images are batched: worker.image.batch).
+    a job's images are batched: worker.image.batch), and the SDXL refiner (`--refiner`: its
+    hash and switch point; absent without one: workers with and without one, or with
+    another, make other pixels for the same txt2img job).
 
     The engine runs on CUDA when torch is a CUDA build and a GPU is present (see
     worker.image.engine); both are read here without importing torch.
@@ -474,4 +497,6 @@ def engine_info(
         **({"baseline": baseline} if baseline else {}),
         "low_vram": low_vram,
         "max_batch_pixels": max_batch_pixels,
+        **({"refiner_sha256": refiner_sha256} if refiner_sha256 else {}),
+        **({"refiner_switch": refiner_switch} if refiner_switch is not None else {}),
     }

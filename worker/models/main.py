@@ -19,7 +19,8 @@ def add_models_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     tiny = models_sub.add_parser(
         "tiny",
-        help="write deterministic tiny random models (DIR/sd, sd-inpaint, sd2, sdxl, llm) for "
+        help="write deterministic tiny random models (DIR/sd, sd-inpaint, sd2, sdxl, sdxl-refiner, "
+        "llm) for "
         "tests and demos",
     )
     tiny.add_argument("dir", type=Path, help="output directory")
@@ -42,7 +43,7 @@ def _run_tiny(args: argparse.Namespace) -> int:
     from worker.models.tiny_models import build_tiny_models
 
     build_tiny_models(args.dir)
-    print(f"tiny models written to {args.dir}: sd, sd-inpaint, sd2, sdxl and llm")
+    print(f"tiny models written to {args.dir}: sd, sd-inpaint, sd2, sdxl, sdxl-refiner and llm")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Tiny random models built offline, for tests and the demo.
 
-`build_tiny_models(out_dir)` writes five deterministic model folders, weights in
+`build_tiny_models(out_dir)` writes six deterministic model folders, weights in
 safetensors only:
 
 - `out_dir/sd`: a diffusers-format Stable Diffusion 1 pipeline (UNet with SD-1 block names,
@@ -17,6 +17,10 @@ safetensors only:
 - `out_dir/sdxl`: a StableDiffusionXLPipeline built the way diffusers' SDXL tests build
   theirs: two text encoders (the second with a projection: the pooled text), a UNet with
   size conditioning ("text_time" added embeddings); the tiny SD VAE (factor 8).
+- `out_dir/sdxl-refiner`: an SDXL refiner (`StableDiffusionXLImg2ImgPipeline`), built as
+  diffusers' refiner tests build theirs: only the second text encoder (its hidden states
+  alone are the UNet's context), a UNet whose added conditioning takes an aesthetic score
+  instead of the target size (`requires_aesthetics_score`); the tiny SDXL's VAE.
 - `out_dir/llm`: a Llama-family causal LM with a byte-level BPE tokenizer trained on a
   seeded synthetic corpus, and a chat template.
 
@@ -45,6 +49,9 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint impo
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
     StableDiffusionXLPipeline,
 )
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+    StableDiffusionXLImg2ImgPipeline,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -65,6 +72,7 @@ __all__ = [
     "build_tiny_models",
     "build_tiny_sd",
     "build_tiny_sdxl",
+    "build_tiny_sdxl_refiner",
     "bytes_to_unicode",
     "write_single_file_checkpoint",
 ]
@@ -273,29 +281,11 @@ def build_tiny_sdxl(out_dir: Path) -> None:
     tokenizer_2 = CLIPTokenizer.from_pretrained(out_dir / "tokenizer_2", local_files_only=True)
     torch.manual_seed(SEED)
     text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
-    torch.manual_seed(SEED + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer_2, "gelu"))
-    time_embed_dim = 8
-    pooled_dim = int(text_encoder_2.config.projection_dim or 0)
+    text_encoder_2 = _tiny_xl_second_encoder(tokenizer_2)
     torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(
-        sample_size=128,  # latent side: the default image is 1024x1024, as SDXL's
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        transformer_layers_per_block=(1, 2),
-        # the two encoders' hidden states side by side
-        cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_embed_dim,
-        # six size numbers (original size, crop corner, target size), each embedded, and
-        # the pooled text
-        projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+    # six size numbers (original size, crop corner, target size), each embedded
+    unet = _tiny_xl_unet(
+        text_encoder.config.hidden_size + text_encoder_2.config.hidden_size, 6, text_encoder_2
     )
     components: dict[str, Any] = {
         "vae": _tiny_vae(scaling_factor=0.13025),
@@ -311,6 +301,70 @@ def build_tiny_sdxl(out_dir: Path) -> None:
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     _keep_hand_written_tokenizers(out_dir, {"tokenizer": CLIP_EOS, "tokenizer_2": "!"})
+
+
+def _tiny_xl_second_encoder(tokenizer_2: CLIPTokenizer) -> CLIPTextModelWithProjection:
+    """SDXL's second (OpenCLIP-style, projected) text encoder; the same weights each call."""
+    torch.manual_seed(SEED + 1)
+    return CLIPTextModelWithProjection(_tiny_clip_config(tokenizer_2, "gelu"))
+
+
+def _tiny_xl_unet(
+    cross_attention_dim: int, time_ids: int, text_encoder_2: CLIPTextModelWithProjection
+) -> UNet2DConditionModel:
+    """SDXL's UNet shape: `time_ids` size (or aesthetic score) numbers, each embedded, and
+    the pooled text as the added conditioning."""
+    time_embed_dim = 8
+    pooled_dim = int(text_encoder_2.config.projection_dim or 0)
+    return UNet2DConditionModel(
+        sample_size=128,  # latent side: the default image is 1024x1024, as SDXL's
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=cross_attention_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=time_ids * time_embed_dim + pooled_dim,
+    )
+
+
+def build_tiny_sdxl_refiner(out_dir: Path) -> None:
+    """Write a tiny SDXL refiner (StableDiffusionXLImg2ImgPipeline) to `out_dir`, as
+    diffusers' refiner tests shape theirs (no first text encoder, `requires_aesthetics_score`):
+    the tiny SDXL's second text encoder and VAE, the same weights (as the published refiner
+    has its base's), and its own random UNet, whose context is the second encoder's hidden
+    states alone and whose added conditioning is original size, crop corner and aesthetic
+    score (five numbers) with the pooled text."""
+    _write_clip_tokenizer(out_dir / "tokenizer_2", "!")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(out_dir / "tokenizer_2", local_files_only=True)
+    text_encoder_2 = _tiny_xl_second_encoder(tokenizer_2)
+    vae = _tiny_vae(scaling_factor=0.13025)
+    torch.manual_seed(SEED + 2)
+    unet = _tiny_xl_unet(text_encoder_2.config.hidden_size, 5, text_encoder_2)
+    components: dict[str, Any] = {
+        "vae": vae,
+        "text_encoder": None,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": None,
+        "tokenizer_2": tokenizer_2,
+        "unet": unet,
+        "scheduler": _sd_scheduler(timestep_spacing="leading"),
+    }
+    # (as the published refiner: an empty negative prompt is encoded, not zeros)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        **components,
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    _keep_hand_written_tokenizers(out_dir, {"tokenizer_2": "!"})
 
 
 # -- Llama-family LM ---------------------------------------------------------------------
@@ -391,12 +445,13 @@ def build_tiny_llm(out_dir: Path) -> None:
 
 def build_tiny_models(out_dir: Path) -> None:
     """Write `out_dir/sd` (Stable Diffusion 1 pipeline), `out_dir/sd-inpaint` (its
-    inpainting form), `out_dir/sd2` (SD 2, v-prediction), `out_dir/sdxl` (SDXL) and
-    `out_dir/llm` (Llama LM)."""
+    inpainting form), `out_dir/sd2` (SD 2, v-prediction), `out_dir/sdxl` (SDXL),
+    `out_dir/sdxl-refiner` (its refiner) and `out_dir/llm` (Llama LM)."""
     build_tiny_sd(out_dir / "sd")
     build_tiny_sd(out_dir / "sd-inpaint", inpainting=True)
     build_tiny_sd(out_dir / "sd2", sd2=True)
     build_tiny_sdxl(out_dir / "sdxl")
+    build_tiny_sdxl_refiner(out_dir / "sdxl-refiner")
     build_tiny_llm(out_dir / "llm")
 
 

@@ -86,7 +86,14 @@ def test_engine_info_reports_the_baseline(
 ) -> None:
     data, _ = xl_engine.handle("image_info", {}, lambda _: None)
     assert cast(int, data.pop("peak_memory_bytes")) > 0
-    assert data == {"model": "sdxl", "inpainting": False, "baseline": "sdxl", "dtype": "float32"}
+    assert data == {
+        "model": "sdxl",
+        "inpainting": False,
+        "baseline": "sdxl",
+        "dtype": "float32",
+        "refiner": None,
+        "refiner_switch": None,
+    }
     for folder, baseline in ((tiny_sd, "sd1"), (tiny_sd2, "sd2")):
         data, _ = ImageEngine({"model": str(folder)}).handle("image_info", {}, lambda _: None)
         assert data["baseline"] == baseline

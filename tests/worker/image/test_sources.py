@@ -339,6 +339,8 @@ def test_the_engine_says_whether_it_loaded_an_inpainting_checkpoint(
             "inpainting": inpainting,
             "baseline": "sd1",
             "dtype": "float32",
+            "refiner": None,
+            "refiner_switch": None,
         }
         assert blobs == []
 
