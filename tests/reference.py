@@ -104,6 +104,19 @@ def plain_image(pipe: _Pipe, params: ImageParams, seed: int) -> np.ndarray:
     return np.asarray(out.images[0])
 
 
+def plain_images(pipe: _Pipe, params: ImageParams, seeds: list[int]) -> list[np.ndarray]:
+    """The images of `seeds` made as one batch (one generator per image, as the engine
+    batches a job's images: worker.image.batch) as RGB pixels."""
+    arguments = {
+        **_common(params, seeds[0]),
+        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        "num_images_per_prompt": len(seeds),
+    }
+    with scheduler_of(pipe, params):
+        out = pipe(width=params.width, height=params.height, **arguments)
+    return [np.asarray(image) for image in out.images]
+
+
 def _sized(image: Image.Image, mode: str, params: ImageParams) -> Image.Image:
     return image.convert(mode).resize((params.width, params.height), Image.Resampling.LANCZOS)
 

@@ -89,7 +89,8 @@ class _Stream:
             yield request
 
     async def open(self, max_length: int, session: str) -> dict[str, Any]:
-        """Open a session (no hidden states): the server's answer's metadata."""
+        """Open a session (no hidden states): the server's answer's metadata (it names the
+        session's max_length: such a request may grow it, worker.llm.swarm.server)."""
         self._responses = await self._stub.rpc_inference(self._requests())
         opening = {"model": "llm", "session_id": session, "max_length": max_length}
         return await self.send(metadata=opening)
@@ -138,7 +139,7 @@ async def test_a_peer_cannot_reserve_the_whole_cache(
     assert f"at most {PEER_SHARE_TOKENS} of {CACHE_TOKENS} tokens per peer" in refused["error"]
 
     share = streams()
-    assert await share.open(PEER_SHARE_TOKENS, "share") == {}
+    assert await share.open(PEER_SHARE_TOKENS, "share") == {"max_length": PEER_SHARE_TOKENS}
     more = streams()
     refused = await more.open(1, "one more")
     assert refused.get("code") == "busy", refused
@@ -151,7 +152,7 @@ async def test_empty_requests_do_not_keep_a_session_alive(
     target: BlockServer, streams: Callable[[], _Stream]
 ) -> None:
     stream = streams()
-    assert await stream.open(100, "squat") == {}
+    assert await stream.open(100, "squat") == {"max_length": 100}
     assert target.free_cache_tokens == CACHE_TOKENS - 100
     async with asyncio.timeout(IDLE_SECONDS * 4):
         while True:
@@ -167,7 +168,7 @@ async def test_a_peer_cannot_open_unbounded_streams(
     streams: Callable[[], _Stream], honest: SwarmClient
 ) -> None:
     for index in range(STREAMS_PER_PEER):
-        assert await streams().open(1, f"s{index}") == {}
+        assert await streams().open(1, f"s{index}") == {"max_length": 1}
     refused = await streams().open(1, "one too many")
     assert refused.get("code") == "busy", refused
     assert f"{STREAMS_PER_PEER} streams" in refused["error"]
@@ -197,7 +198,7 @@ async def test_an_oversized_frame_or_a_rollback_outside_the_session_is_refused(
 
     # hidden states for 100 tokens in a 16-token session: too large, whatever they contain
     stream = streams()
-    assert await stream.open(16, "small") == {}
+    assert await stream.open(16, "small") == {"max_length": 16}
     refused = await stream.send(hidden=torch.zeros(1, 100, 64))
     assert refused.get("code") == "too_large", refused
 
@@ -209,7 +210,7 @@ async def _rollbacks_outside_the_session_are_refused(streams: Callable[[], _Stre
     """start_position (worker.llm.swarm.wire) cuts a session back; one beyond what it
     holds, not a whole number, or leaving more than max_length tokens ends the stream."""
     stream = streams()
-    assert await stream.open(16, "cut") == {}
+    assert await stream.open(16, "cut") == {"max_length": 16}
     assert await stream.send(hidden=torch.zeros(1, 4, 64)) == {}
     assert await stream.send({"start_position": 2}) == {"position": 2}  # a cut alone
     assert await stream.send({"start_position": 1}, torch.zeros(1, 15, 64)) == {"position": 16}
@@ -219,7 +220,7 @@ async def _rollbacks_outside_the_session_are_refused(streams: Callable[[], _Stre
         (3, 14, "3 + 14 tokens exceed the session's max_length 16"),
     ):
         stream = streams()
-        assert await stream.open(16, f"cut-{cut}-{tokens}") == {}
+        assert await stream.open(16, f"cut-{cut}-{tokens}") == {"max_length": 16}
         await stream.send(hidden=torch.zeros(1, 16, 64))
         refused = await stream.send({"start_position": cut}, torch.zeros(1, tokens, 64))
         assert refused.get("code") == "bad_request" and wrong in refused["error"], refused

@@ -59,7 +59,7 @@ def test_the_core_adds_the_credential_each_route_asks_for() -> None:
     sent = core.prepare(pop)
     assert sent.headers == {"X-Worker-Token": "TOKEN"}  # never the account's key
     assert sent.timeout == 35.0  # a long-poll may take its wait and then some
-    assert sent.json == {**CAPS.model_dump(), "wait": 5}
+    assert sent.json == {**CAPS.model_dump(exclude_none=True), "wait": 5}
 
 
 def test_routes_build_bodies_from_the_request_models_and_keys_for_jobs() -> None:

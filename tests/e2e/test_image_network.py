@@ -31,7 +31,7 @@ from client.sdk import Client
 from protocol.messages import JobStatus
 from protocol.params import ImageParams
 from tests.procs import Proc, assert_confined, sandboxed_engine
-from tests.reference import plain_image, plain_pipeline
+from tests.reference import plain_image, plain_images, plain_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -140,6 +140,15 @@ def _direct_diffusers(sd: Path, params: ImageParams, seed: int) -> np.ndarray:
     return plain_image(plain_pipeline(sd), params, seed)
 
 
+def _direct_batch(sd: Path, params: ImageParams, seeds: list[int]) -> list[np.ndarray]:
+    """A job's images as plain diffusers makes them in one batch (the worker batches a
+    job's images: worker.image.batch), on one thread like the worker."""
+    import torch
+
+    torch.set_num_threads(1)
+    return plain_images(plain_pipeline(sd), params, seeds)
+
+
 def test_cli_generates_images_identical_to_plain_diffusers(
     network: Network, tiny_models: Path
 ) -> None:
@@ -181,6 +190,7 @@ def test_cli_generates_images_identical_to_plain_diffusers(
         cfg_scale=6.5,
         sampler="DPM++ 2M Karras",
     )
+    expected = _direct_batch(tiny_models / "sd", params, [1234, 1235])
     for index, path in enumerate(report["paths"]):
         png = Image.open(path)
         assert isinstance(png, PngImageFile)
@@ -188,8 +198,7 @@ def test_cli_generates_images_identical_to_plain_diffusers(
         text = png.text["parameters"]
         assert text.startswith("a lighthouse in a storm\nNegative prompt: blurry\n")
         assert f"Seed: {1234 + index}" in text and "Sampler: DPM++ 2M Karras" in text
-        expected = _direct_diffusers(tiny_models / "sd", params, 1234 + index)
-        assert np.array_equal(np.asarray(png.convert("RGB")), expected)
+        assert np.array_equal(np.asarray(png.convert("RGB")), expected[index])
     shown = network.cli("account", "show", "--json")
     assert json.loads(shown.stdout)["kudos"] == 99
 
@@ -348,7 +357,7 @@ def test_512_images_are_uploaded_paid_once_and_identical_to_plain_diffusers(
     first, second = (np.asarray(png.convert("RGB")) for png in pngs)
     assert not np.array_equal(first, second)
     params = ImageParams(prompt="a lighthouse", width=512, height=512, steps=1)
-    assert np.array_equal(first, _direct_diffusers(tiny_models / "sd", params, 77))
+    assert np.array_equal(first, _direct_batch(tiny_models / "sd", params, [77, 78])[0])
     with Client(network.url, requester) as grid:
         (job,) = [e for e in grid.history().entries if e.reason == "reserve"]
         assert job.job_id is not None

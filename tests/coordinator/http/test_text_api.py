@@ -209,8 +209,9 @@ async def test_bad_reports_and_signatures_are_refused(grid: dict[str, Any]) -> N
     half = [{"peer_id": PEER_A.peer_id, "start": 0, "end": 2, "tokens": 5}]
     with pytest.raises(CoordinatorRejected, match="block 2 ran 0"):
         await gateway.link.submit_text(job, "t", "stop", 1, 5, half)
-    with pytest.raises(CoordinatorRejected, match="block 0 ran 25 tokens"):
-        await gateway.link.submit_text(job, "t", "stop", 1, 5, cover(25))
+    # (6 tokens: at most 8 runs each, MAX_REPLAYS_PER_TOKEN)
+    with pytest.raises(CoordinatorRejected, match="block 0 ran 49 tokens"):
+        await gateway.link.submit_text(job, "t", "stop", 1, 5, cover(49))
     # only block servers linked to a worker can be named (and paid)
     unlinked = [{**cover(5)[0], "peer_id": PEER_UNLINKED.peer_id}]
     with pytest.raises(CoordinatorRejected, match="not linked"):
