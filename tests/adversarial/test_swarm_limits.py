@@ -157,7 +157,7 @@ async def test_empty_requests_do_not_keep_a_session_alive(
     async with asyncio.timeout(IDLE_SECONDS * 4):
         while True:
             answer = await stream.send()
-            if answer:
+            if "code" in answer:  # (an empty request's answer names the max_length)
                 break
             await asyncio.sleep(IDLE_SECONDS / 5)  # keep-alives, well inside the timeout
     assert answer.get("code") == "idle", answer
