@@ -272,7 +272,7 @@ async def _chats_at_once(
     from client.sdk import AsyncClient
 
     async with AsyncClient(url) as anonymous:
-        key = (await anonymous.register("chats")).api_key
+        key = (await anonymous.register("chats" if solo else "chats-then")).api_key
     prompts = [CHAT_PROMPTS[n % len(CHAT_PROMPTS)] + " " * (n // len(CHAT_PROMPTS))
                for n in range(args.chats)]  # fmt: skip
     headers = {"Authorization": f"Bearer {key}"}
