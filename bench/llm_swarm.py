@@ -20,6 +20,11 @@ last answer; the baseline is each of those chats alone (the table shows chat 0 a
 the median chat alone). Every answer must equal its solo answer. `--chats 0` skips it;
 `--chats-only` skips the local/swarm/network table. The table also gives each chat's time
 per token (its seconds from request to answer / its completion tokens), p50 and p95.
+`--profile DIR` adds where the CPU went while the chats ran at once (CPU seconds of every
+process and its children, per decode round; `bench/cpu_share.py`) and, with py-spy
+installed, writes py-spy's raw stacks of the gateway's engine and the first server's
+compute and main process to DIR. `--then-draft-tokens N` then restarts the gateway with
+`--draft-tokens N` and runs the chats at once again, against the same solo baseline.
 
 `--turns N` (issue 25, conversation reuse) runs N conversations of two turns with a
 `--history` tokens long first message (streamed /v1/chat/completions, temperature 0):
@@ -28,7 +33,8 @@ session: only the new tokens are prefilled), and of the same turn 2 by another a
 (a fresh session, the whole history prefilled), with ratios against turn 1.
 
     .venv/bin/python bench/llm_swarm.py [--model DIR] [--threads 1] [--runs 5] [--tokens 64]
-        [--prompt 16] [--chats 8] [--chats-only] [--turns 3] [--history 1000]
+        [--prompt 16] [--chats 8] [--chats-only] [--turns 3] [--history 1000] [--profile DIR]
+        [--then-draft-tokens N]
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from cpu_share import CpuShares
 from processes import wait_line
 
 # Petals 2.2 on this machine, same model and layout (STACK.md): what to beat by 2x
@@ -75,6 +82,14 @@ def main() -> int:
         "--turns", type=int, default=0, help="two-turn conversations to time (0: skip)"
     )
     parser.add_argument("--history", type=int, default=1000, help="first message's tokens")
+    parser.add_argument(
+        "--then-draft-tokens",
+        type=int,
+        help="then restart the gateway with this --draft-tokens and run the chats at once again",
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="profile the chats at once; py-spy stacks go to this folder"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="idlegrid-bench-"))
@@ -93,11 +108,13 @@ def main() -> int:
     threads = str(args.threads)
     cli = [sys.executable, "-m", "client.cli"]
     procs: list[subprocess.Popen[bytes]] = []
+    named: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(label: str, command: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
         log = work / f"{label}.log"
         proc = subprocess.Popen([*cli, *command], stdout=log.open("wb"), stderr=subprocess.STDOUT)
         procs.append(proc)
+        named[label] = proc
         return proc, log
 
     try:
@@ -131,15 +148,29 @@ def main() -> int:
              "--identity", str(work / "second.key")],
         )  # fmt: skip
         wait_line(log, ready, proc, 120)
-        proc, log = start(
-            "gateway",
-            ["worker", "gateway", "--model", str(llm), "--coordinator", url,
-             "--initial-peers", maddr, "--name", "gateway", "--identity", str(work / "gw.key"),
-             "--threads", threads, "--log-level", "INFO" if args.turns else "WARNING",
-             "--max-sessions", str(max(args.chats, 1))],
-        )  # fmt: skip
-        wait_line(log, r"(idlegrid text gateway \S+ ready)", proc, 120)
-        chats = asyncio.run(_chats_at_once(llm, url, args)) if args.chats else None
+
+        def gateway(*flags: str) -> subprocess.Popen[bytes]:
+            proc, log = start(
+                "gateway",
+                ["worker", "gateway", "--model", str(llm), "--coordinator", url,
+                 "--initial-peers", maddr, "--name", "gateway", "--identity",
+                 str(work / "gw.key"), "--threads", threads, "--log-level",
+                 "INFO" if args.turns else "WARNING", "--max-sessions",
+                 str(max(args.chats, 1)), *flags],
+            )  # fmt: skip
+            wait_line(log, r"(idlegrid text gateway \S+ ready)", proc, 120)
+            return proc
+
+        first_gateway = gateway()
+        shares = CpuShares(named) if args.profile is not None else None
+        chats = asyncio.run(_chats_at_once(llm, url, args, shares)) if args.chats else None
+        then = None
+        if chats is not None and args.then_draft_tokens is not None:
+            first_gateway.terminate()
+            first_gateway.wait(timeout=60)
+            gateway("--draft-tokens", str(args.then_draft_tokens))
+            shares = CpuShares(named) if args.profile is not None else None
+            then = asyncio.run(_chats_at_once(llm, url, args, shares, solo=False))
         turns = asyncio.run(_second_turns(llm, url, args)) if args.turns else None
         timings = None if args.chats_only else asyncio.run(_measure(llm, maddr, url, args))
     finally:
@@ -148,7 +179,17 @@ def main() -> int:
             proc.wait(timeout=30)
 
     if chats is not None:
-        _print_chats(llm, args, *chats)
+        _print_chats(llm, args, *chats[:2])
+        if chats[2] is not None:
+            _print_cpu(chats[2], chats[1][2], max(chats[1][3]))
+    if chats is not None and then is not None:
+        print(
+            f"\nthen at once again after restarting the gateway with --draft-tokens "
+            f"{args.then_draft_tokens} (the solo baseline above is kept):"
+        )
+        _print_chats(llm, args, chats[0], then[1])
+        if then[2] is not None:
+            _print_cpu(then[2], then[1][2], max(then[1][3]))
     if turns is not None:
         _print_turns(llm, args, turns)
         said = (work / "gateway.log").read_text(errors="replace")
@@ -212,16 +253,26 @@ CHAT_PROMPTS = [
 
 
 async def _chats_at_once(
-    llm: Path, url: str, args: argparse.Namespace
-) -> tuple[list[tuple[str, int, float]], tuple[list[str], int, float, list[int], list[float]]]:
+    llm: Path,
+    url: str,
+    args: argparse.Namespace,
+    shares: CpuShares | None = None,
+    solo: bool = True,
+) -> tuple[
+    list[tuple[str, int, float]],
+    tuple[list[str], int, float, list[int], list[float]],
+    dict[str, float] | None,
+]:
     """Each chat alone (text, completion tokens, seconds), then all at once (texts, total
-    completion tokens, seconds from the first request to the last answer)."""
+    completion tokens, seconds from the first request to the last answer), and with
+    `shares` the CPU seconds of each process while they ran at once. `solo` False skips
+    the chats alone (an empty list)."""
     import aiohttp
 
     from client.sdk import AsyncClient
 
     async with AsyncClient(url) as anonymous:
-        key = (await anonymous.register("chats")).api_key
+        key = (await anonymous.register("chats" if solo else "chats-then")).api_key
     prompts = [CHAT_PROMPTS[n % len(CHAT_PROMPTS)] + " " * (n // len(CHAT_PROMPTS))
                for n in range(args.chats)]  # fmt: skip
     headers = {"Authorization": f"Bearer {key}"}
@@ -245,17 +296,50 @@ async def _chats_at_once(
             return text, int(answer["usage"]["completion_tokens"]), done - began
 
         await chat(prompts[0])  # warm-up
-        alone = [await chat(prompt) for prompt in prompts]
+        alone = [await chat(prompt) for prompt in prompts] if solo else []
+        if shares is not None:
+            spy = {"gateway/sandbox": "gateway-engine", "first/sandbox": "first-compute"}
+            spy["first/main"] = "first-server"
+            args.profile.mkdir(parents=True, exist_ok=True)
+            tag = "" if solo else "-then"
+            shares.begin({k: args.profile / f"{v}{tag}.txt" for k, v in spy.items()})
         began = time.perf_counter()
         together = await asyncio.gather(*(chat(prompt) for prompt in prompts))
         seconds = time.perf_counter() - began
-    return alone, (
-        [t[0] for t in together],
-        sum(t[1] for t in together),
-        seconds,
-        [t[1] for t in together],
-        [t[2] for t in together],
+        spent = shares.end() if shares is not None else None
+    return (
+        alone,
+        (
+            [t[0] for t in together],
+            sum(t[1] for t in together),
+            seconds,
+            [t[1] for t in together],
+            [t[2] for t in together],
+        ),
+        spent,
     )
+
+
+def _print_cpu(spent: dict[str, float], seconds: float, rounds: int) -> None:
+    """CPU seconds per process while the chats ran at once, per decode round (the longest
+    chat's tokens) and as a share of the machine's CPU over that time."""
+    cores = os.cpu_count() or 1
+    total = cores * seconds
+    print(
+        f"\nwhere the CPU went while they ran at once ({seconds:.2f} s x {cores} cores = "
+        f"{total:.1f} CPU s, {rounds} rounds):"
+    )
+    print(f"| {'process':<24} | {'CPU s':>6} | {'ms / round':>10} | {'share':>6} |")
+    print(f"|{'-' * 26}|{'-' * 8}|{'-' * 12}|{'-' * 8}|")
+    rows = sorted(spent.items(), key=lambda item: -item[1])
+    rows.append(("idle or other work", total - sum(spent.values())))
+    for label, cpu in rows:
+        if cpu < 0.005 * total and label != "idle or other work":
+            continue
+        print(
+            f"| {label:<24} | {cpu:>6.2f} | {cpu * 1000 / max(rounds, 1):>10.1f} "
+            f"| {cpu / total:>6.1%} |"
+        )
 
 
 def _print_chats(

@@ -332,8 +332,10 @@ TEXT_REFRESH: EngineCall[NoMessage, NoMessage, SwarmPeers] = EngineCall(
 )
 
 
-# a block server's weight quantization (`--quant`; worker.llm.swarm.quant)
-BlockQuant = Literal["none", "int8"]
+# a block server's weight quantization (`--quant`; worker.llm.swarm.quant): int8 is torchao's
+# weight-only int8 (CPU or CUDA), bnb-int8 and nf4 are bitsandbytes' LLM.int8 and 4-bit
+# NormalFloat (CUDA only)
+BlockQuant = Literal["none", "int8", "bnb-int8", "nf4"]
 QUANTS: tuple[str, ...] = get_args(BlockQuant)
 
 

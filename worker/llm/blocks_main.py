@@ -89,7 +89,9 @@ class BlocksSettings(BaseModel):
         str,
         Flag(
             "weight quantization: int8 is weight-only int8 through torchao (about a quarter of "
-            "the memory; spot checks allow its noise) (default %(default)s)",
+            "the memory, CPU or CUDA); bnb-int8 (LLM.int8) and nf4 (4-bit NormalFloat) are "
+            "bitsandbytes' and need CUDA; spot checks allow each its noise "
+            "(default %(default)s)",
             choices=QUANTS,
         ),
     ] = "none"
@@ -208,6 +210,11 @@ def _run_blocks(args: argparse.Namespace) -> int:
         span = settings.num_blocks
         if span is not None and not 1 <= span <= model.num_blocks:
             raise _BadFlag("--num-blocks", f"use 1..{model.num_blocks}, got {span}")
+        from worker.llm.swarm.quant import unavailable
+
+        reason = unavailable(settings.quant)
+        if reason is not None:
+            raise _BadFlag("--quant", reason)
     except _BadFlag as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -91,15 +91,17 @@ def forward_batch(
                 f"expected hidden states [1, n, {span.hidden_size}], got {tuple(hidden.shape)}"
             )
     with torch.inference_mode():
-        hidden = torch.cat([h.to(span.dtype) for h in hiddens])
-        positions = torch.stack([torch.arange(past, past + new) for past in pasts])
+        hidden = torch.cat([h.to(span.device, span.dtype) for h in hiddens])
+        positions = torch.stack(
+            [torch.arange(past, past + new, device=span.device) for past in pasts]
+        )
         position_embeddings = span.rotary(hidden, positions)
         cache: Any = _BatchCache(caches)
         masks: dict[int | None, torch.Tensor] = {}
         for offset in range(start - span.start, end - span.start):
             window = span.windows[offset]
             if window not in masks:
-                masks[window] = batch_mask(pasts, new, window)
+                masks[window] = batch_mask(pasts, new, window).to(span.device)
             hidden = span.layers[offset](
                 hidden,
                 attention_mask=masks[window],
@@ -108,4 +110,5 @@ def forward_batch(
                 use_cache=True,
                 position_embeddings=position_embeddings,
             )
+    hidden = hidden.cpu()
     return [hidden[row : row + 1] for row in range(len(hiddens))]

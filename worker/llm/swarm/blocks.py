@@ -27,7 +27,7 @@ from worker.llm.architecture import (
     sliding_window,
 )
 from worker.llm.checkpoint import SafetensorsCheckpoint
-from worker.llm.swarm.quant import quantize_layers
+from worker.llm.swarm.quant import CUDA_QUANTS, quantize_layers
 
 __all__ = ["BlockSpan", "ModelInfo", "cache_length", "new_cache", "truncate_cache"]
 
@@ -136,11 +136,15 @@ class BlockSpan:
     ) -> None:
         self.config = config
         self.layers = layers
-        self.rotary = rotary
         self.start = start
         self.end = end
         self.windows = [sliding_window(config, index) for index in range(start, end)]
-        self.dtype = next(layers[0].parameters()).dtype
+        # the dtype of the span's float tensors (a quantized weight may be stored as int8)
+        # and the device it runs on (the GPU for bitsandbytes' quantizations)
+        floats = [p for p in layers[0].parameters() if p.is_floating_point()]
+        self.dtype = floats[0].dtype
+        self.device = floats[0].device
+        self.rotary = rotary.to(self.device)
 
     @classmethod
     def load(
@@ -181,6 +185,10 @@ class BlockSpan:
             attention: Any = layer.self_attn
             attention.layer_idx = index - start
             layers.append(layer.requires_grad_(False).eval())
+        if quant in CUDA_QUANTS:
+            # bitsandbytes computes in 16 bits (Petals' spans do too)
+            half = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+            layers = [layer.to(half) for layer in layers]
         quantize_layers(layers, quant)
         rotary = architecture.rotary_embedding(config=config)
         log.info(
@@ -224,8 +232,8 @@ class BlockSpan:
             past = 0 if cache is None else int(cache.get_seq_length(start - self.start))
         new = hidden.shape[1]
         with torch.inference_mode():
-            hidden = hidden.to(self.dtype)
-            positions = torch.arange(past, past + new)[None]
+            hidden = hidden.to(self.device, self.dtype)
+            positions = torch.arange(past, past + new, device=self.device)[None]
             position_embeddings = self.rotary(hidden, positions)
             masks: dict[int | None, torch.Tensor | None] = {}
             for offset in range(start - self.start, end - self.start):
@@ -234,7 +242,8 @@ class BlockSpan:
                     # One new token that may see every cached key needs no mask (as in
                     # transformers' own decoding step); saves building one per step.
                     sees_all = new == 1 and (window is None or past < window)
-                    masks[window] = None if sees_all else causal_mask(past, new, window)
+                    mask = None if sees_all else causal_mask(past, new, window)
+                    masks[window] = None if mask is None else mask.to(self.device)
                 mask = masks[window]
                 hidden = self.layers[offset](
                     hidden,
@@ -244,7 +253,7 @@ class BlockSpan:
                     use_cache=cache is not None,
                     position_embeddings=position_embeddings,
                 )
-        return hidden
+        return hidden.cpu()
 
     def measure_throughput(self, steps: int = 16, prefix: int = 8) -> float:
         """Tokens per second through the whole span, one token per step after a short prefix."""

@@ -16,8 +16,9 @@ the two hidden-state vectors, and its worst over the positions, must stay within
 that: all 30 blocks of SmolLM2 in bfloat16 against float32 differ by 1.9 % on average and
 4.1 % at worst (33 tokens); garbage lands far above it. A liar that perturbs every state
 by less than 10 % is not caught by this check. Quantized servers announce their
-quantization, and a comparison allows each side its quantization's noise on top
-(`worker.llm.swarm.quant.pair_tolerance`: int8 adds 0.05 a side).
+quantization, and a comparison of two different quantizations allows each side its
+quantization's noise on top (`worker.llm.swarm.quant.pair_tolerance`: int8 adds 0.05 a
+side, bnb-int8 0.15, nf4 0.5); servers of the checked one's quantization are asked first.
 
 Verdicts (protocol.text.ServerCheck): B agrees -> "agree". B disagrees -> a third server C
 of the same blocks (if any) recomputes the prefix too: the one C disagrees with, while C
@@ -142,6 +143,9 @@ async def check_hop(
     quants = await _quants(client, hop)
     candidates = sorted(quants.keys() - {hop.peer_id})
     rng.shuffle(candidates)
+    # servers of the checked one's quantization first (still in random order): they compute
+    # alike, so no quantization allowance hides a lie between them
+    candidates.sort(key=lambda peer: quants[peer] != quants[hop.peer_id])
     blocks = hop.end - hop.start
     answers: list[tuple[str, torch.Tensor]] = []
     for peer in candidates:

@@ -66,7 +66,7 @@ class ComputeSettings:
     # torch dtype name for the layers, or None to keep the stored one
     dtype: str | None
     threads: int
-    # weight quantization: "none" or "int8" (worker.llm.swarm.quant)
+    # weight quantization: one of protocol.engine.QUANTS (worker.llm.swarm.quant)
     quant: str = "none"
     # False only for `--unsandboxed`: then the compute shares the server's user and files
     confine: bool = True

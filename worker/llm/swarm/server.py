@@ -94,7 +94,7 @@ class BlockServerConfig:
     threads: int = 1
     # weights dtype, e.g. torch.bfloat16; None keeps the stored dtype
     dtype: torch.dtype | None = None
-    # weight quantization (`--quant`): "none" or "int8" (worker.llm.swarm.quant)
+    # weight quantization (`--quant`): one of protocol.engine.QUANTS (worker.llm.swarm.quant)
     quant: str = "none"
     # seconds between refreshes of the DHT record, and how long a record lives
     announce_interval: float = 10.0
