@@ -53,6 +53,7 @@ __all__ = [
     "BasePipeline",
     "SourcePipeline",
     "baseline_of",
+    "load_from",
     "load_pipeline",
     "source_pipeline",
     "text_encoding",
@@ -97,6 +98,21 @@ def _family(source: ModelSource) -> type[BasePipeline]:
     )
 
 
+def load_from(pipeline_class: Any, source: ModelSource) -> Any:
+    """`pipeline_class` loaded from the diffusers folder or the single file (with its config
+    folder) that `source` names: safetensors only, in float32 on the CPU."""
+    if source.kind == "folder":
+        return pipeline_class.from_pretrained(
+            source.location, use_safetensors=True, local_files_only=True, dtype=torch.float32
+        )
+    return pipeline_class.from_single_file(
+        source.location,
+        config=str(source.config_dir),
+        local_files_only=True,
+        dtype=torch.float32,
+    )
+
+
 def load_pipeline(source: ModelSource) -> BasePipeline:
     """Load the pipeline of the model's family that `source` describes, safetensors only,
     in float32 on the CPU."""
@@ -108,19 +124,7 @@ def load_pipeline(source: ModelSource) -> BasePipeline:
             "models before starting the engine, so pass the id to `idlegrid worker image "
             "--model`"
         )
-    family = _family(source)
-    pipe: BasePipeline
-    if source.kind == "folder":
-        pipe = family.from_pretrained(
-            source.location, use_safetensors=True, local_files_only=True, dtype=torch.float32
-        )
-    else:
-        pipe = family.from_single_file(
-            source.location,
-            config=str(source.config_dir),
-            local_files_only=True,
-            dtype=torch.float32,
-        )
+    pipe: BasePipeline = load_from(_family(source), source)
     if isinstance(pipe, StableDiffusionXLPipeline):
         # (installed, invisible-watermark would mark every image: A1111 does not, and the
         # pixels would then depend on whether that package happens to be installed)

@@ -37,6 +37,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2im
 )
 
 from worker.errors import UnsupportedArchitecture
+from worker.image.baselines import load_from
 from worker.image.conditioning import Conditioning, DualTextEncoding, TextEncoding
 from worker.image.model_source import ModelSource
 
@@ -141,18 +142,7 @@ def load_refiner(
     if not 0.0 < switch < 1.0:
         raise ValueError(f"--refiner-switch {switch}: give a fraction between 0 and 1")
     _refiner_index(source)
-    pipe: StableDiffusionXLImg2ImgPipeline
-    if source.kind == "folder":
-        pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-            source.location, use_safetensors=True, local_files_only=True, dtype=torch.float32
-        )
-    else:
-        pipe = StableDiffusionXLImg2ImgPipeline.from_single_file(
-            source.location,
-            config=str(source.config_dir),
-            local_files_only=True,
-            dtype=torch.float32,
-        )
+    pipe: StableDiffusionXLImg2ImgPipeline = load_from(StableDiffusionXLImg2ImgPipeline, source)
     if pipe.text_encoder_2 is None or not pipe.config.get("requires_aesthetics_score", False):
         raise UnsupportedArchitecture(
             f"--refiner {source.location}: its pipeline does not take an aesthetic score "
