@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from protocol.params import ImageParams
 from tests.civitai import random_lora, random_ti
 from tests.reference import plain_image, plain_xl_pipeline
+from tests.worker.image.test_lora_engine import BASE  # (the same job as on SD 1)
 from worker.errors import AdapterUnavailable
 from worker.image.engine import ImageEngine
 
@@ -30,14 +31,6 @@ pytestmark = [
     ),
 ]
 
-BASE: dict[str, Any] = {
-    "prompt": "tinytok a red cat",
-    "negative_prompt": "blurry",
-    "width": 64,
-    "height": 64,
-    "steps": 3,
-    "seed": 42,
-}
 # |diff| allowed between the engine and the reference (the bound)
 TOLERANCE = 2
 
