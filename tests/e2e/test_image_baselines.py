@@ -29,12 +29,6 @@ from tests.reference import plain_image, plain_pipeline, plain_xl_pipeline
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning"),
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
-    ),
 ]
 
 SIZE = {"width": 64, "height": 64, "steps": 3, "seed": 7, "sampler": "Euler a"}

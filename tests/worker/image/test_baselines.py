@@ -29,15 +29,6 @@ from worker.errors import InvalidGenerationInput, UnsupportedArchitecture
 from worker.image.baselines import text_encoding
 from worker.image.engine import ImageEngine
 
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
-    ),
-]
-
 BASE: dict[str, Any] = {
     "prompt": "a photo of a red cat",
     "width": 64,

@@ -23,15 +23,6 @@ from worker.image.main import ImageSettings
 from worker.image.memory import PeakMemory
 from worker.image.worker import engine_info
 
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
-    ),
-]
-
 # prompt editing swaps the embeddings mid-run, which a batch must repeat per image
 BASE = {
     "prompt": "a photo of a [red:blue:0.5] cat",

@@ -32,15 +32,6 @@ from worker.image.engine import ImageEngine
 from worker.image.main import controlnets
 from worker.models.tiny_controlnet import build_tiny_controlnet
 
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
-    ),
-]
-
 BASE: dict[str, Any] = {
     "prompt": "a photo of a red cat",
     "width": 64,

@@ -32,15 +32,6 @@ from worker.image.main import annotators
 from worker.image.worker import ImageWorker, engine_policy
 from worker.models.tiny_controlnet import build_tiny_controlnet
 
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
-    ),
-]
-
 
 @pytest.fixture(scope="module")
 def hed_file(tmp_path_factory: pytest.TempPathFactory) -> Path:

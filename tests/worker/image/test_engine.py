@@ -28,14 +28,6 @@ from worker.image.samplers import SCHEDULER_SPECS, make_scheduler
 
 # diffusers' schedulers hand torch tensors to numpy functions; numpy 2 warns that torch's
 # Tensor.__array__ / __array_wrap__ lack its newer keywords. Harmless; nothing else muted.
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
-    ),
-]
 
 BASE = {"prompt": "a photo of a red cat", "width": 64, "height": 64, "steps": 3, "cfg_scale": 7.0}
 # the images of a job run as one batch, whose matrix products may round differently in the

@@ -28,15 +28,6 @@ from worker.image.engine import ImageEngine
 from worker.image.post_files import post_processor_files
 from worker.image.postprocess import PostProcessors, load_post_processor
 
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
-    ),
-]
-
 BASE = {"prompt": "a photo of a red cat", "steps": 4, "cfg_scale": 7.0, "seed": 31}
 CPU = torch.device("cpu")
 

@@ -24,12 +24,6 @@ pytestmark = [
     pytest.mark.slow,
     # peft says so for every LoRA after the first: several adapters are what we want
     pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning"),
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
-    ),
 ]
 
 BASE: dict[str, Any] = {

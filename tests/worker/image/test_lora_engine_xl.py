@@ -23,12 +23,6 @@ from worker.image.engine import ImageEngine
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
-    ),
 ]
 
 # |diff| allowed between the engine and the reference (the bound)

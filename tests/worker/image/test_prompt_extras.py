@@ -26,15 +26,6 @@ from worker.errors import InvalidGenerationInput
 from worker.image.engine import ImageEngine
 from worker.image.samplers import KarrasEulerAncestralScheduler, make_scheduler
 
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
-    ),
-]
-
 BASE: dict[str, Any] = {
     "prompt": "a photo of a red cat",
     "width": 64,

@@ -28,15 +28,6 @@ from worker.image.engine import ImageEngine
 from worker.image.refiner import base_steps
 from worker.image.worker import engine_info
 
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
-    ),
-]
-
 # (a negative prompt: the published refiner encodes an empty one where A1111 and the
 # engine give zeros; a non-empty one means the same to both)
 BASE: dict[str, Any] = {

@@ -33,15 +33,6 @@ from worker.image.config import ImageWorkerConfig
 from worker.image.engine import ImageEngine
 from worker.image.worker import ENGINE, ImageWorker
 
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
-    ),
-]
-
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BASE: dict[str, Any] = {
     "prompt": "a photo of a red cat",

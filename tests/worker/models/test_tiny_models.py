@@ -19,14 +19,6 @@ from worker.models.tiny_models import (
 
 # diffusers' schedulers hand torch tensors to numpy functions; numpy 2 warns that torch's
 # Tensor.__array__ / __array_wrap__ lack its newer keywords. Harmless; nothing else muted.
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
-    ),
-]
 
 
 def _files(root: Path) -> dict[str, bytes]:
