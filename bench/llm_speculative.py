@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from processes import wait_line
+from processes import Processes, bench_llm, start_swarm
 
 PARAGRAPH = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk. He polished the "
@@ -80,55 +78,13 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="idlegrid-bench-"))
-    if args.model is not None:
-        llm = args.model.resolve()
-    else:
-        models = Path(os.environ.get("IDLEGRID_TEST_MODELS") or work / "models")
-        if not (models / "llm" / "config.json").exists():
-            from worker.models.tiny_models import build_tiny_models
-
-            build_tiny_models(models)
-        llm = models / "llm"
-    import json
-
-    blocks = json.loads((llm / "config.json").read_text())["num_hidden_layers"]
-    half = blocks // 2
-    cli = [sys.executable, "-m", "client.cli"]
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(label: str, command: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
-        log = work / f"{label}.log"
-        proc = subprocess.Popen([*cli, *command], stdout=log.open("wb"), stderr=subprocess.STDOUT)
-        procs.append(proc)
-        return proc, log
-
+    llm = bench_llm(args.model, work)
+    processes = Processes(work)
     try:
-        proc, log = start(
-            "coordinator",
-            ["coordinator", "--port", "0", "--data-dir", str(work / "data"),
-             "--log-level", "WARNING"],
-        )  # fmt: skip
-        url = wait_line(log, r"listening on (http://\S+)", proc, 60)
-        ready = r"serving blocks \d+:\d+ of \S+ at (\S+)"
-        server = ["worker", "blocks", "--model", str(llm), "--coordinator", url]
-        server += ["--threads", str(args.threads), "--log-level", "WARNING"]
-        proc, log = start(
-            "first",
-            [*server, "--blocks", f"0:{half}", "--new-swarm", "--name", "first",
-             "--identity", str(work / "first.key")],
-        )  # fmt: skip
-        maddr = wait_line(log, ready, proc, 120)
-        proc, log = start(
-            "second",
-            [*server, "--blocks", f"{half}:{blocks}", "--initial-peers", maddr, "--name", "second",
-             "--identity", str(work / "second.key")],
-        )  # fmt: skip
-        wait_line(log, ready, proc, 120)
+        _, maddr = start_swarm(processes, llm, args.threads)
         rows = asyncio.run(_measure(llm, maddr, args))
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(timeout=30)
+        processes.stop()
     _print(llm, args, rows)
     return 0
 

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from cpu_share import CpuShares
-from processes import wait_line
+from processes import Processes, bench_llm, start_swarm, wait_line
 
 # Petals 2.2 on this machine, same model and layout (STACK.md): what to beat by 2x
 PETALS_TOKENS_PER_S = (52, 64)
@@ -93,61 +93,19 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="idlegrid-bench-"))
-    if args.model is not None:
-        llm = args.model.resolve()
-    else:
-        models = Path(os.environ.get("IDLEGRID_TEST_MODELS") or work / "models")
-        if not (models / "llm" / "config.json").exists():
-            from worker.models.tiny_models import build_tiny_models
-
-            build_tiny_models(models)
-        llm = models / "llm"
+    llm = bench_llm(args.model, work)
     config = json.loads((llm / "config.json").read_text())
     blocks, hidden = config["num_hidden_layers"], config["hidden_size"]
     half = blocks // 2
     threads = str(args.threads)
-    cli = [sys.executable, "-m", "client.cli"]
-    procs: list[subprocess.Popen[bytes]] = []
-    named: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(label: str, command: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
-        log = work / f"{label}.log"
-        proc = subprocess.Popen([*cli, *command], stdout=log.open("wb"), stderr=subprocess.STDOUT)
-        procs.append(proc)
-        named[label] = proc
-        return proc, log
+    processes = Processes(work)
+    start, named = processes.start, processes.named
 
     try:
-        proc, log = start(
-            "coordinator",
-            [
-                "coordinator",
-                "--port",
-                "0",
-                "--data-dir",
-                str(work / "data"),
-                "--log-level",
-                "WARNING",
-            ],
-        )
-        url = wait_line(log, r"listening on (http://\S+)", proc, 60)
-        ready = r"serving blocks \d+:\d+ of \S+ at (\S+)"
-        server = ["worker", "blocks", "--model", str(llm), "--coordinator", url]
-        server += ["--threads", threads, "--log-level", "WARNING"]
         # every chat at once is one stream from the gateway's peer to each server
-        server += ["--max-streams-per-peer", str(max(8, args.chats))]
-        proc, log = start(
-            "first",
-            [*server, "--blocks", f"0:{half}", "--new-swarm", "--name", "first",
-             "--identity", str(work / "first.key")],
-        )  # fmt: skip
-        maddr = wait_line(log, ready, proc, 120)
-        proc, log = start(
-            "second",
-            [*server, "--blocks", f"{half}:{blocks}", "--initial-peers", maddr, "--name", "second",
-             "--identity", str(work / "second.key")],
-        )  # fmt: skip
-        wait_line(log, ready, proc, 120)
+        url, maddr = start_swarm(
+            processes, llm, args.threads, ["--max-streams-per-peer", str(max(8, args.chats))]
+        )
 
         def gateway(*flags: str) -> subprocess.Popen[bytes]:
             proc, log = start(
@@ -174,9 +132,7 @@ def main() -> int:
         turns = asyncio.run(_second_turns(llm, url, args)) if args.turns else None
         timings = None if args.chats_only else asyncio.run(_measure(llm, maddr, url, args))
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(timeout=30)
+        processes.stop()
 
     if chats is not None:
         _print_chats(llm, args, *chats[:2])
