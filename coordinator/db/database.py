@@ -26,7 +26,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from coordinator.config import CoordinatorConfig
 from coordinator.db import inline_sqlite
 from coordinator.db.ledger import open_balance
-from coordinator.db.raw import RAW
+from coordinator.db.raw import RAW, begun
 from coordinator.db.schema import accounts, migrate
 from coordinator.db.sqlite_reads import Reads
 from coordinator.db.sqlite_tx import NOMINAL, Held
@@ -199,6 +199,7 @@ class Database:
         conn.info[TOUCHED] = set()
         conn.info[SYSTEM] = self._system_ids
         conn.info[RAW] = driver
+        begun(conn, driver)
 
     async def _before_commit(self, conn: AsyncConnection) -> None:
         touched: set[int] = conn.info[TOUCHED]

@@ -52,8 +52,16 @@ class LocalFiles(FileStore):
 
     async def mark(self, job_id: str, worker_id: str, index: int, sha256: str) -> None:
         marker = self._root / marker_name(job_id, worker_id, index)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=marker.parent, prefix=".marker-")
+        folder = marker.parent
+        try:
+            # (two mkdirs, where pathlib's mkdir(parents=True) makes three calls)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder.parent)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder)
+        except FileNotFoundError:  # the uploads folder itself went away
+            folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".marker-")
         try:
             with os.fdopen(fd, "w") as handle:
                 handle.write(sha256)
