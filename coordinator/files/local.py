@@ -1,7 +1,8 @@
 """LocalFiles: stored files under the data directory (`--file-store local`, the default).
 
     <data dir>/results/<ab>/<rest>.png          result images
-    <data dir>/uploads/<job>/<worker>/<index>   upload markers
+    <data dir>/uploads/<job>/<worker>/<index>   upload markers (symbolic links whose
+                                                target is the image's SHA-256)
     <data dir>/uploads/.incoming-*              uploads being received (the spool)
 
 The spool lies on the same file system as results/, so keeping a checked upload is one
