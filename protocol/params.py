@@ -378,9 +378,10 @@ def sampled_steps(params: ImageParams) -> int:
     return min(int(params.steps * params.denoising_strength), params.steps)
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)
 def stored_params(text: str) -> ImageParams:
     """`ImageParams.model_validate_json(text)`, remembered: a coordinator reads a job's
-    stored params several times in its life, and the model is frozen, so one instance
-    serves every read."""
+    stored params several times in its life (its pop, upload and result within seconds),
+    and the model is frozen, so one instance serves every read. At most 256 are kept (a
+    params' JSON is at most some 10 KB)."""
     return ImageParams.model_validate_json(text)
