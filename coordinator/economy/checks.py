@@ -65,7 +65,7 @@ from coordinator.economy.suspicion import suspect
 from coordinator.economy.verification import Outcome
 from protocol.adapted import pinned
 from protocol.loras import ResolvedAdapter
-from protocol.params import ImageParams, stored_params
+from protocol.params import ImageParams
 from protocol.samplers import sampler_factor
 from protocol.signing import params_hash
 
@@ -233,7 +233,7 @@ async def after_result(
 ) -> None:
     """Speed check and maybe schedule a spot check of a finished ordinary image job."""
     worker = (await raw.execute(conn, WORKER_ROW, {"worker_id": worker_id})).one()
-    work = _work(stored_params(job.params))
+    work = _work(ImageParams.model_validate_json(job.params))
     # Lease to result is an upper bound of the compute time (it adds the round trips and
     # the upload), so an honest worker never looks faster than its GPU, at any job size.
     elapsed = max(now - await _busy_since(conn, worker_id, job), 1e-3)
