@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import (
@@ -56,6 +57,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.db import raw
 from coordinator.db.database import GRANTS, now
 from coordinator.db.ledger import balance, post_entry
+from coordinator.db.prepared import Shapes
 from coordinator.db.schema import jobs, ledger_entries, postings, results, workers
 from coordinator.economy.check_refiner import check_refiner, refiner_setup_of
 from coordinator.economy.payments import (
@@ -100,6 +102,17 @@ _LAST_RESULT = select(func.max(jobs.c.finished_at)).where(
     & (jobs.c.worker_id == bindparam("worker", type_=jobs.c.worker_id.type))
     & (jobs.c.id != bindparam("job_id", type_=jobs.c.id.type))
 )
+
+
+# the checked worker as `_referees` sees it, its values bound at execution (as
+# coordinator.jobs.hot.ME): checked_id, checked_account, checked_ip
+_CHECKED = SimpleNamespace(
+    id=bindparam("checked_id", type_=workers.c.id.type),
+    account_id=bindparam("checked_account", type_=workers.c.account_id.type),
+    ip=bindparam("checked_ip", type_=workers.c.ip.type),
+)
+# (verify_distinct_ip) -> the statement of `_referees`, built once
+_REFEREES: Shapes[Select[Any]] = Shapes()
 
 
 def _work(params: ImageParams) -> int:
@@ -280,15 +293,32 @@ async def after_result(
     )
 
 
-def _referees(config: CoordinatorConfig, worker: Any, now: float) -> Select[Any]:
-    """The engine reports of the trusted workers seen lately that are independent of
-    `worker` (a row of `workers`): who could run a check of its work."""
-    return select(workers.c.engine).where(
-        (workers.c.trusted == 1)
-        & (workers.c.paused == 0)
-        & (workers.c.last_seen >= now - REFEREE_SEEN_SECONDS)
-        & ~related(config, workers.c, worker)
-    )
+async def _referees(
+    conn: AsyncConnection, config: CoordinatorConfig, worker: Any, now: float
+) -> list[str | None]:
+    """The engine reports (one of each) of the trusted workers seen lately that are
+    independent of `worker` (a row of `workers`): who could run a check of its work."""
+
+    def build() -> Select[Any]:
+        return (
+            select(workers.c.engine)
+            .where(
+                (workers.c.trusted == 1)
+                & (workers.c.paused == 0)
+                & (workers.c.last_seen >= bindparam("since", type_=workers.c.last_seen.type))
+                & ~related(config, workers.c, _CHECKED)
+            )
+            .distinct()
+        )
+
+    values = {
+        "checked_id": worker.id,
+        "checked_account": worker.account_id,
+        "checked_ip": worker.ip,
+        "since": now - REFEREE_SEEN_SECONDS,
+    }
+    statement = _REFEREES.get(config.verify_distinct_ip, build)
+    return (await raw.execute(conn, statement, values)).scalars()
 
 
 async def unrefereed(
@@ -303,7 +333,7 @@ async def unrefereed(
     refiner = check_refiner(worker.engine, ImageParams.model_validate_json(job.params))
     if refiner is None:
         return False
-    engines = (await conn.execute(_referees(config, worker, now).distinct())).scalars().all()
+    engines = await _referees(conn, config, worker, now)
     return bool(engines) and all(refiner_setup_of(engine) != refiner for engine in engines)
 
 
@@ -319,13 +349,10 @@ async def queue_check_if_refereed(
 ) -> None:
     """Queue a check of `job` by `worker`, only when an independent trusted worker is around
     to run it (of the refiner setup `refiner`, if not None); else the held kudos wait."""
-    referees = _referees(config, worker, now)
-    if refiner is None:
-        found = (await conn.execute(referees.limit(1))).first() is not None
-    else:
-        engines = (await conn.execute(referees.distinct())).scalars().all()
-        found = any(refiner_setup_of(engine) == refiner for engine in engines)
-    if found:
+    engines = await _referees(conn, config, worker, now)
+    if refiner is not None:
+        engines = [engine for engine in engines if refiner_setup_of(engine) == refiner]
+    if engines:
         await _queue_check(conn, job, verification_account, refiner)
 
 
