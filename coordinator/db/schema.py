@@ -207,6 +207,10 @@ jobs = Table(
     # JSON list of protocol.loras.ResolvedAdapter: the versions and files an image job's
     # result used (signed by its worker); its verification re-run is pinned to them
     Column("adapters", Text),
+    # --- refiners (0012_check_refiner) ---
+    # on a spot check: the refiner setup (protocol.refiner.refiner_setup) its checker must
+    # have to make the original's pixels; NULL: any checker
+    Column("check_refiner", Text),
     Index("ix_jobs_state", "state", "created_at"),
     Index("ix_jobs_account", "account_id", "state"),
     # the queue: the next job of a kind is the first row of this index that fits

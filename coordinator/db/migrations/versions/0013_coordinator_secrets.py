@@ -1,7 +1,7 @@
 """Keys shared by every coordinator process on one database.
 
 Revision ID: 0013_coordinator_secrets
-Revises: 0011_lora_pins
+Revises: 0012_check_refiner
 Create Date: 2026-12-07
 
 Adds `coordinator_secrets`: a random key per name (coordinator.db.secrets), made by the first
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0013_coordinator_secrets"
-down_revision: str | Sequence[str] | None = "0011_lora_pins"
+down_revision: str | Sequence[str] | None = "0012_check_refiner"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
