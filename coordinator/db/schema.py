@@ -398,6 +398,16 @@ stored_files = Table(
     Column("created_at", Float, nullable=False),
 )
 
+coordinator_secrets = Table(
+    "coordinator_secrets",
+    metadata,
+    # random keys every coordinator process on one database shares, kept across restarts
+    # (coordinator.db.secrets); never sent to anyone
+    Column("name", String(64), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
 
 async def migrate(conn: AsyncConnection) -> str | None:
     """Upgrade the database to the newest Alembic revision inside the caller's
