@@ -22,7 +22,7 @@ from typing import Any
 from protocol.params import ImageParams
 from protocol.refiner import refiner_setup, refiner_takes
 
-__all__ = ["UNREPORTED", "check_refiner", "refiner_setup_of"]
+__all__ = ["UNREPORTED", "check_refiner", "refiner_setup_of", "sdxl_engine"]
 
 # the setup bound for a checker that reported no engine: matches no requirement
 UNREPORTED = "unreported"
@@ -57,9 +57,15 @@ def check_refiner(engine: str | None, params: ImageParams) -> str | None:
     report being `engine`: its worker's own for a job a refiner may take on an SDXL engine
     (one with a refiner is one); None (any checker) for every other job, or without a
     report."""
-    if not engine or not refiner_takes(params):
-        return None
-    report = _report(engine)
-    if not report.get("refiner_sha256") and report.get("baseline") != "sdxl":
+    if not sdxl_engine(engine) or not refiner_takes(params):
         return None
     return refiner_setup_of(engine)
+
+
+def sdxl_engine(engine: str | None) -> bool:
+    """Whether the engine report is an SDXL one (or has a refiner): the only engines whose
+    checks `check_refiner` may constrain (cheap: the report's parse is cached)."""
+    if not engine:
+        return False
+    report = _report(engine)
+    return bool(report.get("refiner_sha256")) or report.get("baseline") == "sdxl"

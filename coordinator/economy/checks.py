@@ -59,7 +59,7 @@ from coordinator.db.database import GRANTS, now
 from coordinator.db.ledger import balance, post_entry
 from coordinator.db.prepared import Shapes
 from coordinator.db.schema import jobs, ledger_entries, postings, results, workers
-from coordinator.economy.check_refiner import check_refiner, refiner_setup_of
+from coordinator.economy.check_refiner import check_refiner, refiner_setup_of, sdxl_engine
 from coordinator.economy.payments import (
     DONE,
     Pay,
@@ -328,8 +328,8 @@ async def unrefereed(
     for its refiner setup: independent trusted workers are around, but none has the setup a
     check of it requires (coordinator.economy.check_refiner). Such a job is settled as an
     unsigned one (held for dispute, then paid), not held until a check that cannot come."""
-    if worker.trusted:
-        return False
+    if worker.trusted or not sdxl_engine(worker.engine):
+        return False  # (without parsing the params: this runs on every result)
     refiner = check_refiner(worker.engine, ImageParams.model_validate_json(job.params))
     if refiner is None:
         return False
