@@ -39,8 +39,8 @@ def test_a_refined_job_is_checked_by_a_refiner_worker_and_agrees(
         # (both reported their engine, refiner included)
         assert network.sandboxed(referee) and network.sandboxed(painter)
         # the trusted referee was seen (a check can be queued) but is away while the
-        # untrusted painter serves the job (its long poll, cut off, may still lease the
-        # check: the short lease gives it back soon)
+        # untrusted painter serves the job (its cut-off long poll leases nothing:
+        # coordinator.http.polling; the short lease is a backstop)
         referee.stop()
         with Client(network.url, alice) as grid:
             params = ImageParams(prompt="a red cat", width=64, height=64, steps=4, seed=3)
