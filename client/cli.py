@@ -345,6 +345,7 @@ async def _generate(args: argparse.Namespace) -> int:
                 on_progress=progress,
                 source_image=source,
                 source_mask=mask,
+                nsfw=args.nsfw,
                 on_warning=lambda warning: print(f"warning: {warning}", file=sys.stderr),
                 on_preview=preview,
             )
@@ -533,6 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("-n", type=int, default=1, help="number of images (default %(default)s)")
     generate.add_argument("--model", help="model name (default: whatever the workers serve)")
+    generate.add_argument(
+        "--nsfw",
+        action="store_true",
+        help="the request is NSFW (AI Horde's nsfw): needed for a model the coordinator's "
+        "image model reference marks nsfw",
+    )
     add_adapter_flags(generate)
     generate.add_argument(
         "-o", "--output", type=Path, default=Path("."), help="directory for the PNGs (default .)"

@@ -322,15 +322,16 @@ class AsyncClient(AsyncApi):
         *,
         source_image: bytes | None = None,
         source_mask: bytes | None = None,
+        nsfw: bool = False,
         on_warning: Callable[[str], None] | None = None,
         on_preview: PreviewCallback | None = None,
     ) -> GenerationResult:
         """Submit, wait and download. Files are named `<job id>-<index>.png` in `out_dir`.
-        `source_image`, `source_mask`: as `submit_image` takes them; `on_warning` is called
+        `source_image`, `source_mask`, `nsfw`: as `submit_image` takes them; `on_warning` is called
         with each of the coordinator's warnings as soon as the job is made (they are in the
         result too); `on_preview` with each live preview (see `wait`)."""
         created = await self.submit_image(
-            params, source_image=source_image, source_mask=source_mask
+            params, source_image=source_image, source_mask=source_mask, nsfw=nsfw
         )
         for warning in created.warnings:
             if on_warning is not None:

@@ -13,6 +13,7 @@ from aiohttp import web
 import coordinator.http.web  # noqa: F401  (the web page; not `web`: aiohttp's is)
 from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.config import CoordinatorConfig
+from coordinator.db.secrets import REQUESTER_TAGS, shared_key
 from coordinator.files import open_file_store
 
 # Importing the route modules registers their handlers on API.
@@ -42,6 +43,7 @@ from coordinator.http.state import (
     FILES,
     LIMITER,
     PREVIEWS,
+    REQUESTER_KEY,
     SIGNALS,
     STORE,
     VIEWS,
@@ -98,6 +100,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     app[STORE] = store = await Store.open(config, clock=app[CLOCK])
     app[FILES] = open_file_store(config, store.db.engine)
+    app[REQUESTER_KEY] = await shared_key(store.db.engine, REQUESTER_TAGS)
     app[SIGNALS] = signals = Signals(app[CLOCK])
     bridge: NotifyBridge | None = None
     if store.db.dialect == "postgresql":

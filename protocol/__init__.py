@@ -17,6 +17,7 @@ exceptions, documented where they are: a command's settings read the environment
     signing.py     Ed25519 identities, canonical JSON, what gets signed
     peer_ids.py    libp2p peer ids: the key behind one, and checking its signature
     infotext.py    the AUTOMATIC1111 `parameters` text stored in PNGs
+    refiner.py     which jobs an SDXL refiner finishes; a worker's refiner setup
     loras.py       CivitAI LoRAs and textual inversions of a job; baselines
     image_models.py  an image model of the operator's reference (hash, limits, baseline)
     adapted.py     the engine call of a job with them; what a result signs about them

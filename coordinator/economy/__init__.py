@@ -5,6 +5,7 @@ kudos.py            Ledger (store.ledger): balances, audit, mint, transfers, rat
 payments.py         paying workers (trust hold), releases, AI Horde holds and disputes,
                     uptime kudos
 checks.py           spot checks: independence, scheduling, verdicts (quorum of two)
+check_refiner.py    which checker's refiner setup makes a checked job's pixels
 suspicion.py        suspicion and the one way a worker (and its owner) is paused
 text_settlement.py  a finished text job's report checked, charged and paid out
 horde_text.py       an AI Horde text worker's text: tokens estimated, priced, held

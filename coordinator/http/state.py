@@ -13,7 +13,17 @@ from coordinator.jobs.previews import Previews
 from coordinator.jobs.signals import Signals
 from coordinator.store import Store
 
-__all__ = ["CLOCK", "CONFIG", "FILES", "LIMITER", "PREVIEWS", "SIGNALS", "STORE", "VIEWS"]
+__all__ = [
+    "CLOCK",
+    "CONFIG",
+    "FILES",
+    "LIMITER",
+    "PREVIEWS",
+    "REQUESTER_KEY",
+    "SIGNALS",
+    "STORE",
+    "VIEWS",
+]
 
 CONFIG = web.AppKey("config", CoordinatorConfig)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
@@ -23,3 +33,6 @@ SIGNALS = web.AppKey("signals", Signals)
 LIMITER = web.AppKey("limiter", RateLimiter)
 VIEWS = web.AppKey("views", SharedViews)
 PREVIEWS = web.AppKey("previews", Previews)
+# keys the requester tags of text jobs (coordinator.http.text.requester_tag): one key for
+# every process on the database (coordinator.db.secrets)
+REQUESTER_KEY = web.AppKey("requester_key", bytes)

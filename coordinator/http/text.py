@@ -28,7 +28,7 @@ from coordinator.http.api import API, Call, WorkerCall
 from coordinator.http.idempotency import submit_key
 from coordinator.http.metrics import timed_pop
 from coordinator.http.polling import long_poll
-from coordinator.http.state import CONFIG, SIGNALS, STORE
+from coordinator.http.state import CONFIG, REQUESTER_KEY, SIGNALS, STORE
 from coordinator.http.streams import follow, open_stream
 from coordinator.jobs import text as text_jobs
 from coordinator.jobs.text import TextJob
@@ -375,20 +375,18 @@ async def pop_text(request: web.Request, call: WorkerCall[TextPopRequest]) -> Te
             lease_deadline=job.lease_deadline,
             requester=None
             if job.account_id == store.db.system_account(ANONYMOUS)
-            else requester_tag(worker.id, job.account_id),
+            else requester_tag(request.app[REQUESTER_KEY], worker.id, job.account_id),
         )
     )
 
 
-# keys the requester tags of this coordinator process (a restart only ends reuse early)
-_REQUESTER_KEY = secrets.token_bytes(32)
-
-
-def requester_tag(worker_id: str, account_id: int) -> str:
+def requester_tag(key: bytes, worker_id: str, account_id: int) -> str:
     """Who asked, as one gateway may know it (LeasedTextJob.requester): the same for one
-    account's jobs on that worker, unlinkable across workers and to the account id."""
+    account's jobs on that worker, from every coordinator process and across restarts
+    (`key`: the database's, coordinator.db.secrets), unlinkable across workers and to the
+    account id."""
     message = f"{worker_id}:{account_id}".encode()
-    return hmac.new(_REQUESTER_KEY, message, hashlib.sha256).hexdigest()[:32]
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:32]
 
 
 @API.route(

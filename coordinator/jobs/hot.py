@@ -68,9 +68,11 @@ WORKER_SEEN = (
     .values(last_seen=bindparam("at", type_=workers.c.last_seen.type))
 )
 # a worker as checks.checks_for and checks.related see it, its values bound at execution:
-# me_id, me_account, me_ip (an unknown IP, NULL, matches nothing there)
+# me_id, me_account, me_ip (an unknown IP, NULL, matches nothing there), me_refiner (its
+# refiner setup: coordinator.economy.check_refiner.refiner_setup_of)
 ME = SimpleNamespace(
     id=bindparam("me_id", type_=workers.c.id.type),
     account_id=bindparam("me_account", type_=workers.c.account_id.type),
     ip=bindparam("me_ip", type_=workers.c.ip.type),
+    refiner=bindparam("me_refiner", type_=jobs.c.check_refiner.type),
 )

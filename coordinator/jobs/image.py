@@ -339,6 +339,13 @@ class ImageJobs(Lifecycle):
                 held = await payments.hold_for_dispute(conn, self._db.config, worker.id, row)
                 self.ranking.changed("image")
                 return 0, held
+            me = (await raw.execute(conn, payments.WORKER_ROW, {"worker_id": worker.id})).one()
+            if await checks.unrefereed(conn, self._db.config, me, row, row.finished_at):
+                # no trusted worker has its refiner setup to check it: as unsigned
+                await checks.speed_check(conn, self._db.config, worker.id, row, row.finished_at)
+                held = await payments.hold_for_dispute(conn, self._db.config, worker.id, row)
+                self.ranking.changed("image")
+                return 0, held
             paid, held = await payments.pay_worker(
                 conn,
                 self._db.config,
@@ -354,7 +361,7 @@ class ImageJobs(Lifecycle):
             await checks.after_result(
                 conn,
                 self._db.config,
-                worker.id,
+                me,
                 row,
                 row.finished_at,
                 self._db.system_account(VERIFICATION),
@@ -402,7 +409,8 @@ class ImageJobs(Lifecycle):
             if row is None or row.held_until is None:
                 raise Conflict(
                     f"nothing is held for job {job_id}: only results of AI Horde workers "
-                    "(unsigned) can be disputed, and only until their pay is released"
+                    "(unsigned), or of a refiner no trusted worker has, can be disputed, and "
+                    "only until their pay is released"
                 )
             digests = set(
                 (

@@ -36,6 +36,7 @@ from coordinator.db.prepared import Shapes
 from coordinator.db.request_keys import Idempotent
 from coordinator.db.schema import jobs, ledger_entries, postings, workers
 from coordinator.economy import checks, suspicion
+from coordinator.economy.check_refiner import refiner_setup_of
 from coordinator.errors import Conflict, InsufficientKudos, NotFound, WorkerPaused
 from coordinator.jobs import hot, queue
 from coordinator.workers import Worker
@@ -330,7 +331,12 @@ class Lifecycle:
         if take_checks and me.trusted:
             # only checks it is independent for: not its owner's, nor (by default) its IP's
             checks = self._checks_query(fits, shape)
-            me_values = {"me_id": me.id, "me_account": me.account_id, "me_ip": me.ip}
+            me_values = {
+                "me_id": me.id,
+                "me_account": me.account_id,
+                "me_ip": me.ip,
+                "me_refiner": refiner_setup_of(me.engine),
+            }
             found += (
                 await raw.execute(
                     conn, checks, {**values, **me_values}, built_once=shape is not None
@@ -370,7 +376,8 @@ class Lifecycle:
 
     def _checks_query(self, fits: ColumnElement[bool], shape: Hashable | None) -> Select[Any]:
         """The spot checks a trusted worker may take (checks.checks_for), for the worker
-        whose id, account and IP are the parameters me_id, me_account and me_ip."""
+        whose id, account, IP and refiner setup are the parameters me_id, me_account, me_ip
+        and me_refiner."""
 
         def build() -> Select[Any]:
             return checks.checks_for(self._db.config, hot.ME, queue.CHECKS & fits, POP_CANDIDATES)

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +56,15 @@ def image_worker_args(url: str, models: Path, tmp: Path, name: str) -> list[str]
 
 class Network:
     def __init__(
-        self, tmp: Path, models: Path, lease_timeout: float | None, require_sandbox: bool = False
+        self,
+        tmp: Path,
+        models: Path,
+        lease_timeout: float | None,
+        require_sandbox: bool = False,
+        coordinator_args: Sequence[str] = (),
     ) -> None:
         """`lease_timeout`: a fixed lease for every job, or None for the coordinator's
-        default (derived from each job's size)."""
+        default (derived from each job's size); `coordinator_args`: more of its flags."""
         self.tmp = tmp
         self.models = models
         self.procs: list[Proc] = []
@@ -68,6 +73,7 @@ class Network:
             args += ["--lease-timeout", str(lease_timeout)]
         if require_sandbox:
             args.append("--require-sandbox")
+        args += coordinator_args
         self.coordinator = self.start("coordinator", args)
         try:
             self.url = self.coordinator.wait_for(r"listening on (http://\S+)", 60).group(1)

@@ -59,6 +59,7 @@ from protocol.engine import (
 )
 from protocol.infotext import PNG_PARAMETERS_KEY, parameters_text
 from protocol.params import ImageParams, sampled_steps
+from protocol.refiner import refiner_takes
 from sandbox.calls import CallTable, Emit
 from worker.errors import InvalidGenerationInput, UnsupportedArchitecture
 from worker.image.adapters_engine import EngineAdapters
@@ -417,14 +418,12 @@ class ImageEngine:
     def _refines(
         self, params: ImageParams, sources: Sources | None, control: ControlJob | None
     ) -> bool:
-        """Whether the refiner takes over the job: plain txt2img only (worker.image.refiner)."""
-        return (
-            self.refiner is not None
-            and sources is None
-            and control is None
-            and not params.loras
-            and not params.tis
-        )
+        """Whether the refiner takes over the job: plain txt2img only (protocol.refiner, the
+        rule spot checks match checkers by; a hires fix's second pass returned before)."""
+        refines = self.refiner is not None and refiner_takes(params)
+        # (txt2img has no source image, so no ControlNet: prepare_sources)
+        assert not refines or (sources is None and control is None)
+        return refines
 
     def _refined(
         self,

@@ -355,7 +355,7 @@ async def test_an_old_text_jobs_max_tokens_moves_to_its_column_and_back(
 
 
 def test_revision_ids_number_on_from_the_head() -> None:
-    assert HEAD == "0011_lora_pins"
+    assert HEAD == "0013_coordinator_secrets"
     assert (
-        migrations.next_revision_id("Add jobs.priority, again!") == "0012_add_jobs_priority_again"
+        migrations.next_revision_id("Add jobs.priority, again!") == "0014_add_jobs_priority_again"
     )

@@ -17,6 +17,8 @@ from client.errors import ApiError, JobFailed
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from coordinator.economy.text_settlement import grant_parts, split_kudos
+from coordinator.http.state import CONFIG, REQUESTER_KEY
+from coordinator.http.text import requester_tag
 from protocol.signing import Identity
 from protocol.text import (
     BUILTIN_TEXT_MODELS,
@@ -25,7 +27,7 @@ from protocol.text import (
     TextModel,
     TextParams,
 )
-from tests.conftest import LiveApp
+from tests.conftest import LiveApp, start_app
 from worker.common.link import CoordinatorLink
 from worker.errors import CoordinatorRejected, LeaseLost
 from worker.llm.swarm.peer_proof import PeerKey
@@ -592,5 +594,15 @@ async def test_a_leased_job_tags_its_requester_for_that_gateway_only(
         assert await tag(grid["alice"], other) not in (None, alice)
         async with AsyncClient(live.url) as anon:
             assert await tag(anon, gateway) is None
+        # another process on the database (--processes N, another host, a restart) tags
+        # alice's next turn the same: the key is the database's
+        runner, second = await start_app(live.app[CONFIG])
+        try:
+            key = second.app[REQUESTER_KEY]
+            account = await live.store.accounts.account_by_key(grid["keys"]["alice"])
+            assert account is not None and gateway.link.worker_id is not None
+            assert requester_tag(key, gateway.link.worker_id, account.id) == alice
+        finally:
+            await runner.cleanup()
     finally:
         await other.link.aclose()

@@ -4,6 +4,7 @@ positions come from one shared snapshot, and only who must wake wakes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import random
@@ -280,4 +281,25 @@ async def test_a_long_poll_ends_on_the_app_clock(clocked: LiveApp, clock: MockCl
         async with AsyncClient(clocked.url) as anonymous:
             job = await anonymous.submit_image(ImageParams(**SMALL))
         leased = await pop
+        assert leased is not None and leased.id == job.id
+
+
+async def test_a_worker_that_hangs_up_while_it_waits_is_leased_nothing(
+    clocked: LiveApp, clock: MockClock
+) -> None:
+    """A worker stopped during a long poll: the job queued next stays queued for the
+    next worker instead of being leased through the closed connection."""
+    async with FakeWorker(clocked.url) as gone, FakeWorker(clocked.url) as other:
+        pop = asyncio.create_task(gone.link.pop(CAPS, wait=30))
+        await clock.wait_waiting(count=2)  # the reaper, and the pop waiting for work
+        pop.cancel()  # its connection closes
+        with contextlib.suppress(asyncio.CancelledError):
+            await pop
+        await asyncio.sleep(0.2)  # (the close reaches the server over loopback)
+        async with AsyncClient(clocked.url) as anonymous:
+            job = await anonymous.submit_image(ImageParams(**SMALL))
+        await asyncio.sleep(0.2)  # (the woken poll, if it leased, has done so)
+        queued = await clocked.store.image_jobs.get(job.id)
+        assert queued is not None and queued.state == "queued", queued
+        leased = await other.link.pop(CAPS, wait=0)
         assert leased is not None and leased.id == job.id

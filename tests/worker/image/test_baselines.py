@@ -167,6 +167,20 @@ def test_sdxl_prompts_are_encoded_a1111s_way_with_both_encoders(
         assert not negative.embeds[0].any() and not negative.pooled[0].any()
 
 
+def test_an_sdxl_single_file_makes_its_folders_images(
+    tiny_sdxl_wide: Path, tiny_sdxl_single_file: Path
+) -> None:
+    """`--model x.safetensors --model-config DIR` of an SDXL checkpoint in the original
+    layout: the family found (sdxl), the folder's pixels exactly."""
+    folder = ImageEngine({"model": str(tiny_sdxl_wide)})
+    single = ImageEngine({"model": str(tiny_sdxl_single_file), "model_config": str(tiny_sdxl_wide)})
+    assert single.source.kind == "single_file"
+    data, _ = single.handle("image_info", {}, lambda _: None)
+    assert (data["baseline"], data["model"]) == ("sdxl", "tiny-sdxl")
+    job: dict[str, object] = {"negative_prompt": "blurry dog", "seed": 12}
+    np.testing.assert_array_equal(_image(single, **job), _image(folder, **job))
+
+
 def test_sdxl_refuses_what_it_does_not_serve(tiny_sdxl: Path, tmp_path: Path) -> None:
     with pytest.raises(UnsupportedArchitecture, match="ControlNet only on SD 1.x and 2.x"):
         ImageEngine({"model": str(tiny_sdxl), "controlnets": {"canny": str(tmp_path)}})

@@ -194,6 +194,31 @@ def test_img2img_jobs_run_on_the_base_alone(
         assert "Refiner" not in image.info[PNG_PARAMETERS_KEY]
 
 
+def test_a_single_file_refiner_refines_as_its_folder(
+    engine: ImageEngine,
+    tiny_sdxl: Path,
+    tiny_sdxl_refiner: Path,
+    tiny_sdxl_refiner_single_file: Path,
+) -> None:
+    """`--refiner x.safetensors --refiner-config DIR`: the refiner in the original layout
+    (OpenCLIP alone, as embedder 0) shares the base's modules and gives the same pixels."""
+    single = ImageEngine(
+        {
+            "model": str(tiny_sdxl),
+            "refiner": str(tiny_sdxl_refiner_single_file),
+            "refiner_config": str(tiny_sdxl_refiner),
+            "refiner_switch": SWITCH,
+        }
+    )
+    assert single.refiner is not None
+    assert single.refiner.shared == ("vae", "text_encoder_2")
+    _, blobs = single.handle("image", BASE, lambda _: None)
+    _, reference = engine.handle("image", BASE, lambda _: None)
+    np.testing.assert_array_equal(_pixels(blobs[0]), _pixels(reference[0]))
+    with Image.open(io.BytesIO(blobs[0])) as image:
+        assert 'Refiner: "tiny-sdxl-refiner"' in image.info[PNG_PARAMETERS_KEY]
+
+
 def test_a_refiner_is_refused_on_another_family_or_as_the_wrong_model(
     tiny_sd: Path, tiny_sdxl: Path, tiny_sdxl_refiner: Path
 ) -> None:
