@@ -3,6 +3,9 @@ signals SIGUSR1 (start) and SIGUSR2 (stop, and write the stats): so a benchmark 
 its measuring window, not the start-up.
 
     python bench/profiled.py OUT.pstats MODULE [ARGS...]
+
+With IDLEGRID_PROFILE_CLOCK=cpu the profile counts the main thread's CPU time instead of
+wall time (a syscall blocked on the disk then costs only its CPU).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 from types import FrameType
 
 
@@ -19,7 +23,10 @@ def main() -> None:
     out, module = sys.argv[1], sys.argv[2]
     sys.argv = [module, *sys.argv[3:]]
     sys.path[0] = os.getcwd()  # as `python -m` has it
-    profile = cProfile.Profile()
+    if os.environ.get("IDLEGRID_PROFILE_CLOCK") == "cpu":
+        profile = cProfile.Profile(time.thread_time)
+    else:
+        profile = cProfile.Profile()
 
     def start(_signum: int, _frame: FrameType | None) -> None:
         profile.enable()

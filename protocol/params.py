@@ -6,6 +6,7 @@ These are hard protocol limits; a coordinator narrows them further by configurat
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Annotated, Literal, cast
@@ -41,6 +42,7 @@ __all__ = [
     "Sha256Hex",
     "SourceProcessing",
     "sampled_steps",
+    "stored_params",
 ]
 
 MIN_SIDE = 64
@@ -374,3 +376,12 @@ def sampled_steps(params: ImageParams) -> int:
     if params.control_type is not None:
         return params.steps
     return min(int(params.steps * params.denoising_strength), params.steps)
+
+
+@functools.lru_cache(maxsize=256)
+def stored_params(text: str) -> ImageParams:
+    """`ImageParams.model_validate_json(text)`, remembered: a coordinator reads a job's
+    stored params several times in its life (its pop, upload and result within seconds),
+    and the model is frozen, so one instance serves every read. At most 256 are kept (a
+    params' JSON is at most some 10 KB)."""
+    return ImageParams.model_validate_json(text)

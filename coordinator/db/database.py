@@ -26,11 +26,11 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from coordinator.config import CoordinatorConfig
 from coordinator.db import inline_sqlite
 from coordinator.db.ledger import open_balance
-from coordinator.db.raw import RAW
+from coordinator.db.raw import RAW, begun
 from coordinator.db.schema import accounts, migrate
 from coordinator.db.sqlite_reads import Reads
 from coordinator.db.sqlite_tx import NOMINAL, Held
-from coordinator.db.tx import NOW, SYSTEM, TOUCHED, now
+from coordinator.db.tx import NOW, SYSTEM, SYSTEM_BY_NAME, TOUCHED, now
 
 __all__ = [
     "ANONYMOUS",
@@ -195,10 +195,13 @@ class Database:
             await self._before_commit(conn)
 
     def _start(self, conn: AsyncConnection, driver: sqlite3.Connection | None) -> None:
-        conn.info[NOW] = self.clock()
-        conn.info[TOUCHED] = set()
-        conn.info[SYSTEM] = self._system_ids
-        conn.info[RAW] = driver
+        info = conn.info
+        info[NOW] = self.clock()
+        info[TOUCHED] = set()
+        info[SYSTEM] = self._system_ids
+        info[SYSTEM_BY_NAME] = self._system
+        info[RAW] = driver
+        begun(conn, driver)
 
     async def _before_commit(self, conn: AsyncConnection) -> None:
         touched: set[int] = conn.info[TOUCHED]

@@ -22,6 +22,7 @@ both paths.
 
 from __future__ import annotations
 
+import operator
 import sqlite3
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
@@ -34,10 +35,25 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.expression import Executable
 
-__all__ = ["RAW", "Result", "execute", "sqlalchemy_error"]
+__all__ = ["RAW", "Result", "begun", "execute", "sqlalchemy_error"]
 
 # the transaction's sqlite3 connection, or None (PostgreSQL): set by Database.begin
 RAW = "idlegrid.raw_sqlite"
+
+
+# the connection of the last store transaction begun, its sqlite3 connection (or None) and
+# its dialect: what `conn.info` and `conn.dialect` say, without SQLAlchemy's properties
+_current: tuple[AsyncConnection | None, sqlite3.Connection | None, Dialect | None] = (
+    None,
+    None,
+    None,
+)
+
+
+def begun(conn: AsyncConnection, driver: sqlite3.Connection | None) -> None:
+    """Note the transaction just begun on `conn` (Database.begin, after setting RAW)."""
+    global _current
+    _current = (conn, driver, conn.dialect)
 
 
 class Result:
@@ -128,8 +144,22 @@ class _Compiled:
         ]
         columns = [entry.keyname for entry in compiled._result_columns]
         self.row = namedtuple("row", columns, rename=True) if columns else None
+        # whether the statement has a list parameter (its form depends on the lengths)
+        self.expands = bool(expanding)
+        # the common case, no defaults, no lists, no conversions: one C call
+        self.pick: Callable[[Mapping[str, Any]], Any] | None = None
+        if not (self.defaults or self.items or self.converters):
+            if len(self.order) == 1:
+                only = self.order[0]
+                self.pick = lambda params: (params[only],)
+            elif self.order:
+                self.pick = operator.itemgetter(*self.order)
+            else:
+                self.pick = lambda params: ()
 
-    def values(self, params: Mapping[str, Any]) -> list[Any]:
+    def values(self, params: Mapping[str, Any]) -> Sequence[Any]:
+        if self.pick is not None:
+            return self.pick(params)  # type: ignore[no-any-return]
         merged = {**self.defaults, **params}
         if self.items:
             items = self.items
@@ -145,9 +175,23 @@ class _Compiled:
 
 
 _compiled: dict[tuple[int, tuple[str, ...], tuple[tuple[str, int], ...]], _Compiled] = {}
+# statements without a list parameter, by the names of their parameters as given (no
+# sorting, no look at the values: what most executions find)
+_plain: dict[tuple[int, tuple[str, ...]], _Compiled] = {}
 
 
 def _find(statement: Executable, dialect: Dialect, params: Mapping[str, Any]) -> _Compiled:
+    plain_key = (id(statement), tuple(params))
+    found = _plain.get(plain_key)
+    if found is not None and found.statement is statement:
+        return found
+    found = _find_compiled(statement, dialect, params)
+    if not found.expands and found.usable:
+        _plain[plain_key] = found
+    return found
+
+
+def _find_compiled(statement: Executable, dialect: Dialect, params: Mapping[str, Any]) -> _Compiled:
     # a list parameter (an expanding IN) is rendered once per length
     lengths = tuple(
         (name, len(value)) for name, value in params.items() if isinstance(value, list | tuple)
@@ -176,13 +220,20 @@ async def execute(
     """Run `statement` (built once) in `conn`'s transaction with `params` (a list: many
     rows, as executemany) and return its rows. A statement built for this one execution
     (`built_once` False) goes through SQLAlchemy: its compiled form is not kept."""
-    raw: sqlite3.Connection | None = conn.info.get(RAW) if built_once else None
+    raw: sqlite3.Connection | None
+    dialect: Dialect | None
+    if not built_once:
+        raw, dialect = None, None
+    elif conn is _current[0]:
+        raw, dialect = _current[1], _current[2]
+    else:
+        raw, dialect = conn.info.get(RAW), conn.dialect
     many = isinstance(params, Sequence) and not isinstance(params, Mapping)
     rows_in: Sequence[Mapping[str, Any]] = (
         params if many else [params or {}]  # type: ignore[list-item,assignment]
     )
-    if raw is not None and rows_in:
-        found = _find(statement, conn.dialect, rows_in[0])
+    if raw is not None and dialect is not None and rows_in:
+        found = _find(statement, dialect, rows_in[0])
         if found.usable:
             return _run(raw, found, rows_in, many)
     result = await conn.execute(statement, params)

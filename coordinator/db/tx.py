@@ -6,7 +6,7 @@ import time
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["NOW", "SYSTEM", "TOUCHED", "now"]
+__all__ = ["NOW", "SYSTEM", "SYSTEM_BY_NAME", "TOUCHED", "now"]
 
 # the transaction's timestamp, read once from the store's clock
 NOW = "idlegrid.now"
@@ -15,6 +15,8 @@ NOW = "idlegrid.now"
 TOUCHED = "idlegrid.touched_accounts"
 # the ids of the system accounts (no balance row: the ledger skips them)
 SYSTEM = "idlegrid.system_accounts"
+# the system accounts' ids by name (e.g. "system:escrow"), as far as they are known yet
+SYSTEM_BY_NAME = "idlegrid.system_accounts_by_name"
 
 
 def now(conn: AsyncConnection) -> float:

@@ -39,6 +39,7 @@ from coordinator.db import raw
 from coordinator.db.database import ESCROW, GRANTS, now
 from coordinator.db.ledger import GRANTED, grants, open_balance, post_entry
 from coordinator.db.schema import accounts, jobs, ledger_entries, results, workers
+from coordinator.db.tx import SYSTEM_BY_NAME
 from coordinator.economy.suspicion import suspect
 from coordinator.errors import Forbidden
 
@@ -95,6 +96,9 @@ _HELD_UNTIL = (
 
 
 async def system_id(conn: AsyncConnection, name: str) -> int:
+    known: dict[str, int] = conn.info.get(SYSTEM_BY_NAME, {})
+    if name in known:  # (system accounts are never renamed nor removed)
+        return known[name]
     found = (await raw.execute(conn, _ACCOUNT_BY_NAME, {"name": name})).scalar_one()
     return int(found)
 

@@ -1,7 +1,8 @@
 """LocalFiles: stored files under the data directory (`--file-store local`, the default).
 
     <data dir>/results/<ab>/<rest>.png          result images
-    <data dir>/uploads/<job>/<worker>/<index>   upload markers
+    <data dir>/uploads/<job>/<worker>/<index>   upload markers (symbolic links whose
+                                                target is the image's SHA-256)
     <data dir>/uploads/.incoming-*              uploads being received (the spool)
 
 The spool lies on the same file system as results/, so keeping a checked upload is one
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -47,27 +49,46 @@ class LocalFiles(FileStore):
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(spooled.path, target)
 
-    # Markers are small files written without fsync, like SQLite's own writes here
-    # (coordinator.db.inline_sqlite): on the loop, cheaper than a thread hop.
+    # A marker is a symbolic link whose target is the image's SHA-256 (not a path): made
+    # and read in one call each, atomic without a temporary file; written without fsync,
+    # like SQLite's own writes here (coordinator.db.inline_sqlite), on the loop: cheaper
+    # than a thread hop. (A marker that is a regular file, from an older version, is read
+    # too.)
 
     async def mark(self, job_id: str, worker_id: str, index: int, sha256: str) -> None:
         marker = self._root / marker_name(job_id, worker_id, index)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=marker.parent, prefix=".marker-")
+        folder = marker.parent
         try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(sha256)
-            os.replace(tmp, marker)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            # (two mkdirs, where pathlib's mkdir(parents=True) makes three calls)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder.parent)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder)
+        except FileNotFoundError:  # the uploads folder itself went away
+            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.symlink(sha256, marker)
+        except FileExistsError:  # uploaded again: the later one counts, replaced atomically
+            tmp = folder / f".marker-{secrets.token_hex(8)}"
+            os.symlink(sha256, tmp)
+            try:
+                os.replace(tmp, marker)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
 
     async def marked(self, job_id: str, worker_id: str, index: int) -> str | None:
+        path = self._root / marker_name(job_id, worker_id, index)
         try:
-            return (self._root / marker_name(job_id, worker_id, index)).read_text().strip()
+            return os.readlink(path)
         except FileNotFoundError:
             return None
+        except OSError:  # not a link: a marker file of an older version
+            try:
+                return path.read_text().strip()
+            except FileNotFoundError:
+                return None
 
     async def discard(self, job_id: str) -> None:
         # in a thread: removing a directory can wait on the disk (measured up to ms here)
@@ -85,7 +106,7 @@ class LocalFiles(FileStore):
                 continue  # the spool's temporary files (FileStore.prune)
             try:
                 newest = max(
-                    (p.stat().st_mtime for p in entry.rglob("*")), default=entry.stat().st_mtime
+                    (p.lstat().st_mtime for p in entry.rglob("*")), default=entry.stat().st_mtime
                 )
             except FileNotFoundError:
                 continue  # removed meanwhile by the job's own finish

@@ -41,9 +41,11 @@ def _networks(specs: tuple[str, ...]) -> tuple[Network, ...]:
     return parse_networks(specs)
 
 
+@lru_cache(maxsize=4096)
 def _address(text: str) -> Address | None:
     """An address as proxies write it ("::ffff:10.0.0.1", "[2001:db8::1]:443",
-    "10.0.0.1:5000"), IPv4-mapped IPv6 as IPv4; None for anything else ("unknown")."""
+    "10.0.0.1:5000"), IPv4-mapped IPv6 as IPv4; None for anything else ("unknown").
+    Remembered: the same few peers call again and again (addresses are immutable)."""
     text = text.strip()
     if text.startswith("["):
         text = text[1:].partition("]")[0]

@@ -12,6 +12,7 @@ Where the buckets live is pluggable:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import time
@@ -167,6 +168,7 @@ class PostgresBuckets:
             )
 
 
+@functools.lru_cache(maxsize=4096)
 def address_bucket(ip: str) -> str:
     """Whose bucket a client address draws from: its own for IPv4, its /64 for IPv6
     (everyone gets at least a /64 and could otherwise take a fresh address per request)."""

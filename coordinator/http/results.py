@@ -57,11 +57,18 @@ async def _leased_job(request: web.Request, worker: Worker) -> ImageJob:
     return job
 
 
+@functools.lru_cache(maxsize=4096)
+def _verified(public_key: str, job_id: str, params_hash: str, sha256: str, signature: str) -> None:
+    """verify(...) of an image's signature, remembered when it verifies: the upload checks
+    it and the result names the same signature again (a failure is never remembered)."""
+    verify(public_key, result_message(job_id, params_hash, sha256), signature)
+
+
 def _check_signature(
     worker: Worker, job: ImageJob, sha256: str, signature: str, field: str
 ) -> None:
     try:
-        verify(worker.public_key, result_message(job.id, job.params_hash, sha256), signature)
+        _verified(worker.public_key, job.id, job.params_hash, sha256, signature)
     except SignatureInvalid:
         raise Unauthorized(
             f"{field}: the signature does not verify with this worker's key",

@@ -26,7 +26,8 @@ JOB_BY_ID = select(jobs).where(jobs.c.id == bindparam("job_id"))
 IMAGE_JOB_BY_ID = select(jobs).where((jobs.c.id == bindparam("job_id")) & (jobs.c.kind == "image"))
 WORKER_BY_ID = select(workers).where(workers.c.id == bindparam("worker_id"))
 _AT = bindparam("at", type_=jobs.c.leased_at.type)
-# a queued job leased to a worker (conditional: another pop may have taken it)
+# a queued job leased to a worker (conditional: another pop may have taken it): its row,
+# or none
 LEASE = (
     update(jobs)
     .where((jobs.c.id == bindparam("job_id")) & (jobs.c.state == "queued"))
@@ -38,8 +39,10 @@ LEASE = (
         image=0,
         step=0,
     )
+    .returning(*jobs.c)  # the leased job's row (no second statement to read it)
 )
-# the worker's leased job done (conditional: its lease may have ended meanwhile)
+# the worker's leased job done (conditional: its lease may have ended meanwhile): its row,
+# or none
 FINISH = (
     update(jobs)
     .where(
@@ -48,6 +51,7 @@ FINISH = (
         & (jobs.c.worker_id == bindparam("worker", type_=jobs.c.worker_id.type))
     )
     .values(state="done", finished_at=_AT, lease_deadline=None)
+    .returning(*jobs.c)  # the finished job's row
 )
 WORKER_DONE = (
     update(workers)

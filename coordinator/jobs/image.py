@@ -25,7 +25,7 @@ from coordinator.jobs.lifecycle import Lifecycle, PollNote
 from coordinator.workers import Worker
 from protocol.control import CONTROL_TYPES
 from protocol.horde import SAMPLERS_WITHOUT_HORDE_NAME
-from protocol.params import ImageParams, sampled_steps
+from protocol.params import ImageParams, sampled_steps, stored_params
 from protocol.postprocess import POST_PROCESSORS
 from protocol.signing import params_hash
 
@@ -87,7 +87,7 @@ def _job(row: Row[Any]) -> ImageJob:
         id=row.id,
         account_id=row.account_id,
         state=row.state,
-        params=ImageParams.model_validate_json(row.params),
+        params=stored_params(row.params),
         params_hash=row.params_hash,
         cost=row.cost,
         created_at=row.created_at,

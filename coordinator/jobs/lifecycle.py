@@ -354,14 +354,15 @@ class Lifecycle:
         found += [row.id for row in best]
         for job_id in found:
             at = now(conn)
-            taken = await raw.execute(
-                conn, hot.LEASE, {"job_id": job_id, "worker": worker.id, "at": at}
-            )
-            if taken.rowcount != 1:
+            row: Row[Any] | None = (
+                await raw.execute(
+                    conn, hot.LEASE, {"job_id": job_id, "worker": worker.id, "at": at}
+                )
+            ).first()
+            if row is None:
                 continue
             if poll is None:
                 await raw.execute(conn, hot.WORKER_SEEN, {"worker_id": worker.id, "at": at})
-            row: Row[Any] = (await raw.execute(conn, hot.JOB_BY_ID, {"job_id": job_id})).one()
             if on_lease is not None:
                 await on_lease(conn, row)
             if poll is not None:
@@ -426,13 +427,12 @@ class Lifecycle:
     async def _finish(self, conn: AsyncConnection, worker: Worker, job_id: str) -> Row[Any]:
         """In the caller's transaction: mark `worker`'s leased job done; its row."""
         at = now(conn)
-        done = await raw.execute(
-            conn, hot.FINISH, {"job_id": job_id, "worker": worker.id, "at": at}
-        )
-        if done.rowcount != 1:
+        row: Row[Any] | None = (
+            await raw.execute(conn, hot.FINISH, {"job_id": job_id, "worker": worker.id, "at": at})
+        ).first()
+        if row is None:
             raise await self._not_leased(conn, job_id)
         await raw.execute(conn, hot.WORKER_DONE, {"worker_id": worker.id, "at": at})
-        row: Row[Any] = (await raw.execute(conn, hot.JOB_BY_ID, {"job_id": job_id})).one()
         return row
 
     # --- give back, fail, cancel, reap -----------------------------------------------

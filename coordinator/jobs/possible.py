@@ -12,6 +12,7 @@ request is made; on /api/v1 a warning), with the reason `unservable` finds.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -29,6 +30,12 @@ def no_worker_warning(reason: str) -> dict[str, str]:
         "message": f"No online worker can serve this request now: {reason}. It stays queued "
         "until one comes; change the request to have it served sooner.",
     }
+
+
+@functools.lru_cache(maxsize=256)
+def _dumps(offer: Offer) -> str:
+    # (a worker sends the same offer with every pop: its JSON is made once)
+    return json.dumps(asdict(offer), sort_keys=True, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ class Offer:
     named_only: bool = False
 
     def dumps(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return _dumps(self)
 
     @classmethod
     def loads(cls, text: str | None) -> Offer | None:

@@ -210,6 +210,20 @@ async def test_upload_markers(files: FileStore) -> None:
         await files.mark("../x", WORKER, 0, _digest(SMALL))
 
 
+async def test_local_markers_are_links_and_old_marker_files_still_count(tmp_path: Path) -> None:
+    files = LocalFiles(tmp_path / "data")
+    await files.mark(JOB, WORKER, 0, _digest(SMALL))
+    marker = tmp_path / "data" / "uploads" / JOB / WORKER / "0"
+    assert os.readlink(marker) == _digest(SMALL)
+    # a marker written as a file by an older version (the result may come after an upgrade)
+    older = marker.with_name("1")
+    older.write_text(_digest(BIG))
+    assert await files.marked(JOB, WORKER, 1) == _digest(BIG)
+    await files.mark(JOB, WORKER, 1, _digest(SMALL))  # replaced by a link
+    assert await files.marked(JOB, WORKER, 1) == _digest(SMALL) and older.is_symlink()
+    assert sorted(p.name for p in marker.parent.iterdir()) == ["0", "1"]  # no temporary left
+
+
 async def test_prune_forgets_old_markers_and_temporary_files(
     files: FileStore, tmp_path: Path
 ) -> None:

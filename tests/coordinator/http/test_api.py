@@ -175,6 +175,27 @@ async def test_worker_cannot_submit_for_a_job_not_leased_to_it(live: LiveApp) ->
     assert (await live.store.ledger.audit())["unbalanced_entries"] == 0
 
 
+async def test_a_result_signature_is_checked_though_its_upload_verified(live: LiveApp) -> None:
+    # the upload's verified signature is remembered: a different one in the result is not
+    async with FakeWorker(live.url, "honest") as honest, FakeWorker(live.url, "other") as other:
+        async with AsyncClient(live.url) as anon:
+            await anon.submit_image(ImageParams(**GOOD))
+        job = await honest.link.pop(CAPS, wait=5)
+        assert job is not None and honest.link.token is not None
+        await honest.link.upload_image(job, 0, 11, png(11))
+        good = honest.link.signed_image(job, 0, 11, sha256_hex(png(11)))
+        forged = {
+            **good,
+            "signature": other.link.signed_image(job, 0, 11, good["sha256"])["signature"],
+        }
+        result = f"{live.url}/api/v1/jobs/{job.id}/result"
+        token = {"X-Worker-Token": honest.link.token}
+        status, answer = await _post(result, {"images": [forged]}, token)
+        assert status == 401 and answer["error"]["fields"][0]["field"] == "images[0].signature"
+        status, answer = await _post(result, {"images": [good]}, token)
+        assert status == 200, answer
+
+
 async def test_failed_job_is_requeued_for_another_worker(live: LiveApp) -> None:
     async with (
         FakeWorker(live.url, "crashy") as crashy,
