@@ -49,10 +49,15 @@ URL_IN_MEMORY = "http://coordinator.invalid"
 
 
 class _NoSendfile:
-    """The connection's transport, as far as `web.FileResponse` looks at it: there is no
-    socket to sendfile to, so aiohttp falls back to writing the file through the pipe."""
+    """The connection's transport, as far as the coordinator (is the client still there:
+    coordinator.http.polling) and `web.FileResponse` look at it: there is no socket to
+    sendfile to, so aiohttp falls back to writing the file through the pipe."""
 
-    def is_closing(self) -> bool:  # the first thing `loop.sendfile` asks
+    def is_closing(self) -> bool:
+        return False  # the in-memory client hears every answer
+
+    @property
+    def _sendfile_compatible(self) -> object:  # what `loop.sendfile` asks next
         raise NotImplementedError("the in-memory transport has no socket to sendfile to")
 
 

@@ -45,9 +45,20 @@ def swarm(cluster: Cluster) -> tuple[dict[str, Server], Proc]:
     alpha = cluster.server("alpha", "--blocks", "0:2", "--new-swarm", *debug).ready()
     bravo = cluster.server("bravo", "--blocks", "2:4", "--initial-peers", alpha.maddr, *debug)
     charlie = cluster.server("charlie", "--blocks", "2:4", "--initial-peers", alpha.maddr, *debug)
-    # no spot checks: a checked job's re-run would add sessions the failover test counts
+    # no spot checks: a checked job's re-run would add sessions the failover test counts;
+    # no kept sessions: a chat run again would reuse its first run's session (on either
+    # spare) instead of opening one the failover test can find and kill
     gateway = cluster.gateway(
-        "gateway", alpha, "--max-sessions", "4", "--check-rate", "0", "--log-level", "DEBUG"
+        "gateway",
+        alpha,
+        "--max-sessions",
+        "4",
+        "--check-rate",
+        "0",
+        "--session-keep",
+        "0",
+        "--log-level",
+        "DEBUG",
     )
     bravo.ready(), charlie.ready()
     gateway.wait_for("idlegrid text gateway gateway ready", 120)
