@@ -226,7 +226,7 @@ async def submit_result(request: web.Request, call: WorkerCall[ResultSubmit]) ->
     if job.verify_of is not None:
         outcome = await _check_outcome(request, worker, job, [r.sha256 for r in records])
     paid, held = await store.image_jobs.finish(worker, job, records, outcome)
-    await request.app[FILES].discard(job.id)
+    await request.app[FILES].discard(job.id, worker.id, job.params.n)
     signals.job_changed(job.id)
     if job.verify_of is not None:
         signals.job_changed(job.verify_of)
