@@ -7,6 +7,9 @@
     POST /api/v1/jobs/{job_id}/result            JSON: index, seed, sha256, signature per
          image; every image must have been uploaded by this worker. Verifies, settles the
          ledger and makes the images visible.
+    PUT  /api/v1/jobs/{job_id}/images/0/result  a job of one image without LoRAs or TIs:
+         the upload and the result in one request (the same checks, then the same settling;
+         no upload marker is needed).
 
 Nothing is paid for an image that was refused, and a refused upload leaves no file behind.
 """
@@ -38,7 +41,7 @@ from protocol.messages import (
 )
 from protocol.signing import result_message, verify
 
-__all__ = ["submit_result", "upload_image"]
+__all__ = ["submit_result", "upload_final_image", "upload_image"]
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +131,17 @@ async def upload_image(request: web.Request, call: WorkerCall[None]) -> ImageUpl
     worker = call.worker
     job = await _leased_job(request, worker)
     index = _image_index(request, job)
-    _, sha256, signature = _upload_headers(request, job, index)
+    _, sha256, _ = await _receive(request, worker, job, index)
+    await request.app[FILES].mark(job.id, worker.id, index, sha256)
+    return ImageUploaded(id=job.id, index=index, sha256=sha256)
+
+
+async def _receive(
+    request: web.Request, worker: Worker, job: ImageJob, index: int
+) -> tuple[int, str, str]:
+    """Check an upload's headers, receive its PNG, check it and store it (synced): its
+    seed, SHA-256 and signature."""
+    seed, sha256, signature = _upload_headers(request, job, index)
     _check_signature(worker, job, sha256, signature, IMAGE_SIGNATURE_HEADER)
     if request.content_type != "image/png":
         raise BadRequest(
@@ -156,8 +169,41 @@ async def upload_image(request: web.Request, call: WorkerCall[None]) -> ImageUpl
             raise spooled.refused
         # Content-addressed, so storing it before the job is paid is harmless.
         await files.keep(spooled)
-    await files.mark(job.id, worker.id, index, sha256)
-    return ImageUploaded(id=job.id, index=index, sha256=sha256)
+    return seed, sha256, signature
+
+
+@API.route(
+    "PUT",
+    "/api/v1/jobs/{job_id}/images/{index}/result",
+    summary="Upload the only image of a leased job without LoRAs or TIs and finish the job "
+    "in one request: as the upload (the raw PNG, its seed, SHA-256 and signature in headers) "
+    "followed by the result naming it",
+    raw="image/png",
+    headers=(
+        (IMAGE_SEED_HEADER, "the image's seed (the job's seed)"),
+        (IMAGE_SHA256_HEADER, "SHA-256 of the body, lowercase hex"),
+        (IMAGE_SIGNATURE_HEADER, "Ed25519 signature over result_message(job, params hash, sha)"),
+    ),
+    response=ResultAccepted,
+    auth="worker",
+    errors=(401, 409),
+    limit="result",
+)
+async def upload_final_image(request: web.Request, call: WorkerCall[None]) -> ResultAccepted:
+    worker = call.worker
+    job = await _leased_job(request, worker)
+    index = _image_index(request, job)
+    if job.params.n != 1 or job.params.loras or job.params.tis:
+        upload_path = f"/api/v1/jobs/{job.id}/images/{index}"
+        raise BadRequest(
+            f"job {job.id} has {job.params.n} images or LoRAs or TIs: PUT each image to "
+            f"{upload_path}, then POST the result to /api/v1/jobs/{job.id}/result",
+            [("path", "finish in one request only a job of one image without LoRAs or TIs")],
+        )
+    # (no marker: the result is this request)
+    seed, sha256, signature = await _receive(request, worker, job, index)
+    records = [ResultRecord(index, seed, sha256, signature)]
+    return await _finish(request, worker, job, records)
 
 
 async def _checked_records(
@@ -217,11 +263,18 @@ async def _checked_records(
     limit="result",
 )
 async def submit_result(request: web.Request, call: WorkerCall[ResultSubmit]) -> ResultAccepted:
-    store, signals = request.app[STORE], request.app[SIGNALS]
     worker = call.worker
     job = await _leased_job(request, worker)
     records = await _checked_records(request, job, worker, call.body)
     await record_adapters(request, job, worker, call.body)
+    return await _finish(request, worker, job, records)
+
+
+async def _finish(
+    request: web.Request, worker: Worker, job: ImageJob, records: list[ResultRecord]
+) -> ResultAccepted:
+    """Settle a leased job whose images are checked and stored: pay, forget its markers."""
+    store, signals = request.app[STORE], request.app[SIGNALS]
     outcome = None
     if job.verify_of is not None:
         outcome = await _check_outcome(request, worker, job, [r.sha256 for r in records])

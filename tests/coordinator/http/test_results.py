@@ -311,6 +311,54 @@ async def test_bad_upload_is_refused_pays_nothing_and_the_job_can_still_finish(
     assert (await live.store.ledger.audit())["unbalanced_entries"] == 0
 
 
+async def test_a_one_image_job_goes_up_and_is_paid_in_one_request(
+    live: LiveApp, coordinator_config: CoordinatorConfig
+) -> None:
+    async with AsyncClient(live.url) as anon:
+        owner = await anon.register("owner")
+        requester = await anon.register("requester")
+    async with (
+        FakeWorker(live.url, "one", owner.api_key) as worker,
+        AsyncClient(live.url, requester.api_key) as alice,
+    ):
+        # a job of two images cannot: each is uploaded, then the result names them
+        two = await alice.submit_image(ImageParams(**SMALL))
+        job = await worker.link.pop(CAPS, wait=5)
+        assert job is not None and job.id == two.id
+        image = worker.link.signed_image(job, 0, job.params.seeds()[0], sha256_hex(b"x"))
+        status, answer, _ = await _put(
+            f"{live.url}/api/v1/jobs/{job.id}/images/0/result", b"x", _headers(worker, image)
+        )
+        assert status == 400 and f"/api/v1/jobs/{job.id}/result" in answer["error"]["message"]
+        await worker.link.submit(job, job.params.seeds(), job_pngs(job))
+
+        one = await alice.submit_image(ImageParams(**(SMALL | {"n": 1})))
+        job = await worker.link.pop(CAPS, wait=5)
+        assert job is not None and job.id == one.id
+        entries = (await live.store.ledger.audit())["entries"]
+        url = f"{live.url}/api/v1/jobs/{job.id}/images/0/result"
+        [good] = job_pngs(job)
+        # refused as the upload is (here: a body that is not what its hash header says),
+        # paying nothing and leaving no file
+        image = worker.link.signed_image(job, 0, job.params.seeds()[0], sha256_hex(good))
+        status, answer, _ = await _put(url, good + b"!", _headers(worker, image))
+        assert status == 400 and IMAGE_SHA256_HEADER in answer["error"]["message"], answer
+        assert (await live.store.ledger.audit())["entries"] == entries
+        assert (await alice.job(job.id)).state == "leased"
+        # then right: stored, verified and paid in this one request
+        status, answer, _ = await _put(url, good, _headers(worker, image))
+        assert status == 200 and answer["id"] == job.id, answer
+        assert answer["kudos_earned"] + answer["kudos_held"] == one.kudos_cost
+        assert (await alice.job(job.id)).state == "done"
+        assert await alice.image(job.id, 0) == good
+        # paid once: the same request again finds the job no longer leased
+        status, answer, _ = await _put(url, good, _headers(worker, image))
+        assert status == 409, answer
+    # no upload marker or temporary file was left
+    assert not list((coordinator_config.data_dir / "uploads").iterdir())
+    assert (await live.store.ledger.audit())["unbalanced_entries"] == 0
+
+
 async def test_largest_result_is_accepted_paid_and_served_with_nosniff(
     live: LiveApp, coordinator_config: CoordinatorConfig
 ) -> None:
