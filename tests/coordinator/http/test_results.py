@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from client.api import AiohttpTransport, Request, Response
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from coordinator.jobs.png_check import byte_limit
@@ -357,6 +358,45 @@ async def test_a_one_image_job_goes_up_and_is_paid_in_one_request(
     # no upload marker or temporary file was left
     assert not list((coordinator_config.data_dir / "uploads").iterdir())
     assert (await live.store.ledger.audit())["unbalanced_entries"] == 0
+
+
+class _OlderCoordinator(AiohttpTransport):
+    """The network, but the one-request finish answers 404 as a coordinator older than it
+    does; counts what was asked."""
+
+    def __init__(self) -> None:
+        super().__init__(connect_timeout=10)
+        self.paths: list[str] = []
+
+    async def send(self, request: Request) -> Response:
+        self.paths.append(f"{request.method} {request.path}")
+        if request.path.endswith("/images/0/result"):
+            return Response(404, {}, b'{"error": {"message": "Not Found"}}')
+        return await super().send(request)
+
+
+async def test_a_worker_finishes_in_two_requests_with_an_older_coordinator(
+    live: LiveApp,
+) -> None:
+    async with AsyncClient(live.url) as anon:
+        owner = await anon.register("owner")
+        requester = await anon.register("requester")
+    older = _OlderCoordinator()
+    async with (
+        FakeWorker(live.url, "old", owner.api_key, transport=older) as worker,
+        AsyncClient(live.url, requester.api_key) as alice,
+    ):
+        for _ in range(2):
+            created = await alice.submit_image(ImageParams(**(SMALL | {"n": 1})))
+            job = await worker.link.pop(CAPS, wait=5)
+            assert job is not None and job.id == created.id
+            accepted = await worker.link.submit(job, job.params.seeds(), job_pngs(job))
+            assert accepted.kudos_earned + accepted.kudos_held == created.kudos_cost
+            assert (await alice.job(job.id)).state == "done"
+    finals = [p for p in older.paths if p.endswith("/result")]
+    # asked once, then upload + result for both jobs
+    assert [p.split("/")[-1] for p in finals] == ["result", "result", "result"]
+    assert finals[0].startswith("PUT ") and all(p.startswith("POST ") for p in finals[1:])
 
 
 async def test_largest_result_is_accepted_paid_and_served_with_nosniff(
