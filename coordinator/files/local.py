@@ -16,6 +16,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -176,6 +177,12 @@ class LocalFiles(FileStore):
             return self.path(digest).stat().st_size
         except FileNotFoundError:
             return None
+
+    async def stored_already(self, digest: str) -> bool:
+        try:
+            return stat.S_ISREG(os.stat(self.path(digest)).st_mode)
+        except FileNotFoundError:
+            return False
 
     async def remove(self, digest: str) -> None:
         await asyncio.to_thread(self.path(digest).unlink, missing_ok=True)

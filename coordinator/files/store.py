@@ -130,6 +130,12 @@ class FileStore(ABC):
     async def exists(self, digest: str) -> bool:
         return await self.size(digest) is not None
 
+    async def stored_already(self, digest: str) -> bool:
+        """Whether the result file of `digest` is stored, for a back end that can tell
+        without a round trip (a local stat); False otherwise. An upload of an image
+        already stored is then checked in memory, with no file to write."""
+        return False
+
     @abstractmethod
     async def remove(self, digest: str) -> None:
         """Delete the result file of `digest` (a disputed image no result refers to)."""

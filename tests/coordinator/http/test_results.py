@@ -360,6 +360,55 @@ async def test_a_one_image_job_goes_up_and_is_paid_in_one_request(
     assert (await live.store.ledger.audit())["unbalanced_entries"] == 0
 
 
+async def test_an_image_stored_already_is_checked_in_memory(
+    live: LiveApp, coordinator_config: CoordinatorConfig
+) -> None:
+    async with AsyncClient(live.url) as anon:
+        owner = await anon.register("owner")
+        requester = await anon.register("requester")
+    one = ImageParams(**(SMALL | {"n": 1}))
+    async with (
+        FakeWorker(live.url, "same", owner.api_key) as worker,
+        AsyncClient(live.url, requester.api_key) as alice,
+    ):
+        await alice.submit_image(one)
+        job = await worker.link.pop(CAPS, wait=5)
+        assert job is not None
+        [first] = job_pngs(job)
+        await worker.link.submit(job, job.params.seeds(), [first])
+        # the same params and seed make the same PNG: stored already, so no temporary
+        # file is needed (the spool's folder is made unusable to show it)
+        uploads = coordinator_config.data_dir / "uploads"
+        uploads.rmdir()
+        uploads.write_bytes(b"not a folder")
+        try:
+            created = await alice.submit_image(one)
+            job = await worker.link.pop(CAPS, wait=5)
+            assert job is not None and job.id == created.id
+            assert job_pngs(job) == [first]
+            image = worker.link.signed_image(job, 0, job.params.seeds()[0], sha256_hex(first))
+            url = f"{live.url}/api/v1/jobs/{job.id}/images/0/result"
+            # still refused when the body is not what it claims
+            status, answer, _ = await _put(url, first[:-1] + b"!", _headers(worker, image))
+            assert status == 400 and IMAGE_SHA256_HEADER in answer["error"]["message"], answer
+            status, answer, _ = await _put(url, first, _headers(worker, image))
+            assert status == 200, answer
+            assert (await alice.job(job.id)).state == "done"
+            assert await alice.image(job.id, 0) == first
+            # and checked as any: a stored 64x64 image is no image of a 128x128 job
+            created = await alice.submit_image(ImageParams(**(SMALL | {"n": 1, "width": 128})))
+            job = await worker.link.pop(CAPS, wait=5)
+            assert job is not None and job.id == created.id
+            image = worker.link.signed_image(job, 0, job.params.seeds()[0], sha256_hex(first))
+            url = f"{live.url}/api/v1/jobs/{job.id}/images/0/result"
+            status, answer, _ = await _put(url, first, _headers(worker, image))
+            assert status == 400 and "128x64" in answer["error"]["message"], answer
+        finally:
+            uploads.unlink()
+            uploads.mkdir()
+    assert (await live.store.ledger.audit())["unbalanced_entries"] == 0
+
+
 class _OlderCoordinator(AiohttpTransport):
     """The network, but the one-request finish answers 404 as a coordinator older than it
     does; counts what was asked."""
