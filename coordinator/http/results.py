@@ -218,9 +218,10 @@ async def upload_final_image(request: web.Request, call: WorkerCall[None]) -> Re
     index = _image_index(request, job)
     if job.params.n != 1 or job.params.loras or job.params.tis:
         upload_path = f"/api/v1/jobs/{job.id}/images/{index}"
+        what = "LoRAs or TIs" if job.params.n == 1 else f"{job.params.n} images"
         raise BadRequest(
-            f"job {job.id} has {job.params.n} images or LoRAs or TIs: PUT each image to "
-            f"{upload_path}, then POST the result to /api/v1/jobs/{job.id}/result",
+            f"job {job.id} has {what}: PUT each image to {upload_path}, then POST the "
+            f"result (naming any LoRAs and TIs used) to /api/v1/jobs/{job.id}/result",
             [("path", "finish in one request only a job of one image without LoRAs or TIs")],
         )
     # (no marker: the result is this request; one left by an earlier upload of the image

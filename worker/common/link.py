@@ -182,7 +182,8 @@ class CoordinatorLink(AsyncApi):
         """Upload every image, then finish the job (naming and signing the LoRAs and TIs
         it used, `adapters`, if it has any); a job of one image without them, in one
         request."""
-        if len(pngs) == 1 and not adapters and self._final_upload:
+        single = len(pngs) == 1 and not (adapters or job.params.loras or job.params.tis)
+        if single and self._final_upload:
             image = self.signed_image(job, 0, seeds[0], sha256_hex(pngs[0]))
             try:
                 return await self.send(routes.upload_final_image(job, image, pngs[0]))
