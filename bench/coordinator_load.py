@@ -10,10 +10,12 @@ requesters use the SDK (`client.sdk.AsyncClient`); workers register an Ed25519 i
 pop, upload a real 64x64 PNG (made once with Pillow) signed with `protocol.signing`, and
 finalize. Every job is 64x64, 1 step, 1 image (1 kudo). The scenarios:
 
-  lifecycles  N workers (--workers, default 4) loop pop (long-poll) -> PUT image -> POST
-              result while M requesters (--requesters, default 8) submit (at most 4 x N jobs
-              outstanding); counts the jobs settled per second over --seconds after a
-              warm-up, and the submit -> settled time of each.
+  lifecycles  N workers (--workers, default 4) loop pop (long-poll) -> PUT image and
+              finish in one request (PUT .../images/0/result; a coordinator older than that
+              route answers 404, and then PUT image -> POST result) while M requesters
+              (--requesters, default 8) submit (at most 4 x N jobs outstanding); counts the
+              jobs settled per second over --seconds after a warm-up, and the submit ->
+              settled time of each.
   horde       the same with AI Horde workers: POST /api/v2/generate/pop with the owner's API
               key and a name, then /api/v2/generate/submit with the image as base64 WebP
               (unsigned: the pay is held for disputes, as for any AI Horde worker).
@@ -115,6 +117,10 @@ Loop = Callable[[], Coroutine[Any, Any, None]]
 
 class BenchError(Exception):
     pass
+
+
+class NotFoundError(BenchError):
+    """A 404: from a coordinator older than the route asked for, among others."""
 
 
 class TooManyErrors(BenchError):
@@ -438,6 +444,10 @@ class BenchWorker:
         self._sha256 = sha256_hex(png)
         self._token = ""
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
+        # upload and finish in one request, until a coordinator answers 404 to it
+        self._final_upload = True
+        # --distinct-images: every upload a PNG of its own
+        self.distinct = False
 
     async def aclose(self) -> None:
         await self._session.close()
@@ -456,7 +466,8 @@ class BenchWorker:
         ) as resp:
             text = await resp.text()
             if resp.status >= 400:
-                raise BenchError(f"{method} {path}: HTTP {resp.status} {text[:300]}")
+                error = NotFoundError if resp.status == 404 else BenchError
+                raise error(f"{method} {path}: HTTP {resp.status} {text[:300]}")
             return text
 
     async def register(self) -> None:
@@ -498,25 +509,48 @@ class BenchWorker:
             IMAGE_SHA256_HEADER,
             IMAGE_SIGNATURE_HEADER,
         )
-        from protocol.signing import result_message
+        from protocol.signing import result_message, sha256_hex
 
         seed = job.params.seeds()[0]
-        signature = self._identity.sign(result_message(job.id, job.params_hash, self._sha256))
+        png, sha256 = self._png, self._sha256
+        if self.distinct:  # a PNG of its own (a text chunk naming the job): stored anew
+            png = _with_text(png, job.id)
+            sha256 = sha256_hex(png)
+        signature = self._identity.sign(result_message(job.id, job.params_hash, sha256))
         headers = {
             "X-Worker-Token": self._token,
             "Content-Type": "image/png",
             IMAGE_SEED_HEADER: str(seed),
-            IMAGE_SHA256_HEADER: self._sha256,
+            IMAGE_SHA256_HEADER: sha256,
             IMAGE_SIGNATURE_HEADER: signature,
         }
-        await self._call("PUT", f"/api/v1/jobs/{job.id}/images/0", data=self._png, headers=headers)
-        image = {"index": 0, "seed": seed, "sha256": self._sha256, "signature": signature}
+        if self._final_upload:  # one request, where the coordinator has the route
+            path = f"/api/v1/jobs/{job.id}/images/0/result"
+            try:
+                await self._call("PUT", path, data=png, headers=headers)
+                return
+            except NotFoundError:
+                self._final_upload = False  # an older coordinator (--coordinator-path)
+        await self._call("PUT", f"/api/v1/jobs/{job.id}/images/0", data=png, headers=headers)
+        image = {"index": 0, "seed": seed, "sha256": sha256, "signature": signature}
         await self._call(
             "POST",
             f"/api/v1/jobs/{job.id}/result",
             json={"images": [image]},
             headers={"X-Worker-Token": self._token},
         )
+
+
+def _with_text(png: bytes, text: str) -> bytes:
+    """`png` with a tEXt chunk holding `text` after its IHDR: the same pixels, other bytes."""
+    import struct
+    import zlib
+
+    data = b"Comment\x00" + text.encode()
+    chunk = struct.pack(">I", len(data)) + b"tEXt" + data
+    chunk += struct.pack(">I", zlib.crc32(b"tEXt" + data) & 0xFFFFFFFF)
+    head = 8 + 25  # signature, IHDR
+    return png[:head] + chunk + png[head:]
 
 
 def tiny_webp_base64() -> str:
@@ -613,6 +647,7 @@ async def open_grid(
             worker = HordeBenchWorker(url, name, owner, webp)
         else:
             worker = BenchWorker(url, name, owner, png)
+            worker.distinct = args.distinct_images
         grid.workers.append(worker)
         await worker.register()
     return grid
@@ -1525,6 +1560,12 @@ def parse_args() -> argparse.Namespace:
         default=1,
         help="pop/submit/status loops in the queue scenario (default %(default)s, like the "
         "issue's baseline of one worker popping: latency without queueing behind others)",
+    )
+    parser.add_argument(
+        "--distinct-images",
+        action="store_true",
+        help="our workers upload a PNG of their own for every job (a text chunk naming it), "
+        "so each is stored anew; by default every upload is the same PNG, stored once",
     )
     parser.add_argument(
         "--quick",

@@ -3,8 +3,9 @@
 Registration and a block server's peer link sign a single-use coordinator nonce (from
 `challenge`), so neither can be replayed. A result goes up as one raw-PNG upload per image
 (`PUT /api/v1/jobs/{id}/images/{i}`, seed, hash and signature in headers), then one small
-JSON request that names the uploads and gets the job paid. Every call but `challenge` and
-`register` carries the worker's token (`auth="worker"`).
+JSON request that names the uploads and gets the job paid; a job of one image without LoRAs
+or TIs goes up and is paid in one request (`PUT /api/v1/jobs/{id}/images/0/result`). Every
+call but `challenge` and `register` carries the worker's token (`auth="worker"`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ __all__ = [
     "source",
     "submit_text",
     "text_delta",
+    "upload_final_image",
     "upload_image",
 ]
 
@@ -178,6 +180,27 @@ def upload_image(job: LeasedJob, image: dict[str, Any], png: bytes) -> Call[Imag
         auth="worker",
     )
     return call(request, ImageUploaded)
+
+
+def upload_final_image(job: LeasedJob, image: dict[str, Any], png: bytes) -> Call[ResultAccepted]:
+    """Upload the only image of a job without LoRAs or TIs and finish the job, in one
+    request (`image` as for upload_image); get paid. A coordinator older than this route
+    answers 404: then upload_image and finish."""
+    headers = {
+        "Content-Type": "image/png",
+        IMAGE_SEED_HEADER: str(image["seed"]),
+        IMAGE_SHA256_HEADER: image["sha256"],
+        IMAGE_SIGNATURE_HEADER: image["signature"],
+    }
+    request = Request(
+        "PUT",
+        f"/api/v1/jobs/{job.id}/images/{image['index']}/result",
+        content=png,
+        headers=headers,
+        timeout=UPLOAD_SECONDS + FINISH_SECONDS,
+        auth="worker",
+    )
+    return call(request, ResultAccepted)
 
 
 def finish(

@@ -107,7 +107,8 @@ class DatabaseFiles(FileStore):
             ).scalar_one_or_none()
         return None if data is None else bytes(data).decode()
 
-    async def discard(self, job_id: str) -> None:
+    async def discard(self, job_id: str, worker_id: str, count: int) -> None:
+        # every worker's markers of the job
         # ids are letters, digits and '-': no LIKE wildcards
         await self._delete(_T.name.startswith(markers_of_job(job_id), autoescape=True))
 

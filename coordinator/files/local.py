@@ -1,7 +1,7 @@
 """LocalFiles: stored files under the data directory (`--file-store local`, the default).
 
     <data dir>/results/<ab>/<rest>.png          result images
-    <data dir>/uploads/<job>/<worker>/<index>   upload markers (symbolic links whose
+    <data dir>/uploads/<job>.<worker>.<index>   upload markers (symbolic links whose
                                                 target is the image's SHA-256)
     <data dir>/uploads/.incoming-*              uploads being received (the spool)
 
@@ -16,6 +16,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -25,15 +26,26 @@ from aiohttp import web
 
 from coordinator.errors import NotFound
 from coordinator.files.spool import Spooled
-from coordinator.files.store import UPLOADS, FileStore, marker_name, markers_of_job, result_name
+from coordinator.files.store import (
+    UPLOADS,
+    FileStore,
+    flat_marker_name,
+    marker_name,
+    markers_of_job,
+    result_name,
+)
 
 __all__ = ["LocalFiles"]
+
+# a replacement marker being made (pruned when a killed process left one behind)
+MARKER_TEMPORARY = ".marker-"
 
 
 class LocalFiles(FileStore):
     def __init__(self, data_dir: Path) -> None:
         super().__init__(data_dir / UPLOADS)
         self._root = data_dir
+        self._uploads = f"{self._spool_dir}{os.sep}"  # markers' names start so
 
     def path(self, digest: str) -> Path:
         """Where the result file of `digest` lies (whether or not it exists)."""
@@ -49,27 +61,25 @@ class LocalFiles(FileStore):
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(spooled.path, target)
 
-    # A marker is a symbolic link whose target is the image's SHA-256 (not a path): made
-    # and read in one call each, atomic without a temporary file; written without fsync,
-    # like SQLite's own writes here (coordinator.db.inline_sqlite), on the loop: cheaper
-    # than a thread hop. (A marker that is a regular file, from an older version, is read
-    # too.)
+    # A marker is a symbolic link whose target is the image's SHA-256 (not a path), named
+    # `uploads/<job>.<worker>.<index>` (ids hold no '.'): made, read and removed in one call
+    # each, with no folders to make or remove; atomic without a temporary file; written
+    # without fsync, like SQLite's own writes here (coordinator.db.inline_sqlite), on the
+    # loop: metadata only, cheaper than a thread hop. Markers of an older version (folders
+    # `uploads/<job>/<worker>/<index>`, a link or a file) are still read and removed.
+
+    def _marker(self, job_id: str, worker_id: str, index: int) -> str:
+        return f"{self._uploads}{flat_marker_name(job_id, worker_id, index)}"
 
     async def mark(self, job_id: str, worker_id: str, index: int, sha256: str) -> None:
-        marker = self._root / marker_name(job_id, worker_id, index)
-        folder = marker.parent
-        try:
-            # (two mkdirs, where pathlib's mkdir(parents=True) makes three calls)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(folder.parent)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(folder)
-        except FileNotFoundError:  # the uploads folder itself went away
-            folder.mkdir(parents=True, exist_ok=True)
+        marker = self._marker(job_id, worker_id, index)
         try:
             os.symlink(sha256, marker)
+        except FileNotFoundError:  # the uploads folder itself went away
+            self._spool_dir.mkdir(parents=True, exist_ok=True)
+            os.symlink(sha256, marker)
         except FileExistsError:  # uploaded again: the later one counts, replaced atomically
-            tmp = folder / f".marker-{secrets.token_hex(8)}"
+            tmp = f"{self._uploads}{MARKER_TEMPORARY}{secrets.token_hex(8)}"
             os.symlink(sha256, tmp)
             try:
                 os.replace(tmp, marker)
@@ -79,20 +89,35 @@ class LocalFiles(FileStore):
                 raise
 
     async def marked(self, job_id: str, worker_id: str, index: int) -> str | None:
+        try:
+            return os.readlink(self._marker(job_id, worker_id, index))
+        except FileNotFoundError:
+            pass
+        # an older version's marker, in folders: a link, or a file
         path = self._root / marker_name(job_id, worker_id, index)
         try:
             return os.readlink(path)
         except FileNotFoundError:
             return None
-        except OSError:  # not a link: a marker file of an older version
+        except OSError:  # not a link: a marker file
             try:
                 return path.read_text().strip()
             except FileNotFoundError:
                 return None
 
-    async def discard(self, job_id: str) -> None:
-        # in a thread: removing a directory can wait on the disk (measured up to ms here)
-        folder = self._root / markers_of_job(job_id)
+    async def discard(self, job_id: str, worker_id: str, count: int) -> None:
+        # the worker's markers: unlinked on the loop (metadata only, as making them); any
+        # other worker's (a job leased again) are pruned by age
+        for index in range(count):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._marker(job_id, worker_id, index))
+        # an older version's folder of the job's markers (one stat when there is none)
+        folder = f"{self._root}{os.sep}{markers_of_job(job_id)}"
+        try:
+            os.lstat(folder)
+        except FileNotFoundError:
+            return
+        # in a thread: removing a directory can wait on the disk
         await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
 
     async def _prune_markers(self, max_age: float) -> int:
@@ -102,6 +127,13 @@ class LocalFiles(FileStore):
         cutoff = time.time() - max_age
         pruned = 0
         for entry in self._spool_dir.iterdir():
+            if entry.is_symlink() or entry.name.startswith(MARKER_TEMPORARY):
+                # a marker (or a killed replacement's temporary link)
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.lstat().st_mtime < cutoff:
+                        entry.unlink()
+                        pruned += not entry.name.startswith(MARKER_TEMPORARY)
+                continue
             if not entry.is_dir():
                 continue  # the spool's temporary files (FileStore.prune)
             try:
@@ -145,6 +177,12 @@ class LocalFiles(FileStore):
             return self.path(digest).stat().st_size
         except FileNotFoundError:
             return None
+
+    async def stored_already(self, digest: str) -> bool:
+        try:
+            return stat.S_ISREG(os.stat(self.path(digest)).st_mode)
+        except FileNotFoundError:
+            return False
 
     async def remove(self, digest: str) -> None:
         await asyncio.to_thread(self.path(digest).unlink, missing_ok=True)

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,6 +28,8 @@ _FLUSH_BYTES = 1024 * 1024
 # every temporary file in the spool directory starts so (pruned when a killed process
 # left one behind)
 TEMPORARY_PREFIX = ".incoming-"
+# a new file of our own: never an existing one, nor through a link
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 # a check of a spooled file run in the thread that writes its last piece (blocking)
@@ -85,7 +87,9 @@ async def spool(
     BodyTooLarge); the file is removed on leaving the block unless it was moved away.
     `check` (blocking: e.g. decoding the image) runs on the complete file in the same
     thread hop as its last write; what it raises comes as `Spooled.refused`."""
-    fd, name = tempfile.mkstemp(dir=root, prefix=TEMPORARY_PREFIX)
+    # (os.open of a random name: what tempfile.mkstemp does, without its Python around it)
+    name = f"{root}{os.sep}{TEMPORARY_PREFIX}{secrets.token_hex(8)}"
+    fd = os.open(name, _CREATE, 0o600)
     path = Path(name)
     try:
         size = 0

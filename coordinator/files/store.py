@@ -5,10 +5,10 @@ Two kinds of file, both named like paths relative to the data directory:
 - results: content-addressed PNGs (`results/<ab>/<rest>.png`, the name from the SHA-256 of
   the bytes), so storing the same image twice is harmless and a crash between storing a
   file and committing its job leaves only an orphan;
-- upload markers (`uploads/<job>/<worker>/<index>`, holding an image's SHA-256): which
-  worker uploaded which image of which job, so that the request finishing the job can name
-  them and any coordinator sharing the files can accept it. Markers go away when the job
-  finishes; those of abandoned jobs are pruned by age.
+- upload markers (`uploads/<job>/<worker>/<index>`, on disk `uploads/<job>.<worker>.<index>`),
+  holding an image's SHA-256: which worker uploaded which image of which job, so that the
+  request finishing the job can name them and any coordinator sharing the files can accept
+  it. Markers go away when the job finishes; those of abandoned jobs are pruned by age.
 
 An upload's body is spooled to a local temporary file (coordinator.files.spool), checked
 there and then kept (`keep`) or dropped (leaving the spool's block).
@@ -27,7 +27,7 @@ from aiohttp import StreamReader, web
 
 from coordinator.files.spool import Check, Spooled, prune_temporary, spool
 
-__all__ = ["FileStore", "marker_name", "markers_of_job", "result_name"]
+__all__ = ["FileStore", "flat_marker_name", "marker_name", "markers_of_job", "result_name"]
 
 _HEX_64 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
@@ -53,6 +53,14 @@ def marker_name(job_id: str, worker_id: str, index: int) -> str:
     if not _NAME.fullmatch(worker_id):
         raise ValueError(f"not an id: {worker_id!r}")
     return f"{markers_of_job(job_id)}{worker_id}/{int(index)}"
+
+
+def flat_marker_name(job_id: str, worker_id: str, index: int) -> str:
+    """The marker's name inside the uploads folder, with no folders of its own:
+    `<job>.<worker>.<index>` (ids hold no '.'; ValueError if not an id)."""
+    if not (_NAME.fullmatch(job_id) and _NAME.fullmatch(worker_id)):
+        raise ValueError(f"not an id: {job_id!r} or {worker_id!r}")
+    return f"{job_id}.{worker_id}.{int(index)}"
 
 
 class FileStore(ABC):
@@ -86,8 +94,10 @@ class FileStore(ABC):
         """The SHA-256 of image `index` as this worker uploaded it, or None."""
 
     @abstractmethod
-    async def discard(self, job_id: str) -> None:
-        """Forget every upload marker of the job (it finished)."""
+    async def discard(self, job_id: str, worker_id: str, count: int) -> None:
+        """Forget the upload markers of the job (it finished or failed): at least those of
+        `worker_id`'s images 0..count-1; a back end may forget other workers' too (what
+        is left is pruned by age)."""
 
     async def prune(self, max_age: float) -> int:
         """Forget the upload markers nobody touched for `max_age` seconds and remove
@@ -119,6 +129,12 @@ class FileStore(ABC):
 
     async def exists(self, digest: str) -> bool:
         return await self.size(digest) is not None
+
+    async def stored_already(self, digest: str) -> bool:
+        """Whether the result file of `digest` is stored, for a back end that can tell
+        without a round trip (a local stat); False otherwise. An upload of an image
+        already stored is then checked in memory, with no file to write."""
+        return False
 
     @abstractmethod
     async def remove(self, digest: str) -> None:

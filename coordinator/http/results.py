@@ -7,6 +7,9 @@
     POST /api/v1/jobs/{job_id}/result            JSON: index, seed, sha256, signature per
          image; every image must have been uploaded by this worker. Verifies, settles the
          ledger and makes the images visible.
+    PUT  /api/v1/jobs/{job_id}/images/0/result  a job of one image without LoRAs or TIs:
+         the upload and the result in one request (the same checks, then the same settling;
+         no upload marker is needed).
 
 Nothing is paid for an image that was refused, and a refused upload leaves no file behind.
 """
@@ -25,7 +28,13 @@ from coordinator.errors import BadImage, BadRequest, BodyTooLarge, Conflict, Una
 from coordinator.http.api import API, WorkerCall
 from coordinator.http.result_adapters import record_adapters
 from coordinator.http.state import CONFIG, FILES, SIGNALS, STORE
-from coordinator.jobs.png_check import MAX_PNG_BYTES, byte_limit, check_png, read_pixels
+from coordinator.jobs.png_check import (
+    MAX_PNG_BYTES,
+    byte_limit,
+    check_png,
+    check_png_bytes,
+    read_pixels,
+)
 from coordinator.store import ImageJob, ResultRecord, Worker
 from protocol.errors import SignatureInvalid
 from protocol.messages import (
@@ -36,15 +45,17 @@ from protocol.messages import (
     ResultAccepted,
     ResultSubmit,
 )
-from protocol.signing import result_message, verify
+from protocol.signing import result_message, sha256_hex, verify
 
-__all__ = ["submit_result", "upload_image"]
+__all__ = ["submit_result", "upload_final_image", "upload_image"]
 
 log = logging.getLogger(__name__)
 
 _DECIMAL = re.compile(r"[0-9]{1,20}")
 _HEX_64 = re.compile(r"[0-9a-f]{64}")
 _HEX_128 = re.compile(r"[0-9a-f]{128}")
+# an upload of an image already stored is read whole into memory up to this size
+_IN_MEMORY_BYTES = 1024 * 1024
 
 
 async def _leased_job(request: web.Request, worker: Worker) -> ImageJob:
@@ -128,7 +139,17 @@ async def upload_image(request: web.Request, call: WorkerCall[None]) -> ImageUpl
     worker = call.worker
     job = await _leased_job(request, worker)
     index = _image_index(request, job)
-    _, sha256, signature = _upload_headers(request, job, index)
+    _, sha256, _ = await _receive(request, worker, job, index)
+    await request.app[FILES].mark(job.id, worker.id, index, sha256)
+    return ImageUploaded(id=job.id, index=index, sha256=sha256)
+
+
+async def _receive(
+    request: web.Request, worker: Worker, job: ImageJob, index: int
+) -> tuple[int, str, str]:
+    """Check an upload's headers, receive its PNG, check it and store it (synced): its
+    seed, SHA-256 and signature."""
+    seed, sha256, signature = _upload_headers(request, job, index)
     _check_signature(worker, job, sha256, signature, IMAGE_SIGNATURE_HEADER)
     if request.content_type != "image/png":
         raise BadRequest(
@@ -144,20 +165,70 @@ async def upload_image(request: web.Request, call: WorkerCall[None]) -> ImageUpl
             [("body", f"must be at most {limit} bytes")],
         )
     files = request.app[FILES]
+    if (
+        request.content_length is not None
+        and request.content_length <= _IN_MEMORY_BYTES
+        and await files.stored_already(sha256)
+    ):
+        # an image already stored (synced when it was), as uploaded again or made again
+        # by a spot check: checked in memory, nothing to write
+        data = await request.content.read()
+        _check_digest(sha256_hex(data), sha256)
+        await asyncio.to_thread(check_png_bytes, data, width, height)
+        return seed, sha256, signature
     # the PNG is decoded in the thread that writes the upload's end (one hop, not two)
     check = functools.partial(check_png, width=width, height=height)
     async with files.spool(request.content, limit, check) as spooled:
-        if spooled.sha256 != sha256:
-            raise BadRequest(
-                f"{IMAGE_SHA256_HEADER} does not match the body (its SHA-256 is {spooled.sha256})",
-                [(IMAGE_SHA256_HEADER, "must be the SHA-256 of the body")],
-            )
+        _check_digest(spooled.sha256, sha256)
         if spooled.refused is not None:
             raise spooled.refused
         # Content-addressed, so storing it before the job is paid is harmless.
         await files.keep(spooled)
-    await files.mark(job.id, worker.id, index, sha256)
-    return ImageUploaded(id=job.id, index=index, sha256=sha256)
+    return seed, sha256, signature
+
+
+def _check_digest(received: str, claimed: str) -> None:
+    if received != claimed:
+        raise BadRequest(
+            f"{IMAGE_SHA256_HEADER} does not match the body (its SHA-256 is {received})",
+            [(IMAGE_SHA256_HEADER, "must be the SHA-256 of the body")],
+        )
+
+
+@API.route(
+    "PUT",
+    "/api/v1/jobs/{job_id}/images/{index}/result",
+    summary="Upload the only image of a leased job without LoRAs or TIs and finish the job "
+    "in one request: as the upload (the raw PNG, its seed, SHA-256 and signature in headers) "
+    "followed by the result naming it",
+    raw="image/png",
+    headers=(
+        (IMAGE_SEED_HEADER, "the image's seed (the job's seed)"),
+        (IMAGE_SHA256_HEADER, "SHA-256 of the body, lowercase hex"),
+        (IMAGE_SIGNATURE_HEADER, "Ed25519 signature over result_message(job, params hash, sha)"),
+    ),
+    response=ResultAccepted,
+    auth="worker",
+    errors=(401, 409),
+    limit="result",
+)
+async def upload_final_image(request: web.Request, call: WorkerCall[None]) -> ResultAccepted:
+    worker = call.worker
+    job = await _leased_job(request, worker)
+    index = _image_index(request, job)
+    if job.params.n != 1 or job.params.loras or job.params.tis:
+        upload_path = f"/api/v1/jobs/{job.id}/images/{index}"
+        what = "LoRAs or TIs" if job.params.n == 1 else f"{job.params.n} images"
+        raise BadRequest(
+            f"job {job.id} has {what}: PUT each image to {upload_path}, then POST the "
+            f"result (naming any LoRAs and TIs used) to /api/v1/jobs/{job.id}/result",
+            [("path", "finish in one request only a job of one image without LoRAs or TIs")],
+        )
+    # (no marker: the result is this request; one left by an earlier upload of the image
+    # is pruned by age)
+    seed, sha256, signature = await _receive(request, worker, job, index)
+    records = [ResultRecord(index, seed, sha256, signature)]
+    return await _finish(request, worker, job, records, marked=False)
 
 
 async def _checked_records(
@@ -217,16 +288,30 @@ async def _checked_records(
     limit="result",
 )
 async def submit_result(request: web.Request, call: WorkerCall[ResultSubmit]) -> ResultAccepted:
-    store, signals = request.app[STORE], request.app[SIGNALS]
     worker = call.worker
     job = await _leased_job(request, worker)
     records = await _checked_records(request, job, worker, call.body)
     await record_adapters(request, job, worker, call.body)
+    return await _finish(request, worker, job, records, marked=True)
+
+
+async def _finish(
+    request: web.Request,
+    worker: Worker,
+    job: ImageJob,
+    records: list[ResultRecord],
+    *,
+    marked: bool,
+) -> ResultAccepted:
+    """Settle a leased job whose images are checked and stored: pay, and forget its
+    upload markers if they were `marked`."""
+    store, signals = request.app[STORE], request.app[SIGNALS]
     outcome = None
     if job.verify_of is not None:
         outcome = await _check_outcome(request, worker, job, [r.sha256 for r in records])
     paid, held = await store.image_jobs.finish(worker, job, records, outcome)
-    await request.app[FILES].discard(job.id)
+    if marked:
+        await request.app[FILES].discard(job.id, worker.id, job.params.n)
     signals.job_changed(job.id)
     if job.verify_of is not None:
         signals.job_changed(job.verify_of)

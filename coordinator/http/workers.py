@@ -270,7 +270,7 @@ async def fail(request: web.Request, call: WorkerCall[FailureReport]) -> JobStat
     job = await store.image_jobs.fail(
         call.worker, request.match_info["job_id"], reason, counts=counts
     )
-    await request.app[FILES].discard(job.id)
+    await request.app[FILES].discard(job.id, call.worker.id, job.params.n)
     request.app[SIGNALS].job_changed(job.id)
     if job.state == "queued":
         request.app[SIGNALS].job_queued("image", job.params.model)

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 from sqlalchemy import bindparam, select, update
 
-from coordinator.db.schema import jobs, workers
+from coordinator.db.schema import balances, jobs, workers
 
 __all__ = [
+    "BALANCE_AND_RANKED",
     "FINISH",
     "IMAGE_JOB_BY_ID",
     "INSERT_JOB",
@@ -25,6 +26,10 @@ INSERT_JOB = jobs.insert()  # its columns are the keys of the parameters
 JOB_BY_ID = select(jobs).where(jobs.c.id == bindparam("job_id"))
 IMAGE_JOB_BY_ID = select(jobs).where((jobs.c.id == bindparam("job_id")) & (jobs.c.kind == "image"))
 WORKER_BY_ID = select(workers).where(workers.c.id == bindparam("worker_id"))
+# a requester's balance and the balance its queued jobs are ranked by, in one read
+BALANCE_AND_RANKED = select(balances.c.amount, balances.c.ranked).where(
+    balances.c.account_id == bindparam("account_id")
+)
 _AT = bindparam("at", type_=jobs.c.leased_at.type)
 # a queued job leased to a worker (conditional: another pop may have taken it): its row,
 # or none

@@ -164,14 +164,21 @@ class Lifecycle:
                 )
                 if first is not None:
                     return (await conn.execute(select(jobs).where(jobs.c.id == first))).one()
-            available = await balance(conn, account.id) - account.floor
+            # (a row of balances holds both; a system account has none: its postings' sum)
+            held = (
+                await raw.execute(conn, hot.BALANCE_AND_RANKED, {"account_id": account.id})
+            ).first()
+            if held is None:
+                amount, kudos = await balance(conn, account.id), 0
+            else:
+                amount, kudos = int(held.amount), int(held.ranked)
+            available = amount - account.floor
             if cost > available:
                 raise InsufficientKudos(
                     f"this job costs {cost} kudos but you can spend {max(available, 0)}; {fix}"
                 )
             if account.anonymous and account.requester is not None:
                 await self._check_reserved_per_ip(conn, account, cost)
-            kudos = await queue.ranked_kudos(conn, account.id)
             await raw.execute(
                 conn,
                 hot.INSERT_JOB,

@@ -14,6 +14,7 @@ decoded past the job's size either: memory stays below a few tens of MB per imag
 
 from __future__ import annotations
 
+import io
 import math
 import struct
 import zlib
@@ -26,7 +27,14 @@ from PIL import Image
 from coordinator.errors import BadImage
 from protocol.params import MAX_SIDE
 
-__all__ = ["MAX_PNG_BYTES", "PNG_SIGNATURE", "byte_limit", "check_png", "read_pixels"]
+__all__ = [
+    "MAX_PNG_BYTES",
+    "PNG_SIGNATURE",
+    "byte_limit",
+    "check_png",
+    "check_png_bytes",
+    "read_pixels",
+]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # signature, then the IHDR chunk: length, type, width, height, bit depth, colour type,
@@ -62,7 +70,13 @@ def check_png(path: Path, width: int, height: int) -> None:
     """Raise BadImage unless `path` holds a valid PNG of `width` x `height` pixels.
 
     Blocking (decodes the pixels): call it in a thread."""
-    read_pixels(path, width, height)
+    _decode(path, width, height, pixels=False)
+
+
+def check_png_bytes(data: bytes, width: int, height: int) -> None:
+    """check_png of a PNG held in memory. Blocking (decodes the pixels): call it in a
+    thread."""
+    _decode_open(io.BytesIO(data), width, height, pixels=False)
 
 
 def read_pixels(path: Path, width: int, height: int) -> np.ndarray:
@@ -70,11 +84,25 @@ def read_pixels(path: Path, width: int, height: int) -> np.ndarray:
     is not a complete, valid PNG of exactly that size (or is missing).
 
     Blocking (decodes the pixels): call it in a thread."""
+    pixels = _decode(path, width, height, pixels=True)
+    assert pixels is not None
+    return pixels
+
+
+def _decode(path: Path, width: int, height: int, *, pixels: bool) -> np.ndarray | None:
+    """Check (and decode) the PNG at `path`, the file opened once; its RGB pixels if
+    `pixels` (a check alone does not convert them)."""
     try:
-        with path.open("rb") as handle:
-            head = handle.read(_HEADER.size)
+        handle = path.open("rb")
     except FileNotFoundError:
         raise _refuse("the PNG file is missing", "upload the image again") from None
+    with handle:
+        return _decode_open(handle, width, height, pixels=pixels)
+
+
+def _decode_open(handle: BinaryIO, width: int, height: int, *, pixels: bool) -> np.ndarray | None:
+    """_decode of an open file (left open)."""
+    head = handle.read(_HEADER.size)
     if not head.startswith(PNG_SIGNATURE):
         raise _refuse("the body is not a PNG file", "send the raw bytes of a PNG image")
     if len(head) < _HEADER.size:
@@ -86,32 +114,36 @@ def read_pixels(path: Path, width: int, height: int) -> np.ndarray:
         raise _refuse("the PNG does not start with a valid IHDR chunk", "send a valid PNG file")
     if (declared_width, declared_height) != (width, height):
         raise _refuse(
-            f"the PNG is {declared_width}x{declared_height} pixels, but this job's images are "
-            f"{width}x{height}",
+            f"the PNG is {declared_width}x{declared_height} pixels, but this job's images "
+            f"are {width}x{height}",
             f"must be a {width}x{height} PNG",
         )
     row = math.ceil(width * _CHANNELS[colour] * depth / 8)
     # one filter byte per row; Adam7 interlacing adds a few partial rows per pass
     bound = height * (1 + row) + (8 * (height + row) if interlace else 0)
-    with path.open("rb") as handle:
-        handle.seek(8)
-        _check_inflated_size(handle, bound)
+    handle.seek(8)
+    _check_inflated_size(handle, bound)
     try:
         # verify() checks every chunk's CRC through to IEND without decoding pixels;
-        # load() then decodes them (a verified image cannot be loaded, so open twice).
-        with Image.open(path, formats=["PNG"]) as image:
+        # load() then decodes them (a verified image cannot be loaded, so open twice;
+        # Pillow leaves a handle it was given open)
+        handle.seek(0)
+        with Image.open(handle, formats=["PNG"]) as image:
             if image.size != (width, height):  # pragma: no cover - the header said so
                 raise _refuse(f"the PNG is {image.size}", f"must be a {width}x{height} PNG")
             image.verify()
-        with Image.open(path, formats=["PNG"]) as image:
+        handle.seek(0)
+        with Image.open(handle, formats=["PNG"]) as image:
             image.load()
+            if not pixels:
+                return None
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
         # truncated data, bad CRCs, corrupt deflate streams, oversized text chunks
         raise _refuse(
             f"the PNG cannot be decoded: {exc}", "send the complete, valid PNG file"
         ) from None
-    except Image.DecompressionBombError as exc:  # pragma: no cover - sizes are checked above
+    except Image.DecompressionBombError as exc:  # pragma: no cover - sizes checked above
         raise _refuse(f"the PNG is too large to decode: {exc}", "send a smaller PNG") from None
 
 

@@ -104,6 +104,9 @@ class CoordinatorLink(AsyncApi):
         self._identity = identity
         self._name = name
         self.worker_id: str | None = None
+        # a job of one image goes up and is paid in one request, unless the coordinator
+        # is older than that route
+        self._final_upload = True
 
     @property
     def token(self) -> str | None:
@@ -177,7 +180,17 @@ class CoordinatorLink(AsyncApi):
         adapters: list[ResolvedAdapter] | None = None,
     ) -> ResultAccepted:
         """Upload every image, then finish the job (naming and signing the LoRAs and TIs
-        it used, `adapters`, if it has any)."""
+        it used, `adapters`, if it has any); a job of one image without them, in one
+        request."""
+        single = len(pngs) == 1 and not (adapters or job.params.loras or job.params.tis)
+        if single and self._final_upload:
+            image = self.signed_image(job, 0, seeds[0], sha256_hex(pngs[0]))
+            try:
+                return await self.send(routes.upload_final_image(job, image, pngs[0]))
+            except CoordinatorRejected as exc:
+                if exc.status != 404:
+                    raise
+                self._final_upload = False  # an older coordinator: upload, then finish
         images = []
         for index, (seed, png) in enumerate(zip(seeds, pngs, strict=True)):
             image = self.signed_image(job, index, seed, sha256_hex(png))

@@ -202,26 +202,36 @@ async def test_upload_markers(files: FileStore) -> None:
     assert await files.marked(JOB, WORKER, 0) == _digest(SMALL)
     assert await files.marked(JOB, WORKER, 1) == _digest(BIG)
     assert await files.marked(JOB, "worker-2", 1) is None
-    await files.discard(JOB)
+    await files.discard(JOB, WORKER, 2)
     assert await files.marked(JOB, WORKER, 0) is None
     assert await files.marked(JOB, WORKER, 1) is None
     assert await files.marked(OTHER_JOB, WORKER, 0) == _digest(BIG)
     with pytest.raises(ValueError, match="not an id"):
         await files.mark("../x", WORKER, 0, _digest(SMALL))
+    with pytest.raises(ValueError, match="not an id"):
+        await files.mark(JOB, "a.b", 0, _digest(SMALL))
 
 
-async def test_local_markers_are_links_and_old_marker_files_still_count(tmp_path: Path) -> None:
+async def test_local_markers_are_links_and_old_markers_still_count(tmp_path: Path) -> None:
     files = LocalFiles(tmp_path / "data")
+    uploads = tmp_path / "data" / "uploads"
     await files.mark(JOB, WORKER, 0, _digest(SMALL))
-    marker = tmp_path / "data" / "uploads" / JOB / WORKER / "0"
+    marker = uploads / f"{JOB}.{WORKER}.0"  # no folders to make or remove
     assert os.readlink(marker) == _digest(SMALL)
-    # a marker written as a file by an older version (the result may come after an upgrade)
-    older = marker.with_name("1")
-    older.write_text(_digest(BIG))
-    assert await files.marked(JOB, WORKER, 1) == _digest(BIG)
-    await files.mark(JOB, WORKER, 1, _digest(SMALL))  # replaced by a link
-    assert await files.marked(JOB, WORKER, 1) == _digest(SMALL) and older.is_symlink()
-    assert sorted(p.name for p in marker.parent.iterdir()) == ["0", "1"]  # no temporary left
+    await files.mark(JOB, WORKER, 0, _digest(BIG))  # replaced by a link
+    assert await files.marked(JOB, WORKER, 0) == _digest(BIG) and marker.is_symlink()
+    assert sorted(p.name for p in uploads.iterdir()) == [marker.name]  # no temporary left
+    # markers of an older version, in folders (the result may come after an upgrade): a
+    # link, or a file
+    older = uploads / JOB / WORKER
+    older.mkdir(parents=True)
+    os.symlink(_digest(SMALL), older / "1")
+    (older / "2").write_text(_digest(BIG))
+    assert await files.marked(JOB, WORKER, 1) == _digest(SMALL)
+    assert await files.marked(JOB, WORKER, 2) == _digest(BIG)
+    await files.discard(JOB, WORKER, 3)  # the new marker and the older folder both go
+    assert list(uploads.iterdir()) == []
+    assert await files.marked(JOB, WORKER, 2) is None
 
 
 async def test_prune_forgets_old_markers_and_temporary_files(
@@ -235,6 +245,7 @@ async def test_prune_forgets_old_markers_and_temporary_files(
     assert await files.marked(JOB, WORKER, 0) == _digest(SMALL) and leftover.exists()
     assert await files.prune(-60) == 1  # everything is older than a minute from now
     assert await files.marked(JOB, WORKER, 0) is None and not leftover.exists()
+    assert list((tmp_path / "data" / "uploads").iterdir()) == []
     assert await files.exists(_digest(SMALL))  # results are never pruned
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from client.api import AiohttpTransport, Request, Response
 from client.sdk import AsyncClient
 from coordinator.config import CoordinatorConfig
 from coordinator.jobs.png_check import byte_limit
@@ -309,6 +310,142 @@ async def test_bad_upload_is_refused_pays_nothing_and_the_job_can_still_finish(
         assert (await alice.me()).kudos == 100 - created.kudos_cost
     assert not list((coordinator_config.data_dir / "uploads").iterdir())
     assert (await live.store.ledger.audit())["unbalanced_entries"] == 0
+
+
+async def test_a_one_image_job_goes_up_and_is_paid_in_one_request(
+    live: LiveApp, coordinator_config: CoordinatorConfig
+) -> None:
+    async with AsyncClient(live.url) as anon:
+        owner = await anon.register("owner")
+        requester = await anon.register("requester")
+    async with (
+        FakeWorker(live.url, "one", owner.api_key) as worker,
+        AsyncClient(live.url, requester.api_key) as alice,
+    ):
+        # a job of two images cannot: each is uploaded, then the result names them
+        two = await alice.submit_image(ImageParams(**SMALL))
+        job = await worker.link.pop(CAPS, wait=5)
+        assert job is not None and job.id == two.id
+        image = worker.link.signed_image(job, 0, job.params.seeds()[0], sha256_hex(b"x"))
+        status, answer, _ = await _put(
+            f"{live.url}/api/v1/jobs/{job.id}/images/0/result", b"x", _headers(worker, image)
+        )
+        assert status == 400 and f"/api/v1/jobs/{job.id}/result" in answer["error"]["message"]
+        await worker.link.submit(job, job.params.seeds(), job_pngs(job))
+
+        one = await alice.submit_image(ImageParams(**(SMALL | {"n": 1})))
+        job = await worker.link.pop(CAPS, wait=5)
+        assert job is not None and job.id == one.id
+        entries = (await live.store.ledger.audit())["entries"]
+        url = f"{live.url}/api/v1/jobs/{job.id}/images/0/result"
+        [good] = job_pngs(job)
+        # refused as the upload is (here: a body that is not what its hash header says),
+        # paying nothing and leaving no file
+        image = worker.link.signed_image(job, 0, job.params.seeds()[0], sha256_hex(good))
+        status, answer, _ = await _put(url, good + b"!", _headers(worker, image))
+        assert status == 400 and IMAGE_SHA256_HEADER in answer["error"]["message"], answer
+        assert (await live.store.ledger.audit())["entries"] == entries
+        assert (await alice.job(job.id)).state == "leased"
+        # then right: stored, verified and paid in this one request
+        status, answer, _ = await _put(url, good, _headers(worker, image))
+        assert status == 200 and answer["id"] == job.id, answer
+        assert answer["kudos_earned"] + answer["kudos_held"] == one.kudos_cost
+        assert (await alice.job(job.id)).state == "done"
+        assert await alice.image(job.id, 0) == good
+        # paid once: the same request again finds the job no longer leased
+        status, answer, _ = await _put(url, good, _headers(worker, image))
+        assert status == 409, answer
+    # no upload marker or temporary file was left
+    assert not list((coordinator_config.data_dir / "uploads").iterdir())
+    assert (await live.store.ledger.audit())["unbalanced_entries"] == 0
+
+
+async def test_an_image_stored_already_is_checked_in_memory(
+    live: LiveApp, coordinator_config: CoordinatorConfig
+) -> None:
+    async with AsyncClient(live.url) as anon:
+        owner = await anon.register("owner")
+        requester = await anon.register("requester")
+    one = ImageParams(**(SMALL | {"n": 1}))
+    async with (
+        FakeWorker(live.url, "same", owner.api_key) as worker,
+        AsyncClient(live.url, requester.api_key) as alice,
+    ):
+        await alice.submit_image(one)
+        job = await worker.link.pop(CAPS, wait=5)
+        assert job is not None
+        [first] = job_pngs(job)
+        await worker.link.submit(job, job.params.seeds(), [first])
+        # the same params and seed make the same PNG: stored already, so no temporary
+        # file is needed (the spool's folder is made unusable to show it)
+        uploads = coordinator_config.data_dir / "uploads"
+        uploads.rmdir()
+        uploads.write_bytes(b"not a folder")
+        try:
+            created = await alice.submit_image(one)
+            job = await worker.link.pop(CAPS, wait=5)
+            assert job is not None and job.id == created.id
+            assert job_pngs(job) == [first]
+            image = worker.link.signed_image(job, 0, job.params.seeds()[0], sha256_hex(first))
+            url = f"{live.url}/api/v1/jobs/{job.id}/images/0/result"
+            # still refused when the body is not what it claims
+            status, answer, _ = await _put(url, first[:-1] + b"!", _headers(worker, image))
+            assert status == 400 and IMAGE_SHA256_HEADER in answer["error"]["message"], answer
+            status, answer, _ = await _put(url, first, _headers(worker, image))
+            assert status == 200, answer
+            assert (await alice.job(job.id)).state == "done"
+            assert await alice.image(job.id, 0) == first
+            # and checked as any: a stored 64x64 image is no image of a 128x128 job
+            created = await alice.submit_image(ImageParams(**(SMALL | {"n": 1, "width": 128})))
+            job = await worker.link.pop(CAPS, wait=5)
+            assert job is not None and job.id == created.id
+            image = worker.link.signed_image(job, 0, job.params.seeds()[0], sha256_hex(first))
+            url = f"{live.url}/api/v1/jobs/{job.id}/images/0/result"
+            status, answer, _ = await _put(url, first, _headers(worker, image))
+            assert status == 400 and "128x64" in answer["error"]["message"], answer
+        finally:
+            uploads.unlink()
+            uploads.mkdir()
+    assert (await live.store.ledger.audit())["unbalanced_entries"] == 0
+
+
+class _OlderCoordinator(AiohttpTransport):
+    """The network, but the one-request finish answers 404 as a coordinator older than it
+    does; counts what was asked."""
+
+    def __init__(self) -> None:
+        super().__init__(connect_timeout=10)
+        self.paths: list[str] = []
+
+    async def send(self, request: Request) -> Response:
+        self.paths.append(f"{request.method} {request.path}")
+        if request.path.endswith("/images/0/result"):
+            return Response(404, {}, b'{"error": {"message": "Not Found"}}')
+        return await super().send(request)
+
+
+async def test_a_worker_finishes_in_two_requests_with_an_older_coordinator(
+    live: LiveApp,
+) -> None:
+    async with AsyncClient(live.url) as anon:
+        owner = await anon.register("owner")
+        requester = await anon.register("requester")
+    older = _OlderCoordinator()
+    async with (
+        FakeWorker(live.url, "old", owner.api_key, transport=older) as worker,
+        AsyncClient(live.url, requester.api_key) as alice,
+    ):
+        for _ in range(2):
+            created = await alice.submit_image(ImageParams(**(SMALL | {"n": 1})))
+            job = await worker.link.pop(CAPS, wait=5)
+            assert job is not None and job.id == created.id
+            accepted = await worker.link.submit(job, job.params.seeds(), job_pngs(job))
+            assert accepted.kudos_earned + accepted.kudos_held == created.kudos_cost
+            assert (await alice.job(job.id)).state == "done"
+    finals = [p for p in older.paths if p.endswith("/result")]
+    # asked once, then upload + result for both jobs
+    assert [p.split("/")[-1] for p in finals] == ["result", "result", "result"]
+    assert finals[0].startswith("PUT ") and all(p.startswith("POST ") for p in finals[1:])
 
 
 async def test_largest_result_is_accepted_paid_and_served_with_nosniff(
