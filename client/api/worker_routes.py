@@ -162,44 +162,32 @@ def source(job_id: str, digest: str) -> Call[bytes]:
     return Call(Request("GET", path, timeout=UPLOAD_SECONDS, auth="worker"), bytes)
 
 
-def upload_image(job: LeasedJob, image: dict[str, Any], png: bytes) -> Call[ImageUploaded]:
-    """Upload one image as raw PNG bytes; `image` is its entry of the result (index, seed,
-    sha256 and signature: worker.common.link.CoordinatorLink.signed_image)."""
+def _image_put(
+    job: LeasedJob, image: dict[str, Any], png: bytes, suffix: str, timeout: float
+) -> Request:
+    """A PUT of one image as raw PNG bytes to the image's path + `suffix`, its entry of the
+    result (index, seed, sha256, signature) in headers."""
     headers = {
         "Content-Type": "image/png",
         IMAGE_SEED_HEADER: str(image["seed"]),
         IMAGE_SHA256_HEADER: image["sha256"],
         IMAGE_SIGNATURE_HEADER: image["signature"],
     }
-    request = Request(
-        "PUT",
-        f"/api/v1/jobs/{job.id}/images/{image['index']}",
-        content=png,
-        headers=headers,
-        timeout=UPLOAD_SECONDS,
-        auth="worker",
-    )
-    return call(request, ImageUploaded)
+    path = f"/api/v1/jobs/{job.id}/images/{image['index']}{suffix}"
+    return Request("PUT", path, content=png, headers=headers, timeout=timeout, auth="worker")
+
+
+def upload_image(job: LeasedJob, image: dict[str, Any], png: bytes) -> Call[ImageUploaded]:
+    """Upload one image as raw PNG bytes; `image` is its entry of the result (index, seed,
+    sha256 and signature: worker.common.link.CoordinatorLink.signed_image)."""
+    return call(_image_put(job, image, png, "", UPLOAD_SECONDS), ImageUploaded)
 
 
 def upload_final_image(job: LeasedJob, image: dict[str, Any], png: bytes) -> Call[ResultAccepted]:
     """Upload the only image of a job without LoRAs or TIs and finish the job, in one
     request (`image` as for upload_image); get paid. A coordinator older than this route
     answers 404: then upload_image and finish."""
-    headers = {
-        "Content-Type": "image/png",
-        IMAGE_SEED_HEADER: str(image["seed"]),
-        IMAGE_SHA256_HEADER: image["sha256"],
-        IMAGE_SIGNATURE_HEADER: image["signature"],
-    }
-    request = Request(
-        "PUT",
-        f"/api/v1/jobs/{job.id}/images/{image['index']}/result",
-        content=png,
-        headers=headers,
-        timeout=UPLOAD_SECONDS + FINISH_SECONDS,
-        auth="worker",
-    )
+    request = _image_put(job, image, png, "/result", UPLOAD_SECONDS + FINISH_SECONDS)
     return call(request, ResultAccepted)
 
 
