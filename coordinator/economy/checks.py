@@ -72,7 +72,7 @@ from coordinator.economy.suspicion import suspect
 from coordinator.economy.verification import Outcome
 from protocol.adapted import pinned
 from protocol.loras import ResolvedAdapter
-from protocol.params import ImageParams
+from protocol.params import ImageParams, stored_params
 from protocol.samplers import sampler_factor
 from protocol.signing import params_hash
 
@@ -259,7 +259,7 @@ async def speed_check(
 ) -> bool:
     """Whether `worker_id` finished the image job `job` faster than any GPU (then it
     takes a suspicion)."""
-    work = _work(ImageParams.model_validate_json(job.params))
+    work = _work(stored_params(job.params))
     # Lease to result is an upper bound of the compute time (it adds the round trips and
     # the upload), so an honest worker never looks faster than its GPU, at any job size.
     elapsed = max(now - await _busy_since(conn, worker_id, job), 1e-3)
@@ -287,7 +287,7 @@ async def after_result(
     too_fast = await speed_check(conn, config, worker.id, job, now)
     if not too_fast and random.random() >= spot_check_rate(config, worker):
         return
-    refiner = check_refiner(worker.engine, ImageParams.model_validate_json(job.params))
+    refiner = check_refiner(worker.engine, stored_params(job.params))
     await queue_check_if_refereed(
         conn, config, worker, job, now, verification_account, refiner=refiner
     )
@@ -330,7 +330,7 @@ async def unrefereed(
     unsigned one (held for dispute, then paid), not held until a check that cannot come."""
     if worker.trusted or not sdxl_engine(worker.engine):
         return False  # (without parsing the params: this runs on every result)
-    refiner = check_refiner(worker.engine, ImageParams.model_validate_json(job.params))
+    refiner = check_refiner(worker.engine, stored_params(job.params))
     if refiner is None:
         return False
     engines = await _referees(conn, config, worker, now)
